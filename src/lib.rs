@@ -1,0 +1,13 @@
+//! tidings: a self-hosted, real-time, end-to-end-encrypted messaging server
+//! and its client library.
+//!
+//! The layers (see `DESIGN.md` in the steering repository and
+//! `protocol-spec/`):
+//! - [`wire`]: record framing and frame encoding;
+//! - [`noise`]: the Noise XK handshake and transport;
+//! - [`session`]: one server connection's state machine, sans-I/O.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod noise;
+pub mod wire;

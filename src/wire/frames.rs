@@ -1,0 +1,600 @@
+//! Frames (spec §5 and §6): what travels inside one Noise transport record.
+//!
+//! A record's plaintext is an envelope: a request id (`varint(u32)`), then one
+//! postcard-encoded [`ClientFrame`] or [`ServerFrame`]. Keeping the id outside
+//! the enum lets a peer echo it even for a frame kind it does not know.
+//! Clients number their requests from 1; the server answers with the same
+//! id and uses 0 for frames nobody asked for (`Deliver`, `QueueDrained`,
+//! `Ping`, `Close`).
+//!
+//! Variants are append-only: a new frame kind gets the next tag and an old
+//! peer answers it with [`ErrorCode::UNSUPPORTED`].
+
+use std::fmt;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use super::MAX_FRAME_LEN;
+
+/// A message id: 16 random bytes chosen by the sending device; a retry
+/// reuses it (spec §5.1).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct MsgId(pub [u8; 16]);
+
+impl MsgId {
+    /// Parses 32 lowercase hex digits.
+    pub fn from_hex(s: &str) -> Option<MsgId> {
+        if s.len() != 32 || s.bytes().any(|b| b.is_ascii_uppercase()) {
+            return None;
+        }
+        let mut id = [0u8; 16];
+        hex::decode_to_slice(s, &mut id).ok()?;
+        Some(MsgId(id))
+    }
+}
+
+impl fmt::Display for MsgId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for MsgId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MsgId({self})")
+    }
+}
+
+/// A device's number within its user's account, from 1 (spec §5.1).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
+pub struct DeviceId(pub u32);
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// One device of one user, as named on the wire.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
+pub struct DeviceAddr {
+    /// The user name.
+    pub user: String,
+    /// The device number.
+    pub device: DeviceId,
+}
+
+/// The secret part of an invite or a link code (spec §5.1): an 8-byte id the
+/// server looks the code up by, and a 16-byte (128-bit) secret it compares
+/// in constant time.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Token {
+    /// Lookup key; not secret on its own.
+    pub id: [u8; 8],
+    /// The secret.
+    pub secret: [u8; 16],
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the secret.
+        write!(f, "Token({}, <secret>)", hex::encode(self.id))
+    }
+}
+
+/// An error or close code (spec §7). A plain number so that a code added
+/// later still decodes in an older peer.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ErrorCode(pub u16);
+
+macro_rules! error_codes {
+    ($($(#[$doc:meta])* $name:ident = $n:expr,)*) => {
+        impl ErrorCode {
+            $($(#[$doc])* pub const $name: ErrorCode = ErrorCode($n);)*
+
+            /// The code's name in the spec, or `"UNKNOWN"`.
+            pub fn name(self) -> &'static str {
+                match self.0 {
+                    $($n => stringify!($name),)*
+                    _ => "UNKNOWN",
+                }
+            }
+
+            /// Every code this build knows.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode($n)),*];
+        }
+    };
+}
+
+error_codes! {
+    /// The frame could not be decoded, has trailing bytes, or is not in
+    /// canonical encoding.
+    MALFORMED = 1,
+    /// The frame kind is unknown to this server.
+    UNSUPPORTED = 2,
+    /// The frame is not allowed in the connection's current state.
+    NOT_ALLOWED = 3,
+    /// The invite is unknown, used up or expired.
+    INVALID_INVITE = 4,
+    /// The link code is unknown, used or expired.
+    INVALID_LINK_CODE = 5,
+    /// The user name is already taken.
+    NAME_TAKEN = 6,
+    /// The user name is not `[a-z0-9_.]{3,32}`.
+    INVALID_NAME = 7,
+    /// No such user.
+    UNKNOWN_USER = 8,
+    /// A body is longer than the limit.
+    BODY_TOO_LARGE = 9,
+    /// More bodies than the limit.
+    TOO_MANY_BODIES = 10,
+    /// The account already has the most devices allowed.
+    DEVICE_LIMIT = 11,
+    /// No such device in this account.
+    UNKNOWN_DEVICE = 12,
+    /// The device connected again on another connection (close).
+    CONNECTED_ELSEWHERE = 13,
+    /// The device was revoked (close).
+    REVOKED = 14,
+    /// Nothing was heard from the peer for the idle timeout (close).
+    IDLE_TIMEOUT = 15,
+    /// The server is shutting down (close).
+    SHUTTING_DOWN = 16,
+    /// Too many requests; try later.
+    RATE_LIMITED = 17,
+    /// A queue quota or the disk budget would be exceeded.
+    QUOTA_EXCEEDED = 18,
+    /// The server failed; the request may be retried.
+    INTERNAL = 19,
+    /// The request is well-formed but inconsistent (for example two bodies
+    /// for one device).
+    BAD_REQUEST = 20,
+    /// The peer does not read what the server sends (close).
+    SLOW_CONSUMER = 21,
+}
+
+impl fmt::Debug for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}({})", self.name(), self.0)
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// One ciphertext for one device (spec §5.2).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Body {
+    /// The device it is for.
+    pub device: DeviceId,
+    /// Opaque to the server.
+    pub data: Bytes,
+}
+
+/// A message to one user (spec §5.2).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Send {
+    /// Chosen by the sender; a retry reuses it.
+    pub id: MsgId,
+    /// The recipient user.
+    pub to: String,
+    /// One body for each current device of `to`.
+    pub bodies: Vec<Body>,
+    /// One body for each other current device of the sender (empty when
+    /// `to` is the sender).
+    pub own: Vec<Body>,
+}
+
+/// A queued message handed to a device (spec §5.3).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Deliver {
+    /// Position in this device's queue; `Ack` refers to it.
+    pub seq: u64,
+    /// The sender's message id.
+    pub id: MsgId,
+    /// The sending device.
+    pub from: DeviceAddr,
+    /// The user the message was sent to (this device's user, or for a copy
+    /// of one's own message, the other party).
+    pub to: String,
+    /// When the server accepted it, in milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// The body for this device.
+    pub body: Bytes,
+}
+
+/// What the server knows about one of the caller's own devices (spec §5.3).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// The device number.
+    pub device: DeviceId,
+    /// When it registered or was linked (ms since the epoch).
+    pub created_ms: u64,
+    /// When it last authenticated (ms since the epoch).
+    pub last_seen_ms: u64,
+}
+
+/// Frames a client sends (spec §5.2). Append-only: never reorder.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum ClientFrame {
+    /// Keepalive; answered with `Pong`.
+    Ping,
+    /// Answer to the server's `Ping`.
+    Pong,
+    /// The client is leaving; the server closes without a reply.
+    Close,
+    /// Create an account with an operator's invite (unregistered only).
+    Register {
+        /// From the invite code.
+        invite: Token,
+        /// The user name wanted.
+        name: String,
+    },
+    /// Join an existing account as its next device (unregistered only).
+    RedeemLink {
+        /// From the link code.
+        code: Token,
+    },
+    /// Ask for a one-time link code for a new device of this account.
+    RequestLink,
+    /// List a user's current devices.
+    ListDevices {
+        /// Whose.
+        user: String,
+    },
+    /// List this account's devices with details.
+    MyDevices,
+    /// Revoke one of this account's devices.
+    RevokeDevice {
+        /// Which.
+        device: DeviceId,
+    },
+    /// Send a message.
+    Send(Send),
+    /// Everything in this device's queue up to and including `up_to` has
+    /// been stored by the device and may be deleted.
+    Ack {
+        /// Cumulative queue sequence.
+        up_to: u64,
+    },
+}
+
+/// Number of [`ClientFrame`] variants this build knows.
+pub const CLIENT_FRAME_KINDS: u32 = 11;
+
+/// Frames the server sends (spec §5.3). Append-only: never reorder.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum ServerFrame {
+    /// Answer to `Ping`.
+    Pong,
+    /// Keepalive; answer with `Pong`.
+    Ping,
+    /// The server closes the connection after this frame.
+    Close {
+        /// Why.
+        code: ErrorCode,
+        /// A short text for people.
+        text: String,
+    },
+    /// A request failed; the connection stays open.
+    Error {
+        /// Why.
+        code: ErrorCode,
+        /// A short text for people.
+        text: String,
+    },
+    /// This connection is now the named device.
+    Registered {
+        /// The account.
+        user: String,
+        /// The new device's number.
+        device: DeviceId,
+    },
+    /// A one-time link code.
+    LinkCode {
+        /// The secret part; the client adds the server address and key.
+        code: Token,
+        /// When it stops working (ms since the epoch).
+        expires_ms: u64,
+    },
+    /// A user's current devices.
+    Devices {
+        /// Whose.
+        user: String,
+        /// Their numbers, ascending.
+        devices: Vec<DeviceId>,
+    },
+    /// This account's devices.
+    MyDevices {
+        /// Ascending by number.
+        devices: Vec<DeviceInfo>,
+    },
+    /// The request succeeded and has nothing else to say.
+    Done,
+    /// The message is durable in every recipient device's queue.
+    Accepted {
+        /// Which message.
+        id: MsgId,
+        /// When the server first accepted it (ms since the epoch).
+        time_ms: u64,
+    },
+    /// The bodies do not match the current devices; nothing was stored.
+    Mismatch {
+        /// Which message.
+        id: MsgId,
+        /// Devices that need a body and have none.
+        missing: Vec<DeviceAddr>,
+        /// Bodies for devices that do not exist (any more).
+        extra: Vec<DeviceAddr>,
+    },
+    /// A queued message.
+    Deliver(Deliver),
+    /// Everything that was queued when this connection authenticated has
+    /// been sent.
+    QueueDrained,
+}
+
+/// Number of [`ServerFrame`] variants this build knows.
+pub const SERVER_FRAME_KINDS: u32 = 13;
+
+impl ClientFrame {
+    /// The frame kind's name, for logs (never the content).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientFrame::Ping => "Ping",
+            ClientFrame::Pong => "Pong",
+            ClientFrame::Close => "Close",
+            ClientFrame::Register { .. } => "Register",
+            ClientFrame::RedeemLink { .. } => "RedeemLink",
+            ClientFrame::RequestLink => "RequestLink",
+            ClientFrame::ListDevices { .. } => "ListDevices",
+            ClientFrame::MyDevices => "MyDevices",
+            ClientFrame::RevokeDevice { .. } => "RevokeDevice",
+            ClientFrame::Send(_) => "Send",
+            ClientFrame::Ack { .. } => "Ack",
+        }
+    }
+}
+
+impl ServerFrame {
+    /// The frame kind's name, for logs (never the content).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServerFrame::Pong => "Pong",
+            ServerFrame::Ping => "Ping",
+            ServerFrame::Close { .. } => "Close",
+            ServerFrame::Error { .. } => "Error",
+            ServerFrame::Registered { .. } => "Registered",
+            ServerFrame::LinkCode { .. } => "LinkCode",
+            ServerFrame::Devices { .. } => "Devices",
+            ServerFrame::MyDevices { .. } => "MyDevices",
+            ServerFrame::Done => "Done",
+            ServerFrame::Accepted { .. } => "Accepted",
+            ServerFrame::Mismatch { .. } => "Mismatch",
+            ServerFrame::Deliver(_) => "Deliver",
+            ServerFrame::QueueDrained => "QueueDrained",
+        }
+    }
+
+    /// An `Error` frame.
+    pub fn error(code: ErrorCode, text: impl Into<String>) -> ServerFrame {
+        ServerFrame::Error {
+            code,
+            text: text.into(),
+        }
+    }
+}
+
+/// Why a frame was refused. Every variant but `Malformed { req: None }`
+/// carries the request id, so the answer can echo it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum FrameError {
+    /// Not a valid envelope, or not a valid frame of a known kind, or
+    /// trailing bytes.
+    #[error("malformed frame")]
+    Malformed {
+        /// The request id, if even that could not be read.
+        req: Option<u32>,
+    },
+    /// A frame kind this build does not know.
+    #[error("unsupported frame kind {tag}")]
+    Unsupported {
+        /// The request id.
+        req: u32,
+        /// The unknown tag.
+        tag: u32,
+    },
+    /// A valid frame in a non-canonical encoding (for example an overlong
+    /// varint).
+    #[error("non-canonical encoding")]
+    NonCanonical {
+        /// The request id.
+        req: u32,
+    },
+    /// Larger than [`MAX_FRAME_LEN`].
+    #[error("frame too long")]
+    TooLong,
+}
+
+impl FrameError {
+    /// The request id to echo (0 if unknown).
+    pub fn req(&self) -> u32 {
+        match *self {
+            FrameError::Malformed { req } => req.unwrap_or(0),
+            FrameError::Unsupported { req, .. } | FrameError::NonCanonical { req } => req,
+            FrameError::TooLong => 0,
+        }
+    }
+
+    /// The error code this maps to on the wire (spec §7).
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            FrameError::Unsupported { .. } => ErrorCode::UNSUPPORTED,
+            _ => ErrorCode::MALFORMED,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct EnvelopeRef<'a, F> {
+    req: u32,
+    frame: &'a F,
+}
+
+fn encode<F: Serialize>(req: u32, frame: &F, out: &mut Vec<u8>) {
+    // Serialising these types into a Vec cannot fail: every type is
+    // supported by postcard and a Vec grows as needed.
+    let taken = std::mem::take(out);
+    *out = postcard::to_extend(&EnvelopeRef { req, frame }, taken)
+        .expect("postcard encoding into a Vec is infallible for frame types");
+}
+
+/// Appends the envelope of a client frame to `out`.
+pub fn encode_client(req: u32, frame: &ClientFrame, out: &mut Vec<u8>) {
+    encode(req, frame, out)
+}
+
+/// Appends the envelope of a server frame to `out`.
+pub fn encode_server(req: u32, frame: &ServerFrame, out: &mut Vec<u8>) {
+    encode(req, frame, out)
+}
+
+fn decode<F: Serialize + for<'de> Deserialize<'de>>(
+    bytes: &[u8],
+    kinds: u32,
+    scratch: &mut Vec<u8>,
+) -> Result<(u32, F), FrameError> {
+    if bytes.len() > MAX_FRAME_LEN {
+        return Err(FrameError::TooLong);
+    }
+    let (req, rest) =
+        postcard::take_from_bytes::<u32>(bytes).map_err(|_| FrameError::Malformed { req: None })?;
+    let (tag, _) = postcard::take_from_bytes::<u32>(rest)
+        .map_err(|_| FrameError::Malformed { req: Some(req) })?;
+    if tag >= kinds {
+        return Err(FrameError::Unsupported { req, tag });
+    }
+    let (frame, rest) = postcard::take_from_bytes::<F>(rest)
+        .map_err(|_| FrameError::Malformed { req: Some(req) })?;
+    if !rest.is_empty() {
+        return Err(FrameError::Malformed { req: Some(req) });
+    }
+    // spec §5: exactly one encoding per frame.
+    scratch.clear();
+    encode(req, &frame, scratch);
+    if scratch.as_slice() != bytes {
+        return Err(FrameError::NonCanonical { req });
+    }
+    Ok((req, frame))
+}
+
+/// Decodes a client envelope. `scratch` is reused for the canonical check.
+///
+/// # Errors
+/// See [`FrameError`].
+pub fn decode_client(
+    bytes: &[u8],
+    scratch: &mut Vec<u8>,
+) -> Result<(u32, ClientFrame), FrameError> {
+    decode(bytes, CLIENT_FRAME_KINDS, scratch)
+}
+
+/// Decodes a server envelope. `scratch` is reused for the canonical check.
+///
+/// # Errors
+/// See [`FrameError`].
+pub fn decode_server(
+    bytes: &[u8],
+    scratch: &mut Vec<u8>,
+) -> Result<(u32, ServerFrame), FrameError> {
+    decode(bytes, SERVER_FRAME_KINDS, scratch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variant_counts_match() {
+        let mut out = Vec::new();
+        encode_client(0, &ClientFrame::Ack { up_to: 0 }, &mut out);
+        assert_eq!(out[1] as u32, CLIENT_FRAME_KINDS - 1);
+        out.clear();
+        encode_server(0, &ServerFrame::QueueDrained, &mut out);
+        assert_eq!(out[1] as u32, SERVER_FRAME_KINDS - 1);
+    }
+
+    #[test]
+    fn ping_bytes() {
+        let mut out = Vec::new();
+        encode_client(1, &ClientFrame::Ping, &mut out);
+        assert_eq!(out, [0x01, 0x00]);
+        let mut scratch = Vec::new();
+        assert_eq!(
+            decode_client(&out, &mut scratch),
+            Ok((1, ClientFrame::Ping))
+        );
+    }
+
+    #[test]
+    fn unknown_tag_keeps_req() {
+        let mut scratch = Vec::new();
+        // req 300 (varint ac 02), tag 200 (varint c8 01)
+        let e = decode_client(&[0xac, 0x02, 0xc8, 0x01], &mut scratch).unwrap_err();
+        assert_eq!(e, FrameError::Unsupported { req: 300, tag: 200 });
+        assert_eq!(e.code(), ErrorCode::UNSUPPORTED);
+    }
+
+    #[test]
+    fn overlong_varint_is_refused() {
+        let mut scratch = Vec::new();
+        // Ack { up_to: 1 } with up_to as 0x81 0x00 (overlong for 1).
+        let e = decode_client(&[0x05, 0x0a, 0x81, 0x00], &mut scratch).unwrap_err();
+        assert_eq!(e, FrameError::NonCanonical { req: 5 });
+        // Overlong request id.
+        let e = decode_client(&[0x85, 0x00, 0x00], &mut scratch).unwrap_err();
+        assert_eq!(e, FrameError::NonCanonical { req: 5 });
+        assert_eq!(
+            decode_client(&[0x05, 0x0a, 0x01], &mut scratch),
+            Ok((5, ClientFrame::Ack { up_to: 1 }))
+        );
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let mut scratch = Vec::new();
+        let e = decode_client(&[0x01, 0x00, 0x00], &mut scratch).unwrap_err();
+        assert_eq!(e, FrameError::Malformed { req: Some(1) });
+        assert!(matches!(
+            decode_client(&[], &mut scratch),
+            Err(FrameError::Malformed { req: None })
+        ));
+        assert!(matches!(
+            decode_client(&[0x01], &mut scratch),
+            Err(FrameError::Malformed { req: Some(1) })
+        ));
+    }
+
+    #[test]
+    fn msg_id_hex() {
+        let id = MsgId([0xab; 16]);
+        assert_eq!(id.to_string(), "ab".repeat(16));
+        assert_eq!(MsgId::from_hex(&id.to_string()), Some(id));
+        assert_eq!(MsgId::from_hex(&"AB".repeat(16)), None);
+        assert_eq!(MsgId::from_hex("ab"), None);
+    }
+
+    #[test]
+    fn token_debug_hides_secret() {
+        let t = Token {
+            id: [1; 8],
+            secret: [0xee; 16],
+        };
+        assert!(!format!("{t:?}").contains("ee"));
+    }
+}
