@@ -56,9 +56,7 @@ pub enum NoiseError {
 }
 
 fn params() -> NoiseParams {
-    NOISE_PARAMS
-        .parse()
-        .expect("the fixed Noise parameter string parses")
+    NOISE_PARAMS.parse().expect("the fixed Noise parameter string parses")
 }
 
 /// A static Curve25519 key pair. The private half is zeroed on drop.
@@ -117,18 +115,14 @@ fn x25519_public(private: &[u8; KEY_LEN]) -> PublicKey {
 
 fn seal_handshake(hs: &mut snow::HandshakeState, out: &mut Vec<u8>) -> Result<(), NoiseError> {
     let mut buf = [0u8; wire::HANDSHAKE_RECORD_CAP];
-    let n = hs
-        .write_message(&[], &mut buf)
-        .map_err(|_| NoiseError::Handshake)?;
+    let n = hs.write_message(&[], &mut buf).map_err(|_| NoiseError::Handshake)?;
     wire::write_record(&buf[..n], out);
     Ok(())
 }
 
 fn open_handshake(hs: &mut snow::HandshakeState, body: &[u8]) -> Result<(), NoiseError> {
     let mut payload = [0u8; wire::HANDSHAKE_RECORD_CAP];
-    let n = hs
-        .read_message(body, &mut payload)
-        .map_err(|_| NoiseError::Handshake)?;
+    let n = hs.read_message(body, &mut payload).map_err(|_| NoiseError::Handshake)?;
     // spec §4.2: handshake payloads are empty.
     if n != 0 {
         return Err(NoiseError::Handshake);
@@ -141,11 +135,7 @@ fn open_handshake(hs: &mut snow::HandshakeState, body: &[u8]) -> Result<(), Nois
 ///
 /// # Errors
 /// [`NoiseError::Handshake`] if `server` is not a valid key.
-pub fn client_start(
-    local: &Keypair,
-    server: &PublicKey,
-    out: &mut Vec<u8>,
-) -> Result<ExpectServerHello, NoiseError> {
+pub fn client_start(local: &Keypair, server: &PublicKey, out: &mut Vec<u8>) -> Result<ExpectServerHello, NoiseError> {
     let mut hs = snow::Builder::new(params())
         .local_private_key(local.private())
         .and_then(|b| b.remote_public_key(server))
@@ -168,12 +158,7 @@ impl ExpectServerHello {
     ///
     /// # Errors
     /// [`NoiseError::Handshake`], without detail.
-    pub fn handle(
-        mut self,
-        body: &[u8],
-        now: Instant,
-        out: &mut Vec<u8>,
-    ) -> Result<Transport, NoiseError> {
+    pub fn handle(mut self, body: &[u8], now: Instant, out: &mut Vec<u8>) -> Result<Transport, NoiseError> {
         open_handshake(&mut self.hs, body)?;
         seal_handshake(&mut self.hs, out)?;
         Transport::new(self.hs, now)
@@ -203,11 +188,7 @@ impl ExpectClientHello {
     ///
     /// # Errors
     /// [`NoiseError::Handshake`], without detail.
-    pub fn handle(
-        mut self,
-        body: &[u8],
-        out: &mut Vec<u8>,
-    ) -> Result<ExpectClientAuth, NoiseError> {
+    pub fn handle(mut self, body: &[u8], out: &mut Vec<u8>) -> Result<ExpectClientAuth, NoiseError> {
         open_handshake(&mut self.hs, body)?;
         seal_handshake(&mut self.hs, out)?;
         Ok(ExpectClientAuth { hs: self.hs })
@@ -225,11 +206,7 @@ impl ExpectClientAuth {
     ///
     /// # Errors
     /// [`NoiseError::Handshake`], without detail.
-    pub fn handle(
-        mut self,
-        body: &[u8],
-        now: Instant,
-    ) -> Result<(Transport, PublicKey), NoiseError> {
+    pub fn handle(mut self, body: &[u8], now: Instant) -> Result<(Transport, PublicKey), NoiseError> {
         open_handshake(&mut self.hs, body)?;
         let remote: PublicKey = self
             .hs
@@ -263,9 +240,7 @@ impl Transport {
             .get_remote_static()
             .and_then(|k| k.try_into().ok())
             .ok_or(NoiseError::Handshake)?;
-        let ts = hs
-            .into_transport_mode()
-            .map_err(|_| NoiseError::Handshake)?;
+        let ts = hs.into_transport_mode().map_err(|_| NoiseError::Handshake)?;
         Ok(Transport {
             ts,
             sent_since_rekey: 0,
@@ -283,10 +258,7 @@ impl Transport {
         let start = out.len();
         let len = plain.len() + TAG_LEN;
         out.resize(start + RECORD_HEADER_LEN + len, 0);
-        match self
-            .ts
-            .write_message(plain, &mut out[start + RECORD_HEADER_LEN..])
-        {
+        match self.ts.write_message(plain, &mut out[start + RECORD_HEADER_LEN..]) {
             Ok(n) if n == len => {
                 out[start..start + RECORD_HEADER_LEN].copy_from_slice(&(len as u16).to_be_bytes());
                 Ok(())
@@ -304,17 +276,11 @@ impl Transport {
     /// # Errors
     /// [`NoiseError::TooLong`] if `plain` is empty or longer than a frame
     /// may be; `out` is left as it was.
-    pub fn seal(
-        &mut self,
-        plain: &[u8],
-        now: Instant,
-        out: &mut Vec<u8>,
-    ) -> Result<(), NoiseError> {
+    pub fn seal(&mut self, plain: &[u8], now: Instant, out: &mut Vec<u8>) -> Result<(), NoiseError> {
         if plain.is_empty() || plain.len() > MAX_FRAME_LEN {
             return Err(NoiseError::TooLong);
         }
-        if self.sent_since_rekey >= REKEY_AFTER_RECORDS
-            || now.saturating_duration_since(self.rekeyed_at) >= REKEY_AFTER
+        if self.sent_since_rekey >= REKEY_AFTER_RECORDS || now.saturating_duration_since(self.rekeyed_at) >= REKEY_AFTER
         {
             self.seal_raw(&[], out)?;
             self.ts.rekey_outgoing();
@@ -336,10 +302,7 @@ impl Transport {
         }
         plain.clear();
         plain.resize(body.len() - TAG_LEN, 0);
-        let n = self
-            .ts
-            .read_message(body, plain)
-            .map_err(|_| NoiseError::Decrypt)?;
+        let n = self.ts.read_message(body, plain).map_err(|_| NoiseError::Decrypt)?;
         plain.truncate(n);
         if n == 0 {
             self.ts.rekey_incoming();
@@ -411,10 +374,7 @@ mod tests {
         let mut wire = Vec::new();
         c.seal(b"hi", now, &mut wire).unwrap();
         wire[3] ^= 1;
-        assert_eq!(
-            s.open(&records(&wire)[0], &mut plain),
-            Err(NoiseError::Decrypt)
-        );
+        assert_eq!(s.open(&records(&wire)[0], &mut plain), Err(NoiseError::Decrypt));
     }
 
     #[test]
@@ -426,9 +386,7 @@ mod tests {
         let _hello = client_start(&client, &other.public, &mut c2s).unwrap();
         let m1 = records(&c2s[8..]);
         let mut s2c = Vec::new();
-        let r = ExpectClientHello::new(&server)
-            .unwrap()
-            .handle(&m1[0], &mut s2c);
+        let r = ExpectClientHello::new(&server).unwrap().handle(&m1[0], &mut s2c);
         assert!(matches!(r, Err(NoiseError::Handshake)));
     }
 

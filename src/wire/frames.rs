@@ -472,15 +472,12 @@ fn decode<F: Serialize + for<'de> Deserialize<'de>>(
     if bytes.len() > MAX_FRAME_LEN {
         return Err(FrameError::TooLong);
     }
-    let (req, rest) =
-        postcard::take_from_bytes::<u32>(bytes).map_err(|_| FrameError::Malformed { req: None })?;
-    let (tag, _) = postcard::take_from_bytes::<u32>(rest)
-        .map_err(|_| FrameError::Malformed { req: Some(req) })?;
+    let (req, rest) = postcard::take_from_bytes::<u32>(bytes).map_err(|_| FrameError::Malformed { req: None })?;
+    let (tag, _) = postcard::take_from_bytes::<u32>(rest).map_err(|_| FrameError::Malformed { req: Some(req) })?;
     if tag >= kinds {
         return Err(FrameError::Unsupported { req, tag });
     }
-    let (frame, rest) = postcard::take_from_bytes::<F>(rest)
-        .map_err(|_| FrameError::Malformed { req: Some(req) })?;
+    let (frame, rest) = postcard::take_from_bytes::<F>(rest).map_err(|_| FrameError::Malformed { req: Some(req) })?;
     if !rest.is_empty() {
         return Err(FrameError::Malformed { req: Some(req) });
     }
@@ -497,10 +494,7 @@ fn decode<F: Serialize + for<'de> Deserialize<'de>>(
 ///
 /// # Errors
 /// See [`FrameError`].
-pub fn decode_client(
-    bytes: &[u8],
-    scratch: &mut Vec<u8>,
-) -> Result<(u32, ClientFrame), FrameError> {
+pub fn decode_client(bytes: &[u8], scratch: &mut Vec<u8>) -> Result<(u32, ClientFrame), FrameError> {
     decode(bytes, CLIENT_FRAME_KINDS, scratch)
 }
 
@@ -508,10 +502,7 @@ pub fn decode_client(
 ///
 /// # Errors
 /// See [`FrameError`].
-pub fn decode_server(
-    bytes: &[u8],
-    scratch: &mut Vec<u8>,
-) -> Result<(u32, ServerFrame), FrameError> {
+pub fn decode_server(bytes: &[u8], scratch: &mut Vec<u8>) -> Result<(u32, ServerFrame), FrameError> {
     decode(bytes, SERVER_FRAME_KINDS, scratch)
 }
 
@@ -535,10 +526,7 @@ mod tests {
         encode_client(1, &ClientFrame::Ping, &mut out);
         assert_eq!(out, [0x01, 0x00]);
         let mut scratch = Vec::new();
-        assert_eq!(
-            decode_client(&out, &mut scratch),
-            Ok((1, ClientFrame::Ping))
-        );
+        assert_eq!(decode_client(&out, &mut scratch), Ok((1, ClientFrame::Ping)));
     }
 
     #[test]

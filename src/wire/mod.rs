@@ -161,11 +161,6 @@ mod tests {
         });
         let mut out = Vec::new();
         encode_client(u32::MAX, &frame, &mut out);
-        assert!(
-            out.len() <= MAX_FRAME_LEN,
-            "{} > {}",
-            out.len(),
-            MAX_FRAME_LEN
-        );
+        assert!(out.len() <= MAX_FRAME_LEN, "{} > {}", out.len(), MAX_FRAME_LEN);
     }
 }

@@ -155,12 +155,7 @@ pub fn write_record(body: &[u8], out: &mut Vec<u8>) {
 mod tests {
     use super::*;
 
-    fn collect(
-        dec: &mut RecordDecoder,
-        input: &[u8],
-        cap: usize,
-        out: &mut Vec<Vec<u8>>,
-    ) -> Result<bool, RecordError> {
+    fn collect(dec: &mut RecordDecoder, input: &[u8], cap: usize, out: &mut Vec<Vec<u8>>) -> Result<bool, RecordError> {
         dec.feed(input, cap, |r: &[u8]| {
             out.push(r.to_vec());
             Ok::<_, RecordError>(Flow::Continue(cap))
@@ -195,13 +190,7 @@ mod tests {
         // Header with a body following in the same read.
         let mut dec = RecordDecoder::new();
         let err = collect(&mut dec, &[0xff, 0xff, 0, 0, 0], 128, &mut got).unwrap_err();
-        assert_eq!(
-            err,
-            RecordError::TooLong {
-                len: 65535,
-                cap: 128
-            }
-        );
+        assert_eq!(err, RecordError::TooLong { len: 65535, cap: 128 });
         assert_eq!(dec.capacity(), 0);
         assert!(got.is_empty());
     }
@@ -230,15 +219,11 @@ mod tests {
         write_record(&[2; 100], &mut stream);
         let mut dec = RecordDecoder::new();
         // The first record is allowed 10 bytes and raises the cap to 100.
-        let res = dec.feed(&stream, 10, |_r: &[u8]| {
-            Ok::<_, RecordError>(Flow::Continue(100))
-        });
+        let res = dec.feed(&stream, 10, |_r: &[u8]| Ok::<_, RecordError>(Flow::Continue(100)));
         assert_eq!(res, Ok(true));
         // With the cap left at 10 the second record is refused.
         let mut dec = RecordDecoder::new();
-        let res = dec.feed(&stream, 10, |_r: &[u8]| {
-            Ok::<_, RecordError>(Flow::Continue(10))
-        });
+        let res = dec.feed(&stream, 10, |_r: &[u8]| Ok::<_, RecordError>(Flow::Continue(10)));
         assert_eq!(res, Err(RecordError::TooLong { len: 100, cap: 10 }));
     }
 }
