@@ -9,5 +9,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod ids;
 pub mod noise;
+pub mod session;
 pub mod wire;

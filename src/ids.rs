@@ -1,0 +1,36 @@
+//! Identifier newtypes shared by the layers, so that a user id, a device
+//! and a connection cannot be mixed up.
+
+use std::fmt;
+
+pub use crate::wire::{DeviceId, MsgId};
+
+/// A user's internal number, assigned at registration and never reused.
+/// The wire names users by name; the store and the hub use this.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct UserId(pub u32);
+
+/// One device of one user: the unit of queues, delivery and authentication.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct DeviceKey {
+    /// The account.
+    pub user: UserId,
+    /// The device number within the account.
+    pub device: DeviceId,
+}
+
+impl fmt::Display for DeviceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "u{}/d{}", self.user.0, self.device.0)
+    }
+}
+
+/// A connection, unique for the daemon's lifetime: the event loop that owns
+/// it and a number within that loop.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct ConnId {
+    /// Which event loop.
+    pub worker: u16,
+    /// Unique within that loop; never reused.
+    pub serial: u64,
+}

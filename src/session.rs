@@ -1,0 +1,530 @@
+//! One server connection's protocol state machine, sans-I/O (spec §8).
+//!
+//! A [`Session`] takes the bytes read from its socket and the current time,
+//! and produces bytes to write, [`Event`]s for the hub, and its next
+//! deadline. It never touches a socket or reads the clock, so tests drive
+//! it entirely in memory.
+//!
+//! Order of calls, for a driver: [`Session::handle_input`] with what was
+//! read (or [`Session::handle_timeout`] when [`Session::poll_timeout`] has
+//! passed); then [`Session::poll_event`] until `None`, answering with
+//! [`Session::send`] and friends; then write [`Session::transmit`] and
+//! report what was written with [`Session::advance`]; drop the connection
+//! once [`Session::is_closed`].
+//!
+//! States, named by what they wait for: `ExpectPreamble` →
+//! `ExpectClientHello` → `ExpectClientAuth` → `Unregistered` or
+//! `Authenticated` → `Closing` → `Closed`. The session itself answers
+//! `Ping`, enforces which frames each state allows, and answers malformed
+//! and unknown frames; everything else goes to the hub as
+//! [`Event::Frame`]. What it does not do: decide who a key belongs to
+//! (the caller's `identify` does), or anything about accounts and queues.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::ids::DeviceKey;
+use crate::noise::{ExpectClientAuth, ExpectClientHello, Keypair, Opened, PublicKey, Transport};
+use crate::wire::{
+    self, ClientFrame, ErrorCode, Flow, FrameError, HANDSHAKE_RECORD_CAP, MAX_RECORD_LEN, MAX_TEXT_LEN, PREAMBLE_LEN,
+    RecordDecoder, RecordError, ServerFrame,
+};
+
+/// Limits and timeouts for sessions (spec §9).
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// From accept to the end of the handshake.
+    pub handshake_timeout: Duration,
+    /// Without anything received for this long, the server sends `Ping`.
+    pub ping_after: Duration,
+    /// Without anything received for this long, the server closes.
+    pub idle_timeout: Duration,
+    /// How long a closing session may take to flush its last bytes.
+    pub linger: Duration,
+    /// Most bytes waiting to be written before the peer counts as not
+    /// reading (then the connection is dropped).
+    pub max_output: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            handshake_timeout: Duration::from_secs(10),
+            ping_after: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(90),
+            linger: Duration::from_secs(5),
+            max_output: 1 << 20,
+        }
+    }
+}
+
+/// Who a client's static key is, as the caller's directory says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Identity {
+    /// A registered device.
+    Device(DeviceKey),
+    /// A key nobody registered: it may register or redeem a link code.
+    Unregistered,
+    /// A revoked device: told so, then closed.
+    Revoked,
+}
+
+/// What the session hands to the hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The connection is now this device (after the handshake or after
+    /// [`Session::set_device`]).
+    Authenticated(DeviceKey),
+    /// A frame the state allows and the session does not handle itself.
+    Frame {
+        /// To echo in the answer.
+        req: u32,
+        /// The frame.
+        frame: ClientFrame,
+    },
+}
+
+/// Where a connection stands.
+enum State {
+    ExpectPreamble {
+        got: [u8; PREAMBLE_LEN],
+        len: usize,
+    },
+    ExpectClientHello(Box<ExpectClientHello>),
+    ExpectClientAuth(Box<ExpectClientAuth>),
+    Unregistered(Box<Transport>),
+    Authenticated(Box<Transport>, DeviceKey),
+    /// Flushing its last bytes; reads nothing more.
+    Closing {
+        since: Instant,
+    },
+    Closed,
+}
+
+/// The kind of state, for callers and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Before and during the handshake.
+    Handshaking,
+    /// Handshake done, key not registered.
+    Unregistered,
+    /// A known device.
+    Authenticated,
+    /// Writing its last bytes.
+    Closing,
+    /// Done; drop the connection.
+    Closed,
+}
+
+/// The parts of a session the record callback needs, split from the
+/// decoder so both can be borrowed at once.
+struct Inner {
+    state: State,
+    out: Vec<u8>,
+    /// Bytes of `out` already written.
+    out_pos: usize,
+    /// Plaintext of the record being handled, and frame encoding.
+    plain: Vec<u8>,
+    scratch: Vec<u8>,
+    events: VecDeque<Event>,
+    started: Instant,
+    last_rx: Instant,
+    ping_sent: bool,
+    config: SessionConfig,
+}
+
+/// A server connection's protocol state.
+pub struct Session {
+    decoder: RecordDecoder,
+    inner: Inner,
+    server_key: std::sync::Arc<Keypair>,
+}
+
+/// Buffers above this capacity are freed once empty rather than kept.
+const KEEP_CAPACITY: usize = 16 * 1024;
+
+impl Session {
+    /// A session for a connection accepted at `now`.
+    pub fn new(server_key: std::sync::Arc<Keypair>, config: SessionConfig, now: Instant) -> Session {
+        Session {
+            decoder: RecordDecoder::new(),
+            inner: Inner {
+                state: State::ExpectPreamble {
+                    got: [0; PREAMBLE_LEN],
+                    len: 0,
+                },
+                out: Vec::new(),
+                out_pos: 0,
+                plain: Vec::new(),
+                scratch: Vec::new(),
+                events: VecDeque::new(),
+                started: now,
+                last_rx: now,
+                ping_sent: false,
+                config,
+            },
+            server_key,
+        }
+    }
+
+    /// Handles bytes read from the peer. `identify` says who a client's
+    /// static key belongs to once the handshake completes.
+    pub fn handle_input(&mut self, mut data: &[u8], now: Instant, identify: &mut dyn FnMut(&PublicKey) -> Identity) {
+        let inner = &mut self.inner;
+        if data.is_empty() {
+            return;
+        }
+        if let State::ExpectPreamble { got, len } = &mut inner.state {
+            let take = (PREAMBLE_LEN - *len).min(data.len());
+            got[*len..*len + take].copy_from_slice(&data[..take]);
+            *len += take;
+            data = &data[take..];
+            if *len < PREAMBLE_LEN {
+                return;
+            }
+            // spec §2: a wrong magic or version gets the refusal, then close.
+            match wire::check_preamble(got) {
+                Ok(()) => match ExpectClientHello::new(&self.server_key) {
+                    Ok(h) => inner.state = State::ExpectClientHello(Box::new(h)),
+                    Err(_) => inner.state = State::Closed,
+                },
+                Err(refusal) => {
+                    inner.out.extend_from_slice(&refusal.to_bytes());
+                    inner.state = State::Closing { since: now };
+                    return;
+                }
+            }
+        }
+        let Some(cap) = inner.record_cap() else { return };
+        if matches!(inner.state, State::Unregistered(_) | State::Authenticated(..)) {
+            inner.last_rx = now;
+            inner.ping_sent = false;
+        }
+        let result = self
+            .decoder
+            .feed(data, cap, |body| inner.on_record(body, now, identify));
+        if result.is_err() {
+            // spec §3: a record over the cap, or a fatal Noise failure:
+            // the stream cannot be trusted; close without detail.
+            inner.state = State::Closed;
+        }
+        inner.release_idle_buffers();
+    }
+
+    /// Handles the passing of time. Call when [`Session::poll_timeout`] is
+    /// reached (calling earlier is harmless).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let inner = &mut self.inner;
+        match inner.state {
+            State::ExpectPreamble { .. } | State::ExpectClientHello(_) | State::ExpectClientAuth(_) => {
+                if now >= inner.started + inner.config.handshake_timeout {
+                    // spec §9: silent close.
+                    inner.state = State::Closed;
+                }
+            }
+            State::Unregistered(_) | State::Authenticated(..) => {
+                if now >= inner.last_rx + inner.config.idle_timeout {
+                    inner.close(ErrorCode::IDLE_TIMEOUT, "idle timeout", now);
+                } else if !inner.ping_sent && now >= inner.last_rx + inner.config.ping_after {
+                    inner.ping_sent = true;
+                    inner.send(0, &ServerFrame::Ping, now);
+                }
+            }
+            State::Closing { since } => {
+                if now >= since + inner.config.linger {
+                    inner.state = State::Closed;
+                }
+            }
+            State::Closed => {}
+        }
+    }
+
+    /// When [`Session::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let i = &self.inner;
+        match i.state {
+            State::ExpectPreamble { .. } | State::ExpectClientHello(_) | State::ExpectClientAuth(_) => {
+                Some(i.started + i.config.handshake_timeout)
+            }
+            State::Unregistered(_) | State::Authenticated(..) => Some(if i.ping_sent {
+                i.last_rx + i.config.idle_timeout
+            } else {
+                i.last_rx + i.config.ping_after
+            }),
+            State::Closing { since } => Some(since + i.config.linger),
+            State::Closed => None,
+        }
+    }
+
+    /// The next event for the hub.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.inner.events.pop_front()
+    }
+
+    /// Sends a frame, if the connection is in a transport state. Returns
+    /// whether it was queued. A peer that lets more than
+    /// [`SessionConfig::max_output`] bytes pile up is dropped.
+    pub fn send(&mut self, req: u32, frame: &ServerFrame, now: Instant) -> bool {
+        self.inner.send(req, frame, now)
+    }
+
+    /// Sends an `Error` answer to `req`.
+    pub fn send_error(&mut self, req: u32, code: ErrorCode, text: &str, now: Instant) -> bool {
+        self.inner.send(req, &ServerFrame::error(code, text), now)
+    }
+
+    /// Sends `Close` (if the connection can still send) and stops reading.
+    pub fn close(&mut self, code: ErrorCode, text: &str, now: Instant) {
+        self.inner.close(code, text, now)
+    }
+
+    /// Marks an unregistered connection as the device it just registered or
+    /// linked; emits [`Event::Authenticated`]. Ignored in any other state.
+    pub fn set_device(&mut self, device: DeviceKey) {
+        let inner = &mut self.inner;
+        if let State::Unregistered(_) = inner.state {
+            let State::Unregistered(t) = std::mem::replace(&mut inner.state, State::Closed) else {
+                unreachable!("checked above")
+            };
+            inner.state = State::Authenticated(t, device);
+            inner.events.push_back(Event::Authenticated(device));
+        }
+    }
+
+    /// Bytes waiting to be written.
+    pub fn transmit(&self) -> &[u8] {
+        &self.inner.out[self.inner.out_pos..]
+    }
+
+    /// Reports that `n` bytes of [`Session::transmit`] were written.
+    pub fn advance(&mut self, n: usize) {
+        let i = &mut self.inner;
+        i.out_pos = (i.out_pos + n).min(i.out.len());
+        if i.out_pos == i.out.len() {
+            i.out.clear();
+            i.out_pos = 0;
+            i.release_idle_buffers();
+        }
+    }
+
+    /// Bytes waiting to be written.
+    pub fn pending_output(&self) -> usize {
+        self.inner.out.len() - self.inner.out_pos
+    }
+
+    /// Whether the hub may queue more deliveries without piling up output:
+    /// less than a quarter of the output cap is waiting.
+    pub fn wants_more(&self) -> bool {
+        self.pending_output() < self.inner.config.max_output / 4 && self.device().is_some()
+    }
+
+    /// Whether the connection is finished: closed, or closing with nothing
+    /// left to write.
+    pub fn is_closed(&self) -> bool {
+        match self.inner.state {
+            State::Closed => true,
+            State::Closing { .. } => self.pending_output() == 0,
+            _ => false,
+        }
+    }
+
+    /// Where the connection stands.
+    pub fn phase(&self) -> Phase {
+        match self.inner.state {
+            State::ExpectPreamble { .. } | State::ExpectClientHello(_) | State::ExpectClientAuth(_) => {
+                Phase::Handshaking
+            }
+            State::Unregistered(_) => Phase::Unregistered,
+            State::Authenticated(..) => Phase::Authenticated,
+            State::Closing { .. } => Phase::Closing,
+            State::Closed => Phase::Closed,
+        }
+    }
+
+    /// The device this connection is, once authenticated.
+    pub fn device(&self) -> Option<DeviceKey> {
+        match self.inner.state {
+            State::Authenticated(_, d) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// The client's static key, once the handshake is done and until close.
+    pub fn remote_static(&self) -> Option<&PublicKey> {
+        match &self.inner.state {
+            State::Unregistered(t) | State::Authenticated(t, _) => Some(t.remote_static()),
+            _ => None,
+        }
+    }
+
+    /// Heap bytes this session holds in its buffers (for memory tests).
+    pub fn buffer_capacity(&self) -> usize {
+        self.decoder.capacity()
+            + self.inner.out.capacity()
+            + self.inner.plain.capacity()
+            + self.inner.scratch.capacity()
+    }
+}
+
+/// The record-level failures that end a connection.
+enum Fatal {
+    Record,
+}
+
+impl From<RecordError> for Fatal {
+    fn from(_: RecordError) -> Fatal {
+        Fatal::Record
+    }
+}
+
+impl Inner {
+    /// The cap on the next record in this state (spec §3); `None` when no
+    /// more input is read.
+    fn record_cap(&self) -> Option<usize> {
+        match self.state {
+            State::ExpectPreamble { .. } => None,
+            State::ExpectClientHello(_) | State::ExpectClientAuth(_) => Some(HANDSHAKE_RECORD_CAP),
+            State::Unregistered(_) | State::Authenticated(..) => Some(MAX_RECORD_LEN),
+            State::Closing { .. } | State::Closed => None,
+        }
+    }
+
+    fn next(&self) -> Flow {
+        match self.record_cap() {
+            Some(cap) => Flow::Continue(cap),
+            None => Flow::Stop,
+        }
+    }
+
+    fn on_record(
+        &mut self,
+        body: &[u8],
+        now: Instant,
+        identify: &mut dyn FnMut(&PublicKey) -> Identity,
+    ) -> Result<Flow, Fatal> {
+        match std::mem::replace(&mut self.state, State::Closed) {
+            State::ExpectClientHello(h) => {
+                // spec §4: a failed handshake closes without a word.
+                if let Ok(next) = h.handle(body, &mut self.out) {
+                    self.state = State::ExpectClientAuth(Box::new(next));
+                }
+            }
+            State::ExpectClientAuth(a) => {
+                if let Ok((transport, remote)) = a.handle(body, now) {
+                    self.last_rx = now;
+                    match identify(&remote) {
+                        Identity::Device(d) => {
+                            self.state = State::Authenticated(Box::new(transport), d);
+                            self.events.push_back(Event::Authenticated(d));
+                        }
+                        Identity::Unregistered => self.state = State::Unregistered(Box::new(transport)),
+                        Identity::Revoked => {
+                            self.state = State::Unregistered(Box::new(transport));
+                            self.close(ErrorCode::REVOKED, "this device was revoked", now);
+                        }
+                    }
+                }
+            }
+            // spec §4.3: a record that fails to open leaves the state Closed.
+            State::Unregistered(mut t) => {
+                if let Ok(opened) = t.open(body, &mut self.plain) {
+                    self.state = State::Unregistered(t);
+                    if opened == Opened::Frame {
+                        self.on_frame(now);
+                    }
+                }
+            }
+            State::Authenticated(mut t, d) => {
+                if let Ok(opened) = t.open(body, &mut self.plain) {
+                    self.state = State::Authenticated(t, d);
+                    if opened == Opened::Frame {
+                        self.on_frame(now);
+                    }
+                }
+            }
+            other => self.state = other,
+        }
+        Ok(self.next())
+    }
+
+    /// Handles the frame in `self.plain` (spec §8).
+    fn on_frame(&mut self, now: Instant) {
+        let (req, frame) = match wire::decode_client(&self.plain, &mut self.scratch) {
+            Ok(f) => f,
+            Err(e) => {
+                let text = match e {
+                    FrameError::Unsupported { .. } => "unsupported frame kind",
+                    FrameError::NonCanonical { .. } => "non-canonical encoding",
+                    _ => "malformed frame",
+                };
+                self.send(e.req(), &ServerFrame::error(e.code(), text), now);
+                return;
+            }
+        };
+        let registered = matches!(self.state, State::Authenticated(..));
+        match frame {
+            ClientFrame::Ping => {
+                self.send(req, &ServerFrame::Pong, now);
+            }
+            ClientFrame::Pong => {}
+            ClientFrame::Close => self.state = State::Closing { since: now },
+            ClientFrame::Register { .. } | ClientFrame::RedeemLink { .. } if registered => {
+                self.send(
+                    req,
+                    &ServerFrame::error(ErrorCode::NOT_ALLOWED, "already registered"),
+                    now,
+                );
+            }
+            ClientFrame::Register { .. } | ClientFrame::RedeemLink { .. } => {
+                self.events.push_back(Event::Frame { req, frame });
+            }
+            _ if !registered => {
+                self.send(req, &ServerFrame::error(ErrorCode::NOT_ALLOWED, "register first"), now);
+            }
+            _ => self.events.push_back(Event::Frame { req, frame }),
+        }
+    }
+
+    fn send(&mut self, req: u32, frame: &ServerFrame, now: Instant) -> bool {
+        let transport = match &mut self.state {
+            State::Unregistered(t) | State::Authenticated(t, _) => t,
+            _ => return false,
+        };
+        if self.out.len() - self.out_pos > self.config.max_output {
+            // spec §9: a peer that does not read is dropped.
+            self.state = State::Closed;
+            return false;
+        }
+        self.scratch.clear();
+        wire::encode_server(req, frame, &mut self.scratch);
+        if transport.seal(&self.scratch, now, &mut self.out).is_err() {
+            log::error!("server frame {} does not fit in a record", frame.kind());
+            return false;
+        }
+        true
+    }
+
+    fn close(&mut self, code: ErrorCode, text: &str, now: Instant) {
+        let text: String = text.chars().take(MAX_TEXT_LEN).collect();
+        self.send(0, &ServerFrame::Close { code, text }, now);
+        if !matches!(self.state, State::Closed) {
+            self.state = State::Closing { since: now };
+        }
+    }
+
+    fn release_idle_buffers(&mut self) {
+        if self.plain.capacity() > KEEP_CAPACITY {
+            self.plain = Vec::new();
+        }
+        if self.scratch.capacity() > KEEP_CAPACITY {
+            self.scratch = Vec::new();
+        }
+        if self.out_pos == self.out.len() && self.out.capacity() > KEEP_CAPACITY {
+            self.out = Vec::new();
+            self.out_pos = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
