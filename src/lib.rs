@@ -6,9 +6,11 @@
 //! - [`wire`]: record framing and frame encoding;
 //! - [`noise`]: the Noise XK handshake and transport;
 //! - [`session`]: one server connection's state machine, sans-I/O.
+//! - [`client`]: the device side and its profile.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod ids;
 pub mod noise;
 pub mod session;
