@@ -175,7 +175,7 @@ impl Conn {
     }
 
     /// Handles bytes read from the server.
-    pub fn handle_input(&mut self, mut data: &[u8], now: Instant) {
+    pub fn handle_input(&mut self, data: &[u8], now: Instant) {
         if data.is_empty() || self.is_closed() {
             return;
         }
@@ -187,7 +187,6 @@ impl Conn {
             if !self.sniff.is_empty() || (self.decoder.buffered() == 0 && data[0] == wire::MAGIC[0]) {
                 let take = (REFUSAL_LEN - self.sniff.len()).min(data.len());
                 self.sniff.extend_from_slice(&data[..take]);
-                data = &data[take..];
                 if self.sniff.len() < REFUSAL_LEN {
                     return;
                 }
