@@ -12,4 +12,5 @@
 pub mod ids;
 pub mod noise;
 pub mod session;
+pub mod store;
 pub mod wire;
