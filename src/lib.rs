@@ -9,8 +9,10 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod hub;
 pub mod ids;
 pub mod noise;
+pub mod server;
 pub mod session;
 pub mod store;
 pub mod wire;
