@@ -11,7 +11,11 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod code;
+pub mod hub;
 pub mod ids;
 pub mod noise;
+pub mod server;
 pub mod session;
+pub mod store;
 pub mod wire;

@@ -67,6 +67,9 @@ pub enum Identity {
     Unregistered,
     /// A revoked device: told so, then closed.
     Revoked,
+    /// The directory could not say (a storage failure): closed without a
+    /// word, as for a failed handshake.
+    Refused,
 }
 
 /// What the session hands to the hub.
@@ -291,8 +294,12 @@ impl Session {
         }
     }
 
-    /// Bytes waiting to be written.
+    /// Bytes waiting to be written. Nothing once the session is `Closed`
+    /// (a hard close drops what was queued).
     pub fn transmit(&self) -> &[u8] {
+        if matches!(self.inner.state, State::Closed) {
+            return &[];
+        }
         &self.inner.out[self.inner.out_pos..]
     }
 
@@ -307,7 +314,7 @@ impl Session {
         }
     }
 
-    /// Bytes waiting to be written.
+    /// Number of bytes waiting to be written.
     pub fn pending_output(&self) -> usize {
         self.inner.out.len() - self.inner.out_pos
     }
@@ -422,6 +429,7 @@ impl Inner {
                             self.state = State::Unregistered(Box::new(transport));
                             self.close(ErrorCode::REVOKED, "this device was revoked", now);
                         }
+                        Identity::Refused => {}
                     }
                 }
             }

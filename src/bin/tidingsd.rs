@@ -1,1 +1,151 @@
-fn main() {}
+//! `tidingsd`: the daemon, and its operator commands.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tidings::hub::{HubConfig, Now, Shared};
+use tidings::server::admin::{self, Command};
+use tidings::server::{DEFAULT_PORT, Server, ServerConfig};
+use tidings::store::{Store, StoreConfig, StoreError};
+
+#[derive(Parser)]
+#[command(
+    name = "tidingsd",
+    version,
+    about = "A self-hosted, end-to-end-encrypted messaging server"
+)]
+struct Cli {
+    /// Data directory (created if missing).
+    #[arg(long, global = true, default_value = "./tidings-data", env = "TIDINGSD_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)))]
+    listen: SocketAddr,
+    /// The host:port that invites and link codes carry (default: the listen
+    /// address; needed when listening on 0.0.0.0 or [::]).
+    #[arg(long, global = true)]
+    public_addr: Option<String>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create an invite code for new accounts.
+    Invite {
+        /// How many accounts it may create.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// How long it stays valid (e.g. 7d, 12h); forever if not given.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires: Option<Duration>,
+    },
+    /// List users.
+    Users,
+    /// List a user's devices.
+    Devices {
+        /// The user.
+        user: String,
+    },
+    /// Revoke a user's device (all of them without --device).
+    Revoke {
+        /// The user.
+        user: String,
+        /// The device number.
+        #[arg(long)]
+        device: Option<u32>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,sled=warn")).init();
+    let result = match cli.command {
+        None => serve(&cli.data_dir, cli.listen, cli.public_addr),
+        Some(cmd) => operator(&cli.data_dir, to_command(cmd, cli.public_addr)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tidingsd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn to_command(cmd: Cmd, public_addr: Option<String>) -> Command {
+    match cmd {
+        Cmd::Invite { uses, expires } => Command::Invite {
+            uses,
+            expires,
+            public_addr,
+        },
+        Cmd::Users => Command::Users,
+        Cmd::Devices { user } => Command::Devices { user },
+        Cmd::Revoke { user, device } => Command::Revoke { user, device },
+    }
+}
+
+fn serve(data_dir: &Path, listen: SocketAddr, public_addr: Option<String>) -> Result<(), String> {
+    let mut config = ServerConfig::new(data_dir.to_path_buf());
+    config.listen = listen;
+    config.public_addr = public_addr;
+    let server = Server::bind(&config).map_err(|e| e.to_string())?;
+    let addr = server.local_addr();
+    let key = hex::encode(server.store().server_key().public);
+    println!("tidingsd listening on {addr}");
+    println!("server key {key}");
+    println!("data directory {}", data_dir.display());
+    match server.store().public_addr() {
+        Some(p) => println!(
+            "invites carry {p}; make one with: tidingsd invite --data-dir {}",
+            data_dir.display()
+        ),
+        None => println!(
+            "listening on a wildcard address: make invites with: tidingsd invite --data-dir {} --public-addr HOST:PORT",
+            data_dir.display()
+        ),
+    }
+    server.run(true).map_err(|e| e.to_string())
+}
+
+fn operator(data_dir: &Path, cmd: Command) -> Result<(), String> {
+    let lines = match admin::request(data_dir, &cmd)? {
+        Some(lines) => lines,
+        None => {
+            // No daemon: open the store ourselves.
+            let store = match Store::open(data_dir, &StoreConfig::default()) {
+                Ok(s) => Arc::new(s),
+                Err(StoreError::Locked) => {
+                    return Err(format!(
+                        "{} is in use by a running tidingsd whose admin socket is missing; restart the daemon",
+                        data_dir.display()
+                    ));
+                }
+                Err(e) => return Err(e.to_string()),
+            };
+            let shared = Shared::new(store.clone(), HubConfig::default());
+            let lines = admin::execute(&shared, None, &cmd, Now::read().unix_ms)?;
+            store.flush().map_err(|e| e.to_string())?;
+            lines
+        }
+    };
+    if let Command::Invite { uses, expires, .. } = cmd {
+        let validity = match expires {
+            Some(d) => format!("valid for {}", humantime::format_duration(d)),
+            None => "valid until used".into(),
+        };
+        eprintln!(
+            "invite for {uses} account{} ({validity}); give it to the new user:",
+            if uses == 1 { "" } else { "s" }
+        );
+    }
+    for l in lines {
+        println!("{l}");
+    }
+    Ok(())
+}

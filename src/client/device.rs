@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ring::rand::{SecureRandom, SystemRandom};
 
 use super::Error;
-use super::code::Code;
+use crate::code::Code;
 use super::conn::{Closed, ConnConfig, ConnEvent};
 use super::content::{self, Content};
 use super::link::{Input, Link};

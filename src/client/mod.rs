@@ -1,7 +1,8 @@
 //! The device side: connect, handshake, register, send, receive, local
 //! profile and history.
 //!
-//! - [`code`]: invite and link codes as text;
+//! - invite and link codes as text are [`crate::code`], shared with the
+//!   daemon;
 //! - [`content`]: what a message says and how it becomes a body (the one
 //!   place the end-to-end layer will change);
 //! - [`conn`]: one connection's protocol state, sans-I/O;
@@ -18,7 +19,6 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-pub mod code;
 pub mod conn;
 pub mod content;
 pub mod device;
@@ -26,7 +26,7 @@ pub mod link;
 pub mod local;
 pub mod profile;
 
-pub use code::{Code, CodeError};
+pub use crate::code::{Code, CodeError};
 pub use content::{BodyError, Content};
 pub use device::{Client, Event};
 pub use local::{Outcome, Request, listen, run};

@@ -1,0 +1,655 @@
+//! Routing and authorization: who is online where, what each frame does to
+//! accounts and queues, when answers may go out, and delivery to devices.
+//!
+//! There is one [`Hub`] per event loop; they share a [`Shared`] (the store
+//! and the directory of online devices), so a hub never assumes it owns
+//! every connection. A hub acts on the session that produced an event and
+//! returns everything else as [`Effect`]s naming a [`ConnId`]; the event
+//! loop applies those on its own connections and forwards the rest to the
+//! loop that owns them.
+//!
+//! Guarantees kept here (spec §10):
+//! - an answer that reports a durable change (`Accepted`, `Registered`,
+//!   `LinkCode`, `Done` after a revoke) is held until the flusher's durable
+//!   epoch covers the write, a retried `Send`'s included;
+//! - a device's messages are delivered from its queue in sequence order
+//!   with at most [`HubConfig::window`] unacknowledged, so a backlog stays
+//!   on disk; online or not, a device only ever reads its own queue, so
+//!   the order is the queue's order;
+//! - a `Send` whose bodies do not match the current devices is refused as
+//!   a whole, with the missing and extra devices.
+//!
+//! What it does not do: sockets, byte formats, or reading the clock.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::ids::{ConnId, DeviceKey, UserId};
+use crate::noise::PublicKey;
+use crate::session::{Event, Identity, Session};
+use crate::store::{Appended, Epoch, LinkError, QueuedMessage, RegisterError, Store, StoreError};
+use crate::wire::{
+    self, ClientFrame, Deliver, DeviceAddr, DeviceId, ErrorCode, MAX_BODIES, MAX_BODY_LEN, ServerFrame, Token,
+};
+
+/// The time, as the driver read it.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    /// For timers.
+    pub mono: Instant,
+    /// For timestamps: milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+}
+
+impl Now {
+    /// Reads both clocks (for drivers, never for the core).
+    pub fn read() -> Now {
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Now {
+            mono: Instant::now(),
+            unix_ms,
+        }
+    }
+}
+
+/// Hub settings.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Most unacknowledged deliveries per connection (spec §10).
+    pub window: u64,
+    /// How long a link code stays valid.
+    pub link_ttl: Duration,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            window: 256,
+            link_ttl: Duration::from_secs(600),
+        }
+    }
+}
+
+/// State shared by every loop's hub.
+pub struct Shared {
+    store: Arc<Store>,
+    online: Mutex<HashMap<DeviceKey, ConnId>>,
+    config: HubConfig,
+}
+
+impl Shared {
+    /// Shared state over `store`.
+    pub fn new(store: Arc<Store>, config: HubConfig) -> Arc<Shared> {
+        Arc::new(Shared {
+            store,
+            online: Mutex::new(HashMap::new()),
+            config,
+        })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    fn online(&self) -> std::sync::MutexGuard<'_, HashMap<DeviceKey, ConnId>> {
+        self.online.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The connection a device is online on.
+    pub fn connection_of(&self, d: DeviceKey) -> Option<ConnId> {
+        self.online().get(&d).copied()
+    }
+
+    /// How many devices are online.
+    pub fn online_count(&self) -> usize {
+        self.online().len()
+    }
+
+    /// Who a static key belongs to. A storage failure refuses the
+    /// connection.
+    pub fn identify(&self, key: &PublicKey) -> Identity {
+        match self.store.accounts().identify(key) {
+            Ok(id) => id,
+            Err(e) => {
+                log::error!("identify failed: {e}");
+                Identity::Refused
+            }
+        }
+    }
+
+    /// Revokes a device for the operator: durable when this returns. The
+    /// caller closes the returned connection, if any.
+    ///
+    /// # Errors
+    /// On a storage failure.
+    pub fn revoke(&self, d: DeviceKey, now_ms: u64) -> Result<Option<Option<ConnId>>, StoreError> {
+        if !self.store.accounts().revoke(d, now_ms)? {
+            return Ok(None);
+        }
+        self.store.delete_queue(d)?;
+        self.store.flush()?;
+        Ok(Some(self.connection_of(d)))
+    }
+}
+
+/// Delivery state of one authenticated connection; kept by the driver
+/// next to the session.
+#[derive(Debug, Clone)]
+pub struct Cursor {
+    device: DeviceKey,
+    /// Next sequence to read from the queue.
+    next: u64,
+    /// Highest sequence sent on this connection (0: none yet).
+    delivered: u64,
+    /// Highest sequence acknowledged (or before the first delivered).
+    acked: u64,
+    /// Highest sequence queued when the connection authenticated.
+    drain_target: u64,
+    drained: bool,
+    /// Delivery stopped because the output was full.
+    stalled: bool,
+}
+
+impl Cursor {
+    /// The device.
+    pub fn device(&self) -> DeviceKey {
+        self.device
+    }
+
+    /// Whether delivery waits for the output to drain.
+    pub fn stalled(&self) -> bool {
+        self.stalled
+    }
+}
+
+/// Something for the driver to do on a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// The device on this connection has new queue entries: pump it.
+    Wake(ConnId),
+    /// Send this frame.
+    Send {
+        /// Where.
+        conn: ConnId,
+        /// The request it answers.
+        req: u32,
+        /// What.
+        frame: ServerFrame,
+    },
+    /// The connection is now this device ([`Session::set_device`]).
+    Authenticate {
+        /// Where.
+        conn: ConnId,
+        /// Who.
+        device: DeviceKey,
+    },
+    /// Close the connection with this code.
+    Close {
+        /// Where.
+        conn: ConnId,
+        /// Why.
+        code: ErrorCode,
+        /// For people.
+        text: &'static str,
+    },
+}
+
+impl Effect {
+    /// The connection it concerns.
+    pub fn conn(&self) -> ConnId {
+        match *self {
+            Effect::Wake(c) => c,
+            Effect::Send { conn, .. } | Effect::Authenticate { conn, .. } | Effect::Close { conn, .. } => conn,
+        }
+    }
+}
+
+/// One event loop's hub.
+pub struct Hub {
+    shared: Arc<Shared>,
+    /// Effects waiting for a flush, in epoch order.
+    pending: VecDeque<(Epoch, Effect)>,
+    effects: Vec<Effect>,
+    entries: Vec<(u64, QueuedMessage)>,
+    devices: Vec<DeviceId>,
+}
+
+impl Hub {
+    /// A hub for one loop.
+    pub fn new(shared: Arc<Shared>) -> Hub {
+        Hub {
+            shared,
+            pending: VecDeque::new(),
+            effects: Vec::new(),
+            entries: Vec::new(),
+            devices: Vec::new(),
+        }
+    }
+
+    /// The shared state.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    fn store(&self) -> &Store {
+        &self.shared.store
+    }
+
+    /// Effects to apply now. Drain after every call.
+    pub fn effects(&mut self) -> std::vec::Drain<'_, Effect> {
+        self.effects.drain(..)
+    }
+
+    /// Whether answers wait for a flush.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Moves every effect whose write is durable to [`Hub::effects`].
+    pub fn release(&mut self, durable: Epoch) {
+        while let Some((e, _)) = self.pending.front() {
+            if *e > durable {
+                break;
+            }
+            if let Some((_, effect)) = self.pending.pop_front() {
+                self.effects.push(effect);
+            }
+        }
+    }
+
+    fn after_flush(&mut self, epoch: Epoch, effect: Effect) {
+        debug_assert!(self.pending.back().is_none_or(|(e, _)| *e <= epoch));
+        self.pending.push_back((epoch, effect));
+    }
+
+    fn after_next_flush(&mut self, effect: Effect) {
+        let epoch = self.store().flusher().note_write();
+        self.after_flush(epoch, effect);
+    }
+
+    /// Handles one session event. `cursor` is the connection's delivery
+    /// state, created here when it authenticates.
+    pub fn handle(&mut self, conn: ConnId, session: &mut Session, cursor: &mut Option<Cursor>, event: Event, now: Now) {
+        match event {
+            Event::Authenticated(device) => self.authenticated(conn, session, cursor, device, now),
+            Event::Frame { req, frame } => {
+                if let Err(e) = self.frame(conn, session, cursor, req, frame, now) {
+                    log::error!("storage failure handling a frame: {e}");
+                    session.send_error(req, ErrorCode::INTERNAL, "server storage failure", now.mono);
+                }
+            }
+        }
+    }
+
+    fn authenticated(
+        &mut self,
+        conn: ConnId,
+        session: &mut Session,
+        cursor: &mut Option<Cursor>,
+        device: DeviceKey,
+        now: Now,
+    ) {
+        let previous = self.shared.online().insert(device, conn);
+        if let Some(old) = previous.filter(|old| *old != conn) {
+            self.effects.push(Effect::Close {
+                conn: old,
+                code: ErrorCode::CONNECTED_ELSEWHERE,
+                text: "this device connected elsewhere",
+            });
+        }
+        if let Err(e) = self.store().accounts().touch(device, now.unix_ms) {
+            log::warn!("could not record last-seen time: {e}");
+        }
+        let drain_target = match self.store().last_seq(device) {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("cannot read queue of {device}: {e}");
+                session.close(ErrorCode::INTERNAL, "server storage failure", now.mono);
+                return;
+            }
+        };
+        log::debug!("{device} online on {conn:?}");
+        let c = cursor.insert(Cursor {
+            device,
+            next: 0,
+            delivered: 0,
+            acked: 0,
+            drain_target,
+            drained: false,
+            stalled: false,
+        });
+        self.pump(session, c, now);
+    }
+
+    /// The connection is gone: forget it in the directory (unless the
+    /// device already reconnected elsewhere).
+    pub fn closed(&mut self, conn: ConnId, cursor: Option<&Cursor>) {
+        if let Some(c) = cursor {
+            let mut online = self.shared.online();
+            if online.get(&c.device) == Some(&conn) {
+                online.remove(&c.device);
+            }
+        }
+    }
+
+    /// Sends queued messages while the window and the output allow.
+    pub fn pump(&mut self, session: &mut Session, cursor: &mut Cursor, now: Now) {
+        let window = self.shared.config.window;
+        cursor.stalled = false;
+        loop {
+            if !session.wants_more() {
+                cursor.stalled = session.device().is_some();
+                return;
+            }
+            let room = window.saturating_sub(cursor.delivered.saturating_sub(cursor.acked));
+            if room == 0 {
+                return;
+            }
+            let mut entries = std::mem::take(&mut self.entries);
+            entries.clear();
+            let want = room.min(64) as usize;
+            if let Err(e) = self.store().read_queue(cursor.device, cursor.next, want, &mut entries) {
+                log::error!("cannot read queue of {}: {e}", cursor.device);
+                session.close(ErrorCode::INTERNAL, "server storage failure", now.mono);
+                self.entries = entries;
+                return;
+            }
+            let exhausted = entries.len() < want;
+            for (seq, m) in entries.drain(..) {
+                if cursor.delivered == 0 {
+                    cursor.acked = cursor.acked.max(seq - 1);
+                }
+                let accounts = self.shared.store.accounts();
+                let (Some(from), Some(to)) = (accounts.user_name(m.from().user), accounts.user_name(UserId(m.to_user)))
+                else {
+                    // A sender whose account is gone: nothing to show.
+                    cursor.next = seq + 1;
+                    continue;
+                };
+                let frame = ServerFrame::Deliver(Deliver {
+                    seq,
+                    id: m.id,
+                    from: DeviceAddr {
+                        user: from.to_string(),
+                        device: m.from().device,
+                    },
+                    to: to.to_string(),
+                    time_ms: m.time_ms,
+                    body: m.body,
+                });
+                session.send(0, &frame, now.mono);
+                cursor.delivered = seq;
+                cursor.next = seq + 1;
+                if !cursor.drained && seq >= cursor.drain_target {
+                    cursor.drained = true;
+                    session.send(0, &ServerFrame::QueueDrained, now.mono);
+                }
+            }
+            self.entries = entries;
+            if exhausted {
+                if !cursor.drained {
+                    cursor.drained = true;
+                    session.send(0, &ServerFrame::QueueDrained, now.mono);
+                }
+                return;
+            }
+        }
+    }
+
+    fn frame(
+        &mut self,
+        conn: ConnId,
+        session: &mut Session,
+        cursor: &mut Option<Cursor>,
+        req: u32,
+        frame: ClientFrame,
+        now: Now,
+    ) -> Result<(), StoreError> {
+        let answer = |session: &mut Session, frame: ServerFrame| {
+            session.send(req, &frame, now.mono);
+        };
+        let error = |session: &mut Session, code: ErrorCode, text: &str| {
+            session.send_error(req, code, text, now.mono);
+        };
+        match frame {
+            ClientFrame::Register { invite, name } => {
+                let Some(key) = session.remote_static().copied() else {
+                    return Ok(());
+                };
+                match self.store().accounts().register(&invite, &name, &key, now.unix_ms)? {
+                    Ok(device) => {
+                        log::info!("registered {name} as {device}");
+                        // Registered first, then the queue (QueueDrained).
+                        self.after_next_flush(Effect::Send {
+                            conn,
+                            req,
+                            frame: ServerFrame::Registered {
+                                user: name,
+                                device: device.device,
+                            },
+                        });
+                        self.after_next_flush(Effect::Authenticate { conn, device });
+                    }
+                    Err(RegisterError::InvalidInvite) => {
+                        error(session, ErrorCode::INVALID_INVITE, "invite unknown, used up or expired")
+                    }
+                    Err(RegisterError::InvalidName) => {
+                        error(session, ErrorCode::INVALID_NAME, "names are 3 to 32 of a-z 0-9 _ .")
+                    }
+                    Err(RegisterError::NameTaken) => error(session, ErrorCode::NAME_TAKEN, "name taken"),
+                    Err(RegisterError::KeyInUse) => error(session, ErrorCode::NOT_ALLOWED, "key already registered"),
+                }
+            }
+            ClientFrame::RedeemLink { code } => {
+                let Some(key) = session.remote_static().copied() else {
+                    return Ok(());
+                };
+                match self.store().accounts().redeem_link(&code, &key, now.unix_ms)? {
+                    Ok(device) => {
+                        let user = self.store().accounts().user_name(device.user).map(|n| n.to_string());
+                        log::info!("linked {device}");
+                        self.after_next_flush(Effect::Send {
+                            conn,
+                            req,
+                            frame: ServerFrame::Registered {
+                                user: user.unwrap_or_default(),
+                                device: device.device,
+                            },
+                        });
+                        self.after_next_flush(Effect::Authenticate { conn, device });
+                    }
+                    Err(LinkError::InvalidCode) => error(
+                        session,
+                        ErrorCode::INVALID_LINK_CODE,
+                        "link code unknown, used or expired",
+                    ),
+                    Err(LinkError::DeviceLimit) => error(session, ErrorCode::DEVICE_LIMIT, "too many devices"),
+                    Err(LinkError::KeyInUse) => error(session, ErrorCode::NOT_ALLOWED, "key already registered"),
+                }
+            }
+            ClientFrame::RequestLink => {
+                let Some(me) = session.device() else { return Ok(()) };
+                let expires_ms = now.unix_ms + self.shared.config.link_ttl.as_millis() as u64;
+                let code: Token = self.store().accounts().create_link(me.user, expires_ms)?;
+                self.after_next_flush(Effect::Send {
+                    conn,
+                    req,
+                    frame: ServerFrame::LinkCode { code, expires_ms },
+                });
+            }
+            ClientFrame::ListDevices { user } => match self.store().accounts().user_id(&user) {
+                Some(id) => {
+                    let mut devices = Vec::new();
+                    self.store().accounts().current_devices(id, &mut devices);
+                    answer(session, ServerFrame::Devices { user, devices });
+                }
+                None => error(session, ErrorCode::UNKNOWN_USER, "no such user"),
+            },
+            ClientFrame::MyDevices => {
+                let Some(me) = session.device() else { return Ok(()) };
+                let devices = self.store().accounts().device_infos(me.user);
+                answer(session, ServerFrame::MyDevices { devices });
+            }
+            ClientFrame::RevokeDevice { device } => {
+                let Some(me) = session.device() else { return Ok(()) };
+                let target = DeviceKey { user: me.user, device };
+                if !self.store().accounts().revoke(target, now.unix_ms)? {
+                    error(session, ErrorCode::UNKNOWN_DEVICE, "no such device");
+                    return Ok(());
+                }
+                self.store().delete_queue(target)?;
+                log::info!("{me} revoked {target}");
+                self.after_next_flush(Effect::Send {
+                    conn,
+                    req,
+                    frame: ServerFrame::Done,
+                });
+                if let Some(victim) = self.shared.connection_of(target) {
+                    self.after_next_flush(Effect::Close {
+                        conn: victim,
+                        code: ErrorCode::REVOKED,
+                        text: "this device was revoked",
+                    });
+                }
+            }
+            ClientFrame::Send(send) => self.send(conn, session, req, send, now)?,
+            ClientFrame::Ack { up_to } => {
+                let Some(c) = cursor.as_mut() else { return Ok(()) };
+                // Only what was delivered on this connection can be acked.
+                let up_to = up_to.min(c.delivered);
+                if up_to > c.acked {
+                    self.store().ack(c.device, up_to)?;
+                    c.acked = up_to;
+                    self.pump(session, c, now);
+                }
+            }
+            // The session answers these itself.
+            ClientFrame::Ping | ClientFrame::Pong | ClientFrame::Close => {}
+        }
+        Ok(())
+    }
+
+    fn send(
+        &mut self,
+        conn: ConnId,
+        session: &mut Session,
+        req: u32,
+        send: wire::Send,
+        now: Now,
+    ) -> Result<(), StoreError> {
+        let Some(me) = session.device() else { return Ok(()) };
+        let error = |session: &mut Session, code: ErrorCode, text: &str| {
+            session.send_error(req, code, text, now.mono);
+        };
+        let accounts = self.shared.store.accounts();
+        // spec §10: checks in this order, so a retry after a device change
+        // is still answered from the dedup record.
+        let Some(to) = accounts.user_id(&send.to) else {
+            error(session, ErrorCode::UNKNOWN_USER, "no such user");
+            return Ok(());
+        };
+        if send.bodies.len() + send.own.len() > MAX_BODIES {
+            error(session, ErrorCode::TOO_MANY_BODIES, "too many bodies");
+            return Ok(());
+        }
+        if send.bodies.iter().chain(&send.own).any(|b| b.data.len() > MAX_BODY_LEN) {
+            error(session, ErrorCode::BODY_TOO_LARGE, "body too large");
+            return Ok(());
+        }
+        if let Some(time_ms) = self.store().dedup_lookup(me, send.id)? {
+            self.after_next_flush(Effect::Send {
+                conn,
+                req,
+                frame: ServerFrame::Accepted { id: send.id, time_ms },
+            });
+            return Ok(());
+        }
+        let to_self = to == me.user;
+        if to_self && !send.own.is_empty() {
+            error(
+                session,
+                ErrorCode::BAD_REQUEST,
+                "to yourself, every body goes in bodies",
+            );
+            return Ok(());
+        }
+        // Expected devices: the recipient's, and the sender's other ones.
+        let mut missing = Vec::new();
+        let mut extra = Vec::new();
+        let mut targets: Vec<(DeviceKey, Bytes)> = Vec::with_capacity(send.bodies.len() + send.own.len());
+        let groups = [(to, &send.bodies), (me.user, &send.own)];
+        for &(user, bodies) in if to_self { &groups[..1] } else { &groups[..] } {
+            let mut devices = std::mem::take(&mut self.devices);
+            devices.clear();
+            accounts.current_devices(user, &mut devices);
+            if user == me.user {
+                devices.retain(|d| *d != me.device);
+            }
+            let user_name = || accounts.user_name(user).map(|n| n.to_string()).unwrap_or_default();
+            for b in bodies.iter() {
+                let key = DeviceKey { user, device: b.device };
+                if targets.iter().any(|(k, _)| *k == key) {
+                    error(session, ErrorCode::BAD_REQUEST, "two bodies for one device");
+                    self.devices = devices;
+                    return Ok(());
+                }
+                if devices.contains(&b.device) {
+                    targets.push((key, b.data.clone()));
+                } else {
+                    extra.push(DeviceAddr {
+                        user: user_name(),
+                        device: b.device,
+                    });
+                }
+            }
+            for d in &devices {
+                if !bodies.iter().any(|b| b.device == *d) {
+                    missing.push(DeviceAddr {
+                        user: user_name(),
+                        device: *d,
+                    });
+                }
+            }
+            self.devices = devices;
+        }
+        if !missing.is_empty() || !extra.is_empty() {
+            session.send(
+                req,
+                &ServerFrame::Mismatch {
+                    id: send.id,
+                    missing,
+                    extra,
+                },
+                now.mono,
+            );
+            return Ok(());
+        }
+        let (time_ms, epoch) = match self.store().append(me, send.id, to, &targets, now.unix_ms)? {
+            Appended::New { time_ms, epoch } => (time_ms, epoch),
+            Appended::Duplicate { time_ms, epoch } => (time_ms, epoch),
+        };
+        self.after_flush(
+            epoch,
+            Effect::Send {
+                conn,
+                req,
+                frame: ServerFrame::Accepted { id: send.id, time_ms },
+            },
+        );
+        // Online recipients read their queue now; the rest when they connect.
+        let online = self.shared.online();
+        for (d, _) in &targets {
+            if let Some(c) = online.get(d) {
+                self.effects.push(Effect::Wake(*c));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,493 @@
+//! The daemon's event loops: thin `mio` drivers around [`core::Core`].
+//!
+//! A [`Worker`] owns a `mio::Poll`, the listener (each worker polls the
+//! same listening socket; whoever accepts first owns the connection), its
+//! connections' sockets, and a [`Mailbox`] through which other threads hand
+//! it effects (from other loops' hubs, the admin thread) and through which
+//! the flusher wakes it. On each turn it reads every readable socket until
+//! `WouldBlock`, lets the core work, then writes each connection's whole
+//! output with one `write` call per turn where the kernel takes it.
+//!
+//! What it guarantees: the loop never waits on the disk for an ack (the
+//! flusher thread does the flushing), one connection's bytes never stall
+//! another's, and a flush failure stops the daemon before anything more is
+//! acknowledged. What it does not do: protocol logic of any kind.
+
+pub mod admin;
+pub mod core;
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod tests;
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use thiserror::Error;
+
+use self::core::Core;
+use crate::hub::{Effect, HubConfig, Now, Shared};
+use crate::session::SessionConfig;
+use crate::store::{Store, StoreConfig, StoreError};
+use crate::wire::ErrorCode;
+
+const LISTENER: Token = Token(usize::MAX);
+const WAKER: Token = Token(usize::MAX - 1);
+const SIGNALS: Token = Token(usize::MAX - 2);
+/// Bytes read per `read` call, into the loop's one read buffer.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// A daemon failure.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// Storage.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Sockets and threads.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The failure.
+        source: io::Error,
+    },
+    /// A flush failed; the daemon stopped without acknowledging what it
+    /// could not make durable.
+    #[error("a flush failed; stopped without acknowledging unflushed writes")]
+    FlushFailed,
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> ServerError {
+    move |source| ServerError::Io { what, source }
+}
+
+/// Everything the daemon needs to run.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The `host:port` invites carry, if not the listen address.
+    pub public_addr: Option<String>,
+    /// Number of event loops.
+    pub workers: usize,
+    /// Session limits and timeouts.
+    pub session: SessionConfig,
+    /// Hub settings.
+    pub hub: HubConfig,
+    /// Store tuning.
+    pub store: StoreConfig,
+}
+
+impl ServerConfig {
+    /// The embedded defaults, for a data directory.
+    pub fn new(data_dir: PathBuf) -> ServerConfig {
+        ServerConfig {
+            data_dir,
+            listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
+            public_addr: None,
+            workers: 1,
+            session: SessionConfig::default(),
+            hub: HubConfig::default(),
+            store: StoreConfig::default(),
+        }
+    }
+}
+
+/// The port the daemon listens on by default.
+pub const DEFAULT_PORT: u16 = 7420;
+
+/// Work handed to a loop from other threads.
+pub struct Mailbox {
+    effects: Mutex<Vec<Effect>>,
+    waker: Waker,
+    stop: AtomicBool,
+}
+
+impl Mailbox {
+    /// Queues an effect for this loop and wakes it.
+    pub fn post(&self, effect: Effect) {
+        self.effects.lock().unwrap_or_else(|e| e.into_inner()).push(effect);
+        self.wake();
+    }
+
+    /// Wakes the loop (to look at the flusher and its mailbox).
+    pub fn wake(&self) {
+        if let Err(e) = self.waker.wake() {
+            log::error!("cannot wake an event loop: {e}");
+        }
+    }
+
+    /// Asks the loop to shut down.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+}
+
+/// Handles to every loop, for routing effects between them.
+#[derive(Clone)]
+pub struct Loops {
+    mailboxes: Arc<Vec<Arc<Mailbox>>>,
+}
+
+impl Loops {
+    /// Hands an effect to the loop that owns its connection.
+    pub fn post(&self, effect: Effect) {
+        if let Some(m) = self.mailboxes.get(effect.conn().worker as usize) {
+            m.post(effect);
+        }
+    }
+
+    /// Stops every loop.
+    pub fn stop(&self) {
+        for m in self.mailboxes.iter() {
+            m.stop();
+        }
+    }
+}
+
+/// One event loop.
+pub struct Worker {
+    poll: Poll,
+    listener: Option<TcpListener>,
+    mailbox: Arc<Mailbox>,
+    loops: Loops,
+    core: Core<TcpStream>,
+    store: Arc<Store>,
+    read_buf: Vec<u8>,
+    signals: Option<signal_hook_mio::v1_0::Signals>,
+}
+
+/// A running daemon.
+pub struct Server {
+    store: Arc<Store>,
+    shared: Arc<Shared>,
+    loops: Loops,
+    local_addr: SocketAddr,
+    workers: Vec<Worker>,
+}
+
+impl Server {
+    /// Opens the store, binds the listener and prepares the loops (nothing
+    /// runs until [`Server::run`]).
+    ///
+    /// # Errors
+    /// If the data directory cannot be opened or the address bound.
+    pub fn bind(config: &ServerConfig) -> Result<Server, ServerError> {
+        let store = Arc::new(Store::open(&config.data_dir, &config.store)?);
+        let std_listener = std::net::TcpListener::bind(config.listen).map_err(io_err("binding the listen address"))?;
+        std_listener
+            .set_nonblocking(true)
+            .map_err(io_err("configuring the listener"))?;
+        let local_addr = std_listener
+            .local_addr()
+            .map_err(io_err("reading the listen address"))?;
+        // Record the address invites carry: the flag, else a concrete
+        // listen address; a wildcard address says nothing.
+        if let Some(addr) = &config.public_addr {
+            store.set_public_addr(addr)?;
+        } else if !local_addr.ip().is_unspecified() {
+            store.set_public_addr(&local_addr.to_string())?;
+        }
+        store.flush()?;
+        let shared = Shared::new(store.clone(), config.hub.clone());
+        let n = config.workers.max(1);
+        let mut polls = Vec::with_capacity(n);
+        let mut mailboxes = Vec::with_capacity(n);
+        for _ in 0..n {
+            let poll = Poll::new().map_err(io_err("creating a poller"))?;
+            let waker = Waker::new(poll.registry(), WAKER).map_err(io_err("creating a waker"))?;
+            mailboxes.push(Arc::new(Mailbox {
+                effects: Mutex::new(Vec::new()),
+                waker,
+                stop: AtomicBool::new(false),
+            }));
+            polls.push(poll);
+        }
+        let loops = Loops {
+            mailboxes: Arc::new(mailboxes),
+        };
+        let mut workers = Vec::with_capacity(n);
+        for (i, poll) in polls.into_iter().enumerate() {
+            let listener = std_listener.try_clone().map_err(io_err("sharing the listener"))?;
+            let mut listener = TcpListener::from_std(listener);
+            poll.registry()
+                .register(&mut listener, LISTENER, Interest::READABLE)
+                .map_err(io_err("registering the listener"))?;
+            let mailbox = loops.mailboxes[i].clone();
+            let m = mailbox.clone();
+            store.flusher().on_flush(move || m.wake());
+            workers.push(Worker {
+                poll,
+                listener: Some(listener),
+                mailbox,
+                loops: loops.clone(),
+                core: Core::new(i as u16, shared.clone(), config.session.clone()),
+                store: store.clone(),
+                read_buf: vec![0; READ_CHUNK],
+                signals: None,
+            });
+        }
+        Ok(Server {
+            store,
+            shared,
+            loops,
+            local_addr,
+            workers,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// A handle that stops the daemon.
+    pub fn loops(&self) -> Loops {
+        self.loops.clone()
+    }
+
+    /// Runs until SIGTERM/SIGINT (if `handle_signals`) or
+    /// [`Loops::stop`]: starts the flusher, the admin socket and the
+    /// loops, then shuts down cleanly.
+    ///
+    /// # Errors
+    /// On a failure that stops the daemon (a flush failure among them).
+    pub fn run(mut self, handle_signals: bool) -> Result<(), ServerError> {
+        let flusher = self.store.flusher().start().map_err(io_err("starting the flusher"))?;
+        let admin = admin::AdminServer::start(self.store.clone(), self.shared.clone(), self.loops.clone())
+            .map_err(io_err("starting the admin socket"))?;
+        if handle_signals {
+            use signal_hook::consts::{SIGINT, SIGTERM};
+            let mut signals =
+                signal_hook_mio::v1_0::Signals::new([SIGTERM, SIGINT]).map_err(io_err("installing signal handlers"))?;
+            self.workers[0]
+                .poll
+                .registry()
+                .register(&mut signals, SIGNALS, Interest::READABLE)
+                .map_err(io_err("registering signals"))?;
+            self.workers[0].signals = Some(signals);
+        }
+        let mut threads = Vec::new();
+        let mut first = None;
+        for w in self.workers.drain(..) {
+            if first.is_none() {
+                first = Some(w);
+                continue;
+            }
+            let name = format!("loop-{}", w.core.worker());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(name)
+                    .spawn(move || w.run())
+                    .map_err(io_err("starting a loop"))?,
+            );
+        }
+        let mut result = first.map(|w| w.run()).unwrap_or(Ok(()));
+        self.loops.stop();
+        for t in threads {
+            let r = t.join().unwrap_or(Ok(()));
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        admin.stop();
+        self.store.flusher().stop();
+        let _ = flusher.join();
+        if self.store.flusher().failed() {
+            return Err(ServerError::FlushFailed);
+        }
+        self.store.flush()?;
+        result
+    }
+}
+
+impl Worker {
+    fn run(mut self) -> Result<(), ServerError> {
+        let mut events = Events::with_capacity(1024);
+        let mut stopping: Option<Instant> = None;
+        loop {
+            let timeout = self
+                .core
+                .next_timeout()
+                .map(|t| t.saturating_duration_since(Instant::now()));
+            let timeout = match (timeout, stopping) {
+                (Some(t), Some(_)) => Some(t.min(Duration::from_millis(50))),
+                (None, Some(_)) => Some(Duration::from_millis(50)),
+                (t, None) => t,
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(ServerError::Io {
+                        what: "polling",
+                        source: e,
+                    });
+                }
+            }
+            let now = Now::read();
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(now),
+                    WAKER => {}
+                    SIGNALS => {
+                        if let Some(s) = self.signals.as_mut() {
+                            if s.pending().next().is_some() {
+                                log::info!("signal received: shutting down");
+                                self.loops.stop();
+                            }
+                        }
+                    }
+                    Token(serial) => {
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.read(serial as u64, now);
+                        }
+                        if event.is_writable() {
+                            self.write(serial as u64, now);
+                        }
+                    }
+                }
+            }
+            // Other threads' work: effects, flushes.
+            let effects = std::mem::take(&mut *self.mailbox.effects.lock().unwrap_or_else(|e| e.into_inner()));
+            for effect in effects {
+                self.core.apply(effect, now);
+            }
+            if self.store.flusher().failed() {
+                log::error!("stopping: a flush failed");
+                self.loops.stop();
+                return Err(ServerError::FlushFailed);
+            }
+            if self.core.has_pending() {
+                self.core.flushed(self.store.flusher().durable(), now);
+            }
+            self.core.timeout(now);
+            if self.mailbox.stop.load(Ordering::SeqCst) && stopping.is_none() {
+                stopping = Some(now.mono);
+                self.begin_shutdown(now);
+            }
+            self.flush_output(now);
+            for effect in self.core.take_remote() {
+                self.loops.post(effect);
+            }
+            if let Some(since) = stopping {
+                let all_acked = !self.core.has_pending() || self.store.flusher().failed();
+                if (self.core.is_empty() && all_acked) || now.mono >= since + Duration::from_secs(3) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Stops accepting, makes in-flight writes durable and answers them,
+    /// then closes every connection.
+    fn begin_shutdown(&mut self, now: Now) {
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        if self.core.has_pending() && self.store.flusher().flush_now() {
+            self.core.flushed(self.store.flusher().durable(), now);
+        }
+        self.core
+            .close_all(ErrorCode::SHUTTING_DOWN, "the server is shutting down", now);
+    }
+
+    fn accept(&mut self, now: Now) {
+        let Some(listener) = self.listener.as_ref() else { return };
+        loop {
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let serial = self.core.accept(stream, now);
+                    let Some(conn) = self.core.conn_mut(serial) else {
+                        continue;
+                    };
+                    if let Err(e) = self.poll.registry().register(
+                        &mut conn.io,
+                        Token(serial as usize),
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
+                        log::warn!("cannot register a connection from {peer}: {e}");
+                        self.core.hang_up(serial);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Out of file descriptors and the like: try again on
+                    // the next readiness event rather than spin.
+                    log::warn!("accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads until `WouldBlock` (readiness is edge-triggered).
+    fn read(&mut self, serial: u64, now: Now) {
+        loop {
+            let Some(conn) = self.core.conn_mut(serial) else { return };
+            match conn.io.read(&mut self.read_buf) {
+                Ok(0) => {
+                    self.core.hang_up(serial);
+                    return;
+                }
+                Ok(n) => self.core.input(serial, &self.read_buf[..n], now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.core.hang_up(serial);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Writes a connection's pending output until done or `WouldBlock`.
+    fn write(&mut self, serial: u64, now: Now) {
+        loop {
+            let Some(conn) = self.core.conn_mut(serial) else { return };
+            let out = conn.session.transmit();
+            if out.is_empty() {
+                return;
+            }
+            match conn.io.write(out) {
+                Ok(n) => self.core.wrote(serial, n, now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.core.hang_up(serial);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Writes every connection with new output, and drops finished ones.
+    fn flush_output(&mut self, now: Now) {
+        loop {
+            let dirty = self.core.take_dirty();
+            if dirty.is_empty() {
+                break;
+            }
+            for serial in dirty {
+                self.write(serial, now);
+            }
+        }
+        for (_, mut stream) in self.core.take_dead() {
+            let _ = self.poll.registry().deregister(&mut stream);
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! A simulation harness: many in-memory clients against the real [`Core`]s
+//! (one or several loops), a virtual clock, and the real store in a temp
+//! directory. No sockets; bytes are moved by hand, so every interleaving is
+//! the test's choice.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::core::Core;
+use crate::hub::{HubConfig, Now, Shared};
+use crate::ids::ConnId;
+use crate::noise::{self, ExpectServerHello, Keypair, Opened, Transport};
+use crate::session::SessionConfig;
+use crate::store::{Store, StoreConfig};
+use crate::wire::{self, ClientFrame, Flow, MAX_RECORD_LEN, RecordDecoder, RecordError, ServerFrame, Token};
+
+/// One simulated device connection.
+pub struct SimClient {
+    pub key: Keypair,
+    hello: Option<ExpectServerHello>,
+    transport: Option<Transport>,
+    decoder: RecordDecoder,
+    outbox: Vec<u8>,
+    pub inbox: Vec<(u32, ServerFrame)>,
+    next_req: u32,
+    plain: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+impl SimClient {
+    fn receive(&mut self, bytes: &[u8], now: Now) {
+        let mut records = Vec::new();
+        self.decoder
+            .feed(bytes, MAX_RECORD_LEN, |r: &[u8]| {
+                records.push(r.to_vec());
+                Ok::<_, RecordError>(Flow::Continue(MAX_RECORD_LEN))
+            })
+            .expect("server records fit");
+        for r in records {
+            if let Some(hello) = self.hello.take() {
+                self.transport = Some(hello.handle(&r, now.mono, &mut self.outbox).expect("server hello"));
+                continue;
+            }
+            let t = self.transport.as_mut().expect("transport");
+            if t.open(&r, &mut self.plain).expect("server record opens") == Opened::Frame {
+                let f = wire::decode_server(&self.plain, &mut self.scratch).expect("server frame decodes");
+                if f.1 == ServerFrame::Ping {
+                    let mut plain = Vec::new();
+                    wire::encode_client(0, &ClientFrame::Pong, &mut plain);
+                    t.seal(&plain, now.mono, &mut self.outbox).expect("seal");
+                }
+                self.inbox.push(f);
+            }
+        }
+    }
+}
+
+/// The simulated world.
+pub struct World {
+    pub store: Arc<Store>,
+    pub shared: Arc<Shared>,
+    pub cores: Vec<Core<()>>,
+    pub clients: HashMap<ConnId, SimClient>,
+    pub now: Now,
+    /// Whether `run` flushes (tests turn it off to look between write and
+    /// flush).
+    pub auto_flush: bool,
+    dead: Vec<ConnId>,
+    _dir: tempfile::TempDir,
+}
+
+impl World {
+    pub fn new(workers: u16) -> World {
+        Self::with_config(workers, HubConfig::default())
+    }
+
+    pub fn with_config(workers: u16, config: HubConfig) -> World {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::open(dir.path(), &StoreConfig::default()).expect("store"));
+        let shared = Shared::new(store.clone(), config);
+        let cores = (0..workers)
+            .map(|w| Core::new(w, shared.clone(), SessionConfig::default()))
+            .collect();
+        World {
+            store,
+            shared,
+            cores,
+            clients: HashMap::new(),
+            now: Now::read(),
+            auto_flush: true,
+            dead: Vec::new(),
+            _dir: dir,
+        }
+    }
+
+    /// Opens a connection on `worker` and completes the handshake.
+    pub fn connect(&mut self, worker: u16, key: Keypair) -> ConnId {
+        let serial = self.cores[worker as usize].accept((), self.now);
+        let id = ConnId { worker, serial };
+        let mut outbox = Vec::new();
+        let server = self.store.server_key().public;
+        let hello = noise::client_start(&key, &server, &mut outbox).expect("client start");
+        let client = SimClient {
+            key,
+            hello: Some(hello),
+            transport: None,
+            decoder: RecordDecoder::new(),
+            outbox,
+            inbox: Vec::new(),
+            next_req: 1,
+            plain: Vec::new(),
+            scratch: Vec::new(),
+        };
+        self.clients.insert(id, client);
+        self.run();
+        id
+    }
+
+    /// Queues a request; returns its id. Call [`World::run`] to move it.
+    pub fn request(&mut self, conn: ConnId, frame: &ClientFrame) -> u32 {
+        let c = self.clients.get_mut(&conn).expect("client");
+        let req = c.next_req;
+        c.next_req += 1;
+        let mut plain = Vec::new();
+        wire::encode_client(req, frame, &mut plain);
+        c.transport
+            .as_mut()
+            .expect("handshake done")
+            .seal(&plain, self.now.mono, &mut c.outbox)
+            .expect("seal");
+        req
+    }
+
+    /// Moves bytes both ways (and flushes, if `auto_flush`) until nothing
+    /// moves.
+    pub fn run(&mut self) {
+        for _ in 0..10_000 {
+            let mut moved = false;
+            // Clients to server.
+            let ids: Vec<ConnId> = self.clients.keys().copied().collect();
+            for id in ids {
+                let c = self.clients.get_mut(&id).expect("client");
+                if c.outbox.is_empty() {
+                    continue;
+                }
+                let bytes = std::mem::take(&mut c.outbox);
+                moved = true;
+                self.cores[id.worker as usize].input(id.serial, &bytes, self.now);
+            }
+            if self.auto_flush && self.cores.iter().any(|c| c.has_pending()) {
+                self.store.flusher().flush_now();
+                let durable = self.store.flusher().durable();
+                for core in &mut self.cores {
+                    core.flushed(durable, self.now);
+                }
+            }
+            moved |= self.exchange();
+            if !moved {
+                return;
+            }
+        }
+        panic!("the simulation did not settle");
+    }
+
+    /// Server to clients, remote effects between loops, dead connections.
+    fn exchange(&mut self) -> bool {
+        let mut moved = false;
+        let mut remote = Vec::new();
+        for core in &mut self.cores {
+            remote.extend(core.take_remote());
+        }
+        for effect in remote {
+            moved = true;
+            let w = effect.conn().worker as usize;
+            self.cores[w].apply(effect, self.now);
+        }
+        for w in 0..self.cores.len() {
+            for serial in self.cores[w].take_dirty() {
+                let Some(conn) = self.cores[w].conn_mut(serial) else {
+                    continue;
+                };
+                let bytes = conn.session.transmit().to_vec();
+                let n = bytes.len();
+                self.cores[w].wrote(serial, n, self.now);
+                let id = ConnId {
+                    worker: w as u16,
+                    serial,
+                };
+                if let Some(c) = self.clients.get_mut(&id) {
+                    c.receive(&bytes, self.now);
+                }
+                moved = true;
+            }
+            for (id, ()) in self.cores[w].take_dead() {
+                // The client keeps its inbox for inspection.
+                if let Some(c) = self.clients.get_mut(&id) {
+                    c.outbox.clear();
+                }
+                self.dead.push(id);
+            }
+        }
+        moved
+    }
+
+    /// Whether the server dropped this connection.
+    pub fn is_dead(&self, conn: ConnId) -> bool {
+        self.dead.contains(&conn)
+    }
+
+    /// Takes what a client received.
+    pub fn inbox(&mut self, conn: ConnId) -> Vec<(u32, ServerFrame)> {
+        std::mem::take(&mut self.clients.get_mut(&conn).expect("client").inbox)
+    }
+
+    /// Advances the virtual clock and runs timers.
+    pub fn advance(&mut self, by: Duration) {
+        self.now.mono += by;
+        self.now.unix_ms += by.as_millis() as u64;
+        for core in &mut self.cores {
+            core.timeout(self.now);
+        }
+        self.run();
+    }
+
+    /// An invite with many uses.
+    pub fn invite(&self) -> Token {
+        self.store.accounts().create_invite(1000, None).expect("invite")
+    }
+
+    /// Registers `name` on a new connection on `worker`.
+    pub fn register(&mut self, worker: u16, name: &str) -> ConnId {
+        let invite = self.invite();
+        let conn = self.connect(worker, Keypair::generate().expect("key"));
+        self.request(
+            conn,
+            &ClientFrame::Register {
+                invite,
+                name: name.into(),
+            },
+        );
+        self.run();
+        let got = self.inbox(conn);
+        assert!(
+            matches!(got.first(), Some((_, ServerFrame::Registered { .. }))),
+            "{got:?}"
+        );
+        conn
+    }
+
+    /// Links a new device to the account on `existing`, on `worker`.
+    pub fn link(&mut self, existing: ConnId, worker: u16) -> ConnId {
+        self.request(existing, &ClientFrame::RequestLink);
+        self.run();
+        let code = match self.inbox(existing).pop() {
+            Some((_, ServerFrame::LinkCode { code, .. })) => code,
+            other => panic!("expected a link code, got {other:?}"),
+        };
+        let conn = self.connect(worker, Keypair::generate().expect("key"));
+        self.request(conn, &ClientFrame::RedeemLink { code });
+        self.run();
+        let got = self.inbox(conn);
+        assert!(
+            matches!(got.first(), Some((_, ServerFrame::Registered { .. }))),
+            "{got:?}"
+        );
+        conn
+    }
+
+    /// Reconnects with the same key as `conn` (a new connection).
+    pub fn reconnect(&mut self, conn: ConnId, worker: u16) -> ConnId {
+        let key = self.clients[&conn].key.clone();
+        self.connect(worker, key)
+    }
+}

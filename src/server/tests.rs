@@ -1,0 +1,399 @@
+//! Hub and core behaviour through the simulation harness: real sessions,
+//! real store, virtual clock, no sockets.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::sim::World;
+use crate::hub::HubConfig;
+use crate::ids::ConnId;
+use crate::wire::{Body, ClientFrame, DeviceAddr, DeviceId, ErrorCode, MsgId, Send, ServerFrame};
+
+fn body(device: u32, data: &'static [u8]) -> Body {
+    Body {
+        device: DeviceId(device),
+        data: Bytes::from_static(data),
+    }
+}
+
+fn send(id: u8, to: &str, bodies: Vec<Body>, own: Vec<Body>) -> ClientFrame {
+    ClientFrame::Send(Send {
+        id: MsgId([id; 16]),
+        to: to.into(),
+        bodies,
+        own,
+    })
+}
+
+fn delivered(frames: &[(u32, ServerFrame)]) -> Vec<(u64, MsgId, Bytes)> {
+    frames
+        .iter()
+        .filter_map(|(_, f)| match f {
+            ServerFrame::Deliver(d) => Some((d.seq, d.id, d.body.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn accepted(frames: &[(u32, ServerFrame)]) -> Vec<MsgId> {
+    frames
+        .iter()
+        .filter_map(|(_, f)| match f {
+            ServerFrame::Accepted { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ack(w: &mut World, conn: ConnId, up_to: u64) {
+    w.request(conn, &ClientFrame::Ack { up_to });
+    w.run();
+}
+
+#[test]
+fn online_delivery_and_accepted_only_after_flush() {
+    let mut w = World::new(1);
+    let alice = w.register(0, "alice");
+    let bob = w.register(0, "bob");
+    let _ = w.inbox(bob);
+    w.auto_flush = false;
+    w.request(alice, &send(1, "bob", vec![body(1, b"hi bob")], vec![]));
+    w.run();
+    // Bob has it at once; Alice has no tick until the flush.
+    assert_eq!(
+        delivered(&w.inbox(bob)),
+        vec![(1, MsgId([1; 16]), Bytes::from_static(b"hi bob"))]
+    );
+    assert!(w.inbox(alice).is_empty());
+    w.auto_flush = true;
+    w.run();
+    assert_eq!(accepted(&w.inbox(alice)), vec![MsgId([1; 16])]);
+}
+
+#[test]
+fn registered_waits_for_the_flush() {
+    let mut w = World::new(1);
+    let invite = w.invite();
+    w.auto_flush = false;
+    let c = w.connect(0, crate::noise::Keypair::generate().unwrap());
+    w.request(
+        c,
+        &ClientFrame::Register {
+            invite,
+            name: "alice".into(),
+        },
+    );
+    w.run();
+    assert!(w.inbox(c).is_empty());
+    w.auto_flush = true;
+    w.run();
+    let got = w.inbox(c);
+    assert!(matches!(&got[0], (1, ServerFrame::Registered { user, device: DeviceId(1) }) if user == "alice"));
+    assert!(matches!(&got[1], (0, ServerFrame::QueueDrained)));
+}
+
+#[test]
+fn offline_delivery_in_order_then_drained() {
+    let mut w = World::new(1);
+    let alice = w.register(0, "alice");
+    let bob = w.register(0, "bob");
+    w.clients.get_mut(&bob).unwrap(); // bob goes away
+    w.request(bob, &ClientFrame::Close);
+    w.run();
+    assert!(w.is_dead(bob));
+    for i in 1..=3 {
+        w.request(alice, &send(i, "bob", vec![body(1, b"x")], vec![]));
+    }
+    w.run();
+    assert_eq!(accepted(&w.inbox(alice)).len(), 3);
+    let bob2 = w.reconnect(bob, 0);
+    let got = w.inbox(bob2);
+    let ids: Vec<_> = delivered(&got).iter().map(|d| d.1).collect();
+    assert_eq!(ids, vec![MsgId([1; 16]), MsgId([2; 16]), MsgId([3; 16])]);
+    assert!(matches!(got.last(), Some((0, ServerFrame::QueueDrained))));
+    // Acked entries are gone; a new connection gets nothing more.
+    ack(&mut w, bob2, 3);
+    w.request(bob2, &ClientFrame::Close);
+    w.run();
+    let bob3 = w.reconnect(bob, 0);
+    assert_eq!(w.inbox(bob3), vec![(0, ServerFrame::QueueDrained)]);
+}
+
+#[test]
+fn unacked_messages_come_again_on_the_next_connection() {
+    let mut w = World::new(1);
+    let alice = w.register(0, "alice");
+    let bob = w.register(0, "bob");
+    let _ = w.inbox(bob);
+    w.request(alice, &send(1, "bob", vec![body(1, b"x")], vec![]));
+    w.request(alice, &send(2, "bob", vec![body(1, b"y")], vec![]));
+    w.run();
+    assert_eq!(delivered(&w.inbox(bob)).len(), 2);
+    ack(&mut w, bob, 1);
+    let bob2 = w.reconnect(bob, 0);
+    let got = w.inbox(bob2);
+    assert_eq!(delivered(&got).iter().map(|d| d.0).collect::<Vec<_>>(), vec![2]);
+}
+
+#[test]
+fn window_bounds_unacked_deliveries() {
+    let mut w = World::with_config(
+        1,
+        HubConfig {
+            window: 4,
+            ..HubConfig::default()
+        },
+    );
+    let alice = w.register(0, "alice");
+    let bob = w.register(0, "bob");
+    w.request(bob, &ClientFrame::Close);
+    w.run();
+    for i in 1..=10 {
+        w.request(alice, &send(i, "bob", vec![body(1, b"x")], vec![]));
+    }
+    w.run();
+    let bob = w.reconnect(bob, 0);
+    let first = delivered(&w.inbox(bob));
+    assert_eq!(first.iter().map(|d| d.0).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    // An ack beyond what was delivered counts only up to what was.
+    ack(&mut w, bob, 100);
+    let next = w.inbox(bob);
+    assert_eq!(
+        delivered(&next).iter().map(|d| d.0).collect::<Vec<_>>(),
+        vec![5, 6, 7, 8]
+    );
+    ack(&mut w, bob, 8);
+    let last = w.inbox(bob);
+    assert_eq!(delivered(&last).iter().map(|d| d.0).collect::<Vec<_>>(), vec![9, 10]);
+    assert!(matches!(last.last(), Some((0, ServerFrame::QueueDrained))));
+}
+
+#[test]
+fn a_retry_is_accepted_again_and_stored_once() {
+    let mut w = World::new(1);
+    let alice = w.register(0, "alice");
+    let bob = w.register(0, "bob");
+    w.request(bob, &ClientFrame::Close);
+    w.run();
+    w.request(alice, &send(7, "bob", vec![body(1, b"x")], vec![]));
+    w.request(alice, &send(7, "bob", vec![body(1, b"x")], vec![]));
+    w.run();
+    assert_eq!(accepted(&w.inbox(alice)), vec![MsgId([7; 16]), MsgId([7; 16])]);
+    let bob = w.reconnect(bob, 0);
+    assert_eq!(delivered(&w.inbox(bob)).len(), 1);
+}
+
+#[test]
+fn mismatch_lists_missing_and_extra_devices_and_stores_nothing() {
+    let mut w = World::new(1);
+    let alice = w.register(0, "alice");
+    let alice2 = w.link(alice, 0);
+    let bob = w.register(0, "bob");
+    let bob2 = w.link(bob, 0);
+    for c in [alice, alice2, bob, bob2] {
+        let _ = w.inbox(c);
+    }
+    // Bob has devices 1 and 2; Alice writes for 1 and 3, and forgets her 2.
+    w.request(alice, &send(1, "bob", vec![body(1, b"a"), body(3, b"c")], vec![]));
+    w.run();
+    let got = w.inbox(alice);
+    let (missing, extra) = match &got[..] {
+        [(_, ServerFrame::Mismatch { missing, extra, .. })] => (missing.clone(), extra.clone()),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        missing,
+        vec![
+            DeviceAddr {
+                user: "bob".into(),
+                device: DeviceId(2)
+            },
+            DeviceAddr {
+                user: "alice".into(),
+                device: DeviceId(2)
+            }
+        ]
+    );
+    assert_eq!(
+        extra,
+        vec![DeviceAddr {
+            user: "bob".into(),
+            device: DeviceId(3)
+        }]
+    );
+    assert!(w.inbox(bob).is_empty());
+    // The retry with the same id and the right devices goes through.
+    w.request(
+        alice,
+        &send(1, "bob", vec![body(1, b"a"), body(2, b"b")], vec![body(2, b"own")]),
+    );
+    w.run();
+    assert_eq!(accepted(&w.inbox(alice)), vec![MsgId([1; 16])]);
+    assert_eq!(delivered(&w.inbox(bob))[0].2, Bytes::from_static(b"a"));
+    assert_eq!(delivered(&w.inbox(bob2))[0].2, Bytes::from_static(b"b"));
+    let copy = w.inbox(alice2);
+    match &copy[..] {
+        [(0, ServerFrame::Deliver(d))] => {
+            assert_eq!(d.to, "bob");
+            assert_eq!(
+                d.from,
+                DeviceAddr {
+                    user: "alice".into(),
+                    device: DeviceId(1)
+                }
+            );
+            assert_eq!(d.body, Bytes::from_static(b"own"));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn bad_sends_get_their_codes() {
+    let mut w = World::new(1);
+    let alice = w.register(0, "alice");
+    let _bob = w.register(0, "bob");
+    let big: &'static [u8] = Box::leak(vec![0u8; crate::wire::MAX_BODY_LEN + 1].into_boxed_slice());
+    let cases = [
+        (send(1, "nobody", vec![body(1, b"x")], vec![]), ErrorCode::UNKNOWN_USER),
+        (send(2, "bob", vec![body(1, big)], vec![]), ErrorCode::BODY_TOO_LARGE),
+        (
+            send(3, "bob", (0..16).map(|d| body(d, b"x")).collect(), vec![]),
+            ErrorCode::TOO_MANY_BODIES,
+        ),
+        (
+            send(4, "bob", vec![body(1, b"x"), body(1, b"y")], vec![]),
+            ErrorCode::BAD_REQUEST,
+        ),
+        (send(5, "alice", vec![], vec![body(1, b"x")]), ErrorCode::BAD_REQUEST),
+    ];
+    for (frame, code) in cases {
+        let req = w.request(alice, &frame);
+        w.run();
+        let got = w.inbox(alice);
+        assert!(
+            matches!(&got[..], [(r, ServerFrame::Error { code: c, .. })] if *r == req && *c == code),
+            "{code:?}: {got:?}"
+        );
+    }
+}
+
+#[test]
+fn a_device_connecting_again_closes_the_older_connection() {
+    let mut w = World::new(1);
+    let bob = w.register(0, "bob");
+    let _ = w.inbox(bob);
+    let bob_again = w.reconnect(bob, 0);
+    let got = w.inbox(bob);
+    assert!(
+        matches!(
+            &got[..],
+            [(
+                0,
+                ServerFrame::Close {
+                    code: ErrorCode::CONNECTED_ELSEWHERE,
+                    ..
+                }
+            )]
+        ),
+        "{got:?}"
+    );
+    assert!(w.is_dead(bob));
+    assert!(!w.is_dead(bob_again));
+    assert_eq!(
+        w.shared.connection_of(
+            w.cores[0]
+                .conn_mut(bob_again.serial)
+                .unwrap()
+                .cursor
+                .as_ref()
+                .unwrap()
+                .device()
+        ),
+        Some(bob_again)
+    );
+}
+
+#[test]
+fn revoke_cuts_a_device_off() {
+    let mut w = World::new(1);
+    let alice = w.register(0, "alice");
+    let alice2 = w.link(alice, 0);
+    let _ = w.inbox(alice);
+    let _ = w.inbox(alice2);
+    w.request(alice, &ClientFrame::RevokeDevice { device: DeviceId(2) });
+    w.run();
+    assert!(matches!(&w.inbox(alice)[..], [(_, ServerFrame::Done)]));
+    assert!(matches!(
+        &w.inbox(alice2)[..],
+        [(
+            0,
+            ServerFrame::Close {
+                code: ErrorCode::REVOKED,
+                ..
+            }
+        )]
+    ));
+    assert!(w.is_dead(alice2));
+    let again = w.reconnect(alice2, 0);
+    assert!(matches!(
+        &w.inbox(again)[..],
+        [(
+            0,
+            ServerFrame::Close {
+                code: ErrorCode::REVOKED,
+                ..
+            }
+        )]
+    ));
+    w.request(alice, &ClientFrame::RevokeDevice { device: DeviceId(2) });
+    w.run();
+    assert!(matches!(
+        &w.inbox(alice)[..],
+        [(
+            _,
+            ServerFrame::Error {
+                code: ErrorCode::UNKNOWN_DEVICE,
+                ..
+            }
+        )]
+    ));
+    w.request(alice, &ClientFrame::ListDevices { user: "alice".into() });
+    w.run();
+    assert!(
+        matches!(&w.inbox(alice)[..], [(_, ServerFrame::Devices { devices, .. })] if devices == &vec![DeviceId(1)])
+    );
+}
+
+#[test]
+fn idle_devices_are_pinged_and_keep_their_connection() {
+    let mut w = World::new(1);
+    let bob = w.register(0, "bob");
+    let _ = w.inbox(bob);
+    // The sim client answers pings, so the connection survives an hour.
+    for _ in 0..120 {
+        w.advance(Duration::from_secs(31));
+    }
+    assert!(!w.is_dead(bob));
+    assert!(w.inbox(bob).iter().all(|(_, f)| *f == ServerFrame::Ping));
+}
+
+#[test]
+fn two_loops_deliver_across() {
+    let mut w = World::new(2);
+    let alice = w.register(0, "alice");
+    let bob = w.register(1, "bob");
+    let _ = w.inbox(bob);
+    for i in 1..=50 {
+        w.request(alice, &send(i, "bob", vec![body(1, b"x")], vec![]));
+    }
+    w.run();
+    assert_eq!(accepted(&w.inbox(alice)).len(), 50);
+    let ids: Vec<u8> = delivered(&w.inbox(bob)).iter().map(|d| d.1.0[0]).collect();
+    assert_eq!(ids, (1..=50).collect::<Vec<_>>());
+    // Connecting on the other loop closes the first connection there.
+    let bob_again = w.reconnect(bob, 0);
+    assert!(w.is_dead(bob));
+    assert!(!w.is_dead(bob_again));
+}

@@ -1,0 +1,165 @@
+//! Group commit: one thread makes everything written since its last flush
+//! durable with one `sled::Db::flush`, then wakes whoever waits for acks.
+//!
+//! Epochs: writers tag each write with [`Flusher::note_write`], which reads
+//! the write epoch *after* the write completed. The flusher increments the
+//! write epoch and only then flushes, so a write tagged `e` happened before
+//! the flush that started by moving the epoch from `e` to `e + 1`; when that
+//! flush returns, [`Flusher::durable`] becomes `e`. Acks for writes tagged
+//! `≤ durable` may go out; no others.
+//!
+//! If a flush fails, `durable` never moves again and [`Flusher::failed`]
+//! turns true: the daemon must stop rather than acknowledge anything.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+/// A point in the sequence of flushes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Epoch(pub u64);
+
+type Waker = Box<dyn Fn() + Send + Sync>;
+
+#[derive(Default)]
+struct State {
+    dirty: bool,
+    stop: bool,
+    wakers: Vec<Waker>,
+}
+
+struct Inner {
+    db: sled::Db,
+    write_epoch: AtomicU64,
+    durable: AtomicU64,
+    failed: AtomicBool,
+    flushes: AtomicU64,
+    state: Mutex<State>,
+    cond: Condvar,
+}
+
+/// The group-commit flusher. Cheap to clone.
+#[derive(Clone)]
+pub struct Flusher {
+    inner: Arc<Inner>,
+}
+
+impl Flusher {
+    pub(super) fn new(db: sled::Db) -> Flusher {
+        Flusher {
+            inner: Arc::new(Inner {
+                db,
+                write_epoch: AtomicU64::new(1),
+                durable: AtomicU64::new(0),
+                failed: AtomicBool::new(false),
+                flushes: AtomicU64::new(0),
+                state: Mutex::new(State::default()),
+                cond: Condvar::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tags a write that just completed and asks for a flush. The write is
+    /// durable once [`Flusher::durable`] ≥ the returned epoch.
+    pub fn note_write(&self) -> Epoch {
+        let e = self.inner.write_epoch.load(Ordering::SeqCst);
+        let mut st = self.lock();
+        if !st.dirty {
+            st.dirty = true;
+            self.inner.cond.notify_one();
+        }
+        Epoch(e)
+    }
+
+    /// The epoch a write made now would get (without asking for a flush).
+    pub fn current(&self) -> Epoch {
+        self.note_write()
+    }
+
+    /// Every write tagged with this epoch or lower is durable.
+    pub fn durable(&self) -> Epoch {
+        Epoch(self.inner.durable.load(Ordering::SeqCst))
+    }
+
+    /// Whether a flush failed (then nothing more becomes durable).
+    pub fn failed(&self) -> bool {
+        self.inner.failed.load(Ordering::SeqCst)
+    }
+
+    /// How many flushes completed (for tests and metrics).
+    pub fn flushes(&self) -> u64 {
+        self.inner.flushes.load(Ordering::SeqCst)
+    }
+
+    /// Registers a callback run after every flush (and after a failure),
+    /// on the flusher thread. It must be quick: typically a `mio::Waker`.
+    pub fn on_flush(&self, waker: impl Fn() + Send + Sync + 'static) {
+        self.lock().wakers.push(Box::new(waker));
+    }
+
+    /// Flushes once on the caller's thread if anything is dirty. Returns
+    /// whether the data is durable.
+    pub fn flush_now(&self) -> bool {
+        let dirty = std::mem::take(&mut self.lock().dirty);
+        if !dirty {
+            return !self.failed();
+        }
+        self.flush_once()
+    }
+
+    fn flush_once(&self) -> bool {
+        let e = self.inner.write_epoch.fetch_add(1, Ordering::SeqCst);
+        let ok = match self.inner.db.flush() {
+            Ok(_) => {
+                self.inner.durable.fetch_max(e, Ordering::SeqCst);
+                self.inner.flushes.fetch_add(1, Ordering::SeqCst);
+                true
+            }
+            Err(err) => {
+                log::error!("flush failed, acknowledging nothing more: {err}");
+                self.inner.failed.store(true, Ordering::SeqCst);
+                false
+            }
+        };
+        for w in &self.lock().wakers {
+            w();
+        }
+        ok
+    }
+
+    /// Starts the flusher thread.
+    ///
+    /// # Errors
+    /// If the thread cannot be spawned.
+    pub fn start(&self) -> std::io::Result<JoinHandle<()>> {
+        let this = self.clone();
+        std::thread::Builder::new().name("flusher".into()).spawn(move || {
+            loop {
+                {
+                    let mut st = this.lock();
+                    while !st.dirty && !st.stop {
+                        st = this.inner.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+                    }
+                    if st.stop && !st.dirty {
+                        return;
+                    }
+                    st.dirty = false;
+                }
+                if !this.flush_once() {
+                    return;
+                }
+            }
+        })
+    }
+
+    /// Asks the flusher thread to flush what is dirty and exit.
+    pub fn stop(&self) {
+        let mut st = self.lock();
+        st.stop = true;
+        self.inner.cond.notify_all();
+    }
+}

@@ -1,0 +1,301 @@
+//! Durable state in one data directory: accounts, devices and their keys,
+//! invites and link codes, per-device message queues and dedup records, all
+//! in `sled` (0.34), plus the group-commit [`Flusher`].
+//!
+//! What it guarantees:
+//! - a message is appended to every recipient device's queue, with its dedup
+//!   record, in one atomic batch; a retry with the same (sender device,
+//!   message id) finds the dedup record and appends nothing;
+//! - sequence numbers per device queue are strictly increasing, never
+//!   reused (the next number is stored with every append), and an append is
+//!   visible to readers only with all lower numbers of that queue;
+//! - every write that a peer will be told about returns an [`Epoch`]; once
+//!   [`Flusher::durable`] reaches it, the write survives a crash.
+//!
+//! What it does not do: decide who may send to whom (the hub does), read
+//! the clock (times come in as milliseconds since the Unix epoch), or flush
+//! on its callers' threads (the flusher thread does).
+//!
+//! Layout (all integers big-endian so that keys sort numerically):
+//! - `meta`: `server_key` → 32 bytes; `public_addr` → UTF-8;
+//!   `next_user` → u32.
+//! - `users`: name → [`UserRecord`].
+//! - `devices`: user ‖ device → [`DeviceRecord`].
+//! - `keys`: Noise static key → user ‖ device.
+//! - `invites`, `links`: token id → [`TokenRecord`].
+//! - `queues`: `q` ‖ user ‖ device ‖ seq → [`QueuedMessage`];
+//!   `n` ‖ user ‖ device → next seq; `d` ‖ user ‖ device ‖ message id →
+//!   acceptance time (dedup).
+
+mod accounts;
+mod flusher;
+mod queues;
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+
+use thiserror::Error;
+
+pub use accounts::{Accounts, LinkError, RegisterError, TokenRecord, UserRecord};
+pub use flusher::{Epoch, Flusher};
+pub use queues::{Appended, QueuedMessage};
+
+use crate::noise::Keypair;
+
+/// The data directory format this build writes.
+pub const FORMAT_VERSION: u32 = 1;
+const FORMAT_FILE: &str = "FORMAT";
+const FORMAT_MAGIC: &str = "tidings-data";
+
+/// A storage failure. Expected outcomes (name taken, duplicate message) are
+/// not errors; they come back as inner results or enum variants.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// sled failed.
+    #[error("database: {0}")]
+    Db(#[from] sled::Error),
+    /// A transaction failed inside sled.
+    #[error("database transaction: {0}")]
+    Tx(String),
+    /// The filesystem failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// Which file.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// Something on disk does not decode.
+    #[error("corrupt record in {0}")]
+    Corrupt(&'static str),
+    /// The data directory was written by a newer tidings.
+    #[error("data directory format {found} is newer than this build's {FORMAT_VERSION}; upgrade tidings")]
+    TooNew {
+        /// The version found.
+        found: u32,
+    },
+    /// The data directory is held by another process.
+    #[error("the data directory is in use by another process (is tidingsd running?)")]
+    Locked,
+}
+
+impl From<sled::transaction::TransactionError<StoreError>> for StoreError {
+    fn from(e: sled::transaction::TransactionError<StoreError>) -> Self {
+        match e {
+            sled::transaction::TransactionError::Abort(e) => e,
+            sled::transaction::TransactionError::Storage(e) => StoreError::Db(e),
+        }
+    }
+}
+
+/// Store tuning.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// sled's page cache in bytes (small, for a Raspberry Pi).
+    pub cache_capacity: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            cache_capacity: 64 << 20,
+        }
+    }
+}
+
+/// The durable state.
+pub struct Store {
+    db: sled::Db,
+    meta: sled::Tree,
+    pub(crate) queues: sled::Tree,
+    accounts: Accounts,
+    /// Next sequence number per device queue, loaded on first use. Held
+    /// across an append so that sequence order is visibility order.
+    seqs: Mutex<std::collections::HashMap<crate::ids::DeviceKey, u64>>,
+    flusher: Flusher,
+    server_key: Keypair,
+    public_addr: RwLock<Option<String>>,
+    dir: PathBuf,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Reads (or, for a new directory, writes) the format file, refusing a
+/// newer format and migrating an older one.
+fn check_format(dir: &Path) -> Result<(), StoreError> {
+    let path = dir.join(FORMAT_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            let found = text
+                .trim()
+                .strip_prefix(FORMAT_MAGIC)
+                .and_then(|v| v.trim().parse::<u32>().ok())
+                .ok_or(StoreError::Corrupt("FORMAT"))?;
+            if found > FORMAT_VERSION {
+                return Err(StoreError::TooNew { found });
+            }
+            if found < FORMAT_VERSION {
+                migrate(dir, found)?;
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // A directory with a database but no FORMAT predates format
+            // files: that is format 0, which is format 1 without the file.
+            write_format(dir)
+        }
+        Err(e) => Err(io_err(&path)(e)),
+    }
+}
+
+fn write_format(dir: &Path) -> Result<(), StoreError> {
+    let path = dir.join(FORMAT_FILE);
+    let tmp = dir.join("FORMAT.tmp");
+    let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
+    writeln!(f, "{FORMAT_MAGIC} {FORMAT_VERSION}").map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    Ok(())
+}
+
+/// Upgrades a data directory from `from` to [`FORMAT_VERSION`], one step at
+/// a time. Each step must be idempotent: a crash mid-way reruns it.
+fn migrate(dir: &Path, from: u32) -> Result<(), StoreError> {
+    for version in from..FORMAT_VERSION {
+        log::info!("migrating data directory from format {version} to {}", version + 1);
+        // Format 0 → 1: no change to the database; only the FORMAT file.
+    }
+    write_format(dir)
+}
+
+impl Store {
+    /// Opens (creating if needed) the data directory at `dir`. The first
+    /// open generates the server's static key.
+    ///
+    /// # Errors
+    /// [`StoreError::Locked`] if another process has it open,
+    /// [`StoreError::TooNew`] for a newer format, or an I/O failure.
+    pub fn open(dir: &Path, config: &StoreConfig) -> Result<Store, StoreError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        set_private(dir);
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .cache_capacity(config.cache_capacity)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => StoreError::Locked,
+                sled::Error::Io(ref io) if io.to_string().contains("lock") => StoreError::Locked,
+                e => StoreError::Db(e),
+            })?;
+        check_format(dir)?;
+        let meta = db.open_tree("meta")?;
+        let server_key = match meta.get("server_key")? {
+            Some(k) => Keypair::from_private(&k).ok_or(StoreError::Corrupt("meta/server_key"))?,
+            None => {
+                let kp = Keypair::generate().map_err(|_| StoreError::Corrupt("randomness"))?;
+                meta.insert("server_key", &kp.private()[..])?;
+                db.flush()?;
+                kp
+            }
+        };
+        let public_addr = match meta.get("public_addr")? {
+            Some(a) => Some(String::from_utf8(a.to_vec()).map_err(|_| StoreError::Corrupt("meta/public_addr"))?),
+            None => None,
+        };
+        let accounts = Accounts::load(&db)?;
+        let queues = db.open_tree("queues")?;
+        let flusher = Flusher::new(db.clone());
+        Ok(Store {
+            db,
+            meta,
+            queues,
+            accounts,
+            seqs: Mutex::new(Default::default()),
+            flusher,
+            server_key,
+            public_addr: RwLock::new(public_addr),
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The server's static key pair.
+    pub fn server_key(&self) -> &Keypair {
+        &self.server_key
+    }
+
+    /// The address invites carry, as last recorded.
+    pub fn public_addr(&self) -> Option<String> {
+        self.public_addr.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Records the address invites carry.
+    ///
+    /// # Errors
+    /// On a database failure.
+    pub fn set_public_addr(&self, addr: &str) -> Result<(), StoreError> {
+        self.meta.insert("public_addr", addr.as_bytes())?;
+        *self.public_addr.write().unwrap_or_else(|e| e.into_inner()) = Some(addr.to_string());
+        Ok(())
+    }
+
+    /// Accounts, devices, invites and link codes.
+    pub fn accounts(&self) -> &Accounts {
+        &self.accounts
+    }
+
+    /// The group-commit flusher.
+    pub fn flusher(&self) -> &Flusher {
+        &self.flusher
+    }
+
+    /// Flushes everything now, on the caller's thread (for operator
+    /// commands and shutdown; the event loops use the flusher).
+    ///
+    /// # Errors
+    /// On a database failure.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Bytes the database occupies on disk.
+    ///
+    /// # Errors
+    /// On a database failure.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
+    }
+}
+
+/// Best effort: the data directory holds the server's private key.
+fn set_private(dir: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+    }
+}
+
+pub(crate) fn be_u32(b: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(..4)?.try_into().ok()?))
+}
+
+pub(crate) fn be_u64(b: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(b.get(..8)?.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,218 @@
+use bytes::Bytes;
+
+use super::*;
+use crate::ids::{DeviceKey, UserId};
+use crate::session::Identity;
+use crate::wire::{DeviceId, MsgId};
+
+fn open(dir: &Path) -> Store {
+    Store::open(dir, &StoreConfig::default()).unwrap()
+}
+
+fn dev(u: u32, d: u32) -> DeviceKey {
+    DeviceKey {
+        user: UserId(u),
+        device: DeviceId(d),
+    }
+}
+
+#[test]
+fn server_key_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let k1 = open(dir.path()).server_key().public;
+    let k2 = open(dir.path()).server_key().public;
+    assert_eq!(k1, k2);
+    assert!(
+        fs::read_to_string(dir.path().join("FORMAT"))
+            .unwrap()
+            .starts_with("tidings-data 1")
+    );
+}
+
+#[test]
+fn newer_format_is_refused_and_older_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    fs::write(dir.path().join("FORMAT"), "tidings-data 99\n").unwrap();
+    assert!(matches!(
+        Store::open(dir.path(), &StoreConfig::default()),
+        Err(StoreError::TooNew { found: 99 })
+    ));
+    fs::write(dir.path().join("FORMAT"), "tidings-data 0\n").unwrap();
+    drop(open(dir.path()));
+    assert_eq!(
+        fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
+        "tidings-data 1\n"
+    );
+}
+
+#[test]
+fn second_open_is_refused_while_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let _s = open(dir.path());
+    assert!(matches!(
+        Store::open(dir.path(), &StoreConfig::default()),
+        Err(StoreError::Locked)
+    ));
+}
+
+#[test]
+fn register_link_revoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let a = s.accounts();
+    let invite = a.create_invite(2, None).unwrap();
+    assert_eq!(
+        a.register(&invite, "Bad Name", &[1; 32], 0).unwrap(),
+        Err(RegisterError::InvalidName)
+    );
+    let alice = a.register(&invite, "alice", &[1; 32], 0).unwrap().unwrap();
+    assert_eq!(alice, dev(1, 1));
+    assert_eq!(
+        a.register(&invite, "alice", &[2; 32], 0).unwrap(),
+        Err(RegisterError::NameTaken)
+    );
+    let mut wrong = invite.clone();
+    wrong.secret[0] ^= 1;
+    assert_eq!(
+        a.register(&wrong, "bob", &[2; 32], 0).unwrap(),
+        Err(RegisterError::InvalidInvite)
+    );
+    assert_eq!(
+        a.register(&wrong, "alice", &[2; 32], 0).unwrap(),
+        Err(RegisterError::InvalidInvite)
+    );
+    let bob = a.register(&invite, "bob", &[2; 32], 0).unwrap().unwrap();
+    assert_eq!(bob, dev(2, 1));
+    // Used up.
+    assert_eq!(
+        a.register(&invite, "carol", &[3; 32], 0).unwrap(),
+        Err(RegisterError::InvalidInvite)
+    );
+    // Expired.
+    let old = a.create_invite(1, Some(100)).unwrap();
+    assert_eq!(
+        a.register(&old, "carol", &[3; 32], 100).unwrap(),
+        Err(RegisterError::InvalidInvite)
+    );
+
+    let link = a.create_link(alice.user, 1000).unwrap();
+    let alice2 = a.redeem_link(&link, &[4; 32], 10).unwrap().unwrap();
+    assert_eq!(alice2, dev(1, 2));
+    assert_eq!(a.redeem_link(&link, &[5; 32], 10).unwrap(), Err(LinkError::InvalidCode));
+    let late = a.create_link(alice.user, 1000).unwrap();
+    assert_eq!(
+        a.redeem_link(&late, &[5; 32], 1000).unwrap(),
+        Err(LinkError::InvalidCode)
+    );
+
+    assert_eq!(a.identify(&[4; 32]).unwrap(), Identity::Device(alice2));
+    assert_eq!(a.identify(&[9; 32]).unwrap(), Identity::Unregistered);
+    assert!(a.revoke(alice2, 20).unwrap());
+    assert!(!a.revoke(alice2, 20).unwrap());
+    assert_eq!(a.identify(&[4; 32]).unwrap(), Identity::Revoked);
+    let mut devs = Vec::new();
+    assert!(a.current_devices(alice.user, &mut devs));
+    assert_eq!(devs, vec![DeviceId(1)]);
+
+    // All of it survives a reopen.
+    s.flush().unwrap();
+    drop(s);
+    let s = open(dir.path());
+    let a = s.accounts();
+    assert_eq!(a.user_id("bob"), Some(bob.user));
+    assert_eq!(a.identify(&[4; 32]).unwrap(), Identity::Revoked);
+    assert_eq!(a.identify(&[1; 32]).unwrap(), Identity::Device(alice));
+    // Device numbers are not reused.
+    let link = a.create_link(alice.user, 1000).unwrap();
+    assert_eq!(a.redeem_link(&link, &[6; 32], 10).unwrap(), Ok(dev(1, 3)));
+    assert_eq!(
+        a.users().iter().map(|u| (&*u.0, u.2)).collect::<Vec<_>>(),
+        vec![("alice", 2), ("bob", 1)]
+    );
+}
+
+#[test]
+fn device_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let a = s.accounts();
+    let invite = a.create_invite(1, None).unwrap();
+    let alice = a.register(&invite, "alice", &[0; 32], 0).unwrap().unwrap();
+    for i in 1..crate::wire::MAX_DEVICES_PER_USER {
+        let link = a.create_link(alice.user, 1000).unwrap();
+        assert!(a.redeem_link(&link, &[i as u8; 32], 0).unwrap().is_ok());
+    }
+    let link = a.create_link(alice.user, 1000).unwrap();
+    assert_eq!(a.redeem_link(&link, &[99; 32], 0).unwrap(), Err(LinkError::DeviceLimit));
+}
+
+#[test]
+fn append_read_ack_dedup() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let (a1, b1, b2) = (dev(1, 1), dev(2, 1), dev(2, 2));
+    let bodies = [(b1, Bytes::from_static(b"for b1")), (b2, Bytes::from_static(b"for b2"))];
+    let first = s.append(a1, MsgId([1; 16]), UserId(2), &bodies, 1000).unwrap();
+    assert!(matches!(first, Appended::New { time_ms: 1000, .. }));
+    let again = s.append(a1, MsgId([1; 16]), UserId(2), &bodies, 2000).unwrap();
+    assert!(matches!(again, Appended::Duplicate { time_ms: 1000, .. }));
+    s.append(a1, MsgId([2; 16]), UserId(2), &bodies[..1], 3000).unwrap();
+    let mut out = Vec::new();
+    s.read_queue(b1, 0, 10, &mut out).unwrap();
+    assert_eq!(
+        out.iter().map(|(seq, m)| (*seq, m.id)).collect::<Vec<_>>(),
+        vec![(1, MsgId([1; 16])), (2, MsgId([2; 16]))]
+    );
+    assert_eq!(out[0].1.body, Bytes::from_static(b"for b1"));
+    assert_eq!(out[0].1.from(), a1);
+    assert_eq!(s.last_seq(b1).unwrap(), 2);
+    assert_eq!(s.last_seq(b2).unwrap(), 1);
+    assert_eq!(s.ack(b1, 1).unwrap(), 1);
+    out.clear();
+    s.read_queue(b1, 0, 10, &mut out).unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].0, 2);
+    // Sequence numbers survive an emptied queue and a reopen.
+    s.ack(b1, 2).unwrap();
+    s.flush().unwrap();
+    drop(s);
+    let s = open(dir.path());
+    assert_eq!(s.last_seq(b1).unwrap(), 2);
+    s.append(a1, MsgId([3; 16]), UserId(2), &bodies[..1], 4000).unwrap();
+    out.clear();
+    s.read_queue(b1, 0, 10, &mut out).unwrap();
+    assert_eq!(out[0].0, 3);
+    assert_eq!(s.dedup_lookup(a1, MsgId([1; 16])).unwrap(), Some(1000));
+}
+
+#[test]
+fn flusher_makes_epochs_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let f = s.flusher().clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    f.on_flush(move || {
+        let _ = tx.lock().unwrap().send(());
+    });
+    let handle = f.start().unwrap();
+    let Appended::New { epoch, .. } = s
+        .append(
+            dev(1, 1),
+            MsgId([1; 16]),
+            UserId(2),
+            &[(dev(2, 1), Bytes::from_static(b"x"))],
+            1,
+        )
+        .unwrap()
+    else {
+        panic!("new append")
+    };
+    while f.durable() < epoch {
+        rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+    }
+    assert!(f.flushes() >= 1);
+    f.stop();
+    handle.join().unwrap();
+}
