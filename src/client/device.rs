@@ -20,12 +20,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ring::rand::{SecureRandom, SystemRandom};
 
 use super::Error;
-use crate::code::Code;
 use super::conn::{Closed, ConnConfig, ConnEvent};
 use super::content::{self, Content};
 use super::link::{Input, Link};
 use super::local::{Job, Outcome, Request};
 use super::profile::{Direction, Message, Profile, Registration, Status};
+use crate::code::Code;
 use crate::noise::PublicKey;
 use crate::wire::{self, Body, ClientFrame, DeviceAddr, DeviceId, DeviceInfo, MsgId, ServerFrame};
 
