@@ -22,10 +22,29 @@ struct Daemon {
 impl Daemon {
     fn start() -> Daemon {
         let dir = tempfile::tempdir().unwrap();
+        let (child, addr) = Daemon::spawn(dir.path(), "127.0.0.1:0");
+        Daemon { child, dir, addr }
+    }
+
+    /// Stops the daemon (SIGKILL) and starts it again on the same address
+    /// and data.
+    fn restart(&mut self) {
+        self.stop();
+        let (child, addr) = Daemon::spawn(self.dir.path(), &self.addr);
+        assert_eq!(addr, self.addr);
+        self.child = child;
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn spawn(dir: &Path, listen: &str) -> (Child, String) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tidingsd"))
             .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(["--listen", "127.0.0.1:0"])
+            .arg(dir.join("data"))
+            .args(["--listen", listen])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -36,7 +55,7 @@ impl Daemon {
         let addr = first.strip_prefix("tidingsd listening on ").unwrap().to_owned();
         // Keep draining its stdout so it never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Daemon { child, dir, addr }
+        (child, addr)
     }
 
     fn invite(&self) -> Code {
@@ -67,8 +86,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
@@ -364,6 +382,59 @@ fn errors_are_reported_and_leave_no_pending_message() {
     bad.server_key[0] ^= 1;
     let e = open(&d.profile("dave"), false).register(&bad, "dave").unwrap_err();
     assert!(matches!(e, client::Error::Closed(Closed::Handshake)), "{e:?}");
+}
+
+#[test]
+fn send_reconnects_and_retries_after_the_connection_drops() {
+    let mut d = Daemon::start();
+    let alice = d.user("alice");
+    let bob = d.user("bob");
+    let mut a = open(&alice, false);
+    a.send("bob", "before").unwrap();
+    assert!(a.is_connected());
+    // The daemon dies under the open connection and comes back.
+    d.restart();
+    a.send("bob", "after the restart").unwrap();
+    // Down for a while: the send waits it out (same id throughout).
+    d.stop();
+    let addr = d.addr.clone();
+    let dir = d.dir.path().to_path_buf();
+    let starter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        Daemon::spawn(&dir, &addr).0
+    });
+    a.send("bob", "while it was down").unwrap();
+    d.child = starter.join().unwrap();
+    drop(a);
+    assert_eq!(texts(&sync(&bob)), ["before", "after the restart", "while it was down"]);
+}
+
+#[test]
+fn listen_reconnects_after_the_daemon_restarts() {
+    let mut d = Daemon::start();
+    let alice = d.user("alice");
+    let bob = d.user("bob");
+    let (rx, listener) = listen_until_stop(bob.clone());
+    wait_connected(&rx);
+    d.restart();
+    // It notices, reconnects (with backoff) and carries on.
+    let deadline = Instant::now() + WAIT;
+    let mut saw_disconnect = false;
+    loop {
+        match rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap()
+        {
+            Event::Disconnected(_) => saw_disconnect = true,
+            Event::Connected if saw_disconnect => break,
+            _ => {}
+        }
+    }
+    let mut a = open(&alice, false);
+    a.send("bob", "after").unwrap();
+    assert_eq!(next_message(&rx).text, "after");
+    a.send("bob", "stop").unwrap();
+    listener.join().unwrap().unwrap();
 }
 
 // ---- the command line ----

@@ -744,6 +744,10 @@ impl Client {
                 self.run_job(job);
                 continue;
             }
+            if !self.is_connected() {
+                // A job's failure dropped the connection: reconnect.
+                return Err(Error::Closed(Closed::EndOfStream));
+            }
             self.pump(Instant::now() + Duration::from_secs(3600))?;
         }
     }
