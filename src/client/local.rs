@@ -255,3 +255,42 @@ fn serve_one(stream: UnixStream, tx: &Sender<Input>) -> std::io::Result<()> {
     out.push(b'\n');
     (&stream).write_all(&out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_listener_a_command_waits_for_the_profile() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let held = Profile::open(&dir, Duration::ZERO).unwrap();
+        // A socket file left by a crashed listener is not a listener.
+        drop(UnixListener::bind(dir.join(SOCKET_FILE)).unwrap());
+        assert!(delegate(&dir, &Request::Devices).unwrap().is_none());
+        let holder = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(held);
+        });
+        let started = Instant::now();
+        let outcome = run(&dir, Request::History { user: "bob".into() }, &mut |_| {}).unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        assert_eq!(outcome, Outcome::Messages(vec![]));
+        holder.join().unwrap();
+        // Not registered: a clear error, not a hang.
+        let e = run(&dir, Request::LinkCode, &mut |_| {}).unwrap_err();
+        assert!(matches!(e, Error::NotRegistered), "{e}");
+    }
+
+    #[test]
+    fn requests_and_replies_are_json_lines() {
+        let r = Request::Send {
+            to: "bob".into(),
+            text: "hi".into(),
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(text, r#"{"Send":{"to":"bob","text":"hi"}}"#);
+        let reply: Result<Outcome, String> = Err("no".into());
+        assert_eq!(serde_json::to_string(&reply).unwrap(), r#"{"Err":"no"}"#);
+    }
+}

@@ -15,7 +15,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -98,9 +98,21 @@ impl Profile {
     /// [`Error::ProfileBusy`] after `wait`; I/O and store errors; a damaged
     /// key or registration file.
     pub fn open(dir: &Path, wait: Duration) -> Result<Profile, Error> {
-        fs::create_dir_all(dir)?;
-        // The directory holds the key and the socket: owner only.
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+        // The directory holds the key and the socket: owner only. An
+        // existing directory is left as it is (it may be one the user
+        // chose for other things too), with a warning if others can enter.
+        if dir.is_dir() {
+            let mode = fs::metadata(dir)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                log::warn!(
+                    "profile directory {} is accessible to other users (mode {:o}); consider chmod 700",
+                    dir.display(),
+                    mode & 0o777
+                );
+            }
+        } else {
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        }
         let lock = lock(dir, wait)?;
         let key = load_or_create_key(&dir.join(KEY_FILE))?;
         let registration = match fs::read(dir.join(REGISTRATION_FILE)) {
