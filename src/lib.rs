@@ -12,6 +12,7 @@
 pub mod code;
 pub mod hub;
 pub mod ids;
+pub mod keys;
 pub mod noise;
 pub mod server;
 pub mod session;
