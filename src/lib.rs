@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod code;
+pub mod config;
 pub mod hub;
 pub mod ids;
 pub mod keys;
