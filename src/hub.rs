@@ -30,7 +30,7 @@ use bytes::Bytes;
 use crate::ids::{ConnId, DeviceKey, UserId};
 use crate::noise::PublicKey;
 use crate::session::{Event, Identity, Session};
-use crate::store::{Appended, Epoch, LinkError, QueuedMessage, RegisterError, Store, StoreError};
+use crate::store::{Appended, Epoch, LinkError, PublishError, QueuedMessage, RegisterError, Store, StoreError};
 use crate::wire::{
     self, ClientFrame, Deliver, DeviceAddr, DeviceId, ErrorCode, MAX_BODIES, MAX_BODY_LEN, ServerFrame, Token,
 };
@@ -65,6 +65,10 @@ pub struct HubConfig {
     pub window: u64,
     /// How long a link code stays valid.
     pub link_ttl: Duration,
+    /// Key claims a device may make per minute (and in a burst).
+    pub claims_per_minute: u32,
+    /// Below this many one-time keys a device is told to publish more.
+    pub low_keys: u32,
 }
 
 impl Default for HubConfig {
@@ -72,6 +76,30 @@ impl Default for HubConfig {
         HubConfig {
             window: 256,
             link_ttl: Duration::from_secs(600),
+            claims_per_minute: 30,
+            low_keys: 10,
+        }
+    }
+}
+
+/// A token bucket: `capacity` tokens, refilled at `capacity` a minute.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn take(&mut self, capacity: u32, now: Instant) -> bool {
+        let per_sec = f64::from(capacity) / 60.0;
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * per_sec).min(f64::from(capacity));
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 }
@@ -80,6 +108,7 @@ impl Default for HubConfig {
 pub struct Shared {
     store: Arc<Store>,
     online: Mutex<HashMap<DeviceKey, ConnId>>,
+    claims: Mutex<HashMap<DeviceKey, Bucket>>,
     config: HubConfig,
 }
 
@@ -89,6 +118,7 @@ impl Shared {
         Arc::new(Shared {
             store,
             online: Mutex::new(HashMap::new()),
+            claims: Mutex::new(HashMap::new()),
             config,
         })
     }
@@ -110,6 +140,23 @@ impl Shared {
     /// How many devices are online.
     pub fn online_count(&self) -> usize {
         self.online().len()
+    }
+
+    /// Takes one key claim from a device's allowance.
+    fn may_claim(&self, d: DeviceKey, now: Instant) -> bool {
+        let capacity = self.config.claims_per_minute;
+        let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        if claims.len() > 100_000 {
+            // Forget full buckets rather than grow without bound.
+            claims.retain(|_, b| b.tokens < f64::from(capacity));
+        }
+        claims
+            .entry(d)
+            .or_insert(Bucket {
+                tokens: f64::from(capacity),
+                last: now,
+            })
+            .take(capacity, now)
     }
 
     /// Who a static key belongs to. A storage failure refuses the
@@ -134,6 +181,7 @@ impl Shared {
             return Ok(None);
         }
         self.store.delete_queue(d)?;
+        self.store.delete_keys(d)?;
         self.store.flush()?;
         Ok(Some(self.connection_of(d)))
     }
@@ -315,6 +363,7 @@ impl Hub {
                 return;
             }
         };
+        self.tell_if_low_on_keys(session, device, now);
         log::debug!("{device} online on {conn:?}");
         let c = cursor.insert(Cursor {
             device,
@@ -326,6 +375,15 @@ impl Hub {
             stalled: false,
         });
         self.pump(session, c, now);
+    }
+
+    fn tell_if_low_on_keys(&mut self, session: &mut Session, device: DeviceKey, now: Now) {
+        let store = self.store();
+        if let (Ok(Some(_)), Ok(n)) = (store.identity(device), store.one_time_count(device)) {
+            if n < self.shared.config.low_keys {
+                session.send(0, &ServerFrame::KeyCount { one_time: n }, now.mono);
+            }
+        }
     }
 
     /// The connection is gone: forget it in the directory (unless the
@@ -505,6 +563,7 @@ impl Hub {
                     return Ok(());
                 }
                 self.store().delete_queue(target)?;
+                self.store().delete_keys(target)?;
                 log::info!("{me} revoked {target}");
                 self.after_next_flush(Effect::Send {
                     conn,
@@ -520,6 +579,8 @@ impl Hub {
                 }
             }
             ClientFrame::Send(send) => self.send(conn, session, req, send, now)?,
+            ClientFrame::PublishKeys(keys) => self.publish_keys(conn, session, req, *keys, now)?,
+            ClientFrame::ClaimKeys { user } => self.claim_keys(conn, session, req, user, now)?,
             ClientFrame::Ack { up_to } => {
                 let Some(c) = cursor.as_mut() else { return Ok(()) };
                 // Only what was delivered on this connection can be acked.
@@ -533,6 +594,118 @@ impl Hub {
             // The session answers these itself.
             ClientFrame::Ping | ClientFrame::Pong | ClientFrame::Close => {}
         }
+        Ok(())
+    }
+
+    fn publish_keys(
+        &mut self,
+        conn: ConnId,
+        session: &mut Session,
+        req: u32,
+        keys: wire::PublishKeys,
+        now: Now,
+    ) -> Result<(), StoreError> {
+        let Some(me) = session.device() else { return Ok(()) };
+        let error = |session: &mut Session, code: ErrorCode, text: &str| {
+            session.send_error(req, code, text, now.mono);
+        };
+        // spec §5.4: every signature is checked before anything is stored.
+        let identity = match keys.identity {
+            Some(id) => Some(id),
+            None => self.store().identity(me)?,
+        };
+        if let Some(id) = &identity {
+            let mut signed = keys.one_time.iter().chain(keys.fallback.as_ref());
+            if !crate::keys::verify_identity(id) || !signed.all(|k| crate::keys::verify_signed_key(id, k)) {
+                error(session, ErrorCode::BAD_REQUEST, "bad signature");
+                return Ok(());
+            }
+        }
+        match self
+            .store()
+            .publish_keys(me, keys.identity.as_ref(), &keys.one_time, keys.fallback.as_ref())?
+        {
+            Ok((one_time, epoch)) => {
+                self.after_flush(
+                    epoch,
+                    Effect::Send {
+                        conn,
+                        req,
+                        frame: ServerFrame::KeyCount { one_time },
+                    },
+                );
+            }
+            Err(PublishError::IdentityChanged) => error(
+                session,
+                ErrorCode::NOT_ALLOWED,
+                "this device already has a different identity",
+            ),
+            Err(PublishError::NoIdentity) => error(session, ErrorCode::BAD_REQUEST, "publish an identity first"),
+            Err(PublishError::TooMany) => error(session, ErrorCode::BAD_REQUEST, "too many one-time keys"),
+        }
+        Ok(())
+    }
+
+    fn claim_keys(
+        &mut self,
+        conn: ConnId,
+        session: &mut Session,
+        req: u32,
+        user: String,
+        now: Now,
+    ) -> Result<(), StoreError> {
+        let Some(me) = session.device() else { return Ok(()) };
+        let Some(id) = self.store().accounts().user_id(&user) else {
+            session.send_error(req, ErrorCode::UNKNOWN_USER, "no such user", now.mono);
+            return Ok(());
+        };
+        if !self.shared.may_claim(me, now.mono) {
+            session.send_error(
+                req,
+                ErrorCode::RATE_LIMITED,
+                "too many key claims; try again in a minute",
+                now.mono,
+            );
+            return Ok(());
+        }
+        let mut devices = std::mem::take(&mut self.devices);
+        devices.clear();
+        self.store().accounts().current_devices(id, &mut devices);
+        let mut claimed = Vec::with_capacity(devices.len());
+        let mut result = Ok(());
+        for d in devices
+            .iter()
+            .map(|&device| DeviceKey { user: id, device })
+            .filter(|d| *d != me)
+        {
+            let keys = match self.store().claim_keys(d) {
+                Ok(Some(keys)) => keys,
+                Ok(None) => continue,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            if keys.one_time.is_some() && !keys.fallback {
+                let left = self.store().one_time_count(d).unwrap_or(0);
+                if left < self.shared.config.low_keys {
+                    if let Some(c) = self.shared.connection_of(d) {
+                        let frame = ServerFrame::KeyCount { one_time: left };
+                        self.effects.push(Effect::Send { conn: c, req: 0, frame });
+                    }
+                }
+            }
+            claimed.push(keys);
+        }
+        self.devices = devices;
+        result?;
+        // A claimed key is gone for good only once that is durable; until
+        // then nobody else gets it, and the claimer waits.
+        self.after_next_flush(Effect::Send {
+            conn,
+            req,
+            frame: ServerFrame::Keys { user, devices: claimed },
+        });
         Ok(())
     }
 

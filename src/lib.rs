@@ -12,8 +12,10 @@
 
 pub mod client;
 pub mod code;
+pub mod config;
 pub mod hub;
 pub mod ids;
+pub mod keys;
 pub mod noise;
 pub mod server;
 pub mod session;

@@ -63,11 +63,13 @@ impl Command {
                 uses,
                 expires,
                 public_addr,
-            } => format!(
-                "invite {uses} {} {}",
-                opt(expires.map(|d| d.as_secs().to_string())),
-                opt(public_addr.clone())
-            ),
+            } => {
+                format!(
+                    "invite {uses} {} {}",
+                    opt(expires.map(|d| d.as_secs().to_string())),
+                    opt(public_addr.clone())
+                )
+            }
             Command::Users => "users".into(),
             Command::Devices { user } => format!("devices {user}"),
             Command::Revoke { user, device } => format!("revoke {user} {}", opt(device.map(|d| d.to_string()))),

@@ -397,3 +397,228 @@ fn two_loops_deliver_across() {
     assert!(w.is_dead(bob));
     assert!(!w.is_dead(bob_again));
 }
+
+mod keys {
+    use super::*;
+    use crate::wire::{IdentityKeys, PublishKeys, Signature, SignedKey};
+    use ring::rand::SystemRandom;
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+
+    struct Device {
+        signer: Ed25519KeyPair,
+        identity: IdentityKeys,
+    }
+
+    fn device() -> Device {
+        let rng = SystemRandom::new();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let signer = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        let ed25519: [u8; 32] = signer.public_key().as_ref().try_into().unwrap();
+        let curve25519 = [0x42; 32];
+        let sig = signer.sign(&crate::keys::identity_message(&curve25519, &ed25519));
+        let identity = IdentityKeys {
+            curve25519,
+            ed25519,
+            signature: Signature(sig.as_ref().try_into().unwrap()),
+        };
+        Device { signer, identity }
+    }
+
+    impl Device {
+        fn key(&self, n: u8) -> SignedKey {
+            let key = [n; 32];
+            let sig = self.signer.sign(&crate::keys::one_time_message(&key));
+            SignedKey {
+                key,
+                signature: Signature(sig.as_ref().try_into().unwrap()),
+            }
+        }
+
+        fn publish(&self, keys: std::ops::Range<u8>, fallback: bool) -> ClientFrame {
+            ClientFrame::PublishKeys(Box::new(PublishKeys {
+                identity: Some(self.identity),
+                one_time: keys.map(|n| self.key(n)).collect(),
+                fallback: fallback.then(|| self.key(255)),
+            }))
+        }
+    }
+
+    #[test]
+    fn publish_and_claim_each_key_once_then_the_fallback() {
+        let mut w = World::new(1);
+        let alice = w.register(0, "alice");
+        let bob = w.register(0, "bob");
+        let _ = w.inbox(bob);
+        let _ = w.inbox(alice);
+        let bob_keys = device();
+        w.request(bob, &bob_keys.publish(1..4, true));
+        w.run();
+        assert!(matches!(
+            &w.inbox(bob)[..],
+            [(_, ServerFrame::KeyCount { one_time: 3 })]
+        ));
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            w.request(alice, &ClientFrame::ClaimKeys { user: "bob".into() });
+            w.run();
+            match &w.inbox(alice)[..] {
+                [(_, ServerFrame::Keys { user, devices })] => {
+                    assert_eq!(user, "bob");
+                    assert_eq!(devices.len(), 1);
+                    assert_eq!(devices[0].identity, bob_keys.identity);
+                    assert!(!devices[0].fallback);
+                    let k = devices[0].one_time.unwrap();
+                    assert!(crate::keys::verify_signed_key(&devices[0].identity, &k));
+                    seen.push(k.key);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 3, "each one-time key once");
+        // Bob is told his stock is low as it drains.
+        let told: Vec<_> = w.inbox(bob).into_iter().map(|(_, f)| f).collect();
+        assert_eq!(told.last(), Some(&ServerFrame::KeyCount { one_time: 0 }));
+        w.request(alice, &ClientFrame::ClaimKeys { user: "bob".into() });
+        w.run();
+        match &w.inbox(alice)[..] {
+            [(_, ServerFrame::Keys { devices, .. })] => {
+                assert!(devices[0].fallback);
+                assert_eq!(devices[0].one_time.unwrap().key, [255; 32]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_uploads_are_refused() {
+        let mut w = World::new(1);
+        let bob = w.register(0, "bob");
+        let _ = w.inbox(bob);
+        let d = device();
+        let mut forged = d.publish(1..2, false);
+        if let ClientFrame::PublishKeys(p) = &mut forged {
+            p.one_time[0].key[0] ^= 1;
+        }
+        w.request(bob, &forged);
+        w.run();
+        assert!(matches!(
+            &w.inbox(bob)[..],
+            [(
+                _,
+                ServerFrame::Error {
+                    code: ErrorCode::BAD_REQUEST,
+                    ..
+                }
+            )]
+        ));
+        // Keys without any identity.
+        w.request(
+            bob,
+            &ClientFrame::PublishKeys(Box::new(PublishKeys {
+                identity: None,
+                one_time: vec![d.key(1)],
+                fallback: None,
+            })),
+        );
+        w.run();
+        assert!(matches!(
+            &w.inbox(bob)[..],
+            [(
+                _,
+                ServerFrame::Error {
+                    code: ErrorCode::BAD_REQUEST,
+                    ..
+                }
+            )]
+        ));
+        w.request(bob, &d.publish(1..2, false));
+        w.run();
+        assert!(matches!(
+            &w.inbox(bob)[..],
+            [(_, ServerFrame::KeyCount { one_time: 1 })]
+        ));
+        // Another identity for the same device is refused.
+        w.request(bob, &device().publish(5..6, false));
+        w.run();
+        assert!(matches!(
+            &w.inbox(bob)[..],
+            [(
+                _,
+                ServerFrame::Error {
+                    code: ErrorCode::NOT_ALLOWED,
+                    ..
+                }
+            )]
+        ));
+        // Too many.
+        w.request(bob, &d.publish(10..120, false));
+        w.run();
+        assert!(matches!(
+            &w.inbox(bob)[..],
+            [(
+                _,
+                ServerFrame::Error {
+                    code: ErrorCode::BAD_REQUEST,
+                    ..
+                }
+            )]
+        ));
+    }
+
+    #[test]
+    fn claims_are_rate_limited_per_device() {
+        let mut w = World::with_config(
+            1,
+            HubConfig {
+                claims_per_minute: 5,
+                ..HubConfig::default()
+            },
+        );
+        let alice = w.register(0, "alice");
+        let _bob = w.register(0, "bob");
+        let _ = w.inbox(alice);
+        let claim = ClientFrame::ClaimKeys { user: "bob".into() };
+        for _ in 0..5 {
+            w.request(alice, &claim);
+        }
+        w.run();
+        assert!(
+            w.inbox(alice)
+                .iter()
+                .all(|(_, f)| matches!(f, ServerFrame::Keys { .. }))
+        );
+        w.request(alice, &claim);
+        w.run();
+        assert!(matches!(
+            &w.inbox(alice)[..],
+            [(
+                _,
+                ServerFrame::Error {
+                    code: ErrorCode::RATE_LIMITED,
+                    ..
+                }
+            )]
+        ));
+        // A reconnect does not reset it; time does.
+        let alice = w.reconnect(alice, 0);
+        let _ = w.inbox(alice);
+        w.request(alice, &claim);
+        w.run();
+        assert!(matches!(
+            &w.inbox(alice)[..],
+            [(
+                _,
+                ServerFrame::Error {
+                    code: ErrorCode::RATE_LIMITED,
+                    ..
+                }
+            )]
+        ));
+        w.advance(Duration::from_secs(13));
+        w.request(alice, &claim);
+        w.run();
+        assert!(matches!(&w.inbox(alice)[..], [(_, ServerFrame::Keys { .. })]));
+    }
+}

@@ -26,9 +26,11 @@
 //! - `queues`: `q` ‖ user ‖ device ‖ seq → [`QueuedMessage`];
 //!   `n` ‖ user ‖ device → next seq; `d` ‖ user ‖ device ‖ message id →
 //!   acceptance time (dedup).
+//! - `e2e`: the key directory (see `keys.rs`).
 
 mod accounts;
 mod flusher;
+mod keys;
 mod queues;
 
 use std::fs;
@@ -40,6 +42,7 @@ use thiserror::Error;
 
 pub use accounts::{Accounts, LinkError, RegisterError, TokenRecord, UserRecord};
 pub use flusher::{Epoch, Flusher};
+pub use keys::{MAX_ONE_TIME_KEYS, PublishError};
 pub use queues::{Appended, QueuedMessage};
 
 use crate::noise::Keypair;
@@ -110,6 +113,9 @@ pub struct Store {
     db: sled::Db,
     meta: sled::Tree,
     pub(crate) queues: sled::Tree,
+    e2e: sled::Tree,
+    /// Serialises publishes, so the one-time key cap holds.
+    key_lock: Mutex<()>,
     accounts: Accounts,
     /// Next sequence number per device queue, loaded on first use. Held
     /// across an append so that sequence order is visibility order.
@@ -213,10 +219,13 @@ impl Store {
         let accounts = Accounts::load(&db)?;
         let queues = db.open_tree("queues")?;
         let flusher = Flusher::new(db.clone());
+        let e2e = db.open_tree("e2e")?;
         Ok(Store {
             db,
             meta,
             queues,
+            e2e,
+            key_lock: Mutex::new(()),
             accounts,
             seqs: Mutex::new(Default::default()),
             flusher,

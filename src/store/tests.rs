@@ -216,3 +216,57 @@ fn flusher_makes_epochs_durable() {
     f.stop();
     handle.join().unwrap();
 }
+
+#[test]
+fn concurrent_claims_never_hand_out_a_key_twice() {
+    use crate::wire::{IdentityKeys, Signature, SignedKey};
+    let dir = tempfile::tempdir().unwrap();
+    let s = std::sync::Arc::new(open(dir.path()));
+    let bob = dev(2, 1);
+    let sig = Signature([0; 64]);
+    let identity = IdentityKeys {
+        curve25519: [1; 32],
+        ed25519: [2; 32],
+        signature: sig,
+    };
+    let keys: Vec<SignedKey> = (0..MAX_ONE_TIME_KEYS as u8)
+        .map(|n| SignedKey {
+            key: [n; 32],
+            signature: sig,
+        })
+        .collect();
+    let fallback = SignedKey {
+        key: [0xff; 32],
+        signature: sig,
+    };
+    assert_eq!(
+        s.publish_keys(bob, Some(&identity), &keys, Some(&fallback))
+            .unwrap()
+            .unwrap()
+            .0,
+        100
+    );
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let s = s.clone();
+            std::thread::spawn(move || (0..20).map(|_| s.claim_keys(bob).unwrap().unwrap()).collect::<Vec<_>>())
+        })
+        .collect();
+    let claims: Vec<_> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let mut one_time: Vec<[u8; 32]> = claims
+        .iter()
+        .filter(|c| !c.fallback)
+        .map(|c| c.one_time.unwrap().key)
+        .collect();
+    assert_eq!(one_time.len(), 100, "every key handed out");
+    one_time.sort();
+    one_time.dedup();
+    assert_eq!(one_time.len(), 100, "none twice");
+    assert!(
+        claims
+            .iter()
+            .filter(|c| c.fallback)
+            .all(|c| c.one_time.unwrap().key == [0xff; 32])
+    );
+    assert_eq!(s.one_time_count(bob).unwrap(), 0);
+}

@@ -219,6 +219,99 @@ pub struct DeviceInfo {
     pub last_seen_ms: u64,
 }
 
+/// A 64-byte Ed25519 signature. (serde derives stop at 32-byte arrays;
+/// on the wire it is 64 raw bytes, like any fixed array.)
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Signature(pub [u8; 64]);
+
+impl fmt::Debug for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Signature({}…)", hex::encode(&self.0[..8]))
+    }
+}
+
+impl Serialize for Signature {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let mut t = s.serialize_tuple(64)?;
+        for b in &self.0 {
+            t.serialize_element(b)?;
+        }
+        t.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Signature {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Signature;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("64 bytes")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Signature, A::Error> {
+                let mut out = [0u8; 64];
+                for (i, b) in out.iter_mut().enumerate() {
+                    *b = seq
+                        .next_element()?
+                        .ok_or_else(|| serde::de::Error::invalid_length(i, &self))?;
+                }
+                Ok(Signature(out))
+            }
+        }
+        d.deserialize_tuple(64, V)
+    }
+}
+
+/// A device's end-to-end identity (spec §5.4): its Olm Curve25519 and
+/// Ed25519 identity keys, the second signing
+/// `"tidings identity v1" ‖ curve25519 ‖ ed25519`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct IdentityKeys {
+    /// Olm identity key (Curve25519).
+    pub curve25519: [u8; 32],
+    /// Signing key (Ed25519).
+    pub ed25519: [u8; 32],
+    /// Self-signature by `ed25519`.
+    pub signature: Signature,
+}
+
+/// A one-time or fallback Curve25519 key, signed by its device's Ed25519
+/// identity over `"tidings one-time key v1" ‖ key` (spec §5.4).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct SignedKey {
+    /// The Curve25519 public key.
+    pub key: [u8; 32],
+    /// The device's signature.
+    pub signature: Signature,
+}
+
+/// Keys to publish (spec §5.4).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct PublishKeys {
+    /// The identity, once per device (the same again is accepted; a
+    /// different one is refused).
+    pub identity: Option<IdentityKeys>,
+    /// New one-time keys.
+    pub one_time: Vec<SignedKey>,
+    /// A new fallback key, replacing the old one.
+    pub fallback: Option<SignedKey>,
+}
+
+/// One device's keys, as claimed (spec §5.4).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct DeviceKeys {
+    /// The device.
+    pub device: DeviceId,
+    /// Its identity.
+    pub identity: IdentityKeys,
+    /// A one-time key (removed from the server now), or the fallback key
+    /// when none is left, or nothing when the device published neither.
+    pub one_time: Option<SignedKey>,
+    /// Whether `one_time` is the fallback key.
+    pub fallback: bool,
+}
+
 /// Frames a client sends (spec §5.2). Append-only: never reorder.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum ClientFrame {
@@ -262,10 +355,18 @@ pub enum ClientFrame {
         /// Cumulative queue sequence.
         up_to: u64,
     },
+    /// Publish this device's end-to-end keys; answered with `KeyCount`.
+    PublishKeys(Box<PublishKeys>),
+    /// Claim keys for every current device of a user (one one-time key
+    /// each); answered with `Keys`. For one's own user, the other devices.
+    ClaimKeys {
+        /// Whose.
+        user: String,
+    },
 }
 
 /// Number of [`ClientFrame`] variants this build knows.
-pub const CLIENT_FRAME_KINDS: u32 = 11;
+pub const CLIENT_FRAME_KINDS: u32 = 13;
 
 /// Frames the server sends (spec §5.3). Append-only: never reorder.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -337,10 +438,24 @@ pub enum ServerFrame {
     /// Everything that was queued when this connection authenticated has
     /// been sent.
     QueueDrained,
+    /// How many one-time keys the server holds for this device: the answer
+    /// to `PublishKeys`, and sent unasked (request id 0) when claims bring
+    /// the stock below the low-water mark.
+    KeyCount {
+        /// One-time keys left.
+        one_time: u32,
+    },
+    /// Claimed keys.
+    Keys {
+        /// Whose.
+        user: String,
+        /// One entry per device that published an identity.
+        devices: Vec<DeviceKeys>,
+    },
 }
 
 /// Number of [`ServerFrame`] variants this build knows.
-pub const SERVER_FRAME_KINDS: u32 = 13;
+pub const SERVER_FRAME_KINDS: u32 = 15;
 
 impl ClientFrame {
     /// The frame kind's name, for logs (never the content).
@@ -357,6 +472,8 @@ impl ClientFrame {
             ClientFrame::RevokeDevice { .. } => "RevokeDevice",
             ClientFrame::Send(_) => "Send",
             ClientFrame::Ack { .. } => "Ack",
+            ClientFrame::PublishKeys(_) => "PublishKeys",
+            ClientFrame::ClaimKeys { .. } => "ClaimKeys",
         }
     }
 }
@@ -378,6 +495,8 @@ impl ServerFrame {
             ServerFrame::Mismatch { .. } => "Mismatch",
             ServerFrame::Deliver(_) => "Deliver",
             ServerFrame::QueueDrained => "QueueDrained",
+            ServerFrame::KeyCount { .. } => "KeyCount",
+            ServerFrame::Keys { .. } => "Keys",
         }
     }
 
@@ -513,10 +632,17 @@ mod tests {
     #[test]
     fn variant_counts_match() {
         let mut out = Vec::new();
-        encode_client(0, &ClientFrame::Ack { up_to: 0 }, &mut out);
+        encode_client(0, &ClientFrame::ClaimKeys { user: String::new() }, &mut out);
         assert_eq!(out[1] as u32, CLIENT_FRAME_KINDS - 1);
         out.clear();
-        encode_server(0, &ServerFrame::QueueDrained, &mut out);
+        encode_server(
+            0,
+            &ServerFrame::Keys {
+                user: String::new(),
+                devices: vec![],
+            },
+            &mut out,
+        );
         assert_eq!(out[1] as u32, SERVER_FRAME_KINDS - 1);
     }
 

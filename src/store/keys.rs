@@ -1,0 +1,158 @@
+//! The end-to-end key directory, in the `e2e` tree: each device's identity
+//! keys, its one-time keys (each handed out once, then deleted) and its
+//! fallback key. Signatures are checked by the caller before anything is
+//! stored here.
+//!
+//! Layout: `i` ‖ user ‖ device → [`IdentityKeys`]; `o` ‖ user ‖ device ‖
+//! key → signature; `f` ‖ user ‖ device → [`SignedKey`].
+
+use super::{Store, StoreError};
+use crate::ids::DeviceKey;
+use crate::wire::{DeviceKeys, IdentityKeys, Signature, SignedKey};
+
+/// Most one-time keys the server holds per device.
+pub const MAX_ONE_TIME_KEYS: usize = 100;
+
+/// Why a publish was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishError {
+    /// The device already has a different identity.
+    IdentityChanged,
+    /// Keys before an identity.
+    NoIdentity,
+    /// More than [`MAX_ONE_TIME_KEYS`] would be stored.
+    TooMany,
+}
+
+fn prefix(tag: u8, d: DeviceKey) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = tag;
+    k[1..5].copy_from_slice(&d.user.0.to_be_bytes());
+    k[5..].copy_from_slice(&d.device.0.to_be_bytes());
+    k
+}
+
+fn one_time_key(d: DeviceKey, key: &[u8; 32]) -> [u8; 41] {
+    let mut k = [0u8; 41];
+    k[..9].copy_from_slice(&prefix(b'o', d));
+    k[9..].copy_from_slice(key);
+    k
+}
+
+fn decode<T: for<'de> serde::Deserialize<'de>>(bytes: &[u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|_| StoreError::Corrupt("e2e"))
+}
+
+impl Store {
+    /// A device's published identity.
+    ///
+    /// # Errors
+    /// On a database failure.
+    pub fn identity(&self, d: DeviceKey) -> Result<Option<IdentityKeys>, StoreError> {
+        self.e2e.get(prefix(b'i', d))?.map(|v| decode(&v)).transpose()
+    }
+
+    /// How many one-time keys the server holds for a device.
+    ///
+    /// # Errors
+    /// On a database failure.
+    pub fn one_time_count(&self, d: DeviceKey) -> Result<u32, StoreError> {
+        let mut n = 0;
+        for item in self.e2e.scan_prefix(prefix(b'o', d)) {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Stores keys a device published (signatures already checked).
+    /// Returns the one-time key count, and the epoch after which it is
+    /// durable.
+    ///
+    /// # Errors
+    /// On a database failure; refusals are the inner result.
+    pub fn publish_keys(
+        &self,
+        d: DeviceKey,
+        identity: Option<&IdentityKeys>,
+        one_time: &[SignedKey],
+        fallback: Option<&SignedKey>,
+    ) -> Result<Result<(u32, super::Epoch), PublishError>, StoreError> {
+        let _guard = self.key_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let existing = self.identity(d)?;
+        match (identity, &existing) {
+            (Some(new), Some(old)) if new != old => return Ok(Err(PublishError::IdentityChanged)),
+            (None, None) if !one_time.is_empty() || fallback.is_some() => return Ok(Err(PublishError::NoIdentity)),
+            _ => {}
+        }
+        let count = self.one_time_count(d)? as usize;
+        if count + one_time.len() > MAX_ONE_TIME_KEYS {
+            return Ok(Err(PublishError::TooMany));
+        }
+        let mut batch = sled::Batch::default();
+        if let (Some(id), None) = (identity, &existing) {
+            batch.insert(&prefix(b'i', d)[..], postcard::to_stdvec(id).expect("encodes"));
+        }
+        for k in one_time {
+            batch.insert(&one_time_key(d, &k.key)[..], &k.signature.0[..]);
+        }
+        if let Some(f) = fallback {
+            batch.insert(&prefix(b'f', d)[..], postcard::to_stdvec(f).expect("encodes"));
+        }
+        self.e2e.apply_batch(batch)?;
+        let epoch = self.flusher.note_write();
+        Ok(Ok((self.one_time_count(d)?, epoch)))
+    }
+
+    /// Claims one device's keys: its identity and one one-time key, which
+    /// is deleted so nobody gets it again (or the fallback key if none is
+    /// left). `None` if the device published no identity.
+    ///
+    /// # Errors
+    /// On a database failure.
+    pub fn claim_keys(&self, d: DeviceKey) -> Result<Option<DeviceKeys>, StoreError> {
+        let Some(identity) = self.identity(d)? else {
+            return Ok(None);
+        };
+        // `remove` is atomic: of two concurrent claimers of one key, one
+        // gets it and the other moves on to the next.
+        for item in self.e2e.scan_prefix(prefix(b'o', d)) {
+            let (k, _) = item?;
+            if let Some(sig) = self.e2e.remove(&k)? {
+                let key: [u8; 32] = k
+                    .get(9..)
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or(StoreError::Corrupt("e2e"))?;
+                let signature = Signature(sig.as_ref().try_into().map_err(|_| StoreError::Corrupt("e2e"))?);
+                return Ok(Some(DeviceKeys {
+                    device: d.device,
+                    identity,
+                    one_time: Some(SignedKey { key, signature }),
+                    fallback: false,
+                }));
+            }
+        }
+        let fallback: Option<SignedKey> = self.e2e.get(prefix(b'f', d))?.map(|v| decode(&v)).transpose()?;
+        Ok(Some(DeviceKeys {
+            device: d.device,
+            identity,
+            fallback: fallback.is_some(),
+            one_time: fallback,
+        }))
+    }
+
+    /// Forgets every key of a device (after revocation).
+    ///
+    /// # Errors
+    /// On a database failure.
+    pub fn delete_keys(&self, d: DeviceKey) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for tag in [b'i', b'o', b'f'] {
+            for item in self.e2e.scan_prefix(prefix(tag, d)) {
+                batch.remove(item?.0);
+            }
+        }
+        self.e2e.apply_batch(batch)?;
+        Ok(())
+    }
+}
