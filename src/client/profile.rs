@@ -75,10 +75,11 @@ mod hex_key {
 /// An open profile: holds the lock until dropped.
 pub struct Profile {
     dir: PathBuf,
-    _lock: File,
     key: Keypair,
     registration: Option<Registration>,
+    /// Declared before the lock so that it closes first.
     history: History,
+    _lock: File,
 }
 
 impl std::fmt::Debug for Profile {
@@ -359,7 +360,19 @@ impl History {
     /// # Errors
     /// Store errors.
     pub fn open(path: &Path) -> Result<History, Error> {
-        let db = sled::Config::new().path(path).cache_capacity(8 << 20).open()?;
+        // sled takes its own file lock, which a process that just let go
+        // of the profile may hold for a moment longer while it shuts down.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let db = loop {
+            match sled::Config::new().path(path).cache_capacity(8 << 20).open() {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock") && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
         let msgs = db.open_tree("msgs")?;
         let conv = db.open_tree("conv")?;
         Ok(History { db, msgs, conv })
