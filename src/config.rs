@@ -69,6 +69,10 @@ pub struct Limits {
     /// sled's page cache.
     #[serde(default, deserialize_with = "size")]
     pub cache: Option<u64>,
+    /// Open connections allowed from one address.
+    pub connections_per_ip: Option<u32>,
+    /// New connections (handshakes) per second allowed from one address.
+    pub handshakes_per_second_per_ip: Option<u32>,
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -140,6 +144,12 @@ impl FileConfig {
         if config.limits.delivery_window == Some(0) {
             return Err("limits.delivery_window: must be at least 1".into());
         }
+        if config.limits.connections_per_ip == Some(0) {
+            return Err("limits.connections_per_ip: must be at least 1".into());
+        }
+        if config.limits.handshakes_per_second_per_ip == Some(0) {
+            return Err("limits.handshakes_per_second_per_ip: must be at least 1".into());
+        }
         if config.limits.key_claims_per_minute == Some(0) {
             return Err("limits.key_claims_per_minute: must be at least 1".into());
         }
@@ -184,6 +194,12 @@ impl FileConfig {
         if let Some(v) = l.cache {
             c.store.cache_capacity = v;
         }
+        if let Some(v) = l.connections_per_ip {
+            c.per_ip.connections = v;
+        }
+        if let Some(v) = l.handshakes_per_second_per_ip {
+            c.per_ip.handshakes_per_second = v;
+        }
         c
     }
 }
@@ -211,6 +227,8 @@ mod tests {
             delivery_window = 128
             key_claims_per_minute = 10
             cache = 33554432
+            connections_per_ip = 10
+            handshakes_per_second_per_ip = 5
             "#,
         )
         .unwrap();
@@ -225,6 +243,8 @@ mod tests {
         assert_eq!(s.hub.window, 128);
         assert_eq!(s.hub.link_ttl, Duration::from_secs(900));
         assert_eq!(s.store.cache_capacity, 32 << 20);
+        assert_eq!(s.per_ip.connections, 10);
+        assert_eq!(s.per_ip.handshakes_per_second, 5);
     }
 
     #[test]

@@ -558,6 +558,12 @@ impl Hub {
             ClientFrame::RevokeDevice { device } => {
                 let Some(me) = session.device() else { return Ok(()) };
                 let target = DeviceKey { user: me.user, device };
+                let mut current = Vec::new();
+                self.store().accounts().current_devices(me.user, &mut current);
+                if current == [device] {
+                    error(session, ErrorCode::BAD_REQUEST, "that is the account's last device");
+                    return Ok(());
+                }
                 if !self.store().accounts().revoke(target, now.unix_ms)? {
                     error(session, ErrorCode::UNKNOWN_DEVICE, "no such device");
                     return Ok(());
@@ -583,8 +589,12 @@ impl Hub {
             ClientFrame::ClaimKeys { user } => self.claim_keys(conn, session, req, user, now)?,
             ClientFrame::Ack { up_to } => {
                 let Some(c) = cursor.as_mut() else { return Ok(()) };
-                // Only what was delivered on this connection can be acked.
-                let up_to = up_to.min(c.delivered);
+                // spec §5.2: only what was delivered on this connection.
+                if up_to > c.delivered {
+                    let text = "ack beyond what was delivered";
+                    session.send_error(req, ErrorCode::BAD_REQUEST, text, now.mono);
+                    return Ok(());
+                }
                 if up_to > c.acked {
                     self.store().ack(c.device, up_to)?;
                     c.acked = up_to;
@@ -766,10 +776,17 @@ impl Hub {
                 devices.retain(|d| *d != me.device);
             }
             let user_name = || accounts.user_name(user).map(|n| n.to_string()).unwrap_or_default();
-            for b in bodies.iter() {
+            for (i, b) in bodies.iter().enumerate() {
                 let key = DeviceKey { user, device: b.device };
-                if targets.iter().any(|(k, _)| *k == key) {
-                    error(session, ErrorCode::BAD_REQUEST, "two bodies for one device");
+                let problem = if bodies[..i].iter().any(|o| o.device == b.device) {
+                    Some("two bodies for one device")
+                } else if key == me {
+                    Some("a body for the sending device")
+                } else {
+                    None
+                };
+                if let Some(text) = problem {
+                    error(session, ErrorCode::BAD_REQUEST, text);
                     self.devices = devices;
                     return Ok(());
                 }
@@ -793,6 +810,9 @@ impl Hub {
             self.devices = devices;
         }
         if !missing.is_empty() || !extra.is_empty() {
+            // spec §5.3: each list sorted by user, then device.
+            missing.sort();
+            extra.sort();
             session.send(
                 req,
                 &ServerFrame::Mismatch {

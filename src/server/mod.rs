@@ -15,13 +15,14 @@
 
 pub mod admin;
 pub mod core;
+pub mod limits;
 #[cfg(test)]
 mod sim;
 #[cfg(test)]
 mod tests;
 
 use std::io::{self, Read, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,6 +33,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use thiserror::Error;
 
 use self::core::Core;
+use self::limits::{IpLimitConfig, IpLimits};
 use crate::hub::{Effect, HubConfig, Now, Shared};
 use crate::session::SessionConfig;
 use crate::store::{Store, StoreConfig, StoreError};
@@ -84,6 +86,8 @@ pub struct ServerConfig {
     pub hub: HubConfig,
     /// Store tuning.
     pub store: StoreConfig,
+    /// Limits per source address, before authentication.
+    pub per_ip: IpLimitConfig,
 }
 
 impl ServerConfig {
@@ -97,6 +101,7 @@ impl ServerConfig {
             session: SessionConfig::default(),
             hub: HubConfig::default(),
             store: StoreConfig::default(),
+            per_ip: IpLimitConfig::default(),
         }
     }
 }
@@ -154,13 +159,20 @@ impl Loops {
     }
 }
 
+/// A connection's socket and where it comes from.
+pub struct Socket {
+    stream: TcpStream,
+    ip: IpAddr,
+}
+
 /// One event loop.
 pub struct Worker {
     poll: Poll,
     listener: Option<TcpListener>,
     mailbox: Arc<Mailbox>,
     loops: Loops,
-    core: Core<TcpStream>,
+    core: Core<Socket>,
+    limits: Arc<IpLimits>,
     store: Arc<Store>,
     read_buf: Vec<u8>,
     signals: Option<signal_hook_mio::v1_0::Signals>,
@@ -215,6 +227,7 @@ impl Server {
         let loops = Loops {
             mailboxes: Arc::new(mailboxes),
         };
+        let ip_limits = Arc::new(IpLimits::new(config.per_ip));
         let mut workers = Vec::with_capacity(n);
         for (i, poll) in polls.into_iter().enumerate() {
             let listener = std_listener.try_clone().map_err(io_err("sharing the listener"))?;
@@ -231,6 +244,7 @@ impl Server {
                 mailbox,
                 loops: loops.clone(),
                 core: Core::new(i as u16, shared.clone(), config.session.clone()),
+                limits: ip_limits.clone(),
                 store: store.clone(),
                 read_buf: vec![0; READ_CHUNK],
                 signals: None,
@@ -409,13 +423,19 @@ impl Worker {
         loop {
             match listener.accept() {
                 Ok((stream, peer)) => {
+                    // spec §9: per-address limits, before a byte is read.
+                    if let Err(why) = self.limits.admit(peer.ip(), now.mono) {
+                        log::debug!("refused a connection from {}: {why:?}", peer.ip());
+                        drop(stream);
+                        continue;
+                    }
                     let _ = stream.set_nodelay(true);
-                    let serial = self.core.accept(stream, now);
+                    let serial = self.core.accept(Socket { stream, ip: peer.ip() }, now);
                     let Some(conn) = self.core.conn_mut(serial) else {
                         continue;
                     };
                     if let Err(e) = self.poll.registry().register(
-                        &mut conn.io,
+                        &mut conn.io.stream,
                         Token(serial as usize),
                         Interest::READABLE | Interest::WRITABLE,
                     ) {
@@ -439,7 +459,7 @@ impl Worker {
     fn read(&mut self, serial: u64, now: Now) {
         loop {
             let Some(conn) = self.core.conn_mut(serial) else { return };
-            match conn.io.read(&mut self.read_buf) {
+            match conn.io.stream.read(&mut self.read_buf) {
                 Ok(0) => {
                     self.core.hang_up(serial);
                     return;
@@ -463,7 +483,7 @@ impl Worker {
             if out.is_empty() {
                 return;
             }
-            match conn.io.write(out) {
+            match conn.io.stream.write(out) {
                 Ok(n) => self.core.wrote(serial, n, now),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -486,8 +506,9 @@ impl Worker {
                 self.write(serial, now);
             }
         }
-        for (_, mut stream) in self.core.take_dead() {
-            let _ = self.poll.registry().deregister(&mut stream);
+        for (_, mut socket) in self.core.take_dead() {
+            let _ = self.poll.registry().deregister(&mut socket.stream);
+            self.limits.release(socket.ip);
         }
     }
 }

@@ -156,8 +156,19 @@ fn window_bounds_unacked_deliveries() {
     let bob = w.reconnect(bob, 0);
     let first = delivered(&w.inbox(bob));
     assert_eq!(first.iter().map(|d| d.0).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
-    // An ack beyond what was delivered counts only up to what was.
+    // An ack beyond what was delivered is refused and deletes nothing.
     ack(&mut w, bob, 100);
+    assert!(matches!(
+        &w.inbox(bob)[..],
+        [(
+            _,
+            ServerFrame::Error {
+                code: ErrorCode::BAD_REQUEST,
+                ..
+            }
+        )]
+    ));
+    ack(&mut w, bob, 4);
     let next = w.inbox(bob);
     assert_eq!(
         delivered(&next).iter().map(|d| d.0).collect::<Vec<_>>(),
@@ -206,13 +217,13 @@ fn mismatch_lists_missing_and_extra_devices_and_stores_nothing() {
         missing,
         vec![
             DeviceAddr {
-                user: "bob".into(),
+                user: "alice".into(),
                 device: DeviceId(2)
             },
             DeviceAddr {
-                user: "alice".into(),
+                user: "bob".into(),
                 device: DeviceId(2)
-            }
+            },
         ]
     );
     assert_eq!(
@@ -267,6 +278,15 @@ fn bad_sends_get_their_codes() {
             ErrorCode::BAD_REQUEST,
         ),
         (send(5, "alice", vec![], vec![body(1, b"x")]), ErrorCode::BAD_REQUEST),
+        (
+            send(6, "bob", vec![body(1, b"x")], vec![body(1, b"me")]),
+            ErrorCode::BAD_REQUEST,
+        ),
+        (
+            send(7, "bob", vec![body(9, b"x"), body(9, b"y")], vec![]),
+            ErrorCode::BAD_REQUEST,
+        ),
+        (send(8, "alice", vec![body(1, b"x")], vec![]), ErrorCode::BAD_REQUEST),
     ];
     for (frame, code) in cases {
         let req = w.request(alice, &frame);
@@ -355,6 +375,19 @@ fn revoke_cuts_a_device_off() {
             _,
             ServerFrame::Error {
                 code: ErrorCode::UNKNOWN_DEVICE,
+                ..
+            }
+        )]
+    ));
+    // The last device cannot revoke itself.
+    w.request(alice, &ClientFrame::RevokeDevice { device: DeviceId(1) });
+    w.run();
+    assert!(matches!(
+        &w.inbox(alice)[..],
+        [(
+            _,
+            ServerFrame::Error {
+                code: ErrorCode::BAD_REQUEST,
                 ..
             }
         )]
