@@ -34,7 +34,8 @@ pub struct ConnConfig {
     /// From the first byte sent to the end of the handshake.
     pub handshake_timeout: Duration,
     /// Without anything received for this long, send `Ping` (the server
-    /// pings after 30 s and closes after 90 s of silence from the client).
+    /// pings after 30 s and closes after 90 s of silence from the client;
+    /// spec §9: clients ping after 30 s in which they received nothing).
     pub ping_after: Duration,
     /// Without anything received for this long, the connection is dead.
     pub dead_after: Duration,
@@ -44,7 +45,7 @@ impl Default for ConnConfig {
     fn default() -> Self {
         ConnConfig {
             handshake_timeout: Duration::from_secs(10),
-            ping_after: Duration::from_secs(25),
+            ping_after: Duration::from_secs(30),
             dead_after: Duration::from_secs(60),
         }
     }

@@ -196,9 +196,9 @@ fn server_ping_is_answered_and_client_pings_on_silence() {
     p.pump();
     assert!(p.events().is_empty());
     assert_eq!(p.session.poll_timeout(), Some(p.now + Duration::from_secs(30)));
-    // The client's own ping after 25 s without hearing anything.
+    // The client's own ping after 30 s without hearing anything.
     let deadline = p.conn.poll_timeout().unwrap();
-    assert_eq!(deadline, p.now + Duration::from_secs(25));
+    assert_eq!(deadline, p.now + Duration::from_secs(30));
     p.now = deadline;
     p.conn.handle_timeout(p.now);
     p.pump();
@@ -210,14 +210,14 @@ fn server_ping_is_answered_and_client_pings_on_silence() {
             frame: ServerFrame::Pong
         }]
     );
-    assert_eq!(p.conn.poll_timeout(), Some(p.now + Duration::from_secs(25)));
+    assert_eq!(p.conn.poll_timeout(), Some(p.now + Duration::from_secs(30)));
 }
 
 #[test]
 fn a_silent_server_times_out() {
     let mut p = Pair::ready(Identity::Device(ALICE));
     let t0 = p.now;
-    p.conn.handle_timeout(t0 + Duration::from_secs(25));
+    p.conn.handle_timeout(t0 + Duration::from_secs(30));
     // The ping goes nowhere.
     assert!(!p.conn.transmit().is_empty());
     assert_eq!(p.conn.poll_timeout(), Some(t0 + Duration::from_secs(60)));
