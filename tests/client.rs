@@ -437,6 +437,72 @@ fn listen_reconnects_after_the_daemon_restarts() {
     listener.join().unwrap().unwrap();
 }
 
+#[test]
+fn a_delivery_already_stored_is_acked_but_not_shown_again() {
+    let d = Daemon::start();
+    let alice = d.user("alice");
+    let bob = d.user("bob");
+    let sent = open(&alice, false).send("bob", "once only").unwrap();
+    // As if bob had stored it and crashed before his ack reached the server.
+    {
+        let b = open(&bob, false);
+        let copy = Message {
+            id: sent.id,
+            from: "alice".into(),
+            from_device: DeviceId(1),
+            to: "bob".into(),
+            text: "once only".into(),
+            ts_ms: sent.ts_ms,
+            direction: Direction::In,
+            status: Status::Received,
+        };
+        assert!(b.profile().history().insert("bob", &copy).unwrap());
+        b.profile().history().flush().unwrap();
+    }
+    assert!(sync(&bob).is_empty(), "a duplicate is not shown");
+    assert!(sync(&bob).is_empty(), "and it was acked");
+    assert_eq!(open(&bob, false).history("alice").unwrap().len(), 1);
+}
+
+#[test]
+fn listen_resends_a_message_left_pending() {
+    let d = Daemon::start();
+    let alice = d.user("alice");
+    let bob = d.user("bob");
+    // As if alice's send had crashed after storing, before `Accepted`.
+    let id = {
+        let a = open(&alice, false);
+        let m = Message {
+            id: a.new_id().unwrap(),
+            from: "alice".into(),
+            from_device: DeviceId(1),
+            to: "bob".into(),
+            text: "left pending".into(),
+            ts_ms: 1,
+            direction: Direction::Out,
+            status: Status::Pending,
+        };
+        a.profile().history().insert("alice", &m).unwrap();
+        a.profile().history().flush().unwrap();
+        m.id
+    };
+    let (rx, listener) = listen_until_stop(alice.clone());
+    wait_connected(&rx);
+    // The listener resends right after connecting; wait for it to land.
+    let deadline = Instant::now() + WAIT;
+    let mut got = Vec::new();
+    while got.is_empty() {
+        assert!(Instant::now() < deadline, "the pending message never arrived");
+        got = sync(&bob);
+    }
+    assert_eq!(texts(&got), ["left pending"]);
+    assert_eq!(got[0].id, id);
+    open(&bob, false).send("alice", "stop").unwrap();
+    listener.join().unwrap().unwrap();
+    let h = open(&alice, false).history("bob").unwrap();
+    assert_eq!(h[0].status, Status::Sent);
+}
+
 // ---- the command line ----
 
 fn tidings(profile: &Path, args: &[&str]) -> std::process::Output {
