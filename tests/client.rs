@@ -505,6 +505,17 @@ fn listen_resends_a_message_left_pending() {
 
 // ---- the command line ----
 
+/// A child process (here: `tidings listen`) that a failing test must not
+/// leave behind.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn tidings(profile: &Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_tidings"))
         .arg("--profile")
@@ -541,15 +552,17 @@ fn cli_send_from_a_second_terminal_while_listen_runs() {
         (Some("registered"), Some("bob"))
     );
 
-    let mut listener = Command::new(env!("CARGO_BIN_EXE_tidings"))
-        .arg("--profile")
-        .arg(&bob)
-        .args(["listen", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(listener.stdout.take().unwrap()).lines();
+    let mut listener = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_tidings"))
+            .arg("--profile")
+            .arg(&bob)
+            .args(["listen", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(listener.0.stdout.take().unwrap()).lines();
     let deadline = Instant::now() + WAIT;
     while !bob.join("sock").exists() {
         assert!(Instant::now() < deadline, "listen never opened its socket");
@@ -589,8 +602,7 @@ fn cli_send_from_a_second_terminal_while_listen_runs() {
     let second = tidings(&bob, &["listen"]);
     assert!(!second.status.success());
     assert!(second.stdout.is_empty());
-    listener.kill().unwrap();
-    listener.wait().unwrap();
+    drop(listener);
     // Without the listener, commands open the profile themselves (the
     // socket it left behind is stale).
     let hist = stdout(&tidings(&bob, &["history", "alice"]));
