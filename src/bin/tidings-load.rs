@@ -1,0 +1,1333 @@
+//! `tidings-load`: a load generator for a running `tidingsd`.
+//!
+//! It opens N registered devices (registering the missing ones through an
+//! invite with many uses, and saving their keys so that later runs reuse
+//! them), lets devices 2i send to 2i+1 for the first P pairs while the rest
+//! stay connected and idle, and reports delivered messages per second,
+//! send-to-delivery latency percentiles and the daemon's resident memory.
+//!
+//! Every device is the library's sans-I/O [`Conn`], driven by `mio` in a
+//! few threads (non-blocking sockets, no thread per connection). Bodies are
+//! raw bytes: the relay never looks inside them, so they need not be Olm
+//! ciphertext; the first 16 bytes carry a run nonce and the send time.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+use tidings::client::conn::{Closed, Conn, ConnConfig, ConnEvent};
+use tidings::code::Code;
+use tidings::noise::{Keypair, PublicKey};
+use tidings::wire::{self, Body, ClientFrame, DeviceId, ErrorCode, MsgId, ServerFrame};
+
+const AFTER_HELP: &str = "\
+Bodies are raw bytes (--size of them; the first 16 carry a run nonce and the send time): \
+the daemon relays ciphertext it cannot read, so it does not care that these are not Olm \
+messages. Latency is measured from the moment a Send is written to the moment its Deliver \
+is read, on one clock (the load generator's).
+
+The daemon limits new connections per source address (limits.handshakes_per_second_per_ip, \
+default 32) and open connections per address (limits.connections_per_ip, default 256). \
+Every device here comes from 127.0.0.1, so for more than 256 devices start the daemon \
+with a config that raises them, e.g.
+
+    [limits]
+    connections_per_ip = 100000
+    handshakes_per_second_per_ip = 100000
+
+and pass a matching --connect-rate. Each device is one socket here and one in the daemon: \
+`ulimit -n` must exceed --devices in both processes.
+
+Devices are registered through --invite (make one with `tidingsd invite --uses N`) unless \
+--devices-file already holds enough of them; newly registered ones are appended to that file \
+(private keys: mode 0600), so later runs connect without registering.";
+
+/// A load generator for tidingsd.
+#[derive(Parser, Debug)]
+#[command(name = "tidings-load", version, after_help = AFTER_HELP)]
+struct Args {
+    /// host:port of the daemon [default: the invite's or the devices file's address].
+    #[arg(long)]
+    addr: Option<String>,
+    /// An invite code (tidingsd invite --uses N) to register missing devices.
+    #[arg(long)]
+    invite: Option<String>,
+    /// The daemon's static key in hex, when neither an invite nor a devices
+    /// file gives it.
+    #[arg(long)]
+    server_key: Option<String>,
+    /// Number of connected devices.
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// A JSON file of registered devices: read if it exists, written with any
+    /// newly registered ones.
+    #[arg(long)]
+    devices_file: Option<PathBuf>,
+    /// Sending pairs (device 2i sends to 2i+1); the other devices stay idle.
+    #[arg(long, default_value_t = 10)]
+    pairs: usize,
+    /// Messages per second in total; 0 sends as fast as the window allows.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Sends per sender that may wait for `Accepted`.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    /// Body size in bytes (at least 16).
+    #[arg(long, default_value_t = 200)]
+    size: usize,
+    /// How long to measure.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Traffic before measuring.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// New connections per second (stay under the daemon's
+    /// limits.handshakes_per_second_per_ip); 0 for no limit.
+    #[arg(long, default_value_t = 30.0)]
+    connect_rate: f64,
+    /// Event-loop threads of the load generator.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// The daemon's process id, for its RSS [default: the process listening
+    /// on --addr's port, found through /proc].
+    #[arg(long)]
+    daemon_pid: Option<u32>,
+    /// Idle time between all devices connected and reading the RSS.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    settle: Duration,
+    /// Longest wait, after the measurement, for outstanding messages.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+    /// Print one JSON object instead of the text report.
+    #[arg(long)]
+    json: bool,
+}
+
+// ---------------------------------------------------------------------------
+// The devices file.
+
+#[derive(Serialize, Deserialize)]
+struct DevicesFile {
+    /// The daemon's address when the devices were registered.
+    addr: String,
+    /// The daemon's static key (hex).
+    server_key: String,
+    devices: Vec<SavedDevice>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct SavedDevice {
+    user: String,
+    /// Noise private key (hex).
+    key: String,
+}
+
+fn load_devices(path: &Path) -> Result<Option<DevicesFile>, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+fn save_devices(path: &Path, file: &DevicesFile) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let text = serde_json::to_vec_pretty(file).map_err(|e| e.to_string())?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    f.write_all(&text)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+// ---------------------------------------------------------------------------
+// The daemon's memory.
+
+/// Resident set size of a process, in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The process with a listening TCP socket on `port`, through /proc.
+fn find_listener(port: u16) -> Option<u32> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 || f[3] != "0A" {
+                continue;
+            }
+            let local_port = f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) {
+                inodes.push(format!("socket:[{}]", f[9]));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path())
+                && inodes.iter().any(|i| target.as_os_str() == i.as_str())
+            {
+                return Some(pid);
+            }
+        }
+    }
+    None
+}
+
+/// The soft limit on open files of this process.
+fn open_files_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+// ---------------------------------------------------------------------------
+// What the threads share.
+
+/// The traffic timeline, fixed by the main thread once every device is
+/// connected.
+#[derive(Clone, Copy)]
+struct Schedule {
+    /// Senders start.
+    start: Instant,
+    /// Measurement starts.
+    measure: Instant,
+    /// Measurement and sending end.
+    end: Instant,
+}
+
+struct Shared {
+    /// The clock every timestamp counts from.
+    base: Instant,
+    run: [u8; 8],
+    connected: AtomicUsize,
+    failed: AtomicUsize,
+    refused: AtomicUsize,
+    sent: AtomicU64,
+    accepted: AtomicU64,
+    delivered: AtomicU64,
+    lost: AtomicUsize,
+    schedule: OnceLock<Schedule>,
+    stop: AtomicBool,
+    fatal: Mutex<Option<String>>,
+    registered: Mutex<Vec<(usize, String, Keypair)>>,
+}
+
+impl Shared {
+    fn fail(&self, why: String) {
+        let mut f = self.fatal.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_none() {
+            *f = Some(why);
+        }
+    }
+
+    fn fatal(&self) -> Option<String> {
+        self.fatal.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// What one thread measured.
+struct Tally {
+    latency: Histogram<u64>,
+    accept: Histogram<u64>,
+    sent_window: u64,
+    accepted_window: u64,
+    delivered_window: u64,
+    stale: u64,
+    errors: BTreeMap<String, u64>,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        let h = || Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid histogram bounds");
+        Tally {
+            latency: h(),
+            accept: h(),
+            sent_window: 0,
+            accepted_window: 0,
+            delivered_window: 0,
+            stale: 0,
+            errors: BTreeMap::new(),
+        }
+    }
+
+    fn merge(&mut self, other: Tally) {
+        let _ = self.latency.add(&other.latency);
+        let _ = self.accept.add(&other.accept);
+        self.sent_window += other.sent_window;
+        self.accepted_window += other.accepted_window;
+        self.delivered_window += other.delivered_window;
+        self.stale += other.stale;
+        for (k, v) in other.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// One thread's devices.
+
+/// A device this thread drives.
+struct Dev {
+    index: usize,
+    user: String,
+    key: Keypair,
+    /// The invite to register with, for a device not registered yet.
+    register: Option<wire::Token>,
+    /// For a sender: its receiver's user name.
+    to: Option<String>,
+    stream: Option<TcpStream>,
+    conn: Option<Conn>,
+    /// The TCP connect completed.
+    tcp_up: bool,
+    state: DevState,
+    attempts: u32,
+    /// When the current connection attempt began.
+    since: Instant,
+    /// Sender: sends waiting for `Accepted`, by request id.
+    inflight: HashMap<u32, Instant>,
+    /// Sender: messages sent since traffic started.
+    sent: u64,
+    /// Sender: the request id of a `Register`.
+    register_req: Option<u32>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum DevState {
+    /// Waiting for its turn (or a retry) to connect.
+    Waiting,
+    /// Connecting, handshaking, registering, or draining its queue.
+    Connecting,
+    /// Authenticated and drained.
+    Live,
+    /// Gave up or lost.
+    Dead,
+}
+
+struct Worker {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    server_key: PublicKey,
+    poll: Poll,
+    devs: Vec<Dev>,
+    /// Devices waiting to connect, with the earliest time to try.
+    queue: VecDeque<(usize, Instant)>,
+    connecting: usize,
+    /// Connect tokens (a bucket refilled at `connect_rate`).
+    tokens: f64,
+    last_refill: Instant,
+    connect_rate: f64,
+    /// Per-sender rate (messages per second), 0 for window-bound.
+    rate: f64,
+    window: usize,
+    size: usize,
+    buf: Vec<u8>,
+    dirty: Vec<usize>,
+    tally: Tally,
+    /// Counts not yet added to the shared totals.
+    sent: u64,
+    accepted: u64,
+    delivered: u64,
+    msg_counter: u64,
+}
+
+/// Most handshakes one thread has in progress.
+const MAX_CONNECTING: usize = 512;
+/// From connect to `QueueDrained`, at most.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Connect attempts per device.
+const MAX_ATTEMPTS: u32 = 5;
+
+impl Worker {
+    fn run(mut self) -> Tally {
+        let mut events = Events::with_capacity(1024);
+        let mut last_timers = Instant::now();
+        let mut closing_since: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            if self.shared.stop.load(Ordering::Acquire) {
+                match closing_since {
+                    None => {
+                        closing_since = Some(now);
+                        for i in 0..self.devs.len() {
+                            if let Some(c) = self.devs[i].conn.as_mut() {
+                                c.close(now);
+                                self.write(i);
+                            }
+                        }
+                    }
+                    Some(t) if now >= t + Duration::from_millis(200) => break,
+                    Some(_) => {}
+                }
+            } else {
+                self.start_connects(now);
+                self.send_due(now);
+                if now >= last_timers + Duration::from_millis(500) {
+                    last_timers = now;
+                    for i in 0..self.devs.len() {
+                        if let Some(c) = self.devs[i].conn.as_mut() {
+                            c.handle_timeout(now);
+                            self.process(i, now);
+                        }
+                        let dev = &self.devs[i];
+                        if dev.state == DevState::Connecting && now >= dev.since + CONNECT_TIMEOUT {
+                            let why = "not authenticated in time (a device the daemon does not know?)";
+                            self.connect_failed(i, now, why.into());
+                        }
+                    }
+                }
+            }
+            self.flush_dirty();
+            self.publish();
+            let timeout = if closing_since.is_some() {
+                Duration::from_millis(20)
+            } else if !self.queue.is_empty() {
+                Duration::from_millis(5)
+            } else if self.shared.schedule.get().is_some_and(|s| now < s.end) {
+                Duration::from_millis(1)
+            } else {
+                Duration::from_millis(50)
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout))
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                self.shared.fail(format!("poll: {e}"));
+                break;
+            }
+            let now = Instant::now();
+            for event in events.iter() {
+                let i = event.token().0;
+                if i < self.devs.len() {
+                    self.on_ready(i, now);
+                }
+            }
+        }
+        self.publish();
+        self.tally
+    }
+
+    /// Adds this thread's new counts to the shared totals.
+    fn publish(&mut self) {
+        let s = &self.shared;
+        if self.sent > 0 {
+            s.sent.fetch_add(std::mem::take(&mut self.sent), Ordering::Relaxed);
+        }
+        if self.accepted > 0 {
+            s.accepted
+                .fetch_add(std::mem::take(&mut self.accepted), Ordering::Relaxed);
+        }
+        if self.delivered > 0 {
+            s.delivered
+                .fetch_add(std::mem::take(&mut self.delivered), Ordering::Relaxed);
+        }
+    }
+
+    fn error(&mut self, what: String) {
+        *self.tally.errors.entry(what).or_default() += 1;
+    }
+
+    fn start_connects(&mut self, now: Instant) {
+        if self.queue.is_empty() {
+            return;
+        }
+        if self.connect_rate > 0.0 {
+            let elapsed = now.saturating_duration_since(self.last_refill).as_secs_f64();
+            self.tokens = (self.tokens + elapsed * self.connect_rate).min(self.connect_rate.max(1.0));
+            self.last_refill = now;
+        }
+        while self.connecting < MAX_CONNECTING {
+            let Some(&(i, at)) = self.queue.front() else { break };
+            if at > now || (self.connect_rate > 0.0 && self.tokens < 1.0) {
+                break;
+            }
+            self.queue.pop_front();
+            self.tokens -= 1.0;
+            self.connect(i, now);
+        }
+    }
+
+    fn connect(&mut self, i: usize, now: Instant) {
+        let config = ConnConfig {
+            handshake_timeout: Duration::from_secs(10),
+            ping_after: Duration::from_secs(30),
+            dead_after: Duration::from_secs(90),
+        };
+        let dev = &mut self.devs[i];
+        dev.attempts += 1;
+        dev.since = now;
+        dev.tcp_up = false;
+        dev.state = DevState::Connecting;
+        self.connecting += 1;
+        let conn = match Conn::new(&dev.key, &self.server_key, config, now) {
+            Ok(c) => c,
+            Err(e) => {
+                self.shared.fail(format!("bad server key: {e}"));
+                return;
+            }
+        };
+        let mut stream = match TcpStream::connect(self.addr) {
+            Ok(s) => s,
+            Err(e) => {
+                self.connect_failed(i, now, format!("connect: {e}"));
+                return;
+            }
+        };
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut stream, Token(i), Interest::READABLE | Interest::WRITABLE)
+        {
+            self.connect_failed(i, now, format!("register: {e}"));
+            return;
+        }
+        let dev = &mut self.devs[i];
+        dev.stream = Some(stream);
+        dev.conn = Some(conn);
+        dev.register_req = None;
+    }
+
+    /// A connection attempt ended before the device was live: try again
+    /// later, or give up.
+    fn connect_failed(&mut self, i: usize, now: Instant, why: String) {
+        self.drop_socket(i);
+        self.connecting = self.connecting.saturating_sub(1);
+        let dev = &mut self.devs[i];
+        if dev.attempts < MAX_ATTEMPTS {
+            dev.state = DevState::Waiting;
+            let at = now + Duration::from_millis(500 * u64::from(dev.attempts));
+            self.queue.push_back((i, at));
+        } else {
+            dev.state = DevState::Dead;
+            self.shared.failed.fetch_add(1, Ordering::Relaxed);
+            self.error(format!("connect gave up: {why}"));
+        }
+    }
+
+    fn drop_socket(&mut self, i: usize) {
+        let dev = &mut self.devs[i];
+        if let Some(mut s) = dev.stream.take() {
+            let _ = self.poll.registry().deregister(&mut s);
+        }
+        dev.conn = None;
+        dev.inflight.clear();
+    }
+
+    fn on_ready(&mut self, i: usize, now: Instant) {
+        let dev = &mut self.devs[i];
+        let Some(stream) = dev.stream.as_mut() else { return };
+        if !dev.tcp_up {
+            match stream.take_error() {
+                Ok(None) => {}
+                Ok(Some(e)) | Err(e) => {
+                    self.connect_failed(i, now, format!("connect: {e}"));
+                    return;
+                }
+            }
+            match stream.peer_addr() {
+                Ok(_) => dev.tcp_up = true,
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
+                Err(e) => {
+                    self.connect_failed(i, now, format!("connect: {e}"));
+                    return;
+                }
+            }
+            let _ = stream.set_nodelay(true);
+        }
+        // Read until WouldBlock (readiness is edge-triggered).
+        loop {
+            let dev = &mut self.devs[i];
+            let (Some(stream), Some(conn)) = (dev.stream.as_mut(), dev.conn.as_mut()) else {
+                return;
+            };
+            match stream.read(&mut self.buf) {
+                Ok(0) => {
+                    conn.handle_eof();
+                    self.process(i, now);
+                    break;
+                }
+                Ok(n) => {
+                    conn.handle_input(&self.buf[..n], now);
+                    self.process(i, now);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    conn.handle_eof();
+                    self.process(i, now);
+                    break;
+                }
+            }
+        }
+        self.write(i);
+    }
+
+    /// Writes a device's pending bytes until done or `WouldBlock`.
+    fn write(&mut self, i: usize) {
+        let dev = &mut self.devs[i];
+        if !dev.tcp_up {
+            return;
+        }
+        let (Some(stream), Some(conn)) = (dev.stream.as_mut(), dev.conn.as_mut()) else {
+            return;
+        };
+        loop {
+            let out = conn.transmit();
+            if out.is_empty() {
+                return;
+            }
+            match stream.write(out) {
+                Ok(n) => conn.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    conn.handle_eof();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn flush_dirty(&mut self) {
+        let dirty = std::mem::take(&mut self.dirty);
+        for &i in &dirty {
+            self.write(i);
+            // A write failure surfaces as an event.
+            if self.devs[i].conn.as_ref().is_some_and(|c| c.is_closed()) {
+                self.process(i, Instant::now());
+            }
+        }
+        self.dirty = dirty;
+        self.dirty.clear();
+    }
+
+    /// Handles a device's connection events.
+    fn process(&mut self, i: usize, now: Instant) {
+        let schedule = self.shared.schedule.get().copied();
+        let mut ack = None;
+        loop {
+            let Some(ev) = self.devs[i].conn.as_mut().and_then(|c| c.poll_event()) else {
+                break;
+            };
+            match ev {
+                ConnEvent::Ready => {
+                    let dev = &mut self.devs[i];
+                    if let (Some(invite), Some(conn)) = (dev.register.clone(), dev.conn.as_mut()) {
+                        let frame = ClientFrame::Register {
+                            invite,
+                            name: dev.user.clone(),
+                        };
+                        dev.register_req = conn.request(&frame, now).ok();
+                        self.dirty.push(i);
+                    }
+                }
+                ConnEvent::Answer { req, frame } => self.answer(i, req, frame, now, schedule),
+                ConnEvent::Deliver(d) => {
+                    ack = Some(d.seq);
+                    self.delivered(&d.body, now, schedule);
+                }
+                ConnEvent::QueueDrained => {
+                    let dev = &mut self.devs[i];
+                    if dev.state == DevState::Connecting {
+                        dev.state = DevState::Live;
+                        self.connecting = self.connecting.saturating_sub(1);
+                        self.shared.connected.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                ConnEvent::Closed(closed) => {
+                    self.closed(i, closed, now);
+                    return;
+                }
+            }
+        }
+        if let Some(up_to) = ack
+            && let Some(conn) = self.devs[i].conn.as_mut()
+        {
+            let _ = conn.notify(&ClientFrame::Ack { up_to }, now);
+            self.dirty.push(i);
+        }
+    }
+
+    fn closed(&mut self, i: usize, closed: Closed, now: Instant) {
+        let state = self.devs[i].state;
+        match state {
+            DevState::Connecting => {
+                if closed == Closed::Handshake || closed == Closed::EndOfStream {
+                    // The daemon drops connections over its per-address
+                    // limits before the handshake completes.
+                    self.shared.refused.fetch_add(1, Ordering::Relaxed);
+                }
+                let why = closed.to_string();
+                if let Closed::ByServer { code, .. } = &closed
+                    && *code != ErrorCode::SHUTTING_DOWN
+                {
+                    self.shared.fail(format!("device {}: {why}", self.devs[i].user));
+                }
+                self.connect_failed(i, now, why);
+            }
+            DevState::Live => {
+                self.drop_socket(i);
+                self.devs[i].state = DevState::Dead;
+                if !self.shared.stop.load(Ordering::Acquire) && closed != Closed::Local {
+                    self.shared.lost.fetch_add(1, Ordering::Relaxed);
+                    self.error(format!("connection lost: {closed}"));
+                }
+            }
+            DevState::Waiting | DevState::Dead => self.drop_socket(i),
+        }
+    }
+
+    fn answer(&mut self, i: usize, req: u32, frame: ServerFrame, now: Instant, schedule: Option<Schedule>) {
+        let dev = &mut self.devs[i];
+        if dev.register_req == Some(req) {
+            dev.register_req = None;
+            match frame {
+                ServerFrame::Registered { .. } => {
+                    dev.register = None;
+                    let entry = (dev.index, dev.user.clone(), dev.key.clone());
+                    self.shared
+                        .registered
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(entry);
+                }
+                ServerFrame::Error { code, text } => {
+                    let hint = if code == ErrorCode::INVALID_INVITE {
+                        " (make one with enough uses: tidingsd invite --uses N)"
+                    } else {
+                        ""
+                    };
+                    self.shared
+                        .fail(format!("registering {}: {text} ({}){hint}", dev.user, code.name()));
+                }
+                other => self.shared.fail(format!("registering: unexpected {}", other.kind())),
+            }
+            return;
+        }
+        let Some(sent_at) = dev.inflight.remove(&req) else {
+            return;
+        };
+        match frame {
+            ServerFrame::Accepted { .. } => {
+                self.accepted += 1;
+                if let Some(s) = schedule
+                    && sent_at >= s.measure
+                    && sent_at < s.end
+                {
+                    self.tally.accepted_window += 1;
+                    let us = now.saturating_duration_since(sent_at).as_micros() as u64;
+                    let _ = self.tally.accept.record(us.max(1));
+                }
+            }
+            ServerFrame::Error { code, text } => self.error(format!("send refused: {text} ({})", code.name())),
+            other => self.error(format!("send answered with {}", other.kind())),
+        }
+    }
+
+    fn delivered(&mut self, body: &[u8], now: Instant, schedule: Option<Schedule>) {
+        if body.len() < 16 || body[..8] != self.shared.run {
+            // Left in a queue by an earlier run.
+            self.tally.stale += 1;
+            return;
+        }
+        self.delivered += 1;
+        let mut ts = [0u8; 8];
+        ts.copy_from_slice(&body[8..16]);
+        let sent_at = self.shared.base + Duration::from_nanos(u64::from_le_bytes(ts));
+        let Some(s) = schedule else { return };
+        if now >= s.measure && now < s.end {
+            self.tally.delivered_window += 1;
+        }
+        if sent_at >= s.measure && sent_at < s.end {
+            let us = now.saturating_duration_since(sent_at).as_micros() as u64;
+            let _ = self.tally.latency.record(us.max(1));
+        }
+    }
+
+    /// Sends what each sender may send now.
+    fn send_due(&mut self, now: Instant) {
+        let Some(s) = self.shared.schedule.get().copied() else {
+            return;
+        };
+        if now < s.start || now >= s.end {
+            return;
+        }
+        let elapsed = now.saturating_duration_since(s.start).as_secs_f64();
+        for i in 0..self.devs.len() {
+            if self.devs[i].to.is_none() || self.devs[i].state != DevState::Live {
+                continue;
+            }
+            let due = if self.rate > 0.0 {
+                (elapsed * self.rate) as u64 + 1
+            } else {
+                u64::MAX
+            };
+            let mut wrote = false;
+            while self.devs[i].sent < due && self.devs[i].inflight.len() < self.window {
+                if !self.send_one(i, now, &s) {
+                    break;
+                }
+                wrote = true;
+            }
+            if wrote {
+                self.dirty.push(i);
+            }
+        }
+    }
+
+    fn send_one(&mut self, i: usize, now: Instant, s: &Schedule) -> bool {
+        let mut body = vec![0u8; self.size];
+        body[..8].copy_from_slice(&self.shared.run);
+        let ts = now.saturating_duration_since(self.shared.base).as_nanos() as u64;
+        body[8..16].copy_from_slice(&ts.to_le_bytes());
+        self.msg_counter += 1;
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&self.shared.run);
+        id[8..12].copy_from_slice(&(self.devs[i].index as u32).to_le_bytes());
+        id[12..].copy_from_slice(&(self.msg_counter as u32).to_le_bytes());
+        let dev = &mut self.devs[i];
+        let Some(to) = dev.to.clone() else { return false };
+        let frame = ClientFrame::Send(wire::Send {
+            id: MsgId(id),
+            to,
+            bodies: vec![Body {
+                device: DeviceId(1),
+                data: Bytes::from(body),
+            }],
+            own: Vec::new(),
+        });
+        let Some(conn) = dev.conn.as_mut() else { return false };
+        match conn.request(&frame, now) {
+            Ok(req) => {
+                dev.inflight.insert(req, now);
+                dev.sent += 1;
+                self.sent += 1;
+                if now >= s.measure {
+                    self.tally.sent_window += 1;
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The run.
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let args = Args::parse();
+    match run(&args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tidings-load: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+struct Report {
+    json: serde_json::Value,
+    text: String,
+    ok: bool,
+}
+
+fn run(args: &Args) -> Result<ExitCode, String> {
+    if args.size < 16 || args.size > wire::MAX_BODY_LEN {
+        return Err(format!("--size must be 16 to {}", wire::MAX_BODY_LEN));
+    }
+    if args.pairs * 2 > args.devices {
+        return Err(format!(
+            "--pairs {} needs at least {} devices",
+            args.pairs,
+            args.pairs * 2
+        ));
+    }
+    if args.window == 0 {
+        return Err("--window must be at least 1".into());
+    }
+    let threads = args.threads.clamp(1, 64);
+    if let Some(limit) = open_files_limit()
+        && (args.devices as u64) + 64 > limit
+    {
+        return Err(format!(
+            "{} devices need more open files than this process may have ({limit}): raise it with `ulimit -n` (hard limit: `ulimit -Hn`)",
+            args.devices
+        ));
+    }
+
+    // Who to talk to, and as whom.
+    let file = match &args.devices_file {
+        Some(p) => load_devices(p)?,
+        None => None,
+    };
+    let invite = args
+        .invite
+        .as_deref()
+        .map(Code::parse)
+        .transpose()
+        .map_err(|e| format!("--invite: {e}"))?;
+    let mut server_key: Option<PublicKey> = None;
+    if let Some(hexkey) = &args.server_key {
+        let mut k = [0u8; 32];
+        hex::decode_to_slice(hexkey.trim(), &mut k).map_err(|_| "--server-key: 64 hex digits".to_string())?;
+        server_key = Some(k);
+    }
+    for (what, key) in [
+        ("the invite", invite.as_ref().map(|c| c.server_key)),
+        (
+            "the devices file",
+            file.as_ref().and_then(|f| {
+                let mut k = [0u8; 32];
+                hex::decode_to_slice(&f.server_key, &mut k).ok().map(|_| k)
+            }),
+        ),
+    ] {
+        match (server_key, key) {
+            (None, Some(k)) => server_key = Some(k),
+            (Some(a), Some(b)) if a != b => {
+                return Err(format!("{what} names another server key than the one given before it"));
+            }
+            _ => {}
+        }
+    }
+    let server_key = server_key.ok_or("give --invite, --server-key or an existing --devices-file")?;
+    let addr_text = args
+        .addr
+        .clone()
+        .or_else(|| invite.as_ref().map(|c| c.addr.clone()))
+        .or_else(|| file.as_ref().map(|f| f.addr.clone()))
+        .unwrap_or_else(|| format!("127.0.0.1:{}", tidings::server::DEFAULT_PORT));
+    let addr = addr_text
+        .to_socket_addrs()
+        .map_err(|e| format!("{addr_text}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr_text}: no address"))?;
+
+    let rng = SystemRandom::new();
+    let mut saved: Vec<SavedDevice> = file.as_ref().map(|f| f.devices.clone()).unwrap_or_default();
+    let mut devices: Vec<(String, Keypair, bool)> = Vec::with_capacity(args.devices);
+    for d in saved.iter().take(args.devices) {
+        let mut k = [0u8; 32];
+        hex::decode_to_slice(&d.key, &mut k).map_err(|_| format!("damaged key for {} in the devices file", d.user))?;
+        let key = Keypair::from_private(&k).ok_or("damaged key in the devices file")?;
+        devices.push((d.user.clone(), key, false));
+    }
+    let to_register = args.devices.saturating_sub(devices.len());
+    if to_register > 0 {
+        if invite.is_none() {
+            return Err(format!(
+                "{to_register} more devices are needed than the devices file has: give --invite (tidingsd invite --uses {to_register})"
+            ));
+        }
+        let mut tag = [0u8; 4];
+        rng.fill(&mut tag).map_err(|_| "no randomness")?;
+        let tag = hex::encode(tag);
+        for i in devices.len()..args.devices {
+            let key = Keypair::generate().map_err(|e| e.to_string())?;
+            devices.push((format!("load{tag}.{i}"), key, true));
+        }
+    }
+
+    let pid = args.daemon_pid.or_else(|| {
+        if addr.ip().is_loopback() {
+            find_listener(addr.port())
+        } else {
+            None
+        }
+    });
+    let rss_before = pid.and_then(rss_kib);
+
+    let mut run_nonce = [0u8; 8];
+    rng.fill(&mut run_nonce).map_err(|_| "no randomness")?;
+    let shared = Arc::new(Shared {
+        base: Instant::now(),
+        run: run_nonce,
+        connected: AtomicUsize::new(0),
+        failed: AtomicUsize::new(0),
+        refused: AtomicUsize::new(0),
+        sent: AtomicU64::new(0),
+        accepted: AtomicU64::new(0),
+        delivered: AtomicU64::new(0),
+        lost: AtomicUsize::new(0),
+        schedule: OnceLock::new(),
+        stop: AtomicBool::new(false),
+        fatal: Mutex::new(None),
+        registered: Mutex::new(Vec::new()),
+    });
+
+    if !args.json {
+        eprintln!(
+            "tidings-load: {} devices at {addr} ({} to register), {} pairs sending, {} threads{}",
+            args.devices,
+            to_register,
+            args.pairs,
+            threads,
+            pid.map(|p| format!(", daemon pid {p}")).unwrap_or_default()
+        );
+    }
+
+    // Deal the devices to the threads.
+    let start = Instant::now();
+    let names: Vec<String> = devices.iter().map(|d| d.0.clone()).collect();
+    let mut per_thread: Vec<Vec<Dev>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, (user, key, new)) in devices.into_iter().enumerate() {
+        let to = if i % 2 == 0 && i < args.pairs * 2 {
+            Some(names[i + 1].clone())
+        } else {
+            None
+        };
+        per_thread[i % threads].push(Dev {
+            index: i,
+            user,
+            key,
+            register: if new {
+                invite.as_ref().map(|c| c.token.clone())
+            } else {
+                None
+            },
+            to,
+            stream: None,
+            conn: None,
+            tcp_up: false,
+            state: DevState::Waiting,
+            attempts: 0,
+            since: start,
+            inflight: HashMap::new(),
+            sent: 0,
+            register_req: None,
+        });
+    }
+    let mut handles = Vec::new();
+    for (t, devs) in per_thread.into_iter().enumerate() {
+        let poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
+        let queue = (0..devs.len()).map(|i| (i, start)).collect();
+        let worker = Worker {
+            shared: shared.clone(),
+            addr,
+            server_key,
+            poll,
+            devs,
+            queue,
+            connecting: 0,
+            tokens: 1.0,
+            last_refill: start,
+            connect_rate: args.connect_rate / threads as f64,
+            rate: args.rate / args.pairs.max(1) as f64,
+            window: args.window,
+            size: args.size,
+            buf: vec![0; 64 * 1024],
+            dirty: Vec::new(),
+            tally: Tally::new(),
+            sent: 0,
+            accepted: 0,
+            delivered: 0,
+            msg_counter: 0,
+        };
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("load-{t}"))
+                .spawn(move || worker.run())
+                .map_err(|e| format!("thread: {e}"))?,
+        );
+    }
+
+    let result = drive(args, &shared, pid, start);
+    shared.stop.store(true, Ordering::Release);
+    let mut tally = Tally::new();
+    for h in handles {
+        if let Ok(t) = h.join() {
+            tally.merge(t);
+        }
+    }
+
+    // Save newly registered devices, whatever else happened.
+    if let Some(path) = &args.devices_file {
+        let mut fresh = std::mem::take(&mut *shared.registered.lock().unwrap_or_else(|e| e.into_inner()));
+        if !fresh.is_empty() {
+            fresh.sort_by_key(|(i, _, _)| *i);
+            saved.extend(fresh.into_iter().map(|(_, user, key)| SavedDevice {
+                user,
+                key: hex::encode(key.private()),
+            }));
+            let file = DevicesFile {
+                addr: addr_text.clone(),
+                server_key: hex::encode(server_key),
+                devices: saved,
+            };
+            save_devices(path, &file)?;
+        }
+    }
+
+    let phases = result?;
+    let report = report(args, &shared, &tally, &phases, rss_before, threads);
+    if args.json {
+        println!("{}", report.json);
+    } else {
+        print!("{}", report.text);
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// What the main thread saw while the workers ran.
+struct Phases {
+    connect_time: Duration,
+    rss_connected: Option<u64>,
+    rss_end: Option<u64>,
+    measured: Duration,
+    drained: bool,
+}
+
+fn drive(args: &Args, shared: &Shared, pid: Option<u32>, start: Instant) -> Result<Phases, String> {
+    let tick = Duration::from_millis(20);
+    let mut last_print = Instant::now();
+    // Connect everyone.
+    loop {
+        if let Some(f) = shared.fatal() {
+            return Err(f);
+        }
+        let up = shared.connected.load(Ordering::Relaxed);
+        let failed = shared.failed.load(Ordering::Relaxed);
+        if up + failed >= args.devices {
+            if failed > 0 {
+                let refused = shared.refused.load(Ordering::Relaxed);
+                return Err(format!(
+                    "{failed} of {} devices could not connect ({refused} connection attempts were dropped during the handshake: \
+                     the daemon's per-address limits? raise limits.connections_per_ip and \
+                     limits.handshakes_per_second_per_ip, or lower --connect-rate)",
+                    args.devices
+                ));
+            }
+            break;
+        }
+        if !args.json && last_print.elapsed() >= Duration::from_secs(2) {
+            last_print = Instant::now();
+            eprintln!("  connected {up} of {}", args.devices);
+        }
+        std::thread::sleep(tick);
+    }
+    let connect_time = start.elapsed();
+    if !args.json {
+        eprintln!(
+            "  all {} connected in {:.1} s; idle for {}",
+            args.devices,
+            connect_time.as_secs_f64(),
+            humantime::format_duration(args.settle)
+        );
+    }
+    std::thread::sleep(args.settle);
+    let rss_connected = pid.and_then(rss_kib);
+
+    // Traffic.
+    let now = Instant::now();
+    let schedule = Schedule {
+        start: now,
+        measure: now + args.warmup,
+        end: now + args.warmup + args.duration,
+    };
+    let _ = shared.schedule.set(schedule);
+    let mut last = (Instant::now(), 0u64);
+    while Instant::now() < schedule.end {
+        if let Some(f) = shared.fatal() {
+            return Err(f);
+        }
+        std::thread::sleep(tick);
+        if !args.json && last.0.elapsed() >= Duration::from_secs(1) {
+            let d = shared.delivered.load(Ordering::Relaxed);
+            let rate = (d - last.1) as f64 / last.0.elapsed().as_secs_f64();
+            eprintln!("  {:>8.0} msg/s delivered", rate);
+            last = (Instant::now(), d);
+        }
+    }
+    let measured = schedule.end - schedule.measure;
+    // Let what was sent arrive.
+    let deadline = Instant::now() + args.drain_timeout;
+    let drained = loop {
+        let sent = shared.sent.load(Ordering::Relaxed);
+        if shared.delivered.load(Ordering::Relaxed) >= sent && shared.accepted.load(Ordering::Relaxed) >= sent {
+            break true;
+        }
+        if Instant::now() >= deadline || shared.lost.load(Ordering::Relaxed) > 0 {
+            break false;
+        }
+        std::thread::sleep(tick);
+    };
+    let rss_end = pid.and_then(rss_kib);
+    Ok(Phases {
+        connect_time,
+        rss_connected,
+        rss_end,
+        measured,
+        drained,
+    })
+}
+
+fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
+    if h.is_empty() {
+        return serde_json::Value::Null;
+    }
+    serde_json::json!({
+        "count": h.len(),
+        "p50": h.value_at_quantile(0.5),
+        "p99": h.value_at_quantile(0.99),
+        "p999": h.value_at_quantile(0.999),
+        "max": h.max(),
+        "mean": (h.mean() * 10.0).round() / 10.0,
+    })
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.3} ms", us as f64 / 1000.0)
+}
+
+fn report(args: &Args, shared: &Shared, tally: &Tally, p: &Phases, rss_before: Option<u64>, threads: usize) -> Report {
+    let sent = shared.sent.load(Ordering::Relaxed);
+    let accepted = shared.accepted.load(Ordering::Relaxed);
+    let delivered = shared.delivered.load(Ordering::Relaxed);
+    let lost = shared.lost.load(Ordering::Relaxed);
+    let secs = p.measured.as_secs_f64();
+    let per_sec = tally.delivered_window as f64 / secs;
+    let accepted_per_sec = tally.accepted_window as f64 / secs;
+    let per_device = match (rss_before, p.rss_connected) {
+        (Some(b), Some(c)) => Some((c.saturating_sub(b) * 1024) as f64 / args.devices as f64),
+        _ => None,
+    };
+    let errors: u64 = tally.errors.values().sum();
+    let ok = delivered > 0 && lost == 0 && errors == 0;
+    let json = serde_json::json!({
+        "devices": args.devices,
+        "pairs": args.pairs,
+        "threads": threads,
+        "rate": args.rate,
+        "window": args.window,
+        "size": args.size,
+        "warmup_s": args.warmup.as_secs_f64(),
+        "duration_s": secs,
+        "connect_s": p.connect_time.as_secs_f64(),
+        "sent": sent,
+        "accepted": accepted,
+        "delivered": delivered,
+        "sent_in_window": tally.sent_window,
+        "accepted_in_window": tally.accepted_window,
+        "delivered_in_window": tally.delivered_window,
+        "msgs_per_sec": per_sec.round(),
+        "accepted_per_sec": accepted_per_sec.round(),
+        "latency_us": percentiles(&tally.latency),
+        "accept_latency_us": percentiles(&tally.accept),
+        "drained": p.drained,
+        "stale_deliveries": tally.stale,
+        "connections_lost": lost,
+        "errors": tally.errors,
+        "rss_kib": {
+            "before": rss_before,
+            "connected": p.rss_connected,
+            "end": p.rss_end,
+        },
+        "rss_per_device_bytes": per_device.map(|b| b.round()),
+    });
+    let mut text = String::new();
+    let rate = if args.rate > 0.0 {
+        format!("{} msg/s", args.rate)
+    } else {
+        "as fast as the window allows".into()
+    };
+    let _ = writeln!(
+        text,
+        "{} devices ({} pairs sending), window {}, {}-byte bodies, {rate}; measured {:.1} s after {} warm-up",
+        args.devices,
+        args.pairs,
+        args.window,
+        args.size,
+        secs,
+        humantime::format_duration(args.warmup)
+    );
+    let _ = writeln!(
+        text,
+        "throughput   {per_sec:.0} msg/s delivered, {accepted_per_sec:.0} msg/s accepted (run totals: sent {sent}, accepted {accepted}, delivered {delivered})"
+    );
+    for (what, h) in [("send→deliver", &tally.latency), ("send→accepted", &tally.accept)] {
+        if h.is_empty() {
+            let _ = writeln!(text, "latency      {what}: no samples");
+        } else {
+            let _ = writeln!(
+                text,
+                "latency      {what:<14} p50 {}  p99 {}  p99.9 {}  max {}  (n={})",
+                ms(h.value_at_quantile(0.5)),
+                ms(h.value_at_quantile(0.99)),
+                ms(h.value_at_quantile(0.999)),
+                ms(h.max()),
+                h.len()
+            );
+        }
+    }
+    let kib = |v: Option<u64>| v.map_or("?".to_string(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
+    let _ = writeln!(
+        text,
+        "daemon RSS   before {}, all connected {}, end {}; per connected device {}",
+        kib(rss_before),
+        kib(p.rss_connected),
+        kib(p.rss_end),
+        per_device.map_or("?".to_string(), |b| format!("{b:.0} bytes"))
+    );
+    if !p.drained {
+        let _ = writeln!(
+            text,
+            "warning      not everything sent was accepted and delivered within --drain-timeout"
+        );
+    }
+    if tally.stale > 0 {
+        let _ = writeln!(
+            text,
+            "note         {} deliveries left over from earlier runs",
+            tally.stale
+        );
+    }
+    if lost > 0 {
+        let _ = writeln!(text, "error        {lost} connections lost during the run");
+    }
+    for (e, n) in &tally.errors {
+        let _ = writeln!(text, "error        {n} × {e}");
+    }
+    Report { json, text, ok }
+}
