@@ -57,7 +57,7 @@ Devices are registered through --invite (make one with `tidingsd invite --uses N
 
 /// A load generator for tidingsd.
 #[derive(Parser, Debug)]
-#[command(name = "tidings-load", version, after_help = AFTER_HELP)]
+#[command(name = "tidings-load", version, after_help = AFTER_HELP, args_override_self = true)]
 struct Args {
     /// host:port of the daemon [default: the invite's or the devices file's address].
     #[arg(long)]
