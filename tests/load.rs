@@ -39,7 +39,16 @@ fn start_daemon() -> Daemon {
 fn run_load(args: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_tidings-load"))
         .args(args)
-        .args(["--pairs", "5", "--duration", "1s", "--warmup", "200ms", "--settle", "100ms"])
+        .args([
+            "--pairs",
+            "5",
+            "--duration",
+            "1s",
+            "--warmup",
+            "200ms",
+            "--settle",
+            "100ms",
+        ])
         .args(["--connect-rate", "0", "--json"])
         .output()
         .unwrap();
@@ -61,14 +70,22 @@ fn registers_sends_and_reuses_its_devices() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let invite = String::from_utf8(out.stdout).unwrap().lines().last().unwrap().to_owned();
+    let invite = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .to_owned();
     let file = daemon.dir.path().join("devices.json");
     let file = file.to_str().unwrap();
 
     let first = run_load(&["--invite", &invite, "--devices", "20", "--devices-file", file]);
     assert!(first["delivered"].as_u64().unwrap() > 0, "{first}");
     assert_eq!(first["connections_lost"], 0, "{first}");
-    assert!(first["rss_kib"]["before"].as_u64().is_some(), "the daemon was found: {first}");
+    assert!(
+        first["rss_kib"]["before"].as_u64().is_some(),
+        "the daemon was found: {first}"
+    );
 
     // The invite is used up: the second run must come from the file.
     let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
