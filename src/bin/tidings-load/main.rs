@@ -28,10 +28,14 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
-use tidings::client::conn::{Closed, Conn, ConnConfig, ConnEvent};
+use tidings::client::conn::{Conn, ConnConfig};
 use tidings::code::Code;
 use tidings::noise::{Keypair, PublicKey};
-use tidings::wire::{self, Body, ClientFrame, DeviceId, ErrorCode, MsgId, ServerFrame};
+use tidings::wire::{self, MsgId};
+
+mod link;
+
+use link::{Ev, Link, MqttLink, TidingsLink};
 
 const AFTER_HELP: &str = "\
 Bodies are raw bytes (--size of them; the first 16 carry a run nonce and the send time): \
@@ -114,6 +118,10 @@ struct Args {
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     json: bool,
+    /// Measure an MQTT broker instead (QoS 1, each device subscribed to its
+    /// own name; --addr defaults to 127.0.0.1:1883), for comparison.
+    #[arg(long, conflicts_with_all = ["invite", "server_key", "devices_file"])]
+    mqtt: bool,
 }
 
 // ---------------------------------------------------------------------------
@@ -304,17 +312,27 @@ impl Tally {
 // ---------------------------------------------------------------------------
 // One thread's devices.
 
+/// What the devices talk to.
+#[derive(Clone, Copy)]
+enum Proto {
+    /// tidingsd, whose static key is this.
+    Tidings(PublicKey),
+    /// An MQTT broker (QoS 1), for comparison.
+    Mqtt,
+}
+
 /// A device this thread drives.
 struct Dev {
     index: usize,
     user: String,
-    key: Keypair,
+    /// Its Noise key (tidings).
+    key: Option<Keypair>,
     /// The invite to register with, for a device not registered yet.
     register: Option<wire::Token>,
     /// For a sender: its receiver's user name.
     to: Option<String>,
     stream: Option<TcpStream>,
-    conn: Option<Conn>,
+    link: Option<Link>,
     /// The TCP connect completed.
     tcp_up: bool,
     state: DevState,
@@ -325,8 +343,6 @@ struct Dev {
     inflight: HashMap<u32, Instant>,
     /// Sender: messages sent since traffic started.
     sent: u64,
-    /// Sender: the request id of a `Register`.
-    register_req: Option<u32>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -344,7 +360,7 @@ enum DevState {
 struct Worker {
     shared: Arc<Shared>,
     addr: SocketAddr,
-    server_key: PublicKey,
+    proto: Proto,
     poll: Poll,
     devs: Vec<Dev>,
     /// Devices waiting to connect, with the earliest time to try.
@@ -359,6 +375,7 @@ struct Worker {
     window: usize,
     size: usize,
     buf: Vec<u8>,
+    evs: Vec<Ev>,
     dirty: Vec<usize>,
     tally: Tally,
     /// Counts not yet added to the shared totals.
@@ -387,8 +404,8 @@ impl Worker {
                     None => {
                         closing_since = Some(now);
                         for i in 0..self.devs.len() {
-                            if let Some(c) = self.devs[i].conn.as_mut() {
-                                c.close(now);
+                            if let Some(l) = self.devs[i].link.as_mut() {
+                                l.close(now);
                                 self.write(i);
                             }
                         }
@@ -402,13 +419,14 @@ impl Worker {
                 if now >= last_timers + Duration::from_millis(500) {
                     last_timers = now;
                     for i in 0..self.devs.len() {
-                        if let Some(c) = self.devs[i].conn.as_mut() {
-                            c.handle_timeout(now);
+                        if let Some(l) = self.devs[i].link.as_mut() {
+                            l.handle_timeout(now);
                             self.process(i, now);
+                            self.dirty.push(i);
                         }
                         let dev = &self.devs[i];
                         if dev.state == DevState::Connecting && now >= dev.since + CONNECT_TIMEOUT {
-                            let why = "not authenticated in time (a device the daemon does not know?)";
+                            let why = "not ready in time (a device the daemon does not know?)";
                             self.connect_failed(i, now, why.into());
                         }
                     }
@@ -484,23 +502,31 @@ impl Worker {
     }
 
     fn connect(&mut self, i: usize, now: Instant) {
-        let config = ConnConfig {
-            handshake_timeout: Duration::from_secs(10),
-            ping_after: Duration::from_secs(30),
-            dead_after: Duration::from_secs(90),
-        };
         let dev = &mut self.devs[i];
         dev.attempts += 1;
         dev.since = now;
         dev.tcp_up = false;
         dev.state = DevState::Connecting;
         self.connecting += 1;
-        let conn = match Conn::new(&dev.key, &self.server_key, config, now) {
-            Ok(c) => c,
-            Err(e) => {
-                self.shared.fail(format!("bad server key: {e}"));
-                return;
+        let link = match (self.proto, &dev.key) {
+            (Proto::Tidings(server_key), Some(key)) => {
+                let config = ConnConfig {
+                    handshake_timeout: Duration::from_secs(10),
+                    ping_after: Duration::from_secs(30),
+                    dead_after: Duration::from_secs(90),
+                };
+                match Conn::new(key, &server_key, config, now) {
+                    Ok(c) => {
+                        let register = dev.register.clone().map(|t| (dev.user.clone(), t));
+                        Link::Tidings(TidingsLink::new(c, register))
+                    }
+                    Err(e) => {
+                        self.shared.fail(format!("bad server key: {e}"));
+                        return;
+                    }
+                }
             }
+            _ => Link::Mqtt(MqttLink::new(dev.user.clone(), now)),
         };
         let mut stream = match TcpStream::connect(self.addr) {
             Ok(s) => s,
@@ -519,8 +545,7 @@ impl Worker {
         }
         let dev = &mut self.devs[i];
         dev.stream = Some(stream);
-        dev.conn = Some(conn);
-        dev.register_req = None;
+        dev.link = Some(link);
     }
 
     /// A connection attempt ended before the device was live: try again
@@ -545,7 +570,7 @@ impl Worker {
         if let Some(mut s) = dev.stream.take() {
             let _ = self.poll.registry().deregister(&mut s);
         }
-        dev.conn = None;
+        dev.link = None;
         dev.inflight.clear();
     }
 
@@ -573,23 +598,23 @@ impl Worker {
         // Read until WouldBlock (readiness is edge-triggered).
         loop {
             let dev = &mut self.devs[i];
-            let (Some(stream), Some(conn)) = (dev.stream.as_mut(), dev.conn.as_mut()) else {
+            let (Some(stream), Some(link)) = (dev.stream.as_mut(), dev.link.as_mut()) else {
                 return;
             };
             match stream.read(&mut self.buf) {
                 Ok(0) => {
-                    conn.handle_eof();
+                    link.handle_eof();
                     self.process(i, now);
                     break;
                 }
                 Ok(n) => {
-                    conn.handle_input(&self.buf[..n], now);
+                    link.handle_input(&self.buf[..n], now);
                     self.process(i, now);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
-                    conn.handle_eof();
+                    link.handle_eof();
                     self.process(i, now);
                     break;
                 }
@@ -604,20 +629,20 @@ impl Worker {
         if !dev.tcp_up {
             return;
         }
-        let (Some(stream), Some(conn)) = (dev.stream.as_mut(), dev.conn.as_mut()) else {
+        let (Some(stream), Some(link)) = (dev.stream.as_mut(), dev.link.as_mut()) else {
             return;
         };
         loop {
-            let out = conn.transmit();
+            let out = link.transmit();
             if out.is_empty() {
                 return;
             }
             match stream.write(out) {
-                Ok(n) => conn.advance(n),
+                Ok(n) => link.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
-                    conn.handle_eof();
+                    link.handle_eof();
                     return;
                 }
             }
@@ -629,7 +654,7 @@ impl Worker {
         for &i in &dirty {
             self.write(i);
             // A write failure surfaces as an event.
-            if self.devs[i].conn.as_ref().is_some_and(|c| c.is_closed()) {
+            if self.devs[i].link.as_ref().is_some_and(|l| l.is_closed()) {
                 self.process(i, Instant::now());
             }
         }
@@ -640,29 +665,28 @@ impl Worker {
     /// Handles a device's connection events.
     fn process(&mut self, i: usize, now: Instant) {
         let schedule = self.shared.schedule.get().copied();
-        let mut ack = None;
-        loop {
-            let Some(ev) = self.devs[i].conn.as_mut().and_then(|c| c.poll_event()) else {
-                break;
-            };
+        let mut evs = std::mem::take(&mut self.evs);
+        if let Some(l) = self.devs[i].link.as_mut() {
+            l.drain(now, &mut evs);
+            if !l.transmit().is_empty() {
+                self.dirty.push(i);
+            }
+        }
+        for ev in evs.drain(..) {
             match ev {
-                ConnEvent::Ready => {
+                Ev::Registered => {
                     let dev = &mut self.devs[i];
-                    if let (Some(invite), Some(conn)) = (dev.register.clone(), dev.conn.as_mut()) {
-                        let frame = ClientFrame::Register {
-                            invite,
-                            name: dev.user.clone(),
-                        };
-                        dev.register_req = conn.request(&frame, now).ok();
-                        self.dirty.push(i);
+                    dev.register = None;
+                    if let Some(key) = dev.key.clone() {
+                        let entry = (dev.index, dev.user.clone(), key);
+                        self.shared
+                            .registered
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(entry);
                     }
                 }
-                ConnEvent::Answer { req, frame } => self.answer(i, req, frame, now, schedule),
-                ConnEvent::Deliver(d) => {
-                    ack = Some(d.seq);
-                    self.delivered(&d.body, now, schedule);
-                }
-                ConnEvent::QueueDrained => {
+                Ev::Live => {
                     let dev = &mut self.devs[i];
                     if dev.state == DevState::Connecting {
                         dev.state = DevState::Live;
@@ -670,33 +694,30 @@ impl Worker {
                         self.shared.connected.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                ConnEvent::Closed(closed) => {
-                    self.closed(i, closed, now);
-                    return;
+                Ev::Accepted(req) => self.accepted(i, req, now, schedule),
+                Ev::Refused(req, why) => {
+                    self.devs[i].inflight.remove(&req);
+                    self.error(format!("send refused: {why}"));
+                }
+                Ev::Delivered(body) => self.delivered(&body, now, schedule),
+                Ev::Fatal(why) => self.shared.fail(format!("device {}: {why}", self.devs[i].user)),
+                Ev::Closed { why, dropped, fatal } => {
+                    self.closed(i, why, dropped, fatal, now);
+                    break;
                 }
             }
         }
-        if let Some(up_to) = ack
-            && let Some(conn) = self.devs[i].conn.as_mut()
-        {
-            let _ = conn.notify(&ClientFrame::Ack { up_to }, now);
-            self.dirty.push(i);
-        }
+        self.evs = evs;
+        self.evs.clear();
     }
 
-    fn closed(&mut self, i: usize, closed: Closed, now: Instant) {
-        let state = self.devs[i].state;
-        match state {
+    fn closed(&mut self, i: usize, why: String, dropped: bool, fatal: bool, now: Instant) {
+        match self.devs[i].state {
             DevState::Connecting => {
-                if closed == Closed::Handshake || closed == Closed::EndOfStream {
-                    // The daemon drops connections over its per-address
-                    // limits before the handshake completes.
+                if dropped {
                     self.shared.refused.fetch_add(1, Ordering::Relaxed);
                 }
-                let why = closed.to_string();
-                if let Closed::ByServer { code, .. } = &closed
-                    && *code != ErrorCode::SHUTTING_DOWN
-                {
+                if fatal {
                     self.shared.fail(format!("device {}: {why}", self.devs[i].user));
                 }
                 self.connect_failed(i, now, why);
@@ -704,59 +725,27 @@ impl Worker {
             DevState::Live => {
                 self.drop_socket(i);
                 self.devs[i].state = DevState::Dead;
-                if !self.shared.stop.load(Ordering::Acquire) && closed != Closed::Local {
+                if !self.shared.stop.load(Ordering::Acquire) {
                     self.shared.lost.fetch_add(1, Ordering::Relaxed);
-                    self.error(format!("connection lost: {closed}"));
+                    self.error(format!("connection lost: {why}"));
                 }
             }
             DevState::Waiting | DevState::Dead => self.drop_socket(i),
         }
     }
 
-    fn answer(&mut self, i: usize, req: u32, frame: ServerFrame, now: Instant, schedule: Option<Schedule>) {
-        let dev = &mut self.devs[i];
-        if dev.register_req == Some(req) {
-            dev.register_req = None;
-            match frame {
-                ServerFrame::Registered { .. } => {
-                    dev.register = None;
-                    let entry = (dev.index, dev.user.clone(), dev.key.clone());
-                    self.shared
-                        .registered
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(entry);
-                }
-                ServerFrame::Error { code, text } => {
-                    let hint = if code == ErrorCode::INVALID_INVITE {
-                        " (make one with enough uses: tidingsd invite --uses N)"
-                    } else {
-                        ""
-                    };
-                    self.shared
-                        .fail(format!("registering {}: {text} ({}){hint}", dev.user, code.name()));
-                }
-                other => self.shared.fail(format!("registering: unexpected {}", other.kind())),
-            }
-            return;
-        }
-        let Some(sent_at) = dev.inflight.remove(&req) else {
+    fn accepted(&mut self, i: usize, req: u32, now: Instant, schedule: Option<Schedule>) {
+        let Some(sent_at) = self.devs[i].inflight.remove(&req) else {
             return;
         };
-        match frame {
-            ServerFrame::Accepted { .. } => {
-                self.accepted += 1;
-                if let Some(s) = schedule
-                    && sent_at >= s.measure
-                    && sent_at < s.end
-                {
-                    self.tally.accepted_window += 1;
-                    let us = now.saturating_duration_since(sent_at).as_micros() as u64;
-                    let _ = self.tally.accept.record(us.max(1));
-                }
-            }
-            ServerFrame::Error { code, text } => self.error(format!("send refused: {text} ({})", code.name())),
-            other => self.error(format!("send answered with {}", other.kind())),
+        self.accepted += 1;
+        if let Some(s) = schedule
+            && sent_at >= s.measure
+            && sent_at < s.end
+        {
+            self.tally.accepted_window += 1;
+            let us = now.saturating_duration_since(sent_at).as_micros() as u64;
+            let _ = self.tally.accept.record(us.max(1));
         }
     }
 
@@ -822,19 +811,11 @@ impl Worker {
         id[8..12].copy_from_slice(&(self.devs[i].index as u32).to_le_bytes());
         id[12..].copy_from_slice(&(self.msg_counter as u32).to_le_bytes());
         let dev = &mut self.devs[i];
-        let Some(to) = dev.to.clone() else { return false };
-        let frame = ClientFrame::Send(wire::Send {
-            id: MsgId(id),
-            to,
-            bodies: vec![Body {
-                device: DeviceId(1),
-                data: Bytes::from(body),
-            }],
-            own: Vec::new(),
-        });
-        let Some(conn) = dev.conn.as_mut() else { return false };
-        match conn.request(&frame, now) {
-            Ok(req) => {
+        let (Some(to), Some(link)) = (dev.to.as_deref(), dev.link.as_mut()) else {
+            return false;
+        };
+        match link.send(to, MsgId(id), Bytes::from(body), now) {
+            Some(req) => {
                 dev.inflight.insert(req, now);
                 dev.sent += 1;
                 self.sent += 1;
@@ -843,7 +824,7 @@ impl Worker {
                 }
                 true
             }
-            Err(_) => false,
+            None => false,
         }
     }
 }
@@ -894,77 +875,31 @@ fn run(args: &Args) -> Result<ExitCode, String> {
     }
 
     // Who to talk to, and as whom.
-    let file = match &args.devices_file {
-        Some(p) => load_devices(p)?,
-        None => None,
-    };
-    let invite = args
-        .invite
-        .as_deref()
-        .map(Code::parse)
-        .transpose()
-        .map_err(|e| format!("--invite: {e}"))?;
-    let mut server_key: Option<PublicKey> = None;
-    if let Some(hexkey) = &args.server_key {
-        let mut k = [0u8; 32];
-        hex::decode_to_slice(hexkey.trim(), &mut k).map_err(|_| "--server-key: 64 hex digits".to_string())?;
-        server_key = Some(k);
-    }
-    for (what, key) in [
-        ("the invite", invite.as_ref().map(|c| c.server_key)),
-        (
-            "the devices file",
-            file.as_ref().and_then(|f| {
-                let mut k = [0u8; 32];
-                hex::decode_to_slice(&f.server_key, &mut k).ok().map(|_| k)
-            }),
-        ),
-    ] {
-        match (server_key, key) {
-            (None, Some(k)) => server_key = Some(k),
-            (Some(a), Some(b)) if a != b => {
-                return Err(format!("{what} names another server key than the one given before it"));
-            }
-            _ => {}
+    let rng = SystemRandom::new();
+    let setup = if args.mqtt {
+        Setup {
+            proto: Proto::Mqtt,
+            addr_text: args.addr.clone().unwrap_or_else(|| "127.0.0.1:1883".into()),
+            devices: (0..args.devices).map(|i| (format!("load.{i}"), None, false)).collect(),
+            saved: Vec::new(),
+            invite: None,
         }
-    }
-    let server_key = server_key.ok_or("give --invite, --server-key or an existing --devices-file")?;
-    let addr_text = args
-        .addr
-        .clone()
-        .or_else(|| invite.as_ref().map(|c| c.addr.clone()))
-        .or_else(|| file.as_ref().map(|f| f.addr.clone()))
-        .unwrap_or_else(|| format!("127.0.0.1:{}", tidings::server::DEFAULT_PORT));
+    } else {
+        tidings_setup(args, &rng)?
+    };
+    let Setup {
+        proto,
+        addr_text,
+        devices,
+        mut saved,
+        invite,
+    } = setup;
+    let to_register = devices.iter().filter(|d| d.2).count();
     let addr = addr_text
         .to_socket_addrs()
         .map_err(|e| format!("{addr_text}: {e}"))?
         .next()
         .ok_or_else(|| format!("{addr_text}: no address"))?;
-
-    let rng = SystemRandom::new();
-    let mut saved: Vec<SavedDevice> = file.as_ref().map(|f| f.devices.clone()).unwrap_or_default();
-    let mut devices: Vec<(String, Keypair, bool)> = Vec::with_capacity(args.devices);
-    for d in saved.iter().take(args.devices) {
-        let mut k = [0u8; 32];
-        hex::decode_to_slice(&d.key, &mut k).map_err(|_| format!("damaged key for {} in the devices file", d.user))?;
-        let key = Keypair::from_private(&k).ok_or("damaged key in the devices file")?;
-        devices.push((d.user.clone(), key, false));
-    }
-    let to_register = args.devices.saturating_sub(devices.len());
-    if to_register > 0 {
-        if invite.is_none() {
-            return Err(format!(
-                "{to_register} more devices are needed than the devices file has: give --invite (tidingsd invite --uses {to_register})"
-            ));
-        }
-        let mut tag = [0u8; 4];
-        rng.fill(&mut tag).map_err(|_| "no randomness")?;
-        let tag = hex::encode(tag);
-        for i in devices.len()..args.devices {
-            let key = Keypair::generate().map_err(|e| e.to_string())?;
-            devices.push((format!("load{tag}.{i}"), key, true));
-        }
-    }
 
     let pid = args.daemon_pid.or_else(|| {
         if addr.ip().is_loopback() {
@@ -1025,14 +960,13 @@ fn run(args: &Args) -> Result<ExitCode, String> {
             },
             to,
             stream: None,
-            conn: None,
+            link: None,
             tcp_up: false,
             state: DevState::Waiting,
             attempts: 0,
             since: start,
             inflight: HashMap::new(),
             sent: 0,
-            register_req: None,
         });
     }
     let mut handles = Vec::new();
@@ -1042,7 +976,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         let worker = Worker {
             shared: shared.clone(),
             addr,
-            server_key,
+            proto,
             poll,
             devs,
             queue,
@@ -1054,6 +988,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
             window: args.window,
             size: args.size,
             buf: vec![0; 64 * 1024],
+            evs: Vec::new(),
             dirty: Vec::new(),
             tally: Tally::new(),
             sent: 0,
@@ -1089,7 +1024,10 @@ fn run(args: &Args) -> Result<ExitCode, String> {
             }));
             let file = DevicesFile {
                 addr: addr_text.clone(),
-                server_key: hex::encode(server_key),
+                server_key: match proto {
+                    Proto::Tidings(k) => hex::encode(k),
+                    Proto::Mqtt => String::new(),
+                },
                 devices: saved,
             };
             save_devices(path, &file)?;
@@ -1107,6 +1045,92 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    })
+}
+
+/// The daemon, and the devices to connect as.
+struct Setup {
+    proto: Proto,
+    addr_text: String,
+    /// Name, Noise key (tidings), whether to register it.
+    devices: Vec<(String, Option<Keypair>, bool)>,
+    /// The devices file's devices.
+    saved: Vec<SavedDevice>,
+    invite: Option<Code>,
+}
+
+fn tidings_setup(args: &Args, rng: &SystemRandom) -> Result<Setup, String> {
+    let file = match &args.devices_file {
+        Some(p) => load_devices(p)?,
+        None => None,
+    };
+    let invite = args
+        .invite
+        .as_deref()
+        .map(Code::parse)
+        .transpose()
+        .map_err(|e| format!("--invite: {e}"))?;
+    let mut server_key: Option<PublicKey> = None;
+    if let Some(hexkey) = &args.server_key {
+        let mut k = [0u8; 32];
+        hex::decode_to_slice(hexkey.trim(), &mut k).map_err(|_| "--server-key: 64 hex digits".to_string())?;
+        server_key = Some(k);
+    }
+    for (what, key) in [
+        ("the invite", invite.as_ref().map(|c| c.server_key)),
+        (
+            "the devices file",
+            file.as_ref().and_then(|f| {
+                let mut k = [0u8; 32];
+                hex::decode_to_slice(&f.server_key, &mut k).ok().map(|_| k)
+            }),
+        ),
+    ] {
+        match (server_key, key) {
+            (None, Some(k)) => server_key = Some(k),
+            (Some(a), Some(b)) if a != b => {
+                return Err(format!("{what} names another server key than the one given before it"));
+            }
+            _ => {}
+        }
+    }
+    let server_key = server_key.ok_or("give --invite, --server-key or an existing --devices-file")?;
+    let addr_text = args
+        .addr
+        .clone()
+        .or_else(|| invite.as_ref().map(|c| c.addr.clone()))
+        .or_else(|| file.as_ref().map(|f| f.addr.clone()))
+        .unwrap_or_else(|| format!("127.0.0.1:{}", tidings::server::DEFAULT_PORT));
+    let saved: Vec<SavedDevice> = file.as_ref().map(|f| f.devices.clone()).unwrap_or_default();
+    let mut devices: Vec<(String, Option<Keypair>, bool)> = Vec::with_capacity(args.devices);
+    for d in saved.iter().take(args.devices) {
+        let mut k = [0u8; 32];
+        hex::decode_to_slice(&d.key, &mut k).map_err(|_| format!("damaged key for {} in the devices file", d.user))?;
+        let key = Keypair::from_private(&k).ok_or("damaged key in the devices file")?;
+        devices.push((d.user.clone(), Some(key), false));
+    }
+    let to_register = args.devices.saturating_sub(devices.len());
+    if to_register > 0 {
+        if invite.is_none() {
+            return Err(format!(
+                "{to_register} more devices are needed than the devices file has: give --invite (tidingsd invite --uses {to_register})"
+            ));
+        }
+        let mut tag = [0u8; 4];
+        rng.fill(&mut tag).map_err(|_| "no randomness")?;
+        let tag = hex::encode(tag);
+        for i in devices.len()..args.devices {
+            let key = Keypair::generate().map_err(|e| e.to_string())?;
+            devices.push((format!("load{tag}.{i}"), Some(key), true));
+        }
+    }
+
+    Ok(Setup {
+        proto: Proto::Tidings(server_key),
+        addr_text,
+        devices,
+        saved,
+        invite,
     })
 }
 
