@@ -363,6 +363,8 @@ struct Worker {
     proto: Proto,
     poll: Poll,
     devs: Vec<Dev>,
+    /// The indices of the devices that send.
+    senders: Vec<usize>,
     /// Devices waiting to connect, with the earliest time to try.
     queue: VecDeque<(usize, Instant)>,
     connecting: usize,
@@ -422,7 +424,6 @@ impl Worker {
                         if let Some(l) = self.devs[i].link.as_mut() {
                             l.handle_timeout(now);
                             self.process(i, now);
-                            self.dirty.push(i);
                         }
                         let dev = &self.devs[i];
                         if dev.state == DevState::Connecting && now >= dev.since + CONNECT_TIMEOUT {
@@ -778,8 +779,9 @@ impl Worker {
             return;
         }
         let elapsed = now.saturating_duration_since(s.start).as_secs_f64();
-        for i in 0..self.devs.len() {
-            if self.devs[i].to.is_none() || self.devs[i].state != DevState::Live {
+        for k in 0..self.senders.len() {
+            let i = self.senders[k];
+            if self.devs[i].state != DevState::Live {
                 continue;
             }
             let due = if self.rate > 0.0 {
@@ -973,12 +975,14 @@ fn run(args: &Args) -> Result<ExitCode, String> {
     for (t, devs) in per_thread.into_iter().enumerate() {
         let poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
         let queue = (0..devs.len()).map(|i| (i, start)).collect();
+        let senders = (0..devs.len()).filter(|&i| devs[i].to.is_some()).collect();
         let worker = Worker {
             shared: shared.clone(),
             addr,
             proto,
             poll,
             devs,
+            senders,
             queue,
             connecting: 0,
             tokens: 1.0,
