@@ -455,6 +455,7 @@ fn a_delivery_already_stored_is_acked_but_not_shown_again() {
             ts_ms: sent.ts_ms,
             direction: Direction::In,
             status: Status::Received,
+            undecryptable: false,
         };
         assert!(b.profile().history().insert("bob", &copy).unwrap());
         b.profile().history().flush().unwrap();
@@ -481,6 +482,7 @@ fn listen_resends_a_message_left_pending() {
             ts_ms: 1,
             direction: Direction::Out,
             status: Status::Pending,
+            undecryptable: false,
         };
         a.profile().history().insert("alice", &m).unwrap();
         a.profile().history().flush().unwrap();
