@@ -55,6 +55,13 @@ impl Daemon {
         let addr = first.strip_prefix("tidingsd listening on ").unwrap().to_owned();
         // Keep draining its stdout so it never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
+        // It prints before its admin socket is up; operator commands need
+        // that socket while it runs.
+        let deadline = Instant::now() + WAIT;
+        while !dir.join("data").join("admin.sock").exists() {
+            assert!(Instant::now() < deadline, "the daemon never opened its admin socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         (child, addr)
     }
 
