@@ -6,8 +6,9 @@
 //! - the record decoder yields the same bodies however a stream is split,
 //!   and never buffers more than one header and one capped body;
 //! - non-canonical encodings (overlong varints) are refused as
-//!   `NonCanonical`, trailing bytes as `Malformed`, unknown tags as
-//!   `Unsupported` with the request id;
+//!   `NonCanonical`, trailing bytes and option or bool bytes other than
+//!   `00` and `01` as `Malformed`, unknown tags as `Unsupported` with the
+//!   request id;
 //! - arbitrary bytes never panic the decoders.
 
 use bytes::Bytes;
@@ -16,9 +17,10 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
 use tidings::wire::{
-    Body, CLIENT_FRAME_KINDS, ClientFrame, Deliver, DeviceAddr, DeviceId, DeviceInfo, ErrorCode, Flow, FrameError,
-    MAX_FRAME_LEN, MAX_RECORD_LEN, MsgId, RECORD_HEADER_LEN, RecordDecoder, RecordError, SERVER_FRAME_KINDS, Send,
-    ServerFrame, Token, decode_client, decode_server, encode_client, encode_server, write_record,
+    Body, CLIENT_FRAME_KINDS, ClientFrame, Deliver, DeviceAddr, DeviceId, DeviceInfo, DeviceKeys, ErrorCode, Flow,
+    FrameError, IdentityKeys, MAX_FRAME_LEN, MAX_RECORD_LEN, MsgId, PublishKeys, RECORD_HEADER_LEN, RecordDecoder,
+    RecordError, SERVER_FRAME_KINDS, Send, ServerFrame, Signature, SignedKey, Token, decode_client, decode_server,
+    encode_client, encode_server, write_record,
 };
 
 // ---------------------------------------------------------------------------
@@ -97,6 +99,51 @@ fn device_info() -> impl Strategy<Value = DeviceInfo> {
     })
 }
 
+/// Signatures and keys: the codec does not check them, so any bytes do.
+fn signature() -> impl Strategy<Value = Signature> {
+    vec(any::<u8>(), 64).prop_map(|v| Signature(v.try_into().expect("64 bytes")))
+}
+
+fn identity_keys() -> impl Strategy<Value = IdentityKeys> {
+    (any::<[u8; 32]>(), any::<[u8; 32]>(), signature()).prop_map(|(curve25519, ed25519, signature)| IdentityKeys {
+        curve25519,
+        ed25519,
+        signature,
+    })
+}
+
+fn signed_key() -> impl Strategy<Value = SignedKey> {
+    (any::<[u8; 32]>(), signature()).prop_map(|(key, signature)| SignedKey { key, signature })
+}
+
+fn publish_keys() -> impl Strategy<Value = PublishKeys> {
+    (
+        prop::option::of(identity_keys()),
+        prop_oneof![4 => vec(signed_key(), 0..4), 1 => vec(signed_key(), 90..110)],
+        prop::option::of(signed_key()),
+    )
+        .prop_map(|(identity, one_time, fallback)| PublishKeys {
+            identity,
+            one_time,
+            fallback,
+        })
+}
+
+fn device_keys() -> impl Strategy<Value = DeviceKeys> {
+    (
+        device_id(),
+        identity_keys(),
+        prop::option::of(signed_key()),
+        any::<bool>(),
+    )
+        .prop_map(|(device, identity, one_time, fallback)| DeviceKeys {
+            device,
+            identity,
+            one_time,
+            fallback,
+        })
+}
+
 fn client_frame() -> impl Strategy<Value = ClientFrame> {
     prop_oneof![
         Just(ClientFrame::Ping),
@@ -111,6 +158,8 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
         (msg_id(), text(), vec(body(), 0..9), vec(body(), 0..8))
             .prop_map(|(id, to, bodies, own)| ClientFrame::Send(Send { id, to, bodies, own })),
         int_u64().prop_map(|up_to| ClientFrame::Ack { up_to }),
+        publish_keys().prop_map(|keys| ClientFrame::PublishKeys(Box::new(keys))),
+        text().prop_map(|user| ClientFrame::ClaimKeys { user }),
     ]
 }
 
@@ -139,6 +188,8 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
             })
         ),
         Just(ServerFrame::QueueDrained),
+        int_u32().prop_map(|one_time| ServerFrame::KeyCount { one_time }),
+        (text(), vec(device_keys(), 0..9)).prop_map(|(user, devices)| ServerFrame::Keys { user, devices }),
     ]
 }
 
@@ -158,6 +209,8 @@ fn client_tag(f: &ClientFrame) -> u32 {
         ClientFrame::RevokeDevice { .. } => 8,
         ClientFrame::Send(_) => 9,
         ClientFrame::Ack { .. } => 10,
+        ClientFrame::PublishKeys(_) => 11,
+        ClientFrame::ClaimKeys { .. } => 12,
     }
 }
 
@@ -177,6 +230,8 @@ fn server_tag(f: &ServerFrame) -> u32 {
         ServerFrame::Mismatch { .. } => 10,
         ServerFrame::Deliver(_) => 11,
         ServerFrame::QueueDrained => 12,
+        ServerFrame::KeyCount { .. } => 13,
+        ServerFrame::Keys { .. } => 14,
     }
 }
 
@@ -415,6 +470,7 @@ fn server_frame_ending_in_varint() -> impl Strategy<Value = (ServerFrame, u64, u
             let last = devices.last().map_or(0, |d| d.0.into());
             (ServerFrame::Devices { user, devices }, last, 5)
         }),
+        int_u32().prop_map(|one_time| (ServerFrame::KeyCount { one_time }, one_time.into(), 5)),
     ]
 }
 
@@ -462,6 +518,28 @@ proptest! {
         let at = varint_len(&bytes) + 1;
         let len = varint_len(&bytes[at..]);
         check_padded(server_decoder, &bytes, at, len, 3, req, false)?;
+    }
+
+    #[test]
+    fn option_and_bool_bytes_other_than_0_and_1_are_refused(
+        req in int_u32(),
+        keys in publish_keys(),
+        user in text(),
+        devices in vec(device_keys(), 1..4),
+        bad in 2u8..=255,
+    ) {
+        // PublishKeys: the byte after the tag is `identity`'s option byte.
+        let mut bytes = Vec::new();
+        encode_client(req, &ClientFrame::PublishKeys(Box::new(keys)), &mut bytes);
+        let at = varint_len(&bytes) + 1;
+        bytes[at] = bad;
+        prop_assert_eq!(decode_client(&bytes, &mut Vec::new()), Err(FrameError::Malformed { req: Some(req) }));
+
+        // Keys: the last byte is the last device's `fallback` bool.
+        let mut bytes = Vec::new();
+        encode_server(req, &ServerFrame::Keys { user, devices }, &mut bytes);
+        *bytes.last_mut().unwrap() = bad;
+        prop_assert_eq!(decode_server(&bytes, &mut Vec::new()), Err(FrameError::Malformed { req: Some(req) }));
     }
 
     #[test]

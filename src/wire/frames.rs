@@ -5,7 +5,7 @@
 //! the enum lets a peer echo it even for a frame kind it does not know.
 //! Clients number their requests from 1; the server answers with the same
 //! id and uses 0 for frames nobody asked for (`Deliver`, `QueueDrained`,
-//! `Ping`, `Close`).
+//! `Ping`, `Close`, and `KeyCount` when sent unasked).
 //!
 //! Variants are append-only: a new frame kind gets the next tag and an old
 //! peer answers it with [`ErrorCode::UNSUPPORTED`].
