@@ -148,7 +148,10 @@ impl Shared {
         let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
         if claims.len() > 100_000 {
             // Forget full buckets rather than grow without bound.
-            claims.retain(|_, b| b.tokens < f64::from(capacity));
+            let per_sec = f64::from(capacity) / 60.0;
+            claims.retain(|_, b| {
+                b.tokens + now.saturating_duration_since(b.last).as_secs_f64() * per_sec < f64::from(capacity)
+            });
         }
         claims
             .entry(d)
@@ -624,6 +627,13 @@ impl Hub {
             Some(id) => Some(id),
             None => self.store().identity(me)?,
         };
+        let has_keys = !keys.one_time.is_empty() || keys.fallback.is_some();
+        if identity.is_none() && has_keys {
+            // Checked here, not only in the store: keys are never stored
+            // without a signature check against a known identity.
+            error(session, ErrorCode::BAD_REQUEST, "publish an identity first");
+            return Ok(());
+        }
         if let Some(id) = &identity {
             let mut signed = keys.one_time.iter().chain(keys.fallback.as_ref());
             if !crate::keys::verify_identity(id) || !signed.all(|k| crate::keys::verify_signed_key(id, k)) {
