@@ -811,3 +811,62 @@ mod receipts_and_retract {
         assert_eq!(ids, vec![1, 2, 3, 4, 5]);
     }
 }
+
+#[test]
+fn expiry_notices_reach_both_sides() {
+    let mut w = World::new(1);
+    let alice = w.register(0, "alice");
+    let bob = w.register(0, "bob");
+    w.request(bob, &ClientFrame::Close);
+    w.run();
+    w.request(alice, &send(1, "bob", vec![body(1, b"x")], vec![]));
+    w.request(alice, &send(2, "bob", vec![body(1, b"y")], vec![]));
+    w.run();
+    let _ = w.inbox(alice);
+    // Everything accepted so far is past its retention.
+    let cutoff = w.now.unix_ms + 1;
+    let mut cursor = Vec::new();
+    loop {
+        let swept = w.store.sweep(&mut cursor, cutoff, 100, w.now.unix_ms).unwrap();
+        for d in swept.notified {
+            if let Some(c) = w.shared.connection_of(d) {
+                w.cores[c.worker as usize].apply(crate::hub::Effect::Wake(c), w.now);
+            }
+        }
+        if swept.wrapped {
+            break;
+        }
+    }
+    w.run();
+    // Alice is online: told at once which ids never reached which device.
+    match &w.inbox(alice)[..] {
+        [(0, ServerFrame::Expired(e))] => {
+            assert_eq!(
+                e.device,
+                DeviceAddr {
+                    user: "bob".into(),
+                    device: DeviceId(1)
+                }
+            );
+            assert_eq!(e.ids, vec![MsgId([1; 16]), MsgId([2; 16])]);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Bob, when he connects: a gap notice, then the drain.
+    let bob = w.reconnect(bob, 0);
+    let got = w.inbox(bob);
+    match &got[..] {
+        [(0, ServerFrame::Gap(g)), (0, ServerFrame::QueueDrained)] => {
+            assert_eq!(g.lost.len(), 1);
+            assert_eq!(
+                g.lost[0].from,
+                DeviceAddr {
+                    user: "alice".into(),
+                    device: DeviceId(1)
+                }
+            );
+            assert_eq!(g.lost[0].count, 2);
+        }
+        other => panic!("{other:?}"),
+    }
+}
