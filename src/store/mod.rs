@@ -23,9 +23,10 @@
 //! - `devices`: user ‖ device → [`DeviceRecord`].
 //! - `keys`: Noise static key → user ‖ device.
 //! - `invites`, `links`: token id → [`TokenRecord`].
-//! - `queues`: `q` ‖ user ‖ device ‖ seq → [`QueuedMessage`];
-//!   `n` ‖ user ‖ device → next seq; `d` ‖ user ‖ device ‖ message id →
-//!   acceptance time (dedup).
+//! - `queues`: `q` ‖ user ‖ device ‖ seq → [`Entry`];
+//!   `n` ‖ user ‖ device → next seq, entries, bytes; `d` ‖ user ‖ device ‖
+//!   message id → acceptance time and where it was queued (dedup,
+//!   retraction); `r` ‖ … → fold index (see `queues.rs`).
 //! - `e2e`: the key directory (see `keys.rs`).
 
 mod accounts;

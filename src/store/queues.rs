@@ -7,7 +7,8 @@
 //! - `d` ‖ user ‖ device ‖ message id → acceptance time and where the
 //!   message was queued (dedup, and retraction);
 //! - `r` ‖ user ‖ device ‖ fold key → seq of the entry later receipts or
-//!   notices of the same kind fold into.
+//!   notices of the same kind fold into (the fold key: a kind byte, a
+//!   device's user ‖ number, a receipt's kind byte and addressee user).
 //!
 //! Every change to a queue happens under one lock, in one atomic batch with
 //! the queue's meta record, so sequence order is visibility order and the
@@ -200,11 +201,12 @@ const FOLD: u8 = b'r';
 /// as the migration).
 const MIGRATED: &[u8] = b"v2";
 
-/// What later entries fold into: receipts per (reader device, kind), one
-/// gap notice per queue, expiry notices per device that lost them.
+/// What later entries fold into: receipts per (reader device, kind,
+/// addressee, i.e. conversation), one gap notice per queue, expiry notices
+/// per device that lost them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum FoldKey {
-    Receipt(DeviceKey, u8),
+    Receipt(DeviceKey, u8, UserId),
     Gap,
     Expired(DeviceKey),
 }
@@ -244,18 +246,19 @@ fn dedup_key(sender: DeviceKey, id: MsgId) -> [u8; 25] {
     k
 }
 
-fn fold_key(target: DeviceKey, f: FoldKey) -> [u8; 19] {
-    let mut k = [0u8; 19];
+fn fold_key(target: DeviceKey, f: FoldKey) -> [u8; 23] {
+    let mut k = [0u8; 23];
     k[..9].copy_from_slice(&dev_prefix(FOLD, target));
-    let (tag, from, kind) = match f {
-        FoldKey::Receipt(d, kind) => (1, d, kind),
-        FoldKey::Gap => (2, key(0, 0), 0),
-        FoldKey::Expired(d) => (3, d, 0),
+    let (tag, from, kind, to) = match f {
+        FoldKey::Receipt(d, kind, to) => (1, d, kind, to.0),
+        FoldKey::Gap => (2, key(0, 0), 0, 0),
+        FoldKey::Expired(d) => (3, d, 0, 0),
     };
     k[9] = tag;
     k[10..14].copy_from_slice(&from.user.0.to_be_bytes());
     k[14..18].copy_from_slice(&from.device.0.to_be_bytes());
     k[18] = kind;
+    k[19..23].copy_from_slice(&to.to_be_bytes());
     k
 }
 
@@ -286,7 +289,9 @@ fn decode_dedup(v: &[u8]) -> Result<DedupRecord, StoreError> {
 /// stays within its bounds.
 fn merge(old: &Entry, new: &Entry) -> Option<Entry> {
     match (old, new) {
-        (Entry::Receipt(a), Entry::Receipt(b)) => {
+        (Entry::Receipt(a), Entry::Receipt(b))
+            if (a.from_user, a.from_device, a.to_user, a.kind) == (b.from_user, b.from_device, b.to_user, b.kind) =>
+        {
             let mut ids = a.ids.clone();
             for id in &b.ids {
                 if !ids.contains(id) {
@@ -498,8 +503,8 @@ impl Store {
 
     /// Queues a receipt from device `from` about messages of user `to` for
     /// every device in `targets`, folded with receipts of the same kind from
-    /// the same device still waiting there. Receipts are not subject to
-    /// quotas (they are small and folded).
+    /// the same device to the same user still waiting there. Receipts are
+    /// not subject to quotas (they are small and folded).
     ///
     /// # Errors
     /// On a database failure (nothing was queued).
@@ -528,7 +533,7 @@ impl Store {
                 &mut staged,
                 &mut batch,
                 *t,
-                FoldKey::Receipt(from, kind.0),
+                FoldKey::Receipt(from, kind.0, to),
                 entry.clone(),
             )?;
         }

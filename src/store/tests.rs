@@ -337,6 +337,39 @@ fn receipts_fold_while_they_wait() {
 }
 
 #[test]
+fn receipts_about_different_conversations_are_not_folded_together() {
+    // Bob's device 1 reads a message of alice's, then one of carol's; his
+    // device 2, offline, gets a copy of each receipt. Folding them into one
+    // entry would tell it that carol's message belongs to the conversation
+    // with alice (spec §5.5: receipts fold per reporting device, kind and
+    // conversation).
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let (bob1, bob2) = (dev(2, 1), dev(2, 2));
+    let (alice, carol) = (UserId(1), UserId(3));
+    let read = crate::wire::ReceiptKind::READ;
+    s.append_receipt(bob1, alice, read, &[MsgId([1; 16])], &[bob2], 1)
+        .unwrap();
+    s.append_receipt(bob1, carol, read, &[MsgId([3; 16])], &[bob2], 2)
+        .unwrap();
+    s.append_receipt(bob1, alice, read, &[MsgId([2; 16])], &[bob2], 3)
+        .unwrap();
+    let q = ids_of(&s, bob2);
+    let receipts: Vec<(u32, Vec<MsgId>)> = q
+        .iter()
+        .map(|(_, e)| match e {
+            Entry::Receipt(r) => (r.to_user, r.ids.clone()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        receipts,
+        vec![(3, vec![MsgId([3; 16])]), (1, vec![MsgId([1; 16]), MsgId([2; 16])])]
+    );
+    assert_eq!(s.queue_len(bob2).unwrap(), 2);
+}
+
+#[test]
 fn retract_removes_queued_copies_only() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
