@@ -667,8 +667,10 @@ impl Store {
     /// `max_keys` keys from `cursor` on, removes messages (and notices,
     /// receipts, dedup records) accepted before `cutoff_ms`, and for every
     /// expired message queues a gap notice for the device that lost it and
-    /// an expiry notice for every current device of its sender. The cursor
-    /// moves on; it wraps to the start after the last key.
+    /// an expiry notice for every current device of its sender. It also
+    /// forgets fold records whose entry is gone (acknowledged, expired,
+    /// folded away), so that they do not outlive what they were about. The
+    /// cursor moves on; it wraps to the start after the last key.
     ///
     /// # Errors
     /// On a database failure (nothing was removed).
@@ -682,6 +684,7 @@ impl Store {
         let mut swept = Swept::default();
         let mut expired: Vec<(Vec<u8>, DeviceKey)> = Vec::new();
         let mut dedups: Vec<Vec<u8>> = Vec::new();
+        let mut stale_folds: Vec<(Vec<u8>, DeviceKey, u64)> = Vec::new();
         let mut scanned = 0;
         let mut from = cursor.clone();
         'scan: while scanned < max_keys {
@@ -712,7 +715,15 @@ impl Store {
                         }
                         None
                     }
-                    // Meta and fold records: nothing to expire.
+                    Some(&FOLD) => {
+                        if let (Some(d), Some(seq)) = (parse_dev(&k), be_u64(&v)) {
+                            if !self.queues.contains_key(queue_key(d, seq))? {
+                                stale_folds.push((k.to_vec(), d, seq));
+                            }
+                        }
+                        None
+                    }
+                    // Meta records: nothing to expire.
                     Some(&tag) => Some(vec![tag + 1]),
                     None => None,
                 };
@@ -735,7 +746,7 @@ impl Store {
             }
         }
         *cursor = from;
-        if expired.is_empty() && dedups.is_empty() {
+        if expired.is_empty() && dedups.is_empty() && stale_folds.is_empty() {
             return Ok(swept);
         }
         // Remove under the lock, re-reading each entry: it may have been
@@ -782,6 +793,14 @@ impl Store {
         for k in dedups {
             batch.remove(k);
             swept.forgotten += 1;
+        }
+        // Before the folds below, which may write the same keys anew. A fold
+        // since the scan may have pointed the record at a new entry: check.
+        for (k, d, seq) in stale_folds {
+            let still = self.queues.get(&k)?.as_deref().and_then(be_u64) == Some(seq);
+            if still && !self.queues.contains_key(queue_key(d, seq))? {
+                batch.remove(k);
+            }
         }
         for (d, m) in staged.iter().filter(|(d, m)| metas.get(d) != Some(m)) {
             batch.insert(&dev_prefix(NEXT, *d)[..], &m.encode()[..]);

@@ -370,6 +370,37 @@ fn receipts_about_different_conversations_are_not_folded_together() {
 }
 
 #[test]
+fn the_sweep_forgets_fold_records_of_entries_that_are_gone() {
+    // The fold index says which entry of a queue later receipts fold into,
+    // so it names who sent receipts to whom. Once that entry is
+    // acknowledged the record is useless, and the sweep must not keep it
+    // past the entries it was about (spec §10, §12).
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let (alice, bob) = (dev(1, 1), dev(2, 1));
+    let fold_records = |s: &Store| s.queues.scan_prefix(b"r").count();
+    let read = crate::wire::ReceiptKind::READ;
+    s.append_receipt(bob, UserId(1), read, &[MsgId([1; 16])], &[alice], 1)
+        .unwrap();
+    assert_eq!(fold_records(&s), 1);
+    let mut cursor = Vec::new();
+    // Still waiting: kept, and folding still works.
+    while !s.sweep(&mut cursor, 0, 1000, 2).unwrap().wrapped {}
+    assert_eq!(fold_records(&s), 1);
+    s.append_receipt(bob, UserId(1), read, &[MsgId([2; 16])], &[alice], 3)
+        .unwrap();
+    assert_eq!(ids_of(&s, alice).len(), 1);
+    // Acknowledged: the next pass forgets the record.
+    s.ack(alice, u64::MAX).unwrap();
+    while !s.sweep(&mut cursor, 0, 1000, 4).unwrap().wrapped {}
+    assert_eq!(fold_records(&s), 0);
+    // A receipt after that starts a new entry, as before.
+    s.append_receipt(bob, UserId(1), read, &[MsgId([3; 16])], &[alice], 5)
+        .unwrap();
+    assert!(matches!(&ids_of(&s, alice)[..], [(_, Entry::Receipt(r))] if r.ids == vec![MsgId([3; 16])]));
+}
+
+#[test]
 fn retract_removes_queued_copies_only() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
