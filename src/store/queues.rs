@@ -479,15 +479,14 @@ impl Store {
         let mut m = self.meta(metas, target)?;
         let index = fold_key(target, fold);
         let mut entry = entry;
-        if let Some(seq) = self.queues.get(index)?.as_deref().and_then(be_u64) {
-            if let Some(old) = self.queues.get(queue_key(target, seq))? {
-                if let Some(merged) = merge(&decode_entry(&old)?, &entry) {
-                    batch.remove(&queue_key(target, seq)[..]);
-                    m.count -= 1;
-                    m.bytes -= old.len() as u64;
-                    entry = merged;
-                }
-            }
+        if let Some(seq) = self.queues.get(index)?.as_deref().and_then(be_u64)
+            && let Some(old) = self.queues.get(queue_key(target, seq))?
+            && let Some(merged) = merge(&decode_entry(&old)?, &entry)
+        {
+            batch.remove(&queue_key(target, seq)[..]);
+            m.count -= 1;
+            m.bytes -= old.len() as u64;
+            entry = merged;
         }
         let value = encode_entry(&entry);
         let seq = m.next;
@@ -716,10 +715,10 @@ impl Store {
                         None
                     }
                     Some(&FOLD) => {
-                        if let (Some(d), Some(seq)) = (parse_dev(&k), be_u64(&v)) {
-                            if !self.queues.contains_key(queue_key(d, seq))? {
-                                stale_folds.push((k.to_vec(), d, seq));
-                            }
+                        if let (Some(d), Some(seq)) = (parse_dev(&k), be_u64(&v))
+                            && !self.queues.contains_key(queue_key(d, seq))?
+                        {
+                            stale_folds.push((k.to_vec(), d, seq));
                         }
                         None
                     }
