@@ -26,7 +26,9 @@ fn established() -> (Session, Session) {
         .create_outbound_session(SessionConfig::version_1(), bob.curve25519_key(), otk)
         .unwrap();
     let first = a.encrypt(PLAINTEXT).unwrap();
-    let OlmMessage::PreKey(pre) = &first else { unreachable!() };
+    let OlmMessage::PreKey(pre) = &first else {
+        unreachable!()
+    };
     let mut b = bob
         .create_inbound_session(SessionConfig::version_1(), alice.curve25519_key(), pre)
         .unwrap()
@@ -54,7 +56,9 @@ fn open(body: &[u8]) -> OlmMessage {
 fn olm(c: &mut Criterion) {
     let mut g = c.benchmark_group("olm");
     let (mut a, _) = established();
-    g.bench_function("encrypt 200 B", |bench| bench.iter(|| body(&a.encrypt(black_box(PLAINTEXT)).unwrap())));
+    g.bench_function("encrypt 200 B", |bench| {
+        bench.iter(|| body(&a.encrypt(black_box(PLAINTEXT)).unwrap()))
+    });
 
     // A fresh pair for decryption, so that the messages arrive in order.
     let (mut a, mut b) = established();
@@ -87,7 +91,9 @@ fn olm(c: &mut Criterion) {
                     .create_outbound_session(SessionConfig::version_1(), bob.curve25519_key(), otk)
                     .unwrap();
                 let bytes = body(&out.encrypt(PLAINTEXT).unwrap());
-                let OlmMessage::PreKey(pre) = open(&bytes) else { unreachable!() };
+                let OlmMessage::PreKey(pre) = open(&bytes) else {
+                    unreachable!()
+                };
                 let created = bob
                     .create_inbound_session(SessionConfig::version_1(), alice.curve25519_key(), &pre)
                     .unwrap();

@@ -214,7 +214,9 @@ impl Proxy {
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
-                let Ok(server) = TcpStream::connect(&upstream) else { continue };
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
                 for (mut from, mut to) in [
                     (client.try_clone().unwrap(), server.try_clone().unwrap()),
                     (server, client),
@@ -458,7 +460,10 @@ fn an_undecryptable_message_is_shown_and_the_session_reset() {
     // device sent alice's a session reset.
     let got = messages(&sync(&bob));
     assert_eq!(got.len(), 2);
-    assert!(got.iter().all(|m| m.undecryptable && m.text.is_empty() && m.from == "alice"));
+    assert!(
+        got.iter()
+            .all(|m| m.undecryptable && m.text.is_empty() && m.from == "alice")
+    );
     assert!(messages(&sync(&bob)).is_empty(), "acked");
     // The reset is not shown to alice, but her device now uses the new
     // session.
@@ -535,8 +540,14 @@ fn a_changed_identity_is_a_warning_before_the_next_message() {
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert_eq!(lines[0]["type"], "warning");
     assert_eq!(lines[0]["event"], "identity_changed");
-    assert_eq!((lines[0]["user"].as_str(), lines[0]["device"].as_u64()), (Some("bob"), Some(1)));
-    assert_eq!((lines[1]["type"].as_str(), lines[1]["text"].as_str()), (Some("message"), Some("last")));
+    assert_eq!(
+        (lines[0]["user"].as_str(), lines[0]["device"].as_u64()),
+        (Some("bob"), Some(1))
+    );
+    assert_eq!(
+        (lines[1]["type"].as_str(), lines[1]["text"].as_str()),
+        (Some("message"), Some("last"))
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("warning: the identity key of bob's device 1 changed"));
 }
 
@@ -568,7 +579,10 @@ fn safety_numbers_match_on_both_sides_and_follow_the_devices() {
     let b = number(&bob, "alice");
     assert_eq!(a, b);
     assert_eq!(a.split(' ').count(), 12);
-    assert!(a.split(' ').all(|g| g.len() == 5 && g.bytes().all(|c| c.is_ascii_digit())));
+    assert!(
+        a.split(' ')
+            .all(|g| g.len() == 5 && g.bytes().all(|c| c.is_ascii_digit()))
+    );
     // The second device of alice's sees it too.
     assert_eq!(number(&d.profile("alice-2"), "bob"), a);
     // A new device of bob's changes it, on both sides alike; alice hears
@@ -603,7 +617,10 @@ fn cli_announces_a_new_device_and_keeps_the_id_last() {
     let out = stdout(&tidings(&alice, &["send", "bob", "three", "--json"]));
     let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2);
-    assert_eq!((lines[0]["type"].as_str(), lines[0]["device"].as_u64()), (Some("notice"), Some(3)));
+    assert_eq!(
+        (lines[0]["type"].as_str(), lines[0]["device"].as_u64()),
+        (Some("notice"), Some(3))
+    );
     assert_eq!(lines[1]["type"], "sent");
 }
 

@@ -13,7 +13,9 @@ fn readme() -> String {
 /// The hex columns of the fenced block after the line starting `title`.
 fn example(title: &str) -> Vec<u8> {
     let text = readme();
-    let start = text.find(&format!("\n{title}")).unwrap_or_else(|| panic!("no {title:?}"));
+    let start = text
+        .find(&format!("\n{title}"))
+        .unwrap_or_else(|| panic!("no {title:?}"));
     let rest = &text[start..];
     let open = rest.find("```text\n").unwrap() + "```text\n".len();
     let close = open + rest[open..].find("```").unwrap();
@@ -45,6 +47,9 @@ fn the_payload_example_is_what_the_client_writes() {
         ts_ms: 1,
         content: Content::Text("hi".into()),
     };
-    assert_eq!(hex::encode(p.encode().unwrap()), hex::encode(example("Payload example")));
+    assert_eq!(
+        hex::encode(p.encode().unwrap()),
+        hex::encode(example("Payload example"))
+    );
     assert_eq!(Payload::decode(&example("Payload example")), Ok(p));
 }

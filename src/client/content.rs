@@ -158,12 +158,7 @@ impl Payload {
     /// trailing bytes or damage.
     pub fn decode(bytes: &[u8]) -> Result<Payload, BodyError> {
         match take_all::<VersionedPayload>(bytes)? {
-            VersionedPayload::V1 {
-                id,
-                to,
-                ts_ms,
-                content,
-            } => Ok(Payload { id, to, ts_ms, content }),
+            VersionedPayload::V1 { id, to, ts_ms, content } => Ok(Payload { id, to, ts_ms, content }),
         }
     }
 }
@@ -216,10 +211,7 @@ mod tests {
         let p = text("hi");
         let bytes = p.encode().unwrap();
         // tag 0 (V1), 16 id bytes, "bob", ts 1, content tag 0 (Text), "hi".
-        assert_eq!(
-            hex::encode(&bytes),
-            format!("00{}03626f620100026869", "ab".repeat(16))
-        );
+        assert_eq!(hex::encode(&bytes), format!("00{}03626f620100026869", "ab".repeat(16)));
         assert_eq!(Payload::decode(&bytes), Ok(p));
         let reset = Payload {
             content: Content::SessionReset,

@@ -42,8 +42,7 @@ use super::profile::{Direction, Message, Profile, Registration, Status};
 use crate::code::Code;
 use crate::noise::PublicKey;
 use crate::wire::{
-    self, Body, ClientFrame, DeviceAddr, DeviceId, DeviceInfo, DeviceKeys, ErrorCode, MAX_BODY_LEN, MsgId,
-    ServerFrame,
+    self, Body, ClientFrame, DeviceAddr, DeviceId, DeviceInfo, DeviceKeys, ErrorCode, MAX_BODY_LEN, MsgId, ServerFrame,
 };
 
 /// How long a request may wait for its answer.
@@ -584,9 +583,16 @@ impl Client {
         log::debug!(
             "publishing {} one-time keys{}",
             publish.one_time.len(),
-            if publish.fallback.is_some() { " and a fallback key" } else { "" }
+            if publish.fallback.is_some() {
+                " and a fallback key"
+            } else {
+                ""
+            }
         );
-        match self.call(&ClientFrame::PublishKeys(Box::new(publish)), "the server to take the keys") {
+        match self.call(
+            &ClientFrame::PublishKeys(Box::new(publish)),
+            "the server to take the keys",
+        ) {
             Ok(ServerFrame::KeyCount { one_time }) => {
                 log::debug!("the server holds {one_time} one-time keys");
                 self.keys_low = None;
@@ -881,19 +887,21 @@ impl Client {
                 *stored = true;
             }
             None => {
-                crypto.tree().transaction(|t| {
-                    for (k, v) in &writes {
-                        match v {
-                            Some(v) => t.insert(k.as_slice(), v.as_slice())?,
-                            None => t.remove(k.as_slice())?,
-                        };
-                    }
-                    Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
-                })
-                .map_err(|e| match e {
-                    sled::transaction::TransactionError::Storage(e) => Error::Store(e),
-                    sled::transaction::TransactionError::Abort(()) => Error::Damaged("transaction aborted".into()),
-                })?;
+                crypto
+                    .tree()
+                    .transaction(|t| {
+                        for (k, v) in &writes {
+                            match v {
+                                Some(v) => t.insert(k.as_slice(), v.as_slice())?,
+                                None => t.remove(k.as_slice())?,
+                            };
+                        }
+                        Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+                    })
+                    .map_err(|e| match e {
+                        sled::transaction::TransactionError::Storage(e) => Error::Store(e),
+                        sled::transaction::TransactionError::Abort(()) => Error::Damaged("transaction aborted".into()),
+                    })?;
             }
         }
         h.flush()?;
@@ -1022,7 +1030,12 @@ impl Client {
                 };
                 match crypto.known(&addr)?.and_then(|k| k.ed25519) {
                     Some(ed) => out.push((u.to_owned(), d, ed)),
-                    None => return Err(Error::NoKeys { user: addr.user, device: d }),
+                    None => {
+                        return Err(Error::NoKeys {
+                            user: addr.user,
+                            device: d,
+                        });
+                    }
                 }
             }
             Ok(out)

@@ -33,8 +33,8 @@ use std::fmt;
 use bytes::Bytes;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
-use vodozemac::olm::{Account, AccountPickle, OlmMessage, Session, SessionConfig, SessionPickle};
 use vodozemac::Curve25519PublicKey;
+use vodozemac::olm::{Account, AccountPickle, OlmMessage, Session, SessionConfig, SessionPickle};
 use zeroize::Zeroizing;
 
 use super::Error;
@@ -265,7 +265,10 @@ pub struct Crypto {
 impl fmt::Debug for Crypto {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Crypto")
-            .field("account", &self.account.as_ref().map(|a| a.curve25519_key().to_base64()))
+            .field(
+                "account",
+                &self.account.as_ref().map(|a| a.curve25519_key().to_base64()),
+            )
             .field("encrypted", &self.kdf.is_some())
             .finish_non_exhaustive()
     }
@@ -544,7 +547,13 @@ impl Crypto {
     /// Notes that `addr` presented the Curve25519 identity `curve` (and the
     /// Ed25519 one, when it came from a verified claim). Returns whether
     /// it differs from a known one.
-    fn learn(&mut self, addr: &DeviceAddr, curve: [u8; 32], ed: Option<[u8; 32]>, notices: &mut Vec<Notice>) -> Result<bool, Error> {
+    fn learn(
+        &mut self,
+        addr: &DeviceAddr,
+        curve: [u8; 32],
+        ed: Option<[u8; 32]>,
+        notices: &mut Vec<Notice>,
+    ) -> Result<bool, Error> {
         let changed = match self.known(addr)? {
             None => false,
             Some(k) => k.curve25519 != curve || matches!((k.ed25519, ed), (Some(a), Some(b)) if a != b),
@@ -561,7 +570,13 @@ impl Crypto {
             (None, Some(k)) if !changed => k.ed25519,
             _ => None,
         };
-        self.set_known(addr, Known { curve25519: curve, ed25519: ed });
+        self.set_known(
+            addr,
+            Known {
+                curve25519: curve,
+                ed25519: ed,
+            },
+        );
         // A device of a user whose list we keep, not in it: news.
         if let Some(mut list) = self.devices(&addr.user)?
             && !list.contains(&addr.device)
@@ -613,14 +628,17 @@ impl Crypto {
             user: user.to_owned(),
             device: keys.device,
         };
-        let signed = keys.one_time.as_ref().is_none_or(|k| keys::verify_signed_key(&keys.identity, k));
+        let signed = keys
+            .one_time
+            .as_ref()
+            .is_none_or(|k| keys::verify_signed_key(&keys.identity, k));
         if !keys::verify_identity(&keys.identity) || !signed {
             log::warn!("refusing keys of {user}/{} that do not verify", keys.device);
             notices.push(Notice::BadSignature {
                 user: user.to_owned(),
                 device: keys.device,
             });
-            return Ok(self.has_session(&addr)?);
+            return self.has_session(&addr);
         }
         let changed = self.learn(&addr, keys.identity.curve25519, Some(keys.identity.ed25519), notices)?;
         if changed {
@@ -631,18 +649,21 @@ impl Crypto {
             return Ok(true);
         }
         let Some(otk) = keys.one_time else {
-            return Ok(self.has_session(&addr)?);
+            return self.has_session(&addr);
         };
         let account = self.account()?;
         let identity = Curve25519PublicKey::from_bytes(keys.identity.curve25519);
-        let session =
-            match account.create_outbound_session(SessionConfig::version_1(), identity, Curve25519PublicKey::from_bytes(otk.key)) {
-                Ok(s) => s,
-                Err(e) => {
-                    log::warn!("cannot start a session with {user}/{}: {e}", keys.device);
-                    return Ok(self.has_session(&addr)?);
-                }
-            };
+        let session = match account.create_outbound_session(
+            SessionConfig::version_1(),
+            identity,
+            Curve25519PublicKey::from_bytes(otk.key),
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("cannot start a session with {user}/{}: {e}", keys.device);
+                return self.has_session(&addr);
+            }
+        };
         self.push_session(&addr, keys.identity.curve25519, session)?;
         Ok(true)
     }
@@ -773,7 +794,11 @@ impl Crypto {
         let created = match account.create_inbound_session(SessionConfig::version_1(), their, pre) {
             Ok(c) => c,
             Err(e) => {
-                log::debug!("no session from a pre-key message of {}/{}: {e}", addr.user, addr.device);
+                log::debug!(
+                    "no session from a pre-key message of {}/{}: {e}",
+                    addr.user,
+                    addr.device
+                );
                 return Ok(Err(DecryptError::Refused));
             }
         };

@@ -117,7 +117,9 @@ pub enum Error {
     },
     /// The server holds other end-to-end keys for this device than the
     /// profile has.
-    #[error("the server has other end-to-end keys for this device (was the profile copied, or its keys lost?); link this profile again as a new device")]
+    #[error(
+        "the server has other end-to-end keys for this device (was the profile copied, or its keys lost?); link this profile again as a new device"
+    )]
     KeysRefused,
 }
 

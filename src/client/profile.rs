@@ -106,7 +106,10 @@ impl Profile {
     /// # Errors
     /// See [`Profile::open_with`].
     pub fn open(dir: &Path, wait: Duration) -> Result<Profile, Error> {
-        let passphrase = std::env::var(PASSPHRASE_VAR).ok().filter(|p| !p.is_empty()).map(Zeroizing::new);
+        let passphrase = std::env::var(PASSPHRASE_VAR)
+            .ok()
+            .filter(|p| !p.is_empty())
+            .map(Zeroizing::new);
         Profile::open_with(dir, wait, passphrase.as_deref().map(String::as_str))
     }
 

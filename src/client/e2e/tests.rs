@@ -26,7 +26,12 @@ fn dev() -> Dev {
     assert!(p.fallback.is_some());
     let id = p.identity.unwrap();
     assert!(keys::verify_identity(&id));
-    assert!(p.one_time.iter().chain(&p.fallback).all(|k| keys::verify_signed_key(&id, k)));
+    assert!(
+        p.one_time
+            .iter()
+            .chain(&p.fallback)
+            .all(|k| keys::verify_signed_key(&id, k))
+    );
     c.mark_published();
     c.persist().unwrap();
     Dev {
@@ -94,16 +99,25 @@ fn first_contact_then_both_ways() {
         Err(DecryptError::Refused)
     );
     // Bob answers on the same session: a normal message.
-    let back = bob.c.encrypt(&addr("alice", 1), &payload("back"), &mut notices).unwrap();
+    let back = bob
+        .c
+        .encrypt(&addr("alice", 1), &payload("back"), &mut notices)
+        .unwrap();
     assert_eq!(Envelope::decode(&back).unwrap().kind, OlmKind::Normal);
     assert_eq!(
         alice.c.decrypt(&addr("bob", 1), &back, &mut notices).unwrap().unwrap(),
         payload("back")
     );
-    let normal = alice.c.encrypt(&addr("bob", 1), &payload("three"), &mut notices).unwrap();
+    let normal = alice
+        .c
+        .encrypt(&addr("bob", 1), &payload("three"), &mut notices)
+        .unwrap();
     assert_eq!(Envelope::decode(&normal).unwrap().kind, OlmKind::Normal);
     assert_eq!(
-        bob.c.decrypt(&addr("alice", 1), &normal, &mut notices).unwrap().unwrap(),
+        bob.c
+            .decrypt(&addr("alice", 1), &normal, &mut notices)
+            .unwrap()
+            .unwrap(),
         payload("three")
     );
     // Bob learnt alice's Curve25519 key from the pre-key message.
@@ -113,7 +127,9 @@ fn first_contact_then_both_ways() {
     assert!(notices.is_empty(), "{notices:?}");
     // Garbage and bodies from strangers.
     assert_eq!(
-        bob.c.decrypt(&addr("alice", 1), b"\x00\x01\x03abc", &mut notices).unwrap(),
+        bob.c
+            .decrypt(&addr("alice", 1), b"\x00\x01\x03abc", &mut notices)
+            .unwrap(),
         Err(DecryptError::Malformed)
     );
     assert_eq!(
@@ -139,12 +155,21 @@ fn sessions_and_account_survive_a_reopen_only_once_written() {
     assert!(alice.has_account());
     assert!(alice.has_session(&addr("bob", 1)).unwrap());
     let next = alice.encrypt(&addr("bob", 1), &payload("y"), &mut notices).unwrap();
-    assert_eq!(bob.c.decrypt(&addr("alice", 1), &body, &mut notices).unwrap().unwrap(), payload("x"));
-    assert_eq!(bob.c.decrypt(&addr("alice", 1), &next, &mut notices).unwrap().unwrap(), payload("y"));
+    assert_eq!(
+        bob.c.decrypt(&addr("alice", 1), &body, &mut notices).unwrap().unwrap(),
+        payload("x")
+    );
+    assert_eq!(
+        bob.c.decrypt(&addr("alice", 1), &next, &mut notices).unwrap().unwrap(),
+        payload("y")
+    );
     // Bob's state, not written: a reopened bob has no session and no
     // longer the one-time key... but its writes were taken, not applied.
     let writes = bob.c.take_writes();
-    assert!(writes.contains_key(ACCOUNT.to_vec().as_slice()), "the account used up a one-time key");
+    assert!(
+        writes.contains_key(ACCOUNT.to_vec().as_slice()),
+        "the account used up a one-time key"
+    );
     assert!(writes.keys().any(|k| k.starts_with(b"s\0alice\0")));
 }
 
@@ -178,7 +203,10 @@ fn claimed_keys_must_verify() {
     assert!(keys.fallback);
     assert!(alice.c.accept_claimed("bob", &keys, false, &mut notices).unwrap());
     let body = alice.c.encrypt(&addr("bob", 1), &payload("fb"), &mut notices).unwrap();
-    assert_eq!(bob.c.decrypt(&addr("alice", 1), &body, &mut notices).unwrap().unwrap(), payload("fb"));
+    assert_eq!(
+        bob.c.decrypt(&addr("alice", 1), &body, &mut notices).unwrap().unwrap(),
+        payload("fb")
+    );
 }
 
 #[test]
@@ -187,10 +215,16 @@ fn new_devices_are_news_and_changed_identities_are_warnings() {
     let mut bob1 = dev();
     let mut bob2 = dev();
     let mut notices = Vec::new();
-    alice.c.accept_claimed("bob", &bob1.claim(1), false, &mut notices).unwrap();
+    alice
+        .c
+        .accept_claimed("bob", &bob1.claim(1), false, &mut notices)
+        .unwrap();
     alice.c.set_devices("bob", vec![DeviceId(1)]);
     assert!(notices.is_empty());
-    alice.c.accept_claimed("bob", &bob2.claim(2), false, &mut notices).unwrap();
+    alice
+        .c
+        .accept_claimed("bob", &bob2.claim(2), false, &mut notices)
+        .unwrap();
     assert_eq!(
         notices,
         vec![Notice::NewDevice {
@@ -201,7 +235,10 @@ fn new_devices_are_news_and_changed_identities_are_warnings() {
     assert_eq!(alice.c.devices("bob").unwrap(), Some(vec![DeviceId(1), DeviceId(2)]));
     notices.clear();
     // The same identity again (a later claim) says nothing.
-    alice.c.accept_claimed("bob", &bob1.claim(1), false, &mut notices).unwrap();
+    alice
+        .c
+        .accept_claimed("bob", &bob1.claim(1), false, &mut notices)
+        .unwrap();
     assert!(notices.is_empty());
     // A server claiming bob's device 1 now has bob2's identity.
     let forged = bob2.claim(1);
@@ -223,7 +260,10 @@ fn new_devices_are_news_and_changed_identities_are_warnings() {
     let mut other = dev();
     let mut fresh = dev();
     let mut n2 = Vec::new();
-    fresh.c.accept_claimed("other", &other.claim(1), false, &mut n2).unwrap();
+    fresh
+        .c
+        .accept_claimed("other", &other.claim(1), false, &mut n2)
+        .unwrap();
     let body = fresh.c.encrypt(&addr("other", 1), &payload("hi"), &mut n2).unwrap();
     other.c.set_known_for_test(
         &addr("fresh", 1),
@@ -251,7 +291,10 @@ fn a_fresh_session_replaces_a_broken_one() {
     let mut alice = dev();
     let mut bob = dev();
     let mut notices = Vec::new();
-    alice.c.accept_claimed("bob", &bob.claim(1), false, &mut notices).unwrap();
+    alice
+        .c
+        .accept_claimed("bob", &bob.claim(1), false, &mut notices)
+        .unwrap();
     let first = alice.c.encrypt(&addr("bob", 1), &payload("1"), &mut notices).unwrap();
     bob.c.decrypt(&addr("alice", 1), &first, &mut notices).unwrap().unwrap();
     // Bob loses his session state (a restored backup, say).
@@ -259,16 +302,26 @@ fn a_fresh_session_replaces_a_broken_one() {
     bob.c.tree.clear().unwrap();
     bob.c.writes.retain(|k, _| !k.starts_with(b"s\0"));
     let second = alice.c.encrypt(&addr("bob", 1), &payload("2"), &mut notices).unwrap();
-    assert!(bob.c.decrypt(&addr("alice", 1), &second, &mut notices).unwrap().is_err());
+    assert!(
+        bob.c
+            .decrypt(&addr("alice", 1), &second, &mut notices)
+            .unwrap()
+            .is_err()
+    );
     // Bob resets: a new session from alice's fresh keys.
     assert!(bob.c.may_reset(&addr("alice", 1), 1_000_000).unwrap());
     assert!(!bob.c.may_reset(&addr("alice", 1), 1_000_001).unwrap());
-    bob.c.accept_claimed("alice", &alice.claim(1), true, &mut notices).unwrap();
+    bob.c
+        .accept_claimed("alice", &alice.claim(1), true, &mut notices)
+        .unwrap();
     let reset = Payload {
         content: Content::SessionReset,
         ..Payload::decode(&payload("")).unwrap()
     };
-    let body = bob.c.encrypt(&addr("alice", 1), &reset.encode().unwrap(), &mut notices).unwrap();
+    let body = bob
+        .c
+        .encrypt(&addr("alice", 1), &reset.encode().unwrap(), &mut notices)
+        .unwrap();
     assert_eq!(
         Payload::decode(&alice.c.decrypt(&addr("bob", 1), &body, &mut notices).unwrap().unwrap())
             .unwrap()
@@ -277,7 +330,10 @@ fn a_fresh_session_replaces_a_broken_one() {
     );
     // Alice now writes on the new session, which bob can read.
     let third = alice.c.encrypt(&addr("bob", 1), &payload("3"), &mut notices).unwrap();
-    assert_eq!(bob.c.decrypt(&addr("alice", 1), &third, &mut notices).unwrap().unwrap(), payload("3"));
+    assert_eq!(
+        bob.c.decrypt(&addr("alice", 1), &third, &mut notices).unwrap().unwrap(),
+        payload("3")
+    );
 }
 
 #[test]
@@ -291,7 +347,10 @@ fn passphrase_encrypts_the_keys_at_rest() {
         c.identity().unwrap()
     };
     let e = open(tmp.path(), None).unwrap_err();
-    assert!(matches!(e, Error::Passphrase(t) if t.contains("TIDINGS_PASSPHRASE")), "{e}");
+    assert!(
+        matches!(e, Error::Passphrase(t) if t.contains("TIDINGS_PASSPHRASE")),
+        "{e}"
+    );
     let e = open(tmp.path(), Some("battery staple")).unwrap_err();
     assert!(matches!(e, Error::Passphrase(t) if t.contains("wrong")), "{e}");
     let (_db, c) = open(tmp.path(), Some("correct horse")).unwrap();
@@ -320,7 +379,10 @@ fn a_plain_profile_is_encrypted_once_a_passphrase_is_given() {
     assert!(matches!(open(tmp.path(), None), Err(Error::Passphrase(_))));
     let (_db, mut c) = open(tmp.path(), Some("pw")).unwrap();
     let body = c.encrypt(&addr("bob", 1), &payload("z"), &mut notices).unwrap();
-    assert_eq!(bob.c.decrypt(&addr("x", 1), &body, &mut notices).unwrap().unwrap(), payload("z"));
+    assert_eq!(
+        bob.c.decrypt(&addr("x", 1), &body, &mut notices).unwrap().unwrap(),
+        payload("z")
+    );
 }
 
 #[test]
@@ -352,7 +414,10 @@ fn safety_numbers_are_symmetric_and_cover_every_key() {
     let n = safety_number(("alice", &a), ("bob", &b));
     assert_eq!(n, safety_number(("bob", &b), ("alice", &a)));
     assert_eq!(n.len(), 60 + 11);
-    assert!(n.split(' ').all(|g| g.len() == 5 && g.bytes().all(|c| c.is_ascii_digit())));
+    assert!(
+        n.split(' ')
+            .all(|g| g.len() == 5 && g.bytes().all(|c| c.is_ascii_digit()))
+    );
     assert_ne!(n, safety_number(("alice", &a[..1]), ("bob", &b)));
     assert_ne!(n, safety_number(("alice", &[[2u8; 32], [1; 32]]), ("bob", &b)));
     assert_ne!(n, safety_number(("alicf", &a), ("bob", &b)));
