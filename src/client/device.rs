@@ -203,6 +203,14 @@ impl Client {
     pub fn connect(&mut self) -> Result<(), Error> {
         let reg = self.profile.registered()?;
         let (addr, key) = (reg.server.clone(), reg.server_key);
+        // A registered device has an Olm account before anything arrives
+        // (a profile from before end-to-end encryption gets one now; it is
+        // published by [`Client::maintain`]).
+        let crypto = self.profile.crypto_mut();
+        if crypto.ensure_account()? {
+            crypto.persist()?;
+            self.profile.history().flush()?;
+        }
         self.connect_to(&addr, &key)
     }
 
@@ -572,10 +580,10 @@ impl Client {
         self.profile.registered()?;
         self.connect()?;
         let crypto = self.profile.crypto_mut();
-        let created = crypto.ensure_account()?;
-        let count = if created { Some(0) } else { self.keys_low };
-        let Some(publish) = crypto.keys_to_publish(count, now_ms())? else {
-            self.keys_low = None;
+        crypto.ensure_account()?;
+        // Taken: if publishing fails, the server says so again at the next
+        // authentication (and keys made meanwhile go up then).
+        let Some(publish) = crypto.keys_to_publish(self.keys_low.take(), now_ms())? else {
             return Ok(());
         };
         crypto.persist()?;
@@ -595,7 +603,6 @@ impl Client {
         ) {
             Ok(ServerFrame::KeyCount { one_time }) => {
                 log::debug!("the server holds {one_time} one-time keys");
-                self.keys_low = None;
                 let crypto = self.profile.crypto_mut();
                 crypto.mark_published();
                 crypto.persist()?;

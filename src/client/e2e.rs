@@ -441,7 +441,8 @@ impl Crypto {
 
     /// The keys to publish: always the identity (the server accepts the
     /// same one again), the one-time keys not yet published (new ones when
-    /// `server_count` is below [`LOW_WATER`], up to [`ONE_TIME_TARGET`]),
+    /// `server_count` is below [`LOW_WATER`], or nothing was ever
+    /// published, up to [`ONE_TIME_TARGET`]),
     /// and a new fallback key when the current one is older than
     /// [`FALLBACK_ROTATE_MS`]. `None` if there is nothing new. Call
     /// [`Crypto::mark_published`] once the server answered.
@@ -450,6 +451,12 @@ impl Crypto {
     /// [`Error::NoAccount`].
     pub fn keys_to_publish(&mut self, server_count: Option<u32>, now_ms: u64) -> Result<Option<PublishKeys>, Error> {
         let identity = self.identity()?;
+        // Nothing was ever published: the server holds no one-time key.
+        let server_count = if self.fallback_ms == 0 {
+            Some(server_count.unwrap_or(0))
+        } else {
+            server_count
+        };
         let account = self.account.as_mut().ok_or(Error::NoAccount)?;
         let mut changed = false;
         if let Some(n) = server_count.filter(|n| *n < LOW_WATER) {
@@ -597,7 +604,8 @@ impl Crypto {
     /// # Errors
     /// Store errors.
     pub fn forget_device(&mut self, addr: &DeviceAddr) -> Result<(), Error> {
-        self.sessions.remove(addr);
+        // Empty, not absent: the stored ones are gone once the writes are.
+        self.sessions.insert(addr.clone(), Vec::new());
         for tag in [b's', b'i', b'r'] {
             self.writes.insert(device_key(tag, addr), None);
         }
@@ -670,17 +678,29 @@ impl Crypto {
 
     // ---- sessions ----
 
+    /// A device's sessions, loaded on first use. A damaged record loses
+    /// its sessions (with a warning) rather than stop the client: the
+    /// next body from that device then does not decrypt and a session
+    /// reset repairs it.
     fn load_sessions(&mut self, addr: &DeviceAddr) -> Result<&mut Vec<Live>, Error> {
         if !self.sessions.contains_key(addr) {
             let mut list = Vec::new();
             if let Some(v) = self.tree.get(device_key(b's', addr))? {
-                let StoredSessions::V1(stored) = decode(&v, "sessions")?;
-                for s in stored {
-                    let pickle = SessionPickle::from_encrypted(&s.pickle, &self.key).map_err(|_| damaged("session"))?;
-                    list.push(Live {
-                        peer: s.peer,
-                        session: Session::from_pickle(pickle),
-                    });
+                match decode::<StoredSessions>(&v, "sessions") {
+                    Ok(StoredSessions::V1(stored)) => {
+                        for s in stored {
+                            match SessionPickle::from_encrypted(&s.pickle, &self.key) {
+                                Ok(p) => list.push(Live {
+                                    peer: s.peer,
+                                    session: Session::from_pickle(p),
+                                }),
+                                Err(e) => {
+                                    log::warn!("dropping a damaged Olm session with {}/{}: {e}", addr.user, addr.device)
+                                }
+                            }
+                        }
+                    }
+                    Err(_) => log::warn!("dropping damaged Olm sessions with {}/{}", addr.user, addr.device),
                 }
             }
             self.sessions.insert(addr.clone(), list);

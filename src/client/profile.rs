@@ -754,6 +754,55 @@ mod tests {
     }
 
     #[test]
+    fn records_from_before_end_to_end_encryption_still_read() {
+        let m = msg(4, "bob", "alice", Direction::In, Status::Received);
+        let old = MessageV1 {
+            id: m.id,
+            from: m.from.clone(),
+            from_device: m.from_device,
+            to: m.to.clone(),
+            text: m.text.clone(),
+            ts_ms: m.ts_ms,
+            direction: m.direction,
+            status: m.status,
+        };
+        let bytes = postcard::to_stdvec(&Stored::V1(old)).unwrap();
+        assert_eq!(bytes[0], 0, "V1 is tag 0");
+        assert_eq!(decode(&bytes).unwrap(), m);
+        let new = postcard::to_stdvec(&Stored::V2(m.clone())).unwrap();
+        assert_eq!(new[0], 1);
+        assert_eq!(decode(&new).unwrap(), m);
+    }
+
+    #[test]
+    fn a_message_and_its_olm_state_commit_together() {
+        let tmp = tempfile::tempdir().unwrap();
+        let h = History::open(tmp.path()).unwrap();
+        let e2e = h.db.open_tree("e2e").unwrap();
+        let m = msg(6, "bob", "alice", Direction::In, Status::Received);
+        let mut writes = Writes::new();
+        writes.insert(b"k".to_vec(), Some(b"v".to_vec()));
+        writes.insert(b"gone".to_vec(), None);
+        e2e.insert(b"gone", &b"x"[..]).unwrap();
+        assert!(
+            h.commit("alice", Some(&m), ("bob", &m.id), &e2e, writes.clone())
+                .unwrap()
+        );
+        assert_eq!(e2e.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
+        assert!(e2e.get(b"gone").unwrap().is_none());
+        assert!(h.has("bob", &m.id).unwrap());
+        // Again: not new, still applied.
+        assert!(!h.commit("alice", Some(&m), ("bob", &m.id), &e2e, writes).unwrap());
+        assert_eq!(h.conversation("bob").unwrap(), vec![m.clone()]);
+        // A delivery that is not shown is remembered, not listed.
+        let id = MsgId([9; 16]);
+        assert!(!h.has("bob", &id).unwrap());
+        h.commit("alice", None, ("bob", &id), &e2e, Writes::new()).unwrap();
+        assert!(h.has("bob", &id).unwrap());
+        assert_eq!(h.conversation("bob").unwrap(), vec![m]);
+    }
+
+    #[test]
     fn peers() {
         let out = msg(1, "alice", "bob", Direction::Out, Status::Sent);
         assert_eq!(out.peer("alice"), "bob");

@@ -427,3 +427,28 @@ fn safety_numbers_are_symmetric_and_cover_every_key() {
         safety_number(("alice", &[[1u8; 32]]), ("bob", &[[2u8; 32]]))
     );
 }
+
+#[test]
+fn a_damaged_session_record_costs_the_sessions_not_the_client() {
+    let mut alice = dev();
+    let mut bob = dev();
+    let mut notices = Vec::new();
+    alice
+        .c
+        .accept_claimed("bob", &bob.claim(1), false, &mut notices)
+        .unwrap();
+    let body = alice.c.encrypt(&addr("bob", 1), &payload("1"), &mut notices).unwrap();
+    bob.c.decrypt(&addr("alice", 1), &body, &mut notices).unwrap().unwrap();
+    bob.c.persist().unwrap();
+    // Damage bob's record of his sessions with alice, then reopen.
+    let key = device_key(b's', &addr("alice", 1));
+    bob.c.tree.insert(&key, &b"\x00\x01garbage"[..]).unwrap();
+    bob.c.sessions.clear();
+    let next = alice.c.encrypt(&addr("bob", 1), &payload("2"), &mut notices).unwrap();
+    // A pre-key message whose one-time key is used up: refused, no error.
+    assert_eq!(
+        bob.c.decrypt(&addr("alice", 1), &next, &mut notices).unwrap(),
+        Err(DecryptError::Refused)
+    );
+    assert!(!bob.c.has_session(&addr("alice", 1)).unwrap());
+}
