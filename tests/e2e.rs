@@ -666,3 +666,53 @@ fn a_passphrase_protects_the_keys() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("TIDINGS_PASSPHRASE"));
 }
+
+#[test]
+fn a_receiver_killed_mid_stream_loses_nothing_and_keeps_its_sessions() {
+    let d = Daemon::start(None);
+    let alice = d.user("alice");
+    let bob = d.user("bob");
+    let listen = || {
+        Command::new(env!("CARGO_BIN_EXE_tidings"))
+            .arg("--profile")
+            .arg(&bob)
+            .args(["listen", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    const N: usize = 600;
+    let sender = {
+        let alice = alice.clone();
+        std::thread::spawn(move || {
+            let mut a = open(&alice);
+            for i in 0..N {
+                a.send("bob", &format!("m{i}")).unwrap();
+            }
+        })
+    };
+    // SIGKILL bob's listener three times while messages stream in (or wait
+    // in his queue), each time right after it printed its 60th message, so
+    // while it decrypts, stores and acks the next ones.
+    for _ in 0..3 {
+        let mut child = listen();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        for line in lines.take(60) {
+            line.unwrap();
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    sender.join().unwrap();
+    sync(&bob);
+    let h = open(&bob).history("alice").unwrap();
+    assert!(h.iter().all(|m| !m.undecryptable), "{:?}", h.iter().filter(|m| m.undecryptable).count());
+    let want: Vec<String> = (0..N).map(|i| format!("m{i}")).collect();
+    assert_eq!(texts(&h), want.iter().map(String::as_str).collect::<Vec<_>>(), "all, once, in order");
+    // The sessions survived: both ways still work.
+    open(&bob).send("alice", "still here").unwrap();
+    assert_eq!(texts(&messages(&sync(&alice))), ["still here"]);
+    open(&alice).send("bob", "me too").unwrap();
+    assert_eq!(texts(&messages(&sync(&bob))), ["me too"]);
+}
