@@ -707,9 +707,17 @@ fn a_receiver_killed_mid_stream_loses_nothing_and_keeps_its_sessions() {
     sender.join().unwrap();
     sync(&bob);
     let h = open(&bob).history("alice").unwrap();
-    assert!(h.iter().all(|m| !m.undecryptable), "{:?}", h.iter().filter(|m| m.undecryptable).count());
+    assert!(
+        h.iter().all(|m| !m.undecryptable),
+        "{:?}",
+        h.iter().filter(|m| m.undecryptable).count()
+    );
     let want: Vec<String> = (0..N).map(|i| format!("m{i}")).collect();
-    assert_eq!(texts(&h), want.iter().map(String::as_str).collect::<Vec<_>>(), "all, once, in order");
+    assert_eq!(
+        texts(&h),
+        want.iter().map(String::as_str).collect::<Vec<_>>(),
+        "all, once, in order"
+    );
     // The sessions survived: both ways still work.
     open(&bob).send("alice", "still here").unwrap();
     assert_eq!(texts(&messages(&sync(&alice))), ["still here"]);
