@@ -104,7 +104,8 @@ pub struct Quotas {
     pub queue_messages: u64,
     /// Most bytes in one device's queue.
     pub queue_bytes: u64,
-    /// Most bytes the database may occupy on disk.
+    /// Most bytes all queues together may hold (sled's files take more, up
+    /// to a few times this).
     pub disk_budget: u64,
 }
 
@@ -150,8 +151,8 @@ pub struct Store {
     /// visibility order and the counts are exact.
     metas: Mutex<queues::Metas>,
     quotas: Quotas,
-    /// Bytes on disk, as last measured ([`Store::measure_disk`]).
-    disk_used: AtomicU64,
+    /// Bytes held in all queues (exact; for the budget).
+    queued_bytes: AtomicU64,
     flusher: Flusher,
     server_key: Keypair,
     public_addr: RwLock<Option<String>>,
@@ -268,7 +269,7 @@ impl Store {
         let queues = db.open_tree("queues")?;
         let flusher = Flusher::new(db.clone());
         let e2e = db.open_tree("e2e")?;
-        Ok(Store {
+        let store = Store {
             db,
             meta,
             queues,
@@ -277,12 +278,15 @@ impl Store {
             accounts,
             metas: Mutex::new(Default::default()),
             quotas: config.quotas,
-            disk_used: AtomicU64::new(0),
+            queued_bytes: AtomicU64::new(0),
             flusher,
             server_key,
             public_addr: RwLock::new(public_addr),
             dir: dir.to_path_buf(),
-        })
+        };
+        let queued = store.count_queued_bytes()?;
+        store.queued_bytes.store(queued, Ordering::Relaxed);
+        Ok(store)
     }
 
     /// The data directory.
@@ -330,21 +334,18 @@ impl Store {
         Ok(())
     }
 
-    /// Measures the bytes the database occupies on disk, for the disk
-    /// budget (the sweeper calls this now and then; appends use the last
-    /// measurement).
+    /// Bytes held in all queues: what the disk budget counts. (sled's files
+    /// take more, up to a few times this, and do not shrink right away.)
+    pub fn queued_bytes(&self) -> u64 {
+        self.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Bytes sled's files take on disk (for operators).
     ///
     /// # Errors
     /// On a database failure.
-    pub fn measure_disk(&self) -> Result<u64, StoreError> {
-        let used = self.db.size_on_disk()?;
-        self.disk_used.store(used, Ordering::Relaxed);
-        Ok(used)
-    }
-
-    /// Bytes on disk as last measured.
-    pub fn disk_used(&self) -> u64 {
-        self.disk_used.load(Ordering::Relaxed)
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
     }
 }
 

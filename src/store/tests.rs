@@ -298,6 +298,7 @@ fn receipts_fold_while_they_wait() {
             &[alice],
             i as u64,
         )
+        .unwrap()
         .unwrap();
     }
     s.append_receipt(
@@ -308,6 +309,7 @@ fn receipts_fold_while_they_wait() {
         &[alice],
         9,
     )
+    .unwrap()
     .unwrap();
     let q = ids_of(&s, alice);
     assert_eq!(q.len(), 2, "{q:?}");
@@ -331,6 +333,7 @@ fn receipts_fold_while_they_wait() {
         &[alice],
         10,
     )
+    .unwrap()
     .unwrap();
     let q = ids_of(&s, alice);
     assert!(matches!(&q[..], [(_, Entry::Receipt(r))] if r.ids == vec![MsgId([7; 16])]));
@@ -349,10 +352,13 @@ fn receipts_about_different_conversations_are_not_folded_together() {
     let (alice, carol) = (UserId(1), UserId(3));
     let read = crate::wire::ReceiptKind::READ;
     s.append_receipt(bob1, alice, read, &[MsgId([1; 16])], &[bob2], 1)
+        .unwrap()
         .unwrap();
     s.append_receipt(bob1, carol, read, &[MsgId([3; 16])], &[bob2], 2)
+        .unwrap()
         .unwrap();
     s.append_receipt(bob1, alice, read, &[MsgId([2; 16])], &[bob2], 3)
+        .unwrap()
         .unwrap();
     let q = ids_of(&s, bob2);
     let receipts: Vec<(u32, Vec<MsgId>)> = q
@@ -381,6 +387,7 @@ fn the_sweep_forgets_fold_records_of_entries_that_are_gone() {
     let fold_records = |s: &Store| s.queues.scan_prefix(b"r").count();
     let read = crate::wire::ReceiptKind::READ;
     s.append_receipt(bob, UserId(1), read, &[MsgId([1; 16])], &[alice], 1)
+        .unwrap()
         .unwrap();
     assert_eq!(fold_records(&s), 1);
     let mut cursor = Vec::new();
@@ -388,6 +395,7 @@ fn the_sweep_forgets_fold_records_of_entries_that_are_gone() {
     while !s.sweep(&mut cursor, 0, 1000, 2).unwrap().wrapped {}
     assert_eq!(fold_records(&s), 1);
     s.append_receipt(bob, UserId(1), read, &[MsgId([2; 16])], &[alice], 3)
+        .unwrap()
         .unwrap();
     assert_eq!(ids_of(&s, alice).len(), 1);
     // Acknowledged: the next pass forgets the record.
@@ -396,6 +404,7 @@ fn the_sweep_forgets_fold_records_of_entries_that_are_gone() {
     assert_eq!(fold_records(&s), 0);
     // A receipt after that starts a new entry, as before.
     s.append_receipt(bob, UserId(1), read, &[MsgId([3; 16])], &[alice], 5)
+        .unwrap()
         .unwrap();
     assert!(matches!(&ids_of(&s, alice)[..], [(_, Entry::Receipt(r))] if r.ids == vec![MsgId([3; 16])]));
 }
@@ -494,7 +503,6 @@ fn quotas_refuse_and_drop_nothing() {
         ..Default::default()
     };
     let s = Store::open(dir.path(), &config).unwrap();
-    s.measure_disk().unwrap();
     assert_eq!(
         s.append(a, MsgId([1; 16]), UserId(2), &[(b, Bytes::from_static(b"x"))], 1)
             .unwrap(),
@@ -606,4 +614,84 @@ fn format_1_directories_are_migrated() {
     fs::write(dir.path().join("FORMAT"), "tidings-data 1\n").unwrap();
     let s = open(dir.path());
     assert_eq!(msg(&ids_of(&s, b)[0].1).body, Bytes::from_static(b"old"));
+}
+
+#[test]
+fn the_budget_counts_queued_bytes_exactly_and_receipts_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dev(1, 1), dev(2, 1));
+    let config = StoreConfig {
+        quotas: Quotas {
+            disk_budget: 1000,
+            ..Quotas::default()
+        },
+        ..Default::default()
+    };
+    {
+        let s = Store::open(dir.path(), &config).unwrap();
+        let body = Bytes::from(vec![0u8; 300]);
+        for i in 0..3u8 {
+            assert!(matches!(
+                s.append(a, MsgId([i; 16]), UserId(2), &[(b, body.clone())], 1).unwrap(),
+                Appended::New { .. }
+            ));
+        }
+        let used = s.queued_bytes();
+        assert_eq!(used, s.queue_usage(b).unwrap().1);
+        assert_eq!(
+            s.append(a, MsgId([9; 16]), UserId(2), &[(b, body.clone())], 1).unwrap(),
+            Appended::OverQuota(Quota::Disk)
+        );
+        // Receipts cannot fill it either.
+        let ids: Vec<MsgId> = (0..64u8).map(|i| MsgId([i; 16])).collect();
+        assert_eq!(
+            s.append_receipt(b, UserId(1), crate::wire::ReceiptKind::READ, &ids, &[a], 1)
+                .unwrap(),
+            Err(Quota::Disk)
+        );
+        // An ack frees budget at once.
+        s.ack(b, 2).unwrap();
+        assert!(s.queued_bytes() < used);
+        assert!(matches!(
+            s.append(a, MsgId([9; 16]), UserId(2), &[(b, body)], 1).unwrap(),
+            Appended::New { .. }
+        ));
+        s.flush().unwrap();
+    }
+    // Counted again on open.
+    let s = Store::open(dir.path(), &config).unwrap();
+    assert_eq!(s.queued_bytes(), s.queue_usage(b).unwrap().1);
+}
+
+#[test]
+fn receipts_that_start_an_entry_count_against_a_full_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dev(1, 1), dev(2, 1));
+    let config = StoreConfig {
+        quotas: Quotas {
+            queue_messages: 2,
+            ..Quotas::default()
+        },
+        ..Default::default()
+    };
+    let s = Store::open(dir.path(), &config).unwrap();
+    let read = crate::wire::ReceiptKind::READ;
+    let delivered = crate::wire::ReceiptKind::DELIVERED;
+    s.append_receipt(b, UserId(1), read, &[MsgId([1; 16])], &[a], 1)
+        .unwrap()
+        .unwrap();
+    s.append_receipt(b, UserId(1), delivered, &[MsgId([1; 16])], &[a], 1)
+        .unwrap()
+        .unwrap();
+    // Folding into a waiting entry is fine; a third entry is not.
+    s.append_receipt(b, UserId(1), read, &[MsgId([2; 16])], &[a], 1)
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.queue_len(a).unwrap(), 2);
+    assert_eq!(
+        s.append_receipt(dev(3, 1), UserId(1), read, &[MsgId([3; 16])], &[a], 1)
+            .unwrap(),
+        Err(Quota::Queue(a))
+    );
+    assert_eq!(s.queue_len(a).unwrap(), 2);
 }
