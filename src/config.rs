@@ -35,6 +35,38 @@ pub struct FileConfig {
     /// Resource limits.
     #[serde(default)]
     pub limits: Limits,
+    /// How long undelivered entries are kept.
+    #[serde(default)]
+    pub retention: Retention,
+    /// Quotas that refuse new messages.
+    #[serde(default)]
+    pub quotas: QuotaSettings,
+}
+
+/// `[retention]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Queue entries (and remembered message ids) older than this expire.
+    #[serde(default, deserialize_with = "duration")]
+    pub period: Option<Duration>,
+    /// Pause between sweeps.
+    #[serde(default, deserialize_with = "duration")]
+    pub sweep_every: Option<Duration>,
+}
+
+/// `[quotas]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaSettings {
+    /// Most entries in one device's queue.
+    pub queue_messages: Option<u64>,
+    /// Most bytes in one device's queue.
+    #[serde(default, deserialize_with = "size")]
+    pub queue_bytes: Option<u64>,
+    /// Most bytes the database may take on disk.
+    #[serde(default, deserialize_with = "size")]
+    pub disk_budget: Option<u64>,
 }
 
 /// `[timeouts]`.
@@ -144,6 +176,9 @@ impl FileConfig {
         if config.limits.delivery_window == Some(0) {
             return Err("limits.delivery_window: must be at least 1".into());
         }
+        if config.quotas.queue_messages == Some(0) {
+            return Err("quotas.queue_messages: must be at least 1".into());
+        }
         if config.limits.connections_per_ip == Some(0) {
             return Err("limits.connections_per_ip: must be at least 1".into());
         }
@@ -194,6 +229,22 @@ impl FileConfig {
         if let Some(v) = l.cache {
             c.store.cache_capacity = v;
         }
+        if let Some(v) = self.retention.period {
+            c.retention.period = v;
+        }
+        if let Some(v) = self.retention.sweep_every {
+            c.retention.sweep_every = v;
+        }
+        let q = &self.quotas;
+        if let Some(v) = q.queue_messages {
+            c.store.quotas.queue_messages = v;
+        }
+        if let Some(v) = q.queue_bytes {
+            c.store.quotas.queue_bytes = v;
+        }
+        if let Some(v) = q.disk_budget {
+            c.store.quotas.disk_budget = v;
+        }
         if let Some(v) = l.connections_per_ip {
             c.per_ip.connections = v;
         }
@@ -229,6 +280,13 @@ mod tests {
             cache = 33554432
             connections_per_ip = 10
             handshakes_per_second_per_ip = 5
+            [retention]
+            period = "7d"
+            sweep_every = "10s"
+            [quotas]
+            queue_messages = 1000
+            queue_bytes = "10MiB"
+            disk_budget = "1GiB"
             "#,
         )
         .unwrap();
@@ -245,6 +303,11 @@ mod tests {
         assert_eq!(s.store.cache_capacity, 32 << 20);
         assert_eq!(s.per_ip.connections, 10);
         assert_eq!(s.per_ip.handshakes_per_second, 5);
+        assert_eq!(s.retention.period, Duration::from_secs(7 * 86400));
+        assert_eq!(s.retention.sweep_every, Duration::from_secs(10));
+        assert_eq!(s.store.quotas.queue_messages, 1000);
+        assert_eq!(s.store.quotas.queue_bytes, 10 << 20);
+        assert_eq!(s.store.quotas.disk_budget, 1 << 30);
     }
 
     #[test]

@@ -11,9 +11,14 @@
 //! - `handshake.txt` is what `Noise_XK_25519_ChaChaPoly_SHA256` with the
 //!   preamble as prologue produces from its keys, and our own handshake
 //!   completes against a peer using those keys (§4);
+//! - the key directory vectors (§5.4) hold real keys and Ed25519
+//!   signatures: each is rebuilt here from the seeds its comments name,
+//!   signing the messages exactly as §5.4 states them, and `tidings::keys`
+//!   accepts every signature in them;
 //! - the README's §7 table lists every `ErrorCode` by number and name, its
-//!   §6 table states the limits the code uses, and each of its worked
-//!   examples is byte for byte the vector it names.
+//!   §6 table states the limits and defaults the code uses (quotas and
+//!   retention included), and each of its worked examples is byte for
+//!   byte the vector it names.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -21,10 +26,15 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use base64::Engine as _;
+use ring::signature::{Ed25519KeyPair, KeyPair as _};
+use tidings::hub::HubConfig;
 use tidings::noise::{self, Keypair, NOISE_PARAMS};
+use tidings::server::sweeper::RetentionConfig;
+use tidings::store::Quotas;
 use tidings::wire::{
-    self, CLIENT_FRAME_KINDS, ErrorCode, Flow, PREAMBLE, RecordDecoder, RecordError, Refusal, SERVER_FRAME_KINDS,
-    decode_client, decode_server, encode_client, encode_server,
+    self, CLIENT_FRAME_KINDS, ClientFrame, DeviceId, DeviceKeys, ErrorCode, Flow, IdentityKeys, PREAMBLE, PublishKeys,
+    RecordDecoder, RecordError, Refusal, SERVER_FRAME_KINDS, ServerFrame, Signature, SignedKey, decode_client,
+    decode_server, encode_client, encode_server,
 };
 
 fn spec_dir() -> PathBuf {
@@ -362,6 +372,139 @@ fn our_handshake_matches_the_transcripts_parameters() {
     assert_eq!(&payload[..n], [0x02, 0x00]);
 }
 
+/// A device of the key directory vectors (§5.4): device `n`'s Ed25519 seed
+/// is 32 bytes of `e0 + n`, its Curve25519 identity key the X25519 public
+/// key of 32 bytes of `c0 + n`.
+struct VectorDevice {
+    signer: Ed25519KeyPair,
+    identity: IdentityKeys,
+}
+
+/// The X25519 public key of the private key made of 32 bytes `b`.
+fn x25519_public(b: u8) -> [u8; 32] {
+    Keypair::from_private(&[b; 32]).unwrap().public
+}
+
+fn sign(signer: &Ed25519KeyPair, message: &[u8]) -> Signature {
+    Signature(signer.sign(message).as_ref().try_into().unwrap())
+}
+
+impl VectorDevice {
+    fn new(n: u8) -> VectorDevice {
+        let signer = Ed25519KeyPair::from_seed_unchecked(&[0xe0 + n; 32]).unwrap();
+        let ed25519: [u8; 32] = signer.public_key().as_ref().try_into().unwrap();
+        let curve25519 = x25519_public(0xc0 + n);
+        // §5.4, written out here rather than taken from `tidings::keys`.
+        let message = [&b"tidings identity v1"[..], &curve25519, &ed25519].concat();
+        let signature = sign(&signer, &message);
+        VectorDevice {
+            signer,
+            identity: IdentityKeys {
+                curve25519,
+                ed25519,
+                signature,
+            },
+        }
+    }
+
+    /// The X25519 public key of 32 bytes `private`, signed by this device.
+    fn key(&self, private: u8) -> SignedKey {
+        let key = x25519_public(private);
+        let message = [&b"tidings one-time key v1"[..], &key].concat();
+        SignedKey {
+            key,
+            signature: sign(&self.signer, &message),
+        }
+    }
+}
+
+#[test]
+fn key_directory_vectors_are_real_keys_and_signatures() {
+    let (b1, b2) = (VectorDevice::new(1), VectorDevice::new(2));
+    let client = |req, frame: ClientFrame| {
+        let mut out = Vec::new();
+        encode_client(req, &frame, &mut out);
+        out
+    };
+    let server = |req, frame: ServerFrame| {
+        let mut out = Vec::new();
+        encode_server(req, &frame, &mut out);
+        out
+    };
+    let expected = [
+        (
+            "client-11-publish-keys.hex",
+            client(
+                7,
+                ClientFrame::PublishKeys(Box::new(PublishKeys {
+                    identity: Some(b1.identity),
+                    one_time: vec![b1.key(0xa1)],
+                    fallback: Some(b1.key(0xf1)),
+                })),
+            ),
+        ),
+        (
+            "client-11-publish-keys-top-up.hex",
+            client(
+                9,
+                ClientFrame::PublishKeys(Box::new(PublishKeys {
+                    identity: None,
+                    one_time: vec![b1.key(0xa2), b1.key(0xa3)],
+                    fallback: None,
+                })),
+            ),
+        ),
+        (
+            "server-14-keys.hex",
+            server(
+                8,
+                ServerFrame::Keys {
+                    user: "bob".into(),
+                    devices: vec![
+                        DeviceKeys {
+                            device: DeviceId(1),
+                            identity: b1.identity,
+                            one_time: Some(b1.key(0xa1)),
+                            fallback: false,
+                        },
+                        DeviceKeys {
+                            device: DeviceId(2),
+                            identity: b2.identity,
+                            one_time: Some(b2.key(0xf2)),
+                            fallback: true,
+                        },
+                    ],
+                },
+            ),
+        ),
+    ];
+    let files = vector_files();
+    for (name, bytes) in &expected {
+        assert_eq!(hex::encode(parse_vector(&files[*name]).1), hex::encode(bytes), "{name}");
+    }
+    // And the code's signature checks accept them (so `tidings::keys`
+    // signs and verifies the messages §5.4 states).
+    assert!(tidings::keys::verify_identity(&b1.identity));
+    assert!(tidings::keys::verify_identity(&b2.identity));
+    for (signer, key) in [(&b1, 0xa1), (&b1, 0xa2), (&b1, 0xa3), (&b1, 0xf1), (&b2, 0xf2)] {
+        assert!(tidings::keys::verify_signed_key(&signer.identity, &signer.key(key)));
+    }
+    assert!(
+        !tidings::keys::verify_signed_key(&b2.identity, &b1.key(0xa1)),
+        "a key signed by another device"
+    );
+    let text = readme();
+    for context in [tidings::keys::IDENTITY_CONTEXT, tidings::keys::ONE_TIME_CONTEXT] {
+        let quoted = format!("`\"{}\"`", std::str::from_utf8(context).unwrap());
+        assert!(text.contains(&quoted), "the README's §5.4 names {quoted}");
+        let spaced: Vec<String> = context.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(
+            text.contains(&spaced.join(" ")),
+            "the README's §5.4 spells out {quoted} in hex"
+        );
+    }
+}
+
 /// Rows of the README's tables, as trimmed cells.
 fn table_rows(text: &str) -> Vec<Vec<String>> {
     text.lines()
@@ -418,6 +561,7 @@ fn readme_states_the_limits() {
         ("MAX_RECORD_LEN", wire::MAX_RECORD_LEN),
         ("HANDSHAKE_RECORD_CAP", wire::HANDSHAKE_RECORD_CAP),
         ("MAX_TEXT_LEN", wire::MAX_TEXT_LEN),
+        ("MAX_RECEIPT_IDS", wire::MAX_RECEIPT_IDS),
     ];
     for (name, value) in limits {
         let stated = format!("`wire::{name}` = {value}");
@@ -426,9 +570,29 @@ fn readme_states_the_limits() {
             "the README's §6 table should say {stated}"
         );
     }
+    let hub = HubConfig::default();
+    let quotas = Quotas::default();
+    let retention = RetentionConfig::default();
+    assert_eq!(
+        retention.period.as_secs() % 86_400,
+        0,
+        "the retention period is stated in days"
+    );
     for stated in [
         format!("`noise::REKEY_AFTER_RECORDS` = {}", noise::REKEY_AFTER_RECORDS),
         format!("`noise::REKEY_AFTER` = {} s", noise::REKEY_AFTER.as_secs()),
+        format!("`store::MAX_ONE_TIME_KEYS` = {}", tidings::store::MAX_ONE_TIME_KEYS),
+        format!("`HubConfig::claims_per_minute` = {}", hub.claims_per_minute),
+        format!("`HubConfig::low_keys` = {}", hub.low_keys),
+        format!("`HubConfig::window` = {}", hub.window),
+        format!("`Quotas::queue_messages` = {}", quotas.queue_messages),
+        format!("`Quotas::queue_bytes` = {}", quotas.queue_bytes),
+        format!("`Quotas::disk_budget` = {}", quotas.disk_budget),
+        format!(
+            "`RetentionConfig::period` = {} days",
+            retention.period.as_secs() / 86_400
+        ),
+        format!("`RetentionConfig::sweep_every` = {} s", retention.sweep_every.as_secs()),
     ] {
         assert!(
             rows.iter().any(|r| r.iter().any(|c| c.contains(&stated))),

@@ -6,8 +6,9 @@
 //! - the record decoder yields the same bodies however a stream is split,
 //!   and never buffers more than one header and one capped body;
 //! - non-canonical encodings (overlong varints) are refused as
-//!   `NonCanonical`, trailing bytes as `Malformed`, unknown tags as
-//!   `Unsupported` with the request id;
+//!   `NonCanonical`, trailing bytes and option or bool bytes other than
+//!   `00` and `01` as `Malformed`, unknown tags as `Unsupported` with the
+//!   request id;
 //! - arbitrary bytes never panic the decoders.
 
 use bytes::Bytes;
@@ -16,9 +17,11 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
 use tidings::wire::{
-    Body, CLIENT_FRAME_KINDS, ClientFrame, Deliver, DeviceAddr, DeviceId, DeviceInfo, ErrorCode, Flow, FrameError,
-    MAX_FRAME_LEN, MAX_RECORD_LEN, MsgId, RECORD_HEADER_LEN, RecordDecoder, RecordError, SERVER_FRAME_KINDS, Send,
-    ServerFrame, Token, decode_client, decode_server, encode_client, encode_server, write_record,
+    Body, CLIENT_FRAME_KINDS, ClientFrame, Deliver, DeviceAddr, DeviceId, DeviceInfo, DeviceKeys, ErrorCode,
+    ExpiredNotice, Flow, FrameError, GapNotice, IdentityKeys, Lost, MAX_FRAME_LEN, MAX_NAME_LEN, MAX_RECEIPT_IDS,
+    MAX_RECORD_LEN, MsgId, PublishKeys, RECORD_HEADER_LEN, Receipt, ReceiptDeliver, ReceiptKind, RecordDecoder,
+    RecordError, SERVER_FRAME_KINDS, Send, ServerFrame, Signature, SignedKey, Token, decode_client, decode_server,
+    encode_client, encode_server, write_record,
 };
 
 // ---------------------------------------------------------------------------
@@ -97,6 +100,102 @@ fn device_info() -> impl Strategy<Value = DeviceInfo> {
     })
 }
 
+/// Signatures and keys: the codec does not check them, so any bytes do.
+fn signature() -> impl Strategy<Value = Signature> {
+    vec(any::<u8>(), 64).prop_map(|v| Signature(v.try_into().expect("64 bytes")))
+}
+
+fn identity_keys() -> impl Strategy<Value = IdentityKeys> {
+    (any::<[u8; 32]>(), any::<[u8; 32]>(), signature()).prop_map(|(curve25519, ed25519, signature)| IdentityKeys {
+        curve25519,
+        ed25519,
+        signature,
+    })
+}
+
+fn signed_key() -> impl Strategy<Value = SignedKey> {
+    (any::<[u8; 32]>(), signature()).prop_map(|(key, signature)| SignedKey { key, signature })
+}
+
+fn publish_keys() -> impl Strategy<Value = PublishKeys> {
+    (
+        prop::option::of(identity_keys()),
+        prop_oneof![4 => vec(signed_key(), 0..4), 1 => vec(signed_key(), 90..110)],
+        prop::option::of(signed_key()),
+    )
+        .prop_map(|(identity, one_time, fallback)| PublishKeys {
+            identity,
+            one_time,
+            fallback,
+        })
+}
+
+fn device_keys() -> impl Strategy<Value = DeviceKeys> {
+    (
+        device_id(),
+        identity_keys(),
+        prop::option::of(signed_key()),
+        any::<bool>(),
+    )
+        .prop_map(|(device, identity, one_time, fallback)| DeviceKeys {
+            device,
+            identity,
+            one_time,
+            fallback,
+        })
+}
+
+/// Receipt kinds: the two clients know (1 delivered, 2 read), and any
+/// other byte (the codec carries any `u8`; the server refuses 0).
+fn receipt_kind() -> impl Strategy<Value = ReceiptKind> {
+    prop_oneof![
+        prop::sample::select(vec![ReceiptKind::DELIVERED, ReceiptKind::READ]),
+        any::<u8>().prop_map(ReceiptKind),
+    ]
+}
+
+/// Message id lists: usually a few, sometimes up to `MAX_RECEIPT_IDS`.
+fn msg_ids() -> impl Strategy<Value = Vec<MsgId>> {
+    prop_oneof![
+        8 => vec(msg_id(), 0..6),
+        1 => vec(msg_id(), MAX_RECEIPT_IDS - 4..=MAX_RECEIPT_IDS),
+    ]
+}
+
+fn receipt() -> impl Strategy<Value = Receipt> {
+    (text(), receipt_kind(), msg_ids()).prop_map(|(to, kind, ids)| Receipt { to, kind, ids })
+}
+
+fn receipt_deliver() -> impl Strategy<Value = ReceiptDeliver> {
+    (int_u64(), device_addr(), text(), receipt_kind(), msg_ids(), int_u64()).prop_map(
+        |(seq, from, to, kind, ids, time_ms)| ReceiptDeliver {
+            seq,
+            from,
+            to,
+            kind,
+            ids,
+            time_ms,
+        },
+    )
+}
+
+fn lost() -> impl Strategy<Value = Lost> {
+    (device_addr(), int_u32(), int_u64(), int_u64()).prop_map(|(from, count, first_ms, last_ms)| Lost {
+        from,
+        count,
+        first_ms,
+        last_ms,
+    })
+}
+
+fn gap_notice() -> impl Strategy<Value = GapNotice> {
+    (int_u64(), vec(lost(), 0..6)).prop_map(|(seq, lost)| GapNotice { seq, lost })
+}
+
+fn expired_notice() -> impl Strategy<Value = ExpiredNotice> {
+    (int_u64(), device_addr(), msg_ids()).prop_map(|(seq, device, ids)| ExpiredNotice { seq, device, ids })
+}
+
 fn client_frame() -> impl Strategy<Value = ClientFrame> {
     prop_oneof![
         Just(ClientFrame::Ping),
@@ -111,6 +210,10 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
         (msg_id(), text(), vec(body(), 0..9), vec(body(), 0..8))
             .prop_map(|(id, to, bodies, own)| ClientFrame::Send(Send { id, to, bodies, own })),
         int_u64().prop_map(|up_to| ClientFrame::Ack { up_to }),
+        publish_keys().prop_map(|keys| ClientFrame::PublishKeys(Box::new(keys))),
+        text().prop_map(|user| ClientFrame::ClaimKeys { user }),
+        receipt().prop_map(ClientFrame::Receipt),
+        msg_id().prop_map(|id| ClientFrame::Retract { id }),
     ]
 }
 
@@ -139,6 +242,11 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
             })
         ),
         Just(ServerFrame::QueueDrained),
+        int_u32().prop_map(|one_time| ServerFrame::KeyCount { one_time }),
+        (text(), vec(device_keys(), 0..9)).prop_map(|(user, devices)| ServerFrame::Keys { user, devices }),
+        receipt_deliver().prop_map(ServerFrame::Receipt),
+        gap_notice().prop_map(ServerFrame::Gap),
+        expired_notice().prop_map(ServerFrame::Expired),
     ]
 }
 
@@ -158,6 +266,10 @@ fn client_tag(f: &ClientFrame) -> u32 {
         ClientFrame::RevokeDevice { .. } => 8,
         ClientFrame::Send(_) => 9,
         ClientFrame::Ack { .. } => 10,
+        ClientFrame::PublishKeys(_) => 11,
+        ClientFrame::ClaimKeys { .. } => 12,
+        ClientFrame::Receipt(_) => 13,
+        ClientFrame::Retract { .. } => 14,
     }
 }
 
@@ -177,6 +289,11 @@ fn server_tag(f: &ServerFrame) -> u32 {
         ServerFrame::Mismatch { .. } => 10,
         ServerFrame::Deliver(_) => 11,
         ServerFrame::QueueDrained => 12,
+        ServerFrame::KeyCount { .. } => 13,
+        ServerFrame::Keys { .. } => 14,
+        ServerFrame::Receipt(_) => 15,
+        ServerFrame::Gap(_) => 16,
+        ServerFrame::Expired(_) => 17,
     }
 }
 
@@ -415,6 +532,15 @@ fn server_frame_ending_in_varint() -> impl Strategy<Value = (ServerFrame, u64, u
             let last = devices.last().map_or(0, |d| d.0.into());
             (ServerFrame::Devices { user, devices }, last, 5)
         }),
+        int_u32().prop_map(|one_time| (ServerFrame::KeyCount { one_time }, one_time.into(), 5)),
+        receipt_deliver().prop_map(|r| {
+            let time_ms = r.time_ms;
+            (ServerFrame::Receipt(r), time_ms, 10)
+        }),
+        (int_u64(), vec(lost(), 1..4)).prop_map(|(seq, lost)| {
+            let last = lost.last().map_or(0, |l| l.last_ms);
+            (ServerFrame::Gap(GapNotice { seq, lost }), last, 10)
+        }),
     ]
 }
 
@@ -462,6 +588,28 @@ proptest! {
         let at = varint_len(&bytes) + 1;
         let len = varint_len(&bytes[at..]);
         check_padded(server_decoder, &bytes, at, len, 3, req, false)?;
+    }
+
+    #[test]
+    fn option_and_bool_bytes_other_than_0_and_1_are_refused(
+        req in int_u32(),
+        keys in publish_keys(),
+        user in text(),
+        devices in vec(device_keys(), 1..4),
+        bad in 2u8..=255,
+    ) {
+        // PublishKeys: the byte after the tag is `identity`'s option byte.
+        let mut bytes = Vec::new();
+        encode_client(req, &ClientFrame::PublishKeys(Box::new(keys)), &mut bytes);
+        let at = varint_len(&bytes) + 1;
+        bytes[at] = bad;
+        prop_assert_eq!(decode_client(&bytes, &mut Vec::new()), Err(FrameError::Malformed { req: Some(req) }));
+
+        // Keys: the last byte is the last device's `fallback` bool.
+        let mut bytes = Vec::new();
+        encode_server(req, &ServerFrame::Keys { user, devices }, &mut bytes);
+        *bytes.last_mut().unwrap() = bad;
+        prop_assert_eq!(decode_server(&bytes, &mut Vec::new()), Err(FrameError::Malformed { req: Some(req) }));
     }
 
     #[test]
@@ -565,4 +713,46 @@ fn too_long_frames_are_refused_before_decoding() {
     bytes.resize(MAX_FRAME_LEN + 1, 0);
     assert_eq!(decode_client(&bytes, &mut Vec::new()), Err(FrameError::TooLong));
     assert_eq!(decode_server(&bytes, &mut Vec::new()), Err(FrameError::TooLong));
+}
+
+#[test]
+fn the_largest_receipts_and_notices_fit_in_a_frame() {
+    // spec §6: a receipt names at most MAX_RECEIPT_IDS messages, and the
+    // server folds waiting receipts and expiry notices up to that many; with
+    // the longest names and the largest numbers each still fits one record.
+    let addr = DeviceAddr {
+        user: "z".repeat(MAX_NAME_LEN),
+        device: DeviceId(u32::MAX),
+    };
+    let ids = vec![MsgId([0xff; 16]); MAX_RECEIPT_IDS];
+    let kind = ReceiptKind(u8::MAX);
+    let mut out = Vec::new();
+    let client = ClientFrame::Receipt(Receipt {
+        to: addr.user.clone(),
+        kind,
+        ids: ids.clone(),
+    });
+    encode_client(u32::MAX, &client, &mut out);
+    assert!(out.len() <= MAX_FRAME_LEN, "Receipt: {} bytes", out.len());
+    assert_eq!(decode_client(&out, &mut Vec::new()), Ok((u32::MAX, client)));
+    for frame in [
+        ServerFrame::Receipt(ReceiptDeliver {
+            seq: u64::MAX,
+            from: addr.clone(),
+            to: addr.user.clone(),
+            kind,
+            ids: ids.clone(),
+            time_ms: u64::MAX,
+        }),
+        ServerFrame::Expired(ExpiredNotice {
+            seq: u64::MAX,
+            device: addr.clone(),
+            ids: ids.clone(),
+        }),
+    ] {
+        out.clear();
+        encode_server(u32::MAX, &frame, &mut out);
+        assert!(out.len() <= MAX_FRAME_LEN, "{}: {} bytes", frame.kind(), out.len());
+        assert_eq!(decode_server(&out, &mut Vec::new()), Ok((u32::MAX, frame)));
+    }
 }

@@ -18,6 +18,7 @@ pub mod core;
 pub mod limits;
 #[cfg(test)]
 mod sim;
+pub mod sweeper;
 #[cfg(test)]
 mod tests;
 
@@ -34,6 +35,7 @@ use thiserror::Error;
 
 use self::core::Core;
 use self::limits::{IpLimitConfig, IpLimits};
+use self::sweeper::{RetentionConfig, Sweeper};
 use crate::hub::{Effect, HubConfig, Now, Shared};
 use crate::session::SessionConfig;
 use crate::store::{Store, StoreConfig, StoreError};
@@ -88,6 +90,8 @@ pub struct ServerConfig {
     pub store: StoreConfig,
     /// Limits per source address, before authentication.
     pub per_ip: IpLimitConfig,
+    /// Retention.
+    pub retention: RetentionConfig,
 }
 
 impl ServerConfig {
@@ -102,6 +106,7 @@ impl ServerConfig {
             hub: HubConfig::default(),
             store: StoreConfig::default(),
             per_ip: IpLimitConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -185,6 +190,7 @@ pub struct Server {
     loops: Loops,
     local_addr: SocketAddr,
     workers: Vec<Worker>,
+    retention: RetentionConfig,
 }
 
 impl Server {
@@ -256,6 +262,7 @@ impl Server {
             loops,
             local_addr,
             workers,
+            retention: config.retention,
         })
     }
 
@@ -284,6 +291,8 @@ impl Server {
         let flusher = self.store.flusher().start().map_err(io_err("starting the flusher"))?;
         let admin = admin::AdminServer::start(self.store.clone(), self.shared.clone(), self.loops.clone())
             .map_err(io_err("starting the admin socket"))?;
+        let sweeper = Sweeper::start(self.shared.clone(), self.loops.clone(), self.retention)
+            .map_err(io_err("starting the sweeper"))?;
         if handle_signals {
             use signal_hook::consts::{SIGINT, SIGTERM};
             let mut signals =
@@ -319,6 +328,7 @@ impl Server {
             }
         }
         admin.stop();
+        sweeper.stop();
         self.store.flusher().stop();
         let _ = flusher.join();
         if self.store.flusher().failed() {
@@ -343,13 +353,13 @@ impl Worker {
                 (None, Some(_)) => Some(Duration::from_millis(50)),
                 (t, None) => t,
             };
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(ServerError::Io {
-                        what: "polling",
-                        source: e,
-                    });
-                }
+            if let Err(e) = self.poll.poll(&mut events, timeout)
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                return Err(ServerError::Io {
+                    what: "polling",
+                    source: e,
+                });
             }
             let now = Now::read();
             for event in events.iter() {
@@ -357,11 +367,11 @@ impl Worker {
                     LISTENER => self.accept(now),
                     WAKER => {}
                     SIGNALS => {
-                        if let Some(s) = self.signals.as_mut() {
-                            if s.pending().next().is_some() {
-                                log::info!("signal received: shutting down");
-                                self.loops.stop();
-                            }
+                        if let Some(s) = self.signals.as_mut()
+                            && s.pending().next().is_some()
+                        {
+                            log::info!("signal received: shutting down");
+                            self.loops.stop();
                         }
                     }
                     Token(serial) => {

@@ -23,9 +23,10 @@
 //! - `devices`: user ‖ device → [`DeviceRecord`].
 //! - `keys`: Noise static key → user ‖ device.
 //! - `invites`, `links`: token id → [`TokenRecord`].
-//! - `queues`: `q` ‖ user ‖ device ‖ seq → [`QueuedMessage`];
-//!   `n` ‖ user ‖ device → next seq; `d` ‖ user ‖ device ‖ message id →
-//!   acceptance time (dedup).
+//! - `queues`: `q` ‖ user ‖ device ‖ seq → [`Entry`];
+//!   `n` ‖ user ‖ device → next seq, entries, bytes; `d` ‖ user ‖ device ‖
+//!   message id → acceptance time and where it was queued (dedup,
+//!   retraction); `r` ‖ … → fold index (see `queues.rs`).
 //! - `e2e`: the key directory (see `keys.rs`).
 
 mod accounts;
@@ -36,6 +37,7 @@ mod queues;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use thiserror::Error;
@@ -43,12 +45,14 @@ use thiserror::Error;
 pub use accounts::{Accounts, LinkError, RegisterError, TokenRecord, UserRecord};
 pub use flusher::{Epoch, Flusher};
 pub use keys::{MAX_ONE_TIME_KEYS, PublishError};
-pub use queues::{Appended, QueuedMessage};
+pub use queues::{
+    Appended, Entry, LostRecord, QueuedExpired, QueuedGap, QueuedMessage, QueuedReceipt, Quota, Swept, decode_entry,
+};
 
 use crate::noise::Keypair;
 
 /// The data directory format this build writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const FORMAT_FILE: &str = "FORMAT";
 const FORMAT_MAGIC: &str = "tidings-data";
 
@@ -93,17 +97,42 @@ impl From<sled::transaction::TransactionError<StoreError>> for StoreError {
     }
 }
 
+/// Limits that refuse new messages rather than drop accepted ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quotas {
+    /// Most entries in one device's queue.
+    pub queue_messages: u64,
+    /// Most bytes in one device's queue.
+    pub queue_bytes: u64,
+    /// Most bytes all queues together may hold (sled's files take more, up
+    /// to a few times this).
+    pub disk_budget: u64,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Quotas {
+            queue_messages: 100_000,
+            queue_bytes: 256 << 20,
+            disk_budget: 4 << 30,
+        }
+    }
+}
+
 /// Store tuning.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     /// sled's page cache in bytes (small, for a Raspberry Pi).
     pub cache_capacity: u64,
+    /// Quotas.
+    pub quotas: Quotas,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             cache_capacity: 64 << 20,
+            quotas: Quotas::default(),
         }
     }
 }
@@ -117,9 +146,13 @@ pub struct Store {
     /// Serialises publishes, so the one-time key cap holds.
     key_lock: Mutex<()>,
     accounts: Accounts,
-    /// Next sequence number per device queue, loaded on first use. Held
-    /// across an append so that sequence order is visibility order.
-    seqs: Mutex<std::collections::HashMap<crate::ids::DeviceKey, u64>>,
+    /// Each queue's next sequence, entry count and bytes, loaded on first
+    /// use. Held across every queue change so that sequence order is
+    /// visibility order and the counts are exact.
+    metas: Mutex<queues::Metas>,
+    quotas: Quotas,
+    /// Bytes held in all queues (exact; for the budget).
+    queued_bytes: AtomicU64,
     flusher: Flusher,
     server_key: Keypair,
     public_addr: RwLock<Option<String>>,
@@ -133,9 +166,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
-/// Reads (or, for a new directory, writes) the format file, refusing a
-/// newer format and migrating an older one.
-fn check_format(dir: &Path) -> Result<(), StoreError> {
+/// Reads the format file: the directory's format version, or `None` for a
+/// new directory.
+fn read_format(dir: &Path) -> Result<Option<u32>, StoreError> {
     let path = dir.join(FORMAT_FILE);
     match fs::read_to_string(&path) {
         Ok(text) => {
@@ -147,16 +180,9 @@ fn check_format(dir: &Path) -> Result<(), StoreError> {
             if found > FORMAT_VERSION {
                 return Err(StoreError::TooNew { found });
             }
-            if found < FORMAT_VERSION {
-                migrate(dir, found)?;
-            }
-            Ok(())
+            Ok(Some(found))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            // A directory with a database but no FORMAT predates format
-            // files: that is format 0, which is format 1 without the file.
-            write_format(dir)
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io_err(&path)(e)),
     }
 }
@@ -171,14 +197,23 @@ fn write_format(dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Upgrades a data directory from `from` to [`FORMAT_VERSION`], one step at
-/// a time. Each step must be idempotent: a crash mid-way reruns it.
-fn migrate(dir: &Path, from: u32) -> Result<(), StoreError> {
+/// Upgrades the database from format `from` to [`FORMAT_VERSION`], one
+/// step at a time, flushed before the FORMAT file says so. Each step is
+/// idempotent: a crash midway reruns it.
+fn migrate(db: &sled::Db, from: u32) -> Result<(), StoreError> {
     for version in from..FORMAT_VERSION {
-        log::info!("migrating data directory from format {version} to {}", version + 1);
-        // Format 0 → 1: no change to the database; only the FORMAT file.
+        log::info!("migrating the data directory from format {version} to {}", version + 1);
+        match version {
+            // 0 → 1: only the FORMAT file was added.
+            0 => {}
+            // 1 → 2: queue entries became an enum (messages, receipts,
+            // notices); dedup records remember where a message was queued.
+            1 => Store::migrate_entries_1_to_2(&db.open_tree("queues")?)?,
+            _ => {}
+        }
     }
-    write_format(dir)
+    db.flush()?;
+    Ok(())
 }
 
 impl Store {
@@ -201,7 +236,21 @@ impl Store {
                 sled::Error::Io(ref io) if io.to_string().contains("lock") => StoreError::Locked,
                 e => StoreError::Db(e),
             })?;
-        check_format(dir)?;
+        // A directory with a database but no FORMAT file predates format
+        // files: format 0.
+        let existed = dir.join("db").join("conf").exists();
+        let format = read_format(dir)?;
+        let format = match format {
+            Some(v) => v,
+            None if existed => 0,
+            None => FORMAT_VERSION,
+        };
+        if format < FORMAT_VERSION {
+            migrate(&db, format)?;
+        }
+        if format != FORMAT_VERSION || !dir.join(FORMAT_FILE).exists() {
+            write_format(dir)?;
+        }
         let meta = db.open_tree("meta")?;
         let server_key = match meta.get("server_key")? {
             Some(k) => Keypair::from_private(&k).ok_or(StoreError::Corrupt("meta/server_key"))?,
@@ -220,19 +269,24 @@ impl Store {
         let queues = db.open_tree("queues")?;
         let flusher = Flusher::new(db.clone());
         let e2e = db.open_tree("e2e")?;
-        Ok(Store {
+        let store = Store {
             db,
             meta,
             queues,
             e2e,
             key_lock: Mutex::new(()),
             accounts,
-            seqs: Mutex::new(Default::default()),
+            metas: Mutex::new(Default::default()),
+            quotas: config.quotas,
+            queued_bytes: AtomicU64::new(0),
             flusher,
             server_key,
             public_addr: RwLock::new(public_addr),
             dir: dir.to_path_buf(),
-        })
+        };
+        let queued = store.count_queued_bytes()?;
+        store.queued_bytes.store(queued, Ordering::Relaxed);
+        Ok(store)
     }
 
     /// The data directory.
@@ -280,7 +334,13 @@ impl Store {
         Ok(())
     }
 
-    /// Bytes the database occupies on disk.
+    /// Bytes held in all queues: what the disk budget counts. (sled's files
+    /// take more, up to a few times this, and do not shrink right away.)
+    pub fn queued_bytes(&self) -> u64 {
+        self.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Bytes sled's files take on disk (for operators).
     ///
     /// # Errors
     /// On a database failure.
