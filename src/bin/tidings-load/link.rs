@@ -195,6 +195,8 @@ impl TidingsLink {
                     ack = Some(d.seq);
                     out.push(Ev::Delivered(d.body));
                 }
+                // Devices here publish no end-to-end keys.
+                ConnEvent::KeyCount(_) => {}
                 ConnEvent::QueueDrained => {
                     if !self.live {
                         self.live = true;
