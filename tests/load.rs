@@ -33,6 +33,16 @@ fn start_daemon() -> Daemon {
     let first = lines.next().unwrap().unwrap();
     assert!(first.starts_with("tidingsd listening on "), "{first}");
     std::thread::spawn(move || for _ in lines {});
+    // It prints before its admin socket is up; `tidingsd invite` needs
+    // that socket while the daemon runs.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !dir.path().join("data").join("admin.sock").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon never opened its admin socket"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     Daemon { child, dir }
 }
 
