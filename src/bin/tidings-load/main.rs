@@ -112,6 +112,10 @@ struct Args {
     /// Idle time between all devices connected and reading the RSS.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     settle: Duration,
+    /// Longest wait, before connecting, for the daemon's RSS to hold still
+    /// (a daemon that just started may still be filling its caches).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    baseline_wait: Duration,
     /// Longest wait, after the measurement, for outstanding messages.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
@@ -178,6 +182,22 @@ fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A process's RSS once two readings half a second apart differ by at most
+/// 64 KiB, or the last reading after `wait`.
+fn steady_rss(pid: u32, wait: Duration) -> Option<u64> {
+    let deadline = Instant::now() + wait;
+    let mut last = rss_kib(pid)?;
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = rss_kib(pid)?;
+        if now.abs_diff(last) <= 64 {
+            return Some(now);
+        }
+        last = now;
+    }
+    Some(last)
 }
 
 /// The process with a listening TCP socket on `port`, through /proc.
@@ -910,7 +930,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
             None
         }
     });
-    let rss_before = pid.and_then(rss_kib);
+    let rss_before = pid.and_then(|p| steady_rss(p, args.baseline_wait));
 
     let mut run_nonce = [0u8; 8];
     rng.fill(&mut run_nonce).map_err(|_| "no randomness")?;
