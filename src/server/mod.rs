@@ -169,15 +169,18 @@ pub struct Worker {
 /// A running daemon.
 pub struct Server {
     store: Arc<Store>,
-    shared: Arc<Shared>,
     loops: Loops,
     local_addr: SocketAddr,
     workers: Vec<Worker>,
+    /// Serving from [`Server::bind`] on, so that operator commands work as
+    /// soon as the daemon says it listens; stopped when the server ends.
+    admin: Option<admin::AdminServer>,
 }
 
 impl Server {
-    /// Opens the store, binds the listener and prepares the loops (nothing
-    /// runs until [`Server::run`]).
+    /// Opens the store, binds the listener, starts the admin socket and
+    /// prepares the loops (connections wait in the listen backlog until
+    /// [`Server::run`]).
     ///
     /// # Errors
     /// If the data directory cannot be opened or the address bound.
@@ -236,12 +239,14 @@ impl Server {
                 signals: None,
             });
         }
+        let admin = admin::AdminServer::start(store.clone(), shared, loops.clone())
+            .map_err(io_err("starting the admin socket"))?;
         Ok(Server {
             store,
-            shared,
             loops,
             local_addr,
             workers,
+            admin: Some(admin),
         })
     }
 
@@ -261,15 +266,14 @@ impl Server {
     }
 
     /// Runs until SIGTERM/SIGINT (if `handle_signals`) or
-    /// [`Loops::stop`]: starts the flusher, the admin socket and the
-    /// loops, then shuts down cleanly.
+    /// [`Loops::stop`]: starts the flusher and the loops, then shuts down
+    /// cleanly.
     ///
     /// # Errors
     /// On a failure that stops the daemon (a flush failure among them).
     pub fn run(mut self, handle_signals: bool) -> Result<(), ServerError> {
         let flusher = self.store.flusher().start().map_err(io_err("starting the flusher"))?;
-        let admin = admin::AdminServer::start(self.store.clone(), self.shared.clone(), self.loops.clone())
-            .map_err(io_err("starting the admin socket"))?;
+        let admin = self.admin.take();
         if handle_signals {
             use signal_hook::consts::{SIGINT, SIGTERM};
             let mut signals =
@@ -304,7 +308,7 @@ impl Server {
                 result = r;
             }
         }
-        admin.stop();
+        drop(admin);
         self.store.flusher().stop();
         let _ = flusher.join();
         if self.store.flusher().failed() {
