@@ -202,13 +202,20 @@ impl Store {
                 e => StoreError::Db(e),
             })?;
         check_format(dir)?;
+        // sled's data file, for the flusher's fdatasync; and the directory
+        // entries sled and the format file created, made durable once.
+        let db_file = dir.join("db").join("db");
+        let file = fs::File::open(&db_file).map_err(io_err(&db_file))?;
+        sync_dir(&dir.join("db"))?;
+        sync_dir(dir)?;
+        let flusher = Flusher::new(db.clone(), file, db_file);
         let meta = db.open_tree("meta")?;
         let server_key = match meta.get("server_key")? {
             Some(k) => Keypair::from_private(&k).ok_or(StoreError::Corrupt("meta/server_key"))?,
             None => {
                 let kp = Keypair::generate().map_err(|_| StoreError::Corrupt("randomness"))?;
                 meta.insert("server_key", &kp.private()[..])?;
-                db.flush()?;
+                flusher.sync()?;
                 kp
             }
         };
@@ -217,8 +224,9 @@ impl Store {
             None => None,
         };
         let accounts = Accounts::load(&db)?;
+        // Accounts::load may have made the token key; sync it for good.
+        flusher.sync()?;
         let queues = db.open_tree("queues")?;
-        let flusher = Flusher::new(db.clone());
         let e2e = db.open_tree("e2e")?;
         Ok(Store {
             db,
@@ -276,8 +284,7 @@ impl Store {
     /// # Errors
     /// On a database failure.
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
+        self.flusher.sync()
     }
 
     /// Bytes the database occupies on disk.
@@ -287,6 +294,11 @@ impl Store {
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.db.size_on_disk()?)
     }
+}
+
+/// Makes a directory's entries (files created or renamed in it) durable.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
 }
 
 /// Best effort: the data directory holds the server's private key.
