@@ -118,12 +118,16 @@ impl Flusher {
         self.lock().wakers.push(Box::new(waker));
     }
 
-    /// Flushes once on the caller's thread if anything is dirty. Returns
-    /// whether the data is durable.
+    /// Flushes once on the caller's thread, making every write tagged so
+    /// far durable. Returns whether that worked.
+    ///
+    /// It flushes even when nothing is dirty: the flusher thread may have
+    /// just taken the flag and still be flushing, and then the writes it
+    /// took are not durable yet.
     pub fn flush_now(&self) -> bool {
-        let dirty = std::mem::take(&mut self.lock().dirty);
-        if !dirty {
-            return !self.failed();
+        self.lock().dirty = false;
+        if self.failed() {
+            return false;
         }
         self.flush_once()
     }
@@ -191,5 +195,44 @@ impl Flusher {
         let mut st = self.lock();
         st.stop = true;
         self.inner.cond.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use crate::ids::{DeviceKey, UserId};
+    use crate::store::{Appended, Store, StoreConfig};
+    use crate::wire::{DeviceId, MsgId};
+
+    /// The daemon's shutdown calls `flush_now` to answer every pending
+    /// send before it closes connections. If the flusher thread has just
+    /// taken the dirty flag and is still flushing, the writes are not
+    /// durable yet although nothing is dirty: `flush_now` must flush
+    /// anyway, or shutdown closes without the `Accepted`s.
+    #[test]
+    fn flush_now_covers_writes_a_running_flush_took() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreConfig::default()).unwrap();
+        let d = DeviceKey {
+            user: UserId(1),
+            device: DeviceId(1),
+        };
+        let Appended::New { epoch, .. } = store
+            .append(d, MsgId([1; 16]), d.user, &[(d, Bytes::from_static(b"x"))], 1)
+            .unwrap()
+        else {
+            panic!("a new append")
+        };
+        // What the flusher thread does first: take the flag. Its flush is
+        // still under way.
+        store.flusher().lock().dirty = false;
+        assert!(store.flusher().flush_now());
+        assert!(
+            store.flusher().durable() >= epoch,
+            "durable {:?} behind the write's epoch {epoch:?}",
+            store.flusher().durable()
+        );
     }
 }
