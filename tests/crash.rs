@@ -117,19 +117,35 @@ struct Sent {
 
 /// Sends `indices` in order with at most [`WINDOW`] unanswered, until all
 /// are accepted or the connection dies. `progress` counts acceptances.
+/// After a failed write it still reads what the server sent before it
+/// closed (the last answers and its `Close`).
 fn pump_sends(client: &mut RawClient, round: u32, to: &str, indices: &[usize], progress: &AtomicUsize, out: &mut Sent) {
     let mut next = 0;
     let mut in_flight: HashMap<u32, usize> = HashMap::new();
+    let mut write_failed = None;
     let result = (|| -> Result<(), ClientError> {
         while next < indices.len() || !in_flight.is_empty() {
-            while next < indices.len() && in_flight.len() < WINDOW {
+            while write_failed.is_none() && next < indices.len() && in_flight.len() < WINDOW {
                 let i = indices[next];
-                let req = client.send(&send_frame(round, to, i))?;
-                in_flight.insert(req, i);
+                let req = client.next_req();
+                // Counted as sent before the write: a failed write may
+                // still have reached the server.
                 out.sent.insert(i);
+                in_flight.insert(req, i);
                 next += 1;
+                if let Err(e) = client.send(&send_frame(round, to, i)) {
+                    write_failed = Some(e);
+                }
             }
-            let (req, frame) = client.expect_frame(PATIENCE)?;
+            let (req, frame) = match client.expect_frame(PATIENCE) {
+                Ok(f) => f,
+                Err(e) => {
+                    return Err(match write_failed.take() {
+                        Some(w) => ClientError::Protocol(format!("{w}, then {e}")),
+                        None => e,
+                    });
+                }
+            };
             match frame {
                 ServerFrame::Accepted { id, .. } => {
                     let i = in_flight
@@ -203,6 +219,154 @@ fn drain(addr: std::net::SocketAddr, server: &PublicKey, key: &Keypair, round: u
     got
 }
 
+/// How a round stops the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// SIGKILL: nothing runs after it.
+    Kill,
+    /// SIGTERM: the daemon finishes its flushes and closes cleanly.
+    Term,
+}
+
+/// One round on `daemon`: register, send, stop the daemon at a random
+/// moment, restart, retry (if `retry`), drain and check. Returns the
+/// indices the sender saw accepted and those delivered, in order.
+fn round(daemon: &mut Daemon, rng: &mut Rng, seed: u64, round: u32, stop: Stop, retry: bool) -> (Sent, Vec<usize>) {
+    let (sender_name, recipient_name) = (format!("sender{round}"), format!("recipient{round}"));
+    let invite = daemon.invite(2);
+    let addr = daemon.addr();
+    let server = daemon.server_key();
+    let sender = RawClient::register(addr, &invite, &sender_name).expect("sender registers");
+    let recipient = RawClient::register(addr, &invite, &recipient_name).expect("recipient registers");
+    let recipient_key = recipient.client.key().clone();
+    recipient.client.hang_up();
+    let sender_key = sender.client.key().clone();
+
+    // Stop once `threshold` sends are accepted, plus `delay`.
+    let threshold = rng.below(MESSAGES as u64 * 9 / 10) as usize;
+    let delay = Duration::from_micros(rng.below(3000));
+    eprintln!("round {round}: {stop:?} after {threshold} accepted + {delay:?}; retry after restart: {retry}");
+
+    let progress = Arc::new(AtomicUsize::new(0));
+    let thread = {
+        let progress = progress.clone();
+        let to = recipient_name.clone();
+        let mut client = sender.client;
+        std::thread::spawn(move || {
+            let mut out = Sent::default();
+            let all: Vec<usize> = (0..MESSAGES).collect();
+            pump_sends(&mut client, round, &to, &all, &progress, &mut out);
+            (out, Instant::now())
+        })
+    };
+    let wait_until = Instant::now() + PATIENCE * 3;
+    while progress.load(Ordering::SeqCst) < threshold && !thread.is_finished() {
+        assert!(
+            Instant::now() < wait_until,
+            "round {round}: the sender makes no progress"
+        );
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    std::thread::sleep(delay);
+    let stopped_daemon_at = Instant::now();
+    match stop {
+        Stop::Kill => daemon.kill9(),
+        Stop::Term => {
+            let status = daemon.stop();
+            assert!(
+                status.success(),
+                "round {round}: tidingsd exited with {status}\n{}",
+                daemon.log()
+            );
+        }
+    }
+    let (mut seen, stopped_at) = thread.join().expect("sender thread");
+    if let Some(why) = &seen.stopped {
+        assert!(
+            stopped_at >= stopped_daemon_at,
+            "round {round}: the sender failed before the daemon stopped: {why}\n{}",
+            daemon.log()
+        );
+        if stop == Stop::Term {
+            assert!(why.contains("SHUTTING_DOWN"), "round {round}: not a clean close: {why}");
+        }
+    }
+    eprintln!(
+        "round {round}: {} sent, {} accepted before the stop ({})",
+        seen.sent.len(),
+        seen.accepted.len(),
+        seen.stopped.as_deref().unwrap_or("all done first")
+    );
+    assert!(seen.accepted.is_subset(&seen.sent));
+
+    daemon.restart();
+    assert_eq!(daemon.server_key(), server, "the server key survives");
+    if retry {
+        let mut client = RawClient::connect(addr, &server, sender_key).expect("sender reconnects");
+        let missing: Vec<usize> = (0..MESSAGES).filter(|i| !seen.accepted.contains(i)).collect();
+        let mut again = Sent::default();
+        pump_sends(
+            &mut client,
+            round,
+            &recipient_name,
+            &missing,
+            &AtomicUsize::new(0),
+            &mut again,
+        );
+        assert!(
+            again.stopped.is_none(),
+            "round {round}: retrying after the restart failed: {:?}\n{}",
+            again.stopped,
+            daemon.log()
+        );
+        assert_eq!(again.accepted.len(), missing.len());
+        seen.sent.extend(again.sent);
+        seen.accepted.extend(again.accepted);
+        client.hang_up();
+    }
+
+    let got = drain(addr, &server, &recipient_key, round, &sender_name);
+    let delivered: BTreeSet<usize> = got.iter().copied().collect();
+    assert!(
+        got.windows(2).all(|w| w[0] < w[1]),
+        "round {round} (seed {seed}): out of order: {:?}",
+        got.windows(2).find(|w| w[0] >= w[1])
+    );
+    let lost: Vec<usize> = seen.accepted.difference(&delivered).copied().collect();
+    assert!(
+        lost.is_empty(),
+        "round {round} (seed {seed}): {} accepted messages lost, first {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    assert!(
+        delivered.is_subset(&seen.sent),
+        "round {round}: delivered what was never sent"
+    );
+    if retry {
+        assert_eq!(
+            got,
+            (0..MESSAGES).collect::<Vec<_>>(),
+            "round {round}: with retries, all arrive"
+        );
+    }
+    eprintln!(
+        "round {round}: {} delivered ({} accepted, {} stored but unanswered)",
+        got.len(),
+        seen.accepted.len(),
+        got.len() - seen.accepted.len()
+    );
+
+    // The acks took: the queue is empty now.
+    let again = drain(addr, &server, &recipient_key, round, &sender_name);
+    assert!(
+        again.is_empty(),
+        "round {round}: {} redelivered after acks",
+        again.len()
+    );
+    (seen, got)
+}
+
 #[test]
 fn nothing_accepted_is_lost_across_sigkill() {
     let seed = seed();
@@ -214,129 +378,33 @@ fn nothing_accepted_is_lost_across_sigkill() {
         .ok()
         .map(|r| r.trim().parse().expect("TIDINGS_CRASH_ROUNDS is a number"))
         .unwrap_or(ROUNDS);
-    for round in 0..rounds {
-        let retry = round % 2 == 1;
-        let (sender_name, recipient_name) = (format!("sender{round}"), format!("recipient{round}"));
-        let invite = daemon.invite(2);
-        let addr = daemon.addr();
-        let server = daemon.server_key();
-        let sender = RawClient::register(addr, &invite, &sender_name).expect("sender registers");
-        let recipient = RawClient::register(addr, &invite, &recipient_name).expect("recipient registers");
-        let recipient_key = recipient.client.key().clone();
-        recipient.client.hang_up();
-        let sender_key = sender.client.key().clone();
-
-        // Kill once `threshold` sends are accepted, plus `delay`.
-        let threshold = rng.below(MESSAGES as u64 * 9 / 10) as usize;
-        let delay = Duration::from_micros(rng.below(3000));
-        eprintln!("round {round}: kill after {threshold} accepted + {delay:?}; retry after restart: {retry}");
-
-        let progress = Arc::new(AtomicUsize::new(0));
-        let thread = {
-            let progress = progress.clone();
-            let to = recipient_name.clone();
-            let mut client = sender.client;
-            std::thread::spawn(move || {
-                let mut out = Sent::default();
-                let all: Vec<usize> = (0..MESSAGES).collect();
-                pump_sends(&mut client, round, &to, &all, &progress, &mut out);
-                (out, Instant::now())
-            })
-        };
-        let wait_until = Instant::now() + PATIENCE * 3;
-        while progress.load(Ordering::SeqCst) < threshold && !thread.is_finished() {
-            assert!(
-                Instant::now() < wait_until,
-                "round {round}: the sender makes no progress"
-            );
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        std::thread::sleep(delay);
-        let killed_at = Instant::now();
-        daemon.kill9();
-        let (mut seen, stopped_at) = thread.join().expect("sender thread");
-        if let Some(why) = &seen.stopped {
-            assert!(
-                stopped_at >= killed_at,
-                "round {round}: the sender failed before the kill: {why}\n{}",
-                daemon.log()
-            );
-        }
-        eprintln!(
-            "round {round}: {} sent, {} accepted before the kill ({})",
-            seen.sent.len(),
-            seen.accepted.len(),
-            seen.stopped.as_deref().unwrap_or("all done first")
-        );
-        assert!(seen.accepted.is_subset(&seen.sent));
-
-        daemon.restart();
-        assert_eq!(daemon.server_key(), server, "the server key survives");
-        if retry {
-            let mut client = RawClient::connect(addr, &server, sender_key).expect("sender reconnects");
-            let missing: Vec<usize> = (0..MESSAGES).filter(|i| !seen.accepted.contains(i)).collect();
-            let mut again = Sent::default();
-            pump_sends(
-                &mut client,
-                round,
-                &recipient_name,
-                &missing,
-                &AtomicUsize::new(0),
-                &mut again,
-            );
-            assert!(
-                again.stopped.is_none(),
-                "round {round}: retrying after the restart failed: {:?}\n{}",
-                again.stopped,
-                daemon.log()
-            );
-            assert_eq!(again.accepted.len(), missing.len());
-            seen.sent.extend(again.sent);
-            seen.accepted.extend(again.accepted);
-            client.hang_up();
-        }
-
-        let got = drain(addr, &server, &recipient_key, round, &sender_name);
-        let delivered: BTreeSet<usize> = got.iter().copied().collect();
-        assert!(
-            got.windows(2).all(|w| w[0] < w[1]),
-            "round {round} (seed {seed}): out of order: {:?}",
-            got.windows(2).find(|w| w[0] >= w[1])
-        );
-        let lost: Vec<usize> = seen.accepted.difference(&delivered).copied().collect();
-        assert!(
-            lost.is_empty(),
-            "round {round} (seed {seed}): {} accepted messages lost, first {:?}",
-            lost.len(),
-            &lost[..lost.len().min(10)]
-        );
-        assert!(
-            delivered.is_subset(&seen.sent),
-            "round {round}: delivered what was never sent"
-        );
-        if retry {
-            assert_eq!(
-                got,
-                (0..MESSAGES).collect::<Vec<_>>(),
-                "round {round}: with retries, all arrive"
-            );
-        }
-        eprintln!(
-            "round {round}: {} delivered ({} accepted, {} more that were durable but unanswered)",
-            got.len(),
-            seen.accepted.len(),
-            got.len() - seen.accepted.len()
-        );
-
-        // The acks took: the queue is empty now.
-        let again = drain(addr, &server, &recipient_key, round, &sender_name);
-        assert!(
-            again.is_empty(),
-            "round {round}: {} redelivered after acks",
-            again.len()
-        );
+    for r in 0..rounds {
+        round(&mut daemon, &mut rng, seed, r, Stop::Kill, r % 2 == 1);
     }
     // A clean stop after all that.
     assert!(daemon.stop().success(), "{}", daemon.log());
     eprintln!("crash test done in {:?}", started.elapsed());
+}
+
+/// SIGTERM "finishes in-flight flushes and closes connections cleanly"
+/// (issue 3): whatever the daemon stored before it stopped reading, the
+/// sender was told `Accepted` for, before the `Close`.
+#[test]
+fn sigterm_answers_everything_it_stored() {
+    let seed = seed();
+    eprintln!("sigterm test seed {seed} (replay with TIDINGS_CRASH_SEED={seed})");
+    let mut rng = Rng::new(seed);
+    let mut daemon = Daemon::start();
+    for r in 0..2 {
+        let (seen, got) = round(&mut daemon, &mut rng, seed, r, Stop::Term, false);
+        let delivered: BTreeSet<usize> = got.into_iter().collect();
+        let unanswered: Vec<usize> = delivered.difference(&seen.accepted).copied().collect();
+        assert!(
+            unanswered.is_empty(),
+            "round {r} (seed {seed}): {} messages stored but not answered before the close, first {:?}",
+            unanswered.len(),
+            &unanswered[..unanswered.len().min(10)]
+        );
+    }
+    assert!(daemon.stop().success(), "{}", daemon.log());
 }
