@@ -30,9 +30,10 @@ use bytes::Bytes;
 use crate::ids::{ConnId, DeviceKey, UserId};
 use crate::noise::PublicKey;
 use crate::session::{Event, Identity, Session};
-use crate::store::{Appended, Epoch, LinkError, PublishError, QueuedMessage, RegisterError, Store, StoreError};
+use crate::store::{Appended, Entry, Epoch, LinkError, PublishError, Quota, RegisterError, Store, StoreError};
 use crate::wire::{
-    self, ClientFrame, Deliver, DeviceAddr, DeviceId, ErrorCode, MAX_BODIES, MAX_BODY_LEN, ServerFrame, Token,
+    self, ClientFrame, Deliver, DeviceAddr, DeviceId, ErrorCode, ExpiredNotice, GapNotice, Lost, MAX_BODIES,
+    MAX_BODY_LEN, MAX_RECEIPT_IDS, ReceiptDeliver, ReceiptKind, ServerFrame, Token,
 };
 
 /// The time, as the driver read it.
@@ -148,7 +149,10 @@ impl Shared {
         let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
         if claims.len() > 100_000 {
             // Forget full buckets rather than grow without bound.
-            claims.retain(|_, b| b.tokens < f64::from(capacity));
+            let per_sec = f64::from(capacity) / 60.0;
+            claims.retain(|_, b| {
+                b.tokens + now.saturating_duration_since(b.last).as_secs_f64() * per_sec < f64::from(capacity)
+            });
         }
         claims
             .entry(d)
@@ -265,7 +269,7 @@ pub struct Hub {
     /// Effects waiting for a flush, in epoch order.
     pending: VecDeque<(Epoch, Effect)>,
     effects: Vec<Effect>,
-    entries: Vec<(u64, QueuedMessage)>,
+    entries: Vec<(u64, Entry)>,
     devices: Vec<DeviceId>,
 }
 
@@ -397,7 +401,57 @@ impl Hub {
         }
     }
 
-    /// Sends queued messages while the window and the output allow.
+    /// The frame that delivers a queue entry.
+    fn frame_for(&self, seq: u64, entry: Entry) -> Option<ServerFrame> {
+        let accounts = self.shared.store.accounts();
+        let addr = |user: u32, device: u32| {
+            accounts.user_name(UserId(user)).map(|n| DeviceAddr {
+                user: n.to_string(),
+                device: DeviceId(device),
+            })
+        };
+        let name = |user: u32| accounts.user_name(UserId(user)).map(|n| n.to_string());
+        Some(match entry {
+            Entry::Message(m) => ServerFrame::Deliver(Deliver {
+                seq,
+                id: m.id,
+                from: addr(m.from_user, m.from_device)?,
+                to: name(m.to_user)?,
+                time_ms: m.time_ms,
+                body: m.body,
+            }),
+            Entry::Receipt(r) => ServerFrame::Receipt(ReceiptDeliver {
+                seq,
+                from: addr(r.from_user, r.from_device)?,
+                to: name(r.to_user)?,
+                kind: ReceiptKind(r.kind),
+                ids: r.ids,
+                time_ms: r.time_ms,
+            }),
+            Entry::Gap(g) => ServerFrame::Gap(GapNotice {
+                seq,
+                lost: g
+                    .lost
+                    .into_iter()
+                    .filter_map(|l| {
+                        Some(Lost {
+                            from: addr(l.from_user, l.from_device)?,
+                            count: l.count,
+                            first_ms: l.first_ms,
+                            last_ms: l.last_ms,
+                        })
+                    })
+                    .collect(),
+            }),
+            Entry::Expired(e) => ServerFrame::Expired(ExpiredNotice {
+                seq,
+                device: addr(e.device_user, e.device)?,
+                ids: e.ids,
+            }),
+        })
+    }
+
+    /// Sends queued entries while the window and the output allow.
     pub fn pump(&mut self, session: &mut Session, cursor: &mut Cursor, now: Now) {
         let window = self.shared.config.window;
         cursor.stalled = false;
@@ -420,29 +474,16 @@ impl Hub {
                 return;
             }
             let exhausted = entries.len() < want;
-            for (seq, m) in entries.drain(..) {
+            for (seq, entry) in entries.drain(..) {
                 if cursor.delivered == 0 {
                     cursor.acked = cursor.acked.max(seq - 1);
                 }
-                let accounts = self.shared.store.accounts();
-                let (Some(from), Some(to)) = (accounts.user_name(m.from().user), accounts.user_name(UserId(m.to_user)))
-                else {
-                    // A sender whose account is gone: nothing to show.
-                    cursor.next = seq + 1;
-                    continue;
-                };
-                let frame = ServerFrame::Deliver(Deliver {
-                    seq,
-                    id: m.id,
-                    from: DeviceAddr {
-                        user: from.to_string(),
-                        device: m.from().device,
-                    },
-                    to: to.to_string(),
-                    time_ms: m.time_ms,
-                    body: m.body,
-                });
-                session.send(0, &frame, now.mono);
+                // Accounts are never deleted, so every entry has a frame;
+                // were one missing, the entry still counts as delivered so
+                // that an ack of a later one removes it.
+                if let Some(frame) = self.frame_for(seq, entry) {
+                    session.send(0, &frame, now.mono);
+                }
                 cursor.delivered = seq;
                 cursor.next = seq + 1;
                 if !cursor.drained && seq >= cursor.drain_target {
@@ -558,6 +599,12 @@ impl Hub {
             ClientFrame::RevokeDevice { device } => {
                 let Some(me) = session.device() else { return Ok(()) };
                 let target = DeviceKey { user: me.user, device };
+                let mut current = Vec::new();
+                self.store().accounts().current_devices(me.user, &mut current);
+                if current == [device] {
+                    error(session, ErrorCode::BAD_REQUEST, "that is the account's last device");
+                    return Ok(());
+                }
                 if !self.store().accounts().revoke(target, now.unix_ms)? {
                     error(session, ErrorCode::UNKNOWN_DEVICE, "no such device");
                     return Ok(());
@@ -581,10 +628,34 @@ impl Hub {
             ClientFrame::Send(send) => self.send(conn, session, req, send, now)?,
             ClientFrame::PublishKeys(keys) => self.publish_keys(conn, session, req, *keys, now)?,
             ClientFrame::ClaimKeys { user } => self.claim_keys(conn, session, req, user, now)?,
+            ClientFrame::Receipt(receipt) => self.receipt(conn, session, req, receipt, now)?,
+            ClientFrame::Retract { id } => {
+                let Some(me) = session.device() else { return Ok(()) };
+                let mut devices = Vec::new();
+                self.store().accounts().all_devices(me.user, &mut devices);
+                let senders: Vec<DeviceKey> = devices
+                    .into_iter()
+                    .map(|device| DeviceKey { user: me.user, device })
+                    .collect();
+                let (removed, epoch) = self.store().retract(&senders, id)?;
+                log::debug!("{me} retracted a message: {removed} queued copies removed");
+                self.after_flush(
+                    epoch,
+                    Effect::Send {
+                        conn,
+                        req,
+                        frame: ServerFrame::Done,
+                    },
+                );
+            }
             ClientFrame::Ack { up_to } => {
                 let Some(c) = cursor.as_mut() else { return Ok(()) };
-                // Only what was delivered on this connection can be acked.
-                let up_to = up_to.min(c.delivered);
+                // spec §5.2: only what was delivered on this connection.
+                if up_to > c.delivered {
+                    let text = "ack beyond what was delivered";
+                    session.send_error(req, ErrorCode::BAD_REQUEST, text, now.mono);
+                    return Ok(());
+                }
                 if up_to > c.acked {
                     self.store().ack(c.device, up_to)?;
                     c.acked = up_to;
@@ -595,6 +666,70 @@ impl Hub {
             ClientFrame::Ping | ClientFrame::Pong | ClientFrame::Close => {}
         }
         Ok(())
+    }
+
+    fn receipt(
+        &mut self,
+        conn: ConnId,
+        session: &mut Session,
+        req: u32,
+        receipt: wire::Receipt,
+        now: Now,
+    ) -> Result<(), StoreError> {
+        let Some(me) = session.device() else { return Ok(()) };
+        let Some(to) = self.store().accounts().user_id(&receipt.to) else {
+            session.send_error(req, ErrorCode::UNKNOWN_USER, "no such user", now.mono);
+            return Ok(());
+        };
+        if receipt.ids.is_empty() || receipt.ids.len() > MAX_RECEIPT_IDS || receipt.kind.0 == 0 {
+            session.send_error(
+                req,
+                ErrorCode::BAD_REQUEST,
+                "a receipt names 1 to 1024 messages",
+                now.mono,
+            );
+            return Ok(());
+        }
+        // spec §5.5: to every device of the messages' sender, and to the
+        // reporting user's other devices.
+        let mut devices = std::mem::take(&mut self.devices);
+        let mut targets = Vec::new();
+        for user in [to, me.user] {
+            devices.clear();
+            self.store().accounts().current_devices(user, &mut devices);
+            targets.extend(
+                devices
+                    .iter()
+                    .map(|&device| DeviceKey { user, device })
+                    .filter(|d| *d != me),
+            );
+        }
+        self.devices = devices;
+        targets.sort();
+        targets.dedup();
+        let epoch = self
+            .store()
+            .append_receipt(me, to, receipt.kind, &receipt.ids, &targets, now.unix_ms)?;
+        self.after_flush(
+            epoch,
+            Effect::Send {
+                conn,
+                req,
+                frame: ServerFrame::Done,
+            },
+        );
+        self.wake_online(&targets);
+        Ok(())
+    }
+
+    /// Asks the loops holding these devices to deliver their queues.
+    fn wake_online(&mut self, devices: &[DeviceKey]) {
+        let online = self.shared.online();
+        for d in devices {
+            if let Some(c) = online.get(d) {
+                self.effects.push(Effect::Wake(*c));
+            }
+        }
     }
 
     fn publish_keys(
@@ -614,6 +749,13 @@ impl Hub {
             Some(id) => Some(id),
             None => self.store().identity(me)?,
         };
+        let has_keys = !keys.one_time.is_empty() || keys.fallback.is_some();
+        if identity.is_none() && has_keys {
+            // Checked here, not only in the store: keys are never stored
+            // without a signature check against a known identity.
+            error(session, ErrorCode::BAD_REQUEST, "publish an identity first");
+            return Ok(());
+        }
         if let Some(id) = &identity {
             let mut signed = keys.one_time.iter().chain(keys.fallback.as_ref());
             if !crate::keys::verify_identity(id) || !signed.all(|k| crate::keys::verify_signed_key(id, k)) {
@@ -766,10 +908,17 @@ impl Hub {
                 devices.retain(|d| *d != me.device);
             }
             let user_name = || accounts.user_name(user).map(|n| n.to_string()).unwrap_or_default();
-            for b in bodies.iter() {
+            for (i, b) in bodies.iter().enumerate() {
                 let key = DeviceKey { user, device: b.device };
-                if targets.iter().any(|(k, _)| *k == key) {
-                    error(session, ErrorCode::BAD_REQUEST, "two bodies for one device");
+                let problem = if bodies[..i].iter().any(|o| o.device == b.device) {
+                    Some("two bodies for one device")
+                } else if key == me {
+                    Some("a body for the sending device")
+                } else {
+                    None
+                };
+                if let Some(text) = problem {
+                    error(session, ErrorCode::BAD_REQUEST, text);
                     self.devices = devices;
                     return Ok(());
                 }
@@ -793,6 +942,9 @@ impl Hub {
             self.devices = devices;
         }
         if !missing.is_empty() || !extra.is_empty() {
+            // spec §5.3: each list sorted by user, then device.
+            missing.sort();
+            extra.sort();
             session.send(
                 req,
                 &ServerFrame::Mismatch {
@@ -805,8 +957,15 @@ impl Hub {
             return Ok(());
         }
         let (time_ms, epoch) = match self.store().append(me, send.id, to, &targets, now.unix_ms)? {
-            Appended::New { time_ms, epoch } => (time_ms, epoch),
-            Appended::Duplicate { time_ms, epoch } => (time_ms, epoch),
+            Appended::New { time_ms, epoch } | Appended::Duplicate { time_ms, epoch } => (time_ms, epoch),
+            Appended::OverQuota(quota) => {
+                let text = match quota {
+                    Quota::Queue(_) => "a recipient device's queue is full",
+                    Quota::Disk => "the server is at its disk budget",
+                };
+                session.send_error(req, ErrorCode::QUOTA_EXCEEDED, text, now.mono);
+                return Ok(());
+            }
         };
         self.after_flush(
             epoch,
@@ -817,12 +976,8 @@ impl Hub {
             },
         );
         // Online recipients read their queue now; the rest when they connect.
-        let online = self.shared.online();
-        for (d, _) in &targets {
-            if let Some(c) = online.get(d) {
-                self.effects.push(Effect::Wake(*c));
-            }
-        }
+        let devices: Vec<DeviceKey> = targets.iter().map(|(d, _)| *d).collect();
+        self.wake_online(&devices);
         Ok(())
     }
 }

@@ -6,10 +6,13 @@
 //! - [`wire`]: record framing and frame encoding;
 //! - [`noise`]: the Noise XK handshake and transport;
 //! - [`session`]: one server connection's state machine, sans-I/O.
+//! - [`client`]: the device side and its profile.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod code;
+pub mod config;
 pub mod hub;
 pub mod ids;
 pub mod keys;

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use tidings::config::FileConfig;
 use tidings::hub::{HubConfig, Now, Shared};
 use tidings::server::admin::{self, Command};
-use tidings::server::{DEFAULT_PORT, Server, ServerConfig};
+use tidings::server::{Server, ServerConfig};
 use tidings::store::{Store, StoreConfig, StoreError};
 
 #[derive(Parser)]
@@ -19,16 +20,22 @@ use tidings::store::{Store, StoreConfig, StoreError};
     about = "A self-hosted, end-to-end-encrypted messaging server"
 )]
 struct Cli {
-    /// Data directory (created if missing).
-    #[arg(long, global = true, default_value = "./tidings-data", env = "TIDINGSD_DATA_DIR")]
-    data_dir: PathBuf,
-    /// Address to listen on.
-    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)))]
-    listen: SocketAddr,
+    /// Configuration file (TOML); flags override it.
+    #[arg(long, global = true, env = "TIDINGSD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory, created if missing [default: ./tidings-data].
+    #[arg(long, global = true, env = "TIDINGSD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:7420].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
     /// The host:port that invites and link codes carry (default: the listen
     /// address; needed when listening on 0.0.0.0 or [::]).
     #[arg(long, global = true)]
     public_addr: Option<String>,
+    /// Event loops [default: the number of CPUs].
+    #[arg(long)]
+    workers: Option<usize>,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -63,10 +70,41 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,sled=warn")).init();
+    let file = match &cli.config {
+        Some(path) => match FileConfig::load(path) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("tidingsd: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => FileConfig::default(),
+    };
+    let level = file.log_level.clone().unwrap_or_else(|| "info".into());
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(format!("sled=warn,{level}"))).init();
+    let mut config = file.to_server_config();
+    if file.workers.is_none() {
+        config.workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    }
+    if let Some(d) = cli.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(l) = cli.listen {
+        config.listen = l;
+    }
+    if let Some(p) = cli.public_addr.clone() {
+        config.public_addr = Some(p);
+    }
+    if let Some(w) = cli.workers {
+        if w == 0 {
+            eprintln!("tidingsd: --workers must be at least 1");
+            return ExitCode::FAILURE;
+        }
+        config.workers = w;
+    }
     let result = match cli.command {
-        None => serve(&cli.data_dir, cli.listen, cli.public_addr),
-        Some(cmd) => operator(&cli.data_dir, to_command(cmd, cli.public_addr)),
+        None => serve(config),
+        Some(cmd) => operator(&config.data_dir, to_command(cmd, cli.public_addr)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -90,14 +128,17 @@ fn to_command(cmd: Cmd, public_addr: Option<String>) -> Command {
     }
 }
 
-fn serve(data_dir: &Path, listen: SocketAddr, public_addr: Option<String>) -> Result<(), String> {
-    let mut config = ServerConfig::new(data_dir.to_path_buf());
-    config.listen = listen;
-    config.public_addr = public_addr;
+fn serve(config: ServerConfig) -> Result<(), String> {
+    let data_dir = &config.data_dir;
     let server = Server::bind(&config).map_err(|e| e.to_string())?;
     let addr = server.local_addr();
     let key = hex::encode(server.store().server_key().public);
     println!("tidingsd listening on {addr}");
+    log::info!(
+        "{} event loop{}",
+        config.workers,
+        if config.workers == 1 { "" } else { "s" }
+    );
     println!("server key {key}");
     println!("data directory {}", data_dir.display());
     match server.store().public_addr() {

@@ -15,13 +15,15 @@
 
 pub mod admin;
 pub mod core;
+pub mod limits;
 #[cfg(test)]
 mod sim;
+pub mod sweeper;
 #[cfg(test)]
 mod tests;
 
 use std::io::{self, Read, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,6 +34,8 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use thiserror::Error;
 
 use self::core::Core;
+use self::limits::{IpLimitConfig, IpLimits};
+use self::sweeper::{RetentionConfig, Sweeper};
 use crate::hub::{Effect, HubConfig, Now, Shared};
 use crate::session::SessionConfig;
 use crate::store::{Store, StoreConfig, StoreError};
@@ -84,6 +88,10 @@ pub struct ServerConfig {
     pub hub: HubConfig,
     /// Store tuning.
     pub store: StoreConfig,
+    /// Limits per source address, before authentication.
+    pub per_ip: IpLimitConfig,
+    /// Retention.
+    pub retention: RetentionConfig,
 }
 
 impl ServerConfig {
@@ -97,6 +105,8 @@ impl ServerConfig {
             session: SessionConfig::default(),
             hub: HubConfig::default(),
             store: StoreConfig::default(),
+            per_ip: IpLimitConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -154,13 +164,20 @@ impl Loops {
     }
 }
 
+/// A connection's socket and where it comes from.
+pub struct Socket {
+    stream: TcpStream,
+    ip: IpAddr,
+}
+
 /// One event loop.
 pub struct Worker {
     poll: Poll,
     listener: Option<TcpListener>,
     mailbox: Arc<Mailbox>,
     loops: Loops,
-    core: Core<TcpStream>,
+    core: Core<Socket>,
+    limits: Arc<IpLimits>,
     store: Arc<Store>,
     read_buf: Vec<u8>,
     signals: Option<signal_hook_mio::v1_0::Signals>,
@@ -169,12 +186,14 @@ pub struct Worker {
 /// A running daemon.
 pub struct Server {
     store: Arc<Store>,
+    shared: Arc<Shared>,
     loops: Loops,
     local_addr: SocketAddr,
     workers: Vec<Worker>,
     /// Serving from [`Server::bind`] on, so that operator commands work as
     /// soon as the daemon says it listens; stopped when the server ends.
     admin: Option<admin::AdminServer>,
+    retention: RetentionConfig,
 }
 
 impl Server {
@@ -218,6 +237,7 @@ impl Server {
         let loops = Loops {
             mailboxes: Arc::new(mailboxes),
         };
+        let ip_limits = Arc::new(IpLimits::new(config.per_ip));
         let mut workers = Vec::with_capacity(n);
         for (i, poll) in polls.into_iter().enumerate() {
             let listener = std_listener.try_clone().map_err(io_err("sharing the listener"))?;
@@ -234,19 +254,22 @@ impl Server {
                 mailbox,
                 loops: loops.clone(),
                 core: Core::new(i as u16, shared.clone(), config.session.clone()),
+                limits: ip_limits.clone(),
                 store: store.clone(),
                 read_buf: vec![0; READ_CHUNK],
                 signals: None,
             });
         }
-        let admin = admin::AdminServer::start(store.clone(), shared, loops.clone())
+        let admin = admin::AdminServer::start(store.clone(), shared.clone(), loops.clone())
             .map_err(io_err("starting the admin socket"))?;
         Ok(Server {
             store,
+            shared,
             loops,
             local_addr,
             workers,
             admin: Some(admin),
+            retention: config.retention,
         })
     }
 
@@ -274,6 +297,8 @@ impl Server {
     pub fn run(mut self, handle_signals: bool) -> Result<(), ServerError> {
         let flusher = self.store.flusher().start().map_err(io_err("starting the flusher"))?;
         let admin = self.admin.take();
+        let sweeper = Sweeper::start(self.shared.clone(), self.loops.clone(), self.retention)
+            .map_err(io_err("starting the sweeper"))?;
         if handle_signals {
             use signal_hook::consts::{SIGINT, SIGTERM};
             let mut signals =
@@ -309,6 +334,7 @@ impl Server {
             }
         }
         drop(admin);
+        sweeper.stop();
         self.store.flusher().stop();
         let _ = flusher.join();
         if self.store.flusher().failed() {
@@ -413,13 +439,19 @@ impl Worker {
         loop {
             match listener.accept() {
                 Ok((stream, peer)) => {
+                    // spec §9: per-address limits, before a byte is read.
+                    if let Err(why) = self.limits.admit(peer.ip(), now.mono) {
+                        log::debug!("refused a connection from {}: {why:?}", peer.ip());
+                        drop(stream);
+                        continue;
+                    }
                     let _ = stream.set_nodelay(true);
-                    let serial = self.core.accept(stream, now);
+                    let serial = self.core.accept(Socket { stream, ip: peer.ip() }, now);
                     let Some(conn) = self.core.conn_mut(serial) else {
                         continue;
                     };
                     if let Err(e) = self.poll.registry().register(
-                        &mut conn.io,
+                        &mut conn.io.stream,
                         Token(serial as usize),
                         Interest::READABLE | Interest::WRITABLE,
                     ) {
@@ -443,7 +475,7 @@ impl Worker {
     fn read(&mut self, serial: u64, now: Now) {
         loop {
             let Some(conn) = self.core.conn_mut(serial) else { return };
-            match conn.io.read(&mut self.read_buf) {
+            match conn.io.stream.read(&mut self.read_buf) {
                 Ok(0) => {
                     self.core.hang_up(serial);
                     return;
@@ -467,7 +499,7 @@ impl Worker {
             if out.is_empty() {
                 return;
             }
-            match conn.io.write(out) {
+            match conn.io.stream.write(out) {
                 Ok(n) => self.core.wrote(serial, n, now),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -490,8 +522,9 @@ impl Worker {
                 self.write(serial, now);
             }
         }
-        for (_, mut stream) in self.core.take_dead() {
-            let _ = self.poll.registry().deregister(&mut stream);
+        for (_, mut socket) in self.core.take_dead() {
+            let _ = self.poll.registry().deregister(&mut socket.stream);
+            self.limits.release(socket.ip);
         }
     }
 }

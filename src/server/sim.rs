@@ -76,8 +76,12 @@ impl World {
     }
 
     pub fn with_config(workers: u16, config: HubConfig) -> World {
+        Self::with_configs(workers, config, StoreConfig::default())
+    }
+
+    pub fn with_configs(workers: u16, config: HubConfig, store_config: StoreConfig) -> World {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Arc::new(Store::open(dir.path(), &StoreConfig::default()).expect("store"));
+        let store = Arc::new(Store::open(dir.path(), &store_config).expect("store"));
         let shared = Shared::new(store.clone(), config);
         let cores = (0..workers)
             .map(|w| Core::new(w, shared.clone(), SessionConfig::default()))

@@ -156,8 +156,19 @@ fn window_bounds_unacked_deliveries() {
     let bob = w.reconnect(bob, 0);
     let first = delivered(&w.inbox(bob));
     assert_eq!(first.iter().map(|d| d.0).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
-    // An ack beyond what was delivered counts only up to what was.
+    // An ack beyond what was delivered is refused and deletes nothing.
     ack(&mut w, bob, 100);
+    assert!(matches!(
+        &w.inbox(bob)[..],
+        [(
+            _,
+            ServerFrame::Error {
+                code: ErrorCode::BAD_REQUEST,
+                ..
+            }
+        )]
+    ));
+    ack(&mut w, bob, 4);
     let next = w.inbox(bob);
     assert_eq!(
         delivered(&next).iter().map(|d| d.0).collect::<Vec<_>>(),
@@ -206,13 +217,13 @@ fn mismatch_lists_missing_and_extra_devices_and_stores_nothing() {
         missing,
         vec![
             DeviceAddr {
-                user: "bob".into(),
+                user: "alice".into(),
                 device: DeviceId(2)
             },
             DeviceAddr {
-                user: "alice".into(),
+                user: "bob".into(),
                 device: DeviceId(2)
-            }
+            },
         ]
     );
     assert_eq!(
@@ -267,6 +278,15 @@ fn bad_sends_get_their_codes() {
             ErrorCode::BAD_REQUEST,
         ),
         (send(5, "alice", vec![], vec![body(1, b"x")]), ErrorCode::BAD_REQUEST),
+        (
+            send(6, "bob", vec![body(1, b"x")], vec![body(1, b"me")]),
+            ErrorCode::BAD_REQUEST,
+        ),
+        (
+            send(7, "bob", vec![body(9, b"x"), body(9, b"y")], vec![]),
+            ErrorCode::BAD_REQUEST,
+        ),
+        (send(8, "alice", vec![body(1, b"x")], vec![]), ErrorCode::BAD_REQUEST),
     ];
     for (frame, code) in cases {
         let req = w.request(alice, &frame);
@@ -355,6 +375,19 @@ fn revoke_cuts_a_device_off() {
             _,
             ServerFrame::Error {
                 code: ErrorCode::UNKNOWN_DEVICE,
+                ..
+            }
+        )]
+    ));
+    // The last device cannot revoke itself.
+    w.request(alice, &ClientFrame::RevokeDevice { device: DeviceId(1) });
+    w.run();
+    assert!(matches!(
+        &w.inbox(alice)[..],
+        [(
+            _,
+            ServerFrame::Error {
+                code: ErrorCode::BAD_REQUEST,
                 ..
             }
         )]
@@ -620,5 +653,220 @@ mod keys {
         w.request(alice, &claim);
         w.run();
         assert!(matches!(&w.inbox(alice)[..], [(_, ServerFrame::Keys { .. })]));
+    }
+}
+
+mod receipts_and_retract {
+    use super::*;
+    use crate::store::{Quotas, StoreConfig};
+    use crate::wire::{Receipt, ReceiptKind};
+
+    #[test]
+    fn receipts_reach_the_senders_devices_and_the_readers_other_devices() {
+        let mut w = World::new(2);
+        let alice = w.register(0, "alice");
+        let alice2 = w.link(alice, 1);
+        let bob = w.register(1, "bob");
+        let bob2 = w.link(bob, 0);
+        w.request(
+            alice,
+            &send(1, "bob", vec![body(1, b"a"), body(2, b"b")], vec![body(2, b"c")]),
+        );
+        w.run();
+        for c in [alice, alice2, bob, bob2] {
+            let _ = w.inbox(c);
+        }
+        let receipt = ClientFrame::Receipt(Receipt {
+            to: "alice".into(),
+            kind: ReceiptKind::READ,
+            ids: vec![MsgId([1; 16])],
+        });
+        let req = w.request(bob, &receipt);
+        w.run();
+        assert_eq!(w.inbox(bob), vec![(req, ServerFrame::Done)]);
+        for c in [alice, alice2, bob2] {
+            match &w.inbox(c)[..] {
+                [(0, ServerFrame::Receipt(r))] => {
+                    assert_eq!(
+                        r.from,
+                        DeviceAddr {
+                            user: "bob".into(),
+                            device: DeviceId(1)
+                        }
+                    );
+                    assert_eq!(r.to, "alice");
+                    assert_eq!(r.kind, ReceiptKind::READ);
+                    assert_eq!(r.ids, vec![MsgId([1; 16])]);
+                }
+                other => panic!("{c:?}: {other:?}"),
+            }
+        }
+        let bad = ClientFrame::Receipt(Receipt {
+            to: "alice".into(),
+            kind: ReceiptKind::READ,
+            ids: vec![],
+        });
+        w.request(bob, &bad);
+        w.run();
+        assert!(matches!(
+            &w.inbox(bob)[..],
+            [(
+                _,
+                ServerFrame::Error {
+                    code: ErrorCode::BAD_REQUEST,
+                    ..
+                }
+            )]
+        ));
+    }
+
+    #[test]
+    fn receipts_for_an_offline_device_are_folded() {
+        let mut w = World::new(1);
+        let alice = w.register(0, "alice");
+        let bob = w.register(0, "bob");
+        w.request(alice, &ClientFrame::Close);
+        w.run();
+        for i in 1..=20 {
+            w.request(
+                bob,
+                &ClientFrame::Receipt(Receipt {
+                    to: "alice".into(),
+                    kind: ReceiptKind::DELIVERED,
+                    ids: vec![MsgId([i; 16])],
+                }),
+            );
+        }
+        w.run();
+        let alice = w.reconnect(alice, 0);
+        let got = w.inbox(alice);
+        let receipts: Vec<_> = got
+            .iter()
+            .filter(|(_, f)| matches!(f, ServerFrame::Receipt(_)))
+            .collect();
+        assert_eq!(receipts.len(), 1, "{got:?}");
+        if let ServerFrame::Receipt(r) = &receipts[0].1 {
+            assert_eq!(r.ids.len(), 20);
+        }
+    }
+
+    #[test]
+    fn a_retract_removes_the_copies_still_queued() {
+        let mut w = World::new(1);
+        let alice = w.register(0, "alice");
+        let bob = w.register(0, "bob");
+        w.request(bob, &ClientFrame::Close);
+        w.run();
+        w.request(alice, &send(1, "bob", vec![body(1, b"oops")], vec![]));
+        w.request(alice, &send(2, "bob", vec![body(1, b"fine")], vec![]));
+        w.run();
+        let _ = w.inbox(alice);
+        w.request(alice, &ClientFrame::Retract { id: MsgId([1; 16]) });
+        w.run();
+        assert!(matches!(&w.inbox(alice)[..], [(_, ServerFrame::Done)]));
+        let bob = w.reconnect(bob, 0);
+        let ids: Vec<MsgId> = delivered(&w.inbox(bob)).iter().map(|d| d.1).collect();
+        assert_eq!(ids, vec![MsgId([2; 16])]);
+        // Bob cannot retract alice's message.
+        w.request(bob, &ClientFrame::Retract { id: MsgId([2; 16]) });
+        w.run();
+        let _ = w.inbox(bob);
+        let bob2 = w.reconnect(bob, 0);
+        assert_eq!(delivered(&w.inbox(bob2)).len(), 1);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_and_keeps_what_it_has() {
+        let quotas = Quotas {
+            queue_messages: 5,
+            ..Quotas::default()
+        };
+        let mut w = World::with_configs(
+            1,
+            HubConfig::default(),
+            StoreConfig {
+                quotas,
+                ..StoreConfig::default()
+            },
+        );
+        let alice = w.register(0, "alice");
+        let bob = w.register(0, "bob");
+        w.request(bob, &ClientFrame::Close);
+        w.run();
+        for i in 1..=6 {
+            w.request(alice, &send(i, "bob", vec![body(1, b"x")], vec![]));
+        }
+        w.run();
+        let got = w.inbox(alice);
+        assert_eq!(accepted(&got).len(), 5);
+        assert!(got.iter().any(|(_, f)| matches!(
+            f,
+            ServerFrame::Error {
+                code: ErrorCode::QUOTA_EXCEEDED,
+                ..
+            }
+        )));
+        let bob = w.reconnect(bob, 0);
+        let ids: Vec<u8> = delivered(&w.inbox(bob)).iter().map(|d| d.1.0[0]).collect();
+        assert_eq!(ids, vec![1, 2, 3, 4, 5]);
+    }
+}
+
+#[test]
+fn expiry_notices_reach_both_sides() {
+    let mut w = World::new(1);
+    let alice = w.register(0, "alice");
+    let bob = w.register(0, "bob");
+    w.request(bob, &ClientFrame::Close);
+    w.run();
+    w.request(alice, &send(1, "bob", vec![body(1, b"x")], vec![]));
+    w.request(alice, &send(2, "bob", vec![body(1, b"y")], vec![]));
+    w.run();
+    let _ = w.inbox(alice);
+    // Everything accepted so far is past its retention.
+    let cutoff = w.now.unix_ms + 1;
+    let mut cursor = Vec::new();
+    loop {
+        let swept = w.store.sweep(&mut cursor, cutoff, 100, w.now.unix_ms).unwrap();
+        for d in swept.notified {
+            if let Some(c) = w.shared.connection_of(d) {
+                w.cores[c.worker as usize].apply(crate::hub::Effect::Wake(c), w.now);
+            }
+        }
+        if swept.wrapped {
+            break;
+        }
+    }
+    w.run();
+    // Alice is online: told at once which ids never reached which device.
+    match &w.inbox(alice)[..] {
+        [(0, ServerFrame::Expired(e))] => {
+            assert_eq!(
+                e.device,
+                DeviceAddr {
+                    user: "bob".into(),
+                    device: DeviceId(1)
+                }
+            );
+            assert_eq!(e.ids, vec![MsgId([1; 16]), MsgId([2; 16])]);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Bob, when he connects: a gap notice, then the drain.
+    let bob = w.reconnect(bob, 0);
+    let got = w.inbox(bob);
+    match &got[..] {
+        [(0, ServerFrame::Gap(g)), (0, ServerFrame::QueueDrained)] => {
+            assert_eq!(g.lost.len(), 1);
+            assert_eq!(
+                g.lost[0].from,
+                DeviceAddr {
+                    user: "alice".into(),
+                    device: DeviceId(1)
+                }
+            );
+            assert_eq!(g.lost[0].count, 2);
+        }
+        other => panic!("{other:?}"),
     }
 }

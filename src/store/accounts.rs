@@ -242,6 +242,14 @@ impl Accounts {
         true
     }
 
+    /// Appends every device a user ever had, revoked ones included,
+    /// ascending, to `out`.
+    pub fn all_devices(&self, user: UserId, out: &mut Vec<DeviceId>) {
+        if let Some(u) = self.read().users.get(&user) {
+            out.extend(u.devices.keys().copied());
+        }
+    }
+
     /// Whether this device exists and is not revoked.
     pub fn is_current(&self, d: DeviceKey) -> bool {
         let index = self.read();

@@ -36,6 +36,7 @@ mod queues;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use thiserror::Error;
@@ -43,12 +44,14 @@ use thiserror::Error;
 pub use accounts::{Accounts, LinkError, RegisterError, TokenRecord, UserRecord};
 pub use flusher::{Epoch, Flusher};
 pub use keys::{MAX_ONE_TIME_KEYS, PublishError};
-pub use queues::{Appended, QueuedMessage};
+pub use queues::{
+    Appended, Entry, LostRecord, QueuedExpired, QueuedGap, QueuedMessage, QueuedReceipt, Quota, Swept, decode_entry,
+};
 
 use crate::noise::Keypair;
 
 /// The data directory format this build writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const FORMAT_FILE: &str = "FORMAT";
 const FORMAT_MAGIC: &str = "tidings-data";
 
@@ -93,17 +96,41 @@ impl From<sled::transaction::TransactionError<StoreError>> for StoreError {
     }
 }
 
+/// Limits that refuse new messages rather than drop accepted ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quotas {
+    /// Most entries in one device's queue.
+    pub queue_messages: u64,
+    /// Most bytes in one device's queue.
+    pub queue_bytes: u64,
+    /// Most bytes the database may occupy on disk.
+    pub disk_budget: u64,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Quotas {
+            queue_messages: 100_000,
+            queue_bytes: 256 << 20,
+            disk_budget: 4 << 30,
+        }
+    }
+}
+
 /// Store tuning.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     /// sled's page cache in bytes (small, for a Raspberry Pi).
     pub cache_capacity: u64,
+    /// Quotas.
+    pub quotas: Quotas,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             cache_capacity: 64 << 20,
+            quotas: Quotas::default(),
         }
     }
 }
@@ -117,9 +144,13 @@ pub struct Store {
     /// Serialises publishes, so the one-time key cap holds.
     key_lock: Mutex<()>,
     accounts: Accounts,
-    /// Next sequence number per device queue, loaded on first use. Held
-    /// across an append so that sequence order is visibility order.
-    seqs: Mutex<std::collections::HashMap<crate::ids::DeviceKey, u64>>,
+    /// Each queue's next sequence, entry count and bytes, loaded on first
+    /// use. Held across every queue change so that sequence order is
+    /// visibility order and the counts are exact.
+    metas: Mutex<queues::Metas>,
+    quotas: Quotas,
+    /// Bytes on disk, as last measured ([`Store::measure_disk`]).
+    disk_used: AtomicU64,
     flusher: Flusher,
     server_key: Keypair,
     public_addr: RwLock<Option<String>>,
@@ -133,9 +164,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
-/// Reads (or, for a new directory, writes) the format file, refusing a
-/// newer format and migrating an older one.
-fn check_format(dir: &Path) -> Result<(), StoreError> {
+/// Reads the format file: the directory's format version, or `None` for a
+/// new directory.
+fn read_format(dir: &Path) -> Result<Option<u32>, StoreError> {
     let path = dir.join(FORMAT_FILE);
     match fs::read_to_string(&path) {
         Ok(text) => {
@@ -147,16 +178,9 @@ fn check_format(dir: &Path) -> Result<(), StoreError> {
             if found > FORMAT_VERSION {
                 return Err(StoreError::TooNew { found });
             }
-            if found < FORMAT_VERSION {
-                migrate(dir, found)?;
-            }
-            Ok(())
+            Ok(Some(found))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            // A directory with a database but no FORMAT predates format
-            // files: that is format 0, which is format 1 without the file.
-            write_format(dir)
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io_err(&path)(e)),
     }
 }
@@ -171,14 +195,23 @@ fn write_format(dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Upgrades a data directory from `from` to [`FORMAT_VERSION`], one step at
-/// a time. Each step must be idempotent: a crash mid-way reruns it.
-fn migrate(dir: &Path, from: u32) -> Result<(), StoreError> {
+/// Upgrades the database from format `from` to [`FORMAT_VERSION`], one
+/// step at a time, flushed before the FORMAT file says so. Each step is
+/// idempotent: a crash midway reruns it.
+fn migrate(db: &sled::Db, from: u32) -> Result<(), StoreError> {
     for version in from..FORMAT_VERSION {
-        log::info!("migrating data directory from format {version} to {}", version + 1);
-        // Format 0 → 1: no change to the database; only the FORMAT file.
+        log::info!("migrating the data directory from format {version} to {}", version + 1);
+        match version {
+            // 0 → 1: only the FORMAT file was added.
+            0 => {}
+            // 1 → 2: queue entries became an enum (messages, receipts,
+            // notices); dedup records remember where a message was queued.
+            1 => Store::migrate_entries_1_to_2(&db.open_tree("queues")?)?,
+            _ => {}
+        }
     }
-    write_format(dir)
+    db.flush()?;
+    Ok(())
 }
 
 impl Store {
@@ -201,7 +234,21 @@ impl Store {
                 sled::Error::Io(ref io) if io.to_string().contains("lock") => StoreError::Locked,
                 e => StoreError::Db(e),
             })?;
-        check_format(dir)?;
+        // A directory with a database but no FORMAT file predates format
+        // files: format 0.
+        let existed = dir.join("db").join("conf").exists();
+        let format = read_format(dir)?;
+        let format = match format {
+            Some(v) => v,
+            None if existed => 0,
+            None => FORMAT_VERSION,
+        };
+        if format < FORMAT_VERSION {
+            migrate(&db, format)?;
+        }
+        if format != FORMAT_VERSION || !dir.join(FORMAT_FILE).exists() {
+            write_format(dir)?;
+        }
         // sled's data file, for the flusher's fdatasync; and the directory
         // entries sled and the format file created, made durable once.
         let db_file = dir.join("db").join("db");
@@ -235,7 +282,9 @@ impl Store {
             e2e,
             key_lock: Mutex::new(()),
             accounts,
-            seqs: Mutex::new(Default::default()),
+            metas: Mutex::new(Default::default()),
+            quotas: config.quotas,
+            disk_used: AtomicU64::new(0),
             flusher,
             server_key,
             public_addr: RwLock::new(public_addr),
@@ -287,12 +336,21 @@ impl Store {
         self.flusher.sync()
     }
 
-    /// Bytes the database occupies on disk.
+    /// Measures the bytes the database occupies on disk, for the disk
+    /// budget (the sweeper calls this now and then; appends use the last
+    /// measurement).
     ///
     /// # Errors
     /// On a database failure.
-    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        Ok(self.db.size_on_disk()?)
+    pub fn measure_disk(&self) -> Result<u64, StoreError> {
+        let used = self.db.size_on_disk()?;
+        self.disk_used.store(used, Ordering::Relaxed);
+        Ok(used)
+    }
+
+    /// Bytes on disk as last measured.
+    pub fn disk_used(&self) -> u64 {
+        self.disk_used.load(Ordering::Relaxed)
     }
 }
 

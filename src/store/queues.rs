@@ -1,4 +1,20 @@
-//! Per-device message queues and dedup records, in the `queues` tree.
+//! Per-device queues, dedup records, folding of receipts and notices,
+//! retraction, retention and quotas, in the `queues` tree.
+//!
+//! Keys (integers big-endian):
+//! - `q` ‖ user ‖ device ‖ seq → [`Entry`];
+//! - `n` ‖ user ‖ device → the queue's meta: next seq, entry count, bytes;
+//! - `d` ‖ user ‖ device ‖ message id → acceptance time and where the
+//!   message was queued (dedup, and retraction);
+//! - `r` ‖ user ‖ device ‖ fold key → seq of the entry later receipts or
+//!   notices of the same kind fold into.
+//!
+//! Every change to a queue happens under one lock, in one atomic batch with
+//! the queue's meta record, so sequence order is visibility order and the
+//! counts used for quotas are exact.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::MutexGuard;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -6,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::flusher::Epoch;
 use super::{Store, StoreError, be_u64};
 use crate::ids::{DeviceKey, UserId};
-use crate::wire::{DeviceId, MsgId};
+use crate::wire::{DeviceId, MAX_RECEIPT_IDS, MsgId, ReceiptKind};
 
 /// One queued message for one device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,11 +44,96 @@ pub struct QueuedMessage {
 impl QueuedMessage {
     /// The sending device.
     pub fn from(&self) -> DeviceKey {
-        DeviceKey {
-            user: UserId(self.from_user),
-            device: DeviceId(self.from_device),
+        key(self.from_user, self.from_device)
+    }
+}
+
+/// Receipts from one device, of one kind, folded together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedReceipt {
+    /// The user of the device that sent the receipt.
+    pub from_user: u32,
+    /// That device.
+    pub from_device: u32,
+    /// The user it was addressed to.
+    pub to_user: u32,
+    /// Delivered, read...
+    pub kind: u8,
+    /// The messages.
+    pub ids: Vec<MsgId>,
+    /// When the latest folded receipt was accepted.
+    pub time_ms: u64,
+}
+
+/// Messages from one sender device that expired in a queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostRecord {
+    /// Sending user.
+    pub from_user: u32,
+    /// Sending device.
+    pub from_device: u32,
+    /// How many.
+    pub count: u32,
+    /// Acceptance time of the first.
+    pub first_ms: u64,
+    /// Acceptance time of the last.
+    pub last_ms: u64,
+}
+
+/// A gap notice for the device whose queue lost messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedGap {
+    /// Per sender device.
+    pub lost: Vec<LostRecord>,
+    /// When the notice was (last) written.
+    pub time_ms: u64,
+}
+
+/// An expiry notice for the sender's devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedExpired {
+    /// The user of the device that never got the messages.
+    pub device_user: u32,
+    /// That device.
+    pub device: u32,
+    /// The messages.
+    pub ids: Vec<MsgId>,
+    /// When the notice was (last) written.
+    pub time_ms: u64,
+}
+
+/// One queue entry. Append-only like the wire's enums: the tag is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Entry {
+    /// A message.
+    Message(QueuedMessage),
+    /// Folded receipts.
+    Receipt(QueuedReceipt),
+    /// A gap notice.
+    Gap(QueuedGap),
+    /// An expiry notice.
+    Expired(QueuedExpired),
+}
+
+impl Entry {
+    /// When it was written (for retention).
+    pub fn time_ms(&self) -> u64 {
+        match self {
+            Entry::Message(m) => m.time_ms,
+            Entry::Receipt(r) => r.time_ms,
+            Entry::Gap(g) => g.time_ms,
+            Entry::Expired(e) => e.time_ms,
         }
     }
+}
+
+/// Which quota refused an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quota {
+    /// This device's queue is full (count or bytes).
+    Queue(DeviceKey),
+    /// The data directory is at its disk budget.
+    Disk,
 }
 
 /// The result of an append.
@@ -53,11 +154,67 @@ pub enum Appended {
         /// not be flushed yet, so a retry waits for the next flush too).
         epoch: Epoch,
     },
+    /// Refused: storing it would exceed a quota. Nothing written.
+    OverQuota(Quota),
 }
+
+/// What one retention sweep turn did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Swept {
+    /// Messages that expired.
+    pub expired: usize,
+    /// Dedup records forgotten.
+    pub forgotten: usize,
+    /// Devices that got a notice (to wake if online).
+    pub notified: Vec<DeviceKey>,
+    /// The pass over the whole tree is complete (the cursor wrapped).
+    pub wrapped: bool,
+}
+
+/// A queue's bookkeeping: next sequence, entries and bytes held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct QueueMeta {
+    next: u64,
+    count: u64,
+    bytes: u64,
+}
+
+impl QueueMeta {
+    fn encode(&self) -> [u8; 24] {
+        let mut v = [0u8; 24];
+        v[..8].copy_from_slice(&self.next.to_be_bytes());
+        v[8..16].copy_from_slice(&self.count.to_be_bytes());
+        v[16..].copy_from_slice(&self.bytes.to_be_bytes());
+        v
+    }
+}
+
+/// The lock over every queue's meta.
+pub(crate) type Metas = HashMap<DeviceKey, QueueMeta>;
 
 const QUEUE: u8 = b'q';
 const NEXT: u8 = b'n';
 const DEDUP: u8 = b'd';
+const FOLD: u8 = b'r';
+/// Marks the queues tree as migrated to format 2 (written in the same batch
+/// as the migration).
+const MIGRATED: &[u8] = b"v2";
+
+/// What later entries fold into: receipts per (reader device, kind), one
+/// gap notice per queue, expiry notices per device that lost them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum FoldKey {
+    Receipt(DeviceKey, u8),
+    Gap,
+    Expired(DeviceKey),
+}
+
+fn key(user: u32, device: u32) -> DeviceKey {
+    DeviceKey {
+        user: UserId(user),
+        device: DeviceId(device),
+    }
+}
 
 fn dev_prefix(tag: u8, d: DeviceKey) -> [u8; 9] {
     let mut k = [0u8; 9];
@@ -65,6 +222,12 @@ fn dev_prefix(tag: u8, d: DeviceKey) -> [u8; 9] {
     k[1..5].copy_from_slice(&d.user.0.to_be_bytes());
     k[5..9].copy_from_slice(&d.device.0.to_be_bytes());
     k
+}
+
+fn parse_dev(k: &[u8]) -> Option<DeviceKey> {
+    let user = u32::from_be_bytes(k.get(1..5)?.try_into().ok()?);
+    let device = u32::from_be_bytes(k.get(5..9)?.try_into().ok()?);
+    Some(key(user, device))
 }
 
 fn queue_key(d: DeviceKey, seq: u64) -> [u8; 17] {
@@ -81,7 +244,134 @@ fn dedup_key(sender: DeviceKey, id: MsgId) -> [u8; 25] {
     k
 }
 
+fn fold_key(target: DeviceKey, f: FoldKey) -> [u8; 19] {
+    let mut k = [0u8; 19];
+    k[..9].copy_from_slice(&dev_prefix(FOLD, target));
+    let (tag, from, kind) = match f {
+        FoldKey::Receipt(d, kind) => (1, d, kind),
+        FoldKey::Gap => (2, key(0, 0), 0),
+        FoldKey::Expired(d) => (3, d, 0),
+    };
+    k[9] = tag;
+    k[10..14].copy_from_slice(&from.user.0.to_be_bytes());
+    k[14..18].copy_from_slice(&from.device.0.to_be_bytes());
+    k[18] = kind;
+    k
+}
+
+fn encode_entry(e: &Entry) -> Vec<u8> {
+    postcard::to_stdvec(e).expect("postcard encodes queue entries into a Vec")
+}
+
+/// Decodes a queue entry.
+///
+/// # Errors
+/// [`StoreError::Corrupt`] if the bytes are not an entry.
+pub fn decode_entry(bytes: &[u8]) -> Result<Entry, StoreError> {
+    postcard::from_bytes(bytes).map_err(|_| StoreError::Corrupt("queues/entry"))
+}
+
+/// A dedup record: when the message was accepted and where it was queued.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct DedupRecord {
+    time_ms: u64,
+    queued: Vec<(u32, u32, u64)>,
+}
+
+fn decode_dedup(v: &[u8]) -> Result<DedupRecord, StoreError> {
+    postcard::from_bytes(v).map_err(|_| StoreError::Corrupt("queues/dedup"))
+}
+
+/// Merges `new` into `old` if they are of one fold kind and the result
+/// stays within its bounds.
+fn merge(old: &Entry, new: &Entry) -> Option<Entry> {
+    match (old, new) {
+        (Entry::Receipt(a), Entry::Receipt(b)) => {
+            let mut ids = a.ids.clone();
+            for id in &b.ids {
+                if !ids.contains(id) {
+                    ids.push(*id);
+                }
+            }
+            (ids.len() <= MAX_RECEIPT_IDS).then(|| {
+                Entry::Receipt(QueuedReceipt {
+                    ids,
+                    time_ms: b.time_ms,
+                    ..a.clone()
+                })
+            })
+        }
+        (Entry::Expired(a), Entry::Expired(b)) => {
+            let mut ids = a.ids.clone();
+            ids.extend(b.ids.iter().filter(|id| !a.ids.contains(id)));
+            (ids.len() <= MAX_RECEIPT_IDS).then(|| {
+                Entry::Expired(QueuedExpired {
+                    ids,
+                    time_ms: b.time_ms,
+                    ..a.clone()
+                })
+            })
+        }
+        (Entry::Gap(a), Entry::Gap(b)) => {
+            let mut lost = a.lost.clone();
+            for l in &b.lost {
+                match lost
+                    .iter_mut()
+                    .find(|x| x.from_user == l.from_user && x.from_device == l.from_device)
+                {
+                    Some(x) => {
+                        x.count = x.count.saturating_add(l.count);
+                        x.first_ms = x.first_ms.min(l.first_ms);
+                        x.last_ms = x.last_ms.max(l.last_ms);
+                    }
+                    None => lost.push(l.clone()),
+                }
+            }
+            (lost.len() <= 256).then_some(Entry::Gap(QueuedGap {
+                lost,
+                time_ms: b.time_ms,
+            }))
+        }
+        _ => None,
+    }
+}
+
 impl Store {
+    pub(crate) fn metas(&self) -> MutexGuard<'_, Metas> {
+        self.metas.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn meta(&self, metas: &mut Metas, d: DeviceKey) -> Result<QueueMeta, StoreError> {
+        if let Some(m) = metas.get(&d) {
+            return Ok(*m);
+        }
+        let m = match self.queues.get(dev_prefix(NEXT, d))? {
+            None => QueueMeta {
+                next: 1,
+                count: 0,
+                bytes: 0,
+            },
+            Some(v) if v.len() == 24 => QueueMeta {
+                next: be_u64(&v).ok_or(StoreError::Corrupt("queues/next"))?,
+                count: v.get(8..).and_then(be_u64).ok_or(StoreError::Corrupt("queues/next"))?,
+                bytes: v.get(16..).and_then(be_u64).ok_or(StoreError::Corrupt("queues/next"))?,
+            },
+            Some(v) => {
+                // Format 1 kept only the next sequence: count the queue.
+                let next = be_u64(&v).ok_or(StoreError::Corrupt("queues/next"))?;
+                let (mut count, mut bytes) = (0, 0);
+                for item in self.queues.range(queue_key(d, 0)..=queue_key(d, u64::MAX)) {
+                    let (_, v) = item?;
+                    count += 1;
+                    bytes += v.len() as u64;
+                }
+                QueueMeta { next, count, bytes }
+            }
+        };
+        metas.insert(d, m);
+        Ok(m)
+    }
+
     /// The acceptance time of an earlier message with this id from this
     /// device, if there was one.
     ///
@@ -89,26 +379,15 @@ impl Store {
     /// On a database failure.
     pub fn dedup_lookup(&self, sender: DeviceKey, id: MsgId) -> Result<Option<u64>, StoreError> {
         match self.queues.get(dedup_key(sender, id))? {
-            Some(v) => Ok(Some(be_u64(&v).ok_or(StoreError::Corrupt("queues/dedup"))?)),
+            Some(v) => Ok(Some(decode_dedup(&v)?.time_ms)),
             None => Ok(None),
         }
     }
 
-    fn next_seq(&self, seqs: &mut std::collections::HashMap<DeviceKey, u64>, d: DeviceKey) -> Result<u64, StoreError> {
-        if let Some(n) = seqs.get(&d) {
-            return Ok(*n);
-        }
-        let n = match self.queues.get(dev_prefix(NEXT, d))? {
-            Some(v) => be_u64(&v).ok_or(StoreError::Corrupt("queues/next"))?,
-            None => 1,
-        };
-        seqs.insert(d, n);
-        Ok(n)
-    }
-
     /// Appends message `id` from `sender` to each `(device, body)` queue in
     /// one atomic batch with its dedup record, unless that dedup record
-    /// exists. `to` is the user the message was addressed to.
+    /// exists or a quota would be exceeded. `to` is the user the message
+    /// was addressed to.
     ///
     /// # Errors
     /// On a database failure (nothing was appended).
@@ -120,38 +399,142 @@ impl Store {
         bodies: &[(DeviceKey, Bytes)],
         now_ms: u64,
     ) -> Result<Appended, StoreError> {
-        let mut seqs = self.seqs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut metas = self.metas();
         if let Some(time_ms) = self.dedup_lookup(sender, id)? {
             return Ok(Appended::Duplicate {
                 time_ms,
                 epoch: self.flusher.current(),
             });
         }
+        let entries: Vec<(DeviceKey, Vec<u8>)> = bodies
+            .iter()
+            .map(|(d, body)| {
+                let m = QueuedMessage {
+                    id,
+                    from_user: sender.user.0,
+                    from_device: sender.device.0,
+                    to_user: to.0,
+                    time_ms: now_ms,
+                    body: body.clone(),
+                };
+                (*d, encode_entry(&Entry::Message(m)))
+            })
+            .collect();
+        // Quotas refuse rather than drop (nothing accepted is ever removed
+        // to make room).
+        let quotas = self.quotas;
+        let total: u64 = entries.iter().map(|(_, v)| v.len() as u64).sum();
+        if self.disk_used().saturating_add(total) > quotas.disk_budget {
+            return Ok(Appended::OverQuota(Quota::Disk));
+        }
+        for (d, v) in &entries {
+            let m = self.meta(&mut metas, *d)?;
+            if m.count + 1 > quotas.queue_messages || m.bytes + v.len() as u64 > quotas.queue_bytes {
+                return Ok(Appended::OverQuota(Quota::Queue(*d)));
+            }
+        }
         let mut batch = sled::Batch::default();
-        let mut advanced = Vec::with_capacity(bodies.len());
-        for (d, body) in bodies {
-            let seq = self.next_seq(&mut seqs, *d)?;
-            let entry = QueuedMessage {
-                id,
-                from_user: sender.user.0,
-                from_device: sender.device.0,
-                to_user: to.0,
-                time_ms: now_ms,
-                body: body.clone(),
-            };
-            let value = postcard::to_stdvec(&entry).expect("postcard encodes queue entries into a Vec");
-            batch.insert(&queue_key(*d, seq)[..], value);
-            batch.insert(&dev_prefix(NEXT, *d)[..], &(seq + 1).to_be_bytes()[..]);
-            advanced.push((*d, seq + 1));
+        let mut updated = Vec::with_capacity(entries.len());
+        let mut record = DedupRecord {
+            time_ms: now_ms,
+            queued: Vec::with_capacity(entries.len()),
+        };
+        for (d, value) in entries {
+            let mut m = self.meta(&mut metas, d)?;
+            let seq = m.next;
+            m.next += 1;
+            m.count += 1;
+            m.bytes += value.len() as u64;
+            batch.insert(&queue_key(d, seq)[..], value);
+            batch.insert(&dev_prefix(NEXT, d)[..], &m.encode()[..]);
+            record.queued.push((d.user.0, d.device.0, seq));
+            updated.push((d, m));
         }
-        batch.insert(&dedup_key(sender, id)[..], &now_ms.to_be_bytes()[..]);
+        let dedup = postcard::to_stdvec(&record).expect("postcard encodes dedup records");
+        batch.insert(&dedup_key(sender, id)[..], dedup);
         self.queues.apply_batch(batch)?;
-        for (d, next) in advanced {
-            seqs.insert(d, next);
-        }
+        metas.extend(updated);
         // Tag after the write, inside the lock: see Flusher.
         let epoch = self.flusher.note_write();
         Ok(Appended::New { time_ms: now_ms, epoch })
+    }
+
+    /// Adds `entry` to `target`'s queue in `batch`, folded into the pending
+    /// entry of the same kind if there is one (which is removed and
+    /// re-appended at the tail, so a device that already read the old one
+    /// sees the merged one too).
+    fn fold(
+        &self,
+        metas: &mut Metas,
+        batch: &mut sled::Batch,
+        target: DeviceKey,
+        fold: FoldKey,
+        entry: Entry,
+    ) -> Result<(), StoreError> {
+        let mut m = self.meta(metas, target)?;
+        let index = fold_key(target, fold);
+        let mut entry = entry;
+        if let Some(seq) = self.queues.get(index)?.as_deref().and_then(be_u64) {
+            if let Some(old) = self.queues.get(queue_key(target, seq))? {
+                if let Some(merged) = merge(&decode_entry(&old)?, &entry) {
+                    batch.remove(&queue_key(target, seq)[..]);
+                    m.count -= 1;
+                    m.bytes -= old.len() as u64;
+                    entry = merged;
+                }
+            }
+        }
+        let value = encode_entry(&entry);
+        let seq = m.next;
+        m.next += 1;
+        m.count += 1;
+        m.bytes += value.len() as u64;
+        batch.insert(&queue_key(target, seq)[..], value);
+        batch.insert(&index[..], &seq.to_be_bytes()[..]);
+        batch.insert(&dev_prefix(NEXT, target)[..], &m.encode()[..]);
+        metas.insert(target, m);
+        Ok(())
+    }
+
+    /// Queues a receipt from device `from` about messages of user `to` for
+    /// every device in `targets`, folded with receipts of the same kind from
+    /// the same device still waiting there. Receipts are not subject to
+    /// quotas (they are small and folded).
+    ///
+    /// # Errors
+    /// On a database failure (nothing was queued).
+    pub fn append_receipt(
+        &self,
+        from: DeviceKey,
+        to: UserId,
+        kind: ReceiptKind,
+        ids: &[MsgId],
+        targets: &[DeviceKey],
+        now_ms: u64,
+    ) -> Result<Epoch, StoreError> {
+        let mut metas = self.metas();
+        let mut batch = sled::Batch::default();
+        let entry = Entry::Receipt(QueuedReceipt {
+            from_user: from.user.0,
+            from_device: from.device.0,
+            to_user: to.0,
+            kind: kind.0,
+            ids: ids.to_vec(),
+            time_ms: now_ms,
+        });
+        let mut staged = metas.clone();
+        for t in targets {
+            self.fold(
+                &mut staged,
+                &mut batch,
+                *t,
+                FoldKey::Receipt(from, kind.0),
+                entry.clone(),
+            )?;
+        }
+        self.queues.apply_batch(batch)?;
+        *metas = staged;
+        Ok(self.flusher.note_write())
     }
 
     /// Appends up to `max` entries of `d`'s queue with sequence ≥ `from` to
@@ -164,15 +547,14 @@ impl Store {
         d: DeviceKey,
         from: u64,
         max: usize,
-        out: &mut Vec<(u64, QueuedMessage)>,
+        out: &mut Vec<(u64, Entry)>,
     ) -> Result<(), StoreError> {
         let start = queue_key(d, from);
         let end = queue_key(d, u64::MAX);
         for item in self.queues.range(start..=end).take(max) {
             let (k, v) = item?;
             let seq = k.get(9..).and_then(be_u64).ok_or(StoreError::Corrupt("queues/key"))?;
-            let entry = postcard::from_bytes(&v).map_err(|_| StoreError::Corrupt("queues/entry"))?;
-            out.push((seq, entry));
+            out.push((seq, decode_entry(&v)?));
         }
         Ok(())
     }
@@ -183,8 +565,26 @@ impl Store {
     /// # Errors
     /// On a database failure.
     pub fn last_seq(&self, d: DeviceKey) -> Result<u64, StoreError> {
-        let mut seqs = self.seqs.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(self.next_seq(&mut seqs, d)? - 1)
+        let mut metas = self.metas();
+        Ok(self.meta(&mut metas, d)?.next - 1)
+    }
+
+    /// Entries and bytes in `d`'s queue.
+    ///
+    /// # Errors
+    /// On a database failure.
+    pub fn queue_usage(&self, d: DeviceKey) -> Result<(u64, u64), StoreError> {
+        let mut metas = self.metas();
+        let m = self.meta(&mut metas, d)?;
+        Ok((m.count, m.bytes))
+    }
+
+    /// Number of entries in `d`'s queue.
+    ///
+    /// # Errors
+    /// On a database failure.
+    pub fn queue_len(&self, d: DeviceKey) -> Result<usize, StoreError> {
+        Ok(self.queue_usage(d)?.0 as usize)
     }
 
     /// Deletes every entry of `d`'s queue with sequence ≤ `up_to`. Returns
@@ -194,28 +594,21 @@ impl Store {
     /// # Errors
     /// On a database failure.
     pub fn ack(&self, d: DeviceKey, up_to: u64) -> Result<usize, StoreError> {
+        let mut metas = self.metas();
+        let mut m = self.meta(&mut metas, d)?;
         let mut batch = sled::Batch::default();
         let mut n = 0;
         for item in self.queues.range(queue_key(d, 0)..=queue_key(d, up_to)) {
-            let (k, _) = item?;
+            let (k, v) = item?;
             batch.remove(k);
+            m.count = m.count.saturating_sub(1);
+            m.bytes = m.bytes.saturating_sub(v.len() as u64);
             n += 1;
         }
         if n > 0 {
+            batch.insert(&dev_prefix(NEXT, d)[..], &m.encode()[..]);
             self.queues.apply_batch(batch)?;
-        }
-        Ok(n)
-    }
-
-    /// Number of entries in `d`'s queue.
-    ///
-    /// # Errors
-    /// On a database failure.
-    pub fn queue_len(&self, d: DeviceKey) -> Result<usize, StoreError> {
-        let mut n = 0;
-        for item in self.queues.range(queue_key(d, 0)..=queue_key(d, u64::MAX)) {
-            item?;
-            n += 1;
+            metas.insert(d, m);
         }
         Ok(n)
     }
@@ -226,5 +619,234 @@ impl Store {
     /// On a database failure.
     pub fn delete_queue(&self, d: DeviceKey) -> Result<usize, StoreError> {
         self.ack(d, u64::MAX)
+    }
+
+    /// Removes the still-queued copies of message `id`, sent by any of
+    /// `senders` (the devices of one user), from every queue. Returns how
+    /// many copies were removed. The dedup record stays, so a late retry of
+    /// the original is not stored again.
+    ///
+    /// # Errors
+    /// On a database failure (nothing was removed).
+    pub fn retract(&self, senders: &[DeviceKey], id: MsgId) -> Result<(usize, Epoch), StoreError> {
+        let mut metas = self.metas();
+        let mut staged = metas.clone();
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for sender in senders {
+            let Some(v) = self.queues.get(dedup_key(*sender, id))? else {
+                continue;
+            };
+            for (user, device, seq) in decode_dedup(&v)?.queued {
+                let d = key(user, device);
+                let k = queue_key(d, seq);
+                let Some(old) = self.queues.get(k)? else { continue };
+                if !matches!(decode_entry(&old)?, Entry::Message(m) if m.id == id) {
+                    continue;
+                }
+                let mut m = self.meta(&mut staged, d)?;
+                m.count -= 1;
+                m.bytes -= old.len() as u64;
+                batch.remove(&k[..]);
+                batch.insert(&dev_prefix(NEXT, d)[..], &m.encode()[..]);
+                staged.insert(d, m);
+                n += 1;
+            }
+        }
+        self.queues.apply_batch(batch)?;
+        *metas = staged;
+        Ok((n, self.flusher.note_write()))
+    }
+
+    /// One bounded turn of the retention sweeper: looks at up to
+    /// `max_keys` keys from `cursor` on, removes messages (and notices,
+    /// receipts, dedup records) accepted before `cutoff_ms`, and for every
+    /// expired message queues a gap notice for the device that lost it and
+    /// an expiry notice for every current device of its sender. The cursor
+    /// moves on; it wraps to the start after the last key.
+    ///
+    /// # Errors
+    /// On a database failure (nothing was removed).
+    pub fn sweep(
+        &self,
+        cursor: &mut Vec<u8>,
+        cutoff_ms: u64,
+        max_keys: usize,
+        now_ms: u64,
+    ) -> Result<Swept, StoreError> {
+        let mut swept = Swept::default();
+        let mut expired: Vec<(Vec<u8>, DeviceKey)> = Vec::new();
+        let mut dedups: Vec<Vec<u8>> = Vec::new();
+        let mut scanned = 0;
+        let mut from = cursor.clone();
+        'scan: while scanned < max_keys {
+            let mut moved = false;
+            for item in self.queues.range(from.clone()..) {
+                let (k, v) = item?;
+                scanned += 1;
+                moved = true;
+                let skip_to = match k.first() {
+                    Some(&QUEUE) => {
+                        let Some(d) = parse_dev(&k) else {
+                            return Err(StoreError::Corrupt("queues/key"));
+                        };
+                        if decode_entry(&v)?.time_ms() < cutoff_ms {
+                            expired.push((k.to_vec(), d));
+                            None
+                        } else {
+                            // Entries of a queue are in acceptance order:
+                            // the rest of this one is younger.
+                            let mut next = dev_prefix(QUEUE, d).to_vec();
+                            next.extend_from_slice(&[0xff; 9]);
+                            Some(next)
+                        }
+                    }
+                    Some(&DEDUP) => {
+                        if decode_dedup(&v)?.time_ms < cutoff_ms {
+                            dedups.push(k.to_vec());
+                        }
+                        None
+                    }
+                    // Meta and fold records: nothing to expire.
+                    Some(&tag) => Some(vec![tag + 1]),
+                    None => None,
+                };
+                if scanned >= max_keys {
+                    let mut next = k.to_vec();
+                    next.push(0);
+                    from = skip_to.unwrap_or(next);
+                    break 'scan;
+                }
+                if let Some(next) = skip_to {
+                    from = next;
+                    continue 'scan;
+                }
+            }
+            if !moved || scanned < max_keys {
+                // Reached the end of the tree.
+                from = Vec::new();
+                swept.wrapped = true;
+                break;
+            }
+        }
+        *cursor = from;
+        if expired.is_empty() && dedups.is_empty() {
+            return Ok(swept);
+        }
+        // Remove under the lock, re-reading each entry: it may have been
+        // acknowledged since.
+        let mut metas = self.metas();
+        let mut staged = metas.clone();
+        let mut batch = sled::Batch::default();
+        let mut gaps: BTreeMap<DeviceKey, Vec<LostRecord>> = BTreeMap::new();
+        let mut undelivered: BTreeMap<(UserId, DeviceKey), Vec<MsgId>> = BTreeMap::new();
+        for (k, d) in expired {
+            let Some(v) = self.queues.get(&k)? else { continue };
+            let entry = decode_entry(&v)?;
+            if entry.time_ms() >= cutoff_ms {
+                continue;
+            }
+            let mut m = self.meta(&mut staged, d)?;
+            m.count = m.count.saturating_sub(1);
+            m.bytes = m.bytes.saturating_sub(v.len() as u64);
+            staged.insert(d, m);
+            batch.remove(k);
+            if let Entry::Message(msg) = entry {
+                swept.expired += 1;
+                let lost = gaps.entry(d).or_default();
+                match lost
+                    .iter_mut()
+                    .find(|l| l.from_user == msg.from_user && l.from_device == msg.from_device)
+                {
+                    Some(l) => {
+                        l.count += 1;
+                        l.first_ms = l.first_ms.min(msg.time_ms);
+                        l.last_ms = l.last_ms.max(msg.time_ms);
+                    }
+                    None => lost.push(LostRecord {
+                        from_user: msg.from_user,
+                        from_device: msg.from_device,
+                        count: 1,
+                        first_ms: msg.time_ms,
+                        last_ms: msg.time_ms,
+                    }),
+                }
+                undelivered.entry((UserId(msg.from_user), d)).or_default().push(msg.id);
+            }
+        }
+        for k in dedups {
+            batch.remove(k);
+            swept.forgotten += 1;
+        }
+        for (d, m) in staged.iter().filter(|(d, m)| metas.get(d) != Some(m)) {
+            batch.insert(&dev_prefix(NEXT, *d)[..], &m.encode()[..]);
+        }
+        for (d, lost) in gaps {
+            self.fold(
+                &mut staged,
+                &mut batch,
+                d,
+                FoldKey::Gap,
+                Entry::Gap(QueuedGap { lost, time_ms: now_ms }),
+            )?;
+            swept.notified.push(d);
+        }
+        let mut senders = Vec::new();
+        for ((sender, d), ids) in undelivered {
+            senders.clear();
+            self.accounts.current_devices(sender, &mut senders);
+            for chunk in ids.chunks(MAX_RECEIPT_IDS) {
+                let notice = Entry::Expired(QueuedExpired {
+                    device_user: d.user.0,
+                    device: d.device.0,
+                    ids: chunk.to_vec(),
+                    time_ms: now_ms,
+                });
+                for s in &senders {
+                    let target = DeviceKey {
+                        user: sender,
+                        device: *s,
+                    };
+                    self.fold(&mut staged, &mut batch, target, FoldKey::Expired(d), notice.clone())?;
+                    swept.notified.push(target);
+                }
+            }
+        }
+        self.queues.apply_batch(batch)?;
+        *metas = staged;
+        swept.notified.sort();
+        swept.notified.dedup();
+        Ok(swept)
+    }
+
+    /// Rewrites format-1 queue entries (a bare message) as format-2
+    /// entries (the [`Entry`] enum, whose tag 0 is a message), and format-1
+    /// dedup values (a bare time) as dedup records, in one atomic batch
+    /// that also writes a marker, so that a rerun after a crash does
+    /// nothing.
+    pub(super) fn migrate_entries_1_to_2(queues: &sled::Tree) -> Result<(), StoreError> {
+        if queues.get(MIGRATED)?.as_deref() == Some(&2u32.to_be_bytes()[..]) {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for item in queues.scan_prefix([QUEUE]) {
+            let (k, v) = item?;
+            let old: QueuedMessage = postcard::from_bytes(&v).map_err(|_| StoreError::Corrupt("queues/entry"))?;
+            batch.insert(k, encode_entry(&Entry::Message(old)));
+            n += 1;
+        }
+        for item in queues.scan_prefix([DEDUP]) {
+            let (k, v) = item?;
+            let record = DedupRecord {
+                time_ms: be_u64(&v).ok_or(StoreError::Corrupt("queues/dedup"))?,
+                queued: Vec::new(),
+            };
+            batch.insert(k, postcard::to_stdvec(&record).expect("postcard encodes dedup records"));
+        }
+        batch.insert(MIGRATED, &2u32.to_be_bytes()[..]);
+        queues.apply_batch(batch)?;
+        log::info!("migrated {n} queue entries to format 2");
+        Ok(())
     }
 }

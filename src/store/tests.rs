@@ -24,6 +24,13 @@ fn open(dir: &Path) -> Store {
     try_open(dir).unwrap()
 }
 
+fn msg(e: &Entry) -> &QueuedMessage {
+    match e {
+        Entry::Message(m) => m,
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
 fn dev(u: u32, d: u32) -> DeviceKey {
     DeviceKey {
         user: UserId(u),
@@ -40,7 +47,7 @@ fn server_key_is_kept() {
     assert!(
         fs::read_to_string(dir.path().join("FORMAT"))
             .unwrap()
-            .starts_with("tidings-data 1")
+            .starts_with("tidings-data 2")
     );
 }
 
@@ -54,7 +61,7 @@ fn newer_format_is_refused_and_older_migrated() {
     drop(open(dir.path()));
     assert_eq!(
         fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
-        "tidings-data 1\n"
+        "tidings-data 2\n"
     );
 }
 
@@ -173,11 +180,11 @@ fn append_read_ack_dedup() {
     let mut out = Vec::new();
     s.read_queue(b1, 0, 10, &mut out).unwrap();
     assert_eq!(
-        out.iter().map(|(seq, m)| (*seq, m.id)).collect::<Vec<_>>(),
+        out.iter().map(|(seq, m)| (*seq, msg(m).id)).collect::<Vec<_>>(),
         vec![(1, MsgId([1; 16])), (2, MsgId([2; 16]))]
     );
-    assert_eq!(out[0].1.body, Bytes::from_static(b"for b1"));
-    assert_eq!(out[0].1.from(), a1);
+    assert_eq!(msg(&out[0].1).body, Bytes::from_static(b"for b1"));
+    assert_eq!(msg(&out[0].1).from(), a1);
     assert_eq!(s.last_seq(b1).unwrap(), 2);
     assert_eq!(s.last_seq(b2).unwrap(), 1);
     assert_eq!(s.ack(b1, 1).unwrap(), 1);
@@ -281,4 +288,270 @@ fn concurrent_claims_never_hand_out_a_key_twice() {
             .all(|c| c.one_time.unwrap().key == [0xff; 32])
     );
     assert_eq!(s.one_time_count(bob).unwrap(), 0);
+}
+
+fn ids_of(s: &Store, d: DeviceKey) -> Vec<(u64, Entry)> {
+    let mut out = Vec::new();
+    s.read_queue(d, 0, 1000, &mut out).unwrap();
+    out
+}
+
+#[test]
+fn receipts_fold_while_they_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let (alice, bob) = (dev(1, 1), dev(2, 1));
+    for i in 0..5u8 {
+        s.append_receipt(
+            bob,
+            UserId(1),
+            crate::wire::ReceiptKind::DELIVERED,
+            &[MsgId([i; 16])],
+            &[alice],
+            i as u64,
+        )
+        .unwrap();
+    }
+    s.append_receipt(
+        bob,
+        UserId(1),
+        crate::wire::ReceiptKind::READ,
+        &[MsgId([0; 16])],
+        &[alice],
+        9,
+    )
+    .unwrap();
+    let q = ids_of(&s, alice);
+    assert_eq!(q.len(), 2, "{q:?}");
+    match &q[0].1 {
+        Entry::Receipt(r) => {
+            assert_eq!(r.kind, 1);
+            assert_eq!(r.ids.len(), 5);
+            assert_eq!(r.time_ms, 4);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(&q[1].1, Entry::Receipt(r) if r.kind == 2));
+    assert_eq!(s.queue_len(alice).unwrap(), 2);
+    // Once acknowledged, the next receipt starts a new entry.
+    s.ack(alice, q[1].0).unwrap();
+    s.append_receipt(
+        bob,
+        UserId(1),
+        crate::wire::ReceiptKind::DELIVERED,
+        &[MsgId([7; 16])],
+        &[alice],
+        10,
+    )
+    .unwrap();
+    let q = ids_of(&s, alice);
+    assert!(matches!(&q[..], [(_, Entry::Receipt(r))] if r.ids == vec![MsgId([7; 16])]));
+}
+
+#[test]
+fn retract_removes_queued_copies_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let (a1, a2, b1, b2) = (dev(1, 1), dev(1, 2), dev(2, 1), dev(2, 2));
+    let bodies = [
+        (b1, Bytes::from_static(b"x")),
+        (b2, Bytes::from_static(b"y")),
+        (a2, Bytes::from_static(b"z")),
+    ];
+    s.append(a1, MsgId([1; 16]), UserId(2), &bodies, 1).unwrap();
+    s.append(a1, MsgId([2; 16]), UserId(2), &bodies, 2).unwrap();
+    // b2 already took the first one.
+    s.ack(b2, 1).unwrap();
+    // Any device of the sender's user may retract.
+    let (removed, _) = s.retract(&[a1, a2], MsgId([1; 16])).unwrap();
+    assert_eq!(removed, 2);
+    for d in [b1, b2, a2] {
+        let q = ids_of(&s, d);
+        assert!(q.iter().all(|(_, e)| msg(e).id == MsgId([2; 16])), "{d}: {q:?}");
+    }
+    assert_eq!(s.queue_len(b1).unwrap(), 1);
+    // Another user's message cannot be retracted by this one.
+    assert_eq!(s.retract(&[b1], MsgId([2; 16])).unwrap().0, 0);
+    // The dedup record stays: a late retry is not stored again.
+    assert!(matches!(
+        s.append(a1, MsgId([1; 16]), UserId(2), &bodies, 3).unwrap(),
+        Appended::Duplicate { .. }
+    ));
+}
+
+#[test]
+fn quotas_refuse_and_drop_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        quotas: Quotas {
+            queue_messages: 3,
+            queue_bytes: 1 << 20,
+            disk_budget: u64::MAX,
+        },
+        ..Default::default()
+    };
+    let s = Store::open(dir.path(), &config).unwrap();
+    let (a, b) = (dev(1, 1), dev(2, 1));
+    for i in 0..3u8 {
+        assert!(matches!(
+            s.append(a, MsgId([i; 16]), UserId(2), &[(b, Bytes::from_static(b"x"))], 1)
+                .unwrap(),
+            Appended::New { .. }
+        ));
+    }
+    assert_eq!(
+        s.append(a, MsgId([9; 16]), UserId(2), &[(b, Bytes::from_static(b"x"))], 1)
+            .unwrap(),
+        Appended::OverQuota(Quota::Queue(b))
+    );
+    assert_eq!(s.queue_len(b).unwrap(), 3);
+    // Not remembered as sent: after an ack it goes through.
+    s.ack(b, 1).unwrap();
+    assert!(matches!(
+        s.append(a, MsgId([9; 16]), UserId(2), &[(b, Bytes::from_static(b"x"))], 1)
+            .unwrap(),
+        Appended::New { .. }
+    ));
+    // Bytes.
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        quotas: Quotas {
+            queue_messages: 100,
+            queue_bytes: 300,
+            disk_budget: u64::MAX,
+        },
+        ..Default::default()
+    };
+    let s = Store::open(dir.path(), &config).unwrap();
+    let body = Bytes::from(vec![0u8; 200]);
+    assert!(matches!(
+        s.append(a, MsgId([1; 16]), UserId(2), &[(b, body.clone())], 1).unwrap(),
+        Appended::New { .. }
+    ));
+    assert_eq!(
+        s.append(a, MsgId([2; 16]), UserId(2), &[(b, body)], 1).unwrap(),
+        Appended::OverQuota(Quota::Queue(b))
+    );
+    // The disk budget.
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        quotas: Quotas {
+            disk_budget: 1,
+            ..Quotas::default()
+        },
+        ..Default::default()
+    };
+    let s = Store::open(dir.path(), &config).unwrap();
+    s.measure_disk().unwrap();
+    assert_eq!(
+        s.append(a, MsgId([1; 16]), UserId(2), &[(b, Bytes::from_static(b"x"))], 1)
+            .unwrap(),
+        Appended::OverQuota(Quota::Disk)
+    );
+}
+
+#[test]
+fn retention_expires_with_notices_on_both_sides() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let invite = s.accounts().create_invite(3, None).unwrap();
+    let alice = s.accounts().register(&invite, "alice", &[1; 32], 0).unwrap().unwrap();
+    let bob = s.accounts().register(&invite, "bob", &[2; 32], 0).unwrap().unwrap();
+    let link = s.accounts().create_link(alice.user, 10_000).unwrap();
+    let alice2 = s.accounts().redeem_link(&link, &[3; 32], 0).unwrap().unwrap();
+    // Old messages at t=100 and t=200, a fresh one at t=5000.
+    for (i, t) in [(1u8, 100), (2, 200), (3, 5000)] {
+        s.append(alice, MsgId([i; 16]), bob.user, &[(bob, Bytes::from_static(b"x"))], t)
+            .unwrap();
+    }
+    let mut cursor = Vec::new();
+    let mut total = Swept::default();
+    // Small turns: bounded work each, until the pass wraps.
+    for _ in 0..100 {
+        let swept = s.sweep(&mut cursor, 1000, 2, 6000).unwrap();
+        total.expired += swept.expired;
+        total.notified.extend(swept.notified);
+        if swept.wrapped {
+            break;
+        }
+    }
+    assert_eq!(total.expired, 2);
+    let q = ids_of(&s, bob);
+    assert_eq!(q.len(), 2, "{q:?}");
+    assert!(matches!(&q[0].1, Entry::Message(m) if m.id == MsgId([3; 16])));
+    match &q[1].1 {
+        Entry::Gap(g) => {
+            assert_eq!(g.lost.len(), 1);
+            assert_eq!((g.lost[0].count, g.lost[0].first_ms, g.lost[0].last_ms), (2, 100, 200));
+            assert_eq!((g.lost[0].from_user, g.lost[0].from_device), (alice.user.0, 1));
+        }
+        other => panic!("{other:?}"),
+    }
+    for d in [alice, alice2] {
+        let q = ids_of(&s, d);
+        match &q[..] {
+            [(_, Entry::Expired(e))] => {
+                assert_eq!(e.ids, vec![MsgId([1; 16]), MsgId([2; 16])]);
+                assert_eq!((e.device_user, e.device), (bob.user.0, 1));
+            }
+            other => panic!("{d}: {other:?}"),
+        }
+        assert!(total.notified.contains(&d));
+    }
+    // Dedup records of expired messages are forgotten too.
+    assert_eq!(s.dedup_lookup(alice, MsgId([1; 16])).unwrap(), None);
+    assert_eq!(s.dedup_lookup(alice, MsgId([3; 16])).unwrap(), Some(5000));
+    assert_eq!(s.queue_len(bob).unwrap(), 2);
+}
+
+#[test]
+fn format_1_directories_are_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dev(1, 1), dev(2, 1));
+    {
+        let s = open(dir.path());
+        // Write what format 1 wrote: a bare message value, a bare time as
+        // dedup value, an 8-byte next-sequence record.
+        let old = QueuedMessage {
+            id: MsgId([5; 16]),
+            from_user: 1,
+            from_device: 1,
+            to_user: 2,
+            time_ms: 77,
+            body: Bytes::from_static(b"old"),
+        };
+        let mut qk = vec![b'q'];
+        qk.extend_from_slice(&2u32.to_be_bytes());
+        qk.extend_from_slice(&1u32.to_be_bytes());
+        qk.extend_from_slice(&1u64.to_be_bytes());
+        s.queues.insert(qk, postcard::to_stdvec(&old).unwrap()).unwrap();
+        let mut nk = vec![b'n'];
+        nk.extend_from_slice(&2u32.to_be_bytes());
+        nk.extend_from_slice(&1u32.to_be_bytes());
+        s.queues.insert(nk, &2u64.to_be_bytes()).unwrap();
+        let mut dk = vec![b'd'];
+        dk.extend_from_slice(&1u32.to_be_bytes());
+        dk.extend_from_slice(&1u32.to_be_bytes());
+        dk.extend_from_slice(&[5; 16]);
+        s.queues.insert(dk, &77u64.to_be_bytes()).unwrap();
+        s.queues.remove(b"v2").unwrap();
+        s.flush().unwrap();
+    }
+    fs::write(dir.path().join("FORMAT"), "tidings-data 1\n").unwrap();
+    let s = open(dir.path());
+    assert_eq!(
+        fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
+        "tidings-data 2\n"
+    );
+    let q = ids_of(&s, b);
+    assert_eq!(q.len(), 1);
+    assert_eq!(msg(&q[0].1).body, Bytes::from_static(b"old"));
+    assert_eq!(s.dedup_lookup(a, MsgId([5; 16])).unwrap(), Some(77));
+    assert_eq!(s.queue_usage(b).unwrap().0, 1);
+    assert_eq!(s.last_seq(b).unwrap(), 1);
+    // A rerun (as after a crash before FORMAT was written) changes nothing.
+    drop(s);
+    fs::write(dir.path().join("FORMAT"), "tidings-data 1\n").unwrap();
+    let s = open(dir.path());
+    assert_eq!(msg(&ids_of(&s, b)[0].1).body, Bytes::from_static(b"old"));
 }

@@ -5,7 +5,7 @@
 //! the enum lets a peer echo it even for a frame kind it does not know.
 //! Clients number their requests from 1; the server answers with the same
 //! id and uses 0 for frames nobody asked for (`Deliver`, `QueueDrained`,
-//! `Ping`, `Close`).
+//! `Ping`, `Close`, and `KeyCount` when sent unasked).
 //!
 //! Variants are append-only: a new frame kind gets the next tag and an old
 //! peer answers it with [`ErrorCode::UNSUPPORTED`].
@@ -312,6 +312,85 @@ pub struct DeviceKeys {
     pub fallback: bool,
 }
 
+/// What a receipt says (spec §5.5). The server treats it as a number and
+/// only folds receipts of the same kind together; clients know 1 and 2.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
+pub struct ReceiptKind(pub u8);
+
+impl ReceiptKind {
+    /// The message was stored on the device (two ticks).
+    pub const DELIVERED: ReceiptKind = ReceiptKind(1);
+    /// The user read it (blue ticks).
+    pub const READ: ReceiptKind = ReceiptKind(2);
+}
+
+/// A receipt for messages of one conversation (spec §5.5).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The user who sent the messages (the receipt goes to every device of
+    /// theirs, and to the sender's own other devices).
+    pub to: String,
+    /// Delivered or read.
+    pub kind: ReceiptKind,
+    /// The messages, at most [`super::MAX_RECEIPT_IDS`].
+    pub ids: Vec<MsgId>,
+}
+
+/// A queued receipt handed to a device (spec §5.5).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct ReceiptDeliver {
+    /// Position in this device's queue; `Ack` covers it like a message.
+    pub seq: u64,
+    /// The device that sent the receipt.
+    pub from: DeviceAddr,
+    /// The user it was addressed to (this device's user, or, for a copy
+    /// to one of the sender's own devices, the other party).
+    pub to: String,
+    /// Delivered or read.
+    pub kind: ReceiptKind,
+    /// The messages; receipts waiting in a queue are folded, so this may
+    /// cover several `Receipt` frames.
+    pub ids: Vec<MsgId>,
+    /// When the server accepted the (latest folded) receipt.
+    pub time_ms: u64,
+}
+
+/// Messages from one sender device that expired in this device's queue
+/// (spec §10, retention).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Lost {
+    /// The sender.
+    pub from: DeviceAddr,
+    /// How many messages.
+    pub count: u32,
+    /// When the first of them was accepted.
+    pub first_ms: u64,
+    /// When the last of them was accepted.
+    pub last_ms: u64,
+}
+
+/// A gap notice: messages for this device expired before it collected
+/// them (spec §10, retention).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct GapNotice {
+    /// Position in this device's queue.
+    pub seq: u64,
+    /// What was lost, per sender device.
+    pub lost: Vec<Lost>,
+}
+
+/// An expiry notice for a sender: some of its messages expired in a
+/// recipient device's queue, undelivered (spec §10, retention).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct ExpiredNotice {
+    /// Position in this device's queue.
+    pub seq: u64,
+    /// The device that never got them.
+    pub device: DeviceAddr,
+    /// The messages.
+    pub ids: Vec<MsgId>,
+}
+
 /// Frames a client sends (spec §5.2). Append-only: never reorder.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum ClientFrame {
@@ -363,10 +442,18 @@ pub enum ClientFrame {
         /// Whose.
         user: String,
     },
+    /// Report messages delivered or read; answered `Done` once durable.
+    Receipt(Receipt),
+    /// Delete for everyone: remove the still-queued copies of one of this
+    /// user's own messages from every queue; answered `Done`.
+    Retract {
+        /// The message.
+        id: MsgId,
+    },
 }
 
 /// Number of [`ClientFrame`] variants this build knows.
-pub const CLIENT_FRAME_KINDS: u32 = 13;
+pub const CLIENT_FRAME_KINDS: u32 = 15;
 
 /// Frames the server sends (spec §5.3). Append-only: never reorder.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -452,10 +539,16 @@ pub enum ServerFrame {
         /// One entry per device that published an identity.
         devices: Vec<DeviceKeys>,
     },
+    /// A queued receipt.
+    Receipt(ReceiptDeliver),
+    /// Queued messages for this device expired before it collected them.
+    Gap(GapNotice),
+    /// Messages this user sent expired undelivered in a device's queue.
+    Expired(ExpiredNotice),
 }
 
 /// Number of [`ServerFrame`] variants this build knows.
-pub const SERVER_FRAME_KINDS: u32 = 15;
+pub const SERVER_FRAME_KINDS: u32 = 18;
 
 impl ClientFrame {
     /// The frame kind's name, for logs (never the content).
@@ -474,6 +567,8 @@ impl ClientFrame {
             ClientFrame::Ack { .. } => "Ack",
             ClientFrame::PublishKeys(_) => "PublishKeys",
             ClientFrame::ClaimKeys { .. } => "ClaimKeys",
+            ClientFrame::Receipt(_) => "Receipt",
+            ClientFrame::Retract { .. } => "Retract",
         }
     }
 }
@@ -497,6 +592,9 @@ impl ServerFrame {
             ServerFrame::QueueDrained => "QueueDrained",
             ServerFrame::KeyCount { .. } => "KeyCount",
             ServerFrame::Keys { .. } => "Keys",
+            ServerFrame::Receipt(_) => "Receipt",
+            ServerFrame::Gap(_) => "Gap",
+            ServerFrame::Expired(_) => "Expired",
         }
     }
 
@@ -632,17 +730,18 @@ mod tests {
     #[test]
     fn variant_counts_match() {
         let mut out = Vec::new();
-        encode_client(0, &ClientFrame::ClaimKeys { user: String::new() }, &mut out);
+        encode_client(0, &ClientFrame::Retract { id: MsgId([0; 16]) }, &mut out);
         assert_eq!(out[1] as u32, CLIENT_FRAME_KINDS - 1);
         out.clear();
-        encode_server(
-            0,
-            &ServerFrame::Keys {
+        let notice = ExpiredNotice {
+            seq: 0,
+            device: DeviceAddr {
                 user: String::new(),
-                devices: vec![],
+                device: DeviceId(1),
             },
-            &mut out,
-        );
+            ids: vec![],
+        };
+        encode_server(0, &ServerFrame::Expired(notice), &mut out);
         assert_eq!(out[1] as u32, SERVER_FRAME_KINDS - 1);
     }
 

@@ -109,6 +109,8 @@ pub const MAX_BODIES: usize = 2 * MAX_DEVICES_PER_USER - 1;
 /// Largest single body in a `Send` (spec §6). With [`MAX_BODIES`] of them
 /// the frame still fits in one record.
 pub const MAX_BODY_LEN: usize = 4096;
+/// Most message ids in one receipt (spec §6).
+pub const MAX_RECEIPT_IDS: usize = 1024;
 /// Longest error or close text the server sends (spec §6).
 pub const MAX_TEXT_LEN: usize = 256;
 

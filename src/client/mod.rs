@@ -1,0 +1,166 @@
+//! The device side: connect, handshake, register, send, receive, local
+//! profile and history.
+//!
+//! - invite and link codes as text are [`crate::code`], shared with the
+//!   daemon;
+//! - [`content`]: what a message says and how it becomes a body (the one
+//!   place the end-to-end layer will change);
+//! - [`conn`]: one connection's protocol state, sans-I/O;
+//! - [`link`]: the thin blocking socket driver around it;
+//! - [`profile`]: the profile directory (key, registration, history) and
+//!   its one-writer lock;
+//! - [`device`]: the operations (register, link, send with retry, sync,
+//!   listen);
+//! - [`local`]: the Unix socket through which a second command hands its
+//!   work to a running `listen`, and [`run`], which a command calls.
+
+use std::io;
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+pub mod conn;
+pub mod content;
+pub mod device;
+pub mod link;
+pub mod local;
+pub mod profile;
+
+pub use crate::code::{Code, CodeError};
+pub use content::{BodyError, Content};
+pub use device::{Client, Event};
+pub use local::{Outcome, Request, listen, run};
+pub use profile::{Direction, Message, Profile, Registration, Status};
+
+use crate::wire::ErrorCode;
+
+/// A client failure. [`Error::is_transient`] says whether trying again
+/// later may help.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A local I/O failure.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The local history database failed.
+    #[error("local history: {0}")]
+    Store(#[from] sled::Error),
+    /// A code that does not parse.
+    #[error("{0}")]
+    Code(#[from] CodeError),
+    /// A message that cannot be made into a body.
+    #[error("{0}")]
+    Body(#[from] BodyError),
+    /// Another process holds the profile.
+    #[error("profile {} is in use by another tidings command; try again when it is done", .0.display())]
+    ProfileBusy(PathBuf),
+    /// The profile has no registration yet.
+    #[error("this profile is not registered: run `tidings register INVITE NAME` or `tidings link CODE` first")]
+    NotRegistered,
+    /// The profile is registered already.
+    #[error("this profile is already registered as {0}")]
+    AlreadyRegistered(String),
+    /// A profile file is damaged.
+    #[error("damaged profile: {0}")]
+    Damaged(String),
+    /// The server cannot be reached.
+    #[error("cannot reach the server at {addr}: {source}")]
+    Connect {
+        /// Where.
+        addr: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The connection ended.
+    #[error("{0}")]
+    Closed(conn::Closed),
+    /// The server answered a request with an error.
+    #[error("the server refused: {} ({})", describe(*code), code.name())]
+    Server {
+        /// The code.
+        code: ErrorCode,
+        /// The server's text.
+        text: String,
+    },
+    /// The server answered something that makes no sense here.
+    #[error("unexpected answer from the server: {0}")]
+    Unexpected(&'static str),
+    /// An answer did not come in time.
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    /// Bad input from the user.
+    #[error("{0}")]
+    Usage(String),
+    /// A failure reported by the running `listen` that did the work.
+    #[error("{0}")]
+    Remote(String),
+}
+
+impl Error {
+    /// Whether trying again (after reconnecting) may succeed.
+    pub fn is_transient(&self) -> bool {
+        use conn::Closed as C;
+        match self {
+            Error::Connect { .. } | Error::Timeout(_) => true,
+            Error::Io(e) => !matches!(e.kind(), io::ErrorKind::PermissionDenied | io::ErrorKind::NotFound),
+            Error::Closed(c) => match c {
+                C::EndOfStream | C::TimedOut | C::Broken => true,
+                C::ByServer { code, .. } => matches!(
+                    *code,
+                    ErrorCode::IDLE_TIMEOUT | ErrorCode::SHUTTING_DOWN | ErrorCode::SLOW_CONSUMER
+                ),
+                C::Refused(..) | C::Handshake | C::Local => false,
+            },
+            Error::Server { code, .. } => matches!(*code, ErrorCode::RATE_LIMITED | ErrorCode::INTERNAL),
+            _ => false,
+        }
+    }
+}
+
+/// A sentence for a server error code.
+pub fn describe(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::INVALID_INVITE => "the invite is unknown, used up or expired",
+        ErrorCode::INVALID_LINK_CODE => "the link code is unknown, used or expired",
+        ErrorCode::NAME_TAKEN => "that user name is taken",
+        ErrorCode::INVALID_NAME => "a user name is 3 to 32 of a-z, 0-9, _ and .",
+        ErrorCode::UNKNOWN_USER => "no such user",
+        ErrorCode::BODY_TOO_LARGE => "the message is too large",
+        ErrorCode::TOO_MANY_BODIES => "too many devices in one send",
+        ErrorCode::DEVICE_LIMIT => "the account has the most devices allowed",
+        ErrorCode::UNKNOWN_DEVICE => "no such device in this account",
+        ErrorCode::NOT_ALLOWED => "not allowed in this state",
+        ErrorCode::RATE_LIMITED => "too many requests; try later",
+        ErrorCode::QUOTA_EXCEEDED => "the recipient's queue is full",
+        ErrorCode::INTERNAL => "the server failed; try again",
+        ErrorCode::BAD_REQUEST => "inconsistent request",
+        ErrorCode::MALFORMED => "the server could not read the request",
+        ErrorCode::UNSUPPORTED => "the server does not know this request",
+        _ => "error",
+    }
+}
+
+impl std::fmt::Display for conn::Closed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use conn::Closed as C;
+        match self {
+            C::Refused(wire_reason, version) => write!(
+                f,
+                "the server refused the connection ({wire_reason:?}; it speaks protocol version {version}, this client {})",
+                crate::wire::PROTOCOL_VERSION
+            ),
+            C::Handshake => f.write_str(
+                "the handshake failed: the server's key is not the one this profile pinned, or it dropped the connection",
+            ),
+            C::ByServer { code, .. } if *code == ErrorCode::REVOKED => f.write_str("this device was revoked"),
+            C::ByServer { code, .. } if *code == ErrorCode::CONNECTED_ELSEWHERE => {
+                f.write_str("this device connected from elsewhere; this connection was closed")
+            }
+            C::ByServer { code, text } => write!(f, "the server closed the connection: {text} ({})", code.name()),
+            C::Broken => f.write_str("the server sent something unreadable; connection dropped"),
+            C::TimedOut => f.write_str("the server stopped answering"),
+            C::EndOfStream => f.write_str("the server closed the connection"),
+            C::Local => f.write_str("connection closed"),
+        }
+    }
+}

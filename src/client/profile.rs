@@ -1,0 +1,633 @@
+//! The profile directory: one device's identity and local history.
+//!
+//! Layout:
+//! - `lock`: held (advisory, `flock`) by the one process using the profile;
+//! - `key`: the device's Noise private key, 32 bytes, mode 0600;
+//! - `profile.json`: the server address and key, user name and device
+//!   number, written once registration succeeds (atomically, by rename);
+//! - `history/`: sled: the local messages and their states;
+//! - `sock`: the Unix socket of a running `listen` (see [`super::local`]).
+//!
+//! Guarantees: one writer at a time (a second [`Profile::open`] waits for
+//! the lock or fails after its timeout); [`History::flush`] makes every
+//! stored message durable, and callers ack only after it. What it does not
+//! do: talk to the server.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::Error;
+use crate::noise::{KEY_LEN, Keypair, PublicKey};
+use crate::wire::{DeviceId, MsgId};
+
+/// File names inside a profile.
+pub const LOCK_FILE: &str = "lock";
+/// The device key.
+pub const KEY_FILE: &str = "key";
+/// The registration.
+pub const REGISTRATION_FILE: &str = "profile.json";
+/// The history database.
+pub const HISTORY_DIR: &str = "history";
+/// The socket of a running `listen`.
+pub const SOCKET_FILE: &str = "sock";
+
+/// The per-user default profile directory (for example
+/// `~/.local/share/tidings` on Linux).
+pub fn default_dir() -> Option<PathBuf> {
+    directories::ProjectDirs::from("", "", "tidings").map(|d| d.data_dir().to_path_buf())
+}
+
+/// Who this device is, and where its server is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    /// `host:port` of the server.
+    pub server: String,
+    /// The server's static key, hex.
+    #[serde(with = "hex_key")]
+    pub server_key: PublicKey,
+    /// This account's user name.
+    pub user: String,
+    /// This device's number.
+    pub device: u32,
+}
+
+mod hex_key {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(key: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(key))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let text = String::deserialize(d)?;
+        let mut key = [0u8; 32];
+        hex::decode_to_slice(&text, &mut key).map_err(serde::de::Error::custom)?;
+        Ok(key)
+    }
+}
+
+/// An open profile: holds the lock until dropped.
+pub struct Profile {
+    dir: PathBuf,
+    key: Keypair,
+    registration: Option<Registration>,
+    /// Declared before the lock so that it closes first.
+    history: History,
+    _lock: File,
+}
+
+impl std::fmt::Debug for Profile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Profile")
+            .field("dir", &self.dir)
+            .field("registration", &self.registration)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Profile {
+    /// Opens (creating if needed) the profile in `dir`, waiting up to
+    /// `wait` for another process to let go of it.
+    ///
+    /// # Errors
+    /// [`Error::ProfileBusy`] after `wait`; I/O and store errors; a damaged
+    /// key or registration file.
+    pub fn open(dir: &Path, wait: Duration) -> Result<Profile, Error> {
+        // The directory holds the key and the socket: owner only. An
+        // existing directory is left as it is (it may be one the user
+        // chose for other things too), with a warning if others can enter.
+        if dir.is_dir() {
+            let mode = fs::metadata(dir)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                log::warn!(
+                    "profile directory {} is accessible to other users (mode {:o}); consider chmod 700",
+                    dir.display(),
+                    mode & 0o777
+                );
+            }
+        } else {
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        }
+        let lock = lock(dir, wait)?;
+        let key = load_or_create_key(&dir.join(KEY_FILE))?;
+        let registration = match fs::read(dir.join(REGISTRATION_FILE)) {
+            Ok(bytes) => {
+                Some(serde_json::from_slice(&bytes).map_err(|e| Error::Damaged(format!("{REGISTRATION_FILE}: {e}")))?)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e.into()),
+        };
+        let history = History::open(&dir.join(HISTORY_DIR))?;
+        Ok(Profile {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+            key,
+            registration,
+            history,
+        })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The device's Noise key.
+    pub fn key(&self) -> &Keypair {
+        &self.key
+    }
+
+    /// The registration, once there is one.
+    pub fn registration(&self) -> Option<&Registration> {
+        self.registration.as_ref()
+    }
+
+    /// The registration.
+    ///
+    /// # Errors
+    /// [`Error::NotRegistered`].
+    pub fn registered(&self) -> Result<&Registration, Error> {
+        self.registration.as_ref().ok_or(Error::NotRegistered)
+    }
+
+    /// Records the registration durably (write, fsync, rename, fsync dir).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn save_registration(&mut self, registration: Registration) -> Result<(), Error> {
+        let json = serde_json::to_vec_pretty(&registration).map_err(|e| Error::Damaged(e.to_string()))?;
+        let tmp = self.dir.join(format!("{REGISTRATION_FILE}.tmp"));
+        {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&json)?;
+            f.sync_all()?;
+        }
+        fs::rename(&tmp, self.dir.join(REGISTRATION_FILE))?;
+        File::open(&self.dir)?.sync_all()?;
+        self.registration = Some(registration);
+        Ok(())
+    }
+
+    /// The local history.
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    /// Path of the `listen` socket.
+    pub fn socket_path(&self) -> PathBuf {
+        self.dir.join(SOCKET_FILE)
+    }
+}
+
+fn lock(dir: &Path, wait: Duration) -> Result<File, Error> {
+    use fs2::FileExt;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(dir.join(LOCK_FILE))?;
+    let deadline = Instant::now() + wait;
+    let mut told = false;
+    loop {
+        match file.try_lock_exclusive() {
+            Ok(()) => return Ok(file),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(11) => {
+                if Instant::now() >= deadline {
+                    return Err(Error::ProfileBusy(dir.to_path_buf()));
+                }
+                if !told && !wait.is_zero() {
+                    log::warn!(
+                        "profile {} is in use by another tidings command; waiting",
+                        dir.display()
+                    );
+                    told = true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn load_or_create_key(path: &Path) -> Result<Keypair, Error> {
+    match File::open(path) {
+        Ok(mut f) => {
+            let mut bytes = Zeroizing::new(Vec::with_capacity(KEY_LEN));
+            f.read_to_end(&mut bytes)?;
+            Keypair::from_private(&bytes).ok_or_else(|| Error::Damaged(format!("{}: not a key", path.display())))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let key = Keypair::generate().map_err(|_| Error::Damaged("no randomness for a key".into()))?;
+            let tmp = path.with_extension("tmp");
+            {
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)?;
+                f.write_all(key.private())?;
+                f.sync_all()?;
+            }
+            fs::rename(&tmp, path)?;
+            if let Some(dir) = path.parent() {
+                File::open(dir)?.sync_all()?;
+            }
+            Ok(key)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Which way a message went, seen from this account.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Direction {
+    /// From someone else.
+    In,
+    /// From this account (this device or another of its devices).
+    Out,
+}
+
+/// Where a message stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Status {
+    /// Written here, not yet accepted by the server.
+    Pending,
+    /// Accepted by the server (durable in every recipient device's queue).
+    Sent,
+    /// Received from the server.
+    Received,
+}
+
+impl Direction {
+    /// `"in"` or `"out"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::In => "in",
+            Direction::Out => "out",
+        }
+    }
+}
+
+impl Status {
+    /// `"pending"`, `"sent"` or `"received"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Sent => "sent",
+            Status::Received => "received",
+        }
+    }
+}
+
+/// One message in the local history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// The sender's id for it.
+    pub id: MsgId,
+    /// The sending user.
+    pub from: String,
+    /// The sending device.
+    pub from_device: DeviceId,
+    /// The user it was sent to.
+    pub to: String,
+    /// The text.
+    pub text: String,
+    /// When: the server's acceptance time once known, else the sender's
+    /// clock (ms since the epoch).
+    pub ts_ms: u64,
+    /// In or out.
+    pub direction: Direction,
+    /// Pending, sent or received.
+    pub status: Status,
+}
+
+impl Message {
+    /// The other party of the conversation this message belongs to, seen
+    /// from `me`.
+    pub fn peer<'a>(&'a self, me: &str) -> &'a str {
+        if self.from == me { &self.to } else { &self.from }
+    }
+}
+
+/// Stored form; the tag is the version.
+#[derive(Serialize, Deserialize)]
+enum Stored {
+    V1(Message),
+}
+
+/// The local history: messages by (sender, id) for dedup and state, and
+/// by conversation in arrival order.
+pub struct History {
+    db: sled::Db,
+    /// `from ‖ 0 ‖ id` → [`Stored`].
+    msgs: sled::Tree,
+    /// `peer ‖ 0 ‖ local seq (u64 BE)` → key in `msgs`.
+    conv: sled::Tree,
+}
+
+fn msg_key(from: &str, id: &MsgId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(from.len() + 17);
+    k.extend_from_slice(from.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&id.0);
+    k
+}
+
+fn conv_prefix(peer: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(peer.len() + 9);
+    k.extend_from_slice(peer.as_bytes());
+    k.push(0);
+    k
+}
+
+impl History {
+    /// Opens the history database in `path`.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn open(path: &Path) -> Result<History, Error> {
+        // sled takes its own file lock, which a process that just let go
+        // of the profile may hold for a moment longer while it shuts down.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let db = loop {
+            match sled::Config::new().path(path).cache_capacity(8 << 20).open() {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock") && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
+        let msgs = db.open_tree("msgs")?;
+        let conv = db.open_tree("conv")?;
+        Ok(History { db, msgs, conv })
+    }
+
+    /// Adds a message to the conversation with its peer unless one from
+    /// the same sender with the same id is there. Returns whether it was
+    /// new. Not durable until [`History::flush`].
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn insert(&self, me: &str, msg: &Message) -> Result<bool, Error> {
+        let key = msg_key(&msg.from, &msg.id);
+        let value = postcard::to_stdvec(&Stored::V1(msg.clone())).map_err(|e| Error::Damaged(e.to_string()))?;
+        if self
+            .msgs
+            .compare_and_swap(&key, None as Option<&[u8]>, Some(value))?
+            .is_err()
+        {
+            return Ok(false);
+        }
+        let mut ck = conv_prefix(msg.peer(me));
+        ck.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
+        self.conv.insert(ck, key)?;
+        Ok(true)
+    }
+
+    /// A stored message.
+    ///
+    /// # Errors
+    /// Store errors; a damaged record.
+    pub fn get(&self, from: &str, id: &MsgId) -> Result<Option<Message>, Error> {
+        match self.msgs.get(msg_key(from, id))? {
+            Some(v) => Ok(Some(decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Sets the status (and the server's time) of a stored message.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn set_status(&self, from: &str, id: &MsgId, status: Status, ts_ms: Option<u64>) -> Result<(), Error> {
+        let key = msg_key(from, id);
+        if let Some(v) = self.msgs.get(&key)? {
+            let mut m = decode(&v)?;
+            m.status = status;
+            if let Some(ts) = ts_ms {
+                m.ts_ms = ts;
+            }
+            let value = postcard::to_stdvec(&Stored::V1(m)).map_err(|e| Error::Damaged(e.to_string()))?;
+            self.msgs.insert(key, value)?;
+        }
+        Ok(())
+    }
+
+    /// Removes a message that the server refused for good.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn remove(&self, me: &str, from: &str, id: &MsgId) -> Result<(), Error> {
+        let key = msg_key(from, id);
+        if let Some(v) = self.msgs.remove(&key)? {
+            let m = decode(&v)?;
+            for entry in self.conv.scan_prefix(conv_prefix(m.peer(me))) {
+                let (k, v) = entry?;
+                if v == key.as_slice() {
+                    self.conv.remove(k)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The conversation with `peer`, oldest first.
+    ///
+    /// # Errors
+    /// Store errors; a damaged record.
+    pub fn conversation(&self, peer: &str) -> Result<Vec<Message>, Error> {
+        let mut out = Vec::new();
+        for entry in self.conv.scan_prefix(conv_prefix(peer)) {
+            let (_, key) = entry?;
+            if let Some(v) = self.msgs.get(key)? {
+                out.push(decode(&v)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Outgoing messages still pending, oldest first.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn pending(&self) -> Result<Vec<Message>, Error> {
+        let mut out = Vec::new();
+        for entry in self.msgs.iter() {
+            let (_, v) = entry?;
+            let m = decode(&v)?;
+            if m.status == Status::Pending {
+                out.push(m);
+            }
+        }
+        out.sort_by_key(|m| m.ts_ms);
+        Ok(out)
+    }
+
+    /// Makes everything written so far durable.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn flush(&self) -> Result<(), Error> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+fn decode(bytes: &[u8]) -> Result<Message, Error> {
+    match postcard::from_bytes::<Stored>(bytes) {
+        Ok(Stored::V1(m)) => Ok(m),
+        Err(e) => Err(Error::Damaged(format!("history record: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(id: u8, from: &str, to: &str, direction: Direction, status: Status) -> Message {
+        Message {
+            id: MsgId([id; 16]),
+            from: from.into(),
+            from_device: DeviceId(1),
+            to: to.into(),
+            text: format!("m{id}"),
+            ts_ms: id as u64,
+            direction,
+            status,
+        }
+    }
+
+    #[test]
+    fn key_is_created_private_and_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("p");
+        let public = {
+            let p = Profile::open(&dir, Duration::ZERO).unwrap();
+            assert!(p.registration().is_none());
+            assert!(matches!(p.registered(), Err(Error::NotRegistered)));
+            p.key().public
+        };
+        let mode = fs::metadata(dir.join(KEY_FILE)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let mode = fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let p = Profile::open(&dir, Duration::ZERO).unwrap();
+        assert_eq!(p.key().public, public);
+    }
+
+    #[test]
+    fn registration_round_trip() {
+        let tmp = tempfile::tempdir().unwrap();
+        let reg = Registration {
+            server: "127.0.0.1:7070".into(),
+            server_key: [7; 32],
+            user: "alice".into(),
+            device: 2,
+        };
+        {
+            let mut p = Profile::open(tmp.path(), Duration::ZERO).unwrap();
+            p.save_registration(reg.clone()).unwrap();
+        }
+        let p = Profile::open(tmp.path(), Duration::ZERO).unwrap();
+        assert_eq!(p.registration(), Some(&reg));
+        let text = fs::read_to_string(tmp.path().join(REGISTRATION_FILE)).unwrap();
+        assert!(text.contains(&"07".repeat(32)), "{text}");
+    }
+
+    #[test]
+    fn one_process_at_a_time() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = Profile::open(tmp.path(), Duration::ZERO).unwrap();
+        let e = Profile::open(tmp.path(), Duration::from_millis(120)).unwrap_err();
+        assert!(matches!(e, Error::ProfileBusy(_)), "{e:?}");
+        // A waiter gets it once the holder lets go.
+        let dir = tmp.path().to_path_buf();
+        let waiter = std::thread::spawn(move || Profile::open(&dir, Duration::from_secs(10)).map(|_| ()));
+        std::thread::sleep(Duration::from_millis(100));
+        drop(p);
+        waiter.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn damaged_files_are_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join(KEY_FILE), b"short").unwrap();
+        assert!(matches!(
+            Profile::open(tmp.path(), Duration::ZERO),
+            Err(Error::Damaged(_))
+        ));
+        fs::remove_file(tmp.path().join(KEY_FILE)).unwrap();
+        fs::write(tmp.path().join(REGISTRATION_FILE), b"{").unwrap();
+        assert!(matches!(
+            Profile::open(tmp.path(), Duration::ZERO),
+            Err(Error::Damaged(_))
+        ));
+    }
+
+    #[test]
+    fn history_dedups_orders_and_updates() {
+        let tmp = tempfile::tempdir().unwrap();
+        let h = History::open(tmp.path()).unwrap();
+        let a = msg(1, "bob", "alice", Direction::In, Status::Received);
+        assert!(h.insert("alice", &a).unwrap());
+        assert!(!h.insert("alice", &a).unwrap());
+        // Same id from someone else is a different message.
+        let c = msg(1, "carol", "alice", Direction::In, Status::Received);
+        assert!(h.insert("alice", &c).unwrap());
+        let mine = msg(2, "alice", "bob", Direction::Out, Status::Pending);
+        assert!(h.insert("alice", &mine).unwrap());
+        let b = msg(3, "bob", "alice", Direction::In, Status::Received);
+        assert!(h.insert("alice", &b).unwrap());
+        let conv = h.conversation("bob").unwrap();
+        assert_eq!(conv, vec![a.clone(), mine.clone(), b.clone()]);
+        assert_eq!(h.conversation("carol").unwrap(), vec![c]);
+        assert_eq!(h.pending().unwrap(), vec![mine.clone()]);
+        h.set_status("alice", &mine.id, Status::Sent, Some(99)).unwrap();
+        let got = h.get("alice", &mine.id).unwrap().unwrap();
+        assert_eq!((got.status, got.ts_ms), (Status::Sent, 99));
+        assert!(h.pending().unwrap().is_empty());
+        h.remove("alice", "alice", &mine.id).unwrap();
+        assert_eq!(h.conversation("bob").unwrap(), vec![a, b]);
+        h.flush().unwrap();
+    }
+
+    #[test]
+    fn history_survives_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = msg(5, "bob", "alice", Direction::In, Status::Received);
+        {
+            let h = History::open(tmp.path()).unwrap();
+            h.insert("alice", &m).unwrap();
+            h.flush().unwrap();
+        }
+        let h = History::open(tmp.path()).unwrap();
+        assert_eq!(h.conversation("bob").unwrap(), vec![m.clone()]);
+        assert!(!h.insert("alice", &m).unwrap());
+    }
+
+    #[test]
+    fn peers() {
+        let out = msg(1, "alice", "bob", Direction::Out, Status::Sent);
+        assert_eq!(out.peer("alice"), "bob");
+        let inc = msg(1, "bob", "alice", Direction::In, Status::Received);
+        assert_eq!(inc.peer("alice"), "bob");
+        let own = msg(1, "alice", "alice", Direction::Out, Status::Sent);
+        assert_eq!(own.peer("alice"), "alice");
+    }
+}

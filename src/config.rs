@@ -1,0 +1,344 @@
+//! The daemon's configuration file (TOML). Every key is optional and has
+//! the default of [`ServerConfig::new`]; command-line flags override the
+//! file. Unknown keys and bad values are refused with the key's name and
+//! what is wrong (toml's error shows the offending line).
+//!
+//! Durations are written as `30s`, `5m`, `7d` (humantime); sizes as
+//! `4096`, `64KiB`, `1MiB`, `2GiB` (also `KB`, `MB`, `GB`, powers of 1000).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::server::ServerConfig;
+
+/// The file's contents.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Address to listen on.
+    pub listen: Option<SocketAddr>,
+    /// The `host:port` invites carry.
+    pub public_addr: Option<String>,
+    /// The data directory.
+    pub data_dir: Option<PathBuf>,
+    /// Event loops (default: the number of CPUs).
+    pub workers: Option<usize>,
+    /// `env_logger` filter, e.g. `info` or `tidings=debug` (`RUST_LOG`
+    /// overrides).
+    pub log_level: Option<String>,
+    /// Timeouts.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// Resource limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// How long undelivered entries are kept.
+    #[serde(default)]
+    pub retention: Retention,
+    /// Quotas that refuse new messages.
+    #[serde(default)]
+    pub quotas: QuotaSettings,
+}
+
+/// `[retention]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Queue entries (and remembered message ids) older than this expire.
+    #[serde(default, deserialize_with = "duration")]
+    pub period: Option<Duration>,
+    /// Pause between sweeps.
+    #[serde(default, deserialize_with = "duration")]
+    pub sweep_every: Option<Duration>,
+}
+
+/// `[quotas]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaSettings {
+    /// Most entries in one device's queue.
+    pub queue_messages: Option<u64>,
+    /// Most bytes in one device's queue.
+    #[serde(default, deserialize_with = "size")]
+    pub queue_bytes: Option<u64>,
+    /// Most bytes the database may take on disk.
+    #[serde(default, deserialize_with = "size")]
+    pub disk_budget: Option<u64>,
+}
+
+/// `[timeouts]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    /// From accept to the end of the handshake.
+    #[serde(default, deserialize_with = "duration")]
+    pub handshake: Option<Duration>,
+    /// Silence after which the server pings.
+    #[serde(default, deserialize_with = "duration")]
+    pub ping_after: Option<Duration>,
+    /// Silence after which the server closes.
+    #[serde(default, deserialize_with = "duration")]
+    pub idle: Option<Duration>,
+    /// How long a link code stays valid.
+    #[serde(default, deserialize_with = "duration")]
+    pub link_code: Option<Duration>,
+}
+
+/// `[limits]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Most bytes waiting to be written to one connection.
+    #[serde(default, deserialize_with = "size")]
+    pub max_output: Option<u64>,
+    /// Most unacknowledged deliveries per connection.
+    pub delivery_window: Option<u64>,
+    /// Key claims per device per minute.
+    pub key_claims_per_minute: Option<u32>,
+    /// sled's page cache.
+    #[serde(default, deserialize_with = "size")]
+    pub cache: Option<u64>,
+    /// Open connections allowed from one address.
+    pub connections_per_ip: Option<u32>,
+    /// New connections (handshakes) per second allowed from one address.
+    pub handshakes_per_second_per_ip: Option<u32>,
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    match humantime::parse_duration(&text) {
+        Ok(v) if !v.is_zero() => Ok(Some(v)),
+        Ok(_) => Err(serde::de::Error::custom("a duration must be more than zero")),
+        Err(e) => Err(serde::de::Error::custom(format!(
+            "not a duration: {e} (write e.g. 30s, 5m, 7d)"
+        ))),
+    }
+}
+
+/// Parses `4096`, `64KiB`, `1 MiB`, `2GB`...
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+fn size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Number(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Number(n) => Ok(Some(n)),
+        Size::Text(t) => parse_size(&t)
+            .map(Some)
+            .ok_or_else(|| serde::de::Error::custom(format!("not a size: {t:?} (write e.g. 4096, 64KiB, 1MiB, 2GB)"))),
+    }
+}
+
+impl FileConfig {
+    /// Reads and checks a configuration file.
+    ///
+    /// # Errors
+    /// A message naming the file and, for a bad key or value, the key.
+    pub fn load(path: &Path) -> Result<FileConfig, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        FileConfig::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Parses configuration text.
+    ///
+    /// # Errors
+    /// toml's message, which names the key and shows the line.
+    pub fn parse(text: &str) -> Result<FileConfig, String> {
+        let config: FileConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        if config.workers == Some(0) {
+            return Err("workers: must be at least 1".into());
+        }
+        if config.limits.delivery_window == Some(0) {
+            return Err("limits.delivery_window: must be at least 1".into());
+        }
+        if config.quotas.queue_messages == Some(0) {
+            return Err("quotas.queue_messages: must be at least 1".into());
+        }
+        if config.limits.connections_per_ip == Some(0) {
+            return Err("limits.connections_per_ip: must be at least 1".into());
+        }
+        if config.limits.handshakes_per_second_per_ip == Some(0) {
+            return Err("limits.handshakes_per_second_per_ip: must be at least 1".into());
+        }
+        if config.limits.key_claims_per_minute == Some(0) {
+            return Err("limits.key_claims_per_minute: must be at least 1".into());
+        }
+        Ok(config)
+    }
+
+    /// The server configuration: defaults, then this file's settings.
+    pub fn to_server_config(&self) -> ServerConfig {
+        let mut c = ServerConfig::new(self.data_dir.clone().unwrap_or_else(|| PathBuf::from("./tidings-data")));
+        if let Some(v) = self.listen {
+            c.listen = v;
+        }
+        if let Some(v) = &self.public_addr {
+            c.public_addr = Some(v.clone());
+        }
+        if let Some(v) = self.workers {
+            c.workers = v;
+        }
+        let t = &self.timeouts;
+        if let Some(v) = t.handshake {
+            c.session.handshake_timeout = v;
+        }
+        if let Some(v) = t.ping_after {
+            c.session.ping_after = v;
+        }
+        if let Some(v) = t.idle {
+            c.session.idle_timeout = v;
+        }
+        if let Some(v) = t.link_code {
+            c.hub.link_ttl = v;
+        }
+        let l = &self.limits;
+        if let Some(v) = l.max_output {
+            c.session.max_output = usize::try_from(v).unwrap_or(usize::MAX);
+        }
+        if let Some(v) = l.delivery_window {
+            c.hub.window = v;
+        }
+        if let Some(v) = l.key_claims_per_minute {
+            c.hub.claims_per_minute = v;
+        }
+        if let Some(v) = l.cache {
+            c.store.cache_capacity = v;
+        }
+        if let Some(v) = self.retention.period {
+            c.retention.period = v;
+        }
+        if let Some(v) = self.retention.sweep_every {
+            c.retention.sweep_every = v;
+        }
+        let q = &self.quotas;
+        if let Some(v) = q.queue_messages {
+            c.store.quotas.queue_messages = v;
+        }
+        if let Some(v) = q.queue_bytes {
+            c.store.quotas.queue_bytes = v;
+        }
+        if let Some(v) = q.disk_budget {
+            c.store.quotas.disk_budget = v;
+        }
+        if let Some(v) = l.connections_per_ip {
+            c.per_ip.connections = v;
+        }
+        if let Some(v) = l.handshakes_per_second_per_ip {
+            c.per_ip.handshakes_per_second = v;
+        }
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_file() {
+        let c = FileConfig::parse(
+            r#"
+            listen = "0.0.0.0:7000"
+            public_addr = "chat.example.org:7000"
+            data_dir = "/var/lib/tidings"
+            workers = 2
+            log_level = "info"
+            [timeouts]
+            handshake = "5s"
+            ping_after = "20s"
+            idle = "1m"
+            link_code = "15m"
+            [limits]
+            max_output = "2MiB"
+            delivery_window = 128
+            key_claims_per_minute = 10
+            cache = 33554432
+            connections_per_ip = 10
+            handshakes_per_second_per_ip = 5
+            [retention]
+            period = "7d"
+            sweep_every = "10s"
+            [quotas]
+            queue_messages = 1000
+            queue_bytes = "10MiB"
+            disk_budget = "1GiB"
+            "#,
+        )
+        .unwrap();
+        let s = c.to_server_config();
+        assert_eq!(s.listen, "0.0.0.0:7000".parse().unwrap());
+        assert_eq!(s.public_addr.as_deref(), Some("chat.example.org:7000"));
+        assert_eq!(s.data_dir, PathBuf::from("/var/lib/tidings"));
+        assert_eq!(s.workers, 2);
+        assert_eq!(s.session.handshake_timeout, Duration::from_secs(5));
+        assert_eq!(s.session.idle_timeout, Duration::from_secs(60));
+        assert_eq!(s.session.max_output, 2 << 20);
+        assert_eq!(s.hub.window, 128);
+        assert_eq!(s.hub.link_ttl, Duration::from_secs(900));
+        assert_eq!(s.store.cache_capacity, 32 << 20);
+        assert_eq!(s.per_ip.connections, 10);
+        assert_eq!(s.per_ip.handshakes_per_second, 5);
+        assert_eq!(s.retention.period, Duration::from_secs(7 * 86400));
+        assert_eq!(s.retention.sweep_every, Duration::from_secs(10));
+        assert_eq!(s.store.quotas.queue_messages, 1000);
+        assert_eq!(s.store.quotas.queue_bytes, 10 << 20);
+        assert_eq!(s.store.quotas.disk_budget, 1 << 30);
+    }
+
+    #[test]
+    fn an_empty_file_is_the_defaults() {
+        let s = FileConfig::parse("").unwrap().to_server_config();
+        assert_eq!(s.listen, ServerConfig::new("x".into()).listen);
+    }
+
+    #[test]
+    fn mistakes_name_the_key() {
+        for (text, needle) in [
+            ("listn = \"127.0.0.1:1\"", "listn"),
+            ("[limits]\ndelivery_windw = 3", "delivery_windw"),
+            ("[timeouts]\nidle = \"soon\"", "idle"),
+            ("[limits]\ncache = \"lots\"", "cache"),
+            ("workers = 0", "workers"),
+            ("listen = \"nowhere\"", "listen"),
+            ("[timeouts]\nidle = \"0s\"", "idle"),
+        ] {
+            let e = FileConfig::parse(text).unwrap_err();
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("64KiB"), Some(65536));
+        assert_eq!(parse_size("1 MiB"), Some(1 << 20));
+        assert_eq!(parse_size("2GB"), Some(2_000_000_000));
+        assert_eq!(parse_size("2XB"), None);
+        assert_eq!(parse_size("99999999999999999999GiB"), None);
+    }
+}

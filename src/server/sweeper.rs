@@ -1,0 +1,123 @@
+//! The retention sweeper: a thread that, every `sweep_every`, walks the
+//! queues in bounded turns ([`crate::store::Store::sweep`]), expiring what
+//! is older than the retention period with notices to both sides, and waking
+//! the loops of online devices that got a notice. It also measures the
+//! database's size on disk for the disk budget.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::Loops;
+use crate::hub::{Effect, Now, Shared};
+
+/// Retention settings.
+#[derive(Debug, Clone, Copy)]
+pub struct RetentionConfig {
+    /// Queue entries and dedup records older than this expire.
+    pub period: Duration,
+    /// Pause between sweeps.
+    pub sweep_every: Duration,
+    /// Keys looked at per turn (the bound on work done under the queue
+    /// lock, and between pauses).
+    pub batch: usize,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            period: Duration::from_secs(30 * 24 * 3600),
+            sweep_every: Duration::from_secs(60),
+            batch: 2_000,
+        }
+    }
+}
+
+/// The running sweeper.
+pub struct Sweeper {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Sweeper {
+    /// Starts the sweeper thread.
+    ///
+    /// # Errors
+    /// If the thread cannot be spawned.
+    pub fn start(shared: Arc<Shared>, loops: Loops, config: RetentionConfig) -> std::io::Result<Sweeper> {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new().name("sweeper".into()).spawn(move || {
+            let stopped = AtomicBool::new(false);
+            loop {
+                sweep_once(&shared, &loops, &config, &stopped);
+                let (lock, cond) = &*flag;
+                let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+                let (guard, _) = cond
+                    .wait_timeout_while(guard, config.sweep_every, |s| !*s)
+                    .unwrap_or_else(|e| e.into_inner());
+                if *guard {
+                    return;
+                }
+            }
+        })?;
+        Ok(Sweeper {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the thread (after its current turn).
+    pub fn stop(mut self) {
+        let (lock, cond) = &*self.stop;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cond.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One full pass over the queues, in bounded turns.
+pub fn sweep_once(shared: &Shared, loops: &Loops, config: &RetentionConfig, stopped: &AtomicBool) {
+    let store = shared.store();
+    if let Err(e) = store.measure_disk() {
+        log::warn!("cannot measure the data directory: {e}");
+    }
+    let mut cursor = Vec::new();
+    let (mut expired, mut forgotten) = (0, 0);
+    loop {
+        if stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        let now = Now::read();
+        let cutoff = now.unix_ms.saturating_sub(config.period.as_millis() as u64);
+        match store.sweep(&mut cursor, cutoff, config.batch, now.unix_ms) {
+            Ok(swept) => {
+                expired += swept.expired;
+                forgotten += swept.forgotten;
+                for d in swept.notified {
+                    if let Some(conn) = shared.connection_of(d) {
+                        loops.post(Effect::Wake(conn));
+                    }
+                }
+                if swept.wrapped {
+                    break;
+                }
+            }
+            Err(e) => {
+                log::error!("retention sweep failed: {e}");
+                return;
+            }
+        }
+        // Let the loops at the queue lock between turns.
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if expired > 0 {
+        log::info!("retention: {expired} undelivered messages expired; their senders and devices were told");
+    }
+    if forgotten > 0 {
+        log::debug!("retention: forgot {forgotten} old message ids");
+    }
+}

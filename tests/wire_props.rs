@@ -1,0 +1,646 @@
+//! Property tests of the wire format (spec §3, §5):
+//!
+//! - every client and server frame round-trips through encode and decode,
+//!   with its tag where the spec puts it;
+//! - any input a decoder accepts is the unique encoding of what it decoded;
+//! - the record decoder yields the same bodies however a stream is split,
+//!   and never buffers more than one header and one capped body;
+//! - non-canonical encodings (overlong varints) are refused as
+//!   `NonCanonical`, trailing bytes and option or bool bytes other than
+//!   `00` and `01` as `Malformed`, unknown tags as `Unsupported` with the
+//!   request id;
+//! - arbitrary bytes never panic the decoders.
+
+use bytes::Bytes;
+use proptest::collection::vec;
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+use proptest::test_runner::TestRunner;
+use tidings::wire::{
+    Body, CLIENT_FRAME_KINDS, ClientFrame, Deliver, DeviceAddr, DeviceId, DeviceInfo, DeviceKeys, ErrorCode, Flow,
+    FrameError, IdentityKeys, MAX_FRAME_LEN, MAX_RECORD_LEN, MsgId, PublishKeys, RECORD_HEADER_LEN, RecordDecoder,
+    RecordError, SERVER_FRAME_KINDS, Send, ServerFrame, Signature, SignedKey, Token, decode_client, decode_server,
+    encode_client, encode_server, write_record,
+};
+
+// ---------------------------------------------------------------------------
+// Strategies
+
+fn text() -> impl Strategy<Value = String> {
+    prop_oneof!["[a-z0-9_.]{3,32}", "\\PC{0,24}"]
+}
+
+fn blob() -> impl Strategy<Value = Bytes> {
+    prop_oneof![
+        4 => vec(any::<u8>(), 0..48),
+        1 => vec(any::<u8>(), 100..300),
+    ]
+    .prop_map(Bytes::from)
+}
+
+/// Varint-encoded numbers: small ones, boundary ones, and any.
+fn int_u64() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        0u64..300,
+        prop::sample::select(vec![
+            127u64,
+            128,
+            16_383,
+            16_384,
+            u32::MAX as u64,
+            (1 << 63) - 1,
+            1 << 63,
+            u64::MAX
+        ]),
+        any::<u64>(),
+    ]
+}
+
+fn int_u32() -> impl Strategy<Value = u32> {
+    prop_oneof![
+        0u32..300,
+        prop::sample::select(vec![127u32, 128, 16_384, u32::MAX]),
+        any::<u32>()
+    ]
+}
+
+fn msg_id() -> impl Strategy<Value = MsgId> {
+    any::<[u8; 16]>().prop_map(MsgId)
+}
+
+fn device_id() -> impl Strategy<Value = DeviceId> {
+    int_u32().prop_map(DeviceId)
+}
+
+fn device_addr() -> impl Strategy<Value = DeviceAddr> {
+    (text(), device_id()).prop_map(|(user, device)| DeviceAddr { user, device })
+}
+
+fn token() -> impl Strategy<Value = Token> {
+    (any::<[u8; 8]>(), any::<[u8; 16]>()).prop_map(|(id, secret)| Token { id, secret })
+}
+
+fn error_code() -> impl Strategy<Value = ErrorCode> {
+    prop_oneof![
+        prop::sample::select(ErrorCode::ALL.to_vec()),
+        any::<u16>().prop_map(ErrorCode)
+    ]
+}
+
+fn body() -> impl Strategy<Value = Body> {
+    (device_id(), blob()).prop_map(|(device, data)| Body { device, data })
+}
+
+fn device_info() -> impl Strategy<Value = DeviceInfo> {
+    (device_id(), int_u64(), int_u64()).prop_map(|(device, created_ms, last_seen_ms)| DeviceInfo {
+        device,
+        created_ms,
+        last_seen_ms,
+    })
+}
+
+/// Signatures and keys: the codec does not check them, so any bytes do.
+fn signature() -> impl Strategy<Value = Signature> {
+    vec(any::<u8>(), 64).prop_map(|v| Signature(v.try_into().expect("64 bytes")))
+}
+
+fn identity_keys() -> impl Strategy<Value = IdentityKeys> {
+    (any::<[u8; 32]>(), any::<[u8; 32]>(), signature()).prop_map(|(curve25519, ed25519, signature)| IdentityKeys {
+        curve25519,
+        ed25519,
+        signature,
+    })
+}
+
+fn signed_key() -> impl Strategy<Value = SignedKey> {
+    (any::<[u8; 32]>(), signature()).prop_map(|(key, signature)| SignedKey { key, signature })
+}
+
+fn publish_keys() -> impl Strategy<Value = PublishKeys> {
+    (
+        prop::option::of(identity_keys()),
+        prop_oneof![4 => vec(signed_key(), 0..4), 1 => vec(signed_key(), 90..110)],
+        prop::option::of(signed_key()),
+    )
+        .prop_map(|(identity, one_time, fallback)| PublishKeys {
+            identity,
+            one_time,
+            fallback,
+        })
+}
+
+fn device_keys() -> impl Strategy<Value = DeviceKeys> {
+    (
+        device_id(),
+        identity_keys(),
+        prop::option::of(signed_key()),
+        any::<bool>(),
+    )
+        .prop_map(|(device, identity, one_time, fallback)| DeviceKeys {
+            device,
+            identity,
+            one_time,
+            fallback,
+        })
+}
+
+fn client_frame() -> impl Strategy<Value = ClientFrame> {
+    prop_oneof![
+        Just(ClientFrame::Ping),
+        Just(ClientFrame::Pong),
+        Just(ClientFrame::Close),
+        (token(), text()).prop_map(|(invite, name)| ClientFrame::Register { invite, name }),
+        token().prop_map(|code| ClientFrame::RedeemLink { code }),
+        Just(ClientFrame::RequestLink),
+        text().prop_map(|user| ClientFrame::ListDevices { user }),
+        Just(ClientFrame::MyDevices),
+        device_id().prop_map(|device| ClientFrame::RevokeDevice { device }),
+        (msg_id(), text(), vec(body(), 0..9), vec(body(), 0..8))
+            .prop_map(|(id, to, bodies, own)| ClientFrame::Send(Send { id, to, bodies, own })),
+        int_u64().prop_map(|up_to| ClientFrame::Ack { up_to }),
+        publish_keys().prop_map(|keys| ClientFrame::PublishKeys(Box::new(keys))),
+        text().prop_map(|user| ClientFrame::ClaimKeys { user }),
+    ]
+}
+
+fn server_frame() -> impl Strategy<Value = ServerFrame> {
+    prop_oneof![
+        Just(ServerFrame::Pong),
+        Just(ServerFrame::Ping),
+        (error_code(), text()).prop_map(|(code, text)| ServerFrame::Close { code, text }),
+        (error_code(), text()).prop_map(|(code, text)| ServerFrame::Error { code, text }),
+        (text(), device_id()).prop_map(|(user, device)| ServerFrame::Registered { user, device }),
+        (token(), int_u64()).prop_map(|(code, expires_ms)| ServerFrame::LinkCode { code, expires_ms }),
+        (text(), vec(device_id(), 0..9)).prop_map(|(user, devices)| ServerFrame::Devices { user, devices }),
+        vec(device_info(), 0..9).prop_map(|devices| ServerFrame::MyDevices { devices }),
+        Just(ServerFrame::Done),
+        (msg_id(), int_u64()).prop_map(|(id, time_ms)| ServerFrame::Accepted { id, time_ms }),
+        (msg_id(), vec(device_addr(), 0..9), vec(device_addr(), 0..9))
+            .prop_map(|(id, missing, extra)| ServerFrame::Mismatch { id, missing, extra }),
+        (int_u64(), msg_id(), device_addr(), text(), int_u64(), blob()).prop_map(
+            |(seq, id, from, to, time_ms, body)| ServerFrame::Deliver(Deliver {
+                seq,
+                id,
+                from,
+                to,
+                time_ms,
+                body
+            })
+        ),
+        Just(ServerFrame::QueueDrained),
+        int_u32().prop_map(|one_time| ServerFrame::KeyCount { one_time }),
+        (text(), vec(device_keys(), 0..9)).prop_map(|(user, devices)| ServerFrame::Keys { user, devices }),
+    ]
+}
+
+/// The spec's tag for each frame (spec §5.2). The match has no wildcard:
+/// a new variant does not compile until it is given its tag here, which is
+/// the reminder to give it a strategy above too.
+fn client_tag(f: &ClientFrame) -> u32 {
+    match f {
+        ClientFrame::Ping => 0,
+        ClientFrame::Pong => 1,
+        ClientFrame::Close => 2,
+        ClientFrame::Register { .. } => 3,
+        ClientFrame::RedeemLink { .. } => 4,
+        ClientFrame::RequestLink => 5,
+        ClientFrame::ListDevices { .. } => 6,
+        ClientFrame::MyDevices => 7,
+        ClientFrame::RevokeDevice { .. } => 8,
+        ClientFrame::Send(_) => 9,
+        ClientFrame::Ack { .. } => 10,
+        ClientFrame::PublishKeys(_) => 11,
+        ClientFrame::ClaimKeys { .. } => 12,
+    }
+}
+
+/// The spec's tag for each frame (spec §5.3); see [`client_tag`].
+fn server_tag(f: &ServerFrame) -> u32 {
+    match f {
+        ServerFrame::Pong => 0,
+        ServerFrame::Ping => 1,
+        ServerFrame::Close { .. } => 2,
+        ServerFrame::Error { .. } => 3,
+        ServerFrame::Registered { .. } => 4,
+        ServerFrame::LinkCode { .. } => 5,
+        ServerFrame::Devices { .. } => 6,
+        ServerFrame::MyDevices { .. } => 7,
+        ServerFrame::Done => 8,
+        ServerFrame::Accepted { .. } => 9,
+        ServerFrame::Mismatch { .. } => 10,
+        ServerFrame::Deliver(_) => 11,
+        ServerFrame::QueueDrained => 12,
+        ServerFrame::KeyCount { .. } => 13,
+        ServerFrame::Keys { .. } => 14,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Varint helpers, written from the spec (§5.1), not from postcard
+
+fn varint(mut n: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    while n >= 0x80 {
+        out.push(n as u8 | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+    out
+}
+
+/// Length of the varint at the start of `bytes`.
+fn varint_len(bytes: &[u8]) -> usize {
+    bytes.iter().position(|b| b & 0x80 == 0).expect("terminated varint") + 1
+}
+
+/// Replaces the `len`-byte varint at `at` by an overlong form of the same
+/// value: one more byte, `x | 0x80, 0x00`.
+fn pad_varint(bytes: &[u8], at: usize, len: usize) -> Vec<u8> {
+    let mut out = bytes[..at + len].to_vec();
+    out[at + len - 1] |= 0x80;
+    out.push(0x00);
+    out.extend_from_slice(&bytes[at + len..]);
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Round trips
+
+#[test]
+fn strategies_cover_every_frame_kind() {
+    let mut runner = TestRunner::deterministic();
+    let (client, server) = (client_frame(), server_frame());
+    let mut client_seen = [false; CLIENT_FRAME_KINDS as usize];
+    let mut server_seen = [false; SERVER_FRAME_KINDS as usize];
+    for _ in 0..2000 {
+        client_seen[client_tag(&client.new_tree(&mut runner).unwrap().current()) as usize] = true;
+        server_seen[server_tag(&server.new_tree(&mut runner).unwrap().current()) as usize] = true;
+    }
+    assert!(client_seen.iter().all(|s| *s), "{client_seen:?}");
+    assert!(server_seen.iter().all(|s| *s), "{server_seen:?}");
+}
+
+proptest! {
+    #[test]
+    fn client_frames_round_trip(req in int_u32(), frame in client_frame()) {
+        let mut out = Vec::new();
+        encode_client(req, &frame, &mut out);
+        prop_assert!(out.len() <= MAX_FRAME_LEN);
+        let req_len = varint_len(&out);
+        prop_assert_eq!(&out[..req_len], &varint(req.into())[..]);
+        let rest = &out[req_len..];
+        prop_assert_eq!(&rest[..varint_len(rest)], &varint(client_tag(&frame).into())[..]);
+        let mut scratch = Vec::new();
+        prop_assert_eq!(decode_client(&out, &mut scratch), Ok((req, frame)));
+    }
+
+    #[test]
+    fn server_frames_round_trip(req in int_u32(), frame in server_frame()) {
+        let mut out = Vec::new();
+        encode_server(req, &frame, &mut out);
+        prop_assert!(out.len() <= MAX_FRAME_LEN);
+        let req_len = varint_len(&out);
+        prop_assert_eq!(&out[..req_len], &varint(req.into())[..]);
+        let rest = &out[req_len..];
+        prop_assert_eq!(&rest[..varint_len(rest)], &varint(server_tag(&frame).into())[..]);
+        let mut scratch = Vec::new();
+        prop_assert_eq!(decode_server(&out, &mut scratch), Ok((req, frame)));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Record framing (spec §3)
+
+/// Record body lengths: mostly small, sometimes near the maximum.
+fn record_bodies() -> impl Strategy<Value = Vec<Vec<u8>>> {
+    let body = prop_oneof![
+        12 => vec(any::<u8>(), 0..300),
+        1 => (MAX_RECORD_LEN - 300..=MAX_RECORD_LEN).prop_map(|n| vec![0x5a; n]),
+    ];
+    vec(body, 0..12)
+}
+
+/// Where to cut a stream: at random points, or after every byte.
+#[derive(Debug, Clone)]
+enum Split {
+    At(Vec<prop::sample::Index>),
+    EveryByte,
+}
+
+fn split() -> impl Strategy<Value = Split> {
+    prop_oneof![
+        4 => vec(any::<prop::sample::Index>(), 0..40).prop_map(Split::At),
+        1 => Just(Split::EveryByte),
+    ]
+}
+
+fn chunks<'a>(stream: &'a [u8], how: &Split) -> Vec<&'a [u8]> {
+    match how {
+        Split::EveryByte => stream.chunks(1).collect(),
+        Split::At(points) => {
+            let mut cuts: Vec<usize> = points.iter().map(|i| i.index(stream.len() + 1)).collect();
+            cuts.push(0);
+            cuts.push(stream.len());
+            cuts.sort_unstable();
+            cuts.windows(2).map(|w| &stream[w[0]..w[1]]).collect()
+        }
+    }
+}
+
+/// Feeds `pieces` with a fixed cap; returns the bodies seen and the first
+/// error. Checks after every feed that at most one header and one capped
+/// body are buffered.
+fn feed_all(pieces: &[&[u8]], cap: usize) -> (Vec<Vec<u8>>, Option<RecordError>) {
+    let mut dec = RecordDecoder::new();
+    let mut got = Vec::new();
+    for piece in pieces {
+        let res = dec.feed(piece, cap, |r: &[u8]| {
+            assert!(r.len() <= cap);
+            got.push(r.to_vec());
+            Ok::<_, RecordError>(Flow::Continue(cap))
+        });
+        assert!(dec.buffered() <= RECORD_HEADER_LEN + cap);
+        match res {
+            Ok(all) => assert!(all),
+            Err(e) => return (got, Some(e)),
+        }
+    }
+    assert_eq!(dec.buffered(), 0, "nothing left over after whole records");
+    (got, None)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    #[test]
+    fn records_survive_any_split(bodies in record_bodies(), how in split()) {
+        let mut stream = Vec::new();
+        for b in &bodies {
+            write_record(b, &mut stream);
+        }
+        let (got, err) = feed_all(&chunks(&stream, &how), MAX_RECORD_LEN);
+        prop_assert_eq!(err, None);
+        prop_assert_eq!(got, bodies);
+    }
+
+    #[test]
+    fn the_cap_stops_the_stream_at_the_first_long_record(
+        bodies in vec(vec(any::<u8>(), 0..200), 1..10),
+        cap in 0usize..200,
+        how in split(),
+    ) {
+        let mut stream = Vec::new();
+        for b in &bodies {
+            write_record(b, &mut stream);
+        }
+        let (got, err) = feed_all(&chunks(&stream, &how), cap);
+        let first_long = bodies.iter().position(|b| b.len() > cap);
+        match first_long {
+            None => {
+                prop_assert_eq!(err, None);
+                prop_assert_eq!(got, bodies);
+            }
+            Some(i) => {
+                prop_assert_eq!(err, Some(RecordError::TooLong { len: bodies[i].len(), cap }));
+                prop_assert_eq!(got.as_slice(), &bodies[..i]);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Canonical encoding (spec §5.1)
+
+/// Checks that padding the varint at `at` (of `len` bytes, at most `max`
+/// allowed for its type) is refused: `NonCanonical` while the padded form
+/// still fits the type, `Malformed` once it does not.
+fn check_padded(
+    decode: Decoder,
+    bytes: &[u8],
+    at: usize,
+    len: usize,
+    max: usize,
+    req: u32,
+    req_is_padded: bool,
+) -> Result<(), TestCaseError> {
+    let padded = pad_varint(bytes, at, len);
+    let got = decode(&padded);
+    if len < max {
+        prop_assert_eq!(got, Err(FrameError::NonCanonical { req }), "{:02x?}", padded);
+    } else if req_is_padded {
+        prop_assert_eq!(got, Err(FrameError::Malformed { req: None }), "{:02x?}", padded);
+    } else {
+        prop_assert_eq!(got, Err(FrameError::Malformed { req: Some(req) }), "{:02x?}", padded);
+    }
+    Ok(())
+}
+
+/// A decoder reduced to the request id it returns.
+type Decoder = fn(&[u8]) -> Result<u32, FrameError>;
+
+fn client_decoder(bytes: &[u8]) -> Result<u32, FrameError> {
+    decode_client(bytes, &mut Vec::new()).map(|(r, _)| r)
+}
+
+fn server_decoder(bytes: &[u8]) -> Result<u32, FrameError> {
+    decode_server(bytes, &mut Vec::new()).map(|(r, _)| r)
+}
+
+/// Client frames whose last field is a varint, with that varint's value
+/// and the most bytes its type allows.
+fn client_frame_ending_in_varint() -> impl Strategy<Value = (ClientFrame, u64, usize)> {
+    prop_oneof![
+        device_id().prop_map(|device| (ClientFrame::RevokeDevice { device }, device.0.into(), 5)),
+        int_u64().prop_map(|up_to| (ClientFrame::Ack { up_to }, up_to, 10)),
+    ]
+}
+
+/// Server frames whose last field is a varint, with that varint's value
+/// and the most bytes its type allows.
+fn server_frame_ending_in_varint() -> impl Strategy<Value = (ServerFrame, u64, usize)> {
+    prop_oneof![
+        (text(), device_id()).prop_map(|(user, device)| (ServerFrame::Registered { user, device }, device.0.into(), 5)),
+        (token(), int_u64()).prop_map(|(code, expires_ms)| (
+            ServerFrame::LinkCode { code, expires_ms },
+            expires_ms,
+            10
+        )),
+        (msg_id(), int_u64()).prop_map(|(id, time_ms)| (ServerFrame::Accepted { id, time_ms }, time_ms, 10)),
+        (text(), vec(device_id(), 1..9)).prop_map(|(user, devices)| {
+            let last = devices.last().map_or(0, |d| d.0.into());
+            (ServerFrame::Devices { user, devices }, last, 5)
+        }),
+        int_u32().prop_map(|one_time| (ServerFrame::KeyCount { one_time }, one_time.into(), 5)),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn overlong_request_ids_and_tags_are_refused(req in int_u32(), frame in client_frame(), sframe in server_frame()) {
+        let mut client = Vec::new();
+        encode_client(req, &frame, &mut client);
+        let mut server = Vec::new();
+        encode_server(req, &sframe, &mut server);
+        for (bytes, decode) in [(client, client_decoder as Decoder), (server, server_decoder as Decoder)] {
+            let req_len = varint_len(&bytes);
+            check_padded(decode, &bytes, 0, req_len, 5, req, true)?;
+            // The tag is a u32 varint too; every known tag fits in one byte.
+            let tag_len = varint_len(&bytes[req_len..]);
+            prop_assert_eq!(tag_len, 1);
+            check_padded(decode, &bytes, req_len, tag_len, 5, req, false)?;
+        }
+    }
+
+    #[test]
+    fn overlong_fields_are_refused(
+        req in int_u32(),
+        (frame, value, max) in client_frame_ending_in_varint(),
+        (sframe, svalue, smax) in server_frame_ending_in_varint(),
+    ) {
+        let mut bytes = Vec::new();
+        encode_client(req, &frame, &mut bytes);
+        let len = varint(value).len();
+        prop_assert!(bytes.ends_with(&varint(value)));
+        check_padded(client_decoder, &bytes, bytes.len() - len, len, max, req, false)?;
+
+        let mut bytes = Vec::new();
+        encode_server(req, &sframe, &mut bytes);
+        let len = varint(svalue).len();
+        prop_assert!(bytes.ends_with(&varint(svalue)));
+        check_padded(server_decoder, &bytes, bytes.len() - len, len, smax, req, false)?;
+    }
+
+    #[test]
+    fn overlong_error_codes_are_refused(req in int_u32(), code in error_code(), text in text(), close in any::<bool>()) {
+        let frame = if close { ServerFrame::Close { code, text } } else { ServerFrame::Error { code, text } };
+        let mut bytes = Vec::new();
+        encode_server(req, &frame, &mut bytes);
+        let at = varint_len(&bytes) + 1;
+        let len = varint_len(&bytes[at..]);
+        check_padded(server_decoder, &bytes, at, len, 3, req, false)?;
+    }
+
+    #[test]
+    fn option_and_bool_bytes_other_than_0_and_1_are_refused(
+        req in int_u32(),
+        keys in publish_keys(),
+        user in text(),
+        devices in vec(device_keys(), 1..4),
+        bad in 2u8..=255,
+    ) {
+        // PublishKeys: the byte after the tag is `identity`'s option byte.
+        let mut bytes = Vec::new();
+        encode_client(req, &ClientFrame::PublishKeys(Box::new(keys)), &mut bytes);
+        let at = varint_len(&bytes) + 1;
+        bytes[at] = bad;
+        prop_assert_eq!(decode_client(&bytes, &mut Vec::new()), Err(FrameError::Malformed { req: Some(req) }));
+
+        // Keys: the last byte is the last device's `fallback` bool.
+        let mut bytes = Vec::new();
+        encode_server(req, &ServerFrame::Keys { user, devices }, &mut bytes);
+        *bytes.last_mut().unwrap() = bad;
+        prop_assert_eq!(decode_server(&bytes, &mut Vec::new()), Err(FrameError::Malformed { req: Some(req) }));
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused(req in int_u32(), frame in client_frame(), sframe in server_frame(), extra in vec(any::<u8>(), 1..4)) {
+        let mut bytes = Vec::new();
+        encode_client(req, &frame, &mut bytes);
+        bytes.extend_from_slice(&extra);
+        prop_assert_eq!(decode_client(&bytes, &mut Vec::new()), Err(FrameError::Malformed { req: Some(req) }));
+
+        let mut bytes = Vec::new();
+        encode_server(req, &sframe, &mut bytes);
+        bytes.extend_from_slice(&extra);
+        prop_assert_eq!(decode_server(&bytes, &mut Vec::new()), Err(FrameError::Malformed { req: Some(req) }));
+    }
+
+    #[test]
+    fn unknown_tags_keep_the_request_id(req in int_u32(), tag in any::<u32>(), tail in vec(any::<u8>(), 0..32)) {
+        let mut bytes = varint(req.into());
+        let client_tag = tag.max(CLIENT_FRAME_KINDS);
+        let mut client = bytes.clone();
+        client.extend(varint(client_tag.into()));
+        client.extend_from_slice(&tail);
+        prop_assert_eq!(
+            decode_client(&client, &mut Vec::new()),
+            Err(FrameError::Unsupported { req, tag: client_tag })
+        );
+        let server_tag = tag.max(SERVER_FRAME_KINDS);
+        bytes.extend(varint(server_tag.into()));
+        bytes.extend_from_slice(&tail);
+        prop_assert_eq!(
+            decode_server(&bytes, &mut Vec::new()),
+            Err(FrameError::Unsupported { req, tag: server_tag })
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Arbitrary input
+
+/// Arbitrary bytes, or a valid request id and known tag followed by
+/// arbitrary bytes (to reach the frame decoders).
+fn junk(kinds: u32) -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        vec(any::<u8>(), 0..200),
+        (int_u32(), 0..kinds, vec(any::<u8>(), 0..200)).prop_map(|(req, tag, tail)| {
+            let mut v = varint(req.into());
+            v.extend(varint(tag.into()));
+            v.extend(tail);
+            v
+        }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+    #[test]
+    fn arbitrary_client_bytes_never_panic(bytes in junk(CLIENT_FRAME_KINDS)) {
+        // Whatever is accepted is the one encoding of what it decoded to.
+        if let Ok((req, frame)) = decode_client(&bytes, &mut Vec::new()) {
+            let mut again = Vec::new();
+            encode_client(req, &frame, &mut again);
+            prop_assert_eq!(again, bytes);
+        }
+    }
+
+    #[test]
+    fn arbitrary_server_bytes_never_panic(bytes in junk(SERVER_FRAME_KINDS)) {
+        if let Ok((req, frame)) = decode_server(&bytes, &mut Vec::new()) {
+            let mut again = Vec::new();
+            encode_server(req, &frame, &mut again);
+            prop_assert_eq!(again, bytes);
+        }
+    }
+
+    #[test]
+    fn arbitrary_streams_never_panic_the_record_decoder(
+        bytes in vec(any::<u8>(), 0..600),
+        caps in vec(0usize..=MAX_RECORD_LEN, 1..8),
+        how in split(),
+    ) {
+        let mut dec = RecordDecoder::new();
+        let mut next = 0;
+        for piece in chunks(&bytes, &how) {
+            let cap = caps[next % caps.len()];
+            let res = dec.feed(piece, cap, |r: &[u8]| {
+                assert!(r.len() <= caps[next % caps.len()]);
+                next += 1;
+                Ok::<_, RecordError>(Flow::Continue(caps[next % caps.len()]))
+            });
+            if res.is_err() {
+                break;
+            }
+        }
+    }
+}
+
+#[test]
+fn too_long_frames_are_refused_before_decoding() {
+    let mut bytes = vec![0x01, 0x00];
+    bytes.resize(MAX_FRAME_LEN + 1, 0);
+    assert_eq!(decode_client(&bytes, &mut Vec::new()), Err(FrameError::TooLong));
+    assert_eq!(decode_server(&bytes, &mut Vec::new()), Err(FrameError::TooLong));
+}
