@@ -17,10 +17,10 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
 use tidings::wire::{
-    Body, CLIENT_FRAME_KINDS, ClientFrame, Deliver, DeviceAddr, DeviceId, DeviceInfo, DeviceKeys, ErrorCode, Flow,
-    FrameError, IdentityKeys, MAX_FRAME_LEN, MAX_RECORD_LEN, MsgId, PublishKeys, RECORD_HEADER_LEN, RecordDecoder,
-    RecordError, SERVER_FRAME_KINDS, Send, ServerFrame, Signature, SignedKey, Token, decode_client, decode_server,
-    encode_client, encode_server, write_record,
+    Body, CLIENT_FRAME_KINDS, ClientFrame, Deliver, DeviceAddr, DeviceId, DeviceInfo, DeviceKeys, ErrorCode,
+    ExpiredNotice, Flow, FrameError, GapNotice, IdentityKeys, Lost, MAX_FRAME_LEN, MAX_RECORD_LEN, MsgId, PublishKeys,
+    RECORD_HEADER_LEN, Receipt, ReceiptDeliver, ReceiptKind, RecordDecoder, RecordError, SERVER_FRAME_KINDS, Send,
+    ServerFrame, Signature, SignedKey, Token, decode_client, decode_server, encode_client, encode_server, write_record,
 };
 
 // ---------------------------------------------------------------------------
@@ -144,6 +144,15 @@ fn device_keys() -> impl Strategy<Value = DeviceKeys> {
         })
 }
 
+fn lost() -> impl Strategy<Value = Lost> {
+    (device_addr(), int_u32(), int_u64(), int_u64()).prop_map(|(from, count, first_ms, last_ms)| Lost {
+        from,
+        count,
+        first_ms,
+        last_ms,
+    })
+}
+
 fn client_frame() -> impl Strategy<Value = ClientFrame> {
     prop_oneof![
         Just(ClientFrame::Ping),
@@ -160,6 +169,12 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
         int_u64().prop_map(|up_to| ClientFrame::Ack { up_to }),
         publish_keys().prop_map(|keys| ClientFrame::PublishKeys(Box::new(keys))),
         text().prop_map(|user| ClientFrame::ClaimKeys { user }),
+        (text(), any::<u8>(), vec(msg_id(), 0..9)).prop_map(|(to, kind, ids)| ClientFrame::Receipt(Receipt {
+            to,
+            kind: ReceiptKind(kind),
+            ids
+        })),
+        msg_id().prop_map(|id| ClientFrame::Retract { id }),
     ]
 }
 
@@ -190,6 +205,27 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
         Just(ServerFrame::QueueDrained),
         int_u32().prop_map(|one_time| ServerFrame::KeyCount { one_time }),
         (text(), vec(device_keys(), 0..9)).prop_map(|(user, devices)| ServerFrame::Keys { user, devices }),
+        (
+            int_u64(),
+            device_addr(),
+            text(),
+            any::<u8>(),
+            vec(msg_id(), 0..9),
+            int_u64()
+        )
+            .prop_map(
+                |(seq, from, to, kind, ids, time_ms)| ServerFrame::Receipt(ReceiptDeliver {
+                    seq,
+                    from,
+                    to,
+                    kind: ReceiptKind(kind),
+                    ids,
+                    time_ms
+                })
+            ),
+        (int_u64(), vec(lost(), 0..5)).prop_map(|(seq, lost)| ServerFrame::Gap(GapNotice { seq, lost })),
+        (int_u64(), device_addr(), vec(msg_id(), 0..9))
+            .prop_map(|(seq, device, ids)| ServerFrame::Expired(ExpiredNotice { seq, device, ids })),
     ]
 }
 
@@ -211,6 +247,8 @@ fn client_tag(f: &ClientFrame) -> u32 {
         ClientFrame::Ack { .. } => 10,
         ClientFrame::PublishKeys(_) => 11,
         ClientFrame::ClaimKeys { .. } => 12,
+        ClientFrame::Receipt(_) => 13,
+        ClientFrame::Retract { .. } => 14,
     }
 }
 
@@ -232,6 +270,9 @@ fn server_tag(f: &ServerFrame) -> u32 {
         ServerFrame::QueueDrained => 12,
         ServerFrame::KeyCount { .. } => 13,
         ServerFrame::Keys { .. } => 14,
+        ServerFrame::Receipt(_) => 15,
+        ServerFrame::Gap(_) => 16,
+        ServerFrame::Expired(_) => 17,
     }
 }
 
