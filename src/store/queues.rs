@@ -283,10 +283,15 @@ fn decode_dedup(v: &[u8]) -> Result<DedupRecord, StoreError> {
 }
 
 /// Merges `new` into `old` if they are of one fold kind and the result
-/// stays within its bounds.
+/// stays within its bounds. Receipts merge only when they come from one
+/// device, are of one kind and are addressed to one user: the fold index
+/// does not tell conversations apart, and a merged entry keeps `old`'s
+/// addressee.
 fn merge(old: &Entry, new: &Entry) -> Option<Entry> {
     match (old, new) {
-        (Entry::Receipt(a), Entry::Receipt(b)) => {
+        (Entry::Receipt(a), Entry::Receipt(b))
+            if (a.from_user, a.from_device, a.to_user, a.kind) == (b.from_user, b.from_device, b.to_user, b.kind) =>
+        {
             let mut ids = a.ids.clone();
             for id in &b.ids {
                 if !ids.contains(id) {

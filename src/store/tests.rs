@@ -348,6 +348,32 @@ fn receipts_fold_while_they_wait() {
     assert!(matches!(&q[..], [(_, Entry::Receipt(r))] if r.ids == vec![MsgId([7; 16])]));
 }
 
+/// Bob's phone sends read receipts about Alice's messages and about
+/// Carol's; his laptop, offline, gets both. They must stay apart: folded
+/// into one entry, Carol's message ids would reach the laptop addressed to
+/// Alice, and its read state would go out of sync.
+#[test]
+fn receipts_about_different_conversations_do_not_fold() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let (phone, laptop) = (dev(2, 1), dev(2, 2));
+    let (alice, carol) = (UserId(1), UserId(3));
+    let read = crate::wire::ReceiptKind::READ;
+    s.append_receipt(phone, alice, read, &[MsgId([1; 16])], &[laptop], 1)
+        .unwrap();
+    s.append_receipt(phone, carol, read, &[MsgId([3; 16])], &[laptop], 2)
+        .unwrap();
+    let q = ids_of(&s, laptop);
+    let receipts: Vec<(u32, Vec<MsgId>)> = q
+        .iter()
+        .map(|(_, e)| match e {
+            Entry::Receipt(r) => (r.to_user, r.ids.clone()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(receipts, vec![(1, vec![MsgId([1; 16])]), (3, vec![MsgId([3; 16])])]);
+}
+
 #[test]
 fn retract_removes_queued_copies_only() {
     let dir = tempfile::tempdir().unwrap();
