@@ -1,7 +1,8 @@
 //! Model test of the queue store (`tidings::store`) against a `BTreeMap`,
 //! in the manner of sled's own testing strategy: random sequences of
-//! appends, acks, reads, sequence queries, queue deletions, flushes and
-//! reopens of the database, each checked against a plain in-memory model.
+//! appends, receipts, retractions, acks, reads, sequence and usage
+//! queries, queue deletions, flushes and reopens of the database, each
+//! checked against a plain in-memory model.
 //!
 //! What it pins down:
 //! - an append puts one entry, with its body, at the end of each target
@@ -9,8 +10,18 @@
 //! - a second append with the same (sender device, message id) appends
 //!   nothing and answers `Duplicate` with the first acceptance time, for
 //!   any targets, before and after acks and reopens;
+//! - an append that would take a queue past its entry or byte quota is
+//!   refused as a whole, naming the first such queue, and leaves no dedup
+//!   record (a later retry may succeed);
+//! - a receipt folds into the latest pending receipt of the same sending
+//!   device and kind in each target queue if that one has the same
+//!   addressee (removed, and re-appended merged at the tail), or is
+//!   appended;
+//! - a retraction removes exactly the still-queued copies of that message
+//!   from those senders, and says how many;
 //! - `read_queue` returns exactly the model's entries from `from` on, in
-//!   order, at most `max`; `queue_len` and `last_seq` agree with it;
+//!   order, at most `max`; `queue_usage` (entries, bytes) and `last_seq`
+//!   agree with it;
 //! - a cumulative ack removes exactly the entries up to its sequence and
 //!   says how many; sequence numbers are never given out twice, even once
 //!   a queue is emptied by acks or deleted and the database reopened;
@@ -19,6 +30,8 @@
 //! - all of it survives `Store::flush`, drop and `Store::open`;
 //! - with appends from several threads at once, readers never see a gap,
 //!   and dedup and per-sender order hold (`concurrent_appends_…`).
+//!
+//! Not modelled: the retention sweep and the disk budget.
 //!
 //! `PROPTEST_CASES` sets the number of cases (default 64 here).
 
@@ -29,13 +42,22 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use proptest::prelude::*;
 use tidings::ids::{DeviceKey, UserId};
-use tidings::store::{Appended, Epoch, QueuedMessage, Store, StoreConfig, StoreError};
-use tidings::wire::{DeviceId, MsgId};
+use tidings::store::{
+    Appended, Entry, Epoch, QueuedMessage, QueuedReceipt, Quota, Quotas, Store, StoreConfig, StoreError,
+};
+use tidings::wire::{DeviceId, MsgId, ReceiptKind};
 
 /// Users 1..=3, each with devices 1..=3: nine queues.
 const USERS: u32 = 3;
 const DEVICES: u32 = 3;
 const QUEUES: u8 = (USERS * DEVICES) as u8;
+
+/// Small quotas, so that refusals are common.
+const QUOTAS: Quotas = Quotas {
+    queue_messages: 8,
+    queue_bytes: 1500,
+    disk_budget: u64::MAX,
+};
 
 fn device(i: u8) -> DeviceKey {
     let i = u32::from(i % QUEUES);
@@ -47,6 +69,11 @@ fn device(i: u8) -> DeviceKey {
 
 fn msg_id(i: u8) -> MsgId {
     MsgId([i; 16])
+}
+
+/// The queues whose bit is set in `mask`, in order.
+fn devices(mask: u16) -> Vec<DeviceKey> {
+    (0..QUEUES).filter(|i| mask & (1 << i) != 0).map(device).collect()
 }
 
 /// A sequence number to ack up to or read from: small ones mostly (queues
@@ -66,6 +93,19 @@ enum Op {
         /// Bit `i` set: a body for `device(i)`.
         targets: u16,
         body_len: usize,
+    },
+    Receipt {
+        from: u8,
+        to: u32,
+        kind: u8,
+        ids: Vec<u8>,
+        targets: u16,
+    },
+    Retract {
+        user: u32,
+        /// Bit `i` set: device `i + 1` of `user` is among the senders.
+        senders: u8,
+        id: u8,
     },
     Ack {
         device: u8,
@@ -95,7 +135,10 @@ fn op() -> impl Strategy<Value = Op> {
         10 => (0..QUEUES, 0u8..12, 1..=USERS, 0u16..(1 << QUEUES), 0usize..300).prop_map(
             |(sender, id, to, targets, body_len)| Op::Append { sender, id, to, targets, body_len }
         ),
-        3 => (0..QUEUES, seq()).prop_map(|(device, up_to)| Op::Ack { device, up_to }),
+        3 => (0..QUEUES, 1..=USERS, 1u8..=2, proptest::collection::vec(0u8..12, 1..4), 0u16..(1 << QUEUES))
+            .prop_map(|(from, to, kind, ids, targets)| Op::Receipt { from, to, kind, ids, targets }),
+        2 => (1..=USERS, 1u8..8, 0u8..12).prop_map(|(user, senders, id)| Op::Retract { user, senders, id }),
+        4 => (0..QUEUES, seq()).prop_map(|(device, up_to)| Op::Ack { device, up_to }),
         3 => (0..QUEUES, seq(), 0usize..12).prop_map(|(device, from, max)| Op::Read { device, from, max }),
         1 => (0..QUEUES).prop_map(|device| Op::LastSeq { device }),
         1 => (0..QUEUES, 0u8..12).prop_map(|(sender, id)| Op::DedupLookup { sender, id }),
@@ -105,19 +148,52 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// A first acceptance: when, and where the copies went.
+struct Accepted {
+    time_ms: u64,
+    queued: Vec<(DeviceKey, u64)>,
+}
+
 /// What the store should hold.
 #[derive(Default)]
 struct Model {
-    queues: BTreeMap<DeviceKey, BTreeMap<u64, QueuedMessage>>,
+    queues: BTreeMap<DeviceKey, BTreeMap<u64, Entry>>,
     /// The last sequence number given out per queue.
     last: BTreeMap<DeviceKey, u64>,
-    /// (sender, id) → first acceptance time.
-    dedup: BTreeMap<(DeviceKey, MsgId), u64>,
+    /// (sender, id) → first acceptance.
+    dedup: BTreeMap<(DeviceKey, MsgId), Accepted>,
+    /// (target, receipt sender, kind) → the seq of the receipt entry later
+    /// ones fold into (if it is still queued and has the same addressee).
+    folds: BTreeMap<(DeviceKey, DeviceKey, u8), u64>,
+}
+
+/// The stored size of an entry, which byte quotas count.
+fn size(e: &Entry) -> u64 {
+    postcard::to_stdvec(e).expect("encode an entry").len() as u64
 }
 
 impl Model {
+    fn queue(&mut self, d: DeviceKey) -> &mut BTreeMap<u64, Entry> {
+        self.queues.entry(d).or_default()
+    }
+
+    fn usage(&self, d: DeviceKey) -> (u64, u64) {
+        self.queues
+            .get(&d)
+            .map(|q| (q.len() as u64, q.values().map(size).sum()))
+            .unwrap_or((0, 0))
+    }
+
+    fn push(&mut self, d: DeviceKey, e: Entry) -> u64 {
+        let last = self.last.entry(d).or_insert(0);
+        *last += 1;
+        let seq = *last;
+        self.queue(d).insert(seq, e);
+        seq
+    }
+
     fn ack(&mut self, d: DeviceKey, up_to: u64) -> usize {
-        let q = self.queues.entry(d).or_default();
+        let q = self.queue(d);
         let keep = match up_to.checked_add(1) {
             Some(first_kept) => q.split_off(&first_kept),
             None => BTreeMap::new(),
@@ -125,6 +201,13 @@ impl Model {
         let removed = q.len();
         *q = keep;
         removed
+    }
+
+    fn entries(&self, d: DeviceKey, from: u64, max: usize) -> Vec<(u64, Entry)> {
+        self.queues
+            .get(&d)
+            .map(|q| q.range(from..).take(max).map(|(s, e)| (*s, e.clone())).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -134,9 +217,17 @@ impl Model {
 /// reopens). Another process would hold it for good; nothing else here
 /// does.
 fn open(dir: &Path) -> Store {
+    open_with(dir, QUOTAS)
+}
+
+fn open_with(dir: &Path, quotas: Quotas) -> Store {
+    let config = StoreConfig {
+        quotas,
+        ..StoreConfig::default()
+    };
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match Store::open(dir, &StoreConfig::default()) {
+        match Store::open(dir, &config) {
             Err(StoreError::Locked) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
             r => return r.expect("open the store"),
         }
@@ -159,13 +250,14 @@ fn check_all(store: &Store, model: &Model) -> Result<(), TestCaseError> {
         let d = device(i);
         let mut got = Vec::new();
         store.read_queue(d, 0, usize::MAX, &mut got).expect("read_queue");
-        let want: Vec<(u64, QueuedMessage)> = model
-            .queues
-            .get(&d)
-            .map(|q| q.iter().map(|(s, m)| (*s, m.clone())).collect())
-            .unwrap_or_default();
-        prop_assert_eq!(&got, &want, "queue {}", d);
-        prop_assert_eq!(store.queue_len(d).expect("queue_len"), want.len());
+        prop_assert_eq!(&got, &model.entries(d, 0, usize::MAX), "queue {}", d);
+        prop_assert_eq!(
+            store.queue_usage(d).expect("queue_usage"),
+            model.usage(d),
+            "usage of {}",
+            d
+        );
+        prop_assert_eq!(store.queue_len(d).expect("queue_len"), got.len());
         prop_assert_eq!(
             store.last_seq(d).expect("last_seq"),
             model.last.get(&d).copied().unwrap_or(0)
@@ -197,37 +289,124 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     .map(|i| (device(i), body(step, i, body_len)))
                     .collect();
                 let got = store.append(sender, id, UserId(to), &bodies, now_ms).expect("append");
-                let epoch = match (got, model.dedup.get(&(sender, id))) {
-                    (Appended::Duplicate { time_ms, epoch }, Some(first)) => {
-                        prop_assert_eq!(time_ms, *first, "a duplicate answers the first time");
-                        epoch
+                let entries: Vec<(DeviceKey, Entry)> = bodies
+                    .iter()
+                    .map(|(d, data)| {
+                        let m = QueuedMessage {
+                            id,
+                            from_user: sender.user.0,
+                            from_device: sender.device.0,
+                            to_user: to,
+                            time_ms: now_ms,
+                            body: data.clone(),
+                        };
+                        (*d, Entry::Message(m))
+                    })
+                    .collect();
+                let over = entries.iter().find(|(d, e)| {
+                    let (count, bytes) = model.usage(*d);
+                    count + 1 > QUOTAS.queue_messages || bytes + size(e) > QUOTAS.queue_bytes
+                });
+                match (got, model.dedup.get(&(sender, id)), over) {
+                    (Appended::Duplicate { time_ms, epoch }, Some(first), _) => {
+                        prop_assert_eq!(time_ms, first.time_ms, "a duplicate answers the first time");
+                        prop_assert!(epoch >= max_epoch, "epoch {:?} after {:?}", epoch, max_epoch);
+                        max_epoch = epoch;
                     }
-                    (Appended::New { time_ms, epoch }, None) => {
+                    (Appended::OverQuota(Quota::Queue(q)), None, Some((d, _))) => {
+                        prop_assert_eq!(q, *d, "the first queue over its quota");
+                    }
+                    (Appended::New { time_ms, epoch }, None, None) => {
                         prop_assert_eq!(time_ms, now_ms);
-                        model.dedup.insert((sender, id), now_ms);
-                        for (d, data) in bodies {
-                            let last = model.last.entry(d).or_insert(0);
-                            *last += 1;
-                            let entry = QueuedMessage {
-                                id,
-                                from_user: sender.user.0,
-                                from_device: sender.device.0,
-                                to_user: to,
+                        prop_assert!(epoch >= max_epoch, "epoch {:?} after {:?}", epoch, max_epoch);
+                        max_epoch = epoch;
+                        let queued = entries.into_iter().map(|(d, e)| (d, model.push(d, e))).collect();
+                        model.dedup.insert(
+                            (sender, id),
+                            Accepted {
                                 time_ms: now_ms,
-                                body: data,
-                            };
-                            model.queues.entry(d).or_default().insert(*last, entry);
-                        }
-                        epoch
+                                queued,
+                            },
+                        );
                     }
-                    (got, first) => {
+                    (got, first, over) => {
                         return Err(TestCaseError::fail(format!(
-                            "append of {id:?} from {sender}: got {got:?}, model's first time {first:?}"
+                            "append of {id:?} from {sender}: got {got:?}, model: first time {:?}, over quota {:?}",
+                            first.map(|a| a.time_ms),
+                            over.map(|(d, _)| d)
                         )));
                     }
-                };
+                }
+            }
+            Op::Receipt {
+                from,
+                to,
+                kind,
+                ids,
+                targets,
+            } => {
+                let from = device(from);
+                let ids: Vec<MsgId> = ids.into_iter().map(msg_id).collect();
+                let targets = devices(targets);
+                let epoch = store
+                    .append_receipt(from, UserId(to), ReceiptKind(kind), &ids, &targets, now_ms)
+                    .expect("append_receipt");
                 prop_assert!(epoch >= max_epoch, "epoch {:?} after {:?}", epoch, max_epoch);
                 max_epoch = epoch;
+                for t in targets {
+                    let fold = (t, from, kind);
+                    let mut entry = QueuedReceipt {
+                        from_user: from.user.0,
+                        from_device: from.device.0,
+                        to_user: to,
+                        kind,
+                        ids: ids.clone(),
+                        time_ms: now_ms,
+                    };
+                    let pending = model.folds.get(&fold).copied();
+                    if let Some(seq) = pending
+                        && let Some(Entry::Receipt(old)) = model.queue(t).get(&seq)
+                        && old.to_user == to
+                    {
+                        let mut merged = old.ids.clone();
+                        for id in &ids {
+                            if !merged.contains(id) {
+                                merged.push(*id);
+                            }
+                        }
+                        entry.ids = merged;
+                        model.queue(t).remove(&seq);
+                    }
+                    let seq = model.push(t, Entry::Receipt(entry));
+                    model.folds.insert(fold, seq);
+                }
+            }
+            Op::Retract { user, senders, id } => {
+                let senders: Vec<DeviceKey> = (0..DEVICES)
+                    .filter(|i| senders & (1 << i) != 0)
+                    .map(|i| DeviceKey {
+                        user: UserId(user),
+                        device: DeviceId(1 + i),
+                    })
+                    .collect();
+                let id = msg_id(id);
+                let (removed, epoch) = store.retract(&senders, id).expect("retract");
+                prop_assert!(epoch >= max_epoch, "epoch {:?} after {:?}", epoch, max_epoch);
+                max_epoch = epoch;
+                let mut want = 0;
+                for s in &senders {
+                    let queued = match model.dedup.get(&(*s, id)) {
+                        Some(a) => a.queued.clone(),
+                        None => continue,
+                    };
+                    for (d, seq) in queued {
+                        if matches!(model.queue(d).get(&seq), Some(Entry::Message(m)) if m.id == id) {
+                            model.queue(d).remove(&seq);
+                            want += 1;
+                        }
+                    }
+                }
+                prop_assert_eq!(removed, want, "retract {:?} from {:?}", id, senders);
             }
             Op::Ack { device: i, up_to } => {
                 let d = device(i);
@@ -238,12 +417,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let d = device(i);
                 let mut got = Vec::new();
                 store.read_queue(d, from, max, &mut got).expect("read_queue");
-                let want: Vec<(u64, QueuedMessage)> = model
-                    .queues
-                    .get(&d)
-                    .map(|q| q.range(from..).take(max).map(|(s, m)| (*s, m.clone())).collect())
-                    .unwrap_or_default();
-                prop_assert_eq!(got, want, "read {} from {} max {}", d, from, max);
+                prop_assert_eq!(got, model.entries(d, from, max), "read {} from {} max {}", d, from, max);
             }
             Op::LastSeq { device: i } => {
                 let d = device(i);
@@ -256,7 +430,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let (sender, id) = (device(sender), msg_id(id));
                 prop_assert_eq!(
                     store.dedup_lookup(sender, id).expect("dedup_lookup"),
-                    model.dedup.get(&(sender, id)).copied()
+                    model.dedup.get(&(sender, id)).map(|a| a.time_ms)
                 );
             }
             Op::DeleteQueue { device: i } => {
@@ -305,54 +479,63 @@ proptest! {
     }
 }
 
+fn append(sender: u8, id: u8, device: u8) -> Op {
+    Op::Append {
+        sender,
+        id,
+        to: 2,
+        targets: 1 << device,
+        body_len: 3,
+    }
+}
+
 /// The sequence numbers of an emptied, deleted and reopened queue go on
 /// from where they were (a fixed case of the property, readable on its
 /// own).
 #[test]
 fn sequence_numbers_survive_acks_deletes_and_reopens() {
     let ops = vec![
-        Op::Append {
-            sender: 0,
-            id: 1,
-            to: 2,
-            targets: 0b1000,
-            body_len: 3,
-        },
-        Op::Append {
-            sender: 0,
-            id: 2,
-            to: 2,
-            targets: 0b1000,
-            body_len: 3,
-        },
+        append(0, 1, 3),
+        append(0, 2, 3),
         Op::Ack { device: 3, up_to: 2 },
         Op::Reopen,
-        Op::Append {
-            sender: 0,
-            id: 3,
-            to: 2,
-            targets: 0b1000,
-            body_len: 3,
-        },
+        append(0, 3, 3),
         Op::DeleteQueue { device: 3 },
         Op::Reopen,
-        Op::Append {
-            sender: 0,
-            id: 2,
-            to: 2,
-            targets: 0b1000,
-            body_len: 3,
-        },
-        Op::Append {
-            sender: 1,
-            id: 2,
-            to: 2,
-            targets: 0b1000,
-            body_len: 3,
-        },
+        append(0, 2, 3),
+        append(1, 2, 3),
         Op::LastSeq { device: 3 },
         Op::Read {
             device: 3,
+            from: 0,
+            max: 10,
+        },
+    ];
+    run(ops).unwrap();
+}
+
+/// A device reads receipts from one of its user's devices about two
+/// conversations: they must not fold into one entry, or the receipts about
+/// one conversation arrive addressed to the other.
+#[test]
+fn receipts_about_different_conversations_do_not_fold() {
+    let ops = vec![
+        Op::Receipt {
+            from: 3,
+            to: 1,
+            kind: 2,
+            ids: vec![1],
+            targets: 1 << 4,
+        },
+        Op::Receipt {
+            from: 3,
+            to: 3,
+            kind: 2,
+            ids: vec![2],
+            targets: 1 << 4,
+        },
+        Op::Read {
+            device: 4,
             from: 0,
             max: 10,
         },
@@ -371,7 +554,7 @@ fn concurrent_appends_keep_order_and_dedup() {
     const THREADS: u8 = 4;
     const PER_THREAD: u32 = 150;
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = std::sync::Arc::new(open(dir.path()));
+    let store = std::sync::Arc::new(open_with(dir.path(), Quotas::default()));
     let targets: Vec<DeviceKey> = (0..3).map(|i| device(6 + i)).collect();
     let done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -438,14 +621,23 @@ fn concurrent_appends_keep_order_and_dedup() {
             assert_eq!(got.len() as u32, new, "queue {d}");
             // One append is one batch under the sequence lock: every
             // target queue has the messages in the same order.
-            let order: Vec<MsgId> = got.iter().map(|(_, m)| m.id).collect();
+            let order: Vec<MsgId> = got
+                .iter()
+                .map(|(_, e)| match e {
+                    Entry::Message(m) => m.id,
+                    other => panic!("only messages were queued, got {other:?}"),
+                })
+                .collect();
             match &first_order {
                 None => first_order = Some(order),
                 Some(first) => assert_eq!(first, &order, "queue {d} differs in order"),
             }
             // Per sender, bodies (the sender's counter) only go up.
             let mut last: BTreeMap<(u32, u32), u32> = BTreeMap::new();
-            for (_, m) in &got {
+            for (_, e) in &got {
+                let Entry::Message(m) = e else {
+                    panic!("only messages were queued")
+                };
                 let n = u32::from_be_bytes(m.body[..].try_into().expect("4 bytes"));
                 let key = (m.from_user, m.from_device);
                 if let Some(prev) = last.insert(key, n) {
