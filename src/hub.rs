@@ -707,9 +707,21 @@ impl Hub {
         self.devices = devices;
         targets.sort();
         targets.dedup();
-        let epoch = self
+        let epoch = match self
             .store()
-            .append_receipt(me, to, receipt.kind, &receipt.ids, &targets, now.unix_ms)?;
+            .append_receipt(me, to, receipt.kind, &receipt.ids, &targets, now.unix_ms)?
+        {
+            Ok(epoch) => epoch,
+            Err(_) => {
+                session.send_error(
+                    req,
+                    ErrorCode::QUOTA_EXCEEDED,
+                    "a queue is full; try again later",
+                    now.mono,
+                );
+                return Ok(());
+            }
+        };
         self.after_flush(
             epoch,
             Effect::Send {

@@ -16,8 +16,9 @@
 //!   signing the messages exactly as §5.4 states them, and `tidings::keys`
 //!   accepts every signature in them;
 //! - the README's §7 table lists every `ErrorCode` by number and name, its
-//!   §6 table states the limits the code uses, and each of its worked
-//!   examples is byte for byte the vector it names.
+//!   §6 table states the limits and defaults the code uses (quotas and
+//!   retention included), and each of its worked examples is byte for
+//!   byte the vector it names.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -28,6 +29,8 @@ use base64::Engine as _;
 use ring::signature::{Ed25519KeyPair, KeyPair as _};
 use tidings::hub::HubConfig;
 use tidings::noise::{self, Keypair, NOISE_PARAMS};
+use tidings::server::sweeper::RetentionConfig;
+use tidings::store::Quotas;
 use tidings::wire::{
     self, CLIENT_FRAME_KINDS, ClientFrame, DeviceId, DeviceKeys, ErrorCode, Flow, IdentityKeys, PREAMBLE, PublishKeys,
     RecordDecoder, RecordError, Refusal, SERVER_FRAME_KINDS, ServerFrame, Signature, SignedKey, decode_client,
@@ -558,6 +561,7 @@ fn readme_states_the_limits() {
         ("MAX_RECORD_LEN", wire::MAX_RECORD_LEN),
         ("HANDSHAKE_RECORD_CAP", wire::HANDSHAKE_RECORD_CAP),
         ("MAX_TEXT_LEN", wire::MAX_TEXT_LEN),
+        ("MAX_RECEIPT_IDS", wire::MAX_RECEIPT_IDS),
     ];
     for (name, value) in limits {
         let stated = format!("`wire::{name}` = {value}");
@@ -567,6 +571,13 @@ fn readme_states_the_limits() {
         );
     }
     let hub = HubConfig::default();
+    let quotas = Quotas::default();
+    let retention = RetentionConfig::default();
+    assert_eq!(
+        retention.period.as_secs() % 86_400,
+        0,
+        "the retention period is stated in days"
+    );
     for stated in [
         format!("`noise::REKEY_AFTER_RECORDS` = {}", noise::REKEY_AFTER_RECORDS),
         format!("`noise::REKEY_AFTER` = {} s", noise::REKEY_AFTER.as_secs()),
@@ -574,6 +585,14 @@ fn readme_states_the_limits() {
         format!("`HubConfig::claims_per_minute` = {}", hub.claims_per_minute),
         format!("`HubConfig::low_keys` = {}", hub.low_keys),
         format!("`HubConfig::window` = {}", hub.window),
+        format!("`Quotas::queue_messages` = {}", quotas.queue_messages),
+        format!("`Quotas::queue_bytes` = {}", quotas.queue_bytes),
+        format!("`Quotas::disk_budget` = {}", quotas.disk_budget),
+        format!(
+            "`RetentionConfig::period` = {} days",
+            retention.period.as_secs() / 86_400
+        ),
+        format!("`RetentionConfig::sweep_every` = {} s", retention.sweep_every.as_secs()),
     ] {
         assert!(
             rows.iter().any(|r| r.iter().any(|c| c.contains(&stated))),

@@ -18,9 +18,10 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
 use tidings::wire::{
     Body, CLIENT_FRAME_KINDS, ClientFrame, Deliver, DeviceAddr, DeviceId, DeviceInfo, DeviceKeys, ErrorCode,
-    ExpiredNotice, Flow, FrameError, GapNotice, IdentityKeys, Lost, MAX_FRAME_LEN, MAX_RECORD_LEN, MsgId, PublishKeys,
-    RECORD_HEADER_LEN, Receipt, ReceiptDeliver, ReceiptKind, RecordDecoder, RecordError, SERVER_FRAME_KINDS, Send,
-    ServerFrame, Signature, SignedKey, Token, decode_client, decode_server, encode_client, encode_server, write_record,
+    ExpiredNotice, Flow, FrameError, GapNotice, IdentityKeys, Lost, MAX_FRAME_LEN, MAX_NAME_LEN, MAX_RECEIPT_IDS,
+    MAX_RECORD_LEN, MsgId, PublishKeys, RECORD_HEADER_LEN, Receipt, ReceiptDeliver, ReceiptKind, RecordDecoder,
+    RecordError, SERVER_FRAME_KINDS, Send, ServerFrame, Signature, SignedKey, Token, decode_client, decode_server,
+    encode_client, encode_server, write_record,
 };
 
 // ---------------------------------------------------------------------------
@@ -144,6 +145,40 @@ fn device_keys() -> impl Strategy<Value = DeviceKeys> {
         })
 }
 
+/// Receipt kinds: the two clients know (1 delivered, 2 read), and any
+/// other byte (the codec carries any `u8`; the server refuses 0).
+fn receipt_kind() -> impl Strategy<Value = ReceiptKind> {
+    prop_oneof![
+        prop::sample::select(vec![ReceiptKind::DELIVERED, ReceiptKind::READ]),
+        any::<u8>().prop_map(ReceiptKind),
+    ]
+}
+
+/// Message id lists: usually a few, sometimes up to `MAX_RECEIPT_IDS`.
+fn msg_ids() -> impl Strategy<Value = Vec<MsgId>> {
+    prop_oneof![
+        8 => vec(msg_id(), 0..6),
+        1 => vec(msg_id(), MAX_RECEIPT_IDS - 4..=MAX_RECEIPT_IDS),
+    ]
+}
+
+fn receipt() -> impl Strategy<Value = Receipt> {
+    (text(), receipt_kind(), msg_ids()).prop_map(|(to, kind, ids)| Receipt { to, kind, ids })
+}
+
+fn receipt_deliver() -> impl Strategy<Value = ReceiptDeliver> {
+    (int_u64(), device_addr(), text(), receipt_kind(), msg_ids(), int_u64()).prop_map(
+        |(seq, from, to, kind, ids, time_ms)| ReceiptDeliver {
+            seq,
+            from,
+            to,
+            kind,
+            ids,
+            time_ms,
+        },
+    )
+}
+
 fn lost() -> impl Strategy<Value = Lost> {
     (device_addr(), int_u32(), int_u64(), int_u64()).prop_map(|(from, count, first_ms, last_ms)| Lost {
         from,
@@ -151,6 +186,14 @@ fn lost() -> impl Strategy<Value = Lost> {
         first_ms,
         last_ms,
     })
+}
+
+fn gap_notice() -> impl Strategy<Value = GapNotice> {
+    (int_u64(), vec(lost(), 0..6)).prop_map(|(seq, lost)| GapNotice { seq, lost })
+}
+
+fn expired_notice() -> impl Strategy<Value = ExpiredNotice> {
+    (int_u64(), device_addr(), msg_ids()).prop_map(|(seq, device, ids)| ExpiredNotice { seq, device, ids })
 }
 
 fn client_frame() -> impl Strategy<Value = ClientFrame> {
@@ -169,11 +212,7 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
         int_u64().prop_map(|up_to| ClientFrame::Ack { up_to }),
         publish_keys().prop_map(|keys| ClientFrame::PublishKeys(Box::new(keys))),
         text().prop_map(|user| ClientFrame::ClaimKeys { user }),
-        (text(), any::<u8>(), vec(msg_id(), 0..9)).prop_map(|(to, kind, ids)| ClientFrame::Receipt(Receipt {
-            to,
-            kind: ReceiptKind(kind),
-            ids
-        })),
+        receipt().prop_map(ClientFrame::Receipt),
         msg_id().prop_map(|id| ClientFrame::Retract { id }),
     ]
 }
@@ -205,27 +244,9 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
         Just(ServerFrame::QueueDrained),
         int_u32().prop_map(|one_time| ServerFrame::KeyCount { one_time }),
         (text(), vec(device_keys(), 0..9)).prop_map(|(user, devices)| ServerFrame::Keys { user, devices }),
-        (
-            int_u64(),
-            device_addr(),
-            text(),
-            any::<u8>(),
-            vec(msg_id(), 0..9),
-            int_u64()
-        )
-            .prop_map(
-                |(seq, from, to, kind, ids, time_ms)| ServerFrame::Receipt(ReceiptDeliver {
-                    seq,
-                    from,
-                    to,
-                    kind: ReceiptKind(kind),
-                    ids,
-                    time_ms
-                })
-            ),
-        (int_u64(), vec(lost(), 0..5)).prop_map(|(seq, lost)| ServerFrame::Gap(GapNotice { seq, lost })),
-        (int_u64(), device_addr(), vec(msg_id(), 0..9))
-            .prop_map(|(seq, device, ids)| ServerFrame::Expired(ExpiredNotice { seq, device, ids })),
+        receipt_deliver().prop_map(ServerFrame::Receipt),
+        gap_notice().prop_map(ServerFrame::Gap),
+        expired_notice().prop_map(ServerFrame::Expired),
     ]
 }
 
@@ -512,6 +533,14 @@ fn server_frame_ending_in_varint() -> impl Strategy<Value = (ServerFrame, u64, u
             (ServerFrame::Devices { user, devices }, last, 5)
         }),
         int_u32().prop_map(|one_time| (ServerFrame::KeyCount { one_time }, one_time.into(), 5)),
+        receipt_deliver().prop_map(|r| {
+            let time_ms = r.time_ms;
+            (ServerFrame::Receipt(r), time_ms, 10)
+        }),
+        (int_u64(), vec(lost(), 1..4)).prop_map(|(seq, lost)| {
+            let last = lost.last().map_or(0, |l| l.last_ms);
+            (ServerFrame::Gap(GapNotice { seq, lost }), last, 10)
+        }),
     ]
 }
 
@@ -684,4 +713,46 @@ fn too_long_frames_are_refused_before_decoding() {
     bytes.resize(MAX_FRAME_LEN + 1, 0);
     assert_eq!(decode_client(&bytes, &mut Vec::new()), Err(FrameError::TooLong));
     assert_eq!(decode_server(&bytes, &mut Vec::new()), Err(FrameError::TooLong));
+}
+
+#[test]
+fn the_largest_receipts_and_notices_fit_in_a_frame() {
+    // spec §6: a receipt names at most MAX_RECEIPT_IDS messages, and the
+    // server folds waiting receipts and expiry notices up to that many; with
+    // the longest names and the largest numbers each still fits one record.
+    let addr = DeviceAddr {
+        user: "z".repeat(MAX_NAME_LEN),
+        device: DeviceId(u32::MAX),
+    };
+    let ids = vec![MsgId([0xff; 16]); MAX_RECEIPT_IDS];
+    let kind = ReceiptKind(u8::MAX);
+    let mut out = Vec::new();
+    let client = ClientFrame::Receipt(Receipt {
+        to: addr.user.clone(),
+        kind,
+        ids: ids.clone(),
+    });
+    encode_client(u32::MAX, &client, &mut out);
+    assert!(out.len() <= MAX_FRAME_LEN, "Receipt: {} bytes", out.len());
+    assert_eq!(decode_client(&out, &mut Vec::new()), Ok((u32::MAX, client)));
+    for frame in [
+        ServerFrame::Receipt(ReceiptDeliver {
+            seq: u64::MAX,
+            from: addr.clone(),
+            to: addr.user.clone(),
+            kind,
+            ids: ids.clone(),
+            time_ms: u64::MAX,
+        }),
+        ServerFrame::Expired(ExpiredNotice {
+            seq: u64::MAX,
+            device: addr.clone(),
+            ids: ids.clone(),
+        }),
+    ] {
+        out.clear();
+        encode_server(u32::MAX, &frame, &mut out);
+        assert!(out.len() <= MAX_FRAME_LEN, "{}: {} bytes", frame.kind(), out.len());
+        assert_eq!(decode_server(&out, &mut Vec::new()), Ok((u32::MAX, frame)));
+    }
 }

@@ -1,8 +1,7 @@
 //! The retention sweeper: a thread that, every `sweep_every`, walks the
 //! queues in bounded turns ([`crate::store::Store::sweep`]), expiring what
 //! is older than the retention period with notices to both sides, and waking
-//! the loops of online devices that got a notice. It also measures the
-//! database's size on disk for the disk budget.
+//! the loops of online devices that got a notice.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -37,6 +36,7 @@ impl Default for RetentionConfig {
 /// The running sweeper.
 pub struct Sweeper {
     stop: Arc<(Mutex<bool>, Condvar)>,
+    stopped: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -47,9 +47,11 @@ impl Sweeper {
     /// If the thread cannot be spawned.
     pub fn start(shared: Arc<Shared>, loops: Loops, config: RetentionConfig) -> std::io::Result<Sweeper> {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let stopped = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let stopping = stopped.clone();
         let thread = std::thread::Builder::new().name("sweeper".into()).spawn(move || {
-            let stopped = AtomicBool::new(false);
+            let stopped = stopping;
             loop {
                 sweep_once(&shared, &loops, &config, &stopped);
                 let (lock, cond) = &*flag;
@@ -64,12 +66,14 @@ impl Sweeper {
         })?;
         Ok(Sweeper {
             stop,
+            stopped,
             thread: Some(thread),
         })
     }
 
     /// Stops the thread (after its current turn).
     pub fn stop(mut self) {
+        self.stopped.store(true, Ordering::Relaxed);
         let (lock, cond) = &*self.stop;
         *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
         cond.notify_all();
@@ -82,9 +86,6 @@ impl Sweeper {
 /// One full pass over the queues, in bounded turns.
 pub fn sweep_once(shared: &Shared, loops: &Loops, config: &RetentionConfig, stopped: &AtomicBool) {
     let store = shared.store();
-    if let Err(e) = store.measure_disk() {
-        log::warn!("cannot measure the data directory: {e}");
-    }
     let mut cursor = Vec::new();
     let (mut expired, mut forgotten) = (0, 0);
     loop {

@@ -23,9 +23,10 @@
 //! - `devices`: user ‖ device → [`DeviceRecord`].
 //! - `keys`: Noise static key → user ‖ device.
 //! - `invites`, `links`: token id → [`TokenRecord`].
-//! - `queues`: `q` ‖ user ‖ device ‖ seq → [`QueuedMessage`];
-//!   `n` ‖ user ‖ device → next seq; `d` ‖ user ‖ device ‖ message id →
-//!   acceptance time (dedup).
+//! - `queues`: `q` ‖ user ‖ device ‖ seq → [`Entry`];
+//!   `n` ‖ user ‖ device → next seq, entries, bytes; `d` ‖ user ‖ device ‖
+//!   message id → acceptance time and where it was queued (dedup,
+//!   retraction); `r` ‖ … → fold index (see `queues.rs`).
 //! - `e2e`: the key directory (see `keys.rs`).
 
 mod accounts;
@@ -103,7 +104,8 @@ pub struct Quotas {
     pub queue_messages: u64,
     /// Most bytes in one device's queue.
     pub queue_bytes: u64,
-    /// Most bytes the database may occupy on disk.
+    /// Most bytes all queues together may hold (sled's files take more, up
+    /// to a few times this).
     pub disk_budget: u64,
 }
 
@@ -149,8 +151,8 @@ pub struct Store {
     /// visibility order and the counts are exact.
     metas: Mutex<queues::Metas>,
     quotas: Quotas,
-    /// Bytes on disk, as last measured ([`Store::measure_disk`]).
-    disk_used: AtomicU64,
+    /// Bytes held in all queues (exact; for the budget).
+    queued_bytes: AtomicU64,
     flusher: Flusher,
     server_key: Keypair,
     public_addr: RwLock<Option<String>>,
@@ -275,7 +277,7 @@ impl Store {
         flusher.sync()?;
         let queues = db.open_tree("queues")?;
         let e2e = db.open_tree("e2e")?;
-        Ok(Store {
+        let store = Store {
             db,
             meta,
             queues,
@@ -284,12 +286,15 @@ impl Store {
             accounts,
             metas: Mutex::new(Default::default()),
             quotas: config.quotas,
-            disk_used: AtomicU64::new(0),
+            queued_bytes: AtomicU64::new(0),
             flusher,
             server_key,
             public_addr: RwLock::new(public_addr),
             dir: dir.to_path_buf(),
-        })
+        };
+        let queued = store.count_queued_bytes()?;
+        store.queued_bytes.store(queued, Ordering::Relaxed);
+        Ok(store)
     }
 
     /// The data directory.
@@ -336,21 +341,18 @@ impl Store {
         self.flusher.sync()
     }
 
-    /// Measures the bytes the database occupies on disk, for the disk
-    /// budget (the sweeper calls this now and then; appends use the last
-    /// measurement).
+    /// Bytes held in all queues: what the disk budget counts. (sled's files
+    /// take more, up to a few times this, and do not shrink right away.)
+    pub fn queued_bytes(&self) -> u64 {
+        self.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Bytes sled's files take on disk (for operators).
     ///
     /// # Errors
     /// On a database failure.
-    pub fn measure_disk(&self) -> Result<u64, StoreError> {
-        let used = self.db.size_on_disk()?;
-        self.disk_used.store(used, Ordering::Relaxed);
-        Ok(used)
-    }
-
-    /// Bytes on disk as last measured.
-    pub fn disk_used(&self) -> u64 {
-        self.disk_used.load(Ordering::Relaxed)
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
     }
 }
 

@@ -7,7 +7,8 @@
 //! - `d` ‖ user ‖ device ‖ message id → acceptance time and where the
 //!   message was queued (dedup, and retraction);
 //! - `r` ‖ user ‖ device ‖ fold key → seq of the entry later receipts or
-//!   notices of the same kind fold into.
+//!   notices of the same kind fold into (the fold key: a kind byte, a
+//!   device's user ‖ number, a receipt's kind byte and addressee user).
 //!
 //! Every change to a queue happens under one lock, in one atomic batch with
 //! the queue's meta record, so sequence order is visibility order and the
@@ -196,15 +197,18 @@ const QUEUE: u8 = b'q';
 const NEXT: u8 = b'n';
 const DEDUP: u8 = b'd';
 const FOLD: u8 = b'r';
+/// Most sender devices in one gap notice (so it fits in a frame).
+const MAX_GAP_SENDERS: usize = 256;
 /// Marks the queues tree as migrated to format 2 (written in the same batch
 /// as the migration).
 const MIGRATED: &[u8] = b"v2";
 
-/// What later entries fold into: receipts per (reader device, kind), one
-/// gap notice per queue, expiry notices per device that lost them.
+/// What later entries fold into: receipts per (reader device, kind,
+/// addressee, i.e. conversation), one gap notice per queue, expiry notices
+/// per device that lost them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum FoldKey {
-    Receipt(DeviceKey, u8),
+    Receipt(DeviceKey, u8, UserId),
     Gap,
     Expired(DeviceKey),
 }
@@ -244,18 +248,19 @@ fn dedup_key(sender: DeviceKey, id: MsgId) -> [u8; 25] {
     k
 }
 
-fn fold_key(target: DeviceKey, f: FoldKey) -> [u8; 19] {
-    let mut k = [0u8; 19];
+fn fold_key(target: DeviceKey, f: FoldKey) -> [u8; 23] {
+    let mut k = [0u8; 23];
     k[..9].copy_from_slice(&dev_prefix(FOLD, target));
-    let (tag, from, kind) = match f {
-        FoldKey::Receipt(d, kind) => (1, d, kind),
-        FoldKey::Gap => (2, key(0, 0), 0),
-        FoldKey::Expired(d) => (3, d, 0),
+    let (tag, from, kind, to) = match f {
+        FoldKey::Receipt(d, kind, to) => (1, d, kind, to.0),
+        FoldKey::Gap => (2, key(0, 0), 0, 0),
+        FoldKey::Expired(d) => (3, d, 0, 0),
     };
     k[9] = tag;
     k[10..14].copy_from_slice(&from.user.0.to_be_bytes());
     k[14..18].copy_from_slice(&from.device.0.to_be_bytes());
     k[18] = kind;
+    k[19..23].copy_from_slice(&to.to_be_bytes());
     k
 }
 
@@ -283,10 +288,7 @@ fn decode_dedup(v: &[u8]) -> Result<DedupRecord, StoreError> {
 }
 
 /// Merges `new` into `old` if they are of one fold kind and the result
-/// stays within its bounds. Receipts merge only when they come from one
-/// device, are of one kind and are addressed to one user: the fold index
-/// does not tell conversations apart, and a merged entry keeps `old`'s
-/// addressee.
+/// stays within its bounds.
 fn merge(old: &Entry, new: &Entry) -> Option<Entry> {
     match (old, new) {
         (Entry::Receipt(a), Entry::Receipt(b))
@@ -332,7 +334,7 @@ fn merge(old: &Entry, new: &Entry) -> Option<Entry> {
                     None => lost.push(l.clone()),
                 }
             }
-            (lost.len() <= 256).then_some(Entry::Gap(QueuedGap {
+            (lost.len() <= MAX_GAP_SENDERS).then_some(Entry::Gap(QueuedGap {
                 lost,
                 time_ms: b.time_ms,
             }))
@@ -341,9 +343,118 @@ fn merge(old: &Entry, new: &Entry) -> Option<Entry> {
     }
 }
 
+/// One atomic change to the queues: a batch, and the meta changes it
+/// makes, applied to the shared table only once the batch is written. Holds
+/// the queue lock for its life.
+struct Txn<'a> {
+    store: &'a Store,
+    metas: MutexGuard<'a, Metas>,
+    changes: HashMap<DeviceKey, QueueMeta>,
+    batch: sled::Batch,
+}
+
+impl Txn<'_> {
+    fn meta(&mut self, d: DeviceKey) -> Result<QueueMeta, StoreError> {
+        match self.changes.get(&d) {
+            Some(m) => Ok(*m),
+            None => self.store.meta(&mut self.metas, d),
+        }
+    }
+
+    fn set(&mut self, d: DeviceKey, m: QueueMeta) {
+        self.batch.insert(&dev_prefix(NEXT, d)[..], &m.encode()[..]);
+        self.changes.insert(d, m);
+    }
+
+    /// Appends an encoded entry at the tail of `d`'s queue.
+    fn push(&mut self, d: DeviceKey, value: Vec<u8>) -> Result<u64, StoreError> {
+        let mut m = self.meta(d)?;
+        let seq = m.next;
+        m.next += 1;
+        m.count += 1;
+        m.bytes += value.len() as u64;
+        self.batch.insert(&queue_key(d, seq)[..], value);
+        self.set(d, m);
+        Ok(seq)
+    }
+
+    /// Removes entry `seq` (of `len` bytes) from `d`'s queue.
+    fn remove(&mut self, d: DeviceKey, seq: u64, len: usize) -> Result<(), StoreError> {
+        let mut m = self.meta(d)?;
+        m.count = m.count.saturating_sub(1);
+        m.bytes = m.bytes.saturating_sub(len as u64);
+        self.batch.remove(&queue_key(d, seq)[..]);
+        self.set(d, m);
+        Ok(())
+    }
+
+    /// Adds `entry` to `target`'s queue, folded into the pending entry of
+    /// the same fold key if there is one and the result stays in bounds
+    /// (the old entry is removed and the merged one re-appended at the
+    /// tail, so a device that already read the old one sees the merged one
+    /// too). Returns whether it folded.
+    fn fold(&mut self, target: DeviceKey, fold: FoldKey, entry: Entry) -> Result<bool, StoreError> {
+        let index = fold_key(target, fold);
+        let mut entry = entry;
+        let mut folded = false;
+        if let Some(seq) = self.store.queues.get(index)?.as_deref().and_then(be_u64) {
+            if let Some(old) = self.store.queues.get(queue_key(target, seq))? {
+                if let Some(merged) = merge(&decode_entry(&old)?, &entry) {
+                    self.remove(target, seq, old.len())?;
+                    entry = merged;
+                    folded = true;
+                }
+            }
+        }
+        let seq = self.push(target, encode_entry(&entry))?;
+        self.batch.insert(&index[..], &seq.to_be_bytes()[..]);
+        Ok(folded)
+    }
+
+    /// Writes the batch and publishes the meta changes.
+    fn commit(mut self) -> Result<(), StoreError> {
+        let batch = std::mem::take(&mut self.batch);
+        self.store.queues.apply_batch(batch)?;
+        let mut delta: i128 = 0;
+        for (d, m) in self.changes.drain() {
+            let before = self.metas.get(&d).map_or(0, |o| o.bytes);
+            delta += i128::from(m.bytes) - i128::from(before);
+            self.metas.insert(d, m);
+        }
+        let total = &self.store.queued_bytes;
+        if delta >= 0 {
+            total.fetch_add(delta as u64, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            total.fetch_sub((-delta) as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
 impl Store {
     pub(crate) fn metas(&self) -> MutexGuard<'_, Metas> {
         self.metas.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn txn(&self) -> Txn<'_> {
+        Txn {
+            store: self,
+            metas: self.metas(),
+            changes: HashMap::new(),
+            batch: sled::Batch::default(),
+        }
+    }
+
+    /// Loads every queue's meta and sums the bytes queued (at open).
+    pub(super) fn count_queued_bytes(&self) -> Result<u64, StoreError> {
+        let mut metas = self.metas();
+        let mut total = 0;
+        for item in self.queues.scan_prefix([NEXT]) {
+            let (k, _) = item?;
+            let d = parse_dev(&k).ok_or(StoreError::Corrupt("queues/next"))?;
+            total += self.meta(&mut metas, d)?.bytes;
+        }
+        Ok(total)
     }
 
     fn meta(&self, metas: &mut Metas, d: DeviceKey) -> Result<QueueMeta, StoreError> {
@@ -404,7 +515,7 @@ impl Store {
         bodies: &[(DeviceKey, Bytes)],
         now_ms: u64,
     ) -> Result<Appended, StoreError> {
-        let mut metas = self.metas();
+        let mut txn = self.txn();
         if let Some(time_ms) = self.dedup_lookup(sender, id)? {
             return Ok(Appended::Duplicate {
                 time_ms,
@@ -427,84 +538,53 @@ impl Store {
             .collect();
         // Quotas refuse rather than drop (nothing accepted is ever removed
         // to make room).
-        let quotas = self.quotas;
         let total: u64 = entries.iter().map(|(_, v)| v.len() as u64).sum();
-        if self.disk_used().saturating_add(total) > quotas.disk_budget {
-            return Ok(Appended::OverQuota(Quota::Disk));
+        if let Some(q) = self.over_quota(&mut txn, entries.iter().map(|(d, v)| (*d, v.len() as u64)), total)? {
+            return Ok(Appended::OverQuota(q));
         }
-        for (d, v) in &entries {
-            let m = self.meta(&mut metas, *d)?;
-            if m.count + 1 > quotas.queue_messages || m.bytes + v.len() as u64 > quotas.queue_bytes {
-                return Ok(Appended::OverQuota(Quota::Queue(*d)));
-            }
-        }
-        let mut batch = sled::Batch::default();
-        let mut updated = Vec::with_capacity(entries.len());
         let mut record = DedupRecord {
             time_ms: now_ms,
             queued: Vec::with_capacity(entries.len()),
         };
         for (d, value) in entries {
-            let mut m = self.meta(&mut metas, d)?;
-            let seq = m.next;
-            m.next += 1;
-            m.count += 1;
-            m.bytes += value.len() as u64;
-            batch.insert(&queue_key(d, seq)[..], value);
-            batch.insert(&dev_prefix(NEXT, d)[..], &m.encode()[..]);
+            let seq = txn.push(d, value)?;
             record.queued.push((d.user.0, d.device.0, seq));
-            updated.push((d, m));
         }
         let dedup = postcard::to_stdvec(&record).expect("postcard encodes dedup records");
-        batch.insert(&dedup_key(sender, id)[..], dedup);
-        self.queues.apply_batch(batch)?;
-        metas.extend(updated);
-        // Tag after the write, inside the lock: see Flusher.
+        txn.batch.insert(&dedup_key(sender, id)[..], dedup);
+        txn.commit()?;
+        // Tag after the write (the lock is released, but the write is done):
+        // see Flusher.
         let epoch = self.flusher.note_write();
         Ok(Appended::New { time_ms: now_ms, epoch })
     }
 
-    /// Adds `entry` to `target`'s queue in `batch`, folded into the pending
-    /// entry of the same kind if there is one (which is removed and
-    /// re-appended at the tail, so a device that already read the old one
-    /// sees the merged one too).
-    fn fold(
+    /// Which quota, if any, `new` entries (device, bytes) totalling
+    /// `total` bytes would exceed.
+    fn over_quota(
         &self,
-        metas: &mut Metas,
-        batch: &mut sled::Batch,
-        target: DeviceKey,
-        fold: FoldKey,
-        entry: Entry,
-    ) -> Result<(), StoreError> {
-        let mut m = self.meta(metas, target)?;
-        let index = fold_key(target, fold);
-        let mut entry = entry;
-        if let Some(seq) = self.queues.get(index)?.as_deref().and_then(be_u64) {
-            if let Some(old) = self.queues.get(queue_key(target, seq))? {
-                if let Some(merged) = merge(&decode_entry(&old)?, &entry) {
-                    batch.remove(&queue_key(target, seq)[..]);
-                    m.count -= 1;
-                    m.bytes -= old.len() as u64;
-                    entry = merged;
-                }
+        txn: &mut Txn<'_>,
+        new: impl Iterator<Item = (DeviceKey, u64)>,
+        total: u64,
+    ) -> Result<Option<Quota>, StoreError> {
+        let quotas = self.quotas;
+        if self.queued_bytes().saturating_add(total) > quotas.disk_budget {
+            return Ok(Some(Quota::Disk));
+        }
+        for (d, len) in new {
+            let m = txn.meta(d)?;
+            if m.count + 1 > quotas.queue_messages || m.bytes + len > quotas.queue_bytes {
+                return Ok(Some(Quota::Queue(d)));
             }
         }
-        let value = encode_entry(&entry);
-        let seq = m.next;
-        m.next += 1;
-        m.count += 1;
-        m.bytes += value.len() as u64;
-        batch.insert(&queue_key(target, seq)[..], value);
-        batch.insert(&index[..], &seq.to_be_bytes()[..]);
-        batch.insert(&dev_prefix(NEXT, target)[..], &m.encode()[..]);
-        metas.insert(target, m);
-        Ok(())
+        Ok(None)
     }
 
     /// Queues a receipt from device `from` about messages of user `to` for
     /// every device in `targets`, folded with receipts of the same kind from
-    /// the same device still waiting there. Receipts are not subject to
-    /// quotas (they are small and folded).
+    /// the same device to the same user still waiting there. A receipt that
+    /// would start a new entry counts against the queue quota, and every
+    /// receipt against the disk budget, so receipts cannot fill the disk.
     ///
     /// # Errors
     /// On a database failure (nothing was queued).
@@ -516,9 +596,8 @@ impl Store {
         ids: &[MsgId],
         targets: &[DeviceKey],
         now_ms: u64,
-    ) -> Result<Epoch, StoreError> {
-        let mut metas = self.metas();
-        let mut batch = sled::Batch::default();
+    ) -> Result<Result<Epoch, Quota>, StoreError> {
+        let mut txn = self.txn();
         let entry = Entry::Receipt(QueuedReceipt {
             from_user: from.user.0,
             from_device: from.device.0,
@@ -527,19 +606,20 @@ impl Store {
             ids: ids.to_vec(),
             time_ms: now_ms,
         });
-        let mut staged = metas.clone();
-        for t in targets {
-            self.fold(
-                &mut staged,
-                &mut batch,
-                *t,
-                FoldKey::Receipt(from, kind.0),
-                entry.clone(),
-            )?;
+        let len = encode_entry(&entry).len() as u64;
+        if let Some(q) = self.over_quota(&mut txn, std::iter::empty(), len * targets.len() as u64)? {
+            return Ok(Err(q));
         }
-        self.queues.apply_batch(batch)?;
-        *metas = staged;
-        Ok(self.flusher.note_write())
+        let quotas = self.quotas;
+        for t in targets {
+            let before = txn.meta(*t)?;
+            let folded = txn.fold(*t, FoldKey::Receipt(from, kind.0, to), entry.clone())?;
+            if !folded && (before.count + 1 > quotas.queue_messages || before.bytes + len > quotas.queue_bytes) {
+                return Ok(Err(Quota::Queue(*t)));
+            }
+        }
+        txn.commit()?;
+        Ok(Ok(self.flusher.note_write()))
     }
 
     /// Appends up to `max` entries of `d`'s queue with sequence ≥ `from` to
@@ -599,21 +679,16 @@ impl Store {
     /// # Errors
     /// On a database failure.
     pub fn ack(&self, d: DeviceKey, up_to: u64) -> Result<usize, StoreError> {
-        let mut metas = self.metas();
-        let mut m = self.meta(&mut metas, d)?;
-        let mut batch = sled::Batch::default();
+        let mut txn = self.txn();
         let mut n = 0;
         for item in self.queues.range(queue_key(d, 0)..=queue_key(d, up_to)) {
             let (k, v) = item?;
-            batch.remove(k);
-            m.count = m.count.saturating_sub(1);
-            m.bytes = m.bytes.saturating_sub(v.len() as u64);
+            let seq = k.get(9..).and_then(be_u64).ok_or(StoreError::Corrupt("queues/key"))?;
+            txn.remove(d, seq, v.len())?;
             n += 1;
         }
         if n > 0 {
-            batch.insert(&dev_prefix(NEXT, d)[..], &m.encode()[..]);
-            self.queues.apply_batch(batch)?;
-            metas.insert(d, m);
+            txn.commit()?;
         }
         Ok(n)
     }
@@ -634,9 +709,7 @@ impl Store {
     /// # Errors
     /// On a database failure (nothing was removed).
     pub fn retract(&self, senders: &[DeviceKey], id: MsgId) -> Result<(usize, Epoch), StoreError> {
-        let mut metas = self.metas();
-        let mut staged = metas.clone();
-        let mut batch = sled::Batch::default();
+        let mut txn = self.txn();
         let mut n = 0;
         for sender in senders {
             let Some(v) = self.queues.get(dedup_key(*sender, id))? else {
@@ -644,22 +717,17 @@ impl Store {
             };
             for (user, device, seq) in decode_dedup(&v)?.queued {
                 let d = key(user, device);
-                let k = queue_key(d, seq);
-                let Some(old) = self.queues.get(k)? else { continue };
+                let Some(old) = self.queues.get(queue_key(d, seq))? else {
+                    continue;
+                };
                 if !matches!(decode_entry(&old)?, Entry::Message(m) if m.id == id) {
                     continue;
                 }
-                let mut m = self.meta(&mut staged, d)?;
-                m.count -= 1;
-                m.bytes -= old.len() as u64;
-                batch.remove(&k[..]);
-                batch.insert(&dev_prefix(NEXT, d)[..], &m.encode()[..]);
-                staged.insert(d, m);
+                txn.remove(d, seq, old.len())?;
                 n += 1;
             }
         }
-        self.queues.apply_batch(batch)?;
-        *metas = staged;
+        txn.commit()?;
         Ok((n, self.flusher.note_write()))
     }
 
@@ -667,8 +735,10 @@ impl Store {
     /// `max_keys` keys from `cursor` on, removes messages (and notices,
     /// receipts, dedup records) accepted before `cutoff_ms`, and for every
     /// expired message queues a gap notice for the device that lost it and
-    /// an expiry notice for every current device of its sender. The cursor
-    /// moves on; it wraps to the start after the last key.
+    /// an expiry notice for every current device of its sender. It also
+    /// forgets fold records whose entry is gone (acknowledged, expired,
+    /// folded away), so that they do not outlive what they were about. The
+    /// cursor moves on; it wraps to the start after the last key.
     ///
     /// # Errors
     /// On a database failure (nothing was removed).
@@ -682,6 +752,7 @@ impl Store {
         let mut swept = Swept::default();
         let mut expired: Vec<(Vec<u8>, DeviceKey)> = Vec::new();
         let mut dedups: Vec<Vec<u8>> = Vec::new();
+        let mut stale_folds: Vec<(Vec<u8>, DeviceKey, u64)> = Vec::new();
         let mut scanned = 0;
         let mut from = cursor.clone();
         'scan: while scanned < max_keys {
@@ -712,7 +783,15 @@ impl Store {
                         }
                         None
                     }
-                    // Meta and fold records: nothing to expire.
+                    Some(&FOLD) => {
+                        if let (Some(d), Some(seq)) = (parse_dev(&k), be_u64(&v)) {
+                            if !self.queues.contains_key(queue_key(d, seq))? {
+                                stale_folds.push((k.to_vec(), d, seq));
+                            }
+                        }
+                        None
+                    }
+                    // Meta records: nothing to expire.
                     Some(&tag) => Some(vec![tag + 1]),
                     None => None,
                 };
@@ -735,14 +814,12 @@ impl Store {
             }
         }
         *cursor = from;
-        if expired.is_empty() && dedups.is_empty() {
+        if expired.is_empty() && dedups.is_empty() && stale_folds.is_empty() {
             return Ok(swept);
         }
         // Remove under the lock, re-reading each entry: it may have been
         // acknowledged since.
-        let mut metas = self.metas();
-        let mut staged = metas.clone();
-        let mut batch = sled::Batch::default();
+        let mut txn = self.txn();
         let mut gaps: BTreeMap<DeviceKey, Vec<LostRecord>> = BTreeMap::new();
         let mut undelivered: BTreeMap<(UserId, DeviceKey), Vec<MsgId>> = BTreeMap::new();
         for (k, d) in expired {
@@ -751,11 +828,8 @@ impl Store {
             if entry.time_ms() >= cutoff_ms {
                 continue;
             }
-            let mut m = self.meta(&mut staged, d)?;
-            m.count = m.count.saturating_sub(1);
-            m.bytes = m.bytes.saturating_sub(v.len() as u64);
-            staged.insert(d, m);
-            batch.remove(k);
+            let seq = k.get(9..).and_then(be_u64).ok_or(StoreError::Corrupt("queues/key"))?;
+            txn.remove(d, seq, v.len())?;
             if let Entry::Message(msg) = entry {
                 swept.expired += 1;
                 let lost = gaps.entry(d).or_default();
@@ -780,20 +854,30 @@ impl Store {
             }
         }
         for k in dedups {
-            batch.remove(k);
+            txn.batch.remove(k);
             swept.forgotten += 1;
         }
-        for (d, m) in staged.iter().filter(|(d, m)| metas.get(d) != Some(m)) {
-            batch.insert(&dev_prefix(NEXT, *d)[..], &m.encode()[..]);
+        // Before the folds below, which may write the same keys anew. A fold
+        // since the scan may have pointed the record at a new entry: check.
+        for (k, d, seq) in stale_folds {
+            let still = self.queues.get(&k)?.as_deref().and_then(be_u64) == Some(seq);
+            if still && !self.queues.contains_key(queue_key(d, seq))? {
+                txn.batch.remove(k);
+            }
         }
         for (d, lost) in gaps {
-            self.fold(
-                &mut staged,
-                &mut batch,
-                d,
-                FoldKey::Gap,
-                Entry::Gap(QueuedGap { lost, time_ms: now_ms }),
-            )?;
+            // A notice stays within one frame: at most MAX_GAP_SENDERS
+            // sender devices an entry.
+            for chunk in lost.chunks(MAX_GAP_SENDERS) {
+                txn.fold(
+                    d,
+                    FoldKey::Gap,
+                    Entry::Gap(QueuedGap {
+                        lost: chunk.to_vec(),
+                        time_ms: now_ms,
+                    }),
+                )?;
+            }
             swept.notified.push(d);
         }
         let mut senders = Vec::new();
@@ -812,13 +896,12 @@ impl Store {
                         user: sender,
                         device: *s,
                     };
-                    self.fold(&mut staged, &mut batch, target, FoldKey::Expired(d), notice.clone())?;
+                    txn.fold(target, FoldKey::Expired(d), notice.clone())?;
                     swept.notified.push(target);
                 }
             }
         }
-        self.queues.apply_batch(batch)?;
-        *metas = staged;
+        txn.commit()?;
         swept.notified.sort();
         swept.notified.dedup();
         Ok(swept)

@@ -310,6 +310,7 @@ fn receipts_fold_while_they_wait() {
             &[alice],
             i as u64,
         )
+        .unwrap()
         .unwrap();
     }
     s.append_receipt(
@@ -320,6 +321,7 @@ fn receipts_fold_while_they_wait() {
         &[alice],
         9,
     )
+    .unwrap()
     .unwrap();
     let q = ids_of(&s, alice);
     assert_eq!(q.len(), 2, "{q:?}");
@@ -343,27 +345,34 @@ fn receipts_fold_while_they_wait() {
         &[alice],
         10,
     )
+    .unwrap()
     .unwrap();
     let q = ids_of(&s, alice);
     assert!(matches!(&q[..], [(_, Entry::Receipt(r))] if r.ids == vec![MsgId([7; 16])]));
 }
 
-/// Bob's phone sends read receipts about Alice's messages and about
-/// Carol's; his laptop, offline, gets both. They must stay apart: folded
-/// into one entry, Carol's message ids would reach the laptop addressed to
-/// Alice, and its read state would go out of sync.
 #[test]
-fn receipts_about_different_conversations_do_not_fold() {
+fn receipts_about_different_conversations_are_not_folded_together() {
+    // Bob's device 1 reads a message of alice's, then one of carol's; his
+    // device 2, offline, gets a copy of each receipt. Folding them into one
+    // entry would tell it that carol's message belongs to the conversation
+    // with alice (spec §5.5: receipts fold per reporting device, kind and
+    // conversation).
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
-    let (phone, laptop) = (dev(2, 1), dev(2, 2));
+    let (bob1, bob2) = (dev(2, 1), dev(2, 2));
     let (alice, carol) = (UserId(1), UserId(3));
     let read = crate::wire::ReceiptKind::READ;
-    s.append_receipt(phone, alice, read, &[MsgId([1; 16])], &[laptop], 1)
+    s.append_receipt(bob1, alice, read, &[MsgId([1; 16])], &[bob2], 1)
+        .unwrap()
         .unwrap();
-    s.append_receipt(phone, carol, read, &[MsgId([3; 16])], &[laptop], 2)
+    s.append_receipt(bob1, carol, read, &[MsgId([3; 16])], &[bob2], 2)
+        .unwrap()
         .unwrap();
-    let q = ids_of(&s, laptop);
+    s.append_receipt(bob1, alice, read, &[MsgId([2; 16])], &[bob2], 3)
+        .unwrap()
+        .unwrap();
+    let q = ids_of(&s, bob2);
     let receipts: Vec<(u32, Vec<MsgId>)> = q
         .iter()
         .map(|(_, e)| match e {
@@ -371,7 +380,45 @@ fn receipts_about_different_conversations_do_not_fold() {
             other => panic!("{other:?}"),
         })
         .collect();
-    assert_eq!(receipts, vec![(1, vec![MsgId([1; 16])]), (3, vec![MsgId([3; 16])])]);
+    assert_eq!(
+        receipts,
+        vec![(3, vec![MsgId([3; 16])]), (1, vec![MsgId([1; 16]), MsgId([2; 16])])]
+    );
+    assert_eq!(s.queue_len(bob2).unwrap(), 2);
+}
+
+#[test]
+fn the_sweep_forgets_fold_records_of_entries_that_are_gone() {
+    // The fold index says which entry of a queue later receipts fold into,
+    // so it names who sent receipts to whom. Once that entry is
+    // acknowledged the record is useless, and the sweep must not keep it
+    // past the entries it was about (spec §10, §12).
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let (alice, bob) = (dev(1, 1), dev(2, 1));
+    let fold_records = |s: &Store| s.queues.scan_prefix(b"r").count();
+    let read = crate::wire::ReceiptKind::READ;
+    s.append_receipt(bob, UserId(1), read, &[MsgId([1; 16])], &[alice], 1)
+        .unwrap()
+        .unwrap();
+    assert_eq!(fold_records(&s), 1);
+    let mut cursor = Vec::new();
+    // Still waiting: kept, and folding still works.
+    while !s.sweep(&mut cursor, 0, 1000, 2).unwrap().wrapped {}
+    assert_eq!(fold_records(&s), 1);
+    s.append_receipt(bob, UserId(1), read, &[MsgId([2; 16])], &[alice], 3)
+        .unwrap()
+        .unwrap();
+    assert_eq!(ids_of(&s, alice).len(), 1);
+    // Acknowledged: the next pass forgets the record.
+    s.ack(alice, u64::MAX).unwrap();
+    while !s.sweep(&mut cursor, 0, 1000, 4).unwrap().wrapped {}
+    assert_eq!(fold_records(&s), 0);
+    // A receipt after that starts a new entry, as before.
+    s.append_receipt(bob, UserId(1), read, &[MsgId([3; 16])], &[alice], 5)
+        .unwrap()
+        .unwrap();
+    assert!(matches!(&ids_of(&s, alice)[..], [(_, Entry::Receipt(r))] if r.ids == vec![MsgId([3; 16])]));
 }
 
 #[test]
@@ -468,7 +515,6 @@ fn quotas_refuse_and_drop_nothing() {
         ..Default::default()
     };
     let s = Store::open(dir.path(), &config).unwrap();
-    s.measure_disk().unwrap();
     assert_eq!(
         s.append(a, MsgId([1; 16]), UserId(2), &[(b, Bytes::from_static(b"x"))], 1)
             .unwrap(),
@@ -580,4 +626,84 @@ fn format_1_directories_are_migrated() {
     fs::write(dir.path().join("FORMAT"), "tidings-data 1\n").unwrap();
     let s = open(dir.path());
     assert_eq!(msg(&ids_of(&s, b)[0].1).body, Bytes::from_static(b"old"));
+}
+
+#[test]
+fn the_budget_counts_queued_bytes_exactly_and_receipts_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dev(1, 1), dev(2, 1));
+    let config = StoreConfig {
+        quotas: Quotas {
+            disk_budget: 1000,
+            ..Quotas::default()
+        },
+        ..Default::default()
+    };
+    {
+        let s = Store::open(dir.path(), &config).unwrap();
+        let body = Bytes::from(vec![0u8; 300]);
+        for i in 0..3u8 {
+            assert!(matches!(
+                s.append(a, MsgId([i; 16]), UserId(2), &[(b, body.clone())], 1).unwrap(),
+                Appended::New { .. }
+            ));
+        }
+        let used = s.queued_bytes();
+        assert_eq!(used, s.queue_usage(b).unwrap().1);
+        assert_eq!(
+            s.append(a, MsgId([9; 16]), UserId(2), &[(b, body.clone())], 1).unwrap(),
+            Appended::OverQuota(Quota::Disk)
+        );
+        // Receipts cannot fill it either.
+        let ids: Vec<MsgId> = (0..64u8).map(|i| MsgId([i; 16])).collect();
+        assert_eq!(
+            s.append_receipt(b, UserId(1), crate::wire::ReceiptKind::READ, &ids, &[a], 1)
+                .unwrap(),
+            Err(Quota::Disk)
+        );
+        // An ack frees budget at once.
+        s.ack(b, 2).unwrap();
+        assert!(s.queued_bytes() < used);
+        assert!(matches!(
+            s.append(a, MsgId([9; 16]), UserId(2), &[(b, body)], 1).unwrap(),
+            Appended::New { .. }
+        ));
+        s.flush().unwrap();
+    }
+    // Counted again on open.
+    let s = Store::open(dir.path(), &config).unwrap();
+    assert_eq!(s.queued_bytes(), s.queue_usage(b).unwrap().1);
+}
+
+#[test]
+fn receipts_that_start_an_entry_count_against_a_full_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dev(1, 1), dev(2, 1));
+    let config = StoreConfig {
+        quotas: Quotas {
+            queue_messages: 2,
+            ..Quotas::default()
+        },
+        ..Default::default()
+    };
+    let s = Store::open(dir.path(), &config).unwrap();
+    let read = crate::wire::ReceiptKind::READ;
+    let delivered = crate::wire::ReceiptKind::DELIVERED;
+    s.append_receipt(b, UserId(1), read, &[MsgId([1; 16])], &[a], 1)
+        .unwrap()
+        .unwrap();
+    s.append_receipt(b, UserId(1), delivered, &[MsgId([1; 16])], &[a], 1)
+        .unwrap()
+        .unwrap();
+    // Folding into a waiting entry is fine; a third entry is not.
+    s.append_receipt(b, UserId(1), read, &[MsgId([2; 16])], &[a], 1)
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.queue_len(a).unwrap(), 2);
+    assert_eq!(
+        s.append_receipt(dev(3, 1), UserId(1), read, &[MsgId([3; 16])], &[a], 1)
+            .unwrap(),
+        Err(Quota::Queue(a))
+    );
+    assert_eq!(s.queue_len(a).unwrap(), 2);
 }
