@@ -13,10 +13,10 @@
 //! - an append that would take a queue past its entry or byte quota is
 //!   refused as a whole, naming the first such queue, and leaves no dedup
 //!   record (a later retry may succeed);
-//! - a receipt folds into the latest pending receipt of the same sending
-//!   device and kind in each target queue if that one has the same
-//!   addressee (removed, and re-appended merged at the tail), or is
-//!   appended;
+//! - a receipt folds into the pending receipt of the same sending device,
+//!   kind and addressee in each target queue (removed, and re-appended
+//!   merged at the tail), or is appended; one that would start an entry
+//!   in a full queue is refused as a whole;
 //! - a retraction removes exactly the still-queued copies of that message
 //!   from those senders, and says how many;
 //! - `read_queue` returns exactly the model's entries from `from` on, in
@@ -162,9 +162,9 @@ struct Model {
     last: BTreeMap<DeviceKey, u64>,
     /// (sender, id) → first acceptance.
     dedup: BTreeMap<(DeviceKey, MsgId), Accepted>,
-    /// (target, receipt sender, kind) → the seq of the receipt entry later
-    /// ones fold into (if it is still queued and has the same addressee).
-    folds: BTreeMap<(DeviceKey, DeviceKey, u8), u64>,
+    /// (target, receipt sender, kind, addressee) → the seq of the receipt
+    /// entry later ones fold into, if it is still queued.
+    folds: BTreeMap<(DeviceKey, DeviceKey, u8, u32), u64>,
 }
 
 /// The stored size of an entry, which byte quotas count.
@@ -348,37 +348,66 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let from = device(from);
                 let ids: Vec<MsgId> = ids.into_iter().map(msg_id).collect();
                 let targets = devices(targets);
-                let epoch = store
+                let got = store
                     .append_receipt(from, UserId(to), ReceiptKind(kind), &ids, &targets, now_ms)
                     .expect("append_receipt");
-                prop_assert!(epoch >= max_epoch, "epoch {:?} after {:?}", epoch, max_epoch);
-                max_epoch = epoch;
-                for t in targets {
-                    let fold = (t, from, kind);
-                    let mut entry = QueuedReceipt {
-                        from_user: from.user.0,
-                        from_device: from.device.0,
-                        to_user: to,
-                        kind,
-                        ids: ids.clone(),
-                        time_ms: now_ms,
-                    };
-                    let pending = model.folds.get(&fold).copied();
-                    if let Some(seq) = pending
-                        && let Some(Entry::Receipt(old)) = model.queue(t).get(&seq)
-                        && old.to_user == to
+                let entry = QueuedReceipt {
+                    from_user: from.user.0,
+                    from_device: from.device.0,
+                    to_user: to,
+                    kind,
+                    ids: ids.clone(),
+                    time_ms: now_ms,
+                };
+                // Per target: the pending entry it folds into, if any.
+                let plan: Vec<(DeviceKey, Option<u64>)> = targets
+                    .iter()
+                    .map(|t| {
+                        let pending = model.folds.get(&(*t, from, kind, to)).copied();
+                        let live = pending.filter(|seq| {
+                            matches!(model.queues.get(t).and_then(|q| q.get(seq)), Some(Entry::Receipt(_)))
+                        });
+                        (*t, live)
+                    })
+                    .collect();
+                // A receipt that starts an entry counts against the quota.
+                let over = plan.iter().find(|(t, folds)| {
+                    let (count, bytes) = model.usage(*t);
+                    folds.is_none()
+                        && (count + 1 > QUOTAS.queue_messages
+                            || bytes + size(&Entry::Receipt(entry.clone())) > QUOTAS.queue_bytes)
+                });
+                match (got, over) {
+                    (Err(Quota::Queue(q)), Some((t, _))) => {
+                        prop_assert_eq!(q, *t, "the first queue over its quota");
+                        continue;
+                    }
+                    (Ok(epoch), None) => {
+                        prop_assert!(epoch >= max_epoch, "epoch {:?} after {:?}", epoch, max_epoch);
+                        max_epoch = epoch;
+                    }
+                    (got, over) => {
+                        return Err(TestCaseError::fail(format!(
+                            "receipt from {from} to {to}: got {got:?}, model: over quota {:?}",
+                            over.map(|(t, _)| t)
+                        )));
+                    }
+                }
+                for (t, folds) in plan {
+                    let mut entry = entry.clone();
+                    if let Some(seq) = folds
+                        && let Some(Entry::Receipt(old)) = model.queue(t).remove(&seq)
                     {
-                        let mut merged = old.ids.clone();
+                        let mut merged = old.ids;
                         for id in &ids {
                             if !merged.contains(id) {
                                 merged.push(*id);
                             }
                         }
                         entry.ids = merged;
-                        model.queue(t).remove(&seq);
                     }
                     let seq = model.push(t, Entry::Receipt(entry));
-                    model.folds.insert(fold, seq);
+                    model.folds.insert((t, from, kind, to), seq);
                 }
             }
             Op::Retract { user, senders, id } => {
