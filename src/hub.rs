@@ -383,10 +383,10 @@ impl Hub {
 
     fn tell_if_low_on_keys(&mut self, session: &mut Session, device: DeviceKey, now: Now) {
         let store = self.store();
-        if let (Ok(Some(_)), Ok(n)) = (store.identity(device), store.one_time_count(device)) {
-            if n < self.shared.config.low_keys {
-                session.send(0, &ServerFrame::KeyCount { one_time: n }, now.mono);
-            }
+        if let (Ok(Some(_)), Ok(n)) = (store.identity(device), store.one_time_count(device))
+            && n < self.shared.config.low_keys
+        {
+            session.send(0, &ServerFrame::KeyCount { one_time: n }, now.mono);
         }
     }
 
@@ -842,11 +842,11 @@ impl Hub {
             };
             if keys.one_time.is_some() && !keys.fallback {
                 let left = self.store().one_time_count(d).unwrap_or(0);
-                if left < self.shared.config.low_keys {
-                    if let Some(c) = self.shared.connection_of(d) {
-                        let frame = ServerFrame::KeyCount { one_time: left };
-                        self.effects.push(Effect::Send { conn: c, req: 0, frame });
-                    }
+                if left < self.shared.config.low_keys
+                    && let Some(c) = self.shared.connection_of(d)
+                {
+                    let frame = ServerFrame::KeyCount { one_time: left };
+                    self.effects.push(Effect::Send { conn: c, req: 0, frame });
                 }
             }
             claimed.push(keys);

@@ -55,6 +55,13 @@ impl Daemon {
         let addr = first.strip_prefix("tidingsd listening on ").unwrap().to_owned();
         // Keep draining its stdout so it never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
+        // It prints before its admin socket is up; operator commands need
+        // that socket while it runs.
+        let deadline = Instant::now() + WAIT;
+        while !dir.join("data").join("admin.sock").exists() {
+            assert!(Instant::now() < deadline, "the daemon never opened its admin socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         (child, addr)
     }
 
@@ -455,6 +462,7 @@ fn a_delivery_already_stored_is_acked_but_not_shown_again() {
             ts_ms: sent.ts_ms,
             direction: Direction::In,
             status: Status::Received,
+            undecryptable: false,
         };
         assert!(b.profile().history().insert("bob", &copy).unwrap());
         b.profile().history().flush().unwrap();
@@ -481,6 +489,7 @@ fn listen_resends_a_message_left_pending() {
             ts_ms: 1,
             direction: Direction::Out,
             status: Status::Pending,
+            undecryptable: false,
         };
         a.profile().history().insert("alice", &m).unwrap();
         a.profile().history().flush().unwrap();

@@ -143,10 +143,10 @@ mod harness {
         let end = loop {
             // A hard close (`Phase::Closed`) drops the connection without
             // writing; a closing session writes its last bytes first.
-            if session.phase() != Phase::Closed {
-                if let Err(e) = flush(&mut stream, &mut session, &mut written) {
-                    break End::Io(e.kind());
-                }
+            if session.phase() != Phase::Closed
+                && let Err(e) = flush(&mut stream, &mut session, &mut written)
+            {
+                break End::Io(e.kind());
             }
             if session.is_closed() {
                 break End::SessionClosed;

@@ -669,10 +669,10 @@ fn concurrent_appends_keep_order_and_dedup() {
                 };
                 let n = u32::from_be_bytes(m.body[..].try_into().expect("4 bytes"));
                 let key = (m.from_user, m.from_device);
-                if let Some(prev) = last.insert(key, n) {
-                    if key != (device(5).user.0, device(5).device.0) {
-                        assert!(n > prev, "sender {key:?}: {n} after {prev} in {d}");
-                    }
+                if let Some(prev) = last.insert(key, n)
+                    && key != (device(5).user.0, device(5).device.0)
+                {
+                    assert!(n > prev, "sender {key:?}: {n} after {prev} in {d}");
                 }
             }
         }

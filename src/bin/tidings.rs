@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use tidings::client::{self, Event, Message, Outcome, Request};
+use tidings::client::{self, Event, Message, Notice, Outcome, Request};
 
 #[derive(Parser)]
 #[command(name = "tidings", version, about = "The tidings messaging client")]
@@ -64,6 +64,12 @@ enum Cmd {
         /// The device number.
         device: u32,
     },
+    /// Print the safety number of your and a user's identity keys, to
+    /// compare with theirs (in person or over another channel).
+    Verify {
+        /// The other party.
+        user: String,
+    },
 }
 
 /// Writes result lines to stdout, flushing each.
@@ -82,6 +88,36 @@ impl Out {
         self.line(&value.to_string());
     }
 
+    /// A message or a notice, as things arrive.
+    fn event(&self, e: &Event) {
+        match e {
+            Event::Message(m) => self.message(m, false),
+            Event::Notice(n) => self.notice(n),
+            _ => {}
+        }
+    }
+
+    /// News about a contact's devices: in JSON a `notice` line (a `warning`
+    /// line for warnings); else a line on stderr.
+    fn notice(&self, n: &Notice) {
+        let (user, device) = n.about();
+        if self.json {
+            let kind = if n.is_warning() { "warning" } else { "notice" };
+            self.value(json!({
+                "type": kind,
+                "event": n.kind(),
+                "user": user,
+                "device": device.0,
+                "text": n.to_string(),
+            }));
+        }
+        if n.is_warning() {
+            eprintln!("warning: {n}");
+        } else if !self.json {
+            eprintln!("{n}");
+        }
+    }
+
     fn message(&self, m: &Message, history: bool) {
         if self.json {
             let mut v = json!({
@@ -93,6 +129,9 @@ impl Out {
                 "text": m.text,
                 "ts": m.ts_ms,
             });
+            if m.undecryptable {
+                v["undecryptable"] = json!(true);
+            }
             if history {
                 v["direction"] = json!(m.direction.as_str());
                 v["status"] = json!(m.status.as_str());
@@ -111,7 +150,11 @@ impl Out {
                 m.from_device,
                 m.to,
                 status,
-                one_line(&m.text)
+                if m.undecryptable {
+                    "[undecryptable message; asked the sender's device for a new session]".to_owned()
+                } else {
+                    one_line(&m.text)
+                }
             ));
         }
     }
@@ -164,8 +207,9 @@ fn run(cmd: Cmd, dir: &std::path::Path, out: &Out) -> Result<(), client::Error> 
         Cmd::History { user } => Request::History { user },
         Cmd::Devices => Request::Devices,
         Cmd::Revoke { device } => Request::Revoke { device },
+        Cmd::Verify { user } => Request::Verify { user },
     };
-    let outcome = client::run(dir, request, &mut |m| out.message(m, false))?;
+    let outcome = client::run(dir, request, &mut |e| out.event(e))?;
     match outcome {
         Outcome::Registered(r) => {
             eprintln!("registered: {} device {} on {}", r.user, r.device, r.server);
@@ -228,6 +272,24 @@ fn run(cmd: Cmd, dir: &std::path::Path, out: &Out) -> Result<(), client::Error> 
                 out.line(&format!("revoked {device}"));
             }
         }
+        Outcome::SafetyNumber { user, number, devices } => {
+            eprintln!(
+                "safety number of your and {user}'s identity keys; {user} runs `tidings verify` with your name \
+                 and sees the same digits if no one is in between:"
+            );
+            for (u, d, key) in &devices {
+                eprintln!("  {u} device {d}: {key}");
+            }
+            if out.json {
+                let devices: Vec<_> = devices
+                    .iter()
+                    .map(|(u, d, key)| json!({"user": u, "device": d, "ed25519": key}))
+                    .collect();
+                out.value(json!({"type": "safety_number", "user": user, "number": number, "devices": devices}));
+            } else {
+                out.line(&number);
+            }
+        }
     }
     Ok(())
 }
@@ -240,6 +302,7 @@ fn listen(dir: &std::path::Path, out: &Out) -> Result<(), client::Error> {
             Event::Connected => eprintln!("connected; listening (Ctrl-C to stop)"),
             Event::Drained => log::info!("up to date after {:?}", started.elapsed().unwrap_or_default()),
             Event::Disconnected(why) => eprintln!("disconnected: {why}"),
+            Event::Notice(n) => out.notice(n),
         }
         true
     })

@@ -96,6 +96,9 @@ pub enum ConnEvent {
     Deliver(Deliver),
     /// Everything queued at authentication has been delivered.
     QueueDrained,
+    /// The server says this device's stock of one-time keys is low (spec
+    /// §5.4: sent unasked at authentication and when claims drain it).
+    KeyCount(u32),
     /// The connection is over; no more events follow.
     Closed(Closed),
 }
@@ -405,6 +408,7 @@ impl Split<'_> {
             ServerFrame::Close { code, text } => return Err(Fatal::ByServer(code, text)),
             ServerFrame::Deliver(d) if req == 0 => self.events.push_back(ConnEvent::Deliver(d)),
             ServerFrame::QueueDrained if req == 0 => self.events.push_back(ConnEvent::QueueDrained),
+            ServerFrame::KeyCount { one_time } if req == 0 => self.events.push_back(ConnEvent::KeyCount(one_time)),
             ServerFrame::Pong if req == 0 => {}
             frame if req != 0 => self.events.push_back(ConnEvent::Answer { req, frame }),
             other => log::debug!("ignoring unsolicited {}", other.kind()),

@@ -1,114 +1,298 @@
-//! What a message says, and how it becomes one device's body and back.
+//! What a message says, and the two layers of a body (spec §14).
 //!
-//! In this version a body is the postcard encoding of a versioned
-//! [`Content`], in clear: the end-to-end layer replaces [`seal_body`] and
-//! [`open_body`] with per-device encryption, and nothing else in the client
-//! builds or reads a body.
+//! - [`Payload`]: the plaintext one device encrypts for another: the
+//!   message id and recipient user it belongs to (so the server cannot
+//!   relabel a body), the sender's clock, and a typed [`Content`];
+//! - [`Envelope`]: what travels as a `Body`'s `data`: a version tag, the
+//!   Olm message type (pre-key or normal) and the Olm ciphertext.
+//!
+//! Both are postcard encodings of append-only enums whose tag is the
+//! version, and both decoders reject trailing bytes. This module is pure:
+//! the Olm sessions that turn a payload into an envelope live in
+//! [`super::e2e`].
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::wire::{DeviceAddr, MAX_BODY_LEN};
+use crate::wire::{MAX_BODY_LEN, MsgId};
 
-/// The content of one message, as its sender wrote it.
-#[derive(Clone, PartialEq, Eq, Debug)]
-pub struct Content {
-    /// The text.
-    pub text: String,
-    /// When the sender wrote it, by the sender's clock (ms since the epoch).
-    pub ts_ms: u64,
+/// What a message says. Append-only: a variant's position is its tag on
+/// the wire, so new kinds (replies, forwards, edits, deletes, receipts)
+/// are added at the end and an older client reports them as unsupported.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Content {
+    /// A text message.
+    Text(String),
+    /// Not shown: the sender could not decrypt a message from this device
+    /// and started a fresh Olm session with it (this body is the first
+    /// message of that session).
+    SessionReset,
 }
 
-/// The encoded forms. Append-only: the postcard tag is the version.
+/// The plaintext of one body.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Payload {
+    /// The message id of the `Send` carrying it; a recipient checks it
+    /// against the id the server delivered.
+    pub id: MsgId,
+    /// The user the message was sent to; checked against the delivery too.
+    pub to: String,
+    /// When the sender wrote it, by the sender's clock (ms since the epoch).
+    pub ts_ms: u64,
+    /// What it says.
+    pub content: Content,
+}
+
+/// The encoded forms of a payload. Append-only: the postcard tag is the
+/// version.
 #[derive(Serialize, Deserialize)]
-enum Versioned {
-    V1 { text: String, ts_ms: u64 },
+enum VersionedPayload {
+    V1 {
+        id: MsgId,
+        to: String,
+        ts_ms: u64,
+        content: Content,
+    },
+}
+
+/// The two kinds of Olm message (vodozemac's message types 0 and 1).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum OlmKind {
+    /// Starts a session: carries the sender's identity key, the base key
+    /// and the one-time key it used.
+    PreKey,
+    /// A message of an established session.
+    Normal,
+}
+
+impl OlmKind {
+    /// vodozemac's number for the kind.
+    pub fn to_olm(self) -> usize {
+        match self {
+            OlmKind::PreKey => 0,
+            OlmKind::Normal => 1,
+        }
+    }
+
+    /// The kind for vodozemac's number.
+    pub fn from_olm(n: usize) -> Option<OlmKind> {
+        match n {
+            0 => Some(OlmKind::PreKey),
+            1 => Some(OlmKind::Normal),
+            _ => None,
+        }
+    }
+}
+
+/// A body as it travels: the Olm message for one device.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Envelope {
+    /// Pre-key or normal.
+    pub kind: OlmKind,
+    /// The Olm message bytes (vodozemac's `to_parts` encoding).
+    pub ciphertext: Bytes,
+}
+
+#[derive(Serialize, Deserialize)]
+enum VersionedEnvelope {
+    V1 { kind: OlmKind, ciphertext: Bytes },
 }
 
 /// A body that cannot be made or read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum BodyError {
-    /// The encoded content is longer than a body may be.
+    /// The message would not fit in a body once encrypted.
     #[error("message too long: {len} bytes encoded, at most {max}")]
     TooLong {
-        /// Encoded length.
+        /// Encoded length (plaintext plus the most encryption adds).
         len: usize,
         /// [`MAX_BODY_LEN`].
         max: usize,
     },
-    /// The body is not a content this build understands.
+    /// The bytes are not an envelope or payload this build understands.
     #[error("unreadable message body")]
     Unreadable,
 }
 
-/// Makes the body of `content` for one recipient device.
-///
-/// # Errors
-/// [`BodyError::TooLong`] if it would not fit in a body.
-pub fn seal_body(content: &Content, _for_device: &DeviceAddr) -> Result<Bytes, BodyError> {
-    let v = Versioned::V1 {
-        text: content.text.clone(),
-        ts_ms: content.ts_ms,
-    };
-    let bytes = postcard::to_stdvec(&v).map_err(|_| BodyError::Unreadable)?;
-    if bytes.len() > MAX_BODY_LEN {
-        return Err(BodyError::TooLong {
-            len: bytes.len(),
-            max: MAX_BODY_LEN,
-        });
-    }
-    Ok(Bytes::from(bytes))
+/// The most that Olm and the envelope add to a payload, besides padding
+/// it to a whole AES block: a pre-key message's three keys and the
+/// message's ratchet key (34 bytes each with their tags), its counter,
+/// MAC and field headers, and the envelope's tags.
+pub const SEAL_OVERHEAD: usize = 4 * 34 + 64;
+
+/// How long the body of a payload of `len` bytes can get.
+pub fn sealed_len_bound(len: usize) -> usize {
+    (len / 16 + 1) * 16 + SEAL_OVERHEAD
 }
 
-/// Reads a body received from `from`.
-///
-/// # Errors
-/// [`BodyError::Unreadable`] for an unknown version, trailing bytes or
-/// damaged content.
-pub fn open_body(body: &[u8], _from: &DeviceAddr) -> Result<Content, BodyError> {
-    let (v, rest) = postcard::take_from_bytes::<Versioned>(body).map_err(|_| BodyError::Unreadable)?;
+impl Payload {
+    /// Encodes the payload, refusing one that could not fit in a body
+    /// once encrypted.
+    ///
+    /// # Errors
+    /// [`BodyError::TooLong`].
+    pub fn encode(&self) -> Result<Vec<u8>, BodyError> {
+        let v = VersionedPayload::V1 {
+            id: self.id,
+            to: self.to.clone(),
+            ts_ms: self.ts_ms,
+            content: self.content.clone(),
+        };
+        let bytes = postcard::to_stdvec(&v).map_err(|_| BodyError::Unreadable)?;
+        let bound = sealed_len_bound(bytes.len());
+        if bound > MAX_BODY_LEN {
+            return Err(BodyError::TooLong {
+                len: bound,
+                max: MAX_BODY_LEN,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Decodes a payload.
+    ///
+    /// # Errors
+    /// [`BodyError::Unreadable`] for an unknown version or content kind,
+    /// trailing bytes or damage.
+    pub fn decode(bytes: &[u8]) -> Result<Payload, BodyError> {
+        match take_all::<VersionedPayload>(bytes)? {
+            VersionedPayload::V1 { id, to, ts_ms, content } => Ok(Payload { id, to, ts_ms, content }),
+        }
+    }
+}
+
+impl Envelope {
+    /// The body bytes.
+    pub fn encode(&self) -> Bytes {
+        let v = VersionedEnvelope::V1 {
+            kind: self.kind,
+            ciphertext: self.ciphertext.clone(),
+        };
+        Bytes::from(postcard::to_stdvec(&v).expect("an envelope always encodes"))
+    }
+
+    /// Reads body bytes.
+    ///
+    /// # Errors
+    /// [`BodyError::Unreadable`] for an unknown version, trailing bytes or
+    /// damage.
+    pub fn decode(body: &[u8]) -> Result<Envelope, BodyError> {
+        match take_all::<VersionedEnvelope>(body)? {
+            VersionedEnvelope::V1 { kind, ciphertext } => Ok(Envelope { kind, ciphertext }),
+        }
+    }
+}
+
+fn take_all<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, BodyError> {
+    let (v, rest) = postcard::take_from_bytes::<T>(bytes).map_err(|_| BodyError::Unreadable)?;
     if !rest.is_empty() {
         return Err(BodyError::Unreadable);
     }
-    match v {
-        Versioned::V1 { text, ts_ms } => Ok(Content { text, ts_ms }),
-    }
+    Ok(v)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::DeviceId;
+    use proptest::prelude::*;
 
-    fn bob() -> DeviceAddr {
-        DeviceAddr {
-            user: "bob".into(),
-            device: DeviceId(1),
+    proptest! {
+        #[test]
+        fn payloads_round_trip(id: [u8; 16], to in "[a-z0-9_.]{3,32}", ts_ms: u64, text in ".{0,300}", reset: bool) {
+            let p = Payload {
+                id: MsgId(id),
+                to,
+                ts_ms,
+                content: if reset { Content::SessionReset } else { Content::Text(text) },
+            };
+            let bytes = p.encode().unwrap();
+            prop_assert_eq!(Payload::decode(&bytes), Ok(p));
+        }
+
+        #[test]
+        fn envelopes_round_trip(pre: bool, ct in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let e = Envelope {
+                kind: if pre { OlmKind::PreKey } else { OlmKind::Normal },
+                ciphertext: Bytes::from(ct),
+            };
+            prop_assert_eq!(Envelope::decode(&e.encode()), Ok(e));
+        }
+
+        #[test]
+        fn decoders_take_any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            // Whatever a peer sends: a value or an error, never a panic.
+            // (Bodies need not be canonical postcard: Olm authenticates
+            // them, and nothing is compared in encoded form.)
+            let _ = Envelope::decode(&bytes);
+            let _ = Payload::decode(&bytes);
+        }
+    }
+
+    fn text(t: &str) -> Payload {
+        Payload {
+            id: MsgId([0xAB; 16]),
+            to: "bob".into(),
+            ts_ms: 1,
+            content: Content::Text(t.into()),
         }
     }
 
     #[test]
-    fn round_trip_and_bytes() {
-        let c = Content {
-            text: "hi".into(),
-            ts_ms: 1,
+    fn payload_round_trip_and_bytes() {
+        let p = text("hi");
+        let bytes = p.encode().unwrap();
+        // tag 0 (V1), 16 id bytes, "bob", ts 1, content tag 0 (Text), "hi".
+        assert_eq!(hex::encode(&bytes), format!("00{}03626f620100026869", "ab".repeat(16)));
+        assert_eq!(Payload::decode(&bytes), Ok(p));
+        let reset = Payload {
+            content: Content::SessionReset,
+            ..text("")
         };
-        let body = seal_body(&c, &bob()).unwrap();
-        // tag 0 (V1), length 2, "hi", ts 1.
-        assert_eq!(hex::encode(&body), "0002686901");
-        assert_eq!(open_body(&body, &bob()), Ok(c));
+        let bytes = reset.encode().unwrap();
+        assert_eq!(bytes.last(), Some(&1), "SessionReset is content tag 1");
+        assert_eq!(Payload::decode(&bytes), Ok(reset));
     }
 
     #[test]
-    fn rejects_unknown_versions_trailing_bytes_and_long_texts() {
-        assert_eq!(open_body(&[1, 0], &bob()), Err(BodyError::Unreadable));
-        assert_eq!(open_body(&[0, 0, 0, 0], &bob()), Err(BodyError::Unreadable));
-        assert_eq!(open_body(&[], &bob()), Err(BodyError::Unreadable));
-        let long = Content {
-            text: "x".repeat(MAX_BODY_LEN),
-            ts_ms: 0,
+    fn envelope_round_trip_and_bytes() {
+        let e = Envelope {
+            kind: OlmKind::Normal,
+            ciphertext: Bytes::from_static(&[9, 8, 7]),
         };
-        assert!(matches!(seal_body(&long, &bob()), Err(BodyError::TooLong { .. })));
+        let bytes = e.encode();
+        // tag 0 (V1), kind 1 (Normal), length 3, the bytes.
+        assert_eq!(hex::encode(&bytes), "000103090807");
+        assert_eq!(Envelope::decode(&bytes), Ok(e));
+        assert_eq!(OlmKind::from_olm(OlmKind::PreKey.to_olm()), Some(OlmKind::PreKey));
+        assert_eq!(OlmKind::from_olm(2), None);
+    }
+
+    #[test]
+    fn rejects_unknown_versions_kinds_trailing_bytes_and_long_texts() {
+        let mut bytes = text("hi").encode().unwrap();
+        bytes.push(0);
+        assert_eq!(Payload::decode(&bytes), Err(BodyError::Unreadable));
+        let mut future = text("hi").encode().unwrap();
+        let n = future.len();
+        future[n - 3] = 9; // an unknown content kind
+        assert_eq!(Payload::decode(&future), Err(BodyError::Unreadable));
+        assert_eq!(Payload::decode(&[1]), Err(BodyError::Unreadable));
+        assert_eq!(Envelope::decode(&[1, 0, 0]), Err(BodyError::Unreadable));
+        assert_eq!(Envelope::decode(&[0, 2, 0]), Err(BodyError::Unreadable));
+        assert_eq!(Envelope::decode(&[0, 0, 0, 0]), Err(BodyError::Unreadable));
+        assert_eq!(Envelope::decode(&[]), Err(BodyError::Unreadable));
+        assert!(matches!(
+            text(&"x".repeat(MAX_BODY_LEN)).encode(),
+            Err(BodyError::TooLong { .. })
+        ));
+        // The longest text that fits still fits once sealed (checked for
+        // real against Olm in the e2e tests).
+        let mut n = 0;
+        while text(&"x".repeat(n + 1)).encode().is_ok() {
+            n += 1;
+        }
+        assert!(n > 3500, "{n}");
     }
 }

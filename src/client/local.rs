@@ -5,8 +5,8 @@
 //! short-lived command holds it. Never two writers.
 //!
 //! The socket speaks one JSON [`Request`] line in, one JSON reply line out
-//! (`{"Ok": Outcome}` or `{"Err": "text"}`). Only the profile's owner can
-//! reach it.
+//! (`{"Ok": {"notices": [...], "outcome": Outcome}}` or `{"Err": "text"}`).
+//! Only the profile's owner can reach it.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Error;
 use super::device::{Client, Event};
+use super::e2e::Notice;
 use super::link::Input;
 use super::profile::{Message, Profile, Registration, SOCKET_FILE};
 use crate::wire::{DeviceId, DeviceInfo};
@@ -68,6 +69,11 @@ pub enum Request {
         /// Its number.
         device: u32,
     },
+    /// The safety number with a user.
+    Verify {
+        /// The other party.
+        user: String,
+    },
 }
 
 /// What a request produced.
@@ -103,6 +109,24 @@ pub enum Outcome {
         /// Its number.
         device: u32,
     },
+    /// A safety number.
+    SafetyNumber {
+        /// The other party.
+        user: String,
+        /// Sixty digits in groups of five.
+        number: String,
+        /// The identity keys it covers: user, device, Ed25519 key (hex).
+        devices: Vec<(String, u32, String)>,
+    },
+}
+
+/// A listener's answer to a request handed over.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    /// Notices raised while doing it.
+    pub notices: Vec<Notice>,
+    /// The result.
+    pub outcome: Outcome,
 }
 
 /// A request from another command, with where to send the answer.
@@ -110,29 +134,35 @@ pub struct Job {
     /// The work.
     pub request: Request,
     /// Where the outcome goes.
-    pub reply: Sender<Result<Outcome, String>>,
+    pub reply: Sender<Result<Reply, String>>,
 }
 
 /// Runs `request` on the profile in `dir`: through its running `listen` if
 /// there is one, else on the profile itself (waiting up to
 /// [`PROFILE_WAIT`] for another command to finish with it). New messages of
-/// a `Sync` are passed to `on_message` as they become durable.
+/// a `Sync` are passed to `on_event` as they become durable, and notices
+/// about contacts' devices as they arise (for handed-over work: before the
+/// outcome is returned).
 ///
 /// # Errors
 /// The request's failure, [`Error::ProfileBusy`], or [`Error::Remote`]
 /// with the listener's message.
-pub fn run(dir: &Path, request: Request, on_message: &mut dyn FnMut(&Message)) -> Result<Outcome, Error> {
+pub fn run(dir: &Path, request: Request, on_event: &mut dyn FnMut(&Event)) -> Result<Outcome, Error> {
     let deadline = Instant::now() + PROFILE_WAIT;
     let mut told = false;
     loop {
         if let Some(reply) = delegate(dir, &request)? {
-            return reply.map_err(Error::Remote);
+            let reply = reply.map_err(Error::Remote)?;
+            for n in reply.notices {
+                on_event(&Event::Notice(n));
+            }
+            return Ok(reply.outcome);
         }
         match Profile::open(dir, Duration::ZERO) {
             Ok(profile) => {
                 let receive = matches!(request, Request::Sync);
                 let mut client = Client::new(profile, receive);
-                let outcome = client.execute(request, on_message);
+                let outcome = client.execute(request, on_event);
                 client.disconnect();
                 return outcome;
             }
@@ -153,7 +183,7 @@ pub fn run(dir: &Path, request: Request, on_message: &mut dyn FnMut(&Message)) -
 ///
 /// # Errors
 /// I/O failures talking to a listener that is there.
-pub fn delegate(dir: &Path, request: &Request) -> Result<Option<Result<Outcome, String>>, Error> {
+pub fn delegate(dir: &Path, request: &Request) -> Result<Option<Result<Reply, String>>, Error> {
     let mut stream = match UnixStream::connect(dir.join(SOCKET_FILE)) {
         Ok(s) => s,
         Err(_) => return Ok(None),
@@ -290,7 +320,18 @@ mod tests {
         };
         let text = serde_json::to_string(&r).unwrap();
         assert_eq!(text, r#"{"Send":{"to":"bob","text":"hi"}}"#);
-        let reply: Result<Outcome, String> = Err("no".into());
+        let reply: Result<Reply, String> = Err("no".into());
         assert_eq!(serde_json::to_string(&reply).unwrap(), r#"{"Err":"no"}"#);
+        let reply: Result<Reply, String> = Ok(Reply {
+            notices: vec![Notice::NewDevice {
+                user: "bob".into(),
+                device: DeviceId(2),
+            }],
+            outcome: Outcome::Revoked { device: 2 },
+        });
+        assert_eq!(
+            serde_json::to_string(&reply).unwrap(),
+            r#"{"Ok":{"notices":[{"NewDevice":{"user":"bob","device":2}}],"outcome":{"Revoked":{"device":2}}}}"#
+        );
     }
 }

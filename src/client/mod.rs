@@ -3,8 +3,10 @@
 //!
 //! - invite and link codes as text are [`crate::code`], shared with the
 //!   daemon;
-//! - [`content`]: what a message says and how it becomes a body (the one
-//!   place the end-to-end layer will change);
+//! - [`content`]: what a message says (the plaintext) and the body's
+//!   envelope around the Olm message;
+//! - [`e2e`]: the device's Olm account and sessions, what it knows of
+//!   other devices' identities, and safety numbers;
 //! - [`conn`]: one connection's protocol state, sans-I/O;
 //! - [`link`]: the thin blocking socket driver around it;
 //! - [`profile`]: the profile directory (key, registration, history) and
@@ -22,6 +24,7 @@ use thiserror::Error;
 pub mod conn;
 pub mod content;
 pub mod device;
+pub mod e2e;
 pub mod link;
 pub mod local;
 pub mod profile;
@@ -29,6 +32,7 @@ pub mod profile;
 pub use crate::code::{Code, CodeError};
 pub use content::{BodyError, Content};
 pub use device::{Client, Event};
+pub use e2e::Notice;
 pub use local::{Outcome, Request, listen, run};
 pub use profile::{Direction, Message, Profile, Registration, Status};
 
@@ -94,6 +98,29 @@ pub enum Error {
     /// A failure reported by the running `listen` that did the work.
     #[error("{0}")]
     Remote(String),
+    /// The profile's keys need a passphrase, or not this one.
+    #[error("{0}")]
+    Passphrase(&'static str),
+    /// The profile has no end-to-end keys yet.
+    #[error("this device has no end-to-end keys yet")]
+    NoAccount,
+    /// There is no Olm session with a device to encrypt for.
+    #[error("no end-to-end session with {}'s device {}", .0.user, .0.device)]
+    NoSession(crate::wire::DeviceAddr),
+    /// A device has published no keys, so nothing can be encrypted for it.
+    #[error("{user}'s device {device} has not published its end-to-end keys yet; try again later")]
+    NoKeys {
+        /// Whose.
+        user: String,
+        /// Which.
+        device: crate::wire::DeviceId,
+    },
+    /// The server holds other end-to-end keys for this device than the
+    /// profile has.
+    #[error(
+        "the server has other end-to-end keys for this device (was the profile copied, or its keys lost?); link this profile again as a new device"
+    )]
+    KeysRefused,
 }
 
 impl Error {

@@ -5,13 +5,16 @@
 //! - `key`: the device's Noise private key, 32 bytes, mode 0600;
 //! - `profile.json`: the server address and key, user name and device
 //!   number, written once registration succeeds (atomically, by rename);
-//! - `history/`: sled: the local messages and their states;
+//! - `history/`: sled: the local messages and their states, and (tree
+//!   `e2e`) the Olm account and sessions, encrypted with a key derived from
+//!   `TIDINGS_PASSPHRASE` where one is set (see [`super::e2e`]);
 //! - `sock`: the Unix socket of a running `listen` (see [`super::local`]).
 //!
 //! Guarantees: one writer at a time (a second [`Profile::open`] waits for
-//! the lock or fails after its timeout); [`History::flush`] makes every
-//! stored message durable, and callers ack only after it. What it does not
-//! do: talk to the server.
+//! the lock or fails after its timeout); [`History::commit`] stores a
+//! message and the end-to-end state changes that came with it in one
+//! transaction; [`History::flush`] makes everything durable, and callers
+//! ack only after it. What it does not do: talk to the server.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -23,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::Error;
+use super::e2e::{Crypto, Writes};
 use crate::noise::{KEY_LEN, Keypair, PublicKey};
 use crate::wire::{DeviceId, MsgId};
 
@@ -36,6 +40,8 @@ pub const REGISTRATION_FILE: &str = "profile.json";
 pub const HISTORY_DIR: &str = "history";
 /// The socket of a running `listen`.
 pub const SOCKET_FILE: &str = "sock";
+/// The environment variable holding the passphrase of the end-to-end keys.
+pub const PASSPHRASE_VAR: &str = "TIDINGS_PASSPHRASE";
 
 /// The per-user default profile directory (for example
 /// `~/.local/share/tidings` on Linux).
@@ -77,6 +83,7 @@ pub struct Profile {
     dir: PathBuf,
     key: Keypair,
     registration: Option<Registration>,
+    crypto: Crypto,
     /// Declared before the lock so that it closes first.
     history: History,
     _lock: File,
@@ -93,12 +100,28 @@ impl std::fmt::Debug for Profile {
 
 impl Profile {
     /// Opens (creating if needed) the profile in `dir`, waiting up to
-    /// `wait` for another process to let go of it.
+    /// `wait` for another process to let go of it, with the passphrase in
+    /// `TIDINGS_PASSPHRASE` if that is set.
     ///
     /// # Errors
-    /// [`Error::ProfileBusy`] after `wait`; I/O and store errors; a damaged
-    /// key or registration file.
+    /// See [`Profile::open_with`].
     pub fn open(dir: &Path, wait: Duration) -> Result<Profile, Error> {
+        let passphrase = std::env::var(PASSPHRASE_VAR)
+            .ok()
+            .filter(|p| !p.is_empty())
+            .map(Zeroizing::new);
+        Profile::open_with(dir, wait, passphrase.as_deref().map(String::as_str))
+    }
+
+    /// Opens (creating if needed) the profile in `dir`, waiting up to
+    /// `wait` for another process to let go of it; `passphrase` decrypts
+    /// (or from now on encrypts) the end-to-end keys.
+    ///
+    /// # Errors
+    /// [`Error::ProfileBusy`] after `wait`; [`Error::Passphrase`] if the
+    /// keys need one, or another; I/O and store errors; a damaged key or
+    /// registration file.
+    pub fn open_with(dir: &Path, wait: Duration, passphrase: Option<&str>) -> Result<Profile, Error> {
         // The directory holds the key and the socket: owner only. An
         // existing directory is left as it is (it may be one the user
         // chose for other things too), with a warning if others can enter.
@@ -124,11 +147,13 @@ impl Profile {
             Err(e) => return Err(e.into()),
         };
         let history = History::open(&dir.join(HISTORY_DIR))?;
+        let crypto = Crypto::open(history.db.open_tree("e2e")?, passphrase)?;
         Ok(Profile {
             dir: dir.to_path_buf(),
             _lock: lock,
             key,
             registration,
+            crypto,
             history,
         })
     }
@@ -182,6 +207,21 @@ impl Profile {
     /// The local history.
     pub fn history(&self) -> &History {
         &self.history
+    }
+
+    /// The end-to-end state.
+    pub fn crypto(&self) -> &Crypto {
+        &self.crypto
+    }
+
+    /// The end-to-end state, to change.
+    pub fn crypto_mut(&mut self) -> &mut Crypto {
+        &mut self.crypto
+    }
+
+    /// Both at once.
+    pub fn parts(&mut self) -> (&History, &mut Crypto) {
+        (&self.history, &mut self.crypto)
     }
 
     /// Path of the `listen` socket.
@@ -313,6 +353,8 @@ pub struct Message {
     pub direction: Direction,
     /// Pending, sent or received.
     pub status: Status,
+    /// The body could not be decrypted (`text` is then empty).
+    pub undecryptable: bool,
 }
 
 impl Message {
@@ -323,10 +365,24 @@ impl Message {
     }
 }
 
+/// A message as stored before end-to-end encryption.
+#[derive(Serialize, Deserialize)]
+struct MessageV1 {
+    id: MsgId,
+    from: String,
+    from_device: DeviceId,
+    to: String,
+    text: String,
+    ts_ms: u64,
+    direction: Direction,
+    status: Status,
+}
+
 /// Stored form; the tag is the version.
 #[derive(Serialize, Deserialize)]
 enum Stored {
-    V1(Message),
+    V1(MessageV1),
+    V2(Message),
 }
 
 /// The local history: messages by (sender, id) for dedup and state, and
@@ -337,6 +393,9 @@ pub struct History {
     msgs: sled::Tree,
     /// `peer ‖ 0 ‖ local seq (u64 BE)` → key in `msgs`.
     conv: sled::Tree,
+    /// `from ‖ 0 ‖ id` → empty: deliveries that are not shown (session
+    /// resets), kept so that a redelivery is recognised.
+    seen: sled::Tree,
 }
 
 fn msg_key(from: &str, id: &MsgId) -> Vec<u8> {
@@ -375,7 +434,68 @@ impl History {
         };
         let msgs = db.open_tree("msgs")?;
         let conv = db.open_tree("conv")?;
-        Ok(History { db, msgs, conv })
+        let seen = db.open_tree("seen")?;
+        Ok(History { db, msgs, conv, seen })
+    }
+
+    /// Whether a delivery from `from` with `id` was stored already (shown
+    /// or not).
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn has(&self, from: &str, id: &MsgId) -> Result<bool, Error> {
+        let key = msg_key(from, id);
+        Ok(self.msgs.contains_key(&key)? || self.seen.contains_key(&key)?)
+    }
+
+    /// In one transaction: adds `msg` (unless one from the same sender
+    /// with the same id is there; see [`History::insert`]), or with
+    /// `msg: None` records that the delivery `(from, id)` was handled; and
+    /// applies the end-to-end state `writes` to the `e2e` tree. Returns
+    /// whether the message was new. Not durable until [`History::flush`].
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn commit(
+        &self,
+        me: &str,
+        msg: Option<&Message>,
+        handled: (&str, &MsgId),
+        e2e: &sled::Tree,
+        writes: Writes,
+    ) -> Result<bool, Error> {
+        use sled::Transactional;
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        let value = match msg {
+            Some(m) => Some(postcard::to_stdvec(&Stored::V2(m.clone())).map_err(|e| Error::Damaged(e.to_string()))?),
+            None => None,
+        };
+        let key = msg_key(handled.0, handled.1);
+        let result = (&self.msgs, &self.conv, &self.seen, e2e).transaction(|(msgs, conv, seen, e2e)| {
+            for (k, v) in &writes {
+                match v {
+                    Some(v) => e2e.insert(k.as_slice(), v.as_slice())?,
+                    None => e2e.remove(k.as_slice())?,
+                };
+            }
+            let (Some(m), Some(value)) = (msg, &value) else {
+                seen.insert(key.as_slice(), &[][..])?;
+                return Ok(true);
+            };
+            if msgs.get(&key)?.is_some() {
+                return Ok(false);
+            }
+            msgs.insert(key.as_slice(), value.as_slice())?;
+            let mut ck = conv_prefix(m.peer(me));
+            ck.extend_from_slice(&conv.generate_id()?.to_be_bytes());
+            conv.insert(ck, key.as_slice())?;
+            Ok::<_, ConflictableTransactionError<()>>(true)
+        });
+        match result {
+            Ok(new) => Ok(new),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+            Err(TransactionError::Abort(())) => Err(Error::Damaged("history transaction aborted".into())),
+        }
     }
 
     /// Adds a message to the conversation with its peer unless one from
@@ -386,7 +506,7 @@ impl History {
     /// Store errors.
     pub fn insert(&self, me: &str, msg: &Message) -> Result<bool, Error> {
         let key = msg_key(&msg.from, &msg.id);
-        let value = postcard::to_stdvec(&Stored::V1(msg.clone())).map_err(|e| Error::Damaged(e.to_string()))?;
+        let value = postcard::to_stdvec(&Stored::V2(msg.clone())).map_err(|e| Error::Damaged(e.to_string()))?;
         if self
             .msgs
             .compare_and_swap(&key, None as Option<&[u8]>, Some(value))?
@@ -423,7 +543,7 @@ impl History {
             if let Some(ts) = ts_ms {
                 m.ts_ms = ts;
             }
-            let value = postcard::to_stdvec(&Stored::V1(m)).map_err(|e| Error::Damaged(e.to_string()))?;
+            let value = postcard::to_stdvec(&Stored::V2(m)).map_err(|e| Error::Damaged(e.to_string()))?;
             self.msgs.insert(key, value)?;
         }
         Ok(())
@@ -491,7 +611,18 @@ impl History {
 
 fn decode(bytes: &[u8]) -> Result<Message, Error> {
     match postcard::from_bytes::<Stored>(bytes) {
-        Ok(Stored::V1(m)) => Ok(m),
+        Ok(Stored::V2(m)) => Ok(m),
+        Ok(Stored::V1(m)) => Ok(Message {
+            id: m.id,
+            from: m.from,
+            from_device: m.from_device,
+            to: m.to,
+            text: m.text,
+            ts_ms: m.ts_ms,
+            direction: m.direction,
+            status: m.status,
+            undecryptable: false,
+        }),
         Err(e) => Err(Error::Damaged(format!("history record: {e}"))),
     }
 }
@@ -510,6 +641,7 @@ mod tests {
             ts_ms: id as u64,
             direction,
             status,
+            undecryptable: false,
         }
     }
 
@@ -619,6 +751,55 @@ mod tests {
         let h = History::open(tmp.path()).unwrap();
         assert_eq!(h.conversation("bob").unwrap(), vec![m.clone()]);
         assert!(!h.insert("alice", &m).unwrap());
+    }
+
+    #[test]
+    fn records_from_before_end_to_end_encryption_still_read() {
+        let m = msg(4, "bob", "alice", Direction::In, Status::Received);
+        let old = MessageV1 {
+            id: m.id,
+            from: m.from.clone(),
+            from_device: m.from_device,
+            to: m.to.clone(),
+            text: m.text.clone(),
+            ts_ms: m.ts_ms,
+            direction: m.direction,
+            status: m.status,
+        };
+        let bytes = postcard::to_stdvec(&Stored::V1(old)).unwrap();
+        assert_eq!(bytes[0], 0, "V1 is tag 0");
+        assert_eq!(decode(&bytes).unwrap(), m);
+        let new = postcard::to_stdvec(&Stored::V2(m.clone())).unwrap();
+        assert_eq!(new[0], 1);
+        assert_eq!(decode(&new).unwrap(), m);
+    }
+
+    #[test]
+    fn a_message_and_its_olm_state_commit_together() {
+        let tmp = tempfile::tempdir().unwrap();
+        let h = History::open(tmp.path()).unwrap();
+        let e2e = h.db.open_tree("e2e").unwrap();
+        let m = msg(6, "bob", "alice", Direction::In, Status::Received);
+        let mut writes = Writes::new();
+        writes.insert(b"k".to_vec(), Some(b"v".to_vec()));
+        writes.insert(b"gone".to_vec(), None);
+        e2e.insert(b"gone", &b"x"[..]).unwrap();
+        assert!(
+            h.commit("alice", Some(&m), ("bob", &m.id), &e2e, writes.clone())
+                .unwrap()
+        );
+        assert_eq!(e2e.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
+        assert!(e2e.get(b"gone").unwrap().is_none());
+        assert!(h.has("bob", &m.id).unwrap());
+        // Again: not new, still applied.
+        assert!(!h.commit("alice", Some(&m), ("bob", &m.id), &e2e, writes).unwrap());
+        assert_eq!(h.conversation("bob").unwrap(), vec![m.clone()]);
+        // A delivery that is not shown is remembered, not listed.
+        let id = MsgId([9; 16]);
+        assert!(!h.has("bob", &id).unwrap());
+        h.commit("alice", None, ("bob", &id), &e2e, Writes::new()).unwrap();
+        assert!(h.has("bob", &id).unwrap());
+        assert_eq!(h.conversation("bob").unwrap(), vec![m]);
     }
 
     #[test]

@@ -215,10 +215,11 @@ impl<T> Core<T> {
     pub fn wrote(&mut self, serial: u64, n: usize, now: Now) {
         let Some(c) = self.conns.get_mut(&serial) else { return };
         c.session.advance(n);
-        if c.cursor.as_ref().is_some_and(|k| k.stalled()) && c.session.wants_more() {
-            if let Some(cursor) = c.cursor.as_mut() {
-                self.hub.pump(&mut c.session, cursor, now);
-            }
+        if c.cursor.as_ref().is_some_and(|k| k.stalled())
+            && c.session.wants_more()
+            && let Some(cursor) = c.cursor.as_mut()
+        {
+            self.hub.pump(&mut c.session, cursor, now);
         }
         self.after(serial);
     }

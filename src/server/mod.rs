@@ -359,13 +359,13 @@ impl Worker {
                 (None, Some(_)) => Some(Duration::from_millis(50)),
                 (t, None) => t,
             };
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(ServerError::Io {
-                        what: "polling",
-                        source: e,
-                    });
-                }
+            if let Err(e) = self.poll.poll(&mut events, timeout)
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                return Err(ServerError::Io {
+                    what: "polling",
+                    source: e,
+                });
             }
             let now = Now::read();
             for event in events.iter() {
@@ -373,11 +373,11 @@ impl Worker {
                     LISTENER => self.accept(now),
                     WAKER => {}
                     SIGNALS => {
-                        if let Some(s) = self.signals.as_mut() {
-                            if s.pending().next().is_some() {
-                                log::info!("signal received: shutting down");
-                                self.loops.stop();
-                            }
+                        if let Some(s) = self.signals.as_mut()
+                            && s.pending().next().is_some()
+                        {
+                            log::info!("signal received: shutting down");
+                            self.loops.stop();
                         }
                     }
                     Token(serial) => {

@@ -397,14 +397,13 @@ impl Txn<'_> {
         let index = fold_key(target, fold);
         let mut entry = entry;
         let mut folded = false;
-        if let Some(seq) = self.store.queues.get(index)?.as_deref().and_then(be_u64) {
-            if let Some(old) = self.store.queues.get(queue_key(target, seq))? {
-                if let Some(merged) = merge(&decode_entry(&old)?, &entry) {
-                    self.remove(target, seq, old.len())?;
-                    entry = merged;
-                    folded = true;
-                }
-            }
+        if let Some(seq) = self.store.queues.get(index)?.as_deref().and_then(be_u64)
+            && let Some(old) = self.store.queues.get(queue_key(target, seq))?
+            && let Some(merged) = merge(&decode_entry(&old)?, &entry)
+        {
+            self.remove(target, seq, old.len())?;
+            entry = merged;
+            folded = true;
         }
         let seq = self.push(target, encode_entry(&entry))?;
         self.batch.insert(&index[..], &seq.to_be_bytes()[..]);
@@ -784,10 +783,10 @@ impl Store {
                         None
                     }
                     Some(&FOLD) => {
-                        if let (Some(d), Some(seq)) = (parse_dev(&k), be_u64(&v)) {
-                            if !self.queues.contains_key(queue_key(d, seq))? {
-                                stale_folds.push((k.to_vec(), d, seq));
-                            }
+                        if let (Some(d), Some(seq)) = (parse_dev(&k), be_u64(&v))
+                            && !self.queues.contains_key(queue_key(d, seq))?
+                        {
+                            stale_folds.push((k.to_vec(), d, seq));
                         }
                         None
                     }

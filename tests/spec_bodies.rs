@@ -1,0 +1,55 @@
+//! Checks the body examples of `protocol-spec/` §14 against the client's
+//! encoders, so that the document and the code cannot drift.
+
+use bytes::Bytes;
+use tidings::client::Content;
+use tidings::client::content::{Envelope, OlmKind, Payload};
+use tidings::wire::MsgId;
+
+fn readme() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/protocol-spec/README.md")).unwrap()
+}
+
+/// The hex columns of the fenced block after the line starting `title`.
+fn example(title: &str) -> Vec<u8> {
+    let text = readme();
+    let start = text
+        .find(&format!("\n{title}"))
+        .unwrap_or_else(|| panic!("no {title:?}"));
+    let rest = &text[start..];
+    let open = rest.find("```text\n").unwrap() + "```text\n".len();
+    let close = open + rest[open..].find("```").unwrap();
+    let mut hex = String::new();
+    for line in rest[open..close].lines() {
+        for token in line.split("  ").next().unwrap().split_whitespace() {
+            assert!(token.len() == 2, "{title}: {line:?}");
+            hex.push_str(token);
+        }
+    }
+    hex::decode(hex).unwrap()
+}
+
+#[test]
+fn the_envelope_example_is_what_the_client_writes() {
+    let e = Envelope {
+        kind: OlmKind::Normal,
+        ciphertext: Bytes::from_static(&[9, 8, 7]),
+    };
+    assert_eq!(hex::encode(e.encode()), hex::encode(example("Envelope example")));
+    assert_eq!(Envelope::decode(&example("Envelope example")), Ok(e));
+}
+
+#[test]
+fn the_payload_example_is_what_the_client_writes() {
+    let p = Payload {
+        id: MsgId([0xab; 16]),
+        to: "bob".into(),
+        ts_ms: 1,
+        content: Content::Text("hi".into()),
+    };
+    assert_eq!(
+        hex::encode(p.encode().unwrap()),
+        hex::encode(example("Payload example"))
+    );
+    assert_eq!(Payload::decode(&example("Payload example")), Ok(p));
+}
