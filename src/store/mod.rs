@@ -226,6 +226,10 @@ impl Store {
     pub fn open(dir: &Path, config: &StoreConfig) -> Result<Store, StoreError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         set_private(dir);
+        // A directory with a database but no FORMAT file predates format
+        // files: format 0. Looked at before sled opens, which creates
+        // `db/conf` in a new directory.
+        let existed = dir.join("db").join("conf").exists();
         let db = sled::Config::new()
             .path(dir.join("db"))
             .cache_capacity(config.cache_capacity)
@@ -236,9 +240,6 @@ impl Store {
                 sled::Error::Io(ref io) if io.to_string().contains("lock") => StoreError::Locked,
                 e => StoreError::Db(e),
             })?;
-        // A directory with a database but no FORMAT file predates format
-        // files: format 0.
-        let existed = dir.join("db").join("conf").exists();
         let format = read_format(dir)?;
         let format = match format {
             Some(v) => v,
