@@ -86,7 +86,7 @@ fn two_loops_deliver_once_and_in_order() {
     // Everyone collects: accepted answers for what they sent, deliveries
     // from their predecessor, acking as they go.
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut accepted = vec![0usize; USERS];
+    let mut accepted = [0usize; USERS];
     let mut got: Vec<Vec<usize>> = vec![Vec::new(); USERS];
     while Instant::now() < deadline
         && (accepted.iter().any(|&a| a < MESSAGES) || got.iter().any(|g| g.len() < MESSAGES))
