@@ -38,12 +38,9 @@ fn revoke_through_the_admin_socket_cuts_the_device_off_at_once() {
     // The open connection is told and closed.
     let mut closed = None;
     for _ in 0..100 {
-        match bob.recv(Duration::from_millis(100)).unwrap() {
-            Some((_, ServerFrame::Close { code, .. })) => {
-                closed = Some(code);
-                break;
-            }
-            Some(_) | None => {}
+        if let Some((_, ServerFrame::Close { code, .. })) = bob.recv(Duration::from_millis(100)).unwrap() {
+            closed = Some(code);
+            break;
         }
     }
     assert_eq!(closed, Some(ErrorCode::REVOKED));
