@@ -159,10 +159,9 @@ pub fn execute(shared: &Shared, loops: Option<&Loops>, cmd: &Command, now_ms: u6
                         user: id,
                         device: d.device,
                     };
-                    let online = if shared.connection_of(key).is_some() {
-                        "\tonline"
-                    } else {
-                        ""
+                    let online = match shared.connection_of(key) {
+                        Some(c) => format!("\tonline (loop {})", c.worker),
+                        None => String::new(),
                     };
                     format!(
                         "{}\tcreated {}\tlast seen {}{online}",
@@ -249,8 +248,14 @@ impl AdminServer {
         })
     }
 
-    /// Stops serving and removes the socket.
-    pub fn stop(mut self) {
+    /// Stops serving and removes the socket (as dropping it does).
+    pub fn stop(self) {
+        drop(self)
+    }
+}
+
+impl Drop for AdminServer {
+    fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         // Wake the blocking accept.
         let _ = UnixStream::connect(&self.path);
@@ -365,5 +370,21 @@ mod tests {
         }
         assert!(Command::parse("rm -rf /").is_err());
         assert!(Command::parse("invite x - -").is_err());
+    }
+
+    /// `tidingsd` prints its banner once `Server::bind` returns, and
+    /// operators (and scripts) run `tidingsd invite` as soon as they see
+    /// it: from then on the admin socket must answer, or the command finds
+    /// the store locked and no socket, and fails.
+    #[test]
+    fn the_admin_socket_answers_once_the_server_is_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = super::super::ServerConfig::new(dir.path().join("data"));
+        config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let server = super::super::Server::bind(&config).unwrap();
+        assert_eq!(request(&config.data_dir, &Command::Users), Ok(Some(vec![])));
+        // A server dropped without running leaves no socket behind.
+        drop(server);
+        assert!(!config.data_dir.join(SOCKET).exists());
     }
 }

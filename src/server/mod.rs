@@ -190,12 +190,16 @@ pub struct Server {
     loops: Loops,
     local_addr: SocketAddr,
     workers: Vec<Worker>,
+    /// Serving from [`Server::bind`] on, so that operator commands work as
+    /// soon as the daemon says it listens; stopped when the server ends.
+    admin: Option<admin::AdminServer>,
     retention: RetentionConfig,
 }
 
 impl Server {
-    /// Opens the store, binds the listener and prepares the loops (nothing
-    /// runs until [`Server::run`]).
+    /// Opens the store, binds the listener, starts the admin socket and
+    /// prepares the loops (connections wait in the listen backlog until
+    /// [`Server::run`]).
     ///
     /// # Errors
     /// If the data directory cannot be opened or the address bound.
@@ -256,12 +260,15 @@ impl Server {
                 signals: None,
             });
         }
+        let admin = admin::AdminServer::start(store.clone(), shared.clone(), loops.clone())
+            .map_err(io_err("starting the admin socket"))?;
         Ok(Server {
             store,
             shared,
             loops,
             local_addr,
             workers,
+            admin: Some(admin),
             retention: config.retention,
         })
     }
@@ -282,15 +289,14 @@ impl Server {
     }
 
     /// Runs until SIGTERM/SIGINT (if `handle_signals`) or
-    /// [`Loops::stop`]: starts the flusher, the admin socket and the
-    /// loops, then shuts down cleanly.
+    /// [`Loops::stop`]: starts the flusher and the loops, then shuts down
+    /// cleanly.
     ///
     /// # Errors
     /// On a failure that stops the daemon (a flush failure among them).
     pub fn run(mut self, handle_signals: bool) -> Result<(), ServerError> {
         let flusher = self.store.flusher().start().map_err(io_err("starting the flusher"))?;
-        let admin = admin::AdminServer::start(self.store.clone(), self.shared.clone(), self.loops.clone())
-            .map_err(io_err("starting the admin socket"))?;
+        let admin = self.admin.take();
         let sweeper = Sweeper::start(self.shared.clone(), self.loops.clone(), self.retention)
             .map_err(io_err("starting the sweeper"))?;
         if handle_signals {
@@ -327,7 +333,7 @@ impl Server {
                 result = r;
             }
         }
-        admin.stop();
+        drop(admin);
         sweeper.stop();
         self.store.flusher().stop();
         let _ = flusher.join();
@@ -389,6 +395,7 @@ impl Worker {
             for effect in effects {
                 self.core.apply(effect, now);
             }
+            self.core.end_turn(now);
             if self.store.flusher().failed() {
                 log::error!("stopping: a flush failed");
                 self.loops.stop();

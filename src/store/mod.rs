@@ -46,7 +46,8 @@ pub use accounts::{Accounts, LinkError, RegisterError, TokenRecord, UserRecord};
 pub use flusher::{Epoch, Flusher};
 pub use keys::{MAX_ONE_TIME_KEYS, PublishError};
 pub use queues::{
-    Appended, Entry, LostRecord, QueuedExpired, QueuedGap, QueuedMessage, QueuedReceipt, Quota, Swept, decode_entry,
+    Appended, Entry, LostRecord, Op, Outcome, QueuedExpired, QueuedGap, QueuedMessage, QueuedReceipt, Quota, Swept,
+    decode_entry,
 };
 
 use crate::noise::Keypair;
@@ -226,6 +227,10 @@ impl Store {
     pub fn open(dir: &Path, config: &StoreConfig) -> Result<Store, StoreError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         set_private(dir);
+        // A directory with a database but no FORMAT file predates format
+        // files: format 0. Looked at before sled opens, which creates
+        // `db/conf` in a new directory.
+        let existed = dir.join("db").join("conf").exists();
         let db = sled::Config::new()
             .path(dir.join("db"))
             .cache_capacity(config.cache_capacity)
@@ -236,9 +241,6 @@ impl Store {
                 sled::Error::Io(ref io) if io.to_string().contains("lock") => StoreError::Locked,
                 e => StoreError::Db(e),
             })?;
-        // A directory with a database but no FORMAT file predates format
-        // files: format 0.
-        let existed = dir.join("db").join("conf").exists();
         let format = read_format(dir)?;
         let format = match format {
             Some(v) => v,
@@ -251,13 +253,20 @@ impl Store {
         if format != FORMAT_VERSION || !dir.join(FORMAT_FILE).exists() {
             write_format(dir)?;
         }
+        // sled's data file, for the flusher's fdatasync; and the directory
+        // entries sled and the format file created, made durable once.
+        let db_file = dir.join("db").join("db");
+        let file = fs::File::open(&db_file).map_err(io_err(&db_file))?;
+        sync_dir(&dir.join("db"))?;
+        sync_dir(dir)?;
+        let flusher = Flusher::new(db.clone(), file, db_file);
         let meta = db.open_tree("meta")?;
         let server_key = match meta.get("server_key")? {
             Some(k) => Keypair::from_private(&k).ok_or(StoreError::Corrupt("meta/server_key"))?,
             None => {
                 let kp = Keypair::generate().map_err(|_| StoreError::Corrupt("randomness"))?;
                 meta.insert("server_key", &kp.private()[..])?;
-                db.flush()?;
+                flusher.sync()?;
                 kp
             }
         };
@@ -266,8 +275,9 @@ impl Store {
             None => None,
         };
         let accounts = Accounts::load(&db)?;
+        // Accounts::load may have made the token key; sync it for good.
+        flusher.sync()?;
         let queues = db.open_tree("queues")?;
-        let flusher = Flusher::new(db.clone());
         let e2e = db.open_tree("e2e")?;
         let store = Store {
             db,
@@ -330,8 +340,7 @@ impl Store {
     /// # Errors
     /// On a database failure.
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
+        self.flusher.sync()
     }
 
     /// Bytes held in all queues: what the disk budget counts. (sled's files
@@ -347,6 +356,11 @@ impl Store {
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.db.size_on_disk()?)
     }
+}
+
+/// Makes a directory's entries (files created or renamed in it) durable.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
 }
 
 /// Best effort: the data directory holds the server's private key.
