@@ -184,6 +184,11 @@ impl TidingsLink {
                         other => out.push(Ev::Fatal(format!("registering: unexpected {}", other.kind()))),
                     }
                 }
+                // The connection's own keepalive.
+                ConnEvent::Answer {
+                    frame: ServerFrame::Pong,
+                    ..
+                } => {}
                 ConnEvent::Answer { req, frame } => match frame {
                     ServerFrame::Accepted { .. } => out.push(Ev::Accepted(req)),
                     ServerFrame::Error { code, text } => {

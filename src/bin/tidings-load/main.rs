@@ -717,8 +717,9 @@ impl Worker {
                 }
                 Ev::Accepted(req) => self.accepted(i, req, now, schedule),
                 Ev::Refused(req, why) => {
-                    self.devs[i].inflight.remove(&req);
-                    self.error(format!("send refused: {why}"));
+                    if self.devs[i].inflight.remove(&req).is_some() {
+                        self.error(format!("send refused: {why}"));
+                    }
                 }
                 Ev::Delivered(body) => self.delivered(&body, now, schedule),
                 Ev::Fatal(why) => self.shared.fail(format!("device {}: {why}", self.devs[i].user)),
