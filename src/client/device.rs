@@ -292,6 +292,15 @@ impl Client {
                         delivered.push(d);
                     }
                 }
+                // Queue entries like messages: unacknowledged, they would
+                // hold the delivery window shut (spec §10).
+                ConnEvent::Receipt(wire::ReceiptDeliver { seq, .. })
+                | ConnEvent::Gap(wire::GapNotice { seq, .. })
+                | ConnEvent::Expired(wire::ExpiredNotice { seq, .. }) => {
+                    if self.receive {
+                        self.ack_up_to = Some(self.ack_up_to.map_or(seq, |a| a.max(seq)));
+                    }
+                }
                 ConnEvent::QueueDrained => drained = true,
                 ConnEvent::KeyCount(n) => {
                     if n < e2e::LOW_WATER {
