@@ -29,6 +29,78 @@ pub enum Content {
     /// and started a fresh Olm session with it (this body is the first
     /// message of that session).
     SessionReset,
+    /// A text that replies to an earlier message of the conversation.
+    Reply {
+        /// The text.
+        text: String,
+        /// The id of the message it replies to.
+        reply_to: MsgId,
+        /// That message's sender and (the start of) its text, shown where
+        /// the quoted message is not on the device.
+        quote: QuoteText,
+    },
+    /// A text forwarded from another message.
+    Forward {
+        /// The text.
+        text: String,
+        /// How many times it has been forwarded, this time included (1
+        /// for a message forwarded by the user who received it).
+        forwards: u32,
+    },
+    /// A new text for an earlier message of the same sender's user in the
+    /// same conversation; the message keeps its id.
+    Edit {
+        /// The message edited.
+        target: MsgId,
+        /// Its new text.
+        text: String,
+    },
+    /// Deletes an earlier message of the same sender's user in the same
+    /// conversation, for everyone.
+    Delete {
+        /// The message deleted.
+        target: MsgId,
+    },
+    /// To the sender's own other devices: the user's setting for read
+    /// receipts (the latest by `ts_ms` wins).
+    Settings {
+        /// Whether read receipts are sent (and shown).
+        read_receipts: bool,
+    },
+    /// To the sender's own other devices: the user has read these
+    /// messages from `peer` (how read state reaches them while read
+    /// receipts are off, so that no receipt frame says so to `peer`).
+    Read {
+        /// Who sent the messages.
+        peer: String,
+        /// The messages, at most [`crate::wire::MAX_RECEIPT_IDS`].
+        ids: Vec<MsgId>,
+    },
+}
+
+/// What a reply carries of the message it quotes.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct QuoteText {
+    /// The quoted message's sender (user).
+    pub from: String,
+    /// The start of its text, at most [`QUOTE_LEN`] bytes.
+    pub text: String,
+}
+
+/// The most of a quoted text a reply carries, in bytes.
+pub const QUOTE_LEN: usize = 200;
+
+/// The start of `text`, at most [`QUOTE_LEN`] bytes, cut at a character
+/// boundary.
+pub fn quote_of(text: &str) -> String {
+    if text.len() <= QUOTE_LEN {
+        return text.to_owned();
+    }
+    let mut end = QUOTE_LEN;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 /// The plaintext of one body.
