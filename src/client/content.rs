@@ -272,15 +272,51 @@ mod tests {
 
     proptest! {
         #[test]
-        fn payloads_round_trip(id: [u8; 16], to in "[a-z0-9_.]{3,32}", ts_ms: u64, text in ".{0,300}", reset: bool) {
+        fn payloads_round_trip(
+            id: [u8; 16],
+            to in "[a-z0-9_.]{3,32}",
+            ts_ms: u64,
+            text in ".{0,300}",
+            kind in 0u8..8,
+            other: [u8; 16],
+            n: u32,
+            flag: bool,
+            ids in proptest::collection::vec(any::<[u8; 16]>(), 0..40),
+        ) {
+            let content = match kind {
+                0 => Content::Text(text),
+                1 => Content::SessionReset,
+                2 => Content::Reply {
+                    text: text.clone(),
+                    reply_to: MsgId(other),
+                    quote: QuoteText { from: to.clone(), text: quote_of(&text) },
+                },
+                3 => Content::Forward { text, forwards: n },
+                4 => Content::Edit { target: MsgId(other), text },
+                5 => Content::Delete { target: MsgId(other) },
+                6 => Content::Settings { read_receipts: flag },
+                _ => Content::Read { peer: to.clone(), ids: ids.into_iter().map(MsgId).collect() },
+            };
             let p = Payload {
                 id: MsgId(id),
                 to,
                 ts_ms,
-                content: if reset { Content::SessionReset } else { Content::Text(text) },
+                content,
             };
             let bytes = p.encode().unwrap();
-            prop_assert_eq!(Payload::decode(&bytes), Ok(p));
+                prop_assert_eq!(Payload::decode(&bytes), Ok(p));
+        }
+
+        #[test]
+        fn quotes_are_cut_at_a_character_boundary(text in ".{0,400}") {
+            let q = quote_of(&text);
+            prop_assert!(q.len() <= QUOTE_LEN);
+            prop_assert!(text.starts_with(&q));
+            if text.len() <= QUOTE_LEN {
+                prop_assert_eq!(q, text);
+            } else {
+                prop_assert!(q.len() > QUOTE_LEN - 4);
+            }
         }
 
         #[test]
