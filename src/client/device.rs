@@ -19,6 +19,17 @@
 //!   recipient and for every other device of the sender: on `Mismatch` the
 //!   new devices' keys are claimed (and their signatures checked) and the
 //!   removed ones forgotten, and the send is retried;
+//! - receipts, gap and expiry notices are queue entries: applied (see
+//!   [`super::updates`]), flushed and acked like messages, so they never
+//!   hold the delivery window shut;
+//! - a delivered receipt for a message from another user is queued in the
+//!   outbox in the same transaction that stores the message and sent once
+//!   that is flushed; read receipts when the user reads; a receipt leaves
+//!   the outbox only when the server answered `Done` (so none is lost to a
+//!   crash), and `sync` returns only once its receipts are answered;
+//! - replies, forwards, edits, deletes and settings are end-to-end content
+//!   ([`Content`]); an edit or delete is sent only for this user's own
+//!   message within its window, and a delete is followed by `Retract`;
 //! - everything runs on the caller's thread: the only other threads read
 //!   sockets into the one input channel.
 //!
@@ -1662,7 +1673,8 @@ impl Client {
 
     /// Connects (afresh), stores everything queued up to `QueueDrained`,
     /// acks it, and calls `on_message` for each new message once it is
-    /// durable. Returns how many were new.
+    /// durable; returns once the server has answered the delivered
+    /// receipts for them. Returns how many were new.
     ///
     /// # Errors
     /// Connection failures (after a few reconnects); what was stored before
@@ -1675,8 +1687,10 @@ impl Client {
         })
     }
 
-    /// [`Client::sync`], reporting notices too (each before the message it
-    /// came with); then tops up keys and sends session resets.
+    /// [`Client::sync`], reporting every [`Event`] but the connection's
+    /// own (notices each before the message it came with, receipts,
+    /// updates, gap and expiry notices); then tops up keys and sends
+    /// session resets.
     ///
     /// # Errors
     /// See [`Client::sync`].
