@@ -30,7 +30,9 @@ use bytes::Bytes;
 use crate::ids::{ConnId, DeviceKey, UserId};
 use crate::noise::PublicKey;
 use crate::session::{Event, Identity, Session};
-use crate::store::{Appended, Entry, Epoch, LinkError, PublishError, Quota, RegisterError, Store, StoreError};
+use crate::store::{
+    Appended, Entry, Epoch, LinkError, Op, Outcome, PublishError, Quota, RegisterError, Store, StoreError,
+};
 use crate::wire::{
     self, ClientFrame, Deliver, DeviceAddr, DeviceId, ErrorCode, ExpiredNotice, GapNotice, Lost, MAX_BODIES,
     MAX_BODY_LEN, MAX_RECEIPT_IDS, ReceiptDeliver, ReceiptKind, ServerFrame, Token,
@@ -271,6 +273,26 @@ pub struct Hub {
     effects: Vec<Effect>,
     entries: Vec<(u64, Entry)>,
     devices: Vec<DeviceId>,
+    /// Queue changes of this turn, written together by [`Hub::commit`].
+    ops: Vec<Op>,
+    /// What to do with each op's outcome.
+    waiting: Vec<Waiting>,
+}
+
+/// What to do with a staged op's outcome.
+enum Waiting {
+    Send {
+        conn: ConnId,
+        req: u32,
+        id: wire::MsgId,
+        wake: Vec<DeviceKey>,
+    },
+    Receipt {
+        conn: ConnId,
+        req: u32,
+        wake: Vec<DeviceKey>,
+    },
+    Ack,
 }
 
 impl Hub {
@@ -282,6 +304,8 @@ impl Hub {
             effects: Vec::new(),
             entries: Vec::new(),
             devices: Vec::new(),
+            ops: Vec::new(),
+            waiting: Vec::new(),
         }
     }
 
@@ -292,6 +316,71 @@ impl Hub {
 
     fn store(&self) -> &Store {
         &self.shared.store
+    }
+
+    /// Writes this turn's queue changes in one batch and turns their
+    /// outcomes into effects: answers held for the flush that covers the
+    /// batch, refusals at once, wakes for devices that got something. The
+    /// driver calls it once per turn, after handling every event.
+    pub fn commit(&mut self) {
+        if self.ops.is_empty() {
+            return;
+        }
+        let ops = std::mem::take(&mut self.ops);
+        let waiting = std::mem::take(&mut self.waiting);
+        let (outcomes, epoch) = match self.shared.store.apply(&ops) {
+            Ok(r) => r,
+            Err(e) => {
+                log::error!("storage failure writing a batch: {e}");
+                for w in waiting {
+                    if let Waiting::Send { conn, req, .. } | Waiting::Receipt { conn, req, .. } = w {
+                        let frame = ServerFrame::error(ErrorCode::INTERNAL, "server storage failure");
+                        self.effects.push(Effect::Send { conn, req, frame });
+                    }
+                }
+                return;
+            }
+        };
+        for (outcome, w) in outcomes.into_iter().zip(waiting) {
+            match (outcome, w) {
+                (Outcome::Appended(a), Waiting::Send { conn, req, id, wake }) => match a {
+                    Appended::New { time_ms } | Appended::Duplicate { time_ms } => {
+                        let frame = ServerFrame::Accepted { id, time_ms };
+                        self.after_flush(epoch, Effect::Send { conn, req, frame });
+                        if matches!(a, Appended::New { .. }) {
+                            // Online recipients read their queue now; the
+                            // rest when they connect.
+                            self.wake_online(&wake);
+                        }
+                    }
+                    Appended::OverQuota(quota) => {
+                        let text = match quota {
+                            Quota::Queue(_) => "a recipient device's queue is full",
+                            Quota::Disk => "the server is at its storage budget",
+                        };
+                        let frame = ServerFrame::error(ErrorCode::QUOTA_EXCEEDED, text);
+                        self.effects.push(Effect::Send { conn, req, frame });
+                    }
+                },
+                (Outcome::Receipt(Ok(())), Waiting::Receipt { conn, req, wake }) => {
+                    self.after_flush(
+                        epoch,
+                        Effect::Send {
+                            conn,
+                            req,
+                            frame: ServerFrame::Done,
+                        },
+                    );
+                    self.wake_online(&wake);
+                }
+                (Outcome::Receipt(Err(_)), Waiting::Receipt { conn, req, .. }) => {
+                    let frame = ServerFrame::error(ErrorCode::QUOTA_EXCEEDED, "a queue is full; try again later");
+                    self.effects.push(Effect::Send { conn, req, frame });
+                }
+                (Outcome::Acked(_), Waiting::Ack) => {}
+                _ => debug_assert!(false, "outcomes follow ops"),
+            }
+        }
     }
 
     /// Effects to apply now. Drain after every call.
@@ -612,6 +701,8 @@ impl Hub {
             }
             ClientFrame::RevokeDevice { device } => {
                 let Some(me) = session.device() else { return Ok(()) };
+                // Its queue is deleted after this turn's appends, not before.
+                self.commit();
                 let target = DeviceKey { user: me.user, device };
                 let mut current = Vec::new();
                 self.store().accounts().current_devices(me.user, &mut current);
@@ -645,6 +736,8 @@ impl Hub {
             ClientFrame::Receipt(receipt) => self.receipt(conn, session, req, receipt, now)?,
             ClientFrame::Retract { id } => {
                 let Some(me) = session.device() else { return Ok(()) };
+                // It must see this turn's appends.
+                self.commit();
                 let mut devices = Vec::new();
                 self.store().accounts().all_devices(me.user, &mut devices);
                 let senders: Vec<DeviceKey> = devices
@@ -671,7 +764,13 @@ impl Hub {
                     return Ok(());
                 }
                 if up_to > c.acked {
-                    self.store().ack(c.device, up_to)?;
+                    // Written with the turn's batch (a lost ack only means
+                    // a redelivery, which the client drops).
+                    self.ops.push(Op::Ack {
+                        device: c.device,
+                        up_to,
+                    });
+                    self.waiting.push(Waiting::Ack);
                     c.acked = up_to;
                     self.pump(session, c, now);
                 }
@@ -721,30 +820,19 @@ impl Hub {
         self.devices = devices;
         targets.sort();
         targets.dedup();
-        let epoch = match self
-            .store()
-            .append_receipt(me, to, receipt.kind, &receipt.ids, &targets, now.unix_ms)?
-        {
-            Ok(epoch) => epoch,
-            Err(_) => {
-                session.send_error(
-                    req,
-                    ErrorCode::QUOTA_EXCEEDED,
-                    "a queue is full; try again later",
-                    now.mono,
-                );
-                return Ok(());
-            }
-        };
-        self.after_flush(
-            epoch,
-            Effect::Send {
-                conn,
-                req,
-                frame: ServerFrame::Done,
-            },
-        );
-        self.wake_online(&targets);
+        self.ops.push(Op::Receipt {
+            from: me,
+            to,
+            kind: receipt.kind,
+            ids: receipt.ids,
+            targets: targets.clone(),
+            now_ms: now.unix_ms,
+        });
+        self.waiting.push(Waiting::Receipt {
+            conn,
+            req,
+            wake: targets,
+        });
         Ok(())
     }
 
@@ -982,28 +1070,21 @@ impl Hub {
             );
             return Ok(());
         }
-        let (time_ms, epoch) = match self.store().append(me, send.id, to, &targets, now.unix_ms)? {
-            Appended::New { time_ms, epoch } | Appended::Duplicate { time_ms, epoch } => (time_ms, epoch),
-            Appended::OverQuota(quota) => {
-                let text = match quota {
-                    Quota::Queue(_) => "a recipient device's queue is full",
-                    Quota::Disk => "the server is at its disk budget",
-                };
-                session.send_error(req, ErrorCode::QUOTA_EXCEEDED, text, now.mono);
-                return Ok(());
-            }
-        };
-        self.after_flush(
-            epoch,
-            Effect::Send {
-                conn,
-                req,
-                frame: ServerFrame::Accepted { id: send.id, time_ms },
-            },
-        );
-        // Online recipients read their queue now; the rest when they connect.
-        let devices: Vec<DeviceKey> = targets.iter().map(|(d, _)| *d).collect();
-        self.wake_online(&devices);
+        // Written with the turn's batch; answered once that is durable.
+        let wake = targets.iter().map(|(d, _)| *d).collect();
+        self.ops.push(Op::Append {
+            sender: me,
+            id: send.id,
+            to,
+            bodies: targets,
+            now_ms: now.unix_ms,
+        });
+        self.waiting.push(Waiting::Send {
+            conn,
+            req,
+            id: send.id,
+            wake,
+        });
         Ok(())
     }
 }

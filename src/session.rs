@@ -199,10 +199,6 @@ impl Session {
             }
         }
         let Some(cap) = inner.record_cap() else { return };
-        if matches!(inner.state, State::Unregistered(_) | State::Authenticated(..)) {
-            inner.last_rx = now;
-            inner.ping_sent = false;
-        }
         let result = self
             .decoder
             .feed(data, cap, |body| inner.on_record(body, now, identify));
@@ -436,6 +432,7 @@ impl Inner {
             // spec §4.3: a record that fails to open leaves the state Closed.
             State::Unregistered(mut t) => {
                 if let Ok(opened) = t.open(body, &mut self.plain) {
+                    self.active(now);
                     self.state = State::Unregistered(t);
                     if opened == Opened::Frame {
                         self.on_frame(now);
@@ -444,6 +441,7 @@ impl Inner {
             }
             State::Authenticated(mut t, d) => {
                 if let Ok(opened) = t.open(body, &mut self.plain) {
+                    self.active(now);
                     self.state = State::Authenticated(t, d);
                     if opened == Opened::Frame {
                         self.on_frame(now);
@@ -453,6 +451,14 @@ impl Inner {
             other => self.state = other,
         }
         Ok(self.next())
+    }
+
+    /// A whole, authentic record arrived: the peer is alive (spec §9). Bytes
+    /// that do not complete a record do not count, so a peer trickling
+    /// bytes cannot hold a connection open.
+    fn active(&mut self, now: Instant) {
+        self.last_rx = now;
+        self.ping_sent = false;
     }
 
     /// Handles the frame in `self.plain` (spec §8).
@@ -513,6 +519,10 @@ impl Inner {
     }
 
     fn close(&mut self, code: ErrorCode, text: &str, now: Instant) {
+        if matches!(self.state, State::Closing { .. } | State::Closed) {
+            // Already closing: a second close must not extend the linger.
+            return;
+        }
         let text: String = text.chars().take(MAX_TEXT_LEN).collect();
         self.send(0, &ServerFrame::Close { code, text }, now);
         if !matches!(self.state, State::Closed) {

@@ -369,11 +369,22 @@ fn round(daemon: &mut Daemon, rng: &mut Rng, seed: u64, round: u32, stop: Stop, 
 
 #[test]
 fn nothing_accepted_is_lost_across_sigkill() {
+    crash_rounds(&["--workers", "1"]);
+}
+
+/// The same with two event loops (issue 6): sender and recipient may be on
+/// different loops, and acks cross the flusher's wake-up of both.
+#[test]
+fn nothing_accepted_is_lost_across_sigkill_with_two_loops() {
+    crash_rounds(&["--workers", "2"]);
+}
+
+fn crash_rounds(args: &[&str]) {
     let seed = seed();
-    eprintln!("crash test seed {seed} (replay with TIDINGS_CRASH_SEED={seed})");
+    eprintln!("crash test {args:?} seed {seed} (replay with TIDINGS_CRASH_SEED={seed})");
     let mut rng = Rng::new(seed);
     let started = Instant::now();
-    let mut daemon = Daemon::start();
+    let mut daemon = Daemon::start_with(args);
     let rounds = std::env::var("TIDINGS_CRASH_ROUNDS")
         .ok()
         .map(|r| r.trim().parse().expect("TIDINGS_CRASH_ROUNDS is a number"))

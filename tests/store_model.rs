@@ -43,7 +43,8 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use tidings::ids::{DeviceKey, UserId};
 use tidings::store::{
-    Appended, Entry, Epoch, QueuedMessage, QueuedReceipt, Quota, Quotas, Store, StoreConfig, StoreError,
+    Appended, Entry, Epoch, Op as StoreOp, Outcome, QueuedMessage, QueuedReceipt, Quota, Quotas, Store, StoreConfig,
+    StoreError,
 };
 use tidings::wire::{DeviceId, MsgId, ReceiptKind};
 
@@ -288,7 +289,17 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     .filter(|i| targets & (1 << i) != 0)
                     .map(|i| (device(i), body(step, i, body_len)))
                     .collect();
-                let got = store.append(sender, id, UserId(to), &bodies, now_ms).expect("append");
+                let op = StoreOp::Append {
+                    sender,
+                    id,
+                    to: UserId(to),
+                    bodies: bodies.clone(),
+                    now_ms,
+                };
+                let (mut outcomes, epoch) = store.apply(std::slice::from_ref(&op)).expect("append");
+                let Some(Outcome::Appended(got)) = outcomes.pop() else {
+                    panic!("one outcome")
+                };
                 let entries: Vec<(DeviceKey, Entry)> = bodies
                     .iter()
                     .map(|(d, data)| {
@@ -308,7 +319,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     count + 1 > QUOTAS.queue_messages || bytes + size(e) > QUOTAS.queue_bytes
                 });
                 match (got, model.dedup.get(&(sender, id)), over) {
-                    (Appended::Duplicate { time_ms, epoch }, Some(first), _) => {
+                    (Appended::Duplicate { time_ms }, Some(first), _) => {
                         prop_assert_eq!(time_ms, first.time_ms, "a duplicate answers the first time");
                         prop_assert!(epoch >= max_epoch, "epoch {:?} after {:?}", epoch, max_epoch);
                         max_epoch = epoch;
@@ -316,7 +327,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     (Appended::OverQuota(Quota::Queue(q)), None, Some((d, _))) => {
                         prop_assert_eq!(q, *d, "the first queue over its quota");
                     }
-                    (Appended::New { time_ms, epoch }, None, None) => {
+                    (Appended::New { time_ms }, None, None) => {
                         prop_assert_eq!(time_ms, now_ms);
                         prop_assert!(epoch >= max_epoch, "epoch {:?} after {:?}", epoch, max_epoch);
                         max_epoch = epoch;

@@ -159,10 +159,9 @@ pub fn execute(shared: &Shared, loops: Option<&Loops>, cmd: &Command, now_ms: u6
                         user: id,
                         device: d.device,
                     };
-                    let online = if shared.connection_of(key).is_some() {
-                        "\tonline"
-                    } else {
-                        ""
+                    let online = match shared.connection_of(key) {
+                        Some(c) => format!("\tonline (loop {})", c.worker),
+                        None => String::new(),
                     };
                     format!(
                         "{}\tcreated {}\tlast seen {}{online}",

@@ -269,6 +269,15 @@ impl<T> Core<T> {
         }
     }
 
+    /// Ends a turn: writes the queue changes of every event handled since
+    /// the last call in one batch (see [`Hub::commit`]), and applies what
+    /// follows from them. Drivers call it once per turn, after input and
+    /// before writing output.
+    pub fn end_turn(&mut self, now: Now) {
+        self.hub.commit();
+        self.apply_effects(now);
+    }
+
     /// The flusher made `durable` durable: release what waited for it.
     pub fn flushed(&mut self, durable: Epoch, now: Now) {
         self.hub.release(durable);

@@ -395,6 +395,7 @@ impl Worker {
             for effect in effects {
                 self.core.apply(effect, now);
             }
+            self.core.end_turn(now);
             if self.store.flusher().failed() {
                 log::error!("stopping: a flush failed");
                 self.loops.stop();

@@ -152,6 +152,9 @@ impl World {
                 moved = true;
                 self.cores[id.worker as usize].input(id.serial, &bytes, self.now);
             }
+            for core in &mut self.cores {
+                core.end_turn(self.now);
+            }
             if self.auto_flush && self.cores.iter().any(|c| c.has_pending()) {
                 self.store.flusher().flush_now();
                 let durable = self.store.flusher().durable();

@@ -511,3 +511,35 @@ fn quiet_sessions_hold_no_buffers() {
         p.session.buffer_capacity()
     );
 }
+
+#[test]
+fn trickled_bytes_do_not_keep_a_connection_alive() {
+    let mut p = Pair::new(Identity::Device(ALICE));
+    p.handshake();
+    let t0 = p.now;
+    // A record that never completes: one byte every 20 s.
+    let bytes = p.client.frame(1, &ClientFrame::Ping, p.now);
+    for (i, b) in bytes[..bytes.len() - 1].iter().enumerate() {
+        p.now = t0 + Duration::from_secs(20 * (i as u64 + 1));
+        p.input(std::slice::from_ref(b));
+        p.session.handle_timeout(p.now);
+        if p.session.is_closed() {
+            break;
+        }
+    }
+    assert!(p.session.is_closed(), "closed by the idle timeout");
+}
+
+#[test]
+fn closing_again_does_not_extend_the_linger() {
+    let mut p = Pair::new(Identity::Device(ALICE));
+    p.handshake();
+    let t0 = p.now;
+    p.session.close(ErrorCode::SHUTTING_DOWN, "bye", t0);
+    // The peer reads nothing; the output stays pending.
+    assert!(!p.session.is_closed());
+    p.session
+        .close(ErrorCode::SHUTTING_DOWN, "bye", t0 + Duration::from_secs(4));
+    p.session.handle_timeout(t0 + Duration::from_secs(5));
+    assert!(p.session.is_closed());
+}

@@ -203,7 +203,7 @@ mod tests {
     use bytes::Bytes;
 
     use crate::ids::{DeviceKey, UserId};
-    use crate::store::{Appended, Store, StoreConfig};
+    use crate::store::{Appended, Op, Outcome, Store, StoreConfig};
     use crate::wire::{DeviceId, MsgId};
 
     /// The daemon's shutdown calls `flush_now` to answer every pending
@@ -219,12 +219,15 @@ mod tests {
             user: UserId(1),
             device: DeviceId(1),
         };
-        let Appended::New { epoch, .. } = store
-            .append(d, MsgId([1; 16]), d.user, &[(d, Bytes::from_static(b"x"))], 1)
-            .unwrap()
-        else {
-            panic!("a new append")
+        let op = Op::Append {
+            sender: d,
+            id: MsgId([1; 16]),
+            to: d.user,
+            bodies: vec![(d, Bytes::from_static(b"x"))],
+            now_ms: 1,
         };
+        let (outcomes, epoch) = store.apply(&[op]).unwrap();
+        assert!(matches!(outcomes[..], [Outcome::Appended(Appended::New { .. })]));
         // What the flusher thread does first: take the flag. Its flush is
         // still under way.
         store.flusher().lock().dirty = false;

@@ -46,7 +46,8 @@ pub use accounts::{Accounts, LinkError, RegisterError, TokenRecord, UserRecord};
 pub use flusher::{Epoch, Flusher};
 pub use keys::{MAX_ONE_TIME_KEYS, PublishError};
 pub use queues::{
-    Appended, Entry, LostRecord, QueuedExpired, QueuedGap, QueuedMessage, QueuedReceipt, Quota, Swept, decode_entry,
+    Appended, Entry, LostRecord, Op, Outcome, QueuedExpired, QueuedGap, QueuedMessage, QueuedReceipt, Quota, Swept,
+    decode_entry,
 };
 
 use crate::noise::Keypair;

@@ -140,23 +140,72 @@ pub enum Quota {
 /// The result of an append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
-    /// Stored now.
+    /// Stored now (durable with the batch's epoch).
     New {
         /// Acceptance time.
         time_ms: u64,
-        /// Durable once the flusher reaches this.
-        epoch: Epoch,
     },
-    /// Already stored by an earlier attempt; nothing written.
+    /// Already stored by an earlier attempt; nothing written. (The first
+    /// attempt may not be flushed yet, so its answer waits for the batch's
+    /// epoch too.)
     Duplicate {
         /// The first acceptance time.
         time_ms: u64,
-        /// Durable once the flusher reaches this (the first attempt may
-        /// not be flushed yet, so a retry waits for the next flush too).
-        epoch: Epoch,
     },
     /// Refused: storing it would exceed a quota. Nothing written.
     OverQuota(Quota),
+}
+
+/// A queue change, for [`Store::apply`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Append a message to each `(device, body)` queue, with its dedup
+    /// record (unless it is a duplicate or over a quota).
+    Append {
+        /// Sending device.
+        sender: DeviceKey,
+        /// Message id.
+        id: MsgId,
+        /// The user it is addressed to.
+        to: UserId,
+        /// One body per queue.
+        bodies: Vec<(DeviceKey, Bytes)>,
+        /// Acceptance time.
+        now_ms: u64,
+    },
+    /// Queue a receipt for `targets`, folded.
+    Receipt {
+        /// Reporting device.
+        from: DeviceKey,
+        /// The user whose messages it is about.
+        to: UserId,
+        /// Its kind.
+        kind: ReceiptKind,
+        /// The messages.
+        ids: Vec<MsgId>,
+        /// Devices to queue it for.
+        targets: Vec<DeviceKey>,
+        /// Acceptance time.
+        now_ms: u64,
+    },
+    /// Delete `device`'s entries up to `up_to`.
+    Ack {
+        /// Whose queue.
+        device: DeviceKey,
+        /// Cumulative sequence.
+        up_to: u64,
+    },
+}
+
+/// What an [`Op`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// For [`Op::Append`].
+    Appended(Appended),
+    /// For [`Op::Receipt`]: queued, or refused by a quota.
+    Receipt(Result<(), Quota>),
+    /// For [`Op::Ack`]: entries deleted.
+    Acked(usize),
 }
 
 /// What one retention sweep turn did.
@@ -248,8 +297,11 @@ fn dedup_key(sender: DeviceKey, id: MsgId) -> [u8; 25] {
     k
 }
 
-fn fold_key(target: DeviceKey, f: FoldKey) -> [u8; 23] {
-    let mut k = [0u8; 23];
+/// Length of a fold index key.
+const FOLD_KEY_LEN: usize = 23;
+
+fn fold_key(target: DeviceKey, f: FoldKey) -> [u8; FOLD_KEY_LEN] {
+    let mut k = [0u8; FOLD_KEY_LEN];
     k[..9].copy_from_slice(&dev_prefix(FOLD, target));
     let (tag, from, kind, to) = match f {
         FoldKey::Receipt(d, kind, to) => (1, d, kind, to.0),
@@ -351,6 +403,12 @@ struct Txn<'a> {
     metas: MutexGuard<'a, Metas>,
     changes: HashMap<DeviceKey, QueueMeta>,
     batch: sled::Batch,
+    /// Entries this batch removes (so a second removal counts nothing).
+    removed: std::collections::HashSet<(DeviceKey, u64)>,
+    /// Fold targets this batch wrote: index key → (seq, entry).
+    folds: HashMap<[u8; FOLD_KEY_LEN], (u64, Entry)>,
+    /// Dedup records this batch writes: (sender, id) → acceptance time.
+    dedup: HashMap<(DeviceKey, MsgId), u64>,
 }
 
 impl Txn<'_> {
@@ -378,8 +436,11 @@ impl Txn<'_> {
         Ok(seq)
     }
 
-    /// Removes entry `seq` (of `len` bytes) from `d`'s queue.
+    /// Removes entry `seq` (of `len` bytes) from `d`'s queue, once.
     fn remove(&mut self, d: DeviceKey, seq: u64, len: usize) -> Result<(), StoreError> {
+        if !self.removed.insert((d, seq)) {
+            return Ok(());
+        }
         let mut m = self.meta(d)?;
         m.count = m.count.saturating_sub(1);
         m.bytes = m.bytes.saturating_sub(len as u64);
@@ -397,16 +458,29 @@ impl Txn<'_> {
         let index = fold_key(target, fold);
         let mut entry = entry;
         let mut folded = false;
-        if let Some(seq) = self.store.queues.get(index)?.as_deref().and_then(be_u64)
-            && let Some(old) = self.store.queues.get(queue_key(target, seq))?
-            && let Some(merged) = merge(&decode_entry(&old)?, &entry)
+        // The pending entry: one this batch wrote, else the one on disk.
+        let pending = match self.folds.get(&index) {
+            Some((seq, e)) => Some((*seq, e.clone(), encode_entry(e).len())),
+            None => match self.store.queues.get(index)?.as_deref().and_then(be_u64) {
+                Some(seq) if !self.removed.contains(&(target, seq)) => self
+                    .store
+                    .queues
+                    .get(queue_key(target, seq))?
+                    .map(|old| decode_entry(&old).map(|e| (seq, e, old.len())))
+                    .transpose()?,
+                _ => None,
+            },
+        };
+        if let Some((seq, old, len)) = pending
+            && let Some(merged) = merge(&old, &entry)
         {
-            self.remove(target, seq, old.len())?;
+            self.remove(target, seq, len)?;
             entry = merged;
             folded = true;
         }
         let seq = self.push(target, encode_entry(&entry))?;
         self.batch.insert(&index[..], &seq.to_be_bytes()[..]);
+        self.folds.insert(index, (seq, entry));
         Ok(folded)
     }
 
@@ -441,6 +515,9 @@ impl Store {
             metas: self.metas(),
             changes: HashMap::new(),
             batch: sled::Batch::default(),
+            removed: Default::default(),
+            folds: HashMap::new(),
+            dedup: HashMap::new(),
         }
     }
 
@@ -499,27 +576,57 @@ impl Store {
         }
     }
 
-    /// Appends message `id` from `sender` to each `(device, body)` queue in
-    /// one atomic batch with its dedup record, unless that dedup record
-    /// exists or a quota would be exceeded. `to` is the user the message
-    /// was addressed to.
+    /// Applies queue changes gathered over one event-loop turn in one atomic
+    /// batch, and returns each one's outcome and the epoch after which all
+    /// of them are durable. sled syncs its log buffer once per batch, so one
+    /// batch a turn, not one a message, is what lets group commit amortise.
     ///
     /// # Errors
-    /// On a database failure (nothing was appended).
-    pub fn append(
+    /// On a database failure (nothing was written).
+    pub fn apply(&self, ops: &[Op]) -> Result<(Vec<Outcome>, Epoch), StoreError> {
+        let mut txn = self.txn();
+        let mut outcomes = Vec::with_capacity(ops.len());
+        for op in ops {
+            outcomes.push(match op {
+                Op::Append {
+                    sender,
+                    id,
+                    to,
+                    bodies,
+                    now_ms,
+                } => Outcome::Appended(self.stage_append(&mut txn, *sender, *id, *to, bodies, *now_ms)?),
+                Op::Receipt {
+                    from,
+                    to,
+                    kind,
+                    ids,
+                    targets,
+                    now_ms,
+                } => Outcome::Receipt(self.stage_receipt(&mut txn, *from, *to, *kind, ids, targets, *now_ms)?),
+                Op::Ack { device, up_to } => Outcome::Acked(self.stage_ack(&mut txn, *device, *up_to)?),
+            });
+        }
+        if !ops.is_empty() {
+            txn.commit()?;
+        }
+        // Tag after the write (see Flusher).
+        Ok((outcomes, self.flusher.note_write()))
+    }
+
+    fn stage_append(
         &self,
+        txn: &mut Txn<'_>,
         sender: DeviceKey,
         id: MsgId,
         to: UserId,
         bodies: &[(DeviceKey, Bytes)],
         now_ms: u64,
     ) -> Result<Appended, StoreError> {
-        let mut txn = self.txn();
+        if let Some(&time_ms) = txn.dedup.get(&(sender, id)) {
+            return Ok(Appended::Duplicate { time_ms });
+        }
         if let Some(time_ms) = self.dedup_lookup(sender, id)? {
-            return Ok(Appended::Duplicate {
-                time_ms,
-                epoch: self.flusher.current(),
-            });
+            return Ok(Appended::Duplicate { time_ms });
         }
         let entries: Vec<(DeviceKey, Vec<u8>)> = bodies
             .iter()
@@ -538,7 +645,7 @@ impl Store {
         // Quotas refuse rather than drop (nothing accepted is ever removed
         // to make room).
         let total: u64 = entries.iter().map(|(_, v)| v.len() as u64).sum();
-        if let Some(q) = self.over_quota(&mut txn, entries.iter().map(|(d, v)| (*d, v.len() as u64)), total)? {
+        if let Some(q) = self.over_quota(txn, entries.iter().map(|(d, v)| (*d, v.len() as u64)), total)? {
             return Ok(Appended::OverQuota(q));
         }
         let mut record = DedupRecord {
@@ -551,11 +658,8 @@ impl Store {
         }
         let dedup = postcard::to_stdvec(&record).expect("postcard encodes dedup records");
         txn.batch.insert(&dedup_key(sender, id)[..], dedup);
-        txn.commit()?;
-        // Tag after the write (the lock is released, but the write is done):
-        // see Flusher.
-        let epoch = self.flusher.note_write();
-        Ok(Appended::New { time_ms: now_ms, epoch })
+        txn.dedup.insert((sender, id), now_ms);
+        Ok(Appended::New { time_ms: now_ms })
     }
 
     /// Which quota, if any, `new` entries (device, bytes) totalling
@@ -567,7 +671,13 @@ impl Store {
         total: u64,
     ) -> Result<Option<Quota>, StoreError> {
         let quotas = self.quotas;
-        if self.queued_bytes().saturating_add(total) > quotas.disk_budget {
+        let staged: i128 = txn
+            .changes
+            .iter()
+            .map(|(d, m)| i128::from(m.bytes) - i128::from(txn.metas.get(d).map_or(0, |o| o.bytes)))
+            .sum();
+        let queued = (i128::from(self.queued_bytes()) + staged).max(0) as u64;
+        if queued.saturating_add(total) > quotas.disk_budget {
             return Ok(Some(Quota::Disk));
         }
         for (d, len) in new {
@@ -579,11 +689,101 @@ impl Store {
         Ok(None)
     }
 
+    #[allow(clippy::too_many_arguments)]
+    fn stage_receipt(
+        &self,
+        txn: &mut Txn<'_>,
+        from: DeviceKey,
+        to: UserId,
+        kind: ReceiptKind,
+        ids: &[MsgId],
+        targets: &[DeviceKey],
+        now_ms: u64,
+    ) -> Result<Result<(), Quota>, StoreError> {
+        let entry = Entry::Receipt(QueuedReceipt {
+            from_user: from.user.0,
+            from_device: from.device.0,
+            to_user: to.0,
+            kind: kind.0,
+            ids: ids.to_vec(),
+            time_ms: now_ms,
+        });
+        let len = encode_entry(&entry).len() as u64;
+        if let Some(q) = self.over_quota(txn, std::iter::empty(), len * targets.len() as u64)? {
+            return Ok(Err(q));
+        }
+        // A receipt that cannot fold anywhere and would overfill a queue is
+        // refused before anything of it is staged.
+        let quotas = self.quotas;
+        for t in targets {
+            let m = txn.meta(*t)?;
+            let index = fold_key(*t, FoldKey::Receipt(from, kind.0, to));
+            let may_fold = txn.folds.contains_key(&index) || self.store_has_fold(&index)?;
+            if !may_fold && (m.count + 1 > quotas.queue_messages || m.bytes + len > quotas.queue_bytes) {
+                return Ok(Err(Quota::Queue(*t)));
+            }
+        }
+        for t in targets {
+            txn.fold(*t, FoldKey::Receipt(from, kind.0, to), entry.clone())?;
+        }
+        Ok(Ok(()))
+    }
+
+    fn store_has_fold(&self, index: &[u8; FOLD_KEY_LEN]) -> Result<bool, StoreError> {
+        let Some(seq) = self.queues.get(index)?.as_deref().and_then(be_u64) else {
+            return Ok(false);
+        };
+        let Some(d) = parse_dev(index) else { return Ok(false) };
+        Ok(self.queues.contains_key(queue_key(d, seq))?)
+    }
+
+    fn stage_ack(&self, txn: &mut Txn<'_>, d: DeviceKey, up_to: u64) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for item in self.queues.range(queue_key(d, 0)..=queue_key(d, up_to)) {
+            let (k, v) = item?;
+            let seq = k.get(9..).and_then(be_u64).ok_or(StoreError::Corrupt("queues/key"))?;
+            if !txn.removed.contains(&(d, seq)) {
+                txn.remove(d, seq, v.len())?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Appends message `id` from `sender` to each `(device, body)` queue in
+    /// one atomic batch with its dedup record, unless that dedup record
+    /// exists or a quota would be exceeded. `to` is the user the message
+    /// was addressed to. (One [`Store::apply`] of one op.)
+    ///
+    /// # Errors
+    /// On a database failure (nothing was appended).
+    pub fn append(
+        &self,
+        sender: DeviceKey,
+        id: MsgId,
+        to: UserId,
+        bodies: &[(DeviceKey, Bytes)],
+        now_ms: u64,
+    ) -> Result<Appended, StoreError> {
+        let op = Op::Append {
+            sender,
+            id,
+            to,
+            bodies: bodies.to_vec(),
+            now_ms,
+        };
+        match self.apply(std::slice::from_ref(&op))?.0.pop() {
+            Some(Outcome::Appended(a)) => Ok(a),
+            _ => unreachable!("one append, one outcome"),
+        }
+    }
+
     /// Queues a receipt from device `from` about messages of user `to` for
     /// every device in `targets`, folded with receipts of the same kind from
     /// the same device to the same user still waiting there. A receipt that
     /// would start a new entry counts against the queue quota, and every
     /// receipt against the disk budget, so receipts cannot fill the disk.
+    /// (One [`Store::apply`] of one op.)
     ///
     /// # Errors
     /// On a database failure (nothing was queued).
@@ -596,29 +796,19 @@ impl Store {
         targets: &[DeviceKey],
         now_ms: u64,
     ) -> Result<Result<Epoch, Quota>, StoreError> {
-        let mut txn = self.txn();
-        let entry = Entry::Receipt(QueuedReceipt {
-            from_user: from.user.0,
-            from_device: from.device.0,
-            to_user: to.0,
-            kind: kind.0,
+        let op = Op::Receipt {
+            from,
+            to,
+            kind,
             ids: ids.to_vec(),
-            time_ms: now_ms,
-        });
-        let len = encode_entry(&entry).len() as u64;
-        if let Some(q) = self.over_quota(&mut txn, std::iter::empty(), len * targets.len() as u64)? {
-            return Ok(Err(q));
+            targets: targets.to_vec(),
+            now_ms,
+        };
+        let (mut outcomes, epoch) = self.apply(std::slice::from_ref(&op))?;
+        match outcomes.pop() {
+            Some(Outcome::Receipt(r)) => Ok(r.map(|()| epoch)),
+            _ => unreachable!("one receipt, one outcome"),
         }
-        let quotas = self.quotas;
-        for t in targets {
-            let before = txn.meta(*t)?;
-            let folded = txn.fold(*t, FoldKey::Receipt(from, kind.0, to), entry.clone())?;
-            if !folded && (before.count + 1 > quotas.queue_messages || before.bytes + len > quotas.queue_bytes) {
-                return Ok(Err(Quota::Queue(*t)));
-            }
-        }
-        txn.commit()?;
-        Ok(Ok(self.flusher.note_write()))
     }
 
     /// Appends up to `max` entries of `d`'s queue with sequence ≥ `from` to
@@ -678,18 +868,10 @@ impl Store {
     /// # Errors
     /// On a database failure.
     pub fn ack(&self, d: DeviceKey, up_to: u64) -> Result<usize, StoreError> {
-        let mut txn = self.txn();
-        let mut n = 0;
-        for item in self.queues.range(queue_key(d, 0)..=queue_key(d, up_to)) {
-            let (k, v) = item?;
-            let seq = k.get(9..).and_then(be_u64).ok_or(StoreError::Corrupt("queues/key"))?;
-            txn.remove(d, seq, v.len())?;
-            n += 1;
+        match self.apply(&[Op::Ack { device: d, up_to }])?.0.pop() {
+            Some(Outcome::Acked(n)) => Ok(n),
+            _ => unreachable!("one ack, one outcome"),
         }
-        if n > 0 {
-            txn.commit()?;
-        }
-        Ok(n)
     }
 
     /// Deletes a device's whole queue (after revocation).

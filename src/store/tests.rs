@@ -227,18 +227,15 @@ fn flusher_makes_epochs_durable() {
         let _ = tx.lock().unwrap().send(());
     });
     let handle = f.start().unwrap();
-    let Appended::New { epoch, .. } = s
-        .append(
-            dev(1, 1),
-            MsgId([1; 16]),
-            UserId(2),
-            &[(dev(2, 1), Bytes::from_static(b"x"))],
-            1,
-        )
-        .unwrap()
-    else {
-        panic!("new append")
+    let op = Op::Append {
+        sender: dev(1, 1),
+        id: MsgId([1; 16]),
+        to: UserId(2),
+        bodies: vec![(dev(2, 1), Bytes::from_static(b"x"))],
+        now_ms: 1,
     };
+    let (outcomes, epoch) = s.apply(&[op]).unwrap();
+    assert!(matches!(outcomes[..], [Outcome::Appended(Appended::New { .. })]));
     while f.durable() < epoch {
         rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
     }
@@ -717,4 +714,77 @@ fn receipts_that_start_an_entry_count_against_a_full_queue() {
         Err(Quota::Queue(a))
     );
     assert_eq!(s.queue_len(a).unwrap(), 2);
+}
+
+#[test]
+fn one_batch_of_many_ops_sees_its_own_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let (a, b) = (dev(1, 1), dev(2, 1));
+    let x = || vec![(b, Bytes::from_static(b"x"))];
+    let read = crate::wire::ReceiptKind::READ;
+    let ops = [
+        Op::Append {
+            sender: a,
+            id: MsgId([1; 16]),
+            to: UserId(2),
+            bodies: x(),
+            now_ms: 1,
+        },
+        Op::Append {
+            sender: a,
+            id: MsgId([1; 16]),
+            to: UserId(2),
+            bodies: x(),
+            now_ms: 2,
+        },
+        Op::Append {
+            sender: a,
+            id: MsgId([2; 16]),
+            to: UserId(2),
+            bodies: x(),
+            now_ms: 3,
+        },
+        Op::Receipt {
+            from: b,
+            to: UserId(1),
+            kind: read,
+            ids: vec![MsgId([1; 16])],
+            targets: vec![a],
+            now_ms: 4,
+        },
+        Op::Receipt {
+            from: b,
+            to: UserId(1),
+            kind: read,
+            ids: vec![MsgId([2; 16])],
+            targets: vec![a],
+            now_ms: 5,
+        },
+    ];
+    let (outcomes, _) = s.apply(&ops).unwrap();
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Appended(Appended::New { time_ms: 1 }),
+            Outcome::Appended(Appended::Duplicate { time_ms: 1 }),
+            Outcome::Appended(Appended::New { time_ms: 3 }),
+            Outcome::Receipt(Ok(())),
+            Outcome::Receipt(Ok(())),
+        ]
+    );
+    assert_eq!(ids_of(&s, b).len(), 2);
+    let receipts = ids_of(&s, a);
+    assert!(
+        matches!(&receipts[..], [(_, Entry::Receipt(r))] if r.ids.len() == 2),
+        "{receipts:?}"
+    );
+    assert_eq!(s.queue_usage(a).unwrap().0, 1);
+    // Overlapping acks in one batch count each entry once.
+    let (outcomes, _) = s
+        .apply(&[Op::Ack { device: b, up_to: 1 }, Op::Ack { device: b, up_to: 2 }])
+        .unwrap();
+    assert_eq!(outcomes, vec![Outcome::Acked(1), Outcome::Acked(1)]);
+    assert_eq!(s.queue_usage(b).unwrap(), (0, 0));
+    assert_eq!(s.queued_bytes(), s.queue_usage(a).unwrap().1);
 }

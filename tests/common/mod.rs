@@ -43,11 +43,19 @@ pub struct Daemon {
     /// The rest of the daemon's stdout, drained by a thread so that its
     /// writes never fail on a closed pipe.
     stdout: Option<Receiver<String>>,
+    /// Extra flags, kept for restarts.
+    args: Vec<String>,
 }
 
 impl Daemon {
     /// Starts a daemon on `127.0.0.1:0` with a fresh data directory.
     pub fn start() -> Daemon {
+        Daemon::start_with(&[])
+    }
+
+    /// Starts a daemon with extra flags (such as `--workers 2`), which
+    /// restarts keep.
+    pub fn start_with(args: &[&str]) -> Daemon {
         let root = tempfile::tempdir().expect("temp dir");
         let data_dir = root.path().join("data");
         let mut d = Daemon {
@@ -57,6 +65,7 @@ impl Daemon {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             server_key: [0; 32],
             stdout: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         d.spawn_listening(d.addr).unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
         d
@@ -105,6 +114,7 @@ impl Daemon {
             .arg(&self.data_dir)
             .arg("--listen")
             .arg(listen.to_string())
+            .args(&self.args)
             .env(
                 "RUST_LOG",
                 std::env::var("TIDINGS_TEST_LOG").unwrap_or_else(|_| "info,sled=warn".into()),
