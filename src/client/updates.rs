@@ -605,3 +605,245 @@ impl History {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::profile::Quote;
+
+    const T0: u64 = 1_800_000_000_000;
+
+    fn addr(user: &str, device: u32) -> DeviceAddr {
+        DeviceAddr {
+            user: user.into(),
+            device: DeviceId(device),
+        }
+    }
+
+    fn text(id: u8, from: &str, to: &str, text: &str, me: &str) -> Message {
+        let out = from == me;
+        Message {
+            id: MsgId([id; 16]),
+            from: from.into(),
+            from_device: DeviceId(1),
+            to: to.into(),
+            text: text.into(),
+            ts_ms: T0,
+            direction: if out { Direction::Out } else { Direction::In },
+            status: if out { Status::Sent } else { Status::Received },
+            ..Message::default()
+        }
+    }
+
+    /// Runs `f` on a batch and applies it.
+    fn with<R>(h: &History, f: impl FnOnce(&History, &mut Batch) -> R) -> R {
+        let mut b = Batch::default();
+        let r = f(h, &mut b);
+        h.apply(b, None).unwrap();
+        r
+    }
+
+    fn receive(h: &History, m: Message) -> Option<Message> {
+        with(h, |h, b| h.receive_message(b, "bob", m).unwrap())
+    }
+
+    #[test]
+    fn edits_apply_to_the_senders_own_message_in_its_conversation_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let h = History::open(tmp.path()).unwrap();
+        let m = text(1, "alice", "bob", "hi", "bob");
+        assert!(receive(&h, m.clone()).is_some());
+        assert!(receive(&h, m.clone()).is_none(), "once");
+        // A delivered receipt waits in the outbox.
+        assert_eq!(h.outbox().unwrap().len(), 1);
+        let edit = |h: &History, by: &DeviceAddr, to: &str, t: &str, ts: u64| {
+            with(h, |h, b| h.edit(b, "bob", by, m.id, to, t, ts, true).unwrap())
+        };
+        // Someone else: their own (absent) message of that id, not alice's.
+        assert_eq!(edit(&h, &addr("carol", 1), "bob", "forged", T0 + 1), None);
+        // Alice, but for another conversation.
+        assert_eq!(edit(&h, &addr("alice", 1), "carol", "elsewhere", T0 + 1), None);
+        assert_eq!(h.get("alice", &m.id).unwrap().unwrap().text, "hi");
+        // Alice from another device, in time: applies.
+        let u = edit(&h, &addr("alice", 2), "bob", "hi!", T0 + 2).unwrap();
+        assert_eq!(
+            (u.kind, u.text.as_deref(), u.by_device),
+            (UpdateKind::Edit, Some("hi!"), DeviceId(2))
+        );
+        // An older edit arriving late does not win.
+        assert_eq!(edit(&h, &addr("alice", 1), "bob", "hi?", T0 + 1), None);
+        // Past the window (and its slack): ignored.
+        assert_eq!(
+            edit(
+                &h,
+                &addr("alice", 1),
+                "bob",
+                "late",
+                T0 + EDIT_WINDOW_MS + CLOCK_SLACK_MS + 1
+            ),
+            None
+        );
+        let got = h.get("alice", &m.id).unwrap().unwrap();
+        assert_eq!((got.text.as_str(), got.edited_ms), ("hi!", Some(T0 + 2)));
+        // Carol's forgery was kept as an edit waiting for a message of
+        // carol's that never comes; it shows nowhere.
+        assert!(h.conversation("carol").unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_edit_before_its_message_waits_for_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let h = History::open(tmp.path()).unwrap();
+        let m = text(2, "alice", "bob", "first", "bob");
+        let u = with(&h, |h, b| {
+            h.edit(b, "bob", &addr("alice", 1), m.id, "bob", "second", T0 + 5, true)
+                .unwrap()
+        });
+        assert_eq!(u, None);
+        assert!(h.conversation("alice").unwrap().is_empty());
+        let shown = receive(&h, m.clone()).unwrap();
+        assert_eq!((shown.text.as_str(), shown.edited()), ("second", true));
+        assert!(h.pending.is_empty());
+    }
+
+    #[test]
+    fn deletes_drop_the_text_and_quotes_and_leave_a_placeholder_for_late_copies() {
+        let tmp = tempfile::tempdir().unwrap();
+        let h = History::open(tmp.path()).unwrap();
+        let m = text(3, "alice", "bob", "secret", "bob");
+        receive(&h, m.clone());
+        let mut reply = text(4, "bob", "alice", "what secret?", "bob");
+        reply.reply_to = Some(m.id);
+        reply.quote = Some(Quote {
+            from: "alice".into(),
+            text: Some("secret".into()),
+        });
+        with(&h, |h, b| h.put_msg(b, "bob", &reply).unwrap());
+        let delete = |h: &History, by: &DeviceAddr, id: MsgId, ts: u64| {
+            with(h, |h, b| h.delete(b, "bob", by, id, "bob", ts, ts, true).unwrap())
+        };
+        // Bob cannot delete alice's message (he names his own, absent one:
+        // a deleted placeholder of his, which harms nothing).
+        assert!(delete(&h, &addr("carol", 1), m.id, T0).is_some());
+        assert_eq!(h.get("alice", &m.id).unwrap().unwrap().text, "secret");
+        // Past the window: ignored.
+        assert_eq!(
+            delete(&h, &addr("alice", 1), m.id, T0 + DELETE_WINDOW_MS + CLOCK_SLACK_MS + 1),
+            None
+        );
+        let u = delete(&h, &addr("alice", 1), m.id, T0 + 1).unwrap();
+        assert_eq!((u.kind, u.text), (UpdateKind::Delete, None));
+        assert_eq!(delete(&h, &addr("alice", 1), m.id, T0 + 2), None, "once");
+        let got = h.get("alice", &m.id).unwrap().unwrap();
+        assert!(got.deleted && got.text.is_empty());
+        // The reply's stored quote is gone too, not only hidden.
+        let raw = decode(&h.msgs.get(msg_key("bob", &reply.id)).unwrap().unwrap()).unwrap();
+        assert_eq!(raw.quote.unwrap().text, None);
+        assert!(
+            !h.conversation("alice")
+                .unwrap()
+                .iter()
+                .any(|m| m.text == "secret" || m.quote.as_ref().is_some_and(|q| q.text.is_some()))
+        );
+        // A message deleted before it got here: a placeholder, and a late
+        // copy of it is a duplicate.
+        let late = text(5, "alice", "bob", "never seen", "bob");
+        assert!(delete(&h, &addr("alice", 2), late.id, T0).is_some());
+        assert!(h.get("alice", &late.id).unwrap().unwrap().deleted);
+        assert!(receive(&h, late).is_none());
+        // A reply that comes after the delete keeps no copy of the quote.
+        let mut reply2 = text(6, "alice", "bob", "forget it", "bob");
+        reply2.reply_to = Some(m.id);
+        reply2.quote = Some(Quote {
+            from: "alice".into(),
+            text: Some("secret".into()),
+        });
+        let shown = receive(&h, reply2).unwrap();
+        assert_eq!(shown.quote.unwrap().text, None);
+    }
+
+    #[test]
+    fn receipts_touch_only_messages_to_the_reporter_and_sync_reads_across_devices() {
+        let tmp = tempfile::tempdir().unwrap();
+        let h = History::open(tmp.path()).unwrap();
+        // Bob's view: a message he sent alice, and one alice sent him.
+        let mine = text(7, "bob", "alice", "to alice", "bob");
+        let theirs = text(8, "alice", "bob", "to bob", "bob");
+        with(&h, |h, b| h.put_msg(b, "bob", &mine).unwrap());
+        receive(&h, theirs.clone());
+        let receipt = |from: DeviceAddr, to: &str, kind: ReceiptKind, ids: Vec<MsgId>| ReceiptDeliver {
+            seq: 1,
+            from,
+            to: to.into(),
+            kind,
+            ids,
+            time_ms: T0 + 10,
+        };
+        // Carol cannot mark bob's message to alice read.
+        let r = receipt(addr("carol", 1), "bob", ReceiptKind::READ, vec![mine.id]);
+        assert!(with(&h, |h, b| h.receive_receipt(b, "bob", &r, true).unwrap()).is_empty());
+        assert_eq!(h.get("bob", &mine.id).unwrap().unwrap().status, Status::Sent);
+        // Alice can; with read receipts off it counts as delivered.
+        let r = receipt(addr("alice", 1), "bob", ReceiptKind::READ, vec![mine.id]);
+        let news = with(&h, |h, b| h.receive_receipt(b, "bob", &r, false).unwrap());
+        assert_eq!(news.len(), 1);
+        assert_eq!((news[0].status, news[0].report), (Status::Delivered, Report::Delivered));
+        let news = with(&h, |h, b| h.receive_receipt(b, "bob", &r, true).unwrap());
+        assert_eq!(news[0].status, Status::Read);
+        assert!(
+            with(&h, |h, b| h.receive_receipt(b, "bob", &r, true).unwrap()).is_empty(),
+            "once"
+        );
+        // Unknown kinds are ignored (and acked by the caller).
+        let r = receipt(addr("alice", 1), "bob", ReceiptKind(9), vec![mine.id]);
+        assert!(with(&h, |h, b| h.receive_receipt(b, "bob", &r, true).unwrap()).is_empty());
+        // Bob's other device read alice's message.
+        assert_eq!(h.get("alice", &theirs.id).unwrap().unwrap().status, Status::Received);
+        let r = receipt(addr("bob", 2), "alice", ReceiptKind::READ, vec![theirs.id]);
+        let news = with(&h, |h, b| h.receive_receipt(b, "bob", &r, true).unwrap());
+        assert_eq!((news[0].status, news[0].by.as_str()), (Status::Read, "bob"));
+        assert_eq!(h.get("alice", &theirs.id).unwrap().unwrap().status, Status::Read);
+        // Nothing left to mark read here, then.
+        assert!(with(&h, |h, b| h.mark_read(b, "alice", T0, true).unwrap()).is_empty());
+        // Expiry: per device, the status unchanged.
+        let n = ExpiredNotice {
+            seq: 2,
+            device: addr("alice", 2),
+            ids: vec![mine.id],
+        };
+        with(&h, |h, b| h.receive_expired(b, "bob", &n, T0).unwrap());
+        let r = h.receipts("bob", &mine.id).unwrap();
+        assert_eq!(
+            r.devices.iter().map(|d| (d.device.0, d.state())).collect::<Vec<_>>(),
+            [
+                (1, super::super::status::DeviceState::Read),
+                (2, super::super::status::DeviceState::Expired)
+            ]
+        );
+    }
+
+    #[test]
+    fn read_marks_and_queues_receipts_and_settings_take_the_latest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let h = History::open(tmp.path()).unwrap();
+        for i in 10..13 {
+            receive(&h, text(i, "alice", "bob", "x", "bob"));
+        }
+        let ids = with(&h, |h, b| h.mark_read(b, "alice", T0, true).unwrap());
+        assert_eq!(ids.len(), 3);
+        let kinds: Vec<u8> = h.outbox().unwrap().iter().map(|e| e.kind.0).collect();
+        assert_eq!(kinds.iter().filter(|k| **k == 2).count(), 3);
+        assert_eq!(h.read_receipts().unwrap(), (true, 0));
+        // Off drops the read receipts not sent yet.
+        assert!(with(&h, |h, b| h.set_read_receipts(b, false, 5).unwrap()));
+        assert!(h.outbox().unwrap().iter().all(|e| e.kind == ReceiptKind::DELIVERED));
+        // An older setting from another device loses.
+        assert!(!with(&h, |h, b| h.set_read_receipts(b, true, 4).unwrap()));
+        assert_eq!(h.read_receipts().unwrap(), (false, 5));
+        assert!(with(&h, |h, b| h.set_read_receipts(b, true, 6).unwrap()));
+        assert_eq!(h.read_receipts().unwrap(), (true, 6));
+        let keys: Vec<Vec<u8>> = h.outbox().unwrap().into_iter().map(|e| e.key).collect();
+        h.outbox_done(&keys).unwrap();
+        assert!(h.outbox().unwrap().is_empty());
+    }
+}
