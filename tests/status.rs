@@ -29,14 +29,21 @@ struct Daemon {
 impl Daemon {
     fn start(config: Option<&str>) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidingsd"));
         if let Some(text) = config {
-            let path = dir.path().join("tidingsd.toml");
-            std::fs::write(&path, text).unwrap();
-            cmd.arg("--config").arg(path);
+            std::fs::write(dir.path().join("tidingsd.toml"), text).unwrap();
         }
-        cmd.arg("--data-dir").arg(dir.path().join("data"));
-        cmd.args(["--listen", "127.0.0.1:0"]);
+        let (child, listen) = Daemon::spawn(dir.path(), "127.0.0.1:0");
+        Daemon { child, dir, listen }
+    }
+
+    fn spawn(dir: &Path, listen: &str) -> (Child, String) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidingsd"));
+        let config = dir.join("tidingsd.toml");
+        if config.exists() {
+            cmd.arg("--config").arg(config);
+        }
+        cmd.arg("--data-dir").arg(dir.join("data"));
+        cmd.args(["--listen", listen]);
         let mut child = cmd
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -48,11 +55,28 @@ impl Daemon {
         let listen = first.strip_prefix("tidingsd listening on ").unwrap().to_owned();
         std::thread::spawn(move || for _ in lines {});
         let deadline = Instant::now() + WAIT;
-        while !dir.path().join("data").join("admin.sock").exists() {
+        while !dir.join("data").join("admin.sock").exists() {
             assert!(Instant::now() < deadline, "the daemon never opened its admin socket");
             std::thread::sleep(Duration::from_millis(10));
         }
-        Daemon { child, dir, listen }
+        (child, listen)
+    }
+
+    /// Stops the daemon, runs `f` on its store (the server's side of
+    /// things), and starts it again on the same address.
+    fn with_store_stopped<R>(&mut self, f: impl FnOnce(&tidings::store::Store) -> R) -> R {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let r = {
+            let store = tidings::store::Store::open(&self.data(), &Default::default()).unwrap();
+            f(&store)
+        };
+        // The killed daemon's socket file: wait for the new one's.
+        let _ = std::fs::remove_file(self.data().join("admin.sock"));
+        let (child, listen) = Daemon::spawn(self.dir.path(), &self.listen);
+        assert_eq!(listen, self.listen);
+        self.child = child;
+        r
     }
 
     fn data(&self) -> PathBuf {
@@ -575,7 +599,7 @@ fn a_delete_while_the_recipient_is_offline_leaves_no_copy_queued() {
 
 #[test]
 fn with_read_receipts_off_no_read_receipt_leaves_and_none_is_shown() {
-    let d = Daemon::start(None);
+    let mut d = Daemon::start(None);
     let alice = d.user("alice");
     let bob = d.user("bob");
     let bob2 = d.link(&bob, "bob-2");
@@ -593,6 +617,26 @@ fn with_read_receipts_off_no_read_receipt_leaves_and_none_is_shown() {
     let m = open(&alice).send("bob", "did you read this?").unwrap();
     sync(&bob);
     assert_eq!(stdout(&tidings(&bob, &["read", "alice"])).trim(), "2");
+    // On the server: alice's queue holds receipts from bob, and only
+    // delivered ones.
+    let kinds = d.with_store_stopped(|store| {
+        let alice_id = store.accounts().user_id("alice").unwrap();
+        let mut entries = Vec::new();
+        let device = tidings::ids::DeviceKey {
+            user: alice_id,
+            device: DeviceId(1),
+        };
+        store.read_queue(device, 0, 1000, &mut entries).unwrap();
+        entries
+            .into_iter()
+            .filter_map(|(_, e)| match e {
+                tidings::store::Entry::Receipt(r) => Some(r.kind),
+                _ => None,
+            })
+            .collect::<Vec<u8>>()
+    });
+    assert!(!kinds.is_empty());
+    assert!(kinds.iter().all(|k| *k == ReceiptKind::DELIVERED.0), "{kinds:?}");
     // Alice's queue holds delivered receipts only: her device (which shows
     // read receipts) hears of no read.
     let events = sync(&alice);
