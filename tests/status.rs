@@ -564,7 +564,7 @@ fn replies_forwards_edits_and_deletes_reach_every_device() {
 
 #[test]
 fn a_delete_while_the_recipient_is_offline_leaves_no_copy_queued() {
-    let d = Daemon::start(None);
+    let mut d = Daemon::start(None);
     let alice = d.user("alice");
     let alice2 = d.link(&alice, "alice-2");
     let bob = d.user("bob");
@@ -577,6 +577,33 @@ fn a_delete_while_the_recipient_is_offline_leaves_no_copy_queued() {
     let secret = open(&alice).send("bob", "oops, wrong chat").unwrap();
     let after = open(&alice).send("bob", "ignore that").unwrap();
     open(&alice).delete(secret.id).unwrap();
+    // On the server: no queue holds the original any more; the message
+    // after it and the delete wait.
+    let queued = d.with_store_stopped(|store| {
+        let mut out = Vec::new();
+        for (user, device) in [("bob", 1), ("bob", 2), ("alice", 2)] {
+            let key = tidings::ids::DeviceKey {
+                user: store.accounts().user_id(user).unwrap(),
+                device: DeviceId(device),
+            };
+            let mut entries = Vec::new();
+            store.read_queue(key, 0, 1000, &mut entries).unwrap();
+            let ids: Vec<MsgId> = entries
+                .into_iter()
+                .filter_map(|(_, e)| match e {
+                    tidings::store::Entry::Message(m) => Some(m.id),
+                    _ => None,
+                })
+                .collect();
+            out.push(ids);
+        }
+        out
+    });
+    for ids in &queued {
+        assert!(!ids.contains(&secret.id), "{ids:?}");
+        assert!(ids.contains(&after.id));
+        assert_eq!(ids.len(), 2, "the message after it and the delete");
+    }
     // Both of bob's devices and alice's other device were offline: the
     // server removed the queued copies (Retract), so none of them gets the
     // original, only the delete, and shows it deleted.
