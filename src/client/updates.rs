@@ -21,7 +21,8 @@
 //!   of one not here leaves a deleted placeholder, so that the message
 //!   shows as deleted and a late copy of it is dropped as a duplicate;
 //! - a delete removes the text (earlier versions were overwritten by the
-//!   edits) and the quotes of it that replies carry;
+//!   edits), what the message quoted, that it was edited, and the quotes
+//!   of it that replies carry;
 //! - a receipt from user U counts only for messages sent to U (see
 //!   [`super::status`]), one from another device of this user marks
 //!   messages from its `to` read.
@@ -363,6 +364,7 @@ impl History {
                 m.text.clear();
                 m.quote = None;
                 m.reply_to = None;
+                m.edited_ms = None;
                 m.undecryptable = false;
                 m.deleted = true;
                 m
@@ -735,7 +737,7 @@ mod tests {
         assert_eq!((u.kind, u.text), (UpdateKind::Delete, None));
         assert_eq!(delete(&h, &addr("alice", 1), m.id, T0 + 2), None, "once");
         let got = h.get("alice", &m.id).unwrap().unwrap();
-        assert!(got.deleted && got.text.is_empty());
+        assert!(got.deleted && got.text.is_empty() && !got.edited());
         // The reply's stored quote is gone too, not only hidden.
         let raw = decode(&h.msgs.get(msg_key("bob", &reply.id)).unwrap().unwrap()).unwrap();
         assert_eq!(raw.quote.unwrap().text, None);
