@@ -518,7 +518,7 @@ pub(super) enum T {
 }
 
 /// Writes to the history that go to disk together (see
-/// [`History::apply`]); reads through [`History::read`] see them.
+/// [`History::apply`]); reads through `History::read` see them.
 #[derive(Default, Debug)]
 pub struct Batch {
     writes: Vec<(T, Vec<u8>, Option<Vec<u8>>)>,
