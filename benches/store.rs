@@ -7,19 +7,23 @@
 //!
 //! `cargo bench --bench store`. Throughput is reported in messages, so
 //! criterion prints the per-message rate too; the medians are in
-//! `target/criterion/store_append_flush/N/new/estimates.json`.
+//! `target/criterion/store_append_flush/<way>/N/new/estimates.json`.
 //!
-//! What to expect: the per-message cost falls only a little with N,
-//! because sled's `apply_batch` (one per append) seals and writes an io
-//! buffer of its own, each with a `pwrite` and a `sync_file_range`; the
-//! group flush then adds one sled flush and one `fdatasync`.
+//! Two ways, measured side by side in one run:
+//! - `batch_per_message`: one `Store::append` (one sled batch) per message,
+//!   as the daemon did at first. sled seals and writes an io buffer for
+//!   every batch (a `pwrite` and a `sync_file_range`), so the per-message
+//!   cost barely falls with N;
+//! - `batch_per_turn`: N appends in one `Store::apply` (one sled batch), as
+//!   the daemon now does for all the sends of one event-loop turn, then the
+//!   one group flush.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tidings::ids::{DeviceKey, UserId};
-use tidings::store::{Store, StoreConfig};
+use tidings::store::{Op, Store, StoreConfig};
 use tidings::wire::{DeviceId, MsgId};
 
 const BODY_LEN: usize = 200;
@@ -46,32 +50,51 @@ fn append_and_flush(c: &mut Criterion) {
     let mut acked: u64 = 0;
 
     let mut group = c.benchmark_group("store_append_flush");
-    for n in [1u64, 10, 100] {
-        group.throughput(Throughput::Elements(n));
-        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let start = Instant::now();
-                    for _ in 0..n {
-                        next_id += 1;
-                        let mut id = [0u8; 16];
-                        id[8..].copy_from_slice(&next_id.to_be_bytes());
-                        store
-                            .append(sender, MsgId(id), recipient.user, &[(recipient, body.clone())], next_id)
-                            .expect("append");
+    for per_turn in [false, true] {
+        let name = if per_turn {
+            "batch_per_turn"
+        } else {
+            "batch_per_message"
+        };
+        for n in [1u64, 10, 100] {
+            group.throughput(Throughput::Elements(n));
+            group.bench_with_input(BenchmarkId::new(name, n), &n, |b, &n| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let mut ops = Vec::with_capacity(n as usize);
+                        for _ in 0..n {
+                            next_id += 1;
+                            let mut id = [0u8; 16];
+                            id[8..].copy_from_slice(&next_id.to_be_bytes());
+                            ops.push(Op::Append {
+                                sender,
+                                id: MsgId(id),
+                                to: recipient.user,
+                                bodies: vec![(recipient, body.clone())],
+                                now_ms: next_id,
+                            });
+                        }
+                        let start = Instant::now();
+                        if per_turn {
+                            store.apply(&ops).expect("apply");
+                        } else {
+                            for op in &ops {
+                                store.apply(std::slice::from_ref(op)).expect("apply");
+                            }
+                        }
+                        assert!(store.flusher().flush_now(), "flush failed");
+                        total += start.elapsed();
+                        if next_id - acked > MAX_BACKLOG {
+                            acked = store.last_seq(recipient).expect("last_seq");
+                            store.ack(recipient, acked).expect("ack");
+                            store.flush().expect("flush");
+                        }
                     }
-                    assert!(store.flusher().flush_now(), "flush failed");
-                    total += start.elapsed();
-                    if next_id - acked > MAX_BACKLOG {
-                        acked = store.last_seq(recipient).expect("last_seq");
-                        store.ack(recipient, acked).expect("ack");
-                        store.flush().expect("flush");
-                    }
-                }
-                total
-            })
-        });
+                    total
+                })
+            });
+        }
     }
     group.finish();
 }

@@ -614,16 +614,25 @@ impl Hub {
                 match self.store().accounts().register(&invite, &name, &key, now.unix_ms)? {
                     Ok(device) => {
                         log::info!("registered {name} as {device}");
-                        // Registered first, then the queue (QueueDrained).
-                        self.after_next_flush(Effect::Send {
-                            conn,
-                            req,
-                            frame: ServerFrame::Registered {
-                                user: name,
-                                device: device.device,
+                        // Registered first, then the queue (QueueDrained),
+                        // after the same flush: were they given an epoch
+                        // each, a flush in between could release
+                        // Registered before the session is authenticated,
+                        // and the client's next request would be refused
+                        // with "register first".
+                        let epoch = self.store().flusher().note_write();
+                        self.after_flush(
+                            epoch,
+                            Effect::Send {
+                                conn,
+                                req,
+                                frame: ServerFrame::Registered {
+                                    user: name,
+                                    device: device.device,
+                                },
                             },
-                        });
-                        self.after_next_flush(Effect::Authenticate { conn, device });
+                        );
+                        self.after_flush(epoch, Effect::Authenticate { conn, device });
                     }
                     Err(RegisterError::InvalidInvite) => {
                         error(session, ErrorCode::INVALID_INVITE, "invite unknown, used up or expired")
@@ -643,15 +652,20 @@ impl Hub {
                     Ok(device) => {
                         let user = self.store().accounts().user_name(device.user).map(|n| n.to_string());
                         log::info!("linked {device}");
-                        self.after_next_flush(Effect::Send {
-                            conn,
-                            req,
-                            frame: ServerFrame::Registered {
-                                user: user.unwrap_or_default(),
-                                device: device.device,
+                        // One epoch for both, as for Register.
+                        let epoch = self.store().flusher().note_write();
+                        self.after_flush(
+                            epoch,
+                            Effect::Send {
+                                conn,
+                                req,
+                                frame: ServerFrame::Registered {
+                                    user: user.unwrap_or_default(),
+                                    device: device.device,
+                                },
                             },
-                        });
-                        self.after_next_flush(Effect::Authenticate { conn, device });
+                        );
+                        self.after_flush(epoch, Effect::Authenticate { conn, device });
                     }
                     Err(LinkError::InvalidCode) => error(
                         session,

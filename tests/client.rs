@@ -462,7 +462,7 @@ fn a_delivery_already_stored_is_acked_but_not_shown_again() {
             ts_ms: sent.ts_ms,
             direction: Direction::In,
             status: Status::Received,
-            undecryptable: false,
+            ..Message::default()
         };
         assert!(b.profile().history().insert("bob", &copy).unwrap());
         b.profile().history().flush().unwrap();
@@ -489,7 +489,7 @@ fn listen_resends_a_message_left_pending() {
             ts_ms: 1,
             direction: Direction::Out,
             status: Status::Pending,
-            undecryptable: false,
+            ..Message::default()
         };
         a.profile().history().insert("alice", &m).unwrap();
         a.profile().history().flush().unwrap();
@@ -509,7 +509,9 @@ fn listen_resends_a_message_left_pending() {
     open(&bob, false).send("alice", "stop").unwrap();
     listener.join().unwrap().unwrap();
     let h = open(&alice, false).history("bob").unwrap();
-    assert_eq!(h[0].status, Status::Sent);
+    // Sent, and bob's sync said it was delivered (its receipt reached the
+    // listener before "stop" did).
+    assert_eq!(h[0].status, Status::Delivered);
 }
 
 // ---- the command line ----
@@ -617,9 +619,19 @@ fn cli_send_from_a_second_terminal_while_listen_runs() {
     let hist = stdout(&tidings(&bob, &["history", "alice"]));
     assert_eq!(hist.lines().count(), 2);
     // Alice's sync gets bob's message.
+    // Alice's sync gets bob's message, and his device's word that "hello"
+    // was delivered.
     let synced = stdout(&tidings(&alice, &["sync"]));
     assert!(
-        synced.trim_end().ends_with("bob/1 -> alice: from the second terminal"),
+        synced
+            .lines()
+            .any(|l| l.ends_with("bob/1 -> alice: from the second terminal")),
+        "{synced}"
+    );
+    assert!(
+        synced
+            .lines()
+            .any(|l| l.contains(sent.trim()) && l.contains("✓✓ delivered (reported by bob/1)")),
         "{synced}"
     );
 }

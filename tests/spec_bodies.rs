@@ -53,3 +53,59 @@ fn the_payload_example_is_what_the_client_writes() {
     );
     assert_eq!(Payload::decode(&example("Payload example")), Ok(p));
 }
+
+#[test]
+fn the_status_update_examples_are_what_the_client_writes() {
+    use tidings::client::content::QuoteText;
+    let target = MsgId([0xcd; 16]);
+    let cases = [
+        (
+            "Reply example",
+            "alice",
+            Content::Reply {
+                text: "yes".into(),
+                reply_to: target,
+                quote: QuoteText {
+                    from: "alice".into(),
+                    text: "lunch?".into(),
+                },
+            },
+        ),
+        (
+            "Forward example",
+            "carol",
+            Content::Forward {
+                text: "hi".into(),
+                forwards: 1,
+            },
+        ),
+        (
+            "Edit example",
+            "bob",
+            Content::Edit {
+                target,
+                text: "hi!".into(),
+            },
+        ),
+        ("Delete example", "bob", Content::Delete { target }),
+        ("Settings example", "alice", Content::Settings { read_receipts: false }),
+        (
+            "Read example",
+            "bob",
+            Content::Read {
+                peer: "alice".into(),
+                ids: vec![target],
+            },
+        ),
+    ];
+    for (title, to, content) in cases {
+        let p = Payload {
+            id: MsgId([0xab; 16]),
+            to: to.into(),
+            ts_ms: 1,
+            content,
+        };
+        assert_eq!(hex::encode(p.encode().unwrap()), hex::encode(example(title)), "{title}");
+        assert_eq!(Payload::decode(&example(title)), Ok(p), "{title}");
+    }
+}

@@ -8,9 +8,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
+
+use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
-use tidings::client::{self, Event, Message, Notice, Outcome, Request};
+use tidings::client::{
+    self, Direction, Event, Message, Notice, Outcome, ReceiptNews, Receipts, Report, Request, Status, Update,
+};
+use tidings::wire::{DeviceAddr, Lost, MsgId};
 
 #[derive(Parser)]
 #[command(name = "tidings", version, about = "The tidings messaging client")]
@@ -47,6 +52,43 @@ enum Cmd {
         user: String,
         /// The text.
         text: String,
+        /// Reply to (and quote) this message of the conversation.
+        #[arg(long, value_name = "ID")]
+        reply_to: Option<String>,
+    },
+    /// Forward a message (from any conversation) to a user; prints the new message's id.
+    Forward {
+        /// The message's id.
+        id: String,
+        /// The recipient.
+        user: String,
+    },
+    /// Change the text of one of your messages, within 15 minutes of sending it.
+    Edit {
+        /// The message's id.
+        id: String,
+        /// The new text.
+        text: String,
+    },
+    /// Delete one of your messages for everyone, within 2 days of sending it.
+    Delete {
+        /// The message's id.
+        id: String,
+    },
+    /// Mark the conversation with a user read (sends read receipts unless they are off).
+    Read {
+        /// The other party.
+        user: String,
+    },
+    /// Show a message and what became of it on each device.
+    Info {
+        /// The message's id.
+        id: String,
+    },
+    /// Show or change settings (they reach your other devices too).
+    Settings {
+        #[command(subcommand)]
+        setting: Option<Setting>,
     },
     /// Fetch, store and print everything queued for this device, then exit.
     Sync,
@@ -72,9 +114,49 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum Setting {
+    /// Send and show read receipts (on, the default) or neither (off).
+    ReadReceipts {
+        /// on or off.
+        state: OnOff,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
 /// Writes result lines to stdout, flushing each.
 struct Out {
     json: bool,
+    /// Colour for read ticks (stdout is a terminal).
+    color: bool,
+}
+
+/// A message as JSON: the fields of every message line.
+fn message_json(m: &Message) -> serde_json::Value {
+    json!({
+        "type": "message",
+        "id": m.id.to_string(),
+        "from": m.from,
+        "from_device": m.from_device.0,
+        "to": m.to,
+        "text": if m.deleted { serde_json::Value::Null } else { json!(m.text) },
+        "ts": m.ts_ms,
+        "direction": m.direction.as_str(),
+        "status": m.status.as_str(),
+        "reply_to": m.reply_to.map(|id| id.to_string()),
+        "quote": m.quote.as_ref().map(|q| json!({"from": q.from, "text": q.text})),
+        "forwarded": m.forwarded(),
+        "forwarded_many_times": m.forwarded_many_times(),
+        "forwards": m.forwards,
+        "edited": m.edited(),
+        "deleted": m.deleted,
+        "undecryptable": m.undecryptable,
+    })
 }
 
 impl Out {
@@ -88,12 +170,139 @@ impl Out {
         self.line(&value.to_string());
     }
 
-    /// A message or a notice, as things arrive.
+    /// A message, a notice, a receipt or an update, as things arrive.
     fn event(&self, e: &Event) {
         match e {
             Event::Message(m) => self.message(m, false),
             Event::Notice(n) => self.notice(n),
-            _ => {}
+            Event::Receipt(r) => self.receipt(r),
+            Event::Update(u) => self.update(u),
+            Event::Gap(lost) => self.gap(lost),
+            Event::Expired { device, ids } => self.expired(device, ids),
+            Event::Settings { read_receipts } => {
+                if self.json {
+                    self.value(json!({"type": "settings", "read_receipts": read_receipts}));
+                } else {
+                    eprintln!(
+                        "read receipts turned {} on another of your devices",
+                        if *read_receipts { "on" } else { "off" }
+                    );
+                }
+            }
+            Event::Connected | Event::Disconnected(_) | Event::Drained => {}
+        }
+    }
+
+    fn receipt(&self, r: &ReceiptNews) {
+        if self.json {
+            self.value(json!({
+                "type": "receipt",
+                "id": r.id.to_string(),
+                "from": r.from,
+                "to": r.to,
+                "status": r.status.as_str(),
+                "report": match r.report {
+                    Report::Delivered => "delivered",
+                    Report::Read => "read",
+                    Report::Expired => "expired",
+                },
+                "by": r.by,
+                "by_device": r.by_device.0,
+                "ts": r.ts_ms,
+            }));
+        } else {
+            self.line(&format!(
+                "{} {} -> {} {}: {} (reported by {}/{})",
+                time(r.ts_ms),
+                r.from,
+                r.to,
+                r.id,
+                self.ticks(r.status),
+                r.by,
+                r.by_device
+            ));
+        }
+    }
+
+    fn update(&self, u: &Update) {
+        if self.json {
+            self.value(json!({
+                "type": u.kind.as_str(),
+                "id": u.id.to_string(),
+                "from": u.from,
+                "from_device": u.by_device.0,
+                "to": u.to,
+                "text": u.text,
+                "ts": u.ts_ms,
+            }));
+        } else {
+            let what = match &u.text {
+                Some(t) => format!("edited {}: {}", u.id, one_line(t)),
+                None => format!("deleted {} for everyone", u.id),
+            };
+            self.line(&format!(
+                "{} {}/{} -> {} {what}",
+                time(u.ts_ms),
+                u.from,
+                u.by_device,
+                u.to
+            ));
+        }
+    }
+
+    fn gap(&self, l: &Lost) {
+        if self.json {
+            self.value(json!({
+                "type": "gap",
+                "from": l.from.user,
+                "device": l.from.device.0,
+                "count": l.count,
+                "first": l.first_ms,
+                "last": l.last_ms,
+            }));
+        } else {
+            self.line(&format!(
+                "{} message{} from {} (device {}), sent between {} and {}, expired on the server before this device collected {}",
+                l.count,
+                if l.count == 1 { "" } else { "s" },
+                l.from.user,
+                l.from.device,
+                time(l.first_ms),
+                time(l.last_ms),
+                if l.count == 1 { "it" } else { "them" }
+            ));
+        }
+    }
+
+    fn expired(&self, device: &DeviceAddr, ids: &[MsgId]) {
+        let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        if self.json {
+            self.value(json!({
+                "type": "expired",
+                "user": device.user,
+                "device": device.device.0,
+                "ids": ids,
+            }));
+        } else {
+            self.line(&format!(
+                "{} of your messages expired on the server before {}'s device {} collected them: {}",
+                ids.len(),
+                device.user,
+                device.device,
+                ids.join(" ")
+            ));
+        }
+    }
+
+    /// ✓ sent, ✓✓ delivered, ✓✓ read (blue on a terminal).
+    fn ticks(&self, status: Status) -> String {
+        match status {
+            Status::Pending => "pending".into(),
+            Status::Sent => "✓ sent".into(),
+            Status::Delivered => "✓✓ delivered".into(),
+            Status::Read if self.color => "\x1b[34m✓✓ read\x1b[0m".into(),
+            Status::Read => "✓✓ read".into(),
+            Status::Received => "received".into(),
         }
     }
 
@@ -120,42 +329,104 @@ impl Out {
 
     fn message(&self, m: &Message, history: bool) {
         if self.json {
-            let mut v = json!({
-                "type": "message",
-                "id": m.id.to_string(),
-                "from": m.from,
-                "from_device": m.from_device.0,
-                "to": m.to,
-                "text": m.text,
-                "ts": m.ts_ms,
-            });
-            if m.undecryptable {
-                v["undecryptable"] = json!(true);
+            self.value(message_json(m));
+        } else {
+            self.line(&self.message_line(m, history));
+        }
+    }
+
+    /// One message as a line: when, who, (in history) its ticks, what it
+    /// replies to or that it was forwarded, its text, and whether it was
+    /// edited.
+    fn message_line(&self, m: &Message, history: bool) -> String {
+        let status = if history {
+            let ticks = match (m.direction, m.status) {
+                (Direction::In, Status::Read) => "read".to_owned(),
+                (_, s) => self.ticks(s),
+            };
+            format!(" [{ticks}]")
+        } else {
+            String::new()
+        };
+        let mut text = String::new();
+        if m.forwarded_many_times() {
+            text.push_str("[forwarded many times] ");
+        } else if m.forwarded() {
+            text.push_str("[forwarded] ");
+        }
+        if let Some(q) = &m.quote {
+            match &q.text {
+                Some(t) => text.push_str(&format!("[reply to {}: \"{}\"] ", q.from, one_line(t))),
+                None => text.push_str(&format!("[reply to {}: (deleted message)] ", q.from)),
             }
-            if history {
-                v["direction"] = json!(m.direction.as_str());
-                v["status"] = json!(m.status.as_str());
-            }
+        }
+        if m.deleted {
+            text.push_str("[deleted]");
+        } else if m.undecryptable {
+            text.push_str("[undecryptable message; asked the sender's device for a new session]");
+        } else {
+            text.push_str(&one_line(&m.text));
+        }
+        if m.edited() && !m.deleted {
+            text.push_str(" (edited)");
+        }
+        format!(
+            "{} {}/{} -> {}{}: {}",
+            time(m.ts_ms),
+            m.from,
+            m.from_device,
+            m.to,
+            status,
+            text
+        )
+    }
+
+    /// A message and what each device reported about it.
+    fn info(&self, m: &Message, r: &Receipts) {
+        let stamp = |t: Option<u64>| t.map(time);
+        if self.json {
+            let mut v = message_json(m);
+            v["type"] = json!("info");
+            v["devices"] = r
+                .devices
+                .iter()
+                .map(|d| {
+                    json!({
+                        "user": d.user,
+                        "device": d.device.0,
+                        "status": d.state().as_str(),
+                        "delivered": d.delivered_ms,
+                        "read": d.read_ms,
+                        "expired": d.expired_ms,
+                    })
+                })
+                .collect();
+            v["read_here"] = json!(r.read_here_ms);
             self.value(v);
         } else {
-            let status = if history {
-                format!(" [{}]", m.status.as_str())
-            } else {
-                String::new()
-            };
-            self.line(&format!(
-                "{} {}/{} -> {}{}: {}",
-                time(m.ts_ms),
-                m.from,
-                m.from_device,
-                m.to,
-                status,
-                if m.undecryptable {
-                    "[undecryptable message; asked the sender's device for a new session]".to_owned()
-                } else {
-                    one_line(&m.text)
+            self.line(&self.message_line(m, true));
+            for d in &r.devices {
+                let mut parts = Vec::new();
+                if let Some(t) = stamp(d.delivered_ms) {
+                    parts.push(format!("delivered {t}"));
                 }
-            ));
+                if let Some(t) = stamp(d.read_ms) {
+                    parts.push(format!("read {t}"));
+                }
+                if let Some(t) = stamp(d.expired_ms) {
+                    parts.push(format!("expired undelivered (noticed {t})"));
+                }
+                self.line(&format!(
+                    "  {}/{}: {}: {}",
+                    d.user,
+                    d.device,
+                    d.state().as_str(),
+                    parts.join(", ")
+                ));
+            }
+            if let Some(t) = stamp(r.read_here_ms) {
+                self.line(&format!("  read by you {t}"));
+            }
         }
     }
 }
@@ -186,7 +457,10 @@ fn main() -> ExitCode {
         eprintln!("tidings: no home directory for a default profile; pass --profile DIR");
         return ExitCode::FAILURE;
     };
-    let out = Out { json: cli.json };
+    let out = Out {
+        json: cli.json,
+        color: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+    };
     match run(cli.command, &dir, &out) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -202,7 +476,19 @@ fn run(cmd: Cmd, dir: &std::path::Path, out: &Out) -> Result<(), client::Error> 
         Cmd::Register { invite, name } => Request::Register { code: invite, name },
         Cmd::Link { code } => Request::Link { code },
         Cmd::LinkCode => Request::LinkCode,
-        Cmd::Send { user, text } => Request::Send { to: user, text },
+        Cmd::Send { user, text, reply_to } => Request::Send {
+            to: user,
+            text,
+            reply_to,
+        },
+        Cmd::Forward { id, user } => Request::Forward { id, to: user },
+        Cmd::Edit { id, text } => Request::Edit { id, text },
+        Cmd::Delete { id } => Request::Delete { id },
+        Cmd::Read { user } => Request::Read { user },
+        Cmd::Info { id } => Request::Info { id },
+        Cmd::Settings { setting } => Request::Settings {
+            read_receipts: setting.map(|Setting::ReadReceipts { state }| matches!(state, OnOff::On)),
+        },
         Cmd::Sync => Request::Sync,
         Cmd::History { user } => Request::History { user },
         Cmd::Devices => Request::Devices,
@@ -235,6 +521,39 @@ fn run(cmd: Cmd, dir: &std::path::Path, out: &Out) -> Result<(), client::Error> 
                 out.value(json!({"type": "sent", "id": m.id.to_string(), "to": m.to, "ts": m.ts_ms}));
             } else {
                 out.line(&m.id.to_string());
+            }
+        }
+        Outcome::Edited(m) | Outcome::Deleted(m) => {
+            if out.json {
+                let mut v = message_json(&m);
+                v["type"] = json!(if m.deleted { "deleted" } else { "edited" });
+                out.value(v);
+            } else {
+                out.line(&m.id.to_string());
+            }
+        }
+        Outcome::Read { user, count } => {
+            eprintln!(
+                "{count} message{} from {user} marked read",
+                if count == 1 { "" } else { "s" }
+            );
+            if out.json {
+                out.value(json!({"type": "read", "user": user, "count": count}));
+            } else {
+                out.line(&count.to_string());
+            }
+        }
+        Outcome::Info(found) => {
+            for (m, r) in &found {
+                out.info(m, r);
+            }
+        }
+        Outcome::Settings { read_receipts } => {
+            let state = if read_receipts { "on" } else { "off" };
+            if out.json {
+                out.value(json!({"type": "settings", "read_receipts": read_receipts}));
+            } else {
+                out.line(&format!("read-receipts {state}"));
             }
         }
         Outcome::Synced { count } => eprintln!("{count} new message{}", if count == 1 { "" } else { "s" }),
@@ -298,11 +617,10 @@ fn listen(dir: &std::path::Path, out: &Out) -> Result<(), client::Error> {
     let started = SystemTime::now();
     client::listen(dir, &mut |event| {
         match event {
-            Event::Message(m) => out.message(m, false),
             Event::Connected => eprintln!("connected; listening (Ctrl-C to stop)"),
             Event::Drained => log::info!("up to date after {:?}", started.elapsed().unwrap_or_default()),
             Event::Disconnected(why) => eprintln!("disconnected: {why}"),
-            Event::Notice(n) => out.notice(n),
+            other => out.event(other),
         }
         true
     })

@@ -30,7 +30,7 @@ struct Cli {
     #[arg(long)]
     listen: Option<SocketAddr>,
     /// The host:port that invites and link codes carry (default: the listen
-    /// address; needed when listening on 0.0.0.0 or [::]).
+    /// address; needed when listening on 0.0.0.0 or `[::]`).
     #[arg(long, global = true)]
     public_addr: Option<String>,
     /// Event loops [default: the number of CPUs].

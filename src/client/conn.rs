@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use crate::noise::{self, ExpectServerHello, Keypair, NoiseError, Opened, PublicKey, Transport};
 use crate::wire::{
-    self, ClientFrame, Deliver, ErrorCode, Flow, FrameError, HANDSHAKE_RECORD_CAP, MAX_RECORD_LEN, REFUSAL_LEN,
-    RecordDecoder, RecordError, Refusal, ServerFrame,
+    self, ClientFrame, Deliver, ErrorCode, ExpiredNotice, Flow, FrameError, GapNotice, HANDSHAKE_RECORD_CAP,
+    MAX_RECORD_LEN, REFUSAL_LEN, ReceiptDeliver, RecordDecoder, RecordError, Refusal, ServerFrame,
 };
 
 /// Timeouts of a client connection.
@@ -94,6 +94,14 @@ pub enum ConnEvent {
     },
     /// A queued message for this device.
     Deliver(Deliver),
+    /// A queued receipt (spec §5.5); acknowledged like a message.
+    Receipt(ReceiptDeliver),
+    /// A queued gap notice: messages for this device expired (spec §10);
+    /// acknowledged like a message.
+    Gap(GapNotice),
+    /// A queued expiry notice: messages of this user expired undelivered
+    /// in a device's queue (spec §10); acknowledged like a message.
+    Expired(ExpiredNotice),
     /// Everything queued at authentication has been delivered.
     QueueDrained,
     /// The server says this device's stock of one-time keys is low (spec
@@ -407,6 +415,9 @@ impl Split<'_> {
             }
             ServerFrame::Close { code, text } => return Err(Fatal::ByServer(code, text)),
             ServerFrame::Deliver(d) if req == 0 => self.events.push_back(ConnEvent::Deliver(d)),
+            ServerFrame::Receipt(r) if req == 0 => self.events.push_back(ConnEvent::Receipt(r)),
+            ServerFrame::Gap(g) if req == 0 => self.events.push_back(ConnEvent::Gap(g)),
+            ServerFrame::Expired(e) if req == 0 => self.events.push_back(ConnEvent::Expired(e)),
             ServerFrame::QueueDrained if req == 0 => self.events.push_back(ConnEvent::QueueDrained),
             ServerFrame::KeyCount { one_time } if req == 0 => self.events.push_back(ConnEvent::KeyCount(one_time)),
             ServerFrame::Pong if req == 0 => {}

@@ -29,6 +29,78 @@ pub enum Content {
     /// and started a fresh Olm session with it (this body is the first
     /// message of that session).
     SessionReset,
+    /// A text that replies to an earlier message of the conversation.
+    Reply {
+        /// The text.
+        text: String,
+        /// The id of the message it replies to.
+        reply_to: MsgId,
+        /// That message's sender and (the start of) its text, shown where
+        /// the quoted message is not on the device.
+        quote: QuoteText,
+    },
+    /// A text forwarded from another message.
+    Forward {
+        /// The text.
+        text: String,
+        /// How many times it has been forwarded, this time included (1
+        /// for a message forwarded by the user who received it).
+        forwards: u32,
+    },
+    /// A new text for an earlier message of the same sender's user in the
+    /// same conversation; the message keeps its id.
+    Edit {
+        /// The message edited.
+        target: MsgId,
+        /// Its new text.
+        text: String,
+    },
+    /// Deletes an earlier message of the same sender's user in the same
+    /// conversation, for everyone.
+    Delete {
+        /// The message deleted.
+        target: MsgId,
+    },
+    /// To the sender's own other devices: the user's setting for read
+    /// receipts (the latest by `ts_ms` wins).
+    Settings {
+        /// Whether read receipts are sent (and shown).
+        read_receipts: bool,
+    },
+    /// To the sender's own other devices: the user has read these
+    /// messages from `peer` (how read state reaches them while read
+    /// receipts are off, so that no receipt frame says so to `peer`).
+    Read {
+        /// Who sent the messages.
+        peer: String,
+        /// The messages, at most [`crate::wire::MAX_RECEIPT_IDS`].
+        ids: Vec<MsgId>,
+    },
+}
+
+/// What a reply carries of the message it quotes.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct QuoteText {
+    /// The quoted message's sender (user).
+    pub from: String,
+    /// The start of its text, at most [`QUOTE_LEN`] bytes.
+    pub text: String,
+}
+
+/// The most of a quoted text a reply carries, in bytes.
+pub const QUOTE_LEN: usize = 200;
+
+/// The start of `text`, at most [`QUOTE_LEN`] bytes, cut at a character
+/// boundary.
+pub fn quote_of(text: &str) -> String {
+    if text.len() <= QUOTE_LEN {
+        return text.to_owned();
+    }
+    let mut end = QUOTE_LEN;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 /// The plaintext of one body.
@@ -200,15 +272,51 @@ mod tests {
 
     proptest! {
         #[test]
-        fn payloads_round_trip(id: [u8; 16], to in "[a-z0-9_.]{3,32}", ts_ms: u64, text in ".{0,300}", reset: bool) {
+        fn payloads_round_trip(
+            id: [u8; 16],
+            to in "[a-z0-9_.]{3,32}",
+            ts_ms: u64,
+            text in ".{0,300}",
+            kind in 0u8..8,
+            other: [u8; 16],
+            n: u32,
+            flag: bool,
+            ids in proptest::collection::vec(any::<[u8; 16]>(), 0..40),
+        ) {
+            let content = match kind {
+                0 => Content::Text(text),
+                1 => Content::SessionReset,
+                2 => Content::Reply {
+                    text: text.clone(),
+                    reply_to: MsgId(other),
+                    quote: QuoteText { from: to.clone(), text: quote_of(&text) },
+                },
+                3 => Content::Forward { text, forwards: n },
+                4 => Content::Edit { target: MsgId(other), text },
+                5 => Content::Delete { target: MsgId(other) },
+                6 => Content::Settings { read_receipts: flag },
+                _ => Content::Read { peer: to.clone(), ids: ids.into_iter().map(MsgId).collect() },
+            };
             let p = Payload {
                 id: MsgId(id),
                 to,
                 ts_ms,
-                content: if reset { Content::SessionReset } else { Content::Text(text) },
+                content,
             };
             let bytes = p.encode().unwrap();
-            prop_assert_eq!(Payload::decode(&bytes), Ok(p));
+                prop_assert_eq!(Payload::decode(&bytes), Ok(p));
+        }
+
+        #[test]
+        fn quotes_are_cut_at_a_character_boundary(text in ".{0,400}") {
+            let q = quote_of(&text);
+            prop_assert!(q.len() <= QUOTE_LEN);
+            prop_assert!(text.starts_with(&q));
+            if text.len() <= QUOTE_LEN {
+                prop_assert_eq!(q, text);
+            } else {
+                prop_assert!(q.len() > QUOTE_LEN - 4);
+            }
         }
 
         #[test]

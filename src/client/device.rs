@@ -19,6 +19,17 @@
 //!   recipient and for every other device of the sender: on `Mismatch` the
 //!   new devices' keys are claimed (and their signatures checked) and the
 //!   removed ones forgotten, and the send is retried;
+//! - receipts, gap and expiry notices are queue entries: applied (see
+//!   [`super::updates`]), flushed and acked like messages, so they never
+//!   hold the delivery window shut;
+//! - a delivered receipt for a message from another user is queued in the
+//!   outbox in the same transaction that stores the message and sent once
+//!   that is flushed; read receipts when the user reads; a receipt leaves
+//!   the outbox only when the server answered `Done` (so none is lost to a
+//!   crash), and `sync` returns only once its receipts are answered;
+//! - replies, forwards, edits, deletes and settings are end-to-end content
+//!   ([`Content`]); an edit or delete is sent only for this user's own
+//!   message within its window, and a delete is followed by `Retract`;
 //! - everything runs on the caller's thread: the only other threads read
 //!   sockets into the one input channel.
 //!
@@ -34,15 +45,18 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 use super::Error;
 use super::conn::{Closed, ConnConfig, ConnEvent};
-use super::content::{BodyError, Content, Payload};
+use super::content::{BodyError, Content, Payload, QuoteText, quote_of};
 use super::e2e::{self, DecryptError, Notice};
 use super::link::{Input, Link};
 use super::local::{Job, Outcome, Request};
-use super::profile::{Direction, Message, Profile, Registration, Status};
+use super::profile::{Batch, Direction, Message, Profile, Quote, Registration, Status};
+use super::status::Receipts;
+use super::updates::{DELETE_WINDOW_MS, EDIT_WINDOW_MS, ReceiptNews, Update};
 use crate::code::Code;
 use crate::noise::PublicKey;
 use crate::wire::{
-    self, Body, ClientFrame, DeviceAddr, DeviceId, DeviceInfo, DeviceKeys, ErrorCode, MAX_BODY_LEN, MsgId, ServerFrame,
+    self, Body, ClientFrame, DeviceAddr, DeviceId, DeviceInfo, DeviceKeys, ErrorCode, MAX_BODY_LEN, MsgId, ReceiptKind,
+    ServerFrame,
 };
 
 /// How long a request may wait for its answer.
@@ -68,6 +82,35 @@ pub enum Event {
     /// News or a warning about a contact's devices, reported before the
     /// message it came with.
     Notice(Notice),
+    /// A receipt (or a read on another device of this user) changed a
+    /// message's state.
+    Receipt(ReceiptNews),
+    /// A message was edited, or deleted for everyone.
+    Update(Update),
+    /// Messages for this device expired on the server before it collected
+    /// them (spec §10): from which device, how many, sent when.
+    Gap(wire::Lost),
+    /// Messages this user sent expired undelivered in a device's queue
+    /// (spec §10).
+    Expired {
+        /// The device that never got them.
+        device: DeviceAddr,
+        /// The messages.
+        ids: Vec<MsgId>,
+    },
+    /// Another device of this user changed the read-receipt setting.
+    Settings {
+        /// Whether read receipts are on now.
+        read_receipts: bool,
+    },
+}
+
+/// A queue entry (spec §10), in the order the connection got them.
+enum Entry {
+    Deliver(wire::Deliver),
+    Receipt(wire::ReceiptDeliver),
+    Gap(wire::GapNotice),
+    Expired(wire::ExpiredNotice),
 }
 
 /// A safety number (see [`e2e::safety_number`]) and what it covers.
@@ -100,9 +143,19 @@ pub struct Client {
     /// Devices that sent something undecryptable: they get a session
     /// reset at the next quiet moment.
     resets: Vec<DeviceAddr>,
-    /// Stored, not yet flushed and acked.
-    fresh: Vec<Message>,
+    /// What stored queue entries brought, reported once they are flushed
+    /// and acked.
+    fresh: Vec<Event>,
     ack_up_to: Option<u64>,
+    /// `Receipt` requests waiting for their answer: their outbox keys.
+    receipts_inflight: HashMap<u32, Vec<Vec<u8>>>,
+    /// The outbox keys of those.
+    inflight_keys: HashSet<Vec<u8>>,
+    /// The outbox may hold receipts not sent on this connection.
+    outbox_dirty: bool,
+    /// The server refused receipts on this connection; the rest wait for
+    /// the next.
+    outbox_blocked: bool,
     drained: bool,
     events: VecDeque<Event>,
     jobs: VecDeque<Job>,
@@ -110,6 +163,11 @@ pub struct Client {
     rng: SystemRandom,
     /// Inside [`Client::listen`].
     listening: bool,
+}
+
+/// A message id from the command line.
+fn parse_id(text: &str) -> Result<MsgId, Error> {
+    MsgId::from_hex(text).ok_or_else(|| Error::Usage(format!("{text:?} is not a message id (32 lowercase hex digits)")))
 }
 
 fn now_ms() -> u64 {
@@ -138,6 +196,10 @@ impl Client {
             resets: Vec::new(),
             fresh: Vec::new(),
             ack_up_to: None,
+            receipts_inflight: HashMap::new(),
+            inflight_keys: HashSet::new(),
+            outbox_dirty: true,
+            outbox_blocked: false,
             drained: false,
             events: VecDeque::new(),
             jobs: VecDeque::new(),
@@ -223,6 +285,10 @@ impl Client {
         self.answers.clear();
         self.drained = false;
         self.ack_up_to = None;
+        self.receipts_inflight.clear();
+        self.inflight_keys.clear();
+        self.outbox_dirty = true;
+        self.outbox_blocked = false;
         let link = Link::connect(
             addr,
             self.profile.key(),
@@ -272,26 +338,31 @@ impl Client {
         self.process()
     }
 
-    /// Handles the connection's events, stores and acks deliveries, and
-    /// writes what is queued.
+    /// Handles the connection's events, stores and acks queue entries,
+    /// sends the receipts they call for, and writes what is queued.
     fn process(&mut self) -> Result<(), Error> {
         let Some(link) = self.link.as_mut() else {
             return Ok(());
         };
         let mut closed = None;
         let mut drained = false;
-        let mut delivered = Vec::new();
+        let mut entries = Vec::new();
+        let mut receipt_answers = Vec::new();
         while let Some(ev) = link.conn.poll_event() {
             match ev {
                 ConnEvent::Ready => {}
                 ConnEvent::Answer { req, frame } => {
-                    self.answers.insert(req, frame);
-                }
-                ConnEvent::Deliver(d) => {
-                    if self.receive {
-                        delivered.push(d);
+                    if self.receipts_inflight.contains_key(&req) {
+                        receipt_answers.push((req, frame));
+                    } else {
+                        self.answers.insert(req, frame);
                     }
                 }
+                // Left queued when not receiving; else stored and acked.
+                ConnEvent::Deliver(d) => entries.push(Entry::Deliver(d)),
+                ConnEvent::Receipt(r) => entries.push(Entry::Receipt(r)),
+                ConnEvent::Gap(g) => entries.push(Entry::Gap(g)),
+                ConnEvent::Expired(e) => entries.push(Entry::Expired(e)),
                 ConnEvent::QueueDrained => drained = true,
                 ConnEvent::KeyCount(n) => {
                     if n < e2e::LOW_WATER {
@@ -301,8 +372,10 @@ impl Client {
                 ConnEvent::Closed(c) => closed = Some(c),
             }
         }
-        for d in delivered {
-            self.store_delivery(d)?;
+        if self.receive {
+            for e in entries {
+                self.store_entry(e)?;
+            }
         }
         if let Some(up_to) = self.ack_up_to.take() {
             // Durable first, then ack (at-least-once).
@@ -310,7 +383,10 @@ impl Client {
             if let Some(link) = self.link.as_mut().filter(|l| l.conn.is_open()) {
                 let _ = link.conn.notify(&ClientFrame::Ack { up_to }, Instant::now());
             }
-            self.events.extend(self.fresh.drain(..).map(Event::Message));
+            self.events.extend(self.fresh.drain(..));
+        }
+        for (req, frame) in receipt_answers {
+            self.receipt_answered(req, frame)?;
         }
         if drained && self.receive {
             self.drained = true;
@@ -320,6 +396,7 @@ impl Client {
             self.link = None;
             return Err(Error::Closed(c));
         }
+        self.send_outbox()?;
         if let Some(link) = self.link.as_mut()
             && let Err(e) = link.flush()
         {
@@ -329,9 +406,49 @@ impl Client {
         Ok(())
     }
 
+    fn note_seq(&mut self, seq: u64) {
+        self.ack_up_to = Some(self.ack_up_to.map_or(seq, |a| a.max(seq)));
+    }
+
+    /// Stores what a queue entry says; it is acked once flushed.
+    fn store_entry(&mut self, entry: Entry) -> Result<(), Error> {
+        match entry {
+            Entry::Deliver(d) => self.store_delivery(d),
+            Entry::Receipt(r) => {
+                self.note_seq(r.seq);
+                let me = self.me()?;
+                let h = self.profile.history();
+                let (show_read, _) = h.read_receipts()?;
+                let mut batch = Batch::default();
+                let news = h.receive_receipt(&mut batch, &me, &r, show_read)?;
+                h.apply(batch, None)?;
+                self.fresh.extend(news.into_iter().map(Event::Receipt));
+                Ok(())
+            }
+            Entry::Gap(g) => {
+                self.note_seq(g.seq);
+                self.fresh.extend(g.lost.into_iter().map(Event::Gap));
+                Ok(())
+            }
+            Entry::Expired(n) => {
+                self.note_seq(n.seq);
+                let me = self.me()?;
+                let h = self.profile.history();
+                let mut batch = Batch::default();
+                h.receive_expired(&mut batch, &me, &n, now_ms())?;
+                h.apply(batch, None)?;
+                self.fresh.push(Event::Expired {
+                    device: n.device,
+                    ids: n.ids,
+                });
+                Ok(())
+            }
+        }
+    }
+
     fn store_delivery(&mut self, d: wire::Deliver) -> Result<(), Error> {
         let me = self.me()?;
-        self.ack_up_to = Some(d.seq);
+        self.note_seq(d.seq);
         if self.profile.history().has(&d.from.user, &d.id)? {
             // Stored before a crash or a lost ack: the Olm state moved on
             // with it, so it is not decrypted again.
@@ -341,9 +458,9 @@ impl Client {
         let (history, crypto) = self.profile.parts();
         let mut notices = Vec::new();
         let opened = crypto.decrypt(&d.from, &d.body, &mut notices)?;
-        let content = match opened {
+        let payload = match opened {
             Ok(plaintext) => match Payload::decode(&plaintext) {
-                Ok(p) if p.id == d.id && p.to == d.to => Ok(p.content),
+                Ok(p) if p.id == d.id && p.to == d.to => Ok(p),
                 Ok(_) => {
                     log::warn!(
                         "message {} from {}/{} was delivered under another id or recipient than it was sent with",
@@ -371,21 +488,63 @@ impl Client {
             from: d.from.user.clone(),
             from_device: d.from.device,
             to: d.to.clone(),
-            text: String::new(),
             ts_ms: d.time_ms,
             direction: if out { Direction::Out } else { Direction::In },
             status: if out { Status::Sent } else { Status::Received },
-            undecryptable: false,
+            ..Message::default()
         };
-        let shown = match content {
-            Ok(Content::Text(text)) => {
-                msg.text = text;
-                true
-            }
-            Ok(Content::SessionReset) => {
-                log::info!("{}/{} started a new session", d.from.user, d.from.device);
-                false
-            }
+        let mut batch = Batch::default();
+        let mut events = Vec::new();
+        // To this user's own devices only.
+        let own = out && d.to == me;
+        let shown = match payload {
+            Ok(p) => match p.content {
+                Content::Text(text) => {
+                    msg.text = text;
+                    true
+                }
+                Content::Reply { text, reply_to, quote } => {
+                    msg.text = text;
+                    msg.reply_to = Some(reply_to);
+                    msg.quote = Some(Quote {
+                        from: quote.from,
+                        text: Some(quote.text),
+                    });
+                    true
+                }
+                Content::Forward { text, forwards } => {
+                    msg.text = text;
+                    msg.forwards = forwards;
+                    true
+                }
+                Content::SessionReset => {
+                    log::info!("{}/{} started a new session", d.from.user, d.from.device);
+                    false
+                }
+                Content::Edit { target, text } => {
+                    let u = history.edit(&mut batch, &me, &d.from, target, &d.to, &text, p.ts_ms, true)?;
+                    events.extend(u.map(Event::Update));
+                    false
+                }
+                Content::Delete { target } => {
+                    let u = history.delete(&mut batch, &me, &d.from, target, &d.to, p.ts_ms, d.time_ms, true)?;
+                    events.extend(u.map(Event::Update));
+                    false
+                }
+                Content::Settings { read_receipts } => {
+                    if own && history.set_read_receipts(&mut batch, read_receipts, p.ts_ms)? {
+                        events.push(Event::Settings { read_receipts });
+                    }
+                    false
+                }
+                Content::Read { peer, ids } => {
+                    if own {
+                        let news = history.read_elsewhere(&mut batch, &d.from, &peer, &ids, d.time_ms)?;
+                        events.extend(news.into_iter().map(Event::Receipt));
+                    }
+                    false
+                }
+            },
             Err(why) => {
                 msg.undecryptable = true;
                 if let Some(e) = why {
@@ -402,12 +561,128 @@ impl Client {
                 true
             }
         };
+        if shown {
+            if let Some(m) = history.receive_message(&mut batch, &me, msg)? {
+                events.insert(0, Event::Message(m));
+                self.outbox_dirty = true;
+            }
+        } else {
+            history.mark_seen(&mut batch, &d.from.user, &d.id);
+        }
         let writes = crypto.take_writes();
         let tree = crypto.tree().clone();
-        let new = history.commit(&me, shown.then_some(&msg), (&d.from.user, &d.id), &tree, writes)?;
+        history.apply(batch, Some((&tree, writes)))?;
         self.events.extend(notices.into_iter().map(Event::Notice));
-        if shown && new {
-            self.fresh.push(msg);
+        self.fresh.extend(events);
+        Ok(())
+    }
+
+    // ---- receipts ----
+
+    /// Sends the receipts of the outbox not sent on this connection yet,
+    /// one `Receipt` per conversation and kind (spec §5.5), once what they
+    /// report is durable. Read receipts are dropped while the user has
+    /// them off.
+    fn send_outbox(&mut self) -> Result<(), Error> {
+        if !self.outbox_dirty || self.outbox_blocked || !self.is_connected() {
+            return Ok(());
+        }
+        self.outbox_dirty = false;
+        let h = self.profile.history();
+        let (read_on, _) = h.read_receipts()?;
+        // (kind, peer) → (outbox key, id)
+        type Groups = std::collections::BTreeMap<(u8, String), Vec<(Vec<u8>, MsgId)>>;
+        let mut groups = Groups::new();
+        let mut dropped = Vec::new();
+        for e in h.outbox()? {
+            if self.inflight_keys.contains(&e.key) {
+                continue;
+            }
+            if e.kind == ReceiptKind::READ && !read_on {
+                dropped.push(e.key);
+                continue;
+            }
+            groups.entry((e.kind.0, e.peer)).or_default().push((e.key, e.id));
+        }
+        h.outbox_done(&dropped)?;
+        if groups.is_empty() {
+            return Ok(());
+        }
+        // What they report is durable before they leave.
+        h.flush()?;
+        let Some(link) = self.link.as_mut() else { return Ok(()) };
+        for ((kind, peer), items) in groups {
+            for chunk in items.chunks(wire::MAX_RECEIPT_IDS) {
+                let frame = ClientFrame::Receipt(wire::Receipt {
+                    to: peer.clone(),
+                    kind: ReceiptKind(kind),
+                    ids: chunk.iter().map(|(_, id)| *id).collect(),
+                });
+                let Ok(req) = link.conn.request(&frame, Instant::now()) else {
+                    self.outbox_dirty = true;
+                    return Ok(());
+                };
+                let keys: Vec<Vec<u8>> = chunk.iter().map(|(k, _)| k.clone()).collect();
+                self.inflight_keys.extend(keys.iter().cloned());
+                self.receipts_inflight.insert(req, keys);
+            }
+        }
+        Ok(())
+    }
+
+    fn receipt_answered(&mut self, req: u32, frame: ServerFrame) -> Result<(), Error> {
+        let keys = self.receipts_inflight.remove(&req).unwrap_or_default();
+        for k in &keys {
+            self.inflight_keys.remove(k);
+        }
+        match frame {
+            ServerFrame::Done => self.profile.history().outbox_done(&keys),
+            ServerFrame::Error {
+                code: ErrorCode::UNSUPPORTED,
+                ..
+            } => {
+                log::info!("the server does not take receipts; dropping them");
+                self.profile.history().outbox_done(&keys)
+            }
+            ServerFrame::Error { code, text } => {
+                // QUOTA_EXCEEDED, most likely: they wait for a later
+                // connection.
+                log::warn!(
+                    "the server refused {} receipt{}: {} ({}); they wait for the next connection",
+                    keys.len(),
+                    if keys.len() == 1 { "" } else { "s" },
+                    text,
+                    code.name()
+                );
+                self.outbox_blocked = true;
+                Ok(())
+            }
+            other => {
+                log::warn!("unexpected answer to a receipt: {}", other.kind());
+                self.outbox_blocked = true;
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends what the outbox holds and waits until the server has answered
+    /// every receipt.
+    fn settle_receipts(&mut self) -> Result<(), Error> {
+        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        self.outbox_dirty = true;
+        self.send_outbox()?;
+        if let Some(link) = self.link.as_mut()
+            && let Err(e) = link.flush()
+        {
+            self.link = None;
+            return Err(e);
+        }
+        while !self.receipts_inflight.is_empty() {
+            if Instant::now() >= deadline {
+                self.link = None;
+                return Err(Error::Timeout("the server to take the receipts"));
+            }
+            self.pump(deadline)?;
         }
         Ok(())
     }
@@ -741,42 +1016,144 @@ impl Client {
     /// # Errors
     /// [`Error::Usage`] for a bad name, [`Error::Body`] for a text too
     /// long; [`Error::NoKeys`] for a device that never published keys; the
-    /// server's refusal (`UNKNOWN_USER`...), after which the message is
-    /// removed from the history; connection failures past the retry time,
-    /// after which it stays pending.
+    /// server's refusal (`UNKNOWN_USER`, `QUOTA_EXCEEDED`...), after which
+    /// the message is removed from the history; connection failures past
+    /// the retry time, after which it stays pending.
     pub fn send_with_id(&mut self, id: MsgId, to: &str, text: &str) -> Result<Message, Error> {
-        let me = self.profile.registered()?.clone();
-        if !wire::valid_user_name(to) {
-            return Err(Error::Usage(format!("invalid user name {to:?}")));
-        }
-        let payload = Payload {
+        self.send_message(Message {
             id,
             to: to.to_owned(),
+            text: text.to_owned(),
+            ..Message::default()
+        })
+    }
+
+    /// Sends `text` to `to` as a reply to the message `reply_to` of that
+    /// conversation, quoting it (see [`Client::send_with_id`]).
+    ///
+    /// # Errors
+    /// [`Error::Usage`] if the message is not in the conversation on this
+    /// device, or was deleted; see [`Client::send_with_id`].
+    pub fn send_reply(&mut self, to: &str, text: &str, reply_to: MsgId) -> Result<Message, Error> {
+        let me = self.me()?;
+        let quoted = self
+            .profile
+            .history()
+            .find(&reply_to)?
+            .into_iter()
+            .find(|m| m.peer(&me) == to)
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "no message {reply_to} in your conversation with {to} on this device"
+                ))
+            })?;
+        if quoted.deleted {
+            return Err(Error::Usage(format!("message {reply_to} was deleted")));
+        }
+        if quoted.undecryptable {
+            return Err(Error::Usage(format!(
+                "message {reply_to} could not be decrypted; there is nothing to quote"
+            )));
+        }
+        self.send_message(Message {
+            id: self.new_id()?,
+            to: to.to_owned(),
+            text: text.to_owned(),
+            reply_to: Some(reply_to),
+            quote: Some(Quote {
+                from: quoted.from,
+                text: Some(quote_of(&quoted.text)),
+            }),
+            ..Message::default()
+        })
+    }
+
+    /// Forwards the message `id` (from any conversation) to `to`, marked
+    /// forwarded (see [`Client::send_with_id`]).
+    ///
+    /// # Errors
+    /// [`Error::Usage`] if no single message has that id here, or it was
+    /// deleted or cannot be read; see [`Client::send_with_id`].
+    pub fn forward(&mut self, id: MsgId, to: &str) -> Result<Message, Error> {
+        let mut found = self.profile.history().find(&id)?;
+        let src = match found.len() {
+            0 => return Err(Error::Usage(format!("no message {id} on this device"))),
+            1 => found.remove(0),
+            _ => {
+                return Err(Error::Usage(format!(
+                    "{} messages on this device have id {id}; cannot tell which to forward",
+                    found.len()
+                )));
+            }
+        };
+        if src.deleted {
+            return Err(Error::Usage(format!("message {id} was deleted")));
+        }
+        if src.undecryptable {
+            return Err(Error::Usage(format!("message {id} could not be decrypted")));
+        }
+        self.send_message(Message {
+            id: self.new_id()?,
+            to: to.to_owned(),
+            text: src.text,
+            forwards: src.forwards.saturating_add(1),
+            ..Message::default()
+        })
+    }
+
+    /// The content that says what `m` says.
+    fn content_of(m: &Message) -> Content {
+        match (m.reply_to, &m.quote) {
+            (Some(reply_to), Some(q)) => Content::Reply {
+                text: m.text.clone(),
+                reply_to,
+                quote: QuoteText {
+                    from: q.from.clone(),
+                    text: q.text.clone().unwrap_or_default(),
+                },
+            },
+            _ if m.forwards > 0 => Content::Forward {
+                text: m.text.clone(),
+                forwards: m.forwards,
+            },
+            _ => Content::Text(m.text.clone()),
+        }
+    }
+
+    /// Sends the message `msg` says (its id, recipient, text, and what it
+    /// replies to or how often it was forwarded); see
+    /// [`Client::send_with_id`].
+    fn send_message(&mut self, mut msg: Message) -> Result<Message, Error> {
+        let me = self.profile.registered()?.clone();
+        if !wire::valid_user_name(&msg.to) {
+            return Err(Error::Usage(format!("invalid user name {:?}", msg.to)));
+        }
+        let (id, to) = (msg.id, msg.to.clone());
+        let payload = Payload {
+            id,
+            to: to.clone(),
             ts_ms: now_ms(),
-            content: Content::Text(text.to_owned()),
+            content: Self::content_of(&msg),
         };
         // Fails early on a text too long, before anything is stored.
         let plaintext = payload.encode()?;
-        let mut msg = Message {
-            id,
-            from: me.user.clone(),
-            from_device: DeviceId(me.device),
-            to: to.to_owned(),
-            text: text.to_owned(),
-            ts_ms: payload.ts_ms,
-            direction: Direction::Out,
-            status: Status::Pending,
-            undecryptable: false,
-        };
+        msg.from = me.user.clone();
+        msg.from_device = DeviceId(me.device);
+        msg.ts_ms = payload.ts_ms;
+        msg.direction = Direction::Out;
+        msg.status = Status::Pending;
+        msg.undecryptable = false;
         let mut stored = false;
-        match self.send_payload(to, id, &plaintext, Some(&msg), &mut stored, None) {
+        match self.send_payload(&to, id, &plaintext, Some(&msg), &mut stored, None) {
             Ok(time_ms) => {
                 let h = self.profile.history();
                 h.set_status(&me.user, &id, Status::Sent, Some(time_ms))?;
                 h.flush()?;
-                msg.status = Status::Sent;
-                msg.ts_ms = time_ms;
-                Ok(msg)
+                Ok(h.get(&me.user, &id)?.unwrap_or(Message {
+                    status: Status::Sent,
+                    ts_ms: time_ms,
+                    ..msg
+                }))
             }
             Err(e) => {
                 if stored && matches!(e, Error::Server { .. } | Error::NoKeys { .. }) && !e.is_transient() {
@@ -788,6 +1165,227 @@ impl Client {
                 Err(e)
             }
         }
+    }
+
+    /// Sends `content` to `to` (and this user's other devices) as a
+    /// message that is not kept in the history, made at `ts_ms` by this
+    /// device's clock; returns the server's acceptance time. It does no
+    /// checks: [`Client::edit`], [`Client::delete`] and the others make
+    /// theirs first (tests use it to play a misbehaving client).
+    ///
+    /// # Errors
+    /// See [`Client::send_with_id`].
+    pub fn send_content(&mut self, to: &str, content: Content, ts_ms: u64) -> Result<u64, Error> {
+        if !wire::valid_user_name(to) {
+            return Err(Error::Usage(format!("invalid user name {to:?}")));
+        }
+        let id = self.new_id()?;
+        let payload = Payload {
+            id,
+            to: to.to_owned(),
+            ts_ms,
+            content,
+        };
+        let plaintext = payload.encode()?;
+        self.send_payload(to, id, &plaintext, None, &mut false, None)
+    }
+
+    /// This user's message `id`, for `what` (edit, delete).
+    fn own_message(&self, id: MsgId, what: &str) -> Result<Message, Error> {
+        let me = self.me()?;
+        let h = self.profile.history();
+        match h.get(&me, &id)? {
+            Some(m) if m.deleted => Err(Error::Usage(format!("message {id} was deleted"))),
+            Some(m) if m.status == Status::Pending => Err(Error::Usage(format!(
+                "message {id} has not reached the server yet; {what} it once it is sent"
+            ))),
+            Some(m) if m.undecryptable => Err(Error::Usage(format!(
+                "message {id} could not be decrypted on this device; {what} it from the device that sent it"
+            ))),
+            Some(m) => Ok(m),
+            None if !h.find(&id)?.is_empty() => Err(Error::Usage(format!(
+                "message {id} is not yours: only its sender can {what} it"
+            ))),
+            None => Err(Error::Usage(format!("no message {id} of yours on this device"))),
+        }
+    }
+
+    /// Replaces the text of this user's message `id`, sent less than
+    /// [`super::updates::EDIT_WINDOW`] ago, on every device of both users;
+    /// the message keeps its id and is marked edited. Returns it as it is
+    /// now.
+    ///
+    /// # Errors
+    /// [`Error::Usage`] for someone else's message, a deleted one, or one
+    /// past the window; see [`Client::send_with_id`].
+    pub fn edit(&mut self, id: MsgId, text: &str) -> Result<Message, Error> {
+        let m = self.own_message(id, "edit")?;
+        let now = now_ms();
+        if now > m.ts_ms.saturating_add(EDIT_WINDOW_MS) {
+            return Err(Error::Usage(format!(
+                "message {id} was sent more than 15 minutes ago; it can no longer be edited"
+            )));
+        }
+        let content = Content::Edit {
+            target: id,
+            text: text.to_owned(),
+        };
+        self.send_content(&m.to, content, now)?;
+        let me = self.profile.registered()?.clone();
+        let by = DeviceAddr {
+            user: me.user.clone(),
+            device: DeviceId(me.device),
+        };
+        let h = self.profile.history();
+        let mut batch = Batch::default();
+        h.edit(&mut batch, &me.user, &by, id, &m.to, text, now, false)?;
+        h.apply(batch, None)?;
+        h.flush()?;
+        h.get(&me.user, &id)?
+            .ok_or(Error::Unexpected("the edited message is gone"))
+    }
+
+    /// Deletes this user's message `id`, sent less than
+    /// [`super::updates::DELETE_WINDOW`] ago, for everyone: every device
+    /// of both users drops its text and shows it deleted, and the server
+    /// removes the copies still waiting in queues (`Retract`, spec §5.5).
+    /// Returns it as it is now.
+    ///
+    /// # Errors
+    /// [`Error::Usage`] for someone else's message, a deleted one, or one
+    /// past the window; see [`Client::send_with_id`]. A failed `Retract`
+    /// is logged, not returned: the delete has been sent by then.
+    pub fn delete(&mut self, id: MsgId) -> Result<Message, Error> {
+        let m = self.own_message(id, "delete")?;
+        let now = now_ms();
+        if now > m.ts_ms.saturating_add(DELETE_WINDOW_MS) {
+            return Err(Error::Usage(format!(
+                "message {id} was sent more than 2 days ago; it can no longer be deleted for everyone"
+            )));
+        }
+        let time_ms = self.send_content(&m.to, Content::Delete { target: id }, now)?;
+        let me = self.profile.registered()?.clone();
+        let by = DeviceAddr {
+            user: me.user.clone(),
+            device: DeviceId(me.device),
+        };
+        let h = self.profile.history();
+        let mut batch = Batch::default();
+        h.delete(&mut batch, &me.user, &by, id, &m.to, now, time_ms, false)?;
+        h.apply(batch, None)?;
+        h.flush()?;
+        if let Err(e) = self.retract(id) {
+            log::warn!("deleted, but the server could not remove the copies still queued: {e}");
+        }
+        self.profile
+            .history()
+            .get(&me.user, &id)?
+            .ok_or(Error::Unexpected("the deleted message is gone"))
+    }
+
+    /// Asks the server to drop the copies of this user's message `id` still
+    /// waiting in queues (spec §5.5), reconnecting once if needed.
+    fn retract(&mut self, id: MsgId) -> Result<(), Error> {
+        let mut tries = 0;
+        loop {
+            let r = self
+                .connect()
+                .and_then(|()| self.call(&ClientFrame::Retract { id }, "the server to retract the message"));
+            match r {
+                Ok(ServerFrame::Done) => return Ok(()),
+                Ok(_) => return Err(Error::Unexpected("expected Done")),
+                Err(Error::Server {
+                    code: ErrorCode::UNSUPPORTED,
+                    ..
+                }) => {
+                    log::info!("the server does not retract messages");
+                    return Ok(());
+                }
+                Err(e) if e.is_transient() && tries < 2 => {
+                    tries += 1;
+                    self.link = None;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Marks the conversation with `peer` read: every message from `peer`
+    /// not read yet. With read receipts on, sends read receipts (they reach
+    /// `peer`'s devices and this user's other devices) and returns once
+    /// the server has them; with them off, tells only this user's other
+    /// devices, end to end. Returns how many messages were unread.
+    ///
+    /// # Errors
+    /// [`Error::Usage`] for a bad name; connection failures (the messages
+    /// stay read here, and the receipts wait for the next connection).
+    pub fn read(&mut self, peer: &str) -> Result<usize, Error> {
+        if !wire::valid_user_name(peer) {
+            return Err(Error::Usage(format!("invalid user name {peer:?}")));
+        }
+        let me = self.me()?;
+        let h = self.profile.history();
+        let (on, _) = h.read_receipts()?;
+        let mut batch = Batch::default();
+        let ids = h.mark_read(&mut batch, peer, now_ms(), on && peer != me)?;
+        h.apply(batch, None)?;
+        h.flush()?;
+        if on {
+            if !h.outbox()?.is_empty() {
+                self.connect()?;
+                self.settle_receipts()?;
+            }
+        } else {
+            for chunk in ids.chunks(wire::MAX_RECEIPT_IDS) {
+                let content = Content::Read {
+                    peer: peer.to_owned(),
+                    ids: chunk.to_vec(),
+                };
+                self.send_content(&me, content, now_ms())?;
+            }
+        }
+        Ok(ids.len())
+    }
+
+    /// Turns read receipts on or off for this user: off, no read receipt
+    /// leaves its devices and none it gets is shown (as in WhatsApp). The
+    /// setting goes to this user's other devices too (end to end; the
+    /// latest setting wins).
+    ///
+    /// # Errors
+    /// Connection failures (the setting holds here; the other devices
+    /// learn it with the next change).
+    pub fn set_read_receipts(&mut self, on: bool) -> Result<(), Error> {
+        let me = self.me()?;
+        let now = now_ms();
+        let h = self.profile.history();
+        let mut batch = Batch::default();
+        h.set_read_receipts(&mut batch, on, now)?;
+        h.apply(batch, None)?;
+        h.flush()?;
+        self.send_content(&me, Content::Settings { read_receipts: on }, now)?;
+        Ok(())
+    }
+
+    /// The messages with id `id` on this device (usually one), each with
+    /// what every device reported about it.
+    ///
+    /// # Errors
+    /// [`Error::Usage`] if there is none; store errors.
+    pub fn info(&self, id: MsgId) -> Result<Vec<(Message, Receipts)>, Error> {
+        let h = self.profile.history();
+        let found = h.find(&id)?;
+        if found.is_empty() {
+            return Err(Error::Usage(format!("no message {id} on this device")));
+        }
+        found
+            .into_iter()
+            .map(|m| {
+                let r = h.receipts(&m.from, &m.id)?;
+                Ok((m, r))
+            })
+            .collect()
     }
 
     /// Sends an encrypted payload with retries (see
@@ -1075,7 +1673,8 @@ impl Client {
 
     /// Connects (afresh), stores everything queued up to `QueueDrained`,
     /// acks it, and calls `on_message` for each new message once it is
-    /// durable. Returns how many were new.
+    /// durable; returns once the server has answered the delivered
+    /// receipts for them. Returns how many were new.
     ///
     /// # Errors
     /// Connection failures (after a few reconnects); what was stored before
@@ -1088,8 +1687,10 @@ impl Client {
         })
     }
 
-    /// [`Client::sync`], reporting notices too (each before the message it
-    /// came with); then tops up keys and sends session resets.
+    /// [`Client::sync`], reporting every [`Event`] but the connection's
+    /// own (notices each before the message it came with, receipts,
+    /// updates, gap and expiry notices); then tops up keys and sends
+    /// session resets.
     ///
     /// # Errors
     /// See [`Client::sync`].
@@ -1102,26 +1703,28 @@ impl Client {
         self.disconnect();
         let mut count = 0;
         let mut failures = 0;
+        let mut report = |ev: Event, count: &mut usize| {
+            match ev {
+                Event::Message(_) => *count += 1,
+                Event::Drained | Event::Connected | Event::Disconnected(_) => return,
+                _ => {}
+            }
+            on_event(&ev);
+        };
         loop {
             let step = self.connect().and_then(|()| {
                 let mut done = false;
                 while !done {
                     while let Some(ev) = self.events.pop_front() {
-                        match ev {
-                            Event::Message(m) => {
-                                count += 1;
-                                on_event(&Event::Message(m));
-                            }
-                            Event::Notice(n) => on_event(&Event::Notice(n)),
-                            Event::Drained => done = true,
-                            _ => {}
-                        }
+                        done = done || ev == Event::Drained;
+                        report(ev, &mut count);
                     }
                     if !done {
                         self.pump(Instant::now() + ANSWER_TIMEOUT)?;
                     }
                 }
-                Ok(())
+                // Returns once the receipts for what came are `Done`.
+                self.settle_receipts()
             });
             match step {
                 Ok(()) => break,
@@ -1136,14 +1739,7 @@ impl Client {
         self.housekeeping();
         // What arrived meanwhile is stored and acked; report it too.
         while let Some(ev) = self.events.pop_front() {
-            match ev {
-                Event::Message(m) => {
-                    count += 1;
-                    on_event(&Event::Message(m));
-                }
-                Event::Notice(n) => on_event(&Event::Notice(n)),
-                _ => {}
-            }
+            report(ev, &mut count);
         }
         Ok(count)
     }
@@ -1222,10 +1818,11 @@ impl Client {
         for m in self.profile.history().pending()? {
             if m.from == me.user && m.from_device.0 == me.device {
                 log::info!("resending pending message {}", m.id);
-                match self.send_with_id(m.id, &m.to, &m.text) {
+                let id = m.id;
+                match self.send_message(m) {
                     Ok(_) => {}
                     Err(e) if e.is_transient() => return Err(e),
-                    Err(e) => log::warn!("pending message {} could not be sent: {e}", m.id),
+                    Err(e) => log::warn!("pending message {id} could not be sent: {e}"),
                 }
             }
         }
@@ -1304,7 +1901,26 @@ impl Client {
                     expires_ms,
                 })
             }
-            Request::Send { to, text } => Ok(Outcome::Sent(self.send(&to, &text)?)),
+            Request::Send { to, text, reply_to } => Ok(Outcome::Sent(match reply_to {
+                Some(id) => self.send_reply(&to, &text, parse_id(&id)?)?,
+                None => self.send(&to, &text)?,
+            })),
+            Request::Forward { id, to } => Ok(Outcome::Sent(self.forward(parse_id(&id)?, &to)?)),
+            Request::Edit { id, text } => Ok(Outcome::Edited(self.edit(parse_id(&id)?, &text)?)),
+            Request::Delete { id } => Ok(Outcome::Deleted(self.delete(parse_id(&id)?)?)),
+            Request::Read { user } => Ok(Outcome::Read {
+                count: self.read(&user)?,
+                user,
+            }),
+            Request::Info { id } => Ok(Outcome::Info(self.info(parse_id(&id)?)?)),
+            Request::Settings { read_receipts } => {
+                if let Some(on) = read_receipts {
+                    self.set_read_receipts(on)?;
+                }
+                Ok(Outcome::Settings {
+                    read_receipts: self.profile.history().read_receipts()?.0,
+                })
+            }
             Request::Sync => {
                 if self.listening {
                     // The listener has printed (and stored) everything.

@@ -22,6 +22,7 @@ use super::device::{Client, Event};
 use super::e2e::Notice;
 use super::link::Input;
 use super::profile::{Message, Profile, Registration, SOCKET_FILE};
+use super::status::Receipts;
 use crate::wire::{DeviceId, DeviceInfo};
 
 /// Longest request line accepted on the socket.
@@ -54,6 +55,43 @@ pub enum Request {
         to: String,
         /// The text.
         text: String,
+        /// The id of the message it replies to.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply_to: Option<String>,
+    },
+    /// Forward a message.
+    Forward {
+        /// The message's id.
+        id: String,
+        /// The recipient.
+        to: String,
+    },
+    /// Edit one of this user's messages.
+    Edit {
+        /// The message's id.
+        id: String,
+        /// The new text.
+        text: String,
+    },
+    /// Delete one of this user's messages for everyone.
+    Delete {
+        /// The message's id.
+        id: String,
+    },
+    /// Mark the conversation with a user read.
+    Read {
+        /// The other party.
+        user: String,
+    },
+    /// What became of a message, per device.
+    Info {
+        /// The message's id.
+        id: String,
+    },
+    /// Show or change settings.
+    Settings {
+        /// Turn read receipts on or off; `None` shows the setting.
+        read_receipts: Option<bool>,
     },
     /// Take everything queued.
     Sync,
@@ -90,6 +128,24 @@ pub enum Outcome {
     },
     /// A message the server accepted.
     Sent(Message),
+    /// A message after its edit.
+    Edited(Message),
+    /// A message after its deletion.
+    Deleted(Message),
+    /// A conversation was marked read.
+    Read {
+        /// The other party.
+        user: String,
+        /// How many messages were unread.
+        count: usize,
+    },
+    /// The messages with an id, each with what the devices reported.
+    Info(Vec<(Message, Receipts)>),
+    /// The settings.
+    Settings {
+        /// Whether read receipts are on.
+        read_receipts: bool,
+    },
     /// A sync finished; the messages were reported as they came.
     Synced {
         /// How many were new.
@@ -317,6 +373,7 @@ mod tests {
         let r = Request::Send {
             to: "bob".into(),
             text: "hi".into(),
+            reply_to: None,
         };
         let text = serde_json::to_string(&r).unwrap();
         assert_eq!(text, r#"{"Send":{"to":"bob","text":"hi"}}"#);

@@ -11,6 +11,9 @@
 //! - [`link`]: the thin blocking socket driver around it;
 //! - [`profile`]: the profile directory (key, registration, history) and
 //!   its one-writer lock;
+//! - [`status`]: message states and how receipts move them (pure);
+//! - [`updates`]: what messages, edits, deletes, receipts and notices do
+//!   to the history;
 //! - [`device`]: the operations (register, link, send with retry, sync,
 //!   listen);
 //! - [`local`]: the Unix socket through which a second command hands its
@@ -28,13 +31,17 @@ pub mod e2e;
 pub mod link;
 pub mod local;
 pub mod profile;
+pub mod status;
+pub mod updates;
 
 pub use crate::code::{Code, CodeError};
 pub use content::{BodyError, Content};
 pub use device::{Client, Event};
 pub use e2e::Notice;
 pub use local::{Outcome, Request, listen, run};
-pub use profile::{Direction, Message, Profile, Registration, Status};
+pub use profile::{Direction, Message, Profile, Quote, Registration, Status};
+pub use status::{DeviceReport, DeviceState, Receipts, Report};
+pub use updates::{ReceiptNews, Update, UpdateKind};
 
 use crate::wire::ErrorCode;
 
@@ -158,7 +165,9 @@ pub fn describe(code: ErrorCode) -> &'static str {
         ErrorCode::UNKNOWN_DEVICE => "no such device in this account",
         ErrorCode::NOT_ALLOWED => "not allowed in this state",
         ErrorCode::RATE_LIMITED => "too many requests; try later",
-        ErrorCode::QUOTA_EXCEEDED => "the recipient's queue is full",
+        ErrorCode::QUOTA_EXCEEDED => {
+            "a queue this would go to is full (a device of the recipient's, or one of yours, has not collected its messages), or the server is out of space; nothing was sent, try again later"
+        }
         ErrorCode::INTERNAL => "the server failed; try again",
         ErrorCode::BAD_REQUEST => "inconsistent request",
         ErrorCode::MALFORMED => "the server could not read the request",

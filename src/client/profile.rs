@@ -27,6 +27,7 @@ use zeroize::Zeroizing;
 
 use super::Error;
 use super::e2e::{Crypto, Writes};
+use super::status::Receipts;
 use crate::noise::{KEY_LEN, Keypair, PublicKey};
 use crate::wire::{DeviceId, MsgId};
 
@@ -308,8 +309,13 @@ pub enum Status {
     Pending,
     /// Accepted by the server (durable in every recipient device's queue).
     Sent,
-    /// Received from the server.
+    /// Received from the server, not read yet.
     Received,
+    /// Sent, and stored on a device of the recipient (a delivered receipt).
+    Delivered,
+    /// Sent and read by the recipient (a read receipt), or received and
+    /// read here.
+    Read,
 }
 
 impl Direction {
@@ -323,12 +329,14 @@ impl Direction {
 }
 
 impl Status {
-    /// `"pending"`, `"sent"` or `"received"`.
+    /// `"pending"`, `"sent"`, `"received"`, `"delivered"` or `"read"`.
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Pending => "pending",
             Status::Sent => "sent",
             Status::Received => "received",
+            Status::Delivered => "delivered",
+            Status::Read => "read",
         }
     }
 }
@@ -351,13 +359,80 @@ pub struct Message {
     pub ts_ms: u64,
     /// In or out.
     pub direction: Direction,
-    /// Pending, sent or received.
+    /// Where it stands. Stored: pending, sent or received (or read, for
+    /// one received); as read back from the history, with what receipts
+    /// said merged in (see [`super::status::Receipts::status`]).
     pub status: Status,
     /// The body could not be decrypted (`text` is then empty).
     pub undecryptable: bool,
+    /// The message this one replies to (sent by `quote.from`).
+    pub reply_to: Option<MsgId>,
+    /// What a reply quotes. As read back from the history: the quoted
+    /// message's current text if it is on this device, else the text the
+    /// reply carried; `text` is `None` once the quoted message was deleted.
+    pub quote: Option<Quote>,
+    /// How many times it was forwarded before it got here (0: its sender
+    /// wrote it).
+    pub forwards: u32,
+    /// When its sender last edited it (by the sender's clock), if ever.
+    pub edited_ms: Option<u64>,
+    /// Deleted for everyone: `text` is empty, and so is any earlier
+    /// version.
+    pub deleted: bool,
 }
 
+/// What a reply quotes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quote {
+    /// Who wrote the quoted message.
+    pub from: String,
+    /// Its text; `None` once it was deleted.
+    pub text: Option<String>,
+}
+
+impl Default for Message {
+    /// An empty incoming text message (for building messages with
+    /// `..Default::default()`).
+    fn default() -> Message {
+        Message {
+            id: MsgId([0; 16]),
+            from: String::new(),
+            from_device: DeviceId(0),
+            to: String::new(),
+            text: String::new(),
+            ts_ms: 0,
+            direction: Direction::In,
+            status: Status::Received,
+            undecryptable: false,
+            reply_to: None,
+            quote: None,
+            forwards: 0,
+            edited_ms: None,
+            deleted: false,
+        }
+    }
+}
+
+/// From this many forwards on, a message is shown as "forwarded many
+/// times" (as WhatsApp does).
+pub const FORWARDED_MANY: u32 = 5;
+
 impl Message {
+    /// Whether it was forwarded.
+    pub fn forwarded(&self) -> bool {
+        self.forwards > 0
+    }
+
+    /// Whether it was forwarded [`FORWARDED_MANY`] times or more.
+    pub fn forwarded_many_times(&self) -> bool {
+        self.forwards >= FORWARDED_MANY
+    }
+
+    /// Whether it was edited.
+    pub fn edited(&self) -> bool {
+        self.edited_ms.is_some()
+    }
+
     /// The other party of the conversation this message belongs to, seen
     /// from `me`.
     pub fn peer<'a>(&'a self, me: &str) -> &'a str {
@@ -378,27 +453,93 @@ struct MessageV1 {
     status: Status,
 }
 
+/// A message as stored before replies, forwards, edits and deletes.
+#[derive(Serialize, Deserialize)]
+struct MessageV2 {
+    id: MsgId,
+    from: String,
+    from_device: DeviceId,
+    to: String,
+    text: String,
+    ts_ms: u64,
+    direction: Direction,
+    status: Status,
+    undecryptable: bool,
+}
+
 /// Stored form; the tag is the version.
 #[derive(Serialize, Deserialize)]
 enum Stored {
     V1(MessageV1),
-    V2(Message),
+    V2(MessageV2),
+    V3(Message),
+}
+
+fn encode(m: &Message) -> Result<Vec<u8>, Error> {
+    postcard::to_stdvec(&Stored::V3(m.clone())).map_err(|e| Error::Damaged(e.to_string()))
 }
 
 /// The local history: messages by (sender, id) for dedup and state, and
 /// by conversation in arrival order.
 pub struct History {
-    db: sled::Db,
+    pub(super) db: sled::Db,
     /// `from ‖ 0 ‖ id` → [`Stored`].
-    msgs: sled::Tree,
+    pub(super) msgs: sled::Tree,
     /// `peer ‖ 0 ‖ local seq (u64 BE)` → key in `msgs`.
-    conv: sled::Tree,
+    pub(super) conv: sled::Tree,
     /// `from ‖ 0 ‖ id` → empty: deliveries that are not shown (session
-    /// resets), kept so that a redelivery is recognised.
-    seen: sled::Tree,
+    /// resets, edits, deletes, settings), kept so that a redelivery is
+    /// recognised.
+    pub(super) seen: sled::Tree,
+    /// `from ‖ 0 ‖ id` → postcard [`super::status::Receipts`]: what
+    /// receipts and expiry notices said about a message (kept apart from
+    /// it, so that one arriving before the message counts too).
+    pub(super) rcpt: sled::Tree,
+    /// `kind ‖ peer ‖ 0 ‖ id` → empty: receipts to send (written with
+    /// what they report, removed once the server answered `Done`).
+    pub(super) outbox: sled::Tree,
+    /// `from ‖ 0 ‖ id` → postcard [`super::updates::PendingEdit`]: edits
+    /// of messages this device does not have (yet).
+    pub(super) pending: sled::Tree,
+    /// Settings: `read_receipts` → postcard `(bool, ms)`.
+    pub(super) meta: sled::Tree,
 }
 
-fn msg_key(from: &str, id: &MsgId) -> Vec<u8> {
+/// The trees of a [`History`], for a [`Batch`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum T {
+    Msgs = 0,
+    Conv = 1,
+    Seen = 2,
+    Rcpt = 3,
+    Outbox = 4,
+    Pending = 5,
+    Meta = 6,
+}
+
+/// Writes to the history that go to disk together (see
+/// [`History::apply`]); reads through `History::read` see them.
+#[derive(Default, Debug)]
+pub struct Batch {
+    writes: Vec<(T, Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Batch {
+    pub(super) fn put(&mut self, tree: T, key: Vec<u8>, value: Vec<u8>) {
+        self.writes.push((tree, key, Some(value)));
+    }
+
+    pub(super) fn remove(&mut self, tree: T, key: Vec<u8>) {
+        self.writes.push((tree, key, None));
+    }
+
+    /// Whether nothing is to be written.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+}
+
+pub(super) fn msg_key(from: &str, id: &MsgId) -> Vec<u8> {
     let mut k = Vec::with_capacity(from.len() + 17);
     k.extend_from_slice(from.as_bytes());
     k.push(0);
@@ -406,7 +547,7 @@ fn msg_key(from: &str, id: &MsgId) -> Vec<u8> {
     k
 }
 
-fn conv_prefix(peer: &str) -> Vec<u8> {
+pub(super) fn conv_prefix(peer: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(peer.len() + 9);
     k.extend_from_slice(peer.as_bytes());
     k.push(0);
@@ -435,7 +576,119 @@ impl History {
         let msgs = db.open_tree("msgs")?;
         let conv = db.open_tree("conv")?;
         let seen = db.open_tree("seen")?;
-        Ok(History { db, msgs, conv, seen })
+        let rcpt = db.open_tree("rcpt")?;
+        let outbox = db.open_tree("outbox")?;
+        let pending = db.open_tree("pending")?;
+        let meta = db.open_tree("meta")?;
+        Ok(History {
+            db,
+            msgs,
+            conv,
+            seen,
+            rcpt,
+            outbox,
+            pending,
+            meta,
+        })
+    }
+
+    fn tree(&self, t: T) -> &sled::Tree {
+        match t {
+            T::Msgs => &self.msgs,
+            T::Conv => &self.conv,
+            T::Seen => &self.seen,
+            T::Rcpt => &self.rcpt,
+            T::Outbox => &self.outbox,
+            T::Pending => &self.pending,
+            T::Meta => &self.meta,
+        }
+    }
+
+    /// A value as it will be once `batch` is applied.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub(super) fn read(&self, batch: &Batch, t: T, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        if let Some((_, _, v)) = batch.writes.iter().rev().find(|(tt, k, _)| *tt == t && k == key) {
+            return Ok(v.clone());
+        }
+        Ok(self.tree(t).get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// A stored message as it will be once `batch` is applied (as
+    /// stored: no receipts merged in).
+    ///
+    /// # Errors
+    /// Store errors; a damaged record.
+    pub(super) fn read_msg(&self, batch: &Batch, from: &str, id: &MsgId) -> Result<Option<Message>, Error> {
+        self.read(batch, T::Msgs, &msg_key(from, id))?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    /// Adds the writes that store `m` (an existing record is replaced;
+    /// a new one joins the end of its conversation).
+    ///
+    /// # Errors
+    /// Store errors.
+    pub(super) fn put_msg(&self, batch: &mut Batch, me: &str, m: &Message) -> Result<(), Error> {
+        let key = msg_key(&m.from, &m.id);
+        if self.read(batch, T::Msgs, &key)?.is_none() {
+            let mut ck = conv_prefix(m.peer(me));
+            ck.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
+            batch.put(T::Conv, ck, key.clone());
+        }
+        batch.put(T::Msgs, key, encode(m)?);
+        Ok(())
+    }
+
+    /// Applies `batch`, and the end-to-end state `writes` to the `e2e`
+    /// tree, in one transaction. Not durable until [`History::flush`].
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn apply(&self, batch: Batch, e2e: Option<(&sled::Tree, Writes)>) -> Result<(), Error> {
+        use sled::Transactional;
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        let mut trees = vec![
+            &self.msgs,
+            &self.conv,
+            &self.seen,
+            &self.rcpt,
+            &self.outbox,
+            &self.pending,
+            &self.meta,
+        ];
+        let writes = match e2e {
+            Some((tree, writes)) => {
+                trees.push(tree);
+                writes
+            }
+            None => Writes::new(),
+        };
+        let result = trees.as_slice().transaction(|t| {
+            for (tree, k, v) in &batch.writes {
+                let tree = &t[*tree as usize];
+                match v {
+                    Some(v) => tree.insert(k.as_slice(), v.as_slice())?,
+                    None => tree.remove(k.as_slice())?,
+                };
+            }
+            if let Some(e2e) = t.get(7) {
+                for (k, v) in &writes {
+                    match v {
+                        Some(v) => e2e.insert(k.as_slice(), v.as_slice())?,
+                        None => e2e.remove(k.as_slice())?,
+                    };
+                }
+            }
+            Ok::<_, ConflictableTransactionError<()>>(())
+        });
+        match result {
+            Ok(()) => Ok(()),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+            Err(TransactionError::Abort(())) => Err(Error::Damaged("history transaction aborted".into())),
+        }
     }
 
     /// Whether a delivery from `from` with `id` was stored already (shown
@@ -467,7 +720,7 @@ impl History {
         use sled::Transactional;
         use sled::transaction::{ConflictableTransactionError, TransactionError};
         let value = match msg {
-            Some(m) => Some(postcard::to_stdvec(&Stored::V2(m.clone())).map_err(|e| Error::Damaged(e.to_string()))?),
+            Some(m) => Some(encode(m)?),
             None => None,
         };
         let key = msg_key(handled.0, handled.1);
@@ -506,7 +759,7 @@ impl History {
     /// Store errors.
     pub fn insert(&self, me: &str, msg: &Message) -> Result<bool, Error> {
         let key = msg_key(&msg.from, &msg.id);
-        let value = postcard::to_stdvec(&Stored::V2(msg.clone())).map_err(|e| Error::Damaged(e.to_string()))?;
+        let value = encode(msg)?;
         if self
             .msgs
             .compare_and_swap(&key, None as Option<&[u8]>, Some(value))?
@@ -526,9 +779,58 @@ impl History {
     /// Store errors; a damaged record.
     pub fn get(&self, from: &str, id: &MsgId) -> Result<Option<Message>, Error> {
         match self.msgs.get(msg_key(from, id))? {
-            Some(v) => Ok(Some(decode(&v)?)),
+            Some(v) => Ok(Some(self.view(decode(&v)?)?)),
             None => Ok(None),
         }
+    }
+
+    /// The stored messages with id `id`, whoever sent them (ids are chosen
+    /// by senders, so two senders may have picked the same one).
+    ///
+    /// # Errors
+    /// Store errors; a damaged record.
+    pub fn find(&self, id: &MsgId) -> Result<Vec<Message>, Error> {
+        let mut out = Vec::new();
+        for entry in self.msgs.iter() {
+            let (k, v) = entry?;
+            if k.ends_with(&id.0) && k.len() > 16 && k[k.len() - 17] == 0 {
+                out.push(self.view(decode(&v)?)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// What receipts and expiry notices said about the message `(from, id)`.
+    ///
+    /// # Errors
+    /// Store errors; a damaged record.
+    pub fn receipts(&self, from: &str, id: &MsgId) -> Result<Receipts, Error> {
+        match self.rcpt.get(msg_key(from, id))? {
+            Some(v) => postcard::from_bytes(&v).map_err(|e| Error::Damaged(format!("receipt record: {e}"))),
+            None => Ok(Receipts::default()),
+        }
+    }
+
+    /// A stored message as it is shown: with what receipts said merged
+    /// into its status, and the quoted message's current text.
+    fn view(&self, mut m: Message) -> Result<Message, Error> {
+        let receipts = self.receipts(&m.from, &m.id)?;
+        let peer = match m.direction {
+            Direction::Out => m.to.clone(),
+            Direction::In => m.from.clone(),
+        };
+        m.status = receipts.status(m.status, m.direction, &peer);
+        if let (Some(id), Some(q)) = (m.reply_to, m.quote.as_mut())
+            && let Some(v) = self.msgs.get(msg_key(&q.from, &id))?
+        {
+            let quoted = decode(&v)?;
+            if quoted.deleted {
+                q.text = None;
+            } else if !quoted.undecryptable {
+                q.text = Some(quoted.text);
+            }
+        }
+        Ok(m)
     }
 
     /// Sets the status (and the server's time) of a stored message.
@@ -543,7 +845,7 @@ impl History {
             if let Some(ts) = ts_ms {
                 m.ts_ms = ts;
             }
-            let value = postcard::to_stdvec(&Stored::V2(m)).map_err(|e| Error::Damaged(e.to_string()))?;
+            let value = encode(&m)?;
             self.msgs.insert(key, value)?;
         }
         Ok(())
@@ -576,7 +878,7 @@ impl History {
         for entry in self.conv.scan_prefix(conv_prefix(peer)) {
             let (_, key) = entry?;
             if let Some(v) = self.msgs.get(key)? {
-                out.push(decode(&v)?);
+                out.push(self.view(decode(&v)?)?);
             }
         }
         Ok(out)
@@ -591,7 +893,7 @@ impl History {
         for entry in self.msgs.iter() {
             let (_, v) = entry?;
             let m = decode(&v)?;
-            if m.status == Status::Pending {
+            if m.status == Status::Pending && !m.deleted {
                 out.push(m);
             }
         }
@@ -609,9 +911,21 @@ impl History {
     }
 }
 
-fn decode(bytes: &[u8]) -> Result<Message, Error> {
+pub(super) fn decode(bytes: &[u8]) -> Result<Message, Error> {
     match postcard::from_bytes::<Stored>(bytes) {
-        Ok(Stored::V2(m)) => Ok(m),
+        Ok(Stored::V3(m)) => Ok(m),
+        Ok(Stored::V2(m)) => Ok(Message {
+            id: m.id,
+            from: m.from,
+            from_device: m.from_device,
+            to: m.to,
+            text: m.text,
+            ts_ms: m.ts_ms,
+            direction: m.direction,
+            status: m.status,
+            undecryptable: m.undecryptable,
+            ..Message::default()
+        }),
         Ok(Stored::V1(m)) => Ok(Message {
             id: m.id,
             from: m.from,
@@ -621,7 +935,7 @@ fn decode(bytes: &[u8]) -> Result<Message, Error> {
             ts_ms: m.ts_ms,
             direction: m.direction,
             status: m.status,
-            undecryptable: false,
+            ..Message::default()
         }),
         Err(e) => Err(Error::Damaged(format!("history record: {e}"))),
     }
@@ -641,7 +955,7 @@ mod tests {
             ts_ms: id as u64,
             direction,
             status,
-            undecryptable: false,
+            ..Message::default()
         }
     }
 
@@ -769,9 +1083,35 @@ mod tests {
         let bytes = postcard::to_stdvec(&Stored::V1(old)).unwrap();
         assert_eq!(bytes[0], 0, "V1 is tag 0");
         assert_eq!(decode(&bytes).unwrap(), m);
-        let new = postcard::to_stdvec(&Stored::V2(m.clone())).unwrap();
-        assert_eq!(new[0], 1);
-        assert_eq!(decode(&new).unwrap(), m);
+        let v2 = MessageV2 {
+            id: m.id,
+            from: m.from.clone(),
+            from_device: m.from_device,
+            to: m.to.clone(),
+            text: m.text.clone(),
+            ts_ms: m.ts_ms,
+            direction: m.direction,
+            status: m.status,
+            undecryptable: true,
+        };
+        let bytes = postcard::to_stdvec(&Stored::V2(v2)).unwrap();
+        assert_eq!(bytes[0], 1, "V2 is tag 1");
+        let undecryptable = Message {
+            undecryptable: true,
+            ..m.clone()
+        };
+        assert_eq!(decode(&bytes).unwrap(), undecryptable);
+        let mut rich = m.clone();
+        rich.reply_to = Some(MsgId([3; 16]));
+        rich.quote = Some(Quote {
+            from: "alice".into(),
+            text: Some("q".into()),
+        });
+        rich.forwards = 2;
+        rich.edited_ms = Some(9);
+        let new = encode(&rich).unwrap();
+        assert_eq!(new[0], 2, "V3 is tag 2");
+        assert_eq!(decode(&new).unwrap(), rich);
     }
 
     #[test]

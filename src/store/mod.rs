@@ -20,7 +20,7 @@
 //! - `meta`: `server_key` → 32 bytes; `public_addr` → UTF-8;
 //!   `next_user` → u32.
 //! - `users`: name → [`UserRecord`].
-//! - `devices`: user ‖ device → [`DeviceRecord`].
+//! - `devices`: user ‖ device → `DeviceRecord`.
 //! - `keys`: Noise static key → user ‖ device.
 //! - `invites`, `links`: token id → [`TokenRecord`].
 //! - `queues`: `q` ‖ user ‖ device ‖ seq → [`Entry`];

@@ -348,3 +348,48 @@ fn close_says_goodbye() {
     p.pump();
     assert!(p.session.is_closed());
 }
+
+#[test]
+fn receipts_and_notices_are_events() {
+    use crate::wire::{ExpiredNotice, GapNotice, Lost, ReceiptDeliver, ReceiptKind};
+    let mut p = Pair::ready(Identity::Device(ALICE));
+    p.server_events();
+    let bob = DeviceAddr {
+        user: "bob".into(),
+        device: DeviceId(2),
+    };
+    let receipt = ReceiptDeliver {
+        seq: 4,
+        from: bob.clone(),
+        to: "alice".into(),
+        kind: ReceiptKind::READ,
+        ids: vec![MsgId([1; 16])],
+        time_ms: 5,
+    };
+    let gap = GapNotice {
+        seq: 5,
+        lost: vec![Lost {
+            from: bob.clone(),
+            count: 2,
+            first_ms: 1,
+            last_ms: 2,
+        }],
+    };
+    let expired = ExpiredNotice {
+        seq: 6,
+        device: bob,
+        ids: vec![MsgId([2; 16])],
+    };
+    p.session.send(0, &ServerFrame::Receipt(receipt.clone()), p.now);
+    p.session.send(0, &ServerFrame::Gap(gap.clone()), p.now);
+    p.session.send(0, &ServerFrame::Expired(expired.clone()), p.now);
+    p.pump();
+    assert_eq!(
+        p.events(),
+        vec![
+            ConnEvent::Receipt(receipt),
+            ConnEvent::Gap(gap),
+            ConnEvent::Expired(expired)
+        ]
+    );
+}

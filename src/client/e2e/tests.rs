@@ -3,7 +3,20 @@ use crate::client::content::{Content, Payload};
 use crate::wire::MsgId;
 
 fn open(dir: &std::path::Path, passphrase: Option<&str>) -> Result<(sled::Db, Crypto), Error> {
-    let db = sled::Config::new().path(dir).open()?;
+    // sled lets go of its file lock a moment after the last handle is
+    // dropped (as `History::open` knows): retry briefly, or a reopen right
+    // after a drop fails now and then.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let db = loop {
+        match sled::Config::new().path(dir).open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => break other?,
+        }
+    };
     let c = Crypto::open(db.open_tree("e2e")?, passphrase)?;
     Ok((db, c))
 }
