@@ -197,9 +197,14 @@ impl TidingsLink {
                     other => out.push(Ev::Refused(req, format!("answered with {}", other.kind()))),
                 },
                 ConnEvent::Deliver(d) => {
-                    ack = Some(d.seq);
+                    ack = ack.max(Some(d.seq));
                     out.push(Ev::Delivered(d.body));
                 }
+                // Nothing here sends receipts, and a run is too short for
+                // retention, but whatever is queued is acknowledged.
+                ConnEvent::Receipt(r) => ack = ack.max(Some(r.seq)),
+                ConnEvent::Gap(g) => ack = ack.max(Some(g.seq)),
+                ConnEvent::Expired(e) => ack = ack.max(Some(e.seq)),
                 // Devices here publish no end-to-end keys.
                 ConnEvent::KeyCount(_) => {}
                 ConnEvent::QueueDrained => {
