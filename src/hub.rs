@@ -978,8 +978,8 @@ impl Hub {
             session.send_error(req, code, text, now.mono);
         };
         let accounts = self.shared.store.accounts();
-        // spec §10: checks in this order, so a retry after a device change
-        // is still answered from the dedup record.
+        // spec §10: a retry after a device change is still answered from
+        // the dedup record (checked below, where the devices disagree).
         let Some(to) = accounts.user_id(&send.to) else {
             error(session, ErrorCode::UNKNOWN_USER, "no such user");
             return Ok(());
@@ -990,14 +990,6 @@ impl Hub {
         }
         if send.bodies.iter().chain(&send.own).any(|b| b.data.len() > MAX_BODY_LEN) {
             error(session, ErrorCode::BODY_TOO_LARGE, "body too large");
-            return Ok(());
-        }
-        if let Some(time_ms) = self.store().dedup_lookup(me, send.id)? {
-            self.after_next_flush(Effect::Send {
-                conn,
-                req,
-                frame: ServerFrame::Accepted { id: send.id, time_ms },
-            });
             return Ok(());
         }
         let to_self = to == me.user;
@@ -1056,6 +1048,14 @@ impl Hub {
             self.devices = devices;
         }
         if !missing.is_empty() || !extra.is_empty() {
+            // spec §10: a retry of an accepted message is answered Accepted
+            // even if the devices changed since. (Without a mismatch the
+            // batch recognises the retry itself, sparing a read per send.)
+            if let Some(time_ms) = self.store().dedup_lookup(me, send.id)? {
+                let frame = ServerFrame::Accepted { id: send.id, time_ms };
+                self.after_next_flush(Effect::Send { conn, req, frame });
+                return Ok(());
+            }
             // spec §5.3: each list sorted by user, then device.
             missing.sort();
             extra.sort();

@@ -870,3 +870,20 @@ fn expiry_notices_reach_both_sides() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_retry_after_a_device_change_is_still_accepted() {
+    let mut w = World::new(1);
+    let alice = w.register(0, "alice");
+    let bob = w.register(0, "bob");
+    w.request(alice, &send(3, "bob", vec![body(1, b"x")], vec![]));
+    w.run();
+    assert_eq!(accepted(&w.inbox(alice)), vec![MsgId([3; 16])]);
+    // Bob links a second device; alice's retry (same id, old device list)
+    // is answered from the dedup record, not with a mismatch.
+    let _bob2 = w.link(bob, 0);
+    w.request(alice, &send(3, "bob", vec![body(1, b"x")], vec![]));
+    w.run();
+    assert_eq!(accepted(&w.inbox(alice)), vec![MsgId([3; 16])]);
+    let _ = w.inbox(bob);
+}
