@@ -151,6 +151,8 @@ pub struct Store {
     /// use. Held across every queue change so that sequence order is
     /// visibility order and the counts are exact.
     metas: Mutex<queues::Metas>,
+    /// The newest entries of each queue, for delivery without a read.
+    tail: Mutex<queues::Tail>,
     quotas: Quotas,
     /// Bytes held in all queues (exact; for the budget).
     queued_bytes: AtomicU64,
@@ -287,6 +289,7 @@ impl Store {
             key_lock: Mutex::new(()),
             accounts,
             metas: Mutex::new(Default::default()),
+            tail: Mutex::new(Default::default()),
             quotas: config.quotas,
             queued_bytes: AtomicU64::new(0),
             flusher,

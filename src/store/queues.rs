@@ -395,6 +395,65 @@ fn merge(old: &Entry, new: &Entry) -> Option<Entry> {
     }
 }
 
+/// The newest entries of each queue, kept in memory so that delivering to
+/// an online device does not read back and decode what was just written.
+/// Each device's list is a suffix of its queue: appends go to its back,
+/// removals take their entry out, and eviction drops from the front. So a
+/// read from at least its first sequence is whole; any other read goes to
+/// sled.
+#[derive(Default)]
+pub(crate) struct Tail {
+    per_device: HashMap<DeviceKey, std::collections::VecDeque<(u64, Entry)>>,
+    total: usize,
+}
+
+/// Entries kept per device queue.
+const TAIL_PER_DEVICE: usize = 64;
+/// Entries kept in all: past this the cache starts over (it is only a
+/// cache).
+const TAIL_TOTAL: usize = 1 << 16;
+
+impl Tail {
+    fn update(&mut self, removed: &std::collections::HashSet<(DeviceKey, u64)>, pushed: Vec<(DeviceKey, u64, Entry)>) {
+        for (d, seq) in removed {
+            if let Some(list) = self.per_device.get_mut(d)
+                && let Some(i) = list.iter().position(|(s, _)| s == seq)
+            {
+                list.remove(i);
+                self.total -= 1;
+            }
+        }
+        for (d, seq, entry) in pushed {
+            let list = self.per_device.entry(d).or_default();
+            list.push_back((seq, entry));
+            self.total += 1;
+            if list.len() > TAIL_PER_DEVICE {
+                list.pop_front();
+                self.total -= 1;
+            }
+        }
+        self.per_device.retain(|_, l| !l.is_empty());
+        if self.total > TAIL_TOTAL {
+            self.per_device.clear();
+            self.total = 0;
+        }
+    }
+
+    /// Serves a read from memory if it can; false if sled must.
+    fn read(&self, d: DeviceKey, from: u64, max: usize, out: &mut Vec<(u64, Entry)>) -> bool {
+        let Some(list) = self.per_device.get(&d) else {
+            return false;
+        };
+        match list.front() {
+            Some((first, _)) if *first <= from => {
+                out.extend(list.iter().filter(|(s, _)| *s >= from).take(max).cloned());
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 /// One atomic change to the queues: a batch, and the meta changes it
 /// makes, applied to the shared table only once the batch is written. Holds
 /// the queue lock for its life.
@@ -409,6 +468,8 @@ struct Txn<'a> {
     folds: HashMap<[u8; FOLD_KEY_LEN], (u64, Entry)>,
     /// Dedup records this batch writes: (sender, id) → acceptance time.
     dedup: HashMap<(DeviceKey, MsgId), u64>,
+    /// Entries this batch appends, for the tail cache.
+    pushed: Vec<(DeviceKey, u64, Entry)>,
 }
 
 impl Txn<'_> {
@@ -425,7 +486,8 @@ impl Txn<'_> {
     }
 
     /// Appends an encoded entry at the tail of `d`'s queue.
-    fn push(&mut self, d: DeviceKey, value: Vec<u8>) -> Result<u64, StoreError> {
+    fn push(&mut self, d: DeviceKey, entry: Entry) -> Result<u64, StoreError> {
+        let value = encode_entry(&entry);
         let mut m = self.meta(d)?;
         let seq = m.next;
         m.next += 1;
@@ -433,6 +495,7 @@ impl Txn<'_> {
         m.bytes += value.len() as u64;
         self.batch.insert(&queue_key(d, seq)[..], value);
         self.set(d, m);
+        self.pushed.push((d, seq, entry));
         Ok(seq)
     }
 
@@ -478,7 +541,7 @@ impl Txn<'_> {
             entry = merged;
             folded = true;
         }
-        let seq = self.push(target, encode_entry(&entry))?;
+        let seq = self.push(target, entry.clone())?;
         self.batch.insert(&index[..], &seq.to_be_bytes()[..]);
         self.folds.insert(index, (seq, entry));
         Ok(folded)
@@ -488,6 +551,10 @@ impl Txn<'_> {
     fn commit(mut self) -> Result<(), StoreError> {
         let batch = std::mem::take(&mut self.batch);
         self.store.queues.apply_batch(batch)?;
+        // Still under the queue lock: readers of metas see the tail too.
+        self.store
+            .tail()
+            .update(&self.removed, std::mem::take(&mut self.pushed));
         let mut delta: i128 = 0;
         for (d, m) in self.changes.drain() {
             let before = self.metas.get(&d).map_or(0, |o| o.bytes);
@@ -509,6 +576,10 @@ impl Store {
         self.metas.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn tail(&self) -> MutexGuard<'_, Tail> {
+        self.tail.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn txn(&self) -> Txn<'_> {
         Txn {
             store: self,
@@ -518,6 +589,7 @@ impl Store {
             removed: Default::default(),
             folds: HashMap::new(),
             dedup: HashMap::new(),
+            pushed: Vec::new(),
         }
     }
 
@@ -628,32 +700,33 @@ impl Store {
         if let Some(time_ms) = self.dedup_lookup(sender, id)? {
             return Ok(Appended::Duplicate { time_ms });
         }
-        let entries: Vec<(DeviceKey, Vec<u8>)> = bodies
+        let entries: Vec<(DeviceKey, Entry, u64)> = bodies
             .iter()
             .map(|(d, body)| {
-                let m = QueuedMessage {
+                let m = Entry::Message(QueuedMessage {
                     id,
                     from_user: sender.user.0,
                     from_device: sender.device.0,
                     to_user: to.0,
                     time_ms: now_ms,
                     body: body.clone(),
-                };
-                (*d, encode_entry(&Entry::Message(m)))
+                });
+                let len = postcard::experimental::serialized_size(&m).unwrap_or(usize::MAX) as u64;
+                (*d, m, len)
             })
             .collect();
         // Quotas refuse rather than drop (nothing accepted is ever removed
         // to make room).
-        let total: u64 = entries.iter().map(|(_, v)| v.len() as u64).sum();
-        if let Some(q) = self.over_quota(txn, entries.iter().map(|(d, v)| (*d, v.len() as u64)), total)? {
+        let total: u64 = entries.iter().map(|(_, _, len)| *len).sum();
+        if let Some(q) = self.over_quota(txn, entries.iter().map(|(d, _, len)| (*d, *len)), total)? {
             return Ok(Appended::OverQuota(q));
         }
         let mut record = DedupRecord {
             time_ms: now_ms,
             queued: Vec::with_capacity(entries.len()),
         };
-        for (d, value) in entries {
-            let seq = txn.push(d, value)?;
+        for (d, entry, _) in entries {
+            let seq = txn.push(d, entry)?;
             record.queued.push((d.user.0, d.device.0, seq));
         }
         let dedup = postcard::to_stdvec(&record).expect("postcard encodes dedup records");
@@ -823,6 +896,9 @@ impl Store {
         max: usize,
         out: &mut Vec<(u64, Entry)>,
     ) -> Result<(), StoreError> {
+        if self.tail().read(d, from, max, out) {
+            return Ok(());
+        }
         let start = queue_key(d, from);
         let end = queue_key(d, u64::MAX);
         for item in self.queues.range(start..=end).take(max) {
