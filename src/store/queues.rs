@@ -346,13 +346,7 @@ fn merge(old: &Entry, new: &Entry) -> Option<Entry> {
         (Entry::Receipt(a), Entry::Receipt(b))
             if (a.from_user, a.from_device, a.to_user, a.kind) == (b.from_user, b.from_device, b.to_user, b.kind) =>
         {
-            let mut ids = a.ids.clone();
-            for id in &b.ids {
-                if !ids.contains(id) {
-                    ids.push(*id);
-                }
-            }
-            (ids.len() <= MAX_RECEIPT_IDS).then(|| {
+            merge_ids(&a.ids, &b.ids).map(|ids| {
                 Entry::Receipt(QueuedReceipt {
                     ids,
                     time_ms: b.time_ms,
@@ -360,17 +354,13 @@ fn merge(old: &Entry, new: &Entry) -> Option<Entry> {
                 })
             })
         }
-        (Entry::Expired(a), Entry::Expired(b)) => {
-            let mut ids = a.ids.clone();
-            ids.extend(b.ids.iter().filter(|id| !a.ids.contains(id)));
-            (ids.len() <= MAX_RECEIPT_IDS).then(|| {
-                Entry::Expired(QueuedExpired {
-                    ids,
-                    time_ms: b.time_ms,
-                    ..a.clone()
-                })
+        (Entry::Expired(a), Entry::Expired(b)) => merge_ids(&a.ids, &b.ids).map(|ids| {
+            Entry::Expired(QueuedExpired {
+                ids,
+                time_ms: b.time_ms,
+                ..a.clone()
             })
-        }
+        }),
         (Entry::Gap(a), Entry::Gap(b)) => {
             let mut lost = a.lost.clone();
             for l in &b.lost {
@@ -393,6 +383,18 @@ fn merge(old: &Entry, new: &Entry) -> Option<Entry> {
         }
         _ => None,
     }
+}
+
+/// The ids of `old`, then those of `new` not among them; `None` if that
+/// is more than one frame carries ([`MAX_RECEIPT_IDS`]).
+fn merge_ids(old: &[MsgId], new: &[MsgId]) -> Option<Vec<MsgId>> {
+    let mut ids = old.to_vec();
+    for id in new {
+        if !ids.contains(id) {
+            ids.push(*id);
+        }
+    }
+    (ids.len() <= MAX_RECEIPT_IDS).then_some(ids)
 }
 
 /// One atomic change to the queues: a batch, and the meta changes it
