@@ -339,6 +339,18 @@ fn decode_dedup(v: &[u8]) -> Result<DedupRecord, StoreError> {
     postcard::from_bytes(v).map_err(|_| StoreError::Corrupt("queues/dedup"))
 }
 
+/// The ids of `old`, then those of `new` not among them; `None` if that
+/// is more than one frame carries ([`MAX_RECEIPT_IDS`]).
+fn merge_ids(old: &[MsgId], new: &[MsgId]) -> Option<Vec<MsgId>> {
+    let mut ids = old.to_vec();
+    for id in new {
+        if !ids.contains(id) {
+            ids.push(*id);
+        }
+    }
+    (ids.len() <= MAX_RECEIPT_IDS).then_some(ids)
+}
+
 /// Merges `new` into `old` if they are of one fold kind and the result
 /// stays within its bounds.
 fn merge(old: &Entry, new: &Entry) -> Option<Entry> {
@@ -383,18 +395,6 @@ fn merge(old: &Entry, new: &Entry) -> Option<Entry> {
         }
         _ => None,
     }
-}
-
-/// The ids of `old`, then those of `new` not among them; `None` if that
-/// is more than one frame carries ([`MAX_RECEIPT_IDS`]).
-fn merge_ids(old: &[MsgId], new: &[MsgId]) -> Option<Vec<MsgId>> {
-    let mut ids = old.to_vec();
-    for id in new {
-        if !ids.contains(id) {
-            ids.push(*id);
-        }
-    }
-    (ids.len() <= MAX_RECEIPT_IDS).then_some(ids)
 }
 
 /// One atomic change to the queues: a batch, and the meta changes it
