@@ -415,6 +415,22 @@ impl Hub {
         self.after_flush(epoch, effect);
     }
 
+    /// Answers a `Register` or `RedeemLink` with `Registered` and makes the
+    /// connection `device`. Registered first, then the queue
+    /// (`QueueDrained`), after the same flush: were they given an epoch
+    /// each, a flush in between could release `Registered` before the
+    /// session is authenticated, and the client's next request would be
+    /// refused with "register first".
+    fn registered(&mut self, conn: ConnId, req: u32, user: String, device: DeviceKey) {
+        let epoch = self.store().flusher().note_write();
+        let frame = ServerFrame::Registered {
+            user,
+            device: device.device,
+        };
+        self.after_flush(epoch, Effect::Send { conn, req, frame });
+        self.after_flush(epoch, Effect::Authenticate { conn, device });
+    }
+
     /// Handles one session event. `cursor` is the connection's delivery
     /// state, created here when it authenticates.
     pub fn handle(&mut self, conn: ConnId, session: &mut Session, cursor: &mut Option<Cursor>, event: Event, now: Now) {
@@ -614,25 +630,7 @@ impl Hub {
                 match self.store().accounts().register(&invite, &name, &key, now.unix_ms)? {
                     Ok(device) => {
                         log::info!("registered {name} as {device}");
-                        // Registered first, then the queue (QueueDrained),
-                        // after the same flush: were they given an epoch
-                        // each, a flush in between could release
-                        // Registered before the session is authenticated,
-                        // and the client's next request would be refused
-                        // with "register first".
-                        let epoch = self.store().flusher().note_write();
-                        self.after_flush(
-                            epoch,
-                            Effect::Send {
-                                conn,
-                                req,
-                                frame: ServerFrame::Registered {
-                                    user: name,
-                                    device: device.device,
-                                },
-                            },
-                        );
-                        self.after_flush(epoch, Effect::Authenticate { conn, device });
+                        self.registered(conn, req, name, device);
                     }
                     Err(RegisterError::InvalidInvite) => {
                         error(session, ErrorCode::INVALID_INVITE, "invite unknown, used up or expired")
@@ -652,20 +650,7 @@ impl Hub {
                     Ok(device) => {
                         let user = self.store().accounts().user_name(device.user).map(|n| n.to_string());
                         log::info!("linked {device}");
-                        // One epoch for both, as for Register.
-                        let epoch = self.store().flusher().note_write();
-                        self.after_flush(
-                            epoch,
-                            Effect::Send {
-                                conn,
-                                req,
-                                frame: ServerFrame::Registered {
-                                    user: user.unwrap_or_default(),
-                                    device: device.device,
-                                },
-                            },
-                        );
-                        self.after_flush(epoch, Effect::Authenticate { conn, device });
+                        self.registered(conn, req, user.unwrap_or_default(), device);
                     }
                     Err(LinkError::InvalidCode) => error(
                         session,

@@ -1,116 +1,18 @@
 //! Integration tests: the real `tidingsd` on a loopback port, driven by the
 //! real client library and the `tidings` command line.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use tidings::client::{self, Client, Code, Direction, Event, Message, Profile, Status, conn::Closed};
+use common::cli::{Listener, TIDINGS, stdout, tidings};
+use common::profiles::{open, open_receiving, sync_messages, texts};
+use common::{Daemon, WAIT};
+use tidings::client::{self, Direction, Event, Message, Status, conn::Closed};
 use tidings::wire::{DeviceId, ErrorCode};
-
-const WAIT: Duration = Duration::from_secs(20);
-
-/// A running daemon with its own data directory, killed on drop.
-struct Daemon {
-    child: Child,
-    dir: tempfile::TempDir,
-    addr: String,
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let (child, addr) = Daemon::spawn(dir.path(), "127.0.0.1:0");
-        Daemon { child, dir, addr }
-    }
-
-    /// Stops the daemon (SIGKILL) and starts it again on the same address
-    /// and data.
-    fn restart(&mut self) {
-        self.stop();
-        let (child, addr) = Daemon::spawn(self.dir.path(), &self.addr);
-        assert_eq!(addr, self.addr);
-        self.child = child;
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn spawn(dir: &Path, listen: &str) -> (Child, String) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tidingsd"))
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .args(["--listen", listen])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = lines.next().unwrap().unwrap();
-        let addr = first.strip_prefix("tidingsd listening on ").unwrap().to_owned();
-        // Keep draining its stdout so it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        // It prints before its admin socket is up; operator commands need
-        // that socket while it runs.
-        let deadline = Instant::now() + WAIT;
-        while !dir.join("data").join("admin.sock").exists() {
-            assert!(Instant::now() < deadline, "the daemon never opened its admin socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        (child, addr)
-    }
-
-    fn invite(&self) -> Code {
-        let out = Command::new(env!("CARGO_BIN_EXE_tidingsd"))
-            .args(["invite", "--uses", "50", "--data-dir"])
-            .arg(self.dir.path().join("data"))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let text = String::from_utf8(out.stdout).unwrap();
-        let code = Code::parse(text.lines().last().unwrap()).unwrap();
-        assert_eq!(code.addr, self.addr);
-        code
-    }
-
-    fn profile(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// A registered profile named after its user.
-    fn user(&self, name: &str) -> PathBuf {
-        let dir = self.profile(name);
-        let mut c = open(&dir, false);
-        c.register(&self.invite(), name).unwrap();
-        dir
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn open(dir: &Path, receive: bool) -> Client {
-    Client::new(Profile::open(dir, Duration::from_secs(10)).unwrap(), receive)
-}
-
-fn sync(dir: &Path) -> Vec<Message> {
-    let mut c = open(dir, true);
-    let mut got = Vec::new();
-    c.sync(&mut |m| got.push(m.clone())).unwrap();
-    got
-}
-
-fn texts(msgs: &[Message]) -> Vec<&str> {
-    msgs.iter().map(|m| m.text.as_str()).collect()
-}
 
 /// Listens on `dir` in a thread until a message with text `stop` arrives;
 /// every event goes to the channel.
@@ -158,7 +60,7 @@ fn online_delivery() {
     let bob = d.user("bob");
     let (rx, listener) = listen_until_stop(bob.clone());
     wait_connected(&rx);
-    let mut a = open(&alice, false);
+    let mut a = open(&alice);
     let sent = a.send("bob", "hello bob").unwrap();
     assert_eq!(sent.status, Status::Sent);
     let got = next_message(&rx);
@@ -171,7 +73,7 @@ fn online_delivery() {
     a.send("bob", "stop").unwrap();
     listener.join().unwrap().unwrap();
     // The listener stored what it printed.
-    let h = open(&bob, false).history("alice").unwrap();
+    let h = open(&bob).history("alice").unwrap();
     assert_eq!(texts(&h), ["hello bob", "stop"]);
 }
 
@@ -181,19 +83,19 @@ fn offline_delivery_after_reconnect_and_ack() {
     let alice = d.user("alice");
     let bob = d.user("bob");
     {
-        let mut a = open(&alice, false);
+        let mut a = open(&alice);
         for t in ["one", "two", "three"] {
             a.send("bob", t).unwrap();
         }
     }
-    let got = sync(&bob);
+    let got = sync_messages(&bob);
     assert_eq!(texts(&got), ["one", "two", "three"]);
     // Acked: nothing comes twice.
-    assert!(sync(&bob).is_empty());
-    let h = open(&bob, false).history("alice").unwrap();
+    assert!(sync_messages(&bob).is_empty());
+    let h = open(&bob).history("alice").unwrap();
     assert_eq!(texts(&h), ["one", "two", "three"]);
     assert!(h.iter().all(|m| m.status == Status::Received));
-    let mine = open(&alice, false).history("bob").unwrap();
+    let mine = open(&alice).history("bob").unwrap();
     assert!(
         mine.iter()
             .all(|m| m.status == Status::Sent && m.direction == Direction::Out)
@@ -205,15 +107,15 @@ fn order_of_a_thousand_messages_is_kept() {
     let d = Daemon::start();
     let alice = d.user("alice");
     let bob = d.user("bob");
-    let mut a = open(&alice, false);
+    let mut a = open(&alice);
     for i in 0..1000 {
         a.send("bob", &i.to_string()).unwrap();
     }
     drop(a);
-    let got = sync(&bob);
+    let got = sync_messages(&bob);
     let want: Vec<String> = (0..1000).map(|i| i.to_string()).collect();
     assert_eq!(texts(&got), want);
-    assert_eq!(open(&bob, false).history("alice").unwrap().len(), 1000);
+    assert_eq!(open(&bob).history("alice").unwrap().len(), 1000);
 }
 
 #[test]
@@ -221,7 +123,7 @@ fn a_retried_send_is_stored_once() {
     let d = Daemon::start();
     let alice = d.user("alice");
     let bob = d.user("bob");
-    let mut a = open(&alice, false);
+    let mut a = open(&alice);
     let id = a.new_id().unwrap();
     let first = a.send_with_id(id, "bob", "once").unwrap();
     // The retry on a new connection, as after a dropped one.
@@ -232,9 +134,9 @@ fn a_retried_send_is_stored_once() {
         "the server answers with its first acceptance time"
     );
     drop(a);
-    let got = sync(&bob);
+    let got = sync_messages(&bob);
     assert_eq!(texts(&got), ["once"]);
-    assert_eq!(open(&alice, false).history("bob").unwrap().len(), 1);
+    assert_eq!(open(&alice).history("bob").unwrap().len(), 1);
 }
 
 #[test]
@@ -243,11 +145,11 @@ fn a_linked_second_device_gets_the_conversation() {
     let alice = d.user("alice");
     let bob = d.user("bob");
     let phone = d.profile("alice-phone");
-    let (code, _) = open(&alice, false).link_code().unwrap();
-    let reg = open(&phone, false).link(&code).unwrap();
+    let (code, _) = open(&alice).link_code().unwrap();
+    let reg = open(&phone).link(&code).unwrap();
     assert_eq!((reg.user.as_str(), reg.device), ("alice", 2));
     // A link code works once.
-    let e = open(&d.profile("thief"), false).link(&code).unwrap_err();
+    let e = open(&d.profile("thief")).link(&code).unwrap_err();
     assert!(
         matches!(
             e,
@@ -259,21 +161,21 @@ fn a_linked_second_device_gets_the_conversation() {
         "{e}"
     );
 
-    open(&bob, false).send("alice", "hi alice").unwrap();
-    open(&alice, false).send("bob", "hi bob").unwrap();
-    let on_phone = sync(&phone);
+    open(&bob).send("alice", "hi alice").unwrap();
+    open(&alice).send("bob", "hi bob").unwrap();
+    let on_phone = sync_messages(&phone);
     assert_eq!(texts(&on_phone), ["hi alice", "hi bob"]);
     assert_eq!(on_phone[1].direction, Direction::Out);
     assert_eq!((on_phone[1].from.as_str(), on_phone[1].to.as_str()), ("alice", "bob"));
-    let h = open(&phone, false).history("bob").unwrap();
+    let h = open(&phone).history("bob").unwrap();
     assert_eq!(texts(&h), ["hi alice", "hi bob"]);
     // The first device got bob's message too; bob got one copy.
-    assert_eq!(texts(&sync(&alice)), ["hi alice"]);
-    assert_eq!(texts(&sync(&bob)), ["hi bob"]);
+    assert_eq!(texts(&sync_messages(&alice)), ["hi alice"]);
+    assert_eq!(texts(&sync_messages(&bob)), ["hi bob"]);
     // Messages to oneself reach one's other devices.
-    open(&phone, false).send("alice", "note to self").unwrap();
-    assert_eq!(texts(&sync(&alice)), ["note to self"]);
-    let devices = open(&alice, false).my_devices().unwrap();
+    open(&phone).send("alice", "note to self").unwrap();
+    assert_eq!(texts(&sync_messages(&alice)), ["note to self"]);
+    let devices = open(&alice).my_devices().unwrap();
     assert_eq!(
         devices.iter().map(|d| d.device).collect::<Vec<_>>(),
         [DeviceId(1), DeviceId(2)]
@@ -285,10 +187,10 @@ fn revoke_cuts_a_device_off() {
     let d = Daemon::start();
     let alice = d.user("alice");
     let phone = d.profile("phone");
-    let (code, _) = open(&alice, false).link_code().unwrap();
-    open(&phone, false).link(&code).unwrap();
-    open(&alice, false).revoke(DeviceId(2)).unwrap();
-    let e = open(&phone, true).sync(&mut |_| {}).unwrap_err();
+    let (code, _) = open(&alice).link_code().unwrap();
+    open(&phone).link(&code).unwrap();
+    open(&alice).revoke(DeviceId(2)).unwrap();
+    let e = open_receiving(&phone).sync(&mut |_| {}).unwrap_err();
     assert!(
         matches!(
             &e,
@@ -302,8 +204,8 @@ fn revoke_cuts_a_device_off() {
     assert!(!e.is_transient());
     // Sends from alice now need no body for the revoked device.
     let bob = d.user("bob");
-    open(&alice, false).send("bob", "after").unwrap();
-    assert_eq!(texts(&sync(&bob)), ["after"]);
+    open(&alice).send("bob", "after").unwrap();
+    assert_eq!(texts(&sync_messages(&bob)), ["after"]);
 }
 
 #[test]
@@ -318,7 +220,7 @@ fn a_device_connecting_elsewhere_closes_the_older_connection() {
     }
     let (rx, listener) = listen_until_stop(alice.clone());
     wait_connected(&rx);
-    let mut other = open(&copy, false);
+    let mut other = open(&copy);
     other.connect().unwrap();
     let e = listener.join().unwrap().unwrap_err();
     assert!(
@@ -340,23 +242,23 @@ fn send_mismatch_is_retried_with_fresh_device_lists() {
     let d = Daemon::start();
     let alice = d.user("alice");
     let bob = d.user("bob");
-    let mut a = open(&alice, false);
+    let mut a = open(&alice);
     // Alice caches bob's device list...
     a.send("bob", "before").unwrap();
     // ...then bob adds a device.
     let tablet = d.profile("bob-tablet");
-    let (code, _) = open(&bob, false).link_code().unwrap();
-    open(&tablet, false).link(&code).unwrap();
+    let (code, _) = open(&bob).link_code().unwrap();
+    open(&tablet).link(&code).unwrap();
     a.send("bob", "after").unwrap();
-    assert_eq!(texts(&sync(&tablet)), ["after"]);
-    assert_eq!(texts(&sync(&bob)), ["before", "after"]);
+    assert_eq!(texts(&sync_messages(&tablet)), ["after"]);
+    assert_eq!(texts(&sync_messages(&bob)), ["before", "after"]);
 }
 
 #[test]
 fn errors_are_reported_and_leave_no_pending_message() {
     let d = Daemon::start();
     let alice = d.user("alice");
-    let mut a = open(&alice, false);
+    let mut a = open(&alice);
     let e = a.send("nobody", "hi").unwrap_err();
     assert!(
         matches!(
@@ -371,9 +273,7 @@ fn errors_are_reported_and_leave_no_pending_message() {
     assert!(a.history("nobody").unwrap().is_empty());
     let e = a.send("bob", &"x".repeat(5000)).unwrap_err();
     assert!(matches!(e, client::Error::Body(_)), "{e}");
-    let e = open(&d.profile("carol"), false)
-        .register(&d.invite(), "alice")
-        .unwrap_err();
+    let e = open(&d.profile("carol")).register(&d.invite(1), "alice").unwrap_err();
     assert!(
         matches!(
             e,
@@ -385,9 +285,9 @@ fn errors_are_reported_and_leave_no_pending_message() {
         "{e}"
     );
     // A wrong server key fails the handshake.
-    let mut bad = d.invite();
+    let mut bad = d.invite(1);
     bad.server_key[0] ^= 1;
-    let e = open(&d.profile("dave"), false).register(&bad, "dave").unwrap_err();
+    let e = open(&d.profile("dave")).register(&bad, "dave").unwrap_err();
     assert!(matches!(e, client::Error::Closed(Closed::Handshake)), "{e:?}");
 }
 
@@ -396,24 +296,26 @@ fn send_reconnects_and_retries_after_the_connection_drops() {
     let mut d = Daemon::start();
     let alice = d.user("alice");
     let bob = d.user("bob");
-    let mut a = open(&alice, false);
+    let mut a = open(&alice);
     a.send("bob", "before").unwrap();
     assert!(a.is_connected());
     // The daemon dies under the open connection and comes back.
     d.restart();
     a.send("bob", "after the restart").unwrap();
     // Down for a while: the send waits it out (same id throughout).
-    d.stop();
-    let addr = d.addr.clone();
-    let dir = d.dir.path().to_path_buf();
+    d.kill9();
     let starter = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(1500));
-        Daemon::spawn(&dir, &addr).0
+        d.restart();
+        d
     });
     a.send("bob", "while it was down").unwrap();
-    d.child = starter.join().unwrap();
+    let _d = starter.join().unwrap();
     drop(a);
-    assert_eq!(texts(&sync(&bob)), ["before", "after the restart", "while it was down"]);
+    assert_eq!(
+        texts(&sync_messages(&bob)),
+        ["before", "after the restart", "while it was down"]
+    );
 }
 
 #[test]
@@ -437,7 +339,7 @@ fn listen_reconnects_after_the_daemon_restarts() {
             _ => {}
         }
     }
-    let mut a = open(&alice, false);
+    let mut a = open(&alice);
     a.send("bob", "after").unwrap();
     assert_eq!(next_message(&rx).text, "after");
     a.send("bob", "stop").unwrap();
@@ -449,10 +351,10 @@ fn a_delivery_already_stored_is_acked_but_not_shown_again() {
     let d = Daemon::start();
     let alice = d.user("alice");
     let bob = d.user("bob");
-    let sent = open(&alice, false).send("bob", "once only").unwrap();
+    let sent = open(&alice).send("bob", "once only").unwrap();
     // As if bob had stored it and crashed before his ack reached the server.
     {
-        let b = open(&bob, false);
+        let b = open(&bob);
         let copy = Message {
             id: sent.id,
             from: "alice".into(),
@@ -467,9 +369,9 @@ fn a_delivery_already_stored_is_acked_but_not_shown_again() {
         assert!(b.profile().history().insert("bob", &copy).unwrap());
         b.profile().history().flush().unwrap();
     }
-    assert!(sync(&bob).is_empty(), "a duplicate is not shown");
-    assert!(sync(&bob).is_empty(), "and it was acked");
-    assert_eq!(open(&bob, false).history("alice").unwrap().len(), 1);
+    assert!(sync_messages(&bob).is_empty(), "a duplicate is not shown");
+    assert!(sync_messages(&bob).is_empty(), "and it was acked");
+    assert_eq!(open(&bob).history("alice").unwrap().len(), 1);
 }
 
 #[test]
@@ -479,7 +381,7 @@ fn listen_resends_a_message_left_pending() {
     let bob = d.user("bob");
     // As if alice's send had crashed after storing, before `Accepted`.
     let id = {
-        let a = open(&alice, false);
+        let a = open(&alice);
         let m = Message {
             id: a.new_id().unwrap(),
             from: "alice".into(),
@@ -502,13 +404,13 @@ fn listen_resends_a_message_left_pending() {
     let mut got = Vec::new();
     while got.is_empty() {
         assert!(Instant::now() < deadline, "the pending message never arrived");
-        got = sync(&bob);
+        got = sync_messages(&bob);
     }
     assert_eq!(texts(&got), ["left pending"]);
     assert_eq!(got[0].id, id);
-    open(&bob, false).send("alice", "stop").unwrap();
+    open(&bob).send("alice", "stop").unwrap();
     listener.join().unwrap().unwrap();
-    let h = open(&alice, false).history("bob").unwrap();
+    let h = open(&alice).history("bob").unwrap();
     // Sent, and bob's sync said it was delivered (its receipt reached the
     // listener before "stop" did).
     assert_eq!(h[0].status, Status::Delivered);
@@ -516,43 +418,18 @@ fn listen_resends_a_message_left_pending() {
 
 // ---- the command line ----
 
-/// A child process (here: `tidings listen`) that a failing test must not
-/// leave behind.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn tidings(profile: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_tidings"))
-        .arg("--profile")
-        .arg(profile)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn stdout(out: &std::process::Output) -> String {
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
 #[test]
 fn cli_send_from_a_second_terminal_while_listen_runs() {
     let d = Daemon::start();
     let alice = d.profile("alice");
     let bob = d.profile("bob");
-    let invite = d.invite().to_string();
+    let invite = d.invite(2).to_string();
     assert_eq!(
         stdout(&tidings(&alice, &["register", &invite, "alice"])).trim(),
         "alice 1"
     );
     // --json and --profile after the subcommand.
-    let reg = Command::new(env!("CARGO_BIN_EXE_tidings"))
+    let reg = Command::new(TIDINGS)
         .args(["register", &invite, "bob", "--json", "--profile"])
         .arg(&bob)
         .output()
@@ -563,22 +440,7 @@ fn cli_send_from_a_second_terminal_while_listen_runs() {
         (Some("registered"), Some("bob"))
     );
 
-    let mut listener = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_tidings"))
-            .arg("--profile")
-            .arg(&bob)
-            .args(["listen", "--json"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut lines = BufReader::new(listener.0.stdout.take().unwrap()).lines();
-    let deadline = Instant::now() + WAIT;
-    while !bob.join("sock").exists() {
-        assert!(Instant::now() < deadline, "listen never opened its socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let listener = Listener::start(&bob);
     // A second command on bob's profile goes through the listener.
     let id = stdout(&tidings(&bob, &["send", "alice", "from the second terminal"]));
     let id = id.lines().last().unwrap();
@@ -586,8 +448,7 @@ fn cli_send_from_a_second_terminal_while_listen_runs() {
     assert!(id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
     // Alice answers; the listener prints it as JSON.
     let sent = stdout(&tidings(&alice, &["send", "bob", "hello"]));
-    let line = lines.next().unwrap().unwrap();
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let v = listener.next("alice's message");
     assert_eq!(v["type"], "message");
     assert_eq!(v["id"], sent.trim());
     assert_eq!(
@@ -644,10 +505,10 @@ fn cli_failures_print_nothing_on_stdout() {
     assert!(!out.status.success());
     assert!(out.stdout.is_empty());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not registered"));
-    stdout(&tidings(&alice, &["register", &d.invite().to_string(), "alice"]));
+    stdout(&tidings(&alice, &["register", &d.invite(1).to_string(), "alice"]));
     for args in [
         &["send", "nobody", "hi"][..],
-        &["register", &d.invite().to_string(), "alice"],
+        &["register", &d.invite(1).to_string(), "alice"],
         &["link", "tidings://nope"],
         &["revoke", "7"],
     ] {

@@ -37,7 +37,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{ClientError, Daemon, RawClient};
+use common::Daemon;
+use common::raw::{ClientError, RawClient};
 use tidings::noise::{Keypair, PublicKey};
 use tidings::wire::{Body, ClientFrame, DeviceId, MsgId, Send, ServerFrame};
 

@@ -4,137 +4,19 @@
 //! and session resets, identity warnings and safety numbers.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
+use common::Daemon;
+use common::cli::{Listener, stdout, tidings, tidings_cmd};
+use common::profiles::{messages, notices, open, open_receiving, sync, texts};
 use tidings::client::e2e::Known;
-use tidings::client::{self, Client, Code, Event, Message, Notice, Profile};
+use tidings::client::{self, Event, Notice};
 use tidings::wire::{DeviceAddr, DeviceId};
-
-const WAIT: Duration = Duration::from_secs(20);
-
-/// A running daemon with its own data directory, killed on drop.
-struct Daemon {
-    child: Child,
-    dir: tempfile::TempDir,
-    /// Where it listens.
-    listen: String,
-}
-
-impl Daemon {
-    /// A daemon on a loopback port; invites carry `public` if given.
-    fn start(public: Option<&str>) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidingsd"));
-        cmd.arg("--data-dir").arg(dir.path().join("data"));
-        cmd.args(["--listen", "127.0.0.1:0"]);
-        if let Some(p) = public {
-            cmd.args(["--public-addr", p]);
-        }
-        let mut child = cmd
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = lines.next().unwrap().unwrap();
-        let listen = first.strip_prefix("tidingsd listening on ").unwrap().to_owned();
-        std::thread::spawn(move || for _ in lines {});
-        let deadline = Instant::now() + WAIT;
-        while !dir.path().join("data").join("admin.sock").exists() {
-            assert!(Instant::now() < deadline, "the daemon never opened its admin socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Daemon { child, dir, listen }
-    }
-
-    fn data(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    fn invite(&self) -> Code {
-        let out = Command::new(env!("CARGO_BIN_EXE_tidingsd"))
-            .args(["invite", "--uses", "50", "--data-dir"])
-            .arg(self.data())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let text = String::from_utf8(out.stdout).unwrap();
-        Code::parse(text.lines().last().unwrap()).unwrap()
-    }
-
-    fn profile(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// A registered profile named after its user.
-    fn user(&self, name: &str) -> PathBuf {
-        let dir = self.profile(name);
-        open(&dir).register(&self.invite(), name).unwrap();
-        dir
-    }
-
-    /// A new device of the account of `existing`, in profile `name`.
-    fn link(&self, existing: &Path, name: &str) -> PathBuf {
-        let dir = self.profile(name);
-        let (code, _) = open(existing).link_code().unwrap();
-        open(&dir).link(&code).unwrap();
-        dir
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// A client that leaves deliveries queued (for anything but syncing).
-fn open(dir: &Path) -> Client {
-    Client::new(Profile::open(dir, Duration::from_secs(10)).unwrap(), false)
-}
-
-/// Syncs `dir`; returns the events (messages and notices) in order.
-fn sync(dir: &Path) -> Vec<Event> {
-    let mut c = Client::new(Profile::open(dir, Duration::from_secs(10)).unwrap(), true);
-    let mut got = Vec::new();
-    c.sync_events(&mut |e| got.push(e.clone())).unwrap();
-    got
-}
-
-fn messages(events: &[Event]) -> Vec<Message> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Message(m) => Some(m.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
-fn texts(msgs: &[Message]) -> Vec<&str> {
-    msgs.iter().map(|m| m.text.as_str()).collect()
-}
-
-fn notices(c: &mut Client) -> Vec<Notice> {
-    let mut out = Vec::new();
-    while let Some(e) = c.poll_event() {
-        if let Event::Notice(n) = e {
-            out.push(n);
-        }
-    }
-    out
-}
 
 fn addr(user: &str, device: u32) -> DeviceAddr {
     DeviceAddr {
@@ -145,7 +27,7 @@ fn addr(user: &str, device: u32) -> DeviceAddr {
 
 #[test]
 fn two_users_with_two_devices_each_see_the_whole_conversation() {
-    let d = Daemon::start(None);
+    let d = Daemon::start();
     let alice = d.user("alice");
     let alice2 = d.link(&alice, "alice-phone");
     let bob = d.user("bob");
@@ -269,9 +151,9 @@ fn all_bytes(dir: &Path) -> Vec<u8> {
 #[test]
 fn the_server_and_the_wire_never_see_the_text() {
     let (listener, proxy_addr) = Proxy::bind();
-    let mut d = Daemon::start(Some(&proxy_addr));
-    let proxy = Proxy::start(listener, d.listen.clone());
-    assert_eq!(d.invite().addr, proxy.addr, "clients connect through the proxy");
+    let mut d = Daemon::start_with(&["--public-addr", &proxy_addr]);
+    let proxy = Proxy::start(listener, d.addr().to_string());
+    assert_eq!(d.invite(1).addr, proxy.addr, "clients connect through the proxy");
     let alice = d.user("alice");
     let alice2 = d.link(&alice, "alice-phone");
     let bob = d.user("bob");
@@ -284,8 +166,8 @@ fn the_server_and_the_wire_never_see_the_text() {
     assert_eq!(texts(&messages(&sync(&alice2))), [marker.as_str(), reply.as_str()]);
     // Something else stays queued on the server, undelivered.
     open(&alice).send("bob", &format!("{marker}-queued")).unwrap();
-    d.stop();
-    let data = all_bytes(&d.data());
+    d.kill9();
+    let data = all_bytes(d.data_dir());
     assert!(data.len() > 10_000, "the daemon wrote its database");
     let wire = proxy.seen.lock().unwrap().clone();
     assert!(wire.len() > 1_000, "the proxy saw the traffic");
@@ -309,7 +191,7 @@ fn rand_u64() -> u64 {
 
 #[test]
 fn a_device_added_or_removed_while_the_sender_is_offline() {
-    let d = Daemon::start(None);
+    let d = Daemon::start();
     let alice = d.user("alice");
     let bob = d.user("bob");
     let bob2 = d.link(&bob, "bob-2");
@@ -346,19 +228,12 @@ fn a_device_added_or_removed_while_the_sender_is_offline() {
     drop(a);
     assert_eq!(texts(&messages(&sync(&bob))), ["third"]);
     assert_eq!(texts(&messages(&sync(&bob3))), ["third"]);
-    let e = Client::new(Profile::open(&bob2, Duration::from_secs(10)).unwrap(), true)
-        .sync(&mut |_| {})
-        .unwrap_err();
+    let e = open_receiving(&bob2).sync(&mut |_| {}).unwrap_err();
     assert!(matches!(e, client::Error::Closed(_)), "{e}");
     // Exactly bob's current devices: the server keeps a queue for each
     // current device only, and both were drained.
-    let out = Command::new(env!("CARGO_BIN_EXE_tidingsd"))
-        .args(["devices", "bob", "--data-dir"])
-        .arg(d.data())
-        .output()
-        .unwrap();
-    let listed = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(listed.lines().count(), 2, "{listed}");
+    let listed = d.operator(&["devices", "bob"]);
+    assert_eq!(listed.len(), 2, "{listed:?}");
     // The other way: bob has written to alice, so a new device of hers is
     // news to him.
     open(&bob).send("alice", "got them").unwrap();
@@ -378,7 +253,7 @@ fn a_device_added_or_removed_while_the_sender_is_offline() {
 
 #[test]
 fn one_time_keys_are_never_handed_out_twice() {
-    let d = Daemon::start(None);
+    let d = Daemon::start();
     let _bob = d.user("bob");
     let claimers: Vec<PathBuf> = (0..8).map(|i| d.user(&format!("claimer{i}"))).collect();
     // Bob published 50 one-time keys; 8 claimers at once claim 7 times
@@ -412,7 +287,7 @@ fn one_time_keys_are_never_handed_out_twice() {
 
 #[test]
 fn keys_are_topped_up_when_the_server_says_they_run_low() {
-    let d = Daemon::start(None);
+    let d = Daemon::start();
     let bob = d.user("bob");
     // 45 claims, by two devices (each may claim 30 a minute).
     for (name, n) in [("carol", 25), ("erin", 20)] {
@@ -448,7 +323,7 @@ fn lose_sessions(profile: &Path, peer: &str) {
 
 #[test]
 fn an_undecryptable_message_is_shown_and_the_session_reset() {
-    let d = Daemon::start(None);
+    let d = Daemon::start();
     let alice = d.user("alice");
     let bob = d.user("bob");
     open(&alice).send("bob", "one").unwrap();
@@ -484,7 +359,7 @@ fn an_undecryptable_message_is_shown_and_the_session_reset() {
 
 #[test]
 fn a_changed_identity_is_a_warning_before_the_next_message() {
-    let d = Daemon::start(None);
+    let d = Daemon::start();
     let alice = d.user("alice");
     let bob = d.user("bob");
     open(&alice).send("bob", "hi").unwrap();
@@ -555,23 +430,9 @@ fn a_changed_identity_is_a_warning_before_the_next_message() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("warning: the identity key of bob's device 1 changed"));
 }
 
-fn tidings(profile: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_tidings"))
-        .arg("--profile")
-        .arg(profile)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn stdout(out: &std::process::Output) -> String {
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
 #[test]
 fn safety_numbers_match_on_both_sides_and_follow_the_devices() {
-    let d = Daemon::start(None);
+    let d = Daemon::start();
     let alice = d.user("alice");
     let _alice2 = d.link(&alice, "alice-2");
     let bob = d.user("bob");
@@ -607,7 +468,7 @@ fn safety_numbers_match_on_both_sides_and_follow_the_devices() {
 
 #[test]
 fn cli_announces_a_new_device_and_keeps_the_id_last() {
-    let d = Daemon::start(None);
+    let d = Daemon::start();
     let alice = d.user("alice");
     let bob = d.user("bob");
     stdout(&tidings(&alice, &["send", "bob", "one"]));
@@ -630,12 +491,12 @@ fn cli_announces_a_new_device_and_keeps_the_id_last() {
 
 #[test]
 fn a_passphrase_protects_the_keys() {
-    let d = Daemon::start(None);
+    let d = Daemon::start();
     let alice = d.profile("alice");
-    let invite = d.invite().to_string();
+    let invite = d.invite(1).to_string();
     let run = |pass: Option<&str>, args: &[&str]| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidings"));
-        cmd.arg("--profile").arg(&alice).args(args);
+        let mut cmd = tidings_cmd(&alice);
+        cmd.args(args);
         match pass {
             Some(p) => cmd.env("TIDINGS_PASSPHRASE", p),
             None => cmd.env_remove("TIDINGS_PASSPHRASE"),
@@ -657,10 +518,7 @@ fn a_passphrase_protects_the_keys() {
     // A plain profile warns, and is encrypted once a passphrase is set.
     let out = tidings(&bob, &["history", "alice"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("unencrypted"));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidings"));
-    let out = cmd
-        .arg("--profile")
-        .arg(&bob)
+    let out = tidings_cmd(&bob)
         .args(["history", "alice"])
         .env("TIDINGS_PASSPHRASE", "later")
         .output()
@@ -673,19 +531,9 @@ fn a_passphrase_protects_the_keys() {
 
 #[test]
 fn a_receiver_killed_mid_stream_loses_nothing_and_keeps_its_sessions() {
-    let d = Daemon::start(None);
+    let d = Daemon::start();
     let alice = d.user("alice");
     let bob = d.user("bob");
-    let listen = || {
-        Command::new(env!("CARGO_BIN_EXE_tidings"))
-            .arg("--profile")
-            .arg(&bob)
-            .args(["listen", "--json"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
     const N: usize = 600;
     let sender = {
         let alice = alice.clone();
@@ -700,13 +548,11 @@ fn a_receiver_killed_mid_stream_loses_nothing_and_keeps_its_sessions() {
     // in his queue), each time right after it printed its 60th message, so
     // while it decrypts, stores and acks the next ones.
     for _ in 0..3 {
-        let mut child = listen();
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        for line in lines.take(60) {
-            line.unwrap();
+        let listener = Listener::start(&bob);
+        for _ in 0..60 {
+            listener.next("60 lines");
         }
-        child.kill().unwrap();
-        child.wait().unwrap();
+        drop(listener);
     }
     sender.join().unwrap();
     sync(&bob);

@@ -11,7 +11,8 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{ClientError, Daemon, RawClient};
+use common::Daemon;
+use common::raw::{ClientError, RawClient};
 use tidings::wire::{Body, ClientFrame, DeviceId, ErrorCode, MAX_BODY_LEN, MsgId, PREAMBLE, Send, ServerFrame};
 
 const PATIENCE: Duration = Duration::from_secs(10);

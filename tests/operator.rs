@@ -7,7 +7,8 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Daemon, RawClient};
+use common::Daemon;
+use common::raw::RawClient;
 use tidings::client::Code;
 use tidings::wire::{ErrorCode, ServerFrame};
 

@@ -6,236 +6,18 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde_json::Value;
-use tidings::client::{self, Client, Code, Content, DeviceState, Event, Message, Profile, Report, Status, UpdateKind};
+use common::cli::{Listener, id_of, json_lines, stdout, tidings};
+use common::profiles::{history, messages, one, open, sync};
+use common::raw::RawClient;
+use common::{Daemon, WAIT};
+use tidings::client::{self, Content, DeviceState, Event, Message, Report, Status, UpdateKind};
 use tidings::wire::{ClientFrame, DeviceId, MsgId, Receipt, ReceiptKind, ServerFrame};
-
-const WAIT: Duration = Duration::from_secs(20);
-
-/// A running daemon with its own data directory, killed on drop; started
-/// with a config file when one is given.
-struct Daemon {
-    child: Child,
-    dir: tempfile::TempDir,
-    listen: String,
-}
-
-impl Daemon {
-    fn start(config: Option<&str>) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        if let Some(text) = config {
-            std::fs::write(dir.path().join("tidingsd.toml"), text).unwrap();
-        }
-        let (child, listen) = Daemon::spawn(dir.path(), "127.0.0.1:0");
-        Daemon { child, dir, listen }
-    }
-
-    fn spawn(dir: &Path, listen: &str) -> (Child, String) {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidingsd"));
-        let config = dir.join("tidingsd.toml");
-        if config.exists() {
-            cmd.arg("--config").arg(config);
-        }
-        cmd.arg("--data-dir").arg(dir.join("data"));
-        cmd.args(["--listen", listen]);
-        let mut child = cmd
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = lines.next().unwrap().unwrap();
-        let listen = first.strip_prefix("tidingsd listening on ").unwrap().to_owned();
-        std::thread::spawn(move || for _ in lines {});
-        let deadline = Instant::now() + WAIT;
-        while !dir.join("data").join("admin.sock").exists() {
-            assert!(Instant::now() < deadline, "the daemon never opened its admin socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        (child, listen)
-    }
-
-    /// Stops the daemon, runs `f` on its store (the server's side of
-    /// things), and starts it again on the same address.
-    fn with_store_stopped<R>(&mut self, f: impl FnOnce(&tidings::store::Store) -> R) -> R {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let r = {
-            let store = tidings::store::Store::open(&self.data(), &Default::default()).unwrap();
-            f(&store)
-        };
-        // The killed daemon's socket file: wait for the new one's.
-        let _ = std::fs::remove_file(self.data().join("admin.sock"));
-        let (child, listen) = Daemon::spawn(self.dir.path(), &self.listen);
-        assert_eq!(listen, self.listen);
-        self.child = child;
-        r
-    }
-
-    fn data(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    fn invite(&self) -> Code {
-        let out = Command::new(env!("CARGO_BIN_EXE_tidingsd"))
-            .args(["invite", "--uses", "50", "--data-dir"])
-            .arg(self.data())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let text = String::from_utf8(out.stdout).unwrap();
-        Code::parse(text.lines().last().unwrap()).unwrap()
-    }
-
-    fn profile(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// A registered profile named after its user.
-    fn user(&self, name: &str) -> PathBuf {
-        let dir = self.profile(name);
-        open(&dir).register(&self.invite(), name).unwrap();
-        dir
-    }
-
-    /// A new device of the account of `existing`, in profile `name`.
-    fn link(&self, existing: &Path, name: &str) -> PathBuf {
-        let dir = self.profile(name);
-        let (code, _) = open(existing).link_code().unwrap();
-        open(&dir).link(&code).unwrap();
-        dir
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A client that leaves deliveries queued.
-fn open(dir: &Path) -> Client {
-    Client::new(Profile::open(dir, Duration::from_secs(10)).unwrap(), false)
-}
-
-/// Syncs `dir`; returns the events in order.
-fn sync(dir: &Path) -> Vec<Event> {
-    let mut c = Client::new(Profile::open(dir, Duration::from_secs(10)).unwrap(), true);
-    let mut got = Vec::new();
-    c.sync_events(&mut |e| got.push(e.clone())).unwrap();
-    got
-}
-
-fn messages(events: &[Event]) -> Vec<Message> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Message(m) => Some(m.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
-fn history(dir: &Path, peer: &str) -> Vec<Message> {
-    open(dir).history(peer).unwrap()
-}
-
-fn one(dir: &Path, peer: &str, id: MsgId) -> Message {
-    history(dir, peer)
-        .into_iter()
-        .find(|m| m.id == id)
-        .unwrap_or_else(|| panic!("no {id} in {}", dir.display()))
-}
-
-fn tidings(profile: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_tidings"))
-        .arg("--profile")
-        .arg(profile)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn stdout(out: &std::process::Output) -> String {
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-fn json_lines(out: &std::process::Output) -> Vec<Value> {
-    stdout(out).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
-
-fn id_of(v: &Value) -> MsgId {
-    MsgId::from_hex(v["id"].as_str().unwrap()).unwrap()
-}
-
-/// `tidings listen --json` on a profile, its lines on a channel; killed
-/// on drop.
-struct Listener {
-    child: Child,
-    lines: mpsc::Receiver<Value>,
-}
-
-impl Listener {
-    fn start(profile: &Path) -> Listener {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tidings"))
-            .arg("--profile")
-            .arg(profile)
-            .args(["listen", "--json"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { return };
-                let _ = tx.send(serde_json::from_str(&line).unwrap());
-            }
-        });
-        let deadline = Instant::now() + WAIT;
-        while !profile.join("sock").exists() {
-            assert!(Instant::now() < deadline, "listen never opened its socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Listener { child, lines }
-    }
-
-    /// The next line for which `want` holds (others are skipped).
-    fn wait_for(&self, what: &str, want: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            match self
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(v) if want(&v) => return v,
-                Ok(_) => {}
-                Err(_) => panic!("listen never printed {what}"),
-            }
-        }
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[test]
 fn a_message_goes_sent_then_delivered_then_read_on_every_device() {
-    let d = Daemon::start(None);
+    let d = Daemon::start();
     let alice = d.user("alice");
     let alice2 = d.link(&alice, "alice-2");
     let bob = d.user("bob");
@@ -325,7 +107,7 @@ fn a_message_goes_sent_then_delivered_then_read_on_every_device() {
 
 #[test]
 fn replies_forwards_edits_and_deletes_reach_every_device() {
-    let d = Daemon::start(None);
+    let d = Daemon::start();
     let alice = d.user("alice");
     let alice2 = d.link(&alice, "alice-2");
     let bob = d.user("bob");
@@ -564,7 +346,7 @@ fn replies_forwards_edits_and_deletes_reach_every_device() {
 
 #[test]
 fn a_delete_while_the_recipient_is_offline_leaves_no_copy_queued() {
-    let mut d = Daemon::start(None);
+    let mut d = Daemon::start();
     let alice = d.user("alice");
     let alice2 = d.link(&alice, "alice-2");
     let bob = d.user("bob");
@@ -626,7 +408,7 @@ fn a_delete_while_the_recipient_is_offline_leaves_no_copy_queued() {
 
 #[test]
 fn with_read_receipts_off_no_read_receipt_leaves_and_none_is_shown() {
-    let mut d = Daemon::start(None);
+    let mut d = Daemon::start();
     let alice = d.user("alice");
     let bob = d.user("bob");
     let bob2 = d.link(&bob, "bob-2");
@@ -704,16 +486,16 @@ fn with_read_receipts_off_no_read_receipt_leaves_and_none_is_shown() {
 
 #[test]
 fn receipts_and_notices_are_acknowledged_and_never_stall_delivery() {
-    let d = Daemon::start(None);
+    let d = Daemon::start();
     let alice = d.user("alice");
     let _bob = d.user("bob");
     // More receipt entries than the delivery window (256) waiting in
     // alice's queue: receipts of different kinds never fold, and the
     // server routes kinds it does not know (spec §5.5).
-    let addr = d.listen.parse().unwrap();
-    let invite = d.invite();
+    let addr = d.addr();
+    let invite = d.invite(2);
     for name in ["rawone", "rawtwo"] {
-        let mut raw = common::RawClient::register(addr, &invite, name).unwrap().client;
+        let mut raw = RawClient::register(addr, &invite, name).unwrap().client;
         let kinds = if name == "rawone" { 1..=255u8 } else { 1..=10 };
         let n = kinds.clone().count();
         for kind in kinds {
@@ -744,7 +526,7 @@ fn receipts_and_notices_are_acknowledged_and_never_stall_delivery() {
 fn gap_and_expiry_notices_are_shown() {
     // A notice is a queue entry subject to retention too: bob syncs after
     // his messages expired (3 to 4 s) and before the notice would (6 s).
-    let d = Daemon::start(Some("[retention]\nperiod = \"3s\"\nsweep_every = \"1s\"\n"));
+    let d = Daemon::start_with_config("[retention]\nperiod = \"3s\"\nsweep_every = \"1s\"\n");
     let alice = d.user("alice");
     let bob = d.user("bob");
     open(&alice).send("bob", "hello").unwrap();
@@ -813,7 +595,7 @@ fn gap_and_expiry_notices_are_shown() {
 
 #[test]
 fn a_full_queue_refuses_the_send_and_keeps_what_it_has() {
-    let d = Daemon::start(Some("[quotas]\nqueue_messages = 3\n"));
+    let d = Daemon::start_with_config("[quotas]\nqueue_messages = 3\n");
     let alice = d.user("alice");
     let bob = d.user("bob");
     let mut sent = Vec::new();

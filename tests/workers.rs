@@ -9,7 +9,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Daemon, RawClient};
+use common::Daemon;
+use common::raw::RawClient;
 use tidings::client::Code;
 use tidings::noise::Keypair;
 use tidings::wire::{Body, ClientFrame, DeviceId, MsgId, Send, ServerFrame};

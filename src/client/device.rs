@@ -256,6 +256,15 @@ impl Client {
         Ok(self.profile.registered()?.user.clone())
     }
 
+    /// This device's address: its user and number.
+    fn this_device(&self) -> Result<DeviceAddr, Error> {
+        let reg = self.profile.registered()?;
+        Ok(DeviceAddr {
+            user: reg.user.clone(),
+            device: DeviceId(reg.device),
+        })
+    }
+
     // ---- connection ----
 
     /// Connects to the registered server, if not connected.
@@ -1231,17 +1240,13 @@ impl Client {
             text: text.to_owned(),
         };
         self.send_content(&m.to, content, now)?;
-        let me = self.profile.registered()?.clone();
-        let by = DeviceAddr {
-            user: me.user.clone(),
-            device: DeviceId(me.device),
-        };
+        let by = self.this_device()?;
         let h = self.profile.history();
         let mut batch = Batch::default();
-        h.edit(&mut batch, &me.user, &by, id, &m.to, text, now, false)?;
+        h.edit(&mut batch, &by.user, &by, id, &m.to, text, now, false)?;
         h.apply(batch, None)?;
         h.flush()?;
-        h.get(&me.user, &id)?
+        h.get(&by.user, &id)?
             .ok_or(Error::Unexpected("the edited message is gone"))
     }
 
@@ -1264,14 +1269,10 @@ impl Client {
             )));
         }
         let time_ms = self.send_content(&m.to, Content::Delete { target: id }, now)?;
-        let me = self.profile.registered()?.clone();
-        let by = DeviceAddr {
-            user: me.user.clone(),
-            device: DeviceId(me.device),
-        };
+        let by = self.this_device()?;
         let h = self.profile.history();
         let mut batch = Batch::default();
-        h.delete(&mut batch, &me.user, &by, id, &m.to, now, time_ms, false)?;
+        h.delete(&mut batch, &by.user, &by, id, &m.to, now, time_ms, false)?;
         h.apply(batch, None)?;
         h.flush()?;
         if let Err(e) = self.retract(id) {
@@ -1279,7 +1280,7 @@ impl Client {
         }
         self.profile
             .history()
-            .get(&me.user, &id)?
+            .get(&by.user, &id)?
             .ok_or(Error::Unexpected("the deleted message is gone"))
     }
 

@@ -238,21 +238,13 @@ impl World {
     /// Registers `name` on a new connection on `worker`.
     pub fn register(&mut self, worker: u16, name: &str) -> ConnId {
         let invite = self.invite();
-        let conn = self.connect(worker, Keypair::generate().expect("key"));
-        self.request(
-            conn,
+        self.new_device(
+            worker,
             &ClientFrame::Register {
                 invite,
                 name: name.into(),
             },
-        );
-        self.run();
-        let got = self.inbox(conn);
-        assert!(
-            matches!(got.first(), Some((_, ServerFrame::Registered { .. }))),
-            "{got:?}"
-        );
-        conn
+        )
     }
 
     /// Links a new device to the account on `existing`, on `worker`.
@@ -263,8 +255,14 @@ impl World {
             Some((_, ServerFrame::LinkCode { code, .. })) => code,
             other => panic!("expected a link code, got {other:?}"),
         };
+        self.new_device(worker, &ClientFrame::RedeemLink { code })
+    }
+
+    /// A new connection on `worker`, with a fresh key, whose `frame`
+    /// (`Register` or `RedeemLink`) must be answered with `Registered`.
+    fn new_device(&mut self, worker: u16, frame: &ClientFrame) -> ConnId {
         let conn = self.connect(worker, Keypair::generate().expect("key"));
-        self.request(conn, &ClientFrame::RedeemLink { code });
+        self.request(conn, frame);
         self.run();
         let got = self.inbox(conn);
         assert!(

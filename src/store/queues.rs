@@ -339,6 +339,18 @@ fn decode_dedup(v: &[u8]) -> Result<DedupRecord, StoreError> {
     postcard::from_bytes(v).map_err(|_| StoreError::Corrupt("queues/dedup"))
 }
 
+/// The ids of `old`, then those of `new` not among them; `None` if that
+/// is more than one frame carries ([`MAX_RECEIPT_IDS`]).
+fn merge_ids(old: &[MsgId], new: &[MsgId]) -> Option<Vec<MsgId>> {
+    let mut ids = old.to_vec();
+    for id in new {
+        if !ids.contains(id) {
+            ids.push(*id);
+        }
+    }
+    (ids.len() <= MAX_RECEIPT_IDS).then_some(ids)
+}
+
 /// Merges `new` into `old` if they are of one fold kind and the result
 /// stays within its bounds.
 fn merge(old: &Entry, new: &Entry) -> Option<Entry> {
@@ -346,13 +358,7 @@ fn merge(old: &Entry, new: &Entry) -> Option<Entry> {
         (Entry::Receipt(a), Entry::Receipt(b))
             if (a.from_user, a.from_device, a.to_user, a.kind) == (b.from_user, b.from_device, b.to_user, b.kind) =>
         {
-            let mut ids = a.ids.clone();
-            for id in &b.ids {
-                if !ids.contains(id) {
-                    ids.push(*id);
-                }
-            }
-            (ids.len() <= MAX_RECEIPT_IDS).then(|| {
+            merge_ids(&a.ids, &b.ids).map(|ids| {
                 Entry::Receipt(QueuedReceipt {
                     ids,
                     time_ms: b.time_ms,
@@ -360,17 +366,13 @@ fn merge(old: &Entry, new: &Entry) -> Option<Entry> {
                 })
             })
         }
-        (Entry::Expired(a), Entry::Expired(b)) => {
-            let mut ids = a.ids.clone();
-            ids.extend(b.ids.iter().filter(|id| !a.ids.contains(id)));
-            (ids.len() <= MAX_RECEIPT_IDS).then(|| {
-                Entry::Expired(QueuedExpired {
-                    ids,
-                    time_ms: b.time_ms,
-                    ..a.clone()
-                })
+        (Entry::Expired(a), Entry::Expired(b)) => merge_ids(&a.ids, &b.ids).map(|ids| {
+            Entry::Expired(QueuedExpired {
+                ids,
+                time_ms: b.time_ms,
+                ..a.clone()
             })
-        }
+        }),
         (Entry::Gap(a), Entry::Gap(b)) => {
             let mut lost = a.lost.clone();
             for l in &b.lost {
