@@ -93,3 +93,50 @@ fn commands_work_without_a_running_daemon() {
     assert!(!unknown.status.success());
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no user nobody"));
 }
+
+/// Issue 6: one address cannot take every connection. Past
+/// `limits.connections_per_ip`, a new connection is closed before its
+/// handshake; a freed slot can be used again.
+#[test]
+fn per_address_connection_cap() {
+    let daemon = Daemon::start_with_config("[limits]\nconnections_per_ip = 3\nhandshakes_per_second_per_ip = 100\n");
+    let invite = daemon.invite(1);
+    let key = || tidings::noise::Keypair::generate().unwrap();
+    let mut open: Vec<RawClient> = (0..3)
+        .map(|_| RawClient::connect(daemon.addr(), &invite.server_key, key()).unwrap())
+        .collect();
+    for c in &mut open {
+        assert_eq!(
+            c.request(&tidings::wire::ClientFrame::Ping, Duration::from_secs(5))
+                .unwrap(),
+            ServerFrame::Pong
+        );
+    }
+    assert!(
+        RawClient::connect(daemon.addr(), &invite.server_key, key()).is_err(),
+        "a fourth is refused"
+    );
+    // The open ones carry on.
+    assert_eq!(
+        open[0]
+            .request(&tidings::wire::ClientFrame::Ping, Duration::from_secs(5))
+            .unwrap(),
+        ServerFrame::Pong
+    );
+    open.pop().unwrap().hang_up();
+    let mut again = None;
+    for _ in 0..50 {
+        if let Ok(c) = RawClient::connect(daemon.addr(), &invite.server_key, key()) {
+            again = Some(c);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut again = again.expect("a freed slot is usable again");
+    assert_eq!(
+        again
+            .request(&tidings::wire::ClientFrame::Ping, Duration::from_secs(5))
+            .unwrap(),
+        ServerFrame::Pong
+    );
+}
