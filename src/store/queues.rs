@@ -426,6 +426,10 @@ impl Tail {
             }
         }
         for (d, seq, entry) in pushed {
+            if removed.contains(&(d, seq)) {
+                // Appended and folded away within the same batch.
+                continue;
+            }
             let list = self.per_device.entry(d).or_default();
             list.push_back((seq, entry));
             self.total += 1;
