@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tidings::config::FileConfig;
-use tidings::hub::{HubConfig, Now, Shared};
+use tidings::hub::Now;
 use tidings::server::admin::{self, Command};
 use tidings::server::{Server, ServerConfig};
 use tidings::store::{Store, StoreConfig, StoreError};
@@ -169,10 +169,11 @@ fn operator(data_dir: &Path, cmd: Command) -> Result<(), String> {
                 }
                 Err(e) => return Err(e.to_string()),
             };
-            let shared = Shared::new(store.clone(), HubConfig::default());
-            let lines = admin::execute(&shared, None, &cmd, Now::read().unix_ms)?;
+            let threads = store.start().map_err(|e| e.to_string())?;
+            let lines = admin::execute(&store, None, &cmd, Now::read().unix_ms);
+            store.stop(threads);
             store.flush().map_err(|e| e.to_string())?;
-            lines
+            lines?
         }
     };
     if let Command::Invite { uses, expires, .. } = cmd {

@@ -36,10 +36,9 @@ use thiserror::Error;
 use self::core::Core;
 use self::limits::{IpLimitConfig, IpLimits};
 use self::sweeper::{RetentionConfig, Sweeper};
-use crate::hub::{Effect, HubConfig, Now, Shared};
+use crate::hub::{Effect, HubConfig, Now, Refusal, Shared};
 use crate::session::SessionConfig;
-use crate::store::{Store, StoreConfig, StoreError};
-use crate::wire::ErrorCode;
+use crate::store::{Sink, Store, StoreApi, StoreConfig, StoreError, StoreThreads};
 
 const LISTENER: Token = Token(usize::MAX);
 const WAKER: Token = Token(usize::MAX - 1);
@@ -181,6 +180,8 @@ pub struct Worker {
     store: Arc<Store>,
     read_buf: Vec<u8>,
     signals: Option<signal_hook_mio::v1_0::Signals>,
+    /// Connections were closed for the shutdown.
+    closed: bool,
 }
 
 /// A running daemon.
@@ -194,6 +195,18 @@ pub struct Server {
     /// soon as the daemon says it listens; stopped when the server ends.
     admin: Option<admin::AdminServer>,
     retention: RetentionConfig,
+    /// The store thread and flusher, running from [`Server::bind`] on so
+    /// that operator commands are served at once.
+    store_threads: Option<StoreThreads>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.admin.take();
+        if let Some(t) = self.store_threads.take() {
+            self.store.stop(t);
+        }
+    }
 }
 
 impl Server {
@@ -220,7 +233,8 @@ impl Server {
             store.set_public_addr(&local_addr.to_string())?;
         }
         store.flush()?;
-        let shared = Shared::new(store.clone(), config.hub.clone());
+        let shared = Shared::new(store.clone() as Arc<dyn StoreApi>, config.hub.clone());
+        let server_key = Arc::new(store.server_key().clone());
         let n = config.workers.max(1);
         let mut polls = Vec::with_capacity(n);
         let mut mailboxes = Vec::with_capacity(n);
@@ -247,19 +261,29 @@ impl Server {
                 .map_err(io_err("registering the listener"))?;
             let mailbox = loops.mailboxes[i].clone();
             let m = mailbox.clone();
-            store.flusher().on_flush(move || m.wake());
+            store.on_failure(move || m.wake());
+            let m = mailbox.clone();
+            let sink = Sink::new(move || m.wake());
             workers.push(Worker {
                 poll,
                 listener: Some(listener),
                 mailbox,
                 loops: loops.clone(),
-                core: Core::new(i as u16, shared.clone(), config.session.clone()),
+                core: Core::new(
+                    i as u16,
+                    shared.clone(),
+                    server_key.clone(),
+                    config.session.clone(),
+                    sink,
+                ),
                 limits: ip_limits.clone(),
                 store: store.clone(),
                 read_buf: vec![0; READ_CHUNK],
                 signals: None,
+                closed: false,
             });
         }
+        let store_threads = store.start().map_err(io_err("starting the store thread"))?;
         let admin = admin::AdminServer::start(store.clone(), shared.clone(), loops.clone())
             .map_err(io_err("starting the admin socket"))?;
         Ok(Server {
@@ -270,6 +294,7 @@ impl Server {
             workers,
             admin: Some(admin),
             retention: config.retention,
+            store_threads: Some(store_threads),
         })
     }
 
@@ -295,9 +320,8 @@ impl Server {
     /// # Errors
     /// On a failure that stops the daemon (a flush failure among them).
     pub fn run(mut self, handle_signals: bool) -> Result<(), ServerError> {
-        let flusher = self.store.flusher().start().map_err(io_err("starting the flusher"))?;
         let admin = self.admin.take();
-        let sweeper = Sweeper::start(self.shared.clone(), self.loops.clone(), self.retention)
+        let sweeper = Sweeper::start(self.store.clone(), self.shared.clone(), self.loops.clone(), self.retention)
             .map_err(io_err("starting the sweeper"))?;
         if handle_signals {
             use signal_hook::consts::{SIGINT, SIGTERM};
@@ -335,9 +359,10 @@ impl Server {
         }
         drop(admin);
         sweeper.stop();
-        self.store.flusher().stop();
-        let _ = flusher.join();
-        if self.store.flusher().failed() {
+        if let Some(t) = self.store_threads.take() {
+            self.store.stop(t);
+        }
+        if self.store.failed() {
             return Err(ServerError::FlushFailed);
         }
         self.store.flush()?;
@@ -396,13 +421,10 @@ impl Worker {
                 self.core.apply(effect, now);
             }
             self.core.end_turn(now);
-            if self.store.flusher().failed() {
-                log::error!("stopping: a flush failed");
+            if self.store.failed() {
+                log::error!("stopping: the store failed");
                 self.loops.stop();
                 return Err(ServerError::FlushFailed);
-            }
-            if self.core.has_pending() {
-                self.core.flushed(self.store.flusher().durable(), now);
             }
             self.core.timeout(now);
             if self.mailbox.stop.load(Ordering::SeqCst) && stopping.is_none() {
@@ -414,25 +436,30 @@ impl Worker {
                 self.loops.post(effect);
             }
             if let Some(since) = stopping {
-                let all_acked = !self.core.has_pending() || self.store.flusher().failed();
-                if (self.core.is_empty() && all_acked) || now.mono >= since + Duration::from_secs(3) {
+                // Answers that wait for the store go out before the
+                // connections close (the store thread writes every copy
+                // still in memory at once while stopping).
+                let answered = !self.core.has_pending() || self.store.failed();
+                if answered && !self.closed {
+                    self.closed = true;
+                    self.core.close_all(Refusal::ShuttingDown, now);
+                    self.flush_output(now);
+                }
+                if (self.core.is_empty() && answered) || now.mono >= since + Duration::from_secs(3) {
                     return Ok(());
                 }
             }
         }
     }
 
-    /// Stops accepting, makes in-flight writes durable and answers them,
-    /// then closes every connection.
-    fn begin_shutdown(&mut self, now: Now) {
+    /// Stops accepting, and asks the store to write every copy still in
+    /// memory now, so that what waits for it is answered before the
+    /// connections close.
+    fn begin_shutdown(&mut self, _now: Now) {
         if let Some(mut l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }
-        if self.core.has_pending() && self.store.flusher().flush_now() {
-            self.core.flushed(self.store.flusher().durable(), now);
-        }
-        self.core
-            .close_all(ErrorCode::SHUTTING_DOWN, "the server is shutting down", now);
+        self.store.write_all();
     }
 
     fn accept(&mut self, now: Now) {

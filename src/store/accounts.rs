@@ -17,9 +17,8 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 
 use super::{StoreError, be_u32};
-use crate::ids::{DeviceKey, UserId};
+use crate::ids::{DeviceKey, Identity, UserId};
 use crate::noise::PublicKey;
-use crate::session::Identity;
 use crate::wire::{DeviceId, DeviceInfo, MAX_DEVICES_PER_USER, Token, valid_user_name};
 
 /// A user as stored.
@@ -93,6 +92,10 @@ struct CachedUser {
 struct Index {
     by_name: HashMap<Arc<str>, UserId>,
     users: HashMap<UserId, CachedUser>,
+    /// Every device's static key, revoked ones too.
+    by_key: HashMap<PublicKey, DeviceKey>,
+    /// One-time keys held, for each device that published an identity.
+    one_time: HashMap<DeviceKey, u32>,
 }
 
 /// Accounts and codes, with an in-memory index.
@@ -172,6 +175,13 @@ impl Accounts {
                 .users
                 .get_mut(&UserId(user))
                 .ok_or(StoreError::Corrupt("devices"))?;
+            index.by_key.insert(
+                record.key,
+                DeviceKey {
+                    user: UserId(user),
+                    device: DeviceId(device),
+                },
+            );
             u.devices.insert(DeviceId(device), record);
         }
         Ok(Accounts {
@@ -195,27 +205,32 @@ impl Accounts {
         self.index.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Who a Noise static key belongs to.
-    ///
-    /// # Errors
-    /// On a database failure.
-    pub fn identify(&self, key: &PublicKey) -> Result<Identity, StoreError> {
-        let Some(dev) = self.keys.get(key)? else {
-            return Ok(Identity::Unregistered);
-        };
-        let (Some(user), Some(device)) = (be_u32(&dev), dev.get(4..).and_then(be_u32)) else {
-            return Err(StoreError::Corrupt("keys"));
-        };
-        let d = DeviceKey {
-            user: UserId(user),
-            device: DeviceId(device),
-        };
+    /// Who a Noise static key belongs to, from memory.
+    pub fn identify(&self, key: &PublicKey) -> Identity {
         let index = self.read();
+        let Some(&d) = index.by_key.get(key) else {
+            return Identity::Unregistered;
+        };
         let record = index.users.get(&d.user).and_then(|u| u.devices.get(&d.device));
-        Ok(match record {
+        match record {
             Some(r) if r.revoked_ms.is_none() => Identity::Device(d),
             _ => Identity::Revoked,
-        })
+        }
+    }
+
+    /// How many one-time keys a device holds, if it published an
+    /// identity.
+    pub fn one_time_keys(&self, d: DeviceKey) -> Option<u32> {
+        self.read().one_time.get(&d).copied()
+    }
+
+    /// Records a device's one-time key count (`None`: no identity).
+    pub(super) fn set_one_time_keys(&self, d: DeviceKey, count: Option<u32>) {
+        let mut index = self.write();
+        match count {
+            Some(n) => index.one_time.insert(d, n),
+            None => index.one_time.remove(&d),
+        };
     }
 
     /// A user's id by name.
@@ -452,6 +467,13 @@ impl Accounts {
         let mut devices = BTreeMap::new();
         devices.insert(DeviceId(1), device);
         index.users.insert(id, CachedUser { name, record, devices });
+        index.by_key.insert(
+            *key,
+            DeviceKey {
+                user: id,
+                device: DeviceId(1),
+            },
+        );
         Ok(Ok(DeviceKey {
             user: id,
             device: DeviceId(1),
@@ -512,6 +534,7 @@ impl Accounts {
             u.record = record;
             u.devices.insert(d.device, device);
         }
+        index.by_key.insert(*key, d);
         Ok(Ok(d))
     }
 
