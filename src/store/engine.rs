@@ -682,51 +682,9 @@ impl Engine {
 
     /// Reads entries of `d`'s queue that are on disk only.
     fn read_backlog(&self, d: DeviceKey, from: u64, max: usize) -> Result<Outcome, StoreError> {
-        let q = &self.trees.queues;
         let hi = self.live.lock().disk_hi(d);
         let mut entries = Vec::new();
-        let mut headers: HashMap<MsgKey, Option<(u32, u64)>> = HashMap::new();
-        let mut covered = hi;
-        if from <= hi {
-            for item in q.range(queue_key(d, from)..=queue_key(d, hi)) {
-                if entries.len() == max {
-                    break;
-                }
-                let (k, v) = item?;
-                let seq = queue_seq(&k)?;
-                let e = disk::decode_disk(&v)?;
-                let header = match &e {
-                    DiskEntry::Message {
-                        from_user,
-                        from_device,
-                        id,
-                        ..
-                    } => {
-                        let key = (dev(*from_user, *from_device), *id);
-                        match headers.get(&key) {
-                            Some(h) => *h,
-                            None => {
-                                let h = q
-                                    .get(message_key(key.0, key.1))?
-                                    .map(|v| disk::decode_record(&v))
-                                    .transpose()?
-                                    .map(|r| (r.to_user, r.time_ms));
-                                headers.insert(key, h);
-                                h
-                            }
-                        }
-                    }
-                    _ => None,
-                };
-                match e.into_entry(header) {
-                    Some(entry) => entries.push((seq, entry)),
-                    None => log::warn!("{d}: queued copy {seq} has no message record; skipped"),
-                }
-                if entries.len() == max {
-                    covered = seq;
-                }
-            }
-        }
+        let covered = read_disk(&self.trees.queues, d, from, hi, max, &mut entries)?;
         Ok(Outcome::Backlog {
             device: d,
             from,
@@ -1017,6 +975,65 @@ impl Engine {
         swept.notified.dedup();
         Ok(swept)
     }
+}
+
+/// Reads up to `max` entries of `d`'s queue with sequence in `from..=hi`
+/// from disk, joining each message copy with its message's record, into
+/// `out`. Returns the highest sequence the read covered.
+pub(crate) fn read_disk(
+    q: &sled::Tree,
+    d: DeviceKey,
+    from: u64,
+    hi: u64,
+    max: usize,
+    out: &mut Vec<(u64, Entry)>,
+) -> Result<u64, StoreError> {
+    let mut headers: HashMap<MsgKey, Option<(u32, u64)>> = HashMap::new();
+    let mut covered = hi;
+    if from > hi {
+        return Ok(hi);
+    }
+    let mut n = 0;
+    for item in q.range(queue_key(d, from)..=queue_key(d, hi)) {
+        if n == max {
+            break;
+        }
+        let (k, v) = item?;
+        let seq = queue_seq(&k)?;
+        let e = disk::decode_disk(&v)?;
+        let header = match &e {
+            DiskEntry::Message {
+                from_user,
+                from_device,
+                id,
+                ..
+            } => {
+                let key = (dev(*from_user, *from_device), *id);
+                match headers.get(&key) {
+                    Some(h) => *h,
+                    None => {
+                        let h = q
+                            .get(message_key(key.0, key.1))?
+                            .map(|v| disk::decode_record(&v))
+                            .transpose()?
+                            .map(|r| (r.to_user, r.time_ms));
+                        headers.insert(key, h);
+                        h
+                    }
+                }
+            }
+            _ => None,
+        };
+        n += 1;
+        match e.into_entry(header) {
+            Some(entry) => out.push((seq, entry)),
+            None => log::warn!("{d}: queued copy {seq} has no message record; skipped"),
+        }
+        if n == max {
+            covered = seq;
+        }
+    }
+    Ok(covered)
 }
 
 /// Bytes of a `q` key.

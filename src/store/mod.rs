@@ -295,6 +295,7 @@ fn write_format(dir: &Path) -> Result<(), StoreError> {
 pub struct Store {
     db: sled::Db,
     meta: sled::Tree,
+    queues: sled::Tree,
     accounts: Arc<Accounts>,
     live: Arc<Live>,
     inbox: Arc<Inbox>,
@@ -439,7 +440,7 @@ impl Store {
         let engine = Engine::new(
             Trees {
                 meta: meta.clone(),
-                queues,
+                queues: queues.clone(),
                 e2e,
             },
             accounts.clone(),
@@ -453,6 +454,7 @@ impl Store {
         Ok(Store {
             db,
             meta,
+            queues,
             accounts,
             live,
             inbox,
@@ -647,6 +649,29 @@ impl Store {
     /// Messages remembered in memory (in flight and recently settled).
     pub fn remembered(&self) -> usize {
         self.live.lock().remembered()
+    }
+
+    /// Every entry of `d`'s queue with sequence ≥ `from`, up to `max`, in
+    /// order: from disk, then from memory (for operators, tests and
+    /// tools; it reads the disk on the caller's thread).
+    ///
+    /// # Errors
+    /// On a database failure or a corrupt record.
+    pub fn read_queue(&self, d: DeviceKey, from: u64, max: usize, out: &mut Vec<(u64, Entry)>) -> Result<(), StoreError> {
+        let hi = self.live.lock().disk_hi(d);
+        let start = out.len();
+        let covered = engine::read_disk(&self.queues, d, from, hi, max, out)?;
+        let got = out.len() - start;
+        if got < max {
+            let from = from.max(covered.saturating_add(1));
+            let _ = self.live.lock().read(d, from, max - got, out);
+        }
+        Ok(())
+    }
+
+    /// The highest sequence given out in `d`'s queue (0: none).
+    pub fn last_seq(&self, d: DeviceKey) -> u64 {
+        self.live.lock().last_seq(d)
     }
 
     /// Bytes sled's files take on disk (for operators).
