@@ -31,11 +31,12 @@ use crate::ids::{ConnId, DeviceKey, UserId};
 use crate::noise::PublicKey;
 use crate::session::{Event, Identity, Session};
 use crate::store::{
-    Appended, Entry, Epoch, LinkError, Op, Outcome, PublishError, Quota, RegisterError, Store, StoreError,
+    Appended, Entry, Epoch, LinkError, LinkRequestError, Op, Outcome, PublishError, Quota, RegisterError, Store,
+    StoreError,
 };
 use crate::wire::{
     self, ClientFrame, Deliver, DeviceAddr, DeviceId, ErrorCode, ExpiredNotice, GapNotice, Lost, MAX_BODIES,
-    MAX_BODY_LEN, MAX_RECEIPT_IDS, ReceiptDeliver, ReceiptKind, ServerFrame, Token,
+    MAX_BODY_LEN, MAX_RECEIPT_IDS, ReceiptDeliver, ReceiptKind, ServerFrame,
 };
 
 /// The time, as the driver read it.
@@ -437,6 +438,11 @@ impl Hub {
         match event {
             Event::Authenticated(device) => self.authenticated(conn, session, cursor, device, now),
             Event::Frame { req, frame } => {
+                // spec §5.2 `RevokeDevice`: nothing a revoked device sends is
+                // acted on, even before its connection's close arrives.
+                if session.device().is_some_and(|d| !self.store().accounts().is_current(d)) {
+                    return;
+                }
                 if let Err(e) = self.frame(conn, session, cursor, req, frame, now) {
                     log::error!("storage failure handling a frame: {e}");
                     session.send_error(req, ErrorCode::INTERNAL, "server storage failure", now.mono);
@@ -454,12 +460,34 @@ impl Hub {
         now: Now,
     ) {
         let previous = self.shared.online().insert(device, conn);
+        // Revocation is checked only now that this connection is in the
+        // directory; a revoke marks the device first and looks it up after.
+        // So whatever the interleaving across loops, either the revoke finds
+        // this connection and closes it, or this check sees the revoke.
+        let revoked = !self.store().accounts().is_current(device);
         if let Some(old) = previous.filter(|old| *old != conn) {
-            self.effects.push(Effect::Close {
-                conn: old,
-                code: ErrorCode::CONNECTED_ELSEWHERE,
-                text: "this device connected elsewhere",
+            self.effects.push(if revoked {
+                Effect::Close {
+                    conn: old,
+                    code: ErrorCode::REVOKED,
+                    text: "this device was revoked",
+                }
+            } else {
+                Effect::Close {
+                    conn: old,
+                    code: ErrorCode::CONNECTED_ELSEWHERE,
+                    text: "this device connected elsewhere",
+                }
             });
+        }
+        if revoked {
+            let mut online = self.shared.online();
+            if online.get(&device) == Some(&conn) {
+                online.remove(&device);
+            }
+            drop(online);
+            session.close(ErrorCode::REVOKED, "this device was revoked", now.mono);
+            return;
         }
         if let Err(e) = self.store().accounts().touch(device, now.unix_ms) {
             log::warn!("could not record last-seen time: {e}");
@@ -663,13 +691,31 @@ impl Hub {
             }
             ClientFrame::RequestLink => {
                 let Some(me) = session.device() else { return Ok(()) };
-                let expires_ms = now.unix_ms + self.shared.config.link_ttl.as_millis() as u64;
-                let code: Token = self.store().accounts().create_link(me.user, expires_ms)?;
-                self.after_next_flush(Effect::Send {
-                    conn,
-                    req,
-                    frame: ServerFrame::LinkCode { code, expires_ms },
-                });
+                // spec §5.2: bound to `me`, bounded per user (store/accounts.rs).
+                match self
+                    .store()
+                    .accounts()
+                    .request_link(me, now.unix_ms, self.shared.config.link_ttl)?
+                {
+                    Ok((code, expires_ms)) => self.after_next_flush(Effect::Send {
+                        conn,
+                        req,
+                        frame: ServerFrame::LinkCode { code, expires_ms },
+                    }),
+                    Err(LinkRequestError::DeviceLimit) => error(session, ErrorCode::DEVICE_LIMIT, "too many devices"),
+                    Err(LinkRequestError::Outstanding) => error(
+                        session,
+                        ErrorCode::RATE_LIMITED,
+                        "too many link codes outstanding; use one or wait until one expires",
+                    ),
+                    Err(LinkRequestError::RateLimited) => error(
+                        session,
+                        ErrorCode::RATE_LIMITED,
+                        "too many link codes asked for; try later",
+                    ),
+                    // Revoked meanwhile: its connection is being closed.
+                    Err(LinkRequestError::Revoked) => {}
+                }
             }
             ClientFrame::ListDevices { user } => match self.store().accounts().user_id(&user) {
                 Some(id) => {
@@ -707,12 +753,20 @@ impl Hub {
                     req,
                     frame: ServerFrame::Done,
                 });
+                // Looked up after the revoke (see `authenticated`). Another
+                // connection is closed at once; the revoker's own after its
+                // `Done`.
                 if let Some(victim) = self.shared.connection_of(target) {
-                    self.after_next_flush(Effect::Close {
+                    let close = Effect::Close {
                         conn: victim,
                         code: ErrorCode::REVOKED,
                         text: "this device was revoked",
-                    });
+                    };
+                    if victim == conn {
+                        self.after_next_flush(close);
+                    } else {
+                        self.effects.push(close);
+                    }
                 }
             }
             ClientFrame::Send(send) => self.send(conn, session, req, send, now)?,

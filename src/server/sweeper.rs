@@ -1,7 +1,9 @@
 //! The retention sweeper: a thread that, every `sweep_every`, walks the
 //! queues in bounded turns ([`crate::store::Store::sweep`]), expiring what
 //! is older than the retention period with notices to both sides, and waking
-//! the loops of online devices that got a notice.
+//! the loops of online devices that got a notice. Each pass also removes
+//! expired link codes and invites
+//! ([`crate::store::Accounts::sweep_codes`]), so that they cannot pile up.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -86,6 +88,11 @@ impl Sweeper {
 /// One full pass over the queues, in bounded turns.
 pub fn sweep_once(shared: &Shared, loops: &Loops, config: &RetentionConfig, stopped: &AtomicBool) {
     let store = shared.store();
+    match store.accounts().sweep_codes(Now::read().unix_ms) {
+        Ok((0, 0)) => {}
+        Ok((invites, links)) => log::debug!("removed {invites} expired invites and {links} expired link codes"),
+        Err(e) => log::error!("removing expired invites and link codes failed: {e}"),
+    }
     let mut cursor = Vec::new();
     let (mut expired, mut forgotten) = (0, 0);
     loop {

@@ -22,7 +22,8 @@
 //! - `users`: name → [`UserRecord`].
 //! - `devices`: user ‖ device → `DeviceRecord`.
 //! - `keys`: Noise static key → user ‖ device.
-//! - `invites`, `links`: token id → [`TokenRecord`].
+//! - `invites`: token id → [`TokenRecord`]; `link_codes`: token id →
+//!   [`LinkRecord`] (the account, and the device that asked for it).
 //! - `queues`: `q` ‖ user ‖ device ‖ seq → [`Entry`];
 //!   `n` ‖ user ‖ device → next seq, entries, bytes; `d` ‖ user ‖ device ‖
 //!   message id → acceptance time and where it was queued (dedup,
@@ -42,7 +43,10 @@ use std::sync::{Mutex, RwLock};
 
 use thiserror::Error;
 
-pub use accounts::{Accounts, LinkError, RegisterError, TokenRecord, UserRecord};
+pub use accounts::{
+    Accounts, LINK_REQUEST_REFILL, LINK_REQUESTS_BURST, LinkError, LinkRecord, LinkRequestError, MAX_LINK_CODES,
+    RegisterError, TokenRecord, UserRecord,
+};
 pub use flusher::{Epoch, Flusher};
 pub use keys::{MAX_ONE_TIME_KEYS, PublishError};
 pub use queues::{
