@@ -529,6 +529,12 @@ impl Accounts {
             .map_or(0, |u| u.links.iter().filter(|l| l.expires_ms > now_ms).count())
     }
 
+    /// How many invites and link codes are stored, expired ones not yet
+    /// swept included (for operators and tests).
+    pub fn stored_codes(&self) -> (usize, usize) {
+        (self.invites.len(), self.links.len())
+    }
+
     /// Removes expired link codes and expired invites (the retention
     /// sweeper calls it), so that neither piles up. Returns how many of
     /// each it removed.
