@@ -489,12 +489,16 @@ impl Accounts {
         if u.current_count() >= MAX_DEVICES_PER_USER {
             return Ok(Err(LinkRequestError::DeviceLimit));
         }
+        // Expired codes do not count, and go with this write.
         let mut batch = sled::Batch::default();
-        let expired = u.links.iter().filter(|l| l.expires_ms <= now_ms).count();
-        for l in u.links.iter().filter(|l| l.expires_ms <= now_ms) {
-            batch.remove(&l.id);
+        let mut outstanding = 0;
+        for l in &u.links {
+            if l.expires_ms <= now_ms {
+                batch.remove(&l.id);
+            } else {
+                outstanding += 1;
+            }
         }
-        let outstanding = u.links.len() - expired;
         if outstanding >= MAX_LINK_CODES {
             return Ok(Err(LinkRequestError::Outstanding));
         }
