@@ -582,6 +582,13 @@ fn readme_states_the_limits() {
         format!("`noise::REKEY_AFTER_RECORDS` = {}", noise::REKEY_AFTER_RECORDS),
         format!("`noise::REKEY_AFTER` = {} s", noise::REKEY_AFTER.as_secs()),
         format!("`store::MAX_ONE_TIME_KEYS` = {}", tidings::store::MAX_ONE_TIME_KEYS),
+        format!("`store::MAX_LINK_CODES` = {}", tidings::store::MAX_LINK_CODES),
+        format!("`store::LINK_REQUESTS_BURST` = {}", tidings::store::LINK_REQUESTS_BURST),
+        format!(
+            "`store::LINK_REQUEST_REFILL` = {} s",
+            tidings::store::LINK_REQUEST_REFILL.as_secs()
+        ),
+        format!("`HubConfig::link_ttl` = {} s", hub.link_ttl.as_secs()),
         format!("`HubConfig::claims_per_minute` = {}", hub.claims_per_minute),
         format!("`HubConfig::low_keys` = {}", hub.low_keys),
         format!("`HubConfig::window` = {}", hub.window),

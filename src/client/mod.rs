@@ -188,7 +188,9 @@ impl std::fmt::Display for conn::Closed {
             C::Handshake => f.write_str(
                 "the handshake failed: the server's key is not the one this profile pinned, or it dropped the connection",
             ),
-            C::ByServer { code, .. } if *code == ErrorCode::REVOKED => f.write_str("this device was revoked"),
+            C::ByServer { code, .. } if *code == ErrorCode::REVOKED => f.write_str(
+                "this device was revoked (by another device of the account or by the server's operator), so the server no longer accepts it; to use the account here again, link a new profile with a code from a current device",
+            ),
             C::ByServer { code, .. } if *code == ErrorCode::CONNECTED_ELSEWHERE => {
                 f.write_str("this device connected from elsewhere; this connection was closed")
             }

@@ -39,7 +39,9 @@ pub use crate::ids::Now;
 use crate::ids::{ConnId, DeviceKey, Identity, UserId};
 use crate::noise::PublicKey;
 use crate::session::Event;
-use crate::store::{Appended, Completion, Entry, NewMessage, Op, Outcome, Read, Sink, StoreApi, Waiter};
+use crate::store::{
+    Appended, Completion, Entry, LinkRequestError, NewMessage, Op, Outcome, Read, Sink, StoreApi, Waiter,
+};
 use crate::wire::{
     self, ClientFrame, Deliver, DeviceAddr, DeviceId, ExpiredNotice, GapNotice, Lost, MAX_BODIES, MAX_BODY_LEN,
     MAX_RECEIPT_IDS, ReceiptDeliver, ReceiptKind, ServerFrame,
@@ -370,10 +372,14 @@ impl Hub {
                 }
                 Err(e) => self.refuse(conn, req, e.into()),
             },
-            (Waiting::LinkCode { conn, req }, Outcome::Token(code, expires_ms)) => {
-                let expires_ms = expires_ms.unwrap_or(0);
-                self.send(conn, req, ServerFrame::LinkCode { code, expires_ms });
-            }
+            (Waiting::LinkCode { conn, req }, Outcome::LinkCode(r)) => match r {
+                Ok((code, expires_ms)) => self.send(conn, req, ServerFrame::LinkCode { code, expires_ms }),
+                Err(LinkRequestError::DeviceLimit) => self.refuse(conn, req, Refusal::DeviceLimit),
+                Err(LinkRequestError::Outstanding) => self.refuse(conn, req, Refusal::LinkCodesOutstanding),
+                Err(LinkRequestError::RateLimited) => self.refuse(conn, req, Refusal::LinkCodeRate),
+                // Revoked meanwhile: its connection is being closed.
+                Err(LinkRequestError::Revoked) => {}
+            },
             (Waiting::Revoke { conn, req, target }, Outcome::Revoked(done)) => {
                 if !done {
                     return self.refuse(conn, req, Refusal::UnknownDevice);
@@ -469,17 +475,45 @@ impl Hub {
     pub fn handle(&mut self, conn: ConnId, view: ConnView<'_>, event: Event, now: Now) {
         match event {
             Event::Authenticated(device) => self.authenticated(conn, view, device, now),
-            Event::Frame { req, frame } => self.frame(conn, view, req, frame, now),
+            Event::Frame { req, frame } => {
+                // spec §5.2 `RevokeDevice`: nothing a revoked device sends is
+                // acted on, even before its connection's close arrives.
+                if view.device.is_some_and(|d| !self.store().is_current(d)) {
+                    return;
+                }
+                self.frame(conn, view, req, frame, now)
+            }
         }
     }
 
     fn authenticated(&mut self, conn: ConnId, view: ConnView<'_>, device: DeviceKey, now: Now) {
         let previous = self.shared.online().insert(device, conn);
+        // Revocation is checked only now that this connection is in the
+        // directory; a revoke marks the device first and looks it up after
+        // (its answer comes once the revoke is durable). So whatever the
+        // interleaving across loops, either the revoke finds this
+        // connection and closes it, or this check sees the revoke.
+        let revoked = !self.store().is_current(device);
         if let Some(old) = previous.filter(|old| *old != conn) {
+            let why = if revoked {
+                Refusal::Revoked
+            } else {
+                Refusal::ConnectedElsewhere
+            };
+            self.effects.push(Effect::Close { conn: old, why });
+        }
+        if revoked {
+            {
+                let mut online = self.shared.online();
+                if online.get(&device) == Some(&conn) {
+                    online.remove(&device);
+                }
+            }
             self.effects.push(Effect::Close {
-                conn: old,
-                why: Refusal::ConnectedElsewhere,
+                conn,
+                why: Refusal::Revoked,
             });
+            return;
         }
         self.store().submit(
             Op::Touch {
@@ -694,9 +728,16 @@ impl Hub {
                 if full {
                     return self.refuse(conn, req, Refusal::StorageFull);
                 }
-                let expires_ms = now.unix_ms + self.shared.config.link_ttl.as_millis() as u64;
+                // spec §5.2: bound to `me`, bounded per user.
                 let w = self.waiter(Waiting::LinkCode { conn, req });
-                store.submit(Op::RequestLink { device: me, expires_ms }, Some(w));
+                store.submit(
+                    Op::RequestLink {
+                        device: me,
+                        now_ms: now.unix_ms,
+                        ttl: self.shared.config.link_ttl,
+                    },
+                    Some(w),
+                );
             }
             ClientFrame::ListDevices { user } => match store.user_id(&user) {
                 Some(id) => {

@@ -20,6 +20,10 @@ pub enum Refusal {
     InvalidLinkCode,
     /// The account has the most devices allowed.
     DeviceLimit,
+    /// The user has the most link codes outstanding.
+    LinkCodesOutstanding,
+    /// The user asked for too many link codes lately.
+    LinkCodeRate,
     /// No such user.
     UnknownUser,
     /// No such device in the caller's account.
@@ -77,6 +81,11 @@ impl Refusal {
             KeyInUse => (ErrorCode::NOT_ALLOWED, "key already registered"),
             InvalidLinkCode => (ErrorCode::INVALID_LINK_CODE, "link code unknown, used or expired"),
             DeviceLimit => (ErrorCode::DEVICE_LIMIT, "too many devices"),
+            LinkCodesOutstanding => (
+                ErrorCode::RATE_LIMITED,
+                "too many link codes outstanding; use one or wait until one expires",
+            ),
+            LinkCodeRate => (ErrorCode::RATE_LIMITED, "too many link codes asked for; try later"),
             UnknownUser => (ErrorCode::UNKNOWN_USER, "no such user"),
             UnknownDevice => (ErrorCode::UNKNOWN_DEVICE, "no such device"),
             LastDevice => (ErrorCode::BAD_REQUEST, "that is the account's last device"),
@@ -178,6 +187,8 @@ mod tests {
             KeyInUse,
             InvalidLinkCode,
             DeviceLimit,
+            LinkCodesOutstanding,
+            LinkCodeRate,
             UnknownUser,
             UnknownDevice,
             LastDevice,

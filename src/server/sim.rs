@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::core::Core;
-use crate::hub::{HubConfig, Now, Shared};
+use crate::hub::{Effect, HubConfig, Now, Shared};
 use crate::ids::ConnId;
 use crate::noise::{self, ExpectServerHello, Keypair, Opened, Transport};
 use crate::session::SessionConfig;
@@ -66,6 +66,9 @@ pub struct World {
     /// Whether `run` flushes (tests turn it off to look between write and
     /// flush).
     pub auto_flush: bool,
+    /// Effects posted from outside the loops (as the admin socket posts
+    /// its closes), applied by [`World::exchange`].
+    pub mailbox: Vec<Effect>,
     dead: Vec<ConnId>,
     _dir: tempfile::TempDir,
 }
@@ -93,6 +96,7 @@ impl World {
             clients: HashMap::new(),
             now: Now::read(),
             auto_flush: true,
+            mailbox: Vec::new(),
             dead: Vec::new(),
             _dir: dir,
         }
@@ -119,6 +123,75 @@ impl World {
         self.clients.insert(id, client);
         self.run();
         id
+    }
+
+    /// Opens a connection on `worker` and runs the handshake up to the
+    /// client's last message, which waits in the client's outbox: the
+    /// server does not know yet who the client is.
+    pub fn connect_pending(&mut self, worker: u16, key: Keypair) -> ConnId {
+        let serial = self.cores[worker as usize].accept((), self.now);
+        let id = ConnId { worker, serial };
+        let mut outbox = Vec::new();
+        let server = self.store.server_key().public;
+        let hello = noise::client_start(&key, &server, &mut outbox).expect("client start");
+        self.cores[worker as usize].input(serial, &outbox, self.now);
+        let client = SimClient {
+            key,
+            hello: Some(hello),
+            transport: None,
+            decoder: RecordDecoder::new(),
+            outbox: Vec::new(),
+            inbox: Vec::new(),
+            next_req: 1,
+            plain: Vec::new(),
+            scratch: Vec::new(),
+        };
+        self.clients.insert(id, client);
+        self.exchange();
+        assert!(
+            !self.clients[&id].outbox.is_empty(),
+            "the client's last handshake message"
+        );
+        id
+    }
+
+    /// Half a turn of `conn`'s loop: it reads what the client sent (for the
+    /// handshake's last message, the key is identified) but does not
+    /// handle the events that follow yet.
+    pub fn read_only(&mut self, conn: ConnId) {
+        let bytes = std::mem::take(&mut self.clients.get_mut(&conn).expect("client").outbox);
+        let shared = self.shared.clone();
+        let now = self.now;
+        if let Some(c) = self.cores[conn.worker as usize].conn_mut(conn.serial) {
+            c.session
+                .handle_input(&bytes, now.mono, &mut |key| shared.identify(key));
+        }
+    }
+
+    /// The rest of the turn begun by [`World::read_only`]: the loop handles
+    /// the events and ends its turn. What it sends, and its effects for
+    /// other loops, wait for [`World::exchange`]; answers held for a flush
+    /// wait for [`World::flush`].
+    pub fn handle_read(&mut self, conn: ConnId) {
+        let core = &mut self.cores[conn.worker as usize];
+        core.input(conn.serial, &[], self.now);
+        core.end_turn(self.now);
+    }
+
+    /// One whole turn of `conn`'s loop on what its client sent.
+    pub fn turn(&mut self, conn: ConnId) {
+        self.read_only(conn);
+        self.handle_read(conn);
+    }
+
+    /// The flusher makes every write durable; the loops release what waited
+    /// for it.
+    pub fn flush(&mut self) {
+        self.store.flusher().flush_now();
+        let durable = self.store.flusher().durable();
+        for core in &mut self.cores {
+            core.flushed(durable, self.now);
+        }
     }
 
     /// Queues a request; returns its id. Call [`World::run`] to move it.
@@ -156,11 +229,7 @@ impl World {
                 core.end_turn(self.now);
             }
             if self.auto_flush && self.cores.iter().any(|c| c.has_pending()) {
-                self.store.flusher().flush_now();
-                let durable = self.store.flusher().durable();
-                for core in &mut self.cores {
-                    core.flushed(durable, self.now);
-                }
+                self.flush();
             }
             moved |= self.exchange();
             if !moved {
@@ -171,9 +240,9 @@ impl World {
     }
 
     /// Server to clients, remote effects between loops, dead connections.
-    fn exchange(&mut self) -> bool {
+    pub fn exchange(&mut self) -> bool {
         let mut moved = false;
-        let mut remote = Vec::new();
+        let mut remote = std::mem::take(&mut self.mailbox);
         for core in &mut self.cores {
             remote.extend(core.take_remote());
         }

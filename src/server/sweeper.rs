@@ -1,7 +1,9 @@
 //! The retention sweeper: a thread that, every `sweep_every`, walks the
 //! queues in bounded turns ([`crate::store::Store::sweep`]), expiring what
 //! is older than the retention period with notices to both sides, and waking
-//! the loops of online devices that got a notice.
+//! the loops of online devices that got a notice. Each pass also removes
+//! expired link codes and invites
+//! ([`crate::store::Accounts::sweep_codes`]), so that they cannot pile up.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};

@@ -26,7 +26,7 @@ use crate::ids::{DeviceKey, Identity, UserId};
 use crate::noise::PublicKey;
 use crate::wire::{DeviceId, DeviceInfo, DeviceKeys, MsgId, PublishKeys, ReceiptKind, Token};
 
-pub use super::accounts::{LinkError, RegisterError};
+pub use super::accounts::{LinkError, LinkRequestError, RegisterError};
 pub use super::disk::{Entry, LostRecord, QueuedExpired, QueuedGap, QueuedMessage, QueuedReceipt, Swept};
 pub use super::keys::PublishError;
 
@@ -189,12 +189,15 @@ pub enum Op {
         /// Now.
         now_ms: u64,
     },
-    /// Make a link code for a device's account.
+    /// Make a link code bound to the asking device (spec §5.2,
+    /// `RequestLink`).
     RequestLink {
         /// The asking device.
         device: DeviceKey,
-        /// When it expires.
-        expires_ms: u64,
+        /// Now.
+        now_ms: u64,
+        /// How long the code is valid.
+        ttl: std::time::Duration,
     },
     /// Make an invite (operator).
     Invite {
@@ -292,8 +295,10 @@ pub enum Outcome {
     Registered(Result<DeviceKey, RegisterError>),
     /// For [`Op::RedeemLink`].
     Linked(Result<DeviceKey, LinkError>),
-    /// For [`Op::RequestLink`] and [`Op::Invite`]: the token and its expiry.
+    /// For [`Op::Invite`]: the token and its expiry.
     Token(Token, Option<u64>),
+    /// For [`Op::RequestLink`]: the code and its expiry, or why not.
+    LinkCode(Result<(Token, u64), LinkRequestError>),
     /// For [`Op::Revoke`]: whether there was such a current device.
     Revoked(bool),
     /// For [`Op::Publish`]: the one-time key count.
@@ -341,6 +346,8 @@ pub trait StoreApi: Send + Sync {
     fn all_devices(&self, user: UserId, out: &mut Vec<DeviceId>);
     /// A user's current devices with their details.
     fn device_infos(&self, user: UserId) -> Vec<DeviceInfo>;
+    /// Whether a device exists and is not revoked.
+    fn is_current(&self, d: DeviceKey) -> bool;
     /// How many one-time keys a device holds, if it published an identity.
     fn one_time_keys(&self, d: DeviceKey) -> Option<u32>;
 

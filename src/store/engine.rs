@@ -433,10 +433,9 @@ impl Engine {
                 turn.dirty = true;
                 (Outcome::Linked(accounts.redeem_link(&code, &key, now_ms)?), true)
             }
-            Op::RequestLink { device, expires_ms } => {
+            Op::RequestLink { device, now_ms, ttl } => {
                 turn.dirty = true;
-                let token = accounts.create_link(device.user, expires_ms)?;
-                (Outcome::Token(token, Some(expires_ms)), true)
+                (Outcome::LinkCode(accounts.request_link(device, now_ms, ttl)?), true)
             }
             Op::Invite { uses, expires_ms } => {
                 turn.dirty = true;
@@ -748,6 +747,14 @@ impl Engine {
     ) -> Result<Swept, StoreError> {
         let q = self.trees.queues.clone();
         let mut swept = Swept::default();
+        if cursor.is_empty() {
+            // Once a pass: expired invites and link codes.
+            let (invites, links) = self.accounts.sweep_codes(now_ms)?;
+            if invites + links > 0 {
+                log::debug!("removed {invites} expired invites and {links} expired link codes");
+                turn.dirty = true;
+            }
+        }
         let mut expired: Vec<(DeviceKey, u64)> = Vec::new();
         let mut records: Vec<Vec<u8>> = Vec::new();
         let mut tombstones: Vec<Vec<u8>> = Vec::new();

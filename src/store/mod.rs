@@ -24,10 +24,10 @@
 //! What it does not do: decide who may send to whom (the hub does), know
 //! connections, or read the clock for the loops (times come in).
 //!
-//! Layout: `meta` (server key, public address, token key, sequence
-//! ceiling), `users`, `devices`, `keys`, `invites`, `links` (see
-//! [`accounts`]), `queues` (see [`disk`]), `e2e` (the key directory, see
-//! `keys.rs`).
+//! Layout: `meta` (server key, public address, token key, `next_user`,
+//! sequence ceiling), `users`, `devices`, `keys`, `invites`, `link_codes`
+//! (see [`accounts`]), `queues` (see [`disk`]), `e2e` (the key directory,
+//! see `keys.rs`).
 
 mod accounts;
 pub mod api;
@@ -49,7 +49,10 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-pub use accounts::{Accounts, LinkError, RegisterError, TokenRecord, UserRecord};
+pub use accounts::{
+    Accounts, LINK_REQUEST_REFILL, LINK_REQUESTS_BURST, LinkError, LinkRecord, LinkRequestError, MAX_LINK_CODES,
+    RegisterError, TokenRecord, UserRecord,
+};
 pub use api::{
     Appended, Completion, Entry, NewMessage, Op, Outcome, Quota, QueuedMessage, Read, Refused, Sink, StoreApi, Waiter,
 };
@@ -706,6 +709,10 @@ impl StoreApi for Store {
 
     fn device_infos(&self, user: UserId) -> Vec<DeviceInfo> {
         self.accounts.device_infos(user)
+    }
+
+    fn is_current(&self, d: DeviceKey) -> bool {
+        self.accounts.is_current(d)
     }
 
     fn one_time_keys(&self, d: DeviceKey) -> Option<u32> {

@@ -3,7 +3,8 @@ use bytes::Bytes;
 use super::*;
 use crate::ids::{DeviceKey, UserId};
 use crate::session::Identity;
-use crate::wire::{DeviceId, MsgId};
+use crate::wire::{DeviceId, MAX_DEVICES_PER_USER, MsgId};
+use std::time::Duration;
 
 /// Opens the store, waiting while an instance this test just dropped still
 /// holds the lock: sled's background threads can keep the database file
@@ -29,6 +30,14 @@ fn msg(e: &Entry) -> &QueuedMessage {
         Entry::Message(m) => m,
         other => panic!("expected a message, got {other:?}"),
     }
+}
+
+/// A link code asked for by `by` at time 0, expiring at `expires_ms`.
+fn link_code(a: &Accounts, by: DeviceKey, expires_ms: u64) -> crate::wire::Token {
+    a.request_link(by, 0, std::time::Duration::from_millis(expires_ms))
+        .unwrap()
+        .unwrap()
+        .0
 }
 
 fn dev(u: u32, d: u32) -> DeviceKey {
@@ -126,11 +135,11 @@ fn register_link_revoke() {
         Err(RegisterError::InvalidInvite)
     );
 
-    let link = a.create_link(alice.user, 1000).unwrap();
+    let link = link_code(a, alice, 1000);
     let alice2 = a.redeem_link(&link, &[4; 32], 10).unwrap().unwrap();
     assert_eq!(alice2, dev(1, 2));
     assert_eq!(a.redeem_link(&link, &[5; 32], 10).unwrap(), Err(LinkError::InvalidCode));
-    let late = a.create_link(alice.user, 1000).unwrap();
+    let late = link_code(a, alice, 1000);
     assert_eq!(
         a.redeem_link(&late, &[5; 32], 1000).unwrap(),
         Err(LinkError::InvalidCode)
@@ -154,7 +163,7 @@ fn register_link_revoke() {
     assert_eq!(a.identify(&[4; 32]).unwrap(), Identity::Revoked);
     assert_eq!(a.identify(&[1; 32]).unwrap(), Identity::Device(alice));
     // Device numbers are not reused.
-    let link = a.create_link(alice.user, 1000).unwrap();
+    let link = link_code(a, alice, 1000);
     assert_eq!(a.redeem_link(&link, &[6; 32], 10).unwrap(), Ok(dev(1, 3)));
     assert_eq!(
         a.users().iter().map(|u| (&*u.0, u.2)).collect::<Vec<_>>(),
@@ -169,12 +178,173 @@ fn device_limit() {
     let a = s.accounts();
     let invite = a.create_invite(1, None).unwrap();
     let alice = a.register(&invite, "alice", &[0; 32], 0).unwrap().unwrap();
-    for i in 1..crate::wire::MAX_DEVICES_PER_USER {
-        let link = a.create_link(alice.user, 1000).unwrap();
+    let ttl = Duration::from_secs(600);
+    for i in 1..MAX_DEVICES_PER_USER - 1 {
+        let link = link_code(a, alice, 1000);
         assert!(a.redeem_link(&link, &[i as u8; 32], 0).unwrap().is_ok());
     }
-    let link = a.create_link(alice.user, 1000).unwrap();
-    assert_eq!(a.redeem_link(&link, &[99; 32], 0).unwrap(), Err(LinkError::DeviceLimit));
+    // Seven devices: two codes may be outstanding, only one redeems.
+    let last = a.request_link(alice, 1, ttl).unwrap().unwrap().0;
+    let extra = a.request_link(alice, 1, ttl).unwrap().unwrap().0;
+    assert!(a.redeem_link(&last, &[50; 32], 2).unwrap().is_ok());
+    assert_eq!(
+        a.redeem_link(&extra, &[99; 32], 2).unwrap(),
+        Err(LinkError::DeviceLimit)
+    );
+    // At the limit no code is handed out.
+    assert_eq!(
+        a.request_link(alice, 3, ttl).unwrap(),
+        Err(LinkRequestError::DeviceLimit)
+    );
+}
+
+/// Issue 14: a link code belongs to the device that asked for it and dies
+/// with it, across a reopen too; other devices' codes live on.
+#[test]
+fn link_codes_die_with_the_device_that_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let a = s.accounts();
+    let invite = a.create_invite(1, None).unwrap();
+    let alice = a.register(&invite, "alice", &[1; 32], 0).unwrap().unwrap();
+    let phone = a.redeem_link(&link_code(a, alice, 1000), &[2; 32], 0).unwrap().unwrap();
+    let from_phone = link_code(a, phone, 1000);
+    let from_phone2 = link_code(a, phone, 1000);
+    let from_alice = link_code(a, alice, 1000);
+    assert_eq!(a.outstanding_links(alice.user, 0), 3);
+    assert!(a.revoke(phone, 5).unwrap());
+    assert_eq!(a.outstanding_links(alice.user, 5), 1);
+    assert_eq!(
+        a.redeem_link(&from_phone, &[3; 32], 6).unwrap(),
+        Err(LinkError::InvalidCode)
+    );
+    assert_eq!(
+        a.request_link(phone, 6, Duration::from_secs(600)).unwrap(),
+        Err(LinkRequestError::Revoked)
+    );
+    s.flush().unwrap();
+    drop(s);
+    let s = open(dir.path());
+    let a = s.accounts();
+    assert_eq!(a.outstanding_links(alice.user, 7), 1);
+    assert_eq!(
+        a.redeem_link(&from_phone2, &[3; 32], 7).unwrap(),
+        Err(LinkError::InvalidCode)
+    );
+    assert_eq!(a.redeem_link(&from_alice, &[3; 32], 7).unwrap(), Ok(dev(1, 3)));
+    assert_eq!(a.outstanding_links(alice.user, 7), 0);
+}
+
+/// At most `MAX_LINK_CODES` outstanding per user (all devices together);
+/// used and expired ones make room.
+#[test]
+fn outstanding_link_codes_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let a = s.accounts();
+    let invite = a.create_invite(1, None).unwrap();
+    let alice = a.register(&invite, "alice", &[1; 32], 0).unwrap().unwrap();
+    let ttl = Duration::from_millis(100);
+    let first = a.request_link(alice, 0, ttl).unwrap().unwrap().0;
+    let phone = a.redeem_link(&first, &[2; 32], 0).unwrap().unwrap();
+    let mut codes = Vec::new();
+    for i in 0..MAX_LINK_CODES {
+        let by = if i % 2 == 0 { alice } else { phone };
+        codes.push(a.request_link(by, 10, ttl).unwrap().unwrap().0);
+    }
+    for by in [alice, phone] {
+        assert_eq!(a.request_link(by, 10, ttl).unwrap(), Err(LinkRequestError::Outstanding));
+    }
+    // One used: room for one.
+    a.redeem_link(&codes[0], &[3; 32], 20).unwrap().unwrap();
+    a.request_link(alice, 20, ttl).unwrap().unwrap();
+    assert_eq!(
+        a.request_link(alice, 20, ttl).unwrap(),
+        Err(LinkRequestError::Outstanding)
+    );
+    // Expired ones do not count.
+    a.request_link(alice, 110, ttl).unwrap().unwrap();
+}
+
+/// The allowance: `LINK_REQUESTS_BURST` at once, then one per
+/// `LINK_REQUEST_REFILL`; refusals use none of it.
+#[test]
+fn link_requests_are_rate_limited_per_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let a = s.accounts();
+    let invite = a.create_invite(1, None).unwrap();
+    let alice = a.register(&invite, "alice", &[1; 32], 0).unwrap().unwrap();
+    let ttl = Duration::from_millis(1);
+    let mut t = 0;
+    for _ in 0..LINK_REQUESTS_BURST {
+        t += 2;
+        a.request_link(alice, t, ttl).unwrap().unwrap();
+    }
+    t += 2;
+    assert_eq!(
+        a.request_link(alice, t, ttl).unwrap(),
+        Err(LinkRequestError::RateLimited)
+    );
+    let refill = LINK_REQUEST_REFILL.as_millis() as u64;
+    t += refill - 100;
+    assert_eq!(
+        a.request_link(alice, t, ttl).unwrap(),
+        Err(LinkRequestError::RateLimited)
+    );
+    t += 100;
+    a.request_link(alice, t, ttl).unwrap().unwrap();
+    t += 2;
+    assert_eq!(
+        a.request_link(alice, t, ttl).unwrap(),
+        Err(LinkRequestError::RateLimited)
+    );
+    // A clock stepping back refills nothing.
+    assert_eq!(
+        a.request_link(alice, 0, ttl).unwrap(),
+        Err(LinkRequestError::RateLimited)
+    );
+}
+
+/// The sweeper's part: expired link codes and invites are removed from
+/// the database, valid ones stay.
+#[test]
+fn expired_codes_and_invites_are_swept() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let a = s.accounts();
+    let forever = a.create_invite(5, None).unwrap();
+    let _short = a.create_invite(1, Some(100)).unwrap();
+    let _later = a.create_invite(1, Some(10_000)).unwrap();
+    let alice = a.register(&forever, "alice", &[1; 32], 0).unwrap().unwrap();
+    let _old = link_code(a, alice, 100);
+    let young = link_code(a, alice, 10_000);
+    let links = s.db.open_tree("link_codes").unwrap();
+    let invites = s.db.open_tree("invites").unwrap();
+    assert_eq!((invites.len(), links.len()), (3, 2));
+    assert_eq!(a.sweep_codes(50).unwrap(), (0, 0));
+    assert_eq!(a.sweep_codes(100).unwrap(), (1, 1));
+    assert_eq!((invites.len(), links.len()), (2, 1));
+    assert_eq!(a.outstanding_links(alice.user, 100), 1);
+    assert_eq!(a.redeem_link(&young, &[2; 32], 200).unwrap(), Ok(dev(1, 2)));
+    assert_eq!(a.sweep_codes(20_000).unwrap(), (1, 0));
+    assert_eq!((invites.len(), links.len()), (1, 0));
+    a.register(&forever, "bob", &[3; 32], 20_000).unwrap().unwrap();
+}
+
+/// Link codes of the version before they were bound to a device are not
+/// trusted: they are dropped when the store opens.
+#[test]
+fn old_unbound_link_codes_are_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = open(dir.path());
+        let old = s.db.open_tree("links").unwrap();
+        old.insert([1u8; 8], &b"an old code"[..]).unwrap();
+        s.flush().unwrap();
+    }
+    let s = open(dir.path());
+    assert!(!s.db.tree_names().iter().any(|n| n.as_ref() == b"links"));
 }
 
 #[test]
@@ -537,7 +707,7 @@ fn retention_expires_with_notices_on_both_sides() {
     let invite = s.accounts().create_invite(3, None).unwrap();
     let alice = s.accounts().register(&invite, "alice", &[1; 32], 0).unwrap().unwrap();
     let bob = s.accounts().register(&invite, "bob", &[2; 32], 0).unwrap().unwrap();
-    let link = s.accounts().create_link(alice.user, 10_000).unwrap();
+    let link = link_code(s.accounts(), alice, 10_000);
     let alice2 = s.accounts().redeem_link(&link, &[3; 32], 0).unwrap().unwrap();
     // Old messages at t=100 and t=200, a fresh one at t=5000.
     for (i, t) in [(1u8, 100), (2, 200), (3, 5000)] {
