@@ -105,6 +105,11 @@ impl<T> Core<T> {
         self.conns.get_mut(&serial)
     }
 
+    /// The device delivering on connection `serial`, if authenticated.
+    pub fn device_of(&self, serial: u64) -> Option<crate::ids::DeviceKey> {
+        self.hub.device_of(serial)
+    }
+
     /// Every connection's serial.
     pub fn serials(&self) -> Vec<u64> {
         self.conns.keys().copied().collect()

@@ -16,10 +16,10 @@
 pub mod admin;
 pub mod core;
 pub mod limits;
-#[cfg(any())]
+#[cfg(test)]
 mod sim;
 pub mod sweeper;
-#[cfg(any())]
+#[cfg(test)]
 mod tests;
 
 use std::io::{self, Read, Write};

@@ -51,20 +51,71 @@ fn ack(w: &mut World, conn: ConnId, up_to: u64) {
     w.run();
 }
 
+/// Issue 9: a copy its online device acknowledges before the write delay
+/// is never written; the sender gets `Accepted` on the ack (spec §10).
 #[test]
-fn online_delivery_and_accepted_only_after_flush() {
+fn an_online_copy_acked_in_time_is_accepted_and_never_written() {
     let mut w = World::new(1);
+    w.auto_ack = false;
     let alice = w.register(0, "alice");
     let bob = w.register(0, "bob");
     let _ = w.inbox(bob);
-    w.auto_flush = false;
     w.request(alice, &send(1, "bob", vec![body(1, b"hi bob")], vec![]));
     w.run();
-    // Bob has it at once; Alice has no tick until the flush.
+    // Bob has it at once; Alice has no tick until bob's ack.
     assert_eq!(
         delivered(&w.inbox(bob)),
         vec![(1, MsgId([1; 16]), Bytes::from_static(b"hi bob"))]
     );
+    assert!(w.inbox(alice).is_empty());
+    ack(&mut w, bob, 1);
+    assert_eq!(accepted(&w.inbox(alice)), vec![MsgId([1; 16])]);
+    // Nothing of it ever reached the disk.
+    w.advance(Duration::from_secs(1));
+    assert_eq!(w.store.queued_bytes(), 0);
+    assert_eq!(w.store.queue_totals(), (0, 0));
+}
+
+/// A copy its online device does not acknowledge in time is written, and
+/// the sender gets `Accepted` once that is durable; the ack then deletes
+/// it, and its message's shared record with it.
+#[test]
+fn an_online_copy_not_acked_in_time_is_written_then_accepted() {
+    let mut w = World::new(1);
+    w.auto_ack = false;
+    let alice = w.register(0, "alice");
+    let bob = w.register(0, "bob");
+    let _ = w.inbox(bob);
+    w.request(alice, &send(1, "bob", vec![body(1, b"hi bob")], vec![]));
+    w.run();
+    assert_eq!(delivered(&w.inbox(bob)).len(), 1);
+    assert!(w.inbox(alice).is_empty());
+    w.auto_flush = false;
+    w.advance(crate::store::StoreConfig::default().write_delay);
+    // Written, not yet flushed: still no tick.
+    assert!(w.store.queued_bytes() > 0);
+    assert!(w.inbox(alice).is_empty());
+    w.auto_flush = true;
+    w.run();
+    assert_eq!(accepted(&w.inbox(alice)), vec![MsgId([1; 16])]);
+    ack(&mut w, bob, 1);
+    w.advance(Duration::from_millis(10));
+    assert_eq!(w.store.queued_bytes(), 0);
+}
+
+/// A copy for an offline device is written at once; `Accepted` waits for
+/// the flush.
+#[test]
+fn an_offline_copy_is_accepted_only_after_the_flush() {
+    let mut w = World::new(1);
+    let alice = w.register(0, "alice");
+    let bob = w.register(0, "bob");
+    w.request(bob, &ClientFrame::Close);
+    w.run();
+    w.auto_flush = false;
+    w.request(alice, &send(1, "bob", vec![body(1, b"hi bob")], vec![]));
+    w.run();
+    assert!(w.store.queued_bytes() > 0);
     assert!(w.inbox(alice).is_empty());
     w.auto_flush = true;
     w.run();
@@ -123,6 +174,7 @@ fn offline_delivery_in_order_then_drained() {
 #[test]
 fn unacked_messages_come_again_on_the_next_connection() {
     let mut w = World::new(1);
+    w.auto_ack = false;
     let alice = w.register(0, "alice");
     let bob = w.register(0, "bob");
     let _ = w.inbox(bob);
@@ -145,6 +197,7 @@ fn window_bounds_unacked_deliveries() {
             ..HubConfig::default()
         },
     );
+    w.auto_ack = false;
     let alice = w.register(0, "alice");
     let bob = w.register(0, "bob");
     w.request(bob, &ClientFrame::Close);
@@ -322,15 +375,7 @@ fn a_device_connecting_again_closes_the_older_connection() {
     assert!(w.is_dead(bob));
     assert!(!w.is_dead(bob_again));
     assert_eq!(
-        w.shared.connection_of(
-            w.cores[0]
-                .conn_mut(bob_again.serial)
-                .unwrap()
-                .cursor
-                .as_ref()
-                .unwrap()
-                .device()
-        ),
+        w.shared.connection_of(w.cores[0].device_of(bob_again.serial).unwrap()),
         Some(bob_again)
     );
 }
@@ -753,6 +798,7 @@ mod receipts_and_retract {
     #[test]
     fn a_retract_removes_the_copies_still_queued() {
         let mut w = World::new(1);
+        w.auto_ack = false;
         let alice = w.register(0, "alice");
         let bob = w.register(0, "bob");
         w.request(bob, &ClientFrame::Close);
@@ -825,19 +871,7 @@ fn expiry_notices_reach_both_sides() {
     let _ = w.inbox(alice);
     // Everything accepted so far is past its retention.
     let cutoff = w.now.unix_ms + 1;
-    let mut cursor = Vec::new();
-    loop {
-        let swept = w.store.sweep(&mut cursor, cutoff, 100, w.now.unix_ms).unwrap();
-        for d in swept.notified {
-            if let Some(c) = w.shared.connection_of(d) {
-                w.cores[c.worker as usize].apply(crate::hub::Effect::Wake(c), w.now);
-            }
-        }
-        if swept.wrapped {
-            break;
-        }
-    }
-    w.run();
+    w.sweep(cutoff);
     // Alice is online: told at once which ids never reached which device.
     match &w.inbox(alice)[..] {
         [(0, ServerFrame::Expired(e))] => {
@@ -893,7 +927,6 @@ fn a_retry_after_a_device_change_is_still_accepted() {
 /// loops, a fresh world each time) and checks the outcome of each.
 mod revocation {
     use super::*;
-    use crate::hub::Effect;
     use crate::ids::{DeviceKey, UserId};
     use crate::noise::Keypair;
 
@@ -935,21 +968,15 @@ mod revocation {
     };
 
     /// The revoke, as one step: a turn of loop 0 on alice's `RevokeDevice`
-    /// (queued by `prepare`), or the operator's command.
+    /// (queued by `prepare`), or the operator's command, and the store
+    /// thread's turn that applies it (not flushed: its answer, and the
+    /// close that follows, wait for the flush step).
     fn revoke(w: &mut World, revoker: Revoker, alice: ConnId) {
         match revoker {
             Revoker::Device => w.turn(alice),
-            Revoker::Operator => {
-                let now = w.now.unix_ms;
-                if let Some(Some(conn)) = w.shared.revoke(ALICE2, now).unwrap() {
-                    w.mailbox.push(Effect::Close {
-                        conn,
-                        code: ErrorCode::REVOKED,
-                        text: "this device was revoked",
-                    });
-                }
-            }
+            Revoker::Operator => w.operator_revoke(ALICE2),
         }
+        w.step_store(false);
     }
 
     fn prepare(w: &mut World, revoker: Revoker, alice: ConnId) {
@@ -1093,6 +1120,8 @@ mod revocation {
         let _ = w.inbox(alice2);
         w.request(alice, &ClientFrame::RevokeDevice { device: DeviceId(2) });
         w.turn(alice);
+        // The store thread applies it; not yet durable, so not answered.
+        w.step_store(false);
         w.request(alice2, &ClientFrame::RequestLink);
         w.request(alice2, &ClientFrame::MyDevices);
         w.turn(alice2);

@@ -268,6 +268,11 @@ impl Engine {
         Ok(())
     }
 
+    /// Whether something waits for a flush.
+    pub(crate) fn awaits_flush(&self) -> bool {
+        !self.awaiting.is_empty()
+    }
+
     /// Releases what the flusher made durable.
     fn release(&mut self) {
         let durable = self.flusher.durable();

@@ -497,16 +497,20 @@ impl Store {
         let _ = threads.flusher.join();
     }
 
-    /// Runs one store-thread turn on the caller's thread and flushes (for
-    /// simulations, which start no threads). Returns false on a failure.
+    /// Runs one store-thread turn on the caller's thread, then, if
+    /// `flush` and something waits for durability, flushes and runs the
+    /// turn that releases it (for simulations, which start no threads).
+    /// Returns false on a failure.
     pub fn step(&self, now: Instant, now_ms: u64, flush: bool) -> bool {
         let mut guard = self.engine.lock().unwrap_or_else(|e| e.into_inner());
         let Some(engine) = guard.as_mut() else { return false };
         if engine.turn(now, now_ms).is_err() {
             return false;
         }
-        if flush && self.flusher.flush_now() {
-            // Release what the flush made durable.
+        if flush && engine.awaits_flush() {
+            if !self.flusher.flush_now() {
+                return false;
+            }
             return engine.turn(now, now_ms).is_ok();
         }
         true
