@@ -83,6 +83,7 @@ fn main() -> ExitCode {
     let level = file.log_level.clone().unwrap_or_else(|| "info".into());
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(format!("sled=warn,{level}"))).init();
     let mut config = file.to_server_config();
+    config.config_file = cli.config.clone();
     if file.workers.is_none() {
         config.workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     }

@@ -168,6 +168,9 @@ pub fn describe(code: ErrorCode) -> &'static str {
         ErrorCode::QUOTA_EXCEEDED => {
             "a queue this would go to is full (a device of the recipient's, or one of yours, has not collected its messages), or the server is out of space; nothing was sent, try again later"
         }
+        ErrorCode::STORAGE_FULL => {
+            "the server is out of disk space and takes nothing new until its operator frees some; nothing was sent, try again later"
+        }
         ErrorCode::INTERNAL => "the server failed; try again",
         ErrorCode::BAD_REQUEST => "inconsistent request",
         ErrorCode::MALFORMED => "the server could not read the request",

@@ -91,6 +91,8 @@ pub struct ServerConfig {
     pub per_ip: IpLimitConfig,
     /// Retention.
     pub retention: RetentionConfig,
+    /// The configuration file, re-read on SIGHUP (for `store.min_free`).
+    pub config_file: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -106,6 +108,7 @@ impl ServerConfig {
             store: StoreConfig::default(),
             per_ip: IpLimitConfig::default(),
             retention: RetentionConfig::default(),
+            config_file: None,
         }
     }
 }
@@ -182,6 +185,8 @@ pub struct Worker {
     signals: Option<signal_hook_mio::v1_0::Signals>,
     /// Connections were closed for the shutdown.
     closed: bool,
+    /// Re-read on SIGHUP.
+    config_file: Option<PathBuf>,
 }
 
 /// A running daemon.
@@ -281,6 +286,7 @@ impl Server {
                 read_buf: vec![0; READ_CHUNK],
                 signals: None,
                 closed: false,
+                config_file: config.config_file.clone(),
             });
         }
         let store_threads = store.start().map_err(io_err("starting the store thread"))?;
@@ -324,9 +330,9 @@ impl Server {
         let sweeper = Sweeper::start(self.store.clone(), self.shared.clone(), self.loops.clone(), self.retention)
             .map_err(io_err("starting the sweeper"))?;
         if handle_signals {
-            use signal_hook::consts::{SIGINT, SIGTERM};
-            let mut signals =
-                signal_hook_mio::v1_0::Signals::new([SIGTERM, SIGINT]).map_err(io_err("installing signal handlers"))?;
+            use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+            let mut signals = signal_hook_mio::v1_0::Signals::new([SIGTERM, SIGINT, SIGHUP])
+                .map_err(io_err("installing signal handlers"))?;
             self.workers[0]
                 .poll
                 .registry()
@@ -398,11 +404,17 @@ impl Worker {
                     LISTENER => self.accept(now),
                     WAKER => {}
                     SIGNALS => {
-                        if let Some(s) = self.signals.as_mut()
-                            && s.pending().next().is_some()
-                        {
-                            log::info!("signal received: shutting down");
-                            self.loops.stop();
+                        let pending: Vec<i32> = match self.signals.as_mut() {
+                            Some(s) => s.pending().collect(),
+                            None => Vec::new(),
+                        };
+                        for signal in pending {
+                            if signal == signal_hook::consts::SIGHUP {
+                                self.reload();
+                            } else {
+                                log::info!("signal received: shutting down");
+                                self.loops.stop();
+                            }
                         }
                     }
                     Token(serial) => {
@@ -449,6 +461,27 @@ impl Worker {
                     return Ok(());
                 }
             }
+        }
+    }
+
+    /// SIGHUP: re-reads the configuration file's settings that apply to a
+    /// running daemon (`store.min_free`).
+    fn reload(&mut self) {
+        let Some(path) = self.config_file.as_ref() else {
+            log::info!("SIGHUP: no configuration file to re-read");
+            return;
+        };
+        match crate::config::FileConfig::load(path) {
+            Ok(file) => {
+                let min_free = file.to_server_config().store.min_free;
+                self.store.set_min_free(min_free);
+                log::info!(
+                    "SIGHUP: re-read {}; store.min_free is {} MiB",
+                    path.display(),
+                    min_free >> 20
+                );
+            }
+            Err(e) => log::error!("SIGHUP: {e}; keeping the settings in force"),
         }
     }
 
