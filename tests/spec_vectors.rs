@@ -572,6 +572,7 @@ fn readme_states_the_limits() {
     }
     let hub = HubConfig::default();
     let quotas = Quotas::default();
+    let store = tidings::store::StoreConfig::default();
     let retention = RetentionConfig::default();
     assert_eq!(
         retention.period.as_secs() % 86_400,
@@ -595,6 +596,10 @@ fn readme_states_the_limits() {
         format!("`Quotas::queue_messages` = {}", quotas.queue_messages),
         format!("`Quotas::queue_bytes` = {}", quotas.queue_bytes),
         format!("`Quotas::disk_budget` = {}", quotas.disk_budget),
+        format!("`StoreConfig::write_delay` = {} ms", store.write_delay.as_millis()),
+        format!("`StoreConfig::write_memory` = {}", store.write_memory),
+        format!("`StoreConfig::min_free` = {}", store.min_free),
+        format!("`store::RECENT_MESSAGES` = {}", tidings::store::RECENT_MESSAGES),
         format!(
             "`RetentionConfig::period` = {} days",
             retention.period.as_secs() / 86_400

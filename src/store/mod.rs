@@ -171,8 +171,9 @@ impl Default for StoreConfig {
 /// Durable entries kept in memory for delivery, per queue and in all.
 const CACHE_PER_QUEUE: usize = 64;
 const CACHE_BYTES: u64 = 4 << 20;
-/// Settled messages remembered to recognise retries.
-const RECENT: usize = 16_384;
+/// Settled messages remembered in memory to recognise retries (spec §6,
+/// §10).
+pub const RECENT_MESSAGES: usize = 16_384;
 
 /// Logs a repeated failure once per period, with how many there were.
 #[derive(Debug)]
@@ -422,7 +423,7 @@ impl Store {
                 write_memory: config.write_memory,
                 cache_bytes: CACHE_BYTES,
                 cache_per_queue: CACHE_PER_QUEUE,
-                recent: RECENT,
+                recent: RECENT_MESSAGES,
             },
             loaded,
             tombstones,
