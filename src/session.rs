@@ -23,8 +23,8 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-pub use crate::ids::Identity;
 use crate::ids::DeviceKey;
+pub use crate::ids::Identity;
 use crate::noise::{ExpectClientAuth, ExpectClientHello, Keypair, Opened, PublicKey, Transport};
 use crate::wire::{
     self, ClientFrame, ErrorCode, Flow, FrameError, HANDSHAKE_RECORD_CAP, MAX_RECORD_LEN, MAX_TEXT_LEN, PREAMBLE_LEN,

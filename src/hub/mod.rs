@@ -300,9 +300,7 @@ impl Hub {
 
     /// Whether answers wait for the store.
     pub fn has_pending(&self) -> bool {
-        self.waiting
-            .values()
-            .any(|w| !matches!(w, Waiting::Backlog { .. }))
+        self.waiting.values().any(|w| !matches!(w, Waiting::Backlog { .. }))
     }
 
     /// The device delivering on connection `serial`, if authenticated.
@@ -611,7 +609,9 @@ impl Hub {
     pub fn pump(&mut self, conn: ConnId, mut room: usize, now: Now) {
         let _ = now;
         let window = self.shared.config.window;
-        let Some(mut c) = self.cursors.remove(&conn.serial) else { return };
+        let Some(mut c) = self.cursors.remove(&conn.serial) else {
+            return;
+        };
         loop {
             let in_flight = c.delivered.saturating_sub(c.acked);
             let free = window.saturating_sub(in_flight) as usize;
@@ -825,7 +825,9 @@ impl Hub {
                 );
             }
             ClientFrame::Ack { up_to } => {
-                let Some(c) = self.cursors.get_mut(&conn.serial) else { return };
+                let Some(c) = self.cursors.get_mut(&conn.serial) else {
+                    return;
+                };
                 // spec §5.2: only what was delivered on this connection.
                 if up_to > c.delivered {
                     return self.refuse(conn, req, Refusal::AckBeyondDelivered);

@@ -2,7 +2,7 @@
 //! wire code and its words (spec §7), as rustls maps its errors to alerts
 //! in one `TryFrom`.
 
-use crate::store::{LinkError, PublishError, Quota, RegisterError, Refused};
+use crate::store::{LinkError, PublishError, Quota, Refused, RegisterError};
 use crate::wire::{ErrorCode, ServerFrame};
 
 /// Why a request is refused, or a connection closed.

@@ -56,7 +56,8 @@ impl Rig {
     /// Authenticates `device` on connection `serial`; returns what it got.
     fn online(&mut self, serial: u64, device: DeviceKey) -> Vec<Effect> {
         let view = self.view(Some(device));
-        self.hub.handle(conn(serial), view, Event::Authenticated(device), self.now);
+        self.hub
+            .handle(conn(serial), view, Event::Authenticated(device), self.now);
         self.effects()
     }
 
@@ -188,9 +189,7 @@ fn a_retry_waits_for_the_original_then_is_answered_with_its_time() {
     // Once settled, a retry is answered at once, with the same time.
     r.now.unix_ms += 5000;
     let got = r.frame(1, dev(1, 1), 2, send(9, "bob", &[1], &[2]));
-    assert!(
-        matches!(&frames_to(&got, 1)[..], [(2, ServerFrame::Accepted { time_ms, .. })] if *time_ms == times[0])
-    );
+    assert!(matches!(&frames_to(&got, 1)[..], [(2, ServerFrame::Accepted { time_ms, .. })] if *time_ms == times[0]));
     // Also when the devices changed since (answered before the mismatch).
     let got = r.frame(1, dev(1, 1), 3, send(9, "bob", &[1, 7], &[]));
     assert!(matches!(&frames_to(&got, 1)[..], [(3, ServerFrame::Accepted { .. })]));
@@ -243,7 +242,10 @@ fn every_bad_send_gets_its_code_from_the_one_map() {
     let cases = [
         (send(1, "nobody", &[1], &[]), Refusal::UnknownUser),
         (big, Refusal::BodyTooLarge),
-        (send(3, "bob", &(0..16).collect::<Vec<_>>(), &[]), Refusal::TooManyBodies),
+        (
+            send(3, "bob", &(0..16).collect::<Vec<_>>(), &[]),
+            Refusal::TooManyBodies,
+        ),
         (send(4, "bob", &[1, 1], &[2]), Refusal::TwoBodies),
         (send(5, "alice", &[2], &[2]), Refusal::OwnToSelf),
         (send(6, "alice", &[1, 2], &[]), Refusal::BodyForSender),

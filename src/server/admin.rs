@@ -113,7 +113,12 @@ fn fmt_time(ms: u64) -> String {
 ///
 /// # Errors
 /// A message for the operator.
-pub fn execute(store: &Store, online: Option<(&Shared, &Loops)>, cmd: &Command, now_ms: u64) -> Result<Vec<String>, String> {
+pub fn execute(
+    store: &Store,
+    online: Option<(&Shared, &Loops)>,
+    cmd: &Command,
+    now_ms: u64,
+) -> Result<Vec<String>, String> {
     let accounts = store.accounts();
     let failed = || "the store failed; see the daemon's log".to_string();
     match cmd {

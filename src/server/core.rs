@@ -187,7 +187,14 @@ impl<T> Core<T> {
             for effect in effects {
                 let serial = effect.conn().serial;
                 let local = effect.conn().worker == self.worker;
-                Self::apply_to(&mut self.hub, &mut self.conns, &mut self.remote, self.worker, effect, now);
+                Self::apply_to(
+                    &mut self.hub,
+                    &mut self.conns,
+                    &mut self.remote,
+                    self.worker,
+                    effect,
+                    now,
+                );
                 if local {
                     self.after(serial);
                 }
@@ -200,7 +207,14 @@ impl<T> Core<T> {
     pub fn apply(&mut self, effect: Effect, now: Now) {
         let serial = effect.conn().serial;
         let local = effect.conn().worker == self.worker;
-        Self::apply_to(&mut self.hub, &mut self.conns, &mut self.remote, self.worker, effect, now);
+        Self::apply_to(
+            &mut self.hub,
+            &mut self.conns,
+            &mut self.remote,
+            self.worker,
+            effect,
+            now,
+        );
         self.apply_effects(now);
         if local {
             self.after(serial);

@@ -327,8 +327,13 @@ impl Server {
     /// On a failure that stops the daemon (a flush failure among them).
     pub fn run(mut self, handle_signals: bool) -> Result<(), ServerError> {
         let admin = self.admin.take();
-        let sweeper = Sweeper::start(self.store.clone(), self.shared.clone(), self.loops.clone(), self.retention)
-            .map_err(io_err("starting the sweeper"))?;
+        let sweeper = Sweeper::start(
+            self.store.clone(),
+            self.shared.clone(),
+            self.loops.clone(),
+            self.retention,
+        )
+        .map_err(io_err("starting the sweeper"))?;
         if handle_signals {
             use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
             let mut signals = signal_hook_mio::v1_0::Signals::new([SIGTERM, SIGINT, SIGHUP])

@@ -110,7 +110,15 @@ impl World {
         let shared = Shared::new(store.clone() as Arc<dyn StoreApi>, config);
         let key = Arc::new(store.server_key().clone());
         let cores = (0..workers)
-            .map(|w| Core::new(w, shared.clone(), key.clone(), SessionConfig::default(), Sink::new(|| {})))
+            .map(|w| {
+                Core::new(
+                    w,
+                    shared.clone(),
+                    key.clone(),
+                    SessionConfig::default(),
+                    Sink::new(|| {}),
+                )
+            })
             .collect();
         World {
             store,
@@ -223,14 +231,19 @@ impl World {
     /// outcomes, and the operator's revokes that are done close their
     /// device's connection (as the admin thread does).
     pub fn step_store(&mut self, flush: bool) {
-        assert!(self.store.step(self.now.mono, self.now.unix_ms, flush), "the store failed");
+        assert!(
+            self.store.step(self.now.mono, self.now.unix_ms, flush),
+            "the store failed"
+        );
         for core in &mut self.cores {
             core.end_turn(self.now);
         }
         let mut done = Vec::new();
         self.operator.take(&mut done);
         for c in done {
-            let Some(i) = self.revoking.iter().position(|(t, _)| *t == c.token) else { continue };
+            let Some(i) = self.revoking.iter().position(|(t, _)| *t == c.token) else {
+                continue;
+            };
             let (_, d) = self.revoking.remove(i);
             if c.outcome == Outcome::Revoked(true)
                 && let Some(conn) = self.shared.connection_of(d)

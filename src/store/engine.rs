@@ -21,7 +21,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::accounts::Accounts;
-use super::api::{Entry, Op, Outcome, Quota, QueuedExpired, QueuedGap, QueuedReceipt, Refused, Swept, Waiter};
+use super::api::{Entry, Op, Outcome, QueuedExpired, QueuedGap, QueuedReceipt, Quota, Refused, Swept, Waiter};
 use super::disk::{
     self, DiskEntry, FOLD, FOLD_KEY_LEN, FoldKey, LostRecord, MAX_GAP_SENDERS, MESSAGE, MsgRecord, QUEUE, TOMBSTONE,
     dev, dev_prefix, fold_key, message_key, parse_dev, parse_message_key, parse_tombstone, queue_key, queue_seq,
@@ -248,7 +248,8 @@ impl Engine {
                 }
                 Err(e) if is_fatal(&e) => return Err(e),
                 Err(e) => {
-                    self.failures.log(|n| log::error!("a store operation failed ({n} like it): {e}"));
+                    self.failures
+                        .log(|n| log::error!("a store operation failed ({n} like it): {e}"));
                     if let Some(w) = waiter {
                         w.complete(Outcome::Failed);
                     }
@@ -432,7 +433,10 @@ impl Engine {
                 now_ms,
             } => {
                 turn.dirty = true;
-                (Outcome::Registered(accounts.register(&invite, &name, &key, now_ms)?), true)
+                (
+                    Outcome::Registered(accounts.register(&invite, &name, &key, now_ms)?),
+                    true,
+                )
             }
             Op::RedeemLink { code, key, now_ms } => {
                 turn.dirty = true;
@@ -444,7 +448,10 @@ impl Engine {
             }
             Op::Invite { uses, expires_ms } => {
                 turn.dirty = true;
-                (Outcome::Token(accounts.create_invite(uses, expires_ms)?, expires_ms), true)
+                (
+                    Outcome::Token(accounts.create_invite(uses, expires_ms)?, expires_ms),
+                    true,
+                )
             }
             Op::Revoke { device, now_ms } => {
                 turn.dirty = true;

@@ -35,7 +35,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::Quotas;
-use super::api::{Appended, Entry, NewMessage, Outcome, Quota, QueuedMessage, Read, Refused, Waiter};
+use super::api::{Appended, Entry, NewMessage, Outcome, QueuedMessage, Quota, Read, Refused, Waiter};
 use super::disk::{MESSAGE_KEY_LEN, MsgRecord, varint_len};
 use crate::ids::{DeviceKey, UserId};
 use crate::wire::MsgId;
@@ -309,7 +309,9 @@ impl Guard<'_> {
     fn settled(&mut self, key: MsgKey) {
         self.inner.settled.push_back(key);
         while self.inner.settled.len() > self.config.recent {
-            let Some(old) = self.inner.settled.pop_front() else { break };
+            let Some(old) = self.inner.settled.pop_front() else {
+                break;
+            };
             if self.inner.msgs.get(&old).is_some_and(|m| m.unsafe_copies == 0) {
                 self.inner.msgs.remove(&old);
             }
@@ -327,9 +329,7 @@ impl Guard<'_> {
             state.waiters.push(waiter.clone());
             return Some(Appended::Waiting);
         }
-        Some(Appended::Duplicate {
-            time_ms: state.time_ms,
-        })
+        Some(Appended::Duplicate { time_ms: state.time_ms })
     }
 
     /// Appends a message (see [`super::api::StoreApi::append`]); `full`:
@@ -517,7 +517,13 @@ impl Guard<'_> {
 
     /// Takes what is due: copies to write (their state becomes writing),
     /// and records to delete.
-    pub fn take(&mut self, now: Instant, writes: &mut Vec<Write>, deletes: &mut Vec<(DeviceKey, u64)>, removes: &mut Vec<(DeviceKey, u64)>) {
+    pub fn take(
+        &mut self,
+        now: Instant,
+        writes: &mut Vec<Write>,
+        deletes: &mut Vec<(DeviceKey, u64)>,
+        removes: &mut Vec<(DeviceKey, u64)>,
+    ) {
         self.inner.urgent = false;
         deletes.extend(self.inner.deletes.drain());
         removes.append(&mut self.inner.removes);
@@ -616,7 +622,9 @@ impl Guard<'_> {
         }
         let cap = self.config.cache_bytes;
         while self.inner.cached > cap {
-            let Some(d) = self.inner.cache_order.pop_front() else { break };
+            let Some(d) = self.inner.cache_order.pop_front() else {
+                break;
+            };
             Self::evict(&mut self.inner, d, 0);
         }
         for key in safe {

@@ -142,9 +142,6 @@ fn messages_2_to_3(queues: &sled::Tree, meta: &sled::Tree) -> Result<(), StoreEr
     meta.insert(SEQ_CEILING, &stored.max(ceiling).to_be_bytes())?;
     meta.flush()?;
     queues.apply_batch(batch)?;
-    log::info!(
-        "migrated {n} queued copies of {} messages to format 3",
-        records.len()
-    );
+    log::info!("migrated {n} queued copies of {} messages to format 3", records.len());
     Ok(())
 }

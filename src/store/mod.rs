@@ -54,7 +54,7 @@ pub use accounts::{
     RegisterError, TokenRecord, UserRecord,
 };
 pub use api::{
-    Appended, Completion, Entry, NewMessage, Op, Outcome, Quota, QueuedMessage, Read, Refused, Sink, StoreApi, Waiter,
+    Appended, Completion, Entry, NewMessage, Op, Outcome, QueuedMessage, Quota, Read, Refused, Sink, StoreApi, Waiter,
 };
 pub use flusher::{Epoch, Flusher};
 pub use keys::{MAX_ONE_TIME_KEYS, PublishError};
@@ -665,7 +665,13 @@ impl Store {
     ///
     /// # Errors
     /// On a database failure or a corrupt record.
-    pub fn read_queue(&self, d: DeviceKey, from: u64, max: usize, out: &mut Vec<(u64, Entry)>) -> Result<(), StoreError> {
+    pub fn read_queue(
+        &self,
+        d: DeviceKey,
+        from: u64,
+        max: usize,
+        out: &mut Vec<(u64, Entry)>,
+    ) -> Result<(), StoreError> {
         let hi = self.live.lock().disk_hi(d);
         let start = out.len();
         let covered = engine::read_disk(&self.queues, d, from, hi, max, out)?;
