@@ -262,6 +262,8 @@ pub struct Hub {
     waiting: HashMap<u64, Waiting>,
     cursors: HashMap<u64, Cursor>,
     effects: Vec<Effect>,
+    /// Connections a `Wake` is already among `effects` for.
+    woken: std::collections::HashSet<ConnId>,
     entries: Vec<(u64, Entry)>,
     devices: Vec<DeviceId>,
     completions: Vec<Completion>,
@@ -278,6 +280,7 @@ impl Hub {
             waiting: HashMap::new(),
             cursors: HashMap::new(),
             effects: Vec::new(),
+            woken: std::collections::HashSet::new(),
             entries: Vec::new(),
             devices: Vec::new(),
             completions: Vec::new(),
@@ -295,6 +298,7 @@ impl Hub {
 
     /// Effects to apply now. Drain after every call.
     pub fn effects(&mut self) -> std::vec::Drain<'_, Effect> {
+        self.woken.clear();
         self.effects.drain(..)
     }
 
@@ -326,11 +330,15 @@ impl Hub {
         self.send(conn, req, why.frame());
     }
 
-    /// Asks the loops holding these devices to deliver their queues.
+    /// Asks the loops holding these devices to deliver their queues (once
+    /// per connection until the effects are taken: one pump delivers all
+    /// there is).
     fn wake_online(&mut self, devices: impl IntoIterator<Item = DeviceKey>) {
         let online = self.shared.online();
         for d in devices {
-            if let Some(c) = online.get(&d) {
+            if let Some(c) = online.get(&d)
+                && self.woken.insert(*c)
+            {
                 self.effects.push(Effect::Wake(*c));
             }
         }
@@ -436,7 +444,9 @@ impl Hub {
                     worker: self.worker,
                     serial,
                 };
-                self.effects.push(Effect::Wake(conn));
+                if self.woken.insert(conn) {
+                    self.effects.push(Effect::Wake(conn));
+                }
             }
             (w, Outcome::Failed) => {
                 if let Some((conn, req)) = w.answer_to() {

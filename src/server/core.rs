@@ -30,6 +30,8 @@ pub struct Conn<T> {
     is_dirty: bool,
     /// Delivery paused because the output was full.
     stalled: bool,
+    /// A `Wake` for it waits for the end of the turn.
+    wake_pending: bool,
 }
 
 impl<T> Conn<T> {
@@ -54,6 +56,10 @@ pub struct Core<T> {
     dirty: Vec<u64>,
     dead: Vec<(ConnId, T)>,
     remote: Vec<Effect>,
+    /// Remote connections a `Wake` is among `remote` for.
+    remote_woken: std::collections::HashSet<ConnId>,
+    /// Local connections to pump at the end of the turn, once each.
+    wakes: Vec<u64>,
 }
 
 impl<T> Core<T> {
@@ -77,6 +83,8 @@ impl<T> Core<T> {
             dirty: Vec::new(),
             dead: Vec::new(),
             remote: Vec::new(),
+            remote_woken: std::collections::HashSet::new(),
+            wakes: Vec::new(),
         }
     }
 
@@ -135,6 +143,7 @@ impl<T> Core<T> {
                 scheduled: None,
                 is_dirty: false,
                 stalled: false,
+                wake_pending: false,
             },
         );
         self.after(serial);
@@ -187,17 +196,47 @@ impl<T> Core<T> {
             for effect in effects {
                 let serial = effect.conn().serial;
                 let local = effect.conn().worker == self.worker;
-                Self::apply_to(
-                    &mut self.hub,
-                    &mut self.conns,
-                    &mut self.remote,
-                    self.worker,
-                    effect,
-                    now,
-                );
+                self.apply_one(effect, now);
                 if local {
                     self.after(serial);
                 }
+            }
+        }
+    }
+
+    fn apply_one(&mut self, effect: Effect, now: Now) {
+        Self::apply_to(
+            &mut self.hub,
+            &mut self.conns,
+            &mut self.remote,
+            &mut self.remote_woken,
+            &mut self.wakes,
+            self.worker,
+            effect,
+            now,
+        );
+    }
+
+    /// Pumps every connection woken during the turn, once each, until no
+    /// more are woken.
+    fn run_wakes(&mut self, now: Now) {
+        loop {
+            let wakes = std::mem::take(&mut self.wakes);
+            if wakes.is_empty() {
+                return;
+            }
+            for serial in wakes {
+                let id = self.id(serial);
+                if let Some(c) = self.conns.get_mut(&serial) {
+                    c.wake_pending = false;
+                    c.stalled = false;
+                    self.hub.pump(id, c.session.room(), now);
+                    if c.session.room() == 0 {
+                        c.stalled = true;
+                    }
+                }
+                self.apply_effects(now);
+                self.after(serial);
             }
         }
     }
@@ -207,30 +246,30 @@ impl<T> Core<T> {
     pub fn apply(&mut self, effect: Effect, now: Now) {
         let serial = effect.conn().serial;
         let local = effect.conn().worker == self.worker;
-        Self::apply_to(
-            &mut self.hub,
-            &mut self.conns,
-            &mut self.remote,
-            self.worker,
-            effect,
-            now,
-        );
+        self.apply_one(effect, now);
         self.apply_effects(now);
         if local {
             self.after(serial);
         }
+        self.run_wakes(now);
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn apply_to(
         hub: &mut Hub,
         conns: &mut HashMap<u64, Conn<T>>,
         remote: &mut Vec<Effect>,
+        remote_woken: &mut std::collections::HashSet<ConnId>,
+        wakes: &mut Vec<u64>,
         worker: u16,
         effect: Effect,
         now: Now,
     ) {
         let conn = effect.conn();
         if conn.worker != worker {
+            if matches!(effect, Effect::Wake(_)) && !remote_woken.insert(conn) {
+                return;
+            }
             remote.push(effect);
             return;
         }
@@ -239,10 +278,10 @@ impl<T> Core<T> {
         };
         match effect {
             Effect::Wake(_) => {
-                c.stalled = false;
-                hub.pump(conn, c.session.room(), now);
-                if c.session.room() == 0 {
-                    c.stalled = true;
+                // Once per turn, at its end: one pump delivers all there is.
+                if !c.wake_pending {
+                    c.wake_pending = true;
+                    wakes.push(conn.serial);
                 }
             }
             Effect::Send { req, frame, .. } => {
@@ -312,6 +351,7 @@ impl<T> Core<T> {
 
     /// Effects for connections of other loops.
     pub fn take_remote(&mut self) -> Vec<Effect> {
+        self.remote_woken.clear();
         std::mem::take(&mut self.remote)
     }
 
@@ -344,6 +384,7 @@ impl<T> Core<T> {
     pub fn end_turn(&mut self, now: Now) {
         self.hub.poll_store(now);
         self.apply_effects(now);
+        self.run_wakes(now);
     }
 
     /// Whether answers wait for the store.

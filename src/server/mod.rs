@@ -158,6 +158,25 @@ impl Loops {
         }
     }
 
+    /// Hands a turn's effects to the loops that own their connections:
+    /// one lock and one wake per loop, not per effect.
+    pub fn post_all(&self, effects: Vec<Effect>) {
+        if effects.is_empty() {
+            return;
+        }
+        for (w, m) in self.mailboxes.iter().enumerate() {
+            let mut mine = effects.iter().filter(|e| e.conn().worker as usize == w).peekable();
+            if mine.peek().is_none() {
+                continue;
+            }
+            m.effects
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(mine.cloned());
+            m.wake();
+        }
+    }
+
     /// Stops every loop.
     pub fn stop(&self) {
         for m in self.mailboxes.iter() {
@@ -449,9 +468,7 @@ impl Worker {
                 self.begin_shutdown(now);
             }
             self.flush_output(now);
-            for effect in self.core.take_remote() {
-                self.loops.post(effect);
-            }
+            self.loops.post_all(self.core.take_remote());
             if let Some(since) = stopping {
                 // Answers that wait for the store go out before the
                 // connections close (the store thread writes every copy
