@@ -788,5 +788,5 @@ pub(crate) fn be_u64(b: &[u8]) -> Option<u64> {
 
 #[cfg(test)]
 pub mod testing;
-#[cfg(any())]
+#[cfg(test)]
 mod tests;
