@@ -161,6 +161,8 @@ pub(crate) struct Inner {
     msgs: HashMap<MsgKey, MsgState>,
     settled: VecDeque<MsgKey>,
     tombstones: HashMap<(UserId, MsgId), u64>,
+    /// Unwritten copies by deadline: those due at once (offline devices)
+    /// in front, then those waiting for an ack in the order they came.
     staged: VecDeque<(Instant, DeviceKey, u64)>,
     unwritten: u64,
     cached: u64,
@@ -393,8 +395,13 @@ impl Guard<'_> {
             let next = q.next;
             self.inner.max_next = self.inner.max_next.max(next);
             self.inner.unwritten += size;
-            self.inner.staged.push_back((deadline, d, seq));
-            if !online {
+            // `staged` is in deadline order, which the store thread relies
+            // on (it stops at the first copy not yet due): a copy due now
+            // goes in front of those waiting for an ack.
+            if online {
+                self.inner.staged.push_back((deadline, d, seq));
+            } else {
+                self.inner.staged.push_front((deadline, d, seq));
                 self.inner.urgent = true;
             }
             copies.push((d, seq));
