@@ -503,6 +503,12 @@ impl Guard<'_> {
         }
     }
 
+    /// Up to where `d`'s records on disk are acknowledged and wait to be
+    /// deleted, if they do.
+    pub fn acked(&self, d: DeviceKey) -> Option<u64> {
+        self.inner.deletes.get(&d).copied()
+    }
+
     /// Whether acknowledged records wait to be deleted.
     pub fn has_deletes(&self) -> bool {
         !self.inner.deletes.is_empty()
