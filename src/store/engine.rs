@@ -141,6 +141,10 @@ pub(crate) struct Engine {
     removes: Vec<(DeviceKey, u64)>,
     space_checked: Option<Instant>,
     failures: Throttle,
+    /// Messages whose last copy on disk went while another copy could
+    /// still be written: their record is looked at again once they
+    /// settle.
+    later: HashSet<MsgKey>,
 }
 
 /// One turn's bookkeeping.
@@ -174,6 +178,7 @@ impl Engine {
             removes: Vec::new(),
             space_checked: None,
             failures: Throttle::new(Duration::from_secs(60)),
+            later: HashSet::new(),
         }
     }
 
@@ -234,6 +239,7 @@ impl Engine {
         if !self.writes.is_empty() || !self.deletes.is_empty() || !self.removes.is_empty() {
             self.write_batch(&mut turn)?;
         }
+        self.forget_later(&mut turn)?;
         for (op, waiter) in ops {
             match self.op(op, now_ms, &mut turn) {
                 Ok(None) => {}
@@ -377,12 +383,32 @@ impl Engine {
         q.apply_batch(batch)?;
         turn.dirty = true;
         // Messages whose last record went may lose their shared record.
-        let mut forget = sled::Batch::default();
-        let mut forgotten: i64 = 0;
+        let (_, forgotten) = self.forget(candidates)?;
+        let mut live = self.live.lock();
+        for (d, (n, bytes)) in deleted {
+            live.deleted(d, n, bytes);
+        }
+        live.disk_delta(records - forgotten);
+        for (key, time_ms) in retries {
+            live.drop_retry(key, time_ms);
+        }
+        Ok(())
+    }
+
+    /// Deletes the shared record of each message of `keys` that has no
+    /// copy left on disk and can write none any more. A message that still
+    /// may (a copy waits in memory) keeps it, and is looked at again once
+    /// it settled ([`Engine::forget_later`]). Returns how many records went
+    /// and their bytes (the caller counts them).
+    fn forget(&mut self, keys: impl IntoIterator<Item = MsgKey>) -> Result<(usize, i64), StoreError> {
+        let q = &self.trees.queues;
+        let mut batch = sled::Batch::default();
+        let (mut n, mut bytes) = (0, 0i64);
         {
             let live = self.live.lock();
-            for key in candidates {
+            for key in keys {
                 if live.unsettled(key) {
+                    self.later.insert(key);
                     continue;
                 }
                 let mk = message_key(key.0, key.1);
@@ -396,21 +422,35 @@ impl Engine {
                     }
                 }
                 if !any {
-                    forget.remove(&mk[..]);
-                    forgotten += (mk.len() + v.len()) as i64;
+                    batch.remove(&mk[..]);
+                    n += 1;
+                    bytes += (mk.len() + v.len()) as i64;
                 }
             }
         }
-        if forgotten > 0 {
-            q.apply_batch(forget)?;
+        if n > 0 {
+            q.apply_batch(batch)?;
         }
-        let mut live = self.live.lock();
-        for (d, (n, bytes)) in deleted {
-            live.deleted(d, n, bytes);
+        Ok((n, bytes))
+    }
+
+    /// Looks again at the records [`Engine::forget`] kept for messages
+    /// that were not settled then.
+    fn forget_later(&mut self, turn: &mut Turn) -> Result<(), StoreError> {
+        if self.later.is_empty() {
+            return Ok(());
         }
-        live.disk_delta(records - forgotten);
-        for (key, time_ms) in retries {
-            live.drop_retry(key, time_ms);
+        let ready: Vec<MsgKey> = {
+            let live = self.live.lock();
+            self.later.iter().filter(|k| !live.unsettled(**k)).copied().collect()
+        };
+        for k in &ready {
+            self.later.remove(k);
+        }
+        let (n, bytes) = self.forget(ready)?;
+        if n > 0 {
+            self.live.lock().disk_delta(-bytes);
+            turn.dirty = true;
         }
         Ok(())
     }
@@ -724,9 +764,11 @@ impl Engine {
             other -= (k.len() + v.len()) as i64;
         }
         q.apply_batch(batch)?;
+        // Messages whose last copy was in this queue.
+        let (_, forgotten) = self.forget(candidates)?;
         let mut live = self.live.lock();
         live.deleted(d, n, bytes);
-        live.disk_delta(other);
+        live.disk_delta(other - forgotten);
         Ok(())
     }
 
@@ -867,6 +909,7 @@ impl Engine {
         let mut other: i64 = 0;
         let mut gaps: std::collections::BTreeMap<DeviceKey, Vec<LostRecord>> = Default::default();
         let mut undelivered: std::collections::BTreeMap<(UserId, DeviceKey), Vec<MsgId>> = Default::default();
+        let mut expired_messages: HashSet<MsgKey> = HashSet::new();
         for (d, seq) in expired {
             let k = queue_key(d, seq);
             let Some(v) = q.get(k)? else { continue };
@@ -886,6 +929,7 @@ impl Engine {
             c.0 += 1;
             c.1 += (k.len() + v.len()) as u64;
             if let Some((sender, id)) = message {
+                expired_messages.insert((sender, id));
                 swept.expired += 1;
                 let time = times.get(&(sender, id)).copied().unwrap_or(0);
                 let lost = gaps.entry(d).or_default();
@@ -936,6 +980,10 @@ impl Engine {
         }
         q.apply_batch(batch)?;
         turn.dirty = true;
+        // The records of messages whose last copy expired go with it.
+        let (n, bytes) = self.forget(expired_messages)?;
+        swept.forgotten += n;
+        other -= bytes;
         {
             let mut live = self.live.lock();
             for (d, (n, bytes)) in deleted {
