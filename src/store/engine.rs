@@ -371,10 +371,15 @@ impl Engine {
                 batch.insert(&mk[..], value);
             }
         }
+        let mut skipped: HashMap<MsgKey, Vec<(DeviceKey, u64, u64)>> = HashMap::new();
         for w in self.writes.drain(..) {
             if let Entry::Message(m) = &w.entry
                 && skip.contains(&(m.from(), m.id))
             {
+                skipped
+                    .entry((m.from(), m.id))
+                    .or_default()
+                    .push((w.device, w.seq, w.entry.stored_len()));
                 continue;
             }
             batch.insert(&queue_key(w.device, w.seq)[..], disk::encode(&w.entry.to_disk()));
@@ -390,7 +395,7 @@ impl Engine {
         }
         live.disk_delta(records - forgotten);
         for (key, time_ms) in retries {
-            live.drop_retry(key, time_ms);
+            live.drop_retry(key, time_ms, skipped.get(&key).map_or(&[], Vec::as_slice));
         }
         Ok(())
     }

@@ -472,6 +472,9 @@ impl Guard<'_> {
     /// Acknowledges every entry of `d` up to `up_to`.
     pub fn ack(&mut self, d: DeviceKey, up_to: u64) {
         let Some(q) = self.inner.queues.get_mut(&d) else { return };
+        // Nothing past what was given out: entries queued after this ack
+        // (receipts the store thread writes) are not covered by it.
+        let up_to = up_to.min(q.next - 1);
         let mut safe = Vec::new();
         let (mut unwritten, mut cached) = (0, 0);
         while q.mem.front().is_some_and(|s| s.seq <= up_to) {
@@ -490,7 +493,7 @@ impl Guard<'_> {
                 }
             }
         }
-        q.disk_hi = q.disk_hi.max(up_to.min(q.next - 1));
+        q.disk_hi = q.disk_hi.max(up_to);
         let on_disk = q.on_disk > 0;
         self.inner.unwritten -= unwritten;
         self.inner.cached -= cached;
@@ -577,10 +580,10 @@ impl Guard<'_> {
     }
 
     /// A message being written turned out to be a retry of one accepted
-    /// before a restart (its record was on disk): drop its copies
-    /// (`taken` are in the batch, which skips them) and settle it with the
-    /// original time.
-    pub fn drop_retry(&mut self, key: MsgKey, time_ms: u64) {
+    /// before a restart (its record was on disk): drop its copies and
+    /// settle it with the original time. `skipped` are the copies (device,
+    /// sequence, bytes) that were taken into the batch and not written.
+    pub fn drop_retry(&mut self, key: MsgKey, time_ms: u64, skipped: &[(DeviceKey, u64, u64)]) {
         let copies = match self.inner.msgs.get_mut(&key) {
             Some(m) => {
                 m.time_ms = time_ms;
@@ -591,8 +594,17 @@ impl Guard<'_> {
         for (d, seq) in copies {
             let inner = &mut *self.inner;
             let Some(q) = inner.queues.get_mut(&d) else { continue };
-            let Some(i) = q.find(seq) else { continue };
-            let Some(s) = q.mem.remove(i) else { continue };
+            let Some(s) = q.find(seq).and_then(|i| q.mem.remove(i)) else {
+                // Acknowledged while the batch was being made: counted as
+                // on disk (its delete will find nothing), never written.
+                if let Some(&(_, _, size)) = skipped.iter().find(|(sd, ss, _)| (*sd, *ss) == (d, seq)) {
+                    q.count -= 1;
+                    q.bytes -= size;
+                    q.on_disk -= 1;
+                    inner.disk_bytes -= size;
+                }
+                continue;
+            };
             q.count -= 1;
             q.bytes -= s.size;
             match s.state {
