@@ -227,6 +227,9 @@ struct Slot {
 #[derive(Debug)]
 struct Msg {
     time_ms: u64,
+    to: u32,
+    /// The devices it was sent to.
+    targets: Vec<DeviceKey>,
     copies: Vec<(DeviceKey, u64)>,
     tokens: Vec<u64>,
     /// Its first copy went to the store thread (which then wrote its
@@ -254,12 +257,18 @@ struct Model {
     /// The highest ever given out per queue.
     given: BTreeMap<DeviceKey, u64>,
     msgs: HashMap<MsgKey, Msg>,
-    /// Message records written: when, and where the copies were.
-    records: HashMap<MsgKey, (u64, Vec<(DeviceKey, u64)>)>,
+    /// Message records written: when, to whom, and where the copies were.
+    records: HashMap<MsgKey, (u64, u32, Vec<(DeviceKey, u64)>)>,
     tombs: HashMap<(UserId, MsgId), Tomb>,
     /// (target, receipt sender, kind, addressee) → the seq of the receipt
     /// entry later ones fold into.
     folds: BTreeMap<(DeviceKey, DeviceKey, u8, u32), u64>,
+    /// A device acknowledged a copy of the message.
+    received: HashSet<(DeviceKey, MsgKey)>,
+    retracted: HashSet<MsgKey>,
+    /// Messages the sender was told are safe (`Accepted`), with the
+    /// devices they were sent to, across reopens.
+    accepted: Vec<(MsgKey, Vec<DeviceKey>)>,
 }
 
 /// Whether an earlier acceptance's record is on disk.
@@ -298,8 +307,8 @@ impl Model {
             None => Rec::Absent,
             // A record stays while any of its copies is on disk (or may
             // still be written); once none is, it may be gone.
-            Some((t, copies)) if copies.iter().any(|(d, s)| self.present(*d, *s)) => Rec::Sure(*t),
-            Some((t, _)) => Rec::Maybe(*t),
+            Some((t, _, copies)) if copies.iter().any(|(d, s)| self.present(*d, *s)) => Rec::Sure(*t),
+            Some((t, _, _)) => Rec::Maybe(*t),
         }
     }
 
@@ -330,6 +339,36 @@ impl Model {
                 m.settled = true;
             }
         }
+    }
+
+    /// Nothing accepted is lost (DESIGN, guarantee 1): every device a
+    /// message the sender was told is safe went to has a copy queued, or
+    /// acknowledged one, unless the message was retracted.
+    fn check_accepted(&mut self) -> Result<(), TestCaseError> {
+        let mut newly: Vec<(MsgKey, Vec<DeviceKey>)> = self
+            .msgs
+            .iter()
+            .filter(|(k, m)| m.settled && !self.accepted.iter().any(|(a, _)| a == *k))
+            .map(|(k, m)| (*k, m.targets.clone()))
+            .collect();
+        self.accepted.append(&mut newly);
+        for (key, targets) in &self.accepted {
+            if self.retracted.contains(key) {
+                continue;
+            }
+            for d in targets {
+                let queued = [&self.queues, &self.pending]
+                    .iter()
+                    .any(|m| m.get(d).is_some_and(|q| q.values().any(|s| s.msg == Some(*key))));
+                prop_assert!(
+                    queued || self.received.contains(&(*d, *key)),
+                    "{:?} was accepted but {} has no copy and never acknowledged one",
+                    key,
+                    d
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -446,7 +485,7 @@ impl Harness {
         for (t, h) in &self.heard {
             prop_assert!(mine.contains(t), "waiter {} heard {:?}", t, h);
         }
-        Ok(())
+        self.model.check_accepted()
     }
 
     fn send(&mut self, step: usize, sender: DeviceKey, id: MsgId, to: u32, copies: Vec<(DeviceKey, Bytes, bool)>) -> Result<(), TestCaseError> {
@@ -522,6 +561,7 @@ impl Harness {
         }
         prop_assert_eq!(got, Appended::Queued { time_ms: now_ms }, "step {}: send {:?}", step, key);
         let mut copies = Vec::new();
+        let targets: Vec<DeviceKey> = entries.iter().map(|(d, _, _)| *d).collect();
         for (d, e, online) in entries {
             let due_ms = if online { self.ms + WRITE_DELAY_MS } else { self.ms };
             let seq = self.model.push(d, e, State::Unwritten { due_ms }, Some(key));
@@ -532,6 +572,8 @@ impl Harness {
             key,
             Msg {
                 time_ms: now_ms,
+                to,
+                targets,
                 copies,
                 tokens: vec![w.token],
                 taken: false,
@@ -548,6 +590,9 @@ impl Harness {
         let keep = q.split_off(&up_to.saturating_add(1));
         let gone = std::mem::replace(q, keep);
         for (seq, slot) in gone {
+            if let Some(k) = slot.msg {
+                self.model.received.insert((d, k));
+            }
             if !matches!(slot.state, State::Unwritten { .. }) {
                 self.model.pending.entry(d).or_default().insert(seq, slot);
             }
@@ -560,7 +605,6 @@ impl Harness {
     /// retries), runs the op, and on a flush makes the written durable.
     fn step(&mut self, flush: bool, write_all: bool, op: Option<(StoreOp, ModelOp)>) -> Result<Option<Outcome>, TestCaseError> {
         let now_ms = self.ms;
-        self.model.pending.clear();
         let mut taken: Vec<MsgKey> = Vec::new();
         for q in self.model.queues.values_mut() {
             for slot in q.values_mut() {
@@ -577,9 +621,25 @@ impl Harness {
                 }
             }
         }
-        // Whether each taken message finds an earlier acceptance's record,
-        // judged before any of this turn's records.
-        let found: Vec<(MsgKey, Rec)> = taken.iter().map(|k| (*k, self.model.record(*k))).collect();
+        // Whether each taken message finds an earlier acceptance's record
+        // (judged before any of this turn's writes and deletes), and which
+        // of its copies go then: those for a device whose first copy is
+        // still on disk.
+        let found: Vec<(MsgKey, Rec, Vec<(DeviceKey, u64)>, Vec<(DeviceKey, u64)>)> = taken
+            .iter()
+            .map(|k| {
+                let rec = self.model.record(*k);
+                let first = self.model.records.get(k).map(|r| r.2.clone()).unwrap_or_default();
+                // Kept: for a device the first was for, whose first copy is
+                // gone.
+                let (keep, drop) = self.model.msgs[k].copies.iter().partition(|(d, _)| {
+                    first.iter().any(|(fd, _)| fd == d)
+                        && !first.iter().any(|(fd, fs)| fd == d && self.model.present(*d, *fs))
+                });
+                (*k, rec, drop, keep)
+            })
+            .collect();
+        self.model.pending.clear();
         let token = match &op {
             Some((store_op, _)) => {
                 let w = self.waiter();
@@ -593,34 +653,61 @@ impl Harness {
         }
         prop_assert!(self.store().step(self.now(), self.now_ms(), flush), "a store turn failed");
         self.drain();
-        for (key, rec) in found {
+        for (key, rec, drop, keep) in found {
+            let first_token = self.model.msgs[&key].tokens[0];
+            let retry_of = match rec {
+                Rec::Absent => None,
+                Rec::Sure(t) => Some(t),
+                // Whether the record was still there shows in the answer
+                // (all copies dropped) or in the time a kept copy now has.
+                Rec::Maybe(t) => {
+                    let found = match keep.first() {
+                        None => self
+                            .heard
+                            .get(&first_token)
+                            .is_some_and(|h| h.contains(&Outcome::Settled { time_ms: t })),
+                        Some((d, seq)) => {
+                            let mut out = Vec::new();
+                            let r = self.store().read(*d, *seq, 1, &mut out);
+                            prop_assert!(matches!(r, Read::Memory { .. }), "a kept copy is in memory");
+                            matches!(out.first(), Some((s, Entry::Message(m))) if s == seq && m.time_ms == t)
+                        }
+                    };
+                    found.then_some(t)
+                }
+            };
             let m = self.model.msgs.get_mut(&key).expect("taken");
             m.taken = true;
-            let heard_first = |t: u64| {
-                self.heard
-                    .get(&m.tokens[0])
-                    .is_some_and(|h| h.contains(&Outcome::Settled { time_ms: t }))
-            };
-            let dropped = match rec {
-                Rec::Absent => None,
-                Rec::Sure(t) => {
-                    prop_assert!(heard_first(t), "a retry of {:?} (first at {}) was not recognised", key, t);
-                    Some(t)
-                }
-                Rec::Maybe(t) => heard_first(t).then_some(t),
-            };
-            match dropped {
+            match retry_of {
                 Some(t) => {
+                    // The message as first accepted: a retry adds no
+                    // recipient.
+                    let (_, to, first) = &self.model.records[&key];
+                    let to = *to;
+                    m.targets.retain(|d| first.iter().any(|(fd, _)| fd == d));
                     m.time_ms = t;
-                    m.settled = true;
-                    for (d, s) in std::mem::take(&mut m.copies) {
-                        if let Some(q) = self.model.queues.get_mut(&d) {
-                            q.remove(&s);
+                    m.to = to;
+                    for (d, s) in &drop {
+                        if let Some(q) = self.model.queues.get_mut(d) {
+                            q.remove(s);
                         }
+                    }
+                    for (d, s) in &keep {
+                        if let Some(Slot {
+                            entry: Entry::Message(e),
+                            ..
+                        }) = self.model.queues.get_mut(d).and_then(|q| q.get_mut(s))
+                        {
+                            e.time_ms = t;
+                            e.to_user = to;
+                        }
+                    }
+                    if let Some(r) = self.model.records.get_mut(&key) {
+                        r.2.extend(keep);
                     }
                 }
                 None => {
-                    self.model.records.insert(key, (m.time_ms, m.copies.clone()));
+                    self.model.records.insert(key, (m.time_ms, m.to, m.copies.clone()));
                 }
             }
         }
@@ -725,6 +812,7 @@ impl Harness {
                     };
                     known = known.or(live).or(rec);
                     m.records.remove(&key);
+                    m.retracted.insert(key);
                     for q in m.queues.values_mut() {
                         let gone: Vec<u64> = q
                             .iter()
@@ -801,6 +889,7 @@ impl Harness {
             self.step(true, true, None)?;
             self.check_answers()?;
         }
+        self.model.check_accepted()?;
         let store = self.store.take().expect("open");
         store.flush().expect("flush");
         drop(store);
@@ -827,6 +916,7 @@ impl Harness {
             prop_assert!(last >= given, "{}: numbers went back from {} to {}", d, given, last);
             self.model.last.insert(d, last);
         }
+        self.model.check_accepted()?;
         self.check_all()
     }
 }
@@ -1038,6 +1128,38 @@ fn retries_after_a_crash() {
         send(0, 2, 4, false),
         step(0, true),
         Op::Deliver { device: 4, from: 0 },
+    ];
+    run(ops).unwrap();
+}
+
+/// A message for two devices: one copy spilled (with the message's
+/// record), the other waited in memory and was lost in a crash, so the
+/// sender was never answered and sends it again. The retry must reach the
+/// device whose copy was lost (a duplicate for the other is fine: clients
+/// drop it by id).
+#[test]
+fn a_retry_after_a_crash_reaches_the_device_whose_copy_was_lost() {
+    let ops = vec![
+        Op::Send {
+            sender: 0,
+            id: 1,
+            to: 2,
+            targets: (1 << 4) | (1 << 5),
+            online: 1 << 5,
+            body_len: 3,
+        },
+        step(0, true),
+        Op::Reopen { clean: false },
+        Op::Send {
+            sender: 0,
+            id: 1,
+            to: 2,
+            targets: (1 << 4) | (1 << 5),
+            online: 0,
+            body_len: 3,
+        },
+        step(0, true),
+        Op::Deliver { device: 5, from: 0 },
     ];
     run(ops).unwrap();
 }

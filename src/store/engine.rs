@@ -353,28 +353,69 @@ impl Engine {
                 e.1 += (k.len() + v.len()) as u64;
             }
         }
-        let mut retries: Vec<(MsgKey, u64)> = Vec::new();
-        let mut skip: HashSet<MsgKey> = HashSet::new();
+        let mut retries: Vec<(MsgKey, (u32, u64), Vec<(DeviceKey, u64)>)> = Vec::new();
+        let mut skip: HashSet<(DeviceKey, u64)> = HashSet::new();
         let mut records: i64 = 0;
         for w in &self.writes {
             if let Some((key, rec)) = &w.record {
                 let mk = message_key(key.0, key.1);
-                if let Some(old) = q.get(mk)? {
-                    // A retry of a message accepted before a restart.
-                    let time_ms = disk::decode_record(&old).map(|r| r.time_ms).unwrap_or(0);
-                    retries.push((*key, time_ms));
-                    skip.insert(*key);
+                let old = q.get(mk)?;
+                if let Some(first) = old.as_deref().and_then(|v| disk::decode_record(v).ok()) {
+                    // A retry of a message accepted before a restart: it
+                    // can only deliver that message again, to its devices.
+                    // One whose first copy is still queued has it, and one
+                    // the first was not for is not a recipient: their
+                    // copies of the retry go. The others get theirs: their
+                    // first copy was delivered, or was lost unwritten with
+                    // the restart (the sender was never answered then); a
+                    // duplicate is dropped by the client, a loss is not.
+                    let mut drop = Vec::new();
+                    let mut keep = Vec::new();
+                    for &(u, dv, seq) in &rec.copies {
+                        let mut recipient = false;
+                        let mut queued = false;
+                        for &(fu, fd, fs) in &first.copies {
+                            if (fu, fd) == (u, dv) {
+                                recipient = true;
+                                if q.contains_key(queue_key(dev(u, dv), fs))? {
+                                    queued = true;
+                                    break;
+                                }
+                            }
+                        }
+                        if recipient && !queued {
+                            keep.push((u, dv, seq));
+                        } else {
+                            drop.push((dev(u, dv), seq));
+                        }
+                    }
+                    let header = (first.to_user, first.time_ms);
+                    if !keep.is_empty() {
+                        // The copies written join the first record: they
+                        // are read with its header, and it goes with the
+                        // last of them.
+                        let old_len = old.as_deref().map_or(0, <[u8]>::len);
+                        let mut merged = first;
+                        merged.copies.extend(keep);
+                        let value = disk::encode(&merged);
+                        records += value.len() as i64 - old_len as i64;
+                        batch.insert(&mk[..], value);
+                    }
+                    skip.extend(drop.iter().copied());
+                    retries.push((*key, header, drop));
                     continue;
                 }
+                // (A record that does not decode is replaced.)
+                let old_len = old.map_or(0, |v| mk.len() + v.len()) as i64;
                 let value = disk::encode(rec);
-                records += (mk.len() + value.len()) as i64;
+                records += (mk.len() + value.len()) as i64 - old_len;
                 batch.insert(&mk[..], value);
             }
         }
         let mut skipped: HashMap<MsgKey, Vec<(DeviceKey, u64, u64)>> = HashMap::new();
         for w in self.writes.drain(..) {
             if let Entry::Message(m) = &w.entry
-                && skip.contains(&(m.from(), m.id))
+                && skip.contains(&(w.device, w.seq))
             {
                 skipped
                     .entry((m.from(), m.id))
@@ -394,8 +435,8 @@ impl Engine {
             live.deleted(d, n, bytes);
         }
         live.disk_delta(records - forgotten);
-        for (key, time_ms) in retries {
-            live.drop_retry(key, time_ms, skipped.get(&key).map_or(&[], Vec::as_slice));
+        for (key, header, drop) in retries {
+            live.drop_retry(key, header, &drop, skipped.get(&key).map_or(&[], Vec::as_slice));
         }
         Ok(())
     }

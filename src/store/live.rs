@@ -580,12 +580,23 @@ impl Guard<'_> {
     }
 
     /// A message being written turned out to be a retry of one accepted
-    /// before a restart (its record was on disk): drop its copies and
-    /// settle it with the original time. `skipped` are the copies (device,
-    /// sequence, bytes) that were taken into the batch and not written.
-    pub fn drop_retry(&mut self, key: MsgKey, time_ms: u64, skipped: &[(DeviceKey, u64, u64)]) {
+    /// before a restart (its record was on disk, with this `header`:
+    /// addressee and acceptance time): drop its copies `drop`, and settle
+    /// it with the original time once the others are safe too; those take
+    /// the original header, as they have when read from disk. `skipped` are
+    /// the copies (device, sequence, bytes) that were taken into the batch
+    /// and not written.
+    pub fn drop_retry(
+        &mut self,
+        key: MsgKey,
+        header: (u32, u64),
+        drop: &[(DeviceKey, u64)],
+        skipped: &[(DeviceKey, u64, u64)],
+    ) {
+        let (to_user, time_ms) = header;
         let copies = match self.inner.msgs.get_mut(&key) {
             Some(m) => {
+                m.to = UserId(to_user);
                 m.time_ms = time_ms;
                 m.copies.clone()
             }
@@ -594,6 +605,15 @@ impl Guard<'_> {
         for (d, seq) in copies {
             let inner = &mut *self.inner;
             let Some(q) = inner.queues.get_mut(&d) else { continue };
+            if !drop.contains(&(d, seq)) {
+                if let Some(i) = q.find(seq)
+                    && let Entry::Message(m) = &mut q.mem[i].entry
+                {
+                    m.to_user = to_user;
+                    m.time_ms = time_ms;
+                }
+                continue;
+            }
             let Some(s) = q.find(seq).and_then(|i| q.mem.remove(i)) else {
                 // Acknowledged while the batch was being made: counted as
                 // on disk (its delete will find nothing), never written.

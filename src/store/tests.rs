@@ -1376,6 +1376,55 @@ fn a_retry_of_a_spilled_message_after_a_reopen_is_recognised() {
     );
 }
 
+/// A message for two devices: one copy spilled with the message's record,
+/// the other waited in memory and was lost with a crash, so the sender was
+/// never answered and sends it again. The retry's copy for the device that
+/// has the first one goes; the one for the device whose copy was lost is
+/// written, joins the first record, and is read with its header; a copy
+/// for a device the first was not for is no part of the message.
+#[test]
+fn a_retry_after_a_crash_reaches_the_device_whose_copy_was_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Rig::open(dir.path());
+    let (a, b1, b2, b3) = (dev(1, 1), dev(2, 1), dev(2, 2), dev(2, 3));
+    let t1 = r.now_ms();
+    let (tok, _) = r.send(a, id(1), UserId(2), &[(b1, b"one", false), (b2, b"two", true)]);
+    r.step(true);
+    assert_eq!(r.settled(tok), None);
+    let mut r = r.reopen();
+    assert_eq!(r.queue(b2), vec![], "lost unwritten");
+    let (retry, _) = r.send(
+        a,
+        id(1),
+        UserId(2),
+        &[(b1, b"one", false), (b2, b"two", false), (b3, b"three", false)],
+    );
+    r.step(true);
+    assert_eq!(r.settled(retry), Some(t1));
+    assert_eq!(r.queue(b1).len(), 1, "b1 has the first copy");
+    assert_eq!(r.queue(b3), vec![], "not a recipient of the message");
+    let got = r.deliver(b2, 0);
+    assert_eq!(got.len(), 1);
+    let m = msg(&got[0].1);
+    assert_eq!((m.body.as_ref(), m.time_ms, m.to_user), (&b"two"[..], t1, 2));
+    let rec = records(&r.s, disk::MESSAGE);
+    assert_eq!(rec.len(), 1);
+    let rec = disk::decode_record(&rec[0].1).unwrap();
+    assert_eq!(rec.time_ms, t1);
+    assert!(rec.copies.contains(&(2, 2, got[0].0)), "{rec:?}");
+    // The same from disk.
+    let mut r = r.reopen();
+    assert_eq!(r.deliver(b2, 0), got);
+    // The record goes with the last copy.
+    r.s.ack(b1, u64::MAX);
+    r.step(true);
+    assert_eq!(records(&r.s, disk::MESSAGE).len(), 1);
+    r.s.ack(b2, u64::MAX);
+    r.step(true);
+    assert_eq!(records(&r.s, disk::MESSAGE), vec![]);
+    assert_eq!(r.s.queued_bytes(), 0);
+}
+
 /// The message record every copy shares goes with the last copy on disk
 /// — also when the last copy to go is one that was never written.
 #[test]

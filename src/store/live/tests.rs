@@ -782,7 +782,7 @@ fn a_retry_dropped_after_its_copy_was_acked_leaves_nothing_counted() {
     f.live.lock().ack(b, 1);
     // The record is on disk: a retry. The batch skips the copy.
     let skipped = [(w.device, w.seq, w.entry.stored_len())];
-    f.live.lock().drop_retry(key, 77, &skipped);
+    f.live.lock().drop_retry(key, (9, 77), &[(b, 1), (c, 1)], &skipped);
     f.model.remove(&(b, 1));
     f.model.remove(&(c, 1));
     f.msgs.get_mut(&key).unwrap().time_ms = 77;
@@ -807,7 +807,7 @@ fn a_dropped_retry_settles_with_the_original_time() {
     let (mut writes, mut deletes, mut removes) = (Vec::new(), Vec::new(), Vec::new());
     f.live.lock().take(f.now(), &mut writes, &mut deletes, &mut removes);
     let skipped: Vec<_> = writes.iter().map(|w| (w.device, w.seq, w.entry.stored_len())).collect();
-    f.live.lock().drop_retry(key, 77, &skipped);
+    f.live.lock().drop_retry(key, (9, 77), &[(b, 1), (c, 1)], &skipped);
     f.model.clear();
     {
         let m = f.msgs.get_mut(&key).unwrap();
