@@ -31,9 +31,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tidings::ids::{DeviceKey, UserId};
-use tidings::store::{
-    Appended, Completion, NewMessage, Op, Outcome, Read, Sink, Store, StoreApi, StoreConfig, Waiter,
-};
+use tidings::store::{Appended, Completion, NewMessage, Op, Outcome, Read, Sink, Store, StoreApi, StoreConfig, Waiter};
 use tidings::wire::{DeviceId, MsgId};
 
 const BODY_LEN: usize = 200;

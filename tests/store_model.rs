@@ -57,8 +57,8 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use tidings::ids::{DeviceKey, UserId};
 use tidings::store::{
-    Appended, Completion, Entry, NewMessage, Op as StoreOp, Outcome, QueuedMessage, Quota, Quotas, Read, Refused,
-    Sink, Store, StoreApi, StoreConfig, StoreError, Waiter, api::QueuedReceipt,
+    Appended, Completion, Entry, NewMessage, Op as StoreOp, Outcome, QueuedMessage, Quota, Quotas, Read, Refused, Sink,
+    Store, StoreApi, StoreConfig, StoreError, Waiter, api::QueuedReceipt,
 };
 use tidings::wire::{DeviceId, MsgId, ReceiptKind};
 
@@ -205,6 +205,8 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 type MsgKey = (DeviceKey, MsgId);
+/// Where copies are: (device, sequence).
+type Copies = Vec<(DeviceKey, u64)>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -258,7 +260,7 @@ struct Model {
     given: BTreeMap<DeviceKey, u64>,
     msgs: HashMap<MsgKey, Msg>,
     /// Message records written: when, to whom, and where the copies were.
-    records: HashMap<MsgKey, (u64, u32, Vec<(DeviceKey, u64)>)>,
+    records: HashMap<MsgKey, (u64, u32, Copies)>,
     tombs: HashMap<(UserId, MsgId), Tomb>,
     /// (target, receipt sender, kind, addressee) → the seq of the receipt
     /// entry later ones fold into.
@@ -319,7 +321,10 @@ impl Model {
         let given = self.given.entry(d).or_insert(0);
         assert!(seq > *given, "{d}: {seq} given out again");
         *given = seq;
-        self.queues.entry(d).or_default().insert(seq, Slot { entry, state, msg });
+        self.queues
+            .entry(d)
+            .or_default()
+            .insert(seq, Slot { entry, state, msg });
         seq
     }
 
@@ -488,7 +493,14 @@ impl Harness {
         self.model.check_accepted()
     }
 
-    fn send(&mut self, step: usize, sender: DeviceKey, id: MsgId, to: u32, copies: Vec<(DeviceKey, Bytes, bool)>) -> Result<(), TestCaseError> {
+    fn send(
+        &mut self,
+        step: usize,
+        sender: DeviceKey,
+        id: MsgId,
+        to: u32,
+        copies: Vec<(DeviceKey, Bytes, bool)>,
+    ) -> Result<(), TestCaseError> {
         let key = (sender, id);
         let now_ms = self.now_ms();
         let entries: Vec<(DeviceKey, Entry, bool)> = copies
@@ -521,7 +533,12 @@ impl Harness {
         let tomb = (sender.user, id);
         match self.model.tombs.get(&tomb).copied() {
             Some(Tomb::Sure(t)) => {
-                prop_assert_eq!(got, Appended::Duplicate { time_ms: t }, "step {}: a retracted message", step);
+                prop_assert_eq!(
+                    got,
+                    Appended::Duplicate { time_ms: t },
+                    "step {}: a retracted message",
+                    step
+                );
                 return Ok(());
             }
             Some(Tomb::Maybe(t)) if got == (Appended::Duplicate { time_ms: t }) => {
@@ -535,7 +552,12 @@ impl Harness {
         }
         if let Some(m) = self.model.msgs.get_mut(&key) {
             if m.settled {
-                prop_assert_eq!(got, Appended::Duplicate { time_ms: m.time_ms }, "step {}: a known retry", step);
+                prop_assert_eq!(
+                    got,
+                    Appended::Duplicate { time_ms: m.time_ms },
+                    "step {}: a known retry",
+                    step
+                );
             } else {
                 prop_assert_eq!(got, Appended::Waiting, "step {}: a retry of one in flight", step);
                 m.tokens.push(w.token);
@@ -559,7 +581,13 @@ impl Harness {
             );
             return Ok(());
         }
-        prop_assert_eq!(got, Appended::Queued { time_ms: now_ms }, "step {}: send {:?}", step, key);
+        prop_assert_eq!(
+            got,
+            Appended::Queued { time_ms: now_ms },
+            "step {}: send {:?}",
+            step,
+            key
+        );
         let mut copies = Vec::new();
         let targets: Vec<DeviceKey> = entries.iter().map(|(d, _, _)| *d).collect();
         for (d, e, online) in entries {
@@ -603,7 +631,12 @@ impl Harness {
     /// One store-thread turn at now, with `op` submitted before it; the
     /// model does the same: deletes, takes what is due (recognising
     /// retries), runs the op, and on a flush makes the written durable.
-    fn step(&mut self, flush: bool, write_all: bool, op: Option<(StoreOp, ModelOp)>) -> Result<Option<Outcome>, TestCaseError> {
+    fn step(
+        &mut self,
+        flush: bool,
+        write_all: bool,
+        op: Option<(StoreOp, ModelOp)>,
+    ) -> Result<Option<Outcome>, TestCaseError> {
         let now_ms = self.ms;
         let mut taken: Vec<MsgKey> = Vec::new();
         for q in self.model.queues.values_mut() {
@@ -625,7 +658,7 @@ impl Harness {
         // (judged before any of this turn's writes and deletes), and which
         // of its copies go then: those for a device whose first copy is
         // still on disk.
-        let found: Vec<(MsgKey, Rec, Vec<(DeviceKey, u64)>, Vec<(DeviceKey, u64)>)> = taken
+        let found: Vec<(MsgKey, Rec, Copies, Copies)> = taken
             .iter()
             .map(|k| {
                 let rec = self.model.record(*k);
@@ -651,7 +684,10 @@ impl Harness {
         if write_all {
             self.store().write_all();
         }
-        prop_assert!(self.store().step(self.now(), self.now_ms(), flush), "a store turn failed");
+        prop_assert!(
+            self.store().step(self.now(), self.now_ms(), flush),
+            "a store turn failed"
+        );
         self.drain();
         for (key, rec, drop, keep) in found {
             let first_token = self.model.msgs[&key].tokens[0];
@@ -748,7 +784,13 @@ impl Harness {
         let now_ms = self.now_ms();
         let m = &mut self.model;
         match op {
-            ModelOp::Receipt { from, to, kind, ids, targets } => {
+            ModelOp::Receipt {
+                from,
+                to,
+                kind,
+                ids,
+                targets,
+            } => {
                 let entry = QueuedReceipt {
                     from_user: from.user.0,
                     from_device: from.device.0,
@@ -762,7 +804,13 @@ impl Harness {
                     .map(|t| {
                         let pending = m.folds.get(&(*t, from, kind, to)).copied();
                         let live = pending.filter(|seq| {
-                            matches!(m.queues.get(t).and_then(|q| q.get(seq)), Some(Slot { entry: Entry::Receipt(_), .. }))
+                            matches!(
+                                m.queues.get(t).and_then(|q| q.get(seq)),
+                                Some(Slot {
+                                    entry: Entry::Receipt(_),
+                                    ..
+                                })
+                            )
                         });
                         (*t, live)
                     })
@@ -846,7 +894,11 @@ impl Harness {
                 Read::Memory { more: false } => break,
                 Read::Memory { more: true } => from = out.last().expect("more").0 + 1,
                 Read::OnDisk => {
-                    let op = StoreOp::ReadBacklog { device: d, from, max: 4 };
+                    let op = StoreOp::ReadBacklog {
+                        device: d,
+                        from,
+                        max: 4,
+                    };
                     let Some(Outcome::Backlog {
                         device,
                         entries,

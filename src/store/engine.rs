@@ -353,7 +353,8 @@ impl Engine {
                 e.1 += (k.len() + v.len()) as u64;
             }
         }
-        let mut retries: Vec<(MsgKey, (u32, u64), Vec<(DeviceKey, u64)>)> = Vec::new();
+        // Retries found: the message, its first header, the copies to drop.
+        let mut retries: Vec<Retry> = Vec::new();
         let mut skip: HashSet<(DeviceKey, u64)> = HashSet::new();
         let mut records: i64 = 0;
         for w in &self.writes {
@@ -1136,6 +1137,10 @@ pub(crate) fn read_disk(
     }
     Ok(covered)
 }
+
+/// A retry found by its first record: the message, the first header
+/// (addressee, acceptance time), and the copies of the retry that go.
+type Retry = (MsgKey, (u32, u64), Vec<(DeviceKey, u64)>);
 
 /// Bytes of a `q` key.
 const QUEUE_KEY_BYTES: usize = disk::QUEUE_KEY_LEN;

@@ -110,7 +110,11 @@ fn counted_bytes(s: &Store) -> u64 {
 /// `disk_bytes` (what the budget counts) is exactly what sled holds.
 #[track_caller]
 fn check_bytes(s: &Store) {
-    assert_eq!(s.queued_bytes(), counted_bytes(s), "disk_bytes against the records in sled");
+    assert_eq!(
+        s.queued_bytes(),
+        counted_bytes(s),
+        "disk_bytes against the records in sled"
+    );
 }
 
 /// With no acknowledgement waiting for the store thread: the bytes of all
@@ -211,7 +215,13 @@ impl Rig {
         (w.token, self.s.append(m, &w))
     }
 
-    fn send(&mut self, sender: DeviceKey, id: MsgId, to: UserId, copies: &[(DeviceKey, &[u8], bool)]) -> (u64, Appended) {
+    fn send(
+        &mut self,
+        sender: DeviceKey,
+        id: MsgId,
+        to: UserId,
+        copies: &[(DeviceKey, &[u8], bool)],
+    ) -> (u64, Appended) {
         let now_ms = self.now_ms();
         self.send_at(sender, id, to, copies, now_ms)
     }
@@ -231,7 +241,9 @@ impl Rig {
     /// Every completion for `token` so far.
     fn outcomes(&mut self, token: u64) -> Vec<Outcome> {
         self.sink.take(&mut self.got);
-        let (mine, rest) = std::mem::take(&mut self.got).into_iter().partition(|c| c.token == token);
+        let (mine, rest) = std::mem::take(&mut self.got)
+            .into_iter()
+            .partition(|c| c.token == token);
         self.got = rest;
         mine.into_iter().map(|c: Completion| c.outcome).collect()
     }
@@ -256,7 +268,14 @@ impl Rig {
         o.pop().unwrap()
     }
 
-    fn receipt(&mut self, from: DeviceKey, to: UserId, kind: ReceiptKind, ids: &[MsgId], targets: &[DeviceKey]) -> Outcome {
+    fn receipt(
+        &mut self,
+        from: DeviceKey,
+        to: UserId,
+        kind: ReceiptKind,
+        ids: &[MsgId],
+        targets: &[DeviceKey],
+    ) -> Outcome {
         let now_ms = self.now_ms();
         self.call(Op::Receipt {
             from,
@@ -315,7 +334,11 @@ impl Rig {
                         entries,
                         covered,
                         ..
-                    } = self.call(Op::ReadBacklog { device: d, from, max: 16 })
+                    } = self.call(Op::ReadBacklog {
+                        device: d,
+                        from,
+                        max: 16,
+                    })
                     else {
                         panic!("not a backlog")
                     };
@@ -447,16 +470,16 @@ fn write_format_1(dir: &Path) {
 /// its sequence number not given out again.
 fn check_migrated_message(dir: &Path) {
     let mut r = Rig::open(dir);
-    assert_eq!(
-        fs::read_to_string(dir.join("FORMAT")).unwrap(),
-        "tidings-data 3\n"
-    );
+    assert_eq!(fs::read_to_string(dir.join("FORMAT")).unwrap(), "tidings-data 3\n");
     let (a, b) = (dev(1, 1), dev(2, 1));
     let q = r.queue(b);
     assert_eq!(q.len(), 1, "{q:?}");
     assert_eq!(q[0].0, 1);
     let m = msg(&q[0].1);
-    assert_eq!((m.body.as_ref(), m.time_ms, m.to_user, m.from()), (&b"old"[..], 77, 2, a));
+    assert_eq!(
+        (m.body.as_ref(), m.time_ms, m.to_user, m.from()),
+        (&b"old"[..], 77, 2, a)
+    );
     // Delivered as the hub reads it.
     assert_eq!(r.deliver(b, 0), q);
     assert_eq!(r.s.queue_usage(b), (1, (q.len() as u64) * Entry::stored_len(&q[0].1)));
@@ -736,7 +759,12 @@ fn accounts_through_the_store_thread() {
     assert_eq!(r.s.one_time_keys(phone), Some(1));
     // The phone's queue: one message on disk, one waiting in memory, a
     // receipt; the message on disk is shared with bob's first device.
-    r.send(alice, id(1), bob.user, &[(phone, b"spilled", false), (bob, b"x", false)]);
+    r.send(
+        alice,
+        id(1),
+        bob.user,
+        &[(phone, b"spilled", false), (bob, b"x", false)],
+    );
     r.step(true);
     r.send(alice, id(2), bob.user, &[(phone, b"waiting", true)]);
     r.receipt(alice, bob.user, ReceiptKind::READ, &[id(9)], &[phone]);
@@ -763,7 +791,11 @@ fn accounts_through_the_store_thread() {
     );
     assert!(records(&r.s, disk::QUEUE).is_empty());
     assert!(records(&r.s, disk::FOLD).is_empty());
-    assert_eq!(records(&r.s, disk::MESSAGE), vec![], "the record of a message with no copy left");
+    assert_eq!(
+        records(&r.s, disk::MESSAGE),
+        vec![],
+        "the record of a message with no copy left"
+    );
     assert_eq!(
         r.call(Op::Revoke {
             device: phone,
@@ -1003,7 +1035,10 @@ fn append_read_ack_and_retries() {
     );
     assert_eq!(out, r.queue(b1));
     let m = msg(&out[0].1);
-    assert_eq!((m.body.as_ref(), m.from(), m.to_user, m.time_ms), (&b"for b1"[..], a1, 2, t1));
+    assert_eq!(
+        (m.body.as_ref(), m.from(), m.to_user, m.time_ms),
+        (&b"for b1"[..], a1, 2, t1)
+    );
     assert_eq!(msg(&out[1].1).time_ms, t3);
     assert_eq!(r.s.last_seq(b1), 2);
     assert_eq!(r.s.last_seq(b2), 1);
@@ -1042,7 +1077,10 @@ fn the_threads_settle_appends_and_answer_calls() {
     let sink = Sink::new(move || {
         let _ = tx.lock().unwrap().send(());
     });
-    let w = Waiter { sink: sink.clone(), token: 7 };
+    let w = Waiter {
+        sink: sink.clone(),
+        token: 7,
+    };
     let now = Instant::now();
     let m = NewMessage {
         sender: dev(1, 1),
@@ -1211,7 +1249,10 @@ fn copies_spill_when_offline_or_late_and_survive_a_reopen() {
     assert_eq!(r.deliver(b1, 0), before.0);
     assert_eq!(r.deliver(b2, 0), before.1);
     let m = msg(&before.0[0].1);
-    assert_eq!((m.body.as_ref(), m.to_user, m.time_ms, m.from()), (&b"off"[..], 2, t1, a));
+    assert_eq!(
+        (m.body.as_ref(), m.to_user, m.time_ms, m.from()),
+        (&b"off"[..], 2, t1, a)
+    );
     check_totals(&r.s);
 }
 
@@ -1285,9 +1326,7 @@ fn sequence_numbers_never_go_backwards_across_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let mut r = Rig::open(dir.path());
     let (a, b, c) = (dev(1, 1), dev(2, 1), dev(3, 1));
-    let ceiling = |s: &Store| {
-        be_u64(&s.meta.get(SEQ_CEILING).unwrap().expect("a ceiling")).expect("eight bytes")
-    };
+    let ceiling = |s: &Store| be_u64(&s.meta.get(SEQ_CEILING).unwrap().expect("a ceiling")).expect("eight bytes");
     let mut given: BTreeMap<DeviceKey, Vec<u64>> = BTreeMap::new();
     for round in 0..4u8 {
         for i in 0..3u8 {
@@ -1435,13 +1474,22 @@ fn the_shared_record_goes_with_the_last_copy() {
     // Both spilled.
     r.send(a, id(1), UserId(2), &[(b1, b"x", false), (b2, b"y", false)]);
     r.step(true);
-    assert_eq!((records(&r.s, disk::QUEUE).len(), records(&r.s, disk::MESSAGE).len()), (2, 1));
+    assert_eq!(
+        (records(&r.s, disk::QUEUE).len(), records(&r.s, disk::MESSAGE).len()),
+        (2, 1)
+    );
     r.s.ack(b1, u64::MAX);
     r.step(true);
-    assert_eq!((records(&r.s, disk::QUEUE).len(), records(&r.s, disk::MESSAGE).len()), (1, 1));
+    assert_eq!(
+        (records(&r.s, disk::QUEUE).len(), records(&r.s, disk::MESSAGE).len()),
+        (1, 1)
+    );
     r.s.ack(b2, u64::MAX);
     r.step(true);
-    assert_eq!((records(&r.s, disk::QUEUE).len(), records(&r.s, disk::MESSAGE).len()), (0, 0));
+    assert_eq!(
+        (records(&r.s, disk::QUEUE).len(), records(&r.s, disk::MESSAGE).len()),
+        (0, 0)
+    );
     assert_eq!(r.s.queued_bytes(), 0);
     // One spilled, one waiting: the spilled copy goes first, while the
     // other may still be written, so the record must stay; then the other
@@ -1450,7 +1498,10 @@ fn the_shared_record_goes_with_the_last_copy() {
     r.step(true);
     r.s.ack(b1, u64::MAX);
     r.step(true);
-    assert_eq!((records(&r.s, disk::QUEUE).len(), records(&r.s, disk::MESSAGE).len()), (0, 1));
+    assert_eq!(
+        (records(&r.s, disk::QUEUE).len(), records(&r.s, disk::MESSAGE).len()),
+        (0, 1)
+    );
     r.s.ack(b2, u64::MAX);
     r.step(true);
     assert_eq!(records(&r.s, disk::MESSAGE), vec![], "the last copy went unwritten");
@@ -1462,7 +1513,10 @@ fn the_shared_record_goes_with_the_last_copy() {
     r.s.ack(b1, u64::MAX);
     r.s.ack(b2, u64::MAX);
     r.step(true);
-    assert_eq!((records(&r.s, disk::QUEUE).len(), records(&r.s, disk::MESSAGE).len()), (0, 0));
+    assert_eq!(
+        (records(&r.s, disk::QUEUE).len(), records(&r.s, disk::MESSAGE).len()),
+        (0, 0)
+    );
     assert_eq!(r.s.queued_bytes(), 0);
 }
 
@@ -1658,14 +1712,20 @@ fn retract_removes_queued_copies_only() {
             r.send(d, id(1), UserId(2), &copies).1,
             Appended::Duplicate { time_ms: t1 }
         );
-        assert!(matches!(r.send(d, id(3), UserId(2), &online).1, Appended::Duplicate { .. }));
+        assert!(matches!(
+            r.send(d, id(3), UserId(2), &online).1,
+            Appended::Duplicate { .. }
+        ));
     }
     let mut r = r.reopen();
     assert_eq!(
         r.send(a2, id(1), UserId(2), &copies).1,
         Appended::Duplicate { time_ms: t1 }
     );
-    assert!(matches!(r.send(a1, id(3), UserId(2), &online).1, Appended::Duplicate { .. }));
+    assert!(matches!(
+        r.send(a1, id(3), UserId(2), &online).1,
+        Appended::Duplicate { .. }
+    ));
     r.step(true);
     assert_eq!(r.queue(b1).len(), 1);
     assert_eq!(records(&r.s, disk::TOMBSTONE).len(), 2);
@@ -1709,7 +1769,8 @@ fn quotas_refuse_and_drop_nothing() {
     );
     // Refused as a whole: no copy for another device either.
     assert_eq!(
-        r.send(a, id(9), UserId(2), &[(dev(2, 2), b"x", false), (b, b"x", false)]).1,
+        r.send(a, id(9), UserId(2), &[(dev(2, 2), b"x", false), (b, b"x", false)])
+            .1,
         Appended::Refused(Refused::Quota(Quota::Queue(b)))
     );
     assert_eq!(r.s.queue_usage(dev(2, 2)), (0, 0));
@@ -1896,7 +1957,11 @@ fn the_budget_counts_queued_bytes_exactly_and_receipts_too() {
     assert_eq!(used, counted_bytes(&r.s));
     assert_eq!(
         used,
-        r.s.queue_usage(b).1 + records(&r.s, disk::MESSAGE).iter().map(|(k, v)| (k.len() + v.len()) as u64).sum::<u64>()
+        r.s.queue_usage(b).1
+            + records(&r.s, disk::MESSAGE)
+                .iter()
+                .map(|(k, v)| (k.len() + v.len()) as u64)
+                .sum::<u64>()
     );
     assert_eq!(
         r.send(a, id(9), UserId(2), &[(b, &body, false)]).1,
@@ -2134,7 +2199,10 @@ mod budget {
             let a = r.s.accounts();
             let invite = a.create_invite(2, None).unwrap();
             for u in 1..=2u8 {
-                let first = a.register(&invite, &format!("user{u}"), &[u * 10; 32], 0).unwrap().unwrap();
+                let first = a
+                    .register(&invite, &format!("user{u}"), &[u * 10; 32], 0)
+                    .unwrap()
+                    .unwrap();
                 for d in 2..=DEVICES as u8 {
                     let code = link_code(a, first, u64::MAX / 2);
                     a.redeem_link(&code, &[u * 10 + d; 32], 0).unwrap().unwrap();
@@ -2217,7 +2285,11 @@ mod budget {
         check_totals(&r.s);
         assert_eq!(records(&r.s, disk::QUEUE), vec![]);
         if !reopened {
-            assert_eq!(records(&r.s, disk::MESSAGE), vec![], "a message record outlived its copies");
+            assert_eq!(
+                records(&r.s, disk::MESSAGE),
+                vec![],
+                "a message record outlived its copies"
+            );
         }
         assert_eq!(r.s.queue_totals(), (0, 0));
         assert_eq!(r.s.memory_held().0, 0);

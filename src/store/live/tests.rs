@@ -150,7 +150,12 @@ impl Fake {
         };
         let entries: Vec<(DeviceKey, Entry)> = copies
             .iter()
-            .map(|(d, _, _)| (*d, crate::store::api::message_entry(&m, m.copies.iter().find(|c| c.0 == *d).unwrap().1.clone())))
+            .map(|(d, _, _)| {
+                (
+                    *d,
+                    crate::store::api::message_entry(&m, m.copies.iter().find(|c| c.0 == *d).unwrap().1.clone()),
+                )
+            })
             .collect();
         let w = self.waiter();
         let want = self.predict(key, &entries, now_ms);
@@ -200,7 +205,8 @@ impl Fake {
         for (d, e) in entries {
             let (count, bytes) = live.usage(*d);
             let next = live.last_seq(*d) + 1;
-            if count + 1 > quotas.queue_messages || bytes + e.stored_len() > quotas.queue_bytes || next >= live.ceiling {
+            if count + 1 > quotas.queue_messages || bytes + e.stored_len() > quotas.queue_bytes || next >= live.ceiling
+            {
                 return Appended::Refused(Refused::Quota(Quota::Queue(*d)));
             }
         }
@@ -218,7 +224,9 @@ impl Fake {
     /// The store thread's turn: deletes, then writes what is due.
     fn turn(&mut self) {
         let (mut writes, mut deletes, mut removes) = (Vec::new(), Vec::new(), Vec::new());
-        self.live.lock().take(self.now(), &mut writes, &mut deletes, &mut removes);
+        self.live
+            .lock()
+            .take(self.now(), &mut writes, &mut deletes, &mut removes);
         assert!(removes.is_empty());
         let mut live = self.live.lock();
         for (d, up_to) in deletes {
@@ -229,7 +237,11 @@ impl Fake {
             live.deleted(d, gone.len() as u64, gone.iter().map(|(_, s)| s).sum());
         }
         for w in writes {
-            assert_eq!(Some(&w.entry), self.model.get(&(w.device, w.seq)), "wrote something not queued");
+            assert_eq!(
+                Some(&w.entry),
+                self.model.get(&(w.device, w.seq)),
+                "wrote something not queued"
+            );
             assert!(self.disk.insert((w.device, w.seq), w.entry.stored_len()).is_none());
             self.batch.push((w.device, w.seq));
             if let Some((key, rec)) = w.record {
@@ -312,7 +324,10 @@ impl Fake {
                     .collect();
                 assert_eq!(q.on_disk, on_disk.len() as u64, "{d}: on_disk");
                 assert!(q.mem.iter().zip(q.mem.iter().skip(1)).all(|(a, b)| a.seq < b.seq));
-                assert!(q.mem.front().is_none_or(|s| s.seq > q.disk_hi), "{d}: memory at or below disk_hi");
+                assert!(
+                    q.mem.front().is_none_or(|s| s.seq > q.disk_hi),
+                    "{d}: memory at or below disk_hi"
+                );
                 // The suffix property, against the model: above disk_hi,
                 // memory holds exactly what exists.
                 let above: Vec<(u64, &Entry)> = self
@@ -324,7 +339,10 @@ impl Fake {
                 assert_eq!(mem, above, "{d}: memory against what exists above {}", q.disk_hi);
                 // At or below it, what exists is on disk.
                 for ((_, s), _) in self.model.range((*d, 0)..=(*d, q.disk_hi)) {
-                    assert!(self.disk.contains_key(&(*d, *s)), "{d}: {s} is neither in memory nor on disk");
+                    assert!(
+                        self.disk.contains_key(&(*d, *s)),
+                        "{d}: {s} is neither in memory nor on disk"
+                    );
                 }
                 let (mut n, mut b, mut c) = (0, 0, 0);
                 for s in &q.mem {
@@ -373,7 +391,11 @@ impl Fake {
                         match r {
                             Read::OnDisk => assert!(from <= q.disk_hi && q.on_disk > 0),
                             Read::Memory { more } => {
-                                assert_eq!(out, all.iter().take(max).cloned().collect::<Vec<_>>(), "{d} from {from}");
+                                assert_eq!(
+                                    out,
+                                    all.iter().take(max).cloned().collect::<Vec<_>>(),
+                                    "{d} from {from}"
+                                );
                                 assert_eq!(more, all.len() > max);
                             }
                         }
@@ -631,10 +653,7 @@ fn retries_are_recalled_and_tombstones_answer_first() {
     f.turn();
     f.flush();
     f.check();
-    assert_eq!(
-        f.append(a, 1, &[(b, 10, false)]),
-        Appended::Duplicate { time_ms: 0 }
-    );
+    assert_eq!(f.append(a, 1, &[(b, 10, false)]), Appended::Duplicate { time_ms: 0 });
     // A retracted message: answered for any device of the user.
     f.live.lock().tombstone(UserId(1), MsgId([7; 16]), 42);
     for s in [a, a2] {
@@ -701,7 +720,10 @@ fn quotas_refuse_as_a_whole() {
     let mut f = Fake::new(config());
     let (a, b, c) = (dev(1, 1), dev(2, 1), dev(3, 1));
     for i in 0..6 {
-        assert!(matches!(f.append(a, i, &[(b, 10, i % 2 == 0)]), Appended::Queued { .. }));
+        assert!(matches!(
+            f.append(a, i, &[(b, 10, i % 2 == 0)]),
+            Appended::Queued { .. }
+        ));
     }
     let before = f.live.lock().last_seq(c);
     assert_eq!(
@@ -718,7 +740,10 @@ fn quotas_refuse_as_a_whole() {
     );
     // The disk budget counts unwritten copies and the message record.
     let mut i = 20;
-    while matches!(f.append(a, i, &[(dev(4, i as u32), 600, true)]), Appended::Queued { .. }) {
+    while matches!(
+        f.append(a, i, &[(dev(4, i as u32), 600, true)]),
+        Appended::Queued { .. }
+    ) {
         i += 1;
     }
     let live = f.live.lock();
