@@ -141,6 +141,10 @@ pub(crate) struct Engine {
     removes: Vec<(DeviceKey, u64)>,
     space_checked: Option<Instant>,
     failures: Throttle,
+    /// Messages whose last copy on disk went while another copy could
+    /// still be written: their record is looked at again once they
+    /// settle.
+    later: HashSet<MsgKey>,
 }
 
 /// One turn's bookkeeping.
@@ -174,6 +178,7 @@ impl Engine {
             removes: Vec::new(),
             space_checked: None,
             failures: Throttle::new(Duration::from_secs(60)),
+            later: HashSet::new(),
         }
     }
 
@@ -234,6 +239,7 @@ impl Engine {
         if !self.writes.is_empty() || !self.deletes.is_empty() || !self.removes.is_empty() {
             self.write_batch(&mut turn)?;
         }
+        self.forget_later(&mut turn)?;
         for (op, waiter) in ops {
             match self.op(op, now_ms, &mut turn) {
                 Ok(None) => {}
@@ -353,28 +359,75 @@ impl Engine {
                 e.1 += (k.len() + v.len()) as u64;
             }
         }
-        let mut retries: Vec<(MsgKey, u64)> = Vec::new();
-        let mut skip: HashSet<MsgKey> = HashSet::new();
+        // Retries found: the message, its first header, the copies to drop.
+        let mut retries: Vec<Retry> = Vec::new();
+        let mut skip: HashSet<(DeviceKey, u64)> = HashSet::new();
         let mut records: i64 = 0;
         for w in &self.writes {
             if let Some((key, rec)) = &w.record {
                 let mk = message_key(key.0, key.1);
-                if let Some(old) = q.get(mk)? {
-                    // A retry of a message accepted before a restart.
-                    let time_ms = disk::decode_record(&old).map(|r| r.time_ms).unwrap_or(0);
-                    retries.push((*key, time_ms));
-                    skip.insert(*key);
+                let old = q.get(mk)?;
+                if let Some(first) = old.as_deref().and_then(|v| disk::decode_record(v).ok()) {
+                    // A retry of a message accepted before a restart: it
+                    // can only deliver that message again, to its devices.
+                    // One whose first copy is still queued has it, and one
+                    // the first was not for is not a recipient: their
+                    // copies of the retry go. The others get theirs: their
+                    // first copy was delivered, or was lost unwritten with
+                    // the restart (the sender was never answered then); a
+                    // duplicate is dropped by the client, a loss is not.
+                    let mut drop = Vec::new();
+                    let mut keep = Vec::new();
+                    for &(u, dv, seq) in &rec.copies {
+                        let mut recipient = false;
+                        let mut queued = false;
+                        for &(fu, fd, fs) in &first.copies {
+                            if (fu, fd) == (u, dv) {
+                                recipient = true;
+                                if q.contains_key(queue_key(dev(u, dv), fs))? {
+                                    queued = true;
+                                    break;
+                                }
+                            }
+                        }
+                        if recipient && !queued {
+                            keep.push((u, dv, seq));
+                        } else {
+                            drop.push((dev(u, dv), seq));
+                        }
+                    }
+                    let header = (first.to_user, first.time_ms);
+                    if !keep.is_empty() {
+                        // The copies written join the first record: they
+                        // are read with its header, and it goes with the
+                        // last of them.
+                        let old_len = old.as_deref().map_or(0, <[u8]>::len);
+                        let mut merged = first;
+                        merged.copies.extend(keep);
+                        let value = disk::encode(&merged);
+                        records += value.len() as i64 - old_len as i64;
+                        batch.insert(&mk[..], value);
+                    }
+                    skip.extend(drop.iter().copied());
+                    retries.push((*key, header, drop));
                     continue;
                 }
+                // (A record that does not decode is replaced.)
+                let old_len = old.map_or(0, |v| mk.len() + v.len()) as i64;
                 let value = disk::encode(rec);
-                records += (mk.len() + value.len()) as i64;
+                records += (mk.len() + value.len()) as i64 - old_len;
                 batch.insert(&mk[..], value);
             }
         }
+        let mut skipped: HashMap<MsgKey, Vec<(DeviceKey, u64, u64)>> = HashMap::new();
         for w in self.writes.drain(..) {
             if let Entry::Message(m) = &w.entry
-                && skip.contains(&(m.from(), m.id))
+                && skip.contains(&(w.device, w.seq))
             {
+                skipped
+                    .entry((m.from(), m.id))
+                    .or_default()
+                    .push((w.device, w.seq, w.entry.stored_len()));
                 continue;
             }
             batch.insert(&queue_key(w.device, w.seq)[..], disk::encode(&w.entry.to_disk()));
@@ -383,12 +436,32 @@ impl Engine {
         q.apply_batch(batch)?;
         turn.dirty = true;
         // Messages whose last record went may lose their shared record.
-        let mut forget = sled::Batch::default();
-        let mut forgotten: i64 = 0;
+        let (_, forgotten) = self.forget(candidates)?;
+        let mut live = self.live.lock();
+        for (d, (n, bytes)) in deleted {
+            live.deleted(d, n, bytes);
+        }
+        live.disk_delta(records - forgotten);
+        for (key, header, drop) in retries {
+            live.drop_retry(key, header, &drop, skipped.get(&key).map_or(&[], Vec::as_slice));
+        }
+        Ok(())
+    }
+
+    /// Deletes the shared record of each message of `keys` that has no
+    /// copy left on disk and can write none any more. A message that still
+    /// may (a copy waits in memory) keeps it, and is looked at again once
+    /// it settled ([`Engine::forget_later`]). Returns how many records went
+    /// and their bytes (the caller counts them).
+    fn forget(&mut self, keys: impl IntoIterator<Item = MsgKey>) -> Result<(usize, i64), StoreError> {
+        let q = &self.trees.queues;
+        let mut batch = sled::Batch::default();
+        let (mut n, mut bytes) = (0, 0i64);
         {
             let live = self.live.lock();
-            for key in candidates {
+            for key in keys {
                 if live.unsettled(key) {
+                    self.later.insert(key);
                     continue;
                 }
                 let mk = message_key(key.0, key.1);
@@ -402,21 +475,35 @@ impl Engine {
                     }
                 }
                 if !any {
-                    forget.remove(&mk[..]);
-                    forgotten += (mk.len() + v.len()) as i64;
+                    batch.remove(&mk[..]);
+                    n += 1;
+                    bytes += (mk.len() + v.len()) as i64;
                 }
             }
         }
-        if forgotten > 0 {
-            q.apply_batch(forget)?;
+        if n > 0 {
+            q.apply_batch(batch)?;
         }
-        let mut live = self.live.lock();
-        for (d, (n, bytes)) in deleted {
-            live.deleted(d, n, bytes);
+        Ok((n, bytes))
+    }
+
+    /// Looks again at the records [`Engine::forget`] kept for messages
+    /// that were not settled then.
+    fn forget_later(&mut self, turn: &mut Turn) -> Result<(), StoreError> {
+        if self.later.is_empty() {
+            return Ok(());
         }
-        live.disk_delta(records - forgotten);
-        for (key, time_ms) in retries {
-            live.drop_retry(key, time_ms);
+        let ready: Vec<MsgKey> = {
+            let live = self.live.lock();
+            self.later.iter().filter(|k| !live.unsettled(**k)).copied().collect()
+        };
+        for k in &ready {
+            self.later.remove(k);
+        }
+        let (n, bytes) = self.forget(ready)?;
+        if n > 0 {
+            self.live.lock().disk_delta(-bytes);
+            turn.dirty = true;
         }
         Ok(())
     }
@@ -736,9 +823,11 @@ impl Engine {
             other -= (k.len() + v.len()) as i64;
         }
         q.apply_batch(batch)?;
+        // Messages whose last copy was in this queue.
+        let (_, forgotten) = self.forget(candidates)?;
         let mut live = self.live.lock();
         live.deleted(d, n, bytes);
-        live.disk_delta(other);
+        live.disk_delta(other - forgotten);
         Ok(())
     }
 
@@ -879,6 +968,7 @@ impl Engine {
         let mut other: i64 = 0;
         let mut gaps: std::collections::BTreeMap<DeviceKey, Vec<LostRecord>> = Default::default();
         let mut undelivered: std::collections::BTreeMap<(UserId, DeviceKey), Vec<MsgId>> = Default::default();
+        let mut expired_messages: HashSet<MsgKey> = HashSet::new();
         for (d, seq) in expired {
             let k = queue_key(d, seq);
             let Some(v) = q.get(k)? else { continue };
@@ -898,6 +988,7 @@ impl Engine {
             c.0 += 1;
             c.1 += (k.len() + v.len()) as u64;
             if let Some((sender, id)) = message {
+                expired_messages.insert((sender, id));
                 swept.expired += 1;
                 let time = times.get(&(sender, id)).copied().unwrap_or(0);
                 let lost = gaps.entry(d).or_default();
@@ -948,6 +1039,10 @@ impl Engine {
         }
         q.apply_batch(batch)?;
         turn.dirty = true;
+        // The records of messages whose last copy expired go with it.
+        let (n, bytes) = self.forget(expired_messages)?;
+        swept.forgotten += n;
+        other -= bytes;
         {
             let mut live = self.live.lock();
             for (d, (n, bytes)) in deleted {
@@ -1054,6 +1149,10 @@ pub(crate) fn read_disk(
     }
     Ok(covered)
 }
+
+/// A retry found by its first record: the message, the first header
+/// (addressee, acceptance time), and the copies of the retry that go.
+type Retry = (MsgKey, (u32, u64), Vec<(DeviceKey, u64)>);
 
 /// Bytes of a `q` key.
 const QUEUE_KEY_BYTES: usize = disk::QUEUE_KEY_LEN;

@@ -161,6 +161,8 @@ pub(crate) struct Inner {
     msgs: HashMap<MsgKey, MsgState>,
     settled: VecDeque<MsgKey>,
     tombstones: HashMap<(UserId, MsgId), u64>,
+    /// Unwritten copies by deadline: those due at once (offline devices)
+    /// in front, then those waiting for an ack in the order they came.
     staged: VecDeque<(Instant, DeviceKey, u64)>,
     unwritten: u64,
     cached: u64,
@@ -393,8 +395,13 @@ impl Guard<'_> {
             let next = q.next;
             self.inner.max_next = self.inner.max_next.max(next);
             self.inner.unwritten += size;
-            self.inner.staged.push_back((deadline, d, seq));
-            if !online {
+            // `staged` is in deadline order, which the store thread relies
+            // on (it stops at the first copy not yet due): a copy due now
+            // goes in front of those waiting for an ack.
+            if online {
+                self.inner.staged.push_back((deadline, d, seq));
+            } else {
+                self.inner.staged.push_front((deadline, d, seq));
                 self.inner.urgent = true;
             }
             copies.push((d, seq));
@@ -465,6 +472,9 @@ impl Guard<'_> {
     /// Acknowledges every entry of `d` up to `up_to`.
     pub fn ack(&mut self, d: DeviceKey, up_to: u64) {
         let Some(q) = self.inner.queues.get_mut(&d) else { return };
+        // Nothing past what was given out: entries queued after this ack
+        // (receipts the store thread writes) are not covered by it.
+        let up_to = up_to.min(q.next - 1);
         let mut safe = Vec::new();
         let (mut unwritten, mut cached) = (0, 0);
         while q.mem.front().is_some_and(|s| s.seq <= up_to) {
@@ -483,7 +493,7 @@ impl Guard<'_> {
                 }
             }
         }
-        q.disk_hi = q.disk_hi.max(up_to.min(q.next - 1));
+        q.disk_hi = q.disk_hi.max(up_to);
         let on_disk = q.on_disk > 0;
         self.inner.unwritten -= unwritten;
         self.inner.cached -= cached;
@@ -494,6 +504,12 @@ impl Guard<'_> {
         for key in safe {
             self.safe(key);
         }
+    }
+
+    /// Up to where `d`'s records on disk are acknowledged and wait to be
+    /// deleted, if they do.
+    pub fn acked(&self, d: DeviceKey) -> Option<u64> {
+        self.inner.deletes.get(&d).copied()
     }
 
     /// Whether acknowledged records wait to be deleted.
@@ -570,12 +586,23 @@ impl Guard<'_> {
     }
 
     /// A message being written turned out to be a retry of one accepted
-    /// before a restart (its record was on disk): drop its copies
-    /// (`taken` are in the batch, which skips them) and settle it with the
-    /// original time.
-    pub fn drop_retry(&mut self, key: MsgKey, time_ms: u64) {
+    /// before a restart (its record was on disk, with this `header`:
+    /// addressee and acceptance time): drop its copies `drop`, and settle
+    /// it with the original time once the others are safe too; those take
+    /// the original header, as they have when read from disk. `skipped` are
+    /// the copies (device, sequence, bytes) that were taken into the batch
+    /// and not written.
+    pub fn drop_retry(
+        &mut self,
+        key: MsgKey,
+        header: (u32, u64),
+        drop: &[(DeviceKey, u64)],
+        skipped: &[(DeviceKey, u64, u64)],
+    ) {
+        let (to_user, time_ms) = header;
         let copies = match self.inner.msgs.get_mut(&key) {
             Some(m) => {
+                m.to = UserId(to_user);
                 m.time_ms = time_ms;
                 m.copies.clone()
             }
@@ -584,8 +611,26 @@ impl Guard<'_> {
         for (d, seq) in copies {
             let inner = &mut *self.inner;
             let Some(q) = inner.queues.get_mut(&d) else { continue };
-            let Some(i) = q.find(seq) else { continue };
-            let Some(s) = q.mem.remove(i) else { continue };
+            if !drop.contains(&(d, seq)) {
+                if let Some(i) = q.find(seq)
+                    && let Entry::Message(m) = &mut q.mem[i].entry
+                {
+                    m.to_user = to_user;
+                    m.time_ms = time_ms;
+                }
+                continue;
+            }
+            let Some(s) = q.find(seq).and_then(|i| q.mem.remove(i)) else {
+                // Acknowledged while the batch was being made: counted as
+                // on disk (its delete will find nothing), never written.
+                if let Some(&(_, _, size)) = skipped.iter().find(|(sd, ss, _)| (*sd, *ss) == (d, seq)) {
+                    q.count -= 1;
+                    q.bytes -= size;
+                    q.on_disk -= 1;
+                    inner.disk_bytes -= size;
+                }
+                continue;
+            };
             q.count -= 1;
             q.bytes -= s.size;
             match s.state {

@@ -59,7 +59,9 @@ pub(crate) fn migrate(db: &sled::Db, from: u32, to: u32) -> Result<(), StoreErro
 /// Rewrites format-1 queue entries (a bare message) as format-2 entries,
 /// and format-1 dedup values (a bare time) as dedup records.
 fn entries_1_to_2(queues: &sled::Tree) -> Result<(), StoreError> {
-    if queues.get(MIGRATED_2)?.as_deref() == Some(&2u32.to_be_bytes()[..]) {
+    // Done, or done and followed by 2 → 3 (which drops this marker; a
+    // crash before the FORMAT file was written reruns both).
+    if queues.get(MIGRATED_2)?.as_deref() == Some(&2u32.to_be_bytes()[..]) || queues.contains_key(MIGRATED_3)? {
         return Ok(());
     }
     let mut batch = sled::Batch::default();
