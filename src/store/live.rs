@@ -432,15 +432,11 @@ impl Guard<'_> {
             return Read::OnDisk;
         }
         let start = q.mem.partition_point(|s| s.seq < from);
-        let mut taken = 0;
-        for s in q.mem.range(start..) {
-            if taken == max {
-                return Read::Memory { more: true };
-            }
-            out.push((s.seq, s.entry.clone()));
-            taken += 1;
+        let end = (start + max).min(q.mem.len());
+        out.extend(q.mem.range(start..end).map(|s| (s.seq, s.entry.clone())));
+        Read::Memory {
+            more: end < q.mem.len(),
         }
-        Read::Memory { more: false }
     }
 
     /// The highest sequence given out (0: none).
