@@ -3,7 +3,8 @@
 //!
 //! Keys (integers big-endian, so that keys sort numerically):
 //! - `q` ‖ user ‖ device ‖ seq → [`DiskEntry`]: one queued copy, receipt
-//!   or notice;
+//!   or notice; a copy's body is in the spill log ([`super::spill`]) and
+//!   its record says where;
 //! - `m` ‖ sender user ‖ sender device ‖ message id → [`MsgRecord`]: what
 //!   every copy of a spilled message shares (who it is addressed to, when
 //!   it was accepted, where each copy was queued), stored once per
@@ -15,13 +16,15 @@
 //!   notices of the same kind fold into.
 //!
 //! A message's header is not repeated in its copies: a `q` record names
-//! its message by sender and id and holds only the body made for its
-//! device.
+//! its message by sender and id and where the body made for its device is
+//! (format 4; format 3 held the body inline, and such records are still
+//! read).
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::StoreError;
+pub(crate) use super::spill::Loc;
 use crate::ids::{DeviceKey, UserId};
 use crate::wire::{DeviceId, MAX_RECEIPT_IDS, MsgId};
 
@@ -142,19 +145,34 @@ impl Entry {
         }
     }
 
-    /// Bytes it takes stored: key and value (what quotas count).
+    /// Bytes it takes stored: key and value, and for a message its body's
+    /// record in the spill log (what quotas count).
     pub(crate) fn stored_len(&self) -> u64 {
         let value = match self {
             Entry::Message(m) => {
                 1 + varint_len(u64::from(m.from_user))
                     + varint_len(u64::from(m.from_device))
                     + 16
-                    + varint_len(m.body.len() as u64)
+                    + LOC_LEN
+                    + SPILL_HEADER
                     + m.body.len()
             }
             other => encode(&other.to_disk()).len(),
         };
         (QUEUE_KEY_LEN + value) as u64
+    }
+
+    /// The record it is stored as, a message's body being at `loc`.
+    pub(crate) fn to_spilled(&self, loc: Loc) -> DiskEntry {
+        match self {
+            Entry::Message(m) => DiskEntry::Spilled {
+                from_user: m.from_user,
+                from_device: m.from_device,
+                id: m.id,
+                loc: loc.to_bytes(),
+            },
+            other => other.to_disk(),
+        }
     }
 }
 
@@ -180,6 +198,42 @@ pub(crate) enum DiskEntry {
     Gap(QueuedGap),
     /// An expiry notice.
     Expired(QueuedExpired),
+    /// A copy of a message whose body is in the spill log (format 4).
+    Spilled {
+        /// Sending user.
+        from_user: u32,
+        /// Sending device.
+        from_device: u32,
+        /// Message id.
+        id: MsgId,
+        /// Where the body is ([`Loc::to_bytes`]).
+        loc: [u8; LOC_LEN],
+    },
+}
+
+/// Bytes of a [`Loc`] in a record.
+pub(crate) const LOC_LEN: usize = 12;
+/// Bytes of a body's header in the spill log.
+pub(crate) const SPILL_HEADER: usize = 8;
+
+impl Loc {
+    /// Fixed-width, so that a record's size is known before it is written.
+    pub(crate) fn to_bytes(self) -> [u8; LOC_LEN] {
+        let mut b = [0u8; LOC_LEN];
+        b[..4].copy_from_slice(&self.segment.to_be_bytes());
+        b[4..8].copy_from_slice(&self.offset.to_be_bytes());
+        b[8..].copy_from_slice(&self.len.to_be_bytes());
+        b
+    }
+
+    pub(crate) fn from_bytes(b: &[u8; LOC_LEN]) -> Loc {
+        let u = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        Loc {
+            segment: u(0),
+            offset: u(4),
+            len: u(8),
+        }
+    }
 }
 
 /// What every copy of a spilled message shares.
@@ -217,8 +271,71 @@ impl DiskEntry {
             DiskEntry::Receipt(r) => Entry::Receipt(r),
             DiskEntry::Gap(g) => Entry::Gap(g),
             DiskEntry::Expired(e) => Entry::Expired(e),
+            // The caller reads the body first ([`DiskEntry::spilled`]).
+            DiskEntry::Spilled { .. } => return None,
         })
     }
+
+    /// The entry a spilled copy stands for, with its body read from the
+    /// spill log and its header from its message's record.
+    pub(crate) fn into_spilled_entry(self, header: Option<(u32, u64)>, body: Bytes) -> Option<Entry> {
+        match self {
+            DiskEntry::Spilled {
+                from_user,
+                from_device,
+                id,
+                ..
+            } => {
+                let (to_user, time_ms) = header?;
+                Some(Entry::Message(QueuedMessage {
+                    id,
+                    from_user,
+                    from_device,
+                    to_user,
+                    time_ms,
+                    body,
+                }))
+            }
+            other => other.into_entry(header),
+        }
+    }
+
+    /// Where a spilled copy's body is.
+    pub(crate) fn spilled(&self) -> Option<Loc> {
+        match self {
+            DiskEntry::Spilled { loc, .. } => Some(Loc::from_bytes(loc)),
+            _ => None,
+        }
+    }
+
+    /// The message a copy belongs to.
+    pub(crate) fn message(&self) -> Option<(DeviceKey, MsgId)> {
+        match self {
+            DiskEntry::Message {
+                from_user,
+                from_device,
+                id,
+                ..
+            }
+            | DiskEntry::Spilled {
+                from_user,
+                from_device,
+                id,
+                ..
+            } => Some((dev(*from_user, *from_device), *id)),
+            _ => None,
+        }
+    }
+}
+
+/// Bytes a `q` record takes as counted: key, value, and a spilled body's
+/// record in the spill log.
+pub(crate) fn record_len(key: &[u8], value: &[u8]) -> u64 {
+    let body = match decode_disk(value) {
+        Ok(DiskEntry::Spilled { loc, .. }) => SPILL_HEADER as u64 + u64::from(Loc::from_bytes(&loc).len),
+        _ => 0,
+    };
+    (key.len() + value.len()) as u64 + body
 }
 
 /// What one retention sweep turn did.
@@ -438,7 +555,13 @@ mod tests {
                 time_ms: 1_795_000_000_123,
                 body: Bytes::from(vec![1; len]),
             });
-            assert_eq!(e.stored_len(), (QUEUE_KEY_LEN + encode(&e.to_disk()).len()) as u64);
+            let loc = Loc {
+                segment: 70_000,
+                offset: 4_000_000,
+                len: len as u32,
+            };
+            let value = encode(&e.to_spilled(loc));
+            assert_eq!(e.stored_len(), record_len(&queue_key(dev(1, 1), 9), &value));
         }
     }
 

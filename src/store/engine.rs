@@ -23,12 +23,13 @@ use std::time::{Duration, Instant};
 use super::accounts::Accounts;
 use super::api::{Entry, Op, Outcome, QueuedExpired, QueuedGap, QueuedReceipt, Quota, Refused, Swept, Waiter};
 use super::disk::{
-    self, DiskEntry, FOLD, FOLD_KEY_LEN, FoldKey, LostRecord, MAX_GAP_SENDERS, MESSAGE, MsgRecord, QUEUE, TOMBSTONE,
+    self, FOLD, FOLD_KEY_LEN, FoldKey, LostRecord, MAX_GAP_SENDERS, MESSAGE, MsgRecord, QUEUE, TOMBSTONE,
     dev, dev_prefix, fold_key, message_key, parse_dev, parse_message_key, parse_tombstone, queue_key, queue_seq,
     tombstone_key,
 };
 use super::flusher::{Epoch, Flusher};
 use super::live::{Live, MsgKey, Removed, Write};
+use super::spill::Spill;
 use super::{Status, StoreError, Throttle, be_u64, keys};
 use crate::ids::{DeviceKey, UserId};
 use crate::wire::{MAX_RECEIPT_IDS, MsgId};
@@ -117,6 +118,8 @@ struct Release {
     written: Vec<(DeviceKey, u64)>,
     answers: Vec<(Waiter, Outcome)>,
     ceiling: Option<u64>,
+    /// Spill segments no record refers to any more once this is durable.
+    segments: Vec<u32>,
 }
 
 /// The trees the engine writes.
@@ -129,6 +132,7 @@ pub(crate) struct Trees {
 /// The store thread's state.
 pub(crate) struct Engine {
     trees: Trees,
+    spill: Arc<Mutex<Spill>>,
     accounts: Arc<Accounts>,
     live: Arc<Live>,
     flusher: Flusher,
@@ -156,8 +160,10 @@ struct Turn {
 }
 
 impl Engine {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         trees: Trees,
+        spill: Arc<Mutex<Spill>>,
         accounts: Arc<Accounts>,
         live: Arc<Live>,
         flusher: Flusher,
@@ -166,6 +172,7 @@ impl Engine {
     ) -> Engine {
         Engine {
             trees,
+            spill,
             accounts,
             live,
             flusher,
@@ -264,7 +271,8 @@ impl Engine {
         }
         self.raise_ceiling(&mut turn)?;
         let r = turn.release;
-        if turn.dirty || !r.written.is_empty() || !r.answers.is_empty() || r.ceiling.is_some() {
+        if turn.dirty || !r.written.is_empty() || !r.answers.is_empty() || r.ceiling.is_some() || !r.segments.is_empty()
+        {
             let epoch = self.flusher.note_write();
             self.awaiting.push_back((epoch, r));
         }
@@ -292,6 +300,14 @@ impl Engine {
                     self.ceiling_pending = false;
                 }
                 live.durable(&r.written);
+            }
+            if !r.segments.is_empty() {
+                let mut spill = lock(&self.spill);
+                for seg in r.segments {
+                    if let Err(e) = spill.remove(seg) {
+                        log::warn!("could not delete a spill segment nothing refers to: {e}");
+                    }
+                }
             }
             for (w, outcome) in r.answers {
                 w.complete(outcome);
@@ -329,34 +345,35 @@ impl Engine {
     /// Writes what the queues have due: acknowledged records go, copies
     /// past their deadline are written with their message's record.
     fn write_batch(&mut self, turn: &mut Turn) -> Result<(), StoreError> {
-        let q = &self.trees.queues;
+        let q = self.trees.queues.clone();
+        let spill = self.spill.clone();
         let mut batch = sled::Batch::default();
         let mut gone: HashSet<(DeviceKey, u64)> = HashSet::new();
         let mut deleted: HashMap<DeviceKey, (u64, u64)> = HashMap::new();
         let mut candidates: HashSet<MsgKey> = HashSet::new();
-        for (d, up_to) in self.deletes.drain(..) {
+        for (d, up_to) in std::mem::take(&mut self.deletes) {
             for item in q.range(queue_key(d, 0)..=queue_key(d, up_to)) {
                 let (k, v) = item?;
                 let seq = queue_seq(&k)?;
                 if gone.insert((d, seq)) {
-                    note_message(&v, &mut candidates);
+                    let bytes = dropped(&spill, &k, &v, turn, &mut candidates);
                     batch.remove(k.clone());
                     let e = deleted.entry(d).or_default();
                     e.0 += 1;
-                    e.1 += (k.len() + v.len()) as u64;
+                    e.1 += bytes;
                 }
             }
         }
-        for (d, seq) in self.removes.drain(..) {
+        for (d, seq) in std::mem::take(&mut self.removes) {
             let k = queue_key(d, seq);
             if let Some(v) = q.get(k)?
                 && gone.insert((d, seq))
             {
-                note_message(&v, &mut candidates);
+                let bytes = dropped(&spill, &k, &v, turn, &mut candidates);
                 batch.remove(&k[..]);
                 let e = deleted.entry(d).or_default();
                 e.0 += 1;
-                e.1 += (k.len() + v.len()) as u64;
+                e.1 += bytes;
             }
         }
         // Retries found: the message, its first header, the copies to drop.
@@ -430,8 +447,23 @@ impl Engine {
                     .push((w.device, w.seq, w.entry.stored_len()));
                 continue;
             }
-            batch.insert(&queue_key(w.device, w.seq)[..], disk::encode(&w.entry.to_disk()));
+            let value = match &w.entry {
+                Entry::Message(m) => {
+                    let loc = lock(&spill).append(&m.body)?;
+                    disk::encode(&w.entry.to_spilled(loc))
+                }
+                other => disk::encode(&other.to_disk()),
+            };
+            batch.insert(&queue_key(w.device, w.seq)[..], value);
             turn.release.written.push((w.device, w.seq));
+        }
+        // The bodies are synced before sled's next flush.
+        {
+            let mut spill = lock(&spill);
+            for f in spill.take_unsynced()? {
+                self.flusher.sync_first(f);
+            }
+            turn.release.segments.extend(spill.take_freed());
         }
         q.apply_batch(batch)?;
         turn.dirty = true;
@@ -542,7 +574,7 @@ impl Engine {
             }
             Op::Revoke { device, now_ms } => {
                 turn.dirty = true;
-                (Outcome::Revoked(self.revoke(device, now_ms)?), true)
+                (Outcome::Revoked(self.revoke(device, now_ms, turn)?), true)
             }
             Op::Touch { device, now_ms } => {
                 turn.dirty = true;
@@ -601,7 +633,7 @@ impl Engine {
             }
             Op::Retract { user, senders, id, .. } => {
                 turn.dirty = true;
-                (Outcome::Retracted(self.retract(user, &senders, id)?), true)
+                (Outcome::Retracted(self.retract(user, &senders, id, turn)?), true)
             }
             Op::ReadBacklog { device, from, max } => (self.read_backlog(device, from, max)?, false),
             Op::Sweep {
@@ -711,8 +743,9 @@ impl Engine {
     /// Removes the still-queued copies of message `id` of `user` (sent by
     /// any of `senders`), and remembers the retraction if the message is
     /// known, so that a retry is answered without queueing it again.
-    fn retract(&mut self, user: UserId, senders: &[DeviceKey], id: MsgId) -> Result<usize, StoreError> {
+    fn retract(&mut self, user: UserId, senders: &[DeviceKey], id: MsgId, turn: &mut Turn) -> Result<usize, StoreError> {
         let q = &self.trees.queues;
+        let mut candidates = HashSet::new();
         let mut batch = sled::Batch::default();
         let mut gone: HashSet<(DeviceKey, u64)> = HashSet::new();
         let mut deleted: HashMap<DeviceKey, (u64, u64)> = HashMap::new();
@@ -747,13 +780,12 @@ impl Engine {
                 let Some(v) = q.get(k)? else { continue };
                 // Only this message's copy: the number is never reused, but
                 // check anyway.
-                if matches!(disk::decode_disk(&v)?, DiskEntry::Message { from_user, from_device, id: i, .. }
-                    if dev(from_user, from_device) == s && i == id)
-                {
+                if disk::decode_disk(&v)?.message() == Some((s, id)) {
+                    let bytes = dropped(&self.spill, &k, &v, turn, &mut candidates);
                     batch.remove(&k[..]);
                     let e = deleted.entry(d).or_default();
                     e.0 += 1;
-                    e.1 += (k.len() + v.len()) as u64;
+                    e.1 += bytes;
                     n += 1;
                 }
             }
@@ -782,7 +814,7 @@ impl Engine {
     fn read_backlog(&self, d: DeviceKey, from: u64, max: usize) -> Result<Outcome, StoreError> {
         let hi = self.live.lock().disk_hi(d);
         let mut entries = Vec::new();
-        let covered = read_disk(&self.trees.queues, d, from, hi, max, &mut entries)?;
+        let covered = read_disk(&self.trees.queues, &self.spill, d, from, hi, max, &mut entries)?;
         Ok(Outcome::Backlog {
             device: d,
             from,
@@ -793,18 +825,18 @@ impl Engine {
 
     /// Revokes a device: refused from now on; its queue, fold records and
     /// keys go.
-    fn revoke(&mut self, d: DeviceKey, now_ms: u64) -> Result<bool, StoreError> {
+    fn revoke(&mut self, d: DeviceKey, now_ms: u64, turn: &mut Turn) -> Result<bool, StoreError> {
         if !self.accounts.revoke(d, now_ms)? {
             return Ok(false);
         }
-        self.delete_queue(d)?;
+        self.delete_queue(d, turn)?;
         keys::delete_keys(&self.trees.e2e, d)?;
         self.accounts.set_one_time_keys(d, None);
         Ok(true)
     }
 
     /// Deletes a device's whole queue and its fold records.
-    pub(crate) fn delete_queue(&mut self, d: DeviceKey) -> Result<(), StoreError> {
+    fn delete_queue(&mut self, d: DeviceKey, turn: &mut Turn) -> Result<(), StoreError> {
         let q = &self.trees.queues;
         self.live.lock().clear(d);
         let mut batch = sled::Batch::default();
@@ -812,10 +844,9 @@ impl Engine {
         let mut candidates = HashSet::new();
         for item in q.scan_prefix(dev_prefix(QUEUE, d)) {
             let (k, v) = item?;
-            note_message(&v, &mut candidates);
+            bytes += dropped(&self.spill, &k, &v, turn, &mut candidates);
             batch.remove(k.clone());
             n += 1;
-            bytes += (k.len() + v.len()) as u64;
         }
         for item in q.scan_prefix(dev_prefix(FOLD, d)) {
             let (k, v) = item?;
@@ -872,14 +903,9 @@ impl Engine {
                 let skip_to = match k.first() {
                     Some(&QUEUE) => {
                         let d = parse_dev(&k).ok_or(StoreError::Corrupt("queues/key"))?;
-                        let time = match disk::decode_disk(&v)? {
-                            DiskEntry::Message {
-                                from_user,
-                                from_device,
-                                id,
-                                ..
-                            } => {
-                                let key = (dev(from_user, from_device), id);
+                        let e = disk::decode_disk(&v)?;
+                        let time = match e.message() {
+                            Some(key) => {
                                 match times.get(&key) {
                                     Some(t) => *t,
                                     None => {
@@ -893,7 +919,7 @@ impl Engine {
                                     }
                                 }
                             }
-                            other => other.into_entry(None).map_or(0, |e| e.time_ms()),
+                            None => e.into_entry(None).map_or(0, |e| e.time_ms()),
                         };
                         if time < cutoff_ms {
                             expired.push((d, queue_seq(&k)?));
@@ -972,21 +998,13 @@ impl Engine {
         for (d, seq) in expired {
             let k = queue_key(d, seq);
             let Some(v) = q.get(k)? else { continue };
-            let e = disk::decode_disk(&v)?;
-            let message = match &e {
-                DiskEntry::Message {
-                    from_user,
-                    from_device,
-                    id,
-                    ..
-                } => Some((dev(*from_user, *from_device), *id)),
-                _ => None,
-            };
+            let message = disk::decode_disk(&v)?.message();
             self.live.lock().remove(d, seq);
+            let bytes = dropped(&self.spill, &k, &v, turn, &mut HashSet::new());
             batch.remove(&k[..]);
             let c = deleted.entry(d).or_default();
             c.0 += 1;
-            c.1 += (k.len() + v.len()) as u64;
+            c.1 += bytes;
             if let Some((sender, id)) = message {
                 expired_messages.insert((sender, id));
                 swept.expired += 1;
@@ -1096,6 +1114,7 @@ impl Engine {
 /// `out`. Returns the highest sequence the read covered.
 pub(crate) fn read_disk(
     q: &sled::Tree,
+    spill: &Mutex<Spill>,
     d: DeviceKey,
     from: u64,
     hi: u64,
@@ -1115,14 +1134,8 @@ pub(crate) fn read_disk(
         let (k, v) = item?;
         let seq = queue_seq(&k)?;
         let e = disk::decode_disk(&v)?;
-        let header = match &e {
-            DiskEntry::Message {
-                from_user,
-                from_device,
-                id,
-                ..
-            } => {
-                let key = (dev(*from_user, *from_device), *id);
+        let header = match e.message() {
+            Some(key) => {
                 match headers.get(&key) {
                     Some(h) => *h,
                     None => {
@@ -1136,10 +1149,23 @@ pub(crate) fn read_disk(
                     }
                 }
             }
-            _ => None,
+            None => None,
         };
         n += 1;
-        match e.into_entry(header) {
+        let entry = match e.spilled() {
+            Some(loc) => match lock(spill).read(loc) {
+                Ok(body) => e.into_spilled_entry(header, body),
+                Err(err) => {
+                    // A body that does not check was never acknowledged
+                    // (bodies are synced before the records that name
+                    // them are): its copy is skipped.
+                    log::warn!("{d}: queued copy {seq}: its body cannot be read ({err}); skipped");
+                    None
+                }
+            },
+            None => e.into_entry(header),
+        };
+        match entry {
             Some(entry) => out.push((seq, entry)),
             None => log::warn!("{d}: queued copy {seq} has no message record; skipped"),
         }
@@ -1157,17 +1183,24 @@ type Retry = (MsgKey, (u32, u64), Vec<(DeviceKey, u64)>);
 /// Bytes of a `q` key.
 const QUEUE_KEY_BYTES: usize = disk::QUEUE_KEY_LEN;
 
-/// Notes the message a deleted copy belonged to.
-fn note_message(v: &[u8], out: &mut HashSet<MsgKey>) {
-    if let Ok(DiskEntry::Message {
-        from_user,
-        from_device,
-        id,
-        ..
-    }) = disk::decode_disk(v)
-    {
-        out.insert((dev(from_user, from_device), id));
+/// The bookkeeping of one deleted `q` record: notes its message (whose
+/// shared record may go with it), releases its spilled body (a segment no
+/// record refers to any more goes once this is durable), and returns the
+/// bytes it counted for.
+fn dropped(spill: &Mutex<Spill>, k: &[u8], v: &[u8], turn: &mut Turn, messages: &mut HashSet<MsgKey>) -> u64 {
+    if let Ok(e) = disk::decode_disk(v) {
+        messages.extend(e.message());
+        if let Some(loc) = e.spilled()
+            && let Some(segment) = lock(spill).release(loc)
+        {
+            turn.release.segments.push(segment);
+        }
     }
+    disk::record_len(k, v)
+}
+
+fn lock(spill: &Mutex<Spill>) -> std::sync::MutexGuard<'_, Spill> {
+    spill.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Whether a storage error means the database can no longer be trusted

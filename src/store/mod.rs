@@ -27,7 +27,8 @@
 //! Layout: `meta` (server key, public address, token key, `next_user`,
 //! sequence ceiling), `users`, `devices`, `keys`, `invites`, `link_codes`
 //! (see [`accounts`]), `queues` (see [`disk`]), `e2e` (the key directory,
-//! see `keys.rs`).
+//! see `keys.rs`), and `spill/`, the segment files of spilled bodies (see
+//! `spill.rs`).
 
 mod accounts;
 pub mod api;
@@ -37,6 +38,7 @@ mod flusher;
 mod keys;
 mod live;
 mod migrate;
+mod spill;
 
 use std::collections::HashMap;
 use std::fs;
@@ -66,7 +68,7 @@ use crate::noise::{Keypair, PublicKey};
 use crate::wire::{DeviceId, DeviceInfo};
 
 /// The data directory format this build writes.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 const FORMAT_FILE: &str = "FORMAT";
 const FORMAT_MAGIC: &str = "tidings-data";
 /// `meta` key of the sequence ceiling.
@@ -297,6 +299,9 @@ fn write_format(dir: &Path) -> Result<(), StoreError> {
 
 /// The durable state, shared by the loops; see the module docs.
 pub struct Store {
+    /// Spilled bodies (the store thread writes; [`Store::read_queue`]
+    /// reads).
+    spill: Arc<Mutex<spill::Spill>>,
     db: sled::Db,
     meta: sled::Tree,
     queues: sled::Tree,
@@ -385,11 +390,16 @@ impl Store {
         let mut tombstones = HashMap::new();
         let mut disk_bytes = 0u64;
         let mut max_seq = 0u64;
+        let mut refs: HashMap<u32, u64> = HashMap::new();
         for item in queues.iter() {
             let (k, v) = item?;
-            let len = (k.len() + v.len()) as u64;
+            let mut len = (k.len() + v.len()) as u64;
             match k.first() {
                 Some(&disk::QUEUE) => {
+                    if let Some(loc) = disk::decode_disk(&v)?.spilled() {
+                        *refs.entry(loc.segment).or_insert(0) += 1;
+                        len = disk::record_len(&k, &v);
+                    }
                     let d = disk::parse_dev(&k).ok_or(StoreError::Corrupt("queues/key"))?;
                     let seq = disk::queue_seq(&k)?;
                     let l = loaded.entry(d).or_default();
@@ -441,12 +451,15 @@ impl Store {
             on_failure: Mutex::new(Vec::new()),
         });
         status.measure_space();
+        let spill = Arc::new(Mutex::new(spill::Spill::open(&dir.join("spill"), refs)?));
+        sync_dir(dir)?;
         let engine = Engine::new(
             Trees {
                 meta: meta.clone(),
                 queues: queues.clone(),
                 e2e,
             },
+            spill.clone(),
             accounts.clone(),
             live.clone(),
             flusher.clone(),
@@ -456,6 +469,7 @@ impl Store {
         let kick = inbox.clone();
         flusher.on_flush(move || kick.kick());
         Ok(Store {
+            spill,
             db,
             meta,
             queues,
@@ -680,7 +694,7 @@ impl Store {
         // Records acknowledged but not yet deleted by the store thread are
         // gone already.
         let disk_from = from.max(acked.map_or(0, |a| a.saturating_add(1)));
-        let covered = engine::read_disk(&self.queues, d, disk_from, hi, max, out)?;
+        let covered = engine::read_disk(&self.queues, &self.spill, d, disk_from, hi, max, out)?;
         let got = out.len() - start;
         if got < max {
             let from = from.max(covered.saturating_add(1));
@@ -692,6 +706,11 @@ impl Store {
     /// The highest sequence given out in `d`'s queue (0: none).
     pub fn last_seq(&self, d: DeviceKey) -> u64 {
         self.live.lock().last_seq(d)
+    }
+
+    /// Bytes the spill log's segment files take (for operators).
+    pub fn spill_bytes(&self) -> u64 {
+        self.spill.lock().unwrap_or_else(|e| e.into_inner()).bytes()
     }
 
     /// Bytes sled's files take on disk (for operators).
