@@ -312,12 +312,9 @@ impl ExpectClientAuth {
     /// [`NoiseError::Handshake`], without detail.
     pub fn handle(mut self, body: &[u8], now: Instant) -> Result<(Transport, PublicKey), NoiseError> {
         open_handshake(&mut self.hs, body)?;
-        let remote: PublicKey = self
-            .hs
-            .get_remote_static()
-            .and_then(|k| k.try_into().ok())
-            .ok_or(NoiseError::Handshake)?;
-        Ok((Transport::new(self.hs, now)?, remote))
+        let transport = Transport::new(self.hs, now)?;
+        let remote = *transport.remote_static().ok_or(NoiseError::Handshake)?;
+        Ok((transport, remote))
     }
 }
 
@@ -335,27 +332,24 @@ pub struct Transport {
     ts: snow::TransportState,
     sent_since_rekey: u64,
     rekeyed_at: Instant,
-    remote: PublicKey,
 }
 
 impl Transport {
     fn new(hs: snow::HandshakeState, now: Instant) -> Result<Transport, NoiseError> {
-        let remote = hs
-            .get_remote_static()
-            .and_then(|k| k.try_into().ok())
-            .ok_or(NoiseError::Handshake)?;
         let ts = hs.into_transport_mode().map_err(|_| NoiseError::Handshake)?;
-        Ok(Transport {
+        let transport = Transport {
             ts,
             sent_since_rekey: 0,
             rekeyed_at: now,
-            remote,
-        })
+        };
+        transport.remote_static().ok_or(NoiseError::Handshake)?;
+        Ok(transport)
     }
 
-    /// The peer's static key.
-    pub fn remote_static(&self) -> &PublicKey {
-        &self.remote
+    /// The peer's static key: always there once the handshake is done
+    /// (snow keeps it; a transport is only made after checking it).
+    pub fn remote_static(&self) -> Option<&PublicKey> {
+        self.ts.get_remote_static().and_then(|k| k.try_into().ok())
     }
 
     fn seal_raw(&mut self, plain: &[u8], out: &mut Vec<u8>) -> Result<(), NoiseError> {
@@ -453,7 +447,7 @@ mod tests {
         assert_eq!(m3[0].len(), 64);
         let (st, remote) = auth.handle(&m3[0], now).unwrap();
         assert_eq!(remote, client.public);
-        assert_eq!(ct.remote_static(), &server.public);
+        assert_eq!(ct.remote_static(), Some(&server.public));
         (ct, st, client)
     }
 

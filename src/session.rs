@@ -389,7 +389,7 @@ impl Session {
     /// The client's static key, once the handshake is done and until close.
     pub fn remote_static(&self) -> Option<&PublicKey> {
         match &self.inner.state {
-            State::Unregistered(t) | State::Authenticated(t, _) => Some(t.remote_static()),
+            State::Unregistered(t) | State::Authenticated(t, _) => t.remote_static(),
             _ => None,
         }
     }

@@ -37,7 +37,9 @@ pub struct Conn<T> {
 pub struct Core<T> {
     worker: u16,
     hub: Hub,
-    conns: HashMap<u64, Conn<T>>,
+    /// Boxed, so that the table's empty slots (up to half of them after
+    /// it grows) cost a pointer each rather than a connection's size.
+    conns: HashMap<u64, Box<Conn<T>>>,
     next_serial: u64,
     server_key: Arc<Keypair>,
     session_config: Arc<SessionConfig>,
@@ -87,7 +89,7 @@ impl<T> Core<T> {
 
     /// A connection, by serial.
     pub fn conn_mut(&mut self, serial: u64) -> Option<&mut Conn<T>> {
-        self.conns.get_mut(&serial)
+        self.conns.get_mut(&serial).map(|c| &mut **c)
     }
 
     /// Every connection's serial.
@@ -109,13 +111,13 @@ impl<T> Core<T> {
         let session = Session::new(self.server_key.clone(), self.session_config.clone(), now.mono);
         self.conns.insert(
             serial,
-            Conn {
+            Box::new(Conn {
                 io,
                 session,
                 cursor: None,
                 scheduled: None,
                 is_dirty: false,
-            },
+            }),
         );
         self.after(serial);
         serial
