@@ -8,14 +8,57 @@
 //! 540 bytes each), `snow_rustcrypto` is snow's pure-Rust resolver. `seal`
 //! encrypts one frame, `open` decrypts one; the relay seals a `Deliver`
 //! for every copy and opens every `Send`, so both are on its hot path.
+//!
+//! Times are the benchmarking thread's CPU time, not wall time: on a
+//! machine shared with builds and load tests, being descheduled inflates
+//! wall time by whole multiples, CPU time hardly at all.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use snow::resolvers::{BoxedCryptoResolver, DefaultResolver, FallbackResolver, RingResolver};
 use tidings::noise::{ExpectClientHello, Keypair, NOISE_PARAMS, Transport, client_start};
 use tidings::wire::{PREAMBLE, PREAMBLE_LEN, RECORD_HEADER_LEN, TAG_LEN};
+
+/// Criterion measurement: CPU time of the thread running the benchmark
+/// (`CLOCK_THREAD_CPUTIME_ID`), shown like wall time.
+struct ThreadCpuTime(WallTime);
+
+fn thread_cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(t.tv_sec.unsigned_abs(), t.tv_nsec.unsigned_abs() as u32)
+}
+
+impl Measurement for ThreadCpuTime {
+    type Intermediate = Duration;
+    type Value = Duration;
+
+    fn start(&self) -> Duration {
+        thread_cpu_time()
+    }
+
+    fn end(&self, start: Duration) -> Duration {
+        thread_cpu_time().saturating_sub(start)
+    }
+
+    fn add(&self, a: &Duration, b: &Duration) -> Duration {
+        *a + *b
+    }
+
+    fn zero(&self) -> Duration {
+        Duration::ZERO
+    }
+
+    fn to_f64(&self, value: &Duration) -> f64 {
+        value.as_nanos() as f64
+    }
+
+    fn formatter(&self) -> &dyn ValueFormatter {
+        self.0.formatter()
+    }
+}
 
 /// Both sides of one handshake; returns the client's and the server's
 /// transports.
@@ -77,7 +120,7 @@ fn snow_rustcrypto() -> BoxedCryptoResolver {
 /// How many records a timed `open` run may need, sealed beforehand.
 const OPEN_BATCH: u64 = 4096;
 
-fn noise(c: &mut Criterion) {
+fn noise(c: &mut Criterion<ThreadCpuTime>) {
     let client = Keypair::generate().expect("keypair");
     let server = Keypair::generate().expect("keypair");
     let now = Instant::now();
@@ -112,7 +155,7 @@ fn noise(c: &mut Criterion) {
     record_250(c, &client, &server, now);
 }
 
-fn record_250(c: &mut Criterion, client: &Keypair, server: &Keypair, now: Instant) {
+fn record_250(c: &mut Criterion<ThreadCpuTime>, client: &Keypair, server: &Keypair, now: Instant) {
     let frame = [0x5a; 250];
     let mut g = c.benchmark_group("record_250");
     g.throughput(Throughput::Bytes(frame.len() as u64));
@@ -141,7 +184,7 @@ fn record_250(c: &mut Criterion, client: &Keypair, server: &Keypair, now: Instan
                 for _ in 0..n {
                     ct.seal(&frame, now, &mut sealed).expect("seal");
                 }
-                let start = Instant::now();
+                let start = thread_cpu_time();
                 let mut rest = &sealed[..];
                 while !rest.is_empty() {
                     let len = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
@@ -149,7 +192,7 @@ fn record_250(c: &mut Criterion, client: &Keypair, server: &Keypair, now: Instan
                     st.open(black_box(record), &mut plain).expect("open");
                     rest = tail;
                 }
-                took += start.elapsed();
+                took += thread_cpu_time().saturating_sub(start);
             }
             took
         })
@@ -181,11 +224,11 @@ fn record_250(c: &mut Criterion, client: &Keypair, server: &Keypair, now: Instan
                     for chunk in sealed.chunks_mut(len) {
                         ct.write_message(&frame, chunk).expect("seal");
                     }
-                    let start = Instant::now();
+                    let start = thread_cpu_time();
                     for record in sealed.chunks(len) {
                         st.read_message(black_box(record), &mut payload).expect("open");
                     }
-                    took += start.elapsed();
+                    took += thread_cpu_time().saturating_sub(start);
                 }
                 took
             })
@@ -194,5 +237,9 @@ fn record_250(c: &mut Criterion, client: &Keypair, server: &Keypair, now: Instan
     g.finish();
 }
 
-criterion_group!(benches, noise);
+criterion_group! {
+    name = benches;
+    config = Criterion::default().with_measurement(ThreadCpuTime(WallTime));
+    targets = noise
+}
 criterion_main!(benches);
