@@ -116,16 +116,23 @@ fn varint(mut n: u64) -> u64 {
     len
 }
 
-/// The bytes an entry takes stored, which quotas count: a 17-byte key; a
-/// copy of a message holds its sender, id and where its body is (12
-/// bytes), and its body takes an 8-byte header and itself in the spill
-/// log; a receipt holds itself.
+/// The bytes an entry takes stored, which quotas count: a copy of a
+/// message is a record in the spill log (8-byte header; device and
+/// sequence in 16 fixed bytes, sender, id, addressee, time, body); a
+/// receipt a `q` record (17-byte key) holding itself.
 fn size(e: &Entry) -> u64 {
-    17 + match e {
+    match e {
         Entry::Message(m) => {
-            1 + varint(m.from_user.into()) + varint(m.from_device.into()) + 16 + 12 + 8 + m.body.len() as u64
+            8 + 16
+                + varint(m.from_user.into())
+                + varint(m.from_device.into())
+                + 16
+                + varint(m.to_user.into())
+                + varint(m.time_ms)
+                + varint(m.body.len() as u64)
+                + m.body.len() as u64
         }
-        Entry::Receipt(r) => 1 + postcard::to_stdvec(r).expect("encode a receipt").len() as u64,
+        Entry::Receipt(r) => 17 + 1 + postcard::to_stdvec(r).expect("encode a receipt").len() as u64,
         other => panic!("not modelled: {other:?}"),
     }
 }

@@ -2,29 +2,27 @@
 //! they become when delivered.
 //!
 //! Keys (integers big-endian, so that keys sort numerically):
-//! - `q` ‖ user ‖ device ‖ seq → [`DiskEntry`]: one queued copy, receipt
-//!   or notice; a copy's body is in the spill log ([`super::spill`]) and
-//!   its record says where;
-//! - `m` ‖ sender user ‖ sender device ‖ message id → [`MsgRecord`]: what
-//!   every copy of a spilled message shares (who it is addressed to, when
-//!   it was accepted, where each copy was queued), stored once per
-//!   message; it is also the record that recognises a retry after a
-//!   restart and finds the copies to retract;
+//! - `q` ‖ user ‖ device ‖ seq → [`DiskEntry`]: one queued receipt or
+//!   notice (message copies are in the spill log, [`super::spill`]; format
+//!   3 kept them here, with their bodies);
+//! - `w` ‖ user ‖ device → u64: the device's mark in the spill log (every
+//!   copy up to it is gone);
+//! - `x` ‖ user ‖ device ‖ seq → nothing: a retracted copy in the spill
+//!   log;
+//! - (format 3 only, removed by the migration to 4) `m` ‖ sender user ‖
+//!   sender device ‖ message id → [`MsgRecord`];
 //! - `t` ‖ user ‖ message id → acceptance time: a retracted message, so
 //!   that resending it cannot bring it back (spec §5.5);
 //! - `r` ‖ user ‖ device ‖ fold key → seq of the entry later receipts or
 //!   notices of the same kind fold into.
 //!
-//! A message's header is not repeated in its copies: a `q` record names
-//! its message by sender and id and where the body made for its device is
-//! (format 4; format 3 held the body inline, and such records are still
-//! read).
+//! The retention sweep and the fold index work on these records; the
+//! spill log has its own index (see there).
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::StoreError;
-pub(crate) use super::spill::Loc;
 use crate::ids::{DeviceKey, UserId};
 use crate::wire::{DeviceId, MAX_RECEIPT_IDS, MsgId};
 
@@ -145,33 +143,12 @@ impl Entry {
         }
     }
 
-    /// Bytes it takes stored: key and value, and for a message its body's
-    /// record in the spill log (what quotas count).
+    /// Bytes it takes stored (what quotas count): a message copy's record
+    /// in the spill log, or a `q` record's key and value.
     pub(crate) fn stored_len(&self) -> u64 {
-        let value = match self {
-            Entry::Message(m) => {
-                1 + varint_len(u64::from(m.from_user))
-                    + varint_len(u64::from(m.from_device))
-                    + 16
-                    + LOC_LEN
-                    + SPILL_HEADER
-                    + m.body.len()
-            }
-            other => encode(&other.to_disk()).len(),
-        };
-        (QUEUE_KEY_LEN + value) as u64
-    }
-
-    /// The record it is stored as, a message's body being at `loc`.
-    pub(crate) fn to_spilled(&self, loc: Loc) -> DiskEntry {
         match self {
-            Entry::Message(m) => DiskEntry::Spilled {
-                from_user: m.from_user,
-                from_device: m.from_device,
-                id: m.id,
-                loc: loc.to_bytes(),
-            },
-            other => other.to_disk(),
+            Entry::Message(m) => super::spill::copy_len(m),
+            other => (QUEUE_KEY_LEN + encode(&other.to_disk()).len()) as u64,
         }
     }
 }
@@ -198,45 +175,10 @@ pub(crate) enum DiskEntry {
     Gap(QueuedGap),
     /// An expiry notice.
     Expired(QueuedExpired),
-    /// A copy of a message whose body is in the spill log (format 4).
-    Spilled {
-        /// Sending user.
-        from_user: u32,
-        /// Sending device.
-        from_device: u32,
-        /// Message id.
-        id: MsgId,
-        /// Where the body is ([`Loc::to_bytes`]).
-        loc: [u8; LOC_LEN],
-    },
 }
 
-/// Bytes of a [`Loc`] in a record.
-pub(crate) const LOC_LEN: usize = 12;
-/// Bytes of a body's header in the spill log.
-pub(crate) const SPILL_HEADER: usize = 8;
-
-impl Loc {
-    /// Fixed-width, so that a record's size is known before it is written.
-    pub(crate) fn to_bytes(self) -> [u8; LOC_LEN] {
-        let mut b = [0u8; LOC_LEN];
-        b[..4].copy_from_slice(&self.segment.to_be_bytes());
-        b[4..8].copy_from_slice(&self.offset.to_be_bytes());
-        b[8..].copy_from_slice(&self.len.to_be_bytes());
-        b
-    }
-
-    pub(crate) fn from_bytes(b: &[u8; LOC_LEN]) -> Loc {
-        let u = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        Loc {
-            segment: u(0),
-            offset: u(4),
-            len: u(8),
-        }
-    }
-}
-
-/// What every copy of a spilled message shares.
+/// What every copy of a message shared, in format 3 (read by the
+/// migration to format 4 only).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct MsgRecord {
     /// The user it was addressed to.
@@ -271,71 +213,14 @@ impl DiskEntry {
             DiskEntry::Receipt(r) => Entry::Receipt(r),
             DiskEntry::Gap(g) => Entry::Gap(g),
             DiskEntry::Expired(e) => Entry::Expired(e),
-            // The caller reads the body first ([`DiskEntry::spilled`]).
-            DiskEntry::Spilled { .. } => return None,
         })
     }
 
-    /// The entry a spilled copy stands for, with its body read from the
-    /// spill log and its header from its message's record.
-    pub(crate) fn into_spilled_entry(self, header: Option<(u32, u64)>, body: Bytes) -> Option<Entry> {
-        match self {
-            DiskEntry::Spilled {
-                from_user,
-                from_device,
-                id,
-                ..
-            } => {
-                let (to_user, time_ms) = header?;
-                Some(Entry::Message(QueuedMessage {
-                    id,
-                    from_user,
-                    from_device,
-                    to_user,
-                    time_ms,
-                    body,
-                }))
-            }
-            other => other.into_entry(header),
-        }
-    }
-
-    /// Where a spilled copy's body is.
-    pub(crate) fn spilled(&self) -> Option<Loc> {
-        match self {
-            DiskEntry::Spilled { loc, .. } => Some(Loc::from_bytes(loc)),
-            _ => None,
-        }
-    }
-
-    /// The message a copy belongs to.
-    pub(crate) fn message(&self) -> Option<(DeviceKey, MsgId)> {
-        match self {
-            DiskEntry::Message {
-                from_user,
-                from_device,
-                id,
-                ..
-            }
-            | DiskEntry::Spilled {
-                from_user,
-                from_device,
-                id,
-                ..
-            } => Some((dev(*from_user, *from_device), *id)),
-            _ => None,
-        }
-    }
 }
 
-/// Bytes a `q` record takes as counted: key, value, and a spilled body's
-/// record in the spill log.
+/// Bytes a `sled` record takes as counted: key and value.
 pub(crate) fn record_len(key: &[u8], value: &[u8]) -> u64 {
-    let body = match decode_disk(value) {
-        Ok(DiskEntry::Spilled { loc, .. }) => SPILL_HEADER as u64 + u64::from(Loc::from_bytes(&loc).len),
-        _ => 0,
-    };
-    (key.len() + value.len()) as u64 + body
+    (key.len() + value.len()) as u64
 }
 
 /// What one retention sweep turn did.
@@ -355,6 +240,8 @@ pub(crate) const QUEUE: u8 = b'q';
 pub(crate) const MESSAGE: u8 = b'm';
 pub(crate) const TOMBSTONE: u8 = b't';
 pub(crate) const FOLD: u8 = b'r';
+pub(crate) const MARK: u8 = b'w';
+pub(crate) const REMOVED: u8 = b'x';
 /// Format 2's queue meta records (`n` ‖ user ‖ device).
 pub(crate) const OLD_NEXT: u8 = b'n';
 /// Format 2's dedup records (`d` ‖ user ‖ device ‖ id).
@@ -423,6 +310,16 @@ pub(crate) fn message_key(sender: DeviceKey, id: MsgId) -> [u8; MESSAGE_KEY_LEN]
     k
 }
 
+pub(crate) fn mark_key(d: DeviceKey) -> [u8; 9] {
+    dev_prefix(MARK, d)
+}
+
+pub(crate) fn removed_key(d: DeviceKey, seq: u64) -> [u8; QUEUE_KEY_LEN] {
+    let mut k = queue_key(d, seq);
+    k[0] = REMOVED;
+    k
+}
+
 pub(crate) fn tombstone_key(user: UserId, id: MsgId) -> [u8; TOMBSTONE_KEY_LEN] {
     let mut k = [0u8; TOMBSTONE_KEY_LEN];
     k[0] = TOMBSTONE;
@@ -437,12 +334,6 @@ pub(crate) fn parse_tombstone(k: &[u8]) -> Option<(UserId, MsgId)> {
     Some((UserId(user), MsgId(id)))
 }
 
-/// The sender and id in an `m` key.
-pub(crate) fn parse_message_key(k: &[u8]) -> Option<(DeviceKey, MsgId)> {
-    let sender = parse_dev(k)?;
-    let id: [u8; 16] = k.get(9..25)?.try_into().ok()?;
-    Some((sender, MsgId(id)))
-}
 
 pub(crate) fn fold_key(target: DeviceKey, f: FoldKey) -> [u8; FOLD_KEY_LEN] {
     let mut k = [0u8; FOLD_KEY_LEN];
@@ -543,27 +434,6 @@ pub(crate) fn merge(old: &Entry, new: &Entry) -> Option<Entry> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_stored_length_of_a_message_is_its_encoding() {
-        for len in [0usize, 1, 127, 128, 4096] {
-            let e = Entry::Message(QueuedMessage {
-                id: MsgId([9; 16]),
-                from_user: 300,
-                from_device: 2,
-                to_user: 7,
-                time_ms: 1_795_000_000_123,
-                body: Bytes::from(vec![1; len]),
-            });
-            let loc = Loc {
-                segment: 70_000,
-                offset: 4_000_000,
-                len: len as u32,
-            };
-            let value = encode(&e.to_spilled(loc));
-            assert_eq!(e.stored_len(), record_len(&queue_key(dev(1, 1), 9), &value));
-        }
-    }
 
     #[test]
     fn varint_lengths() {

@@ -23,13 +23,12 @@ use std::time::{Duration, Instant};
 use super::accounts::Accounts;
 use super::api::{Entry, Op, Outcome, QueuedExpired, QueuedGap, QueuedReceipt, Quota, Refused, Swept, Waiter};
 use super::disk::{
-    self, FOLD, FOLD_KEY_LEN, FoldKey, LostRecord, MAX_GAP_SENDERS, MESSAGE, MsgRecord, QUEUE, TOMBSTONE,
-    dev, dev_prefix, fold_key, message_key, parse_dev, parse_message_key, parse_tombstone, queue_key, queue_seq,
-    tombstone_key,
+    self, FOLD, FOLD_KEY_LEN, FoldKey, LostRecord, MAX_GAP_SENDERS, QUEUE, TOMBSTONE, dev_prefix, fold_key,
+    mark_key, parse_dev, parse_tombstone, queue_key, queue_seq, removed_key, tombstone_key,
 };
 use super::flusher::{Epoch, Flusher};
-use super::live::{Live, MsgKey, Removed, Write};
-use super::spill::Spill;
+use super::live::{Live, Removed, Write};
+use super::spill::{self, CopyRecord, Spill};
 use super::{Status, StoreError, Throttle, be_u64, keys};
 use crate::ids::{DeviceKey, UserId};
 use crate::wire::{MAX_RECEIPT_IDS, MsgId};
@@ -145,10 +144,6 @@ pub(crate) struct Engine {
     removes: Vec<(DeviceKey, u64)>,
     space_checked: Option<Instant>,
     failures: Throttle,
-    /// Messages whose last copy on disk went while another copy could
-    /// still be written: their record is looked at again once they
-    /// settle.
-    later: HashSet<MsgKey>,
 }
 
 /// One turn's bookkeeping.
@@ -157,6 +152,9 @@ struct Turn {
     release: Release,
     /// Something was written that needs a flush.
     dirty: bool,
+    /// Every mark that moved is written this turn (a segment went free, a
+    /// queue was dropped or expired).
+    marks_now: bool,
 }
 
 impl Engine {
@@ -185,7 +183,6 @@ impl Engine {
             removes: Vec::new(),
             space_checked: None,
             failures: Throttle::new(Duration::from_secs(60)),
-            later: HashSet::new(),
         }
     }
 
@@ -207,7 +204,11 @@ impl Engine {
                 }
                 return;
             }
-            let (ready, next) = self.live.lock().due(Instant::now());
+            let (ready, mut next) = self.live.lock().due(Instant::now());
+            if lock(&self.spill).marks_pending() {
+                let soon = Instant::now() + Duration::from_secs(1);
+                next = Some(next.map_or(soon, |n| n.min(soon)));
+            }
             let until = if ready {
                 Some(started + TICK)
             } else {
@@ -246,7 +247,6 @@ impl Engine {
         if !self.writes.is_empty() || !self.deletes.is_empty() || !self.removes.is_empty() {
             self.write_batch(&mut turn)?;
         }
-        self.forget_later(&mut turn)?;
         for (op, waiter) in ops {
             match self.op(op, now_ms, &mut turn) {
                 Ok(None) => {}
@@ -269,6 +269,7 @@ impl Engine {
                 }
             }
         }
+        self.write_marks(now, &mut turn)?;
         self.raise_ceiling(&mut turn)?;
         let r = turn.release;
         if turn.dirty || !r.written.is_empty() || !r.answers.is_empty() || r.ceiling.is_some() || !r.segments.is_empty()
@@ -304,7 +305,7 @@ impl Engine {
             if !r.segments.is_empty() {
                 let mut spill = lock(&self.spill);
                 for seg in r.segments {
-                    if let Err(e) = spill.remove(seg) {
+                    if let Err(e) = spill.remove_segment(seg) {
                         log::warn!("could not delete a spill segment nothing refers to: {e}");
                     }
                 }
@@ -342,201 +343,90 @@ impl Engine {
         Ok(())
     }
 
-    /// Writes what the queues have due: acknowledged records go, copies
-    /// past their deadline are written with their message's record.
+    /// Writes what the queues have due: acknowledged copies and entries
+    /// go (their device's mark moves), copies past their deadline are
+    /// appended to the spill log.
     fn write_batch(&mut self, turn: &mut Turn) -> Result<(), StoreError> {
         let q = self.trees.queues.clone();
-        let spill = self.spill.clone();
         let mut batch = sled::Batch::default();
-        let mut gone: HashSet<(DeviceKey, u64)> = HashSet::new();
         let mut deleted: HashMap<DeviceKey, (u64, u64)> = HashMap::new();
-        let mut candidates: HashSet<MsgKey> = HashSet::new();
-        for (d, up_to) in std::mem::take(&mut self.deletes) {
-            for item in q.range(queue_key(d, 0)..=queue_key(d, up_to)) {
-                let (k, v) = item?;
-                let seq = queue_seq(&k)?;
-                if gone.insert((d, seq)) {
-                    let bytes = dropped(&spill, &k, &v, turn, &mut candidates);
-                    batch.remove(k.clone());
-                    let e = deleted.entry(d).or_default();
-                    e.0 += 1;
-                    e.1 += bytes;
-                }
-            }
-        }
-        for (d, seq) in std::mem::take(&mut self.removes) {
-            let k = queue_key(d, seq);
-            if let Some(v) = q.get(k)?
-                && gone.insert((d, seq))
-            {
-                let bytes = dropped(&spill, &k, &v, turn, &mut candidates);
-                batch.remove(&k[..]);
-                let e = deleted.entry(d).or_default();
-                e.0 += 1;
-                e.1 += bytes;
-            }
-        }
-        // Retries found: the message, its first header, the copies to drop.
-        let mut retries: Vec<Retry> = Vec::new();
-        let mut skip: HashSet<(DeviceKey, u64)> = HashSet::new();
-        let mut records: i64 = 0;
-        for w in &self.writes {
-            if let Some((key, rec)) = &w.record {
-                let mk = message_key(key.0, key.1);
-                let old = q.get(mk)?;
-                if let Some(first) = old.as_deref().and_then(|v| disk::decode_record(v).ok()) {
-                    // A retry of a message accepted before a restart: it
-                    // can only deliver that message again, to its devices.
-                    // One whose first copy is still queued has it, and one
-                    // the first was not for is not a recipient: their
-                    // copies of the retry go. The others get theirs: their
-                    // first copy was delivered, or was lost unwritten with
-                    // the restart (the sender was never answered then); a
-                    // duplicate is dropped by the client, a loss is not.
-                    let mut drop = Vec::new();
-                    let mut keep = Vec::new();
-                    for &(u, dv, seq) in &rec.copies {
-                        let mut recipient = false;
-                        let mut queued = false;
-                        for &(fu, fd, fs) in &first.copies {
-                            if (fu, fd) == (u, dv) {
-                                recipient = true;
-                                if q.contains_key(queue_key(dev(u, dv), fs))? {
-                                    queued = true;
-                                    break;
-                                }
-                            }
-                        }
-                        if recipient && !queued {
-                            keep.push((u, dv, seq));
-                        } else {
-                            drop.push((dev(u, dv), seq));
-                        }
-                    }
-                    let header = (first.to_user, first.time_ms);
-                    if !keep.is_empty() {
-                        // The copies written join the first record: they
-                        // are read with its header, and it goes with the
-                        // last of them.
-                        let old_len = old.as_deref().map_or(0, <[u8]>::len);
-                        let mut merged = first;
-                        merged.copies.extend(keep);
-                        let value = disk::encode(&merged);
-                        records += value.len() as i64 - old_len as i64;
-                        batch.insert(&mk[..], value);
-                    }
-                    skip.extend(drop.iter().copied());
-                    retries.push((*key, header, drop));
-                    continue;
-                }
-                // (A record that does not decode is replaced.)
-                let old_len = old.map_or(0, |v| mk.len() + v.len()) as i64;
-                let value = disk::encode(rec);
-                records += (mk.len() + value.len()) as i64 - old_len;
-                batch.insert(&mk[..], value);
-            }
-        }
-        let mut skipped: HashMap<MsgKey, Vec<(DeviceKey, u64, u64)>> = HashMap::new();
-        for w in self.writes.drain(..) {
-            if let Entry::Message(m) = &w.entry
-                && skip.contains(&(w.device, w.seq))
-            {
-                skipped
-                    .entry((m.from(), m.id))
-                    .or_default()
-                    .push((w.device, w.seq, w.entry.stored_len()));
-                continue;
-            }
-            let value = match &w.entry {
-                Entry::Message(m) => {
-                    let loc = lock(&spill).append(&m.body)?;
-                    disk::encode(&w.entry.to_spilled(loc))
-                }
-                other => disk::encode(&other.to_disk()),
-            };
-            batch.insert(&queue_key(w.device, w.seq)[..], value);
-            turn.release.written.push((w.device, w.seq));
-        }
-        // The bodies are synced before sled's next flush.
+        let mut other: i64 = 0;
         {
-            let mut spill = lock(&spill);
+            let mut spill = lock(&self.spill);
+            for (d, up_to) in std::mem::take(&mut self.deletes) {
+                let c = deleted.entry(d).or_default();
+                // Receipts and notices, in sled.
+                for item in q.range(queue_key(d, 0)..=queue_key(d, up_to)) {
+                    let (k, v) = item?;
+                    batch.remove(k.clone());
+                    c.0 += 1;
+                    c.1 += disk::record_len(&k, &v);
+                }
+                // Copies, in the spill log: the device's mark moves.
+                let (n, bytes) = spill.ack(d, up_to);
+                c.0 += n;
+                c.1 += bytes;
+                // Removals the mark now covers.
+                for item in q.range(removed_key(d, 0)..=removed_key(d, up_to)) {
+                    let (k, v) = item?;
+                    batch.remove(k.clone());
+                    other -= disk::record_len(&k, &v) as i64;
+                }
+            }
+            for w in std::mem::take(&mut self.writes) {
+                match &w.entry {
+                    Entry::Message(m) => {
+                        spill.append(w.device, w.seq, m)?;
+                    }
+                    e => batch.insert(&queue_key(w.device, w.seq)[..], disk::encode(&e.to_disk())),
+                }
+                turn.release.written.push((w.device, w.seq));
+            }
+            // The copies are synced before sled's next flush.
             for f in spill.take_unsynced()? {
                 self.flusher.sync_first(f);
             }
-            turn.release.segments.extend(spill.take_freed());
+            let freed = spill.take_freed();
+            if !freed.is_empty() {
+                turn.marks_now = true;
+                turn.release.segments.extend(freed);
+            }
         }
         q.apply_batch(batch)?;
         turn.dirty = true;
-        // Messages whose last record went may lose their shared record.
-        let (_, forgotten) = self.forget(candidates)?;
         let mut live = self.live.lock();
         for (d, (n, bytes)) in deleted {
             live.deleted(d, n, bytes);
         }
-        live.disk_delta(records - forgotten);
-        for (key, header, drop) in retries {
-            live.drop_retry(key, header, &drop, skipped.get(&key).map_or(&[], Vec::as_slice));
-        }
+        live.disk_delta(other);
         Ok(())
     }
 
-    /// Deletes the shared record of each message of `keys` that has no
-    /// copy left on disk and can write none any more. A message that still
-    /// may (a copy waits in memory) keeps it, and is looked at again once
-    /// it settled ([`Engine::forget_later`]). Returns how many records went
-    /// and their bytes (the caller counts them).
-    fn forget(&mut self, keys: impl IntoIterator<Item = MsgKey>) -> Result<(usize, i64), StoreError> {
-        let q = &self.trees.queues;
-        let mut batch = sled::Batch::default();
-        let (mut n, mut bytes) = (0, 0i64);
-        {
-            let live = self.live.lock();
-            for key in keys {
-                if live.unsettled(key) {
-                    self.later.insert(key);
-                    continue;
-                }
-                let mk = message_key(key.0, key.1);
-                let Some(v) = q.get(mk)? else { continue };
-                let rec = disk::decode_record(&v)?;
-                let mut any = false;
-                for &(u, dv, seq) in &rec.copies {
-                    if q.contains_key(queue_key(dev(u, dv), seq))? {
-                        any = true;
-                        break;
-                    }
-                }
-                if !any {
-                    batch.remove(&mk[..]);
-                    n += 1;
-                    bytes += (mk.len() + v.len()) as i64;
-                }
-            }
-        }
-        if n > 0 {
-            q.apply_batch(batch)?;
-        }
-        Ok((n, bytes))
-    }
-
-    /// Looks again at the records [`Engine::forget`] kept for messages
-    /// that were not settled then.
-    fn forget_later(&mut self, turn: &mut Turn) -> Result<(), StoreError> {
-        if self.later.is_empty() {
+    /// Writes the marks that moved: each at most once a second while its
+    /// acks keep coming, all of them when `turn.marks_now` (then a segment
+    /// deleted after this turn's flush cannot come back).
+    fn write_marks(&mut self, now: Instant, turn: &mut Turn) -> Result<(), StoreError> {
+        let (due, freed) = {
+            let mut spill = lock(&self.spill);
+            (spill.marks_due(now, turn.marks_now), spill.take_freed())
+        };
+        turn.release.segments.extend(freed);
+        if due.is_empty() {
             return Ok(());
         }
-        let ready: Vec<MsgKey> = {
-            let live = self.live.lock();
-            self.later.iter().filter(|k| !live.unsettled(**k)).copied().collect()
-        };
-        for k in &ready {
-            self.later.remove(k);
+        let q = &self.trees.queues;
+        let mut batch = sled::Batch::default();
+        let mut added: i64 = 0;
+        for (d, mark) in due {
+            let k = mark_key(d);
+            if !q.contains_key(k)? {
+                added += (k.len() + 8) as i64;
+            }
+            batch.insert(&k[..], &mark.to_be_bytes()[..]);
         }
-        let (n, bytes) = self.forget(ready)?;
-        if n > 0 {
-            self.live.lock().disk_delta(-bytes);
-            turn.dirty = true;
-        }
+        q.apply_batch(batch)?;
+        turn.dirty = true;
+        self.live.lock().disk_delta(added);
         Ok(())
     }
 
@@ -718,7 +608,7 @@ impl Engine {
             let on_disk = self.live.lock().remove(target, seq) != Removed::Memory;
             if on_disk && let Some(v) = q.get(queue_key(target, seq))? {
                 batch.remove(&queue_key(target, seq)[..]);
-                removed = Some((QUEUE_KEY_BYTES + v.len()) as u64);
+                removed = Some(disk::record_len(&queue_key(target, seq), &v));
             }
             entry = merged;
         }
@@ -744,50 +634,54 @@ impl Engine {
     /// any of `senders`), and remembers the retraction if the message is
     /// known, so that a retry is answered without queueing it again.
     fn retract(&mut self, user: UserId, senders: &[DeviceKey], id: MsgId, turn: &mut Turn) -> Result<usize, StoreError> {
-        let q = &self.trees.queues;
-        let mut candidates = HashSet::new();
+        let q = self.trees.queues.clone();
         let mut batch = sled::Batch::default();
-        let mut gone: HashSet<(DeviceKey, u64)> = HashSet::new();
+        let mut done: HashSet<(DeviceKey, u64)> = HashSet::new();
         let mut deleted: HashMap<DeviceKey, (u64, u64)> = HashMap::new();
         let mut records: i64 = 0;
         let mut known: Option<u64> = None;
         let mut n = 0;
+        // Copies known in memory: the message is recent.
+        let mut copies = Vec::new();
         for &s in senders {
             let key = (s, id);
-            let (mut copies, time) = {
-                let live = self.live.lock();
-                (live.copies_of(key), live.time_of(key))
-            };
-            known = known.or(time);
-            let mk = message_key(s, id);
-            if let Some(v) = q.get(mk)? {
-                let rec = disk::decode_record(&v)?;
-                known = known.or(Some(rec.time_ms));
-                copies.extend(rec.copies.iter().map(|&(u, d, seq)| (dev(u, d), seq)));
-                batch.remove(&mk[..]);
-                records -= (mk.len() + v.len()) as i64;
+            let live = self.live.lock();
+            copies.extend(live.copies_of(key));
+            known = known.or(live.time_of(key));
+        }
+        // Copies in the spill log: found by their tag, checked by their
+        // record.
+        for r in lock(&self.spill).find(spill::tag(user, id))? {
+            if r.id == id && r.from_user == user.0 {
+                known = known.or(Some(r.time_ms));
+                copies.push((r.device(), r.seq()));
             }
+        }
+        {
+            let mut spill = lock(&self.spill);
             for (d, seq) in copies {
-                if !gone.insert((d, seq)) {
+                if !done.insert((d, seq)) {
                     continue;
                 }
-                let removed = self.live.lock().remove(d, seq);
-                if removed == Removed::Memory {
+                if self.live.lock().remove(d, seq) == Removed::Memory {
+                    // Never written.
                     n += 1;
                     continue;
                 }
-                let k = queue_key(d, seq);
-                let Some(v) = q.get(k)? else { continue };
-                // Only this message's copy: the number is never reused, but
-                // check anyway.
-                if disk::decode_disk(&v)?.message() == Some((s, id)) {
-                    let bytes = dropped(&self.spill, &k, &v, turn, &mut candidates);
-                    batch.remove(&k[..]);
-                    let e = deleted.entry(d).or_default();
-                    e.0 += 1;
-                    e.1 += bytes;
+                if let Some(bytes) = spill.remove(d, seq) {
+                    let k = removed_key(d, seq);
+                    batch.insert(&k[..], &[][..]);
+                    records += k.len() as i64;
+                    let c = deleted.entry(d).or_default();
+                    c.0 += 1;
+                    c.1 += bytes;
                     n += 1;
                 }
+            }
+            let freed = spill.take_freed();
+            if !freed.is_empty() {
+                turn.marks_now = true;
+                turn.release.segments.extend(freed);
             }
         }
         if let Some(time_ms) = known {
@@ -799,6 +693,7 @@ impl Engine {
             batch.insert(&tk[..], &value[..]);
         }
         q.apply_batch(batch)?;
+        turn.dirty = true;
         let mut live = self.live.lock();
         for (d, (count, bytes)) in deleted {
             live.deleted(d, count, bytes);
@@ -837,28 +732,37 @@ impl Engine {
 
     /// Deletes a device's whole queue and its fold records.
     fn delete_queue(&mut self, d: DeviceKey, turn: &mut Turn) -> Result<(), StoreError> {
-        let q = &self.trees.queues;
+        let q = self.trees.queues.clone();
         self.live.lock().clear(d);
         let mut batch = sled::Batch::default();
         let (mut n, mut bytes, mut other) = (0u64, 0u64, 0i64);
-        let mut candidates = HashSet::new();
         for item in q.scan_prefix(dev_prefix(QUEUE, d)) {
             let (k, v) = item?;
-            bytes += dropped(&self.spill, &k, &v, turn, &mut candidates);
+            bytes += disk::record_len(&k, &v);
             batch.remove(k.clone());
             n += 1;
         }
-        for item in q.scan_prefix(dev_prefix(FOLD, d)) {
-            let (k, v) = item?;
-            batch.remove(k.clone());
-            other -= (k.len() + v.len()) as i64;
+        for tag in [FOLD, disk::REMOVED] {
+            for item in q.scan_prefix(dev_prefix(tag, d)) {
+                let (k, v) = item?;
+                batch.remove(k.clone());
+                other -= disk::record_len(&k, &v) as i64;
+            }
         }
+        {
+            let mut spill = lock(&self.spill);
+            let (sn, sb) = spill.clear(d);
+            n += sn;
+            bytes += sb;
+            turn.release.segments.extend(spill.take_freed());
+        }
+        // Its mark, written this turn, keeps its copies from coming back.
+        turn.marks_now = true;
         q.apply_batch(batch)?;
-        // Messages whose last copy was in this queue.
-        let (_, forgotten) = self.forget(candidates)?;
+        turn.dirty = true;
         let mut live = self.live.lock();
         live.deleted(d, n, bytes);
-        live.disk_delta(other - forgotten);
+        live.disk_delta(other);
         Ok(())
     }
 
@@ -879,19 +783,45 @@ impl Engine {
     ) -> Result<Swept, StoreError> {
         let q = self.trees.queues.clone();
         let mut swept = Swept::default();
+        let mut batch = sled::Batch::default();
+        let mut deleted: HashMap<DeviceKey, (u64, u64)> = HashMap::new();
+        let mut other: i64 = 0;
+        let mut gaps: std::collections::BTreeMap<DeviceKey, Vec<LostRecord>> = Default::default();
+        let mut undelivered: std::collections::BTreeMap<(UserId, DeviceKey), Vec<MsgId>> = Default::default();
         if cursor.is_empty() {
-            // Once a pass: expired invites and link codes.
+            // Once a pass: expired invites and link codes, and the copies
+            // in the spill log accepted before the cutoff (the front of
+            // each queue: a queue is in acceptance order).
             let (invites, links) = self.accounts.sweep_codes(now_ms)?;
             if invites + links > 0 {
                 log::debug!("removed {invites} expired invites and {links} expired link codes");
                 turn.dirty = true;
             }
+            let mut spill = lock(&self.spill);
+            for d in spill.devices() {
+                let old = spill.front_while(d, |r| r.time_ms < cutoff_ms)?;
+                let Some(last) = old.last().map(CopyRecord::seq) else { continue };
+                for r in &old {
+                    self.live.lock().remove(d, r.seq());
+                    note_lost(&mut gaps, &mut undelivered, d, r.sender(), r.id, r.time_ms);
+                    swept.expired += 1;
+                }
+                let (n, bytes) = spill.ack(d, last);
+                let c = deleted.entry(d).or_default();
+                c.0 += n;
+                c.1 += bytes;
+                for item in q.range(removed_key(d, 0)..=removed_key(d, last)) {
+                    let (k, v) = item?;
+                    batch.remove(k.clone());
+                    other -= disk::record_len(&k, &v) as i64;
+                }
+                turn.marks_now = true;
+            }
+            turn.release.segments.extend(spill.take_freed());
         }
         let mut expired: Vec<(DeviceKey, u64)> = Vec::new();
-        let mut records: Vec<Vec<u8>> = Vec::new();
         let mut tombstones: Vec<Vec<u8>> = Vec::new();
         let mut stale_folds: Vec<(Vec<u8>, DeviceKey, u64)> = Vec::new();
-        let mut times: HashMap<MsgKey, u64> = HashMap::new();
         let mut scanned = 0;
         let mut from = cursor.clone();
         'scan: while scanned < max_keys {
@@ -903,24 +833,7 @@ impl Engine {
                 let skip_to = match k.first() {
                     Some(&QUEUE) => {
                         let d = parse_dev(&k).ok_or(StoreError::Corrupt("queues/key"))?;
-                        let e = disk::decode_disk(&v)?;
-                        let time = match e.message() {
-                            Some(key) => {
-                                match times.get(&key) {
-                                    Some(t) => *t,
-                                    None => {
-                                        let t = q
-                                            .get(message_key(key.0, key.1))?
-                                            .map(|v| disk::decode_record(&v))
-                                            .transpose()?
-                                            .map_or(0, |r| r.time_ms);
-                                        times.insert(key, t);
-                                        t
-                                    }
-                                }
-                            }
-                            None => e.into_entry(None).map_or(0, |e| e.time_ms()),
-                        };
+                        let time = disk::decode_disk(&v)?.into_entry(None).map_or(0, |e| e.time_ms());
                         if time < cutoff_ms {
                             expired.push((d, queue_seq(&k)?));
                             None
@@ -931,23 +844,6 @@ impl Engine {
                             next.extend_from_slice(&[0xff; 9]);
                             Some(next)
                         }
-                    }
-                    Some(&MESSAGE) => {
-                        let rec = disk::decode_record(&v)?;
-                        let key = parse_message_key(&k).ok_or(StoreError::Corrupt("queues/message"))?;
-                        if !self.live.lock().unsettled(key) {
-                            let mut any = false;
-                            for &(u, d, seq) in &rec.copies {
-                                if q.contains_key(queue_key(dev(u, d), seq))? {
-                                    any = true;
-                                    break;
-                                }
-                            }
-                            if !any {
-                                records.push(k.to_vec());
-                            }
-                        }
-                        None
                     }
                     Some(&TOMBSTONE) => {
                         if be_u64(&v).is_some_and(|t| t < cutoff_ms) {
@@ -986,62 +882,21 @@ impl Engine {
             }
         }
         *cursor = from;
-        if expired.is_empty() && records.is_empty() && tombstones.is_empty() && stale_folds.is_empty() {
-            return Ok(swept);
-        }
-        let mut batch = sled::Batch::default();
-        let mut deleted: HashMap<DeviceKey, (u64, u64)> = HashMap::new();
-        let mut other: i64 = 0;
-        let mut gaps: std::collections::BTreeMap<DeviceKey, Vec<LostRecord>> = Default::default();
-        let mut undelivered: std::collections::BTreeMap<(UserId, DeviceKey), Vec<MsgId>> = Default::default();
-        let mut expired_messages: HashSet<MsgKey> = HashSet::new();
+        // Receipts and notices (in sled) that expired: without a notice.
         for (d, seq) in expired {
             let k = queue_key(d, seq);
             let Some(v) = q.get(k)? else { continue };
-            let message = disk::decode_disk(&v)?.message();
             self.live.lock().remove(d, seq);
-            let bytes = dropped(&self.spill, &k, &v, turn, &mut HashSet::new());
             batch.remove(&k[..]);
             let c = deleted.entry(d).or_default();
             c.0 += 1;
-            c.1 += bytes;
-            if let Some((sender, id)) = message {
-                expired_messages.insert((sender, id));
-                swept.expired += 1;
-                let time = times.get(&(sender, id)).copied().unwrap_or(0);
-                let lost = gaps.entry(d).or_default();
-                match lost
-                    .iter_mut()
-                    .find(|l| l.from_user == sender.user.0 && l.from_device == sender.device.0)
-                {
-                    Some(l) => {
-                        l.count += 1;
-                        l.first_ms = l.first_ms.min(time);
-                        l.last_ms = l.last_ms.max(time);
-                    }
-                    None => lost.push(LostRecord {
-                        from_user: sender.user.0,
-                        from_device: sender.device.0,
-                        count: 1,
-                        first_ms: time,
-                        last_ms: time,
-                    }),
-                }
-                undelivered.entry((sender.user, d)).or_default().push(id);
-            }
-        }
-        for k in records {
-            if let Some(v) = q.get(&k)? {
-                batch.remove(k.clone());
-                other -= (k.len() + v.len()) as i64;
-                swept.forgotten += 1;
-            }
+            c.1 += disk::record_len(&k, &v);
         }
         let mut live_forget = Vec::new();
         for k in tombstones {
             if let Some(v) = q.get(&k)? {
                 batch.remove(k.clone());
-                other -= (k.len() + v.len()) as i64;
+                other -= disk::record_len(&k, &v) as i64;
                 live_forget.extend(parse_tombstone(&k));
                 swept.forgotten += 1;
             }
@@ -1057,10 +912,6 @@ impl Engine {
         }
         q.apply_batch(batch)?;
         turn.dirty = true;
-        // The records of messages whose last copy expired go with it.
-        let (n, bytes) = self.forget(expired_messages)?;
-        swept.forgotten += n;
-        other -= bytes;
         {
             let mut live = self.live.lock();
             for (d, (n, bytes)) in deleted {
@@ -1109,9 +960,40 @@ impl Engine {
     }
 }
 
+/// Counts an expired message for the gap notice of the device that lost
+/// it and the expiry notice of its sender.
+fn note_lost(
+    gaps: &mut std::collections::BTreeMap<DeviceKey, Vec<LostRecord>>,
+    undelivered: &mut std::collections::BTreeMap<(UserId, DeviceKey), Vec<MsgId>>,
+    d: DeviceKey,
+    sender: DeviceKey,
+    id: MsgId,
+    time: u64,
+) {
+    let lost = gaps.entry(d).or_default();
+    match lost
+        .iter_mut()
+        .find(|l| l.from_user == sender.user.0 && l.from_device == sender.device.0)
+    {
+        Some(l) => {
+            l.count += 1;
+            l.first_ms = l.first_ms.min(time);
+            l.last_ms = l.last_ms.max(time);
+        }
+        None => lost.push(LostRecord {
+            from_user: sender.user.0,
+            from_device: sender.device.0,
+            count: 1,
+            first_ms: time,
+            last_ms: time,
+        }),
+    }
+    undelivered.entry((sender.user, d)).or_default().push(id);
+}
+
 /// Reads up to `max` entries of `d`'s queue with sequence in `from..=hi`
-/// from disk, joining each message copy with its message's record, into
-/// `out`. Returns the highest sequence the read covered.
+/// from disk: receipts and notices from sled, copies from the spill log,
+/// in order, into `out`. Returns the highest sequence the read covered.
 pub(crate) fn read_disk(
     q: &sled::Tree,
     spill: &Mutex<Spill>,
@@ -1121,82 +1003,29 @@ pub(crate) fn read_disk(
     max: usize,
     out: &mut Vec<(u64, Entry)>,
 ) -> Result<u64, StoreError> {
-    let mut headers: HashMap<MsgKey, Option<(u32, u64)>> = HashMap::new();
-    let mut covered = hi;
-    if from > hi {
+    if from > hi || max == 0 {
         return Ok(hi);
     }
-    let mut n = 0;
-    for item in q.range(queue_key(d, from)..=queue_key(d, hi)) {
-        if n == max {
-            break;
-        }
+    let mut got: Vec<(u64, Entry)> = Vec::new();
+    for item in q.range(queue_key(d, from)..=queue_key(d, hi)).take(max) {
         let (k, v) = item?;
         let seq = queue_seq(&k)?;
-        let e = disk::decode_disk(&v)?;
-        let header = match e.message() {
-            Some(key) => {
-                match headers.get(&key) {
-                    Some(h) => *h,
-                    None => {
-                        let h = q
-                            .get(message_key(key.0, key.1))?
-                            .map(|v| disk::decode_record(&v))
-                            .transpose()?
-                            .map(|r| (r.to_user, r.time_ms));
-                        headers.insert(key, h);
-                        h
-                    }
-                }
-            }
-            None => None,
-        };
-        n += 1;
-        let entry = match e.spilled() {
-            Some(loc) => match lock(spill).read(loc) {
-                Ok(body) => e.into_spilled_entry(header, body),
-                Err(err) => {
-                    // A body that does not check was never acknowledged
-                    // (bodies are synced before the records that name
-                    // them are): its copy is skipped.
-                    log::warn!("{d}: queued copy {seq}: its body cannot be read ({err}); skipped");
-                    None
-                }
-            },
-            None => e.into_entry(header),
-        };
-        match entry {
-            Some(entry) => out.push((seq, entry)),
-            None => log::warn!("{d}: queued copy {seq} has no message record; skipped"),
-        }
-        if n == max {
-            covered = seq;
+        match disk::decode_disk(&v)?.into_entry(None) {
+            Some(e) => got.push((seq, e)),
+            None => log::warn!("{d}: queued entry {seq} cannot be read; skipped"),
         }
     }
+    lock(spill).read(d, from, hi, max, &mut got)?;
+    got.sort_by_key(|(s, _)| *s);
+    let mut covered = hi;
+    if got.len() > max {
+        got.truncate(max);
+    }
+    if got.len() == max {
+        covered = got.last().map_or(hi, |(s, _)| *s);
+    }
+    out.append(&mut got);
     Ok(covered)
-}
-
-/// A retry found by its first record: the message, the first header
-/// (addressee, acceptance time), and the copies of the retry that go.
-type Retry = (MsgKey, (u32, u64), Vec<(DeviceKey, u64)>);
-
-/// Bytes of a `q` key.
-const QUEUE_KEY_BYTES: usize = disk::QUEUE_KEY_LEN;
-
-/// The bookkeeping of one deleted `q` record: notes its message (whose
-/// shared record may go with it), releases its spilled body (a segment no
-/// record refers to any more goes once this is durable), and returns the
-/// bytes it counted for.
-fn dropped(spill: &Mutex<Spill>, k: &[u8], v: &[u8], turn: &mut Turn, messages: &mut HashSet<MsgKey>) -> u64 {
-    if let Ok(e) = disk::decode_disk(v) {
-        messages.extend(e.message());
-        if let Some(loc) = e.spilled()
-            && let Some(segment) = lock(spill).release(loc)
-        {
-            turn.release.segments.push(segment);
-        }
-    }
-    disk::record_len(k, v)
 }
 
 fn lock(spill: &Mutex<Spill>) -> std::sync::MutexGuard<'_, Spill> {
@@ -1217,12 +1046,4 @@ fn unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// The `MsgRecord` of a message as loaded, for the migration and tests.
-#[allow(dead_code)]
-pub(crate) fn record_of(q: &sled::Tree, key: MsgKey) -> Result<Option<MsgRecord>, StoreError> {
-    q.get(message_key(key.0, key.1))?
-        .map(|v| disk::decode_record(&v))
-        .transpose()
 }

