@@ -270,6 +270,8 @@ impl Engine {
             }
         }
         self.write_marks(now, &mut turn)?;
+        let spilled = lock(&self.spill).count() as u64;
+        self.live.lock().spilled = spilled;
         self.raise_ceiling(&mut turn)?;
         let r = turn.release;
         if turn.dirty || !r.written.is_empty() || !r.answers.is_empty() || r.ceiling.is_some() || !r.segments.is_empty()

@@ -171,6 +171,8 @@ pub(crate) struct Inner {
     removes: Vec<(DeviceKey, u64)>,
     /// Bytes of every record on disk (kept exact by the store thread).
     pub disk_bytes: u64,
+    /// Copies in the spill log (set by the store thread each turn).
+    pub spilled: u64,
     /// Sequences below this may be handed out.
     pub ceiling: u64,
     /// The first sequence of a queue seen for the first time.
@@ -244,6 +246,7 @@ impl Live {
                 deletes: HashMap::new(),
                 removes: Vec::new(),
                 disk_bytes,
+                spilled: 0,
                 ceiling,
                 base,
                 max_next,
@@ -390,7 +393,9 @@ impl Guard<'_> {
         // Quotas refuse rather than drop (spec §10, *Quotas*).
         let total: u64 = entries.iter().map(|(_, _, s, _)| s).sum::<u64>();
         let held = self.inner.disk_bytes + self.inner.unwritten;
-        if held.saturating_add(total) > quotas.disk_budget {
+        if held.saturating_add(total) > quotas.disk_budget
+            || self.inner.spilled + entries.len() as u64 > quotas.total_messages
+        {
             return Appended::Refused(Refused::Quota(Quota::Disk));
         }
         let ceiling = self.inner.ceiling;

@@ -125,6 +125,10 @@ pub struct Quotas {
     pub queue_messages: u64,
     /// Most bytes in one device's queue.
     pub queue_bytes: u64,
+    /// Most message copies waiting on disk in all queues together: each
+    /// costs 24 bytes of memory in the spill log's index, so this bounds
+    /// that memory.
+    pub total_messages: u64,
     /// Most bytes all queue records together may take (counted exactly,
     /// as stored; sled's files take more).
     pub disk_budget: u64,
@@ -135,6 +139,7 @@ impl Default for Quotas {
         Quotas {
             queue_messages: 100_000,
             queue_bytes: 256 << 20,
+            total_messages: 1_000_000,
             disk_budget: 4 << 30,
         }
     }

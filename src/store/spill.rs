@@ -217,6 +217,8 @@ pub(crate) struct Spill {
     /// durable.
     freed: Vec<u32>,
     queues: HashMap<DeviceKey, VecDeque<Indexed>>,
+    /// Copies indexed, in all queues.
+    total: usize,
     marks: HashMap<DeviceKey, Mark>,
 }
 
@@ -342,6 +344,7 @@ impl Spill {
             readers: HashMap::new(),
             freed: Vec::new(),
             queues: HashMap::new(),
+            total: 0,
             marks: marks
                 .into_iter()
                 .map(|(d, w)| {
@@ -379,6 +382,7 @@ impl Spill {
                 ) {
                     return;
                 }
+                s.total += 1;
                 here += 1;
                 let f = found.entry(d).or_default();
                 f.count += 1;
@@ -448,14 +452,16 @@ impl Spill {
             offset: offset as u32,
             len: payload.len() as u32,
         };
-        insert_sorted(
+        if insert_sorted(
             self.queues.entry(d).or_default(),
             Indexed {
                 seq,
                 loc,
                 tag: tag(UserId(m.from_user), m.id),
             },
-        );
+        ) {
+            self.total += 1;
+        }
         Ok(bytes.len() as u64)
     }
 
@@ -537,6 +543,7 @@ impl Spill {
         mark.acked = mark.acked.max(up_to);
         let bytes = gone.iter().map(|i| u64::from(i.loc.len) + HEADER).sum();
         let n = gone.len() as u64;
+        self.total -= gone.len();
         for i in gone {
             self.release(i.loc);
         }
@@ -552,6 +559,7 @@ impl Spill {
         if q.is_empty() {
             self.queues.remove(&d);
         }
+        self.total -= 1;
         self.release(gone.loc);
         Some(u64::from(gone.loc.len) + HEADER)
     }
@@ -693,6 +701,11 @@ impl Spill {
     /// Bytes the segment files take.
     pub fn bytes(&self) -> u64 {
         self.sizes.values().sum()
+    }
+
+    /// Copies indexed.
+    pub fn count(&self) -> usize {
+        self.total
     }
 
     /// Copies indexed.
