@@ -269,6 +269,7 @@ impl Engine {
                 }
             }
         }
+        self.compact(&mut turn)?;
         self.write_marks(now, &mut turn)?;
         let spilled = lock(&self.spill).count() as u64;
         self.live.lock().spilled = spilled;
@@ -401,6 +402,22 @@ impl Engine {
             live.deleted(d, n, bytes);
         }
         live.disk_delta(other);
+        Ok(())
+    }
+
+    /// Moves the few copies left in a mostly delivered segment of the
+    /// spill log (at most 1 MiB a turn), so that disk use follows what is
+    /// undelivered.
+    fn compact(&mut self, turn: &mut Turn) -> Result<(), StoreError> {
+        let mut spill = lock(&self.spill);
+        if !spill.compact(1 << 20)? {
+            return Ok(());
+        }
+        for f in spill.take_unsynced()? {
+            self.flusher.sync_first(f);
+        }
+        turn.release.segments.extend(spill.take_freed());
+        turn.dirty = true;
         Ok(())
     }
 

@@ -209,6 +209,8 @@ pub(crate) struct Spill {
     next_id: u32,
     /// Segment → indexed copies in it.
     live: HashMap<u32, u64>,
+    /// Segment → bytes of its indexed copies' records.
+    live_bytes: HashMap<u32, u64>,
     /// Segment → bytes of its file.
     sizes: BTreeMap<u32, u64>,
     /// Open handles for reading.
@@ -340,6 +342,7 @@ impl Spill {
             current: None,
             next_id: ids.last().map_or(1, |l| l + 1),
             live: HashMap::new(),
+            live_bytes: HashMap::new(),
             sizes: BTreeMap::new(),
             readers: HashMap::new(),
             freed: Vec::new(),
@@ -384,6 +387,7 @@ impl Spill {
                 }
                 s.total += 1;
                 here += 1;
+                *s.live_bytes.entry(id).or_insert(0) += u64::from(loc.len) + HEADER;
                 let f = found.entry(d).or_default();
                 f.count += 1;
                 f.bytes += u64::from(loc.len) + HEADER;
@@ -424,6 +428,23 @@ impl Spill {
     pub fn append(&mut self, d: DeviceKey, seq: u64, m: &QueuedMessage) -> Result<u64, StoreError> {
         let record = CopyRecord::new(d, seq, m);
         let payload = postcard::to_stdvec(&record).map_err(|_| StoreError::Corrupt("spill/encode"))?;
+        let loc = self.append_payload(&payload)?;
+        if insert_sorted(
+            self.queues.entry(d).or_default(),
+            Indexed {
+                seq,
+                loc,
+                tag: tag(UserId(m.from_user), m.id),
+            },
+        ) {
+            self.total += 1;
+        }
+        Ok(u64::from(loc.len) + HEADER)
+    }
+
+    /// Appends one record to the current segment (starting a new one when
+    /// it is full); counts it as indexed there.
+    fn append_payload(&mut self, payload: &[u8]) -> Result<Loc, StoreError> {
         if self
             .current
             .as_ref()
@@ -447,22 +468,62 @@ impl Spill {
         c.dirty = true;
         *self.sizes.entry(c.id).or_insert(0) += bytes.len() as u64;
         *self.live.entry(c.id).or_insert(0) += 1;
-        let loc = Loc {
+        *self.live_bytes.entry(c.id).or_insert(0) += bytes.len() as u64;
+        Ok(Loc {
             segment: c.id,
             offset: offset as u32,
             len: payload.len() as u32,
+        })
+    }
+
+    /// Moves the copies still indexed in the emptiest closed segment whose
+    /// indexed bytes are under a quarter of its size to the current
+    /// segment, so that a few copies that wait long (a device away for
+    /// weeks) do not keep whole segments of delivered ones on disk. Moves
+    /// at most `budget` bytes a call; returns whether it moved anything.
+    /// The old segment goes free once nothing is in it (and is deleted
+    /// after the moved copies are durable: they are synced with the next
+    /// flush, as every append is).
+    ///
+    /// # Errors
+    /// On a filesystem failure.
+    pub fn compact(&mut self, budget: u64) -> Result<bool, StoreError> {
+        let current = self.current.as_ref().map(|c| c.id);
+        let Some(victim) = self
+            .sizes
+            .iter()
+            .filter(|(id, size)| {
+                Some(**id) != current
+                    && **size >= SEGMENT_MAX / 2
+                    && self.live_bytes.get(id).copied().unwrap_or(0) * 4 < **size
+            })
+            .min_by_key(|(id, _)| self.live_bytes.get(id).copied().unwrap_or(0))
+            .map(|(id, _)| *id)
+        else {
+            return Ok(false);
         };
-        if insert_sorted(
-            self.queues.entry(d).or_default(),
-            Indexed {
-                seq,
-                loc,
-                tag: tag(UserId(m.from_user), m.id),
-            },
-        ) {
-            self.total += 1;
+        let mut moving: Vec<(DeviceKey, u64, Loc)> = Vec::new();
+        let mut bytes = 0;
+        for (d, q) in &self.queues {
+            for i in q.iter().filter(|i| i.loc.segment == victim) {
+                if bytes >= budget {
+                    break;
+                }
+                bytes += u64::from(i.loc.len) + HEADER;
+                moving.push((*d, i.seq, i.loc));
+            }
         }
-        Ok(bytes.len() as u64)
+        for (d, seq, loc) in moving {
+            let payload = self.read_payload(loc)?;
+            let new = self.append_payload(&payload)?;
+            if let Some(q) = self.queues.get_mut(&d)
+                && let Ok(i) = q.binary_search_by_key(&seq, |x| x.seq)
+            {
+                q[i].loc = new;
+            }
+            self.release(loc);
+        }
+        Ok(true)
     }
 
     fn rotate(&mut self) -> Result<(), StoreError> {
@@ -483,6 +544,7 @@ impl Spill {
         }) && self.live.get(&old.id).copied().unwrap_or(0) == 0
         {
             self.live.remove(&old.id);
+            self.live_bytes.remove(&old.id);
             self.freed.push(old.id);
         }
         self.sizes.entry(id).or_insert(0);
@@ -515,10 +577,14 @@ impl Spill {
 
     /// One indexed copy is gone: its segment may be free.
     fn release(&mut self, loc: Loc) {
+        if let Some(b) = self.live_bytes.get_mut(&loc.segment) {
+            *b = b.saturating_sub(u64::from(loc.len) + HEADER);
+        }
         let n = self.live.entry(loc.segment).or_insert(1);
         *n = n.saturating_sub(1);
         if *n == 0 && self.current.as_ref().is_none_or(|c| c.id != loc.segment) {
             self.live.remove(&loc.segment);
+            self.live_bytes.remove(&loc.segment);
             self.freed.push(loc.segment);
         }
     }
@@ -615,6 +681,10 @@ impl Spill {
     }
 
     fn read_at(&mut self, loc: Loc) -> Result<CopyRecord, StoreError> {
+        decode(&self.read_payload(loc)?)
+    }
+
+    fn read_payload(&mut self, loc: Loc) -> Result<Vec<u8>, StoreError> {
         if loc.len > MAX_RECORD {
             return Err(StoreError::Corrupt("spill/record"));
         }
@@ -632,7 +702,7 @@ impl Spill {
         if len != loc.len || crc32(payload) != crc {
             return Err(StoreError::Corrupt("spill/record"));
         }
-        decode(payload)
+        Ok(payload.to_vec())
     }
 
     /// Reads up to `max` of `d`'s copies with sequence in `from..=hi`, in
@@ -802,6 +872,37 @@ mod tests {
         fs::write(&path, &data).unwrap();
         let (_, found, _) = Spill::open(dir.path(), HashMap::new(), &HashSet::new(), 0).unwrap();
         assert_eq!(found[&d].count, 2);
+    }
+
+    #[test]
+    fn a_few_copies_that_wait_long_do_not_keep_their_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _, _) = Spill::open(dir.path(), HashMap::new(), &HashSet::new(), 0).unwrap();
+        let (busy, away) = (dev(2, 1), dev(3, 1));
+        // Mostly `busy`'s copies, one in a hundred for `away`.
+        for n in 1..=10_000u32 {
+            let d = if n % 100 == 0 { away } else { busy };
+            s.append(d, u64::from(n), &msg(n, 4000)).unwrap();
+        }
+        s.ack(busy, 10_000);
+        for seg in s.take_freed() {
+            s.remove_segment(seg).unwrap();
+        }
+        let before = s.bytes();
+        assert!(before > 8 * SEGMENT_MAX, "{before}");
+        while s.compact(u64::MAX).unwrap() {
+            for seg in s.take_freed() {
+                s.remove_segment(seg).unwrap();
+            }
+        }
+        assert!(s.bytes() < 2 * SEGMENT_MAX, "{} bytes left", s.bytes());
+        let mut out = Vec::new();
+        s.read(away, 0, u64::MAX, usize::MAX, &mut out).unwrap();
+        assert_eq!(out.len(), 100);
+        assert!(out.iter().all(|(seq, e)| matches!(e, Entry::Message(m) if m.body[..4] == (*seq as u32).to_be_bytes())));
+        drop(s);
+        let (_, found, _) = Spill::open(dir.path(), HashMap::from([(busy, 10_000)]), &HashSet::new(), 0).unwrap();
+        assert_eq!(found[&away].count, 100);
     }
 
     #[test]
