@@ -215,7 +215,6 @@ impl DiskEntry {
             DiskEntry::Expired(e) => Entry::Expired(e),
         })
     }
-
 }
 
 /// Bytes a `sled` record takes as counted: key and value.
@@ -333,7 +332,6 @@ pub(crate) fn parse_tombstone(k: &[u8]) -> Option<(UserId, MsgId)> {
     let id: [u8; 16] = k.get(5..21)?.try_into().ok()?;
     Some((UserId(user), MsgId(id)))
 }
-
 
 pub(crate) fn fold_key(target: DeviceKey, f: FoldKey) -> [u8; FOLD_KEY_LEN] {
     let mut k = [0u8; FOLD_KEY_LEN];

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use super::accounts::Accounts;
 use super::api::{Entry, Op, Outcome, QueuedExpired, QueuedGap, QueuedReceipt, Quota, Refused, Swept, Waiter};
 use super::disk::{
-    self, FOLD, FOLD_KEY_LEN, FoldKey, LostRecord, MAX_GAP_SENDERS, QUEUE, TOMBSTONE, dev_prefix, fold_key,
-    mark_key, parse_dev, parse_tombstone, queue_key, queue_seq, removed_key, tombstone_key,
+    self, FOLD, FOLD_KEY_LEN, FoldKey, LostRecord, MAX_GAP_SENDERS, QUEUE, TOMBSTONE, dev_prefix, fold_key, mark_key,
+    parse_dev, parse_tombstone, queue_key, queue_seq, removed_key, tombstone_key,
 };
 use super::flusher::{Epoch, Flusher};
 use super::live::{Live, Removed, Write};
@@ -633,7 +633,13 @@ impl Engine {
     /// Removes the still-queued copies of message `id` of `user` (sent by
     /// any of `senders`), and remembers the retraction if the message is
     /// known, so that a retry is answered without queueing it again.
-    fn retract(&mut self, user: UserId, senders: &[DeviceKey], id: MsgId, turn: &mut Turn) -> Result<usize, StoreError> {
+    fn retract(
+        &mut self,
+        user: UserId,
+        senders: &[DeviceKey],
+        id: MsgId,
+        turn: &mut Turn,
+    ) -> Result<usize, StoreError> {
         let q = self.trees.queues.clone();
         let mut batch = sled::Batch::default();
         let mut done: HashSet<(DeviceKey, u64)> = HashSet::new();
@@ -800,7 +806,9 @@ impl Engine {
             let mut spill = lock(&self.spill);
             for d in spill.devices() {
                 let old = spill.front_while(d, |r| r.time_ms < cutoff_ms)?;
-                let Some(last) = old.last().map(CopyRecord::seq) else { continue };
+                let Some(last) = old.last().map(CopyRecord::seq) else {
+                    continue;
+                };
                 for r in &old {
                     self.live.lock().remove(d, r.seq());
                     note_lost(&mut gaps, &mut undelivered, d, r.sender(), r.id, r.time_ms);

@@ -399,8 +399,7 @@ impl Store {
             let d = disk::parse_dev(&k).ok_or(StoreError::Corrupt("queues/removed"))?;
             removed.insert((d, disk::queue_seq(&k)?));
         }
-        let (mut spill, found, restored) =
-            spill::Spill::open(&dir.join("spill"), marks, &removed, RECENT_MESSAGES)?;
+        let (mut spill, found, restored) = spill::Spill::open(&dir.join("spill"), marks, &removed, RECENT_MESSAGES)?;
         if format < 4 {
             migrate::copies_3_to_4(&queues, &mut spill, &flusher)?;
         }

@@ -266,7 +266,9 @@ fn scan(path: &Path, mut each: impl FnMut(Loc, CopyRecord)) -> Result<u64, Store
         let len = u32::from_be_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]);
         let crc = u32::from_be_bytes([data[at + 4], data[at + 5], data[at + 6], data[at + 7]]);
         let start = at + HEADER as usize;
-        let Some(payload) = data.get(start..start + len as usize) else { break };
+        let Some(payload) = data.get(start..start + len as usize) else {
+            break;
+        };
         if len > MAX_RECORD || crc32(payload) != crc {
             break;
         }
@@ -302,11 +304,7 @@ fn insert_sorted(q: &mut VecDeque<Indexed>, i: Indexed) -> bool {
 }
 
 fn segment_id(path: &Path) -> Option<u32> {
-    path.file_name()?
-        .to_str()?
-        .strip_suffix(".log")?
-        .parse::<u32>()
-        .ok()
+    path.file_name()?.to_str()?.strip_suffix(".log")?.parse::<u32>().ok()
 }
 
 impl Spill {
@@ -436,9 +434,7 @@ impl Spill {
         bytes.extend_from_slice(&crc32(&payload).to_be_bytes());
         bytes.extend_from_slice(&payload);
         let offset = c.len;
-        c.file
-            .write_all(&bytes)
-            .map_err(io_err(&segment_path(&dir, c.id)))?;
+        c.file.write_all(&bytes).map_err(io_err(&segment_path(&dir, c.id)))?;
         c.len += bytes.len() as u64;
         c.dirty = true;
         *self.sizes.entry(c.id).or_insert(0) += bytes.len() as u64;
@@ -632,7 +628,14 @@ impl Spill {
     ///
     /// # Errors
     /// On a filesystem failure or a record that does not check.
-    pub fn read(&mut self, d: DeviceKey, from: u64, hi: u64, max: usize, out: &mut Vec<(u64, Entry)>) -> Result<(), StoreError> {
+    pub fn read(
+        &mut self,
+        d: DeviceKey,
+        from: u64,
+        hi: u64,
+        max: usize,
+        out: &mut Vec<(u64, Entry)>,
+    ) -> Result<(), StoreError> {
         let locs: Vec<(u64, Loc)> = match self.queues.get(&d) {
             Some(q) => {
                 let start = q.partition_point(|i| i.seq < from);
@@ -673,7 +676,11 @@ impl Spill {
         d: DeviceKey,
         mut keep: impl FnMut(&CopyRecord) -> bool,
     ) -> Result<Vec<CopyRecord>, StoreError> {
-        let locs: Vec<Loc> = self.queues.get(&d).map(|q| q.iter().map(|i| i.loc).collect()).unwrap_or_default();
+        let locs: Vec<Loc> = self
+            .queues
+            .get(&d)
+            .map(|q| q.iter().map(|i| i.loc).collect())
+            .unwrap_or_default();
         let mut out = Vec::new();
         for loc in locs {
             let r = self.read_at(loc)?;

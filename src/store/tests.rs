@@ -485,7 +485,10 @@ fn check_migrated_message(dir: &Path) {
     // Delivered as the hub reads it.
     assert_eq!(r.deliver(b, 0), q);
     // Counted as stored: a format-3 record holds its body inline.
-    let stored: u64 = records(&r.s, disk::QUEUE).iter().map(|(k, v)| disk::record_len(k, v)).sum();
+    let stored: u64 = records(&r.s, disk::QUEUE)
+        .iter()
+        .map(|(k, v)| disk::record_len(k, v))
+        .sum();
     assert_eq!(r.s.queue_usage(b), (1, stored));
     assert!(r.s.last_seq(b) >= 1);
     // Old dedup and queue meta records are gone; one message record.
