@@ -350,7 +350,6 @@ impl Engine {
         let q = self.trees.queues.clone();
         let mut batch = sled::Batch::default();
         let mut deleted: HashMap<DeviceKey, (u64, u64)> = HashMap::new();
-        let mut other: i64 = 0;
         {
             let mut spill = lock(&self.spill);
             for (d, up_to) in std::mem::take(&mut self.deletes) {
@@ -362,16 +361,11 @@ impl Engine {
                     c.0 += 1;
                     c.1 += disk::record_len(&k, &v);
                 }
-                // Copies, in the spill log: the device's mark moves.
+                // Copies, in the spill log: the device's mark moves (the
+                // removals it covers go when it is written).
                 let (n, bytes) = spill.ack(d, up_to);
                 c.0 += n;
                 c.1 += bytes;
-                // Removals the mark now covers.
-                for item in q.range(removed_key(d, 0)..=removed_key(d, up_to)) {
-                    let (k, v) = item?;
-                    batch.remove(k.clone());
-                    other -= disk::record_len(&k, &v) as i64;
-                }
             }
             for w in std::mem::take(&mut self.writes) {
                 match &w.entry {
@@ -398,13 +392,15 @@ impl Engine {
         for (d, (n, bytes)) in deleted {
             live.deleted(d, n, bytes);
         }
-        live.disk_delta(other);
         Ok(())
     }
 
     /// Writes the marks that moved: each at most once a second while its
     /// acks keep coming, all of them when `turn.marks_now` (then a segment
-    /// deleted after this turn's flush cannot come back).
+    /// deleted after this turn's flush cannot come back). The removal
+    /// records a mark covers go in the same batch as the mark, never
+    /// before it: a removal deleted while the mark that covers its copy is
+    /// not durable would let a crash bring the retracted copy back.
     fn write_marks(&mut self, now: Instant, turn: &mut Turn) -> Result<(), StoreError> {
         let (due, freed) = {
             let mut spill = lock(&self.spill);
@@ -423,6 +419,11 @@ impl Engine {
                 added += (k.len() + 8) as i64;
             }
             batch.insert(&k[..], &mark.to_be_bytes()[..]);
+            for item in q.range(removed_key(d, 0)..=removed_key(d, mark)) {
+                let (k, v) = item?;
+                batch.remove(k.clone());
+                added -= disk::record_len(&k, &v) as i64;
+            }
         }
         q.apply_batch(batch)?;
         turn.dirty = true;
@@ -748,16 +749,17 @@ impl Engine {
             batch.remove(k.clone());
             n += 1;
         }
-        for tag in [FOLD, disk::REMOVED] {
-            for item in q.scan_prefix(dev_prefix(tag, d)) {
-                let (k, v) = item?;
-                batch.remove(k.clone());
-                other -= disk::record_len(&k, &v) as i64;
-            }
+        for item in q.scan_prefix(dev_prefix(FOLD, d)) {
+            let (k, v) = item?;
+            batch.remove(k.clone());
+            other -= disk::record_len(&k, &v) as i64;
         }
         {
+            // The mark moves past every number the queue gave out, so
+            // that it covers each of its removals (which go with it).
+            let given = self.live.lock().last_seq(d);
             let mut spill = lock(&self.spill);
-            let (sn, sb) = spill.clear(d);
+            let (sn, sb) = spill.clear(d, given);
             n += sn;
             bytes += sb;
             turn.release.segments.extend(spill.take_freed());
@@ -818,11 +820,6 @@ impl Engine {
                 let c = deleted.entry(d).or_default();
                 c.0 += n;
                 c.1 += bytes;
-                for item in q.range(removed_key(d, 0)..=removed_key(d, last)) {
-                    let (k, v) = item?;
-                    batch.remove(k.clone());
-                    other -= disk::record_len(&k, &v) as i64;
-                }
                 turn.marks_now = true;
             }
             turn.release.segments.extend(spill.take_freed());

@@ -566,10 +566,12 @@ impl Spill {
     }
 
     /// Forgets a device's whole queue (revoked): its mark moves past all of
-    /// it. Returns how many copies and bytes went.
-    pub fn clear(&mut self, d: DeviceKey) -> (u64, u64) {
+    /// it, and at least to `given` (the last sequence the queue gave out,
+    /// so that it covers every removal too). Returns how many copies and
+    /// bytes went.
+    pub fn clear(&mut self, d: DeviceKey, given: u64) -> (u64, u64) {
         let last = self.queues.get(&d).and_then(|q| q.back()).map_or(0, |i| i.seq);
-        self.ack(d, last)
+        self.ack(d, last.max(given))
     }
 
     /// Marks to write now: those that moved, at most once per
