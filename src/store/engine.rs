@@ -144,6 +144,9 @@ pub(crate) struct Engine {
     removes: Vec<(DeviceKey, u64)>,
     space_checked: Option<Instant>,
     failures: Throttle,
+    /// Stopping: the last turn writes every mark that moved (a clean stop
+    /// delivers nothing acknowledged again).
+    closing: bool,
 }
 
 /// One turn's bookkeeping.
@@ -183,6 +186,7 @@ impl Engine {
             removes: Vec::new(),
             space_checked: None,
             failures: Throttle::new(Duration::from_secs(60)),
+            closing: false,
         }
     }
 
@@ -192,6 +196,7 @@ impl Engine {
         loop {
             let started = Instant::now();
             let (ops, stop) = self.inbox.take();
+            self.closing = stop;
             if let Err(e) = self.turn_with(ops, started, unix_ms()) {
                 self.fail(&e);
                 return;
@@ -239,7 +244,10 @@ impl Engine {
 
     fn turn_with(&mut self, ops: Vec<(Op, Option<Waiter>)>, now: Instant, now_ms: u64) -> Result<(), StoreError> {
         self.check_space(now);
-        let mut turn = Turn::default();
+        let mut turn = Turn {
+            marks_now: self.closing,
+            ..Turn::default()
+        };
         {
             let mut live = self.live.lock();
             live.take(now, &mut self.writes, &mut self.deletes, &mut self.removes);

@@ -1323,6 +1323,46 @@ fn the_threads_settle_appends_and_answer_calls() {
     assert_eq!(out.len(), 2, "{out:?}");
 }
 
+/// A clean stop writes every mark that moved, also one that waits for
+/// its second: after a restart nothing acknowledged is delivered again.
+#[test]
+fn a_clean_stop_writes_the_marks_that_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dev(1, 1), dev(2, 1));
+    {
+        let s = open(dir.path());
+        let threads = s.start().unwrap();
+        let w = Waiter {
+            sink: Sink::new(|| {}),
+            token: 1,
+        };
+        for i in 1..=3u8 {
+            let m = NewMessage {
+                sender: a,
+                id: id(i),
+                to: UserId(2),
+                copies: vec![(b, Bytes::from_static(b"x"), false)],
+                now_ms: 1,
+                mono: Instant::now(),
+            };
+            assert!(matches!(s.append(m, &w), Appended::Queued { .. }));
+        }
+        assert_eq!(s.call(Op::Sync), Outcome::Synced);
+        s.ack(b, 1);
+        assert_eq!(s.call(Op::Sync), Outcome::Synced);
+        assert_eq!(mark(&s, b), Some(1));
+        // Within the second: this mark waits.
+        s.ack(b, 3);
+        s.stop(threads);
+        assert!(!s.failed());
+    }
+    let s = open(dir.path());
+    let mut out = Vec::new();
+    s.read_queue(b, 0, 10, &mut out).unwrap();
+    assert_eq!(out, vec![], "acknowledged before the stop, delivered again");
+    assert_eq!(mark(&s, b), Some(3));
+}
+
 #[test]
 fn concurrent_claims_never_hand_out_a_key_twice() {
     let dir = tempfile::tempdir().unwrap();
