@@ -17,9 +17,11 @@
 //! unwritten or writing, or became durable; then its waiters hear
 //! [`Outcome::Settled`] and the sender may be told `Accepted` (spec §10).
 //! Settled messages are remembered for a while (`recent`) so that a retry
-//! is answered without queueing it again; retries after that are caught
-//! when a copy spills (the store thread finds the message's record) or
-//! dropped by the receiving client by id.
+//! is answered without queueing it again; retries after that are dropped
+//! by the receiving client by id. After a restart, the newest messages
+//! with a copy in the spill log are **restored**: a retry of one queues
+//! copies only for the devices whose copy is not still queued, with the
+//! original time; a retraction record answers before that.
 //!
 //! Sequence numbers come from each queue's `next`, below a `ceiling`
 //! that the store thread keeps durable ahead of them, so that numbers
