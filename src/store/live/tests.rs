@@ -89,11 +89,14 @@ impl Default for Opened {
     }
 }
 
+/// A message in the spill log at open: its sender, id, time and copies
+/// (device, sequence, body length).
+type Spilled<'a> = (DeviceKey, u8, u64, &'a [(DeviceKey, u64, usize)]);
+
 impl Opened {
-    /// As open finds a spill log holding `spilled`: per message its
-    /// sender, id, time and copies (device, sequence, body length), oldest
-    /// message first. Every message is restored.
-    fn spilled(spilled: &[(DeviceKey, u8, u64, &[(DeviceKey, u64, usize)])]) -> Opened {
+    /// As open finds a spill log holding `spilled`, oldest message first.
+    /// Every message is restored.
+    fn spilled(spilled: &[Spilled<'_>]) -> Opened {
         let mut o = Opened::default();
         for &(sender, id, time_ms, copies) in spilled {
             let mut r = Restored {
@@ -988,7 +991,7 @@ fn a_retry_of_a_restored_message_queues_only_the_missing_copies() {
     f.turn();
     f.flush();
     f.check();
-    assert!(f.heard.get(&1).is_none(), "d's copy waits for its ack");
+    assert!(!f.heard.contains_key(&1), "d's copy waits for its ack");
     f.ack(d, u64::MAX);
     f.check();
     assert_eq!(f.heard[&1], vec![Outcome::Settled { time_ms: 77 }]);
