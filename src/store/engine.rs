@@ -144,6 +144,9 @@ pub(crate) struct Engine {
     removes: Vec<(DeviceKey, u64)>,
     space_checked: Option<Instant>,
     failures: Throttle,
+    /// Stopping: the last turn writes every mark that moved (a clean stop
+    /// delivers nothing acknowledged again).
+    closing: bool,
 }
 
 /// One turn's bookkeeping.
@@ -183,6 +186,7 @@ impl Engine {
             removes: Vec::new(),
             space_checked: None,
             failures: Throttle::new(Duration::from_secs(60)),
+            closing: false,
         }
     }
 
@@ -192,6 +196,7 @@ impl Engine {
         loop {
             let started = Instant::now();
             let (ops, stop) = self.inbox.take();
+            self.closing = stop;
             if let Err(e) = self.turn_with(ops, started, unix_ms()) {
                 self.fail(&e);
                 return;
@@ -239,7 +244,10 @@ impl Engine {
 
     fn turn_with(&mut self, ops: Vec<(Op, Option<Waiter>)>, now: Instant, now_ms: u64) -> Result<(), StoreError> {
         self.check_space(now);
-        let mut turn = Turn::default();
+        let mut turn = Turn {
+            marks_now: self.closing,
+            ..Turn::default()
+        };
         {
             let mut live = self.live.lock();
             live.take(now, &mut self.writes, &mut self.deletes, &mut self.removes);
@@ -353,7 +361,6 @@ impl Engine {
         let q = self.trees.queues.clone();
         let mut batch = sled::Batch::default();
         let mut deleted: HashMap<DeviceKey, (u64, u64)> = HashMap::new();
-        let mut other: i64 = 0;
         {
             let mut spill = lock(&self.spill);
             for (d, up_to) in std::mem::take(&mut self.deletes) {
@@ -365,16 +372,11 @@ impl Engine {
                     c.0 += 1;
                     c.1 += disk::record_len(&k, &v);
                 }
-                // Copies, in the spill log: the device's mark moves.
+                // Copies, in the spill log: the device's mark moves (the
+                // removals it covers go when it is written).
                 let (n, bytes) = spill.ack(d, up_to);
                 c.0 += n;
                 c.1 += bytes;
-                // Removals the mark now covers.
-                for item in q.range(removed_key(d, 0)..=removed_key(d, up_to)) {
-                    let (k, v) = item?;
-                    batch.remove(k.clone());
-                    other -= disk::record_len(&k, &v) as i64;
-                }
             }
             for w in std::mem::take(&mut self.writes) {
                 match &w.entry {
@@ -401,7 +403,6 @@ impl Engine {
         for (d, (n, bytes)) in deleted {
             live.deleted(d, n, bytes);
         }
-        live.disk_delta(other);
         Ok(())
     }
 
@@ -423,7 +424,10 @@ impl Engine {
 
     /// Writes the marks that moved: each at most once a second while its
     /// acks keep coming, all of them when `turn.marks_now` (then a segment
-    /// deleted after this turn's flush cannot come back).
+    /// deleted after this turn's flush cannot come back). The removal
+    /// records a mark covers go in the same batch as the mark, never
+    /// before it: a removal deleted while the mark that covers its copy is
+    /// not durable would let a crash bring the retracted copy back.
     fn write_marks(&mut self, now: Instant, turn: &mut Turn) -> Result<(), StoreError> {
         let (due, freed) = {
             let mut spill = lock(&self.spill);
@@ -442,6 +446,11 @@ impl Engine {
                 added += (k.len() + 8) as i64;
             }
             batch.insert(&k[..], &mark.to_be_bytes()[..]);
+            for item in q.range(removed_key(d, 0)..=removed_key(d, mark)) {
+                let (k, v) = item?;
+                batch.remove(k.clone());
+                added -= disk::record_len(&k, &v) as i64;
+            }
         }
         q.apply_batch(batch)?;
         turn.dirty = true;
@@ -767,16 +776,17 @@ impl Engine {
             batch.remove(k.clone());
             n += 1;
         }
-        for tag in [FOLD, disk::REMOVED] {
-            for item in q.scan_prefix(dev_prefix(tag, d)) {
-                let (k, v) = item?;
-                batch.remove(k.clone());
-                other -= disk::record_len(&k, &v) as i64;
-            }
+        for item in q.scan_prefix(dev_prefix(FOLD, d)) {
+            let (k, v) = item?;
+            batch.remove(k.clone());
+            other -= disk::record_len(&k, &v) as i64;
         }
         {
+            // The mark moves past every number the queue gave out, so
+            // that it covers each of its removals (which go with it).
+            let given = self.live.lock().last_seq(d);
             let mut spill = lock(&self.spill);
-            let (sn, sb) = spill.clear(d);
+            let (sn, sb) = spill.clear(d, given);
             n += sn;
             bytes += sb;
             turn.release.segments.extend(spill.take_freed());
@@ -837,11 +847,6 @@ impl Engine {
                 let c = deleted.entry(d).or_default();
                 c.0 += n;
                 c.1 += bytes;
-                for item in q.range(removed_key(d, 0)..=removed_key(d, last)) {
-                    let (k, v) = item?;
-                    batch.remove(k.clone());
-                    other -= disk::record_len(&k, &v) as i64;
-                }
                 turn.marks_now = true;
             }
             turn.release.segments.extend(spill.take_freed());

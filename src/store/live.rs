@@ -17,9 +17,11 @@
 //! unwritten or writing, or became durable; then its waiters hear
 //! [`Outcome::Settled`] and the sender may be told `Accepted` (spec §10).
 //! Settled messages are remembered for a while (`recent`) so that a retry
-//! is answered without queueing it again; retries after that are caught
-//! when a copy spills (the store thread finds the message's record) or
-//! dropped by the receiving client by id.
+//! is answered without queueing it again; retries after that are dropped
+//! by the receiving client by id. After a restart, the newest messages
+//! with a copy in the spill log are **restored**: a retry of one queues
+//! copies only for the devices whose copy is not still queued, with the
+//! original time; a retraction record answers before that.
 //!
 //! Sequence numbers come from each queue's `next`, below a `ceiling`
 //! that the store thread keeps durable ahead of them, so that numbers
@@ -340,6 +342,11 @@ impl Guard<'_> {
             return Some(Appended::Duplicate { time_ms });
         }
         let state = self.inner.msgs.get_mut(&(sender, id))?;
+        if state.restored {
+            // Known only in part: which devices miss a copy shows against
+            // the retry's copies, in `append`.
+            return None;
+        }
         if state.unsafe_copies > 0 {
             state.waiters.push(waiter.clone());
             return Some(Appended::Waiting);
@@ -351,19 +358,29 @@ impl Guard<'_> {
     /// the disk is below its floor, so only retries are answered.
     pub fn append(&mut self, mut m: NewMessage, now: Instant, waiter: &Waiter, full: bool) -> Appended {
         let key = (m.sender, m.id);
+        // A retraction answers first (spec §5.5), also for a message
+        // restored at open: a copy of it may come back after a crash (it
+        // was acknowledged, its device's mark not yet written).
+        if let Some(&time_ms) = self.inner.tombstones.get(&(m.sender.user, m.id)) {
+            return Appended::Duplicate { time_ms };
+        }
         if let Some(r) = self.inner.msgs.get(&key).filter(|r| r.restored) {
             // A retry of a message spilled before a restart: a device
             // whose copy is still queued has it; the others get the retry
             // (their copy was delivered, or lost unwritten with the
             // restart; a duplicate is dropped by the client, a loss is
-            // not), with the original time.
+            // not), with the original time. Below the floor such a retry
+            // is refused like a new message: answering it `Accepted`
+            // would tell the sender a copy is safe that may be lost. The
+            // message stays restored until its retry is queued (a refused
+            // one is recognised again later); the state made below
+            // replaces it.
             let queued: Vec<DeviceKey> = r.copies.iter().map(|(d, _)| *d).collect();
             m.copies.retain(|(d, _, _)| !queued.contains(d));
             m.now_ms = r.time_ms;
-            if m.copies.is_empty() || full {
+            if m.copies.is_empty() {
                 return Appended::Duplicate { time_ms: r.time_ms };
             }
-            self.inner.msgs.remove(&key);
         } else if let Some(known) = self.recall(m.sender, m.id, waiter) {
             return known;
         }
@@ -798,5 +815,5 @@ impl Guard<'_> {
     }
 }
 
-#[cfg(any())]
+#[cfg(test)]
 mod tests;

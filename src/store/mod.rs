@@ -404,10 +404,15 @@ impl Store {
             let d = disk::parse_dev(&k).ok_or(StoreError::Corrupt("queues/removed"))?;
             removed.insert((d, disk::queue_seq(&k)?));
         }
-        let (mut spill, found, restored) = spill::Spill::open(&dir.join("spill"), marks, &removed, RECENT_MESSAGES)?;
+        let spill_dir = dir.join("spill");
         if format < 4 {
+            // The copies the migration appends are indexed by the open
+            // below, with the rest (a rerun's duplicates are dropped there,
+            // with their segment).
+            let (mut spill, _, _) = spill::Spill::open(&spill_dir, marks.clone(), &removed, 0)?;
             migrate::copies_3_to_4(&queues, &mut spill, &flusher)?;
         }
+        let (spill, found, restored) = spill::Spill::open(&spill_dir, marks, &removed, RECENT_MESSAGES)?;
         if format != FORMAT_VERSION || !dir.join(FORMAT_FILE).exists() {
             write_format(dir)?;
         }
@@ -854,5 +859,5 @@ pub(crate) fn be_u64(b: &[u8]) -> Option<u64> {
 
 #[cfg(test)]
 pub mod testing;
-#[cfg(any())]
+#[cfg(test)]
 mod tests;

@@ -218,6 +218,9 @@ pub(crate) struct Spill {
     /// Segments no copy is in any more: deleted once what emptied them is
     /// durable.
     freed: Vec<u32>,
+    /// Full segments written since the last [`Spill::take_unsynced`]:
+    /// synced with the current one.
+    unsynced: Vec<File>,
     queues: HashMap<DeviceKey, VecDeque<Indexed>>,
     /// Copies indexed, in all queues.
     total: usize,
@@ -344,6 +347,7 @@ impl Spill {
             sizes: BTreeMap::new(),
             readers: HashMap::new(),
             freed: Vec::new(),
+            unsynced: Vec::new(),
             queues: HashMap::new(),
             total: 0,
             marks: marks
@@ -391,7 +395,10 @@ impl Spill {
                 f.bytes += u64::from(loc.len) + HEADER;
                 f.max_seq = f.max_seq.max(seq);
                 let key = (r.time_ms, r.sender(), r.id);
-                if newest.len() < recent || newest.keys().next().is_some_and(|k| *k < key) {
+                // Another copy of a message kept so far joins it, also when
+                // that message is the oldest kept.
+                if newest.contains_key(&key) || newest.len() < recent || newest.keys().next().is_some_and(|k| *k < key)
+                {
                     newest.entry(key).or_default().push((d, seq));
                     if newest.len() > recent {
                         newest.pop_first();
@@ -456,8 +463,8 @@ impl Spill {
         };
         let mut bytes = Vec::with_capacity(HEADER as usize + payload.len());
         bytes.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        bytes.extend_from_slice(&crc32(&payload).to_be_bytes());
-        bytes.extend_from_slice(&payload);
+        bytes.extend_from_slice(&crc32(payload).to_be_bytes());
+        bytes.extend_from_slice(payload);
         let offset = c.len;
         c.file.write_all(&bytes).map_err(io_err(&segment_path(&dir, c.id)))?;
         c.len += bytes.len() as u64;
@@ -537,33 +544,39 @@ impl Spill {
             len: 0,
             dirty: true,
             fresh: true,
-        }) && self.live.get(&old.id).copied().unwrap_or(0) == 0
-        {
-            self.live.remove(&old.id);
-            self.live_bytes.remove(&old.id);
-            self.freed.push(old.id);
+        }) {
+            if self.live.get(&old.id).copied().unwrap_or(0) == 0 {
+                self.live.remove(&old.id);
+                self.live_bytes.remove(&old.id);
+                self.freed.push(old.id);
+            }
+            // Its tail may be written in this batch: synced with it.
+            if old.dirty {
+                self.unsynced.push(old.file);
+            }
         }
         self.sizes.entry(id).or_insert(0);
         Ok(())
     }
 
-    /// Handles to sync before the next `sled` flush: the current segment if
-    /// it was written since the last call, and the spill directory if that
-    /// segment is new (its directory entry).
+    /// Handles to sync before the next `sled` flush: segments filled since
+    /// the last call, the current segment if it was written since, and the
+    /// spill directory if that segment is new (its directory entry).
     ///
     /// # Errors
     /// If a handle cannot be had.
     pub fn take_unsynced(&mut self) -> Result<Vec<File>, StoreError> {
         let dir = self.dir.clone();
+        let mut out = std::mem::take(&mut self.unsynced);
         let Some(c) = self.current.as_mut() else {
-            return Ok(Vec::new());
+            return Ok(out);
         };
         if !c.dirty {
-            return Ok(Vec::new());
+            return Ok(out);
         }
         c.dirty = false;
         let path = segment_path(&dir, c.id);
-        let mut out = vec![c.file.try_clone().map_err(io_err(&path))?];
+        out.push(c.file.try_clone().map_err(io_err(&path))?);
         if c.fresh {
             c.fresh = false;
             out.push(File::open(&dir).map_err(io_err(&dir))?);
@@ -627,10 +640,12 @@ impl Spill {
     }
 
     /// Forgets a device's whole queue (revoked): its mark moves past all of
-    /// it. Returns how many copies and bytes went.
-    pub fn clear(&mut self, d: DeviceKey) -> (u64, u64) {
+    /// it, and at least to `given` (the last sequence the queue gave out,
+    /// so that it covers every removal too). Returns how many copies and
+    /// bytes went.
+    pub fn clear(&mut self, d: DeviceKey, given: u64) -> (u64, u64) {
         let last = self.queues.get(&d).and_then(|q| q.back()).map_or(0, |i| i.seq);
-        self.ack(d, last)
+        self.ack(d, last.max(given))
     }
 
     /// Marks to write now: those that moved, at most once per
@@ -790,6 +805,29 @@ impl Spill {
     pub fn len(&self) -> usize {
         self.queues.values().map(VecDeque::len).sum()
     }
+
+    /// Every indexed copy: its device, its sequence and its bytes as
+    /// counted (header included), in order.
+    #[cfg(test)]
+    pub fn indexed(&self) -> Vec<(DeviceKey, u64, u64)> {
+        let mut out: Vec<(DeviceKey, u64, u64)> = self
+            .queues
+            .iter()
+            .flat_map(|(d, q)| q.iter().map(|i| (*d, i.seq, u64::from(i.loc.len) + HEADER)))
+            .collect();
+        out.sort_unstable_by_key(|(d, s, _)| (*d, *s));
+        out
+    }
+
+    /// The segment files on disk, by number.
+    #[cfg(test)]
+    pub fn segments(&self) -> Vec<u32> {
+        let mut out: Vec<u32> = fs::read_dir(&self.dir)
+            .map(|rd| rd.filter_map(|e| segment_id(&e.ok()?.path())).collect())
+            .unwrap_or_default();
+        out.sort_unstable();
+        out
+    }
 }
 
 #[cfg(test)]
@@ -879,6 +917,64 @@ mod tests {
         fs::write(&path, &data).unwrap();
         let (_, found, _) = Spill::open(dir.path(), HashMap::new(), &HashSet::new(), 0).unwrap();
         assert_eq!(found[&d].count, 2);
+    }
+
+    /// A batch that fills a segment and starts the next one wrote the
+    /// tail of the full one too: the flusher must sync that before sled's
+    /// flush makes the copies settle, or a power cut loses copies whose
+    /// senders were told `Accepted`.
+    #[test]
+    fn the_tail_of_a_segment_filled_in_a_batch_is_synced_with_it() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dev(2, 1);
+        let (mut s, _, _) = Spill::open(dir.path(), HashMap::new(), &HashSet::new(), 0).unwrap();
+        s.append(d, 1, &msg(1, 100)).unwrap();
+        drop(s.take_unsynced().unwrap());
+        // One batch: the rest of segment 1, and the start of segment 2.
+        let mut n = 2u32;
+        while s.current.as_ref().unwrap().id == 1 {
+            s.append(d, u64::from(n), &msg(n, 3000)).unwrap();
+            n += 1;
+        }
+        let synced: Vec<u64> = s
+            .take_unsynced()
+            .unwrap()
+            .iter()
+            .map(|f| f.metadata().unwrap().ino())
+            .collect();
+        for id in [1, 2] {
+            let ino = fs::metadata(segment_path(dir.path(), id)).unwrap().ino();
+            assert!(
+                synced.contains(&ino),
+                "segment {id} was written in the batch and is not synced"
+            );
+        }
+        // Nothing written since: nothing to sync.
+        assert!(s.take_unsynced().unwrap().is_empty());
+    }
+
+    /// The newest messages are restored with every copy still queued, also
+    /// when copies of one message are not next to each other in the log
+    /// (a copy for an online device is written after its write delay) and
+    /// the message is the oldest of those kept.
+    #[test]
+    fn a_restored_message_has_all_its_copies_when_they_are_apart_in_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dev(2, 1), dev(3, 1));
+        {
+            let (mut s, _, _) = Spill::open(dir.path(), HashMap::new(), &HashSet::new(), 2).unwrap();
+            s.append(a, 1, &msg(1, 10)).unwrap();
+            s.append(a, 2, &msg(2, 10)).unwrap();
+            s.append(b, 1, &msg(1, 10)).unwrap();
+        }
+        let (_, _, restored) = Spill::open(dir.path(), HashMap::new(), &HashSet::new(), 2).unwrap();
+        assert_eq!(restored.len(), 2);
+        let first = restored
+            .iter()
+            .find(|r| r.id == msg(1, 10).id)
+            .expect("the older message");
+        assert_eq!(first.copies, vec![(a, 1), (b, 1)]);
     }
 
     #[test]
