@@ -124,13 +124,16 @@ fn varint(mut n: u64) -> u64 {
 }
 
 /// The bytes an entry takes stored, which quotas count: a copy of a
-/// message is a record in the spill log (8-byte header; device and
-/// sequence in 16 fixed bytes, sender, id, addressee, time, body); a
-/// receipt a `q` record (17-byte key) holding itself.
+/// message is charged the record it would be alone in the spill log
+/// (8-byte header; the record's tag; sender, id, addressee, time; one
+/// copy: device and sequence in 16 fixed bytes, body); a receipt a `q`
+/// record (17-byte key) holding itself.
 fn size(e: &Entry) -> u64 {
     match e {
         Entry::Message(m) => {
-            8 + 16
+            8 + 1
+                + 1
+                + 16
                 + varint(m.from_user.into())
                 + varint(m.from_device.into())
                 + 16

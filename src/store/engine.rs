@@ -21,14 +21,16 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::accounts::Accounts;
-use super::api::{Entry, Op, Outcome, QueuedExpired, QueuedGap, QueuedReceipt, Quota, Refused, Swept, Waiter};
+use super::api::{
+    Entry, Op, Outcome, QueuedExpired, QueuedGap, QueuedMessage, QueuedReceipt, Quota, Refused, Swept, Waiter,
+};
 use super::disk::{
     self, FOLD, FOLD_KEY_LEN, FoldKey, LostRecord, MAX_GAP_SENDERS, QUEUE, TOMBSTONE, dev_prefix, fold_key, mark_key,
     parse_dev, parse_tombstone, queue_key, queue_seq, removed_key, tombstone_key,
 };
 use super::flusher::{Epoch, Flusher};
 use super::live::{Live, Removed, Write};
-use super::spill::{self, CopyRecord, Spill};
+use super::spill::{self, Spill};
 use super::{Status, StoreError, Throttle, be_u64, keys};
 use crate::ids::{DeviceKey, UserId};
 use crate::wire::{MAX_RECEIPT_IDS, MsgId};
@@ -279,8 +281,15 @@ impl Engine {
         }
         self.compact(&mut turn)?;
         self.write_marks(now, &mut turn)?;
-        let spilled = lock(&self.spill).count() as u64;
-        self.live.lock().spilled = spilled;
+        let (spilled, adjust) = {
+            let spill = lock(&self.spill);
+            (spill.count() as u64, spill.held() as i64 - spill.charged() as i64)
+        };
+        {
+            let mut live = self.live.lock();
+            live.spilled = spilled;
+            live.spill_adjust = adjust;
+        }
         self.raise_ceiling(&mut turn)?;
         let r = turn.release;
         if turn.dirty || !r.written.is_empty() || !r.answers.is_empty() || r.ceiling.is_some() || !r.segments.is_empty()
@@ -378,15 +387,25 @@ impl Engine {
                 c.0 += n;
                 c.1 += bytes;
             }
-            for w in std::mem::take(&mut self.writes) {
+            // Copies of one message staged together go in one record.
+            let writes = std::mem::take(&mut self.writes);
+            let mut copies: Vec<(DeviceKey, u64, &QueuedMessage)> = Vec::new();
+            for w in &writes {
                 match &w.entry {
                     Entry::Message(m) => {
-                        spill.append(w.device, w.seq, m)?;
+                        if copies.first().is_some_and(|(_, _, f)| {
+                            (f.from_user, f.from_device, f.id) != (m.from_user, m.from_device, m.id)
+                        }) {
+                            spill.append_message(&copies)?;
+                            copies.clear();
+                        }
+                        copies.push((w.device, w.seq, m));
                     }
                     e => batch.insert(&queue_key(w.device, w.seq)[..], disk::encode(&e.to_disk())),
                 }
                 turn.release.written.push((w.device, w.seq));
             }
+            spill.append_message(&copies)?;
             // The copies are synced before sled's next flush.
             for f in spill.take_unsynced()? {
                 self.flusher.sync_first(f);
@@ -586,7 +605,7 @@ impl Engine {
         let quotas = self.live.config.quotas;
         {
             let live = self.live.lock();
-            if (live.disk_bytes + live.unwritten()).saturating_add(len * targets.len() as u64) > quotas.disk_budget {
+            if (live.disk_used() + live.unwritten()).saturating_add(len * targets.len() as u64) > quotas.disk_budget {
                 return Ok(Err(Refused::Quota(Quota::Disk)));
             }
         }
@@ -835,18 +854,35 @@ impl Engine {
             let mut spill = lock(&self.spill);
             for d in spill.devices() {
                 let old = spill.front_while(d, |r| r.time_ms < cutoff_ms)?;
-                let Some(last) = old.last().map(CopyRecord::seq) else {
+                if old.is_empty() {
                     continue;
-                };
+                }
+                // The mark moves past the expired copies, but never past
+                // a copy in memory not written yet (it would be written
+                // below the mark, and lost at the next open): those above
+                // go one by one, with a removal record.
+                let cap = self.live.lock().lowest_unwritten(d).unwrap_or(u64::MAX);
+                let mut last = None;
+                let c = deleted.entry(d).or_default();
                 for r in &old {
                     self.live.lock().remove(d, r.seq());
                     note_lost(&mut gaps, &mut undelivered, d, r.sender(), r.id, r.time_ms);
                     swept.expired += 1;
+                    if r.seq() < cap {
+                        last = Some(r.seq());
+                    } else if let Some(bytes) = spill.remove(d, r.seq()) {
+                        let k = removed_key(d, r.seq());
+                        batch.insert(&k[..], &[][..]);
+                        other += k.len() as i64;
+                        c.0 += 1;
+                        c.1 += bytes;
+                    }
                 }
-                let (n, bytes) = spill.ack(d, last);
-                let c = deleted.entry(d).or_default();
-                c.0 += n;
-                c.1 += bytes;
+                if let Some(last) = last {
+                    let (n, bytes) = spill.ack(d, last);
+                    c.0 += n;
+                    c.1 += bytes;
+                }
                 turn.marks_now = true;
             }
             turn.release.segments.extend(spill.take_freed());

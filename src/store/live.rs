@@ -161,8 +161,11 @@ pub(crate) struct Inner {
     msgs: HashMap<MsgKey, MsgState>,
     settled: VecDeque<MsgKey>,
     tombstones: HashMap<(UserId, MsgId), u64>,
-    /// Unwritten copies by deadline: those due at once (offline devices)
-    /// in front, then those waiting for an ack in the order they came.
+    /// Unwritten copies due at once (for devices offline), in the order
+    /// they came.
+    due_now: VecDeque<(DeviceKey, u64)>,
+    /// Unwritten copies waiting for an ack, by deadline (the order they
+    /// came).
     staged: VecDeque<(Instant, DeviceKey, u64)>,
     unwritten: u64,
     cached: u64,
@@ -175,6 +178,11 @@ pub(crate) struct Inner {
     pub disk_bytes: u64,
     /// Copies in the spill log (set by the store thread each turn).
     pub spilled: u64,
+    /// The spill log's records less its copies' charges (copies written
+    /// together share a record; a record stays whole while any of its
+    /// copies waits): `disk_bytes` counts charges, the disk budget records.
+    /// Set by the store thread each turn.
+    pub spill_adjust: i64,
     /// Sequences below this may be handed out.
     pub ceiling: u64,
     /// The first sequence of a queue seen for the first time.
@@ -241,6 +249,7 @@ impl Live {
                 msgs,
                 settled,
                 tombstones,
+                due_now: VecDeque::new(),
                 staged: VecDeque::new(),
                 unwritten: 0,
                 cached: 0,
@@ -249,6 +258,7 @@ impl Live {
                 removes: Vec::new(),
                 disk_bytes,
                 spilled: 0,
+                spill_adjust: 0,
                 ceiling,
                 base,
                 max_next,
@@ -286,6 +296,13 @@ impl Drop for Guard<'_> {
         for (w, time_ms) in out {
             w.complete(Outcome::Settled { time_ms });
         }
+    }
+}
+
+impl Inner {
+    /// Bytes of every record on disk, exactly: what the disk budget counts.
+    pub fn disk_used(&self) -> u64 {
+        self.disk_bytes.saturating_add_signed(self.spill_adjust)
     }
 }
 
@@ -409,7 +426,7 @@ impl Guard<'_> {
         }
         // Quotas refuse rather than drop (spec §10, *Quotas*).
         let total: u64 = entries.iter().map(|(_, _, s, _)| s).sum::<u64>();
-        let held = self.inner.disk_bytes + self.inner.unwritten;
+        let held = self.inner.disk_used() + self.inner.unwritten;
         if held.saturating_add(total) > quotas.disk_budget
             || self.inner.spilled + entries.len() as u64 > quotas.total_messages
         {
@@ -441,12 +458,14 @@ impl Guard<'_> {
             self.inner.max_next = self.inner.max_next.max(next);
             self.inner.unwritten += size;
             // `staged` is in deadline order, which the store thread relies
-            // on (it stops at the first copy not yet due): a copy due now
-            // goes in front of those waiting for an ack.
+            // on (it stops at the first copy not yet due); copies due now
+            // are written first, in the order they came (so that a torn
+            // tail loses the newest, and a device's copies are appended in
+            // sequence order).
             if online {
                 self.inner.staged.push_back((deadline, d, seq));
             } else {
-                self.inner.staged.push_front((deadline, d, seq));
+                self.inner.due_now.push_back((d, seq));
                 self.inner.urgent = true;
             }
             copies.push((d, seq));
@@ -563,12 +582,18 @@ impl Guard<'_> {
     pub fn due(&self, now: Instant) -> (bool, Option<Instant>) {
         let i = &self.inner;
         let ready = i.urgent
+            || !i.due_now.is_empty()
             || (i.write_all && !i.staged.is_empty())
             || !i.deletes.is_empty()
             || !i.removes.is_empty()
             || i.unwritten > self.config.write_memory
             || i.staged.front().is_some_and(|(t, _, _)| *t <= now);
-        (ready, i.staged.front().map(|(t, _, _)| *t))
+        let next = if i.due_now.is_empty() {
+            i.staged.front().map(|(t, _, _)| *t)
+        } else {
+            Some(now)
+        };
+        (ready, next)
     }
 
     /// Takes what is due: copies to write (their state becomes writing),
@@ -584,29 +609,38 @@ impl Guard<'_> {
         deletes.extend(self.inner.deletes.drain());
         removes.append(&mut self.inner.removes);
         let limit = self.config.write_memory;
+        let due_now = std::mem::take(&mut self.inner.due_now);
+        for (d, seq) in due_now {
+            Self::stage_write(&mut self.inner, d, seq, writes);
+        }
         while let Some(&(deadline, d, seq)) = self.inner.staged.front() {
             if deadline > now && self.inner.unwritten <= limit && !self.inner.write_all {
                 break;
             }
             self.inner.staged.pop_front();
-            let inner = &mut *self.inner;
-            let Some(q) = inner.queues.get_mut(&d) else { continue };
-            let Some(i) = q.find(seq) else { continue };
-            let slot = &mut q.mem[i];
-            if slot.state != State::Unwritten {
-                continue;
-            }
-            slot.state = State::Writing;
-            q.on_disk += 1;
-            inner.unwritten -= slot.size;
-            // Counted as on disk from now: the batch is being written.
-            inner.disk_bytes += slot.size;
-            writes.push(Write {
-                device: d,
-                seq,
-                entry: slot.entry.clone(),
-            });
+            Self::stage_write(&mut self.inner, d, seq, writes);
         }
+    }
+
+    /// Copy `seq` of `d` goes in this batch, if it still waits to be
+    /// written.
+    fn stage_write(inner: &mut Inner, d: DeviceKey, seq: u64, writes: &mut Vec<Write>) {
+        let Some(q) = inner.queues.get_mut(&d) else { return };
+        let Some(i) = q.find(seq) else { return };
+        let slot = &mut q.mem[i];
+        if slot.state != State::Unwritten {
+            return;
+        }
+        slot.state = State::Writing;
+        q.on_disk += 1;
+        inner.unwritten -= slot.size;
+        // Counted as on disk from now: the batch is being written.
+        inner.disk_bytes += slot.size;
+        writes.push(Write {
+            device: d,
+            seq,
+            entry: slot.entry.clone(),
+        });
     }
 
     /// Copies written in a batch that is now durable.
@@ -753,6 +787,13 @@ impl Guard<'_> {
     }
 
     /// No entry of `d`'s queue at or below this is in memory.
+    /// The lowest sequence of `d`'s queue not yet handed to the store
+    /// thread for writing: a mark must stay below it.
+    pub fn lowest_unwritten(&self, d: DeviceKey) -> Option<u64> {
+        let q = self.inner.queues.get(&d)?;
+        q.mem.iter().find(|s| s.state == State::Unwritten).map(|s| s.seq)
+    }
+
     pub fn disk_hi(&self, d: DeviceKey) -> u64 {
         self.inner.queues.get(&d).map_or(0, |q| q.disk_hi)
     }

@@ -476,6 +476,11 @@ impl Store {
             ceiling,
             restored,
         ));
+        {
+            let mut l = live.lock();
+            l.spilled = spill.count() as u64;
+            l.spill_adjust = spill.held() as i64 - spill.charged() as i64;
+        }
         let inbox = Arc::new(Inbox::default());
         let status = Arc::new(Status {
             full: AtomicBool::new(false),
@@ -684,7 +689,7 @@ impl Store {
     /// Bytes of every queue record kept: what the disk budget counts
     /// (exact; sled's files take more).
     pub fn queued_bytes(&self) -> u64 {
-        self.live.lock().disk_bytes
+        self.live.lock().disk_used()
     }
 
     /// Entries and bytes one queue holds.

@@ -10,19 +10,24 @@
 //! else: the segment file is deleted.
 //!
 //! A segment is `spill/SEGMENT.log` (SEGMENT a zero-padded decimal
-//! number, increasing). A copy is appended as a record: its length (4
-//! bytes, big-endian), its CRC-32 (IEEE, 4 bytes, big-endian), then a
-//! [`CopyRecord`] (postcard). A segment is written by the store thread
-//! only, up to [`SEGMENT_MAX`] bytes, then the next one starts; after a
-//! restart a new segment starts.
+//! number, increasing). A record is its length (4 bytes, big-endian), its
+//! CRC-32 (IEEE, 4 bytes, big-endian), then a [`Record`] (postcard): the
+//! copies of one message written in one batch, with what they share (the
+//! sender, the id, the addressee, the time) once and each device's
+//! ciphertext. A segment is written by the store thread only, up to
+//! [`SEGMENT_MAX`] bytes, then the next one starts; after a restart a new
+//! segment starts.
 //!
 //! The index: for each device, its copies still queued, in sequence order,
-//! as (sequence, where, a 32-bit tag of sender and message id): 24 bytes a
-//! copy. What removes a copy is recorded in `sled`, not here: a device's
-//! **mark** (`w` ‖ device → every copy of it up to this sequence is gone:
-//! acknowledged or expired) and single **removals** (`x` ‖ device ‖ seq:
-//! retracted). At open, the segments are read in order and every copy
-//! that no mark or removal covers is indexed again.
+//! as (sequence, the record's place, the copy's charge, a 32-bit tag of
+//! sender and message id): 24 bytes a copy. A record stays while any of
+//! its copies is indexed; a record of several copies is counted once
+//! ([`Spill::held`]: what the disk budget counts). What removes a copy is
+//! recorded in `sled`, not here: a device's **mark** (`w` ‖ device →
+//! every copy of it up to this sequence is gone: acknowledged or expired)
+//! and single **removals** (`x` ‖ device ‖ seq: retracted). At open, the
+//! segments are read in order and every copy that no mark or removal
+//! covers is indexed again.
 //!
 //! Durability: the flusher syncs every segment written since its last
 //! flush before it flushes `sled`, so that a mark never covers a copy
@@ -52,8 +57,11 @@ use crate::wire::MsgId;
 pub(crate) const SEGMENT_MAX: u64 = 4 << 20;
 /// Bytes of a record's header: length and CRC.
 pub(crate) const HEADER: u64 = 8;
-/// Largest record read back (a copy's body is at most 4 KiB).
+/// Largest record read back.
 const MAX_RECORD: u32 = 1 << 20;
+/// A batch's copies of one message go in records of at most this many
+/// bytes of ciphertext (a copy's body is at most 4 KiB).
+const RECORD_BODIES: usize = 64 << 10;
 /// How often a device's mark is written while its acks keep coming (a
 /// crash loses at most this much of them: those copies are delivered
 /// again, and clients drop duplicates).
@@ -64,16 +72,65 @@ const MARK_EVERY: Duration = Duration::from_secs(1);
 pub(crate) struct Loc {
     pub segment: u32,
     pub offset: u32,
-    /// Bytes of the record's payload.
-    pub len: u32,
 }
 
-/// One copy of a message, as spilled.
+/// A record of the log. Append-only like the wire's enums: the variant's
+/// tag is stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct CopyRecord {
+pub(crate) enum Record {
+    /// Copies of one message, each with its own ciphertext.
+    Message(MessageRecord),
+}
+
+/// What the copies of one message share, once, and the copies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct MessageRecord {
+    /// Sending user.
+    pub from_user: u32,
+    /// Sending device.
+    pub from_device: u32,
+    /// Message id.
+    pub id: MsgId,
+    /// The user it was addressed to.
+    pub to_user: u32,
+    /// When it was accepted.
+    pub time_ms: u64,
+    /// The copies.
+    pub copies: Vec<Part>,
+}
+
+/// One copy in a [`MessageRecord`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Part {
     /// The device's user, the device, the sequence: big-endian, so that a
     /// record's size does not depend on them.
     pub at: [u8; 16],
+    /// The ciphertext for this device.
+    pub body: Bytes,
+}
+
+fn at(d: DeviceKey, seq: u64) -> [u8; 16] {
+    let mut at = [0u8; 16];
+    at[..4].copy_from_slice(&d.user.0.to_be_bytes());
+    at[4..8].copy_from_slice(&d.device.0.to_be_bytes());
+    at[8..].copy_from_slice(&seq.to_be_bytes());
+    at
+}
+
+fn parse_at(at: &[u8; 16]) -> (DeviceKey, u64) {
+    let u = |i: usize| u32::from_be_bytes([at[i], at[i + 1], at[i + 2], at[i + 3]]);
+    let mut s = [0u8; 8];
+    s.copy_from_slice(&at[8..]);
+    (dev(u(0), u(4)), u64::from_be_bytes(s))
+}
+
+/// One spilled copy, as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CopyRecord {
+    /// The device it is queued for.
+    pub device: DeviceKey,
+    /// Its place in that device's queue.
+    pub seq: u64,
     /// Sending user.
     pub from_user: u32,
     /// Sending device.
@@ -89,31 +146,26 @@ pub(crate) struct CopyRecord {
 }
 
 impl CopyRecord {
-    pub fn new(d: DeviceKey, seq: u64, m: &QueuedMessage) -> CopyRecord {
-        let mut at = [0u8; 16];
-        at[..4].copy_from_slice(&d.user.0.to_be_bytes());
-        at[4..8].copy_from_slice(&d.device.0.to_be_bytes());
-        at[8..].copy_from_slice(&seq.to_be_bytes());
+    fn of(r: &MessageRecord, part: &Part) -> CopyRecord {
+        let (device, seq) = parse_at(&part.at);
         CopyRecord {
-            at,
-            from_user: m.from_user,
-            from_device: m.from_device,
-            id: m.id,
-            to_user: m.to_user,
-            time_ms: m.time_ms,
-            body: m.body.clone(),
+            device,
+            seq,
+            from_user: r.from_user,
+            from_device: r.from_device,
+            id: r.id,
+            to_user: r.to_user,
+            time_ms: r.time_ms,
+            body: part.body.clone(),
         }
     }
 
     pub fn device(&self) -> DeviceKey {
-        let u = |i: usize| u32::from_be_bytes([self.at[i], self.at[i + 1], self.at[i + 2], self.at[i + 3]]);
-        dev(u(0), u(4))
+        self.device
     }
 
     pub fn seq(&self) -> u64 {
-        let mut s = [0u8; 8];
-        s.copy_from_slice(&self.at[8..]);
-        u64::from_be_bytes(s)
+        self.seq
     }
 
     pub fn sender(&self) -> DeviceKey {
@@ -132,17 +184,29 @@ impl CopyRecord {
     }
 }
 
-/// Bytes a copy of `m` takes in the spill log, header included: what
-/// quotas and the disk budget count for it.
+/// The charge of a copy: the bytes of a record holding it alone, header
+/// included. Quotas count a copy by it (so that a device's share does not
+/// depend on who else a message went to); the disk budget counts records
+/// ([`Spill::held`]), where copies written together share a record.
 pub(crate) fn copy_len(m: &QueuedMessage) -> u64 {
-    (16 + varint_len(u64::from(m.from_user))
-        + varint_len(u64::from(m.from_device))
+    charge(m.from_user, m.from_device, m.to_user, m.time_ms, m.body.len())
+}
+
+fn charge(from_user: u32, from_device: u32, to_user: u32, time_ms: u64, body: usize) -> u64 {
+    (1 + varint_len(u64::from(from_user))
+        + varint_len(u64::from(from_device))
         + 16
-        + varint_len(u64::from(m.to_user))
-        + varint_len(m.time_ms)
-        + varint_len(m.body.len() as u64)
-        + m.body.len()) as u64
+        + varint_len(u64::from(to_user))
+        + varint_len(time_ms)
+        + 1
+        + 16
+        + varint_len(body as u64)
+        + body) as u64
         + HEADER
+}
+
+fn part_charge(r: &MessageRecord, part: &Part) -> u64 {
+    charge(r.from_user, r.from_device, r.to_user, r.time_ms, part.body.len())
 }
 
 /// The tag of a message in the index: a hash of its sending user and id,
@@ -161,7 +225,17 @@ pub(crate) fn tag(user: UserId, id: MsgId) -> u32 {
 struct Indexed {
     seq: u64,
     loc: Loc,
+    /// Its charge ([`copy_len`]).
+    charge: u32,
     tag: u32,
+}
+
+/// A record that is not one copy alone (several copies, or copies of it
+/// gone): how many of its copies are indexed, and its bytes.
+#[derive(Debug, Clone, Copy)]
+struct Shared {
+    left: u32,
+    bytes: u32,
 }
 
 /// A device's mark: everything up to `acked` is gone; `persisted` is what
@@ -188,6 +262,7 @@ struct Current {
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Found {
     pub count: u64,
+    /// The copies' charges.
     pub bytes: u64,
     pub max_seq: u64,
 }
@@ -207,9 +282,9 @@ pub(crate) struct Spill {
     dir: PathBuf,
     current: Option<Current>,
     next_id: u32,
-    /// Segment → indexed copies in it.
+    /// Segment → records with an indexed copy in it.
     live: HashMap<u32, u64>,
-    /// Segment → bytes of its indexed copies' records.
+    /// Segment → bytes of those records.
     live_bytes: HashMap<u32, u64>,
     /// Segment → bytes of its file.
     sizes: BTreeMap<u32, u64>,
@@ -222,8 +297,14 @@ pub(crate) struct Spill {
     /// synced with the current one.
     unsynced: Vec<File>,
     queues: HashMap<DeviceKey, VecDeque<Indexed>>,
+    /// Records that are not one copy alone.
+    shared: HashMap<Loc, Shared>,
     /// Copies indexed, in all queues.
     total: usize,
+    /// Their charges.
+    charged: u64,
+    /// Bytes of the records with an indexed copy, headers included.
+    held: u64,
     marks: HashMap<DeviceKey, Mark>,
 }
 
@@ -259,13 +340,21 @@ pub(crate) fn crc32(bytes: &[u8]) -> u32 {
     !c
 }
 
-fn decode(payload: &[u8]) -> Result<CopyRecord, StoreError> {
-    postcard::from_bytes(payload).map_err(|_| StoreError::Corrupt("spill/record"))
+fn decode(payload: &[u8]) -> Result<MessageRecord, StoreError> {
+    match postcard::from_bytes(payload) {
+        Ok(Record::Message(r)) => Ok(r),
+        Err(_) => Err(StoreError::Corrupt("spill/record")),
+    }
+}
+
+fn encode(r: MessageRecord) -> Result<Vec<u8>, StoreError> {
+    postcard::to_stdvec(&Record::Message(r)).map_err(|_| StoreError::Corrupt("spill/encode"))
 }
 
 /// Reads every record of a segment file in order, until its end or the
-/// first record that does not check.
-fn scan(path: &Path, mut each: impl FnMut(Loc, CopyRecord)) -> Result<u64, StoreError> {
+/// first record that does not check: `each` gets its place, its bytes
+/// (header included) and the record.
+fn scan(path: &Path, mut each: impl FnMut(Loc, u64, MessageRecord)) -> Result<u64, StoreError> {
     let data = fs::read(path).map_err(io_err(path))?;
     let segment = segment_id(path).ok_or(StoreError::Corrupt("spill/name"))?;
     let mut at = 0usize;
@@ -284,8 +373,8 @@ fn scan(path: &Path, mut each: impl FnMut(Loc, CopyRecord)) -> Result<u64, Store
             Loc {
                 segment,
                 offset: at as u32,
-                len,
             },
+            u64::from(len) + HEADER,
             record,
         );
         at = start + len as usize;
@@ -349,7 +438,10 @@ impl Spill {
             freed: Vec::new(),
             unsynced: Vec::new(),
             queues: HashMap::new(),
+            shared: HashMap::new(),
             total: 0,
+            charged: 0,
+            held: 0,
             marks: marks
                 .into_iter()
                 .map(|(d, w)| {
@@ -364,45 +456,78 @@ impl Spill {
                 })
                 .collect(),
         };
+        // A device with a removal has a mark to move past it some day (the
+        // removal goes with it).
+        for (d, _) in removed {
+            s.marks.entry(*d).or_insert(Mark {
+                acked: 0,
+                persisted: 0,
+                written_at: None,
+            });
+        }
         let mut found: HashMap<DeviceKey, Found> = HashMap::new();
         // The newest messages: (time, sender, id) → copies.
         let mut newest: BTreeMap<(u64, DeviceKey, MsgId), Vec<(DeviceKey, u64)>> = BTreeMap::new();
         for id in ids {
             let path = segment_path(dir, id);
             let mut here = 0;
-            let size = scan(&path, |loc, r| {
-                let (d, seq) = (r.device(), r.seq());
-                let mark = s.marks.get(&d).map_or(0, |m| m.acked);
-                if seq <= mark || removed.contains(&(d, seq)) {
-                    return;
-                }
-                // A record written twice (a migration rerun) is one copy.
-                if !insert_sorted(
-                    s.queues.entry(d).or_default(),
-                    Indexed {
-                        seq,
-                        loc,
-                        tag: tag(UserId(r.from_user), r.id),
-                    },
-                ) {
-                    return;
-                }
-                s.total += 1;
-                here += 1;
-                *s.live_bytes.entry(id).or_insert(0) += u64::from(loc.len) + HEADER;
-                let f = found.entry(d).or_default();
-                f.count += 1;
-                f.bytes += u64::from(loc.len) + HEADER;
-                f.max_seq = f.max_seq.max(seq);
-                let key = (r.time_ms, r.sender(), r.id);
-                // Another copy of a message kept so far joins it, also when
-                // that message is the oldest kept.
-                if newest.contains_key(&key) || newest.len() < recent || newest.keys().next().is_some_and(|k| *k < key)
-                {
-                    newest.entry(key).or_default().push((d, seq));
-                    if newest.len() > recent {
-                        newest.pop_first();
+            let size = scan(&path, |loc, bytes, r| {
+                let mut left = 0u32;
+                let mut alone = 0;
+                for part in &r.copies {
+                    let (d, seq) = parse_at(&part.at);
+                    let mark = s.marks.get(&d).map_or(0, |m| m.acked);
+                    if seq <= mark || removed.contains(&(d, seq)) {
+                        continue;
                     }
+                    let c = part_charge(&r, part);
+                    // A record written twice (a migration rerun) is one copy.
+                    if !insert_sorted(
+                        s.queues.entry(d).or_default(),
+                        Indexed {
+                            seq,
+                            loc,
+                            charge: c as u32,
+                            tag: tag(UserId(r.from_user), r.id),
+                        },
+                    ) {
+                        continue;
+                    }
+                    left += 1;
+                    alone = c;
+                    s.total += 1;
+                    s.charged += c;
+                    let f = found.entry(d).or_default();
+                    f.count += 1;
+                    f.bytes += c;
+                    f.max_seq = f.max_seq.max(seq);
+                    let key = (r.time_ms, dev(r.from_user, r.from_device), r.id);
+                    // Another copy of a message kept so far joins it, also
+                    // when that message is the oldest kept.
+                    if newest.contains_key(&key)
+                        || newest.len() < recent
+                        || newest.keys().next().is_some_and(|k| *k < key)
+                    {
+                        newest.entry(key).or_default().push((d, seq));
+                        if newest.len() > recent {
+                            newest.pop_first();
+                        }
+                    }
+                }
+                if left == 0 {
+                    return;
+                }
+                here += 1;
+                *s.live_bytes.entry(id).or_insert(0) += bytes;
+                s.held += bytes;
+                if left > 1 || alone != bytes {
+                    s.shared.insert(
+                        loc,
+                        Shared {
+                            left,
+                            bytes: bytes as u32,
+                        },
+                    );
                 }
             })?;
             if here == 0 {
@@ -424,32 +549,106 @@ impl Spill {
         Ok((s, found, restored))
     }
 
-    /// Appends copy `seq` of `d`'s queue and indexes it. Returns its
-    /// bytes. Not durable until the flusher syncs the segment
-    /// ([`Spill::take_unsynced`]).
+    /// Appends copy `seq` of `d`'s queue and indexes it. Not durable until
+    /// the flusher syncs the segment ([`Spill::take_unsynced`]).
     ///
     /// # Errors
     /// On a filesystem failure.
-    pub fn append(&mut self, d: DeviceKey, seq: u64, m: &QueuedMessage) -> Result<u64, StoreError> {
-        let record = CopyRecord::new(d, seq, m);
-        let payload = postcard::to_stdvec(&record).map_err(|_| StoreError::Corrupt("spill/encode"))?;
-        let loc = self.append_payload(&payload)?;
-        if insert_sorted(
-            self.queues.entry(d).or_default(),
-            Indexed {
-                seq,
-                loc,
-                tag: tag(UserId(m.from_user), m.id),
-            },
-        ) {
-            self.total += 1;
+    pub fn append(&mut self, d: DeviceKey, seq: u64, m: &QueuedMessage) -> Result<(), StoreError> {
+        self.append_message(&[(d, seq, m)])
+    }
+
+    /// Appends copies of one message (the same sender and id: the first
+    /// copy's header counts for all) in as few records as fit, and indexes
+    /// them. A copy whose sequence is indexed already is left out.
+    ///
+    /// # Errors
+    /// On a filesystem failure.
+    pub fn append_message(&mut self, copies: &[(DeviceKey, u64, &QueuedMessage)]) -> Result<(), StoreError> {
+        let Some(&(_, _, first)) = copies.first() else {
+            return Ok(());
+        };
+        let mut parts: Vec<Part> = Vec::new();
+        let mut size = 0;
+        for (i, &(d, seq, m)) in copies.iter().enumerate() {
+            let indexed = self
+                .queues
+                .get(&d)
+                .is_some_and(|q| q.binary_search_by_key(&seq, |x| x.seq).is_ok());
+            if !indexed {
+                size += m.body.len();
+                parts.push(Part {
+                    at: at(d, seq),
+                    body: m.body.clone(),
+                });
+            }
+            let last = i + 1 == copies.len();
+            if !parts.is_empty() && (last || size >= RECORD_BODIES) {
+                let record = MessageRecord {
+                    from_user: first.from_user,
+                    from_device: first.from_device,
+                    id: first.id,
+                    to_user: first.to_user,
+                    time_ms: first.time_ms,
+                    copies: std::mem::take(&mut parts),
+                };
+                self.append_record(record)?;
+                size = 0;
+            }
         }
-        Ok(u64::from(loc.len) + HEADER)
+        Ok(())
+    }
+
+    /// Writes `r` and indexes its copies (none of them indexed yet).
+    fn append_record(&mut self, r: MessageRecord) -> Result<Loc, StoreError> {
+        let charges: Vec<(DeviceKey, u64, u64)> = r
+            .copies
+            .iter()
+            .map(|p| {
+                let (d, seq) = parse_at(&p.at);
+                (d, seq, part_charge(&r, p))
+            })
+            .collect();
+        let t = tag(UserId(r.from_user), r.id);
+        let payload = encode(r)?;
+        let (loc, bytes) = self.append_payload(&payload)?;
+        let mut left = 0u32;
+        for &(d, seq, c) in &charges {
+            if insert_sorted(
+                self.queues.entry(d).or_default(),
+                Indexed {
+                    seq,
+                    loc,
+                    charge: c as u32,
+                    tag: t,
+                },
+            ) {
+                left += 1;
+                self.total += 1;
+                self.charged += c;
+            }
+        }
+        if left > 1 || charges.first().is_none_or(|&(_, _, c)| c != bytes) {
+            self.shared.insert(
+                loc,
+                Shared {
+                    left,
+                    bytes: bytes as u32,
+                },
+            );
+        }
+        if left == 0 {
+            self.release_record(loc, bytes);
+        }
+        Ok(loc)
     }
 
     /// Appends one record to the current segment (starting a new one when
-    /// it is full); counts it as indexed there.
-    fn append_payload(&mut self, payload: &[u8]) -> Result<Loc, StoreError> {
+    /// it is full); counts it as held there. Returns where, and its bytes.
+    fn append_payload(&mut self, payload: &[u8]) -> Result<(Loc, u64), StoreError> {
+        if payload.len() > MAX_RECORD as usize {
+            return Err(StoreError::Corrupt("spill/record too large"));
+        }
         if self
             .current
             .as_ref()
@@ -469,24 +668,28 @@ impl Spill {
         c.file.write_all(&bytes).map_err(io_err(&segment_path(&dir, c.id)))?;
         c.len += bytes.len() as u64;
         c.dirty = true;
-        *self.sizes.entry(c.id).or_insert(0) += bytes.len() as u64;
+        let n = bytes.len() as u64;
+        *self.sizes.entry(c.id).or_insert(0) += n;
         *self.live.entry(c.id).or_insert(0) += 1;
-        *self.live_bytes.entry(c.id).or_insert(0) += bytes.len() as u64;
-        Ok(Loc {
-            segment: c.id,
-            offset: offset as u32,
-            len: payload.len() as u32,
-        })
+        *self.live_bytes.entry(c.id).or_insert(0) += n;
+        self.held += n;
+        Ok((
+            Loc {
+                segment: c.id,
+                offset: offset as u32,
+            },
+            n,
+        ))
     }
 
     /// Moves the copies still indexed in the emptiest closed segment whose
-    /// indexed bytes are under a quarter of its size to the current
-    /// segment, so that a few copies that wait long (a device away for
-    /// weeks) do not keep whole segments of delivered ones on disk. Moves
-    /// at most `budget` bytes a call; returns whether it moved anything.
-    /// The old segment goes free once nothing is in it (and is deleted
-    /// after the moved copies are durable: they are synced with the next
-    /// flush, as every append is).
+    /// held bytes are under a quarter of its size to the current segment
+    /// (each record rewritten with its indexed copies only), so that a few
+    /// copies that wait long (a device away for weeks) do not keep whole
+    /// segments of delivered ones on disk. Moves at most `budget` bytes a
+    /// call; returns whether it moved anything. The old segment goes free
+    /// once nothing is in it (and is deleted after the moved copies are
+    /// durable: they are synced with the next flush, as every append is).
     ///
     /// # Errors
     /// On a filesystem failure.
@@ -505,28 +708,54 @@ impl Spill {
         else {
             return Ok(false);
         };
-        let mut moving: Vec<(DeviceKey, u64, Loc)> = Vec::new();
-        let mut bytes = 0;
+        // Its records, in order, with their indexed copies.
+        let mut records: BTreeMap<u32, HashSet<(DeviceKey, u64)>> = BTreeMap::new();
         for (d, q) in &self.queues {
             for i in q.iter().filter(|i| i.loc.segment == victim) {
-                if bytes >= budget {
-                    break;
-                }
-                bytes += u64::from(i.loc.len) + HEADER;
-                moving.push((*d, i.seq, i.loc));
+                records.entry(i.loc.offset).or_default().insert((*d, i.seq));
             }
         }
-        for (d, seq, loc) in moving {
-            let payload = self.read_payload(loc)?;
-            let new = self.append_payload(&payload)?;
-            if let Some(q) = self.queues.get_mut(&d)
-                && let Ok(i) = q.binary_search_by_key(&seq, |x| x.seq)
-            {
-                q[i].loc = new;
+        let mut moved = 0;
+        for (offset, keep) in records {
+            if moved >= budget {
+                break;
             }
-            self.release(loc);
+            let old = Loc {
+                segment: victim,
+                offset,
+            };
+            let (bytes, mut r) = self.read_record(old)?;
+            r.copies.retain(|p| keep.contains(&parse_at(&p.at)));
+            // Unindex them from the old record, then append anew.
+            for p in &r.copies {
+                let (d, seq) = parse_at(&p.at);
+                self.unindex(d, seq);
+            }
+            self.forget_record(old, bytes);
+            self.append_record(r)?;
+            moved += bytes;
         }
         Ok(true)
+    }
+
+    /// Takes copy `seq` of `d` out of the index without releasing its
+    /// record (the caller does).
+    fn unindex(&mut self, d: DeviceKey, seq: u64) -> Option<Indexed> {
+        let q = self.queues.get_mut(&d)?;
+        let i = q.binary_search_by_key(&seq, |x| x.seq).ok()?;
+        let gone = q.remove(i)?;
+        if q.is_empty() {
+            self.queues.remove(&d);
+        }
+        self.total -= 1;
+        self.charged -= u64::from(gone.charge);
+        Some(gone)
+    }
+
+    /// A record no copy is indexed in any more, whatever its count said.
+    fn forget_record(&mut self, loc: Loc, bytes: u64) {
+        self.shared.remove(&loc);
+        self.release_record(loc, bytes);
     }
 
     fn rotate(&mut self) -> Result<(), StoreError> {
@@ -584,10 +813,26 @@ impl Spill {
         Ok(out)
     }
 
-    /// One indexed copy is gone: its segment may be free.
-    fn release(&mut self, loc: Loc) {
+    /// One indexed copy (unindexed already) is gone: its record goes with
+    /// its last copy, and its segment may be free.
+    fn release(&mut self, i: Indexed) {
+        match self.shared.get_mut(&i.loc) {
+            Some(s) => {
+                s.left = s.left.saturating_sub(1);
+                if s.left == 0 {
+                    let bytes = u64::from(s.bytes);
+                    self.shared.remove(&i.loc);
+                    self.release_record(i.loc, bytes);
+                }
+            }
+            None => self.release_record(i.loc, u64::from(i.charge)),
+        }
+    }
+
+    fn release_record(&mut self, loc: Loc, bytes: u64) {
+        self.held = self.held.saturating_sub(bytes);
         if let Some(b) = self.live_bytes.get_mut(&loc.segment) {
-            *b = b.saturating_sub(u64::from(loc.len) + HEADER);
+            *b = b.saturating_sub(bytes);
         }
         let n = self.live.entry(loc.segment).or_insert(1);
         *n = n.saturating_sub(1);
@@ -599,7 +844,8 @@ impl Spill {
     }
 
     /// Every copy of `d` up to `up_to` is gone (acknowledged, expired):
-    /// its mark moves. Returns how many copies and bytes went.
+    /// its mark moves (a device never spilled to has none). Returns how
+    /// many copies went and their charges.
     pub fn ack(&mut self, d: DeviceKey, up_to: u64) -> (u64, u64) {
         let mut gone = Vec::new();
         if let Some(q) = self.queues.get_mut(&d) {
@@ -610,39 +856,47 @@ impl Spill {
                 self.queues.remove(&d);
             }
         }
+        if gone.is_empty() && !self.marks.contains_key(&d) {
+            return (0, 0);
+        }
+        self.move_mark(d, up_to);
+        let bytes: u64 = gone.iter().map(|i| u64::from(i.charge)).sum();
+        let n = gone.len() as u64;
+        self.total -= gone.len();
+        self.charged -= bytes;
+        for i in gone {
+            self.release(i);
+        }
+        (n, bytes)
+    }
+
+    fn move_mark(&mut self, d: DeviceKey, up_to: u64) {
         let mark = self.marks.entry(d).or_insert(Mark {
             acked: 0,
             persisted: 0,
             written_at: None,
         });
         mark.acked = mark.acked.max(up_to);
-        let bytes = gone.iter().map(|i| u64::from(i.loc.len) + HEADER).sum();
-        let n = gone.len() as u64;
-        self.total -= gone.len();
-        for i in gone {
-            self.release(i.loc);
-        }
-        (n, bytes)
     }
 
-    /// Removes one copy (retracted). Returns its bytes if it was indexed;
+    /// Removes one copy (retracted). Returns its charge if it was indexed;
     /// the caller records the removal.
     pub fn remove(&mut self, d: DeviceKey, seq: u64) -> Option<u64> {
-        let q = self.queues.get_mut(&d)?;
-        let i = q.binary_search_by_key(&seq, |i| i.seq).ok()?;
-        let gone = q.remove(i)?;
-        if q.is_empty() {
-            self.queues.remove(&d);
-        }
-        self.total -= 1;
-        self.release(gone.loc);
-        Some(u64::from(gone.loc.len) + HEADER)
+        let gone = self.unindex(d, seq)?;
+        // The mark must pass the removal some day, for it to go.
+        self.marks.entry(d).or_insert(Mark {
+            acked: 0,
+            persisted: 0,
+            written_at: None,
+        });
+        self.release(gone);
+        Some(u64::from(gone.charge))
     }
 
     /// Forgets a device's whole queue (revoked): its mark moves past all of
     /// it, and at least to `given` (the last sequence the queue gave out,
-    /// so that it covers every removal too). Returns how many copies and
-    /// bytes went.
+    /// so that it covers every removal too). Returns how many copies went
+    /// and their charges.
     pub fn clear(&mut self, d: DeviceKey, given: u64) -> (u64, u64) {
         let last = self.queues.get(&d).and_then(|q| q.back()).map_or(0, |i| i.seq);
         self.ack(d, last.max(given))
@@ -691,29 +945,39 @@ impl Spill {
         }
     }
 
-    fn read_at(&mut self, loc: Loc) -> Result<CopyRecord, StoreError> {
-        decode(&self.read_payload(loc)?)
-    }
-
-    fn read_payload(&mut self, loc: Loc) -> Result<Vec<u8>, StoreError> {
-        if loc.len > MAX_RECORD {
-            return Err(StoreError::Corrupt("spill/record"));
-        }
+    /// The record at `loc`, and its bytes (header included).
+    fn read_record(&mut self, loc: Loc) -> Result<(u64, MessageRecord), StoreError> {
         let path = segment_path(&self.dir, loc.segment);
         let file = match self.readers.entry(loc.segment) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => e.insert(File::open(&path).map_err(io_err(&path))?),
         };
-        let mut buf = vec![0u8; HEADER as usize + loc.len as usize];
-        file.read_exact_at(&mut buf, u64::from(loc.offset))
+        let mut header = [0u8; HEADER as usize];
+        file.read_exact_at(&mut header, u64::from(loc.offset))
             .map_err(io_err(&path))?;
-        let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
-        let crc = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
-        let payload = &buf[HEADER as usize..];
-        if len != loc.len || crc32(payload) != crc {
+        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+        let crc = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+        if len > MAX_RECORD {
             return Err(StoreError::Corrupt("spill/record"));
         }
-        Ok(payload.to_vec())
+        let mut payload = vec![0u8; len as usize];
+        file.read_exact_at(&mut payload, u64::from(loc.offset) + HEADER)
+            .map_err(io_err(&path))?;
+        if crc32(&payload) != crc {
+            return Err(StoreError::Corrupt("spill/record"));
+        }
+        Ok((u64::from(len) + HEADER, decode(&payload)?))
+    }
+
+    /// Copy `seq` of `d` from the record at `loc`.
+    fn read_copy(&mut self, d: DeviceKey, seq: u64, loc: Loc) -> Result<CopyRecord, StoreError> {
+        let (_, r) = self.read_record(loc)?;
+        let want = at(d, seq);
+        r.copies
+            .iter()
+            .find(|p| p.at == want)
+            .map(|p| CopyRecord::of(&r, p))
+            .ok_or(StoreError::Corrupt("spill/copy missing from its record"))
     }
 
     /// Reads up to `max` of `d`'s copies with sequence in `from..=hi`, in
@@ -741,7 +1005,7 @@ impl Spill {
             None => return Ok(()),
         };
         for (seq, loc) in locs {
-            out.push((seq, self.read_at(loc)?.into_entry()));
+            out.push((seq, self.read_copy(d, seq, loc)?.into_entry()));
         }
         Ok(())
     }
@@ -752,12 +1016,12 @@ impl Spill {
     /// # Errors
     /// As [`Spill::read`].
     pub fn find(&mut self, tag: u32) -> Result<Vec<CopyRecord>, StoreError> {
-        let locs: Vec<Loc> = self
+        let locs: Vec<(DeviceKey, u64, Loc)> = self
             .queues
-            .values()
-            .flat_map(|q| q.iter().filter(|i| i.tag == tag).map(|i| i.loc))
+            .iter()
+            .flat_map(|(d, q)| q.iter().filter(|i| i.tag == tag).map(|i| (*d, i.seq, i.loc)))
             .collect();
-        locs.into_iter().map(|l| self.read_at(l)).collect()
+        locs.into_iter().map(|(d, seq, l)| self.read_copy(d, seq, l)).collect()
     }
 
     /// The first copies of `d`'s queue while `keep` says so (for expiry).
@@ -769,14 +1033,14 @@ impl Spill {
         d: DeviceKey,
         mut keep: impl FnMut(&CopyRecord) -> bool,
     ) -> Result<Vec<CopyRecord>, StoreError> {
-        let locs: Vec<Loc> = self
+        let locs: Vec<(u64, Loc)> = self
             .queues
             .get(&d)
-            .map(|q| q.iter().map(|i| i.loc).collect())
+            .map(|q| q.iter().map(|i| (i.seq, i.loc)).collect())
             .unwrap_or_default();
         let mut out = Vec::new();
-        for loc in locs {
-            let r = self.read_at(loc)?;
+        for (seq, loc) in locs {
+            let r = self.read_copy(d, seq, loc)?;
             if !keep(&r) {
                 break;
             }
@@ -795,6 +1059,17 @@ impl Spill {
         self.sizes.values().sum()
     }
 
+    /// Bytes of the records that hold an indexed copy, headers included:
+    /// what the disk budget counts for the log.
+    pub fn held(&self) -> u64 {
+        self.held
+    }
+
+    /// The indexed copies' charges (what the queues' counts hold for them).
+    pub fn charged(&self) -> u64 {
+        self.charged
+    }
+
     /// Copies indexed.
     pub fn count(&self) -> usize {
         self.total
@@ -806,17 +1081,41 @@ impl Spill {
         self.queues.values().map(VecDeque::len).sum()
     }
 
-    /// Every indexed copy: its device, its sequence and its bytes as
-    /// counted (header included), in order.
+    /// Every indexed copy: its device, its sequence and its charge, in
+    /// order.
     #[cfg(test)]
     pub fn indexed(&self) -> Vec<(DeviceKey, u64, u64)> {
         let mut out: Vec<(DeviceKey, u64, u64)> = self
             .queues
             .iter()
-            .flat_map(|(d, q)| q.iter().map(|i| (*d, i.seq, u64::from(i.loc.len) + HEADER)))
+            .flat_map(|(d, q)| q.iter().map(|i| (*d, i.seq, u64::from(i.charge))))
             .collect();
         out.sort_unstable_by_key(|(d, s, _)| (*d, *s));
         out
+    }
+
+    /// The bytes of the records on disk that hold an indexed copy, read
+    /// from the files (to check [`Spill::held`]).
+    #[cfg(test)]
+    pub fn held_on_disk(&self) -> u64 {
+        let indexed: HashSet<(DeviceKey, u64, Loc)> = self
+            .queues
+            .iter()
+            .flat_map(|(d, q)| q.iter().map(|i| (*d, i.seq, i.loc)))
+            .collect();
+        let mut held = 0;
+        for id in self.segments() {
+            scan(&segment_path(&self.dir, id), |loc, bytes, r| {
+                if r.copies.iter().any(|p| {
+                    let (d, seq) = parse_at(&p.at);
+                    indexed.contains(&(d, seq, loc))
+                }) {
+                    held += bytes;
+                }
+            })
+            .unwrap();
+        }
+        held
     }
 
     /// The segment files on disk, by number.
@@ -854,12 +1153,98 @@ mod tests {
     }
 
     #[test]
-    fn the_length_of_a_copy_is_its_record() {
+    fn the_charge_of_a_copy_is_its_record_alone() {
         for len in [0, 1, 127, 128, 4096] {
             let m = msg(9, len.max(4));
-            let r = CopyRecord::new(dev(300, 2), u64::MAX, &m);
-            assert_eq!(copy_len(&m), postcard::to_stdvec(&r).unwrap().len() as u64 + HEADER);
+            let r = MessageRecord {
+                from_user: m.from_user,
+                from_device: m.from_device,
+                id: m.id,
+                to_user: m.to_user,
+                time_ms: m.time_ms,
+                copies: vec![Part {
+                    at: at(dev(300, 2), u64::MAX),
+                    body: m.body.clone(),
+                }],
+            };
+            assert_eq!(copy_len(&m), encode(r).unwrap().len() as u64 + HEADER);
         }
+    }
+
+    /// Copies of one message written together share a record: its header
+    /// is held once, the record stays until its last copy goes, and the
+    /// count holds after a reopen, with copies gone before it.
+    #[test]
+    fn copies_of_one_message_share_a_record_held_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let devices: Vec<DeviceKey> = (1..=5).map(|n| dev(2, n)).collect();
+        let m = msg(1, 200);
+        let copies: Vec<(DeviceKey, u64, &QueuedMessage)> = devices.iter().map(|d| (*d, 1, &m)).collect();
+        let (mut s, _, _) = Spill::open(dir.path(), HashMap::new(), &HashSet::new(), 0).unwrap();
+        s.append_message(&copies).unwrap();
+        let alone = copy_len(&m);
+        assert_eq!(s.charged(), 5 * alone);
+        assert!(
+            s.held() <= 5 * alone - 4 * 30,
+            "shared header: {} of {}",
+            s.held(),
+            5 * alone
+        );
+        assert_eq!(s.held(), s.held_on_disk());
+        let held = s.held();
+        // Copies go; the record stays while one is left.
+        for d in &devices[..3] {
+            assert_eq!(s.ack(*d, 1), (1, alone));
+            assert_eq!(s.held(), held);
+        }
+        drop(s);
+        let marks: HashMap<DeviceKey, u64> = devices[..3].iter().map(|d| (*d, 1)).collect();
+        let (mut s, found, _) = Spill::open(dir.path(), marks, &HashSet::new(), 0).unwrap();
+        assert_eq!(found.len(), 2);
+        assert_eq!((s.held(), s.charged()), (held, 2 * alone));
+        assert_eq!(s.held(), s.held_on_disk());
+        assert!(s.remove(devices[3], 1).is_some());
+        assert_eq!(s.held(), held);
+        s.ack(devices[4], 1);
+        assert_eq!((s.held(), s.charged(), s.count()), (0, 0, 0));
+        assert_eq!(s.take_freed(), vec![1], "written before the reopen: free");
+        let mut out = Vec::new();
+        s.read(devices[4], 0, u64::MAX, 10, &mut out).unwrap();
+        assert!(out.is_empty());
+    }
+
+    /// Compaction rewrites a shared record with its waiting copies only.
+    #[test]
+    fn compaction_keeps_only_the_waiting_copies_of_a_shared_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _, _) = Spill::open(dir.path(), HashMap::new(), &HashSet::new(), 0).unwrap();
+        let (busy, away) = (dev(2, 1), dev(3, 1));
+        for n in 1..=3000u32 {
+            let m = msg(n, 3000);
+            s.append_message(&[(busy, u64::from(n), &m), (away, u64::from(n), &m)])
+                .unwrap();
+        }
+        s.ack(busy, 3000);
+        for n in (1..=3000u64).filter(|n| n % 100 != 0) {
+            s.remove(away, n).unwrap();
+        }
+        for seg in s.take_freed() {
+            s.remove_segment(seg).unwrap();
+        }
+        let before = s.bytes();
+        while s.compact(u64::MAX).unwrap() {
+            for seg in s.take_freed() {
+                s.remove_segment(seg).unwrap();
+            }
+        }
+        assert!(s.bytes() < before, "{} of {before}", s.bytes());
+        assert_eq!(s.held(), s.held_on_disk());
+        let mut out = Vec::new();
+        s.read(away, 0, u64::MAX, usize::MAX, &mut out).unwrap();
+        assert_eq!(
+            out.iter().map(|(q, _)| *q).collect::<Vec<_>>(),
+            (1..=30).map(|n| n * 100).collect::<Vec<_>>()
+        );
     }
 
     #[test]

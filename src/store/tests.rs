@@ -122,14 +122,15 @@ fn mark(s: &Store, d: DeviceKey) -> Option<u64> {
 
 /// The bytes of every record the disk budget counts: sled's receipts and
 /// notices, retraction, fold, mark and removal records (key and value),
-/// and the spill log's indexed copies (header and payload).
+/// and the spill log's records that hold an indexed copy (header and
+/// payload), read from its files.
 fn counted_bytes(s: &Store) -> u64 {
     let sled: u64 = [disk::QUEUE, disk::TOMBSTONE, disk::FOLD, disk::MARK, disk::REMOVED]
         .into_iter()
         .flat_map(|tag| records(s, tag))
         .map(|(k, v)| disk::record_len(&k, &v))
         .sum();
-    sled + spilled(s).iter().map(|(_, _, b)| b).sum::<u64>()
+    sled + s.spill.lock().unwrap_or_else(|e| e.into_inner()).held_on_disk()
 }
 
 /// `disk_bytes` (what the budget counts) is exactly what sled and the
