@@ -4,7 +4,11 @@
 //! invite with many uses, and saving their keys so that later runs reuse
 //! them), lets devices 2i send to 2i+1 for the first P pairs while the rest
 //! stay connected and idle, and reports delivered messages per second,
-//! send-to-delivery latency percentiles and the daemon's resident memory.
+//! send-to-delivery latency percentiles, the daemon's CPU time per
+//! delivered message (user + system from `/proc/PID/stat` across the
+//! measured window) and its resident memory. With `--mqtt` it measures an
+//! MQTT broker the same way; with `--late-receivers` half the receivers
+//! connect only after the traffic, so that the daemon's queues fill.
 //!
 //! Every device is the library's sans-I/O [`Conn`], driven by `mio` in a
 //! few threads (non-blocking sockets, no thread per connection). Bodies are
@@ -41,7 +45,9 @@ const AFTER_HELP: &str = "\
 Bodies are raw bytes (--size of them; the first 16 carry a run nonce and the send time): \
 the daemon relays ciphertext it cannot read, so it does not care that these are not Olm \
 messages. Latency is measured from the moment a Send is written to the moment its Deliver \
-is read, on one clock (the load generator's).
+is read, on one clock (the load generator's). The daemon's CPU time (user + system, all its \
+threads, from /proc/PID/stat) over the measured window, divided by the messages delivered in \
+it, is the CPU time per message: on a shared machine it moves far less than the rates.
 
 The daemon limits new connections per source address (limits.handshakes_per_second_per_ip, \
 default 32) and open connections per address (limits.connections_per_ip, default 256). \
