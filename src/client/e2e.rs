@@ -2,9 +2,10 @@
 //! sessions with other devices, what it knows of other devices'
 //! identities, and the device lists it encrypts for.
 //!
-//! Everything lives in one sled tree (`e2e`) of the profile's database, so
-//! that one transaction can store a received message together with the
-//! session state that decrypted it (see [`super::profile::History::commit`]).
+//! Everything lives in the end-to-end records of the profile's database
+//! ([`E2eStore`]), so that one transaction can store a received message
+//! together with the session state that decrypted it (see
+//! [`super::history::History::commit`]).
 //! Changes are not written at once: they collect in [`Crypto::take_writes`]
 //! and the caller commits them, then flushes, before anything leaves that
 //! depends on them (a `Send` made with an advanced ratchet, an `Ack`).
@@ -25,9 +26,10 @@
 //! [`safety_number`], to rule out a key-swapping server).
 //!
 //! What it does not do: talk to the server or decide when to (that is
-//! [`super::device`]).
+//! [`super::client`] and the operations), or know how its records are
+//! stored.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 
 use bytes::Bytes;
@@ -39,6 +41,7 @@ use zeroize::Zeroizing;
 
 use super::Error;
 use super::content::{Envelope, OlmKind};
+use super::history::{E2eStore, Writes};
 use crate::keys;
 use crate::wire::{DeviceAddr, DeviceId, DeviceKeys, IdentityKeys, PublishKeys, Signature, SignedKey};
 
@@ -200,9 +203,6 @@ struct Live {
     session: Session,
 }
 
-/// Pending record writes (`None` deletes), by key in the `e2e` tree.
-pub type Writes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
-
 const META: &[u8] = b"meta";
 const ACCOUNT: &[u8] = b"account";
 
@@ -251,7 +251,7 @@ fn to_signature(s: vodozemac::Ed25519Signature) -> Signature {
 
 /// The device's Olm state.
 pub struct Crypto {
-    tree: sled::Tree,
+    tree: E2eStore,
     key: Zeroizing<[u8; 32]>,
     kdf: Option<Kdf>,
     passphrase: Option<Zeroizing<String>>,
@@ -282,7 +282,7 @@ impl Crypto {
     /// # Errors
     /// [`Error::Passphrase`] if the stored keys need a passphrase and none
     /// or the wrong one is given; store errors; damage.
-    pub fn open(tree: sled::Tree, passphrase: Option<&str>) -> Result<Crypto, Error> {
+    pub fn open(tree: E2eStore, passphrase: Option<&str>) -> Result<Crypto, Error> {
         let mut c = Crypto {
             tree,
             key: Zeroizing::new([0u8; 32]),
@@ -335,9 +335,8 @@ impl Crypto {
     fn encrypt_with(&mut self, passphrase: &str) -> Result<(), Error> {
         let kdf = self.new_kdf()?;
         let key = derive_key(passphrase, &kdf)?;
-        let mut batch = sled::Batch::default();
-        for item in self.tree.scan_prefix(b"s\0") {
-            let (k, v) = item?;
+        let mut batch = Writes::new();
+        for (k, v) in self.tree.scan_prefix(b"s\0")? {
             let StoredSessions::V1(list) = decode(&v, "sessions")?;
             let mut out = Vec::with_capacity(list.len());
             for s in list {
@@ -347,15 +346,15 @@ impl Crypto {
                     pickle: pickle.encrypt(&key),
                 });
             }
-            batch.insert(k, encode(&StoredSessions::V1(out)));
+            batch.insert(k, Some(encode(&StoredSessions::V1(out))));
         }
         self.key = key;
         self.kdf = Some(kdf);
         if let Some(a) = &self.account {
-            batch.insert(ACCOUNT, a.pickle().encrypt(&self.key).into_bytes());
+            batch.insert(ACCOUNT.to_vec(), Some(a.pickle().encrypt(&self.key).into_bytes()));
         }
-        batch.insert(META, self.meta());
-        self.tree.apply_batch(batch)?;
+        batch.insert(META.to_vec(), Some(self.meta()));
+        self.tree.apply(batch)?;
         self.tree.flush()?;
         log::warn!("this profile's end-to-end keys are now encrypted with the passphrase (TIDINGS_PASSPHRASE)");
         Ok(())
@@ -849,7 +848,7 @@ impl Crypto {
         let key = device_key(b'r', addr);
         let last = match self.writes.get(&key) {
             Some(w) => w.clone(),
-            None => self.tree.get(&key)?.map(|v| v.to_vec()),
+            None => self.tree.get(&key)?,
         };
         let last: u64 = match last {
             Some(v) => decode(&v, "reset time")?,
@@ -873,20 +872,8 @@ impl Crypto {
     /// # Errors
     /// Store errors.
     pub fn persist(&mut self) -> Result<(), Error> {
-        let mut batch = sled::Batch::default();
-        for (k, v) in self.take_writes() {
-            match v {
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
-            }
-        }
-        self.tree.apply_batch(batch)?;
-        Ok(())
-    }
-
-    /// The `e2e` tree (for transactions with the history).
-    pub fn tree(&self) -> &sled::Tree {
-        &self.tree
+        let writes = self.take_writes();
+        self.tree.apply(writes)
     }
 
     /// The Ed25519 identity key of this device.

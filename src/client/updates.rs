@@ -28,12 +28,13 @@
 //!   messages from its `to` read.
 //!
 //! What it does not do: talk to the server, or decide whether the user may
-//! edit or delete (that is [`super::device`], before it sends).
+//! edit or delete (that is [`super::edit`], before it sends).
 
 use serde::{Deserialize, Serialize};
 
 use super::Error;
-use super::profile::{Batch, Direction, History, Message, Status, T, conv_prefix, decode, msg_key};
+use super::history::{Batch, History, T, conv_prefix, decode, msg_key};
+use super::message::{Direction, Message, Status};
 use super::status::{Receipts, Report};
 use crate::wire::{DeviceAddr, DeviceId, ExpiredNotice, MsgId, ReceiptDeliver, ReceiptKind};
 
@@ -611,7 +612,8 @@ impl History {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::profile::Quote;
+    use crate::client::history::Writes;
+    use crate::client::message::Quote;
 
     const T0: u64 = 1_800_000_000_000;
 
@@ -641,7 +643,7 @@ mod tests {
     fn with<R>(h: &History, f: impl FnOnce(&History, &mut Batch) -> R) -> R {
         let mut b = Batch::default();
         let r = f(h, &mut b);
-        h.apply(b, None).unwrap();
+        h.apply(b, Writes::new()).unwrap();
         r
     }
 

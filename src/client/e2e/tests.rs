@@ -1,30 +1,20 @@
 use super::*;
 use crate::client::content::{Content, Payload};
+use crate::client::history::History;
 use crate::wire::MsgId;
 
-fn open(dir: &std::path::Path, passphrase: Option<&str>) -> Result<(sled::Db, Crypto), Error> {
-    // sled lets go of its file lock a moment after the last handle is
-    // dropped (as `History::open` knows): retry briefly, or a reopen right
-    // after a drop fails now and then.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let db = loop {
-        match sled::Config::new().path(dir).open() {
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            other => break other?,
-        }
-    };
-    let c = Crypto::open(db.open_tree("e2e")?, passphrase)?;
-    Ok((db, c))
+fn open(dir: &std::path::Path, passphrase: Option<&str>) -> Result<(History, Crypto), Error> {
+    // `History::open` waits out the file lock a just-dropped handle may
+    // still hold.
+    let h = History::open(dir)?;
+    let c = Crypto::open(h.e2e(), passphrase)?;
+    Ok((h, c))
 }
 
 /// A device with an account and its keys "on the server".
 struct Dev {
     _tmp: tempfile::TempDir,
-    _db: sled::Db,
+    _db: History,
     c: Crypto,
     server: Vec<SignedKey>,
     fallback: Option<SignedKey>,
@@ -312,7 +302,7 @@ fn a_fresh_session_replaces_a_broken_one() {
     bob.c.decrypt(&addr("alice", 1), &first, &mut notices).unwrap().unwrap();
     // Bob loses his session state (a restored backup, say).
     bob.c.sessions.clear();
-    bob.c.tree.clear().unwrap();
+    bob.c.tree.clear_for_test().unwrap();
     bob.c.writes.retain(|k, _| !k.starts_with(b"s\0"));
     let second = alice.c.encrypt(&addr("bob", 1), &payload("2"), &mut notices).unwrap();
     assert!(
@@ -455,7 +445,10 @@ fn a_damaged_session_record_costs_the_sessions_not_the_client() {
     bob.c.persist().unwrap();
     // Damage bob's record of his sessions with alice, then reopen.
     let key = device_key(b's', &addr("alice", 1));
-    bob.c.tree.insert(&key, &b"\x00\x01garbage"[..]).unwrap();
+    bob.c
+        .tree
+        .apply(Writes::from([(key.clone(), Some(b"\x00\x01garbage".to_vec()))]))
+        .unwrap();
     bob.c.sessions.clear();
     let next = alice.c.encrypt(&addr("bob", 1), &payload("2"), &mut notices).unwrap();
     // A pre-key message whose one-time key is used up: refused, no error.

@@ -1,4 +1,5 @@
-//! One process per profile: a running `listen` serves a Unix socket
+//! The profile's IPC socket. One process per profile: a running `listen`
+//! (or `chat`) serves a Unix socket
 //! (`sock` in the profile, mode 0600, in a 0700 directory) through which a
 //! second command hands over its work and gets the outcome; without a
 //! listener, a command opens the profile itself, waiting while another
@@ -15,15 +16,12 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Sender};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use super::Error;
-use super::device::{Client, Event};
-use super::e2e::Notice;
-use super::link::Input;
-use super::profile::{Message, Profile, Registration, SOCKET_FILE};
-use super::status::Receipts;
-use crate::wire::{DeviceId, DeviceInfo};
+use super::backoff::Backoff;
+use super::core::{Client, Event};
+use super::driver::Input;
+use super::profile::{Profile, SOCKET_FILE};
+use super::request::{Job, Outcome, Reply, Request};
 
 /// Longest request line accepted on the socket.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -31,167 +29,6 @@ const MAX_REQUEST: u64 = 64 * 1024;
 pub const PROFILE_WAIT: Duration = Duration::from_secs(30);
 /// How long a command waits for the listener to do its work.
 pub const DELEGATE_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Work a command asks for.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Request {
-    /// Create an account with an invite code.
-    Register {
-        /// The invite code text.
-        code: String,
-        /// The user name.
-        name: String,
-    },
-    /// Join an account with a link code.
-    Link {
-        /// The link code text.
-        code: String,
-    },
-    /// Ask for a link code.
-    LinkCode,
-    /// Send a text.
-    Send {
-        /// The recipient.
-        to: String,
-        /// The text.
-        text: String,
-        /// The id of the message it replies to.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        reply_to: Option<String>,
-    },
-    /// Forward a message.
-    Forward {
-        /// The message's id.
-        id: String,
-        /// The recipient.
-        to: String,
-    },
-    /// Edit one of this user's messages.
-    Edit {
-        /// The message's id.
-        id: String,
-        /// The new text.
-        text: String,
-    },
-    /// Delete one of this user's messages for everyone.
-    Delete {
-        /// The message's id.
-        id: String,
-    },
-    /// Mark the conversation with a user read.
-    Read {
-        /// The other party.
-        user: String,
-    },
-    /// What became of a message, per device.
-    Info {
-        /// The message's id.
-        id: String,
-    },
-    /// Show or change settings.
-    Settings {
-        /// Turn read receipts on or off; `None` shows the setting.
-        read_receipts: Option<bool>,
-    },
-    /// Take everything queued.
-    Sync,
-    /// The local conversation with a user.
-    History {
-        /// The other party.
-        user: String,
-    },
-    /// This account's devices.
-    Devices,
-    /// Revoke one of this account's devices.
-    Revoke {
-        /// Its number.
-        device: u32,
-    },
-    /// The safety number with a user.
-    Verify {
-        /// The other party.
-        user: String,
-    },
-}
-
-/// What a request produced.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Outcome {
-    /// Registered or linked.
-    Registered(Registration),
-    /// A link code.
-    LinkCode {
-        /// The code text.
-        code: String,
-        /// When it expires (ms since the epoch).
-        expires_ms: u64,
-    },
-    /// A message the server accepted.
-    Sent(Message),
-    /// A message after its edit.
-    Edited(Message),
-    /// A message after its deletion.
-    Deleted(Message),
-    /// A conversation was marked read.
-    Read {
-        /// The other party.
-        user: String,
-        /// How many messages were unread.
-        count: usize,
-    },
-    /// The messages with an id, each with what the devices reported.
-    Info(Vec<(Message, Receipts)>),
-    /// The settings.
-    Settings {
-        /// Whether read receipts are on.
-        read_receipts: bool,
-    },
-    /// A sync finished; the messages were reported as they came.
-    Synced {
-        /// How many were new.
-        count: usize,
-    },
-    /// A conversation.
-    Messages(Vec<Message>),
-    /// This account's devices.
-    Devices {
-        /// Which one is this device.
-        this: DeviceId,
-        /// All of them.
-        devices: Vec<DeviceInfo>,
-    },
-    /// A device was revoked.
-    Revoked {
-        /// Its number.
-        device: u32,
-    },
-    /// A safety number.
-    SafetyNumber {
-        /// The other party.
-        user: String,
-        /// Sixty digits in groups of five.
-        number: String,
-        /// The identity keys it covers: user, device, Ed25519 key (hex).
-        devices: Vec<(String, u32, String)>,
-    },
-}
-
-/// A listener's answer to a request handed over.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Reply {
-    /// Notices raised while doing it.
-    pub notices: Vec<Notice>,
-    /// The result.
-    pub outcome: Outcome,
-}
-
-/// A request from another command, with where to send the answer.
-pub struct Job {
-    /// The work.
-    pub request: Request,
-    /// Where the outcome goes.
-    pub reply: Sender<Result<Reply, String>>,
-}
 
 /// Runs `request` on the profile in `dir`: through its running `listen` if
 /// there is one, else on the profile itself (waiting up to
@@ -204,7 +41,8 @@ pub struct Job {
 /// The request's failure, [`Error::ProfileBusy`], or [`Error::Remote`]
 /// with the listener's message.
 pub fn run(dir: &Path, request: Request, on_event: &mut dyn FnMut(&Event)) -> Result<Outcome, Error> {
-    let deadline = Instant::now() + PROFILE_WAIT;
+    let mut backoff =
+        Backoff::new(Duration::from_millis(100), Duration::from_millis(100)).giving_up_after(PROFILE_WAIT);
     let mut told = false;
     loop {
         if let Some(reply) = delegate(dir, &request)? {
@@ -222,12 +60,16 @@ pub fn run(dir: &Path, request: Request, on_event: &mut dyn FnMut(&Event)) -> Re
                 client.disconnect();
                 return outcome;
             }
-            Err(Error::ProfileBusy(_)) if Instant::now() < deadline => {
+            Err(Error::ProfileBusy(p)) => {
+                let now = Instant::now();
+                let Some(at) = backoff.next(now) else {
+                    return Err(Error::ProfileBusy(p));
+                };
                 if !told {
                     log::warn!("profile {} is busy with another command; waiting", dir.display());
                     told = true;
                 }
-                std::thread::sleep(Duration::from_millis(100));
+                std::thread::sleep(at - now);
             }
             Err(e) => return Err(e),
         }
@@ -370,6 +212,8 @@ mod tests {
 
     #[test]
     fn requests_and_replies_are_json_lines() {
+        use super::super::e2e::Notice;
+        use crate::wire::DeviceId;
         let r = Request::Send {
             to: "bob".into(),
             text: "hi".into(),

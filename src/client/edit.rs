@@ -1,0 +1,187 @@
+//! Edits and deletes for everyone (spec §14.6): the checks a sender makes
+//! before it sends one (its own message, within the window), and `Retract`
+//! after a delete.
+//!
+//! What a received edit or delete does to the history is
+//! [`super::updates`].
+
+use std::time::Duration;
+
+use super::Error;
+use super::backoff::Backoff;
+use super::content::Content;
+use super::core::Client;
+use super::history::{Batch, Writes};
+use super::message::{Message, Status};
+use super::updates::{DELETE_WINDOW_MS, EDIT_WINDOW_MS};
+use crate::wire::{ClientFrame, ErrorCode, MsgId, ServerFrame};
+
+/// How a `Retract` is retried over a dropped connection: twice, 200 ms
+/// apart.
+pub const RETRACT_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(200), Duration::from_millis(200)).with_max_tries(2);
+
+impl Client {
+    /// This user's message `id`, for `what` (edit, delete).
+    fn own_message(&self, id: MsgId, what: &str) -> Result<Message, Error> {
+        let me = self.me()?;
+        let h = self.profile.history();
+        match h.get(&me, &id)? {
+            Some(m) if m.deleted => Err(Error::Usage(format!("message {id} was deleted"))),
+            Some(m) if m.status == Status::Pending => Err(Error::Usage(format!(
+                "message {id} has not reached the server yet; {what} it once it is sent"
+            ))),
+            Some(m) if m.undecryptable => Err(Error::Usage(format!(
+                "message {id} could not be decrypted on this device; {what} it from the device that sent it"
+            ))),
+            Some(m) => Ok(m),
+            None if !h.find(&id)?.is_empty() => Err(Error::Usage(format!(
+                "message {id} is not yours: only its sender can {what} it"
+            ))),
+            None => Err(Error::Usage(format!("no message {id} of yours on this device"))),
+        }
+    }
+
+    /// Replaces the text of this user's message `id`, sent less than
+    /// [`super::updates::EDIT_WINDOW`] ago, on every device of both users;
+    /// the message keeps its id and is marked edited. Returns it as it is
+    /// now.
+    ///
+    /// # Errors
+    /// [`Error::Usage`] for someone else's message, a deleted one, or one
+    /// past the window; see [`Client::send_with_id`].
+    pub fn edit(&mut self, id: MsgId, text: &str) -> Result<Message, Error> {
+        let m = self.own_message(id, "edit")?;
+        let now = self.unix_ms();
+        if now > m.ts_ms.saturating_add(EDIT_WINDOW_MS) {
+            return Err(Error::Usage(format!(
+                "message {id} was sent more than 15 minutes ago; it can no longer be edited"
+            )));
+        }
+        let content = Content::Edit {
+            target: id,
+            text: text.to_owned(),
+        };
+        self.send_content(&m.to, content, now)?;
+        let by = self.this_device()?;
+        let h = self.profile.history();
+        let mut batch = Batch::default();
+        h.edit(&mut batch, &by.user, &by, id, &m.to, text, now, false)?;
+        h.apply(batch, Writes::new())?;
+        h.flush()?;
+        h.get(&by.user, &id)?
+            .ok_or(Error::Unexpected("the edited message is gone"))
+    }
+
+    /// Deletes this user's message `id`, sent less than
+    /// [`super::updates::DELETE_WINDOW`] ago, for everyone: every device
+    /// of both users drops its text and shows it deleted, and the server
+    /// removes the copies still waiting in queues (`Retract`, spec §5.5).
+    /// Returns it as it is now.
+    ///
+    /// # Errors
+    /// [`Error::Usage`] for someone else's message, a deleted one, or one
+    /// past the window; see [`Client::send_with_id`]. A failed `Retract`
+    /// is logged, not returned: the delete has been sent by then.
+    pub fn delete(&mut self, id: MsgId) -> Result<Message, Error> {
+        let m = self.own_message(id, "delete")?;
+        let now = self.unix_ms();
+        if now > m.ts_ms.saturating_add(DELETE_WINDOW_MS) {
+            return Err(Error::Usage(format!(
+                "message {id} was sent more than 2 days ago; it can no longer be deleted for everyone"
+            )));
+        }
+        let time_ms = self.send_content(&m.to, Content::Delete { target: id }, now)?;
+        let by = self.this_device()?;
+        let h = self.profile.history();
+        let mut batch = Batch::default();
+        h.delete(&mut batch, &by.user, &by, id, &m.to, now, time_ms, false)?;
+        h.apply(batch, Writes::new())?;
+        h.flush()?;
+        if let Err(e) = self.retract(id) {
+            log::warn!("deleted, but the server could not remove the copies still queued: {e}");
+        }
+        self.profile
+            .history()
+            .get(&by.user, &id)?
+            .ok_or(Error::Unexpected("the deleted message is gone"))
+    }
+
+    /// Asks the server to drop the copies of this user's message `id` still
+    /// waiting in queues (spec §5.5), reconnecting once if needed.
+    fn retract(&mut self, id: MsgId) -> Result<(), Error> {
+        let mut backoff = RETRACT_BACKOFF;
+        let r = self.retrying(&mut backoff, "retract", |c| {
+            c.connect()?;
+            c.call(&ClientFrame::Retract { id }, "the server to retract the message")
+        });
+        match r {
+            Ok(ServerFrame::Done) => Ok(()),
+            Ok(_) => Err(Error::Unexpected("expected Done")),
+            Err(Error::Server {
+                code: ErrorCode::UNSUPPORTED,
+                ..
+            }) => {
+                log::info!("the server does not retract messages");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::core::Event;
+    use crate::client::testing::World;
+    use crate::client::updates::UpdateKind;
+
+    #[test]
+    fn an_edit_reaches_the_other_side_within_its_window_only() {
+        let w = World::new();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut alice = w.user(&tmp.path().join("a"), "alice", true);
+        let mut bob = w.user(&tmp.path().join("b"), "bob", true);
+        let m = alice.send("bob", "helo").unwrap();
+        World::sync(&mut bob);
+        let edited = alice.edit(m.id, "hello").unwrap();
+        assert_eq!((edited.text.as_str(), edited.edited()), ("hello", true));
+        let events = World::sync(&mut bob);
+        assert!(
+            events.iter().any(
+                |e| matches!(e, Event::Update(u) if u.kind == UpdateKind::Edit && u.text.as_deref() == Some("hello"))
+            ),
+            "{events:?}"
+        );
+        assert_eq!(bob.history("alice").unwrap()[0].text, "hello");
+        // Bob cannot edit alice's message.
+        let e = bob.edit(m.id, "mine now").unwrap_err();
+        assert!(matches!(&e, Error::Usage(t) if t.contains("not yours")), "{e}");
+        // Past 15 minutes: refused, nothing sent.
+        w.advance(Duration::from_secs(16 * 60));
+        let sends = w.server().sends().len();
+        assert!(matches!(alice.edit(m.id, "late"), Err(Error::Usage(_))));
+        assert_eq!(w.server().sends().len(), sends);
+    }
+
+    #[test]
+    fn a_delete_is_followed_by_a_retract_and_refused_after_two_days() {
+        let w = World::new();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut alice = w.user(&tmp.path().join("a"), "alice", true);
+        let mut bob = w.user(&tmp.path().join("b"), "bob", true);
+        let m = alice.send("bob", "oops").unwrap();
+        let deleted = alice.delete(m.id).unwrap();
+        assert!(deleted.deleted && deleted.text.is_empty());
+        assert_eq!(w.server().got("Retract"), vec![ClientFrame::Retract { id: m.id }]);
+        // The message never reached bob's queue-holding device as text.
+        let events = World::sync(&mut bob);
+        assert!(World::texts(&events).iter().all(|t| t.is_empty()), "{events:?}");
+        assert!(bob.history("alice").unwrap()[0].deleted);
+        let old = alice.send("bob", "old").unwrap();
+        w.advance(Duration::from_millis(DELETE_WINDOW_MS + 1));
+        assert!(matches!(alice.delete(old.id), Err(Error::Usage(_))));
+        assert!(matches!(alice.delete(m.id), Err(Error::Usage(t)) if t.contains("deleted")));
+    }
+}
