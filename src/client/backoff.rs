@@ -18,6 +18,7 @@ pub struct Backoff {
     tries: u32,
     max_tries: Option<u32>,
     give_up_after: Option<Duration>,
+    deadline: Option<Instant>,
     started: Option<Instant>,
 }
 
@@ -31,8 +32,15 @@ impl Backoff {
             tries: 0,
             max_tries: None,
             give_up_after: None,
+            deadline: None,
             started: None,
         }
+    }
+
+    /// Gives up once a retry would start after `deadline`.
+    pub const fn until(mut self, deadline: Instant) -> Backoff {
+        self.deadline = Some(deadline);
+        self
     }
 
     /// Gives up after `n` retries.
@@ -55,7 +63,7 @@ impl Backoff {
             return None;
         }
         let at = now + self.next;
-        if self.give_up_after.is_some_and(|limit| at > started + limit) {
+        if self.give_up_after.is_some_and(|limit| at > started + limit) || self.deadline.is_some_and(|d| at > d) {
             return None;
         }
         self.tries += 1;

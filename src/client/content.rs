@@ -183,6 +183,14 @@ pub enum BodyError {
         /// [`MAX_BODY_LEN`].
         max: usize,
     },
+    /// The text is longer than a message may carry.
+    #[error("message too long: {len} bytes, at most {max}")]
+    TextTooLong {
+        /// Its length in bytes (UTF-8).
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The bytes are not an envelope or payload this build understands.
     #[error("unreadable message body")]
     Unreadable,

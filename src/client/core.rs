@@ -43,7 +43,7 @@ use super::backoff::Backoff;
 use super::conn::{Closed, Conn, ConnConfig, ConnEvent};
 use super::driver::{Driver, Input};
 use super::e2e::{self, Notice};
-use super::message::Message;
+use super::message::{Message, Status};
 use super::profile::Profile;
 use super::request::{Job, Outcome, Reply, Request};
 use super::socket::SocketDriver;
@@ -146,6 +146,15 @@ pub struct Client {
     rng: SystemRandom,
     /// Inside [`Client::listen`].
     pub(super) listening: bool,
+}
+
+/// What a send produced: sent, or pending.
+fn sent(m: Message) -> Outcome {
+    if m.status == Status::Pending {
+        Outcome::Pending(m)
+    } else {
+        Outcome::Sent(m)
+    }
 }
 
 /// A message id from the command line.
@@ -567,11 +576,11 @@ impl Client {
                     expires_ms,
                 })
             }
-            Request::Send { to, text, reply_to } => Ok(Outcome::Sent(match reply_to {
+            Request::Send { to, text, reply_to } => Ok(sent(match reply_to {
                 Some(id) => self.send_reply(&to, &text, parse_id(&id)?)?,
                 None => self.send(&to, &text)?,
             })),
-            Request::Forward { id, to } => Ok(Outcome::Sent(self.forward(parse_id(&id)?, &to)?)),
+            Request::Forward { id, to } => Ok(sent(self.forward(parse_id(&id)?, &to)?)),
             Request::Edit { id, text } => Ok(Outcome::Edited(self.edit(parse_id(&id)?, &text)?)),
             Request::Delete { id } => Ok(Outcome::Deleted(self.delete(parse_id(&id)?)?)),
             Request::Read { user } => Ok(Outcome::Read {
@@ -597,7 +606,18 @@ impl Client {
                     })
                 }
             }
-            Request::History { user } => Ok(Outcome::Messages(self.history(&user)?)),
+            Request::History { user } => {
+                if !wire::valid_user_name(&user) {
+                    return Err(Error::Usage(format!("invalid user name {user:?}")));
+                }
+                let messages = self.history(&user)?;
+                if messages.is_empty() {
+                    return Err(Error::Usage(format!(
+                        "no conversation with {user} on this device (send them a message first)"
+                    )));
+                }
+                Ok(Outcome::Messages(messages))
+            }
             Request::Devices => Ok(Outcome::Devices {
                 this: DeviceId(self.profile.registered()?.device),
                 devices: self.my_devices()?,

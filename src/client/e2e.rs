@@ -12,11 +12,12 @@
 //!
 //! Secrets at rest: the account and the sessions are stored as vodozemac
 //! pickles, encrypted (AES-256-CBC and HMAC-SHA-256, vodozemac's pickle
-//! format) with a 32-byte key derived by Argon2id from the passphrase in
-//! `TIDINGS_PASSPHRASE`, with a random salt kept in the `meta` record. A
-//! profile made without a passphrase uses an all-zero key, which protects
-//! nothing, and says so on stderr; setting a passphrase later re-encrypts
-//! the keys with it. The history itself is not encrypted here.
+//! format) with a 32-byte key derived by Argon2id from the profile's
+//! passphrase (see [`super::secret`]), with a random salt kept in the
+//! `meta` record. A profile made without a passphrase uses an all-zero key,
+//! which protects nothing (the command line says so once, when the profile
+//! is made); setting a passphrase later re-encrypts the keys with it. The
+//! history itself is not encrypted here.
 //!
 //! Trust: keys claimed from the server are used only if the device's
 //! Ed25519 identity signed its Curve25519 identity and the one-time key
@@ -31,9 +32,9 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
-use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use vodozemac::Curve25519PublicKey;
 use vodozemac::olm::{Account, AccountPickle, OlmMessage, Session, SessionConfig, SessionPickle};
@@ -42,6 +43,7 @@ use zeroize::Zeroizing;
 use super::Error;
 use super::content::{Envelope, OlmKind};
 use super::history::{E2eStore, Writes};
+use super::secret::{Kdf, Passphrase, PassphraseError};
 use crate::keys;
 use crate::wire::{DeviceAddr, DeviceId, DeviceKeys, IdentityKeys, PublishKeys, Signature, SignedKey};
 
@@ -57,12 +59,6 @@ pub const FALLBACK_ROTATE_MS: u64 = 7 * 24 * 3600 * 1000;
 pub const MAX_SESSIONS_PER_DEVICE: usize = 4;
 /// At most one session reset is sent to a device in this time.
 pub const RESET_INTERVAL_MS: u64 = 60_000;
-
-/// Argon2id parameters: the crate's defaults (19 MiB, 2 passes, 1 lane),
-/// OWASP's recommendation for Argon2id.
-const ARGON2_M_KIB: u32 = 19 * 1024;
-const ARGON2_T: u32 = 2;
-const ARGON2_P: u32 = 1;
 
 /// Something the user should hear about a contact's devices.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,14 +165,6 @@ pub struct Known {
     pub ed25519: Option<[u8; 32]>,
 }
 
-#[derive(Clone, Copy, Serialize, Deserialize)]
-struct Kdf {
-    salt: [u8; 16],
-    m_kib: u32,
-    t: u32,
-    p: u32,
-}
-
 /// The `meta` record; the tag is the version.
 #[derive(Serialize, Deserialize)]
 enum StoredMeta {
@@ -235,16 +223,6 @@ fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, Erro
     postcard::from_bytes(bytes).map_err(|_| damaged(what))
 }
 
-fn derive_key(passphrase: &str, kdf: &Kdf) -> Result<Zeroizing<[u8; 32]>, Error> {
-    use argon2::{Algorithm, Argon2, Params, Version};
-    let params = Params::new(kdf.m_kib, kdf.t, kdf.p, Some(32)).map_err(|_| damaged("key derivation parameters"))?;
-    let mut key = Zeroizing::new([0u8; 32]);
-    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
-        .hash_password_into(passphrase.as_bytes(), &kdf.salt, &mut key[..])
-        .map_err(|_| damaged("key derivation"))?;
-    Ok(key)
-}
-
 fn to_signature(s: vodozemac::Ed25519Signature) -> Signature {
     Signature(s.to_bytes())
 }
@@ -254,12 +232,11 @@ pub struct Crypto {
     tree: E2eStore,
     key: Zeroizing<[u8; 32]>,
     kdf: Option<Kdf>,
-    passphrase: Option<Zeroizing<String>>,
+    passphrase: Option<Arc<Passphrase>>,
     fallback_ms: u64,
     account: Option<Account>,
     sessions: HashMap<DeviceAddr, Vec<Live>>,
     writes: Writes,
-    rng: SystemRandom,
 }
 
 impl fmt::Debug for Crypto {
@@ -282,17 +259,16 @@ impl Crypto {
     /// # Errors
     /// [`Error::Passphrase`] if the stored keys need a passphrase and none
     /// or the wrong one is given; store errors; damage.
-    pub fn open(tree: E2eStore, passphrase: Option<&str>) -> Result<Crypto, Error> {
+    pub fn open(tree: E2eStore, passphrase: Option<Arc<Passphrase>>) -> Result<Crypto, Error> {
         let mut c = Crypto {
             tree,
             key: Zeroizing::new([0u8; 32]),
             kdf: None,
-            passphrase: passphrase.map(|p| Zeroizing::new(p.to_owned())),
+            passphrase: passphrase.clone(),
             fallback_ms: 0,
             account: None,
             sessions: HashMap::new(),
             writes: Writes::new(),
-            rng: SystemRandom::new(),
         };
         let Some(meta) = c.tree.get(META)? else {
             return Ok(c);
@@ -301,30 +277,25 @@ impl Crypto {
         c.fallback_ms = fallback_ms;
         c.kdf = kdf;
         if let Some(kdf) = &kdf {
-            let Some(p) = passphrase else {
-                return Err(Error::Passphrase(
-                    "this profile's keys are encrypted: set TIDINGS_PASSPHRASE to its passphrase",
-                ));
+            let Some(p) = &passphrase else {
+                return Err(Error::Passphrase(PassphraseError::Needed));
             };
-            c.key = derive_key(p, kdf)?;
+            c.key = p.key(kdf)?;
         }
         if let Some(pickle) = c.tree.get(ACCOUNT)? {
             let text = std::str::from_utf8(&pickle).map_err(|_| damaged("account"))?;
             let account = match AccountPickle::from_encrypted(text, &c.key) {
                 Ok(p) => Account::from_pickle(p),
                 Err(_) if c.kdf.is_some() => {
-                    return Err(Error::Passphrase(
-                        "wrong passphrase (TIDINGS_PASSPHRASE) for this profile's keys",
-                    ));
+                    return Err(Error::Passphrase(PassphraseError::Wrong));
                 }
                 Err(_) => return Err(damaged("account")),
             };
             c.account = Some(account);
-            if c.kdf.is_none() {
-                match passphrase {
-                    Some(p) => c.encrypt_with(p)?,
-                    None => warn_plain(),
-                }
+            if c.kdf.is_none()
+                && let Some(p) = &passphrase
+            {
+                c.encrypt_with(p)?;
             }
         }
         Ok(c)
@@ -332,9 +303,9 @@ impl Crypto {
 
     /// Re-encrypts a plain profile's secrets with a passphrase, at once
     /// and durably.
-    fn encrypt_with(&mut self, passphrase: &str) -> Result<(), Error> {
-        let kdf = self.new_kdf()?;
-        let key = derive_key(passphrase, &kdf)?;
+    fn encrypt_with(&mut self, passphrase: &Passphrase) -> Result<(), Error> {
+        let kdf = passphrase.kdf()?;
+        let key = passphrase.key(&kdf)?;
         let mut batch = Writes::new();
         for (k, v) in self.tree.scan_prefix(b"s\0")? {
             let StoredSessions::V1(list) = decode(&v, "sessions")?;
@@ -358,19 +329,6 @@ impl Crypto {
         self.tree.flush()?;
         log::warn!("this profile's end-to-end keys are now encrypted with the passphrase (TIDINGS_PASSPHRASE)");
         Ok(())
-    }
-
-    fn new_kdf(&self) -> Result<Kdf, Error> {
-        let mut salt = [0u8; 16];
-        self.rng
-            .fill(&mut salt)
-            .map_err(|_| Error::Damaged("no randomness for a salt".into()))?;
-        Ok(Kdf {
-            salt,
-            m_kib: ARGON2_M_KIB,
-            t: ARGON2_T,
-            p: ARGON2_P,
-        })
     }
 
     fn meta(&self) -> Vec<u8> {
@@ -400,11 +358,9 @@ impl Crypto {
             return Ok(false);
         }
         if let Some(p) = self.passphrase.clone() {
-            let kdf = self.new_kdf()?;
-            self.key = derive_key(&p, &kdf)?;
+            let kdf = p.kdf()?;
+            self.key = p.key(&kdf)?;
             self.kdf = Some(kdf);
-        } else {
-            warn_plain();
         }
         self.account = Some(Account::new());
         self.write_account();
@@ -890,12 +846,6 @@ impl Crypto {
     pub fn set_known_for_test(&mut self, addr: &DeviceAddr, known: Known) {
         self.set_known(addr, known);
     }
-}
-
-fn warn_plain() {
-    log::warn!(
-        "this profile's end-to-end keys are stored unencrypted; set TIDINGS_PASSPHRASE to encrypt them with a passphrase"
-    );
 }
 
 /// The safety number of two users: for each, a 30-digit fingerprint of

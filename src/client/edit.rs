@@ -51,6 +51,7 @@ impl Client {
     /// [`Error::Usage`] for someone else's message, a deleted one, or one
     /// past the window; see [`Client::send_with_id`].
     pub fn edit(&mut self, id: MsgId, text: &str) -> Result<Message, Error> {
+        super::send::check_text(text)?;
         let m = self.own_message(id, "edit")?;
         let now = self.unix_ms();
         if now > m.ts_ms.saturating_add(EDIT_WINDOW_MS) {

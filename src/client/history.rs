@@ -178,17 +178,40 @@ struct MessageV3 {
     deleted: bool,
 }
 
+/// A message as stored since undecryptable messages collapse into one
+/// notice with a count.
+#[derive(Serialize, Deserialize)]
+struct MessageV4 {
+    id: MsgId,
+    from: String,
+    from_device: DeviceId,
+    to: String,
+    text: String,
+    ts_ms: u64,
+    direction: Direction,
+    status: Status,
+    undecryptable: bool,
+    repeats: u32,
+    reply_to: Option<MsgId>,
+    quote: Option<Quote>,
+    forwards: u32,
+    edited_ms: Option<u64>,
+    deleted: bool,
+}
+
 /// Stored form of a message; the tag is the version. Append-only: a new
-/// version is a new variant, and every older one still decodes.
+/// version is a new variant, and every older one still decodes (records
+/// are rewritten in the newest form only when they change).
 #[derive(Serialize, Deserialize)]
 enum Stored {
     V1(MessageV1),
     V2(MessageV2),
     V3(MessageV3),
+    V4(MessageV4),
 }
 
 fn encode(m: &Message) -> Result<Vec<u8>, Error> {
-    let v = MessageV3 {
+    let v = MessageV4 {
         id: m.id,
         from: m.from.clone(),
         from_device: m.from_device,
@@ -198,13 +221,14 @@ fn encode(m: &Message) -> Result<Vec<u8>, Error> {
         direction: m.direction,
         status: m.status,
         undecryptable: m.undecryptable,
+        repeats: m.repeats,
         reply_to: m.reply_to,
         quote: m.quote.clone(),
         forwards: m.forwards,
         edited_ms: m.edited_ms,
         deleted: m.deleted,
     };
-    postcard::to_stdvec(&Stored::V3(v)).map_err(|e| Error::Damaged(e.to_string()))
+    postcard::to_stdvec(&Stored::V4(v)).map_err(|e| Error::Damaged(e.to_string()))
 }
 
 /// The local history: messages by (sender, id) for dedup and state, and
@@ -263,6 +287,11 @@ impl Batch {
 
     pub(super) fn remove(&mut self, tree: T, key: Vec<u8>) {
         self.writes.push((tree, key, None));
+    }
+
+    /// Whether it writes to `tree`.
+    pub(super) fn touches(&self, tree: T) -> bool {
+        self.writes.iter().any(|(t, _, _)| *t == tree)
     }
 
     /// Whether nothing is to be written.
@@ -645,6 +674,23 @@ impl History {
 
 pub(super) fn decode(bytes: &[u8]) -> Result<Message, Error> {
     match postcard::from_bytes::<Stored>(bytes) {
+        Ok(Stored::V4(m)) => Ok(Message {
+            id: m.id,
+            from: m.from,
+            from_device: m.from_device,
+            to: m.to,
+            text: m.text,
+            ts_ms: m.ts_ms,
+            direction: m.direction,
+            status: m.status,
+            undecryptable: m.undecryptable,
+            repeats: m.repeats,
+            reply_to: m.reply_to,
+            quote: m.quote,
+            forwards: m.forwards,
+            edited_ms: m.edited_ms,
+            deleted: m.deleted,
+        }),
         Ok(Stored::V3(m)) => Ok(Message {
             id: m.id,
             from: m.from,
@@ -660,6 +706,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Message, Error> {
             forwards: m.forwards,
             edited_ms: m.edited_ms,
             deleted: m.deleted,
+            repeats: 0,
         }),
         Ok(Stored::V2(m)) => Ok(Message {
             id: m.id,
@@ -789,9 +836,32 @@ mod tests {
         });
         rich.forwards = 2;
         rich.edited_ms = Some(9);
-        let new = encode(&rich).unwrap();
-        assert_eq!(new[0], 2, "V3 is tag 2");
-        assert_eq!(decode(&new).unwrap(), rich);
+        let v3 = MessageV3 {
+            id: rich.id,
+            from: rich.from.clone(),
+            from_device: rich.from_device,
+            to: rich.to.clone(),
+            text: rich.text.clone(),
+            ts_ms: rich.ts_ms,
+            direction: rich.direction,
+            status: rich.status,
+            undecryptable: false,
+            reply_to: rich.reply_to,
+            quote: rich.quote.clone(),
+            forwards: rich.forwards,
+            edited_ms: rich.edited_ms,
+            deleted: false,
+        };
+        let bytes = postcard::to_stdvec(&Stored::V3(v3)).unwrap();
+        assert_eq!(bytes[0], 2, "V3 is tag 2");
+        assert_eq!(decode(&bytes).unwrap(), rich);
+        let mut garbage = m.clone();
+        garbage.undecryptable = true;
+        garbage.text.clear();
+        garbage.repeats = 41;
+        let new = encode(&garbage).unwrap();
+        assert_eq!(new[0], 3, "V4 is tag 3");
+        assert_eq!(decode(&new).unwrap(), garbage);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use super::Error;
 use super::backoff::Backoff;
 use super::core::{Client, Event};
 use super::driver::Input;
-use super::profile::{Profile, SOCKET_FILE};
+use super::profile::{SOCKET_FILE, Unlock};
 use super::request::{Job, Outcome, Reply, Request};
 
 /// Longest request line accepted on the socket.
@@ -41,6 +41,19 @@ pub const DELEGATE_TIMEOUT: Duration = Duration::from_secs(120);
 /// The request's failure, [`Error::ProfileBusy`], or [`Error::Remote`]
 /// with the listener's message.
 pub fn run(dir: &Path, request: Request, on_event: &mut dyn FnMut(&Event)) -> Result<Outcome, Error> {
+    run_with(dir, request, &mut Unlock::from_env(), on_event)
+}
+
+/// [`run`], opening the profile (if no listener has it) with `unlock`.
+///
+/// # Errors
+/// See [`run`].
+pub fn run_with(
+    dir: &Path,
+    request: Request,
+    unlock: &mut Unlock<'_>,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<Outcome, Error> {
     let mut backoff =
         Backoff::new(Duration::from_millis(100), Duration::from_millis(100)).giving_up_after(PROFILE_WAIT);
     let mut told = false;
@@ -52,7 +65,7 @@ pub fn run(dir: &Path, request: Request, on_event: &mut dyn FnMut(&Event)) -> Re
             }
             return Ok(reply.outcome);
         }
-        match Profile::open(dir, Duration::ZERO) {
+        match unlock.open(dir, Duration::ZERO) {
             Ok(profile) => {
                 let receive = matches!(request, Request::Sync);
                 let mut client = Client::new(profile, receive);
@@ -74,6 +87,13 @@ pub fn run(dir: &Path, request: Request, on_event: &mut dyn FnMut(&Event)) -> Re
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Whether a `listen` or `chat` holds the profile in `dir` (its socket
+/// answers).
+pub fn delegate_target(dir: &Path) -> Option<PathBuf> {
+    let path = dir.join(SOCKET_FILE);
+    UnixStream::connect(&path).ok().map(|_| path)
 }
 
 /// Hands `request` to the `listen` running on the profile in `dir`;
@@ -118,28 +138,54 @@ impl Drop for SocketGuard {
 /// A listener already running, [`Error::ProfileBusy`], or what ends
 /// [`Client::listen`].
 pub fn listen(dir: &Path, on_event: &mut dyn FnMut(&Event) -> bool) -> Result<(), Error> {
+    listen_with(dir, &mut Unlock::from_env(), on_event)
+}
+
+/// [`listen`], opening the profile with `unlock`.
+///
+/// # Errors
+/// See [`listen`].
+pub fn listen_with(dir: &Path, unlock: &mut Unlock<'_>, on_event: &mut dyn FnMut(&Event) -> bool) -> Result<(), Error> {
+    let (mut client, _served) = serve_profile(dir, unlock)?;
+    let result = client.listen(on_event);
+    client.disconnect();
+    result
+}
+
+/// The socket of a profile's one writer, served while this lives (the
+/// socket file is removed when it is dropped).
+pub struct Served {
+    _guard: SocketGuard,
+}
+
+/// Opens the profile in `dir` as its one writer (`listen`, `chat`): a
+/// receiving client, and the socket through which other commands hand it
+/// their work (as [`Input::Local`] jobs to the client's driver).
+///
+/// # Errors
+/// Another writer running, [`Error::ProfileBusy`], an unregistered
+/// profile, I/O failures.
+pub fn serve_profile(dir: &Path, unlock: &mut Unlock<'_>) -> Result<(Client, Served), Error> {
     if UnixStream::connect(dir.join(SOCKET_FILE)).is_ok() {
         return Err(Error::Usage(format!(
-            "`tidings listen` is already running on profile {}",
+            "`tidings listen` or `tidings chat` is already running on profile {}",
             dir.display()
         )));
     }
-    let profile = Profile::open(dir, PROFILE_WAIT)?;
+    let profile = unlock.open(dir, PROFILE_WAIT)?;
     profile.registered()?;
-    let mut client = Client::new(profile, true);
+    let client = Client::new(profile, true);
     // Holding the profile lock, any socket file is a crashed listener's.
     let path = client.profile().socket_path();
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
-    let _guard = SocketGuard(path.clone());
+    let guard = SocketGuard(path.clone());
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     let tx = client.input_sender();
     std::thread::Builder::new()
         .name("tidings-local".into())
         .spawn(move || accept_loop(listener, tx))?;
-    let result = client.listen(on_event);
-    client.disconnect();
-    result
+    Ok((client, Served { _guard: guard }))
 }
 
 fn accept_loop(listener: UnixListener, tx: Sender<Input>) {
@@ -186,6 +232,7 @@ fn serve_one(stream: UnixStream, tx: &Sender<Input>) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::profile::Profile;
     use super::*;
 
     #[test]
@@ -201,9 +248,12 @@ mod tests {
             drop(held);
         });
         let started = Instant::now();
-        let outcome = run(&dir, Request::History { user: "bob".into() }, &mut |_| {}).unwrap();
+        let outcome = run(&dir, Request::Settings { read_receipts: None }, &mut |_| {}).unwrap();
         assert!(started.elapsed() >= Duration::from_millis(250));
-        assert_eq!(outcome, Outcome::Messages(vec![]));
+        assert_eq!(outcome, Outcome::Settings { read_receipts: true });
+        // A conversation that never was is a clear error.
+        let e = run(&dir, Request::History { user: "bob".into() }, &mut |_| {}).unwrap_err();
+        assert!(e.to_string().contains("no conversation with bob"), "{e}");
         holder.join().unwrap();
         // Not registered: a clear error, not a hang.
         let e = run(&dir, Request::LinkCode, &mut |_| {}).unwrap_err();

@@ -172,7 +172,8 @@ impl Client {
                     content: Content::SessionReset,
                 };
                 let plaintext = payload.encode()?;
-                self.send_payload(&addr.user, id, &plaintext, None, &mut false, Some(addr.clone()))
+                let deadline = self.now() + super::send::SEND_PATIENCE;
+                self.send_payload(&addr.user, id, &plaintext, None, Some(addr.clone()), deadline)
             });
             match result {
                 Ok(_) => log::info!("sent a session reset to {}/{}", addr.user, addr.device),

@@ -79,6 +79,11 @@ pub struct Message {
     pub status: Status,
     /// The body could not be decrypted (`text` is then empty).
     pub undecryptable: bool,
+    /// For an undecryptable message: how many more undecryptable messages
+    /// from the same device, arriving right after it with nothing in
+    /// between, it stands for (0: just itself). Garbage from a contact is
+    /// one notice with a count, not one entry per body.
+    pub repeats: u32,
     /// The message this one replies to (sent by `quote.from`).
     pub reply_to: Option<MsgId>,
     /// What a reply quotes. As read back from the history: the quoted
@@ -118,6 +123,7 @@ impl Default for Message {
             direction: Direction::In,
             status: Status::Received,
             undecryptable: false,
+            repeats: 0,
             reply_to: None,
             quote: None,
             forwards: 0,

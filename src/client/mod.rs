@@ -18,7 +18,8 @@
 //! - [`updates`]: what messages, edits, deletes, receipts and notices do
 //!   to the history;
 //! - [`e2e`]: the device's Olm account and sessions, what it knows of
-//!   other devices' identities, and safety numbers.
+//!   other devices' identities, and safety numbers;
+//! - [`secret`]: the passphrase, and the sealed device key.
 //!
 //! The network:
 //! - [`conn`]: one connection's protocol state, sans-I/O;
@@ -50,6 +51,7 @@ pub mod profile;
 pub mod receipts;
 pub mod receive;
 pub mod request;
+pub mod secret;
 pub mod send;
 pub mod socket;
 pub mod status;
@@ -63,9 +65,9 @@ pub use content::{BodyError, Content};
 pub use core::{Client, Event};
 pub use e2e::Notice;
 pub use history::{History, StoreError};
-pub use ipc::{listen, run};
+pub use ipc::{listen, listen_with, run, run_with};
 pub use message::{Direction, Message, Quote, Status};
-pub use profile::{Profile, Registration};
+pub use profile::{Profile, Registration, Unlock};
 pub use request::{Outcome, Request};
 pub use status::{DeviceReport, DeviceState, Receipts, Report};
 pub use updates::{ReceiptNews, Update, UpdateKind};
@@ -135,7 +137,7 @@ pub enum Error {
     Remote(String),
     /// The profile's keys need a passphrase, or not this one.
     #[error("{0}")]
-    Passphrase(&'static str),
+    Passphrase(#[from] secret::PassphraseError),
     /// The profile has no end-to-end keys yet.
     #[error("this device has no end-to-end keys yet")]
     NoAccount,

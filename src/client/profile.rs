@@ -3,7 +3,9 @@
 //!
 //! Layout:
 //! - `lock`: held (advisory, `flock`) by the one process using the profile;
-//! - `key`: the device's Noise private key, 32 bytes, mode 0600;
+//! - `key`: the device's Noise private key, mode 0600: 32 bytes in clear,
+//!   or sealed under the passphrase where the profile has one (see
+//!   [`super::secret`]);
 //! - `profile.json`: the server address and key, user name and device
 //!   number, written once registration succeeds (atomically, by rename);
 //! - `history/`: the local messages and their states, and the Olm account
@@ -20,6 +22,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -28,7 +31,8 @@ use zeroize::Zeroizing;
 use super::Error;
 use super::e2e::Crypto;
 use super::history::History;
-use crate::noise::{KEY_LEN, Keypair, PublicKey};
+use super::secret::{self, Passphrase, PassphraseError};
+use crate::noise::{Keypair, PublicKey};
 
 /// File names inside a profile.
 pub const LOCK_FILE: &str = "lock";
@@ -106,22 +110,22 @@ impl Profile {
     /// # Errors
     /// See [`Profile::open_with`].
     pub fn open(dir: &Path, wait: Duration) -> Result<Profile, Error> {
-        let passphrase = std::env::var(PASSPHRASE_VAR)
-            .ok()
-            .filter(|p| !p.is_empty())
-            .map(Zeroizing::new);
-        Profile::open_with(dir, wait, passphrase.as_deref().map(String::as_str))
+        Profile::open_with(dir, wait, passphrase_from_env().as_deref().map(String::as_str))
     }
 
     /// Opens (creating if needed) the profile in `dir`, waiting up to
     /// `wait` for another process to let go of it; `passphrase` decrypts
-    /// (or from now on encrypts) the end-to-end keys.
+    /// (or from now on encrypts) the device's keys: its Noise key and its
+    /// end-to-end keys.
     ///
     /// # Errors
     /// [`Error::ProfileBusy`] after `wait`; [`Error::Passphrase`] if the
     /// keys need one, or another; I/O and store errors; a damaged key or
     /// registration file.
     pub fn open_with(dir: &Path, wait: Duration, passphrase: Option<&str>) -> Result<Profile, Error> {
+        let passphrase = passphrase
+            .filter(|p| !p.is_empty())
+            .map(|p| Arc::new(Passphrase::new(p)));
         // The directory holds the key and the socket: owner only. An
         // existing directory is left as it is (it may be one the user
         // chose for other things too), with a warning if others can enter.
@@ -138,7 +142,6 @@ impl Profile {
             fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
         }
         let lock = lock(dir, wait)?;
-        let key = load_or_create_key(&dir.join(KEY_FILE))?;
         let registration = match fs::read(dir.join(REGISTRATION_FILE)) {
             Ok(bytes) => {
                 Some(serde_json::from_slice(&bytes).map_err(|e| Error::Damaged(format!("{REGISTRATION_FILE}: {e}")))?)
@@ -147,7 +150,10 @@ impl Profile {
             Err(e) => return Err(e.into()),
         };
         let history = History::open(&dir.join(HISTORY_DIR))?;
-        let crypto = Crypto::open(history.e2e(), passphrase)?;
+        // The end-to-end keys first: their derivation then serves the key
+        // file too (one Argon2 run per open).
+        let crypto = Crypto::open(history.e2e(), passphrase.clone())?;
+        let key = load_or_create_key(&dir.join(KEY_FILE), passphrase.as_deref())?;
         Ok(Profile {
             dir: dir.to_path_buf(),
             _lock: lock,
@@ -187,19 +193,7 @@ impl Profile {
     /// I/O errors.
     pub fn save_registration(&mut self, registration: Registration) -> Result<(), Error> {
         let json = serde_json::to_vec_pretty(&registration).map_err(|e| Error::Damaged(e.to_string()))?;
-        let tmp = self.dir.join(format!("{REGISTRATION_FILE}.tmp"));
-        {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&json)?;
-            f.sync_all()?;
-        }
-        fs::rename(&tmp, self.dir.join(REGISTRATION_FILE))?;
-        File::open(&self.dir)?.sync_all()?;
+        write_atomically(&self.dir.join(REGISTRATION_FILE), &json)?;
         self.registration = Some(registration);
         Ok(())
     }
@@ -262,29 +256,116 @@ fn lock(dir: &Path, wait: Duration) -> Result<File, Error> {
     }
 }
 
-fn load_or_create_key(path: &Path) -> Result<Keypair, Error> {
+/// How a command opens a profile: with the passphrase it has (from
+/// `TIDINGS_PASSPHRASE` or asked for already), and optionally a way to ask
+/// for one when the profile's keys need it (a terminal).
+pub struct Unlock<'a> {
+    /// The passphrase to try first.
+    pub passphrase: Option<Zeroizing<String>>,
+    /// Asks for a passphrase, told why the last one did not do; `None`
+    /// gives up.
+    pub ask: Option<&'a mut dyn FnMut(PassphraseError) -> Option<Zeroizing<String>>>,
+}
+
+/// How many times [`Unlock::open`] asks before it gives up.
+pub const PASSPHRASE_TRIES: u32 = 3;
+
+impl<'a> Unlock<'a> {
+    /// The passphrase in `TIDINGS_PASSPHRASE`, asking nothing.
+    pub fn from_env() -> Unlock<'a> {
+        Unlock {
+            passphrase: passphrase_from_env(),
+            ask: None,
+        }
+    }
+
+    /// Opens the profile in `dir` (see [`Profile::open_with`]), asking for
+    /// the passphrase (up to [`PASSPHRASE_TRIES`] times) when its keys need
+    /// one and this has a way to ask.
+    ///
+    /// # Errors
+    /// See [`Profile::open_with`].
+    pub fn open(&mut self, dir: &Path, wait: Duration) -> Result<Profile, Error> {
+        let mut tries = 0;
+        loop {
+            match Profile::open_with(dir, wait, self.passphrase.as_deref().map(String::as_str)) {
+                Err(Error::Passphrase(why)) if tries < PASSPHRASE_TRIES => {
+                    let Some(ask) = self.ask.as_mut() else {
+                        return Err(Error::Passphrase(why));
+                    };
+                    match ask(why) {
+                        Some(p) => self.passphrase = Some(p),
+                        None => return Err(Error::Passphrase(why)),
+                    }
+                    tries += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// The passphrase in `TIDINGS_PASSPHRASE`, if set and not empty.
+pub fn passphrase_from_env() -> Option<Zeroizing<String>> {
+    std::env::var(PASSPHRASE_VAR)
+        .ok()
+        .filter(|p| !p.is_empty())
+        .map(Zeroizing::new)
+}
+
+/// Whether the profile in `dir` keeps its keys under a passphrase (its
+/// key file is sealed). Reads one file; takes no lock.
+pub fn has_passphrase(dir: &Path) -> bool {
+    fs::read(dir.join(KEY_FILE)).is_ok_and(|b| secret::is_sealed(&b))
+}
+
+/// Writes `bytes` to `path` durably (write, fsync, rename, fsync dir).
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Loads the device's key, sealed or not, or makes one (sealed under
+/// `passphrase` if there is one). A key in clear is sealed once a
+/// passphrase is given.
+fn load_or_create_key(path: &Path, passphrase: Option<&Passphrase>) -> Result<Keypair, Error> {
+    let not_a_key = || Error::Damaged(format!("{}: not a key", path.display()));
     match File::open(path) {
         Ok(mut f) => {
-            let mut bytes = Zeroizing::new(Vec::with_capacity(KEY_LEN));
-            f.read_to_end(&mut bytes)?;
-            Keypair::from_private(&bytes).ok_or_else(|| Error::Damaged(format!("{}: not a key", path.display())))
+            let mut bytes = Zeroizing::new(Vec::with_capacity(secret::SEALED_KEY_LEN));
+            Read::by_ref(&mut f).take(4096).read_to_end(&mut bytes)?;
+            if secret::is_sealed(&bytes) {
+                let private = secret::open_key(&bytes, passphrase)?;
+                return Keypair::from_private(&private[..]).ok_or_else(not_a_key);
+            }
+            let key = Keypair::from_private(&bytes).ok_or_else(not_a_key)?;
+            if let Some(p) = passphrase {
+                write_atomically(path, &secret::seal_key(key.private(), p)?)?;
+                log::warn!("this profile's device key is now sealed with the passphrase");
+            }
+            Ok(key)
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let key = Keypair::generate().map_err(|_| Error::Damaged("no randomness for a key".into()))?;
-            let tmp = path.with_extension("tmp");
-            {
-                let mut f = OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)?;
-                f.write_all(key.private())?;
-                f.sync_all()?;
-            }
-            fs::rename(&tmp, path)?;
-            if let Some(dir) = path.parent() {
-                File::open(dir)?.sync_all()?;
+            match passphrase {
+                Some(p) => {
+                    write_atomically(path, &secret::seal_key(key.private(), p)?)?;
+                }
+                None => write_atomically(path, key.private())?,
             }
             Ok(key)
         }
@@ -361,5 +442,32 @@ mod tests {
             Profile::open(tmp.path(), Duration::ZERO),
             Err(Error::Damaged(_))
         ));
+    }
+
+    #[test]
+    fn with_a_passphrase_the_device_key_is_sealed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("p");
+        let public = {
+            let p = Profile::open_with(&dir, Duration::ZERO, Some("pw")).unwrap();
+            p.key().public
+        };
+        assert!(has_passphrase(&dir));
+        let file = fs::read(dir.join(KEY_FILE)).unwrap();
+        assert_eq!(file.len(), secret::SEALED_KEY_LEN);
+        let e = Profile::open_with(&dir, Duration::ZERO, None).unwrap_err();
+        assert!(matches!(e, Error::Passphrase(secret::PassphraseError::Needed)), "{e}");
+        let e = Profile::open_with(&dir, Duration::ZERO, Some("nope")).unwrap_err();
+        assert!(matches!(e, Error::Passphrase(secret::PassphraseError::Wrong)), "{e}");
+        let p = Profile::open_with(&dir, Duration::ZERO, Some("pw")).unwrap();
+        assert_eq!(p.key().public, public);
+        drop(p);
+        // A key in clear is sealed once a passphrase comes.
+        let plain = tmp.path().join("q");
+        let public = Profile::open_with(&plain, Duration::ZERO, None).unwrap().key().public;
+        assert!(!has_passphrase(&plain));
+        let p = Profile::open_with(&plain, Duration::ZERO, Some("later")).unwrap();
+        assert_eq!(p.key().public, public);
+        assert!(has_passphrase(&plain));
     }
 }

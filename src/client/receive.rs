@@ -227,8 +227,8 @@ impl Client {
 
     /// [`Client::sync`], reporting every [`Event`] but the connection's
     /// own (notices each before the message it came with, receipts,
-    /// updates, gap and expiry notices); then tops up keys and sends
-    /// session resets.
+    /// updates, gap and expiry notices); then tops up keys, sends session
+    /// resets, and sends the messages left pending.
     ///
     /// # Errors
     /// See [`Client::sync`].
@@ -266,6 +266,9 @@ impl Client {
             c.settle_receipts()
         })?;
         self.housekeeping();
+        if let Err(e) = self.send_pending() {
+            log::warn!("messages left pending still wait: {e}");
+        }
         // What arrived meanwhile is stored and acked; report it too.
         while let Some(ev) = self.events.pop_front() {
             report(ev, &mut count);
@@ -440,6 +443,39 @@ mod tests {
     }
 
     #[test]
+    fn a_flood_of_garbage_from_one_device_is_one_history_entry() {
+        let w = World::new();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut bob = w.user(&tmp.path().join("b"), "bob", true);
+        let _alice = w.user(&tmp.path().join("a"), "alice", false);
+        for i in 0..200u32 {
+            let mut id = [0u8; 16];
+            id[..4].copy_from_slice(&i.to_be_bytes());
+            w.server().enqueue("bob", DeviceId(1), |seq| {
+                ServerFrame::Deliver(wire::Deliver {
+                    seq,
+                    id: crate::wire::MsgId(id),
+                    from: DeviceAddr {
+                        user: "alice".into(),
+                        device: DeviceId(1),
+                    },
+                    to: "bob".into(),
+                    time_ms: 5,
+                    body: bytes::Bytes::from_static(b"not an olm message"),
+                })
+            });
+        }
+        let events = World::sync(&mut bob);
+        let shown = events.iter().filter(|e| matches!(e, Event::Message(_))).count();
+        assert_eq!(shown, 1, "one notice is reported");
+        assert_eq!(w.server().queued("bob", 1), 0, "all acked");
+        let h = bob.history("alice").unwrap();
+        assert_eq!(h.len(), 1);
+        assert!(h[0].undecryptable);
+        assert_eq!(h[0].repeats, 199);
+    }
+
+    #[test]
     fn notices_are_acked_and_reported_once_stored() {
         let w = World::new();
         let tmp = tempfile::tempdir().unwrap();
@@ -472,7 +508,7 @@ mod tests {
         w.server().up = false;
         // Another command's request, waiting for the listener.
         let (reply_tx, reply_rx) = std::sync::mpsc::channel();
-        let request = Request::History { user: "alice".into() };
+        let request = Request::Settings { read_receipts: None };
         bob.input_sender()
             .send(Input::Local(Job {
                 request,
@@ -498,6 +534,6 @@ mod tests {
         assert!(texts[3].ends_with("reconnecting in 8s"), "{texts:?}");
         // The request was answered while the server was away.
         let reply = reply_rx.try_recv().unwrap().unwrap();
-        assert_eq!(reply.outcome, Outcome::Messages(Vec::new()));
+        assert_eq!(reply.outcome, Outcome::Settings { read_receipts: true });
     }
 }

@@ -111,6 +111,9 @@ pub enum Outcome {
     },
     /// A message the server accepted.
     Sent(Message),
+    /// A message stored as pending: the server could not be reached, and
+    /// it goes with the next `listen`, `sync` or `chat`.
+    Pending(Message),
     /// A message after its edit.
     Edited(Message),
     /// A message after its deletion.

@@ -12,8 +12,9 @@
 //!   new devices' keys are claimed (and their signatures checked) and the
 //!   removed ones forgotten, and the send is retried;
 //! - a message the server refused for good is removed from the history; one
-//!   that could not be sent for now stays pending, and goes with the next
-//!   `listen` or `sync` ([`Client::send_pending`]).
+//!   that could not reach the server within [`SEND_PATIENCE`] stays
+//!   pending, and goes with the next `listen`, `sync` or `chat`
+//!   ([`Client::send_pending`]), under the same id.
 
 use std::time::Duration;
 
@@ -25,10 +26,17 @@ use super::e2e::Notice;
 use super::message::{Direction, Message, Quote, Status};
 use crate::wire::{self, Body, ClientFrame, DeviceAddr, DeviceId, MAX_BODY_LEN, MsgId, ServerFrame};
 
-/// How `send` retries over dropped connections: from 200 ms, doubling up
-/// to 5 s, for at most a minute.
-pub const SEND_BACKOFF: Backoff =
-    Backoff::new(Duration::from_millis(200), Duration::from_secs(5)).giving_up_after(Duration::from_secs(60));
+/// How long a send tries to reach the server before it leaves the message
+/// pending (so that `tidings send` answers within 3 s when the server is
+/// away; the message then goes with the next `listen`, `sync` or `chat`).
+pub const SEND_PATIENCE: Duration = Duration::from_millis(2500);
+/// How a send retries over dropped connections within [`SEND_PATIENCE`]:
+/// from 200 ms, doubling up to 500 ms.
+pub const SEND_BACKOFF: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_millis(500));
+/// The longest text a message may carry, in bytes of UTF-8. Any message
+/// of this size fits in a body once encrypted, whatever its kind (a reply
+/// carries a quote too) and whoever it goes to (spec §14.3, *Size*).
+pub const MAX_TEXT_LEN: usize = 3500;
 /// Most `Mismatch` answers one send accepts before giving up, and the
 /// pauses between them (keys may be on their way: a device just linked).
 pub const MISMATCH_BACKOFF: Backoff =
@@ -44,6 +52,25 @@ enum Attempt {
     Mismatch(Vec<DeviceAddr>),
 }
 
+/// Checks a text a user wrote: not empty, not longer than
+/// [`MAX_TEXT_LEN`].
+///
+/// # Errors
+/// [`Error::Usage`] for an empty text, [`Error::Body`] for one too long.
+pub fn check_text(text: &str) -> Result<(), Error> {
+    if text.trim().is_empty() {
+        return Err(Error::Usage("the message is empty: write something to send".into()));
+    }
+    if text.len() > MAX_TEXT_LEN {
+        return Err(BodyError::TextTooLong {
+            len: text.len(),
+            max: MAX_TEXT_LEN,
+        }
+        .into());
+    }
+    Ok(())
+}
+
 impl Client {
     /// Sends `text` to `to` and returns once the server accepted it.
     ///
@@ -54,19 +81,22 @@ impl Client {
         self.send_with_id(id, to, text)
     }
 
-    /// Sends `text` to `to` under `id` and returns once the server accepted
-    /// it. On `Mismatch` it claims keys for the new devices, forgets the
+    /// Sends `text` to `to` under `id` and returns the message once the
+    /// server accepted it (status sent), or, if the server could not be
+    /// reached within [`SEND_PATIENCE`], once it is stored as pending
+    /// (status pending: it goes with the next `listen`, `sync` or `chat`).
+    /// On `Mismatch` it claims keys for the new devices, forgets the
     /// removed ones and retries; on a dropped connection it reconnects and
     /// retries ([`SEND_BACKOFF`]); always with the same id, which the
     /// server stores once. Sending again with an id the server already
     /// accepted is answered `Accepted` again and delivered once.
     ///
     /// # Errors
-    /// [`Error::Usage`] for a bad name, [`Error::Body`] for a text too
-    /// long; [`Error::NoKeys`] for a device that never published keys; the
-    /// server's refusal (`UNKNOWN_USER`, `QUOTA_EXCEEDED`...), after which
-    /// the message is removed from the history; connection failures past
-    /// the retry time, after which it stays pending.
+    /// [`Error::Usage`] for a bad name or an empty text, [`Error::Body`]
+    /// for a text longer than [`MAX_TEXT_LEN`]; [`Error::NoKeys`] for a
+    /// device that never published keys; the server's refusal
+    /// (`UNKNOWN_USER`, `QUOTA_EXCEEDED`...), after which the message is
+    /// removed from the history.
     pub fn send_with_id(&mut self, id: MsgId, to: &str, text: &str) -> Result<Message, Error> {
         self.send_message(Message {
             id,
@@ -176,6 +206,7 @@ impl Client {
         if !wire::valid_user_name(&msg.to) {
             return Err(Error::Usage(format!("invalid user name {:?}", msg.to)));
         }
+        check_text(&msg.text)?;
         let (id, to) = (msg.id, msg.to.clone());
         let payload = Payload {
             id,
@@ -191,8 +222,13 @@ impl Client {
         msg.direction = Direction::Out;
         msg.status = Status::Pending;
         msg.undecryptable = false;
-        let mut stored = false;
-        match self.send_payload(&to, id, &plaintext, Some(&msg), &mut stored, None) {
+        // In the history (as pending) before anything else: whatever
+        // happens next, it is not lost.
+        let h = self.profile.history();
+        h.commit(&me.user, Some(&msg), (&me.user, &id), Default::default())?;
+        h.flush()?;
+        let deadline = self.now() + SEND_PATIENCE;
+        match self.send_payload(&to, id, &plaintext, Some(&msg), None, deadline) {
             Ok(time_ms) => {
                 let h = self.profile.history();
                 h.set_status(&me.user, &id, Status::Sent, Some(time_ms))?;
@@ -203,8 +239,12 @@ impl Client {
                     ..msg
                 }))
             }
+            Err(e) if e.is_transient() => {
+                log::info!("message {id} is pending: {e}");
+                Ok(self.profile.history().get(&me.user, &id)?.unwrap_or(msg))
+            }
             Err(e) => {
-                if stored && matches!(e, Error::Server { .. } | Error::NoKeys { .. }) && !e.is_transient() {
+                if matches!(e, Error::Server { .. } | Error::NoKeys { .. }) {
                     // Refused for good: the server stored nothing.
                     let h = self.profile.history();
                     h.remove(&me.user, &me.user, &id)?;
@@ -226,11 +266,14 @@ impl Client {
         let me = self.profile.registered()?.clone();
         for m in self.profile.history().pending()? {
             if m.from == me.user && m.from_device.0 == me.device {
-                log::info!("resending pending message {}", m.id);
+                log::info!("sending pending message {}", m.id);
                 let id = m.id;
                 match self.send_message(m) {
+                    Ok(m) if m.status == Status::Pending => {
+                        // The server went away again: the rest wait too.
+                        return Err(Error::Timeout("the server to take the pending messages"));
+                    }
                     Ok(_) => {}
-                    Err(e) if e.is_transient() => return Err(e),
                     Err(e) => log::warn!("pending message {id} could not be sent: {e}"),
                 }
             }
@@ -258,10 +301,11 @@ impl Client {
             content,
         };
         let plaintext = payload.encode()?;
-        self.send_payload(to, id, &plaintext, None, &mut false, None)
+        let deadline = self.now() + SEND_PATIENCE;
+        self.send_payload(to, id, &plaintext, None, None, deadline)
     }
 
-    /// Sends an encrypted payload with retries (see
+    /// Sends an encrypted payload with retries until `deadline` (see
     /// [`Client::send_with_id`]); returns the server's acceptance time.
     pub(super) fn send_payload(
         &mut self,
@@ -269,14 +313,14 @@ impl Client {
         id: MsgId,
         plaintext: &[u8],
         history: Option<&Message>,
-        stored: &mut bool,
         mut fresh: Option<DeviceAddr>,
+        deadline: std::time::Instant,
     ) -> Result<u64, Error> {
-        let mut backoff = SEND_BACKOFF;
+        let mut backoff = SEND_BACKOFF.until(deadline);
         let mut mismatches = MISMATCH_BACKOFF;
         loop {
             let attempt = self.retrying(&mut backoff, &format!("send {id}"), |c| {
-                c.try_send(to, id, plaintext, history, stored, &mut fresh)
+                c.try_send(to, id, plaintext, history, &mut fresh, deadline)
             })?;
             match attempt {
                 Attempt::Accepted(time_ms) => return Ok(time_ms),
@@ -310,10 +354,16 @@ impl Client {
         id: MsgId,
         plaintext: &[u8],
         history: Option<&Message>,
-        stored: &mut bool,
         fresh: &mut Option<DeviceAddr>,
+        deadline: std::time::Instant,
     ) -> Result<Attempt, Error> {
-        self.connect()?;
+        // Never past the deadline, even for a server that does not answer
+        // at all.
+        let left = deadline.saturating_duration_since(self.now());
+        if !self.is_connected() && left.is_zero() {
+            return Err(Error::Timeout("the server"));
+        }
+        self.connect_within(left)?;
         self.maintain()?;
         let me = self.profile.registered()?.clone();
         let mut notices = Vec::new();
@@ -357,7 +407,6 @@ impl Client {
         match history {
             Some(m) => {
                 h.commit(&me.user, Some(m), (&me.user, &id), writes)?;
-                *stored = true;
             }
             None => h.apply(Default::default(), writes)?,
         }
@@ -464,5 +513,52 @@ mod tests {
             "{e}"
         );
         assert_eq!(alice.history("bob").unwrap(), vec![m]);
+    }
+
+    #[test]
+    fn with_the_server_away_a_message_is_pending_within_the_patience_and_goes_with_the_next_sync() {
+        let w = World::new();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut alice = w.user(&tmp.path().join("a"), "alice", true);
+        let mut bob = w.user(&tmp.path().join("b"), "bob", true);
+        alice.send("bob", "first").unwrap();
+        alice.disconnect();
+        w.server().up = false;
+        let t0 = alice.now();
+        let m = alice.send("bob", "while away").unwrap();
+        assert_eq!(m.status, Status::Pending);
+        assert!(alice.now() - t0 <= SEND_PATIENCE, "{:?}", alice.now() - t0);
+        assert_eq!(alice.history("bob").unwrap()[1].status, Status::Pending);
+        // Still away: a sync fails, the message stays pending.
+        assert!(alice.sync(&mut |_| {}).is_err());
+        assert_eq!(alice.history("bob").unwrap()[1].status, Status::Pending);
+        w.server().up = true;
+        World::sync(&mut alice);
+        let sent = &alice.history("bob").unwrap()[1];
+        assert_eq!((sent.id, sent.status), (m.id, Status::Sent));
+        assert_eq!(World::texts(&World::sync(&mut bob)), ["first", "while away"]);
+    }
+
+    #[test]
+    fn empty_and_too_long_texts_are_refused_before_anything_is_stored() {
+        let w = World::new();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut alice = w.user(&tmp.path().join("a"), "alice", false);
+        let _bob = w.user(&tmp.path().join("b"), "bob", false);
+        assert!(matches!(alice.send("bob", ""), Err(Error::Usage(_))));
+        assert!(matches!(alice.send("bob", " \n\t"), Err(Error::Usage(_))));
+        let e = alice.send("bob", &"é".repeat(MAX_TEXT_LEN / 2 + 1)).unwrap_err();
+        assert!(matches!(e, Error::Body(BodyError::TextTooLong { .. })), "{e}");
+        assert!(alice.history("bob").unwrap().is_empty());
+        assert!(w.server().sends().is_empty());
+        // The longest text fits, as a reply to the longest one too, and to
+        // the longest user name.
+        let long = "x".repeat(MAX_TEXT_LEN);
+        let m = alice.send("bob", &long).unwrap();
+        alice.send_reply("bob", &long, m.id).unwrap();
+        let name = "a".repeat(32);
+        let _c = w.user(&tmp.path().join("c"), &name, false);
+        let mut fwd = alice.forward(m.id, &name).unwrap();
+        fwd.text.clear();
     }
 }

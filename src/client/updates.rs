@@ -241,6 +241,21 @@ impl History {
         {
             q.text = None;
         }
+        if m.undecryptable
+            && let Some(mut last) = self.last_in_conversation(batch, m.peer(me))?
+            && last.undecryptable
+            && !last.deleted
+            && last.from == m.from
+            && last.from_device == m.from_device
+        {
+            // More garbage from the same device, right after: one notice
+            // with a count. (A redelivery of one of these, after a crash
+            // before its ack, counts again: the count is at least what
+            // came.)
+            last.repeats = last.repeats.saturating_add(1);
+            self.put_msg(batch, me, &last)?;
+            return Ok(None);
+        }
         self.put_msg(batch, me, &m)?;
         if m.direction == Direction::In && !m.undecryptable {
             batch.put(
@@ -251,6 +266,22 @@ impl History {
         }
         m.status = self.status_in(batch, &m)?;
         Ok(Some(m))
+    }
+
+    /// The newest message of the conversation with `peer` (as stored), as
+    /// it will be once `batch` is applied; `None` if the batch adds to the
+    /// conversation (then it is not the newest any more) or it is empty.
+    fn last_in_conversation(&self, batch: &Batch, peer: &str) -> Result<Option<Message>, Error> {
+        if batch.touches(T::Conv) {
+            return Ok(None);
+        }
+        match self.conv.scan_prefix(conv_prefix(peer)).next_back() {
+            Some(entry) => {
+                let (_, key) = entry?;
+                self.read(batch, T::Msgs, &key)?.map(|v| decode(&v)).transpose()
+            }
+            None => Ok(None),
+        }
     }
 
     /// Records that the delivery `(from, id)` was handled without a
@@ -849,5 +880,37 @@ mod tests {
         let keys: Vec<Vec<u8>> = h.outbox().unwrap().into_iter().map(|e| e.key).collect();
         h.outbox_done(&keys).unwrap();
         assert!(h.outbox().unwrap().is_empty());
+    }
+
+    #[test]
+    fn undecryptable_messages_in_a_row_from_one_device_are_one_notice_with_a_count() {
+        let tmp = tempfile::tempdir().unwrap();
+        let h = History::open(tmp.path()).unwrap();
+        let garbage = |id: u8, device: u32| Message {
+            undecryptable: true,
+            from_device: DeviceId(device),
+            ..text(id, "alice", "bob", "", "bob")
+        };
+        assert!(receive(&h, garbage(20, 1)).is_some(), "the first is shown");
+        for id in 21..30 {
+            assert!(receive(&h, garbage(id, 1)).is_none(), "the rest count");
+        }
+        let conv = h.conversation("alice").unwrap();
+        assert_eq!(conv.len(), 1);
+        assert_eq!((conv[0].id, conv[0].repeats), (MsgId([20; 16]), 9));
+        // Another device's garbage, or anything in between, starts anew.
+        assert!(receive(&h, garbage(30, 2)).is_some());
+        assert!(receive(&h, text(31, "alice", "bob", "real", "bob")).is_some());
+        assert!(receive(&h, garbage(32, 1)).is_some());
+        assert!(receive(&h, garbage(33, 1)).is_none());
+        let counts: Vec<(bool, u32)> = h
+            .conversation("alice")
+            .unwrap()
+            .iter()
+            .map(|m| (m.undecryptable, m.repeats))
+            .collect();
+        assert_eq!(counts, [(true, 9), (true, 0), (false, 0), (true, 1)]);
+        // No receipts for garbage.
+        assert_eq!(h.outbox().unwrap().len(), 1);
     }
 }

@@ -7,7 +7,7 @@ fn open(dir: &std::path::Path, passphrase: Option<&str>) -> Result<(History, Cry
     // `History::open` waits out the file lock a just-dropped handle may
     // still hold.
     let h = History::open(dir)?;
-    let c = Crypto::open(h.e2e(), passphrase)?;
+    let c = Crypto::open(h.e2e(), passphrase.map(|p| std::sync::Arc::new(Passphrase::new(p))))?;
     Ok((h, c))
 }
 
@@ -350,12 +350,9 @@ fn passphrase_encrypts_the_keys_at_rest() {
         c.identity().unwrap()
     };
     let e = open(tmp.path(), None).unwrap_err();
-    assert!(
-        matches!(e, Error::Passphrase(t) if t.contains("TIDINGS_PASSPHRASE")),
-        "{e}"
-    );
+    assert!(matches!(e, Error::Passphrase(PassphraseError::Needed)), "{e}");
     let e = open(tmp.path(), Some("battery staple")).unwrap_err();
-    assert!(matches!(e, Error::Passphrase(t) if t.contains("wrong")), "{e}");
+    assert!(matches!(e, Error::Passphrase(PassphraseError::Wrong)), "{e}");
     let (_db, c) = open(tmp.path(), Some("correct horse")).unwrap();
     assert_eq!(c.identity().unwrap(), identity);
 }
