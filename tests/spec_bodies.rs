@@ -97,6 +97,24 @@ fn the_status_update_examples_are_what_the_client_writes() {
                 ids: vec![target],
             },
         ),
+        (
+            "Reaction example",
+            "alice",
+            Content::Reaction {
+                target,
+                target_from: "alice".into(),
+                emoji: Some("👍".into()),
+            },
+        ),
+        (
+            "Reaction removal example",
+            "alice",
+            Content::Reaction {
+                target,
+                target_from: "alice".into(),
+                emoji: None,
+            },
+        ),
     ];
     for (title, to, content) in cases {
         let p = Payload {

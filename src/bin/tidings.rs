@@ -83,6 +83,17 @@ enum Cmd {
         /// The message's id.
         id: String,
     },
+    /// React to a message with one emoji (replacing your earlier reaction), or take it back.
+    React {
+        /// The message's id.
+        id: String,
+        /// One emoji (one character as shown, at most 32 bytes).
+        #[arg(required_unless_present = "remove", conflicts_with = "remove")]
+        emoji: Option<String>,
+        /// Take your reaction back.
+        #[arg(long)]
+        remove: bool,
+    },
     /// Mark the conversation with a user read (sends read receipts unless they are off).
     Read {
         /// The other party.
@@ -165,6 +176,7 @@ fn message_json(m: &Message) -> serde_json::Value {
         "deleted": m.deleted,
         "undecryptable": m.undecryptable,
         "repeats": m.repeats,
+        "reactions": m.reactions,
     })
 }
 
@@ -186,6 +198,24 @@ impl Out {
             Event::Notice(n) => self.notice(n),
             Event::Receipt(r) => self.receipt(r),
             Event::Update(u) => self.update(u),
+            Event::Reaction(r) => {
+                if self.json {
+                    self.value(json!({
+                        "type": "reaction",
+                        "id": r.id.to_string(),
+                        "from": r.from,
+                        "by": r.by,
+                        "emoji": r.emoji,
+                        "ts": r.ts_ms,
+                    }));
+                } else {
+                    let what = match &r.emoji {
+                        Some(e) => format!("reacted {e} to"),
+                        None => "took back their reaction to".to_owned(),
+                    };
+                    self.line(&format!("{} {} {what} {} ({})", time(r.ts_ms), r.by, r.id, r.from));
+                }
+            }
             Event::Gap(lost) => self.gap(lost),
             Event::Expired { device, ids } => self.expired(device, ids),
             Event::Settings { read_receipts } => {
@@ -384,6 +414,10 @@ impl Out {
         if m.edited() && !m.deleted {
             text.push_str(" (edited)");
         }
+        if !m.reactions.is_empty() {
+            let r: Vec<String> = m.reactions.iter().map(|(u, e)| format!("{u} {e}")).collect();
+            text.push_str(&format!(" [reactions: {}]", r.join(", ")));
+        }
         format!(
             "{} {}/{} -> {}{}: {}",
             time(m.ts_ms),
@@ -550,6 +584,7 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<ExitCode, client::Error> {
         Cmd::Forward { id, user } => Request::Forward { id, to: user },
         Cmd::Edit { id, text } => Request::Edit { id, text },
         Cmd::Delete { id } => Request::Delete { id },
+        Cmd::React { id, emoji, .. } => Request::React { id, emoji },
         Cmd::Read { user } => Request::Read { user },
         Cmd::Info { id } => Request::Info { id },
         Cmd::Settings { setting } => Request::Settings {
@@ -597,6 +632,15 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<ExitCode, client::Error> {
                 out.line(&m.id.to_string());
             }
             return Ok(ExitCode::from(EX_TEMPFAIL));
+        }
+        Outcome::Reacted(m) => {
+            if out.json {
+                let mut v = message_json(&m);
+                v["type"] = json!("reacted");
+                out.value(v);
+            } else {
+                out.line(&m.id.to_string());
+            }
         }
         Outcome::Edited(m) | Outcome::Deleted(m) => {
             if out.json {

@@ -76,6 +76,33 @@ pub enum Content {
         /// The messages, at most [`crate::wire::MAX_RECEIPT_IDS`].
         ids: Vec<MsgId>,
     },
+    /// The sender's user reacts to a message of the conversation (its
+    /// own or the other user's) with one emoji, replacing its earlier
+    /// reaction to it, or takes its reaction back (`emoji: None`); the
+    /// latest by `ts_ms` wins.
+    Reaction {
+        /// The message reacted to.
+        target: MsgId,
+        /// That message's sender (messages are known by sender and id).
+        target_from: String,
+        /// One grapheme cluster of at most [`MAX_EMOJI_LEN`] bytes (see
+        /// [`valid_emoji`]); `None` removes the reaction.
+        emoji: Option<String>,
+    },
+}
+
+/// The most bytes a reaction's emoji may have.
+pub const MAX_EMOJI_LEN: usize = 32;
+
+/// Whether `emoji` may be a reaction: one grapheme cluster (an emoji with
+/// its modifiers and joiners is one), at most [`MAX_EMOJI_LEN`] bytes, not
+/// a control character or white space.
+pub fn valid_emoji(emoji: &str) -> bool {
+    use unicode_segmentation::UnicodeSegmentation;
+    !emoji.is_empty()
+        && emoji.len() <= MAX_EMOJI_LEN
+        && emoji.graphemes(true).count() == 1
+        && !emoji.chars().any(|c| c.is_control() || c.is_whitespace())
 }
 
 /// What a reply carries of the message it quotes.
@@ -285,7 +312,7 @@ mod tests {
             to in "[a-z0-9_.]{3,32}",
             ts_ms: u64,
             text in ".{0,300}",
-            kind in 0u8..8,
+            kind in 0u8..9,
             other: [u8; 16],
             n: u32,
             flag: bool,
@@ -303,7 +330,12 @@ mod tests {
                 4 => Content::Edit { target: MsgId(other), text },
                 5 => Content::Delete { target: MsgId(other) },
                 6 => Content::Settings { read_receipts: flag },
-                _ => Content::Read { peer: to.clone(), ids: ids.into_iter().map(MsgId).collect() },
+                7 => Content::Read { peer: to.clone(), ids: ids.into_iter().map(MsgId).collect() },
+                _ => Content::Reaction {
+                    target: MsgId(other),
+                    target_from: to.clone(),
+                    emoji: flag.then(|| "👍🏽".to_owned()),
+                },
             };
             let p = Payload {
                 id: MsgId(id),
@@ -369,6 +401,19 @@ mod tests {
         let bytes = reset.encode().unwrap();
         assert_eq!(bytes.last(), Some(&1), "SessionReset is content tag 1");
         assert_eq!(Payload::decode(&bytes), Ok(reset));
+    }
+
+    #[test]
+    fn an_emoji_is_one_grapheme_cluster_of_at_most_32_bytes() {
+        for ok in ["👍", "❤️", "👍🏽", "👨‍👩‍👧‍👦", "🇫🇷", "a", "é"] {
+            assert!(valid_emoji(ok), "{ok}");
+        }
+        for bad in ["", "👍👍", "ab", " ", "\n", "\u{7}", "👍 "] {
+            assert!(!valid_emoji(bad), "{bad:?}");
+        }
+        // One cluster, but too long: a base and 40 combining marks.
+        let long = format!("a{}", "\u{301}".repeat(40));
+        assert!(!valid_emoji(&long));
     }
 
     #[test]

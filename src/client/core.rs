@@ -47,7 +47,7 @@ use super::message::{Message, Status};
 use super::profile::Profile;
 use super::request::{Job, Outcome, Reply, Request};
 use super::socket::SocketDriver;
-use super::updates::{ReceiptNews, Update};
+use super::updates::{Reaction, ReceiptNews, Update};
 use crate::code::Code;
 use crate::noise::PublicKey;
 use crate::wire::{self, ClientFrame, DeviceAddr, DeviceId, MsgId, ServerFrame};
@@ -85,6 +85,8 @@ pub enum Event {
         /// The messages.
         ids: Vec<MsgId>,
     },
+    /// Someone reacted to a message, or took a reaction back.
+    Reaction(Reaction),
     /// Another device of this user changed the read-receipt setting.
     Settings {
         /// Whether read receipts are on now.
@@ -583,6 +585,7 @@ impl Client {
             Request::Forward { id, to } => Ok(sent(self.forward(parse_id(&id)?, &to)?)),
             Request::Edit { id, text } => Ok(Outcome::Edited(self.edit(parse_id(&id)?, &text)?)),
             Request::Delete { id } => Ok(Outcome::Deleted(self.delete(parse_id(&id)?)?)),
+            Request::React { id, emoji } => Ok(Outcome::Reacted(self.react(parse_id(&id)?, emoji.as_deref())?)),
             Request::Read { user } => Ok(Outcome::Read {
                 count: self.read(&user)?,
                 user,

@@ -1,6 +1,7 @@
-//! Edits and deletes for everyone (spec §14.6): the checks a sender makes
-//! before it sends one (its own message, within the window), and `Retract`
-//! after a delete.
+//! Edits and deletes for everyone, and reactions (spec §14.6): the checks a
+//! sender makes before it sends one (its own message, within the window;
+//! for a reaction, one emoji on a message of the conversation), and
+//! `Retract` after a delete.
 //!
 //! What a received edit or delete does to the history is
 //! [`super::updates`].
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use super::Error;
 use super::backoff::Backoff;
-use super::content::Content;
+use super::content::{Content, MAX_EMOJI_LEN, valid_emoji};
 use super::core::Client;
 use super::history::{Batch, Writes};
 use super::message::{Message, Status};
@@ -22,6 +23,62 @@ pub const RETRACT_BACKOFF: Backoff =
     Backoff::new(Duration::from_millis(200), Duration::from_millis(200)).with_max_tries(2);
 
 impl Client {
+    /// Reacts to the message `id` (of any conversation, from either side)
+    /// with `emoji`, replacing this user's earlier reaction to it, or takes
+    /// the reaction back (`None`); every device of both users shows it.
+    /// Returns the message as it is now.
+    ///
+    /// # Errors
+    /// [`Error::Usage`] for something that is not one emoji (see
+    /// [`valid_emoji`]), a message not here (or not one), deleted,
+    /// undecryptable or not sent yet; see [`Client::send_with_id`].
+    pub fn react(&mut self, id: MsgId, emoji: Option<&str>) -> Result<Message, Error> {
+        if let Some(e) = emoji
+            && !valid_emoji(e)
+        {
+            return Err(Error::Usage(format!(
+                "{e:?} is not one emoji: a reaction is one emoji (one character as shown, at most {MAX_EMOJI_LEN} bytes)"
+            )));
+        }
+        let me = self.me()?;
+        let mut found = self.profile.history().find(&id)?;
+        let m = match found.len() {
+            0 => return Err(Error::Usage(format!("no message {id} on this device"))),
+            1 => found.remove(0),
+            n => {
+                return Err(Error::Usage(format!(
+                    "{n} messages on this device have id {id}; cannot tell which"
+                )));
+            }
+        };
+        if m.deleted {
+            return Err(Error::Usage(format!("message {id} was deleted")));
+        }
+        if m.undecryptable {
+            return Err(Error::Usage(format!("message {id} could not be decrypted")));
+        }
+        if m.status == Status::Pending {
+            return Err(Error::Usage(format!(
+                "message {id} has not reached the server yet; react once it is sent"
+            )));
+        }
+        let peer = m.peer(&me).to_owned();
+        let now = self.unix_ms();
+        let content = Content::Reaction {
+            target: id,
+            target_from: m.from.clone(),
+            emoji: emoji.map(str::to_owned),
+        };
+        self.send_content(&peer, content, now)?;
+        let h = self.profile.history();
+        let mut batch = Batch::default();
+        h.react(&mut batch, &me, &peer, id, &m.from, emoji, now)?;
+        h.apply(batch, Writes::new())?;
+        h.flush()?;
+        h.get(&m.from, &id)?
+            .ok_or(Error::Unexpected("the message reacted to is gone"))
+    }
+
     /// This user's message `id`, for `what` (edit, delete).
     fn own_message(&self, id: MsgId, what: &str) -> Result<Message, Error> {
         let me = self.me()?;
@@ -184,5 +241,66 @@ mod tests {
         w.advance(Duration::from_millis(DELETE_WINDOW_MS + 1));
         assert!(matches!(alice.delete(old.id), Err(Error::Usage(_))));
         assert!(matches!(alice.delete(m.id), Err(Error::Usage(t)) if t.contains("deleted")));
+    }
+
+    #[test]
+    fn reactions_reach_both_sides_change_and_go_and_only_parties_count() {
+        let w = World::new();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut alice = w.user(&tmp.path().join("a"), "alice", true);
+        let mut bob = w.user(&tmp.path().join("b"), "bob", true);
+        let mut carol = w.user(&tmp.path().join("c"), "carol", true);
+        let m = alice.send("bob", "lunch?").unwrap();
+        World::sync(&mut bob);
+        let shown = bob.react(m.id, Some("👍")).unwrap();
+        assert_eq!(shown.reactions.get("bob").map(String::as_str), Some("👍"));
+        let events = World::sync(&mut alice);
+        assert!(
+            events.iter().any(|e| matches!(e, Event::Reaction(r)
+                if r.id == m.id && r.by == "bob" && r.emoji.as_deref() == Some("👍"))),
+            "{events:?}"
+        );
+        // Alice reacts to her own message too; one each.
+        alice.react(m.id, Some("❤️")).unwrap();
+        bob.react(m.id, Some("😂")).unwrap();
+        World::sync(&mut alice);
+        World::sync(&mut bob);
+        for c in [&alice, &bob] {
+            let r = &c.profile().history().get("alice", &m.id).unwrap().unwrap().reactions;
+            assert_eq!(
+                r.iter().map(|(u, e)| (u.as_str(), e.as_str())).collect::<Vec<_>>(),
+                [("alice", "❤️"), ("bob", "😂")]
+            );
+        }
+        // Taken back.
+        bob.react(m.id, None).unwrap();
+        let events = World::sync(&mut alice);
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::Reaction(r) if r.emoji.is_none()))
+        );
+        assert_eq!(alice.history("bob").unwrap()[0].reactions.len(), 1);
+        // Carol is no party to it: her forged reaction shows nowhere.
+        let forged = Content::Reaction {
+            target: m.id,
+            target_from: "alice".into(),
+            emoji: Some("💩".into()),
+        };
+        let now = carol.unix_ms();
+        carol.send_content("alice", forged, now).unwrap();
+        World::sync(&mut alice);
+        assert!(!alice.history("bob").unwrap()[0].reactions.contains_key("carol"));
+        // Not one emoji: refused before anything is sent.
+        let sends = w.server().sends().len();
+        for bad in ["", "👍👍", "ok"] {
+            assert!(matches!(bob.react(m.id, Some(bad)), Err(Error::Usage(_))), "{bad}");
+        }
+        assert_eq!(w.server().sends().len(), sends);
+        // A deleted message loses its reactions.
+        alice.delete(m.id).unwrap();
+        World::sync(&mut bob);
+        assert!(bob.history("alice").unwrap()[0].reactions.is_empty());
+        assert!(matches!(bob.react(m.id, Some("👍")), Err(Error::Usage(_))));
     }
 }

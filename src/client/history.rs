@@ -258,6 +258,10 @@ pub struct History {
     pub(super) meta: sled::Tree,
     /// The end-to-end state (see [`E2eStore`]).
     e2e: sled::Tree,
+    /// `from ‖ 0 ‖ id` → postcard [`super::updates::StoredReactions`]:
+    /// reactions to a message, by user (kept apart from it, so that one
+    /// arriving before the message counts too).
+    pub(super) react: sled::Tree,
 }
 
 /// The trees of a [`History`], for a [`Batch`].
@@ -271,6 +275,7 @@ pub(super) enum T {
     Pending = 5,
     Meta = 6,
     E2e = 7,
+    React = 8,
 }
 
 /// Writes to the history that go to disk together (see
@@ -348,6 +353,7 @@ impl History {
         let pending = db.open_tree("pending")?;
         let meta = db.open_tree("meta")?;
         let e2e = db.open_tree("e2e")?;
+        let react = db.open_tree("react")?;
         Ok(History {
             db,
             msgs,
@@ -358,6 +364,7 @@ impl History {
             pending,
             meta,
             e2e,
+            react,
         })
     }
 
@@ -376,6 +383,7 @@ impl History {
             T::Pending => &self.pending,
             T::Meta => &self.meta,
             T::E2e => &self.e2e,
+            T::React => &self.react,
         }
     }
 
@@ -434,6 +442,7 @@ impl History {
             &self.pending,
             &self.meta,
             &self.e2e,
+            &self.react,
         ];
         trees
             .as_slice()
@@ -581,6 +590,7 @@ impl History {
             Direction::In => m.from.clone(),
         };
         m.status = receipts.status(m.status, m.direction, &peer);
+        m.reactions = self.reactions_of(&m)?;
         if let (Some(id), Some(q)) = (m.reply_to, m.quote.as_mut())
             && let Some(v) = self.msgs.get(msg_key(&q.from, &id))?
         {
@@ -690,6 +700,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Message, Error> {
             forwards: m.forwards,
             edited_ms: m.edited_ms,
             deleted: m.deleted,
+            ..Message::default()
         }),
         Ok(Stored::V3(m)) => Ok(Message {
             id: m.id,
@@ -707,6 +718,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Message, Error> {
             edited_ms: m.edited_ms,
             deleted: m.deleted,
             repeats: 0,
+            ..Message::default()
         }),
         Ok(Stored::V2(m)) => Ok(Message {
             id: m.id,

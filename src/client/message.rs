@@ -3,6 +3,8 @@
 //! Pure data: how messages are stored is [`super::history`], how receipts
 //! move their states is [`super::status`].
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::wire::{DeviceId, MsgId};
@@ -98,6 +100,10 @@ pub struct Message {
     /// Deleted for everyone: `text` is empty, and so is any earlier
     /// version.
     pub deleted: bool,
+    /// Reactions: user → emoji, one per user (as read back from the
+    /// history; stored apart from the message).
+    #[serde(default)]
+    pub reactions: BTreeMap<String, String>,
 }
 
 /// What a reply quotes.
@@ -129,6 +135,7 @@ impl Default for Message {
             forwards: 0,
             edited_ms: None,
             deleted: false,
+            reactions: BTreeMap::new(),
         }
     }
 }

@@ -70,7 +70,7 @@ pub use message::{Direction, Message, Quote, Status};
 pub use profile::{Profile, Registration, Unlock};
 pub use request::{Outcome, Request};
 pub use status::{DeviceReport, DeviceState, Receipts, Report};
-pub use updates::{ReceiptNews, Update, UpdateKind};
+pub use updates::{Reaction, ReceiptNews, Update, UpdateKind};
 pub use verify::SafetyNumber;
 
 use crate::wire::ErrorCode;

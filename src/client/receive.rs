@@ -168,6 +168,23 @@ impl Client {
                     }
                     false
                 }
+                Content::Reaction {
+                    target,
+                    target_from,
+                    emoji,
+                } => {
+                    let r = history.react(
+                        &mut batch,
+                        &d.from.user,
+                        &d.to,
+                        target,
+                        &target_from,
+                        emoji.as_deref(),
+                        p.ts_ms,
+                    )?;
+                    events.extend(r.map(Event::Reaction));
+                    false
+                }
                 Content::Read { peer, ids } => {
                     if own {
                         let news = history.read_elsewhere(&mut batch, &d.from, &peer, &ids, d.time_ms)?;

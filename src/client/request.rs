@@ -61,6 +61,13 @@ pub enum Request {
         /// The message's id.
         id: String,
     },
+    /// React to a message, or take the reaction back.
+    React {
+        /// The message's id.
+        id: String,
+        /// The emoji; `None` removes this user's reaction.
+        emoji: Option<String>,
+    },
     /// Mark the conversation with a user read.
     Read {
         /// The other party.
@@ -118,6 +125,8 @@ pub enum Outcome {
     Edited(Message),
     /// A message after its deletion.
     Deleted(Message),
+    /// A message after a reaction to it.
+    Reacted(Message),
     /// A conversation was marked read.
     Read {
         /// The other party.
