@@ -113,6 +113,9 @@ enum Cmd {
     Sync,
     /// Stay connected and print messages as they arrive.
     Listen,
+    /// The terminal messenger: your chats, the open conversation, ticks
+    /// that change as you watch (`?` or F1 shows every key).
+    Chat,
     /// Print the local conversation with a user (an error if there is none).
     History {
         /// The other party.
@@ -573,6 +576,7 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<ExitCode, client::Error> {
     }
     let request = match cmd {
         Cmd::Listen => return listen(dir, &mut unlock, out).map(|()| ExitCode::SUCCESS),
+        Cmd::Chat => return tidings::chat::run(dir, &mut unlock).map(|()| ExitCode::SUCCESS),
         Cmd::Register { invite, name } => Request::Register { code: invite, name },
         Cmd::Link { code } => Request::Link { code },
         Cmd::LinkCode => Request::LinkCode,

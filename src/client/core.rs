@@ -148,6 +148,8 @@ pub struct Client {
     rng: SystemRandom,
     /// Inside [`Client::listen`].
     pub(super) listening: bool,
+    /// [`Input::Stop`] came: `listen` returns.
+    pub(super) stopping: bool,
 }
 
 /// What a send produced: sent, or pending.
@@ -196,6 +198,7 @@ impl Client {
             config: ConnConfig::default(),
             rng: SystemRandom::new(),
             listening: false,
+            stopping: false,
         }
     }
 
@@ -379,6 +382,7 @@ impl Client {
         let now = self.now();
         match input {
             Some(Input::Local(job)) => self.jobs.push_back(job),
+            Some(Input::Stop) => self.stopping = true,
             Some(Input::Net { epoch, data }) => {
                 if let Some(conn) = self.conn.as_mut().filter(|_| self.epoch == epoch) {
                     conn.handle_input(&data, now);
@@ -402,8 +406,10 @@ impl Client {
     /// keeping work handed over meanwhile for later.
     pub(super) fn pause(&mut self, until: Instant) {
         while let Some(input) = self.driver.wait(until) {
-            if let Input::Local(job) = input {
-                self.jobs.push_back(job);
+            match input {
+                Input::Local(job) => self.jobs.push_back(job),
+                Input::Stop => self.stopping = true,
+                _ => {}
             }
         }
     }

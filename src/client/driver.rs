@@ -36,6 +36,8 @@ pub enum Input {
     },
     /// Work from another command (or the chat screen).
     Local(Job),
+    /// Stop listening (the chat screen is closing).
+    Stop,
 }
 
 /// Time and sockets for one client.

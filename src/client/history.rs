@@ -231,6 +231,17 @@ fn encode(m: &Message) -> Result<Vec<u8>, Error> {
     postcard::to_stdvec(&Stored::V4(v)).map_err(|e| Error::Damaged(e.to_string()))
 }
 
+/// One conversation, as a list of chats shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conversation {
+    /// The other user.
+    pub peer: String,
+    /// Its newest message.
+    pub last: Message,
+    /// How many of the peer's messages are not read yet.
+    pub unread: usize,
+}
+
 /// The local history: messages by (sender, id) for dedup and state, and
 /// by conversation in arrival order.
 #[derive(Clone)]
@@ -655,6 +666,34 @@ impl History {
         Ok(out)
     }
 
+    /// Every conversation: its peer, newest message and how many of the
+    /// peer's messages are unread, the most recent conversation first.
+    ///
+    /// # Errors
+    /// Store errors; a damaged record.
+    pub fn conversations(&self) -> Result<Vec<Conversation>, Error> {
+        let mut out: Vec<Conversation> = Vec::new();
+        for entry in self.conv.iter() {
+            let (ck, key) = entry?;
+            let Some(end) = ck.iter().position(|b| *b == 0) else {
+                continue;
+            };
+            let peer = String::from_utf8_lossy(&ck[..end]).into_owned();
+            let Some(v) = self.msgs.get(&key)? else { continue };
+            let m = self.view(decode(&v)?)?;
+            let unread = usize::from(m.direction == Direction::In && m.status != Status::Read && !m.deleted);
+            match out.last_mut() {
+                Some(c) if c.peer == peer => {
+                    c.unread += unread;
+                    c.last = m;
+                }
+                _ => out.push(Conversation { peer, last: m, unread }),
+            }
+        }
+        out.sort_by(|a, b| b.last.ts_ms.cmp(&a.last.ts_ms).then_with(|| a.peer.cmp(&b.peer)));
+        Ok(out)
+    }
+
     /// Outgoing messages still pending, oldest first.
     ///
     /// # Errors
@@ -790,6 +829,24 @@ mod tests {
         h.remove("alice", "alice", &mine.id).unwrap();
         assert_eq!(h.conversation("bob").unwrap(), vec![a, b]);
         h.flush().unwrap();
+    }
+
+    #[test]
+    fn conversations_are_listed_newest_first_with_unread_counts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let h = History::open(tmp.path()).unwrap();
+        assert!(h.conversations().unwrap().is_empty());
+        h.insert("alice", &msg(1, "bob", "alice", Direction::In, Status::Received))
+            .unwrap();
+        h.insert("alice", &msg(2, "bob", "alice", Direction::In, Status::Received))
+            .unwrap();
+        h.insert("alice", &msg(3, "alice", "carol", Direction::Out, Status::Sent))
+            .unwrap();
+        h.insert("alice", &msg(4, "bob", "alice", Direction::In, Status::Read))
+            .unwrap();
+        let c = h.conversations().unwrap();
+        let got: Vec<(&str, u8, usize)> = c.iter().map(|c| (c.peer.as_str(), c.last.id.0[0], c.unread)).collect();
+        assert_eq!(got, [("bob", 4, 2), ("carol", 3, 0)]);
     }
 
     #[test]

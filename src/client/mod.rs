@@ -64,7 +64,7 @@ pub use crate::code::{Code, CodeError};
 pub use content::{BodyError, Content};
 pub use core::{Client, Event};
 pub use e2e::Notice;
-pub use history::{History, StoreError};
+pub use history::{Conversation, History, StoreError};
 pub use ipc::{listen, listen_with, run, run_with};
 pub use message::{Direction, Message, Quote, Status};
 pub use profile::{Profile, Registration, Unlock};

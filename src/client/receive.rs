@@ -326,6 +326,9 @@ impl Client {
     fn listen_loop(&mut self, on_event: &mut dyn FnMut(&Event) -> bool) -> Result<(), Error> {
         let mut backoff = LISTEN_BACKOFF;
         loop {
+            if self.stopping {
+                return Ok(());
+            }
             let outcome = self.connect().and_then(|()| {
                 backoff.reset();
                 if !on_event(&Event::Connected) {
@@ -349,8 +352,10 @@ impl Client {
             // Wait out the backoff, still serving local work.
             let until = backoff.next(self.now()).unwrap_or_else(|| self.now());
             while let Some(input) = self.driver.wait(until) {
-                if let Input::Local(job) = input {
-                    self.run_job(job);
+                match input {
+                    Input::Local(job) => self.run_job(job),
+                    Input::Stop => return Ok(()),
+                    _ => {}
                 }
             }
         }
@@ -365,6 +370,9 @@ impl Client {
         }
         self.send_pending()?;
         loop {
+            if self.stopping {
+                return Ok(false);
+            }
             while let Some(ev) = self.events.pop_front() {
                 if !on_event(&ev) {
                     return Ok(false);
