@@ -1,103 +1,193 @@
-//! Append + group-commit flush: the cost of making N messages durable with
-//! one flush, as the daemon does for every batch of sends (DESIGN.md,
-//! guarantee 1). Each iteration appends N fresh messages for one recipient
-//! device (200-byte bodies) and then runs `Flusher::flush_now`; the store
-//! lives in a temporary directory under `target/tmp`, on the real disk, so
-//! the flush pays a real sync.
+//! The store path per message, both ways a copy goes (issue 9): N
+//! messages for one recipient device (200-byte bodies) per store-thread
+//! turn, for N in 1, 10, 100, reported per message (criterion prints the
+//! throughput in messages a second).
 //!
-//! `cargo bench --bench store`. Throughput is reported in messages, so
-//! criterion prints the per-message rate too; the medians are in
-//! `target/criterion/store_append_flush/<way>/N/new/estimates.json`.
+//! - `elided`: the recipient is online and acknowledges each copy before
+//!   its write deadline, as a connected device does. Timed: N appends (the
+//!   loops' memory calls), reading them for delivery, the ack (which
+//!   settles them), and one store-thread turn, which finds nothing to
+//!   write. Nothing touches the disk.
+//! - `spilled`: the recipient is offline. Timed: N appends, one turn that
+//!   writes the N copies with their message records in one batch, the
+//!   group flush (sled's flush and an `fdatasync` of its file) and the
+//!   turn that settles them; then, as when the device comes back, delivery
+//!   (from memory, or from disk through the store thread for what the
+//!   cache no longer holds), the ack, and the turn that deletes the N
+//!   records (made durable by the next flush). The store lives under `target/tmp`, on
+//!   the real disk, so the flush pays a real sync.
 //!
-//! Two ways, measured side by side in one run:
-//! - `batch_per_message`: one `Store::append` (one sled batch) per message,
-//!   as the daemon did at first. sled seals and writes an io buffer for
-//!   every batch (a `pwrite` and a `sync_file_range`), so the per-message
-//!   cost barely falls with N;
-//! - `batch_per_turn`: N appends in one `Store::apply` (one sled batch), as
-//!   the daemon now does for all the sends of one event-loop turn, then the
-//!   one group flush.
+//! The turns run on the bench's thread with `Store::step`, as the
+//! simulation runs them; the daemon runs the same code on its store
+//! thread.
+//!
+//! Run: `cargo bench --bench store` (add `-- --quick` for a short run, or
+//! a filter such as `-- elided`). The medians are in
+//! `target/criterion/store_path/<way>/<N>/new/estimates.json`.
 
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tidings::ids::{DeviceKey, UserId};
-use tidings::store::{Op, Store, StoreConfig};
+use tidings::store::{Appended, Completion, NewMessage, Op, Outcome, Read, Sink, Store, StoreApi, StoreConfig, Waiter};
 use tidings::wire::{DeviceId, MsgId};
 
 const BODY_LEN: usize = 200;
-/// The recipient's queue is acked (untimed) past this many entries, so
-/// that it stays the size of a real backlog rather than growing with the
-/// number of iterations.
-const MAX_BACKLOG: u64 = 10_000;
 
-fn append_and_flush(c: &mut Criterion) {
+struct Rig {
+    store: Store,
+    sink: Arc<Sink>,
+    sender: DeviceKey,
+    recipient: DeviceKey,
+    body: Bytes,
+    next_id: u64,
+    got: Vec<Completion>,
+    delivered: Vec<(u64, tidings::store::Entry)>,
+}
+
+impl Rig {
+    fn turn(&self, flush: bool) {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        assert!(self.store.step(Instant::now(), now_ms, flush), "a store turn failed");
+    }
+
+    /// Appends `n` messages for the recipient, online or not.
+    fn append(&mut self, n: u64, online: bool) {
+        let w = Waiter {
+            sink: self.sink.clone(),
+            token: 0,
+        };
+        for _ in 0..n {
+            self.next_id += 1;
+            let mut id = [0u8; 16];
+            id[8..].copy_from_slice(&self.next_id.to_be_bytes());
+            let m = NewMessage {
+                sender: self.sender,
+                id: MsgId(id),
+                to: self.recipient.user,
+                copies: vec![(self.recipient, self.body.clone(), online)],
+                now_ms: self.next_id,
+                mono: Instant::now(),
+            };
+            let got = self.store.append(m, &w);
+            assert!(matches!(got, Appended::Queued { .. }), "{got:?}");
+        }
+    }
+
+    /// Delivers the last `n` entries of the recipient's queue as the hub
+    /// does (from memory, or from disk through the store thread when they
+    /// are no longer cached) and acknowledges them.
+    fn deliver_and_ack(&mut self, n: u64) {
+        self.delivered.clear();
+        let last = self.store.last_seq(self.recipient);
+        let mut from = last + 1 - n;
+        loop {
+            match self.store.read(self.recipient, from, n as usize, &mut self.delivered) {
+                Read::Memory { .. } => break,
+                Read::OnDisk => {
+                    let w = Waiter {
+                        sink: self.sink.clone(),
+                        token: 1,
+                    };
+                    self.store.submit(
+                        Op::ReadBacklog {
+                            device: self.recipient,
+                            from,
+                            max: n as usize,
+                        },
+                        Some(w),
+                    );
+                    self.turn(false);
+                    self.got.clear();
+                    self.sink.take(&mut self.got);
+                    let Some(Completion {
+                        outcome: Outcome::Backlog { entries, covered, .. },
+                        ..
+                    }) = self.got.pop()
+                    else {
+                        panic!("no backlog")
+                    };
+                    self.delivered.extend(entries);
+                    from = covered + 1;
+                }
+            }
+        }
+        assert_eq!(self.delivered.len() as u64, n);
+        self.store.ack(self.recipient, last);
+    }
+
+    /// Every one of the last `n` messages is settled.
+    fn settled(&mut self, n: u64) {
+        self.got.clear();
+        self.sink.take(&mut self.got);
+        assert_eq!(self.got.len() as u64, n, "settlements");
+    }
+}
+
+fn store_path(c: &mut Criterion) {
     let base = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
     std::fs::create_dir_all(base).expect("target tmp dir");
     let dir = tempfile::tempdir_in(base).expect("temp dir on disk");
     let store = Store::open(dir.path(), &StoreConfig::default()).expect("store");
-    let sender = DeviceKey {
-        user: UserId(1),
-        device: DeviceId(1),
+    let mut rig = Rig {
+        store,
+        sink: Sink::new(|| {}),
+        sender: DeviceKey {
+            user: UserId(1),
+            device: DeviceId(1),
+        },
+        recipient: DeviceKey {
+            user: UserId(2),
+            device: DeviceId(1),
+        },
+        body: Bytes::from(vec![0xa5; BODY_LEN]),
+        next_id: 0,
+        got: Vec::new(),
+        delivered: Vec::new(),
     };
-    let recipient = DeviceKey {
-        user: UserId(2),
-        device: DeviceId(1),
-    };
-    let body = Bytes::from(vec![0xa5; BODY_LEN]);
-    let mut next_id: u64 = 0;
-    let mut acked: u64 = 0;
 
-    let mut group = c.benchmark_group("store_append_flush");
-    for per_turn in [false, true] {
-        let name = if per_turn {
-            "batch_per_turn"
-        } else {
-            "batch_per_message"
-        };
-        for n in [1u64, 10, 100] {
-            group.throughput(Throughput::Elements(n));
-            group.bench_with_input(BenchmarkId::new(name, n), &n, |b, &n| {
-                b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        let mut ops = Vec::with_capacity(n as usize);
-                        for _ in 0..n {
-                            next_id += 1;
-                            let mut id = [0u8; 16];
-                            id[8..].copy_from_slice(&next_id.to_be_bytes());
-                            ops.push(Op::Append {
-                                sender,
-                                id: MsgId(id),
-                                to: recipient.user,
-                                bodies: vec![(recipient, body.clone())],
-                                now_ms: next_id,
-                            });
-                        }
-                        let start = Instant::now();
-                        if per_turn {
-                            store.apply(&ops).expect("apply");
-                        } else {
-                            for op in &ops {
-                                store.apply(std::slice::from_ref(op)).expect("apply");
-                            }
-                        }
-                        assert!(store.flusher().flush_now(), "flush failed");
-                        total += start.elapsed();
-                        if next_id - acked > MAX_BACKLOG {
-                            acked = store.last_seq(recipient).expect("last_seq");
-                            store.ack(recipient, acked).expect("ack");
-                            store.flush().expect("flush");
-                        }
-                    }
-                    total
-                })
-            });
-        }
+    let mut group = c.benchmark_group("store_path");
+    for n in [1u64, 10, 100] {
+        group.throughput(Throughput::Elements(n));
+        group.bench_with_input(BenchmarkId::new("elided", n), &n, |b, &n| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    rig.append(n, true);
+                    rig.deliver_and_ack(n);
+                    rig.turn(false);
+                    rig.settled(n);
+                }
+                let took = start.elapsed();
+                assert_eq!(rig.store.queued_bytes(), 0, "an acked copy was written");
+                took
+            })
+        });
+    }
+    for n in [1u64, 10, 100] {
+        group.throughput(Throughput::Elements(n));
+        group.bench_with_input(BenchmarkId::new("spilled", n), &n, |b, &n| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let start = Instant::now();
+                    rig.append(n, false);
+                    rig.turn(true);
+                    rig.settled(n);
+                    rig.deliver_and_ack(n);
+                    rig.turn(false);
+                    total += start.elapsed();
+                }
+                total
+            })
+        });
     }
     group.finish();
 }
 
-criterion_group!(benches, append_and_flush);
+criterion_group!(benches, store_path);
 criterion_main!(benches);

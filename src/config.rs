@@ -41,6 +41,26 @@ pub struct FileConfig {
     /// Quotas that refuse new messages.
     #[serde(default)]
     pub quotas: QuotaSettings,
+    /// The store path.
+    #[serde(default)]
+    pub store: StoreSettings,
+}
+
+/// `[store]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSettings {
+    /// How long a copy for an online device may wait in memory for its
+    /// ack before it is written.
+    #[serde(default, deserialize_with = "duration")]
+    pub write_delay: Option<Duration>,
+    /// Most bytes of copies waiting in memory to be written.
+    #[serde(default, deserialize_with = "size")]
+    pub write_memory: Option<u64>,
+    /// Free space below which new messages are refused (re-read on
+    /// SIGHUP).
+    #[serde(default, deserialize_with = "size")]
+    pub min_free: Option<u64>,
 }
 
 /// `[retention]`.
@@ -245,6 +265,16 @@ impl FileConfig {
         if let Some(v) = q.disk_budget {
             c.store.quotas.disk_budget = v;
         }
+        let st = &self.store;
+        if let Some(v) = st.write_delay {
+            c.store.write_delay = v;
+        }
+        if let Some(v) = st.write_memory {
+            c.store.write_memory = v;
+        }
+        if let Some(v) = st.min_free {
+            c.store.min_free = v;
+        }
         if let Some(v) = l.connections_per_ip {
             c.per_ip.connections = v;
         }
@@ -287,6 +317,10 @@ mod tests {
             queue_messages = 1000
             queue_bytes = "10MiB"
             disk_budget = "1GiB"
+            [store]
+            write_delay = "20ms"
+            write_memory = "4MiB"
+            min_free = "1GiB"
             "#,
         )
         .unwrap();
@@ -308,6 +342,9 @@ mod tests {
         assert_eq!(s.store.quotas.queue_messages, 1000);
         assert_eq!(s.store.quotas.queue_bytes, 10 << 20);
         assert_eq!(s.store.quotas.disk_budget, 1 << 30);
+        assert_eq!(s.store.write_delay, Duration::from_millis(20));
+        assert_eq!(s.store.write_memory, 4 << 20);
+        assert_eq!(s.store.min_free, 1 << 30);
     }
 
     #[test]

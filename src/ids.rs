@@ -34,3 +34,42 @@ pub struct ConnId {
     /// Unique within that loop; never reused.
     pub serial: u64,
 }
+
+/// Who a client's static key is, as the account directory says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Identity {
+    /// A registered device.
+    Device(DeviceKey),
+    /// A key nobody registered: it may register or redeem a link code.
+    Unregistered,
+    /// A revoked device: told so, then closed.
+    Revoked,
+    /// The directory could not say: closed without a word, as for a failed
+    /// handshake.
+    Refused,
+}
+
+/// The time, as a driver read it: the protocol core never reads the clock
+/// itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    /// For timers.
+    pub mono: std::time::Instant,
+    /// For timestamps: milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+}
+
+impl Now {
+    /// Reads both clocks (for drivers: the event loops, the sweeper, the
+    /// admin thread; never for the core).
+    pub fn read() -> Now {
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Now {
+            mono: std::time::Instant::now(),
+            unix_ms,
+        }
+    }
+}

@@ -24,6 +24,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::ids::DeviceKey;
+pub use crate::ids::Identity;
 use crate::noise::{ExpectClientAuth, ExpectClientHello, Keypair, Opened, PublicKey, Transport};
 use crate::wire::{
     self, ClientFrame, ErrorCode, Flow, FrameError, HANDSHAKE_RECORD_CAP, MAX_RECORD_LEN, MAX_TEXT_LEN, PREAMBLE_LEN,
@@ -56,20 +57,6 @@ impl Default for SessionConfig {
             max_output: 1 << 20,
         }
     }
-}
-
-/// Who a client's static key is, as the caller's directory says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Identity {
-    /// A registered device.
-    Device(DeviceKey),
-    /// A key nobody registered: it may register or redeem a link code.
-    Unregistered,
-    /// A revoked device: told so, then closed.
-    Revoked,
-    /// The directory could not say (a storage failure): closed without a
-    /// word, as for a failed handshake.
-    Refused,
 }
 
 /// What the session hands to the hub.
@@ -318,7 +305,16 @@ impl Session {
     /// Whether the hub may queue more deliveries without piling up output:
     /// less than a quarter of the output cap is waiting.
     pub fn wants_more(&self) -> bool {
-        self.pending_output() < self.inner.config.max_output / 4 && self.device().is_some()
+        self.room() > 0
+    }
+
+    /// Output bytes deliveries may still add before they pause (a quarter
+    /// of the output cap, less what is waiting); 0 unless authenticated.
+    pub fn room(&self) -> usize {
+        if self.device().is_none() {
+            return 0;
+        }
+        (self.inner.config.max_output / 4).saturating_sub(self.pending_output())
     }
 
     /// Whether the connection is finished: closed, or closing with nothing

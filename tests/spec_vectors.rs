@@ -572,6 +572,7 @@ fn readme_states_the_limits() {
     }
     let hub = HubConfig::default();
     let quotas = Quotas::default();
+    let store = tidings::store::StoreConfig::default();
     let retention = RetentionConfig::default();
     assert_eq!(
         retention.period.as_secs() % 86_400,
@@ -582,12 +583,23 @@ fn readme_states_the_limits() {
         format!("`noise::REKEY_AFTER_RECORDS` = {}", noise::REKEY_AFTER_RECORDS),
         format!("`noise::REKEY_AFTER` = {} s", noise::REKEY_AFTER.as_secs()),
         format!("`store::MAX_ONE_TIME_KEYS` = {}", tidings::store::MAX_ONE_TIME_KEYS),
+        format!("`store::MAX_LINK_CODES` = {}", tidings::store::MAX_LINK_CODES),
+        format!("`store::LINK_REQUESTS_BURST` = {}", tidings::store::LINK_REQUESTS_BURST),
+        format!(
+            "`store::LINK_REQUEST_REFILL` = {} s",
+            tidings::store::LINK_REQUEST_REFILL.as_secs()
+        ),
+        format!("`HubConfig::link_ttl` = {} s", hub.link_ttl.as_secs()),
         format!("`HubConfig::claims_per_minute` = {}", hub.claims_per_minute),
         format!("`HubConfig::low_keys` = {}", hub.low_keys),
         format!("`HubConfig::window` = {}", hub.window),
         format!("`Quotas::queue_messages` = {}", quotas.queue_messages),
         format!("`Quotas::queue_bytes` = {}", quotas.queue_bytes),
         format!("`Quotas::disk_budget` = {}", quotas.disk_budget),
+        format!("`StoreConfig::write_delay` = {} ms", store.write_delay.as_millis()),
+        format!("`StoreConfig::write_memory` = {}", store.write_memory),
+        format!("`StoreConfig::min_free` = {}", store.min_free),
+        format!("`store::RECENT_MESSAGES` = {}", tidings::store::RECENT_MESSAGES),
         format!(
             "`RetentionConfig::period` = {} days",
             retention.period.as_secs() / 86_400

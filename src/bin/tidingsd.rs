@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tidings::config::FileConfig;
-use tidings::hub::{HubConfig, Now, Shared};
+use tidings::hub::Now;
 use tidings::server::admin::{self, Command};
 use tidings::server::{Server, ServerConfig};
 use tidings::store::{Store, StoreConfig, StoreError};
@@ -83,6 +83,7 @@ fn main() -> ExitCode {
     let level = file.log_level.clone().unwrap_or_else(|| "info".into());
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(format!("sled=warn,{level}"))).init();
     let mut config = file.to_server_config();
+    config.config_file = cli.config.clone();
     if file.workers.is_none() {
         config.workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     }
@@ -169,10 +170,11 @@ fn operator(data_dir: &Path, cmd: Command) -> Result<(), String> {
                 }
                 Err(e) => return Err(e.to_string()),
             };
-            let shared = Shared::new(store.clone(), HubConfig::default());
-            let lines = admin::execute(&shared, None, &cmd, Now::read().unix_ms)?;
+            let threads = store.start().map_err(|e| e.to_string())?;
+            let lines = admin::execute(&store, None, &cmd, Now::read().unix_ms);
+            store.stop(threads);
             store.flush().map_err(|e| e.to_string())?;
-            lines
+            lines?
         }
     };
     if let Command::Invite { uses, expires, .. } = cmd {

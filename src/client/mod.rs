@@ -198,6 +198,9 @@ pub fn describe(code: ErrorCode) -> &'static str {
         ErrorCode::QUOTA_EXCEEDED => {
             "a queue this would go to is full (a device of the recipient's, or one of yours, has not collected its messages), or the server is out of space; nothing was sent, try again later"
         }
+        ErrorCode::STORAGE_FULL => {
+            "the server is out of disk space and takes nothing new until its operator frees some; nothing was sent, try again later"
+        }
         ErrorCode::INTERNAL => "the server failed; try again",
         ErrorCode::BAD_REQUEST => "inconsistent request",
         ErrorCode::MALFORMED => "the server could not read the request",
@@ -218,7 +221,9 @@ impl std::fmt::Display for conn::Closed {
             C::Handshake => f.write_str(
                 "the handshake failed: the server's key is not the one this profile pinned, or it dropped the connection",
             ),
-            C::ByServer { code, .. } if *code == ErrorCode::REVOKED => f.write_str("this device was revoked"),
+            C::ByServer { code, .. } if *code == ErrorCode::REVOKED => f.write_str(
+                "this device was revoked (by another device of the account or by the server's operator), so the server no longer accepts it; to use the account here again, link a new profile with a code from a current device",
+            ),
             C::ByServer { code, .. } if *code == ErrorCode::CONNECTED_ELSEWHERE => {
                 f.write_str("this device connected from elsewhere; this connection was closed")
             }

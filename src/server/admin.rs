@@ -17,10 +17,10 @@ use std::time::Duration;
 
 use super::Loops;
 use crate::code::Code;
-use crate::hub::{Effect, Now, Shared};
+use crate::hub::{Effect, Now, Refusal, Shared};
 use crate::ids::DeviceKey;
-use crate::store::Store;
-use crate::wire::{DeviceId, ErrorCode};
+use crate::store::{Op, Outcome, Store};
+use crate::wire::DeviceId;
 
 /// File name of the admin socket in the data directory.
 pub const SOCKET: &str = "admin.sock";
@@ -107,14 +107,20 @@ fn fmt_time(ms: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
-/// Runs a command on the store. `loops` is there when the daemon runs, to
-/// disconnect revoked devices. Returns the output lines.
+/// Runs a command on the store, whose thread must run. `online` is there
+/// when the daemon runs, to disconnect revoked devices. Returns the output
+/// lines.
 ///
 /// # Errors
 /// A message for the operator.
-pub fn execute(shared: &Shared, loops: Option<&Loops>, cmd: &Command, now_ms: u64) -> Result<Vec<String>, String> {
-    let store = shared.store();
+pub fn execute(
+    store: &Store,
+    online: Option<(&Shared, &Loops)>,
+    cmd: &Command,
+    now_ms: u64,
+) -> Result<Vec<String>, String> {
     let accounts = store.accounts();
+    let failed = || "the store failed; see the daemon's log".to_string();
     match cmd {
         Command::Invite {
             uses,
@@ -135,8 +141,12 @@ pub fn execute(shared: &Shared, loops: Option<&Loops>, cmd: &Command, now_ms: u6
                 return Err("--uses must be at least 1".into());
             }
             let expires_ms = expires.map(|d| now_ms + d.as_millis() as u64);
-            let token = accounts.create_invite(*uses, expires_ms).map_err(|e| e.to_string())?;
-            store.flush().map_err(|e| e.to_string())?;
+            let Outcome::Token(token, _) = store.call(Op::Invite {
+                uses: *uses,
+                expires_ms,
+            }) else {
+                return Err(failed());
+            };
             let code = Code {
                 addr,
                 server_key: store.server_key().public,
@@ -159,7 +169,7 @@ pub fn execute(shared: &Shared, loops: Option<&Loops>, cmd: &Command, now_ms: u6
                         user: id,
                         device: d.device,
                     };
-                    let online = match shared.connection_of(key) {
+                    let online = match online.and_then(|(shared, _)| shared.connection_of(key)) {
                         Some(c) => format!("\tonline (loop {})", c.worker),
                         None => String::new(),
                     };
@@ -184,18 +194,20 @@ pub fn execute(shared: &Shared, loops: Option<&Loops>, cmd: &Command, now_ms: u6
             let mut out = Vec::new();
             for d in targets {
                 let key = DeviceKey { user: id, device: d };
-                match shared.revoke(key, now_ms).map_err(|e| e.to_string())? {
-                    None => return Err(format!("{user} has no device {d}")),
-                    Some(conn) => {
-                        if let (Some(conn), Some(loops)) = (conn, loops) {
+                match store.call(Op::Revoke { device: key, now_ms }) {
+                    Outcome::Revoked(false) => return Err(format!("{user} has no device {d}")),
+                    Outcome::Revoked(true) => {
+                        if let Some((shared, loops)) = online
+                            && let Some(conn) = shared.connection_of(key)
+                        {
                             loops.post(Effect::Close {
                                 conn,
-                                code: ErrorCode::REVOKED,
-                                text: "this device was revoked",
+                                why: Refusal::Revoked,
                             });
                         }
                         out.push(format!("revoked {user} device {d}"));
                     }
+                    _ => return Err(failed()),
                 }
             }
             Ok(out)
@@ -236,7 +248,7 @@ impl AdminServer {
                     return;
                 }
                 match stream {
-                    Ok(s) => serve(s, &shared, &loops),
+                    Ok(s) => serve(s, &store, &shared, &loops),
                     Err(e) => log::warn!("admin socket: {e}"),
                 }
             }
@@ -266,7 +278,7 @@ impl Drop for AdminServer {
     }
 }
 
-fn serve(stream: UnixStream, shared: &Shared, loops: &Loops) {
+fn serve(stream: UnixStream, store: &Store, shared: &Shared, loops: &Loops) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let mut line = String::new();
     let Ok(reader) = stream.try_clone() else { return };
@@ -284,7 +296,7 @@ fn serve(stream: UnixStream, shared: &Shared, loops: &Loops) {
                     Command::Revoke { .. } => "revoke",
                 }
             );
-            execute(shared, Some(loops), &cmd, Now::read().unix_ms)
+            execute(store, Some((shared, loops)), &cmd, Now::read().unix_ms)
         }
         Err(e) => Err(e),
     };

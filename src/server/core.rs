@@ -1,6 +1,6 @@
-//! The sans-I/O heart of one event loop: its connections' sessions and
-//! delivery cursors, its hub, its timers. The mio loop ([`super::Worker`])
-//! wraps it with sockets; the simulation tests drive it with none.
+//! The sans-I/O heart of one event loop: its connections' sessions, its
+//! hub, its timers. The mio loop ([`super::Worker`]) wraps it with sockets;
+//! the simulation tests drive it with none.
 //!
 //! Each connection carries an `io: T` the driver owns (a socket, or `()`).
 //! After any call, the driver writes out [`Core::take_dirty`]
@@ -12,12 +12,11 @@ use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::hub::{Cursor, Effect, Hub, Now, Shared};
+use crate::hub::{ConnView, Effect, Hub, Now, Refusal, Shared};
 use crate::ids::ConnId;
 use crate::noise::Keypair;
 use crate::session::{Session, SessionConfig};
-use crate::store::Epoch;
-use crate::wire::ErrorCode;
+use crate::store::Sink;
 
 /// One connection.
 pub struct Conn<T> {
@@ -25,12 +24,24 @@ pub struct Conn<T> {
     pub io: T,
     /// The protocol state.
     pub session: Session,
-    /// Delivery state once authenticated.
-    pub cursor: Option<Cursor>,
     /// The deadline queued in the timer heap for this connection.
     scheduled: Option<Instant>,
     /// Listed in `dirty` already.
     is_dirty: bool,
+    /// Delivery paused because the output was full.
+    stalled: bool,
+    /// A `Wake` for it waits for the end of the turn.
+    wake_pending: bool,
+}
+
+impl<T> Conn<T> {
+    fn view(&self) -> ConnView<'_> {
+        ConnView {
+            device: self.session.device(),
+            remote: self.session.remote_static(),
+            room: self.session.room(),
+        }
+    }
 }
 
 /// One loop's connections and hub.
@@ -45,15 +56,25 @@ pub struct Core<T> {
     dirty: Vec<u64>,
     dead: Vec<(ConnId, T)>,
     remote: Vec<Effect>,
+    /// Remote connections a `Wake` is among `remote` for.
+    remote_woken: std::collections::HashSet<ConnId>,
+    /// Local connections to pump at the end of the turn, once each.
+    wakes: Vec<u64>,
 }
 
 impl<T> Core<T> {
-    /// A core for loop number `worker`.
-    pub fn new(worker: u16, shared: Arc<Shared>, session_config: SessionConfig) -> Core<T> {
-        let server_key = Arc::new(shared.store().server_key().clone());
+    /// A core for loop number `worker`, whose store outcomes arrive in
+    /// `sink`.
+    pub fn new(
+        worker: u16,
+        shared: Arc<Shared>,
+        server_key: Arc<Keypair>,
+        session_config: SessionConfig,
+        sink: Arc<Sink>,
+    ) -> Core<T> {
         Core {
             worker,
-            hub: Hub::new(shared),
+            hub: Hub::new(shared, worker, sink),
             conns: HashMap::new(),
             next_serial: 1,
             server_key,
@@ -62,6 +83,8 @@ impl<T> Core<T> {
             dirty: Vec::new(),
             dead: Vec::new(),
             remote: Vec::new(),
+            remote_woken: std::collections::HashSet::new(),
+            wakes: Vec::new(),
         }
     }
 
@@ -90,6 +113,11 @@ impl<T> Core<T> {
         self.conns.get_mut(&serial)
     }
 
+    /// The device delivering on connection `serial`, if authenticated.
+    pub fn device_of(&self, serial: u64) -> Option<crate::ids::DeviceKey> {
+        self.hub.device_of(serial)
+    }
+
     /// Every connection's serial.
     pub fn serials(&self) -> Vec<u64> {
         self.conns.keys().copied().collect()
@@ -112,9 +140,10 @@ impl<T> Core<T> {
             Conn {
                 io,
                 session,
-                cursor: None,
                 scheduled: None,
                 is_dirty: false,
+                stalled: false,
+                wake_pending: false,
             },
         );
         self.after(serial);
@@ -132,22 +161,30 @@ impl<T> Core<T> {
     /// The peer closed its side or the socket failed: drop the connection.
     pub fn hang_up(&mut self, serial: u64) {
         if let Some(c) = self.conns.remove(&serial) {
-            self.hub.closed(self.id(serial), c.cursor.as_ref());
-            self.dead.push((self.id(serial), c.io));
+            let id = self.id(serial);
+            self.hub.closed(id);
+            self.dead.push((id, c.io));
         }
     }
 
-    /// Handles the session's events and the hub's effects, then files the
-    /// connection as dirty, dead or rescheduled.
+    /// Hands the session's events to the hub and applies what follows,
+    /// then files the connection as dirty, dead or rescheduled.
     fn drive(&mut self, serial: u64, now: Now) {
-        let id = self.id(serial);
-        if let Some(c) = self.conns.get_mut(&serial) {
-            while let Some(event) = c.session.poll_event() {
-                self.hub.handle(id, &mut c.session, &mut c.cursor, event, now);
-            }
-        }
+        self.events(serial, now);
         self.apply_effects(now);
         self.after(serial);
+    }
+
+    fn events(&mut self, serial: u64, now: Now) {
+        let id = self.id(serial);
+        loop {
+            let Some(c) = self.conns.get_mut(&serial) else { return };
+            let Some(event) = c.session.poll_event() else { return };
+            self.hub.handle(id, c.view(), event, now);
+            // Applied before the next event, so that its view of the
+            // connection (the room for deliveries) is current.
+            self.apply_effects(now);
+        }
     }
 
     fn apply_effects(&mut self, now: Now) {
@@ -157,39 +194,110 @@ impl<T> Core<T> {
                 return;
             }
             for effect in effects {
-                self.apply(effect, now);
+                let serial = effect.conn().serial;
+                let local = effect.conn().worker == self.worker;
+                self.apply_one(effect, now);
+                if local {
+                    self.after(serial);
+                }
             }
         }
     }
 
-    /// Applies an effect to one of this loop's connections (or forwards it).
+    fn apply_one(&mut self, effect: Effect, now: Now) {
+        Self::apply_to(
+            &mut self.hub,
+            &mut self.conns,
+            &mut self.remote,
+            &mut self.remote_woken,
+            &mut self.wakes,
+            self.worker,
+            effect,
+            now,
+        );
+    }
+
+    /// Pumps every connection woken during the turn, once each, until no
+    /// more are woken.
+    fn run_wakes(&mut self, now: Now) {
+        loop {
+            let wakes = std::mem::take(&mut self.wakes);
+            if wakes.is_empty() {
+                return;
+            }
+            for serial in wakes {
+                let id = self.id(serial);
+                if let Some(c) = self.conns.get_mut(&serial) {
+                    c.wake_pending = false;
+                    c.stalled = false;
+                    self.hub.pump(id, c.session.room(), now);
+                    if c.session.room() == 0 {
+                        c.stalled = true;
+                    }
+                }
+                self.apply_effects(now);
+                self.after(serial);
+            }
+        }
+    }
+
+    /// Applies an effect to one of this loop's connections (or forwards
+    /// it).
     pub fn apply(&mut self, effect: Effect, now: Now) {
+        let serial = effect.conn().serial;
+        let local = effect.conn().worker == self.worker;
+        self.apply_one(effect, now);
+        self.apply_effects(now);
+        if local {
+            self.after(serial);
+        }
+        self.run_wakes(now);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply_to(
+        hub: &mut Hub,
+        conns: &mut HashMap<u64, Conn<T>>,
+        remote: &mut Vec<Effect>,
+        remote_woken: &mut std::collections::HashSet<ConnId>,
+        wakes: &mut Vec<u64>,
+        worker: u16,
+        effect: Effect,
+        now: Now,
+    ) {
         let conn = effect.conn();
-        if conn.worker != self.worker {
-            self.remote.push(effect);
+        if conn.worker != worker {
+            if matches!(effect, Effect::Wake(_)) && !remote_woken.insert(conn) {
+                return;
+            }
+            remote.push(effect);
             return;
         }
-        let Some(c) = self.conns.get_mut(&conn.serial) else {
+        let Some(c) = conns.get_mut(&conn.serial) else {
             return;
         };
         match effect {
             Effect::Wake(_) => {
-                if let Some(cursor) = c.cursor.as_mut() {
-                    self.hub.pump(&mut c.session, cursor, now);
+                // Once per turn, at its end: one pump delivers all there is.
+                if !c.wake_pending {
+                    c.wake_pending = true;
+                    wakes.push(conn.serial);
                 }
             }
             Effect::Send { req, frame, .. } => {
                 c.session.send(req, &frame, now.mono);
+                if c.session.room() == 0 && hub.device_of(conn.serial).is_some() {
+                    c.stalled = true;
+                }
             }
             Effect::Authenticate { device, .. } => {
                 c.session.set_device(device);
                 while let Some(event) = c.session.poll_event() {
-                    self.hub.handle(conn, &mut c.session, &mut c.cursor, event, now);
+                    hub.handle(conn, c.view(), event, now);
                 }
             }
-            Effect::Close { code, text, .. } => c.session.close(code, text, now.mono),
+            Effect::Close { why, .. } => c.session.close(why.code(), why.text(), now.mono),
         }
-        self.after(conn.serial);
     }
 
     /// Files a connection after a change: dead, dirty, timer.
@@ -213,13 +321,13 @@ impl<T> Core<T> {
 
     /// Reports what the driver wrote; resumes stalled delivery.
     pub fn wrote(&mut self, serial: u64, n: usize, now: Now) {
+        let id = self.id(serial);
         let Some(c) = self.conns.get_mut(&serial) else { return };
         c.session.advance(n);
-        if c.cursor.as_ref().is_some_and(|k| k.stalled())
-            && c.session.wants_more()
-            && let Some(cursor) = c.cursor.as_mut()
-        {
-            self.hub.pump(&mut c.session, cursor, now);
+        if c.stalled && c.session.wants_more() {
+            c.stalled = false;
+            self.hub.pump(id, c.session.room(), now);
+            self.apply_effects(now);
         }
         self.after(serial);
     }
@@ -243,6 +351,7 @@ impl<T> Core<T> {
 
     /// Effects for connections of other loops.
     pub fn take_remote(&mut self) -> Vec<Effect> {
+        self.remote_woken.clear();
         std::mem::take(&mut self.remote)
     }
 
@@ -269,31 +378,25 @@ impl<T> Core<T> {
         }
     }
 
-    /// Ends a turn: writes the queue changes of every event handled since
-    /// the last call in one batch (see [`Hub::commit`]), and applies what
-    /// follows from them. Drivers call it once per turn, after input and
-    /// before writing output.
+    /// Ends a turn: takes the store's outcomes for this loop and applies
+    /// what follows from them. Drivers call it once per turn, after input
+    /// and before writing output.
     pub fn end_turn(&mut self, now: Now) {
-        self.hub.commit();
+        self.hub.poll_store(now);
         self.apply_effects(now);
+        self.run_wakes(now);
     }
 
-    /// The flusher made `durable` durable: release what waited for it.
-    pub fn flushed(&mut self, durable: Epoch, now: Now) {
-        self.hub.release(durable);
-        self.apply_effects(now);
-    }
-
-    /// Whether answers wait for a flush.
+    /// Whether answers wait for the store.
     pub fn has_pending(&self) -> bool {
         self.hub.has_pending()
     }
 
     /// Closes every connection (shutdown).
-    pub fn close_all(&mut self, code: ErrorCode, text: &'static str, now: Now) {
+    pub fn close_all(&mut self, why: Refusal, now: Now) {
         for serial in self.serials() {
             if let Some(c) = self.conns.get_mut(&serial) {
-                c.session.close(code, text, now.mono);
+                c.session.close(why.code(), why.text(), now.mono);
             }
             self.after(serial);
         }

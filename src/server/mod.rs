@@ -36,10 +36,9 @@ use thiserror::Error;
 use self::core::Core;
 use self::limits::{IpLimitConfig, IpLimits};
 use self::sweeper::{RetentionConfig, Sweeper};
-use crate::hub::{Effect, HubConfig, Now, Shared};
+use crate::hub::{Effect, HubConfig, Now, Refusal, Shared};
 use crate::session::SessionConfig;
-use crate::store::{Store, StoreConfig, StoreError};
-use crate::wire::ErrorCode;
+use crate::store::{Sink, Store, StoreApi, StoreConfig, StoreError, StoreThreads};
 
 const LISTENER: Token = Token(usize::MAX);
 const WAKER: Token = Token(usize::MAX - 1);
@@ -92,6 +91,8 @@ pub struct ServerConfig {
     pub per_ip: IpLimitConfig,
     /// Retention.
     pub retention: RetentionConfig,
+    /// The configuration file, re-read on SIGHUP (for `store.min_free`).
+    pub config_file: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -107,6 +108,7 @@ impl ServerConfig {
             store: StoreConfig::default(),
             per_ip: IpLimitConfig::default(),
             retention: RetentionConfig::default(),
+            config_file: None,
         }
     }
 }
@@ -156,6 +158,25 @@ impl Loops {
         }
     }
 
+    /// Hands a turn's effects to the loops that own their connections:
+    /// one lock and one wake per loop, not per effect.
+    pub fn post_all(&self, effects: Vec<Effect>) {
+        if effects.is_empty() {
+            return;
+        }
+        for (w, m) in self.mailboxes.iter().enumerate() {
+            let mut mine = effects.iter().filter(|e| e.conn().worker as usize == w).peekable();
+            if mine.peek().is_none() {
+                continue;
+            }
+            m.effects
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(mine.cloned());
+            m.wake();
+        }
+    }
+
     /// Stops every loop.
     pub fn stop(&self) {
         for m in self.mailboxes.iter() {
@@ -181,6 +202,10 @@ pub struct Worker {
     store: Arc<Store>,
     read_buf: Vec<u8>,
     signals: Option<signal_hook_mio::v1_0::Signals>,
+    /// Connections were closed for the shutdown.
+    closed: bool,
+    /// Re-read on SIGHUP.
+    config_file: Option<PathBuf>,
 }
 
 /// A running daemon.
@@ -194,6 +219,18 @@ pub struct Server {
     /// soon as the daemon says it listens; stopped when the server ends.
     admin: Option<admin::AdminServer>,
     retention: RetentionConfig,
+    /// The store thread and flusher, running from [`Server::bind`] on so
+    /// that operator commands are served at once.
+    store_threads: Option<StoreThreads>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.admin.take();
+        if let Some(t) = self.store_threads.take() {
+            self.store.stop(t);
+        }
+    }
 }
 
 impl Server {
@@ -220,7 +257,8 @@ impl Server {
             store.set_public_addr(&local_addr.to_string())?;
         }
         store.flush()?;
-        let shared = Shared::new(store.clone(), config.hub.clone());
+        let shared = Shared::new(store.clone() as Arc<dyn StoreApi>, config.hub.clone());
+        let server_key = Arc::new(store.server_key().clone());
         let n = config.workers.max(1);
         let mut polls = Vec::with_capacity(n);
         let mut mailboxes = Vec::with_capacity(n);
@@ -247,19 +285,30 @@ impl Server {
                 .map_err(io_err("registering the listener"))?;
             let mailbox = loops.mailboxes[i].clone();
             let m = mailbox.clone();
-            store.flusher().on_flush(move || m.wake());
+            store.on_failure(move || m.wake());
+            let m = mailbox.clone();
+            let sink = Sink::new(move || m.wake());
             workers.push(Worker {
                 poll,
                 listener: Some(listener),
                 mailbox,
                 loops: loops.clone(),
-                core: Core::new(i as u16, shared.clone(), config.session.clone()),
+                core: Core::new(
+                    i as u16,
+                    shared.clone(),
+                    server_key.clone(),
+                    config.session.clone(),
+                    sink,
+                ),
                 limits: ip_limits.clone(),
                 store: store.clone(),
                 read_buf: vec![0; READ_CHUNK],
                 signals: None,
+                closed: false,
+                config_file: config.config_file.clone(),
             });
         }
+        let store_threads = store.start().map_err(io_err("starting the store thread"))?;
         let admin = admin::AdminServer::start(store.clone(), shared.clone(), loops.clone())
             .map_err(io_err("starting the admin socket"))?;
         Ok(Server {
@@ -270,6 +319,7 @@ impl Server {
             workers,
             admin: Some(admin),
             retention: config.retention,
+            store_threads: Some(store_threads),
         })
     }
 
@@ -295,14 +345,18 @@ impl Server {
     /// # Errors
     /// On a failure that stops the daemon (a flush failure among them).
     pub fn run(mut self, handle_signals: bool) -> Result<(), ServerError> {
-        let flusher = self.store.flusher().start().map_err(io_err("starting the flusher"))?;
         let admin = self.admin.take();
-        let sweeper = Sweeper::start(self.shared.clone(), self.loops.clone(), self.retention)
-            .map_err(io_err("starting the sweeper"))?;
+        let sweeper = Sweeper::start(
+            self.store.clone(),
+            self.shared.clone(),
+            self.loops.clone(),
+            self.retention,
+        )
+        .map_err(io_err("starting the sweeper"))?;
         if handle_signals {
-            use signal_hook::consts::{SIGINT, SIGTERM};
-            let mut signals =
-                signal_hook_mio::v1_0::Signals::new([SIGTERM, SIGINT]).map_err(io_err("installing signal handlers"))?;
+            use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+            let mut signals = signal_hook_mio::v1_0::Signals::new([SIGTERM, SIGINT, SIGHUP])
+                .map_err(io_err("installing signal handlers"))?;
             self.workers[0]
                 .poll
                 .registry()
@@ -335,9 +389,10 @@ impl Server {
         }
         drop(admin);
         sweeper.stop();
-        self.store.flusher().stop();
-        let _ = flusher.join();
-        if self.store.flusher().failed() {
+        if let Some(t) = self.store_threads.take() {
+            self.store.stop(t);
+        }
+        if self.store.failed() {
             return Err(ServerError::FlushFailed);
         }
         self.store.flush()?;
@@ -373,11 +428,17 @@ impl Worker {
                     LISTENER => self.accept(now),
                     WAKER => {}
                     SIGNALS => {
-                        if let Some(s) = self.signals.as_mut()
-                            && s.pending().next().is_some()
-                        {
-                            log::info!("signal received: shutting down");
-                            self.loops.stop();
+                        let pending: Vec<i32> = match self.signals.as_mut() {
+                            Some(s) => s.pending().collect(),
+                            None => Vec::new(),
+                        };
+                        for signal in pending {
+                            if signal == signal_hook::consts::SIGHUP {
+                                self.reload();
+                            } else {
+                                log::info!("signal received: shutting down");
+                                self.loops.stop();
+                            }
                         }
                     }
                     Token(serial) => {
@@ -396,13 +457,10 @@ impl Worker {
                 self.core.apply(effect, now);
             }
             self.core.end_turn(now);
-            if self.store.flusher().failed() {
-                log::error!("stopping: a flush failed");
+            if self.store.failed() {
+                log::error!("stopping: the store failed");
                 self.loops.stop();
                 return Err(ServerError::FlushFailed);
-            }
-            if self.core.has_pending() {
-                self.core.flushed(self.store.flusher().durable(), now);
             }
             self.core.timeout(now);
             if self.mailbox.stop.load(Ordering::SeqCst) && stopping.is_none() {
@@ -410,29 +468,53 @@ impl Worker {
                 self.begin_shutdown(now);
             }
             self.flush_output(now);
-            for effect in self.core.take_remote() {
-                self.loops.post(effect);
-            }
+            self.loops.post_all(self.core.take_remote());
             if let Some(since) = stopping {
-                let all_acked = !self.core.has_pending() || self.store.flusher().failed();
-                if (self.core.is_empty() && all_acked) || now.mono >= since + Duration::from_secs(3) {
+                // Answers that wait for the store go out before the
+                // connections close (the store thread writes every copy
+                // still in memory at once while stopping).
+                let answered = !self.core.has_pending() || self.store.failed();
+                if answered && !self.closed {
+                    self.closed = true;
+                    self.core.close_all(Refusal::ShuttingDown, now);
+                    self.flush_output(now);
+                }
+                if (self.core.is_empty() && answered) || now.mono >= since + Duration::from_secs(3) {
                     return Ok(());
                 }
             }
         }
     }
 
-    /// Stops accepting, makes in-flight writes durable and answers them,
-    /// then closes every connection.
-    fn begin_shutdown(&mut self, now: Now) {
+    /// SIGHUP: re-reads the configuration file's settings that apply to a
+    /// running daemon (`store.min_free`).
+    fn reload(&mut self) {
+        let Some(path) = self.config_file.as_ref() else {
+            log::info!("SIGHUP: no configuration file to re-read");
+            return;
+        };
+        match crate::config::FileConfig::load(path) {
+            Ok(file) => {
+                let min_free = file.to_server_config().store.min_free;
+                self.store.set_min_free(min_free);
+                log::info!(
+                    "SIGHUP: re-read {}; store.min_free is {} MiB",
+                    path.display(),
+                    min_free >> 20
+                );
+            }
+            Err(e) => log::error!("SIGHUP: {e}; keeping the settings in force"),
+        }
+    }
+
+    /// Stops accepting, and asks the store to write every copy still in
+    /// memory now, so that what waits for it is answered before the
+    /// connections close.
+    fn begin_shutdown(&mut self, _now: Now) {
         if let Some(mut l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }
-        if self.core.has_pending() && self.store.flusher().flush_now() {
-            self.core.flushed(self.store.flusher().durable(), now);
-        }
-        self.core
-            .close_all(ErrorCode::SHUTTING_DOWN, "the server is shutting down", now);
+        self.store.write_all();
     }
 
     fn accept(&mut self, now: Now) {

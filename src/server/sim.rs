@@ -8,16 +8,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::core::Core;
-use crate::hub::{HubConfig, Now, Shared};
+use crate::hub::{Effect, HubConfig, Now, Shared};
 use crate::ids::ConnId;
 use crate::noise::{self, ExpectServerHello, Keypair, Opened, Transport};
 use crate::session::SessionConfig;
-use crate::store::{Store, StoreConfig};
+use crate::store::{Completion, Op, Outcome, Sink, Store, StoreApi, StoreConfig, Waiter};
 use crate::wire::{self, ClientFrame, Flow, MAX_RECORD_LEN, RecordDecoder, RecordError, ServerFrame, Token};
 
 /// One simulated device connection.
 pub struct SimClient {
     pub key: Keypair,
+    /// Acknowledges every queue entry it receives, as a real client does
+    /// once it stored them.
+    pub auto_ack: bool,
     hello: Option<ExpectServerHello>,
     transport: Option<Transport>,
     decoder: RecordDecoder,
@@ -50,6 +53,20 @@ impl SimClient {
                     wire::encode_client(0, &ClientFrame::Pong, &mut plain);
                     t.seal(&plain, now.mono, &mut self.outbox).expect("seal");
                 }
+                let seq = match &f.1 {
+                    ServerFrame::Deliver(d) => Some(d.seq),
+                    ServerFrame::Receipt(r) => Some(r.seq),
+                    ServerFrame::Gap(g) => Some(g.seq),
+                    ServerFrame::Expired(e) => Some(e.seq),
+                    _ => None,
+                };
+                if let (Some(up_to), true) = (seq, self.auto_ack) {
+                    let mut plain = Vec::new();
+                    let req = self.next_req;
+                    self.next_req += 1;
+                    wire::encode_client(req, &ClientFrame::Ack { up_to }, &mut plain);
+                    t.seal(&plain, now.mono, &mut self.outbox).expect("seal");
+                }
                 self.inbox.push(f);
             }
         }
@@ -63,9 +80,17 @@ pub struct World {
     pub cores: Vec<Core<()>>,
     pub clients: HashMap<ConnId, SimClient>,
     pub now: Now,
-    /// Whether `run` flushes (tests turn it off to look between write and
-    /// flush).
+    /// Whether `run` flushes what the store thread wrote (tests turn it
+    /// off to look between write and flush).
     pub auto_flush: bool,
+    /// Effects posted from outside the loops (as the admin socket posts
+    /// its closes), applied by [`World::exchange`].
+    pub mailbox: Vec<Effect>,
+    /// Whether new clients acknowledge what they receive at once.
+    pub auto_ack: bool,
+    /// Revokes the operator asked for, waiting for the store's answer.
+    operator: Arc<Sink>,
+    revoking: Vec<(u64, crate::ids::DeviceKey)>,
     dead: Vec<ConnId>,
     _dir: tempfile::TempDir,
 }
@@ -82,9 +107,18 @@ impl World {
     pub fn with_configs(workers: u16, config: HubConfig, store_config: StoreConfig) -> World {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(Store::open(dir.path(), &store_config).expect("store"));
-        let shared = Shared::new(store.clone(), config);
+        let shared = Shared::new(store.clone() as Arc<dyn StoreApi>, config);
+        let key = Arc::new(store.server_key().clone());
         let cores = (0..workers)
-            .map(|w| Core::new(w, shared.clone(), SessionConfig::default()))
+            .map(|w| {
+                Core::new(
+                    w,
+                    shared.clone(),
+                    key.clone(),
+                    SessionConfig::default(),
+                    Sink::new(|| {}),
+                )
+            })
             .collect();
         World {
             store,
@@ -93,6 +127,10 @@ impl World {
             clients: HashMap::new(),
             now: Now::read(),
             auto_flush: true,
+            mailbox: Vec::new(),
+            auto_ack: true,
+            operator: Sink::new(|| {}),
+            revoking: Vec::new(),
             dead: Vec::new(),
             _dir: dir,
         }
@@ -107,6 +145,7 @@ impl World {
         let hello = noise::client_start(&key, &server, &mut outbox).expect("client start");
         let client = SimClient {
             key,
+            auto_ack: self.auto_ack,
             hello: Some(hello),
             transport: None,
             decoder: RecordDecoder::new(),
@@ -119,6 +158,160 @@ impl World {
         self.clients.insert(id, client);
         self.run();
         id
+    }
+
+    /// Opens a connection on `worker` and runs the handshake up to the
+    /// client's last message, which waits in the client's outbox: the
+    /// server does not know yet who the client is.
+    pub fn connect_pending(&mut self, worker: u16, key: Keypair) -> ConnId {
+        let serial = self.cores[worker as usize].accept((), self.now);
+        let id = ConnId { worker, serial };
+        let mut outbox = Vec::new();
+        let server = self.store.server_key().public;
+        let hello = noise::client_start(&key, &server, &mut outbox).expect("client start");
+        self.cores[worker as usize].input(serial, &outbox, self.now);
+        let client = SimClient {
+            key,
+            auto_ack: self.auto_ack,
+            hello: Some(hello),
+            transport: None,
+            decoder: RecordDecoder::new(),
+            outbox: Vec::new(),
+            inbox: Vec::new(),
+            next_req: 1,
+            plain: Vec::new(),
+            scratch: Vec::new(),
+        };
+        self.clients.insert(id, client);
+        self.exchange();
+        assert!(
+            !self.clients[&id].outbox.is_empty(),
+            "the client's last handshake message"
+        );
+        id
+    }
+
+    /// Half a turn of `conn`'s loop: it reads what the client sent (for the
+    /// handshake's last message, the key is identified) but does not
+    /// handle the events that follow yet.
+    pub fn read_only(&mut self, conn: ConnId) {
+        let bytes = std::mem::take(&mut self.clients.get_mut(&conn).expect("client").outbox);
+        let shared = self.shared.clone();
+        let now = self.now;
+        if let Some(c) = self.cores[conn.worker as usize].conn_mut(conn.serial) {
+            c.session
+                .handle_input(&bytes, now.mono, &mut |key| shared.identify(key));
+        }
+    }
+
+    /// The rest of the turn begun by [`World::read_only`]: the loop handles
+    /// the events and ends its turn. What it sends, and its effects for
+    /// other loops, wait for [`World::exchange`]; operations it handed the
+    /// store thread, and answers that wait for them, wait for
+    /// [`World::flush`].
+    pub fn handle_read(&mut self, conn: ConnId) {
+        let core = &mut self.cores[conn.worker as usize];
+        core.input(conn.serial, &[], self.now);
+        core.end_turn(self.now);
+    }
+
+    /// One whole turn of `conn`'s loop on what its client sent.
+    pub fn turn(&mut self, conn: ConnId) {
+        self.read_only(conn);
+        self.handle_read(conn);
+    }
+
+    /// The store thread runs a turn and flushes; the loops take what it
+    /// answered.
+    pub fn flush(&mut self) {
+        self.step_store(true);
+    }
+
+    /// One store-thread turn (flushed if `flush`), then the loops take its
+    /// outcomes, and the operator's revokes that are done close their
+    /// device's connection (as the admin thread does).
+    pub fn step_store(&mut self, flush: bool) {
+        assert!(
+            self.store.step(self.now.mono, self.now.unix_ms, flush),
+            "the store failed"
+        );
+        for core in &mut self.cores {
+            core.end_turn(self.now);
+        }
+        let mut done = Vec::new();
+        self.operator.take(&mut done);
+        for c in done {
+            let Some(i) = self.revoking.iter().position(|(t, _)| *t == c.token) else {
+                continue;
+            };
+            let (_, d) = self.revoking.remove(i);
+            if c.outcome == Outcome::Revoked(true)
+                && let Some(conn) = self.shared.connection_of(d)
+            {
+                self.mailbox.push(Effect::Close {
+                    conn,
+                    why: crate::hub::Refusal::Revoked,
+                });
+            }
+        }
+    }
+
+    /// The operator revokes `d` (`tidingsd revoke`): handed to the store
+    /// thread now; its connection is closed once the store answers.
+    pub fn operator_revoke(&mut self, d: crate::ids::DeviceKey) {
+        let token = self.revoking.len() as u64 + 1000;
+        self.revoking.push((token, d));
+        self.store.submit(
+            Op::Revoke {
+                device: d,
+                now_ms: self.now.unix_ms,
+            },
+            Some(Waiter {
+                sink: self.operator.clone(),
+                token,
+            }),
+        );
+    }
+
+    /// Runs one whole retention sweep with `cutoff_ms`, waking the devices
+    /// that got a notice.
+    pub fn sweep(&mut self, cutoff_ms: u64) {
+        let sink = Sink::new(|| {});
+        let mut cursor = Vec::new();
+        loop {
+            self.store.submit(
+                Op::Sweep {
+                    cursor: std::mem::take(&mut cursor),
+                    cutoff_ms,
+                    max_keys: 100,
+                    now_ms: self.now.unix_ms,
+                },
+                Some(Waiter {
+                    sink: sink.clone(),
+                    token: 1,
+                }),
+            );
+            self.step_store(true);
+            let mut got = Vec::new();
+            sink.take(&mut got);
+            let Some(Completion {
+                outcome: Outcome::Swept(swept, next),
+                ..
+            }) = got.pop()
+            else {
+                panic!("the sweep failed: {got:?}");
+            };
+            for d in swept.notified {
+                if let Some(c) = self.shared.connection_of(d) {
+                    self.mailbox.push(Effect::Wake(c));
+                }
+            }
+            if swept.wrapped {
+                break;
+            }
+            cursor = next;
+        }
+        self.run();
     }
 
     /// Queues a request; returns its id. Call [`World::run`] to move it.
@@ -155,13 +348,7 @@ impl World {
             for core in &mut self.cores {
                 core.end_turn(self.now);
             }
-            if self.auto_flush && self.cores.iter().any(|c| c.has_pending()) {
-                self.store.flusher().flush_now();
-                let durable = self.store.flusher().durable();
-                for core in &mut self.cores {
-                    core.flushed(durable, self.now);
-                }
-            }
+            self.step_store(self.auto_flush);
             moved |= self.exchange();
             if !moved {
                 return;
@@ -171,9 +358,9 @@ impl World {
     }
 
     /// Server to clients, remote effects between loops, dead connections.
-    fn exchange(&mut self) -> bool {
+    pub fn exchange(&mut self) -> bool {
         let mut moved = false;
-        let mut remote = Vec::new();
+        let mut remote = std::mem::take(&mut self.mailbox);
         for core in &mut self.cores {
             remote.extend(core.take_remote());
         }

@@ -1,7 +1,9 @@
 //! The retention sweeper: a thread that, every `sweep_every`, walks the
 //! queues in bounded turns ([`crate::store::Store::sweep`]), expiring what
 //! is older than the retention period with notices to both sides, and waking
-//! the loops of online devices that got a notice.
+//! the loops of online devices that got a notice. Each pass also removes
+//! expired link codes and invites
+//! ([`crate::store::Accounts::sweep_codes`]), so that they cannot pile up.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -10,6 +12,7 @@ use std::time::Duration;
 
 use super::Loops;
 use crate::hub::{Effect, Now, Shared};
+use crate::store::{Op, Outcome, Store};
 
 /// Retention settings.
 #[derive(Debug, Clone, Copy)]
@@ -45,7 +48,12 @@ impl Sweeper {
     ///
     /// # Errors
     /// If the thread cannot be spawned.
-    pub fn start(shared: Arc<Shared>, loops: Loops, config: RetentionConfig) -> std::io::Result<Sweeper> {
+    pub fn start(
+        store: Arc<Store>,
+        shared: Arc<Shared>,
+        loops: Loops,
+        config: RetentionConfig,
+    ) -> std::io::Result<Sweeper> {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let stopped = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -53,7 +61,7 @@ impl Sweeper {
         let thread = std::thread::Builder::new().name("sweeper".into()).spawn(move || {
             let stopped = stopping;
             loop {
-                sweep_once(&shared, &loops, &config, &stopped);
+                sweep_once(&store, &shared, &loops, &config, &stopped);
                 let (lock, cond) = &*flag;
                 let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
                 let (guard, _) = cond
@@ -84,8 +92,7 @@ impl Sweeper {
 }
 
 /// One full pass over the queues, in bounded turns.
-pub fn sweep_once(shared: &Shared, loops: &Loops, config: &RetentionConfig, stopped: &AtomicBool) {
-    let store = shared.store();
+pub fn sweep_once(store: &Store, shared: &Shared, loops: &Loops, config: &RetentionConfig, stopped: &AtomicBool) {
     let mut cursor = Vec::new();
     let (mut expired, mut forgotten) = (0, 0);
     loop {
@@ -93,9 +100,15 @@ pub fn sweep_once(shared: &Shared, loops: &Loops, config: &RetentionConfig, stop
             return;
         }
         let now = Now::read();
-        let cutoff = now.unix_ms.saturating_sub(config.period.as_millis() as u64);
-        match store.sweep(&mut cursor, cutoff, config.batch, now.unix_ms) {
-            Ok(swept) => {
+        let cutoff_ms = now.unix_ms.saturating_sub(config.period.as_millis() as u64);
+        match store.call(Op::Sweep {
+            cursor: std::mem::take(&mut cursor),
+            cutoff_ms,
+            max_keys: config.batch,
+            now_ms: now.unix_ms,
+        }) {
+            Outcome::Swept(swept, next) => {
+                cursor = next;
                 expired += swept.expired;
                 forgotten += swept.forgotten;
                 for d in swept.notified {
@@ -107,18 +120,18 @@ pub fn sweep_once(shared: &Shared, loops: &Loops, config: &RetentionConfig, stop
                     break;
                 }
             }
-            Err(e) => {
-                log::error!("retention sweep failed: {e}");
+            _ => {
+                log::error!("retention sweep failed");
                 return;
             }
         }
-        // Let the loops at the queue lock between turns.
+        // Let the store thread serve the loops between turns.
         std::thread::sleep(Duration::from_millis(1));
     }
     if expired > 0 {
         log::info!("retention: {expired} undelivered messages expired; their senders and devices were told");
     }
     if forgotten > 0 {
-        log::debug!("retention: forgot {forgotten} old message ids");
+        log::debug!("retention: forgot {forgotten} message and retraction records");
     }
 }

@@ -51,20 +51,71 @@ fn ack(w: &mut World, conn: ConnId, up_to: u64) {
     w.run();
 }
 
+/// Issue 9: a copy its online device acknowledges before the write delay
+/// is never written; the sender gets `Accepted` on the ack (spec §10).
 #[test]
-fn online_delivery_and_accepted_only_after_flush() {
+fn an_online_copy_acked_in_time_is_accepted_and_never_written() {
     let mut w = World::new(1);
+    w.auto_ack = false;
     let alice = w.register(0, "alice");
     let bob = w.register(0, "bob");
     let _ = w.inbox(bob);
-    w.auto_flush = false;
     w.request(alice, &send(1, "bob", vec![body(1, b"hi bob")], vec![]));
     w.run();
-    // Bob has it at once; Alice has no tick until the flush.
+    // Bob has it at once; Alice has no tick until bob's ack.
     assert_eq!(
         delivered(&w.inbox(bob)),
         vec![(1, MsgId([1; 16]), Bytes::from_static(b"hi bob"))]
     );
+    assert!(w.inbox(alice).is_empty());
+    ack(&mut w, bob, 1);
+    assert_eq!(accepted(&w.inbox(alice)), vec![MsgId([1; 16])]);
+    // Nothing of it ever reached the disk.
+    w.advance(Duration::from_secs(1));
+    assert_eq!(w.store.queued_bytes(), 0);
+    assert_eq!(w.store.queue_totals(), (0, 0));
+}
+
+/// A copy its online device does not acknowledge in time is written, and
+/// the sender gets `Accepted` once that is durable; the ack then deletes
+/// it, and its message's shared record with it.
+#[test]
+fn an_online_copy_not_acked_in_time_is_written_then_accepted() {
+    let mut w = World::new(1);
+    w.auto_ack = false;
+    let alice = w.register(0, "alice");
+    let bob = w.register(0, "bob");
+    let _ = w.inbox(bob);
+    w.request(alice, &send(1, "bob", vec![body(1, b"hi bob")], vec![]));
+    w.run();
+    assert_eq!(delivered(&w.inbox(bob)).len(), 1);
+    assert!(w.inbox(alice).is_empty());
+    w.auto_flush = false;
+    w.advance(crate::store::StoreConfig::default().write_delay);
+    // Written, not yet flushed: still no tick.
+    assert!(w.store.queued_bytes() > 0);
+    assert!(w.inbox(alice).is_empty());
+    w.auto_flush = true;
+    w.run();
+    assert_eq!(accepted(&w.inbox(alice)), vec![MsgId([1; 16])]);
+    ack(&mut w, bob, 1);
+    w.advance(Duration::from_millis(10));
+    assert_eq!(w.store.queued_bytes(), 0);
+}
+
+/// A copy for an offline device is written at once; `Accepted` waits for
+/// the flush.
+#[test]
+fn an_offline_copy_is_accepted_only_after_the_flush() {
+    let mut w = World::new(1);
+    let alice = w.register(0, "alice");
+    let bob = w.register(0, "bob");
+    w.request(bob, &ClientFrame::Close);
+    w.run();
+    w.auto_flush = false;
+    w.request(alice, &send(1, "bob", vec![body(1, b"hi bob")], vec![]));
+    w.run();
+    assert!(w.store.queued_bytes() > 0);
     assert!(w.inbox(alice).is_empty());
     w.auto_flush = true;
     w.run();
@@ -123,6 +174,7 @@ fn offline_delivery_in_order_then_drained() {
 #[test]
 fn unacked_messages_come_again_on_the_next_connection() {
     let mut w = World::new(1);
+    w.auto_ack = false;
     let alice = w.register(0, "alice");
     let bob = w.register(0, "bob");
     let _ = w.inbox(bob);
@@ -145,6 +197,7 @@ fn window_bounds_unacked_deliveries() {
             ..HubConfig::default()
         },
     );
+    w.auto_ack = false;
     let alice = w.register(0, "alice");
     let bob = w.register(0, "bob");
     w.request(bob, &ClientFrame::Close);
@@ -322,15 +375,7 @@ fn a_device_connecting_again_closes_the_older_connection() {
     assert!(w.is_dead(bob));
     assert!(!w.is_dead(bob_again));
     assert_eq!(
-        w.shared.connection_of(
-            w.cores[0]
-                .conn_mut(bob_again.serial)
-                .unwrap()
-                .cursor
-                .as_ref()
-                .unwrap()
-                .device()
-        ),
+        w.shared.connection_of(w.cores[0].device_of(bob_again.serial).unwrap()),
         Some(bob_again)
     );
 }
@@ -753,6 +798,7 @@ mod receipts_and_retract {
     #[test]
     fn a_retract_removes_the_copies_still_queued() {
         let mut w = World::new(1);
+        w.auto_ack = false;
         let alice = w.register(0, "alice");
         let bob = w.register(0, "bob");
         w.request(bob, &ClientFrame::Close);
@@ -825,19 +871,7 @@ fn expiry_notices_reach_both_sides() {
     let _ = w.inbox(alice);
     // Everything accepted so far is past its retention.
     let cutoff = w.now.unix_ms + 1;
-    let mut cursor = Vec::new();
-    loop {
-        let swept = w.store.sweep(&mut cursor, cutoff, 100, w.now.unix_ms).unwrap();
-        for d in swept.notified {
-            if let Some(c) = w.shared.connection_of(d) {
-                w.cores[c.worker as usize].apply(crate::hub::Effect::Wake(c), w.now);
-            }
-        }
-        if swept.wrapped {
-            break;
-        }
-    }
-    w.run();
+    w.sweep(cutoff);
     // Alice is online: told at once which ids never reached which device.
     match &w.inbox(alice)[..] {
         [(0, ServerFrame::Expired(e))] => {
@@ -886,4 +920,257 @@ fn a_retry_after_a_device_change_is_still_accepted() {
     w.run();
     assert_eq!(accepted(&w.inbox(alice)), vec![MsgId([3; 16])]);
     let _ = w.inbox(bob);
+}
+
+/// Issue 14: revocation holds across loops. Each test runs its steps in
+/// every order the loops could take them (a simulated schedule over two
+/// loops, a fresh world each time) and checks the outcome of each.
+mod revocation {
+    use super::*;
+    use crate::ids::{DeviceKey, UserId};
+    use crate::noise::Keypair;
+
+    /// Every order of `n` steps in which each `(a, b)` of `before` has `a`
+    /// before `b`.
+    fn orders(n: usize, before: &[(usize, usize)]) -> Vec<Vec<usize>> {
+        fn go(n: usize, before: &[(usize, usize)], prefix: &mut Vec<usize>, out: &mut Vec<Vec<usize>>) {
+            if prefix.len() == n {
+                out.push(prefix.clone());
+                return;
+            }
+            for s in 0..n {
+                let ready = !prefix.contains(&s) && before.iter().all(|&(a, b)| b != s || prefix.contains(&a));
+                if ready {
+                    prefix.push(s);
+                    go(n, before, prefix, out);
+                    prefix.pop();
+                }
+            }
+        }
+        let mut out = Vec::new();
+        go(n, before, &mut Vec::new(), &mut out);
+        out
+    }
+
+    /// Who revokes alice's device 2.
+    #[derive(Debug, Clone, Copy)]
+    enum Revoker {
+        /// Alice's device 1, on loop 0.
+        Device,
+        /// The operator (`tidingsd revoke`), through the admin socket,
+        /// whose close reaches the loop through its mailbox.
+        Operator,
+    }
+
+    const ALICE2: DeviceKey = DeviceKey {
+        user: UserId(1),
+        device: DeviceId(2),
+    };
+
+    /// The revoke, as one step: a turn of loop 0 on alice's `RevokeDevice`
+    /// (queued by `prepare`), or the operator's command, and the store
+    /// thread's turn that applies it (not flushed: its answer, and the
+    /// close that follows, wait for the flush step).
+    fn revoke(w: &mut World, revoker: Revoker, alice: ConnId) {
+        match revoker {
+            Revoker::Device => w.turn(alice),
+            Revoker::Operator => w.operator_revoke(ALICE2),
+        }
+        w.step_store(false);
+    }
+
+    fn prepare(w: &mut World, revoker: Revoker, alice: ConnId) {
+        if let Revoker::Device = revoker {
+            w.request(alice, &ClientFrame::RevokeDevice { device: DeviceId(2) });
+        }
+    }
+
+    fn is_revoked_close(f: &(u32, ServerFrame)) -> bool {
+        matches!(
+            f,
+            (
+                0,
+                ServerFrame::Close {
+                    code: ErrorCode::REVOKED,
+                    ..
+                }
+            )
+        )
+    }
+
+    /// Point 7 of the issue: device 2 reconnects on loop 1 while it is
+    /// revoked on loop 0. Its handshake's identify, its entry in the online
+    /// map, the revoke, the flush and the hand-over between loops come in
+    /// every order; in each, the connection ends closed with `REVOKED` (and
+    /// is never served if the revoke came before its entry in the online
+    /// map), and the online map forgets it.
+    #[test]
+    fn a_revoke_between_identify_and_the_online_map_still_closes_the_connection() {
+        for revoker in [Revoker::Device, Revoker::Operator] {
+            // Steps: 0 loop 1 reads the handshake's last message (identify),
+            // 1 loop 1 handles the events (online map), 2 the revoke, 3 a
+            // flush, 4 loops exchange effects and output.
+            for order in orders(5, &[(0, 1)]) {
+                let mut w = World::new(2);
+                let alice = w.register(0, "alice");
+                let alice2 = w.link(alice, 1);
+                w.request(alice2, &ClientFrame::Close);
+                w.run();
+                assert!(w.is_dead(alice2));
+                let key = w.clients[&alice2].key.clone();
+                let _ = w.inbox(alice);
+                let again = w.connect_pending(1, key);
+                prepare(&mut w, revoker, alice);
+                for &step in &order {
+                    match step {
+                        0 => w.read_only(again),
+                        1 => w.handle_read(again),
+                        2 => revoke(&mut w, revoker, alice),
+                        3 => w.flush(),
+                        _ => {
+                            w.exchange();
+                        }
+                    }
+                }
+                w.run();
+                let got = w.inbox(again);
+                let case = format!("{revoker:?}, order {order:?}: {got:?}");
+                assert!(got.iter().any(is_revoked_close), "{case}");
+                // Served only if it was online before the revoke.
+                let pos = |s: usize| order.iter().position(|&x| x == s);
+                if pos(2) < pos(1) {
+                    assert!(!got.iter().any(|f| f.1 == ServerFrame::QueueDrained), "{case}");
+                }
+                assert!(w.is_dead(again), "{case}");
+                assert_eq!(w.shared.connection_of(ALICE2), None, "{case}");
+                if let Revoker::Device = revoker {
+                    assert!(matches!(&w.inbox(alice)[..], [(_, ServerFrame::Done)]), "{case}");
+                }
+            }
+        }
+    }
+
+    /// Device 2, online on loop 1, asks for a link code while it is revoked
+    /// on loop 0, in every order of the two turns, the flush and the
+    /// exchange between loops: whatever code it got never redeems, the
+    /// user has no code left outstanding, and the connection is closed.
+    #[test]
+    fn a_code_asked_for_around_a_revoke_never_redeems() {
+        for revoker in [Revoker::Device, Revoker::Operator] {
+            // Steps: 0 loop 1's turn on `RequestLink`, 1 the revoke, 2 a
+            // flush, 3 loops exchange effects and output.
+            for order in orders(4, &[]) {
+                let mut w = World::new(2);
+                let alice = w.register(0, "alice");
+                let alice2 = w.link(alice, 1);
+                let _ = w.inbox(alice);
+                let _ = w.inbox(alice2);
+                w.request(alice2, &ClientFrame::RequestLink);
+                prepare(&mut w, revoker, alice);
+                for &step in &order {
+                    match step {
+                        0 => w.turn(alice2),
+                        1 => revoke(&mut w, revoker, alice),
+                        2 => w.flush(),
+                        _ => {
+                            w.exchange();
+                        }
+                    }
+                }
+                w.run();
+                let got = w.inbox(alice2);
+                let case = format!("{revoker:?}, order {order:?}: {got:?}");
+                assert!(got.iter().any(is_revoked_close), "{case}");
+                assert!(w.is_dead(alice2), "{case}");
+                assert_eq!(
+                    w.store.accounts().outstanding_links(UserId(1), w.now.unix_ms),
+                    0,
+                    "{case}"
+                );
+                for (_, frame) in got {
+                    if let ServerFrame::LinkCode { code, .. } = frame {
+                        let stranger = w.connect(0, Keypair::generate().unwrap());
+                        let req = w.request(stranger, &ClientFrame::RedeemLink { code });
+                        w.run();
+                        assert!(
+                            matches!(
+                                &w.inbox(stranger)[..],
+                                [(r, ServerFrame::Error { code: ErrorCode::INVALID_LINK_CODE, .. })] if *r == req
+                            ),
+                            "{case}"
+                        );
+                    }
+                }
+                let mut devices = Vec::new();
+                w.store.accounts().current_devices(UserId(1), &mut devices);
+                assert_eq!(devices, vec![DeviceId(1)], "{case}");
+            }
+        }
+    }
+
+    /// A revoked device's frames are not acted on even while the close from
+    /// the revoking loop is still on its way: loop 1 handles `RequestLink`
+    /// after the revoke on loop 0 but before the close arrives, and answers
+    /// nothing.
+    #[test]
+    fn frames_after_the_revoke_are_not_acted_on() {
+        let mut w = World::new(2);
+        let alice = w.register(0, "alice");
+        let alice2 = w.link(alice, 1);
+        let _ = w.inbox(alice2);
+        w.request(alice, &ClientFrame::RevokeDevice { device: DeviceId(2) });
+        w.turn(alice);
+        // The store thread applies it; not yet durable, so not answered.
+        w.step_store(false);
+        w.request(alice2, &ClientFrame::RequestLink);
+        w.request(alice2, &ClientFrame::MyDevices);
+        w.turn(alice2);
+        w.flush();
+        assert_eq!(w.store.accounts().outstanding_links(UserId(1), w.now.unix_ms), 0);
+        w.run();
+        let got = w.inbox(alice2);
+        assert!(matches!(&got[..], [f] if is_revoked_close(f)), "{got:?}");
+    }
+
+    /// Link-code limits through the hub: refusals carry `RATE_LIMITED` and,
+    /// at eight devices, `DEVICE_LIMIT`.
+    #[test]
+    fn link_code_limits() {
+        let mut w = World::new(1);
+        let alice = w.register(0, "alice");
+        let _ = w.inbox(alice);
+        for _ in 0..crate::store::MAX_LINK_CODES {
+            w.request(alice, &ClientFrame::RequestLink);
+        }
+        let over = w.request(alice, &ClientFrame::RequestLink);
+        w.run();
+        let got = w.inbox(alice);
+        let codes: Vec<_> = got
+            .iter()
+            .filter_map(|(_, f)| match f {
+                ServerFrame::LinkCode { code, .. } => Some(code.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(codes.len(), crate::store::MAX_LINK_CODES, "{got:?}");
+        assert!(
+            got.iter()
+                .any(|f| matches!(f, (r, ServerFrame::Error { code: ErrorCode::RATE_LIMITED, .. }) if *r == over)),
+            "{got:?}"
+        );
+        // Use them, and link more, up to eight devices.
+        for code in codes {
+            let c = w.connect(0, Keypair::generate().unwrap());
+            w.request(c, &ClientFrame::RedeemLink { code });
+            w.run();
+        }
+        while w.store.accounts().device_infos(UserId(1)).len() < crate::wire::MAX_DEVICES_PER_USER {
+            w.link(alice, 0);
+        }
+        let req = w.request(alice, &ClientFrame::RequestLink);
+        w.run();
+        assert!(
+            matches!(&w.inbox(alice)[..], [(r, ServerFrame::Error { code: ErrorCode::DEVICE_LIMIT, .. })] if *r == req)
+        );
+    }
 }

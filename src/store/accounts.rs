@@ -1,14 +1,26 @@
 //! Accounts, devices, device keys, invites and link codes.
 //!
 //! Every change runs in one sled transaction over the trees it touches and
-//! then updates an in-memory index (names, devices per user) under a write
-//! lock held across both, so readers never see the index ahead of or behind
-//! the database. Invite and link secrets are stored only as an HMAC under a
-//! key kept in `meta`, and checked with `ring::hmac::verify` (constant
-//! time).
+//! then updates an in-memory index (names, devices per user, outstanding
+//! link codes) under a write lock held across both, so readers never see
+//! the index ahead of or behind the database. Invite and link secrets are
+//! stored only as an HMAC under a key kept in `meta`, and checked with
+//! `ring::hmac::verify` (constant time).
+//!
+//! Revocation holds (spec §5.2 `RevokeDevice`, §11): a link code belongs to
+//! the device that asked for it. Asking for one ([`Accounts::request_link`])
+//! and revoking a device ([`Accounts::revoke`]) both run under the index's
+//! write lock, and a revoke deletes the device's codes in the same
+//! transaction that marks it revoked, so no code asked for by a device
+//! outlives its revocation, however the two interleave. A user has at most
+//! [`MAX_LINK_CODES`] outstanding codes and asks for them at a bounded rate
+//! ([`LINK_REQUESTS_BURST`], one more every [`LINK_REQUEST_REFILL`]).
+//! Revoked devices keep their record and their static key, so that the key
+//! is recognised and told it was revoked (spec §8, §12).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -17,9 +29,8 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 
 use super::{StoreError, be_u32};
-use crate::ids::{DeviceKey, UserId};
+use crate::ids::{DeviceKey, Identity, UserId};
 use crate::noise::PublicKey;
-use crate::session::Identity;
 use crate::wire::{DeviceId, DeviceInfo, MAX_DEVICES_PER_USER, Token, valid_user_name};
 
 /// A user as stored.
@@ -46,7 +57,19 @@ pub struct DeviceRecord {
     pub revoked_ms: Option<u64>,
 }
 
-/// An invite or a link code as stored.
+/// Most link codes a user may have outstanding (asked for, not yet used,
+/// not expired); one more is refused (spec §6).
+pub const MAX_LINK_CODES: usize = 3;
+
+/// Link codes a user may ask for in a burst (spec §6): enough to link a
+/// whole account's devices at once.
+pub const LINK_REQUESTS_BURST: u32 = 8;
+
+/// After a burst, a user may ask for one more link code every this long
+/// (spec §6).
+pub const LINK_REQUEST_REFILL: Duration = Duration::from_secs(600);
+
+/// An invite as stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TokenRecord {
     /// HMAC-SHA256 of the secret under the server's token key.
@@ -55,8 +78,23 @@ pub struct TokenRecord {
     pub uses_left: u32,
     /// When it stops working, if ever.
     pub expires_ms: Option<u64>,
-    /// For a link code: the account it joins.
+    /// Unused (it named a link code's account when invites and link codes
+    /// shared this record).
     pub user: Option<u32>,
+}
+
+/// A link code as stored (tree `link_codes`): the account it joins and the
+/// device that asked for it, which it dies with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LinkRecord {
+    /// HMAC-SHA256 of the secret under the server's token key.
+    pub mac: [u8; 32],
+    /// When it stops working.
+    pub expires_ms: u64,
+    /// The account it joins.
+    pub user: u32,
+    /// The device that asked for it.
+    pub device: u32,
 }
 
 /// Why a registration was refused (an expected outcome, not an error).
@@ -70,6 +108,19 @@ pub enum RegisterError {
     NameTaken,
     /// This static key already belongs to a device.
     KeyInUse,
+}
+
+/// Why a request for a link code was refused (an expected outcome).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkRequestError {
+    /// The asking device is revoked (or unknown): it gets nothing.
+    Revoked,
+    /// The account has the most devices allowed.
+    DeviceLimit,
+    /// The user has [`MAX_LINK_CODES`] outstanding already.
+    Outstanding,
+    /// The user asked for too many codes lately.
+    RateLimited,
 }
 
 /// Why a link code was refused.
@@ -87,12 +138,74 @@ struct CachedUser {
     name: Arc<str>,
     record: UserRecord,
     devices: BTreeMap<DeviceId, DeviceRecord>,
+    /// Link codes stored for this user, expired ones until swept.
+    links: Vec<PendingLink>,
+    /// Allowance for new link codes (in memory only).
+    link_allowance: Allowance,
+}
+
+impl CachedUser {
+    fn new(name: Arc<str>, record: UserRecord) -> CachedUser {
+        CachedUser {
+            name,
+            record,
+            devices: BTreeMap::new(),
+            links: Vec::new(),
+            link_allowance: Allowance::default(),
+        }
+    }
+
+    fn is_current(&self, device: DeviceId) -> bool {
+        self.devices.get(&device).is_some_and(|r| r.revoked_ms.is_none())
+    }
+
+    fn current_count(&self) -> usize {
+        self.devices.values().filter(|r| r.revoked_ms.is_none()).count()
+    }
+}
+
+/// A link code in the index.
+#[derive(Debug, Clone, Copy)]
+struct PendingLink {
+    id: [u8; 8],
+    device: DeviceId,
+    expires_ms: u64,
+}
+
+/// A token bucket for link requests on the wall clock: `credit_ms` of
+/// waiting banked, up to [`LINK_REQUESTS_BURST`] refills; a request spends
+/// one [`LINK_REQUEST_REFILL`]. A clock that steps back refills nothing
+/// until it passes `last_ms` again.
+#[derive(Debug, Clone, Copy, Default)]
+struct Allowance {
+    /// `None`: untouched, full.
+    state: Option<(u64, u64)>,
+}
+
+impl Allowance {
+    fn take(&mut self, now_ms: u64) -> bool {
+        let cost = LINK_REQUEST_REFILL.as_millis() as u64;
+        let cap = cost * u64::from(LINK_REQUESTS_BURST);
+        let (credit, last) = self.state.unwrap_or((cap, now_ms));
+        let credit = credit.saturating_add(now_ms.saturating_sub(last)).min(cap);
+        let last = last.max(now_ms);
+        if credit < cost {
+            self.state = Some((credit, last));
+            return false;
+        }
+        self.state = Some((credit - cost, last));
+        true
+    }
 }
 
 #[derive(Default)]
 struct Index {
     by_name: HashMap<Arc<str>, UserId>,
     users: HashMap<UserId, CachedUser>,
+    /// Every device's static key, revoked ones too.
+    by_key: HashMap<PublicKey, DeviceKey>,
+    /// One-time keys held, for each device that published an identity.
+    one_time: HashMap<DeviceKey, u32>,
 }
 
 /// Accounts and codes, with an in-memory index.
@@ -153,14 +266,7 @@ impl Accounts {
                 .map_err(|_| StoreError::Corrupt("users"))?
                 .into();
             index.by_name.insert(name.clone(), UserId(record.id));
-            index.users.insert(
-                UserId(record.id),
-                CachedUser {
-                    name,
-                    record,
-                    devices: BTreeMap::new(),
-                },
-            );
+            index.users.insert(UserId(record.id), CachedUser::new(name, record));
         }
         for item in devices.iter() {
             let (key, value) = item?;
@@ -172,7 +278,35 @@ impl Accounts {
                 .users
                 .get_mut(&UserId(user))
                 .ok_or(StoreError::Corrupt("devices"))?;
+            index.by_key.insert(
+                record.key,
+                DeviceKey {
+                    user: UserId(user),
+                    device: DeviceId(device),
+                },
+            );
             u.devices.insert(DeviceId(device), record);
+        }
+        // Link codes were once kept in `links`, bound to the account only:
+        // such a code may have been asked for by a device revoked since, so
+        // none is trusted (they lived 10 minutes anyway).
+        if db.drop_tree("links")? {
+            log::info!("dropped the link codes of an older version; ask for new ones");
+        }
+        let links = db.open_tree("link_codes")?;
+        for item in links.iter() {
+            let (id, value) = item?;
+            let record: LinkRecord = decode(&value, "link_codes")?;
+            let id: [u8; 8] = id.as_ref().try_into().map_err(|_| StoreError::Corrupt("link_codes"))?;
+            let u = index
+                .users
+                .get_mut(&UserId(record.user))
+                .ok_or(StoreError::Corrupt("link_codes"))?;
+            u.links.push(PendingLink {
+                id,
+                device: DeviceId(record.device),
+                expires_ms: record.expires_ms,
+            });
         }
         Ok(Accounts {
             meta,
@@ -180,7 +314,7 @@ impl Accounts {
             devices,
             keys: db.open_tree("keys")?,
             invites: db.open_tree("invites")?,
-            links: db.open_tree("links")?,
+            links,
             token_key: hmac::Key::new(hmac::HMAC_SHA256, &token_key),
             index: RwLock::new(index),
             rng,
@@ -195,27 +329,32 @@ impl Accounts {
         self.index.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Who a Noise static key belongs to.
-    ///
-    /// # Errors
-    /// On a database failure.
-    pub fn identify(&self, key: &PublicKey) -> Result<Identity, StoreError> {
-        let Some(dev) = self.keys.get(key)? else {
-            return Ok(Identity::Unregistered);
-        };
-        let (Some(user), Some(device)) = (be_u32(&dev), dev.get(4..).and_then(be_u32)) else {
-            return Err(StoreError::Corrupt("keys"));
-        };
-        let d = DeviceKey {
-            user: UserId(user),
-            device: DeviceId(device),
-        };
+    /// Who a Noise static key belongs to, from memory.
+    pub fn identify(&self, key: &PublicKey) -> Identity {
         let index = self.read();
+        let Some(&d) = index.by_key.get(key) else {
+            return Identity::Unregistered;
+        };
         let record = index.users.get(&d.user).and_then(|u| u.devices.get(&d.device));
-        Ok(match record {
+        match record {
             Some(r) if r.revoked_ms.is_none() => Identity::Device(d),
             _ => Identity::Revoked,
-        })
+        }
+    }
+
+    /// How many one-time keys a device holds, if it published an
+    /// identity.
+    pub fn one_time_keys(&self, d: DeviceKey) -> Option<u32> {
+        self.read().one_time.get(&d).copied()
+    }
+
+    /// Records a device's one-time key count (`None`: no identity).
+    pub(super) fn set_one_time_keys(&self, d: DeviceKey, count: Option<u32>) {
+        let mut index = self.write();
+        match count {
+            Some(n) => index.one_time.insert(d, n),
+            None => index.one_time.remove(&d),
+        };
     }
 
     /// A user's id by name.
@@ -252,12 +391,7 @@ impl Accounts {
 
     /// Whether this device exists and is not revoked.
     pub fn is_current(&self, d: DeviceKey) -> bool {
-        let index = self.read();
-        index
-            .users
-            .get(&d.user)
-            .and_then(|u| u.devices.get(&d.device))
-            .is_some_and(|r| r.revoked_ms.is_none())
+        self.read().users.get(&d.user).is_some_and(|u| u.is_current(d.device))
     }
 
     /// A user's current devices with their details.
@@ -318,13 +452,15 @@ impl Accounts {
         mac
     }
 
-    fn verify(&self, t: &Token, record: &TokenRecord, now_ms: u64) -> bool {
+    fn mac_matches(&self, t: &Token, mac: &[u8; 32]) -> bool {
         let mut msg = [0u8; 24];
         msg[..8].copy_from_slice(&t.id);
         msg[8..].copy_from_slice(&t.secret);
-        hmac::verify(&self.token_key, &msg, &record.mac).is_ok()
-            && record.uses_left > 0
-            && record.expires_ms.is_none_or(|e| now_ms < e)
+        hmac::verify(&self.token_key, &msg, mac).is_ok()
+    }
+
+    fn verify(&self, t: &Token, record: &TokenRecord, now_ms: u64) -> bool {
+        self.mac_matches(t, &record.mac) && record.uses_left > 0 && record.expires_ms.is_none_or(|e| now_ms < e)
     }
 
     /// Creates an invite for `uses` registrations. The caller flushes.
@@ -343,20 +479,118 @@ impl Accounts {
         Ok(t)
     }
 
-    /// Creates a one-use link code for `user`, valid until `expires_ms`.
+    /// Makes a one-use link code for a new device of `by`'s account, valid
+    /// for `ttl`, bound to `by`: it stops working when `by` is revoked
+    /// (spec §5.2 `RequestLink`, §11). Refused when `by` is not a current
+    /// device, when the account has [`MAX_DEVICES_PER_USER`] devices, when
+    /// the user has [`MAX_LINK_CODES`] unexpired codes outstanding, or
+    /// beyond the user's rate ([`LINK_REQUESTS_BURST`],
+    /// [`LINK_REQUEST_REFILL`]); a refusal uses up nothing. The caller makes
+    /// it durable before handing the code out. Returns the code and when it
+    /// expires.
+    ///
+    /// # Errors
+    /// On a database failure; refusals are the inner result.
+    pub fn request_link(
+        &self,
+        by: DeviceKey,
+        now_ms: u64,
+        ttl: Duration,
+    ) -> Result<Result<(Token, u64), LinkRequestError>, StoreError> {
+        let mut index = self.write();
+        let Some(u) = index.users.get_mut(&by.user).filter(|u| u.is_current(by.device)) else {
+            return Ok(Err(LinkRequestError::Revoked));
+        };
+        if u.current_count() >= MAX_DEVICES_PER_USER {
+            return Ok(Err(LinkRequestError::DeviceLimit));
+        }
+        // Expired codes do not count, and go with this write.
+        let mut batch = sled::Batch::default();
+        let mut outstanding = 0;
+        for l in &u.links {
+            if l.expires_ms <= now_ms {
+                batch.remove(&l.id);
+            } else {
+                outstanding += 1;
+            }
+        }
+        if outstanding >= MAX_LINK_CODES {
+            return Ok(Err(LinkRequestError::Outstanding));
+        }
+        if !u.link_allowance.take(now_ms) {
+            return Ok(Err(LinkRequestError::RateLimited));
+        }
+        let t = self.new_token()?;
+        let expires_ms = now_ms.saturating_add(ttl.as_millis() as u64);
+        let record = LinkRecord {
+            mac: self.mac(&t),
+            expires_ms,
+            user: by.user.0,
+            device: by.device.0,
+        };
+        batch.insert(&t.id, encode(&record));
+        self.links.apply_batch(batch)?;
+        u.links.retain(|l| l.expires_ms > now_ms);
+        u.links.push(PendingLink {
+            id: t.id,
+            device: by.device,
+            expires_ms,
+        });
+        Ok(Ok((t, expires_ms)))
+    }
+
+    /// The link codes a user has outstanding (not expired), for tests and
+    /// operators.
+    pub fn outstanding_links(&self, user: UserId, now_ms: u64) -> usize {
+        self.read()
+            .users
+            .get(&user)
+            .map_or(0, |u| u.links.iter().filter(|l| l.expires_ms > now_ms).count())
+    }
+
+    /// How many invites and link codes are stored, expired ones not yet
+    /// swept included (for operators and tests).
+    pub fn stored_codes(&self) -> (usize, usize) {
+        (self.invites.len(), self.links.len())
+    }
+
+    /// Removes expired link codes and expired invites (the retention
+    /// sweeper calls it), so that neither piles up. Returns how many of
+    /// each it removed.
     ///
     /// # Errors
     /// On a database failure.
-    pub fn create_link(&self, user: UserId, expires_ms: u64) -> Result<Token, StoreError> {
-        let t = self.new_token()?;
-        let record = TokenRecord {
-            mac: self.mac(&t),
-            uses_left: 1,
-            expires_ms: Some(expires_ms),
-            user: Some(user.0),
-        };
-        self.links.insert(t.id, encode(&record))?;
-        Ok(t)
+    pub fn sweep_codes(&self, now_ms: u64) -> Result<(usize, usize), StoreError> {
+        let mut links = 0;
+        {
+            let mut index = self.write();
+            let mut batch = sled::Batch::default();
+            for u in index.users.values_mut() {
+                u.links.retain(|l| {
+                    let keep = l.expires_ms > now_ms;
+                    if !keep {
+                        batch.remove(&l.id);
+                        links += 1;
+                    }
+                    keep
+                });
+            }
+            if links > 0 {
+                self.links.apply_batch(batch)?;
+            }
+        }
+        // An expired invite can no longer be used, so a registration
+        // running meanwhile cannot be disturbed by its removal.
+        let mut invites = 0;
+        for item in self.invites.iter() {
+            let (id, value) = item?;
+            let record: TokenRecord = decode(&value, "invites")?;
+            if record.expires_ms.is_some_and(|e| e <= now_ms) {
+                self.invites.remove(id)?;
+                invites += 1;
+            }
+        }
+        Ok((invites, links))
     }
 
     /// Takes one use of a token in `tree`; `None` if it is not valid.
@@ -449,9 +683,16 @@ impl Accounts {
         let id = UserId(record.id);
         let name: Arc<str> = name.into();
         index.by_name.insert(name.clone(), id);
-        let mut devices = BTreeMap::new();
-        devices.insert(DeviceId(1), device);
-        index.users.insert(id, CachedUser { name, record, devices });
+        let mut cached = CachedUser::new(name, record);
+        cached.devices.insert(DeviceId(1), device);
+        index.users.insert(id, cached);
+        index.by_key.insert(
+            *key,
+            DeviceKey {
+                user: id,
+                device: DeviceId(1),
+            },
+        );
         Ok(Ok(DeviceKey {
             user: id,
             device: DeviceId(1),
@@ -459,7 +700,8 @@ impl Accounts {
     }
 
     /// Adds a device with static key `key` to the account a link code was
-    /// made for. The caller makes it durable before telling the device.
+    /// made for, if the device that asked for the code is still current.
+    /// The caller makes it durable before telling the device.
     ///
     /// # Errors
     /// On a database failure; refusals are the inner result.
@@ -478,21 +720,32 @@ impl Accounts {
         };
         let outcome =
             (&self.users, &self.devices, &self.keys, &self.links).transaction(|(users, devices, keys, links)| {
-                let Some(link) = self.take_use(links, code, now_ms)? else {
+                let Some(bytes) = links.get(code.id)? else {
                     return Ok(Err(LinkError::InvalidCode));
                 };
-                if keys.get(key)?.is_some() {
-                    return Ok(Err(LinkError::KeyInUse));
-                }
-                let Some(user) = link.user.map(UserId) else {
-                    return abort(StoreError::Corrupt("links"));
+                let link: LinkRecord = match decode(&bytes, "link_codes") {
+                    Ok(r) => r,
+                    Err(e) => return abort(e),
                 };
+                if !self.mac_matches(code, &link.mac) || now_ms >= link.expires_ms {
+                    return Ok(Err(LinkError::InvalidCode));
+                }
+                let user = UserId(link.user);
                 let Some(cached) = index.users.get(&user) else {
                     return Ok(Err(LinkError::InvalidCode));
                 };
-                if cached.devices.values().filter(|r| r.revoked_ms.is_none()).count() >= MAX_DEVICES_PER_USER {
+                // A revoke deletes its device's codes; this only restates
+                // that a code dies with the device that asked for it.
+                if !cached.is_current(DeviceId(link.device)) {
+                    return Ok(Err(LinkError::InvalidCode));
+                }
+                if keys.get(key)?.is_some() {
+                    return Ok(Err(LinkError::KeyInUse));
+                }
+                if cached.current_count() >= MAX_DEVICES_PER_USER {
                     return Ok(Err(LinkError::DeviceLimit));
                 }
+                links.remove(&code.id)?;
                 let mut record = cached.record.clone();
                 let d = DeviceKey {
                     user,
@@ -511,27 +764,43 @@ impl Accounts {
         if let Some(u) = index.users.get_mut(&d.user) {
             u.record = record;
             u.devices.insert(d.device, device);
+            u.links.retain(|l| l.id != code.id);
         }
+        index.by_key.insert(*key, d);
         Ok(Ok(d))
     }
 
-    /// Revokes a device: its key is refused from now on. Returns false if
-    /// there is no such current device. The caller deletes its queue.
+    /// Revokes a device: its key is refused from now on (and kept, so that
+    /// it can be told), and every link code it asked for is deleted in the
+    /// same transaction. Returns false if there is no such current device.
+    /// The caller deletes its queue and closes its connection.
     ///
     /// # Errors
     /// On a database failure.
     pub fn revoke(&self, d: DeviceKey, now_ms: u64) -> Result<bool, StoreError> {
         let mut index = self.write();
-        let Some(record) = index.users.get_mut(&d.user).and_then(|u| u.devices.get_mut(&d.device)) else {
+        let Some(u) = index.users.get_mut(&d.user) else {
             return Ok(false);
         };
-        if record.revoked_ms.is_some() {
+        let Some(record) = u.devices.get(&d.device).filter(|r| r.revoked_ms.is_none()) else {
             return Ok(false);
-        }
+        };
         let mut updated = record.clone();
         updated.revoked_ms = Some(now_ms);
-        self.devices.insert(device_key_bytes(d), encode(&updated))?;
-        *record = updated;
+        let codes: Vec<[u8; 8]> = u.links.iter().filter(|l| l.device == d.device).map(|l| l.id).collect();
+        let bytes = encode(&updated);
+        (&self.devices, &self.links).transaction(|(devices, links)| {
+            devices.insert(&device_key_bytes(d), bytes.as_slice())?;
+            for id in &codes {
+                links.remove(id)?;
+            }
+            Ok::<_, ConflictableTransactionError<StoreError>>(())
+        })?;
+        if !codes.is_empty() {
+            log::debug!("{d}: {} link codes deleted with the device", codes.len());
+        }
+        u.links.retain(|l| l.device != d.device);
+        u.devices.insert(d.device, updated);
         Ok(true)
     }
 

@@ -200,34 +200,18 @@ impl Flusher {
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
+    use crate::store::{Store, StoreConfig};
 
-    use crate::ids::{DeviceKey, UserId};
-    use crate::store::{Appended, Op, Outcome, Store, StoreConfig};
-    use crate::wire::{DeviceId, MsgId};
-
-    /// The daemon's shutdown calls `flush_now` to answer every pending
-    /// send before it closes connections. If the flusher thread has just
-    /// taken the dirty flag and is still flushing, the writes are not
-    /// durable yet although nothing is dirty: `flush_now` must flush
-    /// anyway, or shutdown closes without the `Accepted`s.
+    /// The daemon's shutdown and the simulation call `flush_now` to make
+    /// every write so far durable. If the flusher thread has just taken
+    /// the dirty flag and is still flushing, the writes are not durable
+    /// yet although nothing is dirty: `flush_now` must flush anyway.
     #[test]
     fn flush_now_covers_writes_a_running_flush_took() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), &StoreConfig::default()).unwrap();
-        let d = DeviceKey {
-            user: UserId(1),
-            device: DeviceId(1),
-        };
-        let op = Op::Append {
-            sender: d,
-            id: MsgId([1; 16]),
-            to: d.user,
-            bodies: vec![(d, Bytes::from_static(b"x"))],
-            now_ms: 1,
-        };
-        let (outcomes, epoch) = store.apply(&[op]).unwrap();
-        assert!(matches!(outcomes[..], [Outcome::Appended(Appended::New { .. })]));
+        store.set_public_addr("example.org:7420").unwrap();
+        let epoch = store.flusher().note_write();
         // What the flusher thread does first: take the flag. Its flush is
         // still under way.
         store.flusher().lock().dirty = false;

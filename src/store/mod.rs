@@ -1,61 +1,76 @@
-//! Durable state in one data directory: accounts, devices and their keys,
-//! invites and link codes, per-device message queues and dedup records, all
-//! in `sled` (0.34), plus the group-commit [`Flusher`].
+//! Durable state in one data directory, behind [`StoreApi`]: accounts,
+//! devices and their keys, invites and link codes, per-device queues, the
+//! records that recognise retries and retractions.
+//!
+//! The shape (see [`api`] for the interface):
+//! - the **loops** append, deliver and acknowledge in memory
+//!   ([`live`]); account lookups come from an in-memory index;
+//! - the **store thread** ([`engine`]) is the one writer of `sled`: it
+//!   writes copies that were not acknowledged in time, deletes what was,
+//!   and runs every operation that changes accounts, keys, receipts;
+//! - the **flusher** ([`Flusher`]) makes each batch durable, after which
+//!   the store thread releases what waited for it.
 //!
 //! What it guarantees:
-//! - a message is appended to every recipient device's queue, with its dedup
-//!   record, in one atomic batch; a retry with the same (sender device,
-//!   message id) finds the dedup record and appends nothing;
-//! - sequence numbers per device queue are strictly increasing, never
-//!   reused (the next number is stored with every append), and an append is
-//!   visible to readers only with all lower numbers of that queue;
-//! - every write that a peer will be told about returns an [`Epoch`]; once
-//!   [`Flusher::durable`] reaches it, the write survives a crash.
+//! - a message is settled (the sender may be told `Accepted`) only when
+//!   each copy is durable or was acknowledged by its device (spec §10);
+//! - sequence numbers per queue strictly increase and are never reused,
+//!   even for copies never written and across crashes (a durable ceiling
+//!   runs ahead of them);
+//! - the disk budget counts every record kept, exactly; below the
+//!   free-space floor requests that add data are refused
+//!   ([`StoreApi::storage_full`]), and accepting resumes by itself.
 //!
-//! What it does not do: decide who may send to whom (the hub does), read
-//! the clock (times come in as milliseconds since the Unix epoch), or flush
-//! on its callers' threads (the flusher thread does).
+//! What it does not do: decide who may send to whom (the hub does), know
+//! connections, or read the clock for the loops (times come in).
 //!
-//! Layout (all integers big-endian so that keys sort numerically):
-//! - `meta`: `server_key` → 32 bytes; `public_addr` → UTF-8;
-//!   `next_user` → u32.
-//! - `users`: name → [`UserRecord`].
-//! - `devices`: user ‖ device → `DeviceRecord`.
-//! - `keys`: Noise static key → user ‖ device.
-//! - `invites`, `links`: token id → [`TokenRecord`].
-//! - `queues`: `q` ‖ user ‖ device ‖ seq → [`Entry`];
-//!   `n` ‖ user ‖ device → next seq, entries, bytes; `d` ‖ user ‖ device ‖
-//!   message id → acceptance time and where it was queued (dedup,
-//!   retraction); `r` ‖ … → fold index (see `queues.rs`).
-//! - `e2e`: the key directory (see `keys.rs`).
+//! Layout: `meta` (server key, public address, token key, `next_user`,
+//! sequence ceiling), `users`, `devices`, `keys`, `invites`, `link_codes`
+//! (see [`accounts`]), `queues` (see [`disk`]), `e2e` (the key directory,
+//! see `keys.rs`).
 
 mod accounts;
+pub mod api;
+mod disk;
+mod engine;
 mod flusher;
 mod keys;
-mod queues;
+mod live;
+mod migrate;
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-pub use accounts::{Accounts, LinkError, RegisterError, TokenRecord, UserRecord};
+pub use accounts::{
+    Accounts, LINK_REQUEST_REFILL, LINK_REQUESTS_BURST, LinkError, LinkRecord, LinkRequestError, MAX_LINK_CODES,
+    RegisterError, TokenRecord, UserRecord,
+};
+pub use api::{
+    Appended, Completion, Entry, NewMessage, Op, Outcome, QueuedMessage, Quota, Read, Refused, Sink, StoreApi, Waiter,
+};
 pub use flusher::{Epoch, Flusher};
 pub use keys::{MAX_ONE_TIME_KEYS, PublishError};
-pub use queues::{
-    Appended, Entry, LostRecord, Op, Outcome, QueuedExpired, QueuedGap, QueuedMessage, QueuedReceipt, Quota, Swept,
-    decode_entry,
-};
 
-use crate::noise::Keypair;
+use self::engine::{CEILING_STEP, Engine, Inbox, Trees};
+use self::live::{Live, LiveConfig, Loaded};
+use crate::ids::{DeviceKey, Identity, UserId};
+use crate::noise::{Keypair, PublicKey};
+use crate::wire::{DeviceId, DeviceInfo};
 
 /// The data directory format this build writes.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 const FORMAT_FILE: &str = "FORMAT";
 const FORMAT_MAGIC: &str = "tidings-data";
+/// `meta` key of the sequence ceiling.
+pub(crate) const SEQ_CEILING: &str = "seq_ceiling";
 
 /// A storage failure. Expected outcomes (name taken, duplicate message) are
 /// not errors; they come back as inner results or enum variants.
@@ -87,6 +102,9 @@ pub enum StoreError {
     /// The data directory is held by another process.
     #[error("the data directory is in use by another process (is tidingsd running?)")]
     Locked,
+    /// A flush failed: nothing more can be made durable.
+    #[error("a flush failed")]
+    FlushFailed,
 }
 
 impl From<sled::transaction::TransactionError<StoreError>> for StoreError {
@@ -105,8 +123,8 @@ pub struct Quotas {
     pub queue_messages: u64,
     /// Most bytes in one device's queue.
     pub queue_bytes: u64,
-    /// Most bytes all queues together may hold (sled's files take more, up
-    /// to a few times this).
+    /// Most bytes all queue records together may take (counted exactly,
+    /// as stored; sled's files take more).
     pub disk_budget: u64,
 }
 
@@ -127,39 +145,116 @@ pub struct StoreConfig {
     pub cache_capacity: u64,
     /// Quotas.
     pub quotas: Quotas,
+    /// How long a copy for an online device may wait in memory for its
+    /// ack before it is written (spec §10).
+    pub write_delay: Duration,
+    /// Most bytes of copies waiting in memory; past it the oldest are
+    /// written at once (spec §10).
+    pub write_memory: u64,
+    /// Below this much free space on the data directory's filesystem,
+    /// requests that add data are refused (spec §10, *Storage full*).
+    pub min_free: u64,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
-            cache_capacity: 64 << 20,
+            cache_capacity: 16 << 20,
             quotas: Quotas::default(),
+            write_delay: Duration::from_millis(50),
+            write_memory: 16 << 20,
+            min_free: 128 << 20,
         }
     }
 }
 
-/// The durable state.
-pub struct Store {
-    db: sled::Db,
-    meta: sled::Tree,
-    pub(crate) queues: sled::Tree,
-    e2e: sled::Tree,
-    /// Serialises publishes, so the one-time key cap holds.
-    key_lock: Mutex<()>,
-    accounts: Accounts,
-    /// Each queue's next sequence, entry count and bytes, loaded on first
-    /// use. Held across every queue change so that sequence order is
-    /// visibility order and the counts are exact.
-    metas: Mutex<queues::Metas>,
-    /// The newest entries of each queue, for delivery without a read.
-    tail: Mutex<queues::Tail>,
-    quotas: Quotas,
-    /// Bytes held in all queues (exact; for the budget).
-    queued_bytes: AtomicU64,
-    flusher: Flusher,
-    server_key: Keypair,
-    public_addr: RwLock<Option<String>>,
+/// Durable entries kept in memory for delivery, per queue and in all.
+const CACHE_PER_QUEUE: usize = 64;
+const CACHE_BYTES: u64 = 4 << 20;
+/// Settled messages remembered in memory to recognise retries (spec §6,
+/// §10).
+pub const RECENT_MESSAGES: usize = 16_384;
+
+/// Logs a repeated failure once per period, with how many there were.
+#[derive(Debug)]
+pub struct Throttle {
+    every: Duration,
+    last: Option<Instant>,
+    count: u64,
+}
+
+impl Throttle {
+    /// At most one line per `every`.
+    pub fn new(every: Duration) -> Throttle {
+        Throttle {
+            every,
+            last: None,
+            count: 0,
+        }
+    }
+
+    /// Counts one occurrence; calls `log` with the count since the last
+    /// line when a line is due.
+    pub fn log(&mut self, log: impl FnOnce(u64)) {
+        let now = Instant::now();
+        self.count += 1;
+        if self.last.is_none_or(|t| now >= t + self.every) {
+            log(self.count);
+            self.last = Some(now);
+            self.count = 0;
+        }
+    }
+}
+
+type Callback = Box<dyn Fn() + Send + Sync>;
+
+/// Health shared by the loops and the store thread.
+pub(crate) struct Status {
+    pub full: AtomicBool,
+    pub failed: AtomicBool,
+    min_free: AtomicU64,
+    free: AtomicU64,
     dir: PathBuf,
+    on_failure: Mutex<Vec<Callback>>,
+}
+
+impl Status {
+    /// Measures free space and updates `full`.
+    pub fn measure_space(&self) {
+        let free = match fs2::available_space(&self.dir) {
+            Ok(f) => f,
+            Err(e) => {
+                log::warn!("cannot measure free space of {}: {e}", self.dir.display());
+                return;
+            }
+        };
+        self.free.store(free, Ordering::Relaxed);
+        let floor = self.min_free.load(Ordering::Relaxed);
+        let full = free < floor;
+        if self.full.swap(full, Ordering::SeqCst) != full {
+            if full {
+                log::error!(
+                    "{}: {} MiB free, below the floor of {} MiB: refusing new messages until space returns \
+                     (deliveries and acks go on)",
+                    self.dir.display(),
+                    free >> 20,
+                    floor >> 20
+                );
+            } else {
+                log::warn!(
+                    "{}: {} MiB free again: accepting new messages",
+                    self.dir.display(),
+                    free >> 20
+                );
+            }
+        }
+    }
+
+    pub fn notify_failure(&self) {
+        for f in self.on_failure.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            f();
+        }
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -200,23 +295,27 @@ fn write_format(dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Upgrades the database from format `from` to [`FORMAT_VERSION`], one
-/// step at a time, flushed before the FORMAT file says so. Each step is
-/// idempotent: a crash midway reruns it.
-fn migrate(db: &sled::Db, from: u32) -> Result<(), StoreError> {
-    for version in from..FORMAT_VERSION {
-        log::info!("migrating the data directory from format {version} to {}", version + 1);
-        match version {
-            // 0 → 1: only the FORMAT file was added.
-            0 => {}
-            // 1 → 2: queue entries became an enum (messages, receipts,
-            // notices); dedup records remember where a message was queued.
-            1 => Store::migrate_entries_1_to_2(&db.open_tree("queues")?)?,
-            _ => {}
-        }
-    }
-    db.flush()?;
-    Ok(())
+/// The durable state, shared by the loops; see the module docs.
+pub struct Store {
+    db: sled::Db,
+    meta: sled::Tree,
+    queues: sled::Tree,
+    accounts: Arc<Accounts>,
+    live: Arc<Live>,
+    inbox: Arc<Inbox>,
+    status: Arc<Status>,
+    flusher: Flusher,
+    /// Until [`Store::start`] moves it to its thread.
+    engine: Mutex<Option<Engine>>,
+    server_key: Keypair,
+    public_addr: RwLock<Option<String>>,
+    dir: PathBuf,
+}
+
+/// The store's threads, for [`Store::stop`].
+pub struct StoreThreads {
+    engine: JoinHandle<()>,
+    flusher: JoinHandle<()>,
 }
 
 impl Store {
@@ -243,14 +342,13 @@ impl Store {
                 sled::Error::Io(ref io) if io.to_string().contains("lock") => StoreError::Locked,
                 e => StoreError::Db(e),
             })?;
-        let format = read_format(dir)?;
-        let format = match format {
+        let format = match read_format(dir)? {
             Some(v) => v,
             None if existed => 0,
             None => FORMAT_VERSION,
         };
         if format < FORMAT_VERSION {
-            migrate(&db, format)?;
+            migrate::migrate(&db, format, FORMAT_VERSION)?;
         }
         if format != FORMAT_VERSION || !dir.join(FORMAT_FILE).exists() {
             write_format(dir)?;
@@ -276,30 +374,181 @@ impl Store {
             Some(a) => Some(String::from_utf8(a.to_vec()).map_err(|_| StoreError::Corrupt("meta/public_addr"))?),
             None => None,
         };
-        let accounts = Accounts::load(&db)?;
-        // Accounts::load may have made the token key; sync it for good.
-        flusher.sync()?;
+        let accounts = Arc::new(Accounts::load(&db)?);
         let queues = db.open_tree("queues")?;
         let e2e = db.open_tree("e2e")?;
-        let store = Store {
+        for (d, n) in keys::load_counts(&e2e)? {
+            accounts.set_one_time_keys(d, Some(n));
+        }
+        // Every queue's bookkeeping, recounted; every record's bytes.
+        let mut loaded: HashMap<DeviceKey, Loaded> = HashMap::new();
+        let mut tombstones = HashMap::new();
+        let mut disk_bytes = 0u64;
+        let mut max_seq = 0u64;
+        for item in queues.iter() {
+            let (k, v) = item?;
+            let len = (k.len() + v.len()) as u64;
+            match k.first() {
+                Some(&disk::QUEUE) => {
+                    let d = disk::parse_dev(&k).ok_or(StoreError::Corrupt("queues/key"))?;
+                    let seq = disk::queue_seq(&k)?;
+                    let l = loaded.entry(d).or_default();
+                    l.count += 1;
+                    l.bytes += len;
+                    l.max_seq = l.max_seq.max(seq);
+                    max_seq = max_seq.max(seq);
+                    disk_bytes += len;
+                }
+                Some(&disk::TOMBSTONE) => {
+                    if let (Some(key), Some(t)) = (disk::parse_tombstone(&k), be_u64(&v)) {
+                        tombstones.insert(key, t);
+                    }
+                    disk_bytes += len;
+                }
+                Some(&disk::MESSAGE) | Some(&disk::FOLD) => disk_bytes += len,
+                _ => {}
+            }
+        }
+        // Every queue starts past any number it could have given out.
+        let stored = meta.get(SEQ_CEILING)?.as_deref().and_then(be_u64).unwrap_or(1);
+        let base = stored.max(max_seq + 1).max(1);
+        let ceiling = base + CEILING_STEP;
+        meta.insert(SEQ_CEILING, &ceiling.to_be_bytes())?;
+        // Accounts::load may have made the token key; both durable now.
+        flusher.sync()?;
+        let live = Arc::new(Live::new(
+            LiveConfig {
+                quotas: config.quotas,
+                write_delay: config.write_delay,
+                write_memory: config.write_memory,
+                cache_bytes: CACHE_BYTES,
+                cache_per_queue: CACHE_PER_QUEUE,
+                recent: RECENT_MESSAGES,
+            },
+            loaded,
+            tombstones,
+            disk_bytes,
+            base,
+            ceiling,
+        ));
+        let inbox = Arc::new(Inbox::default());
+        let status = Arc::new(Status {
+            full: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            min_free: AtomicU64::new(config.min_free),
+            free: AtomicU64::new(u64::MAX),
+            dir: dir.to_path_buf(),
+            on_failure: Mutex::new(Vec::new()),
+        });
+        status.measure_space();
+        let engine = Engine::new(
+            Trees {
+                meta: meta.clone(),
+                queues: queues.clone(),
+                e2e,
+            },
+            accounts.clone(),
+            live.clone(),
+            flusher.clone(),
+            inbox.clone(),
+            status.clone(),
+        );
+        let kick = inbox.clone();
+        flusher.on_flush(move || kick.kick());
+        Ok(Store {
             db,
             meta,
             queues,
-            e2e,
-            key_lock: Mutex::new(()),
             accounts,
-            metas: Mutex::new(Default::default()),
-            tail: Mutex::new(Default::default()),
-            quotas: config.quotas,
-            queued_bytes: AtomicU64::new(0),
+            live,
+            inbox,
+            status,
             flusher,
+            engine: Mutex::new(Some(engine)),
             server_key,
             public_addr: RwLock::new(public_addr),
             dir: dir.to_path_buf(),
-        };
-        let queued = store.count_queued_bytes()?;
-        store.queued_bytes.store(queued, Ordering::Relaxed);
-        Ok(store)
+        })
+    }
+
+    /// Starts the store thread and the flusher.
+    ///
+    /// # Errors
+    /// If a thread cannot be spawned, or the store was started before.
+    pub fn start(&self) -> std::io::Result<StoreThreads> {
+        let engine = self
+            .engine
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| std::io::Error::other("the store thread runs already"))?;
+        let flusher = self.flusher.start()?;
+        let engine = std::thread::Builder::new()
+            .name("store".into())
+            .spawn(move || engine.run())?;
+        Ok(StoreThreads { engine, flusher })
+    }
+
+    /// Stops the store thread after it wrote and flushed everything
+    /// submitted, then the flusher.
+    pub fn stop(&self, threads: StoreThreads) {
+        self.inbox.stop();
+        let _ = threads.engine.join();
+        self.flusher.stop();
+        let _ = threads.flusher.join();
+    }
+
+    /// Runs one store-thread turn on the caller's thread, then, if
+    /// `flush` and something waits for durability, flushes and runs the
+    /// turn that releases it (for simulations, which start no threads).
+    /// Returns false on a failure.
+    pub fn step(&self, now: Instant, now_ms: u64, flush: bool) -> bool {
+        let mut guard = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(engine) = guard.as_mut() else { return false };
+        if engine.turn(now, now_ms).is_err() {
+            return false;
+        }
+        if flush && engine.awaits_flush() {
+            if !self.flusher.flush_now() {
+                return false;
+            }
+            return engine.turn(now, now_ms).is_ok();
+        }
+        true
+    }
+
+    /// Runs `op` and waits for its outcome (for operator commands and
+    /// tests; never on an event loop). The store thread must run.
+    pub fn call(&self, op: Op) -> Outcome {
+        let bell = Arc::new((Mutex::new(false), Condvar::new()));
+        let ring = bell.clone();
+        let sink = Sink::new(move || {
+            *ring.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            ring.1.notify_all();
+        });
+        self.submit(
+            op,
+            Some(Waiter {
+                sink: sink.clone(),
+                token: 0,
+            }),
+        );
+        let mut got = Vec::new();
+        loop {
+            sink.take(&mut got);
+            if let Some(c) = got.pop() {
+                return c.outcome;
+            }
+            if self.failed() {
+                return Outcome::Failed;
+            }
+            let guard = bell.0.lock().unwrap_or_else(|e| e.into_inner());
+            let (mut rung, _) = bell
+                .1
+                .wait_timeout_while(guard, Duration::from_millis(100), |r| !*r)
+                .unwrap_or_else(|e| e.into_inner());
+            *rung = false;
+        }
     }
 
     /// The data directory.
@@ -317,7 +566,8 @@ impl Store {
         self.public_addr.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Records the address invites carry.
+    /// Records the address invites carry (at startup, before the loops
+    /// run).
     ///
     /// # Errors
     /// On a database failure.
@@ -327,7 +577,7 @@ impl Store {
         Ok(())
     }
 
-    /// Accounts, devices, invites and link codes.
+    /// Accounts, devices, invites and link codes (reads).
     pub fn accounts(&self) -> &Accounts {
         &self.accounts
     }
@@ -337,8 +587,7 @@ impl Store {
         &self.flusher
     }
 
-    /// Flushes everything now, on the caller's thread (for operator
-    /// commands and shutdown; the event loops use the flusher).
+    /// Flushes everything written so far, on the caller's thread.
     ///
     /// # Errors
     /// On a database failure.
@@ -346,10 +595,103 @@ impl Store {
         self.flusher.sync()
     }
 
-    /// Bytes held in all queues: what the disk budget counts. (sled's files
-    /// take more, up to a few times this, and do not shrink right away.)
+    /// Whether the store failed (the daemon must stop).
+    pub fn failed(&self) -> bool {
+        self.status.failed.load(Ordering::SeqCst) || self.flusher.failed()
+    }
+
+    /// Runs `f` (quick: a waker) when the store fails.
+    pub fn on_failure(&self, f: impl Fn() + Send + Sync + 'static) {
+        self.status
+            .on_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::new(f));
+    }
+
+    /// Writes every copy waiting in memory now rather than at its
+    /// deadline (shutting down).
+    pub fn write_all(&self) {
+        self.live.lock().write_all = true;
+        self.inbox.kick();
+    }
+
+    /// Sets the free-space floor (on SIGHUP) and measures at once.
+    pub fn set_min_free(&self, bytes: u64) {
+        self.status.min_free.store(bytes, Ordering::Relaxed);
+        self.status.measure_space();
+    }
+
+    /// The free-space floor.
+    pub fn min_free(&self) -> u64 {
+        self.status.min_free.load(Ordering::Relaxed)
+    }
+
+    /// Free bytes on the data directory's filesystem, as last measured.
+    pub fn free_space(&self) -> u64 {
+        self.status.free.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of every queue record kept: what the disk budget counts
+    /// (exact; sled's files take more).
     pub fn queued_bytes(&self) -> u64 {
-        self.queued_bytes.load(Ordering::Relaxed)
+        self.live.lock().disk_bytes
+    }
+
+    /// Entries and bytes one queue holds.
+    pub fn queue_usage(&self, d: DeviceKey) -> (u64, u64) {
+        self.live.lock().usage(d)
+    }
+
+    /// Entries and bytes all queues hold.
+    pub fn queue_totals(&self) -> (u64, u64) {
+        self.live.lock().totals()
+    }
+
+    /// Bytes of copies waiting in memory to be written, and of durable
+    /// entries cached for delivery.
+    pub fn memory_held(&self) -> (u64, u64) {
+        self.live.lock().held()
+    }
+
+    /// Messages remembered in memory (in flight and recently settled).
+    pub fn remembered(&self) -> usize {
+        self.live.lock().remembered()
+    }
+
+    /// Every entry of `d`'s queue with sequence ≥ `from`, up to `max`, in
+    /// order: from disk, then from memory (for operators, tests and
+    /// tools; it reads the disk on the caller's thread).
+    ///
+    /// # Errors
+    /// On a database failure or a corrupt record.
+    pub fn read_queue(
+        &self,
+        d: DeviceKey,
+        from: u64,
+        max: usize,
+        out: &mut Vec<(u64, Entry)>,
+    ) -> Result<(), StoreError> {
+        let (hi, acked) = {
+            let live = self.live.lock();
+            (live.disk_hi(d), live.acked(d))
+        };
+        let start = out.len();
+        // Records acknowledged but not yet deleted by the store thread are
+        // gone already.
+        let disk_from = from.max(acked.map_or(0, |a| a.saturating_add(1)));
+        let covered = engine::read_disk(&self.queues, d, disk_from, hi, max, out)?;
+        let got = out.len() - start;
+        if got < max {
+            let from = from.max(covered.saturating_add(1));
+            let _ = self.live.lock().read(d, from, max - got, out);
+        }
+        Ok(())
+    }
+
+    /// The highest sequence given out in `d`'s queue (0: none).
+    pub fn last_seq(&self, d: DeviceKey) -> u64 {
+        self.live.lock().last_seq(d)
     }
 
     /// Bytes sled's files take on disk (for operators).
@@ -358,6 +700,84 @@ impl Store {
     /// On a database failure.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.db.size_on_disk()?)
+    }
+}
+
+impl StoreApi for Store {
+    fn identify(&self, key: &PublicKey) -> Identity {
+        self.accounts.identify(key)
+    }
+
+    fn user_id(&self, name: &str) -> Option<UserId> {
+        self.accounts.user_id(name)
+    }
+
+    fn user_name(&self, user: UserId) -> Option<Arc<str>> {
+        self.accounts.user_name(user)
+    }
+
+    fn current_devices(&self, user: UserId, out: &mut Vec<DeviceId>) -> bool {
+        self.accounts.current_devices(user, out)
+    }
+
+    fn all_devices(&self, user: UserId, out: &mut Vec<DeviceId>) {
+        self.accounts.all_devices(user, out)
+    }
+
+    fn device_infos(&self, user: UserId) -> Vec<DeviceInfo> {
+        self.accounts.device_infos(user)
+    }
+
+    fn is_current(&self, d: DeviceKey) -> bool {
+        self.accounts.is_current(d)
+    }
+
+    fn one_time_keys(&self, d: DeviceKey) -> Option<u32> {
+        self.accounts.one_time_keys(d)
+    }
+
+    fn append(&self, m: NewMessage, waiter: &Waiter) -> Appended {
+        let now = m.mono;
+        let (r, urgent) = {
+            let mut live = self.live.lock();
+            let r = live.append(m, now, waiter, self.status.full.load(Ordering::Relaxed));
+            (r, live.urgent)
+        };
+        if urgent {
+            self.inbox.kick();
+        }
+        r
+    }
+
+    fn recall(&self, sender: DeviceKey, id: crate::wire::MsgId, waiter: &Waiter) -> Option<Appended> {
+        self.live.lock().recall(sender, id, waiter)
+    }
+
+    fn read(&self, d: DeviceKey, from: u64, max: usize, out: &mut Vec<(u64, Entry)>) -> Read {
+        self.live.lock().read(d, from, max, out)
+    }
+
+    fn ack(&self, d: DeviceKey, up_to: u64) {
+        let kick = {
+            let mut live = self.live.lock();
+            live.ack(d, up_to);
+            live.has_deletes()
+        };
+        if kick {
+            self.inbox.kick();
+        }
+    }
+
+    fn last_seq(&self, d: DeviceKey) -> u64 {
+        self.live.lock().last_seq(d)
+    }
+
+    fn storage_full(&self) -> bool {
+        self.status.full.load(Ordering::Relaxed)
+    }
+
+    fn submit(&self, op: Op, waiter: Option<Waiter>) {
+        self.inbox.push(op, waiter);
     }
 }
 
@@ -383,5 +803,7 @@ pub(crate) fn be_u64(b: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(b.get(..8)?.try_into().ok()?))
 }
 
+#[cfg(test)]
+pub mod testing;
 #[cfg(test)]
 mod tests;

@@ -1,23 +1,36 @@
+//! Unit tests of the store: the data directory (server key, format and
+//! migrations, lock), accounts, and the store path. The store path is
+//! driven without threads: appends, reads and acks are the loops' memory
+//! calls; [`Store::step`] runs one store-thread turn at a virtual time;
+//! completions are drained from a [`Sink`]. What is on disk is read
+//! straight from the `queues` tree.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use bytes::Bytes;
 
+use super::api::Swept;
 use super::*;
-use crate::ids::{DeviceKey, UserId};
-use crate::session::Identity;
-use crate::wire::{DeviceId, MsgId};
+use crate::ids::{DeviceKey, Identity, UserId};
+use crate::wire::{DeviceId, MAX_DEVICES_PER_USER, MsgId, ReceiptKind};
 
 /// Opens the store, waiting while an instance this test just dropped still
 /// holds the lock: sled's background threads can keep the database file
 /// open for a moment after the last handle goes (about one reopen in 300).
-fn try_open(dir: &Path) -> Result<Store, StoreError> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+fn try_open_with(dir: &Path, config: &StoreConfig) -> Result<Store, StoreError> {
+    let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match Store::open(dir, &StoreConfig::default()) {
-            Err(StoreError::Locked) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(1))
-            }
+        match Store::open(dir, config) {
+            Err(StoreError::Locked) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
             r => return r,
         }
     }
+}
+
+fn try_open(dir: &Path) -> Result<Store, StoreError> {
+    try_open_with(dir, &StoreConfig::default())
 }
 
 fn open(dir: &Path) -> Store {
@@ -31,6 +44,14 @@ fn msg(e: &Entry) -> &QueuedMessage {
     }
 }
 
+/// A link code asked for by `by` at time 0, expiring at `expires_ms`.
+fn link_code(a: &Accounts, by: DeviceKey, expires_ms: u64) -> crate::wire::Token {
+    a.request_link(by, 0, Duration::from_millis(expires_ms))
+        .unwrap()
+        .unwrap()
+        .0
+}
+
 fn dev(u: u32, d: u32) -> DeviceKey {
     DeviceKey {
         user: UserId(u),
@@ -38,17 +59,334 @@ fn dev(u: u32, d: u32) -> DeviceKey {
     }
 }
 
+fn id(n: u8) -> MsgId {
+    MsgId([n; 16])
+}
+
+/// Keys as a device publishes them, signed for real (the store checks
+/// every signature): an identity, `n` one-time keys, a fallback key.
+fn signed_keys(seed: u8, n: u8) -> crate::wire::PublishKeys {
+    use crate::wire::{IdentityKeys, PublishKeys, Signature, SignedKey};
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+    let pair = Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).unwrap();
+    let ed25519: [u8; 32] = pair.public_key().as_ref().try_into().unwrap();
+    let sign = |m: &[u8]| Signature(pair.sign(m).as_ref().try_into().unwrap());
+    let curve25519 = [seed ^ 0x55; 32];
+    let key = |k: [u8; 32]| SignedKey {
+        key: k,
+        signature: sign(&crate::keys::one_time_message(&k)),
+    };
+    PublishKeys {
+        identity: Some(IdentityKeys {
+            curve25519,
+            ed25519,
+            signature: sign(&crate::keys::identity_message(&curve25519, &ed25519)),
+        }),
+        one_time: (0..n).map(|i| key([i; 32])).collect(),
+        fallback: Some(key([0xff; 32])),
+    }
+}
+
+/// The records of one kind in the `queues` tree (`q`, `m`, `t`, `r`).
+fn records(s: &Store, tag: u8) -> Vec<(Vec<u8>, Vec<u8>)> {
+    s.queues
+        .scan_prefix([tag])
+        .map(|r| {
+            let (k, v) = r.unwrap();
+            (k.to_vec(), v.to_vec())
+        })
+        .collect()
+}
+
+/// The bytes of every record the disk budget counts, summed from sled.
+fn counted_bytes(s: &Store) -> u64 {
+    [disk::QUEUE, disk::MESSAGE, disk::TOMBSTONE, disk::FOLD]
+        .into_iter()
+        .flat_map(|tag| records(s, tag))
+        .map(|(k, v)| (k.len() + v.len()) as u64)
+        .sum()
+}
+
+/// `disk_bytes` (what the budget counts) is exactly what sled holds.
+#[track_caller]
+fn check_bytes(s: &Store) {
+    assert_eq!(
+        s.queued_bytes(),
+        counted_bytes(s),
+        "disk_bytes against the records in sled"
+    );
+}
+
+/// With no acknowledgement waiting for the store thread: the bytes of all
+/// queues are those of their records on disk and of their copies waiting
+/// in memory.
+#[track_caller]
+fn check_totals(s: &Store) {
+    let on_disk: u64 = records(s, disk::QUEUE)
+        .iter()
+        .map(|(k, v)| (k.len() + v.len()) as u64)
+        .sum();
+    let count = records(s, disk::QUEUE).len() as u64;
+    let (entries, bytes) = s.queue_totals();
+    assert_eq!(bytes, on_disk + s.memory_held().0, "queue bytes: on disk and unwritten");
+    assert!(entries >= count, "{entries} entries counted, {count} on disk");
+}
+
+/// The time the test's clock starts at.
+const T0_MS: u64 = 1_700_000_000_000;
+
+/// A store driven by hand: a virtual clock, one sink for every answer.
+struct Rig {
+    s: Store,
+    sink: Arc<Sink>,
+    t0: Instant,
+    ms: u64,
+    token: u64,
+    got: Vec<Completion>,
+    config: StoreConfig,
+}
+
+impl Rig {
+    fn open(dir: &Path) -> Rig {
+        Rig::with(dir, StoreConfig::default())
+    }
+
+    fn with(dir: &Path, config: StoreConfig) -> Rig {
+        // Whatever the free space of the test machine's disk.
+        let config = StoreConfig { min_free: 0, ..config };
+        Rig {
+            s: try_open_with(dir, &config).unwrap(),
+            sink: Sink::new(|| {}),
+            t0: Instant::now(),
+            ms: 0,
+            token: 0,
+            got: Vec::new(),
+            config,
+        }
+    }
+
+    fn now(&self) -> Instant {
+        self.t0 + Duration::from_millis(self.ms)
+    }
+
+    fn now_ms(&self) -> u64 {
+        T0_MS + self.ms
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.ms += by.as_millis() as u64;
+    }
+
+    /// Past every deadline of a copy waiting now.
+    fn past_deadline(&mut self) {
+        let d = self.config.write_delay + Duration::from_millis(1);
+        self.advance(d);
+    }
+
+    fn waiter(&mut self) -> Waiter {
+        self.token += 1;
+        Waiter {
+            sink: self.sink.clone(),
+            token: self.token,
+        }
+    }
+
+    /// Appends message `id` from `sender` to `to`, one copy per
+    /// `(device, body, online)`, accepted at `now_ms`. Returns the
+    /// waiter's token and the answer.
+    fn send_at(
+        &mut self,
+        sender: DeviceKey,
+        id: MsgId,
+        to: UserId,
+        copies: &[(DeviceKey, &[u8], bool)],
+        now_ms: u64,
+    ) -> (u64, Appended) {
+        let w = self.waiter();
+        let m = NewMessage {
+            sender,
+            id,
+            to,
+            copies: copies
+                .iter()
+                .map(|(d, b, online)| (*d, Bytes::copy_from_slice(b), *online))
+                .collect(),
+            now_ms,
+            mono: self.now(),
+        };
+        (w.token, self.s.append(m, &w))
+    }
+
+    fn send(
+        &mut self,
+        sender: DeviceKey,
+        id: MsgId,
+        to: UserId,
+        copies: &[(DeviceKey, &[u8], bool)],
+    ) -> (u64, Appended) {
+        let now_ms = self.now_ms();
+        self.send_at(sender, id, to, copies, now_ms)
+    }
+
+    /// A retry: what the hub asks first.
+    fn recall(&mut self, sender: DeviceKey, id: MsgId) -> (u64, Option<Appended>) {
+        let w = self.waiter();
+        (w.token, self.s.recall(sender, id, &w))
+    }
+
+    /// One store-thread turn now, then a flush if `flush`.
+    fn step(&mut self, flush: bool) {
+        assert!(self.s.step(self.now(), self.now_ms(), flush), "a store turn failed");
+        check_bytes(&self.s);
+    }
+
+    /// Every completion for `token` so far.
+    fn outcomes(&mut self, token: u64) -> Vec<Outcome> {
+        self.sink.take(&mut self.got);
+        let (mine, rest) = std::mem::take(&mut self.got)
+            .into_iter()
+            .partition(|c| c.token == token);
+        self.got = rest;
+        mine.into_iter().map(|c: Completion| c.outcome).collect()
+    }
+
+    /// The settlement `token` heard, if any (at most one).
+    fn settled(&mut self, token: u64) -> Option<u64> {
+        let o = self.outcomes(token);
+        assert!(o.len() <= 1, "{token}: {o:?}");
+        o.into_iter().next().map(|o| match o {
+            Outcome::Settled { time_ms } => time_ms,
+            other => panic!("{token}: {other:?}"),
+        })
+    }
+
+    /// Submits `op`, runs a turn and a flush, and returns its answer.
+    fn call(&mut self, op: Op) -> Outcome {
+        let w = self.waiter();
+        self.s.submit(op, Some(w.clone()));
+        self.step(true);
+        let mut o = self.outcomes(w.token);
+        assert_eq!(o.len(), 1, "{o:?}");
+        o.pop().unwrap()
+    }
+
+    fn receipt(
+        &mut self,
+        from: DeviceKey,
+        to: UserId,
+        kind: ReceiptKind,
+        ids: &[MsgId],
+        targets: &[DeviceKey],
+    ) -> Outcome {
+        let now_ms = self.now_ms();
+        self.call(Op::Receipt {
+            from,
+            to,
+            kind,
+            ids: ids.to_vec(),
+            targets: targets.to_vec(),
+            now_ms,
+        })
+    }
+
+    /// One whole pass of the retention sweep, `max_keys` keys a turn.
+    fn sweep(&mut self, cutoff_ms: u64, max_keys: usize) -> Swept {
+        let mut cursor = Vec::new();
+        let mut total = Swept::default();
+        for _ in 0..10_000 {
+            let now_ms = self.now_ms();
+            let Outcome::Swept(s, next) = self.call(Op::Sweep {
+                cursor,
+                cutoff_ms,
+                max_keys,
+                now_ms,
+            }) else {
+                panic!("not a sweep's answer")
+            };
+            cursor = next;
+            total.expired += s.expired;
+            total.forgotten += s.forgotten;
+            total.notified.extend(s.notified);
+            if s.wrapped {
+                total.wrapped = true;
+                return total;
+            }
+        }
+        panic!("the sweep never wrapped");
+    }
+
+    /// The queue as a tool sees it (disk, then memory).
+    fn queue(&self, d: DeviceKey) -> Vec<(u64, Entry)> {
+        let mut out = Vec::new();
+        self.s.read_queue(d, 0, 10_000, &mut out).unwrap();
+        out
+    }
+
+    /// What the hub delivers: memory reads, and backlog reads from disk
+    /// through the store thread, from `from` on.
+    fn deliver(&mut self, d: DeviceKey, mut from: u64) -> Vec<(u64, Entry)> {
+        let mut out = Vec::new();
+        loop {
+            match self.s.read(d, from, 16, &mut out) {
+                Read::Memory { more: false } => return out,
+                Read::Memory { more: true } => from = out.last().unwrap().0 + 1,
+                Read::OnDisk => {
+                    let Outcome::Backlog {
+                        device,
+                        entries,
+                        covered,
+                        ..
+                    } = self.call(Op::ReadBacklog {
+                        device: d,
+                        from,
+                        max: 16,
+                    })
+                    else {
+                        panic!("not a backlog")
+                    };
+                    assert_eq!(device, d);
+                    assert!(covered >= from, "a backlog read that covered nothing");
+                    out.extend(entries);
+                    from = covered + 1;
+                }
+            }
+        }
+    }
+
+    /// A crash: what was written is flushed (as sled would have on its
+    /// own), what waited in memory is lost; then the directory reopens.
+    fn reopen(self) -> Rig {
+        let Rig { s, t0, ms, config, .. } = self;
+        let dir = s.dir().to_path_buf();
+        s.flush().unwrap();
+        drop(s);
+        let s = try_open_with(&dir, &config).unwrap();
+        check_bytes(&s);
+        Rig {
+            s,
+            sink: Sink::new(|| {}),
+            t0,
+            ms,
+            token: 0,
+            got: Vec::new(),
+            config,
+        }
+    }
+}
+
+// ---- the data directory ----
+
 #[test]
 fn server_key_is_kept() {
     let dir = tempfile::tempdir().unwrap();
     let k1 = open(dir.path()).server_key().public;
     let k2 = open(dir.path()).server_key().public;
     assert_eq!(k1, k2);
-    assert!(
-        fs::read_to_string(dir.path().join("FORMAT"))
-            .unwrap()
-            .starts_with("tidings-data 2")
+    assert_eq!(
+        fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
+        format!("tidings-data {FORMAT_VERSION}\n")
     );
+    assert_eq!(FORMAT_VERSION, 3);
 }
 
 /// A new data directory is written in the current format, not taken for
@@ -58,8 +396,9 @@ fn server_key_is_kept() {
 fn a_new_directory_is_not_migrated() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
-    // The format 1 → 2 migration leaves its marker in the queues tree.
+    // Each migration step leaves its marker in the queues tree.
     assert_eq!(s.queues.get(b"v2").unwrap(), None);
+    assert_eq!(s.queues.get(b"v3").unwrap(), None);
 }
 
 #[test]
@@ -72,7 +411,14 @@ fn newer_format_is_refused_and_older_migrated() {
     drop(open(dir.path()));
     assert_eq!(
         fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
-        "tidings-data 2\n"
+        "tidings-data 3\n"
+    );
+    // A directory with a database and no FORMAT file is format 0.
+    fs::remove_file(dir.path().join("FORMAT")).unwrap();
+    drop(open(dir.path()));
+    assert_eq!(
+        fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
+        "tidings-data 3\n"
     );
 }
 
@@ -85,6 +431,189 @@ fn second_open_is_refused_while_locked() {
         Err(StoreError::Locked)
     ));
 }
+
+fn queue_key_of(d: DeviceKey, seq: u64) -> Vec<u8> {
+    disk::queue_key(d, seq).to_vec()
+}
+
+fn old_key(tag: u8, d: DeviceKey, tail: &[u8]) -> Vec<u8> {
+    let mut k = disk::dev_prefix(tag, d).to_vec();
+    k.extend_from_slice(tail);
+    k
+}
+
+/// Writes what format 1 wrote into a fresh directory and marks it format
+/// 1: a bare message as a queue value, a bare time as dedup value, an
+/// 8-byte next-sequence record.
+fn write_format_1(dir: &Path) {
+    let s = open(dir);
+    let (a, b) = (dev(1, 1), dev(2, 1));
+    let old = QueuedMessage {
+        id: id(5),
+        from_user: 1,
+        from_device: 1,
+        to_user: 2,
+        time_ms: 77,
+        body: Bytes::from_static(b"old"),
+    };
+    s.queues
+        .insert(queue_key_of(b, 1), postcard::to_stdvec(&old).unwrap())
+        .unwrap();
+    s.queues.insert(old_key(b'n', b, &[]), &2u64.to_be_bytes()).unwrap();
+    s.queues
+        .insert(old_key(b'd', a, &[5; 16]), &77u64.to_be_bytes())
+        .unwrap();
+    s.flush().unwrap();
+    drop(s);
+    fs::write(dir.join("FORMAT"), "tidings-data 1\n").unwrap();
+}
+
+/// What format 1's message became: readable, counted, its retry known,
+/// its sequence number not given out again.
+fn check_migrated_message(dir: &Path) {
+    let mut r = Rig::open(dir);
+    assert_eq!(fs::read_to_string(dir.join("FORMAT")).unwrap(), "tidings-data 3\n");
+    let (a, b) = (dev(1, 1), dev(2, 1));
+    let q = r.queue(b);
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert_eq!(q[0].0, 1);
+    let m = msg(&q[0].1);
+    assert_eq!(
+        (m.body.as_ref(), m.time_ms, m.to_user, m.from()),
+        (&b"old"[..], 77, 2, a)
+    );
+    // Delivered as the hub reads it.
+    assert_eq!(r.deliver(b, 0), q);
+    assert_eq!(r.s.queue_usage(b), (1, (q.len() as u64) * Entry::stored_len(&q[0].1)));
+    assert!(r.s.last_seq(b) >= 1);
+    // Old dedup and queue meta records are gone; one message record.
+    assert!(records(&r.s, b'd').is_empty() && records(&r.s, b'n').is_empty());
+    assert_eq!(records(&r.s, disk::MESSAGE).len(), 1);
+    check_bytes(&r.s);
+    // A retry of it is recognised once it would be written.
+    let (t, got) = r.send(a, id(5), UserId(2), &[(b, b"old again", false)]);
+    assert!(matches!(got, Appended::Queued { .. }));
+    r.step(true);
+    assert_eq!(r.settled(t), Some(77));
+    assert_eq!(r.queue(b).len(), 1);
+    // A new message goes after it.
+    let (_, got) = r.send(a, id(6), UserId(2), &[(b, b"new", false)]);
+    assert!(matches!(got, Appended::Queued { .. }));
+    r.step(true);
+    let q = r.queue(b);
+    assert_eq!(q.len(), 2);
+    assert!(q[1].0 > 1);
+}
+
+#[test]
+fn format_1_directories_are_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    write_format_1(dir.path());
+    check_migrated_message(dir.path());
+}
+
+/// A crash after every step ran but before the FORMAT file was written:
+/// the rerun of the steps from format 1 changes nothing.
+#[test]
+fn a_rerun_of_a_finished_migration_from_format_1_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    write_format_1(dir.path());
+    drop(open(dir.path()));
+    let before: Vec<_> = open(dir.path()).queues.iter().map(|r| r.unwrap()).collect();
+    fs::write(dir.path().join("FORMAT"), "tidings-data 1\n").unwrap();
+    let s = try_open(dir.path()).expect("a rerun of the migration");
+    let after: Vec<_> = s.queues.iter().map(|r| r.unwrap()).collect();
+    assert_eq!(before, after);
+    drop(s);
+    check_migrated_message(dir.path());
+}
+
+/// Format 2: entries were an enum with the whole header in each copy,
+/// dedup records said where a message was queued, `n` records held each
+/// queue's next sequence.
+#[test]
+fn format_2_directories_are_migrated_and_reruns_change_nothing() {
+    use super::migrate::{DedupRecord, OldEntry};
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b1, b2) = (dev(1, 1), dev(2, 1), dev(2, 2));
+    {
+        let s = open(dir.path());
+        for (d, seq) in [(b1, 4u64), (b2, 9)] {
+            let old = OldEntry::Message(QueuedMessage {
+                id: id(5),
+                from_user: 1,
+                from_device: 1,
+                to_user: 2,
+                time_ms: 77,
+                body: Bytes::copy_from_slice(&seq.to_be_bytes()),
+            });
+            s.queues
+                .insert(queue_key_of(d, seq), postcard::to_stdvec(&old).unwrap())
+                .unwrap();
+        }
+        let receipt = OldEntry::Receipt(disk::QueuedReceipt {
+            from_user: 2,
+            from_device: 1,
+            to_user: 1,
+            kind: 2,
+            ids: vec![id(1)],
+            time_ms: 70,
+        });
+        s.queues
+            .insert(queue_key_of(a, 3), postcard::to_stdvec(&receipt).unwrap())
+            .unwrap();
+        // b2's queue once went up to 40 (acked since): 41 is next.
+        let mut meta = 41u64.to_be_bytes().to_vec();
+        meta.extend_from_slice(&[0; 16]);
+        s.queues.insert(old_key(b'n', b2, &[]), meta).unwrap();
+        let dedup = DedupRecord {
+            time_ms: 77,
+            queued: vec![(2, 1, 4), (2, 2, 9)],
+        };
+        s.queues
+            .insert(old_key(b'd', a, &[5; 16]), postcard::to_stdvec(&dedup).unwrap())
+            .unwrap();
+        s.queues.insert(b"v2", &2u32.to_be_bytes()).unwrap();
+        s.flush().unwrap();
+    }
+    fs::write(dir.path().join("FORMAT"), "tidings-data 2\n").unwrap();
+    let check = |s: &Store| {
+        assert_eq!(
+            fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
+            "tidings-data 3\n"
+        );
+        let mut out = Vec::new();
+        s.read_queue(b2, 0, 10, &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0, 9);
+        assert_eq!(msg(&out[0].1).time_ms, 77);
+        assert_eq!(msg(&out[0].1).body.as_ref(), &9u64.to_be_bytes());
+        out.clear();
+        s.read_queue(a, 0, 10, &mut out).unwrap();
+        assert!(matches!(&out[..], [(3, Entry::Receipt(r))] if r.ids == vec![id(1)]));
+        // Sequence numbers never come back, not even acked ones.
+        assert!(s.last_seq(b2) >= 41, "{}", s.last_seq(b2));
+        assert!(records(s, b'd').is_empty() && records(s, b'n').is_empty());
+        let m = records(s, disk::MESSAGE);
+        assert_eq!(m.len(), 1);
+        let rec = disk::decode_record(&m[0].1).unwrap();
+        assert_eq!((rec.to_user, rec.time_ms), (2, 77));
+        assert_eq!(rec.copies.len(), 2);
+        check_bytes(s);
+    };
+    let before = {
+        let s = open(dir.path());
+        check(&s);
+        s.queues.iter().map(|r| r.unwrap()).collect::<Vec<_>>()
+    };
+    // A crash before FORMAT was written: the step runs again.
+    fs::write(dir.path().join("FORMAT"), "tidings-data 2\n").unwrap();
+    let s = open(dir.path());
+    check(&s);
+    assert_eq!(s.queues.iter().map(|r| r.unwrap()).collect::<Vec<_>>(), before);
+}
+
+// ---- accounts ----
 
 #[test]
 fn register_link_revoke() {
@@ -126,24 +655,25 @@ fn register_link_revoke() {
         Err(RegisterError::InvalidInvite)
     );
 
-    let link = a.create_link(alice.user, 1000).unwrap();
+    let link = link_code(a, alice, 1000);
     let alice2 = a.redeem_link(&link, &[4; 32], 10).unwrap().unwrap();
     assert_eq!(alice2, dev(1, 2));
     assert_eq!(a.redeem_link(&link, &[5; 32], 10).unwrap(), Err(LinkError::InvalidCode));
-    let late = a.create_link(alice.user, 1000).unwrap();
+    let late = link_code(a, alice, 1000);
     assert_eq!(
         a.redeem_link(&late, &[5; 32], 1000).unwrap(),
         Err(LinkError::InvalidCode)
     );
 
-    assert_eq!(a.identify(&[4; 32]).unwrap(), Identity::Device(alice2));
-    assert_eq!(a.identify(&[9; 32]).unwrap(), Identity::Unregistered);
+    assert_eq!(a.identify(&[4; 32]), Identity::Device(alice2));
+    assert_eq!(a.identify(&[9; 32]), Identity::Unregistered);
     assert!(a.revoke(alice2, 20).unwrap());
     assert!(!a.revoke(alice2, 20).unwrap());
-    assert_eq!(a.identify(&[4; 32]).unwrap(), Identity::Revoked);
+    assert_eq!(a.identify(&[4; 32]), Identity::Revoked);
     let mut devs = Vec::new();
     assert!(a.current_devices(alice.user, &mut devs));
     assert_eq!(devs, vec![DeviceId(1)]);
+    assert!(!a.is_current(alice2));
 
     // All of it survives a reopen.
     s.flush().unwrap();
@@ -151,15 +681,137 @@ fn register_link_revoke() {
     let s = open(dir.path());
     let a = s.accounts();
     assert_eq!(a.user_id("bob"), Some(bob.user));
-    assert_eq!(a.identify(&[4; 32]).unwrap(), Identity::Revoked);
-    assert_eq!(a.identify(&[1; 32]).unwrap(), Identity::Device(alice));
+    assert_eq!(a.identify(&[4; 32]), Identity::Revoked);
+    assert_eq!(a.identify(&[1; 32]), Identity::Device(alice));
     // Device numbers are not reused.
-    let link = a.create_link(alice.user, 1000).unwrap();
+    let link = link_code(a, alice, 1000);
     assert_eq!(a.redeem_link(&link, &[6; 32], 10).unwrap(), Ok(dev(1, 3)));
     assert_eq!(
         a.users().iter().map(|u| (&*u.0, u.2)).collect::<Vec<_>>(),
         vec![("alice", 2), ("bob", 1)]
     );
+}
+
+/// The same through the store thread: every answer waits for the flush
+/// that made it durable; a revocation takes the device's queue (memory and
+/// disk), its message records and its keys with it.
+#[test]
+fn accounts_through_the_store_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Rig::open(dir.path());
+    let Outcome::Token(invite, None) = r.call(Op::Invite {
+        uses: 2,
+        expires_ms: None,
+    }) else {
+        panic!("no invite")
+    };
+    let w = r.waiter();
+    r.s.submit(
+        Op::Register {
+            invite: invite.clone(),
+            name: "alice".into(),
+            key: [1; 32],
+            now_ms: 0,
+        },
+        Some(w.clone()),
+    );
+    r.step(false);
+    assert_eq!(r.outcomes(w.token), vec![], "answered before it was durable");
+    r.step(true);
+    assert_eq!(r.outcomes(w.token), vec![Outcome::Registered(Ok(dev(1, 1)))]);
+    let alice = dev(1, 1);
+    let Outcome::Registered(Ok(bob)) = r.call(Op::Register {
+        invite,
+        name: "bob".into(),
+        key: [2; 32],
+        now_ms: 0,
+    }) else {
+        panic!("bob")
+    };
+    let Outcome::LinkCode(Ok((code, 1000))) = r.call(Op::RequestLink {
+        device: bob,
+        now_ms: 0,
+        ttl: Duration::from_secs(1),
+    }) else {
+        panic!("no link code")
+    };
+    let Outcome::Linked(Ok(phone)) = r.call(Op::RedeemLink {
+        code: code.clone(),
+        key: [3; 32],
+        now_ms: 1,
+    }) else {
+        panic!("not linked")
+    };
+    assert_eq!(phone, dev(2, 2));
+    assert_eq!(
+        r.call(Op::RedeemLink {
+            code,
+            key: [4; 32],
+            now_ms: 1,
+        }),
+        Outcome::Linked(Err(LinkError::InvalidCode))
+    );
+    assert_eq!(
+        r.call(Op::Publish {
+            device: phone,
+            keys: Box::new(signed_keys(3, 1)),
+        }),
+        Outcome::Published(Ok(1))
+    );
+    assert_eq!(r.s.one_time_keys(phone), Some(1));
+    // The phone's queue: one message on disk, one waiting in memory, a
+    // receipt; the message on disk is shared with bob's first device.
+    r.send(
+        alice,
+        id(1),
+        bob.user,
+        &[(phone, b"spilled", false), (bob, b"x", false)],
+    );
+    r.step(true);
+    r.send(alice, id(2), bob.user, &[(phone, b"waiting", true)]);
+    r.receipt(alice, bob.user, ReceiptKind::READ, &[id(9)], &[phone]);
+    assert_eq!(r.queue(phone).len(), 3);
+    r.s.ack(bob, u64::MAX);
+    r.step(true);
+    assert_eq!(records(&r.s, disk::MESSAGE).len(), 1, "the phone's copy still needs it");
+    assert_eq!(
+        r.call(Op::Revoke {
+            device: phone,
+            now_ms: 5
+        }),
+        Outcome::Revoked(true)
+    );
+    assert_eq!(r.s.identify(&[3; 32]), Identity::Revoked);
+    assert!(!r.s.is_current(phone));
+    assert_eq!(r.queue(phone), vec![]);
+    assert_eq!(r.s.queue_usage(phone), (0, 0));
+    assert_eq!(r.s.memory_held().0, 0);
+    assert_eq!(r.s.one_time_keys(phone), None);
+    assert_eq!(
+        r.call(Op::Claim { devices: vec![phone] }),
+        Outcome::Claimed(vec![], vec![])
+    );
+    assert!(records(&r.s, disk::QUEUE).is_empty());
+    assert!(records(&r.s, disk::FOLD).is_empty());
+    assert_eq!(
+        records(&r.s, disk::MESSAGE),
+        vec![],
+        "the record of a message with no copy left"
+    );
+    assert_eq!(
+        r.call(Op::Revoke {
+            device: phone,
+            now_ms: 6
+        }),
+        Outcome::Revoked(false)
+    );
+    r.past_deadline();
+    r.step(true);
+    assert!(records(&r.s, disk::QUEUE).is_empty());
+    check_totals(&r.s);
+    let mut r = r.reopen();
+    assert_eq!(r.s.identify(&[3; 32]), Identity::Revoked);
+    assert_eq!(r.deliver(phone, 0), vec![]);
 }
 
 #[test]
@@ -169,117 +821,339 @@ fn device_limit() {
     let a = s.accounts();
     let invite = a.create_invite(1, None).unwrap();
     let alice = a.register(&invite, "alice", &[0; 32], 0).unwrap().unwrap();
-    for i in 1..crate::wire::MAX_DEVICES_PER_USER {
-        let link = a.create_link(alice.user, 1000).unwrap();
+    let ttl = Duration::from_secs(600);
+    for i in 1..MAX_DEVICES_PER_USER - 1 {
+        let link = link_code(a, alice, 1000);
         assert!(a.redeem_link(&link, &[i as u8; 32], 0).unwrap().is_ok());
     }
-    let link = a.create_link(alice.user, 1000).unwrap();
-    assert_eq!(a.redeem_link(&link, &[99; 32], 0).unwrap(), Err(LinkError::DeviceLimit));
+    // Seven devices: two codes may be outstanding, only one redeems.
+    let last = a.request_link(alice, 1, ttl).unwrap().unwrap().0;
+    let extra = a.request_link(alice, 1, ttl).unwrap().unwrap().0;
+    assert!(a.redeem_link(&last, &[50; 32], 2).unwrap().is_ok());
+    assert_eq!(
+        a.redeem_link(&extra, &[99; 32], 2).unwrap(),
+        Err(LinkError::DeviceLimit)
+    );
+    // At the limit no code is handed out.
+    assert_eq!(
+        a.request_link(alice, 3, ttl).unwrap(),
+        Err(LinkRequestError::DeviceLimit)
+    );
 }
 
+/// Issue 14: a link code belongs to the device that asked for it and dies
+/// with it, across a reopen too; other devices' codes live on.
 #[test]
-fn append_read_ack_dedup() {
+fn link_codes_die_with_the_device_that_asked() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
-    let (a1, b1, b2) = (dev(1, 1), dev(2, 1), dev(2, 2));
-    let bodies = [(b1, Bytes::from_static(b"for b1")), (b2, Bytes::from_static(b"for b2"))];
-    let first = s.append(a1, MsgId([1; 16]), UserId(2), &bodies, 1000).unwrap();
-    assert!(matches!(first, Appended::New { time_ms: 1000, .. }));
-    let again = s.append(a1, MsgId([1; 16]), UserId(2), &bodies, 2000).unwrap();
-    assert!(matches!(again, Appended::Duplicate { time_ms: 1000, .. }));
-    s.append(a1, MsgId([2; 16]), UserId(2), &bodies[..1], 3000).unwrap();
-    let mut out = Vec::new();
-    s.read_queue(b1, 0, 10, &mut out).unwrap();
+    let a = s.accounts();
+    let invite = a.create_invite(1, None).unwrap();
+    let alice = a.register(&invite, "alice", &[1; 32], 0).unwrap().unwrap();
+    let phone = a.redeem_link(&link_code(a, alice, 1000), &[2; 32], 0).unwrap().unwrap();
+    let from_phone = link_code(a, phone, 1000);
+    let from_phone2 = link_code(a, phone, 1000);
+    let from_alice = link_code(a, alice, 1000);
+    assert_eq!(a.outstanding_links(alice.user, 0), 3);
+    assert!(a.revoke(phone, 5).unwrap());
+    assert_eq!(a.outstanding_links(alice.user, 5), 1);
     assert_eq!(
-        out.iter().map(|(seq, m)| (*seq, msg(m).id)).collect::<Vec<_>>(),
-        vec![(1, MsgId([1; 16])), (2, MsgId([2; 16]))]
+        a.redeem_link(&from_phone, &[3; 32], 6).unwrap(),
+        Err(LinkError::InvalidCode)
     );
-    assert_eq!(msg(&out[0].1).body, Bytes::from_static(b"for b1"));
-    assert_eq!(msg(&out[0].1).from(), a1);
-    assert_eq!(s.last_seq(b1).unwrap(), 2);
-    assert_eq!(s.last_seq(b2).unwrap(), 1);
-    assert_eq!(s.ack(b1, 1).unwrap(), 1);
-    out.clear();
-    s.read_queue(b1, 0, 10, &mut out).unwrap();
-    assert_eq!(out.len(), 1);
-    assert_eq!(out[0].0, 2);
-    // Sequence numbers survive an emptied queue and a reopen.
-    s.ack(b1, 2).unwrap();
+    assert_eq!(
+        a.request_link(phone, 6, Duration::from_secs(600)).unwrap(),
+        Err(LinkRequestError::Revoked)
+    );
     s.flush().unwrap();
     drop(s);
     let s = open(dir.path());
-    assert_eq!(s.last_seq(b1).unwrap(), 2);
-    s.append(a1, MsgId([3; 16]), UserId(2), &bodies[..1], 4000).unwrap();
-    out.clear();
-    s.read_queue(b1, 0, 10, &mut out).unwrap();
-    assert_eq!(out[0].0, 3);
-    assert_eq!(s.dedup_lookup(a1, MsgId([1; 16])).unwrap(), Some(1000));
+    let a = s.accounts();
+    assert_eq!(a.outstanding_links(alice.user, 7), 1);
+    assert_eq!(
+        a.redeem_link(&from_phone2, &[3; 32], 7).unwrap(),
+        Err(LinkError::InvalidCode)
+    );
+    assert_eq!(a.redeem_link(&from_alice, &[3; 32], 7).unwrap(), Ok(dev(1, 3)));
+    assert_eq!(a.outstanding_links(alice.user, 7), 0);
 }
 
+/// At most `MAX_LINK_CODES` outstanding per user (all devices together);
+/// used and expired ones make room.
 #[test]
-fn flusher_makes_epochs_durable() {
+fn outstanding_link_codes_are_capped() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
-    let f = s.flusher().clone();
+    let a = s.accounts();
+    let invite = a.create_invite(1, None).unwrap();
+    let alice = a.register(&invite, "alice", &[1; 32], 0).unwrap().unwrap();
+    let ttl = Duration::from_millis(100);
+    let first = a.request_link(alice, 0, ttl).unwrap().unwrap().0;
+    let phone = a.redeem_link(&first, &[2; 32], 0).unwrap().unwrap();
+    let mut codes = Vec::new();
+    for i in 0..MAX_LINK_CODES {
+        let by = if i % 2 == 0 { alice } else { phone };
+        codes.push(a.request_link(by, 10, ttl).unwrap().unwrap().0);
+    }
+    for by in [alice, phone] {
+        assert_eq!(a.request_link(by, 10, ttl).unwrap(), Err(LinkRequestError::Outstanding));
+    }
+    // One used: room for one.
+    a.redeem_link(&codes[0], &[3; 32], 20).unwrap().unwrap();
+    a.request_link(alice, 20, ttl).unwrap().unwrap();
+    assert_eq!(
+        a.request_link(alice, 20, ttl).unwrap(),
+        Err(LinkRequestError::Outstanding)
+    );
+    // Expired ones do not count.
+    a.request_link(alice, 110, ttl).unwrap().unwrap();
+}
+
+/// The allowance: `LINK_REQUESTS_BURST` at once, then one per
+/// `LINK_REQUEST_REFILL`; refusals use none of it.
+#[test]
+fn link_requests_are_rate_limited_per_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let a = s.accounts();
+    let invite = a.create_invite(1, None).unwrap();
+    let alice = a.register(&invite, "alice", &[1; 32], 0).unwrap().unwrap();
+    let ttl = Duration::from_millis(1);
+    let mut t = 0;
+    for _ in 0..LINK_REQUESTS_BURST {
+        t += 2;
+        a.request_link(alice, t, ttl).unwrap().unwrap();
+    }
+    t += 2;
+    assert_eq!(
+        a.request_link(alice, t, ttl).unwrap(),
+        Err(LinkRequestError::RateLimited)
+    );
+    let refill = LINK_REQUEST_REFILL.as_millis() as u64;
+    t += refill - 100;
+    assert_eq!(
+        a.request_link(alice, t, ttl).unwrap(),
+        Err(LinkRequestError::RateLimited)
+    );
+    t += 100;
+    a.request_link(alice, t, ttl).unwrap().unwrap();
+    t += 2;
+    assert_eq!(
+        a.request_link(alice, t, ttl).unwrap(),
+        Err(LinkRequestError::RateLimited)
+    );
+    // A clock stepping back refills nothing.
+    assert_eq!(
+        a.request_link(alice, 0, ttl).unwrap(),
+        Err(LinkRequestError::RateLimited)
+    );
+}
+
+/// The sweeper's part: expired link codes and invites are removed from
+/// the database, valid ones stay; the store thread's sweep does it once a
+/// pass.
+#[test]
+fn expired_codes_and_invites_are_swept() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let a = s.accounts();
+    let forever = a.create_invite(5, None).unwrap();
+    let _short = a.create_invite(1, Some(100)).unwrap();
+    let _later = a.create_invite(1, Some(10_000)).unwrap();
+    let alice = a.register(&forever, "alice", &[1; 32], 0).unwrap().unwrap();
+    let _old = link_code(a, alice, 100);
+    let young = link_code(a, alice, 10_000);
+    assert_eq!(a.stored_codes(), (3, 2));
+    assert_eq!(a.sweep_codes(50).unwrap(), (0, 0));
+    assert_eq!(a.sweep_codes(100).unwrap(), (1, 1));
+    assert_eq!(a.stored_codes(), (2, 1));
+    assert_eq!(a.outstanding_links(alice.user, 100), 1);
+    assert_eq!(a.redeem_link(&young, &[2; 32], 200).unwrap(), Ok(dev(1, 2)));
+    drop(s);
+    // The rest through the store thread's sweep.
+    let mut r = Rig::open(dir.path());
+    r.s.accounts().create_invite(1, Some(T0_MS - 1)).unwrap();
+    assert_eq!(r.s.accounts().stored_codes(), (3, 0));
+    r.sweep(0, 100);
+    assert_eq!(r.s.accounts().stored_codes(), (1, 0));
+    r.s.accounts()
+        .register(&forever, "bob", &[3; 32], 20_000)
+        .unwrap()
+        .unwrap();
+}
+
+/// Link codes of the version before they were bound to a device are not
+/// trusted: they are dropped when the store opens.
+#[test]
+fn old_unbound_link_codes_are_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = open(dir.path());
+        let old = s.db.open_tree("links").unwrap();
+        old.insert([1u8; 8], &b"an old code"[..]).unwrap();
+        s.flush().unwrap();
+    }
+    let s = open(dir.path());
+    assert!(!s.db.tree_names().iter().any(|n| n.as_ref() == b"links"));
+}
+
+// ---- the store path ----
+
+#[test]
+fn append_read_ack_and_retries() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Rig::open(dir.path());
+    let (a1, b1, b2) = (dev(1, 1), dev(2, 1), dev(2, 2));
+    let bodies: [(DeviceKey, &[u8], bool); 2] = [(b1, b"for b1", false), (b2, b"for b2", false)];
+    let t1 = r.now_ms();
+    let (first, got) = r.send(a1, id(1), UserId(2), &bodies);
+    assert_eq!(got, Appended::Queued { time_ms: t1 });
+    // A retry while the first is being made safe waits for it.
+    r.advance(Duration::from_millis(5));
+    let (again, got) = r.send(a1, id(1), UserId(2), &bodies);
+    assert_eq!(got, Appended::Waiting);
+    let (recalled, got) = r.recall(a1, id(1));
+    assert_eq!(got, Some(Appended::Waiting));
+    // Not settled before the flush.
+    r.step(false);
+    assert_eq!(r.settled(first), None);
+    r.step(true);
+    for t in [first, again, recalled] {
+        assert_eq!(r.settled(t), Some(t1), "waiter {t}");
+    }
+    // Once settled, a retry is answered at once with the first time.
+    r.advance(Duration::from_millis(5));
+    let (_, got) = r.send(a1, id(1), UserId(2), &bodies);
+    assert_eq!(got, Appended::Duplicate { time_ms: t1 });
+    assert_eq!(r.recall(a1, id(1)).1, Some(Appended::Duplicate { time_ms: t1 }));
+    assert_eq!(r.recall(a1, id(7)).1, None);
+    let t3 = r.now_ms();
+    r.send(a1, id(2), UserId(2), &bodies[..1]);
+    r.step(true);
+    let out = r.deliver(b1, 0);
+    assert_eq!(
+        out.iter().map(|(seq, m)| (*seq, msg(m).id)).collect::<Vec<_>>(),
+        vec![(1, id(1)), (2, id(2))]
+    );
+    assert_eq!(out, r.queue(b1));
+    let m = msg(&out[0].1);
+    assert_eq!(
+        (m.body.as_ref(), m.from(), m.to_user, m.time_ms),
+        (&b"for b1"[..], a1, 2, t1)
+    );
+    assert_eq!(msg(&out[1].1).time_ms, t3);
+    assert_eq!(r.s.last_seq(b1), 2);
+    assert_eq!(r.s.last_seq(b2), 1);
+    r.s.ack(b1, 1);
+    // Delivery goes on from past the ack; the record goes in the next turn.
+    assert_eq!(r.deliver(b1, 2).len(), 1);
+    assert_eq!(r.queue(b1).len(), 1, "an acked entry is not read back");
+    r.step(true);
+    let out = r.queue(b1);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].0, 2);
+    assert_eq!(r.s.queue_usage(b1), (1, Entry::stored_len(&out[0].1)));
+    check_totals(&r.s);
+    // Sequence numbers survive an emptied queue and a reopen.
+    r.s.ack(b1, 2);
+    r.step(true);
+    let mut r = r.reopen();
+    assert!(r.s.last_seq(b1) >= 2);
+    r.send(a1, id(3), UserId(2), &bodies[..1]);
+    r.step(true);
+    let out = r.queue(b1);
+    assert_eq!(out.len(), 1);
+    assert!(out[0].0 > 2);
+}
+
+/// The flusher and the store thread, running: an append settles, and an
+/// operation answers through `Store::call`.
+#[test]
+fn the_threads_settle_appends_and_answer_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let threads = s.start().unwrap();
+    assert!(s.start().is_err(), "started twice");
     let (tx, rx) = std::sync::mpsc::channel();
     let tx = std::sync::Mutex::new(tx);
-    f.on_flush(move || {
+    let sink = Sink::new(move || {
         let _ = tx.lock().unwrap().send(());
     });
-    let handle = f.start().unwrap();
-    let op = Op::Append {
-        sender: dev(1, 1),
-        id: MsgId([1; 16]),
-        to: UserId(2),
-        bodies: vec![(dev(2, 1), Bytes::from_static(b"x"))],
-        now_ms: 1,
+    let w = Waiter {
+        sink: sink.clone(),
+        token: 7,
     };
-    let (outcomes, epoch) = s.apply(&[op]).unwrap();
-    assert!(matches!(outcomes[..], [Outcome::Appended(Appended::New { .. })]));
-    while f.durable() < epoch {
-        rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+    let now = Instant::now();
+    let m = NewMessage {
+        sender: dev(1, 1),
+        id: id(1),
+        to: UserId(2),
+        copies: vec![(dev(2, 1), Bytes::from_static(b"x"), false)],
+        now_ms: 1,
+        mono: now,
+    };
+    assert_eq!(s.append(m, &w), Appended::Queued { time_ms: 1 });
+    let mut got = Vec::new();
+    while got.is_empty() {
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        sink.take(&mut got);
     }
-    assert!(f.flushes() >= 1);
-    f.stop();
-    handle.join().unwrap();
+    assert_eq!(
+        got,
+        vec![Completion {
+            token: 7,
+            outcome: Outcome::Settled { time_ms: 1 }
+        }]
+    );
+    assert!(s.flusher().flushes() >= 1);
+    assert_eq!(s.call(Op::Sync), Outcome::Synced);
+    // A copy for an online device waits for its ack; stopping writes it.
+    let m = NewMessage {
+        sender: dev(1, 1),
+        id: id(2),
+        to: UserId(2),
+        copies: vec![(dev(2, 1), Bytes::from_static(b"y"), true)],
+        now_ms: 2,
+        mono: Instant::now(),
+    };
+    assert_eq!(s.append(m, &w), Appended::Queued { time_ms: 2 });
+    s.write_all();
+    s.stop(threads);
+    assert!(!s.failed());
+    drop(s);
+    let s = open(dir.path());
+    let mut out = Vec::new();
+    s.read_queue(dev(2, 1), 0, 10, &mut out).unwrap();
+    assert_eq!(out.len(), 2, "{out:?}");
 }
 
 #[test]
 fn concurrent_claims_never_hand_out_a_key_twice() {
-    use crate::wire::{IdentityKeys, Signature, SignedKey};
     let dir = tempfile::tempdir().unwrap();
-    let s = std::sync::Arc::new(open(dir.path()));
+    let s = Arc::new(open(dir.path()));
+    let threads = s.start().unwrap();
     let bob = dev(2, 1);
-    let sig = Signature([0; 64]);
-    let identity = IdentityKeys {
-        curve25519: [1; 32],
-        ed25519: [2; 32],
-        signature: sig,
-    };
-    let keys: Vec<SignedKey> = (0..MAX_ONE_TIME_KEYS as u8)
-        .map(|n| SignedKey {
-            key: [n; 32],
-            signature: sig,
-        })
-        .collect();
-    let fallback = SignedKey {
-        key: [0xff; 32],
-        signature: sig,
-    };
     assert_eq!(
-        s.publish_keys(bob, Some(&identity), &keys, Some(&fallback))
-            .unwrap()
-            .unwrap()
-            .0,
-        100
+        s.call(Op::Publish {
+            device: bob,
+            keys: Box::new(signed_keys(2, MAX_ONE_TIME_KEYS as u8)),
+        }),
+        Outcome::Published(Ok(100))
     );
-    let threads: Vec<_> = (0..8)
+    let claimers: Vec<_> = (0..8)
         .map(|_| {
             let s = s.clone();
-            std::thread::spawn(move || (0..20).map(|_| s.claim_keys(bob).unwrap().unwrap()).collect::<Vec<_>>())
+            std::thread::spawn(move || {
+                (0..20)
+                    .map(|_| match s.call(Op::Claim { devices: vec![bob] }) {
+                        Outcome::Claimed(mut k, _) if k.len() == 1 => k.remove(0),
+                        other => panic!("{other:?}"),
+                    })
+                    .collect::<Vec<_>>()
+            })
         })
         .collect();
-    let claims: Vec<_> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let claims: Vec<_> = claimers.into_iter().flat_map(|t| t.join().unwrap()).collect();
     let mut one_time: Vec<[u8; 32]> = claims
         .iter()
         .filter(|c| !c.fallback)
@@ -295,68 +1169,430 @@ fn concurrent_claims_never_hand_out_a_key_twice() {
             .filter(|c| c.fallback)
             .all(|c| c.one_time.unwrap().key == [0xff; 32])
     );
-    assert_eq!(s.one_time_count(bob).unwrap(), 0);
+    assert_eq!(s.one_time_keys(bob), Some(0));
+    s.stop(threads);
+    assert_eq!(keys::one_time_count(&s.db.open_tree("e2e").unwrap(), bob).unwrap(), 0);
 }
 
-fn ids_of(s: &Store, d: DeviceKey) -> Vec<(u64, Entry)> {
-    let mut out = Vec::new();
-    s.read_queue(d, 0, 1000, &mut out).unwrap();
-    out
+/// Issue 9: a copy its device acknowledges before its deadline is never
+/// written; the message settles at the ack.
+#[test]
+fn a_copy_acked_before_its_deadline_is_never_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Rig::open(dir.path());
+    let (a, b) = (dev(1, 1), dev(2, 1));
+    let mut tokens = Vec::new();
+    for i in 0..10u8 {
+        let (t, got) = r.send(a, id(i), UserId(2), &[(b, &[i; 100], true)]);
+        assert!(matches!(got, Appended::Queued { .. }));
+        tokens.push((t, r.now_ms()));
+        r.advance(Duration::from_millis(1));
+    }
+    // Delivered from memory at once.
+    let out = r.deliver(b, 0);
+    assert_eq!(out.len(), 10);
+    assert!(r.s.memory_held().0 > 0);
+    // Turns before the deadline write nothing.
+    r.step(true);
+    r.step(true);
+    assert!(records(&r.s, disk::QUEUE).is_empty());
+    assert!(records(&r.s, disk::MESSAGE).is_empty());
+    for (t, _) in &tokens {
+        assert_eq!(r.settled(*t), None, "settled while neither acked nor durable");
+    }
+    r.s.ack(b, out[9].0);
+    for (t, time) in &tokens {
+        assert_eq!(r.settled(*t), Some(*time));
+    }
+    // Past the deadline: still nothing written, nothing counted.
+    r.past_deadline();
+    r.step(true);
+    assert!(records(&r.s, disk::QUEUE).is_empty());
+    assert!(records(&r.s, disk::MESSAGE).is_empty());
+    assert_eq!(r.s.queued_bytes(), 0);
+    assert_eq!(r.s.queue_usage(b), (0, 0));
+    assert_eq!(r.s.memory_held(), (0, 0));
+    assert_eq!(r.deliver(b, 0), vec![]);
+    // And a retry is still known.
+    assert_eq!(
+        r.send(a, id(3), UserId(2), &[(b, b"again", true)]).1,
+        Appended::Duplicate { time_ms: tokens[3].1 }
+    );
+}
+
+/// A copy for an offline device is written at once (the next turn), with
+/// its message's record, and survives a reopen; a copy for an online one
+/// is written once its deadline passes.
+#[test]
+fn copies_spill_when_offline_or_late_and_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Rig::open(dir.path());
+    let (a, b1, b2) = (dev(1, 1), dev(2, 1), dev(2, 2));
+    let t1 = r.now_ms();
+    let (tok, _) = r.send(a, id(1), UserId(2), &[(b1, b"off", false), (b2, b"on", true)]);
+    r.step(true);
+    assert_eq!(records(&r.s, disk::QUEUE).len(), 1, "the offline copy");
+    assert_eq!(records(&r.s, disk::MESSAGE).len(), 1);
+    assert_eq!(r.settled(tok), None, "b2's copy is neither acked nor durable");
+    r.advance(Duration::from_millis(10));
+    r.step(true);
+    assert_eq!(records(&r.s, disk::QUEUE).len(), 1, "before b2's deadline");
+    r.past_deadline();
+    r.step(true);
+    assert_eq!(records(&r.s, disk::QUEUE).len(), 2);
+    assert_eq!(records(&r.s, disk::MESSAGE).len(), 1, "one record per message");
+    assert_eq!(r.settled(tok), Some(t1));
+    check_totals(&r.s);
+    let before = (r.queue(b1), r.queue(b2));
+    let mut r = r.reopen();
+    assert_eq!((r.queue(b1), r.queue(b2)), before);
+    // After a reopen the hub reads them from disk through the store thread.
+    assert_eq!(r.s.read(b1, 0, 10, &mut Vec::new()), Read::OnDisk);
+    assert_eq!(r.deliver(b1, 0), before.0);
+    assert_eq!(r.deliver(b2, 0), before.1);
+    let m = msg(&before.0[0].1);
+    assert_eq!(
+        (m.body.as_ref(), m.to_user, m.time_ms, m.from()),
+        (&b"off"[..], 2, t1, a)
+    );
+    check_totals(&r.s);
+}
+
+/// Copies wait in memory up to `write_memory` bytes; past it the oldest
+/// are written at once, whatever their deadline.
+#[test]
+fn copies_past_the_memory_bound_are_written_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        write_memory: 1000,
+        ..StoreConfig::default()
+    };
+    let mut r = Rig::with(dir.path(), config);
+    let (a, b) = (dev(1, 1), dev(2, 1));
+    for i in 0..4u8 {
+        r.send(a, id(i), UserId(2), &[(b, &[i; 300], true)]);
+    }
+    assert!(r.s.memory_held().0 > 1000);
+    r.step(true);
+    assert!(r.s.memory_held().0 <= 1000, "{:?}", r.s.memory_held());
+    let written = records(&r.s, disk::QUEUE);
+    assert!(!written.is_empty());
+    // The oldest first.
+    assert_eq!(written[0].0, queue_key_of(b, 1));
+    check_totals(&r.s);
+}
+
+/// Spec §10: `Accepted` (a settlement) only once every copy is acked or
+/// durable; written but not yet flushed is not durable.
+#[test]
+fn a_message_settles_only_when_every_copy_is_acked_or_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Rig::open(dir.path());
+    let (a, b1, b2, b3) = (dev(1, 1), dev(2, 1), dev(2, 2), dev(2, 3));
+    let t1 = r.now_ms();
+    let (tok, _) = r.send(
+        a,
+        id(1),
+        UserId(2),
+        &[(b1, b"1", true), (b2, b"2", false), (b3, b"3", true)],
+    );
+    r.step(false);
+    assert_eq!(records(&r.s, disk::QUEUE).len(), 1, "b2's copy is written");
+    assert_eq!(r.settled(tok), None, "written is not durable");
+    r.step(true);
+    assert_eq!(r.settled(tok), None, "b1 and b3 wait");
+    r.s.ack(b1, 1);
+    assert_eq!(r.settled(tok), None, "b3 waits");
+    r.past_deadline();
+    r.step(false);
+    assert_eq!(records(&r.s, disk::QUEUE).len(), 2, "b3's copy is written");
+    assert_eq!(r.settled(tok), None, "not flushed");
+    // Acked while being written: safe too.
+    r.s.ack(b3, 1);
+    assert_eq!(r.settled(tok), Some(t1));
+    r.step(true);
+    assert_eq!(r.settled(tok), None, "settled once");
+    // b1's copy was never written; b3's is deleted; b2's stays.
+    let left = records(&r.s, disk::QUEUE);
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].0, queue_key_of(b2, 1));
+    assert_eq!(records(&r.s, disk::MESSAGE).len(), 1);
+    check_totals(&r.s);
+}
+
+/// Spec §5.3: numbers given out are never given out again, even for
+/// copies that were never written and are lost with a crash, because a
+/// durable ceiling runs ahead of them.
+#[test]
+fn sequence_numbers_never_go_backwards_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Rig::open(dir.path());
+    let (a, b, c) = (dev(1, 1), dev(2, 1), dev(3, 1));
+    let ceiling = |s: &Store| be_u64(&s.meta.get(SEQ_CEILING).unwrap().expect("a ceiling")).expect("eight bytes");
+    let mut given: BTreeMap<DeviceKey, Vec<u64>> = BTreeMap::new();
+    for round in 0..4u8 {
+        for i in 0..3u8 {
+            // b online and never acked nor written: lost with the crash;
+            // c offline: spilled.
+            r.send(a, id(round * 10 + i), UserId(2), &[(b, b"x", true)]);
+            given.entry(b).or_default().push(r.s.last_seq(b));
+            r.send(a, id(round * 10 + i + 100), UserId(3), &[(c, b"y", false)]);
+            given.entry(c).or_default().push(r.s.last_seq(c));
+        }
+        r.step(true);
+        assert!(ceiling(&r.s) > r.s.last_seq(b).max(r.s.last_seq(c)));
+        r = r.reopen();
+        assert_eq!(r.queue(b), vec![], "never settled, never written: lost");
+        assert_eq!(r.queue(c).len(), 3 * (round as usize + 1));
+        for (d, seqs) in &given {
+            assert!(r.s.last_seq(*d) >= *seqs.last().unwrap(), "{d} went back");
+        }
+    }
+    for seqs in given.values() {
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    }
+    // A device never seen starts above every number given out too.
+    assert!(r.s.last_seq(dev(9, 9)) >= *given[&b].last().unwrap());
+}
+
+/// The ceiling is raised, durably, before numbers reach it; an append
+/// that would pass the durable ceiling is refused, not numbered.
+#[test]
+fn the_sequence_ceiling_is_raised_before_it_is_reached() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Rig::open(dir.path());
+    let stored = |s: &Store| be_u64(&s.meta.get(SEQ_CEILING).unwrap().unwrap()).unwrap();
+    let first = stored(&r.s);
+    assert_eq!(r.s.live.lock().ceiling, first);
+    // As if numbers had come close to the ceiling.
+    r.s.live.lock().max_next = first - 10;
+    r.step(false);
+    assert_eq!(stored(&r.s), first + engine::CEILING_STEP, "written");
+    assert_eq!(r.s.live.lock().ceiling, first, "not used before it is durable");
+    r.step(true);
+    assert_eq!(r.s.live.lock().ceiling, first + engine::CEILING_STEP);
+    // Once: the new ceiling is far enough ahead.
+    r.step(true);
+    assert_eq!(stored(&r.s), first + engine::CEILING_STEP);
+}
+
+/// A retry of a message that spilled before a reopen (its record is on
+/// disk) is recognised when its first copy would be written: nothing is
+/// queued twice and the sender hears the original time.
+#[test]
+fn a_retry_of_a_spilled_message_after_a_reopen_is_recognised() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Rig::open(dir.path());
+    let (a, b1, b2) = (dev(1, 1), dev(2, 1), dev(2, 2));
+    let t1 = r.now_ms();
+    r.send(a, id(1), UserId(2), &[(b1, b"one", false), (b2, b"one", false)]);
+    let t2 = r.now_ms();
+    r.send(a, id(2), UserId(2), &[(b1, b"two", false)]);
+    r.step(true);
+    let before = (r.queue(b1), r.queue(b2));
+    let bytes = r.s.queued_bytes();
+    let mut r = r.reopen();
+    r.advance(Duration::from_secs(1));
+    // The same sends again, once with both devices offline, once online.
+    let (retry1, got) = r.send(a, id(1), UserId(2), &[(b1, b"one", false), (b2, b"one", false)]);
+    assert!(matches!(got, Appended::Queued { .. }));
+    let (retry2, got) = r.send(a, id(2), UserId(2), &[(b1, b"two", true)]);
+    assert!(matches!(got, Appended::Queued { .. }));
+    let (waiting, got) = r.recall(a, id(1));
+    assert_eq!(got, Some(Appended::Waiting));
+    r.step(true);
+    assert_eq!(r.settled(retry1), Some(t1));
+    assert_eq!(r.settled(waiting), Some(t1));
+    r.past_deadline();
+    r.step(true);
+    assert_eq!(r.settled(retry2), Some(t2));
+    assert_eq!((r.queue(b1), r.queue(b2)), before);
+    assert_eq!(r.s.queued_bytes(), bytes);
+    assert_eq!(r.s.memory_held().0, 0);
+    check_totals(&r.s);
+    // Known from now on.
+    assert_eq!(
+        r.send(a, id(1), UserId(2), &[(b1, b"one", false)]).1,
+        Appended::Duplicate { time_ms: t1 }
+    );
+}
+
+/// A message for two devices: one copy spilled with the message's record,
+/// the other waited in memory and was lost with a crash, so the sender was
+/// never answered and sends it again. The retry's copy for the device that
+/// has the first one goes; the one for the device whose copy was lost is
+/// written, joins the first record, and is read with its header; a copy
+/// for a device the first was not for is no part of the message.
+#[test]
+fn a_retry_after_a_crash_reaches_the_device_whose_copy_was_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Rig::open(dir.path());
+    let (a, b1, b2, b3) = (dev(1, 1), dev(2, 1), dev(2, 2), dev(2, 3));
+    let t1 = r.now_ms();
+    let (tok, _) = r.send(a, id(1), UserId(2), &[(b1, b"one", false), (b2, b"two", true)]);
+    r.step(true);
+    assert_eq!(r.settled(tok), None);
+    let mut r = r.reopen();
+    assert_eq!(r.queue(b2), vec![], "lost unwritten");
+    let (retry, _) = r.send(
+        a,
+        id(1),
+        UserId(2),
+        &[(b1, b"one", false), (b2, b"two", false), (b3, b"three", false)],
+    );
+    r.step(true);
+    assert_eq!(r.settled(retry), Some(t1));
+    assert_eq!(r.queue(b1).len(), 1, "b1 has the first copy");
+    assert_eq!(r.queue(b3), vec![], "not a recipient of the message");
+    let got = r.deliver(b2, 0);
+    assert_eq!(got.len(), 1);
+    let m = msg(&got[0].1);
+    assert_eq!((m.body.as_ref(), m.time_ms, m.to_user), (&b"two"[..], t1, 2));
+    let rec = records(&r.s, disk::MESSAGE);
+    assert_eq!(rec.len(), 1);
+    let rec = disk::decode_record(&rec[0].1).unwrap();
+    assert_eq!(rec.time_ms, t1);
+    assert!(rec.copies.contains(&(2, 2, got[0].0)), "{rec:?}");
+    // The same from disk.
+    let mut r = r.reopen();
+    assert_eq!(r.deliver(b2, 0), got);
+    // The record goes with the last copy.
+    r.s.ack(b1, u64::MAX);
+    r.step(true);
+    assert_eq!(records(&r.s, disk::MESSAGE).len(), 1);
+    r.s.ack(b2, u64::MAX);
+    r.step(true);
+    assert_eq!(records(&r.s, disk::MESSAGE), vec![]);
+    assert_eq!(r.s.queued_bytes(), 0);
+}
+
+/// The message record every copy shares goes with the last copy on disk
+/// — also when the last copy to go is one that was never written.
+#[test]
+fn the_shared_record_goes_with_the_last_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Rig::open(dir.path());
+    let (a, b1, b2) = (dev(1, 1), dev(2, 1), dev(2, 2));
+    // Both spilled.
+    r.send(a, id(1), UserId(2), &[(b1, b"x", false), (b2, b"y", false)]);
+    r.step(true);
+    assert_eq!(
+        (records(&r.s, disk::QUEUE).len(), records(&r.s, disk::MESSAGE).len()),
+        (2, 1)
+    );
+    r.s.ack(b1, u64::MAX);
+    r.step(true);
+    assert_eq!(
+        (records(&r.s, disk::QUEUE).len(), records(&r.s, disk::MESSAGE).len()),
+        (1, 1)
+    );
+    r.s.ack(b2, u64::MAX);
+    r.step(true);
+    assert_eq!(
+        (records(&r.s, disk::QUEUE).len(), records(&r.s, disk::MESSAGE).len()),
+        (0, 0)
+    );
+    assert_eq!(r.s.queued_bytes(), 0);
+    // One spilled, one waiting: the spilled copy goes first, while the
+    // other may still be written, so the record must stay; then the other
+    // is acked before it was written.
+    r.send(a, id(2), UserId(2), &[(b1, b"x", false), (b2, b"y", true)]);
+    r.step(true);
+    r.s.ack(b1, u64::MAX);
+    r.step(true);
+    assert_eq!(
+        (records(&r.s, disk::QUEUE).len(), records(&r.s, disk::MESSAGE).len()),
+        (0, 1)
+    );
+    r.s.ack(b2, u64::MAX);
+    r.step(true);
+    assert_eq!(records(&r.s, disk::MESSAGE), vec![], "the last copy went unwritten");
+    assert_eq!(r.s.queued_bytes(), 0);
+    // The same across a reopen: the record is found from the copies on disk.
+    r.send(a, id(3), UserId(2), &[(b1, b"x", false), (b2, b"y", false)]);
+    r.step(true);
+    let mut r = r.reopen();
+    r.s.ack(b1, u64::MAX);
+    r.s.ack(b2, u64::MAX);
+    r.step(true);
+    assert_eq!(
+        (records(&r.s, disk::QUEUE).len(), records(&r.s, disk::MESSAGE).len()),
+        (0, 0)
+    );
+    assert_eq!(r.s.queued_bytes(), 0);
+}
+
+/// Durable entries beyond the memory cache are read from disk through
+/// the store thread (`Read::OnDisk`, then `Op::ReadBacklog`), in order,
+/// with nothing missing or repeated where disk and memory meet.
+#[test]
+fn a_long_backlog_is_read_from_disk_then_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Rig::open(dir.path());
+    let (a, b) = (dev(1, 1), dev(2, 1));
+    for i in 0..150u8 {
+        r.send(a, id(i), UserId(2), &[(b, &[i], false)]);
+        if i % 40 == 0 {
+            r.step(true);
+        }
+    }
+    r.step(true);
+    // And some still waiting in memory for an online device.
+    for i in 150..155u8 {
+        r.send(a, id(i), UserId(2), &[(b, &[i], true)]);
+    }
+    assert!(r.s.live.lock().disk_hi(b) > 0, "the cache kept everything");
+    assert_eq!(r.s.read(b, 1, 10, &mut Vec::new()), Read::OnDisk);
+    let got = r.deliver(b, 0);
+    assert_eq!(got.len(), 155);
+    for (i, (seq, e)) in got.iter().enumerate() {
+        assert_eq!(*seq, i as u64 + 1);
+        assert_eq!(msg(e).body.as_ref(), &[i as u8]);
+    }
+    assert_eq!(got, r.queue(b));
+    // From the middle too.
+    assert_eq!(r.deliver(b, 77), got[76..].to_vec());
 }
 
 #[test]
 fn receipts_fold_while_they_wait() {
     let dir = tempfile::tempdir().unwrap();
-    let s = open(dir.path());
+    let mut r = Rig::open(dir.path());
     let (alice, bob) = (dev(1, 1), dev(2, 1));
     for i in 0..5u8 {
-        s.append_receipt(
-            bob,
-            UserId(1),
-            crate::wire::ReceiptKind::DELIVERED,
-            &[MsgId([i; 16])],
-            &[alice],
-            i as u64,
-        )
-        .unwrap()
-        .unwrap();
+        assert_eq!(
+            r.receipt(bob, UserId(1), ReceiptKind::DELIVERED, &[id(i)], &[alice]),
+            Outcome::Receipt(Ok(vec![alice]))
+        );
+        r.advance(Duration::from_millis(1));
     }
-    s.append_receipt(
-        bob,
-        UserId(1),
-        crate::wire::ReceiptKind::READ,
-        &[MsgId([0; 16])],
-        &[alice],
-        9,
-    )
-    .unwrap()
-    .unwrap();
-    let q = ids_of(&s, alice);
+    let last_delivered = r.now_ms() - 1;
+    r.receipt(bob, UserId(1), ReceiptKind::READ, &[id(0)], &[alice]);
+    let q = r.queue(alice);
     assert_eq!(q.len(), 2, "{q:?}");
     match &q[0].1 {
-        Entry::Receipt(r) => {
-            assert_eq!(r.kind, 1);
-            assert_eq!(r.ids.len(), 5);
-            assert_eq!(r.time_ms, 4);
+        Entry::Receipt(rc) => {
+            assert_eq!(rc.kind, 1);
+            assert_eq!(rc.ids.len(), 5);
+            assert_eq!(rc.time_ms, last_delivered);
         }
         other => panic!("{other:?}"),
     }
-    assert!(matches!(&q[1].1, Entry::Receipt(r) if r.kind == 2));
-    assert_eq!(s.queue_len(alice).unwrap(), 2);
+    assert!(matches!(&q[1].1, Entry::Receipt(rc) if rc.kind == 2));
+    assert_eq!(r.s.queue_usage(alice).0, 2);
+    assert_eq!(records(&r.s, disk::QUEUE).len(), 2);
     // Once acknowledged, the next receipt starts a new entry.
-    s.ack(alice, q[1].0).unwrap();
-    s.append_receipt(
-        bob,
-        UserId(1),
-        crate::wire::ReceiptKind::DELIVERED,
-        &[MsgId([7; 16])],
-        &[alice],
-        10,
-    )
-    .unwrap()
-    .unwrap();
-    let q = ids_of(&s, alice);
-    assert!(matches!(&q[..], [(_, Entry::Receipt(r))] if r.ids == vec![MsgId([7; 16])]));
+    r.s.ack(alice, q[1].0);
+    r.step(true);
+    r.receipt(bob, UserId(1), ReceiptKind::DELIVERED, &[id(7)], &[alice]);
+    let q = r.queue(alice);
+    assert!(matches!(&q[..], [(_, Entry::Receipt(rc))] if rc.ids == vec![id(7)]));
+    check_totals(&r.s);
+    // Folding goes on across a reopen.
+    let mut r = r.reopen();
+    r.receipt(bob, UserId(1), ReceiptKind::DELIVERED, &[id(8)], &[alice]);
+    let q2 = r.queue(alice);
+    assert!(matches!(&q2[..], [(s, Entry::Receipt(rc))] if rc.ids == vec![id(7), id(8)] && *s > q[0].0));
 }
 
 #[test]
@@ -367,32 +1603,23 @@ fn receipts_about_different_conversations_are_not_folded_together() {
     // with alice (spec §5.5: receipts fold per reporting device, kind and
     // conversation).
     let dir = tempfile::tempdir().unwrap();
-    let s = open(dir.path());
+    let mut r = Rig::open(dir.path());
     let (bob1, bob2) = (dev(2, 1), dev(2, 2));
     let (alice, carol) = (UserId(1), UserId(3));
-    let read = crate::wire::ReceiptKind::READ;
-    s.append_receipt(bob1, alice, read, &[MsgId([1; 16])], &[bob2], 1)
-        .unwrap()
-        .unwrap();
-    s.append_receipt(bob1, carol, read, &[MsgId([3; 16])], &[bob2], 2)
-        .unwrap()
-        .unwrap();
-    s.append_receipt(bob1, alice, read, &[MsgId([2; 16])], &[bob2], 3)
-        .unwrap()
-        .unwrap();
-    let q = ids_of(&s, bob2);
+    let read = ReceiptKind::READ;
+    r.receipt(bob1, alice, read, &[id(1)], &[bob2]);
+    r.receipt(bob1, carol, read, &[id(3)], &[bob2]);
+    r.receipt(bob1, alice, read, &[id(2)], &[bob2]);
+    let q = r.queue(bob2);
     let receipts: Vec<(u32, Vec<MsgId>)> = q
         .iter()
         .map(|(_, e)| match e {
-            Entry::Receipt(r) => (r.to_user, r.ids.clone()),
+            Entry::Receipt(rc) => (rc.to_user, rc.ids.clone()),
             other => panic!("{other:?}"),
         })
         .collect();
-    assert_eq!(
-        receipts,
-        vec![(3, vec![MsgId([3; 16])]), (1, vec![MsgId([1; 16]), MsgId([2; 16])])]
-    );
-    assert_eq!(s.queue_len(bob2).unwrap(), 2);
+    assert_eq!(receipts, vec![(3, vec![id(3)]), (1, vec![id(1), id(2)])]);
+    assert_eq!(r.s.queue_usage(bob2).0, 2);
 }
 
 #[test]
@@ -402,66 +1629,124 @@ fn the_sweep_forgets_fold_records_of_entries_that_are_gone() {
     // acknowledged the record is useless, and the sweep must not keep it
     // past the entries it was about (spec §10, §12).
     let dir = tempfile::tempdir().unwrap();
-    let s = open(dir.path());
+    let mut r = Rig::open(dir.path());
     let (alice, bob) = (dev(1, 1), dev(2, 1));
-    let fold_records = |s: &Store| s.queues.scan_prefix(b"r").count();
-    let read = crate::wire::ReceiptKind::READ;
-    s.append_receipt(bob, UserId(1), read, &[MsgId([1; 16])], &[alice], 1)
-        .unwrap()
-        .unwrap();
-    assert_eq!(fold_records(&s), 1);
-    let mut cursor = Vec::new();
+    let read = ReceiptKind::READ;
+    r.receipt(bob, UserId(1), read, &[id(1)], &[alice]);
+    assert_eq!(records(&r.s, disk::FOLD).len(), 1);
     // Still waiting: kept, and folding still works.
-    while !s.sweep(&mut cursor, 0, 1000, 2).unwrap().wrapped {}
-    assert_eq!(fold_records(&s), 1);
-    s.append_receipt(bob, UserId(1), read, &[MsgId([2; 16])], &[alice], 3)
-        .unwrap()
-        .unwrap();
-    assert_eq!(ids_of(&s, alice).len(), 1);
+    r.sweep(0, 1000);
+    assert_eq!(records(&r.s, disk::FOLD).len(), 1);
+    r.receipt(bob, UserId(1), read, &[id(2)], &[alice]);
+    assert_eq!(r.queue(alice).len(), 1);
     // Acknowledged: the next pass forgets the record.
-    s.ack(alice, u64::MAX).unwrap();
-    while !s.sweep(&mut cursor, 0, 1000, 4).unwrap().wrapped {}
-    assert_eq!(fold_records(&s), 0);
+    r.s.ack(alice, u64::MAX);
+    r.step(true);
+    r.sweep(0, 1000);
+    assert_eq!(records(&r.s, disk::FOLD).len(), 0);
+    assert_eq!(r.s.queued_bytes(), 0);
     // A receipt after that starts a new entry, as before.
-    s.append_receipt(bob, UserId(1), read, &[MsgId([3; 16])], &[alice], 5)
-        .unwrap()
-        .unwrap();
-    assert!(matches!(&ids_of(&s, alice)[..], [(_, Entry::Receipt(r))] if r.ids == vec![MsgId([3; 16])]));
+    r.receipt(bob, UserId(1), read, &[id(3)], &[alice]);
+    assert!(matches!(&r.queue(alice)[..], [(_, Entry::Receipt(rc))] if rc.ids == vec![id(3)]));
 }
 
 #[test]
 fn retract_removes_queued_copies_only() {
     let dir = tempfile::tempdir().unwrap();
-    let s = open(dir.path());
+    let mut r = Rig::open(dir.path());
     let (a1, a2, b1, b2) = (dev(1, 1), dev(1, 2), dev(2, 1), dev(2, 2));
-    let bodies = [
-        (b1, Bytes::from_static(b"x")),
-        (b2, Bytes::from_static(b"y")),
-        (a2, Bytes::from_static(b"z")),
-    ];
-    s.append(a1, MsgId([1; 16]), UserId(2), &bodies, 1).unwrap();
-    s.append(a1, MsgId([2; 16]), UserId(2), &bodies, 2).unwrap();
+    let copies: [(DeviceKey, &[u8], bool); 3] = [(b1, b"x", false), (b2, b"y", false), (a2, b"z", false)];
+    let t1 = r.now_ms();
+    r.send(a1, id(1), UserId(2), &copies);
+    r.send(a1, id(2), UserId(2), &copies);
+    r.step(true);
+    // One more waiting in memory, for online devices.
+    let online = copies.map(|(d, b, _)| (d, b, true));
+    let (tok3, _) = r.send(a1, id(3), UserId(2), &online);
     // b2 already took the first one.
-    s.ack(b2, 1).unwrap();
+    r.s.ack(b2, 1);
+    r.step(true);
     // Any device of the sender's user may retract.
-    let (removed, _) = s.retract(&[a1, a2], MsgId([1; 16])).unwrap();
-    assert_eq!(removed, 2);
+    let now_ms = r.now_ms();
+    assert_eq!(
+        r.call(Op::Retract {
+            user: UserId(1),
+            senders: vec![a1, a2],
+            id: id(1),
+            now_ms,
+        }),
+        Outcome::Retracted(2)
+    );
     for d in [b1, b2, a2] {
-        let q = ids_of(&s, d);
-        assert!(q.iter().all(|(_, e)| msg(e).id == MsgId([2; 16])), "{d}: {q:?}");
+        let q = r.queue(d);
+        assert!(q.iter().all(|(_, e)| msg(e).id != id(1)), "{d}: {q:?}");
     }
-    assert_eq!(s.queue_len(b1).unwrap(), 1);
+    assert_eq!(r.s.queue_usage(b1).0, 2);
+    // Copies in memory go too, and their message settles (nothing of it is
+    // left to make safe).
+    assert_eq!(
+        r.call(Op::Retract {
+            user: UserId(1),
+            senders: vec![a2, a1],
+            id: id(3),
+            now_ms,
+        }),
+        Outcome::Retracted(3)
+    );
+    assert!(r.settled(tok3).is_some());
+    assert_eq!(r.s.memory_held().0, 0);
     // Another user's message cannot be retracted by this one.
-    assert_eq!(s.retract(&[b1], MsgId([2; 16])).unwrap().0, 0);
-    // The dedup record stays: a late retry is not stored again.
+    assert_eq!(
+        r.call(Op::Retract {
+            user: UserId(2),
+            senders: vec![b1],
+            id: id(2),
+            now_ms,
+        }),
+        Outcome::Retracted(0)
+    );
+    assert_eq!(r.queue(b1).len(), 1);
+    check_totals(&r.s);
+    // A late retry, from any device of the user, is not queued again: now,
+    // and after a reopen.
+    for d in [a1, a2] {
+        assert_eq!(
+            r.send(d, id(1), UserId(2), &copies).1,
+            Appended::Duplicate { time_ms: t1 }
+        );
+        assert!(matches!(
+            r.send(d, id(3), UserId(2), &online).1,
+            Appended::Duplicate { .. }
+        ));
+    }
+    let mut r = r.reopen();
+    assert_eq!(
+        r.send(a2, id(1), UserId(2), &copies).1,
+        Appended::Duplicate { time_ms: t1 }
+    );
     assert!(matches!(
-        s.append(a1, MsgId([1; 16]), UserId(2), &bodies, 3).unwrap(),
+        r.send(a1, id(3), UserId(2), &online).1,
         Appended::Duplicate { .. }
     ));
+    r.step(true);
+    assert_eq!(r.queue(b1).len(), 1);
+    assert_eq!(records(&r.s, disk::TOMBSTONE).len(), 2);
+    // The tombstones are forgotten with the retention period (once
+    // everything else is delivered, so that nothing else expires).
+    for d in [b1, b2, a2] {
+        r.s.ack(d, u64::MAX);
+    }
+    r.step(true);
+    assert_eq!(records(&r.s, disk::MESSAGE), vec![]);
+    let swept = r.sweep(r.now_ms() + 1, 1000);
+    assert_eq!(swept.forgotten, 2);
+    assert!(records(&r.s, disk::TOMBSTONE).is_empty());
+    check_bytes(&r.s);
 }
 
 #[test]
 fn quotas_refuse_and_drop_nothing() {
+    let (a, b) = (dev(1, 1), dev(2, 1));
     let dir = tempfile::tempdir().unwrap();
     let config = StoreConfig {
         quotas: Quotas {
@@ -471,28 +1756,44 @@ fn quotas_refuse_and_drop_nothing() {
         },
         ..Default::default()
     };
-    let s = Store::open(dir.path(), &config).unwrap();
-    let (a, b) = (dev(1, 1), dev(2, 1));
+    let mut r = Rig::with(dir.path(), config);
     for i in 0..3u8 {
+        // Spilled or waiting alike.
         assert!(matches!(
-            s.append(a, MsgId([i; 16]), UserId(2), &[(b, Bytes::from_static(b"x"))], 1)
-                .unwrap(),
-            Appended::New { .. }
+            r.send(a, id(i), UserId(2), &[(b, b"x", i == 0)]).1,
+            Appended::Queued { .. }
         ));
     }
+    r.step(true);
     assert_eq!(
-        s.append(a, MsgId([9; 16]), UserId(2), &[(b, Bytes::from_static(b"x"))], 1)
-            .unwrap(),
-        Appended::OverQuota(Quota::Queue(b))
+        r.send(a, id(9), UserId(2), &[(b, b"x", false)]).1,
+        Appended::Refused(Refused::Quota(Quota::Queue(b)))
     );
-    assert_eq!(s.queue_len(b).unwrap(), 3);
-    // Not remembered as sent: after an ack it goes through.
-    s.ack(b, 1).unwrap();
+    // Refused as a whole: no copy for another device either.
+    assert_eq!(
+        r.send(a, id(9), UserId(2), &[(dev(2, 2), b"x", false), (b, b"x", false)])
+            .1,
+        Appended::Refused(Refused::Quota(Quota::Queue(b)))
+    );
+    assert_eq!(r.s.queue_usage(dev(2, 2)), (0, 0));
+    assert_eq!(r.s.queue_usage(b).0, 3);
+    assert_eq!(r.recall(a, id(9)).1, None, "not remembered");
+    // After an ack it goes through.
+    r.s.ack(b, 1);
+    r.step(true);
     assert!(matches!(
-        s.append(a, MsgId([9; 16]), UserId(2), &[(b, Bytes::from_static(b"x"))], 1)
-            .unwrap(),
-        Appended::New { .. }
+        r.send(a, id(9), UserId(2), &[(b, b"x", false)]).1,
+        Appended::Queued { .. }
     ));
+    assert_eq!(r.s.queue_usage(b).0, 3);
+    // Receipts too: folding into a waiting entry is fine, a new entry is not.
+    r.step(true);
+    assert_eq!(
+        r.receipt(a, UserId(2), ReceiptKind::READ, &[id(1)], &[b]),
+        Outcome::Receipt(Err(Refused::Quota(Quota::Queue(b))))
+    );
+    assert_eq!(r.queue(b).len(), 3);
+
     // Bytes.
     let dir = tempfile::tempdir().unwrap();
     let config = StoreConfig {
@@ -503,16 +1804,23 @@ fn quotas_refuse_and_drop_nothing() {
         },
         ..Default::default()
     };
-    let s = Store::open(dir.path(), &config).unwrap();
-    let body = Bytes::from(vec![0u8; 200]);
+    let mut r = Rig::with(dir.path(), config);
+    let body = [0u8; 200];
     assert!(matches!(
-        s.append(a, MsgId([1; 16]), UserId(2), &[(b, body.clone())], 1).unwrap(),
-        Appended::New { .. }
+        r.send(a, id(1), UserId(2), &[(b, &body, true)]).1,
+        Appended::Queued { .. }
     ));
     assert_eq!(
-        s.append(a, MsgId([2; 16]), UserId(2), &[(b, body)], 1).unwrap(),
-        Appended::OverQuota(Quota::Queue(b))
+        r.send(a, id(2), UserId(2), &[(b, &body, false)]).1,
+        Appended::Refused(Refused::Quota(Quota::Queue(b)))
     );
+    // An ack of a copy that was never written frees its room at once.
+    r.s.ack(b, u64::MAX);
+    assert!(matches!(
+        r.send(a, id(2), UserId(2), &[(b, &body, false)]).1,
+        Appended::Queued { .. }
+    ));
+
     // The disk budget.
     let dir = tempfile::tempdir().unwrap();
     let config = StoreConfig {
@@ -522,43 +1830,74 @@ fn quotas_refuse_and_drop_nothing() {
         },
         ..Default::default()
     };
-    let s = Store::open(dir.path(), &config).unwrap();
+    let mut r = Rig::with(dir.path(), config);
     assert_eq!(
-        s.append(a, MsgId([1; 16]), UserId(2), &[(b, Bytes::from_static(b"x"))], 1)
-            .unwrap(),
-        Appended::OverQuota(Quota::Disk)
+        r.send(a, id(1), UserId(2), &[(b, b"x", true)]).1,
+        Appended::Refused(Refused::Quota(Quota::Disk))
     );
+    assert_eq!(r.s.queue_usage(b), (0, 0));
+    assert_eq!(r.s.last_seq(b), 0, "no number given out");
+}
+
+/// Below the free-space floor, appends and receipts are refused in
+/// words; acks and deliveries go on; accepting resumes by itself.
+#[test]
+fn below_the_free_space_floor_new_data_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Rig::open(dir.path());
+    let (a, b) = (dev(1, 1), dev(2, 1));
+    let t1 = r.now_ms();
+    r.send(a, id(1), UserId(2), &[(b, b"before", false)]);
+    r.step(true);
+    r.s.set_min_free(u64::MAX);
+    assert!(r.s.storage_full());
+    assert_eq!(
+        r.send(a, id(2), UserId(2), &[(b, b"x", false)]).1,
+        Appended::Refused(Refused::StorageFull)
+    );
+    // Retries of what was accepted are still answered.
+    assert_eq!(
+        r.send(a, id(1), UserId(2), &[(b, b"before", false)]).1,
+        Appended::Duplicate { time_ms: t1 }
+    );
+    assert_eq!(
+        r.receipt(b, UserId(1), ReceiptKind::READ, &[id(1)], &[a]),
+        Outcome::Receipt(Err(Refused::StorageFull))
+    );
+    assert_eq!(r.deliver(b, 0).len(), 1);
+    r.s.ack(b, u64::MAX);
+    r.step(true);
+    assert_eq!(r.queue(b), vec![]);
+    r.s.set_min_free(0);
+    assert!(!r.s.storage_full());
+    assert!(matches!(
+        r.send(a, id(2), UserId(2), &[(b, b"x", false)]).1,
+        Appended::Queued { .. }
+    ));
 }
 
 #[test]
 fn retention_expires_with_notices_on_both_sides() {
     let dir = tempfile::tempdir().unwrap();
-    let s = open(dir.path());
-    let invite = s.accounts().create_invite(3, None).unwrap();
-    let alice = s.accounts().register(&invite, "alice", &[1; 32], 0).unwrap().unwrap();
-    let bob = s.accounts().register(&invite, "bob", &[2; 32], 0).unwrap().unwrap();
-    let link = s.accounts().create_link(alice.user, 10_000).unwrap();
-    let alice2 = s.accounts().redeem_link(&link, &[3; 32], 0).unwrap().unwrap();
+    let mut r = Rig::open(dir.path());
+    let a = r.s.accounts();
+    let invite = a.create_invite(3, None).unwrap();
+    let alice = a.register(&invite, "alice", &[1; 32], 0).unwrap().unwrap();
+    let bob = a.register(&invite, "bob", &[2; 32], 0).unwrap().unwrap();
+    let link = link_code(a, alice, 10_000);
+    let alice2 = a.redeem_link(&link, &[3; 32], 0).unwrap().unwrap();
     // Old messages at t=100 and t=200, a fresh one at t=5000.
     for (i, t) in [(1u8, 100), (2, 200), (3, 5000)] {
-        s.append(alice, MsgId([i; 16]), bob.user, &[(bob, Bytes::from_static(b"x"))], t)
-            .unwrap();
+        r.send_at(alice, id(i), bob.user, &[(bob, b"x", false)], t);
     }
-    let mut cursor = Vec::new();
-    let mut total = Swept::default();
+    r.step(true);
+    assert_eq!(records(&r.s, disk::MESSAGE).len(), 3);
     // Small turns: bounded work each, until the pass wraps.
-    for _ in 0..100 {
-        let swept = s.sweep(&mut cursor, 1000, 2, 6000).unwrap();
-        total.expired += swept.expired;
-        total.notified.extend(swept.notified);
-        if swept.wrapped {
-            break;
-        }
-    }
-    assert_eq!(total.expired, 2);
-    let q = ids_of(&s, bob);
+    let swept = r.sweep(1000, 2);
+    assert_eq!(swept.expired, 2);
+    let q = r.queue(bob);
     assert_eq!(q.len(), 2, "{q:?}");
-    assert!(matches!(&q[0].1, Entry::Message(m) if m.id == MsgId([3; 16])));
+    assert!(matches!(&q[0].1, Entry::Message(m) if m.id == id(3)));
     match &q[1].1 {
         Entry::Gap(g) => {
             assert_eq!(g.lost.len(), 1);
@@ -568,72 +1907,27 @@ fn retention_expires_with_notices_on_both_sides() {
         other => panic!("{other:?}"),
     }
     for d in [alice, alice2] {
-        let q = ids_of(&s, d);
+        let q = r.queue(d);
         match &q[..] {
             [(_, Entry::Expired(e))] => {
-                assert_eq!(e.ids, vec![MsgId([1; 16]), MsgId([2; 16])]);
+                assert_eq!(e.ids, vec![id(1), id(2)]);
                 assert_eq!((e.device_user, e.device), (bob.user.0, 1));
             }
             other => panic!("{d}: {other:?}"),
         }
-        assert!(total.notified.contains(&d));
+        assert!(swept.notified.contains(&d));
     }
-    // Dedup records of expired messages are forgotten too.
-    assert_eq!(s.dedup_lookup(alice, MsgId([1; 16])).unwrap(), None);
-    assert_eq!(s.dedup_lookup(alice, MsgId([3; 16])).unwrap(), Some(5000));
-    assert_eq!(s.queue_len(bob).unwrap(), 2);
-}
-
-#[test]
-fn format_1_directories_are_migrated() {
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (dev(1, 1), dev(2, 1));
-    {
-        let s = open(dir.path());
-        // Write what format 1 wrote: a bare message value, a bare time as
-        // dedup value, an 8-byte next-sequence record.
-        let old = QueuedMessage {
-            id: MsgId([5; 16]),
-            from_user: 1,
-            from_device: 1,
-            to_user: 2,
-            time_ms: 77,
-            body: Bytes::from_static(b"old"),
-        };
-        let mut qk = vec![b'q'];
-        qk.extend_from_slice(&2u32.to_be_bytes());
-        qk.extend_from_slice(&1u32.to_be_bytes());
-        qk.extend_from_slice(&1u64.to_be_bytes());
-        s.queues.insert(qk, postcard::to_stdvec(&old).unwrap()).unwrap();
-        let mut nk = vec![b'n'];
-        nk.extend_from_slice(&2u32.to_be_bytes());
-        nk.extend_from_slice(&1u32.to_be_bytes());
-        s.queues.insert(nk, &2u64.to_be_bytes()).unwrap();
-        let mut dk = vec![b'd'];
-        dk.extend_from_slice(&1u32.to_be_bytes());
-        dk.extend_from_slice(&1u32.to_be_bytes());
-        dk.extend_from_slice(&[5; 16]);
-        s.queues.insert(dk, &77u64.to_be_bytes()).unwrap();
-        s.queues.remove(b"v2").unwrap();
-        s.flush().unwrap();
-    }
-    fs::write(dir.path().join("FORMAT"), "tidings-data 1\n").unwrap();
-    let s = open(dir.path());
-    assert_eq!(
-        fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
-        "tidings-data 2\n"
-    );
-    let q = ids_of(&s, b);
-    assert_eq!(q.len(), 1);
-    assert_eq!(msg(&q[0].1).body, Bytes::from_static(b"old"));
-    assert_eq!(s.dedup_lookup(a, MsgId([5; 16])).unwrap(), Some(77));
-    assert_eq!(s.queue_usage(b).unwrap().0, 1);
-    assert_eq!(s.last_seq(b).unwrap(), 1);
-    // A rerun (as after a crash before FORMAT was written) changes nothing.
-    drop(s);
-    fs::write(dir.path().join("FORMAT"), "tidings-data 1\n").unwrap();
-    let s = open(dir.path());
-    assert_eq!(msg(&ids_of(&s, b)[0].1).body, Bytes::from_static(b"old"));
+    // The records of expired messages go with them, in the same pass.
+    let left: Vec<_> = records(&r.s, disk::MESSAGE)
+        .iter()
+        .map(|(k, _)| disk::parse_message_key(k).unwrap().1)
+        .collect();
+    assert_eq!(left, vec![id(3)]);
+    assert_eq!(r.s.queue_usage(bob).0, 2);
+    check_totals(&r.s);
+    // The notices are delivered like anything else.
+    let mut r = r.reopen();
+    assert_eq!(r.deliver(bob, 0), q);
 }
 
 #[test]
@@ -647,40 +1941,52 @@ fn the_budget_counts_queued_bytes_exactly_and_receipts_too() {
         },
         ..Default::default()
     };
-    {
-        let s = Store::open(dir.path(), &config).unwrap();
-        let body = Bytes::from(vec![0u8; 300]);
-        for i in 0..3u8 {
-            assert!(matches!(
-                s.append(a, MsgId([i; 16]), UserId(2), &[(b, body.clone())], 1).unwrap(),
-                Appended::New { .. }
-            ));
-        }
-        let used = s.queued_bytes();
-        assert_eq!(used, s.queue_usage(b).unwrap().1);
-        assert_eq!(
-            s.append(a, MsgId([9; 16]), UserId(2), &[(b, body.clone())], 1).unwrap(),
-            Appended::OverQuota(Quota::Disk)
-        );
-        // Receipts cannot fill it either.
-        let ids: Vec<MsgId> = (0..64u8).map(|i| MsgId([i; 16])).collect();
-        assert_eq!(
-            s.append_receipt(b, UserId(1), crate::wire::ReceiptKind::READ, &ids, &[a], 1)
-                .unwrap(),
-            Err(Quota::Disk)
-        );
-        // An ack frees budget at once.
-        s.ack(b, 2).unwrap();
-        assert!(s.queued_bytes() < used);
+    let mut r = Rig::with(dir.path(), config.clone());
+    let body = [0u8; 250];
+    for i in 0..3u8 {
         assert!(matches!(
-            s.append(a, MsgId([9; 16]), UserId(2), &[(b, body)], 1).unwrap(),
-            Appended::New { .. }
+            r.send(a, id(i), UserId(2), &[(b, &body, false)]).1,
+            Appended::Queued { .. }
         ));
-        s.flush().unwrap();
     }
+    // Waiting copies count against the budget before they are written.
+    assert_eq!(
+        r.send(a, id(9), UserId(2), &[(b, &body, false)]).1,
+        Appended::Refused(Refused::Quota(Quota::Disk))
+    );
+    r.step(true);
+    let used = r.s.queued_bytes();
+    assert_eq!(used, counted_bytes(&r.s));
+    assert_eq!(
+        used,
+        r.s.queue_usage(b).1
+            + records(&r.s, disk::MESSAGE)
+                .iter()
+                .map(|(k, v)| (k.len() + v.len()) as u64)
+                .sum::<u64>()
+    );
+    assert_eq!(
+        r.send(a, id(9), UserId(2), &[(b, &body, false)]).1,
+        Appended::Refused(Refused::Quota(Quota::Disk))
+    );
+    // Receipts cannot fill it either.
+    let ids: Vec<MsgId> = (0..64u8).map(id).collect();
+    assert_eq!(
+        r.receipt(b, UserId(1), ReceiptKind::READ, &ids, &[a]),
+        Outcome::Receipt(Err(Refused::Quota(Quota::Disk)))
+    );
+    // An ack frees the budget once the store thread deleted the records.
+    r.s.ack(b, 2);
+    r.step(true);
+    assert!(r.s.queued_bytes() < used);
+    assert!(matches!(
+        r.send(a, id(9), UserId(2), &[(b, &body, false)]).1,
+        Appended::Queued { .. }
+    ));
+    r.step(true);
     // Counted again on open.
-    let s = Store::open(dir.path(), &config).unwrap();
-    assert_eq!(s.queued_bytes(), s.queue_usage(b).unwrap().1);
+    let r = r.reopen();
+    assert_eq!(r.s.queued_bytes(), counted_bytes(&r.s));
 }
 
 #[test]
@@ -694,128 +2000,321 @@ fn receipts_that_start_an_entry_count_against_a_full_queue() {
         },
         ..Default::default()
     };
-    let s = Store::open(dir.path(), &config).unwrap();
-    let read = crate::wire::ReceiptKind::READ;
-    let delivered = crate::wire::ReceiptKind::DELIVERED;
-    s.append_receipt(b, UserId(1), read, &[MsgId([1; 16])], &[a], 1)
-        .unwrap()
-        .unwrap();
-    s.append_receipt(b, UserId(1), delivered, &[MsgId([1; 16])], &[a], 1)
-        .unwrap()
-        .unwrap();
+    let mut r = Rig::with(dir.path(), config);
+    let read = ReceiptKind::READ;
+    let delivered = ReceiptKind::DELIVERED;
+    r.receipt(b, UserId(1), read, &[id(1)], &[a]);
+    r.receipt(b, UserId(1), delivered, &[id(1)], &[a]);
     // Folding into a waiting entry is fine; a third entry is not.
-    s.append_receipt(b, UserId(1), read, &[MsgId([2; 16])], &[a], 1)
-        .unwrap()
-        .unwrap();
-    assert_eq!(s.queue_len(a).unwrap(), 2);
     assert_eq!(
-        s.append_receipt(dev(3, 1), UserId(1), read, &[MsgId([3; 16])], &[a], 1)
-            .unwrap(),
-        Err(Quota::Queue(a))
+        r.receipt(b, UserId(1), read, &[id(2)], &[a]),
+        Outcome::Receipt(Ok(vec![a]))
     );
-    assert_eq!(s.queue_len(a).unwrap(), 2);
+    assert_eq!(r.s.queue_usage(a).0, 2);
+    assert_eq!(
+        r.receipt(dev(3, 1), UserId(1), read, &[id(3)], &[a]),
+        Outcome::Receipt(Err(Refused::Quota(Quota::Queue(a))))
+    );
+    assert_eq!(r.s.queue_usage(a).0, 2);
+    // Refused as a whole: not queued for a target with room either.
+    assert_eq!(
+        r.receipt(dev(3, 1), UserId(1), read, &[id(3)], &[dev(1, 2), a]),
+        Outcome::Receipt(Err(Refused::Quota(Quota::Queue(a))))
+    );
+    assert_eq!(r.s.queue_usage(dev(1, 2)), (0, 0));
 }
 
+/// Several operations in one turn: each sees what the ones before it
+/// wrote.
 #[test]
-fn one_batch_of_many_ops_sees_its_own_writes() {
+fn one_turn_of_many_ops_sees_its_own_writes() {
     let dir = tempfile::tempdir().unwrap();
-    let s = open(dir.path());
+    let mut r = Rig::open(dir.path());
     let (a, b) = (dev(1, 1), dev(2, 1));
-    let x = || vec![(b, Bytes::from_static(b"x"))];
-    let read = crate::wire::ReceiptKind::READ;
-    let ops = [
-        Op::Append {
-            sender: a,
-            id: MsgId([1; 16]),
-            to: UserId(2),
-            bodies: x(),
-            now_ms: 1,
+    let read = ReceiptKind::READ;
+    let (t1, _) = r.send(a, id(1), UserId(2), &[(b, b"x", false)]);
+    let (t2, got) = r.send(a, id(1), UserId(2), &[(b, b"x", false)]);
+    assert_eq!(got, Appended::Waiting);
+    let (t3, _) = r.send(a, id(2), UserId(2), &[(b, b"x", false)]);
+    let mut tokens = Vec::new();
+    for i in 1..=3u8 {
+        let w = r.waiter();
+        tokens.push(w.token);
+        r.s.submit(
+            Op::Receipt {
+                from: b,
+                to: UserId(1),
+                kind: read,
+                ids: vec![id(i)],
+                targets: vec![a],
+                now_ms: i as u64,
+            },
+            Some(w),
+        );
+    }
+    let w = r.waiter();
+    let now_ms = r.now_ms();
+    r.s.submit(
+        Op::Retract {
+            user: UserId(1),
+            senders: vec![a],
+            id: id(2),
+            now_ms,
         },
-        Op::Append {
-            sender: a,
-            id: MsgId([1; 16]),
-            to: UserId(2),
-            bodies: x(),
-            now_ms: 2,
-        },
-        Op::Append {
-            sender: a,
-            id: MsgId([2; 16]),
-            to: UserId(2),
-            bodies: x(),
-            now_ms: 3,
-        },
-        Op::Receipt {
-            from: b,
-            to: UserId(1),
-            kind: read,
-            ids: vec![MsgId([1; 16])],
-            targets: vec![a],
-            now_ms: 4,
-        },
-        Op::Receipt {
-            from: b,
-            to: UserId(1),
-            kind: read,
-            ids: vec![MsgId([2; 16])],
-            targets: vec![a],
-            now_ms: 5,
-        },
-    ];
-    let (outcomes, _) = s.apply(&ops).unwrap();
-    assert_eq!(
-        outcomes,
-        vec![
-            Outcome::Appended(Appended::New { time_ms: 1 }),
-            Outcome::Appended(Appended::Duplicate { time_ms: 1 }),
-            Outcome::Appended(Appended::New { time_ms: 3 }),
-            Outcome::Receipt(Ok(())),
-            Outcome::Receipt(Ok(())),
-        ]
+        Some(w.clone()),
     );
-    assert_eq!(ids_of(&s, b).len(), 2);
-    let receipts = ids_of(&s, a);
+    r.step(true);
+    let time = r.now_ms();
+    for t in [t1, t2, t3] {
+        assert_eq!(r.settled(t), Some(time));
+    }
+    for t in tokens {
+        assert_eq!(r.outcomes(t), vec![Outcome::Receipt(Ok(vec![a]))]);
+    }
+    // The copy written in this very turn is found and removed.
+    assert_eq!(r.outcomes(w.token), vec![Outcome::Retracted(1)]);
+    assert_eq!(r.queue(b).len(), 1);
+    let receipts = r.queue(a);
     assert!(
-        matches!(&receipts[..], [(_, Entry::Receipt(r))] if r.ids.len() == 2),
+        matches!(&receipts[..], [(_, Entry::Receipt(rc))] if rc.ids.len() == 3),
         "{receipts:?}"
     );
-    assert_eq!(s.queue_usage(a).unwrap().0, 1);
-    // Overlapping acks in one batch count each entry once.
-    let (outcomes, _) = s
-        .apply(&[Op::Ack { device: b, up_to: 1 }, Op::Ack { device: b, up_to: 2 }])
-        .unwrap();
-    assert_eq!(outcomes, vec![Outcome::Acked(1), Outcome::Acked(1)]);
-    assert_eq!(s.queue_usage(b).unwrap(), (0, 0));
-    assert_eq!(s.queued_bytes(), s.queue_usage(a).unwrap().1);
+    assert_eq!(r.s.queue_usage(a).0, 1);
+    // Overlapping acks count each entry once.
+    r.s.ack(b, 1);
+    r.s.ack(b, 2);
+    r.step(true);
+    assert_eq!(r.s.queue_usage(b), (0, 0));
+    assert_eq!(r.s.queued_bytes(), counted_bytes(&r.s));
+    check_totals(&r.s);
 }
 
 #[test]
-fn reads_see_exactly_what_is_on_disk_after_folds_in_one_batch() {
+fn reads_see_exactly_what_is_on_disk_after_folds_in_one_turn() {
     let dir = tempfile::tempdir().unwrap();
-    let s = open(dir.path());
+    let mut r = Rig::open(dir.path());
     let (a, b) = (dev(1, 1), dev(2, 1));
-    let read = crate::wire::ReceiptKind::READ;
-    let receipt = |i: u8| Op::Receipt {
-        from: b,
-        to: UserId(1),
-        kind: read,
-        ids: vec![MsgId([i; 16])],
-        targets: vec![a],
-        now_ms: i as u64,
-    };
-    // Three folds in one batch: the first two entries are replaced within it.
-    s.apply(&[receipt(1), receipt(2), receipt(3)]).unwrap();
-    // What sled holds, bypassing the in-memory tail.
-    let mut on_disk = Vec::new();
-    for item in s.queues.scan_prefix([b'q']) {
-        let (_, v) = item.unwrap();
-        on_disk.push(decode_entry(&v).unwrap());
+    for i in 1..=3u8 {
+        r.s.submit(
+            Op::Receipt {
+                from: b,
+                to: UserId(1),
+                kind: ReceiptKind::READ,
+                ids: vec![id(i)],
+                targets: vec![a],
+                now_ms: i as u64,
+            },
+            None,
+        );
     }
+    // Three folds in one turn: the first two entries are replaced within it.
+    r.step(true);
+    // What sled holds, bypassing memory.
+    let on_disk: Vec<Entry> = records(&r.s, disk::QUEUE)
+        .iter()
+        .map(|(_, v)| disk::decode_disk(v).unwrap().into_entry(None).unwrap())
+        .collect();
     assert_eq!(on_disk.len(), 1);
-    // A read from the first sequence this batch gave out is served by the
-    // tail; it must hold what sled holds, nothing folded away.
-    let mut from_tail = Vec::new();
-    s.read_queue(a, 1, 100, &mut from_tail).unwrap();
-    assert_eq!(from_tail.len(), 1, "{from_tail:?}");
-    assert_eq!(from_tail[0].1, on_disk[0]);
+    // A read from the first sequence this turn gave out is served from
+    // memory; it must hold what sled holds, nothing folded away.
+    let from_memory = r.deliver(a, 1);
+    assert_eq!(from_memory.len(), 1, "{from_memory:?}");
+    assert_eq!(from_memory[0].1, on_disk[0]);
+    assert_eq!(r.queue(a), from_memory);
+}
+
+// ---- the budget's count against sled, after anything ----
+
+mod budget {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const DEVICES: u32 = 3;
+
+    fn device(i: u8) -> DeviceKey {
+        dev(1 + u32::from(i) / DEVICES, 1 + u32::from(i) % DEVICES)
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Send {
+            sender: u8,
+            id: u8,
+            targets: u8,
+            online: u8,
+            len: usize,
+            old: bool,
+        },
+        Receipt {
+            from: u8,
+            kind: u8,
+            id: u8,
+            targets: u8,
+        },
+        Ack {
+            device: u8,
+            up_to: u64,
+        },
+        Retract {
+            sender: u8,
+            id: u8,
+        },
+        Revoke {
+            device: u8,
+        },
+        Advance {
+            ms: u64,
+        },
+        Turn {
+            flush: bool,
+        },
+        Sweep {
+            keys: usize,
+        },
+        Reopen,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            8 => (0u8..6, 0u8..8, 1u8..64, any::<u8>(), 0usize..300, proptest::bool::weighted(0.2))
+                .prop_map(|(sender, id, targets, online, len, old)| Step::Send { sender, id, targets, online, len, old }),
+            3 => (0u8..6, 1u8..=2, 0u8..8, 1u8..64).prop_map(|(from, kind, id, targets)| Step::Receipt { from, kind, id, targets }),
+            5 => (0u8..6, prop_oneof![0u64..12, Just(u64::MAX)]).prop_map(|(device, up_to)| Step::Ack { device, up_to }),
+            2 => (0u8..6, 0u8..8).prop_map(|(sender, id)| Step::Retract { sender, id }),
+            1 => (0u8..6).prop_map(|device| Step::Revoke { device }),
+            3 => (0u64..80).prop_map(|ms| Step::Advance { ms }),
+            5 => any::<bool>().prop_map(|flush| Step::Turn { flush }),
+            1 => (1usize..20).prop_map(|keys| Step::Sweep { keys }),
+            1 => Just(Step::Reopen),
+        ]
+    }
+
+    fn targets(mask: u8) -> Vec<DeviceKey> {
+        (0..6).filter(|i| mask & (1 << i) != 0).map(device).collect()
+    }
+
+    fn run(steps: Vec<Step>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Rig::open(dir.path());
+        {
+            let a = r.s.accounts();
+            let invite = a.create_invite(2, None).unwrap();
+            for u in 1..=2u8 {
+                let first = a
+                    .register(&invite, &format!("user{u}"), &[u * 10; 32], 0)
+                    .unwrap()
+                    .unwrap();
+                for d in 2..=DEVICES as u8 {
+                    let code = link_code(a, first, u64::MAX / 2);
+                    a.redeem_link(&code, &[u * 10 + d; 32], 0).unwrap().unwrap();
+                }
+            }
+        }
+        let mut reopened = false;
+        for s in steps {
+            match s {
+                Step::Send {
+                    sender,
+                    id: n,
+                    targets: mask,
+                    online,
+                    len,
+                    old,
+                } => {
+                    let sender = device(sender);
+                    let body = vec![n; len];
+                    let copies: Vec<(DeviceKey, &[u8], bool)> = targets(mask)
+                        .into_iter()
+                        .filter(|d| r.s.is_current(*d))
+                        .enumerate()
+                        .map(|(i, d)| (d, &body[..], online & (1 << i) != 0))
+                        .collect();
+                    let now_ms = if old { 10 } else { r.now_ms() };
+                    let to = UserId(if sender.user.0 == 1 { 2 } else { 1 });
+                    r.send_at(sender, id(n), to, &copies, now_ms);
+                }
+                Step::Receipt {
+                    from,
+                    kind,
+                    id: n,
+                    targets: mask,
+                } => {
+                    let from = device(from);
+                    let targets: Vec<DeviceKey> = targets(mask).into_iter().filter(|d| r.s.is_current(*d)).collect();
+                    r.receipt(from, UserId(1), ReceiptKind(kind), &[id(n)], &targets);
+                }
+                Step::Ack { device: d, up_to } => r.s.ack(device(d), up_to),
+                Step::Retract { sender, id: n } => {
+                    let sender = device(sender);
+                    let mut senders = Vec::new();
+                    r.s.all_devices(sender.user, &mut senders);
+                    let now_ms = r.now_ms();
+                    r.call(Op::Retract {
+                        user: sender.user,
+                        senders: senders.into_iter().map(|d| dev(sender.user.0, d.0)).collect(),
+                        id: id(n),
+                        now_ms,
+                    });
+                }
+                Step::Revoke { device: d } => {
+                    let now_ms = r.now_ms();
+                    r.call(Op::Revoke {
+                        device: device(d),
+                        now_ms,
+                    });
+                }
+                Step::Advance { ms } => r.advance(Duration::from_millis(ms)),
+                Step::Turn { flush } => r.step(flush),
+                Step::Sweep { keys } => {
+                    r.sweep(1000, keys);
+                }
+                Step::Reopen => {
+                    r = r.reopen();
+                    reopened = true;
+                }
+            }
+            check_bytes(&r.s);
+        }
+        // Everything acknowledged: nothing of the queues is left on disk
+        // but retractions; and once the sweep passed, no fold record, and
+        // no message record left behind by a crash (one whose copy was
+        // lost unwritten).
+        for i in 0..6 {
+            r.s.ack(device(i), u64::MAX);
+        }
+        r.step(true);
+        check_totals(&r.s);
+        assert_eq!(records(&r.s, disk::QUEUE), vec![]);
+        if !reopened {
+            assert_eq!(
+                records(&r.s, disk::MESSAGE),
+                vec![],
+                "a message record outlived its copies"
+            );
+        }
+        assert_eq!(r.s.queue_totals(), (0, 0));
+        assert_eq!(r.s.memory_held().0, 0);
+        r.sweep(0, 1000);
+        assert_eq!(records(&r.s, disk::FOLD), vec![]);
+        assert_eq!(records(&r.s, disk::MESSAGE), vec![]);
+        let tombstones: u64 = records(&r.s, disk::TOMBSTONE)
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) as u64)
+            .sum();
+        assert_eq!(r.s.queued_bytes(), tombstones);
+    }
+
+    proptest! {
+        // `PROPTEST_CASES` sets the number of cases (default 48 here).
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(48),
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn disk_bytes_is_the_sum_of_the_records(steps in proptest::collection::vec(step(), 1..80)) {
+            run(steps);
+        }
+    }
 }

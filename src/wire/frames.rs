@@ -153,6 +153,9 @@ error_codes! {
     BAD_REQUEST = 20,
     /// The peer does not read what the server sends (close).
     SLOW_CONSUMER = 21,
+    /// The server's disk is below its free-space floor: nothing that adds
+    /// data is accepted until space returns (spec §10, *Storage full*).
+    STORAGE_FULL = 22,
 }
 
 impl fmt::Debug for ErrorCode {

@@ -1,0 +1,221 @@
+//! Every refusal the hub makes, and the one place that maps each to its
+//! wire code and its words (spec §7), as rustls maps its errors to alerts
+//! in one `TryFrom`.
+
+use crate::store::{LinkError, PublishError, Quota, Refused, RegisterError};
+use crate::wire::{ErrorCode, ServerFrame};
+
+/// Why a request is refused, or a connection closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `Register` with an unknown, used-up or expired invite.
+    InvalidInvite,
+    /// A name that is not `[a-z0-9_.]{3,32}`.
+    InvalidName,
+    /// A name in use.
+    NameTaken,
+    /// A static key that already belongs to a device.
+    KeyInUse,
+    /// `RedeemLink` with an unknown, used or expired code.
+    InvalidLinkCode,
+    /// The account has the most devices allowed.
+    DeviceLimit,
+    /// The user has the most link codes outstanding.
+    LinkCodesOutstanding,
+    /// The user asked for too many link codes lately.
+    LinkCodeRate,
+    /// No such user.
+    UnknownUser,
+    /// No such device in the caller's account.
+    UnknownDevice,
+    /// Revoking the account's last device.
+    LastDevice,
+    /// More bodies than one `Send` may carry.
+    TooManyBodies,
+    /// A body over the limit.
+    BodyTooLarge,
+    /// Two bodies for one device.
+    TwoBodies,
+    /// A body for the sending device itself.
+    BodyForSender,
+    /// `own` not empty in a send to oneself.
+    OwnToSelf,
+    /// A queue it is for is full.
+    QueueFull,
+    /// All queues are at the disk budget.
+    DiskBudget,
+    /// The data directory's filesystem is below the free-space floor.
+    StorageFull,
+    /// An `Ack` beyond what was delivered on this connection.
+    AckBeyondDelivered,
+    /// A receipt with no ids, too many, or kind 0.
+    BadReceipt,
+    /// Keys published before an identity.
+    IdentityFirst,
+    /// A key whose signature does not verify.
+    BadSignature,
+    /// A different identity for a device that has one.
+    IdentityChanged,
+    /// More one-time keys than the server holds per device.
+    TooManyKeys,
+    /// Key claims over the device's rate.
+    ClaimRate,
+    /// The store failed; the request may be retried.
+    Internal,
+    /// Close: the device connected again elsewhere.
+    ConnectedElsewhere,
+    /// Close: the device was revoked.
+    Revoked,
+    /// Close: the server is shutting down.
+    ShuttingDown,
+}
+
+impl Refusal {
+    /// Its code and its words for people.
+    pub fn describe(self) -> (ErrorCode, &'static str) {
+        use Refusal::*;
+        match self {
+            InvalidInvite => (ErrorCode::INVALID_INVITE, "invite unknown, used up or expired"),
+            InvalidName => (ErrorCode::INVALID_NAME, "names are 3 to 32 of a-z 0-9 _ ."),
+            NameTaken => (ErrorCode::NAME_TAKEN, "name taken"),
+            KeyInUse => (ErrorCode::NOT_ALLOWED, "key already registered"),
+            InvalidLinkCode => (ErrorCode::INVALID_LINK_CODE, "link code unknown, used or expired"),
+            DeviceLimit => (ErrorCode::DEVICE_LIMIT, "too many devices"),
+            LinkCodesOutstanding => (
+                ErrorCode::RATE_LIMITED,
+                "too many link codes outstanding; use one or wait until one expires",
+            ),
+            LinkCodeRate => (ErrorCode::RATE_LIMITED, "too many link codes asked for; try later"),
+            UnknownUser => (ErrorCode::UNKNOWN_USER, "no such user"),
+            UnknownDevice => (ErrorCode::UNKNOWN_DEVICE, "no such device"),
+            LastDevice => (ErrorCode::BAD_REQUEST, "that is the account's last device"),
+            TooManyBodies => (ErrorCode::TOO_MANY_BODIES, "too many bodies"),
+            BodyTooLarge => (ErrorCode::BODY_TOO_LARGE, "body too large"),
+            TwoBodies => (ErrorCode::BAD_REQUEST, "two bodies for one device"),
+            BodyForSender => (ErrorCode::BAD_REQUEST, "a body for the sending device"),
+            OwnToSelf => (ErrorCode::BAD_REQUEST, "to yourself, every body goes in bodies"),
+            QueueFull => (ErrorCode::QUOTA_EXCEEDED, "a recipient device's queue is full"),
+            DiskBudget => (ErrorCode::QUOTA_EXCEEDED, "the server is at its storage budget"),
+            StorageFull => (
+                ErrorCode::STORAGE_FULL,
+                "the server's disk is full; nothing new is accepted until space is freed",
+            ),
+            AckBeyondDelivered => (ErrorCode::BAD_REQUEST, "ack beyond what was delivered"),
+            BadReceipt => (ErrorCode::BAD_REQUEST, "a receipt names 1 to 1024 messages"),
+            IdentityFirst => (ErrorCode::BAD_REQUEST, "publish an identity first"),
+            BadSignature => (ErrorCode::BAD_REQUEST, "bad signature"),
+            IdentityChanged => (ErrorCode::NOT_ALLOWED, "this device already has a different identity"),
+            TooManyKeys => (ErrorCode::BAD_REQUEST, "too many one-time keys"),
+            ClaimRate => (ErrorCode::RATE_LIMITED, "too many key claims; try again in a minute"),
+            Internal => (ErrorCode::INTERNAL, "server storage failure"),
+            ConnectedElsewhere => (ErrorCode::CONNECTED_ELSEWHERE, "this device connected elsewhere"),
+            Revoked => (ErrorCode::REVOKED, "this device was revoked"),
+            ShuttingDown => (ErrorCode::SHUTTING_DOWN, "the server is shutting down"),
+        }
+    }
+
+    /// The wire code.
+    pub fn code(self) -> ErrorCode {
+        self.describe().0
+    }
+
+    /// The words.
+    pub fn text(self) -> &'static str {
+        self.describe().1
+    }
+
+    /// The `Error` frame that answers a request with it.
+    pub fn frame(self) -> ServerFrame {
+        let (code, text) = self.describe();
+        ServerFrame::error(code, text)
+    }
+}
+
+impl From<RegisterError> for Refusal {
+    fn from(e: RegisterError) -> Refusal {
+        match e {
+            RegisterError::InvalidInvite => Refusal::InvalidInvite,
+            RegisterError::InvalidName => Refusal::InvalidName,
+            RegisterError::NameTaken => Refusal::NameTaken,
+            RegisterError::KeyInUse => Refusal::KeyInUse,
+        }
+    }
+}
+
+impl From<LinkError> for Refusal {
+    fn from(e: LinkError) -> Refusal {
+        match e {
+            LinkError::InvalidCode => Refusal::InvalidLinkCode,
+            LinkError::DeviceLimit => Refusal::DeviceLimit,
+            LinkError::KeyInUse => Refusal::KeyInUse,
+        }
+    }
+}
+
+impl From<PublishError> for Refusal {
+    fn from(e: PublishError) -> Refusal {
+        match e {
+            PublishError::IdentityChanged => Refusal::IdentityChanged,
+            PublishError::NoIdentity => Refusal::IdentityFirst,
+            PublishError::TooMany => Refusal::TooManyKeys,
+            PublishError::BadSignature => Refusal::BadSignature,
+        }
+    }
+}
+
+impl From<Refused> for Refusal {
+    fn from(r: Refused) -> Refusal {
+        match r {
+            Refused::Quota(Quota::Queue(_)) => Refusal::QueueFull,
+            Refused::Quota(Quota::Disk) => Refusal::DiskBudget,
+            Refused::StorageFull => Refusal::StorageFull,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_text_fits_the_limit_and_every_code_is_known() {
+        use Refusal::*;
+        let all = [
+            InvalidInvite,
+            InvalidName,
+            NameTaken,
+            KeyInUse,
+            InvalidLinkCode,
+            DeviceLimit,
+            LinkCodesOutstanding,
+            LinkCodeRate,
+            UnknownUser,
+            UnknownDevice,
+            LastDevice,
+            TooManyBodies,
+            BodyTooLarge,
+            TwoBodies,
+            BodyForSender,
+            OwnToSelf,
+            QueueFull,
+            DiskBudget,
+            StorageFull,
+            AckBeyondDelivered,
+            BadReceipt,
+            IdentityFirst,
+            BadSignature,
+            IdentityChanged,
+            TooManyKeys,
+            ClaimRate,
+            Internal,
+            ConnectedElsewhere,
+            Revoked,
+            ShuttingDown,
+        ];
+        for r in all {
+            let (code, text) = r.describe();
+            assert!(text.len() <= crate::wire::MAX_TEXT_LEN, "{r:?}");
+            assert_ne!(code.name(), "UNKNOWN", "{r:?}");
+        }
+    }
+}

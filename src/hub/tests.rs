@@ -1,0 +1,424 @@
+//! Unit tests of the hub against the `BTreeMap` test store: no sessions,
+//! no sockets, no disk, no threads. Each test runs in milliseconds.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::*;
+use crate::noise::Keypair;
+use crate::store::testing::TestStore;
+use crate::wire::{Body, ErrorCode, MsgId, Receipt, Send};
+
+/// One hub over a test store, and the connections a test opened on it.
+struct Rig {
+    store: Arc<TestStore>,
+    hub: Hub,
+    now: Now,
+    keys: Vec<PublicKey>,
+}
+
+fn conn(serial: u64) -> ConnId {
+    ConnId { worker: 0, serial }
+}
+
+impl Rig {
+    fn new(config: HubConfig) -> Rig {
+        let store = TestStore::new();
+        let shared = Shared::new(store.clone() as Arc<dyn StoreApi>, config);
+        let hub = Hub::new(shared, 0, Sink::new(|| {}));
+        Rig {
+            store,
+            hub,
+            now: Now {
+                mono: Instant::now(),
+                unix_ms: 1_795_000_000_000,
+            },
+            keys: Vec::new(),
+        }
+    }
+
+    fn key(&mut self) -> PublicKey {
+        let k = Keypair::generate().unwrap().public;
+        self.keys.push(k);
+        k
+    }
+
+    fn view(&self, device: Option<DeviceKey>) -> ConnView<'static> {
+        ConnView {
+            device,
+            remote: None,
+            room: 1 << 20,
+        }
+    }
+
+    /// Authenticates `device` on connection `serial`; returns what it got.
+    fn online(&mut self, serial: u64, device: DeviceKey) -> Vec<Effect> {
+        let view = self.view(Some(device));
+        self.hub
+            .handle(conn(serial), view, Event::Authenticated(device), self.now);
+        self.effects()
+    }
+
+    /// Handles a frame from `device` on `serial`; then the store's
+    /// outcomes; returns every effect, with wakes of this hub's
+    /// connections turned into their deliveries.
+    fn frame(&mut self, serial: u64, device: DeviceKey, req: u32, frame: ClientFrame) -> Vec<Effect> {
+        let view = self.view(Some(device));
+        self.hub
+            .handle(conn(serial), view, Event::Frame { req, frame }, self.now);
+        self.effects()
+    }
+
+    /// The store runs its operations; the hub takes the outcomes.
+    fn settle(&mut self) -> Vec<Effect> {
+        self.store.run();
+        self.effects()
+    }
+
+    fn effects(&mut self) -> Vec<Effect> {
+        let mut out = Vec::new();
+        loop {
+            self.hub.poll_store(self.now);
+            let batch: Vec<Effect> = self.hub.effects().collect();
+            if batch.is_empty() {
+                return out;
+            }
+            for e in batch {
+                if let Effect::Wake(c) = e {
+                    self.hub.pump(c, 1 << 20, self.now);
+                } else {
+                    out.push(e);
+                }
+            }
+        }
+    }
+}
+
+fn dev(user: u32, device: u32) -> DeviceKey {
+    DeviceKey {
+        user: UserId(user),
+        device: DeviceId(device),
+    }
+}
+
+fn send(id: u8, to: &str, bodies: &[u32], own: &[u32]) -> ClientFrame {
+    let b = |d: &u32| Body {
+        device: DeviceId(*d),
+        data: Bytes::from(vec![*d as u8; 3]),
+    };
+    ClientFrame::Send(Send {
+        id: MsgId([id; 16]),
+        to: to.into(),
+        bodies: bodies.iter().map(b).collect(),
+        own: own.iter().map(b).collect(),
+    })
+}
+
+fn frames_to(effects: &[Effect], serial: u64) -> Vec<(u32, ServerFrame)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Send { conn: c, req, frame } if c.serial == serial => Some((*req, frame.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn code_of(f: &(u32, ServerFrame)) -> Option<ErrorCode> {
+    match f {
+        (_, ServerFrame::Error { code, .. }) => Some(*code),
+        _ => None,
+    }
+}
+
+/// alice (user 1, devices 1 and 2) and bob (user 2, device 1), alice's
+/// device 1 online on connection 1 and bob's on connection 2.
+fn alice_and_bob() -> Rig {
+    let mut r = Rig::new(HubConfig::default());
+    let (a1, a2, b1) = (r.key(), r.key(), r.key());
+    r.store.add_user("alice", &[a1, a2]);
+    r.store.add_user("bob", &[b1]);
+    r.online(1, dev(1, 1));
+    r.online(2, dev(2, 1));
+    r
+}
+
+#[test]
+fn a_send_is_delivered_at_once_and_accepted_once_every_copy_is_acked() {
+    let mut r = alice_and_bob();
+    let got = r.frame(1, dev(1, 1), 5, send(1, "bob", &[1], &[2]));
+    // Bob (online) has it; alice's device 2 (offline) does not; no tick.
+    let to_bob = frames_to(&got, 2);
+    assert!(matches!(&to_bob[..], [(0, ServerFrame::Deliver(d))] if d.seq == 1 && d.to == "bob"));
+    assert!(frames_to(&got, 1).is_empty());
+    // Bob acks: his copy is safe; alice's other device's copy is not yet.
+    let got = r.frame(2, dev(2, 1), 1, ClientFrame::Ack { up_to: 1 });
+    assert!(frames_to(&got, 1).is_empty());
+    // The store writes alice's copy: now every copy is safe.
+    r.store.flush();
+    let got = r.effects();
+    assert!(
+        matches!(&frames_to(&got, 1)[..], [(5, ServerFrame::Accepted { id, .. })] if *id == MsgId([1; 16])),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn a_retry_waits_for_the_original_then_is_answered_with_its_time() {
+    let mut r = alice_and_bob();
+    r.frame(1, dev(1, 1), 1, send(9, "bob", &[1], &[2]));
+    // The connection drops before the answer; the retry comes on another.
+    let got = r.frame(3, dev(1, 1), 1, send(9, "bob", &[1], &[2]));
+    assert!(got.is_empty(), "{got:?}");
+    r.store.flush();
+    let got = r.effects();
+    let times: Vec<u64> = got
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Send {
+                frame: ServerFrame::Accepted { time_ms, .. },
+                ..
+            } => Some(*time_ms),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(times.len(), 2);
+    assert_eq!(times[0], times[1]);
+    // Once settled, a retry is answered at once, with the same time.
+    r.now.unix_ms += 5000;
+    let got = r.frame(1, dev(1, 1), 2, send(9, "bob", &[1], &[2]));
+    assert!(matches!(&frames_to(&got, 1)[..], [(2, ServerFrame::Accepted { time_ms, .. })] if *time_ms == times[0]));
+    // Also when the devices changed since (answered before the mismatch).
+    let got = r.frame(1, dev(1, 1), 3, send(9, "bob", &[1, 7], &[]));
+    assert!(matches!(&frames_to(&got, 1)[..], [(3, ServerFrame::Accepted { .. })]));
+}
+
+#[test]
+fn a_mismatch_names_missing_and_extra_devices_sorted_and_queues_nothing() {
+    let mut r = alice_and_bob();
+    let got = r.frame(1, dev(1, 1), 4, send(1, "bob", &[3, 1, 2], &[]));
+    match &frames_to(&got, 1)[..] {
+        [(4, ServerFrame::Mismatch { missing, extra, .. })] => {
+            assert_eq!(
+                missing,
+                &vec![DeviceAddr {
+                    user: "alice".into(),
+                    device: DeviceId(2)
+                }]
+            );
+            assert_eq!(
+                extra,
+                &vec![
+                    DeviceAddr {
+                        user: "bob".into(),
+                        device: DeviceId(2)
+                    },
+                    DeviceAddr {
+                        user: "bob".into(),
+                        device: DeviceId(3)
+                    }
+                ]
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(r.store.queue(dev(2, 1)).is_empty());
+}
+
+#[test]
+fn every_bad_send_gets_its_code_from_the_one_map() {
+    let mut r = alice_and_bob();
+    let big = ClientFrame::Send(Send {
+        id: MsgId([2; 16]),
+        to: "bob".into(),
+        bodies: vec![Body {
+            device: DeviceId(1),
+            data: Bytes::from(vec![0; crate::wire::MAX_BODY_LEN + 1]),
+        }],
+        own: vec![],
+    });
+    let cases = [
+        (send(1, "nobody", &[1], &[]), Refusal::UnknownUser),
+        (big, Refusal::BodyTooLarge),
+        (
+            send(3, "bob", &(0..16).collect::<Vec<_>>(), &[]),
+            Refusal::TooManyBodies,
+        ),
+        (send(4, "bob", &[1, 1], &[2]), Refusal::TwoBodies),
+        (send(5, "alice", &[2], &[2]), Refusal::OwnToSelf),
+        (send(6, "alice", &[1, 2], &[]), Refusal::BodyForSender),
+    ];
+    for (i, (frame, why)) in cases.into_iter().enumerate() {
+        let req = i as u32 + 10;
+        let got = r.frame(1, dev(1, 1), req, frame);
+        assert_eq!(frames_to(&got, 1), vec![(req, why.frame())], "{why:?}");
+    }
+}
+
+#[test]
+fn delivery_stays_within_the_window_until_acks_open_it() {
+    let mut r = Rig::new(HubConfig {
+        window: 3,
+        ..HubConfig::default()
+    });
+    let (a, b) = (r.key(), r.key());
+    r.store.add_user("alice", &[a]);
+    r.store.add_user("bob", &[b]);
+    r.online(1, dev(1, 1));
+    for i in 1..=7 {
+        r.frame(1, dev(1, 1), i as u32, send(i, "bob", &[1], &[]));
+    }
+    let got = r.online(2, dev(2, 1));
+    let seqs = |fs: Vec<(u32, ServerFrame)>| -> Vec<u64> {
+        fs.into_iter()
+            .filter_map(|(_, f)| match f {
+                ServerFrame::Deliver(d) => Some(d.seq),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(seqs(frames_to(&got, 2)), vec![1, 2, 3]);
+    // An ack beyond what was delivered is refused and changes nothing.
+    let got = r.frame(2, dev(2, 1), 9, ClientFrame::Ack { up_to: 5 });
+    assert_eq!(code_of(&frames_to(&got, 2)[0]), Some(ErrorCode::BAD_REQUEST));
+    let got = r.frame(2, dev(2, 1), 10, ClientFrame::Ack { up_to: 2 });
+    assert_eq!(seqs(frames_to(&got, 2)), vec![4, 5]);
+    let got = r.frame(2, dev(2, 1), 11, ClientFrame::Ack { up_to: 5 });
+    let f = frames_to(&got, 2);
+    assert_eq!(seqs(f.clone()), vec![6, 7]);
+    assert!(matches!(f.last(), Some((0, ServerFrame::QueueDrained))));
+}
+
+/// Issue 9 (*A full disk that heals*): below the floor, every request that
+/// adds data is refused at once with `STORAGE_FULL`; deliveries, acks and
+/// retries of accepted messages go on; accepting resumes by itself.
+#[test]
+fn below_the_floor_what_adds_data_is_refused_and_the_rest_goes_on() {
+    let mut r = alice_and_bob();
+    r.frame(1, dev(1, 1), 1, send(1, "bob", &[1], &[2]));
+    r.store.flush();
+    r.effects();
+    r.store.set_full(true);
+    let full = Some(ErrorCode::STORAGE_FULL);
+    let got = r.frame(1, dev(1, 1), 2, send(2, "bob", &[1], &[2]));
+    assert_eq!(code_of(&frames_to(&got, 1)[0]), full);
+    let receipt = ClientFrame::Receipt(Receipt {
+        to: "alice".into(),
+        kind: ReceiptKind::READ,
+        ids: vec![MsgId([1; 16])],
+    });
+    let got = r.frame(2, dev(2, 1), 3, receipt.clone());
+    assert_eq!(code_of(&frames_to(&got, 2)[0]), full);
+    let got = r.frame(1, dev(1, 1), 4, ClientFrame::RequestLink);
+    assert_eq!(code_of(&frames_to(&got, 1)[0]), full);
+    // A retry of what was accepted is still answered.
+    let got = r.frame(1, dev(1, 1), 5, send(1, "bob", &[1], &[2]));
+    assert!(matches!(&frames_to(&got, 1)[..], [(5, ServerFrame::Accepted { .. })]));
+    // Acks still work (nothing to answer), and delivery goes on.
+    let got = r.frame(2, dev(2, 1), 6, ClientFrame::Ack { up_to: 1 });
+    assert!(frames_to(&got, 2).is_empty());
+    // Space returns: accepted again, without a restart.
+    r.store.set_full(false);
+    let got = r.frame(2, dev(2, 1), 7, receipt);
+    assert!(got.is_empty());
+    let got = r.settle();
+    assert!(matches!(&frames_to(&got, 2)[..], [(7, ServerFrame::Done)]), "{got:?}");
+    // The receipt reached alice's online device.
+    assert!(
+        frames_to(&got, 1)
+            .iter()
+            .any(|(_, f)| matches!(f, ServerFrame::Receipt(_)))
+    );
+}
+
+#[test]
+fn a_revoked_device_is_closed_and_its_frames_are_not_acted_on() {
+    let mut r = alice_and_bob();
+    let alice2 = dev(1, 2);
+    r.online(3, alice2);
+    let got = r.frame(1, dev(1, 1), 1, ClientFrame::RevokeDevice { device: DeviceId(2) });
+    assert!(got.is_empty());
+    // Applied by the store; from then on device 2's frames are dropped
+    // without an answer, and once the revoke's answer comes, it is closed.
+    r.store.run();
+    let got = r.frame(3, alice2, 1, ClientFrame::MyDevices);
+    assert!(frames_to(&got, 3).is_empty());
+    assert!(matches!(&frames_to(&got, 1)[..], [(1, ServerFrame::Done)]));
+    assert!(got.contains(&Effect::Close {
+        conn: conn(3),
+        why: Refusal::Revoked
+    }));
+    // The account's last device cannot go.
+    let got = r.frame(1, dev(1, 1), 2, ClientFrame::RevokeDevice { device: DeviceId(1) });
+    assert_eq!(frames_to(&got, 1), vec![(2, Refusal::LastDevice.frame())]);
+    // A revoked device that authenticates again is closed at once.
+    let got = r.online(4, alice2);
+    assert!(got.contains(&Effect::Close {
+        conn: conn(4),
+        why: Refusal::Revoked
+    }));
+    assert_eq!(r.hub.shared().connection_of(alice2), None);
+}
+
+#[test]
+fn receipts_go_to_the_senders_devices_and_the_readers_other_devices() {
+    let mut r = alice_and_bob();
+    let receipt = ClientFrame::Receipt(Receipt {
+        to: "alice".into(),
+        kind: ReceiptKind::DELIVERED,
+        ids: vec![MsgId([1; 16])],
+    });
+    r.frame(2, dev(2, 1), 1, receipt);
+    let got = r.settle();
+    assert_eq!(frames_to(&got, 2), vec![(1, ServerFrame::Done)]);
+    // Alice's online device gets it; her other device has it queued.
+    assert!(matches!(&frames_to(&got, 1)[..], [(0, ServerFrame::Receipt(rd))] if rd.to == "alice"));
+    assert_eq!(r.store.queue(dev(1, 2)).len(), 1);
+    // Kind 0 and empty id lists are refused.
+    let bad = ClientFrame::Receipt(Receipt {
+        to: "alice".into(),
+        kind: ReceiptKind(0),
+        ids: vec![MsgId([1; 16])],
+    });
+    let got = r.frame(2, dev(2, 1), 2, bad);
+    assert_eq!(frames_to(&got, 2), vec![(2, Refusal::BadReceipt.frame())]);
+}
+
+#[test]
+fn a_device_connecting_again_closes_its_older_connection() {
+    let mut r = alice_and_bob();
+    let got = r.online(9, dev(2, 1));
+    assert!(got.contains(&Effect::Close {
+        conn: conn(2),
+        why: Refusal::ConnectedElsewhere
+    }));
+    assert_eq!(r.hub.shared().connection_of(dev(2, 1)), Some(conn(9)));
+    // The old connection closing does not take the new one's entry.
+    r.hub.closed(conn(2));
+    assert_eq!(r.hub.shared().connection_of(dev(2, 1)), Some(conn(9)));
+    r.hub.closed(conn(9));
+    assert_eq!(r.hub.shared().connection_of(dev(2, 1)), None);
+}
+
+#[test]
+fn key_claims_are_rate_limited_per_device() {
+    let mut r = Rig::new(HubConfig {
+        claims_per_minute: 2,
+        ..HubConfig::default()
+    });
+    let (a, b) = (r.key(), r.key());
+    r.store.add_user("alice", &[a]);
+    r.store.add_user("bob", &[b]);
+    r.online(1, dev(1, 1));
+    for req in 1..=2 {
+        let got = r.frame(1, dev(1, 1), req, ClientFrame::ClaimKeys { user: "bob".into() });
+        assert!(frames_to(&got, 1).is_empty());
+    }
+    let got = r.frame(1, dev(1, 1), 3, ClientFrame::ClaimKeys { user: "bob".into() });
+    assert_eq!(frames_to(&got, 1), vec![(3, Refusal::ClaimRate.frame())]);
+    r.now.mono += Duration::from_secs(30);
+    let got = r.frame(1, dev(1, 1), 4, ClientFrame::ClaimKeys { user: "bob".into() });
+    assert!(frames_to(&got, 1).is_empty());
+}

@@ -1,0 +1,452 @@
+//! The queues' records as stored in the `queues` tree, and the entries
+//! they become when delivered.
+//!
+//! Keys (integers big-endian, so that keys sort numerically):
+//! - `q` ‖ user ‖ device ‖ seq → [`DiskEntry`]: one queued copy, receipt
+//!   or notice;
+//! - `m` ‖ sender user ‖ sender device ‖ message id → [`MsgRecord`]: what
+//!   every copy of a spilled message shares (who it is addressed to, when
+//!   it was accepted, where each copy was queued), stored once per
+//!   message; it is also the record that recognises a retry after a
+//!   restart and finds the copies to retract;
+//! - `t` ‖ user ‖ message id → acceptance time: a retracted message, so
+//!   that resending it cannot bring it back (spec §5.5);
+//! - `r` ‖ user ‖ device ‖ fold key → seq of the entry later receipts or
+//!   notices of the same kind fold into.
+//!
+//! A message's header is not repeated in its copies: a `q` record names
+//! its message by sender and id and holds only the body made for its
+//! device.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::StoreError;
+use crate::ids::{DeviceKey, UserId};
+use crate::wire::{DeviceId, MAX_RECEIPT_IDS, MsgId};
+
+/// One queued message for one device, as delivered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedMessage {
+    /// The sender's message id.
+    pub id: MsgId,
+    /// The sending user.
+    pub from_user: u32,
+    /// The sending device.
+    pub from_device: u32,
+    /// The user the message was addressed to.
+    pub to_user: u32,
+    /// When the server accepted it.
+    pub time_ms: u64,
+    /// The ciphertext for this device.
+    pub body: Bytes,
+}
+
+impl QueuedMessage {
+    /// The sending device.
+    pub fn from(&self) -> DeviceKey {
+        dev(self.from_user, self.from_device)
+    }
+}
+
+/// Receipts from one device, of one kind, folded together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedReceipt {
+    /// The user of the device that sent the receipt.
+    pub from_user: u32,
+    /// That device.
+    pub from_device: u32,
+    /// The user it was addressed to.
+    pub to_user: u32,
+    /// Delivered, read...
+    pub kind: u8,
+    /// The messages.
+    pub ids: Vec<MsgId>,
+    /// When the latest folded receipt was accepted.
+    pub time_ms: u64,
+}
+
+/// Messages from one sender device that expired in a queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostRecord {
+    /// Sending user.
+    pub from_user: u32,
+    /// Sending device.
+    pub from_device: u32,
+    /// How many.
+    pub count: u32,
+    /// Acceptance time of the first.
+    pub first_ms: u64,
+    /// Acceptance time of the last.
+    pub last_ms: u64,
+}
+
+/// A gap notice for the device whose queue lost messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedGap {
+    /// Per sender device.
+    pub lost: Vec<LostRecord>,
+    /// When the notice was (last) written.
+    pub time_ms: u64,
+}
+
+/// An expiry notice for the sender's devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedExpired {
+    /// The user of the device that never got the messages.
+    pub device_user: u32,
+    /// That device.
+    pub device: u32,
+    /// The messages.
+    pub ids: Vec<MsgId>,
+    /// When the notice was (last) written.
+    pub time_ms: u64,
+}
+
+/// One queue entry as delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    /// A message.
+    Message(QueuedMessage),
+    /// Folded receipts.
+    Receipt(QueuedReceipt),
+    /// A gap notice.
+    Gap(QueuedGap),
+    /// An expiry notice.
+    Expired(QueuedExpired),
+}
+
+impl Entry {
+    /// When it was accepted or (last) written, for retention.
+    pub fn time_ms(&self) -> u64 {
+        match self {
+            Entry::Message(m) => m.time_ms,
+            Entry::Receipt(r) => r.time_ms,
+            Entry::Gap(g) => g.time_ms,
+            Entry::Expired(e) => e.time_ms,
+        }
+    }
+
+    /// The record it is stored as.
+    pub(crate) fn to_disk(&self) -> DiskEntry {
+        match self {
+            Entry::Message(m) => DiskEntry::Message {
+                from_user: m.from_user,
+                from_device: m.from_device,
+                id: m.id,
+                body: m.body.clone(),
+            },
+            Entry::Receipt(r) => DiskEntry::Receipt(r.clone()),
+            Entry::Gap(g) => DiskEntry::Gap(g.clone()),
+            Entry::Expired(e) => DiskEntry::Expired(e.clone()),
+        }
+    }
+
+    /// Bytes it takes stored: key and value (what quotas count).
+    pub(crate) fn stored_len(&self) -> u64 {
+        let value = match self {
+            Entry::Message(m) => {
+                1 + varint_len(u64::from(m.from_user))
+                    + varint_len(u64::from(m.from_device))
+                    + 16
+                    + varint_len(m.body.len() as u64)
+                    + m.body.len()
+            }
+            other => encode(&other.to_disk()).len(),
+        };
+        (QUEUE_KEY_LEN + value) as u64
+    }
+}
+
+/// A queue record (format 3). Append-only like the wire's enums: the tag
+/// is stored, and tags 1 to 3 are laid out as in format 2.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum DiskEntry {
+    /// A copy of a message: its sender and id (the key of its
+    /// [`MsgRecord`]) and the body for this device.
+    Message {
+        /// Sending user.
+        from_user: u32,
+        /// Sending device.
+        from_device: u32,
+        /// Message id.
+        id: MsgId,
+        /// The ciphertext for this device.
+        body: Bytes,
+    },
+    /// Folded receipts.
+    Receipt(QueuedReceipt),
+    /// A gap notice.
+    Gap(QueuedGap),
+    /// An expiry notice.
+    Expired(QueuedExpired),
+}
+
+/// What every copy of a spilled message shares.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct MsgRecord {
+    /// The user it was addressed to.
+    pub to_user: u32,
+    /// When it was accepted.
+    pub time_ms: u64,
+    /// Where each copy was queued: (user, device, seq).
+    pub copies: Vec<(u32, u32, u64)>,
+}
+
+impl DiskEntry {
+    /// The entry it stands for; a message takes its header from `header`
+    /// (`to_user`, `time_ms`).
+    pub(crate) fn into_entry(self, header: Option<(u32, u64)>) -> Option<Entry> {
+        Some(match self {
+            DiskEntry::Message {
+                from_user,
+                from_device,
+                id,
+                body,
+            } => {
+                let (to_user, time_ms) = header?;
+                Entry::Message(QueuedMessage {
+                    id,
+                    from_user,
+                    from_device,
+                    to_user,
+                    time_ms,
+                    body,
+                })
+            }
+            DiskEntry::Receipt(r) => Entry::Receipt(r),
+            DiskEntry::Gap(g) => Entry::Gap(g),
+            DiskEntry::Expired(e) => Entry::Expired(e),
+        })
+    }
+}
+
+/// What one retention sweep turn did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Swept {
+    /// Messages that expired.
+    pub expired: usize,
+    /// Message and retraction records forgotten.
+    pub forgotten: usize,
+    /// Devices that got a notice (to wake if online).
+    pub notified: Vec<DeviceKey>,
+    /// The pass over the whole tree is complete (the cursor wrapped).
+    pub wrapped: bool,
+}
+
+pub(crate) const QUEUE: u8 = b'q';
+pub(crate) const MESSAGE: u8 = b'm';
+pub(crate) const TOMBSTONE: u8 = b't';
+pub(crate) const FOLD: u8 = b'r';
+/// Format 2's queue meta records (`n` ‖ user ‖ device).
+pub(crate) const OLD_NEXT: u8 = b'n';
+/// Format 2's dedup records (`d` ‖ user ‖ device ‖ id).
+pub(crate) const OLD_DEDUP: u8 = b'd';
+
+/// Length of a `q` key.
+pub(crate) const QUEUE_KEY_LEN: usize = 17;
+/// Length of an `m` key.
+pub(crate) const MESSAGE_KEY_LEN: usize = 25;
+/// Length of a `t` key.
+pub(crate) const TOMBSTONE_KEY_LEN: usize = 21;
+/// Length of a fold index key.
+pub(crate) const FOLD_KEY_LEN: usize = 23;
+/// Most sender devices in one gap notice (so it fits in a frame).
+pub(crate) const MAX_GAP_SENDERS: usize = 256;
+
+/// What later entries fold into: receipts per (reader device, kind,
+/// addressee, i.e. conversation), one gap notice per queue, expiry notices
+/// per device that lost them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum FoldKey {
+    Receipt(DeviceKey, u8, UserId),
+    Gap,
+    Expired(DeviceKey),
+}
+
+pub(crate) fn dev(user: u32, device: u32) -> DeviceKey {
+    DeviceKey {
+        user: UserId(user),
+        device: DeviceId(device),
+    }
+}
+
+pub(crate) fn dev_prefix(tag: u8, d: DeviceKey) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = tag;
+    k[1..5].copy_from_slice(&d.user.0.to_be_bytes());
+    k[5..9].copy_from_slice(&d.device.0.to_be_bytes());
+    k
+}
+
+pub(crate) fn parse_dev(k: &[u8]) -> Option<DeviceKey> {
+    let user = u32::from_be_bytes(k.get(1..5)?.try_into().ok()?);
+    let device = u32::from_be_bytes(k.get(5..9)?.try_into().ok()?);
+    Some(dev(user, device))
+}
+
+pub(crate) fn queue_key(d: DeviceKey, seq: u64) -> [u8; QUEUE_KEY_LEN] {
+    let mut k = [0u8; QUEUE_KEY_LEN];
+    k[..9].copy_from_slice(&dev_prefix(QUEUE, d));
+    k[9..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The sequence in a `q` key.
+pub(crate) fn queue_seq(k: &[u8]) -> Result<u64, StoreError> {
+    k.get(9..)
+        .and_then(super::be_u64)
+        .ok_or(StoreError::Corrupt("queues/key"))
+}
+
+pub(crate) fn message_key(sender: DeviceKey, id: MsgId) -> [u8; MESSAGE_KEY_LEN] {
+    let mut k = [0u8; MESSAGE_KEY_LEN];
+    k[..9].copy_from_slice(&dev_prefix(MESSAGE, sender));
+    k[9..].copy_from_slice(&id.0);
+    k
+}
+
+pub(crate) fn tombstone_key(user: UserId, id: MsgId) -> [u8; TOMBSTONE_KEY_LEN] {
+    let mut k = [0u8; TOMBSTONE_KEY_LEN];
+    k[0] = TOMBSTONE;
+    k[1..5].copy_from_slice(&user.0.to_be_bytes());
+    k[5..].copy_from_slice(&id.0);
+    k
+}
+
+pub(crate) fn parse_tombstone(k: &[u8]) -> Option<(UserId, MsgId)> {
+    let user = u32::from_be_bytes(k.get(1..5)?.try_into().ok()?);
+    let id: [u8; 16] = k.get(5..21)?.try_into().ok()?;
+    Some((UserId(user), MsgId(id)))
+}
+
+/// The sender and id in an `m` key.
+pub(crate) fn parse_message_key(k: &[u8]) -> Option<(DeviceKey, MsgId)> {
+    let sender = parse_dev(k)?;
+    let id: [u8; 16] = k.get(9..25)?.try_into().ok()?;
+    Some((sender, MsgId(id)))
+}
+
+pub(crate) fn fold_key(target: DeviceKey, f: FoldKey) -> [u8; FOLD_KEY_LEN] {
+    let mut k = [0u8; FOLD_KEY_LEN];
+    k[..9].copy_from_slice(&dev_prefix(FOLD, target));
+    let (tag, from, kind, to) = match f {
+        FoldKey::Receipt(d, kind, to) => (1, d, kind, to.0),
+        FoldKey::Gap => (2, dev(0, 0), 0, 0),
+        FoldKey::Expired(d) => (3, d, 0, 0),
+    };
+    k[9] = tag;
+    k[10..14].copy_from_slice(&from.user.0.to_be_bytes());
+    k[14..18].copy_from_slice(&from.device.0.to_be_bytes());
+    k[18] = kind;
+    k[19..23].copy_from_slice(&to.to_be_bytes());
+    k
+}
+
+pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("postcard encodes store records into a Vec")
+}
+
+pub(crate) fn decode_disk(bytes: &[u8]) -> Result<DiskEntry, StoreError> {
+    postcard::from_bytes(bytes).map_err(|_| StoreError::Corrupt("queues/entry"))
+}
+
+pub(crate) fn decode_record(bytes: &[u8]) -> Result<MsgRecord, StoreError> {
+    postcard::from_bytes(bytes).map_err(|_| StoreError::Corrupt("queues/message"))
+}
+
+/// Length of `n` as a postcard varint.
+pub(crate) fn varint_len(mut n: u64) -> usize {
+    let mut len = 1;
+    while n >= 0x80 {
+        n >>= 7;
+        len += 1;
+    }
+    len
+}
+
+/// The ids of `old`, then those of `new` not among them; `None` if that
+/// is more than one frame carries ([`MAX_RECEIPT_IDS`]).
+fn merge_ids(old: &[MsgId], new: &[MsgId]) -> Option<Vec<MsgId>> {
+    let mut ids = old.to_vec();
+    for id in new {
+        if !ids.contains(id) {
+            ids.push(*id);
+        }
+    }
+    (ids.len() <= MAX_RECEIPT_IDS).then_some(ids)
+}
+
+/// Merges `new` into `old` if they are of one fold kind and the result
+/// stays within its bounds.
+pub(crate) fn merge(old: &Entry, new: &Entry) -> Option<Entry> {
+    match (old, new) {
+        (Entry::Receipt(a), Entry::Receipt(b))
+            if (a.from_user, a.from_device, a.to_user, a.kind) == (b.from_user, b.from_device, b.to_user, b.kind) =>
+        {
+            merge_ids(&a.ids, &b.ids).map(|ids| {
+                Entry::Receipt(QueuedReceipt {
+                    ids,
+                    time_ms: b.time_ms,
+                    ..a.clone()
+                })
+            })
+        }
+        (Entry::Expired(a), Entry::Expired(b)) => merge_ids(&a.ids, &b.ids).map(|ids| {
+            Entry::Expired(QueuedExpired {
+                ids,
+                time_ms: b.time_ms,
+                ..a.clone()
+            })
+        }),
+        (Entry::Gap(a), Entry::Gap(b)) => {
+            let mut lost = a.lost.clone();
+            for l in &b.lost {
+                match lost
+                    .iter_mut()
+                    .find(|x| x.from_user == l.from_user && x.from_device == l.from_device)
+                {
+                    Some(x) => {
+                        x.count = x.count.saturating_add(l.count);
+                        x.first_ms = x.first_ms.min(l.first_ms);
+                        x.last_ms = x.last_ms.max(l.last_ms);
+                    }
+                    None => lost.push(l.clone()),
+                }
+            }
+            (lost.len() <= MAX_GAP_SENDERS).then_some(Entry::Gap(QueuedGap {
+                lost,
+                time_ms: b.time_ms,
+            }))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stored_length_of_a_message_is_its_encoding() {
+        for len in [0usize, 1, 127, 128, 4096] {
+            let e = Entry::Message(QueuedMessage {
+                id: MsgId([9; 16]),
+                from_user: 300,
+                from_device: 2,
+                to_user: 7,
+                time_ms: 1_795_000_000_123,
+                body: Bytes::from(vec![1; len]),
+            });
+            assert_eq!(e.stored_len(), (QUEUE_KEY_LEN + encode(&e.to_disk()).len()) as u64);
+        }
+    }
+
+    #[test]
+    fn varint_lengths() {
+        assert_eq!(varint_len(0), 1);
+        assert_eq!(varint_len(127), 1);
+        assert_eq!(varint_len(128), 2);
+        assert_eq!(varint_len(u64::MAX), 10);
+    }
+}

@@ -1,0 +1,1195 @@
+//! The store thread: the one owner of `sled`'s writes.
+//!
+//! Each turn it takes the operations the loops submitted ([`Inbox`]) and
+//! what the in-memory queues have due ([`super::live`]: copies whose
+//! deadline passed, records whose entries were acknowledged), writes them
+//! in one batch (plus one small batch per operation that must read what it
+//! changes, such as folding a receipt), and tags everything with the
+//! flusher's epoch. When the flusher reports that epoch durable, the turn
+//! that follows releases it: copies become durable (settling their
+//! messages) and answers go to their waiters.
+//!
+//! What it guarantees: nothing is answered before it is durable; records
+//! are deleted only after they were written (an acknowledgement of a copy
+//! being written is applied in a later batch than the write); the disk
+//! budget's count (`disk_bytes`) is exact. What it does not do: decide who
+//! may do what (the hub does), or know connections.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::accounts::Accounts;
+use super::api::{Entry, Op, Outcome, QueuedExpired, QueuedGap, QueuedReceipt, Quota, Refused, Swept, Waiter};
+use super::disk::{
+    self, DiskEntry, FOLD, FOLD_KEY_LEN, FoldKey, LostRecord, MAX_GAP_SENDERS, MESSAGE, MsgRecord, QUEUE, TOMBSTONE,
+    dev, dev_prefix, fold_key, message_key, parse_dev, parse_message_key, parse_tombstone, queue_key, queue_seq,
+    tombstone_key,
+};
+use super::flusher::{Epoch, Flusher};
+use super::live::{Live, MsgKey, Removed, Write};
+use super::{Status, StoreError, Throttle, be_u64, keys};
+use crate::ids::{DeviceKey, UserId};
+use crate::wire::{MAX_RECEIPT_IDS, MsgId};
+
+/// How far the durable sequence ceiling runs ahead of the numbers handed
+/// out.
+pub(crate) const CEILING_STEP: u64 = 1 << 24;
+/// Least pause between turns that nothing urgent started.
+const TICK: Duration = Duration::from_millis(2);
+/// How often free space is measured.
+const SPACE_EVERY: Duration = Duration::from_secs(1);
+
+/// Work for the store thread.
+#[derive(Default)]
+struct InboxState {
+    ops: Vec<(Op, Option<Waiter>)>,
+    kicked: bool,
+    stop: bool,
+}
+
+/// The store thread's inbox and doorbell.
+#[derive(Default)]
+pub(crate) struct Inbox {
+    state: Mutex<InboxState>,
+    cond: Condvar,
+}
+
+impl Inbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, InboxState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues an operation and rings.
+    pub fn push(&self, op: Op, waiter: Option<Waiter>) {
+        let mut st = self.lock();
+        st.ops.push((op, waiter));
+        if !st.kicked {
+            st.kicked = true;
+            self.cond.notify_one();
+        }
+    }
+
+    /// Rings: something is due.
+    pub fn kick(&self) {
+        let mut st = self.lock();
+        if !st.kicked {
+            st.kicked = true;
+            self.cond.notify_one();
+        }
+    }
+
+    /// Asks the thread to finish.
+    pub fn stop(&self) {
+        let mut st = self.lock();
+        st.stop = true;
+        self.cond.notify_all();
+    }
+
+    /// Waits until rung, stopped, or `until`.
+    fn wait(&self, until: Option<Instant>) {
+        let mut st = self.lock();
+        while !st.kicked && !st.stop {
+            match until {
+                Some(t) => {
+                    let now = Instant::now();
+                    if now >= t {
+                        break;
+                    }
+                    st = self.cond.wait_timeout(st, t - now).unwrap_or_else(|e| e.into_inner()).0;
+                }
+                None => st = self.cond.wait(st).unwrap_or_else(|e| e.into_inner()),
+            }
+        }
+        st.kicked = false;
+    }
+
+    fn take(&self) -> (Vec<(Op, Option<Waiter>)>, bool) {
+        let mut st = self.lock();
+        (std::mem::take(&mut st.ops), st.stop)
+    }
+}
+
+/// What a flush releases.
+#[derive(Default)]
+struct Release {
+    written: Vec<(DeviceKey, u64)>,
+    answers: Vec<(Waiter, Outcome)>,
+    ceiling: Option<u64>,
+}
+
+/// The trees the engine writes.
+pub(crate) struct Trees {
+    pub meta: sled::Tree,
+    pub queues: sled::Tree,
+    pub e2e: sled::Tree,
+}
+
+/// The store thread's state.
+pub(crate) struct Engine {
+    trees: Trees,
+    accounts: Arc<Accounts>,
+    live: Arc<Live>,
+    flusher: Flusher,
+    inbox: Arc<Inbox>,
+    status: Arc<Status>,
+    awaiting: VecDeque<(Epoch, Release)>,
+    ceiling_pending: bool,
+    writes: Vec<Write>,
+    deletes: Vec<(DeviceKey, u64)>,
+    removes: Vec<(DeviceKey, u64)>,
+    space_checked: Option<Instant>,
+    failures: Throttle,
+    /// Messages whose last copy on disk went while another copy could
+    /// still be written: their record is looked at again once they
+    /// settle.
+    later: HashSet<MsgKey>,
+}
+
+/// One turn's bookkeeping.
+#[derive(Default)]
+struct Turn {
+    release: Release,
+    /// Something was written that needs a flush.
+    dirty: bool,
+}
+
+impl Engine {
+    pub(crate) fn new(
+        trees: Trees,
+        accounts: Arc<Accounts>,
+        live: Arc<Live>,
+        flusher: Flusher,
+        inbox: Arc<Inbox>,
+        status: Arc<Status>,
+    ) -> Engine {
+        Engine {
+            trees,
+            accounts,
+            live,
+            flusher,
+            inbox,
+            status,
+            awaiting: VecDeque::new(),
+            ceiling_pending: false,
+            writes: Vec::new(),
+            deletes: Vec::new(),
+            removes: Vec::new(),
+            space_checked: None,
+            failures: Throttle::new(Duration::from_secs(60)),
+            later: HashSet::new(),
+        }
+    }
+
+    /// Runs until stopped: turns, and waits for work in between. On a
+    /// storage failure it marks the store failed and stops.
+    pub(crate) fn run(mut self) {
+        loop {
+            let started = Instant::now();
+            let (ops, stop) = self.inbox.take();
+            if let Err(e) = self.turn_with(ops, started, unix_ms()) {
+                self.fail(&e);
+                return;
+            }
+            if stop {
+                // Everything submitted is written; make it durable and
+                // answer it, then go.
+                if self.flusher.flush_now() {
+                    self.release();
+                }
+                return;
+            }
+            let (ready, next) = self.live.lock().due(Instant::now());
+            let until = if ready {
+                Some(started + TICK)
+            } else {
+                let space = self.space_checked.map(|t| t + SPACE_EVERY);
+                match (next.map(|t| t.max(started + TICK)), space) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            };
+            self.inbox.wait(until);
+        }
+    }
+
+    fn fail(&mut self, e: &StoreError) {
+        log::error!("the store failed and the daemon stops (it restarts on the same data): {e}");
+        self.status.failed.store(true, Ordering::SeqCst);
+        self.status.notify_failure();
+    }
+
+    /// One turn at `now` (for the simulation, which has no thread).
+    ///
+    /// # Errors
+    /// A storage failure the daemon cannot go on from.
+    pub(crate) fn turn(&mut self, now: Instant, now_ms: u64) -> Result<(), StoreError> {
+        let (ops, _) = self.inbox.take();
+        self.turn_with(ops, now, now_ms)
+    }
+
+    fn turn_with(&mut self, ops: Vec<(Op, Option<Waiter>)>, now: Instant, now_ms: u64) -> Result<(), StoreError> {
+        self.check_space(now);
+        let mut turn = Turn::default();
+        {
+            let mut live = self.live.lock();
+            live.take(now, &mut self.writes, &mut self.deletes, &mut self.removes);
+        }
+        if !self.writes.is_empty() || !self.deletes.is_empty() || !self.removes.is_empty() {
+            self.write_batch(&mut turn)?;
+        }
+        self.forget_later(&mut turn)?;
+        for (op, waiter) in ops {
+            match self.op(op, now_ms, &mut turn) {
+                Ok(None) => {}
+                Ok(Some((outcome, durable))) => {
+                    if let Some(w) = waiter {
+                        if durable {
+                            turn.release.answers.push((w, outcome));
+                        } else {
+                            w.complete(outcome);
+                        }
+                    }
+                }
+                Err(e) if is_fatal(&e) => return Err(e),
+                Err(e) => {
+                    self.failures
+                        .log(|n| log::error!("a store operation failed ({n} like it): {e}"));
+                    if let Some(w) = waiter {
+                        w.complete(Outcome::Failed);
+                    }
+                }
+            }
+        }
+        self.raise_ceiling(&mut turn)?;
+        let r = turn.release;
+        if turn.dirty || !r.written.is_empty() || !r.answers.is_empty() || r.ceiling.is_some() {
+            let epoch = self.flusher.note_write();
+            self.awaiting.push_back((epoch, r));
+        }
+        if self.flusher.failed() {
+            return Err(StoreError::FlushFailed);
+        }
+        self.release();
+        Ok(())
+    }
+
+    /// Whether something waits for a flush.
+    pub(crate) fn awaits_flush(&self) -> bool {
+        !self.awaiting.is_empty()
+    }
+
+    /// Releases what the flusher made durable.
+    fn release(&mut self) {
+        let durable = self.flusher.durable();
+        while self.awaiting.front().is_some_and(|(e, _)| *e <= durable) {
+            let Some((_, r)) = self.awaiting.pop_front() else { break };
+            {
+                let mut live = self.live.lock();
+                if let Some(c) = r.ceiling {
+                    live.set_ceiling(c);
+                    self.ceiling_pending = false;
+                }
+                live.durable(&r.written);
+            }
+            for (w, outcome) in r.answers {
+                w.complete(outcome);
+            }
+        }
+    }
+
+    fn check_space(&mut self, now: Instant) {
+        if self.space_checked.is_some_and(|t| now < t + SPACE_EVERY) {
+            return;
+        }
+        self.space_checked = Some(now);
+        self.status.measure_space();
+    }
+
+    /// Keeps the durable sequence ceiling ahead of the numbers handed out.
+    fn raise_ceiling(&mut self, turn: &mut Turn) -> Result<(), StoreError> {
+        if self.ceiling_pending {
+            return Ok(());
+        }
+        let (max_next, ceiling) = {
+            let live = self.live.lock();
+            (live.max_next, live.ceiling)
+        };
+        if max_next + CEILING_STEP / 2 <= ceiling {
+            return Ok(());
+        }
+        let new = ceiling + CEILING_STEP;
+        self.trees.meta.insert(super::SEQ_CEILING, &new.to_be_bytes())?;
+        self.ceiling_pending = true;
+        turn.release.ceiling = Some(new);
+        Ok(())
+    }
+
+    /// Writes what the queues have due: acknowledged records go, copies
+    /// past their deadline are written with their message's record.
+    fn write_batch(&mut self, turn: &mut Turn) -> Result<(), StoreError> {
+        let q = &self.trees.queues;
+        let mut batch = sled::Batch::default();
+        let mut gone: HashSet<(DeviceKey, u64)> = HashSet::new();
+        let mut deleted: HashMap<DeviceKey, (u64, u64)> = HashMap::new();
+        let mut candidates: HashSet<MsgKey> = HashSet::new();
+        for (d, up_to) in self.deletes.drain(..) {
+            for item in q.range(queue_key(d, 0)..=queue_key(d, up_to)) {
+                let (k, v) = item?;
+                let seq = queue_seq(&k)?;
+                if gone.insert((d, seq)) {
+                    note_message(&v, &mut candidates);
+                    batch.remove(k.clone());
+                    let e = deleted.entry(d).or_default();
+                    e.0 += 1;
+                    e.1 += (k.len() + v.len()) as u64;
+                }
+            }
+        }
+        for (d, seq) in self.removes.drain(..) {
+            let k = queue_key(d, seq);
+            if let Some(v) = q.get(k)?
+                && gone.insert((d, seq))
+            {
+                note_message(&v, &mut candidates);
+                batch.remove(&k[..]);
+                let e = deleted.entry(d).or_default();
+                e.0 += 1;
+                e.1 += (k.len() + v.len()) as u64;
+            }
+        }
+        // Retries found: the message, its first header, the copies to drop.
+        let mut retries: Vec<Retry> = Vec::new();
+        let mut skip: HashSet<(DeviceKey, u64)> = HashSet::new();
+        let mut records: i64 = 0;
+        for w in &self.writes {
+            if let Some((key, rec)) = &w.record {
+                let mk = message_key(key.0, key.1);
+                let old = q.get(mk)?;
+                if let Some(first) = old.as_deref().and_then(|v| disk::decode_record(v).ok()) {
+                    // A retry of a message accepted before a restart: it
+                    // can only deliver that message again, to its devices.
+                    // One whose first copy is still queued has it, and one
+                    // the first was not for is not a recipient: their
+                    // copies of the retry go. The others get theirs: their
+                    // first copy was delivered, or was lost unwritten with
+                    // the restart (the sender was never answered then); a
+                    // duplicate is dropped by the client, a loss is not.
+                    let mut drop = Vec::new();
+                    let mut keep = Vec::new();
+                    for &(u, dv, seq) in &rec.copies {
+                        let mut recipient = false;
+                        let mut queued = false;
+                        for &(fu, fd, fs) in &first.copies {
+                            if (fu, fd) == (u, dv) {
+                                recipient = true;
+                                if q.contains_key(queue_key(dev(u, dv), fs))? {
+                                    queued = true;
+                                    break;
+                                }
+                            }
+                        }
+                        if recipient && !queued {
+                            keep.push((u, dv, seq));
+                        } else {
+                            drop.push((dev(u, dv), seq));
+                        }
+                    }
+                    let header = (first.to_user, first.time_ms);
+                    if !keep.is_empty() {
+                        // The copies written join the first record: they
+                        // are read with its header, and it goes with the
+                        // last of them.
+                        let old_len = old.as_deref().map_or(0, <[u8]>::len);
+                        let mut merged = first;
+                        merged.copies.extend(keep);
+                        let value = disk::encode(&merged);
+                        records += value.len() as i64 - old_len as i64;
+                        batch.insert(&mk[..], value);
+                    }
+                    skip.extend(drop.iter().copied());
+                    retries.push((*key, header, drop));
+                    continue;
+                }
+                // (A record that does not decode is replaced.)
+                let old_len = old.map_or(0, |v| mk.len() + v.len()) as i64;
+                let value = disk::encode(rec);
+                records += (mk.len() + value.len()) as i64 - old_len;
+                batch.insert(&mk[..], value);
+            }
+        }
+        let mut skipped: HashMap<MsgKey, Vec<(DeviceKey, u64, u64)>> = HashMap::new();
+        for w in self.writes.drain(..) {
+            if let Entry::Message(m) = &w.entry
+                && skip.contains(&(w.device, w.seq))
+            {
+                skipped
+                    .entry((m.from(), m.id))
+                    .or_default()
+                    .push((w.device, w.seq, w.entry.stored_len()));
+                continue;
+            }
+            batch.insert(&queue_key(w.device, w.seq)[..], disk::encode(&w.entry.to_disk()));
+            turn.release.written.push((w.device, w.seq));
+        }
+        q.apply_batch(batch)?;
+        turn.dirty = true;
+        // Messages whose last record went may lose their shared record.
+        let (_, forgotten) = self.forget(candidates)?;
+        let mut live = self.live.lock();
+        for (d, (n, bytes)) in deleted {
+            live.deleted(d, n, bytes);
+        }
+        live.disk_delta(records - forgotten);
+        for (key, header, drop) in retries {
+            live.drop_retry(key, header, &drop, skipped.get(&key).map_or(&[], Vec::as_slice));
+        }
+        Ok(())
+    }
+
+    /// Deletes the shared record of each message of `keys` that has no
+    /// copy left on disk and can write none any more. A message that still
+    /// may (a copy waits in memory) keeps it, and is looked at again once
+    /// it settled ([`Engine::forget_later`]). Returns how many records went
+    /// and their bytes (the caller counts them).
+    fn forget(&mut self, keys: impl IntoIterator<Item = MsgKey>) -> Result<(usize, i64), StoreError> {
+        let q = &self.trees.queues;
+        let mut batch = sled::Batch::default();
+        let (mut n, mut bytes) = (0, 0i64);
+        {
+            let live = self.live.lock();
+            for key in keys {
+                if live.unsettled(key) {
+                    self.later.insert(key);
+                    continue;
+                }
+                let mk = message_key(key.0, key.1);
+                let Some(v) = q.get(mk)? else { continue };
+                let rec = disk::decode_record(&v)?;
+                let mut any = false;
+                for &(u, dv, seq) in &rec.copies {
+                    if q.contains_key(queue_key(dev(u, dv), seq))? {
+                        any = true;
+                        break;
+                    }
+                }
+                if !any {
+                    batch.remove(&mk[..]);
+                    n += 1;
+                    bytes += (mk.len() + v.len()) as i64;
+                }
+            }
+        }
+        if n > 0 {
+            q.apply_batch(batch)?;
+        }
+        Ok((n, bytes))
+    }
+
+    /// Looks again at the records [`Engine::forget`] kept for messages
+    /// that were not settled then.
+    fn forget_later(&mut self, turn: &mut Turn) -> Result<(), StoreError> {
+        if self.later.is_empty() {
+            return Ok(());
+        }
+        let ready: Vec<MsgKey> = {
+            let live = self.live.lock();
+            self.later.iter().filter(|k| !live.unsettled(**k)).copied().collect()
+        };
+        for k in &ready {
+            self.later.remove(k);
+        }
+        let (n, bytes) = self.forget(ready)?;
+        if n > 0 {
+            self.live.lock().disk_delta(-bytes);
+            turn.dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Runs one operation. `Some((outcome, durable))`: the answer, and
+    /// whether it waits for the flush.
+    fn op(&mut self, op: Op, _now_ms: u64, turn: &mut Turn) -> Result<Option<(Outcome, bool)>, StoreError> {
+        let accounts = self.accounts.clone();
+        Ok(Some(match op {
+            Op::Register {
+                invite,
+                name,
+                key,
+                now_ms,
+            } => {
+                turn.dirty = true;
+                (
+                    Outcome::Registered(accounts.register(&invite, &name, &key, now_ms)?),
+                    true,
+                )
+            }
+            Op::RedeemLink { code, key, now_ms } => {
+                turn.dirty = true;
+                (Outcome::Linked(accounts.redeem_link(&code, &key, now_ms)?), true)
+            }
+            Op::RequestLink { device, now_ms, ttl } => {
+                turn.dirty = true;
+                (Outcome::LinkCode(accounts.request_link(device, now_ms, ttl)?), true)
+            }
+            Op::Invite { uses, expires_ms } => {
+                turn.dirty = true;
+                (
+                    Outcome::Token(accounts.create_invite(uses, expires_ms)?, expires_ms),
+                    true,
+                )
+            }
+            Op::Revoke { device, now_ms } => {
+                turn.dirty = true;
+                (Outcome::Revoked(self.revoke(device, now_ms)?), true)
+            }
+            Op::Touch { device, now_ms } => {
+                turn.dirty = true;
+                accounts.touch(device, now_ms)?;
+                return Ok(None);
+            }
+            Op::Publish { device, keys } => {
+                turn.dirty = true;
+                let r = keys::publish_keys(
+                    &self.trees.e2e,
+                    device,
+                    keys.identity.as_ref(),
+                    &keys.one_time,
+                    keys.fallback.as_ref(),
+                )?;
+                if let Ok(n) = r {
+                    accounts.set_one_time_keys(device, Some(n));
+                }
+                (Outcome::Published(r), true)
+            }
+            Op::Claim { devices } => {
+                turn.dirty = true;
+                let mut claimed = Vec::with_capacity(devices.len());
+                let mut counts = Vec::new();
+                for d in devices {
+                    let Some(k) = keys::claim_keys(&self.trees.e2e, d)? else {
+                        continue;
+                    };
+                    if k.one_time.is_some() && !k.fallback {
+                        let left = accounts.one_time_keys(d).unwrap_or(1).saturating_sub(1);
+                        accounts.set_one_time_keys(d, Some(left));
+                        counts.push((d, left));
+                    }
+                    claimed.push(k);
+                }
+                (Outcome::Claimed(claimed, counts), true)
+            }
+            Op::Receipt {
+                from,
+                to,
+                kind,
+                ids,
+                targets,
+                now_ms,
+            } => {
+                let entry = Entry::Receipt(QueuedReceipt {
+                    from_user: from.user.0,
+                    from_device: from.device.0,
+                    to_user: to.0,
+                    kind: kind.0,
+                    ids,
+                    time_ms: now_ms,
+                });
+                let r = self.receipt(FoldKey::Receipt(from, kind.0, to), entry, targets, turn)?;
+                (Outcome::Receipt(r), true)
+            }
+            Op::Retract { user, senders, id, .. } => {
+                turn.dirty = true;
+                (Outcome::Retracted(self.retract(user, &senders, id)?), true)
+            }
+            Op::ReadBacklog { device, from, max } => (self.read_backlog(device, from, max)?, false),
+            Op::Sweep {
+                mut cursor,
+                cutoff_ms,
+                max_keys,
+                now_ms,
+            } => {
+                let swept = self.sweep(&mut cursor, cutoff_ms, max_keys, now_ms, turn)?;
+                turn.dirty = true;
+                (Outcome::Swept(swept, cursor), true)
+            }
+            Op::Sync => {
+                turn.dirty = true;
+                (Outcome::Synced, true)
+            }
+        }))
+    }
+
+    /// Queues a receipt or notice for `targets`, folded (spec §5.5).
+    fn receipt(
+        &mut self,
+        fold: FoldKey,
+        entry: Entry,
+        targets: Vec<DeviceKey>,
+        turn: &mut Turn,
+    ) -> Result<Result<Vec<DeviceKey>, Refused>, StoreError> {
+        if self.status.full.load(Ordering::Relaxed) {
+            return Ok(Err(Refused::StorageFull));
+        }
+        let len = entry.stored_len();
+        let quotas = self.live.config.quotas;
+        {
+            let live = self.live.lock();
+            if (live.disk_bytes + live.unwritten()).saturating_add(len * targets.len() as u64) > quotas.disk_budget {
+                return Ok(Err(Refused::Quota(Quota::Disk)));
+            }
+        }
+        // A receipt that cannot fold anywhere and would overfill a queue is
+        // refused before anything of it is written.
+        for t in &targets {
+            let may_fold = self.fold_target(*t, fold)?.is_some();
+            let (count, bytes) = self.live.lock().usage(*t);
+            if !may_fold && (count + 1 > quotas.queue_messages || bytes + len > quotas.queue_bytes) {
+                return Ok(Err(Refused::Quota(Quota::Queue(*t))));
+            }
+        }
+        for t in &targets {
+            self.fold(*t, fold, entry.clone(), turn)?;
+        }
+        Ok(Ok(targets))
+    }
+
+    /// The entry later ones of `fold` fold into, if it is still queued.
+    fn fold_target(&self, target: DeviceKey, fold: FoldKey) -> Result<Option<(u64, Entry)>, StoreError> {
+        let q = &self.trees.queues;
+        let Some(seq) = q.get(fold_key(target, fold))?.as_deref().and_then(be_u64) else {
+            return Ok(None);
+        };
+        if let Some(e) = self.live.lock().entry(target, seq) {
+            return Ok(Some((seq, e)));
+        }
+        match q.get(queue_key(target, seq))? {
+            Some(v) => Ok(disk::decode_disk(&v)?.into_entry(None).map(|e| (seq, e))),
+            None => Ok(None),
+        }
+    }
+
+    /// Adds `entry` to `target`'s queue, folded into the pending entry of
+    /// the same fold key if there is one and the result stays in bounds
+    /// (the old entry goes and the merged one is appended at the tail, so
+    /// a device that already read the old one sees the merged one too).
+    fn fold(&mut self, target: DeviceKey, fold: FoldKey, entry: Entry, turn: &mut Turn) -> Result<(), StoreError> {
+        let q = &self.trees.queues;
+        let index = fold_key(target, fold);
+        let mut entry = entry;
+        let mut batch = sled::Batch::default();
+        let mut removed = None;
+        if let Some((seq, old)) = self.fold_target(target, fold)?
+            && let Some(merged) = disk::merge(&old, &entry)
+        {
+            let on_disk = self.live.lock().remove(target, seq) != Removed::Memory;
+            if on_disk && let Some(v) = q.get(queue_key(target, seq))? {
+                batch.remove(&queue_key(target, seq)[..]);
+                removed = Some((QUEUE_KEY_BYTES + v.len()) as u64);
+            }
+            entry = merged;
+        }
+        let value = disk::encode(&entry.to_disk());
+        let seq = self.live.lock().push_written(target, entry);
+        batch.insert(&queue_key(target, seq)[..], value);
+        let new_index = !q.contains_key(index)?;
+        batch.insert(&index[..], &seq.to_be_bytes()[..]);
+        q.apply_batch(batch)?;
+        turn.dirty = true;
+        turn.release.written.push((target, seq));
+        let mut live = self.live.lock();
+        if let Some(bytes) = removed {
+            live.deleted(target, 1, bytes);
+        }
+        if new_index {
+            live.disk_delta((FOLD_KEY_LEN + 8) as i64);
+        }
+        Ok(())
+    }
+
+    /// Removes the still-queued copies of message `id` of `user` (sent by
+    /// any of `senders`), and remembers the retraction if the message is
+    /// known, so that a retry is answered without queueing it again.
+    fn retract(&mut self, user: UserId, senders: &[DeviceKey], id: MsgId) -> Result<usize, StoreError> {
+        let q = &self.trees.queues;
+        let mut batch = sled::Batch::default();
+        let mut gone: HashSet<(DeviceKey, u64)> = HashSet::new();
+        let mut deleted: HashMap<DeviceKey, (u64, u64)> = HashMap::new();
+        let mut records: i64 = 0;
+        let mut known: Option<u64> = None;
+        let mut n = 0;
+        for &s in senders {
+            let key = (s, id);
+            let (mut copies, time) = {
+                let live = self.live.lock();
+                (live.copies_of(key), live.time_of(key))
+            };
+            known = known.or(time);
+            let mk = message_key(s, id);
+            if let Some(v) = q.get(mk)? {
+                let rec = disk::decode_record(&v)?;
+                known = known.or(Some(rec.time_ms));
+                copies.extend(rec.copies.iter().map(|&(u, d, seq)| (dev(u, d), seq)));
+                batch.remove(&mk[..]);
+                records -= (mk.len() + v.len()) as i64;
+            }
+            for (d, seq) in copies {
+                if !gone.insert((d, seq)) {
+                    continue;
+                }
+                let removed = self.live.lock().remove(d, seq);
+                if removed == Removed::Memory {
+                    n += 1;
+                    continue;
+                }
+                let k = queue_key(d, seq);
+                let Some(v) = q.get(k)? else { continue };
+                // Only this message's copy: the number is never reused, but
+                // check anyway.
+                if matches!(disk::decode_disk(&v)?, DiskEntry::Message { from_user, from_device, id: i, .. }
+                    if dev(from_user, from_device) == s && i == id)
+                {
+                    batch.remove(&k[..]);
+                    let e = deleted.entry(d).or_default();
+                    e.0 += 1;
+                    e.1 += (k.len() + v.len()) as u64;
+                    n += 1;
+                }
+            }
+        }
+        if let Some(time_ms) = known {
+            let tk = tombstone_key(user, id);
+            let value = time_ms.to_be_bytes();
+            if !q.contains_key(tk)? {
+                records += (tk.len() + value.len()) as i64;
+            }
+            batch.insert(&tk[..], &value[..]);
+        }
+        q.apply_batch(batch)?;
+        let mut live = self.live.lock();
+        for (d, (count, bytes)) in deleted {
+            live.deleted(d, count, bytes);
+        }
+        live.disk_delta(records);
+        if let Some(time_ms) = known {
+            live.tombstone(user, id, time_ms);
+        }
+        Ok(n)
+    }
+
+    /// Reads entries of `d`'s queue that are on disk only.
+    fn read_backlog(&self, d: DeviceKey, from: u64, max: usize) -> Result<Outcome, StoreError> {
+        let hi = self.live.lock().disk_hi(d);
+        let mut entries = Vec::new();
+        let covered = read_disk(&self.trees.queues, d, from, hi, max, &mut entries)?;
+        Ok(Outcome::Backlog {
+            device: d,
+            from,
+            entries,
+            covered,
+        })
+    }
+
+    /// Revokes a device: refused from now on; its queue, fold records and
+    /// keys go.
+    fn revoke(&mut self, d: DeviceKey, now_ms: u64) -> Result<bool, StoreError> {
+        if !self.accounts.revoke(d, now_ms)? {
+            return Ok(false);
+        }
+        self.delete_queue(d)?;
+        keys::delete_keys(&self.trees.e2e, d)?;
+        self.accounts.set_one_time_keys(d, None);
+        Ok(true)
+    }
+
+    /// Deletes a device's whole queue and its fold records.
+    pub(crate) fn delete_queue(&mut self, d: DeviceKey) -> Result<(), StoreError> {
+        let q = &self.trees.queues;
+        self.live.lock().clear(d);
+        let mut batch = sled::Batch::default();
+        let (mut n, mut bytes, mut other) = (0u64, 0u64, 0i64);
+        let mut candidates = HashSet::new();
+        for item in q.scan_prefix(dev_prefix(QUEUE, d)) {
+            let (k, v) = item?;
+            note_message(&v, &mut candidates);
+            batch.remove(k.clone());
+            n += 1;
+            bytes += (k.len() + v.len()) as u64;
+        }
+        for item in q.scan_prefix(dev_prefix(FOLD, d)) {
+            let (k, v) = item?;
+            batch.remove(k.clone());
+            other -= (k.len() + v.len()) as i64;
+        }
+        q.apply_batch(batch)?;
+        // Messages whose last copy was in this queue.
+        let (_, forgotten) = self.forget(candidates)?;
+        let mut live = self.live.lock();
+        live.deleted(d, n, bytes);
+        live.disk_delta(other - forgotten);
+        Ok(())
+    }
+
+    /// One bounded turn of the retention sweeper: looks at up to
+    /// `max_keys` keys from `cursor` on; removes entries accepted before
+    /// `cutoff_ms` (queueing a gap notice for the device that lost
+    /// messages and an expiry notice for every current device of their
+    /// sender), message records with no copy left or older than the cutoff,
+    /// old retraction records, and fold records whose entry is gone. The
+    /// cursor moves on; it wraps to the start after the last key.
+    fn sweep(
+        &mut self,
+        cursor: &mut Vec<u8>,
+        cutoff_ms: u64,
+        max_keys: usize,
+        now_ms: u64,
+        turn: &mut Turn,
+    ) -> Result<Swept, StoreError> {
+        let q = self.trees.queues.clone();
+        let mut swept = Swept::default();
+        if cursor.is_empty() {
+            // Once a pass: expired invites and link codes.
+            let (invites, links) = self.accounts.sweep_codes(now_ms)?;
+            if invites + links > 0 {
+                log::debug!("removed {invites} expired invites and {links} expired link codes");
+                turn.dirty = true;
+            }
+        }
+        let mut expired: Vec<(DeviceKey, u64)> = Vec::new();
+        let mut records: Vec<Vec<u8>> = Vec::new();
+        let mut tombstones: Vec<Vec<u8>> = Vec::new();
+        let mut stale_folds: Vec<(Vec<u8>, DeviceKey, u64)> = Vec::new();
+        let mut times: HashMap<MsgKey, u64> = HashMap::new();
+        let mut scanned = 0;
+        let mut from = cursor.clone();
+        'scan: while scanned < max_keys {
+            let mut moved = false;
+            for item in q.range(from.clone()..) {
+                let (k, v) = item?;
+                scanned += 1;
+                moved = true;
+                let skip_to = match k.first() {
+                    Some(&QUEUE) => {
+                        let d = parse_dev(&k).ok_or(StoreError::Corrupt("queues/key"))?;
+                        let time = match disk::decode_disk(&v)? {
+                            DiskEntry::Message {
+                                from_user,
+                                from_device,
+                                id,
+                                ..
+                            } => {
+                                let key = (dev(from_user, from_device), id);
+                                match times.get(&key) {
+                                    Some(t) => *t,
+                                    None => {
+                                        let t = q
+                                            .get(message_key(key.0, key.1))?
+                                            .map(|v| disk::decode_record(&v))
+                                            .transpose()?
+                                            .map_or(0, |r| r.time_ms);
+                                        times.insert(key, t);
+                                        t
+                                    }
+                                }
+                            }
+                            other => other.into_entry(None).map_or(0, |e| e.time_ms()),
+                        };
+                        if time < cutoff_ms {
+                            expired.push((d, queue_seq(&k)?));
+                            None
+                        } else {
+                            // Entries of a queue are in acceptance order:
+                            // the rest of this one is younger.
+                            let mut next = dev_prefix(QUEUE, d).to_vec();
+                            next.extend_from_slice(&[0xff; 9]);
+                            Some(next)
+                        }
+                    }
+                    Some(&MESSAGE) => {
+                        let rec = disk::decode_record(&v)?;
+                        let key = parse_message_key(&k).ok_or(StoreError::Corrupt("queues/message"))?;
+                        if !self.live.lock().unsettled(key) {
+                            let mut any = false;
+                            for &(u, d, seq) in &rec.copies {
+                                if q.contains_key(queue_key(dev(u, d), seq))? {
+                                    any = true;
+                                    break;
+                                }
+                            }
+                            if !any {
+                                records.push(k.to_vec());
+                            }
+                        }
+                        None
+                    }
+                    Some(&TOMBSTONE) => {
+                        if be_u64(&v).is_some_and(|t| t < cutoff_ms) {
+                            tombstones.push(k.to_vec());
+                        }
+                        None
+                    }
+                    Some(&FOLD) => {
+                        if let (Some(d), Some(seq)) = (parse_dev(&k), be_u64(&v))
+                            && !q.contains_key(queue_key(d, seq))?
+                            && !self.live.lock().may_hold(d, seq)
+                        {
+                            stale_folds.push((k.to_vec(), d, seq));
+                        }
+                        None
+                    }
+                    // Anything else: nothing to expire.
+                    Some(&tag) => Some(vec![tag.saturating_add(1)]),
+                    None => None,
+                };
+                if scanned >= max_keys {
+                    let mut next = k.to_vec();
+                    next.push(0);
+                    from = skip_to.unwrap_or(next);
+                    break 'scan;
+                }
+                if let Some(next) = skip_to {
+                    from = next;
+                    continue 'scan;
+                }
+            }
+            if !moved || scanned < max_keys {
+                from = Vec::new();
+                swept.wrapped = true;
+                break;
+            }
+        }
+        *cursor = from;
+        if expired.is_empty() && records.is_empty() && tombstones.is_empty() && stale_folds.is_empty() {
+            return Ok(swept);
+        }
+        let mut batch = sled::Batch::default();
+        let mut deleted: HashMap<DeviceKey, (u64, u64)> = HashMap::new();
+        let mut other: i64 = 0;
+        let mut gaps: std::collections::BTreeMap<DeviceKey, Vec<LostRecord>> = Default::default();
+        let mut undelivered: std::collections::BTreeMap<(UserId, DeviceKey), Vec<MsgId>> = Default::default();
+        let mut expired_messages: HashSet<MsgKey> = HashSet::new();
+        for (d, seq) in expired {
+            let k = queue_key(d, seq);
+            let Some(v) = q.get(k)? else { continue };
+            let e = disk::decode_disk(&v)?;
+            let message = match &e {
+                DiskEntry::Message {
+                    from_user,
+                    from_device,
+                    id,
+                    ..
+                } => Some((dev(*from_user, *from_device), *id)),
+                _ => None,
+            };
+            self.live.lock().remove(d, seq);
+            batch.remove(&k[..]);
+            let c = deleted.entry(d).or_default();
+            c.0 += 1;
+            c.1 += (k.len() + v.len()) as u64;
+            if let Some((sender, id)) = message {
+                expired_messages.insert((sender, id));
+                swept.expired += 1;
+                let time = times.get(&(sender, id)).copied().unwrap_or(0);
+                let lost = gaps.entry(d).or_default();
+                match lost
+                    .iter_mut()
+                    .find(|l| l.from_user == sender.user.0 && l.from_device == sender.device.0)
+                {
+                    Some(l) => {
+                        l.count += 1;
+                        l.first_ms = l.first_ms.min(time);
+                        l.last_ms = l.last_ms.max(time);
+                    }
+                    None => lost.push(LostRecord {
+                        from_user: sender.user.0,
+                        from_device: sender.device.0,
+                        count: 1,
+                        first_ms: time,
+                        last_ms: time,
+                    }),
+                }
+                undelivered.entry((sender.user, d)).or_default().push(id);
+            }
+        }
+        for k in records {
+            if let Some(v) = q.get(&k)? {
+                batch.remove(k.clone());
+                other -= (k.len() + v.len()) as i64;
+                swept.forgotten += 1;
+            }
+        }
+        let mut live_forget = Vec::new();
+        for k in tombstones {
+            if let Some(v) = q.get(&k)? {
+                batch.remove(k.clone());
+                other -= (k.len() + v.len()) as i64;
+                live_forget.extend(parse_tombstone(&k));
+                swept.forgotten += 1;
+            }
+        }
+        for (k, d, seq) in stale_folds {
+            // A fold since the scan may have pointed the record at a new
+            // entry: check.
+            let still = q.get(&k)?.as_deref().and_then(be_u64) == Some(seq);
+            if still && !q.contains_key(queue_key(d, seq))? {
+                batch.remove(k.clone());
+                other -= (FOLD_KEY_LEN + 8) as i64;
+            }
+        }
+        q.apply_batch(batch)?;
+        turn.dirty = true;
+        // The records of messages whose last copy expired go with it.
+        let (n, bytes) = self.forget(expired_messages)?;
+        swept.forgotten += n;
+        other -= bytes;
+        {
+            let mut live = self.live.lock();
+            for (d, (n, bytes)) in deleted {
+                live.deleted(d, n, bytes);
+            }
+            live.disk_delta(other);
+            for (user, id) in live_forget {
+                live.forget_tombstone(user, id);
+            }
+        }
+        for (d, lost) in gaps {
+            // A notice stays within one frame.
+            for chunk in lost.chunks(MAX_GAP_SENDERS) {
+                let notice = Entry::Gap(QueuedGap {
+                    lost: chunk.to_vec(),
+                    time_ms: now_ms,
+                });
+                self.fold(d, FoldKey::Gap, notice, turn)?;
+            }
+            swept.notified.push(d);
+        }
+        let mut senders = Vec::new();
+        for ((sender, d), ids) in undelivered {
+            senders.clear();
+            self.accounts.current_devices(sender, &mut senders);
+            for chunk in ids.chunks(MAX_RECEIPT_IDS) {
+                let notice = Entry::Expired(QueuedExpired {
+                    device_user: d.user.0,
+                    device: d.device.0,
+                    ids: chunk.to_vec(),
+                    time_ms: now_ms,
+                });
+                for s in &senders {
+                    let target = DeviceKey {
+                        user: sender,
+                        device: *s,
+                    };
+                    self.fold(target, FoldKey::Expired(d), notice.clone(), turn)?;
+                    swept.notified.push(target);
+                }
+            }
+        }
+        swept.notified.sort();
+        swept.notified.dedup();
+        Ok(swept)
+    }
+}
+
+/// Reads up to `max` entries of `d`'s queue with sequence in `from..=hi`
+/// from disk, joining each message copy with its message's record, into
+/// `out`. Returns the highest sequence the read covered.
+pub(crate) fn read_disk(
+    q: &sled::Tree,
+    d: DeviceKey,
+    from: u64,
+    hi: u64,
+    max: usize,
+    out: &mut Vec<(u64, Entry)>,
+) -> Result<u64, StoreError> {
+    let mut headers: HashMap<MsgKey, Option<(u32, u64)>> = HashMap::new();
+    let mut covered = hi;
+    if from > hi {
+        return Ok(hi);
+    }
+    let mut n = 0;
+    for item in q.range(queue_key(d, from)..=queue_key(d, hi)) {
+        if n == max {
+            break;
+        }
+        let (k, v) = item?;
+        let seq = queue_seq(&k)?;
+        let e = disk::decode_disk(&v)?;
+        let header = match &e {
+            DiskEntry::Message {
+                from_user,
+                from_device,
+                id,
+                ..
+            } => {
+                let key = (dev(*from_user, *from_device), *id);
+                match headers.get(&key) {
+                    Some(h) => *h,
+                    None => {
+                        let h = q
+                            .get(message_key(key.0, key.1))?
+                            .map(|v| disk::decode_record(&v))
+                            .transpose()?
+                            .map(|r| (r.to_user, r.time_ms));
+                        headers.insert(key, h);
+                        h
+                    }
+                }
+            }
+            _ => None,
+        };
+        n += 1;
+        match e.into_entry(header) {
+            Some(entry) => out.push((seq, entry)),
+            None => log::warn!("{d}: queued copy {seq} has no message record; skipped"),
+        }
+        if n == max {
+            covered = seq;
+        }
+    }
+    Ok(covered)
+}
+
+/// A retry found by its first record: the message, the first header
+/// (addressee, acceptance time), and the copies of the retry that go.
+type Retry = (MsgKey, (u32, u64), Vec<(DeviceKey, u64)>);
+
+/// Bytes of a `q` key.
+const QUEUE_KEY_BYTES: usize = disk::QUEUE_KEY_LEN;
+
+/// Notes the message a deleted copy belonged to.
+fn note_message(v: &[u8], out: &mut HashSet<MsgKey>) {
+    if let Ok(DiskEntry::Message {
+        from_user,
+        from_device,
+        id,
+        ..
+    }) = disk::decode_disk(v)
+    {
+        out.insert((dev(from_user, from_device), id));
+    }
+}
+
+/// Whether a storage error means the database can no longer be trusted
+/// (then the daemon exits, and systemd restarts it).
+fn is_fatal(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Db(_) | StoreError::Tx(_) | StoreError::Io { .. } | StoreError::FlushFailed
+    )
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The `MsgRecord` of a message as loaded, for the migration and tests.
+#[allow(dead_code)]
+pub(crate) fn record_of(q: &sled::Tree, key: MsgKey) -> Result<Option<MsgRecord>, StoreError> {
+    q.get(message_key(key.0, key.1))?
+        .map(|v| disk::decode_record(&v))
+        .transpose()
+}

@@ -1,0 +1,343 @@
+//! A `BTreeMap`-backed [`StoreApi`] for the hub's unit tests: everything
+//! in memory, nothing on a thread. Operations wait in a list until the test
+//! calls [`TestStore::run`]; copies are safe once acknowledged or once the
+//! test calls [`TestStore::flush`] (which stands for the store thread
+//! writing and flushing them).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::api::{
+    Appended, Entry, NewMessage, Op, Outcome, QueuedMessage, QueuedReceipt, Read, Refused, StoreApi, Waiter,
+};
+use crate::ids::{DeviceKey, Identity, UserId};
+use crate::noise::PublicKey;
+use crate::wire::{DeviceId, DeviceInfo, MsgId, Token};
+
+#[derive(Default)]
+struct Msg {
+    time_ms: u64,
+    copies: Vec<(DeviceKey, u64)>,
+    waiters: Vec<Waiter>,
+    settled: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    names: BTreeMap<String, UserId>,
+    users: BTreeMap<UserId, Arc<str>>,
+    devices: BTreeMap<DeviceKey, (PublicKey, bool)>,
+    /// Per queue: seq → (entry, safe).
+    queues: BTreeMap<DeviceKey, BTreeMap<u64, (Entry, bool)>>,
+    next: BTreeMap<DeviceKey, u64>,
+    msgs: HashMap<(DeviceKey, MsgId), Msg>,
+    ops: Vec<(Op, Option<Waiter>)>,
+    full: bool,
+    invites: Vec<Token>,
+}
+
+/// The test store.
+#[derive(Default)]
+pub struct TestStore {
+    inner: Mutex<Inner>,
+}
+
+impl TestStore {
+    /// An empty store.
+    pub fn new() -> Arc<TestStore> {
+        Arc::new(TestStore::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a user with devices keyed `keys` (numbered from 1).
+    pub fn add_user(&self, name: &str, keys: &[PublicKey]) -> UserId {
+        let mut i = self.lock();
+        let id = UserId(i.users.len() as u32 + 1);
+        i.names.insert(name.into(), id);
+        i.users.insert(id, name.into());
+        for (n, k) in keys.iter().enumerate() {
+            i.devices.insert(
+                DeviceKey {
+                    user: id,
+                    device: DeviceId(n as u32 + 1),
+                },
+                (*k, false),
+            );
+        }
+        id
+    }
+
+    /// An invite `Register` accepts.
+    pub fn add_invite(&self, t: Token) {
+        self.lock().invites.push(t);
+    }
+
+    /// Sets the free-space floor as crossed (or not).
+    pub fn set_full(&self, full: bool) {
+        self.lock().full = full;
+    }
+
+    /// Entries in a queue, in order.
+    pub fn queue(&self, d: DeviceKey) -> Vec<(u64, Entry)> {
+        self.lock()
+            .queues
+            .get(&d)
+            .map(|q| q.iter().map(|(s, (e, _))| (*s, e.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Everything queued becomes durable: settles what waits for it.
+    pub fn flush(&self) {
+        let mut i = self.lock();
+        let keys: Vec<_> = i.queues.keys().copied().collect();
+        for d in keys {
+            if let Some(q) = i.queues.get_mut(&d) {
+                for (_, (_, safe)) in q.iter_mut() {
+                    *safe = true;
+                }
+            }
+        }
+        Self::settle(&mut i);
+    }
+
+    fn settle(i: &mut Inner) {
+        let queues = &i.queues;
+        for m in i.msgs.values_mut() {
+            if m.settled {
+                continue;
+            }
+            let safe = m
+                .copies
+                .iter()
+                .all(|(d, s)| queues.get(d).and_then(|q| q.get(s)).is_none_or(|(_, safe)| *safe));
+            if safe {
+                m.settled = true;
+                for w in m.waiters.drain(..) {
+                    w.complete(Outcome::Settled { time_ms: m.time_ms });
+                }
+            }
+        }
+    }
+
+    fn push(i: &mut Inner, d: DeviceKey, e: Entry, safe: bool) -> u64 {
+        let next = i.next.entry(d).or_insert(1);
+        let seq = *next;
+        *next += 1;
+        i.queues.entry(d).or_default().insert(seq, (e, safe));
+        seq
+    }
+
+    /// Runs every operation submitted so far, as if durable at once.
+    pub fn run(&self) {
+        let ops = std::mem::take(&mut self.lock().ops);
+        for (op, w) in ops {
+            let outcome = self.op(op);
+            if let (Some(w), Some(o)) = (w, outcome) {
+                w.complete(o);
+            }
+        }
+    }
+
+    fn op(&self, op: Op) -> Option<Outcome> {
+        let mut i = self.lock();
+        Some(match op {
+            Op::Register { invite, name, key, .. } => {
+                if !i.invites.contains(&invite) {
+                    return Some(Outcome::Registered(Err(super::RegisterError::InvalidInvite)));
+                }
+                if i.names.contains_key(&name) {
+                    return Some(Outcome::Registered(Err(super::RegisterError::NameTaken)));
+                }
+                drop(i);
+                let id = self.add_user(&name, &[key]);
+                Outcome::Registered(Ok(DeviceKey {
+                    user: id,
+                    device: DeviceId(1),
+                }))
+            }
+            Op::Touch { .. } => return None,
+            Op::Revoke { device, .. } => match i.devices.get_mut(&device) {
+                Some((_, revoked)) if !*revoked => {
+                    *revoked = true;
+                    i.queues.remove(&device);
+                    Self::settle(&mut i);
+                    Outcome::Revoked(true)
+                }
+                _ => Outcome::Revoked(false),
+            },
+            Op::Receipt {
+                from,
+                to,
+                kind,
+                ids,
+                targets,
+                now_ms,
+            } => {
+                if i.full {
+                    return Some(Outcome::Receipt(Err(Refused::StorageFull)));
+                }
+                let e = Entry::Receipt(QueuedReceipt {
+                    from_user: from.user.0,
+                    from_device: from.device.0,
+                    to_user: to.0,
+                    kind: kind.0,
+                    ids,
+                    time_ms: now_ms,
+                });
+                for t in &targets {
+                    Self::push(&mut i, *t, e.clone(), true);
+                }
+                Outcome::Receipt(Ok(targets))
+            }
+            Op::Retract { senders, id, .. } => {
+                let mut n = 0;
+                for s in senders {
+                    let copies = i.msgs.get(&(s, id)).map(|m| m.copies.clone()).unwrap_or_default();
+                    for (d, seq) in copies {
+                        if i.queues.get_mut(&d).and_then(|q| q.remove(&seq)).is_some() {
+                            n += 1;
+                        }
+                    }
+                }
+                Self::settle(&mut i);
+                Outcome::Retracted(n)
+            }
+            Op::Sync => Outcome::Synced,
+            _ => Outcome::Failed,
+        })
+    }
+}
+
+impl StoreApi for TestStore {
+    fn identify(&self, key: &PublicKey) -> Identity {
+        let i = self.lock();
+        match i.devices.iter().find(|(_, (k, _))| k == key) {
+            Some((d, (_, false))) => Identity::Device(*d),
+            Some(_) => Identity::Revoked,
+            None => Identity::Unregistered,
+        }
+    }
+
+    fn user_id(&self, name: &str) -> Option<UserId> {
+        self.lock().names.get(name).copied()
+    }
+
+    fn user_name(&self, user: UserId) -> Option<Arc<str>> {
+        self.lock().users.get(&user).cloned()
+    }
+
+    fn current_devices(&self, user: UserId, out: &mut Vec<DeviceId>) -> bool {
+        let i = self.lock();
+        out.extend(
+            i.devices
+                .iter()
+                .filter(|(d, (_, revoked))| d.user == user && !revoked)
+                .map(|(d, _)| d.device),
+        );
+        i.users.contains_key(&user)
+    }
+
+    fn all_devices(&self, user: UserId, out: &mut Vec<DeviceId>) {
+        let i = self.lock();
+        out.extend(i.devices.keys().filter(|d| d.user == user).map(|d| d.device));
+    }
+
+    fn device_infos(&self, user: UserId) -> Vec<DeviceInfo> {
+        let mut out = Vec::new();
+        self.current_devices(user, &mut out);
+        out.into_iter()
+            .map(|device| DeviceInfo {
+                device,
+                created_ms: 0,
+                last_seen_ms: 0,
+            })
+            .collect()
+    }
+
+    fn is_current(&self, d: DeviceKey) -> bool {
+        self.lock().devices.get(&d).is_some_and(|(_, revoked)| !revoked)
+    }
+
+    fn one_time_keys(&self, _d: DeviceKey) -> Option<u32> {
+        None
+    }
+
+    fn append(&self, m: NewMessage, waiter: &Waiter) -> Appended {
+        if let Some(a) = self.recall(m.sender, m.id, waiter) {
+            return a;
+        }
+        let mut i = self.lock();
+        if i.full {
+            return Appended::Refused(Refused::StorageFull);
+        }
+        let mut copies = Vec::new();
+        for (d, body, _) in m.copies {
+            let e = Entry::Message(QueuedMessage {
+                id: m.id,
+                from_user: m.sender.user.0,
+                from_device: m.sender.device.0,
+                to_user: m.to.0,
+                time_ms: m.now_ms,
+                body,
+            });
+            copies.push((d, Self::push(&mut i, d, e, false)));
+        }
+        i.msgs.insert(
+            (m.sender, m.id),
+            Msg {
+                time_ms: m.now_ms,
+                copies,
+                waiters: vec![waiter.clone()],
+                settled: false,
+            },
+        );
+        Appended::Queued { time_ms: m.now_ms }
+    }
+
+    fn recall(&self, sender: DeviceKey, id: MsgId, waiter: &Waiter) -> Option<Appended> {
+        let mut i = self.lock();
+        let m = i.msgs.get_mut(&(sender, id))?;
+        if m.settled {
+            return Some(Appended::Duplicate { time_ms: m.time_ms });
+        }
+        m.waiters.push(waiter.clone());
+        Some(Appended::Waiting)
+    }
+
+    fn read(&self, d: DeviceKey, from: u64, max: usize, out: &mut Vec<(u64, Entry)>) -> Read {
+        let i = self.lock();
+        let Some(q) = i.queues.get(&d) else {
+            return Read::Memory { more: false };
+        };
+        let mut it = q.range(from..);
+        for (s, (e, _)) in it.by_ref().take(max) {
+            out.push((*s, e.clone()));
+        }
+        Read::Memory {
+            more: it.next().is_some(),
+        }
+    }
+
+    fn ack(&self, d: DeviceKey, up_to: u64) {
+        let mut i = self.lock();
+        if let Some(q) = i.queues.get_mut(&d) {
+            q.retain(|s, _| *s > up_to);
+        }
+        Self::settle(&mut i);
+    }
+
+    fn last_seq(&self, d: DeviceKey) -> u64 {
+        self.lock().next.get(&d).map_or(0, |n| n - 1)
+    }
+
+    fn storage_full(&self) -> bool {
+        self.lock().full
+    }
+
+    fn submit(&self, op: Op, waiter: Option<Waiter>) {
+        self.lock().ops.push((op, waiter));
+    }
+}
