@@ -115,6 +115,8 @@ fn the_status_update_examples_are_what_the_client_writes() {
                 emoji: None,
             },
         ),
+        ("Typing example", "alice", Content::Typing { active: true }),
+        ("LastSeen example", "bob", Content::LastSeen { everyone: false }),
     ];
     for (title, to, content) in cases {
         let p = Payload {

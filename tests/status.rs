@@ -418,11 +418,14 @@ fn with_read_receipts_off_no_read_receipt_leaves_and_none_is_shown() {
     // Off on one device of bob's: his other device learns it.
     assert_eq!(
         stdout(&tidings(&bob, &["settings", "read-receipts", "off"])).trim(),
-        "read-receipts off"
+        "read-receipts off\nlast-seen everyone"
     );
     let events = sync(&bob2);
     assert!(events.contains(&Event::Settings { read_receipts: false }), "{events:?}");
-    assert_eq!(stdout(&tidings(&bob2, &["settings"])).trim(), "read-receipts off");
+    assert_eq!(
+        stdout(&tidings(&bob2, &["settings"])).trim(),
+        "read-receipts off\nlast-seen everyone"
+    );
     let m = open(&alice).send("bob", "did you read this?").unwrap();
     sync(&bob);
     assert_eq!(stdout(&tidings(&bob, &["read", "alice"])).trim(), "2");

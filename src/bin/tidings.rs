@@ -143,6 +143,18 @@ enum Setting {
         /// on or off.
         state: OnOff,
     },
+    /// Who sees when you are online or were last seen: everyone (the
+    /// default) or nobody; who hides theirs sees no one's.
+    LastSeen {
+        /// everyone or nobody.
+        who: Audience,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Audience {
+    Everyone,
+    Nobody,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -231,7 +243,20 @@ impl Out {
                     );
                 }
             }
-            Event::Connected | Event::Disconnected(_) | Event::Drained => {}
+            Event::LastSeen { everyone } => {
+                let who = if *everyone { "everyone" } else { "nobody" };
+                if self.json {
+                    self.value(json!({"type": "settings", "last_seen": who}));
+                } else {
+                    eprintln!("last seen shown to {who}, as set on another of your devices");
+                }
+            }
+            Event::Typing { from, active } => {
+                if self.json {
+                    self.value(json!({"type": "typing", "from": from, "active": active}));
+                }
+            }
+            Event::Presence { .. } | Event::Connected | Event::Disconnected(_) | Event::Drained => {}
         }
     }
 
@@ -592,7 +617,14 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<ExitCode, client::Error> {
         Cmd::Read { user } => Request::Read { user },
         Cmd::Info { id } => Request::Info { id },
         Cmd::Settings { setting } => Request::Settings {
-            read_receipts: setting.map(|Setting::ReadReceipts { state }| matches!(state, OnOff::On)),
+            read_receipts: match setting {
+                Some(Setting::ReadReceipts { state }) => Some(matches!(state, OnOff::On)),
+                _ => None,
+            },
+            last_seen: match setting {
+                Some(Setting::LastSeen { who }) => Some(matches!(who, Audience::Everyone)),
+                _ => None,
+            },
         },
         Cmd::Sync => Request::Sync,
         Cmd::History { user } => Request::History { user },
@@ -671,14 +703,20 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<ExitCode, client::Error> {
                 out.info(m, r);
             }
         }
-        Outcome::Settings { read_receipts } => {
-            let state = if read_receipts { "on" } else { "off" };
+        Outcome::Settings {
+            read_receipts,
+            last_seen,
+        } => {
             if out.json {
-                out.value(json!({"type": "settings", "read_receipts": read_receipts}));
+                let who = if last_seen { "everyone" } else { "nobody" };
+                out.value(json!({"type": "settings", "read_receipts": read_receipts, "last_seen": who}));
             } else {
-                out.line(&format!("read-receipts {state}"));
+                out.line(&format!("read-receipts {}", if read_receipts { "on" } else { "off" }));
+                out.line(&format!("last-seen {}", if last_seen { "everyone" } else { "nobody" }));
             }
         }
+        // The chat screen's requests.
+        Outcome::Typing { .. } | Outcome::Watching { .. } => {}
         Outcome::Synced { count } => eprintln!("{count} new message{}", if count == 1 { "" } else { "s" }),
         Outcome::Messages(messages) => {
             for m in &messages {

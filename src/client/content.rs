@@ -89,7 +89,27 @@ pub enum Content {
         /// [`valid_emoji`]); `None` removes the reaction.
         emoji: Option<String>,
     },
+    /// Only ever in an ephemeral body (spec §5.6): the sender's user is
+    /// writing in its conversation with `to` (`active`), or stopped. A
+    /// recipient shows it for [`TYPING_SHOWN`] unless another comes, and
+    /// never stores it.
+    Typing {
+        /// Writing now (`true`), or stopped.
+        active: bool,
+    },
+    /// To the sender's own other devices: who may see the user's presence,
+    /// everyone or nobody (the latest by `ts_ms` wins). The device where it
+    /// changed told the server (`SetLastSeen`), which enforces it.
+    LastSeen {
+        /// Everyone (`true`) or nobody.
+        everyone: bool,
+    },
 }
+
+/// How long a typing indicator shows unless another comes.
+pub const TYPING_SHOWN: std::time::Duration = std::time::Duration::from_secs(6);
+/// How often, at most, a client says again that its user is typing.
+pub const TYPING_EVERY: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The most bytes a reaction's emoji may have.
 pub const MAX_EMOJI_LEN: usize = 32;
@@ -312,7 +332,7 @@ mod tests {
             to in "[a-z0-9_.]{3,32}",
             ts_ms: u64,
             text in ".{0,300}",
-            kind in 0u8..9,
+            kind in 0u8..11,
             other: [u8; 16],
             n: u32,
             flag: bool,
@@ -331,11 +351,13 @@ mod tests {
                 5 => Content::Delete { target: MsgId(other) },
                 6 => Content::Settings { read_receipts: flag },
                 7 => Content::Read { peer: to.clone(), ids: ids.into_iter().map(MsgId).collect() },
-                _ => Content::Reaction {
+                8 => Content::Reaction {
                     target: MsgId(other),
                     target_from: to.clone(),
                     emoji: flag.then(|| "👍🏽".to_owned()),
                 },
+                9 => Content::Typing { active: flag },
+                _ => Content::LastSeen { everyone: flag },
             };
             let p = Payload {
                 id: MsgId(id),
@@ -437,7 +459,7 @@ mod tests {
         assert_eq!(Payload::decode(&bytes), Err(BodyError::Unreadable));
         let mut future = text("hi").encode().unwrap();
         let n = future.len();
-        future[n - 3] = 9; // an unknown content kind
+        future[n - 3] = 11; // an unknown content kind
         assert_eq!(Payload::decode(&future), Err(BodyError::Unreadable));
         assert_eq!(Payload::decode(&[1]), Err(BodyError::Unreadable));
         assert_eq!(Envelope::decode(&[1, 0, 0]), Err(BodyError::Unreadable));

@@ -92,6 +92,28 @@ pub enum Event {
         /// Whether read receipts are on now.
         read_receipts: bool,
     },
+    /// Another device of this user changed who may see its presence.
+    LastSeen {
+        /// Everyone (`true`) or nobody.
+        everyone: bool,
+    },
+    /// A user is typing in the conversation with this user, or stopped
+    /// (spec §5.6): shown for [`super::content::TYPING_SHOWN`] at most,
+    /// never stored.
+    Typing {
+        /// Who.
+        from: String,
+        /// Typing (`true`), or stopped.
+        active: bool,
+    },
+    /// What this device may know of a watched user's presence, now or
+    /// after a change (spec §5.6).
+    Presence {
+        /// Whose.
+        user: String,
+        /// Online, away since, or hidden.
+        seen: wire::Seen,
+    },
 }
 
 /// A queue entry (spec §10), in the order the connection got them.
@@ -150,6 +172,13 @@ pub struct Client {
     pub(super) listening: bool,
     /// [`Input::Stop`] came: `listen` returns.
     pub(super) stopping: bool,
+    /// The users whose presence this client watches (watched again on
+    /// each connection).
+    pub(super) watching: Vec<String>,
+    /// What the server said of each watched user on this connection.
+    pub(super) presence: HashMap<String, wire::Seen>,
+    /// Ids of the latest ephemeral payloads, to drop a replay.
+    pub(super) recent_ephemeral: VecDeque<MsgId>,
 }
 
 /// What a send produced: sent, or pending.
@@ -199,6 +228,9 @@ impl Client {
             rng: SystemRandom::new(),
             listening: false,
             stopping: false,
+            watching: Vec::new(),
+            presence: HashMap::new(),
+            recent_ephemeral: VecDeque::new(),
         }
     }
 
@@ -331,6 +363,7 @@ impl Client {
         // `Drained` of an older connection says nothing about this one.
         self.events.retain(|e| *e != Event::Drained);
         self.ack_up_to = None;
+        self.presence.clear();
         self.outbox = Outbox {
             dirty: true,
             ..Outbox::default()
@@ -423,6 +456,7 @@ impl Client {
         let mut closed = None;
         let mut drained = false;
         let mut entries = Vec::new();
+        let mut ephemerals = Vec::new();
         let mut receipt_answers = Vec::new();
         while let Some(ev) = conn.poll_event() {
             match ev {
@@ -439,6 +473,15 @@ impl Client {
                 ConnEvent::Receipt(r) => entries.push(Entry::Receipt(r)),
                 ConnEvent::Gap(g) => entries.push(Entry::Gap(g)),
                 ConnEvent::Expired(e) => entries.push(Entry::Expired(e)),
+                // Not queue entries: nothing to store or ack.
+                ConnEvent::Ephemeral(e) => ephemerals.push(e),
+                ConnEvent::Presence(p) => {
+                    self.presence.insert(p.user.clone(), p.seen.clone());
+                    self.events.push_back(Event::Presence {
+                        user: p.user,
+                        seen: p.seen,
+                    });
+                }
                 ConnEvent::QueueDrained => drained = true,
                 ConnEvent::KeyCount(n) => {
                     if n < e2e::LOW_WATER {
@@ -451,6 +494,9 @@ impl Client {
         if self.receive {
             for e in entries {
                 self.store_entry(e)?;
+            }
+            for e in ephemerals {
+                self.receive_ephemeral(e)?;
             }
         }
         if let Some(up_to) = self.ack_up_to.take() {
@@ -597,12 +643,29 @@ impl Client {
                 user,
             }),
             Request::Info { id } => Ok(Outcome::Info(self.info(parse_id(&id)?)?)),
-            Request::Settings { read_receipts } => {
+            Request::Settings {
+                read_receipts,
+                last_seen,
+            } => {
                 if let Some(on) = read_receipts {
                     self.set_read_receipts(on)?;
                 }
+                if let Some(everyone) = last_seen {
+                    self.set_last_seen(everyone)?;
+                }
+                let h = self.profile.history();
                 Ok(Outcome::Settings {
-                    read_receipts: self.profile.history().read_receipts()?.0,
+                    read_receipts: h.read_receipts()?.0,
+                    last_seen: h.last_seen()?.0,
+                })
+            }
+            Request::Typing { to, active } => Ok(Outcome::Typing {
+                sent: self.typing(&to, active)?,
+            }),
+            Request::Watch { users } => {
+                self.watch_presence(users)?;
+                Ok(Outcome::Watching {
+                    users: self.watching.len(),
                 })
             }
             Request::Sync => {

@@ -59,6 +59,12 @@ pub const FALLBACK_ROTATE_MS: u64 = 7 * 24 * 3600 * 1000;
 pub const MAX_SESSIONS_PER_DEVICE: usize = 4;
 /// At most one session reset is sent to a device in this time.
 pub const RESET_INTERVAL_MS: u64 = 60_000;
+/// Most ephemeral bodies (typing) written to a device between two messages
+/// written to it. Each is a message key of the sending chain that the
+/// receiving session skips (it decrypts ephemerals on a copy, see
+/// [`Crypto::decrypt_ephemeral`]); vodozemac skips at most 2,000 in one
+/// chain, so this leaves room for a few session switches.
+pub const EPHEMERAL_RUN: u32 = 500;
 
 /// Something the user should hear about a contact's devices.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -561,7 +567,7 @@ impl Crypto {
     pub fn forget_device(&mut self, addr: &DeviceAddr) -> Result<(), Error> {
         // Empty, not absent: the stored ones are gone once the writes are.
         self.sessions.insert(addr.clone(), Vec::new());
-        for tag in [b's', b'i', b'r'] {
+        for tag in [b's', b'i', b'r', b'e'] {
             self.writes.insert(device_key(tag, addr), None);
         }
         if let Some(mut list) = self.devices(&addr.user)? {
@@ -699,6 +705,54 @@ impl Crypto {
     /// # Errors
     /// [`Error::NoSession`]; store errors.
     pub fn encrypt(&mut self, addr: &DeviceAddr, plaintext: &[u8], notices: &mut Vec<Notice>) -> Result<Bytes, Error> {
+        // A message: the receiving session catches up past the ephemerals
+        // written since the last one.
+        if self.ephemeral_run(addr)? > 0 {
+            self.writes.insert(device_key(b'e', addr), None);
+        }
+        self.seal(addr, plaintext, notices)
+    }
+
+    /// Ephemeral bodies written to `addr` since the last message.
+    fn ephemeral_run(&self, addr: &DeviceAddr) -> Result<u32, Error> {
+        let key = device_key(b'e', addr);
+        let v = match self.writes.get(&key) {
+            Some(w) => w.clone(),
+            None => self.tree.get(&key)?,
+        };
+        v.map_or(Ok(0), |v| decode(&v, "ephemeral count"))
+    }
+
+    /// Encrypts an ephemeral body (spec §5.6) for `addr` with its most
+    /// recently used session, if there is one and fewer than
+    /// [`EPHEMERAL_RUN`] ephemerals went to it since the last message;
+    /// `None` otherwise (never a new session: no keys are claimed for an
+    /// ephemeral). The advanced session is in [`Crypto::take_writes`]:
+    /// commit and flush before the body leaves, as for a message, so that
+    /// a message key is never used twice.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn encrypt_ephemeral(&mut self, addr: &DeviceAddr, plaintext: &[u8]) -> Result<Option<Bytes>, Error> {
+        if !self.has_session(addr)? {
+            return Ok(None);
+        }
+        let run = self.ephemeral_run(addr)?;
+        if run >= EPHEMERAL_RUN {
+            log::debug!(
+                "no more ephemerals to {}/{} until a message goes",
+                addr.user,
+                addr.device
+            );
+            return Ok(None);
+        }
+        let mut notices = Vec::new();
+        let body = self.seal(addr, plaintext, &mut notices)?;
+        self.writes.insert(device_key(b'e', addr), Some(encode(&(run + 1))));
+        Ok(Some(body))
+    }
+
+    fn seal(&mut self, addr: &DeviceAddr, plaintext: &[u8], notices: &mut Vec<Notice>) -> Result<Bytes, Error> {
         let list = self.load_sessions(addr)?;
         let live = list.first_mut().ok_or_else(|| Error::NoSession(addr.clone()))?;
         let peer = live.peer;
@@ -782,6 +836,44 @@ impl Crypto {
         self.push_session(addr, their.to_bytes(), created.session)?;
         self.check_peer(addr, their.to_bytes(), notices)?;
         Ok(Ok(created.plaintext))
+    }
+
+    /// Decrypts an ephemeral body from `addr` (spec §5.6) on a copy of the
+    /// session it names or of each session with the device, and throws the
+    /// copy away: the sessions never change for an ephemeral. So one that
+    /// arrives before messages written earlier (it does not wait in the
+    /// queue) cannot push their keys out of the session's store of skipped
+    /// keys (vodozemac keeps 40 a chain), and one that is lost changes
+    /// nothing; each is only a skipped key when the next message comes
+    /// (see [`EPHEMERAL_RUN`]). Never makes a session (no one-time key is
+    /// used up), and only a session bound to the identity known for the
+    /// device opens it. `None` if nothing opens it.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn decrypt_ephemeral(&mut self, addr: &DeviceAddr, body: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        let Ok(env) = Envelope::decode(body) else {
+            return Ok(None);
+        };
+        let Ok(msg) = OlmMessage::from_parts(env.kind.to_olm(), &env.ciphertext) else {
+            return Ok(None);
+        };
+        let Some(known) = self.known(addr)? else {
+            return Ok(None);
+        };
+        let list = self.load_sessions(addr)?;
+        for live in list.iter().filter(|l| l.peer == known.curve25519) {
+            if let OlmMessage::PreKey(pre) = &msg
+                && pre.session_id() != live.session.session_id()
+            {
+                continue;
+            }
+            let mut copy = Session::from_pickle(live.session.pickle());
+            if let Ok(plaintext) = copy.decrypt(&msg) {
+                return Ok(Some(plaintext));
+            }
+        }
+        Ok(None)
     }
 
     /// Checks the identity a session is bound to against the one known for

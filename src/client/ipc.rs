@@ -248,9 +248,23 @@ mod tests {
             drop(held);
         });
         let started = Instant::now();
-        let outcome = run(&dir, Request::Settings { read_receipts: None }, &mut |_| {}).unwrap();
+        let outcome = run(
+            &dir,
+            Request::Settings {
+                read_receipts: None,
+                last_seen: None,
+            },
+            &mut |_| {},
+        )
+        .unwrap();
         assert!(started.elapsed() >= Duration::from_millis(250));
-        assert_eq!(outcome, Outcome::Settings { read_receipts: true });
+        assert_eq!(
+            outcome,
+            Outcome::Settings {
+                read_receipts: true,
+                last_seen: true
+            }
+        );
         // A conversation that never was is a clear error.
         let e = run(&dir, Request::History { user: "bob".into() }, &mut |_| {}).unwrap_err();
         assert!(e.to_string().contains("no conversation with bob"), "{e}");

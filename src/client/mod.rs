@@ -26,7 +26,7 @@
 //! - [`driver`]: what owns time and sockets ([`socket`] is the product's);
 //! - [`core`]: the [`Client`]: its state and connection plumbing, with the
 //!   operations in [`receive`], [`send`], [`keys`], [`receipts`], [`edit`],
-//!   [`verify`] and [`account`];
+//!   [`verify`], [`account`] and [`ephemeral`] (typing and presence);
 //! - [`ipc`]: the Unix socket through which a second command hands its
 //!   work to a running `listen`, and [`run`], which a command calls.
 
@@ -43,6 +43,7 @@ pub mod core;
 pub mod driver;
 pub mod e2e;
 pub mod edit;
+pub mod ephemeral;
 pub mod history;
 pub mod ipc;
 pub mod keys;

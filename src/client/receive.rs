@@ -168,6 +168,17 @@ impl Client {
                     }
                     false
                 }
+                Content::LastSeen { everyone } => {
+                    if own && history.set_last_seen(&mut batch, everyone, p.ts_ms)? {
+                        events.push(Event::LastSeen { everyone });
+                    }
+                    false
+                }
+                Content::Typing { .. } => {
+                    // Only ever ephemeral (spec §5.6): not from a queue.
+                    log::debug!("a typing indicator came as a message from {}; ignored", d.from.user);
+                    false
+                }
                 Content::Reaction {
                     target,
                     target_from,
@@ -368,6 +379,7 @@ impl Client {
             Err(e) if e.is_transient() => return Err(e),
             Err(e) => log::warn!("could not publish end-to-end keys: {e}"),
         }
+        self.rewatch()?;
         self.send_pending()?;
         loop {
             if self.stopping {
@@ -533,7 +545,10 @@ mod tests {
         w.server().up = false;
         // Another command's request, waiting for the listener.
         let (reply_tx, reply_rx) = std::sync::mpsc::channel();
-        let request = Request::Settings { read_receipts: None };
+        let request = Request::Settings {
+            read_receipts: None,
+            last_seen: None,
+        };
         bob.input_sender()
             .send(Input::Local(Job {
                 request,
@@ -559,6 +574,12 @@ mod tests {
         assert!(texts[3].ends_with("reconnecting in 8s"), "{texts:?}");
         // The request was answered while the server was away.
         let reply = reply_rx.try_recv().unwrap().unwrap();
-        assert_eq!(reply.outcome, Outcome::Settings { read_receipts: true });
+        assert_eq!(
+            reply.outcome,
+            Outcome::Settings {
+                read_receipts: true,
+                last_seen: true
+            }
+        );
     }
 }

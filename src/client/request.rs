@@ -80,8 +80,25 @@ pub enum Request {
     },
     /// Show or change settings.
     Settings {
-        /// Turn read receipts on or off; `None` shows the setting.
+        /// Turn read receipts on or off; `None` leaves it.
         read_receipts: Option<bool>,
+        /// Let everyone (`true`) or nobody see this user's presence;
+        /// `None` leaves it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_seen: Option<bool>,
+    },
+    /// Say that this user is typing to a user, or stopped (spec §5.6):
+    /// best effort, only while connected.
+    Typing {
+        /// The other party.
+        to: String,
+        /// Typing (`true`), or stopped.
+        active: bool,
+    },
+    /// Watch these users' presence (instead of those watched before).
+    Watch {
+        /// Their names.
+        users: Vec<String>,
     },
     /// Take everything queued.
     Sync,
@@ -140,6 +157,20 @@ pub enum Outcome {
     Settings {
         /// Whether read receipts are on.
         read_receipts: bool,
+        /// Whether everyone may see this user's presence.
+        #[serde(default = "yes")]
+        last_seen: bool,
+    },
+    /// A typing indicator went to some device (or to none: no device
+    /// online, not connected, or none may get one now).
+    Typing {
+        /// Whether it went to any device.
+        sent: bool,
+    },
+    /// The users whose presence is watched now.
+    Watching {
+        /// How many.
+        users: usize,
     },
     /// A sync finished; the messages were reported as they came.
     Synced {
@@ -169,6 +200,10 @@ pub enum Outcome {
         /// The identity keys it covers: user, device, Ed25519 key (hex).
         devices: Vec<(String, u32, String)>,
     },
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A listener's answer to a request handed over.

@@ -58,6 +58,8 @@ struct Dev {
 struct ServerConn {
     session: Session,
     device: Option<(String, DeviceId)>,
+    /// Whose presence it watches.
+    watching: Vec<String>,
 }
 
 /// The server's state.
@@ -76,6 +78,10 @@ pub struct Server {
     next_seq: u64,
     link_codes: HashMap<[u8; 8], String>,
     accepted: HashMap<(String, MsgId), u64>,
+    /// Users who hide their presence.
+    hidden: std::collections::BTreeSet<String>,
+    /// Frames to send on the current connection after its answer.
+    after: Vec<ServerFrame>,
     /// Every frame the server got, with its sender (for assertions).
     pub log: Vec<(Option<(String, DeviceId)>, ClientFrame)>,
     /// Faults to apply, by frame kind (`"Send"`, `"Receipt"`, ...), first
@@ -149,6 +155,72 @@ impl Server {
         self.users[user][&DeviceId(device)].queue.len()
     }
 
+    /// Sends a frame to the connections of a device now (not queued).
+    pub fn push(&mut self, user: &str, device: DeviceId, frame: &ServerFrame) {
+        let now = self.now;
+        for c in self.conns.values_mut() {
+            if c.device.as_ref().is_some_and(|(u, d)| u == user && *d == device) {
+                c.session.send(0, frame, now);
+            }
+        }
+    }
+
+    /// What a watcher of `user` may see, by the hub's rules (spec §5.6),
+    /// the connection `also` (taken out of the map) counted as online.
+    fn seen(&self, watcher: &str, user: &str, also: Option<&(String, DeviceId)>) -> crate::wire::Seen {
+        use crate::wire::Seen;
+        if self.hidden.contains(user) || self.hidden.contains(watcher) {
+            return Seen::Hidden;
+        }
+        let mut devices: Vec<DeviceId> = self
+            .conns
+            .values()
+            .filter_map(|c| c.device.as_ref())
+            .chain(also)
+            .filter(|(u, _)| u == user)
+            .map(|(_, d)| *d)
+            .collect();
+        devices.sort();
+        devices.dedup();
+        if devices.is_empty() {
+            Seen::Away { last_seen_ms: 0 }
+        } else {
+            Seen::Online { devices }
+        }
+    }
+
+    /// Tells the connections watching `user` its presence.
+    fn presence_changed(&mut self, user: &str) {
+        let now = self.now;
+        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        for id in ids {
+            let (watches, watcher) = {
+                let c = &self.conns[&id];
+                (c.watching.iter().any(|u| u == user), c.device.clone())
+            };
+            let Some((watcher, _)) = watcher.filter(|_| watches) else {
+                continue;
+            };
+            let seen = self.seen(&watcher, user, None);
+            let frame = ServerFrame::Presence(crate::wire::Presence {
+                user: user.to_owned(),
+                seen,
+            });
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.session.send(0, &frame, now);
+            }
+        }
+    }
+
+    /// A connection went away.
+    fn gone(&mut self, id: u64) {
+        if let Some(c) = self.conns.remove(&id)
+            && let Some((user, _)) = c.device
+        {
+            self.presence_changed(&user);
+        }
+    }
+
     /// Adds a fault for the next request of `kind`.
     pub fn fault(&mut self, kind: &'static str, fault: Fault) {
         self.faults.entry(kind).or_default().push_back(fault);
@@ -191,6 +263,7 @@ impl Server {
                         c.session.send(0, &f, now);
                     }
                     c.session.send(0, &ServerFrame::QueueDrained, now);
+                    self.presence_changed(&user);
                     // spec §5.4: a low stock is said unasked.
                     let d = &self.users[&user][&key.device];
                     if d.identity.is_some() && d.one_time.len() < crate::client::e2e::LOW_WATER as usize {
@@ -212,6 +285,9 @@ impl Server {
                         None => {
                             if let Some(answer) = self.handle(&mut c, frame) {
                                 c.session.send(req, &answer, now);
+                            }
+                            for f in std::mem::take(&mut self.after) {
+                                c.session.send(0, &f, now);
                             }
                         }
                     }
@@ -455,6 +531,39 @@ impl Server {
                 }
                 Some(ServerFrame::Done)
             }
+            ClientFrame::Ephemeral(e) => {
+                let (me, mine) = c.device.clone()?;
+                let from = DeviceAddr { user: me, device: mine };
+                for b in e.bodies {
+                    let frame = ServerFrame::Ephemeral(crate::wire::EphemeralDeliver {
+                        from: from.clone(),
+                        to: e.to.clone(),
+                        body: b.data,
+                    });
+                    self.push(&e.to, b.device, &frame);
+                }
+                Some(ServerFrame::Done)
+            }
+            ClientFrame::WatchPresence { users } => {
+                let (me, _) = c.device.clone()?;
+                c.watching = users.clone();
+                for u in users.iter().filter(|u| self.users.contains_key(*u)) {
+                    let seen = self.seen(&me, u, c.device.as_ref());
+                    self.after
+                        .push(ServerFrame::Presence(crate::wire::Presence { user: u.clone(), seen }));
+                }
+                Some(ServerFrame::Done)
+            }
+            ClientFrame::SetLastSeen { everyone } => {
+                let (me, _) = c.device.clone()?;
+                if everyone {
+                    self.hidden.remove(&me);
+                } else {
+                    self.hidden.insert(me.clone());
+                }
+                self.presence_changed(&me);
+                Some(ServerFrame::Done)
+            }
             ClientFrame::Ping => Some(ServerFrame::Pong),
             _ => err(ErrorCode::UNSUPPORTED),
         }
@@ -499,6 +608,8 @@ impl World {
                 next_seq: 0,
                 link_codes: HashMap::new(),
                 accepted: HashMap::new(),
+                hidden: Default::default(),
+                after: Vec::new(),
                 log: Vec::new(),
                 faults: HashMap::new(),
             })),
@@ -605,7 +716,7 @@ impl MemoryDriver {
         c.session.advance(data.len());
         let closed = c.session.is_closed();
         if closed {
-            s.conns.remove(&id);
+            s.gone(id);
         }
         drop(s);
         if !data.is_empty() {
@@ -642,7 +753,14 @@ impl Driver for MemoryDriver {
         s.next_conn += 1;
         let id = s.next_conn;
         let session = Session::new(s.key.clone(), SessionConfig::default(), s.now);
-        s.conns.insert(id, ServerConn { session, device: None });
+        s.conns.insert(
+            id,
+            ServerConn {
+                session,
+                device: None,
+                watching: Vec::new(),
+            },
+        );
         drop(s);
         self.conn = Some(id);
         self.epoch = epoch;
@@ -657,7 +775,7 @@ impl Driver for MemoryDriver {
 
     fn close(&mut self) {
         if let Some(id) = self.conn.take() {
-            self.server().conns.remove(&id);
+            self.server().gone(id);
         }
         self.inputs.clear();
     }

@@ -172,6 +172,7 @@ fn outbox_key(kind: ReceiptKind, peer: &str, id: &MsgId) -> Vec<u8> {
 }
 
 const READ_RECEIPTS: &[u8] = b"read_receipts";
+const LAST_SEEN: &[u8] = b"last_seen";
 
 fn damaged(what: &str, e: postcard::Error) -> Error {
     Error::Damaged(format!("{what}: {e}"))
@@ -211,6 +212,35 @@ impl History {
             }
         }
         Ok(was != on)
+    }
+
+    /// Whether everyone may see this user's presence (default: yes) or
+    /// nobody, and when that was set (ms, the setting device's clock; 0:
+    /// never).
+    ///
+    /// # Errors
+    /// Store errors; a damaged record.
+    pub fn last_seen(&self) -> Result<(bool, u64), Error> {
+        match self.meta.get(LAST_SEEN)? {
+            Some(v) => postcard::from_bytes(&v).map_err(|e| damaged("settings", e)),
+            None => Ok((true, 0)),
+        }
+    }
+
+    /// Sets who may see this user's presence as of `ts_ms`, unless a later
+    /// setting is stored (the latest wins across devices). Returns whether
+    /// it changed.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub(super) fn set_last_seen(&self, batch: &mut Batch, everyone: bool, ts_ms: u64) -> Result<bool, Error> {
+        let (was, at) = self.last_seen()?;
+        if ts_ms < at || (ts_ms == at && was == everyone) {
+            return Ok(false);
+        }
+        let v = postcard::to_stdvec(&(everyone, ts_ms)).map_err(|e| damaged("settings", e))?;
+        batch.put(T::Meta, LAST_SEEN.to_vec(), v);
+        Ok(was != everyone)
     }
 
     fn receipts_in(&self, batch: &Batch, key: &[u8]) -> Result<Receipts, Error> {

@@ -455,3 +455,118 @@ fn a_damaged_session_record_costs_the_sessions_not_the_client() {
     );
     assert!(!bob.c.has_session(&addr("alice", 1)).unwrap());
 }
+
+/// alice and bob with a session both ways (bob answered once), so both
+/// write normal messages.
+fn talking() -> (Dev, Dev) {
+    let mut alice = dev();
+    let mut bob = dev();
+    let mut notices = Vec::new();
+    let keys = bob.claim(1);
+    alice.c.accept_claimed("bob", &keys, false, &mut notices).unwrap();
+    let first = alice.c.encrypt(&addr("bob", 1), &payload("hi"), &mut notices).unwrap();
+    bob.c.decrypt(&addr("alice", 1), &first, &mut notices).unwrap().unwrap();
+    let back = bob.c.encrypt(&addr("alice", 1), &payload("yo"), &mut notices).unwrap();
+    alice.c.decrypt(&addr("bob", 1), &back, &mut notices).unwrap().unwrap();
+    alice.c.persist().unwrap();
+    bob.c.persist().unwrap();
+    (alice, bob)
+}
+
+/// Why ephemerals are decrypted on a copy (spec §5.6, §14.6): typing
+/// indicators that overtake messages still queued for the device would,
+/// decrypted for real, push those messages' keys out of vodozemac's store
+/// of 40 skipped keys, and the messages would never decrypt. On a copy,
+/// the session never moves for them: every message decrypts, in order,
+/// and the indicators themselves still open.
+#[test]
+fn ephemerals_that_overtake_queued_messages_leave_them_decryptable() {
+    let (mut alice, mut bob) = talking();
+    let mut notices = Vec::new();
+    let to_bob = addr("bob", 1);
+    // Fifty messages wait in bob's queue; then alice types sixty times,
+    // and those arrive first.
+    let queued: Vec<Bytes> = (0..50)
+        .map(|i| {
+            alice
+                .c
+                .encrypt(&to_bob, &payload(&format!("m{i}")), &mut notices)
+                .unwrap()
+        })
+        .collect();
+    let typing: Vec<Bytes> = (0..60)
+        .map(|_| alice.c.encrypt_ephemeral(&to_bob, &payload("typing")).unwrap().unwrap())
+        .collect();
+    for t in &typing {
+        let opened = bob.c.decrypt_ephemeral(&addr("alice", 1), t).unwrap();
+        assert_eq!(opened, Some(payload("typing")));
+    }
+    assert!(bob.c.take_writes().is_empty(), "an ephemeral changes no state");
+    for (i, m) in queued.iter().enumerate() {
+        let got = bob.c.decrypt(&addr("alice", 1), m, &mut notices).unwrap();
+        assert_eq!(got, Ok(payload(&format!("m{i}"))), "message {i}");
+    }
+    // And after a gap of those sixty, the next message too.
+    let next = alice.c.encrypt(&to_bob, &payload("after"), &mut notices).unwrap();
+    assert_eq!(
+        bob.c.decrypt(&addr("alice", 1), &next, &mut notices).unwrap(),
+        Ok(payload("after"))
+    );
+
+    // The same, decrypted for real: the early messages are lost.
+    let (mut alice, mut bob) = talking();
+    let queued: Vec<Bytes> = (0..50)
+        .map(|i| {
+            alice
+                .c
+                .encrypt(&to_bob, &payload(&format!("m{i}")), &mut notices)
+                .unwrap()
+        })
+        .collect();
+    for _ in 0..60 {
+        let t = alice.c.encrypt_ephemeral(&to_bob, &payload("typing")).unwrap().unwrap();
+        bob.c.decrypt(&addr("alice", 1), &t, &mut notices).unwrap().unwrap();
+    }
+    let lost = queued
+        .iter()
+        .filter(|m| bob.c.decrypt(&addr("alice", 1), m, &mut notices).unwrap().is_err())
+        .count();
+    assert_eq!(lost, 10, "only the 40 latest skipped keys are kept");
+}
+
+/// A sender writes at most `EPHEMERAL_RUN` ephemerals to a device between
+/// two messages, so that the gap the receiving session skips stays within
+/// what Olm allows (2,000 a chain); a message opens the run again. No
+/// ephemeral is ever written without a session (no keys are claimed for
+/// one), and only the identity known for the device opens one.
+#[test]
+fn ephemerals_are_bounded_between_messages_and_need_a_session() {
+    let (mut alice, mut bob) = talking();
+    let mut notices = Vec::new();
+    let to_bob = addr("bob", 1);
+    assert_eq!(alice.c.encrypt_ephemeral(&addr("bob", 2), b"x").unwrap(), None);
+    for _ in 0..EPHEMERAL_RUN {
+        assert!(alice.c.encrypt_ephemeral(&to_bob, b"x").unwrap().is_some());
+    }
+    assert_eq!(alice.c.encrypt_ephemeral(&to_bob, b"x").unwrap(), None);
+    // The count is written with the sessions.
+    alice.c.persist().unwrap();
+    let m = alice.c.encrypt(&to_bob, &payload("msg"), &mut notices).unwrap();
+    assert_eq!(
+        bob.c.decrypt(&addr("alice", 1), &m, &mut notices).unwrap(),
+        Ok(payload("msg")),
+        "a gap of EPHEMERAL_RUN keys is skipped"
+    );
+    assert!(alice.c.encrypt_ephemeral(&to_bob, b"x").unwrap().is_some());
+    // A stranger's body, or garbage, opens nothing.
+    let t = alice.c.encrypt_ephemeral(&to_bob, b"x").unwrap().unwrap();
+    assert_eq!(bob.c.decrypt_ephemeral(&addr("carol", 1), &t).unwrap(), None);
+    assert_eq!(
+        bob.c.decrypt_ephemeral(&addr("alice", 1), b"\x00\x01\x01z").unwrap(),
+        None
+    );
+    assert_eq!(
+        bob.c.decrypt_ephemeral(&addr("alice", 1), &t).unwrap(),
+        Some(b"x".to_vec())
+    );
+}
