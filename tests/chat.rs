@@ -1,6 +1,6 @@
 //! `tidings chat` end to end: the real binary in a pseudo-terminal (tmux,
 //! on a private socket, 80x24) against the real daemon, with bob on the
-//! command line.
+//! command line, then in a `chat` of his own (in a second tmux) to type.
 
 mod common;
 
@@ -91,7 +91,7 @@ fn chat_command(profile: &Path) -> String {
 }
 
 #[test]
-fn alice_chats_in_a_terminal_with_bob_on_the_command_line() {
+fn alice_chats_in_a_terminal_with_bob_on_the_command_line_then_typing_in_his_own() {
     let mut d = Daemon::start();
     let alice = d.user("alice");
     let bob = d.user("bob");
@@ -132,6 +132,27 @@ fn alice_chats_in_a_terminal_with_bob_on_the_command_line() {
     let hist = json_lines(&tidings(&bob, &["history", "alice", "--json"]));
     let answer = hist.iter().find(|m| m["text"] == "hi alice").unwrap();
     assert_eq!(answer["reactions"], serde_json::json!({"alice": "👍"}));
+    // Bob opens a chat of his own: alice sees him online, his typing
+    // shows on her screen while he types, and goes when his message comes.
+    let b = Tmux::start(&chat_command(&bob));
+    b.wait_for("bob's status line", false, |s| s.contains("connected as bob"));
+    t.wait_for("bob online", false, |s| s.contains(" bob · online "));
+    b.keys(&["Enter"]);
+    b.wait_for("bob's compose line", false, |s| s.contains("Message to alice"));
+    b.type_text("see you soon");
+    t.wait_for("bob typing", false, |s| s.contains(" bob · typing… "));
+    b.keys(&["Enter"]);
+    t.wait_for("bob's message, his typing gone", false, |s| {
+        s.contains("see you soon") && !s.contains("typing…")
+    });
+    // He leaves: alice sees when he was last online.
+    b.keys(&["C-c"]);
+    let deadline = Instant::now() + WAIT;
+    while b.alive() {
+        assert!(Instant::now() < deadline, "bob's chat did not quit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    t.wait_for("bob last seen", false, |s| s.contains(" bob · last seen "));
     // Other commands on alice's profile go through the running chat.
     let hist = stdout(&tidings(&alice, &["history", "bob"]));
     assert!(hist.contains("hello bob") && hist.contains("hi alice"), "{hist}");

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use crate::client::{Conversation, Message, Status};
-use crate::wire::MsgId;
+use crate::wire::{MsgId, Seen};
 
 /// Where keys go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,6 +109,14 @@ pub enum Action {
     Read(String),
     /// Show what became of a message.
     Info(MsgId),
+    /// The user is writing to this user (`active`), or cleared what it
+    /// wrote (the runner sends at most one every few seconds).
+    Typing {
+        /// To whom.
+        to: String,
+        /// Writing, or stopped.
+        active: bool,
+    },
     /// Open the conversation with this user (read it from the history).
     Open(String),
     /// Leave.
@@ -175,6 +183,8 @@ pub struct App {
     /// Who is typing in which conversation (user → when it stops showing,
     /// ms since the epoch).
     pub typing: BTreeMap<String, u64>,
+    /// What the server says of the presence of the users shown.
+    pub presence: BTreeMap<String, Seen>,
     /// Whether the user asked to leave.
     pub quit: bool,
 }
@@ -197,6 +207,7 @@ impl App {
             notice: None,
             focused: true,
             typing: BTreeMap::new(),
+            presence: BTreeMap::new(),
             quit: false,
         }
     }
@@ -309,17 +320,50 @@ impl App {
         }
     }
 
+    /// Whether `peer` is typing at `now_ms`.
+    pub fn is_typing(&self, peer: &str, now_ms: u64) -> bool {
+        self.typing.get(peer).is_some_and(|until| *until > now_ms)
+    }
+
+    /// Forgets the typing indicators that ran out; whether any did.
+    pub fn expire_typing(&mut self, now_ms: u64) -> bool {
+        let before = self.typing.len();
+        self.typing.retain(|_, until| *until > now_ms);
+        self.typing.len() != before
+    }
+
+    /// Typing news for the open conversation, when the compose line went
+    /// from `was` to what it is now (an edit is not news).
+    fn typing_news(&self, was: bool, out: &mut Vec<Action>) {
+        let Some(to) = self.open.clone() else { return };
+        if matches!(self.draft, Draft::Edit(_)) {
+            return;
+        }
+        let now = !self.compose.trim().is_empty();
+        if now {
+            out.push(Action::Typing { to, active: true });
+        } else if was {
+            out.push(Action::Typing { to, active: false });
+        }
+    }
+
     fn compose_key(&mut self, key: Key, out: &mut Vec<Action>) {
+        let was = !self.compose.trim().is_empty();
         match key {
-            Key::Char(c) => self.compose.push(c),
+            Key::Char(c) => {
+                self.compose.push(c);
+                self.typing_news(was, out);
+            }
             Key::Newline | Key::Ctrl('j') => self.compose.push('\n'),
             Key::Backspace => {
                 self.compose.pop();
+                self.typing_news(was, out);
             }
             Key::Esc => {
                 if self.draft != Draft::New || !self.compose.is_empty() {
-                    self.draft = Draft::New;
                     self.compose.clear();
+                    self.typing_news(was, out);
+                    self.draft = Draft::New;
                 } else {
                     self.focus = Focus::List;
                 }
@@ -612,6 +656,40 @@ mod tests {
         assert_eq!(app.focus, Focus::Messages, "no: still on the message");
         app.key(Key::Char('d'));
         assert_eq!(app.key(Key::Char('y')), vec![Action::Delete(MsgId([2; 16]))]);
+    }
+
+    #[test]
+    fn writing_in_the_open_chat_says_typing_and_clearing_says_stopped() {
+        let mut app = App::new("alice");
+        app.set_conversations(vec![conv("bob", 0)]);
+        app.key(Key::Enter);
+        let typing = |active| Action::Typing {
+            to: "bob".into(),
+            active,
+        };
+        assert_eq!(app.key(Key::Char('h')), vec![typing(true)]);
+        assert_eq!(app.key(Key::Char('i')), vec![typing(true)]);
+        assert_eq!(app.key(Key::Backspace), vec![typing(true)]);
+        assert_eq!(app.key(Key::Backspace), vec![typing(false)]);
+        assert!(app.key(Key::Backspace).is_empty(), "nothing to say");
+        app.key(Key::Char(' '));
+        assert!(app.key(Key::Char(' ')).is_empty(), "blanks are not writing");
+        app.key(Key::Char('x'));
+        assert_eq!(app.key(Key::Esc), vec![typing(false)]);
+        // Sending says nothing more (the message ends it over there); an
+        // edit is not typing.
+        typed(&mut app, "yo");
+        assert!(matches!(&app.key(Key::Enter)[..], [Action::Send { .. }]));
+        app.set_messages(vec![msg(1, "alice", "bob")]);
+        app.key(Key::Up);
+        app.key(Key::Char('e'));
+        assert!(app.key(Key::Char('!')).is_empty());
+        // Indicators run out.
+        app.typing.insert("bob".into(), 1_000);
+        assert!(app.is_typing("bob", 999));
+        assert!(!app.expire_typing(999));
+        assert!(app.expire_typing(1_000));
+        assert!(!app.is_typing("bob", 999));
     }
 
     #[test]

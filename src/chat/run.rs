@@ -26,6 +26,7 @@ use ratatui::crossterm::terminal::{
 
 use super::app::{Action, App, Key, Link, Modal};
 use super::ui;
+use crate::client::content::{TYPING_EVERY, TYPING_SHOWN};
 use crate::client::driver::Input;
 use crate::client::ipc;
 use crate::client::request::{Job, Outcome, Reply, Request};
@@ -39,7 +40,8 @@ enum FromClient {
 
 /// A job sent to the client, waiting for its outcome.
 struct InFlight {
-    action: Action,
+    /// The key's action; `None` for the screen's own work (watching).
+    action: Option<Action>,
     reply: Receiver<Result<Reply, String>>,
 }
 
@@ -72,6 +74,10 @@ fn request_of(action: &Action) -> Option<Request> {
         },
         Action::Read(user) => Request::Read { user: user.clone() },
         Action::Info(id) => Request::Info { id: id.to_string() },
+        Action::Typing { to, active } => Request::Typing {
+            to: to.clone(),
+            active: *active,
+        },
         Action::Open(_) | Action::Quit => return None,
     })
 }
@@ -107,6 +113,11 @@ struct Screen {
     /// The user read the open conversation up to here (so a read is asked
     /// for once per new message).
     asked_read: Option<(String, usize)>,
+    /// The last "typing" sent: to whom, when (one every
+    /// [`TYPING_EVERY`] at most).
+    typing_sent: Option<(String, Instant)>,
+    /// The users whose presence the client was asked to watch.
+    watched: Vec<String>,
 }
 
 impl Screen {
@@ -115,6 +126,7 @@ impl Screen {
             Ok(list) => self.app.set_conversations(list),
             Err(e) => self.app.notice = Some(format!("cannot read the history: {e}")),
         }
+        self.watch();
         if let Some(peer) = self.app.open.clone() {
             match self.history.conversation(&peer) {
                 Ok(messages) => self.app.set_messages(messages),
@@ -143,6 +155,26 @@ impl Screen {
         self.act(Action::Read(peer));
     }
 
+    /// Asks the client to watch the presence of the users shown: the open
+    /// chat's and the list's (when that changed).
+    fn watch(&mut self) {
+        let mut users: Vec<String> = self.app.open.iter().cloned().collect();
+        for c in &self.app.conversations {
+            if users.len() >= crate::wire::MAX_WATCHED {
+                break;
+            }
+            if !users.contains(&c.peer) {
+                users.push(c.peer.clone());
+            }
+        }
+        users.sort();
+        if users == self.watched {
+            return;
+        }
+        self.watched = users.clone();
+        self.job(Request::Watch { users }, None);
+    }
+
     fn act(&mut self, action: Action) {
         match &action {
             Action::Open(_) => {
@@ -150,9 +182,30 @@ impl Screen {
                 return;
             }
             Action::Quit => return,
+            // At most one every few seconds; a stop only after a start.
+            Action::Typing { to, active: true } => {
+                let recent = |(p, at): &(String, Instant)| p == to && at.elapsed() < TYPING_EVERY;
+                if self.typing_sent.as_ref().is_some_and(recent) {
+                    return;
+                }
+                self.typing_sent = Some((to.clone(), Instant::now()));
+            }
+            Action::Typing { to, active: false } => {
+                let shown = |(p, at): &(String, Instant)| p == to && at.elapsed() < TYPING_SHOWN;
+                if !self.typing_sent.as_ref().is_some_and(shown) {
+                    return;
+                }
+                self.typing_sent = None;
+            }
+            // The message ends it over there; the next key starts anew.
+            Action::Send { .. } => self.typing_sent = None,
             _ => {}
         }
         let Some(request) = request_of(&action) else { return };
+        self.job(request, Some(action));
+    }
+
+    fn job(&mut self, request: Request, action: Option<Action>) {
         let (reply_tx, reply) = mpsc::channel();
         if self
             .inputs
@@ -182,6 +235,10 @@ impl Screen {
                 Ok(result) => {
                     let f = self.in_flight.remove(i);
                     any = true;
+                    // Typing and watching are best effort: no word of them.
+                    let Some(action) = f.action.filter(|a| !matches!(a, Action::Typing { .. })) else {
+                        continue;
+                    };
                     match result {
                         Err(e) => self.app.notice = Some(e),
                         Ok(reply) => {
@@ -194,7 +251,7 @@ impl Screen {
                                 }
                                 Outcome::Info(found) => self.app.modal = Some(Modal::Info(info_lines(&found))),
                                 _ => {
-                                    if !matches!(f.action, Action::Read(_)) {
+                                    if !matches!(action, Action::Read(_)) {
                                         self.app.notice = None;
                                     }
                                 }
@@ -270,6 +327,8 @@ pub fn run(dir: &Path, unlock: &mut Unlock<'_>) -> Result<(), Error> {
         inputs: inputs.clone(),
         in_flight: Vec::new(),
         asked_read: None,
+        typing_sent: None,
+        watched: Vec::new(),
     };
     screen.refresh();
     let result = (|| -> Result<(), Error> {
@@ -331,13 +390,36 @@ fn event_loop(
             }
         }
         let mut refresh = false;
+        if screen.app.expire_typing(now_ms()) {
+            dirty = true;
+        }
         loop {
             match rx.try_recv() {
+                // Typing and presence change the screen, not the history.
+                Ok(FromClient::Event(Event::Typing { from, active })) => {
+                    if active {
+                        let until = now_ms() + TYPING_SHOWN.as_millis() as u64;
+                        screen.app.typing.insert(from, until);
+                    } else {
+                        screen.app.typing.remove(&from);
+                    }
+                    dirty = true;
+                }
+                Ok(FromClient::Event(Event::Presence { user, seen })) => {
+                    screen.app.presence.insert(user, seen);
+                    dirty = true;
+                }
                 Ok(FromClient::Event(e)) => {
                     match &e {
                         Event::Connected => screen.app.link = Link::Connected,
-                        Event::Disconnected(why) => screen.app.link = Link::Offline(why.clone()),
+                        Event::Disconnected(why) => {
+                            screen.app.link = Link::Offline(why.clone());
+                            screen.app.presence.clear();
+                            screen.app.typing.clear();
+                        }
                         Event::Message(m) => {
+                            // A message ends its sender's typing.
+                            screen.app.typing.remove(&m.from);
                             let here = screen.app.focused && screen.app.open.as_deref() == Some(m.from.as_str());
                             if m.from != screen.app.me && !here {
                                 // A bell, and the count in the title.

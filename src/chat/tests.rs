@@ -1,7 +1,7 @@
 //! The chat screen drawn on ratatui's `TestBackend` for the states that
 //! matter: an empty profile, a conversation with every kind of message and
-//! tick, a reply being composed, the help window, a narrow terminal, and
-//! the daemon away.
+//! tick, the other side typing (and its presence), a reply being composed,
+//! the help window, a narrow terminal, and the daemon away.
 
 use ratatui::Terminal;
 use ratatui::backend::TestBackend;
@@ -10,13 +10,17 @@ use ratatui::style::Color;
 use super::app::{App, Focus, Key, Link};
 use super::ui;
 use crate::client::{Conversation, Direction, Message, Quote, Status};
-use crate::wire::{DeviceId, MsgId};
+use crate::wire::{DeviceId, MsgId, Seen};
 
 const T0: u64 = 1_800_000_000_000; // 2027-01-15 08:00 UTC
 
 fn screen(app: &App, w: u16, h: u16) -> (String, ratatui::buffer::Buffer) {
+    screen_at(app, w, h, T0)
+}
+
+fn screen_at(app: &App, w: u16, h: u16, now_ms: u64) -> (String, ratatui::buffer::Buffer) {
     let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
-    t.draw(|f| ui::draw(f, app, T0)).unwrap();
+    t.draw(|f| ui::draw(f, app, now_ms)).unwrap();
     let buf = t.backend().buffer().clone();
     let mut text = String::new();
     for y in 0..h {
@@ -198,4 +202,54 @@ fn a_narrow_terminal_shows_one_pane_and_the_daemon_away() {
         screen(&app, w, h);
         screen(&with_bob(), w, h);
     }
+}
+
+#[test]
+fn the_other_side_typing_shows_in_the_header_and_the_list_and_runs_out() {
+    let mut app = with_bob();
+    app.presence.insert(
+        "bob".into(),
+        Seen::Online {
+            devices: vec![DeviceId(1)],
+        },
+    );
+    let (text, buf) = screen(&app, 80, 24);
+    assert!(text.contains(" bob · online "), "{text}");
+    assert!(text.contains("bob (2) ●"), "{text}");
+    let dot = (0..20).find(|x| buf[(*x, 1)].symbol() == "●").expect("a dot");
+    assert_eq!(buf[(dot, 1)].style().fg, Some(Color::Green));
+    // Bob types: his indicator shows for six seconds.
+    app.typing.insert("bob".into(), T0 + 6_000);
+    let (text, _) = screen(&app, 80, 24);
+    println!("{text}");
+    assert!(text.contains(" bob · typing… "), "{text}");
+    assert!(text.contains("bob (2) ● typing…"), "{text}");
+    let (text, _) = screen(&app, 40, 12);
+    assert!(text.contains(" bob · typing… "), "narrow: {text}");
+    let (text, _) = screen_at(&app, 80, 24, T0 + 6_000);
+    assert!(!text.contains("typing"), "run out: {text}");
+    assert!(text.contains(" bob · online "), "{text}");
+    // Away: when last seen; hidden: nothing.
+    app.typing.clear();
+    app.presence.insert(
+        "bob".into(),
+        Seen::Away {
+            last_seen_ms: T0 - 5 * 60_000,
+        },
+    );
+    let (text, _) = screen(&app, 80, 24);
+    assert!(text.contains(" bob · last seen 07:55 "), "{text}");
+    assert!(!text.contains('●'), "{text}");
+    app.presence.insert(
+        "bob".into(),
+        Seen::Away {
+            last_seen_ms: T0 - 3 * 86_400_000,
+        },
+    );
+    let (text, _) = screen(&app, 80, 24);
+    assert!(text.contains(" bob · last seen 2027-01-12 "), "{text}");
+    app.presence.insert("bob".into(), Seen::Hidden);
+    let (text, _) = screen(&app, 80, 24);
+    assert!(text.contains("┌ bob ──"), "{text}");
+    assert!(!text.contains(" bob · "), "{text}");
 }

@@ -16,6 +16,7 @@ use ratatui::widgets::{Block, Borders, Clear, List, ListItem, ListState, Paragra
 
 use super::app::{App, Draft, Focus, HELP, Link, Modal, QUICK_REACTIONS};
 use crate::client::{Direction, Message, Status};
+use crate::wire::Seen;
 
 /// Below this width, one pane at a time.
 pub const NARROW: u16 = 60;
@@ -24,6 +25,23 @@ pub const NARROW: u16 = 60;
 pub fn clock(ms: u64) -> String {
     let t = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string();
     t.get(11..16).unwrap_or("--:--").to_owned()
+}
+
+/// What a chat's header says of its user's presence, if anything:
+/// "online", or "last seen" and a time (the date when not within a day).
+pub fn presence_text(seen: &Seen, now_ms: u64) -> Option<String> {
+    match seen {
+        Seen::Online { .. } => Some("online".into()),
+        Seen::Away { last_seen_ms: 0 } | Seen::Hidden => None,
+        Seen::Away { last_seen_ms } => {
+            if now_ms.saturating_sub(*last_seen_ms) < 24 * 3600 * 1000 {
+                Some(format!("last seen {}", clock(*last_seen_ms)))
+            } else {
+                let t = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(*last_seen_ms));
+                Some(format!("last seen {}", t.to_string().get(..10).unwrap_or("long ago")))
+            }
+        }
+    }
 }
 
 /// The tick of one of the user's messages.
@@ -60,12 +78,12 @@ pub fn draw(f: &mut Frame, app: &App, now_ms: u64) {
         if app.open.is_some() && app.focus != Focus::List {
             draw_chat(f, app, main, now_ms);
         } else {
-            draw_list(f, app, main);
+            draw_list(f, app, main, now_ms);
         }
     } else {
         let list_width = (area.width / 4).clamp(18, 30);
         let [left, right] = Layout::horizontal([Constraint::Length(list_width), Constraint::Min(20)]).areas(main);
-        draw_list(f, app, left);
+        draw_list(f, app, left, now_ms);
         draw_chat(f, app, right, now_ms);
     }
     draw_status(f, app, status);
@@ -83,7 +101,7 @@ fn focused_block(title: String, focused: bool) -> Block<'static> {
     Block::default().borders(Borders::ALL).border_style(style).title(title)
 }
 
-fn draw_list(f: &mut Frame, app: &App, area: Rect) {
+fn draw_list(f: &mut Frame, app: &App, area: Rect, now_ms: u64) {
     let block = focused_block(" Chats ".into(), app.focus == Focus::List);
     if app.conversations.is_empty() {
         let text = Text::from(vec![
@@ -111,8 +129,11 @@ fn draw_list(f: &mut Frame, app: &App, area: Rect) {
                     Style::default().fg(Color::Green).add_modifier(Modifier::BOLD),
                 ));
             }
-            if app.typing.contains_key(&c.peer) {
-                head.push(Span::styled(" …", Style::default().fg(Color::Green)));
+            if matches!(app.presence.get(&c.peer), Some(Seen::Online { .. })) {
+                head.push(Span::styled(" ●", Style::default().fg(Color::Green)));
+            }
+            if app.is_typing(&c.peer, now_ms) {
+                head.push(Span::styled(" typing…", Style::default().fg(Color::Green)));
             }
             let mine = if c.last.direction == Direction::Out {
                 "you: "
@@ -236,9 +257,12 @@ fn draw_chat(f: &mut Frame, app: &App, area: Rect, now_ms: u64) {
         Layout::vertical([Constraint::Min(3), Constraint::Length(compose_lines + draft_line + 2)]).areas(area);
     // The conversation: newest at the bottom, scrolled to show the
     // selected message (or the end).
+    // Who it is, and whether they are typing, online or when last seen.
     let mut title = format!(" {peer} ");
-    if app.typing.get(peer).is_some_and(|until| *until > now_ms) {
-        title.push_str("— typing… ");
+    if app.is_typing(peer, now_ms) {
+        title.push_str("· typing… ");
+    } else if let Some(p) = app.presence.get(peer).and_then(|s| presence_text(s, now_ms)) {
+        title.push_str(&format!("· {p} "));
     }
     let block = focused_block(title, app.focus == Focus::Messages);
     let inner_width = log.width.saturating_sub(2).max(1) as usize;
