@@ -46,13 +46,14 @@ pub(super) struct Watches {
 
 struct Watching {
     user: UserId,
-    targets: Vec<(UserId, String, Seen)>,
+    /// Each watched user, with what the connection was last told.
+    targets: Vec<(UserId, Seen)>,
 }
 
 impl Watches {
     fn unwatch(&mut self, conn: ConnId) {
         if let Some(w) = self.by_conn.remove(&conn) {
-            for (t, _, _) in w.targets {
+            for (t, _) in w.targets {
                 if let Some(set) = self.by_target.get_mut(&t) {
                     set.remove(&conn);
                     if set.is_empty() {
@@ -134,20 +135,24 @@ impl Hub {
         };
         // The answer first: it says nothing of who was online.
         self.send(conn, req, ServerFrame::Done);
-        let targets: Vec<(ConnId, bytes::Bytes)> = {
+        let mut targets: Vec<(ConnId, DeviceKey, bytes::Bytes)> = Vec::with_capacity(e.bodies.len());
+        {
             let online = self.shared.online();
-            e.bodies
-                .into_iter()
-                .filter_map(|b| {
-                    let key = DeviceKey {
-                        user: to,
-                        device: b.device,
-                    };
-                    online.get(&key).map(|c| (*c, b.data))
-                })
-                .collect()
-        };
-        for (target, body) in targets {
+            for b in e.bodies {
+                let key = DeviceKey {
+                    user: to,
+                    device: b.device,
+                };
+                if let Some(c) = online.get(&key) {
+                    targets.push((*c, key, b.data));
+                }
+            }
+        }
+        for (target, key, body) in targets {
+            // Not to a device revoked whose connection is still closing.
+            if !store.is_current(key) {
+                continue;
+            }
             self.send(
                 target,
                 0,
@@ -208,13 +213,13 @@ impl Hub {
             return self.refuse(conn, req, Refusal::TooManyWatched);
         }
         let store = self.shared.store.clone();
-        let mut targets: Vec<(UserId, String)> = Vec::with_capacity(users.len());
+        let mut targets: Vec<UserId> = Vec::with_capacity(users.len());
         for name in users {
             // Names of no user are passed over.
             if let Some(id) = store.user_id(&name)
-                && !targets.iter().any(|(t, _)| *t == id)
+                && !targets.contains(&id)
             {
-                targets.push((id, name));
+                targets.push(id);
             }
         }
         self.send(conn, req, ServerFrame::Done);
@@ -222,20 +227,13 @@ impl Hub {
         let mut watches = shared.watches();
         watches.unwatch(conn);
         let mut told = Vec::with_capacity(targets.len());
-        for (t, name) in targets {
+        for t in targets {
             let seen = self.seen(&watches, me.user, t);
             watches.by_target.entry(t).or_default().insert(conn);
-            told.push((t, name, seen));
+            told.push((t, seen));
         }
-        for (_, name, seen) in &told {
-            self.send(
-                conn,
-                0,
-                ServerFrame::Presence(Presence {
-                    user: name.clone(),
-                    seen: seen.clone(),
-                }),
-            );
+        for (t, seen) in &told {
+            self.tell(conn, *t, seen.clone());
         }
         if !told.is_empty() {
             watches.by_conn.insert(
@@ -263,14 +261,10 @@ impl Hub {
             };
             let seen = self.seen(&watches, watcher, user);
             let Some(w) = watches.by_conn.get_mut(&c) else { continue };
-            for (t, name, told) in &mut w.targets {
+            for (t, told) in &mut w.targets {
                 if *t == user && *told != seen {
                     *told = seen.clone();
-                    let frame = ServerFrame::Presence(Presence {
-                        user: name.clone(),
-                        seen: seen.clone(),
-                    });
-                    self.effects.push(Effect::Send { conn: c, req: 0, frame });
+                    self.tell(c, user, seen.clone());
                 }
             }
         }
@@ -283,21 +277,29 @@ impl Hub {
         let Some(watcher) = watches.by_conn.get(&conn).map(|w| w.user) else {
             return;
         };
-        let targets: Vec<UserId> = watches.by_conn[&conn].targets.iter().map(|(t, _, _)| *t).collect();
+        let targets: Vec<UserId> = watches.by_conn[&conn].targets.iter().map(|(t, _)| *t).collect();
         let now: Vec<Seen> = targets.iter().map(|t| self.seen(&watches, watcher, *t)).collect();
         let Some(w) = watches.by_conn.get_mut(&conn) else {
             return;
         };
-        for ((_, name, told), seen) in w.targets.iter_mut().zip(now) {
+        for ((t, told), seen) in w.targets.iter_mut().zip(now) {
             if *told != seen {
                 *told = seen.clone();
-                let frame = ServerFrame::Presence(Presence {
-                    user: name.clone(),
-                    seen,
-                });
-                self.effects.push(Effect::Send { conn, req: 0, frame });
+                self.tell(conn, *t, seen);
             }
         }
+    }
+
+    /// Sends `conn` what it may see of `user`'s presence.
+    fn tell(&mut self, conn: ConnId, user: UserId, seen: Seen) {
+        let Some(name) = self.store().user_name(user) else {
+            return;
+        };
+        let frame = ServerFrame::Presence(Presence {
+            user: name.to_string(),
+            seen,
+        });
+        self.effects.push(Effect::Send { conn, req: 0, frame });
     }
 
     /// A device came online.

@@ -664,3 +664,20 @@ fn who_hides_their_presence_shows_hidden_and_sees_no_one() {
     assert_eq!(frames_to(&got, 1), vec![(0, presence("bob", online(&[1])))]);
     assert_eq!(frames_to(&got, 4), vec![(0, presence("bob", online(&[1])))]);
 }
+
+#[test]
+fn no_ephemeral_reaches_a_revoked_device_still_closing() {
+    let mut r = three_users();
+    r.online(3, dev(1, 2));
+    r.frame(1, dev(1, 1), 1, ClientFrame::RevokeDevice { device: DeviceId(2) });
+    let got = r.settle();
+    assert!(got.contains(&Effect::Close {
+        conn: conn(3),
+        why: Refusal::Revoked
+    }));
+    // Its connection has not closed yet; bob types to both of alice's.
+    let got = r.frame(2, dev(2, 1), 2, ephemeral("alice", &[1, 2], 10));
+    assert_eq!(frames_to(&got, 2), vec![(2, ServerFrame::Done)]);
+    assert_eq!(frames_to(&got, 1).len(), 1);
+    assert!(frames_to(&got, 3).is_empty(), "{got:?}");
+}
