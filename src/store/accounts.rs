@@ -51,7 +51,8 @@ pub struct DeviceRecord {
     pub key: PublicKey,
     /// When it registered or was linked.
     pub created_ms: u64,
-    /// When it last authenticated.
+    /// When it was last online: when it last authenticated, or went
+    /// offline after that.
     pub last_seen_ms: u64,
     /// When it was revoked, if it was.
     pub revoked_ms: Option<u64>,
@@ -840,8 +841,8 @@ impl Accounts {
         Ok(true)
     }
 
-    /// Records that a device authenticated. Not flushed on its own: losing
-    /// it in a crash only makes "last seen" older.
+    /// Records that a device authenticated or went offline. Not flushed on
+    /// its own: losing it in a crash only makes "last seen" older.
     ///
     /// # Errors
     /// On a database failure.

@@ -213,8 +213,8 @@ pub enum Op {
         /// Now.
         now_ms: u64,
     },
-    /// Record when a device authenticated (no answer; written with the
-    /// next batch, not flushed for its own sake).
+    /// Record when a device authenticated or went offline (no answer;
+    /// written with the next batch, not flushed for its own sake).
     Touch {
         /// Which.
         device: DeviceKey,

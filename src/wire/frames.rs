@@ -218,7 +218,8 @@ pub struct DeviceInfo {
     pub device: DeviceId,
     /// When it registered or was linked (ms since the epoch).
     pub created_ms: u64,
-    /// When it last authenticated (ms since the epoch).
+    /// When it was last online (ms since the epoch): when it last
+    /// authenticated, or went offline after that.
     pub last_seen_ms: u64,
 }
 
