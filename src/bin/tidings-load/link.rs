@@ -206,8 +206,9 @@ impl TidingsLink {
                 ConnEvent::Receipt(r) => ack = ack.max(Some(r.seq)),
                 ConnEvent::Gap(g) => ack = ack.max(Some(g.seq)),
                 ConnEvent::Expired(e) => ack = ack.max(Some(e.seq)),
-                // Devices here publish no end-to-end keys.
-                ConnEvent::KeyCount(_) => {}
+                // Devices here publish no end-to-end keys, and neither
+                // type nor watch presence.
+                ConnEvent::KeyCount(_) | ConnEvent::Ephemeral(_) | ConnEvent::Presence(_) => {}
                 ConnEvent::QueueDrained => {
                     if !self.live {
                         self.live = true;
