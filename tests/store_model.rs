@@ -30,11 +30,14 @@
 //! - a send that would take a queue past its entry or byte quota is
 //!   refused as a whole, naming the first such queue, and leaves nothing
 //!   behind; acknowledged records count until the store thread deleted
-//!   them;
+//!   them; so is one that would take its sending user past half of the
+//!   room the other senders leave in a queue (the fair share, counted
+//!   per user across its devices, and recounted after every reopen);
 //! - a receipt folds into the pending receipt of the same sending device,
 //!   kind and addressee in each target queue (removed, and re-appended
 //!   merged at the tail), or is appended; one that would start an entry
-//!   in a full queue is refused as a whole;
+//!   in a full queue, or past its sender's share of it, is refused as a
+//!   whole;
 //! - delivery as the hub does it (`read`, then `Op::ReadBacklog` through
 //!   the store thread when the entries are on disk only) and `read_queue`
 //!   return exactly the model's entries; `queue_usage` agrees;
@@ -80,6 +83,8 @@ const QUOTAS: Quotas = Quotas {
     queue_bytes: 1500,
     disk_budget: u64::MAX,
     total_messages: 1_000_000,
+    user_bytes: u64::MAX,
+    user_messages: u64::MAX,
 };
 
 fn config() -> StoreConfig {
@@ -112,6 +117,16 @@ fn msg_id(sender: DeviceKey, n: u8) -> MsgId {
 /// The queues whose bit is set in `mask`, in order.
 fn devices(mask: u16) -> Vec<DeviceKey> {
     (0..QUEUES).filter(|i| mask & (1 << i) != 0).map(device).collect()
+}
+
+/// Whose an entry is, for the fair shares: a message's or a receipt's
+/// sender.
+fn sender(e: &Entry) -> Option<UserId> {
+    match e {
+        Entry::Message(m) => Some(UserId(m.from_user)),
+        Entry::Receipt(r) => Some(UserId(r.from_user)),
+        _ => None,
+    }
 }
 
 fn varint(mut n: u64) -> u64 {
@@ -291,6 +306,38 @@ impl Model {
             n.1 += q.values().map(|s| size(&s.entry)).sum::<u64>();
         }
         n
+    }
+
+    /// What `user`'s messages and receipts hold in `d`'s queue.
+    fn held(&self, d: DeviceKey, user: UserId) -> (u64, u64) {
+        let mut n = (0, 0);
+        for q in [self.queues.get(&d), self.pending.get(&d)].into_iter().flatten() {
+            for s in q.values().filter(|s| sender(&s.entry) == Some(user)) {
+                n.0 += 1;
+                n.1 += size(&s.entry);
+            }
+        }
+        n
+    }
+
+    /// The quota a new entry of `size` from `user` in `d`'s queue goes
+    /// over, if any: the queue's, or the user's share of it (half of the
+    /// room the other senders leave; the queue's when not even a sender
+    /// holding nothing could add it).
+    fn over(&self, d: DeviceKey, user: UserId, size: u64) -> Option<Quota> {
+        let (count, bytes) = self.usage(d);
+        if count + 1 > QUOTAS.queue_messages || bytes + size > QUOTAS.queue_bytes {
+            return Some(Quota::Queue(d));
+        }
+        let free = (QUOTAS.queue_messages - count, QUOTAS.queue_bytes - bytes);
+        let mine = self.held(d, user);
+        if mine.0 + 2 <= free.0 && mine.1 + 2 * size <= free.1 {
+            None
+        } else if 2 <= free.0 && 2 * size <= free.1 {
+            Some(Quota::Sender(d))
+        } else {
+            Some(Quota::Queue(d))
+        }
     }
 
     fn entries(&self, d: DeviceKey, from: u64) -> Vec<(u64, Entry)> {
@@ -567,15 +614,23 @@ impl Harness {
             prop_assert_eq!(got, Appended::Duplicate { time_ms: now_ms });
             return Ok(());
         }
-        let over = entries.iter().find(|(d, e, _)| {
-            let (count, bytes) = self.model.usage(*d);
-            count + 1 > QUOTAS.queue_messages || bytes + size(e) > QUOTAS.queue_bytes
-        });
-        if let Some((d, _, _)) = over {
+        // The queues' quotas first, then the sender's shares of them.
+        let over = entries
+            .iter()
+            .find_map(|(d, e, _)| {
+                let (count, bytes) = self.model.usage(*d);
+                (count + 1 > QUOTAS.queue_messages || bytes + size(e) > QUOTAS.queue_bytes).then_some(Quota::Queue(*d))
+            })
+            .or_else(|| {
+                entries
+                    .iter()
+                    .find_map(|(d, e, _)| self.model.over(*d, key.0.user, size(e)))
+            });
+        if let Some(q) = over {
             prop_assert_eq!(
                 got,
-                Appended::Refused(Refused::Quota(Quota::Queue(*d))),
-                "step {}: the first queue over its quota",
+                Appended::Refused(Refused::Quota(q)),
+                "step {}: the first queue over its quota or share",
                 step
             );
             return Ok(());
@@ -734,15 +789,15 @@ impl Harness {
                         (*t, live)
                     })
                     .collect();
-                // A receipt that starts an entry counts against the quota.
-                let over = plan.iter().find(|(t, folds)| {
-                    let (count, bytes) = m.usage(*t);
-                    folds.is_none()
-                        && (count + 1 > QUOTAS.queue_messages
-                            || bytes + size(&Entry::Receipt(entry.clone())) > QUOTAS.queue_bytes)
-                });
-                if let Some((t, _)) = over {
-                    return Some(Outcome::Receipt(Err(Refused::Quota(Quota::Queue(*t)))));
+                // A receipt that starts an entry counts against the quota
+                // and its sender's share.
+                let len = size(&Entry::Receipt(entry.clone()));
+                let over = plan
+                    .iter()
+                    .filter(|(_, folds)| folds.is_none())
+                    .find_map(|(t, _)| m.over(*t, from.user, len));
+                if let Some(q) = over {
+                    return Some(Outcome::Receipt(Err(Refused::Quota(q))));
                 }
                 for (t, folds) in plan {
                     let mut entry = entry.clone();

@@ -44,6 +44,10 @@ pub enum Refusal {
     QueueFull,
     /// All queues are at the disk budget.
     DiskBudget,
+    /// The sender holds its share of a queue it sends to.
+    SenderShare,
+    /// The sending user holds its share of the server's storage.
+    UserShare,
     /// The data directory's filesystem is below the free-space floor.
     StorageFull,
     /// An `Ack` beyond what was delivered on this connection.
@@ -103,6 +107,14 @@ impl Refusal {
             OwnToSelf => (ErrorCode::BAD_REQUEST, "to yourself, every body goes in bodies"),
             QueueFull => (ErrorCode::QUOTA_EXCEEDED, "a recipient device's queue is full"),
             DiskBudget => (ErrorCode::QUOTA_EXCEEDED, "the server is at its storage budget"),
+            SenderShare => (
+                ErrorCode::QUOTA_EXCEEDED,
+                "you have your share of a recipient device's queue waiting; try when it has collected some",
+            ),
+            UserShare => (
+                ErrorCode::QUOTA_EXCEEDED,
+                "you have your share of the server's storage waiting undelivered; try when some is collected",
+            ),
             StorageFull => (
                 ErrorCode::STORAGE_FULL,
                 "the server's disk is full; nothing new is accepted until space is freed",
@@ -181,6 +193,8 @@ impl From<Refused> for Refusal {
         match r {
             Refused::Quota(Quota::Queue(_)) => Refusal::QueueFull,
             Refused::Quota(Quota::Disk) => Refusal::DiskBudget,
+            Refused::Quota(Quota::Sender(_)) => Refusal::SenderShare,
+            Refused::Quota(Quota::User) => Refusal::UserShare,
             Refused::StorageFull => Refusal::StorageFull,
         }
     }
@@ -212,6 +226,8 @@ mod tests {
             OwnToSelf,
             QueueFull,
             DiskBudget,
+            SenderShare,
+            UserShare,
             StorageFull,
             AckBeyondDelivered,
             BadReceipt,

@@ -102,6 +102,12 @@ pub enum Quota {
     Queue(DeviceKey),
     /// All queues together are at the disk budget.
     Disk,
+    /// The sender holds its share of this device's queue: half of the room
+    /// the other senders leave (spec §10, *Quotas*).
+    Sender(DeviceKey),
+    /// The sending user holds its share of the storage: its fixed share of
+    /// the disk budget, or half of the room the others leave.
+    User,
 }
 
 /// Why the store refuses to add data.

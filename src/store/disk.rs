@@ -128,6 +128,16 @@ impl Entry {
         }
     }
 
+    /// The user it counts against (spec §10, *Quotas*): a message's or
+    /// a receipt's sender; the server's notices count against nobody.
+    pub(crate) fn sender(&self) -> Option<UserId> {
+        match self {
+            Entry::Message(m) => Some(UserId(m.from_user)),
+            Entry::Receipt(r) => Some(UserId(r.from_user)),
+            Entry::Gap(_) | Entry::Expired(_) => None,
+        }
+    }
+
     /// The record it is stored as.
     pub(crate) fn to_disk(&self) -> DiskEntry {
         match self {
@@ -215,6 +225,12 @@ impl DiskEntry {
             DiskEntry::Expired(e) => Entry::Expired(e),
         })
     }
+}
+
+/// Whose a `q` record is (spec §10, *Quotas*): a receipt's sender; nobody's
+/// for a notice, or for a record that does not decode.
+pub(crate) fn record_sender(value: &[u8]) -> Option<UserId> {
+    decode_disk(value).ok()?.into_entry(Some((0, 0)))?.sender()
 }
 
 /// Bytes a `sled` record takes as counted: key and value.

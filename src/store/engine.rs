@@ -30,7 +30,8 @@ use super::disk::{
 };
 use super::flusher::{Epoch, Flusher};
 use super::live::{Live, Removed, Write};
-use super::spill::{self, Spill};
+use super::shares::{Gone, Use};
+use super::spill::Spill;
 use super::{Status, StoreError, Throttle, be_u64, keys};
 use crate::ids::{DeviceKey, UserId};
 use crate::wire::{MAX_RECEIPT_IDS, MsgId};
@@ -369,7 +370,7 @@ impl Engine {
     fn write_batch(&mut self, turn: &mut Turn) -> Result<(), StoreError> {
         let q = self.trees.queues.clone();
         let mut batch = sled::Batch::default();
-        let mut deleted: HashMap<DeviceKey, (u64, u64)> = HashMap::new();
+        let mut deleted: HashMap<DeviceKey, Gone> = HashMap::new();
         {
             let mut spill = lock(&self.spill);
             for (d, up_to) in std::mem::take(&mut self.deletes) {
@@ -378,14 +379,11 @@ impl Engine {
                 for item in q.range(queue_key(d, 0)..=queue_key(d, up_to)) {
                     let (k, v) = item?;
                     batch.remove(k.clone());
-                    c.0 += 1;
-                    c.1 += disk::record_len(&k, &v);
+                    c.add(disk::record_sender(&v), disk::record_len(&k, &v));
                 }
                 // Copies, in the spill log: the device's mark moves (the
                 // removals it covers go when it is written).
-                let (n, bytes) = spill.ack(d, up_to);
-                c.0 += n;
-                c.1 += bytes;
+                c.merge(spill.ack(d, up_to));
             }
             // Copies of one message staged together go in one record.
             let writes = std::mem::take(&mut self.writes);
@@ -419,8 +417,8 @@ impl Engine {
         q.apply_batch(batch)?;
         turn.dirty = true;
         let mut live = self.live.lock();
-        for (d, (n, bytes)) in deleted {
-            live.deleted(d, n, bytes);
+        for (d, gone) in deleted {
+            live.deleted(d, &gone);
         }
         Ok(())
     }
@@ -614,14 +612,37 @@ impl Engine {
                 return Ok(Err(Refused::Quota(Quota::Disk)));
             }
         }
-        // A receipt that cannot fold anywhere and would overfill a queue is
-        // refused before anything of it is written.
+        // A receipt that cannot fold anywhere and would overfill a queue,
+        // or take its sender over a share (spec §10, *Quotas*), is refused
+        // before anything of it is written.
+        let sender = entry.sender();
+        let mut new = 0;
         for t in &targets {
-            let may_fold = self.fold_target(*t, fold)?.is_some();
-            let (count, bytes) = self.live.lock().usage(*t);
-            if !may_fold && (count + 1 > quotas.queue_messages || bytes + len > quotas.queue_bytes) {
+            if self.fold_target(*t, fold)?.is_some() {
+                continue;
+            }
+            new += 1;
+            let live = self.live.lock();
+            let (count, bytes) = live.usage(*t);
+            if count + 1 > quotas.queue_messages || bytes + len > quotas.queue_bytes {
                 return Ok(Err(Refused::Quota(Quota::Queue(*t))));
             }
+            if let Some(q) = sender.and_then(|s| live.queue_share(*t, s, len)) {
+                return Ok(Err(Refused::Quota(q)));
+            }
+        }
+        if new > 0
+            && let Some(q) = sender.and_then(|s| {
+                self.live.lock().user_share(
+                    s,
+                    Use {
+                        count: new,
+                        bytes: len * new,
+                    },
+                )
+            })
+        {
+            return Ok(Err(Refused::Quota(q)));
         }
         for t in &targets {
             self.fold(*t, fold, entry.clone(), turn)?;
@@ -653,14 +674,14 @@ impl Engine {
         let index = fold_key(target, fold);
         let mut entry = entry;
         let mut batch = sled::Batch::default();
-        let mut removed = None;
+        let mut removed = Gone::default();
         if let Some((seq, old)) = self.fold_target(target, fold)?
             && let Some(merged) = disk::merge(&old, &entry)
         {
             let on_disk = self.live.lock().remove(target, seq) != Removed::Memory;
             if on_disk && let Some(v) = q.get(queue_key(target, seq))? {
                 batch.remove(&queue_key(target, seq)[..]);
-                removed = Some(disk::record_len(&queue_key(target, seq), &v));
+                removed.add(old.sender(), disk::record_len(&queue_key(target, seq), &v));
             }
             entry = merged;
         }
@@ -673,9 +694,7 @@ impl Engine {
         turn.dirty = true;
         turn.release.written.push((target, seq));
         let mut live = self.live.lock();
-        if let Some(bytes) = removed {
-            live.deleted(target, 1, bytes);
-        }
+        live.deleted(target, &removed);
         if new_index {
             live.disk_delta((FOLD_KEY_LEN + 8) as i64);
         }
@@ -695,7 +714,7 @@ impl Engine {
         let q = self.trees.queues.clone();
         let mut batch = sled::Batch::default();
         let mut done: HashSet<(DeviceKey, u64)> = HashSet::new();
-        let mut deleted: HashMap<DeviceKey, (u64, u64)> = HashMap::new();
+        let mut deleted: HashMap<DeviceKey, Gone> = HashMap::new();
         let mut records: i64 = 0;
         let mut known: Option<u64> = None;
         let mut n = 0;
@@ -709,7 +728,7 @@ impl Engine {
         }
         // Copies in the spill log: found by their tag, checked by their
         // record.
-        for r in lock(&self.spill).find(spill::tag(user, id))? {
+        for r in lock(&self.spill).find(user, id)? {
             if r.id == id && r.from_user == user.0 {
                 known = known.or(Some(r.time_ms));
                 copies.push((r.device(), r.seq()));
@@ -730,9 +749,7 @@ impl Engine {
                     let k = removed_key(d, seq);
                     batch.insert(&k[..], &[][..]);
                     records += k.len() as i64;
-                    let c = deleted.entry(d).or_default();
-                    c.0 += 1;
-                    c.1 += bytes;
+                    deleted.entry(d).or_default().add(Some(user), bytes);
                     n += 1;
                 }
             }
@@ -753,8 +770,8 @@ impl Engine {
         q.apply_batch(batch)?;
         turn.dirty = true;
         let mut live = self.live.lock();
-        for (d, (count, bytes)) in deleted {
-            live.deleted(d, count, bytes);
+        for (d, gone) in deleted {
+            live.deleted(d, &gone);
         }
         live.disk_delta(records);
         if let Some(time_ms) = known {
@@ -793,12 +810,12 @@ impl Engine {
         let q = self.trees.queues.clone();
         self.live.lock().clear(d);
         let mut batch = sled::Batch::default();
-        let (mut n, mut bytes, mut other) = (0u64, 0u64, 0i64);
+        let mut gone = Gone::default();
+        let mut other = 0i64;
         for item in q.scan_prefix(dev_prefix(QUEUE, d)) {
             let (k, v) = item?;
-            bytes += disk::record_len(&k, &v);
+            gone.add(disk::record_sender(&v), disk::record_len(&k, &v));
             batch.remove(k.clone());
-            n += 1;
         }
         for item in q.scan_prefix(dev_prefix(FOLD, d)) {
             let (k, v) = item?;
@@ -810,9 +827,7 @@ impl Engine {
             // that it covers each of its removals (which go with it).
             let given = self.live.lock().last_seq(d);
             let mut spill = lock(&self.spill);
-            let (sn, sb) = spill.clear(d, given);
-            n += sn;
-            bytes += sb;
+            gone.merge(spill.clear(d, given));
             turn.release.segments.extend(spill.take_freed());
         }
         // Its mark, written this turn, keeps its copies from coming back.
@@ -820,7 +835,7 @@ impl Engine {
         q.apply_batch(batch)?;
         turn.dirty = true;
         let mut live = self.live.lock();
-        live.deleted(d, n, bytes);
+        live.deleted(d, &gone);
         live.disk_delta(other);
         Ok(())
     }
@@ -843,7 +858,7 @@ impl Engine {
         let q = self.trees.queues.clone();
         let mut swept = Swept::default();
         let mut batch = sled::Batch::default();
-        let mut deleted: HashMap<DeviceKey, (u64, u64)> = HashMap::new();
+        let mut deleted: HashMap<DeviceKey, Gone> = HashMap::new();
         let mut other: i64 = 0;
         let mut gaps: std::collections::BTreeMap<DeviceKey, Vec<LostRecord>> = Default::default();
         let mut undelivered: std::collections::BTreeMap<(UserId, DeviceKey), Vec<MsgId>> = Default::default();
@@ -879,14 +894,11 @@ impl Engine {
                         let k = removed_key(d, r.seq());
                         batch.insert(&k[..], &[][..]);
                         other += k.len() as i64;
-                        c.0 += 1;
-                        c.1 += bytes;
+                        c.add(Some(r.sender().user), bytes);
                     }
                 }
                 if let Some(last) = last {
-                    let (n, bytes) = spill.ack(d, last);
-                    c.0 += n;
-                    c.1 += bytes;
+                    c.merge(spill.ack(d, last));
                 }
                 turn.marks_now = true;
             }
@@ -961,9 +973,10 @@ impl Engine {
             let Some(v) = q.get(k)? else { continue };
             self.live.lock().remove(d, seq);
             batch.remove(&k[..]);
-            let c = deleted.entry(d).or_default();
-            c.0 += 1;
-            c.1 += disk::record_len(&k, &v);
+            deleted
+                .entry(d)
+                .or_default()
+                .add(disk::record_sender(&v), disk::record_len(&k, &v));
         }
         let mut live_forget = Vec::new();
         for k in tombstones {
@@ -987,8 +1000,8 @@ impl Engine {
         turn.dirty = true;
         {
             let mut live = self.live.lock();
-            for (d, (n, bytes)) in deleted {
-                live.deleted(d, n, bytes);
+            for (d, gone) in deleted {
+                live.deleted(d, &gone);
             }
             live.disk_delta(other);
             for (user, id) in live_forget {

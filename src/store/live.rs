@@ -30,7 +30,9 @@
 //! Counting: a queue's `count` and `bytes` hold every entry not yet
 //! deleted (in memory or on disk), as stored; `unwritten` the bytes of
 //! unwritten slots; `disk_bytes` (kept by the store thread) every record on
-//! disk. Quotas and the disk budget are checked against these, exactly.
+//! disk. Quotas and the disk budget are checked against these, exactly;
+//! the fair shares ([`super::shares`]) against the same entries counted
+//! per sending user.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
@@ -38,6 +40,7 @@ use std::time::{Duration, Instant};
 
 use super::Quotas;
 use super::api::{Appended, Entry, NewMessage, Outcome, QueuedMessage, Quota, Read, Refused, Waiter};
+use super::shares::{self, Gone, Shares, Use};
 use super::spill::Restored;
 use crate::ids::{DeviceKey, UserId};
 use crate::wire::MsgId;
@@ -84,6 +87,10 @@ impl Slot {
             Entry::Message(m) => Some((m.from(), m.id)),
             _ => None,
         }
+    }
+
+    fn sender(&self) -> Option<UserId> {
+        self.entry.sender()
     }
 }
 
@@ -194,6 +201,8 @@ pub(crate) struct Inner {
     pub urgent: bool,
     /// Settlements to send once the lock is released.
     out: Vec<(Waiter, u64)>,
+    /// Every entry counted per sending user (spec §10, *Quotas*).
+    shares: Shares,
     /// Write every copy at once (shutting down).
     pub write_all: bool,
 }
@@ -215,6 +224,7 @@ impl Live {
         base: u64,
         ceiling: u64,
         restored: Vec<Restored>,
+        shares: Shares,
     ) -> Live {
         let mut queues = HashMap::with_capacity(loaded.len());
         let mut max_next = base;
@@ -264,6 +274,7 @@ impl Live {
                 max_next,
                 urgent: false,
                 out: Vec::new(),
+                shares,
                 write_all: false,
             }),
             config,
@@ -439,10 +450,26 @@ impl Guard<'_> {
                 return Appended::Refused(Refused::Quota(Quota::Queue(*d)));
             }
         }
+        // Fair shares (spec §10, *Quotas*): of each queue, and of the
+        // storage, in that order.
+        let sender = m.sender.user;
+        for (d, _, size, _) in &entries {
+            if let Some(q) = self.queue_share(*d, sender, *size) {
+                return Appended::Refused(Refused::Quota(q));
+            }
+        }
+        let add = Use {
+            count: entries.len() as u64,
+            bytes: total,
+        };
+        if let Some(q) = self.user_share(sender, add) {
+            return Appended::Refused(Refused::Quota(q));
+        }
         let mut copies = Vec::with_capacity(entries.len());
         let delay = self.config.write_delay;
         for (d, entry, size, online) in entries {
             let deadline = if online { now + delay } else { now };
+            self.inner.shares.add(d, Some(sender), size);
             let q = self.queue(d);
             let seq = q.next;
             q.next += 1;
@@ -484,6 +511,64 @@ impl Guard<'_> {
             },
         );
         Appended::Queued { time_ms: m.now_ms }
+    }
+
+    /// The share `user` would go over holding `add` more in all queues,
+    /// if any (spec §10, *Quotas*): its fixed share, or half of the room
+    /// the others leave ([`Quota::User`]); or the budget itself, when not
+    /// even a user holding nothing could add it ([`Quota::Disk`]).
+    pub fn user_share(&self, user: UserId, add: Use) -> Option<Quota> {
+        let quotas = self.config.quotas;
+        let mine = self.inner.shares.user(user);
+        if mine.count.saturating_add(add.count) > quotas.user_messages
+            || mine.bytes.saturating_add(add.bytes) > quotas.user_bytes
+        {
+            return Some(Quota::User);
+        }
+        let used = Use {
+            count: self.inner.spilled,
+            bytes: self.inner.disk_used() + self.inner.unwritten,
+        };
+        let budget = Use {
+            count: quotas.total_messages,
+            bytes: quotas.disk_budget,
+        };
+        let room = shares::room(budget, used);
+        if shares::fair(mine, add, room) {
+            None
+        } else if shares::fair(Use::default(), add, room) {
+            Some(Quota::User)
+        } else {
+            Some(Quota::Disk)
+        }
+    }
+
+    /// The share `sender` would go over adding an entry of `size` to
+    /// `d`'s queue, if any (spec §10, *Quotas*): half of the room the
+    /// other senders leave ([`Quota::Sender`]), or the queue's quota
+    /// itself, when not even a sender holding nothing could add it
+    /// ([`Quota::Queue`]).
+    pub fn queue_share(&self, d: DeviceKey, sender: UserId, size: u64) -> Option<Quota> {
+        let quotas = self.config.quotas;
+        let (count, bytes) = self.usage(d);
+        let free = shares::room(quotas.queue(), Use { count, bytes });
+        if shares::fair(self.inner.shares.of(d, sender), Use::one(size), free) {
+            None
+        } else if shares::fair(Use::default(), Use::one(size), free) {
+            Some(Quota::Sender(d))
+        } else {
+            Some(Quota::Queue(d))
+        }
+    }
+
+    /// What `sender` holds in `d`'s queue and in all queues.
+    pub fn share_of(&self, d: DeviceKey, sender: UserId) -> (Use, Use) {
+        (self.inner.shares.of(d, sender), self.inner.shares.user(sender))
+    }
+
+    /// (queue, sender) pairs and senders counted.
+    pub fn shares_len(&self) -> (usize, usize) {
+        self.inner.shares.len()
     }
 
     /// Reads from memory (see [`super::api::StoreApi::read`]).
@@ -535,6 +620,7 @@ impl Guard<'_> {
         // (receipts the store thread writes) are not covered by it.
         let up_to = up_to.min(q.next - 1);
         let mut safe = Vec::new();
+        let mut gone = Gone::default();
         let (mut unwritten, mut cached) = (0, 0);
         while q.mem.front().is_some_and(|s| s.seq <= up_to) {
             let Some(s) = q.mem.pop_front() else { break };
@@ -544,6 +630,7 @@ impl Guard<'_> {
                     q.bytes -= s.size;
                     unwritten += s.size;
                     safe.extend(s.msg_key());
+                    gone.add(s.sender(), s.size);
                 }
                 State::Writing => safe.extend(s.msg_key()),
                 State::Durable => {
@@ -554,6 +641,7 @@ impl Guard<'_> {
         }
         q.disk_hi = q.disk_hi.max(up_to);
         let on_disk = q.on_disk > 0;
+        self.inner.shares.gone(d, &gone);
         self.inner.unwritten -= unwritten;
         self.inner.cached -= cached;
         if on_disk {
@@ -687,11 +775,14 @@ impl Guard<'_> {
         }
     }
 
-    /// The store thread deleted `n` records of `d`'s queue, `bytes` in all.
-    pub fn deleted(&mut self, d: DeviceKey, n: u64, bytes: u64) {
+    /// The store thread deleted records of `d`'s queue: `gone` says how
+    /// many, their bytes, and whose.
+    pub fn deleted(&mut self, d: DeviceKey, gone: &Gone) {
+        let (n, bytes) = gone.totals();
         if n == 0 {
             return;
         }
+        self.inner.shares.gone(d, gone);
         let q = self.queue(d);
         q.count = q.count.saturating_sub(n);
         q.bytes = q.bytes.saturating_sub(bytes);
@@ -714,6 +805,7 @@ impl Guard<'_> {
     /// (receipts, notices): returns its sequence.
     pub fn push_written(&mut self, d: DeviceKey, entry: Entry) -> u64 {
         let size = entry.stored_len();
+        self.inner.shares.add(d, entry.sender(), size);
         let q = self.queue(d);
         let seq = q.next;
         q.next += 1;
@@ -764,6 +856,7 @@ impl Guard<'_> {
                 q.count -= 1;
                 q.bytes -= s.size;
                 inner.unwritten -= s.size;
+                inner.shares.sub(d, s.sender(), s.size);
                 Removed::Memory
             }
             State::Writing => Removed::Disk,
@@ -826,6 +919,7 @@ impl Guard<'_> {
                     q.bytes -= s.size;
                     inner.unwritten -= s.size;
                     safe.extend(s.msg_key());
+                    inner.shares.sub(d, s.sender(), s.size);
                 }
                 State::Writing => safe.extend(s.msg_key()),
                 State::Durable => {

@@ -38,6 +38,7 @@ mod flusher;
 mod keys;
 mod live;
 mod migrate;
+mod shares;
 mod spill;
 
 use std::collections::HashMap;
@@ -132,6 +133,37 @@ pub struct Quotas {
     /// Most bytes all queue records together may take (counted exactly,
     /// as stored; sled's files take more).
     pub disk_budget: u64,
+    /// Most bytes one user's messages and receipts may take in all queues
+    /// together: its share of `disk_budget` (an eighth by default,
+    /// [`USER_SHARE`]). A user also never takes more than half of the
+    /// room the others leave (see `shares.rs`).
+    pub user_bytes: u64,
+    /// Most entries one user's messages and receipts may make in all
+    /// queues together: its share of `total_messages` (an eighth by
+    /// default).
+    pub user_messages: u64,
+}
+
+/// A user's share of the disk budget and of the copies on disk, by
+/// default: one part in this many (spec §10, *Quotas*).
+pub const USER_SHARE: u64 = 8;
+
+impl Quotas {
+    /// The per-user shares set to their defaults for this budget: one
+    /// [`USER_SHARE`]th of `disk_budget` and of `total_messages`.
+    pub fn with_default_shares(mut self) -> Quotas {
+        self.user_bytes = self.disk_budget / USER_SHARE;
+        self.user_messages = self.total_messages / USER_SHARE;
+        self
+    }
+
+    /// One queue's quota.
+    pub(crate) fn queue(&self) -> shares::Use {
+        shares::Use {
+            count: self.queue_messages,
+            bytes: self.queue_bytes,
+        }
+    }
 }
 
 impl Default for Quotas {
@@ -141,7 +173,10 @@ impl Default for Quotas {
             queue_bytes: 256 << 20,
             total_messages: 1_000_000,
             disk_budget: 4 << 30,
+            user_bytes: 0,
+            user_messages: 0,
         }
+        .with_default_shares()
     }
 }
 
@@ -416,8 +451,11 @@ impl Store {
         if format != FORMAT_VERSION || !dir.join(FORMAT_FILE).exists() {
             write_format(dir)?;
         }
-        // Every queue's bookkeeping, recounted; every record's bytes.
+        // Every queue's bookkeeping, recounted; every record's bytes; who
+        // holds what (the fair shares).
         let mut loaded: HashMap<DeviceKey, Loaded> = HashMap::new();
+        let mut held = shares::Shares::default();
+        spill.count_shares(&mut held);
         let mut tombstones = HashMap::new();
         let mut disk_bytes = 0u64;
         let mut max_seq = 0u64;
@@ -436,6 +474,7 @@ impl Store {
                 Some(&disk::QUEUE) => {
                     let d = disk::parse_dev(&k).ok_or(StoreError::Corrupt("queues/key"))?;
                     let seq = disk::queue_seq(&k)?;
+                    held.add(d, disk::record_sender(&v), len);
                     let l = loaded.entry(d).or_default();
                     l.count += 1;
                     l.bytes += len;
@@ -475,6 +514,7 @@ impl Store {
             base,
             ceiling,
             restored,
+            held,
         ));
         {
             let mut l = live.lock();
@@ -695,6 +735,20 @@ impl Store {
     /// Entries and bytes one queue holds.
     pub fn queue_usage(&self, d: DeviceKey) -> (u64, u64) {
         self.live.lock().usage(d)
+    }
+
+    /// Entries and bytes `sender`'s messages and receipts hold in `d`'s
+    /// queue, and in all queues (what the fair shares count, spec §10,
+    /// *Quotas*).
+    pub fn held_by(&self, d: DeviceKey, sender: UserId) -> ((u64, u64), (u64, u64)) {
+        let (q, u) = self.live.lock().share_of(d, sender);
+        ((q.count, q.bytes), (u.count, u.bytes))
+    }
+
+    /// How many (queue, sending user) pairs and sending users the fair
+    /// shares count: about 40 bytes of memory each.
+    pub fn shares_counted(&self) -> (usize, usize) {
+        self.live.lock().shares_len()
     }
 
     /// Entries and bytes all queues hold.

@@ -19,8 +19,9 @@
 //! segment starts.
 //!
 //! The index: for each device, its copies still queued, in sequence order,
-//! as (sequence, the record's place, the copy's charge, a 32-bit tag of
-//! sender and message id): 24 bytes a copy. A record stays while any of
+//! as (sequence, the record's place, the copy's charge, the sending user, a
+//! 16-bit tag of the message id): 24 bytes a copy. The sending user is what
+//! the fair shares count a copy against (`shares.rs`) when it goes. A record stays while any of
 //! its copies is indexed; a record of several copies is counted once
 //! ([`Spill::held`]: what the disk budget counts). What removes a copy is
 //! recorded in `sled`, not here: a device's **mark** (`w` ‖ device →
@@ -50,6 +51,7 @@ use serde::{Deserialize, Serialize};
 use super::StoreError;
 use super::api::{Entry, QueuedMessage};
 use super::disk::{dev, varint_len};
+use super::shares::{Gone, Shares};
 use crate::ids::{DeviceKey, UserId};
 use crate::wire::MsgId;
 
@@ -209,16 +211,21 @@ fn part_charge(r: &MessageRecord, part: &Part) -> u64 {
     charge(r.from_user, r.from_device, r.to_user, r.time_ms, part.body.len())
 }
 
-/// The tag of a message in the index: a hash of its sending user and id,
-/// to find a user's message for a retraction without reading every record.
-pub(crate) fn tag(user: UserId, id: MsgId) -> u32 {
+/// The tag of a message in the index: a hash of its id, to find a user's
+/// message for a retraction without reading every record of the user's.
+fn tag(id: MsgId) -> u16 {
     let mut h: u32 = 0x811c_9dc5;
-    for b in user.0.to_be_bytes().iter().chain(id.0.iter()) {
+    for b in id.0.iter() {
         h ^= u32::from(*b);
         h = h.wrapping_mul(0x0100_0193);
     }
-    h
+    (h ^ (h >> 16)) as u16
 }
+
+/// The most a copy's charge may be: its body is at most
+/// [`crate::wire::MAX_BODY_LEN`] bytes, with a header of less than 100.
+const MAX_CHARGE: u64 = u16::MAX as u64;
+const _: () = assert!(crate::wire::MAX_BODY_LEN as u64 + 100 < MAX_CHARGE);
 
 /// One indexed copy: 24 bytes.
 #[derive(Debug, Clone, Copy)]
@@ -226,8 +233,17 @@ struct Indexed {
     seq: u64,
     loc: Loc,
     /// Its charge ([`copy_len`]).
-    charge: u32,
-    tag: u32,
+    charge: u16,
+    /// [`tag`] of its message id.
+    tag: u16,
+    /// Its sending user.
+    from: u32,
+}
+
+impl Indexed {
+    fn sender(&self) -> Option<UserId> {
+        Some(UserId(self.from))
+    }
 }
 
 /// A record that is not one copy alone (several copies, or copies of it
@@ -480,15 +496,17 @@ impl Spill {
                     if seq <= mark || removed.contains(&(d, seq)) {
                         continue;
                     }
-                    let c = part_charge(&r, part);
+                    // Never more (a body is at most 4 KiB): see MAX_CHARGE.
+                    let c = part_charge(&r, part).min(MAX_CHARGE);
                     // A record written twice (a migration rerun) is one copy.
                     if !insert_sorted(
                         s.queues.entry(d).or_default(),
                         Indexed {
                             seq,
                             loc,
-                            charge: c as u32,
-                            tag: tag(UserId(r.from_user), r.id),
+                            charge: c as u16,
+                            tag: tag(r.id),
+                            from: r.from_user,
                         },
                     ) {
                         continue;
@@ -609,7 +627,11 @@ impl Spill {
                 (d, seq, part_charge(&r, p))
             })
             .collect();
-        let t = tag(UserId(r.from_user), r.id);
+        if charges.iter().any(|&(_, _, c)| c > MAX_CHARGE) {
+            return Err(StoreError::Corrupt("spill/a copy over the largest body"));
+        }
+        let t = tag(r.id);
+        let from = r.from_user;
         let payload = encode(r)?;
         let (loc, bytes) = self.append_payload(&payload)?;
         let mut left = 0u32;
@@ -619,8 +641,9 @@ impl Spill {
                 Indexed {
                     seq,
                     loc,
-                    charge: c as u32,
+                    charge: c as u16,
                     tag: t,
+                    from,
                 },
             ) {
                 left += 1;
@@ -845,8 +868,8 @@ impl Spill {
 
     /// Every copy of `d` up to `up_to` is gone (acknowledged, expired):
     /// its mark moves (a device never spilled to has none). Returns how
-    /// many copies went and their charges.
-    pub fn ack(&mut self, d: DeviceKey, up_to: u64) -> (u64, u64) {
+    /// many copies went, their charges, and whose they were.
+    pub fn ack(&mut self, d: DeviceKey, up_to: u64) -> Gone {
         let mut gone = Vec::new();
         if let Some(q) = self.queues.get_mut(&d) {
             while q.front().is_some_and(|i| i.seq <= up_to) {
@@ -856,18 +879,19 @@ impl Spill {
                 self.queues.remove(&d);
             }
         }
+        let mut out = Gone::default();
         if gone.is_empty() && !self.marks.contains_key(&d) {
-            return (0, 0);
+            return out;
         }
         self.move_mark(d, up_to);
         let bytes: u64 = gone.iter().map(|i| u64::from(i.charge)).sum();
-        let n = gone.len() as u64;
         self.total -= gone.len();
         self.charged -= bytes;
         for i in gone {
+            out.add(i.sender(), u64::from(i.charge));
             self.release(i);
         }
-        (n, bytes)
+        out
     }
 
     fn move_mark(&mut self, d: DeviceKey, up_to: u64) {
@@ -895,9 +919,9 @@ impl Spill {
 
     /// Forgets a device's whole queue (revoked): its mark moves past all of
     /// it, and at least to `given` (the last sequence the queue gave out,
-    /// so that it covers every removal too). Returns how many copies went
-    /// and their charges.
-    pub fn clear(&mut self, d: DeviceKey, given: u64) -> (u64, u64) {
+    /// so that it covers every removal too). Returns how many copies went,
+    /// their charges, and whose they were.
+    pub fn clear(&mut self, d: DeviceKey, given: u64) -> Gone {
         let last = self.queues.get(&d).and_then(|q| q.back()).map_or(0, |i| i.seq);
         self.ack(d, last.max(given))
     }
@@ -1010,16 +1034,22 @@ impl Spill {
         Ok(())
     }
 
-    /// The copies whose tag is `tag` (a user's message: see [`tag`]), with
-    /// their records, to be checked by the caller.
+    /// The copies of `user`'s message `id` and of its messages whose id
+    /// has the same [`tag`], with their records, to be checked by the
+    /// caller.
     ///
     /// # Errors
     /// As [`Spill::read`].
-    pub fn find(&mut self, tag: u32) -> Result<Vec<CopyRecord>, StoreError> {
+    pub fn find(&mut self, user: UserId, id: MsgId) -> Result<Vec<CopyRecord>, StoreError> {
+        let t = tag(id);
         let locs: Vec<(DeviceKey, u64, Loc)> = self
             .queues
             .iter()
-            .flat_map(|(d, q)| q.iter().filter(|i| i.tag == tag).map(|i| (*d, i.seq, i.loc)))
+            .flat_map(|(d, q)| {
+                q.iter()
+                    .filter(|i| i.tag == t && i.from == user.0)
+                    .map(|i| (*d, i.seq, i.loc))
+            })
             .collect();
         locs.into_iter().map(|(d, seq, l)| self.read_copy(d, seq, l)).collect()
     }
@@ -1047,6 +1077,15 @@ impl Spill {
             out.push(r);
         }
         Ok(out)
+    }
+
+    /// Counts every indexed copy against its sender (at open).
+    pub fn count_shares(&self, shares: &mut Shares) {
+        for (d, q) in &self.queues {
+            for i in q {
+                shares.add(*d, i.sender(), u64::from(i.charge));
+            }
+        }
     }
 
     /// Devices with copies in the log.
@@ -1194,7 +1233,7 @@ mod tests {
         let held = s.held();
         // Copies go; the record stays while one is left.
         for d in &devices[..3] {
-            assert_eq!(s.ack(*d, 1), (1, alone));
+            assert_eq!(s.ack(*d, 1).totals(), (1, alone));
             assert_eq!(s.held(), held);
         }
         drop(s);
@@ -1397,6 +1436,11 @@ mod tests {
     }
 
     #[test]
+    fn an_indexed_copy_takes_24_bytes() {
+        assert_eq!(std::mem::size_of::<Indexed>(), 24);
+    }
+
+    #[test]
     fn a_retracted_copy_is_found_by_its_tag() {
         let dir = tempfile::tempdir().unwrap();
         let (mut s, _, _) = Spill::open(dir.path(), HashMap::new(), &HashSet::new(), 0).unwrap();
@@ -1404,7 +1448,7 @@ mod tests {
             s.append(dev(2, 1), u64::from(n), &msg(n, 10)).unwrap();
         }
         let m = msg(17, 10);
-        let found = s.find(tag(UserId(1), m.id)).unwrap();
+        let found = s.find(UserId(1), m.id).unwrap();
         assert!(found.iter().any(|r| r.id == m.id && r.seq() == 17));
         assert_eq!(s.remove(dev(2, 1), 17), Some(copy_len(&m)));
         assert_eq!(s.remove(dev(2, 1), 17), None);

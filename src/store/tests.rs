@@ -2279,20 +2279,22 @@ fn a_retraction_finds_a_spilled_copy_that_memory_no_longer_knows() {
 }
 
 #[test]
-fn quotas_refuse_and_drop_nothing() {
-    let (a, b) = (dev(1, 1), dev(2, 1));
+fn quotas_and_shares_refuse_and_drop_nothing() {
+    let (a, b, c, e) = (dev(1, 1), dev(2, 1), dev(3, 1), dev(4, 1));
     let dir = tempfile::tempdir().unwrap();
     let config = StoreConfig {
         quotas: Quotas {
-            queue_messages: 3,
+            queue_messages: 4,
             queue_bytes: 1 << 20,
             disk_budget: u64::MAX,
             total_messages: 1_000_000,
+            ..Quotas::default()
         },
         ..Default::default()
     };
     let mut r = Rig::with(dir.path(), config);
-    for i in 0..3u8 {
+    // A lone sender gets half of the queue.
+    for i in 0..2u8 {
         // Spilled or waiting alike.
         assert!(matches!(
             r.send(a, id(i), UserId(2), &[(b, b"x", i == 0)]).1,
@@ -2302,41 +2304,63 @@ fn quotas_refuse_and_drop_nothing() {
     r.step(true);
     assert_eq!(
         r.send(a, id(9), UserId(2), &[(b, b"x", false)]).1,
-        Appended::Refused(Refused::Quota(Quota::Queue(b)))
+        Appended::Refused(Refused::Quota(Quota::Sender(b)))
     );
     // Refused as a whole: no copy for another device either.
     assert_eq!(
         r.send(a, id(9), UserId(2), &[(dev(2, 2), b"x", false), (b, b"x", false)])
             .1,
-        Appended::Refused(Refused::Quota(Quota::Queue(b)))
+        Appended::Refused(Refused::Quota(Quota::Sender(b)))
     );
     assert_eq!(r.s.queue_usage(dev(2, 2)), (0, 0));
-    assert_eq!(r.s.queue_usage(b).0, 3);
+    assert_eq!(r.s.queue_usage(b).0, 2);
     assert_eq!(r.recall(a, id(9)).1, None, "not remembered");
-    // After an ack it goes through.
-    r.s.ack(b, 1);
+    // Another sender finds room: half of what is left.
+    assert!(matches!(
+        r.send(c, id(1), UserId(2), &[(b, b"x", false)]).1,
+        Appended::Queued { .. }
+    ));
     r.step(true);
+    assert_eq!(r.s.held_by(b, UserId(1)).0.0, 2);
+    assert_eq!(r.s.held_by(b, UserId(3)).0.0, 1);
+    // With one entry of room left, nobody may take it: the queue is full
+    // for everyone.
+    assert_eq!(
+        r.send(e, id(1), UserId(2), &[(b, b"x", false)]).1,
+        Appended::Refused(Refused::Quota(Quota::Queue(b)))
+    );
+    // After an ack it goes through.
+    r.s.ack(b, 2);
+    r.step(true);
+    assert_eq!(r.s.held_by(b, UserId(1)).0.0, 0);
     assert!(matches!(
         r.send(a, id(9), UserId(2), &[(b, b"x", false)]).1,
         Appended::Queued { .. }
     ));
-    assert_eq!(r.s.queue_usage(b).0, 3);
-    // Receipts too: folding into a waiting entry is fine, a new entry is not.
+    assert_eq!(r.s.queue_usage(b).0, 2);
+    // Receipts too: folding into a waiting entry is fine, a new entry is
+    // not.
     r.step(true);
     assert_eq!(
         r.receipt(a, UserId(2), ReceiptKind::READ, &[id(1)], &[b]),
-        Outcome::Receipt(Err(Refused::Quota(Quota::Queue(b))))
+        Outcome::Receipt(Err(Refused::Quota(Quota::Sender(b))))
     );
-    assert_eq!(r.queue(b).len(), 3);
+    assert_eq!(r.queue(b).len(), 2);
+    // Counted again on open, whoever they are from.
+    let r = r.reopen();
+    let (mine, theirs) = (r.s.held_by(b, UserId(1)).0, r.s.held_by(b, UserId(3)).0);
+    assert_eq!((mine.0, theirs.0), (1, 1));
+    assert_eq!((mine.0 + theirs.0, mine.1 + theirs.1), r.s.queue_usage(b));
 
     // Bytes.
     let dir = tempfile::tempdir().unwrap();
     let config = StoreConfig {
         quotas: Quotas {
             queue_messages: 100,
-            queue_bytes: 300,
+            queue_bytes: 800,
             disk_budget: u64::MAX,
             total_messages: 1_000_000,
+            ..Quotas::default()
         },
         ..Default::default()
     };
@@ -2348,10 +2372,11 @@ fn quotas_refuse_and_drop_nothing() {
     ));
     assert_eq!(
         r.send(a, id(2), UserId(2), &[(b, &body, false)]).1,
-        Appended::Refused(Refused::Quota(Quota::Queue(b)))
+        Appended::Refused(Refused::Quota(Quota::Sender(b)))
     );
     // An ack of a copy that was never written frees its room at once.
     r.s.ack(b, u64::MAX);
+    assert_eq!(r.s.held_by(b, UserId(1)), ((0, 0), (0, 0)));
     assert!(matches!(
         r.send(a, id(2), UserId(2), &[(b, &body, false)]).1,
         Appended::Queued { .. }
@@ -2373,6 +2398,79 @@ fn quotas_refuse_and_drop_nothing() {
     );
     assert_eq!(r.s.queue_usage(b), (0, 0));
     assert_eq!(r.s.last_seq(b), 0, "no number given out");
+}
+
+/// A user's share of the storage: its fixed share of the budget, and half
+/// of the room the others leave; a user holding nothing is refused only
+/// when the budget itself is out of room.
+#[test]
+fn a_user_holds_at_most_its_share_of_the_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, c) = (dev(1, 1), dev(3, 1));
+    let config = StoreConfig {
+        quotas: Quotas {
+            disk_budget: 100_000,
+            ..Quotas::default()
+        }
+        .with_default_shares(),
+        ..Default::default()
+    };
+    let mut r = Rig::with(dir.path(), config);
+    let body = [0u8; 1000];
+    // The fixed share, an eighth of the budget, across queues.
+    let mut n = 0u8;
+    while matches!(
+        r.send(a, id(n), UserId(2), &[(dev(2, u32::from(n % 4) + 1), &body, false)])
+            .1,
+        Appended::Queued { .. }
+    ) {
+        n += 1;
+    }
+    assert_eq!(n, 11, "11 copies of 1053 bytes fit in 12500");
+    assert_eq!(
+        r.send(a, id(n), UserId(2), &[(dev(2, 9), &body, false)]).1,
+        Appended::Refused(Refused::Quota(Quota::User))
+    );
+    // Someone else is not refused for it.
+    assert!(matches!(
+        r.send(c, id(1), UserId(2), &[(dev(2, 1), &body, false)]).1,
+        Appended::Queued { .. }
+    ));
+    r.step(true);
+    let ((_, _), (count, bytes)) = r.s.held_by(dev(2, 1), UserId(1));
+    assert_eq!(count, 11);
+    assert!(bytes <= 12_500);
+    // Half of the room the others leave: many users each filling their
+    // fixed share never take the last of the budget.
+    let mut users = 10u32;
+    loop {
+        let s = dev(users, 1);
+        let mut got = 0;
+        for i in 0..20u8 {
+            match r
+                .send(s, id(i), UserId(2), &[(dev(2, u32::from(i % 8) + 1), &body, false)])
+                .1
+            {
+                Appended::Queued { .. } => got += 1,
+                Appended::Refused(Refused::Quota(Quota::User | Quota::Disk)) => break,
+                other => panic!("user {users}: {other:?}"),
+            }
+        }
+        r.step(true);
+        users += 1;
+        if got == 0 {
+            break;
+        }
+    }
+    // Each took at most half of what was left: the last left at least
+    // as much as it took.
+    let used = r.s.queued_bytes();
+    assert!(used <= 100_000 - 1053, "{used}");
+    // A newcomer with a small message still gets in.
+    assert!(matches!(
+        r.send(dev(99, 1), id(1), UserId(2), &[(dev(2, 1), b"hello", false)]).1,
+        Appended::Queued { .. }
+    ));
 }
 
 /// Below the free-space floor, appends and receipts are refused in
@@ -2516,15 +2614,18 @@ fn the_budget_counts_queued_bytes_exactly_and_receipts_too() {
     };
     let mut r = Rig::with(dir.path(), config.clone());
     let body = [0u8; 250];
-    for i in 0..3u8 {
+    // Two senders: each may hold at most half of the room the others
+    // leave, so a third finds too little.
+    let c = dev(3, 1);
+    for (i, s) in [a, c].into_iter().enumerate() {
         assert!(matches!(
-            r.send(a, id(i), UserId(2), &[(b, &body, false)]).1,
+            r.send(s, id(i as u8), UserId(2), &[(b, &body, false)]).1,
             Appended::Queued { .. }
         ));
     }
     // Waiting copies count against the budget before they are written.
     assert_eq!(
-        r.send(a, id(9), UserId(2), &[(b, &body, false)]).1,
+        r.send(dev(4, 1), id(9), UserId(2), &[(b, &body, false)]).1,
         Appended::Refused(Refused::Quota(Quota::Disk))
     );
     r.step(true);
@@ -2534,7 +2635,7 @@ fn the_budget_counts_queued_bytes_exactly_and_receipts_too() {
     assert_eq!(used, r.s.queue_usage(b).1);
     assert_eq!(used, spilled(&r.s).iter().map(|(_, _, b)| b).sum::<u64>());
     assert_eq!(
-        r.send(a, id(9), UserId(2), &[(b, &body, false)]).1,
+        r.send(dev(4, 1), id(9), UserId(2), &[(b, &body, false)]).1,
         Appended::Refused(Refused::Quota(Quota::Disk))
     );
     // Receipts cannot fill it either.
@@ -2544,7 +2645,7 @@ fn the_budget_counts_queued_bytes_exactly_and_receipts_too() {
         Outcome::Receipt(Err(Refused::Quota(Quota::Disk)))
     );
     // An ack frees the budget once the store thread deleted the records.
-    r.s.ack(b, 2);
+    r.s.ack(b, 1);
     r.step(true);
     assert!(r.s.queued_bytes() < used);
     assert!(matches!(
@@ -2563,7 +2664,7 @@ fn receipts_that_start_an_entry_count_against_a_full_queue() {
     let (a, b) = (dev(1, 1), dev(2, 1));
     let config = StoreConfig {
         quotas: Quotas {
-            queue_messages: 2,
+            queue_messages: 4,
             ..Quotas::default()
         },
         ..Default::default()
@@ -2573,20 +2674,30 @@ fn receipts_that_start_an_entry_count_against_a_full_queue() {
     let delivered = ReceiptKind::DELIVERED;
     r.receipt(b, UserId(1), read, &[id(1)], &[a]);
     r.receipt(b, UserId(1), delivered, &[id(1)], &[a]);
-    // Folding into a waiting entry is fine; a third entry is not.
+    // Folding into a waiting entry is fine; a third entry of b's is not:
+    // b has its share of the queue.
     assert_eq!(
         r.receipt(b, UserId(1), read, &[id(2)], &[a]),
         Outcome::Receipt(Ok(vec![a]))
     );
     assert_eq!(r.s.queue_usage(a).0, 2);
     assert_eq!(
+        r.receipt(b, UserId(1), ReceiptKind(3), &[id(2)], &[a]),
+        Outcome::Receipt(Err(Refused::Quota(Quota::Sender(a))))
+    );
+    // Another reader gets half of what is left; then the queue is full.
+    assert_eq!(
         r.receipt(dev(3, 1), UserId(1), read, &[id(3)], &[a]),
+        Outcome::Receipt(Ok(vec![a]))
+    );
+    assert_eq!(
+        r.receipt(dev(4, 1), UserId(1), read, &[id(3)], &[a]),
         Outcome::Receipt(Err(Refused::Quota(Quota::Queue(a))))
     );
-    assert_eq!(r.s.queue_usage(a).0, 2);
+    assert_eq!(r.s.queue_usage(a).0, 3);
     // Refused as a whole: not queued for a target with room either.
     assert_eq!(
-        r.receipt(dev(3, 1), UserId(1), read, &[id(3)], &[dev(1, 2), a]),
+        r.receipt(dev(4, 1), UserId(1), read, &[id(3)], &[dev(1, 2), a]),
         Outcome::Receipt(Err(Refused::Quota(Quota::Queue(a))))
     );
     assert_eq!(r.s.queue_usage(dev(1, 2)), (0, 0));

@@ -34,10 +34,13 @@ fn dev(u: u32, d: u32) -> DeviceKey {
 fn config() -> LiveConfig {
     LiveConfig {
         quotas: Quotas {
-            queue_messages: 6,
-            queue_bytes: 700,
+            // A lone sender gets half: 6 entries, 700 bytes.
+            queue_messages: 12,
+            queue_bytes: 1400,
             disk_budget: 4000,
             total_messages: 1_000_000,
+            user_bytes: 3000,
+            user_messages: 1_000_000,
         },
         write_delay: DELAY,
         write_memory: 1000,
@@ -74,6 +77,8 @@ struct Opened {
     disk: BTreeMap<(DeviceKey, u64), u64>,
     /// Their entries.
     model: BTreeMap<(DeviceKey, u64), Entry>,
+    /// What the fair shares count, as open would recount it.
+    shares: Shares,
 }
 
 impl Default for Opened {
@@ -86,6 +91,7 @@ impl Default for Opened {
             restored: Vec::new(),
             disk: BTreeMap::new(),
             model: BTreeMap::new(),
+            shares: Shares::default(),
         }
     }
 }
@@ -122,6 +128,7 @@ impl Opened {
                 l.max_seq = l.max_seq.max(seq);
                 o.base = o.base.max(seq + 1);
                 o.disk.insert((d, seq), size);
+                o.shares.add(d, e.sender(), size);
                 o.model.insert((d, seq), e);
                 r.copies.push((d, seq));
             }
@@ -138,6 +145,8 @@ struct Fake {
     ms: u64,
     /// The records "on disk": (device, seq) → bytes.
     disk: BTreeMap<(DeviceKey, u64), u64>,
+    /// Whose each record on disk is (what the fair shares count).
+    whose: HashMap<(DeviceKey, u64), Option<UserId>>,
     /// Written in batches not yet durable.
     batch: Vec<(DeviceKey, u64)>,
     /// Copies reported durable.
@@ -182,6 +191,12 @@ impl Fake {
     fn opened(config: LiveConfig, o: Opened) -> Fake {
         let disk_bytes = o.disk.values().sum();
         let tombs = o.tombstones.clone();
+        let whose = o
+            .model
+            .iter()
+            .filter(|(k, _)| o.disk.contains_key(k))
+            .map(|(k, e)| (*k, e.sender()))
+            .collect();
         let mut given = HashMap::new();
         for (d, l) in &o.loaded {
             given.insert(*d, l.max_seq.max(o.base - 1));
@@ -214,11 +229,13 @@ impl Fake {
                 o.base,
                 o.ceiling,
                 o.restored,
+                o.shares,
             ),
             t0: Instant::now(),
             ms: 0,
             durable: o.disk.keys().copied().collect(),
             disk: o.disk,
+            whose,
             batch: Vec::new(),
             model: o.model,
             given,
@@ -360,6 +377,33 @@ impl Fake {
                 return (Appended::Refused(Refused::Quota(Quota::Queue(*d))), Vec::new());
             }
         }
+        // Fair shares: a sender at most half of the room the others leave
+        // in each queue, and in the storage, within its fixed share.
+        let user = key.0.user;
+        for (d, e) in &entries {
+            let (count, bytes) = live.usage(*d);
+            let free = (quotas.queue_messages - count, quotas.queue_bytes - bytes);
+            let (mine, _) = live.share_of(*d, user);
+            let size = e.stored_len();
+            if mine.count + 2 > free.0 || mine.bytes + 2 * size > free.1 {
+                let quota = if 2 > free.0 || 2 * size > free.1 {
+                    Quota::Queue(*d)
+                } else {
+                    Quota::Sender(*d)
+                };
+                return (Appended::Refused(Refused::Quota(quota)), Vec::new());
+            }
+        }
+        let (_, mine) = live.share_of(entries[0].0, user);
+        let n = entries.len() as u64;
+        let room = quotas.disk_budget - (live.disk_bytes + live.unwritten());
+        if mine.count + n > quotas.user_messages || mine.bytes + total > quotas.user_bytes {
+            return (Appended::Refused(Refused::Quota(Quota::User)), Vec::new());
+        }
+        if mine.bytes + 2 * total > room {
+            let quota = if 2 * total > room { Quota::Disk } else { Quota::User };
+            return (Appended::Refused(Refused::Quota(quota)), Vec::new());
+        }
         (Appended::Queued { time_ms }, entries)
     }
 
@@ -378,13 +422,9 @@ impl Fake {
             .lock()
             .take(self.now(), &mut writes, &mut deletes, &mut removes);
         assert!(removes.is_empty());
-        let mut live = self.live.lock();
         for (d, up_to) in deletes {
-            let gone: Vec<_> = self.disk.range((d, 0)..=(d, up_to)).map(|(k, v)| (*k, *v)).collect();
-            for (k, _) in &gone {
-                self.disk.remove(k);
-            }
-            live.deleted(d, gone.len() as u64, gone.iter().map(|(_, s)| s).sum());
+            let gone = self.delete_disk(d, 0, up_to);
+            self.live.lock().deleted(d, &gone);
         }
         for w in writes {
             assert_eq!(
@@ -393,8 +433,21 @@ impl Fake {
                 "wrote something not queued"
             );
             assert!(self.disk.insert((w.device, w.seq), w.entry.stored_len()).is_none());
+            self.whose.insert((w.device, w.seq), w.entry.sender());
             self.batch.push((w.device, w.seq));
         }
+    }
+
+    /// Deletes `d`'s records `from..=to` from the fake disk: how many
+    /// went, their bytes and whose.
+    fn delete_disk(&mut self, d: DeviceKey, from: u64, to: u64) -> Gone {
+        let gone: Vec<_> = self.disk.range((d, from)..=(d, to)).map(|(k, v)| (*k, *v)).collect();
+        let mut out = Gone::default();
+        for (k, size) in gone {
+            self.disk.remove(&k);
+            out.add(self.whose.remove(&k).flatten(), size);
+        }
+        out
     }
 
     /// The flusher made the last batches durable.
@@ -406,13 +459,12 @@ impl Fake {
 
     /// As retraction and folding do.
     fn remove(&mut self, d: DeviceKey, seq: u64) {
-        let mut live = self.live.lock();
-        match live.remove(d, seq) {
+        let removed = self.live.lock().remove(d, seq);
+        match removed {
             Removed::Memory => assert!(!self.disk.contains_key(&(d, seq))),
             Removed::Disk | Removed::NotInMemory => {
-                if let Some(size) = self.disk.remove(&(d, seq)) {
-                    live.deleted(d, 1, size);
-                }
+                let gone = self.delete_disk(d, seq, seq);
+                self.live.lock().deleted(d, &gone);
             }
         }
         self.model.remove(&(d, seq));
@@ -420,13 +472,9 @@ impl Fake {
 
     /// As revocation does.
     fn clear(&mut self, d: DeviceKey) {
-        let mut live = self.live.lock();
-        live.clear(d);
-        let gone: Vec<_> = self.disk.range((d, 0)..=(d, u64::MAX)).map(|(k, v)| (*k, *v)).collect();
-        for (k, _) in &gone {
-            self.disk.remove(k);
-        }
-        live.deleted(d, gone.len() as u64, gone.iter().map(|(_, s)| s).sum());
+        self.live.lock().clear(d);
+        let gone = self.delete_disk(d, 0, u64::MAX);
+        self.live.lock().deleted(d, &gone);
         let gone: Vec<_> = self.model.range((d, 0)..=(d, u64::MAX)).map(|(k, _)| *k).collect();
         for k in gone {
             self.model.remove(&k);
@@ -447,6 +495,7 @@ impl Fake {
         let before = self.given.insert(d, seq);
         assert!(before.is_none_or(|b| b < seq));
         self.disk.insert((d, seq), e.stored_len());
+        self.whose.insert((d, seq), e.sender());
         self.batch.push((d, seq));
         self.model.insert((d, seq), e);
     }
@@ -518,6 +567,29 @@ impl Fake {
             }
             assert_eq!(i.unwritten, unwritten, "unwritten");
             assert_eq!(i.cached, cached, "cached");
+            // The fair shares: exactly what each sender has on disk and
+            // unwritten, per queue and in all.
+            let mut per_queue: BTreeMap<(DeviceKey, UserId), Use> = BTreeMap::new();
+            let mut per_user: BTreeMap<UserId, Use> = BTreeMap::new();
+            let mut count = |d: DeviceKey, s: Option<UserId>, size: u64| {
+                if let Some(s) = s {
+                    let q = per_queue.entry((d, s)).or_default();
+                    q.count += 1;
+                    q.bytes += size;
+                    let u = per_user.entry(s).or_default();
+                    u.count += 1;
+                    u.bytes += size;
+                }
+            };
+            for ((d, seq), size) in &self.disk {
+                count(*d, self.whose.get(&(*d, *seq)).copied().flatten(), *size);
+            }
+            for (d, q) in &i.queues {
+                for s in q.mem.iter().filter(|s| s.state == State::Unwritten) {
+                    count(*d, s.entry.sender(), s.size);
+                }
+            }
+            assert_eq!(i.shares.snapshot(), (per_queue, per_user), "the fair shares");
             assert_eq!(i.disk_bytes, self.disk.values().sum::<u64>(), "disk_bytes");
             // Reads from memory, wherever they are allowed, are exact.
             for (d, q) in &i.queues {
@@ -870,12 +942,12 @@ fn quotas_refuse_as_a_whole() {
     let before = f.live.lock().last_seq(c);
     assert_eq!(
         f.append(a, 9, &[(c, 10, false), (b, 10, false)]),
-        Appended::Refused(Refused::Quota(Quota::Queue(b)))
+        Appended::Refused(Refused::Quota(Quota::Sender(b)))
     );
     assert_eq!(f.live.lock().last_seq(c), before, "nothing given out");
     assert_eq!(f.live.lock().usage(c), (0, 0));
     f.check();
-    // Bytes: 700 a queue.
+    // Bytes: 1400 a queue, more than half of it for nobody.
     assert_eq!(
         f.append(a, 10, &[(c, 700, false)]),
         Appended::Refused(Refused::Quota(Quota::Queue(c)))
@@ -1062,14 +1134,14 @@ fn below_the_floor_a_retry_of_a_restored_message_with_a_missing_copy_is_refused(
 fn a_refused_retry_of_a_restored_message_is_recognised_later() {
     let (a, e, b, c) = (dev(1, 1), dev(1, 2), dev(2, 1), dev(3, 1));
     let mut f = Fake::opened(config(), Opened::spilled(&[(a, 1, 77, &[(b, 1, 10)])]));
-    // c's queue is full (six entries).
+    // The user's share of c's queue is full (six entries).
     for i in 0..6 {
         assert!(matches!(f.append(e, i, &[(c, 10, false)]), Appended::Queued { .. }));
     }
     f.ms = 5000;
     assert_eq!(
         f.append(a, 1, &[(b, 10, false), (c, 10, false)]),
-        Appended::Refused(Refused::Quota(Quota::Queue(c)))
+        Appended::Refused(Refused::Quota(Quota::Sender(c)))
     );
     f.check();
     f.turn();
@@ -1144,7 +1216,7 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        10 => (0u8..2, 0u8..10, 1u8..16, any::<u8>(), 0usize..200)
+        10 => (0u8..3, 0u8..10, 1u8..16, any::<u8>(), 0usize..200)
             .prop_map(|(sender, id, targets, online, len)| Op::Append { sender, id, targets, online, len }),
         5 => (0..QUEUES, prop_oneof![0u64..40, Just(u64::MAX)]).prop_map(|(device, up_to)| Op::Ack { device, up_to }),
         5 => prop_oneof![Just(0u64), 1u64..80].prop_map(|advance| Op::Turn { advance }),
@@ -1187,7 +1259,14 @@ fn run(ops: Vec<Op>) {
                     .filter(|i| targets & (1 << i) != 0)
                     .map(|i| (device(i), len, online & (1 << i) != 0))
                     .collect();
-                f.append(dev(1, 1 + u32::from(sender)), id, &copies);
+                // Senders 0 and 1 are one user's two devices (their fair
+                // shares are one), sender 2 another user.
+                let s = if sender < 2 {
+                    dev(1, 1 + u32::from(sender))
+                } else {
+                    dev(8, 1)
+                };
+                f.append(s, id, &copies);
             }
             Op::Ack { device: d, up_to } => f.ack(device(d), up_to),
             Op::Turn { advance } => {
