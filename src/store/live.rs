@@ -571,6 +571,33 @@ impl Guard<'_> {
         self.inner.shares.len()
     }
 
+    /// Every count of the fair shares (for tests that check them).
+    #[cfg(test)]
+    #[allow(clippy::type_complexity)]
+    pub fn shares_snapshot(
+        &self,
+    ) -> (
+        std::collections::BTreeMap<(DeviceKey, UserId), Use>,
+        std::collections::BTreeMap<UserId, Use>,
+    ) {
+        self.inner.shares.snapshot()
+    }
+
+    /// Every unwritten copy's device, sender and size (for tests).
+    #[cfg(test)]
+    pub fn unwritten_senders(&self) -> Vec<(DeviceKey, Option<UserId>, u64)> {
+        self.inner
+            .queues
+            .iter()
+            .flat_map(|(d, q)| {
+                q.mem
+                    .iter()
+                    .filter(|s| s.state == State::Unwritten)
+                    .map(|s| (*d, s.sender(), s.size))
+            })
+            .collect()
+    }
+
     /// Reads from memory (see [`super::api::StoreApi::read`]).
     pub fn read(&self, d: DeviceKey, from: u64, max: usize, out: &mut Vec<(u64, Entry)>) -> Read {
         let Some(q) = self.inner.queues.get(&d) else {

@@ -1133,6 +1133,15 @@ impl Spill {
         out
     }
 
+    /// Every indexed copy's device, sending user and charge.
+    #[cfg(test)]
+    pub fn indexed_senders(&self) -> Vec<(DeviceKey, UserId, u64)> {
+        self.queues
+            .iter()
+            .flat_map(|(d, q)| q.iter().map(|i| (*d, UserId(i.from), u64::from(i.charge))))
+            .collect()
+    }
+
     /// The bytes of the records on disk that hold an indexed copy, read
     /// from the files (to check [`Spill::held`]).
     #[cfg(test)]

@@ -159,6 +159,39 @@ fn check_totals(s: &Store) {
     assert!(entries >= count, "{entries} entries counted, {count} on disk");
 }
 
+/// The fair shares count exactly what each sender has queued: its
+/// receipts in sled, its copies in the spill log and its copies waiting
+/// in memory, per queue and in all (acknowledged records count until the
+/// store thread deleted them, as the queues' own counts do).
+#[track_caller]
+fn check_shares(s: &Store) {
+    let mut per_queue: BTreeMap<(DeviceKey, UserId), shares::Use> = BTreeMap::new();
+    let mut per_user: BTreeMap<UserId, shares::Use> = BTreeMap::new();
+    let mut count = |d: DeviceKey, sender: Option<UserId>, bytes: u64| {
+        if let Some(u) = sender {
+            for c in [per_queue.entry((d, u)).or_default(), per_user.entry(u).or_default()] {
+                c.count += 1;
+                c.bytes += bytes;
+            }
+        }
+    };
+    for (k, v) in records(s, disk::QUEUE) {
+        count(
+            disk::parse_dev(&k).unwrap(),
+            disk::record_sender(&v),
+            disk::record_len(&k, &v),
+        );
+    }
+    for (d, u, bytes) in s.spill.lock().unwrap_or_else(|e| e.into_inner()).indexed_senders() {
+        count(d, Some(u), bytes);
+    }
+    let live = s.live.lock();
+    for (d, u, bytes) in live.unwritten_senders() {
+        count(d, u, bytes);
+    }
+    assert_eq!(live.shares_snapshot(), (per_queue, per_user), "the fair shares");
+}
+
 /// The time the test's clock starts at.
 const T0_MS: u64 = 1_700_000_000_000;
 
@@ -2950,6 +2983,7 @@ mod budget {
                 Step::Reopen => r = r.reopen(),
             }
             check_bytes(&r.s);
+            check_shares(&r.s);
         }
         // Everything acknowledged: nothing of the queues is left on disk
         // but retractions and marks (one per device that had a copy
