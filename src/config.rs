@@ -89,6 +89,13 @@ pub struct QuotaSettings {
     pub disk_budget: Option<u64>,
     /// Most message copies waiting on disk in all queues together.
     pub total_messages: Option<u64>,
+    /// Most bytes one user's messages and receipts may hold in all queues
+    /// (default: an eighth of `disk_budget`).
+    #[serde(default, deserialize_with = "size")]
+    pub user_bytes: Option<u64>,
+    /// Most entries one user's messages and receipts may make in all
+    /// queues (default: an eighth of `total_messages`).
+    pub user_messages: Option<u64>,
 }
 
 /// `[timeouts]`.
@@ -123,6 +130,18 @@ pub struct Limits {
     /// Ephemeral sends (typing) and presence requests per device per
     /// minute.
     pub ephemeral_per_minute: Option<u32>,
+    /// `Send`s per device per minute, sustained.
+    pub sends_per_minute: Option<u32>,
+    /// `Send`s per device at once.
+    pub send_burst: Option<u32>,
+    /// Receipts, retractions and key uploads per device per minute.
+    pub writes_per_minute: Option<u32>,
+    /// Receipts, retractions and key uploads per device at once.
+    pub write_burst: Option<u32>,
+    /// One-time keys of one device handed out per minute, whoever claims.
+    pub one_time_keys_per_minute: Option<u32>,
+    /// One-time keys of one device handed out at once.
+    pub one_time_keys_burst: Option<u32>,
     /// sled's page cache.
     #[serde(default, deserialize_with = "size")]
     pub cache: Option<u64>,
@@ -216,6 +235,19 @@ impl FileConfig {
         if config.limits.ephemeral_per_minute == Some(0) {
             return Err("limits.ephemeral_per_minute: must be at least 1".into());
         }
+        let l = &config.limits;
+        for (key, v) in [
+            ("sends_per_minute", l.sends_per_minute),
+            ("send_burst", l.send_burst),
+            ("writes_per_minute", l.writes_per_minute),
+            ("write_burst", l.write_burst),
+            ("one_time_keys_per_minute", l.one_time_keys_per_minute),
+            ("one_time_keys_burst", l.one_time_keys_burst),
+        ] {
+            if v == Some(0) {
+                return Err(format!("limits.{key}: must be at least 1"));
+            }
+        }
         Ok(config)
     }
 
@@ -257,6 +289,23 @@ impl FileConfig {
         if let Some(v) = l.ephemeral_per_minute {
             c.hub.ephemeral_per_minute = v;
         }
+        let rates = [
+            (&mut c.hub.send_rate, l.sends_per_minute, l.send_burst),
+            (&mut c.hub.write_rate, l.writes_per_minute, l.write_burst),
+            (
+                &mut c.hub.key_handouts,
+                l.one_time_keys_per_minute,
+                l.one_time_keys_burst,
+            ),
+        ];
+        for (rate, per_minute, burst) in rates {
+            if let Some(v) = per_minute {
+                rate.per_minute = v;
+            }
+            if let Some(v) = burst {
+                rate.burst = v;
+            }
+        }
         if let Some(v) = l.cache {
             c.store.cache_capacity = v;
         }
@@ -278,6 +327,14 @@ impl FileConfig {
         }
         if let Some(v) = q.total_messages {
             c.store.quotas.total_messages = v;
+        }
+        // The users' shares follow the budget unless they are set.
+        c.store.quotas = c.store.quotas.with_default_shares();
+        if let Some(v) = q.user_bytes {
+            c.store.quotas.user_bytes = v;
+        }
+        if let Some(v) = q.user_messages {
+            c.store.quotas.user_messages = v;
         }
         let st = &self.store;
         if let Some(v) = st.write_delay {
@@ -322,6 +379,12 @@ mod tests {
             delivery_window = 128
             key_claims_per_minute = 10
             ephemeral_per_minute = 20
+            sends_per_minute = 120
+            send_burst = 1000
+            writes_per_minute = 240
+            write_burst = 50
+            one_time_keys_per_minute = 2
+            one_time_keys_burst = 5
             cache = 33554432
             connections_per_ip = 10
             handshakes_per_second_per_ip = 5
@@ -350,6 +413,9 @@ mod tests {
         assert_eq!(s.hub.window, 128);
         assert_eq!(s.hub.link_ttl, Duration::from_secs(900));
         assert_eq!(s.hub.ephemeral_per_minute, 20);
+        assert_eq!((s.hub.send_rate.per_minute, s.hub.send_rate.burst), (120, 1000));
+        assert_eq!((s.hub.write_rate.per_minute, s.hub.write_rate.burst), (240, 50));
+        assert_eq!((s.hub.key_handouts.per_minute, s.hub.key_handouts.burst), (2, 5));
         assert_eq!(s.store.cache_capacity, 32 << 20);
         assert_eq!(s.per_ip.connections, 10);
         assert_eq!(s.per_ip.handshakes_per_second, 5);
@@ -358,6 +424,7 @@ mod tests {
         assert_eq!(s.store.quotas.queue_messages, 1000);
         assert_eq!(s.store.quotas.queue_bytes, 10 << 20);
         assert_eq!(s.store.quotas.disk_budget, 1 << 30);
+        assert_eq!(s.store.quotas.user_bytes, 128 << 20, "an eighth of the budget");
         assert_eq!(s.store.write_delay, Duration::from_millis(20));
         assert_eq!(s.store.write_memory, 4 << 20);
         assert_eq!(s.store.min_free, 1 << 30);
@@ -379,6 +446,7 @@ mod tests {
             ("workers = 0", "workers"),
             ("listen = \"nowhere\"", "listen"),
             ("[timeouts]\nidle = \"0s\"", "idle"),
+            ("[limits]\nsend_burst = 0", "send_burst"),
         ] {
             let e = FileConfig::parse(text).unwrap_err();
             assert!(e.contains(needle), "{text}: {e}");

@@ -19,7 +19,17 @@ impl Drop for Daemon {
 
 fn start_daemon() -> Daemon {
     let dir = tempfile::tempdir().unwrap();
+    // The generator sends as fast as its window allows, past the
+    // per-device send rate a real server keeps (as scripts/load does).
+    let config = dir.path().join("tidingsd.toml");
+    std::fs::write(
+        &config,
+        "[limits]\nsends_per_minute = 1000000000\nsend_burst = 1000000\nwrites_per_minute = 1000000000\nwrite_burst = 1000000\n",
+    )
+    .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_tidingsd"))
+        .arg("--config")
+        .arg(&config)
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .args(["--listen", "127.0.0.1:0", "--workers", "2"])

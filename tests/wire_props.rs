@@ -264,6 +264,7 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
             body
         })),
         (text(), seen()).prop_map(|(user, seen)| ServerFrame::Presence(tidings::wire::Presence { user, seen })),
+        int_u64().prop_map(|after_ms| ServerFrame::RetryAfter { after_ms }),
     ]
 }
 
@@ -316,6 +317,7 @@ fn server_tag(f: &ServerFrame) -> u32 {
         ServerFrame::Expired(_) => 17,
         ServerFrame::Ephemeral(_) => 18,
         ServerFrame::Presence(_) => 19,
+        ServerFrame::RetryAfter { .. } => 20,
     }
 }
 

@@ -71,6 +71,13 @@ impl Backoff {
         Some(at)
     }
 
+    /// Whether a retry at `at` is within the deadline and the time limit
+    /// (for a wait the server asked for: `RetryAfter`).
+    pub fn allows(&self, at: Instant) -> bool {
+        let started = self.started.unwrap_or(at);
+        !(self.give_up_after.is_some_and(|limit| at > started + limit) || self.deadline.is_some_and(|d| at > d))
+    }
+
     /// The wait the next failure will get.
     pub fn peek(&self) -> Duration {
         self.next

@@ -112,6 +112,9 @@ pub enum ConnEvent {
     /// The server says this device's stock of one-time keys is low (spec
     /// §5.4: sent unasked at authentication and when claims drain it).
     KeyCount(u32),
+    /// How long to wait before trying again a request refused for a rate:
+    /// it comes right before that refusal (spec §5.3, `RetryAfter`).
+    RetryAfter(std::time::Duration),
     /// The connection is over; no more events follow.
     Closed(Closed),
 }
@@ -427,6 +430,9 @@ impl Split<'_> {
             ServerFrame::Presence(p) if req == 0 => self.events.push_back(ConnEvent::Presence(p)),
             ServerFrame::QueueDrained if req == 0 => self.events.push_back(ConnEvent::QueueDrained),
             ServerFrame::KeyCount { one_time } if req == 0 => self.events.push_back(ConnEvent::KeyCount(one_time)),
+            ServerFrame::RetryAfter { after_ms } if req == 0 => self
+                .events
+                .push_back(ConnEvent::RetryAfter(std::time::Duration::from_millis(after_ms))),
             ServerFrame::Pong if req == 0 => {}
             frame if req != 0 => self.events.push_back(ConnEvent::Answer { req, frame }),
             other => log::debug!("ignoring unsolicited {}", other.kind()),

@@ -155,6 +155,9 @@ pub struct Client {
     pub(super) missing: HashSet<DeviceAddr>,
     /// The server's word that this device's one-time keys run low.
     pub(super) keys_low: Option<u32>,
+    /// When the server said a request refused for a rate may be tried
+    /// again (`RetryAfter`).
+    pub(super) retry_after: Option<Instant>,
     /// Devices that sent something undecryptable: they get a session
     /// reset at the next quiet moment.
     pub(super) resets: Vec<DeviceAddr>,
@@ -214,6 +217,7 @@ impl Client {
             answers: HashMap::new(),
             missing: HashSet::new(),
             keys_low: None,
+            retry_after: None,
             resets: Vec::new(),
             fresh: Vec::new(),
             ack_up_to: None,
@@ -488,6 +492,7 @@ impl Client {
                         self.keys_low = Some(n);
                     }
                 }
+                ConnEvent::RetryAfter(wait) => self.retry_after = Some(self.driver.now() + wait),
                 ConnEvent::Closed(c) => closed = Some(c),
             }
         }
@@ -560,14 +565,25 @@ impl Client {
         loop {
             match attempt(self) {
                 Err(e) if e.is_transient() => {
-                    let Some(at) = backoff.next(self.now()) else {
+                    let Some(mut at) = backoff.next(self.now()) else {
                         return Err(e);
                     };
+                    if e.is_rate() {
+                        // The connection is fine; the wait is the one the
+                        // server asked for, if it is within the patience.
+                        if let Some(t) = self.retry_after.take() {
+                            if !backoff.allows(t) {
+                                return Err(e);
+                            }
+                            at = at.max(t);
+                        }
+                    } else {
+                        self.drop_conn();
+                    }
                     log::info!(
                         "{what}: {e}; trying again in {:?}",
                         at.saturating_duration_since(self.now())
                     );
-                    self.drop_conn();
                     self.pause(at);
                 }
                 other => return other,

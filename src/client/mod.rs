@@ -176,9 +176,20 @@ impl Error {
                 ),
                 C::Refused(..) | C::Handshake | C::Local => false,
             },
-            Error::Server { code, .. } => matches!(*code, ErrorCode::RATE_LIMITED | ErrorCode::INTERNAL),
+            Error::Server { code, .. } => {
+                matches!(
+                    *code,
+                    ErrorCode::RATE_LIMITED | ErrorCode::INTERNAL | ErrorCode::SLOW_DOWN
+                )
+            }
             _ => false,
         }
+    }
+
+    /// Whether the server refused for a rate (`SLOW_DOWN`,
+    /// `RATE_LIMITED`): try again after the `RetryAfter` it sent.
+    pub fn is_rate(&self) -> bool {
+        matches!(self, Error::Server { code, .. } if matches!(*code, ErrorCode::RATE_LIMITED | ErrorCode::SLOW_DOWN))
     }
 }
 
@@ -196,6 +207,7 @@ pub fn describe(code: ErrorCode) -> &'static str {
         ErrorCode::UNKNOWN_DEVICE => "no such device in this account",
         ErrorCode::NOT_ALLOWED => "not allowed in this state",
         ErrorCode::RATE_LIMITED => "too many requests; try later",
+        ErrorCode::SLOW_DOWN => "this device sends too fast; it waits and tries again",
         ErrorCode::QUOTA_EXCEEDED => {
             "a queue this would go to is full (a device of the recipient's, or one of yours, has not collected its messages), or the server is out of space; nothing was sent, try again later"
         }

@@ -101,8 +101,8 @@ impl Hub {
     /// `Ephemeral` (spec §5.6): to the named devices online now; `Done`.
     pub(super) fn ephemeral(&mut self, conn: ConnId, view: ConnView<'_>, req: u32, e: Ephemeral, now: Now) {
         let Some(me) = view.device else { return };
-        if !self.shared.may_ephemeral(me, now.mono) {
-            return self.refuse(conn, req, Refusal::EphemeralRate);
+        if let Err(wait) = self.shared.may_ephemeral(me, now.mono) {
+            return self.refuse_for(conn, req, Refusal::EphemeralRate, wait);
         }
         let store = self.shared.store.clone();
         let Some(to) = store.user_id(&e.to) else {
@@ -168,8 +168,8 @@ impl Hub {
     /// `SetLastSeen` (spec §5.6): stored, then `Done` and the news.
     pub(super) fn set_last_seen(&mut self, conn: ConnId, view: ConnView<'_>, req: u32, everyone: bool, now: Now) {
         let Some(me) = view.device else { return };
-        if !self.shared.may_ephemeral(me, now.mono) {
-            return self.refuse(conn, req, Refusal::EphemeralRate);
+        if let Err(wait) = self.shared.may_ephemeral(me, now.mono) {
+            return self.refuse_for(conn, req, Refusal::EphemeralRate, wait);
         }
         let w = self.waiter(Waiting::LastSeen {
             conn,
@@ -206,8 +206,8 @@ impl Hub {
     /// then each watched user's presence.
     pub(super) fn watch(&mut self, conn: ConnId, view: ConnView<'_>, req: u32, users: Vec<String>, now: Now) {
         let Some(me) = view.device else { return };
-        if !self.shared.may_ephemeral(me, now.mono) {
-            return self.refuse(conn, req, Refusal::EphemeralRate);
+        if let Err(wait) = self.shared.may_ephemeral(me, now.mono) {
+            return self.refuse_for(conn, req, Refusal::EphemeralRate, wait);
         }
         if users.len() > MAX_WATCHED {
             return self.refuse(conn, req, Refusal::TooManyWatched);

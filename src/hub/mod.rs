@@ -28,6 +28,7 @@
 //! clock (the driver passes [`Now`]).
 
 mod ephemeral;
+mod rate;
 mod refusal;
 #[cfg(test)]
 mod tests;
@@ -38,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+pub use self::rate::{Buckets, Rate};
 pub use self::refusal::Refusal;
 pub use crate::ids::Now;
 use crate::ids::{ConnId, DeviceKey, Identity, UserId};
@@ -65,6 +67,14 @@ pub struct HubConfig {
     /// Ephemeral sends, presence settings and watches a device may make
     /// per minute (and in a burst) (spec §5.6).
     pub ephemeral_per_minute: u32,
+    /// `Send`s a device may make (spec §6): past it, `SLOW_DOWN`.
+    pub send_rate: Rate,
+    /// `Receipt`s, `Retract`s and `PublishKeys` a device may make (spec
+    /// §6): past it, `SLOW_DOWN`.
+    pub write_rate: Rate,
+    /// One-time keys of one device handed out to claimers, whoever they
+    /// are (spec §5.4): past it, claimers get its fallback key.
+    pub key_handouts: Rate,
 }
 
 impl Default for HubConfig {
@@ -75,28 +85,18 @@ impl Default for HubConfig {
             claims_per_minute: 30,
             low_keys: 10,
             ephemeral_per_minute: 60,
-        }
-    }
-}
-
-/// A token bucket: `capacity` tokens, refilled at `capacity` a minute.
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-}
-
-impl Bucket {
-    fn take(&mut self, capacity: u32, now: Instant) -> bool {
-        let per_sec = f64::from(capacity) / 60.0;
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * per_sec).min(f64::from(capacity));
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
+            send_rate: Rate {
+                per_minute: 300,
+                burst: 300,
+            },
+            write_rate: Rate {
+                per_minute: 600,
+                burst: 600,
+            },
+            key_handouts: Rate {
+                per_minute: 1,
+                burst: 10,
+            },
         }
     }
 }
@@ -105,8 +105,12 @@ impl Bucket {
 pub struct Shared {
     store: Arc<dyn StoreApi>,
     online: Mutex<HashMap<DeviceKey, ConnId>>,
-    claims: Mutex<HashMap<DeviceKey, Bucket>>,
-    ephemeral: Mutex<HashMap<DeviceKey, Bucket>>,
+    claims: Buckets,
+    ephemeral: Buckets,
+    sends: Buckets,
+    writes: Buckets,
+    /// Per target device: its one-time keys handed out.
+    handouts: Buckets,
     watches: Mutex<ephemeral::Watches>,
     config: HubConfig,
 }
@@ -117,8 +121,11 @@ impl Shared {
         Arc::new(Shared {
             store,
             online: Mutex::new(HashMap::new()),
-            claims: Mutex::new(HashMap::new()),
-            ephemeral: Mutex::new(HashMap::new()),
+            claims: Buckets::new(Rate::per_minute(config.claims_per_minute)),
+            ephemeral: Buckets::new(Rate::per_minute(config.ephemeral_per_minute)),
+            sends: Buckets::new(config.send_rate),
+            writes: Buckets::new(config.write_rate),
+            handouts: Buckets::new(config.key_handouts),
             watches: Mutex::new(ephemeral::Watches::default()),
             config,
         })
@@ -159,38 +166,28 @@ impl Shared {
     }
 
     /// Takes one key claim from a device's allowance.
-    fn may_claim(&self, d: DeviceKey, now: Instant) -> bool {
-        take(&self.claims, self.config.claims_per_minute, d, now)
+    fn may_claim(&self, d: DeviceKey, now: Instant) -> Result<(), Duration> {
+        self.claims.take(d, now)
     }
 
     /// Takes one ephemeral request from a device's allowance.
-    fn may_ephemeral(&self, d: DeviceKey, now: Instant) -> bool {
-        take(&self.ephemeral, self.config.ephemeral_per_minute, d, now)
+    fn may_ephemeral(&self, d: DeviceKey, now: Instant) -> Result<(), Duration> {
+        self.ephemeral.take(d, now)
+    }
+
+    /// How many devices have a rate bucket kept, of each kind (for the
+    /// memory they take: about 40 bytes each).
+    pub fn buckets_kept(&self) -> usize {
+        [&self.claims, &self.ephemeral, &self.sends, &self.writes, &self.handouts]
+            .iter()
+            .map(|b| b.len())
+            .sum()
     }
 
     /// Who a static key belongs to.
     pub fn identify(&self, key: &PublicKey) -> Identity {
         self.store.identify(key)
     }
-}
-
-/// Takes one token from `d`'s bucket in `buckets` (`capacity` a minute).
-fn take(buckets: &Mutex<HashMap<DeviceKey, Bucket>>, capacity: u32, d: DeviceKey, now: Instant) -> bool {
-    let mut buckets = buckets.lock().unwrap_or_else(|e| e.into_inner());
-    if buckets.len() > 100_000 {
-        // Forget full buckets rather than grow without bound.
-        let per_sec = f64::from(capacity) / 60.0;
-        buckets.retain(|_, b| {
-            b.tokens + now.saturating_duration_since(b.last).as_secs_f64() * per_sec < f64::from(capacity)
-        });
-    }
-    buckets
-        .entry(d)
-        .or_insert(Bucket {
-            tokens: f64::from(capacity),
-            last: now,
-        })
-        .take(capacity, now)
 }
 
 /// Something for the driver to do on a connection.
@@ -364,6 +361,14 @@ impl Hub {
 
     fn refuse(&mut self, conn: ConnId, req: u32, why: Refusal) {
         self.send(conn, req, why.frame());
+    }
+
+    /// Refuses for a rate: `RetryAfter` (request id 0) with the time to
+    /// wait, then the `Error` (spec §5.3, `RetryAfter`).
+    fn refuse_for(&mut self, conn: ConnId, req: u32, why: Refusal, wait: Duration) {
+        let after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        self.send(conn, 0, ServerFrame::RetryAfter { after_ms });
+        self.refuse(conn, req, why);
     }
 
     /// Asks the loops holding these devices to deliver their queues (once
@@ -831,6 +836,9 @@ impl Hub {
             ClientFrame::Send(send) => self.send_message(conn, view, req, send, now),
             ClientFrame::PublishKeys(keys) => {
                 let Some(me) = view.device else { return };
+                if let Err(wait) = self.shared.writes.take(me, now.mono) {
+                    return self.refuse_for(conn, req, Refusal::WriteRate, wait);
+                }
                 if full {
                     return self.refuse(conn, req, Refusal::StorageFull);
                 }
@@ -842,23 +850,38 @@ impl Hub {
                 let Some(id) = store.user_id(&user) else {
                     return self.refuse(conn, req, Refusal::UnknownUser);
                 };
-                if !self.shared.may_claim(me, now.mono) {
-                    return self.refuse(conn, req, Refusal::ClaimRate);
+                if let Err(wait) = self.shared.may_claim(me, now.mono) {
+                    return self.refuse_for(conn, req, Refusal::ClaimRate, wait);
                 }
                 let mut devices = std::mem::take(&mut self.devices);
                 devices.clear();
                 store.current_devices(id, &mut devices);
-                let targets = devices
+                let targets: Vec<DeviceKey> = devices
                     .iter()
                     .map(|&device| DeviceKey { user: id, device })
                     .filter(|d| *d != me)
                     .collect();
                 self.devices = devices;
+                // spec §5.4: each device's one-time keys go at most at
+                // their rate, whoever claims; past it, its fallback key.
+                // (A device with none left takes no token.)
+                let over_rate = targets
+                    .iter()
+                    .copied()
+                    .filter(|d| store.one_time_keys(*d).is_some_and(|n| n > 0))
+                    .filter(|d| self.shared.handouts.take(*d, now.mono).is_err())
+                    .collect();
                 // A claimed key is gone for good only once that is
                 // durable; until then nobody else gets it, and the claimer
                 // waits.
                 let w = self.waiter(Waiting::Claim { conn, req, user });
-                store.submit(Op::Claim { devices: targets }, Some(w));
+                store.submit(
+                    Op::Claim {
+                        devices: targets,
+                        over_rate,
+                    },
+                    Some(w),
+                );
             }
             ClientFrame::Receipt(receipt) => self.receipt(conn, view, req, receipt, now),
             ClientFrame::Ephemeral(e) => self.ephemeral(conn, view, req, e, now),
@@ -866,6 +889,9 @@ impl Hub {
             ClientFrame::WatchPresence { users } => self.watch(conn, view, req, users, now),
             ClientFrame::Retract { id } => {
                 let Some(me) = view.device else { return };
+                if let Err(wait) = self.shared.writes.take(me, now.mono) {
+                    return self.refuse_for(conn, req, Refusal::WriteRate, wait);
+                }
                 let mut devices = Vec::new();
                 store.all_devices(me.user, &mut devices);
                 let senders = devices
@@ -905,6 +931,9 @@ impl Hub {
 
     fn receipt(&mut self, conn: ConnId, view: ConnView<'_>, req: u32, receipt: wire::Receipt, now: Now) {
         let Some(me) = view.device else { return };
+        if let Err(wait) = self.shared.writes.take(me, now.mono) {
+            return self.refuse_for(conn, req, Refusal::WriteRate, wait);
+        }
         let store = self.shared.store.clone();
         let Some(to) = store.user_id(&receipt.to) else {
             return self.refuse(conn, req, Refusal::UnknownUser);
@@ -948,6 +977,10 @@ impl Hub {
 
     fn send_message(&mut self, conn: ConnId, view: ConnView<'_>, req: u32, send: wire::Send, now: Now) {
         let Some(me) = view.device else { return };
+        // spec §6: the device's send rate, before anything else.
+        if let Err(wait) = self.shared.sends.take(me, now.mono) {
+            return self.refuse_for(conn, req, Refusal::SendRate, wait);
+        }
         let store = self.shared.store.clone();
         let Some(to) = store.user_id(&send.to) else {
             return self.refuse(conn, req, Refusal::UnknownUser);

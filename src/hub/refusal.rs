@@ -64,6 +64,10 @@ pub enum Refusal {
     TooManyKeys,
     /// Key claims over the device's rate.
     ClaimRate,
+    /// `Send`s over the device's rate (spec §6).
+    SendRate,
+    /// Receipts, retractions and key uploads over the device's rate.
+    WriteRate,
     /// Ephemeral sends, presence settings and watches over the device's
     /// rate (spec §5.6).
     EphemeralRate,
@@ -126,6 +130,14 @@ impl Refusal {
             IdentityChanged => (ErrorCode::NOT_ALLOWED, "this device already has a different identity"),
             TooManyKeys => (ErrorCode::BAD_REQUEST, "too many one-time keys"),
             ClaimRate => (ErrorCode::RATE_LIMITED, "too many key claims; try again in a minute"),
+            SendRate => (
+                ErrorCode::SLOW_DOWN,
+                "this device sends too fast; nothing was stored: send again after the RetryAfter",
+            ),
+            WriteRate => (
+                ErrorCode::SLOW_DOWN,
+                "too many receipts, retractions or key uploads; nothing was stored: try again after the RetryAfter",
+            ),
             EphemeralRate => (
                 ErrorCode::RATE_LIMITED,
                 "too many typing indicators or presence requests; slow down",
@@ -236,6 +248,8 @@ mod tests {
             IdentityChanged,
             TooManyKeys,
             ClaimRate,
+            SendRate,
+            WriteRate,
             EphemeralRate,
             EphemeralTooLarge,
             TooManyWatched,

@@ -417,7 +417,14 @@ fn key_claims_are_rate_limited_per_device() {
         assert!(frames_to(&got, 1).is_empty());
     }
     let got = r.frame(1, dev(1, 1), 3, ClientFrame::ClaimKeys { user: "bob".into() });
-    assert_eq!(frames_to(&got, 1), vec![(3, Refusal::ClaimRate.frame())]);
+    // The wait comes first, unasked (spec §5.3): a token every 30 s.
+    assert_eq!(
+        frames_to(&got, 1),
+        vec![
+            (0, ServerFrame::RetryAfter { after_ms: 30_000 }),
+            (3, Refusal::ClaimRate.frame())
+        ]
+    );
     r.now.mono += Duration::from_secs(30);
     let got = r.frame(1, dev(1, 1), 4, ClientFrame::ClaimKeys { user: "bob".into() });
     assert!(frames_to(&got, 1).is_empty());
@@ -560,7 +567,13 @@ fn ephemeral_requests_are_rate_limited_per_device() {
     r.frame(1, dev(1, 1), 2, watch(&["bob"]));
     r.frame(1, dev(1, 1), 3, ephemeral("bob", &[1], 10));
     let got = r.frame(1, dev(1, 1), 4, ephemeral("bob", &[1], 10));
-    assert_eq!(frames_to(&got, 1), vec![(4, Refusal::EphemeralRate.frame())]);
+    assert_eq!(
+        frames_to(&got, 1),
+        vec![
+            (0, ServerFrame::RetryAfter { after_ms: 20_000 }),
+            (4, Refusal::EphemeralRate.frame())
+        ]
+    );
     assert!(frames_to(&got, 2).is_empty());
     assert_eq!(Refusal::EphemeralRate.code(), ErrorCode::RATE_LIMITED);
     // Another device of the same user has its own.
@@ -680,4 +693,111 @@ fn no_ephemeral_reaches_a_revoked_device_still_closing() {
     assert_eq!(frames_to(&got, 2), vec![(2, ServerFrame::Done)]);
     assert_eq!(frames_to(&got, 1).len(), 1);
     assert!(frames_to(&got, 3).is_empty(), "{got:?}");
+}
+
+/// Issue 14 (spec §6): a device's sends past its burst and rate are
+/// refused with `SLOW_DOWN`, after a `RetryAfter` that says when one goes
+/// through; nothing of a refused send is stored, and the user's other
+/// devices have their own allowance.
+#[test]
+fn sends_past_the_device_rate_slow_down_with_the_wait() {
+    let mut r = Rig::new(HubConfig {
+        send_rate: Rate {
+            per_minute: 60,
+            burst: 3,
+        },
+        ..HubConfig::default()
+    });
+    let (a1, a2, b1) = (r.key(), r.key(), r.key());
+    r.store.add_user("alice", &[a1, a2]);
+    r.store.add_user("bob", &[b1]);
+    r.online(1, dev(1, 1));
+    r.online(3, dev(1, 2));
+    for id in 1..=3 {
+        let got = r.frame(1, dev(1, 1), u32::from(id), send(id, "bob", &[1], &[2]));
+        assert!(frames_to(&got, 1).is_empty(), "{got:?}");
+    }
+    let got = r.frame(1, dev(1, 1), 4, send(4, "bob", &[1], &[2]));
+    assert_eq!(
+        frames_to(&got, 1),
+        vec![
+            (0, ServerFrame::RetryAfter { after_ms: 1000 }),
+            (4, Refusal::SendRate.frame())
+        ]
+    );
+    assert_eq!(Refusal::SendRate.code(), ErrorCode::SLOW_DOWN);
+    r.store.flush();
+    let got = r.effects();
+    let mut ids = accepted_ids(&got, 1);
+    ids.sort_unstable();
+    assert_eq!(ids, vec![1, 2, 3]);
+    assert_eq!(r.store.queue(dev(2, 1)).len(), 3, "the refused send stored nothing");
+    // alice's other device has its own allowance.
+    let got = r.frame(3, dev(1, 2), 1, send(5, "bob", &[1], &[1]));
+    assert!(frames_to(&got, 3).is_empty(), "{got:?}");
+    // After the wait it goes through.
+    r.now.mono += Duration::from_secs(1);
+    let got = r.frame(1, dev(1, 1), 6, send(4, "bob", &[1], &[2]));
+    assert!(frames_to(&got, 1).is_empty(), "{got:?}");
+    r.store.flush();
+    let got = r.effects();
+    assert_eq!(accepted_ids(&got, 1), vec![4]);
+}
+
+/// The first byte of each message id `Accepted` on `serial`.
+fn accepted_ids(effects: &[Effect], serial: u64) -> Vec<u8> {
+    frames_to(effects, serial)
+        .into_iter()
+        .filter_map(|(_, f)| match f {
+            ServerFrame::Accepted { id, .. } => Some(id.0[0]),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Issue 14 (spec §5.4): one device's one-time keys go at most at their
+/// hand-out rate, whoever claims them and from however many devices; past
+/// it, claimers get the fallback key and nothing is taken. The owner hears
+/// of a low stock.
+#[test]
+fn one_time_keys_go_at_their_rate_whoever_claims() {
+    let mut r = Rig::new(HubConfig {
+        key_handouts: Rate {
+            per_minute: 1,
+            burst: 2,
+        },
+        low_keys: 4,
+        ..HubConfig::default()
+    });
+    let keys: Vec<PublicKey> = (0..6).map(|_| r.key()).collect();
+    r.store.add_user("bob", &keys[0..1]);
+    r.store.add_user("mallory", &keys[1..6]);
+    r.store.set_keys(dev(1, 1), 5);
+    r.online(1, dev(1, 1));
+    let mut fallbacks = Vec::new();
+    let mut notices = Vec::new();
+    // Five of mallory's devices claim one after another, each well within
+    // its own claim rate.
+    for m in 1..=5u32 {
+        let serial = 10 + u64::from(m);
+        r.online(serial, dev(2, m));
+        r.frame(serial, dev(2, m), 1, ClientFrame::ClaimKeys { user: "bob".into() });
+        let got = r.settle();
+        for (_, f) in frames_to(&got, serial) {
+            let ServerFrame::Keys { devices, .. } = f else {
+                panic!("{f:?}")
+            };
+            fallbacks.push(devices[0].fallback);
+        }
+        notices.extend(frames_to(&got, 1));
+    }
+    assert_eq!(fallbacks, vec![false, false, true, true, true]);
+    assert_eq!(r.store.one_time_keys(dev(1, 1)), Some(3));
+    // bob heard his stock fell under the mark.
+    assert_eq!(notices, vec![(0, ServerFrame::KeyCount { one_time: 3 })]);
+    // A minute later, one more.
+    r.now.mono += Duration::from_secs(60);
+    r.frame(11, dev(2, 1), 2, ClientFrame::ClaimKeys { user: "bob".into() });
+    r.settle();
+    assert_eq!(r.store.one_time_keys(dev(1, 1)), Some(2));
 }

@@ -739,13 +739,16 @@ mod keys {
         w.run();
         assert!(matches!(
             &w.inbox(alice)[..],
-            [(
-                _,
-                ServerFrame::Error {
-                    code: ErrorCode::RATE_LIMITED,
-                    ..
-                }
-            )]
+            [
+                (0, ServerFrame::RetryAfter { .. }),
+                (
+                    _,
+                    ServerFrame::Error {
+                        code: ErrorCode::RATE_LIMITED,
+                        ..
+                    }
+                )
+            ]
         ));
         // A reconnect does not reset it; time does.
         let alice = w.reconnect(alice, 0);
@@ -754,13 +757,16 @@ mod keys {
         w.run();
         assert!(matches!(
             &w.inbox(alice)[..],
-            [(
-                _,
-                ServerFrame::Error {
-                    code: ErrorCode::RATE_LIMITED,
-                    ..
-                }
-            )]
+            [
+                (0, ServerFrame::RetryAfter { .. }),
+                (
+                    _,
+                    ServerFrame::Error {
+                        code: ErrorCode::RATE_LIMITED,
+                        ..
+                    }
+                )
+            ]
         ));
         w.advance(Duration::from_secs(13));
         w.request(alice, &claim);
@@ -891,8 +897,10 @@ mod receipts_and_retract {
 
     #[test]
     fn a_full_queue_refuses_and_keeps_what_it_has() {
+        // A lone sender may fill a queue up to half of it (spec §10,
+        // *Quotas*): 5 of 10.
         let quotas = Quotas {
-            queue_messages: 5,
+            queue_messages: 10,
             ..Quotas::default()
         };
         let mut w = World::with_configs(

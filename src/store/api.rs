@@ -238,6 +238,9 @@ pub enum Op {
     Claim {
         /// The devices.
         devices: Vec<DeviceKey>,
+        /// Those of them whose one-time keys went at their rate already
+        /// (spec §5.4): they give their fallback key.
+        over_rate: Vec<DeviceKey>,
     },
     /// Queue a receipt, folded (spec §5.5).
     Receipt {

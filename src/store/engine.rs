@@ -530,12 +530,13 @@ impl Engine {
                 }
                 (Outcome::Published(r), true)
             }
-            Op::Claim { devices } => {
+            Op::Claim { devices, over_rate } => {
                 turn.dirty = true;
                 let mut claimed = Vec::with_capacity(devices.len());
                 let mut counts = Vec::new();
                 for d in devices {
-                    let Some(k) = keys::claim_keys(&self.trees.e2e, d)? else {
+                    let one_time = !over_rate.contains(&d);
+                    let Some(k) = keys::claim_keys(&self.trees.e2e, d, one_time)? else {
                         continue;
                     };
                     if k.one_time.is_some() && !k.fallback {

@@ -113,15 +113,22 @@ pub(crate) fn publish_keys(
 
 /// Claims one device's keys: its identity and one one-time key, which
 /// is deleted so nobody gets it again (or the fallback key if none is
-/// left). `None` if the device published no identity.
+/// left, or if `one_time` is false: the device's one-time keys went at
+/// their rate already, spec §5.4). `None` if the device published no
+/// identity.
 ///
 /// # Errors
 /// On a database failure.
-pub(crate) fn claim_keys(e2e: &sled::Tree, d: DeviceKey) -> Result<Option<DeviceKeys>, StoreError> {
+pub(crate) fn claim_keys(e2e: &sled::Tree, d: DeviceKey, one_time: bool) -> Result<Option<DeviceKeys>, StoreError> {
     let Some(identity) = identity_of(e2e, d)? else {
         return Ok(None);
     };
-    for item in e2e.scan_prefix(prefix(b'o', d)) {
+    let one_time_keys = if one_time {
+        Some(e2e.scan_prefix(prefix(b'o', d)))
+    } else {
+        None
+    };
+    for item in one_time_keys.into_iter().flatten() {
         let (k, _) = item?;
         if let Some(sig) = e2e.remove(&k)? {
             let key: [u8; 32] = k

@@ -38,6 +38,9 @@ struct Inner {
     hidden: std::collections::BTreeSet<UserId>,
     /// When each device was last seen (`Op::Touch`).
     seen: BTreeMap<DeviceKey, u64>,
+    /// One-time keys each device holds (its keys are zeros: the hub does
+    /// not look at them).
+    one_time: BTreeMap<DeviceKey, u32>,
 }
 
 /// The test store.
@@ -72,6 +75,11 @@ impl TestStore {
             );
         }
         id
+    }
+
+    /// Gives `d` an identity, `n` one-time keys and a fallback key.
+    pub fn set_keys(&self, d: DeviceKey, n: u32) {
+        self.lock().one_time.insert(d, n);
     }
 
     /// An invite `Register` accepts.
@@ -225,6 +233,33 @@ impl TestStore {
                 Self::settle(&mut i);
                 Outcome::Retracted(n)
             }
+            Op::Claim { devices, over_rate } => {
+                use crate::wire::{DeviceKeys, IdentityKeys, Signature, SignedKey};
+                let mut keys = Vec::new();
+                let mut counts = Vec::new();
+                for d in devices {
+                    let Some(n) = i.one_time.get_mut(&d) else { continue };
+                    let fallback = *n == 0 || over_rate.contains(&d);
+                    if !fallback {
+                        *n -= 1;
+                        counts.push((d, *n));
+                    }
+                    keys.push(DeviceKeys {
+                        device: d.device,
+                        identity: IdentityKeys {
+                            curve25519: [0; 32],
+                            ed25519: [0; 32],
+                            signature: Signature([0; 64]),
+                        },
+                        one_time: Some(SignedKey {
+                            key: [u8::from(fallback); 32],
+                            signature: Signature([0; 64]),
+                        }),
+                        fallback,
+                    });
+                }
+                Outcome::Claimed(keys, counts)
+            }
             Op::Sync => Outcome::Synced,
             _ => Outcome::Failed,
         })
@@ -282,8 +317,8 @@ impl StoreApi for TestStore {
         self.lock().devices.get(&d).is_some_and(|(_, revoked)| !revoked)
     }
 
-    fn one_time_keys(&self, _d: DeviceKey) -> Option<u32> {
-        None
+    fn one_time_keys(&self, d: DeviceKey) -> Option<u32> {
+        self.lock().one_time.get(&d).copied()
     }
 
     fn hides_presence(&self, user: UserId) -> bool {

@@ -1002,7 +1002,10 @@ fn accounts_through_the_store_thread() {
     assert_eq!(r.s.memory_held().0, 0);
     assert_eq!(r.s.one_time_keys(phone), None);
     assert_eq!(
-        r.call(Op::Claim { devices: vec![phone] }),
+        r.call(Op::Claim {
+            devices: vec![phone],
+            over_rate: vec![],
+        }),
         Outcome::Claimed(vec![], vec![])
     );
     assert!(records(&r.s, disk::QUEUE).is_empty());
@@ -1448,9 +1451,14 @@ fn concurrent_claims_never_hand_out_a_key_twice() {
             let s = s.clone();
             std::thread::spawn(move || {
                 (0..20)
-                    .map(|_| match s.call(Op::Claim { devices: vec![bob] }) {
-                        Outcome::Claimed(mut k, _) if k.len() == 1 => k.remove(0),
-                        other => panic!("{other:?}"),
+                    .map(|_| {
+                        match s.call(Op::Claim {
+                            devices: vec![bob],
+                            over_rate: vec![],
+                        }) {
+                            Outcome::Claimed(mut k, _) if k.len() == 1 => k.remove(0),
+                            other => panic!("{other:?}"),
+                        }
                     })
                     .collect::<Vec<_>>()
             })
@@ -1475,6 +1483,39 @@ fn concurrent_claims_never_hand_out_a_key_twice() {
     assert_eq!(s.one_time_keys(bob), Some(0));
     s.stop(threads);
     assert_eq!(keys::one_time_count(&s.db.open_tree("e2e").unwrap(), bob).unwrap(), 0);
+}
+
+/// Issue 14: a device over its hand-out rate gives its fallback key and
+/// keeps its one-time keys.
+#[test]
+fn a_claim_over_the_rate_gets_the_fallback_key_and_takes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Rig::open(dir.path());
+    let bob = dev(2, 1);
+    assert_eq!(
+        r.call(Op::Publish {
+            device: bob,
+            keys: Box::new(signed_keys(2, 5)),
+        }),
+        Outcome::Published(Ok(5))
+    );
+    let Outcome::Claimed(k, counts) = r.call(Op::Claim {
+        devices: vec![bob],
+        over_rate: vec![bob],
+    }) else {
+        panic!()
+    };
+    assert!(k[0].fallback && k[0].one_time.unwrap().key == [0xff; 32]);
+    assert_eq!(counts, vec![], "no one-time key went");
+    assert_eq!(r.s.one_time_keys(bob), Some(5));
+    let Outcome::Claimed(k, counts) = r.call(Op::Claim {
+        devices: vec![bob],
+        over_rate: vec![],
+    }) else {
+        panic!()
+    };
+    assert!(!k[0].fallback);
+    assert_eq!(counts, vec![(bob, 4)]);
 }
 
 /// Issue 9: a copy its device acknowledges before its deadline is never

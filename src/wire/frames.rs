@@ -156,6 +156,9 @@ error_codes! {
     /// The server's disk is below its free-space floor: nothing that adds
     /// data is accepted until space returns (spec §10, *Storage full*).
     STORAGE_FULL = 22,
+    /// This device sends faster than its rate: nothing was stored; try
+    /// again after the `RetryAfter` that came just before (spec §6).
+    SLOW_DOWN = 23,
 }
 
 impl fmt::Debug for ErrorCode {
@@ -622,10 +625,17 @@ pub enum ServerFrame {
     Ephemeral(EphemeralDeliver),
     /// A watched user's presence, now or after a change (spec §5.6).
     Presence(Presence),
+    /// How long this device should wait before it tries again: sent
+    /// unasked (request id 0) right before the `Error` that refuses a
+    /// request for a rate (`SLOW_DOWN`, `RATE_LIMITED`; spec §5.3, §6).
+    RetryAfter {
+        /// Milliseconds from now.
+        after_ms: u64,
+    },
 }
 
 /// Number of [`ServerFrame`] variants this build knows.
-pub const SERVER_FRAME_KINDS: u32 = 20;
+pub const SERVER_FRAME_KINDS: u32 = 21;
 
 impl ClientFrame {
     /// The frame kind's name, for logs (never the content).
@@ -677,6 +687,7 @@ impl ServerFrame {
             ServerFrame::Expired(_) => "Expired",
             ServerFrame::Ephemeral(_) => "Ephemeral",
             ServerFrame::Presence(_) => "Presence",
+            ServerFrame::RetryAfter { .. } => "RetryAfter",
         }
     }
 
@@ -815,11 +826,7 @@ mod tests {
         encode_client(0, &ClientFrame::WatchPresence { users: vec![] }, &mut out);
         assert_eq!(out[1] as u32, CLIENT_FRAME_KINDS - 1);
         out.clear();
-        let presence = Presence {
-            user: String::new(),
-            seen: Seen::Hidden,
-        };
-        encode_server(0, &ServerFrame::Presence(presence), &mut out);
+        encode_server(0, &ServerFrame::RetryAfter { after_ms: 0 }, &mut out);
         assert_eq!(out[1] as u32, SERVER_FRAME_KINDS - 1);
     }
 

@@ -208,7 +208,10 @@ impl TidingsLink {
                 ConnEvent::Expired(e) => ack = ack.max(Some(e.seq)),
                 // Devices here publish no end-to-end keys, and neither
                 // type nor watch presence.
-                ConnEvent::KeyCount(_) | ConnEvent::Ephemeral(_) | ConnEvent::Presence(_) => {}
+                ConnEvent::KeyCount(_)
+                | ConnEvent::Ephemeral(_)
+                | ConnEvent::Presence(_)
+                | ConnEvent::RetryAfter(_) => {}
                 ConnEvent::QueueDrained => {
                     if !self.live {
                         self.live = true;

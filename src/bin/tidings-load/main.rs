@@ -884,6 +884,11 @@ impl Worker {
                             self.tally.full += 1;
                             self.full += 1;
                             self.devs[i].paused_until = Some(now + Duration::from_secs(1));
+                        } else if code == Some(ErrorCode::SLOW_DOWN) {
+                            self.error(format!(
+                                "send refused: {why}: the daemon's per-device send rate is lower than this load \
+                                 (raise limits.sends_per_minute and limits.send_burst, as scripts/load does)"
+                            ));
                         } else {
                             self.error(format!("send refused: {why}"));
                         }
