@@ -139,6 +139,25 @@ fn user(d: &Daemon, invite: &Code, name: &str) -> RawClient {
         .client
 }
 
+/// A registered user with the most devices it may have, all connected
+/// (device 1 first).
+fn all_devices(d: &Daemon, invite: &Code, name: &str) -> Vec<RawClient> {
+    let mut devices = vec![user(d, invite, name)];
+    while devices.len() < tidings::wire::MAX_DEVICES_PER_USER {
+        let code = match devices[0].request(&ClientFrame::RequestLink, T) {
+            Ok(ServerFrame::LinkCode { code, .. }) => code,
+            other => panic!("{other:?}"),
+        };
+        let key = tidings::noise::Keypair::generate().expect("a key");
+        let mut c = RawClient::connect(d.addr(), &d.server_key(), key).expect("connect");
+        match c.request(&ClientFrame::RedeemLink { code }, T) {
+            Ok(ServerFrame::Registered { .. }) => devices.push(c),
+            other => panic!("{other:?}"),
+        }
+    }
+    devices
+}
+
 /// A registered user with no device online (its queue only grows).
 fn offline_user(d: &Daemon, invite: &Code, name: &str) {
     user(d, invite, name).hang_up();
@@ -277,19 +296,7 @@ fn claims_from_many_devices_never_drain_keys_faster_than_the_rate() {
         Ok(ServerFrame::KeyCount { one_time: 15 }) => {}
         other => panic!("{other:?}"),
     }
-    let mut mallory = vec![user(&d, &invite, "mallory")];
-    while mallory.len() < tidings::wire::MAX_DEVICES_PER_USER as usize {
-        let code = match mallory[0].request(&ClientFrame::RequestLink, T) {
-            Ok(ServerFrame::LinkCode { code, .. }) => code,
-            other => panic!("{other:?}"),
-        };
-        let key = tidings::noise::Keypair::generate().expect("a key");
-        let mut c = RawClient::connect(d.addr(), &d.server_key(), key).expect("connect");
-        match c.request(&ClientFrame::RedeemLink { code }, T) {
-            Ok(ServerFrame::Registered { .. }) => mallory.push(c),
-            other => panic!("{other:?}"),
-        }
-    }
+    let mut mallory = all_devices(&d, &invite, "mallory");
     let started = Instant::now();
     let mut handed = 0;
     let mut claims = 0;
@@ -422,19 +429,7 @@ fn flood_figures() {
     let d = daemon("");
     let invite = d.invite(20);
     offline_user(&d, &invite, "accomplice");
-    let mut mallory = vec![user(&d, &invite, "mallory")];
-    while mallory.len() < tidings::wire::MAX_DEVICES_PER_USER as usize {
-        let code = match mallory[0].request(&ClientFrame::RequestLink, T) {
-            Ok(ServerFrame::LinkCode { code, .. }) => code,
-            other => panic!("{other:?}"),
-        };
-        let key = tidings::noise::Keypair::generate().expect("a key");
-        let mut c = RawClient::connect(d.addr(), &d.server_key(), key).expect("connect");
-        match c.request(&ClientFrame::RedeemLink { code }, T) {
-            Ok(ServerFrame::Registered { .. }) => mallory.push(c),
-            other => panic!("{other:?}"),
-        }
-    }
+    let mut mallory = all_devices(&d, &invite, "mallory");
     let size = |d: &Daemon| dir_bytes(d.data_dir()) as f64 / f64::from(1 << 20);
     println!("data directory at the start: {:.1} MiB", size(&d));
     // One device, 60 s as fast as it can: 4 KiB sends to an accomplice

@@ -216,6 +216,8 @@ pub(crate) struct Live {
 impl Live {
     /// Queues as loaded from disk; `base` is the first sequence any queue
     /// may hand out from now on, `ceiling` the durable bound above it.
+    // What the open scan found, each piece as it is used here; one caller.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: LiveConfig,
         loaded: HashMap<DeviceKey, Loaded>,
