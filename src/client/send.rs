@@ -515,6 +515,36 @@ mod tests {
         assert_eq!(alice.history("bob").unwrap(), vec![m]);
     }
 
+    /// Issue 14 (spec §6): `SLOW_DOWN` is waited out for as long as the
+    /// `RetryAfter` before it says, on the same connection, and the same
+    /// message goes again; a wait past the patience leaves it pending.
+    #[test]
+    fn a_send_refused_for_the_rate_waits_the_retry_after_and_goes_again() {
+        let w = World::new();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut alice = w.user(&tmp.path().join("a"), "alice", false);
+        let _bob = w.user(&tmp.path().join("b"), "bob", false);
+        alice.send("bob", "warm").unwrap();
+        let conns = w.server().connections();
+        w.server().fault("Send", Fault::SlowDown(1500));
+        let t0 = alice.now();
+        let m = alice.send("bob", "slowly").unwrap();
+        assert_eq!(m.status, Status::Sent);
+        assert!(
+            alice.now() - t0 >= Duration::from_millis(1500),
+            "{:?}",
+            alice.now() - t0
+        );
+        let ids: Vec<MsgId> = w.server().sends().iter().map(|s| s.id).collect();
+        assert_eq!(&ids[1..], [m.id; 2]);
+        assert_eq!(w.server().connections(), conns, "the connection was kept");
+        // A wait longer than the patience: pending, not lost.
+        w.server()
+            .fault("Send", Fault::SlowDown(SEND_PATIENCE.as_millis() as u64 * 2));
+        let m = alice.send("bob", "later").unwrap();
+        assert_eq!(m.status, Status::Pending);
+    }
+
     #[test]
     fn with_the_server_away_a_message_is_pending_within_the_patience_and_goes_with_the_next_sync() {
         let w = World::new();

@@ -42,6 +42,9 @@ pub enum Fault {
     Drop,
     /// Takes it and never answers.
     Ignore,
+    /// Answers `RetryAfter` with this many milliseconds, then `Error
+    /// SLOW_DOWN` (spec §5.3, §6).
+    SlowDown(u64),
 }
 
 #[derive(Default)]
@@ -121,6 +124,11 @@ impl Server {
             .filter(|(_, f)| f.kind() == kind)
             .map(|(_, f)| f.clone())
             .collect()
+    }
+
+    /// How many connections were opened so far.
+    pub fn connections(&self) -> u64 {
+        self.next_conn
     }
 
     /// The `Send`s the server got, in order.
@@ -282,6 +290,10 @@ impl Server {
                             return;
                         }
                         Some(Fault::Ignore) => {}
+                        Some(Fault::SlowDown(after_ms)) => {
+                            c.session.send(0, &ServerFrame::RetryAfter { after_ms }, now);
+                            c.session.send_error(req, ErrorCode::SLOW_DOWN, "scripted rate", now);
+                        }
                         None => {
                             if let Some(answer) = self.handle(&mut c, frame) {
                                 c.session.send(req, &answer, now);
