@@ -207,6 +207,12 @@ pub(crate) struct Inner {
     pub write_all: bool,
 }
 
+/// What a retracted message's record counts for in its user's share: one
+/// record, as stored (its key and the 8-byte time).
+fn tombstone_use() -> Use {
+    Use::one((super::disk::TOMBSTONE_KEY_LEN + 8) as u64)
+}
+
 /// The in-memory queues, shared by the loops and the store thread.
 pub(crate) struct Live {
     inner: Mutex<Inner>,
@@ -254,6 +260,10 @@ impl Live {
                     restored: true,
                 },
             );
+        }
+        let mut shares = shares;
+        for (user, _) in tombstones.keys() {
+            shares.charge(*user, tombstone_use());
         }
         Live {
             inner: Mutex::new(Inner {
@@ -925,14 +935,19 @@ impl Guard<'_> {
         self.inner.msgs.get(&key).map(|m| m.copies.clone()).unwrap_or_default()
     }
 
-    /// Remembers a retracted message (spec §5.5).
+    /// Remembers a retracted message (spec §5.5); its record counts in
+    /// its user's share (spec §10, *Fair shares*).
     pub fn tombstone(&mut self, user: UserId, id: MsgId, time_ms: u64) {
-        self.inner.tombstones.insert((user, id), time_ms);
+        if self.inner.tombstones.insert((user, id), time_ms).is_none() {
+            self.inner.shares.charge(user, tombstone_use());
+        }
     }
 
     /// Forgets a retracted message.
     pub fn forget_tombstone(&mut self, user: UserId, id: MsgId) {
-        self.inner.tombstones.remove(&(user, id));
+        if self.inner.tombstones.remove(&(user, id)).is_some() {
+            self.inner.shares.uncharge(user, tombstone_use());
+        }
     }
 
     /// Forgets a device's whole queue in memory (revoked); the store

@@ -13,7 +13,9 @@
 //!   queue's quota has left. A lone sender gets half of an empty queue, and
 //!   whatever the others hold, a new sender finds room while the queue has
 //!   room for two of its entries;
-//! - **in all queues**, a user's entries may take at most its fixed share
+//! - **in all queues**, a user's entries (and the records of the messages
+//!   it retracted, which stay for the retention period) may take at most
+//!   its fixed share
 //!   (`Quotas::user_bytes`, `Quotas::user_messages`: an eighth of the disk
 //!   budget and of the copies on disk, by default), and at most half of the
 //!   room the others leave in the budget, by the same rule.
@@ -148,6 +150,22 @@ impl Shares {
             t.sub(u);
             if t.is_zero() {
                 self.users.remove(&s);
+            }
+        }
+    }
+
+    /// A record `user` keeps outside any queue (a retracted message's
+    /// record, spec §5.5) joined its total.
+    pub fn charge(&mut self, user: UserId, u: Use) {
+        self.users.entry(user).or_default().add(u);
+    }
+
+    /// Such a record went.
+    pub fn uncharge(&mut self, user: UserId, u: Use) {
+        if let Some(t) = self.users.get_mut(&user) {
+            t.sub(u);
+            if t.is_zero() {
+                self.users.remove(&user);
             }
         }
     }

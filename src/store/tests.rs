@@ -161,7 +161,8 @@ fn check_totals(s: &Store) {
 
 /// The fair shares count exactly what each sender has queued: its
 /// receipts in sled, its copies in the spill log and its copies waiting
-/// in memory, per queue and in all (acknowledged records count until the
+/// in memory, per queue and in all, and in all the records of the
+/// messages it retracted (acknowledged records count until the
 /// store thread deleted them, as the queues' own counts do).
 #[track_caller]
 fn check_shares(s: &Store) {
@@ -188,6 +189,13 @@ fn check_shares(s: &Store) {
     let live = s.live.lock();
     for (d, u, bytes) in live.unwritten_senders() {
         count(d, u, bytes);
+    }
+    // The records of retracted messages count for their user.
+    for (k, v) in records(s, disk::TOMBSTONE) {
+        let (u, _) = disk::parse_tombstone(&k).unwrap();
+        let c = per_user.entry(u).or_default();
+        c.count += 1;
+        c.bytes += disk::record_len(&k, &v);
     }
     assert_eq!(live.shares_snapshot(), (per_queue, per_user), "the fair shares");
 }
@@ -3189,4 +3197,56 @@ fn spill_segments_go_once_their_copies_are_acked() {
     let r = r.reopen();
     assert_eq!(r.queue(b), vec![]);
     assert_eq!(r.s.spill_bytes(), 0);
+}
+
+/// Issue 14: the record a retraction leaves (kept for the retention
+/// period) counts in its user's share, so sending and retracting without
+/// end cannot grow the database (or the server's memory of them) past the
+/// share; the count comes back at a reopen and goes at the sweep.
+#[test]
+fn retraction_records_count_in_the_user_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dev(1, 1), dev(2, 1));
+    let config = StoreConfig {
+        quotas: Quotas {
+            user_messages: 3,
+            ..Quotas::default()
+        },
+        ..Default::default()
+    };
+    let mut r = Rig::with(dir.path(), config);
+    for n in 0..3u8 {
+        assert!(matches!(
+            r.send(a, id(n), UserId(2), &[(b, b"x", false)]).1,
+            Appended::Queued { .. }
+        ));
+        r.step(true);
+        let now_ms = r.now_ms();
+        assert_eq!(
+            r.call(Op::Retract {
+                user: a.user,
+                senders: vec![a],
+                id: id(n),
+                now_ms,
+            }),
+            Outcome::Retracted(1)
+        );
+    }
+    assert_eq!(r.s.queue_usage(b), (0, 0), "every copy went");
+    let refused = Appended::Refused(Refused::Quota(Quota::User));
+    assert_eq!(r.send(a, id(9), UserId(2), &[(b, b"x", false)]).1, refused);
+    check_shares(&r.s);
+    let mut r = r.reopen();
+    check_shares(&r.s);
+    assert_eq!(r.send(a, id(9), UserId(2), &[(b, b"x", false)]).1, refused);
+    // Past the retention period (here: everything before now) the sweep
+    // removes them, and the share is free again.
+    r.advance(Duration::from_secs(60));
+    let cutoff_ms = r.now_ms();
+    r.sweep(cutoff_ms, 1000);
+    check_shares(&r.s);
+    assert!(matches!(
+        r.send(a, id(9), UserId(2), &[(b, b"x", false)]).1,
+        Appended::Queued { .. }
+    ));
 }

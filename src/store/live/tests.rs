@@ -589,6 +589,12 @@ impl Fake {
                     count(*d, s.entry.sender(), s.size);
                 }
             }
+            // And the records of retracted messages, for their user.
+            for (user, _) in i.tombstones.keys() {
+                let u = per_user.entry(*user).or_default();
+                u.count += 1;
+                u.bytes += super::tombstone_use().bytes;
+            }
             assert_eq!(i.shares.snapshot(), (per_queue, per_user), "the fair shares");
             assert_eq!(i.disk_bytes, self.disk.values().sum::<u64>(), "disk_bytes");
             // Reads from memory, wherever they are allowed, are exact.
