@@ -566,11 +566,25 @@ fn nothing_accepted_is_lost_across_sigkill_with_the_recipient_online_and_two_loo
     online_rounds(&["--workers", "2"]);
 }
 
+/// A daemon with `args` (`--workers N` only) whose per-device send rate
+/// does not stop the test's senders: they send as fast as the daemon
+/// answers, which is what the crash must meet.
+fn start(args: &[&str]) -> Daemon {
+    let mut toml = String::new();
+    if let [flag, n] = args {
+        assert_eq!(*flag, "--workers");
+        toml.push_str(&format!("workers = {n}\n"));
+    }
+    toml.push_str("[limits]\nsends_per_minute = 100000000\nsend_burst = 1000000\n");
+    toml.push_str("writes_per_minute = 100000000\nwrite_burst = 1000000\n");
+    Daemon::start_with_config(&toml)
+}
+
 fn online_rounds(args: &[&str]) {
     let seed = seed();
     eprintln!("online crash test {args:?} seed {seed} (replay with TIDINGS_CRASH_SEED={seed})");
     let mut rng = Rng::new(seed);
-    let mut daemon = Daemon::start_with(args);
+    let mut daemon = start(args);
     let rounds = std::env::var("TIDINGS_CRASH_ROUNDS")
         .ok()
         .map(|r| r.trim().parse().expect("TIDINGS_CRASH_ROUNDS is a number"))
@@ -598,7 +612,7 @@ fn crash_rounds(args: &[&str]) {
     eprintln!("crash test {args:?} seed {seed} (replay with TIDINGS_CRASH_SEED={seed})");
     let mut rng = Rng::new(seed);
     let started = Instant::now();
-    let mut daemon = Daemon::start_with(args);
+    let mut daemon = start(args);
     let rounds = std::env::var("TIDINGS_CRASH_ROUNDS")
         .ok()
         .map(|r| r.trim().parse().expect("TIDINGS_CRASH_ROUNDS is a number"))
@@ -619,7 +633,7 @@ fn sigterm_answers_everything_it_stored() {
     let seed = seed();
     eprintln!("sigterm test seed {seed} (replay with TIDINGS_CRASH_SEED={seed})");
     let mut rng = Rng::new(seed);
-    let mut daemon = Daemon::start();
+    let mut daemon = start(&[]);
     for r in 0..2 {
         let (seen, got) = round(&mut daemon, &mut rng, seed, r, Stop::Term, false);
         let delivered: BTreeSet<usize> = got.into_iter().collect();

@@ -624,7 +624,7 @@ impl Engine {
             }
         }
         // A receipt that cannot fold anywhere and would overfill a queue,
-        // or take its sender over a share (spec §10, *Quotas*), is refused
+        // or take its sender over a share (spec §10, *Fair shares*), is refused
         // before anything of it is written.
         let sender = entry.sender();
         let mut new = 0;

@@ -201,7 +201,7 @@ pub(crate) struct Inner {
     pub urgent: bool,
     /// Settlements to send once the lock is released.
     out: Vec<(Waiter, u64)>,
-    /// Every entry counted per sending user (spec §10, *Quotas*).
+    /// Every entry counted per sending user (spec §10, *Fair shares*).
     shares: Shares,
     /// Write every copy at once (shutting down).
     pub write_all: bool,
@@ -462,7 +462,7 @@ impl Guard<'_> {
                 return Appended::Refused(Refused::Quota(Quota::Queue(*d)));
             }
         }
-        // Fair shares (spec §10, *Quotas*): of each queue, and of the
+        // Fair shares (spec §10, *Fair shares*): of each queue, and of the
         // storage, in that order.
         let sender = m.sender.user;
         for (d, _, size, _) in &entries {
@@ -526,7 +526,7 @@ impl Guard<'_> {
     }
 
     /// The share `user` would go over holding `add` more in all queues,
-    /// if any (spec §10, *Quotas*): its fixed share, or half of the room
+    /// if any (spec §10, *Fair shares*): its fixed share, or half of the room
     /// the others leave ([`Quota::User`]); or the budget itself, when not
     /// even a user holding nothing could add it ([`Quota::Disk`]).
     pub fn user_share(&self, user: UserId, add: Use) -> Option<Quota> {
@@ -556,7 +556,7 @@ impl Guard<'_> {
     }
 
     /// The share `sender` would go over adding an entry of `size` to
-    /// `d`'s queue, if any (spec §10, *Quotas*): half of the room the
+    /// `d`'s queue, if any (spec §10, *Fair shares*): half of the room the
     /// other senders leave ([`Quota::Sender`]), or the queue's quota
     /// itself, when not even a sender holding nothing could add it
     /// ([`Quota::Queue`]).

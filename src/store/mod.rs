@@ -145,7 +145,7 @@ pub struct Quotas {
 }
 
 /// A user's share of the disk budget and of the copies on disk, by
-/// default: one part in this many (spec §10, *Quotas*).
+/// default: one part in this many (spec §10, *Fair shares*).
 pub const USER_SHARE: u64 = 8;
 
 impl Quotas {

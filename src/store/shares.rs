@@ -1,4 +1,4 @@
-//! Fair shares (spec §10, *Quotas*): who holds how much of each queue, and
+//! Fair shares (spec §10, *Fair shares*): who holds how much of each queue, and
 //! of the server's storage, so that no one sender, and no pair of accounts,
 //! can make the server refuse anyone else.
 //!
