@@ -251,9 +251,14 @@ fn a_device_added_or_removed_while_the_sender_is_offline() {
     assert_eq!(texts(&messages(&sync(&alice2))), ["to both of you"]);
 }
 
+/// These tests take bob's one-time keys as fast as claimers can: the
+/// hand-out rate per target device (spec §5.4) is raised for them;
+/// `tests/abuse.rs` tests the rate.
+const NO_HANDOUT_RATE: &str = "[limits]\none_time_keys_per_minute = 1000\none_time_keys_burst = 1000\n";
+
 #[test]
 fn one_time_keys_are_never_handed_out_twice() {
-    let d = Daemon::start();
+    let d = Daemon::start_with_config(NO_HANDOUT_RATE);
     let _bob = d.user("bob");
     let claimers: Vec<PathBuf> = (0..8).map(|i| d.user(&format!("claimer{i}"))).collect();
     // Bob published 50 one-time keys; 8 claimers at once claim 7 times
@@ -287,7 +292,7 @@ fn one_time_keys_are_never_handed_out_twice() {
 
 #[test]
 fn keys_are_topped_up_when_the_server_says_they_run_low() {
-    let d = Daemon::start();
+    let d = Daemon::start_with_config(NO_HANDOUT_RATE);
     let bob = d.user("bob");
     // 45 claims, by two devices (each may claim 30 a minute).
     for (name, n) in [("carol", 25), ("erin", 20)] {

@@ -604,7 +604,9 @@ fn gap_and_expiry_notices_are_shown() {
 
 #[test]
 fn a_full_queue_refuses_the_send_and_keeps_what_it_has() {
-    let d = Daemon::start_with_config("[quotas]\nqueue_messages = 3\n");
+    // A lone sender may fill half of a queue (spec §10, *Fair shares*):
+    // three of six.
+    let d = Daemon::start_with_config("[quotas]\nqueue_messages = 6\n");
     let alice = d.user("alice");
     let bob = d.user("bob");
     let mut sent = Vec::new();
