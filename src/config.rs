@@ -125,6 +125,8 @@ pub struct Limits {
     pub connections_per_ip: Option<u32>,
     /// New connections (handshakes) per second allowed from one address.
     pub handshakes_per_second_per_ip: Option<u32>,
+    /// Open connections allowed in all.
+    pub max_connections: Option<u32>,
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -208,6 +210,20 @@ impl FileConfig {
         if config.limits.key_claims_per_minute == Some(0) {
             return Err("limits.key_claims_per_minute: must be at least 1".into());
         }
+        if config.limits.max_connections == Some(0) {
+            return Err("limits.max_connections: must be at least 1".into());
+        }
+        // spec §9: the server pings a silent connection before it closes
+        // it; an idle timeout at or below ping_after would close
+        // connections that answer every ping.
+        let session = config.to_server_config().session;
+        if session.idle_timeout <= session.ping_after {
+            return Err(format!(
+                "timeouts.idle ({}) must be longer than timeouts.ping_after ({})",
+                humantime::format_duration(session.idle_timeout),
+                humantime::format_duration(session.ping_after)
+            ));
+        }
         Ok(config)
     }
 
@@ -281,6 +297,9 @@ impl FileConfig {
         if let Some(v) = l.handshakes_per_second_per_ip {
             c.per_ip.handshakes_per_second = v;
         }
+        if let Some(v) = l.max_connections {
+            c.max_connections = v;
+        }
         c
     }
 }
@@ -310,6 +329,7 @@ mod tests {
             cache = 33554432
             connections_per_ip = 10
             handshakes_per_second_per_ip = 5
+            max_connections = 500
             [retention]
             period = "7d"
             sweep_every = "10s"
@@ -337,6 +357,7 @@ mod tests {
         assert_eq!(s.store.cache_capacity, 32 << 20);
         assert_eq!(s.per_ip.connections, 10);
         assert_eq!(s.per_ip.handshakes_per_second, 5);
+        assert_eq!(s.max_connections, 500);
         assert_eq!(s.retention.period, Duration::from_secs(7 * 86400));
         assert_eq!(s.retention.sweep_every, Duration::from_secs(10));
         assert_eq!(s.store.quotas.queue_messages, 1000);
@@ -363,6 +384,10 @@ mod tests {
             ("workers = 0", "workers"),
             ("listen = \"nowhere\"", "listen"),
             ("[timeouts]\nidle = \"0s\"", "idle"),
+            ("[timeouts]\nidle = \"20s\"", "timeouts.idle"),
+            ("[timeouts]\nping_after = \"2m\"", "timeouts.ping_after"),
+            ("[timeouts]\nidle = \"30s\"\nping_after = \"30s\"", "longer than"),
+            ("[limits]\nmax_connections = 0", "max_connections"),
         ] {
             let e = FileConfig::parse(text).unwrap_err();
             assert!(e.contains(needle), "{text}: {e}");

@@ -42,10 +42,17 @@ pub struct SessionConfig {
     pub idle_timeout: Duration,
     /// How long a closing session may take to flush its last bytes.
     pub linger: Duration,
-    /// Most bytes waiting to be written before the peer counts as not
-    /// reading (then the connection is dropped).
+    /// Most bytes waiting to be written: past it the server stops reading
+    /// the connection's input (spec §9), so that a client that reads is
+    /// slowed down, never dropped.
     pub max_output: usize,
 }
+
+/// Output a connection may have waiting beyond [`SessionConfig::max_output`]
+/// (answers to requests read before the input paused) before the peer
+/// counts as not reading at all: then it gets `Close SLOW_CONSUMER` and is
+/// dropped (spec §9).
+pub const OUTPUT_SLACK: usize = 1 << 20;
 
 impl Default for SessionConfig {
     fn default() -> Self {
@@ -120,6 +127,10 @@ struct Inner {
     started: Instant,
     last_rx: Instant,
     ping_sent: bool,
+    /// Who the peer was when it sent `Close`: the frames it sent before
+    /// are still handled as that key and device (spec §5.2 `Close`:
+    /// requests in progress complete).
+    leaving: Option<(PublicKey, Option<DeviceKey>)>,
     config: SessionConfig,
 }
 
@@ -151,6 +162,7 @@ impl Session {
                 started: now,
                 last_rx: now,
                 ping_sent: false,
+                leaving: None,
                 config,
             },
             server_key,
@@ -210,7 +222,13 @@ impl Session {
             }
             State::Unregistered(_) | State::Authenticated(..) => {
                 if now >= inner.last_rx + inner.config.idle_timeout {
-                    inner.close(ErrorCode::IDLE_TIMEOUT, "idle timeout", now);
+                    // Input is not read while the output is over the cap:
+                    // silence then means the peer does not read (spec §9).
+                    if inner.pending() > inner.config.max_output {
+                        inner.close(ErrorCode::SLOW_CONSUMER, "not reading", now);
+                    } else {
+                        inner.close(ErrorCode::IDLE_TIMEOUT, "idle timeout", now);
+                    }
                 } else if !inner.ping_sent && now >= inner.last_rx + inner.config.ping_after {
                     inner.ping_sent = true;
                     inner.send(0, &ServerFrame::Ping, now);
@@ -249,7 +267,8 @@ impl Session {
 
     /// Sends a frame, if the connection is in a transport state. Returns
     /// whether it was queued. A peer that lets more than
-    /// [`SessionConfig::max_output`] bytes pile up is dropped.
+    /// [`SessionConfig::max_output`] and [`OUTPUT_SLACK`] bytes pile up
+    /// gets `Close SLOW_CONSUMER` and is dropped.
     pub fn send(&mut self, req: u32, frame: &ServerFrame, now: Instant) -> bool {
         self.inner.send(req, frame, now)
     }
@@ -299,7 +318,15 @@ impl Session {
 
     /// Number of bytes waiting to be written.
     pub fn pending_output(&self) -> usize {
-        self.inner.out.len() - self.inner.out_pos
+        self.inner.pending()
+    }
+
+    /// Whether the driver should read the connection's input: not while
+    /// more than [`SessionConfig::max_output`] bytes wait to be written
+    /// (spec §9); the driver reads again once [`Session::advance`] brought
+    /// the output back under it.
+    pub fn wants_input(&self) -> bool {
+        self.inner.pending() <= self.inner.config.max_output
     }
 
     /// Whether the hub may queue more deliveries without piling up output:
@@ -311,7 +338,7 @@ impl Session {
     /// Output bytes deliveries may still add before they pause (a quarter
     /// of the output cap, less what is waiting); 0 unless authenticated.
     pub fn room(&self) -> usize {
-        if self.device().is_none() {
+        if !matches!(self.inner.state, State::Authenticated(..)) {
             return 0;
         }
         (self.inner.config.max_output / 4).saturating_sub(self.pending_output())
@@ -340,18 +367,22 @@ impl Session {
         }
     }
 
-    /// The device this connection is, once authenticated.
+    /// The device this connection is, once authenticated (and after the
+    /// client's `Close`, for the frames it sent before it).
     pub fn device(&self) -> Option<DeviceKey> {
         match self.inner.state {
             State::Authenticated(_, d) => Some(d),
+            State::Closing { .. } => self.inner.leaving.and_then(|(_, d)| d),
             _ => None,
         }
     }
 
-    /// The client's static key, once the handshake is done and until close.
+    /// The client's static key, once the handshake is done and until close
+    /// (and after the client's `Close`, for the frames it sent before it).
     pub fn remote_static(&self) -> Option<&PublicKey> {
         match &self.inner.state {
             State::Unregistered(t) | State::Authenticated(t, _) => Some(t.remote_static()),
+            State::Closing { .. } => self.inner.leaving.as_ref().map(|(k, _)| k),
             _ => None,
         }
     }
@@ -462,12 +493,14 @@ impl Inner {
         let (req, frame) = match wire::decode_client(&self.plain, &mut self.scratch) {
             Ok(f) => f,
             Err(e) => {
+                // spec §5.1, vector server-03-error-unsupported: the text
+                // names the tag.
                 let text = match e {
-                    FrameError::Unsupported { .. } => "unsupported frame kind",
-                    FrameError::NonCanonical { .. } => "non-canonical encoding",
-                    _ => "malformed frame",
+                    FrameError::Unsupported { tag, .. } => format!("unsupported frame kind {tag}"),
+                    FrameError::NonCanonical { .. } => "non-canonical encoding".into(),
+                    _ => "malformed frame".into(),
                 };
-                self.send(e.req(), &ServerFrame::error(e.code(), text), now);
+                self.send(e.req(), &ServerFrame::error(e.code(), &text), now);
                 return;
             }
         };
@@ -477,7 +510,20 @@ impl Inner {
                 self.send(req, &ServerFrame::Pong, now);
             }
             ClientFrame::Pong => {}
-            ClientFrame::Close => self.state = State::Closing { since: now },
+            ClientFrame::Close => {
+                // spec §5.2 `Close`: requests in progress complete, among
+                // them those that came in the same read before it, which
+                // the hub handles after this; it needs to know who sent
+                // them.
+                let device = match self.state {
+                    State::Authenticated(_, d) => Some(d),
+                    _ => None,
+                };
+                if let State::Unregistered(t) | State::Authenticated(t, _) = &self.state {
+                    self.leaving = Some((*t.remote_static(), device));
+                }
+                self.state = State::Closing { since: now };
+            }
             ClientFrame::Register { .. } | ClientFrame::RedeemLink { .. } if registered => {
                 self.send(
                     req,
@@ -500,9 +546,18 @@ impl Inner {
             State::Unregistered(t) | State::Authenticated(t, _) => t,
             _ => return false,
         };
-        if self.out.len() - self.out_pos > self.config.max_output {
-            // spec §9: a peer that does not read is dropped.
-            self.state = State::Closed;
+        if self.out.len() - self.out_pos > self.config.max_output.saturating_add(OUTPUT_SLACK) {
+            // spec §9: its input was not read since the output reached the
+            // cap, and the output still grew: the peer does not read. It
+            // gets `Close` (which it may never read) and is dropped.
+            self.scratch.clear();
+            let close = ServerFrame::Close {
+                code: ErrorCode::SLOW_CONSUMER,
+                text: "not reading".into(),
+            };
+            wire::encode_server(0, &close, &mut self.scratch);
+            let _ = transport.seal(&self.scratch, now, &mut self.out);
+            self.state = State::Closing { since: now };
             return false;
         }
         self.scratch.clear();
@@ -512,6 +567,10 @@ impl Inner {
             return false;
         }
         true
+    }
+
+    fn pending(&self) -> usize {
+        self.out.len() - self.out_pos
     }
 
     fn close(&mut self, code: ErrorCode, text: &str, now: Instant) {

@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -25,6 +25,8 @@ use crate::wire::DeviceId;
 /// File name of the admin socket in the data directory.
 pub const SOCKET: &str = "admin.sock";
 const MAX_REQUEST: u64 = 4096;
+/// Operator commands served at once; one more is told to try again.
+const MAX_OPERATORS: usize = 16;
 
 /// An operator command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,14 +244,36 @@ impl AdminServer {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let busy = Arc::new(AtomicUsize::new(0));
         let thread = std::thread::Builder::new().name("admin".into()).spawn(move || {
             for stream in listener.incoming() {
                 if flag.load(Ordering::SeqCst) {
                     return;
                 }
-                match stream {
-                    Ok(s) => serve(s, &store, &shared, &loops),
-                    Err(e) => log::warn!("admin socket: {e}"),
+                let mut stream = match stream {
+                    Ok(s) => s,
+                    Err(e) => {
+                        log::warn!("admin socket: {e}");
+                        continue;
+                    }
+                };
+                // One thread per operator, so that one who is slow to
+                // send (or a long backup) holds up nobody else.
+                if busy.fetch_add(1, Ordering::SeqCst) >= MAX_OPERATORS {
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                    let _ = stream.write_all(b"error too many operator commands at once; try again\n");
+                    continue;
+                }
+                let (store, shared, loops, done) = (store.clone(), shared.clone(), loops.clone(), busy.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("admin-command".into())
+                    .spawn(move || {
+                        serve(stream, &store, &shared, &loops);
+                        done.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if let Err(e) = spawned {
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                    log::warn!("admin socket: cannot start a thread: {e}");
                 }
             }
         })?;
@@ -382,6 +406,24 @@ mod tests {
         }
         assert!(Command::parse("rm -rf /").is_err());
         assert!(Command::parse("invite x - -").is_err());
+    }
+
+    /// One operator who connects and sends nothing holds up nobody else.
+    #[test]
+    fn a_silent_operator_does_not_hold_up_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = super::super::ServerConfig::new(dir.path().join("data"));
+        config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let server = super::super::Server::bind(&config).unwrap();
+        let mut silent = UnixStream::connect(config.data_dir.join(SOCKET)).unwrap();
+        assert_eq!(request(&config.data_dir, &Command::Users), Ok(Some(vec![])));
+        // The silent one was still waited for meanwhile (served one after
+        // the other, it would have been given up on first).
+        silent.write_all(b"users\n").unwrap();
+        let mut text = String::new();
+        silent.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "ok\n");
+        drop(server);
     }
 
     /// `tidingsd` prints its banner once `Server::bind` returns, and

@@ -89,6 +89,8 @@ pub struct ServerConfig {
     pub store: StoreConfig,
     /// Limits per source address, before authentication.
     pub per_ip: IpLimitConfig,
+    /// Most open connections in all (`limits.max_connections`).
+    pub max_connections: u32,
     /// Retention.
     pub retention: RetentionConfig,
     /// The configuration file, re-read on SIGHUP (for `store.min_free`).
@@ -107,6 +109,7 @@ impl ServerConfig {
             hub: HubConfig::default(),
             store: StoreConfig::default(),
             per_ip: IpLimitConfig::default(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             retention: RetentionConfig::default(),
             config_file: None,
         }
@@ -115,6 +118,8 @@ impl ServerConfig {
 
 /// The port the daemon listens on by default.
 pub const DEFAULT_PORT: u16 = 7420;
+/// Most open connections in all, by default (`limits.max_connections`).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 100_000;
 
 /// Work handed to a loop from other threads.
 pub struct Mailbox {
@@ -189,6 +194,9 @@ impl Loops {
 pub struct Socket {
     stream: TcpStream,
     ip: IpAddr,
+    /// Input left unread while the output is over the cap (spec §9); read
+    /// again once the output drains.
+    paused: bool,
 }
 
 /// One event loop.
@@ -529,7 +537,14 @@ impl Worker {
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
-                    let serial = self.core.accept(Socket { stream, ip: peer.ip() }, now);
+                    let serial = self.core.accept(
+                        Socket {
+                            stream,
+                            ip: peer.ip(),
+                            paused: false,
+                        },
+                        now,
+                    );
                     let Some(conn) = self.core.conn_mut(serial) else {
                         continue;
                     };
@@ -554,10 +569,17 @@ impl Worker {
         }
     }
 
-    /// Reads until `WouldBlock` (readiness is edge-triggered).
+    /// Reads until `WouldBlock` (readiness is edge-triggered), or until
+    /// the connection's output is over the cap: then its input waits
+    /// (spec §9) until [`Worker::write`] drained the output.
     fn read(&mut self, serial: u64, now: Now) {
         loop {
             let Some(conn) = self.core.conn_mut(serial) else { return };
+            if !conn.session.wants_input() {
+                conn.io.paused = true;
+                return;
+            }
+            conn.io.paused = false;
             match conn.io.stream.read(&mut self.read_buf) {
                 Ok(0) => {
                     self.core.hang_up(serial);
@@ -583,7 +605,16 @@ impl Worker {
                 return;
             }
             match conn.io.stream.write(out) {
-                Ok(n) => self.core.wrote(serial, n, now),
+                Ok(n) => {
+                    self.core.wrote(serial, n, now);
+                    if let Some(conn) = self.core.conn_mut(serial)
+                        && conn.io.paused
+                        && conn.session.wants_input()
+                    {
+                        // Readiness was consumed while paused: read now.
+                        self.read(serial, now);
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => {
