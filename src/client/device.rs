@@ -67,6 +67,9 @@ pub const SEND_RETRY_FOR: Duration = Duration::from_secs(60);
 pub const MAX_MISMATCHES: u32 = 5;
 /// Longest pause between reconnects in `listen`.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long a connection keeps being tried while the server refuses it as
+/// busy (spec §2: reasons 3 and up, with a retry-after).
+pub const BUSY_RETRY_FOR: Duration = Duration::from_secs(120);
 
 /// What a receiving client reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -286,6 +289,30 @@ impl Client {
     }
 
     fn connect_to(&mut self, addr: &str, server_key: &PublicKey) -> Result<(), Error> {
+        // spec §2: a busy server refuses in the clear and says when to
+        // come back; wait that long (and more each time, with jitter so
+        // that many clients do not come back at once) and try again.
+        let give_up = Instant::now() + BUSY_RETRY_FOR;
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            match self.connect_once(addr, server_key) {
+                Err(Error::Closed(Closed::Refused(n))) if n.is_busy() && Instant::now() < give_up => {
+                    let asked = Duration::from_secs(n.retry_after.map_or(1, u64::from).max(1));
+                    let wait = asked.max(backoff) + jitter(asked);
+                    log::warn!(
+                        "{}; trying again in {:.1} s",
+                        Error::Closed(Closed::Refused(n)),
+                        wait.as_secs_f64()
+                    );
+                    std::thread::sleep(wait);
+                    backoff = (backoff * 2).min(Duration::from_secs(8));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn connect_once(&mut self, addr: &str, server_key: &PublicKey) -> Result<(), Error> {
         if self.is_connected() {
             return Ok(());
         }
@@ -1955,4 +1982,12 @@ impl Client {
             }
         }
     }
+}
+
+/// Up to `max` more, at random, so that clients told to wait the same time
+/// do not all come back at once.
+fn jitter(max: Duration) -> Duration {
+    let mut b = [0u8; 4];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    max.mul_f64(f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX))
 }

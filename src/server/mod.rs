@@ -25,7 +25,8 @@ mod tests;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,12 +40,29 @@ use self::sweeper::{RetentionConfig, Sweeper};
 use crate::hub::{Effect, HubConfig, Now, Refusal, Shared};
 use crate::session::SessionConfig;
 use crate::store::{Sink, Store, StoreApi, StoreConfig, StoreError, StoreThreads};
+use crate::wire::Refusal as WireRefusal;
 
 const LISTENER: Token = Token(usize::MAX);
 const WAKER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
 /// Bytes read per `read` call, into the loop's one read buffer.
 const READ_CHUNK: usize = 64 * 1024;
+/// Refused connections kept open per loop, reading and discarding what the
+/// client sent, so that closing them does not reset the connection before
+/// the client read the refusal; past it they are closed at once.
+const MAX_LINGERING: usize = 256;
+/// How long a refused connection lingers at most.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Seconds a refused client is told to wait (spec §2), per reason.
+fn retry_after(why: WireRefusal) -> u16 {
+    match why {
+        WireRefusal::AddressRate => 1,
+        WireRefusal::AddressConnections | WireRefusal::ShuttingDown => 5,
+        WireRefusal::ServerFull => 10,
+        WireRefusal::BadMagic | WireRefusal::UnsupportedVersion => 0,
+    }
+}
 
 /// A daemon failure.
 #[derive(Debug, Error)]
@@ -214,6 +232,13 @@ pub struct Worker {
     closed: bool,
     /// Re-read on SIGHUP.
     config_file: Option<PathBuf>,
+    /// Open connections of every loop (`limits.max_connections`).
+    open: Arc<AtomicUsize>,
+    max_connections: usize,
+    /// Refused connections being drained before they close.
+    lingering: VecDeque<(TcpStream, Instant)>,
+    /// Shutting down: new connections are refused.
+    stopping: bool,
 }
 
 /// A running daemon.
@@ -284,6 +309,7 @@ impl Server {
             mailboxes: Arc::new(mailboxes),
         };
         let ip_limits = Arc::new(IpLimits::new(config.per_ip));
+        let open = Arc::new(AtomicUsize::new(0));
         let mut workers = Vec::with_capacity(n);
         for (i, poll) in polls.into_iter().enumerate() {
             let listener = std_listener.try_clone().map_err(io_err("sharing the listener"))?;
@@ -314,6 +340,10 @@ impl Server {
                 signals: None,
                 closed: false,
                 config_file: config.config_file.clone(),
+                open: open.clone(),
+                max_connections: config.max_connections as usize,
+                lingering: VecDeque::new(),
+                stopping: false,
             });
         }
         let store_threads = store.start().map_err(io_err("starting the store thread"))?;
@@ -417,10 +447,10 @@ impl Worker {
                 .core
                 .next_timeout()
                 .map(|t| t.saturating_duration_since(Instant::now()));
-            let timeout = match (timeout, stopping) {
-                (Some(t), Some(_)) => Some(t.min(Duration::from_millis(50))),
-                (None, Some(_)) => Some(Duration::from_millis(50)),
-                (t, None) => t,
+            let timeout = match (timeout, stopping.is_some() || !self.lingering.is_empty()) {
+                (Some(t), true) => Some(t.min(Duration::from_millis(50))),
+                (None, true) => Some(Duration::from_millis(50)),
+                (t, false) => t,
             };
             if let Err(e) = self.poll.poll(&mut events, timeout)
                 && e.kind() != io::ErrorKind::Interrupted
@@ -477,6 +507,7 @@ impl Worker {
             }
             self.flush_output(now);
             self.loops.post_all(self.core.take_remote());
+            self.drain_lingering(now.mono);
             if let Some(since) = stopping {
                 // Answers that wait for the store go out before the
                 // connections close (the store thread writes every copy
@@ -515,27 +546,72 @@ impl Worker {
         }
     }
 
-    /// Stops accepting, and asks the store to write every copy still in
-    /// memory now, so that what waits for it is answered before the
-    /// connections close.
+    /// Refuses new connections from now on (spec §2, `SHUTTING_DOWN`),
+    /// and asks the store to write every copy still in memory now, so that
+    /// what waits for it is answered before the connections close.
     fn begin_shutdown(&mut self, _now: Now) {
-        if let Some(mut l) = self.listener.take() {
-            let _ = self.poll.registry().deregister(&mut l);
-        }
+        self.stopping = true;
         self.store.write_all();
     }
 
+    /// Refuses a connection in the clear (spec §2): the refusal, then
+    /// our side closed; what the client sent is read and dropped for a
+    /// moment so that the close does not reset the connection before the
+    /// client read the refusal.
+    fn refuse(&mut self, mut stream: TcpStream, why: WireRefusal, now: Instant) {
+        // A fresh socket's send buffer always takes 12 bytes.
+        let _ = stream.write(&why.busy_bytes(retry_after(why)));
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        if self.lingering.len() >= MAX_LINGERING {
+            self.lingering.pop_front();
+        }
+        self.lingering.push_back((stream, now + LINGER));
+    }
+
+    /// Reads and drops what refused clients sent; closes each at its end
+    /// of stream or deadline.
+    fn drain_lingering(&mut self, now: Instant) {
+        let mut buf = [0u8; 1024];
+        self.lingering.retain_mut(|(stream, deadline)| {
+            if now >= *deadline {
+                return false;
+            }
+            loop {
+                match stream.read(&mut buf) {
+                    Ok(0) => return false,
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => return false,
+                }
+            }
+        });
+    }
+
     fn accept(&mut self, now: Now) {
-        let Some(listener) = self.listener.as_ref() else { return };
         loop {
+            let Some(listener) = self.listener.as_ref() else { return };
             match listener.accept() {
                 Ok((stream, peer)) => {
-                    // spec §9: per-address limits, before a byte is read.
-                    if let Err(why) = self.limits.admit(peer.ip(), now.mono) {
+                    // spec §2, §9: the server's and the per-address limits,
+                    // before a byte is read; refused in the clear.
+                    let refusal = if self.stopping {
+                        Some(WireRefusal::ShuttingDown)
+                    } else if self.open.load(Ordering::Relaxed) >= self.max_connections {
+                        Some(WireRefusal::ServerFull)
+                    } else {
+                        match self.limits.admit(peer.ip(), now.mono) {
+                            Ok(()) => None,
+                            Err(limits::Refused::Connections) => Some(WireRefusal::AddressConnections),
+                            Err(limits::Refused::Rate) => Some(WireRefusal::AddressRate),
+                        }
+                    };
+                    if let Some(why) = refusal {
                         log::debug!("refused a connection from {}: {why:?}", peer.ip());
-                        drop(stream);
+                        self.refuse(stream, why, now.mono);
                         continue;
                     }
+                    self.open.fetch_add(1, Ordering::Relaxed);
                     let _ = stream.set_nodelay(true);
                     let serial = self.core.accept(
                         Socket {
@@ -639,6 +715,7 @@ impl Worker {
         for (_, mut socket) in self.core.take_dead() {
             let _ = self.poll.registry().deregister(&mut socket.stream);
             self.limits.release(socket.ip);
+            self.open.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

@@ -121,6 +121,8 @@ struct Release {
 
 /// The trees the engine writes.
 pub(crate) struct Trees {
+    /// The database (for backups).
+    pub db: sled::Db,
     pub meta: sled::Tree,
     pub queues: sled::Tree,
     pub e2e: sled::Tree,
@@ -187,6 +189,7 @@ impl Engine {
     pub(crate) fn run(mut self) {
         loop {
             let started = Instant::now();
+            self.status.beat();
             let (ops, stop) = self.inbox.take();
             if let Err(e) = self.turn_with(ops, started, unix_ms()) {
                 self.fail(&e);
@@ -618,6 +621,28 @@ impl Engine {
                 turn.dirty = true;
                 (Outcome::Synced, true)
             }
+            Op::RevokeInvite { id } => {
+                turn.dirty = true;
+                (Outcome::InviteRevoked(accounts.revoke_invite(id)?), true)
+            }
+            Op::DeleteUser { user, now_ms } => {
+                turn.dirty = true;
+                (Outcome::UserDeleted(self.delete_user(user, now_ms)?), true)
+            }
+            Op::Backup { out } => {
+                // On this thread, so nothing changes while it copies; what
+                // it copies is flushed first.
+                let r = match out.take() {
+                    None => Err("the backup was taken already".to_string()),
+                    Some(_) if !self.flusher.flush_now() => Err("a flush failed".to_string()),
+                    Some(w) => {
+                        let status = self.status.clone();
+                        super::backup::write(&self.trees.db, &self.status.dir, _now_ms, w, &|| status.beat())
+                            .map_err(|e| e.to_string())
+                    }
+                };
+                (Outcome::BackedUp(r), false)
+            }
         }))
     }
 
@@ -803,6 +828,27 @@ impl Engine {
         Ok(true)
     }
 
+    /// Deletes an account: revokes every current device (its queue, keys
+    /// and link codes go), then reserves its name (see
+    /// `Accounts::delete_user`). `None` if there is no such account.
+    fn delete_user(&mut self, user: UserId, now_ms: u64) -> Result<Option<Vec<DeviceKey>>, StoreError> {
+        let mut devices = Vec::new();
+        if !self.accounts.current_devices(user, &mut devices) {
+            return Ok(None);
+        }
+        let mut revoked = Vec::new();
+        for device in devices {
+            let d = DeviceKey { user, device };
+            if self.revoke(d, now_ms)? {
+                revoked.push(d);
+            }
+        }
+        if !self.accounts.delete_user(user, now_ms)? {
+            return Ok(None);
+        }
+        Ok(Some(revoked))
+    }
+
     /// Deletes a device's whole queue and its fold records.
     pub(crate) fn delete_queue(&mut self, d: DeviceKey) -> Result<(), StoreError> {
         let q = &self.trees.queues;
@@ -853,6 +899,12 @@ impl Engine {
             let (invites, links) = self.accounts.sweep_codes(now_ms)?;
             if invites + links > 0 {
                 log::debug!("removed {invites} expired invites and {links} expired link codes");
+                turn.dirty = true;
+            }
+            // Names of accounts deleted a retention period ago are free.
+            let freed = self.accounts.free_names(cutoff_ms)?;
+            if freed > 0 {
+                log::info!("{freed} deleted accounts' names are free again");
                 turn.dirty = true;
             }
         }

@@ -31,6 +31,7 @@
 
 mod accounts;
 pub mod api;
+pub mod backup;
 mod disk;
 mod engine;
 mod flusher;
@@ -54,7 +55,7 @@ pub use accounts::{
     RegisterError, TokenRecord, UserRecord,
 };
 pub use api::{
-    Appended, Completion, Entry, NewMessage, Op, Outcome, QueuedMessage, Quota, Read, Refused, Sink, StoreApi, Waiter,
+    Appended, BackupSink, Completion, Entry, NewMessage, Op, Outcome, QueuedMessage, Quota, Read, Refused, Sink, StoreApi, Waiter,
 };
 pub use flusher::{Epoch, Flusher};
 pub use keys::{MAX_ONE_TIME_KEYS, PublishError};
@@ -214,11 +215,19 @@ pub(crate) struct Status {
     pub failed: AtomicBool,
     min_free: AtomicU64,
     free: AtomicU64,
-    dir: PathBuf,
+    pub dir: PathBuf,
     on_failure: Mutex<Vec<Callback>>,
+    /// Turns of the store thread (and progress of a long operation): the
+    /// watchdog's sign that it is not stuck.
+    beats: AtomicU64,
 }
 
 impl Status {
+    /// The store thread made progress.
+    pub fn beat(&self) {
+        self.beats.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Measures free space and updates `full`.
     pub fn measure_space(&self) {
         let free = match fs2::available_space(&self.dir) {
@@ -439,10 +448,12 @@ impl Store {
             free: AtomicU64::new(u64::MAX),
             dir: dir.to_path_buf(),
             on_failure: Mutex::new(Vec::new()),
+            beats: AtomicU64::new(0),
         });
         status.measure_space();
         let engine = Engine::new(
             Trees {
+                db: db.clone(),
                 meta: meta.clone(),
                 queues: queues.clone(),
                 e2e,
@@ -692,6 +703,16 @@ impl Store {
     /// The highest sequence given out in `d`'s queue (0: none).
     pub fn last_seq(&self, d: DeviceKey) -> u64 {
         self.live.lock().last_seq(d)
+    }
+
+    /// Turns the store thread has made (see the watchdog).
+    pub fn store_beats(&self) -> u64 {
+        self.status.beats.load(Ordering::Relaxed)
+    }
+
+    /// Wakes the store thread for a turn (the watchdog's probe).
+    pub fn poke(&self) {
+        self.inbox.kick();
     }
 
     /// Bytes sled's files take on disk (for operators).
