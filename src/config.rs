@@ -44,6 +44,17 @@ pub struct FileConfig {
     /// The store path.
     #[serde(default)]
     pub store: StoreSettings,
+    /// Prometheus metrics.
+    #[serde(default)]
+    pub metrics: MetricsSettings,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Where to serve `/metrics` (off when absent), e.g. `127.0.0.1:9420`.
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[store]`.
@@ -300,6 +311,7 @@ impl FileConfig {
         if let Some(v) = l.max_connections {
             c.max_connections = v;
         }
+        c.metrics_listen = self.metrics.listen;
         c
     }
 }
@@ -341,6 +353,8 @@ mod tests {
             write_delay = "20ms"
             write_memory = "4MiB"
             min_free = "1GiB"
+            [metrics]
+            listen = "127.0.0.1:9420"
             "#,
         )
         .unwrap();
@@ -366,6 +380,7 @@ mod tests {
         assert_eq!(s.store.write_delay, Duration::from_millis(20));
         assert_eq!(s.store.write_memory, 4 << 20);
         assert_eq!(s.store.min_free, 1 << 30);
+        assert_eq!(s.metrics_listen, Some("127.0.0.1:9420".parse().unwrap()));
     }
 
     #[test]

@@ -31,6 +31,31 @@ use crate::wire::{
     RecordDecoder, RecordError, ServerFrame,
 };
 
+/// How a connection's start ended, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeOutcome {
+    /// A current device's key.
+    Authenticated,
+    /// A key no device has (it may register).
+    Unregistered,
+    /// A revoked device's key (told so).
+    Revoked,
+    /// The handshake failed (a wrong server key among the reasons).
+    Failed,
+    /// It did not finish in time.
+    TimedOut,
+    /// The preamble was refused.
+    BadPreamble,
+}
+
+/// Watches what sessions do (metrics); shared by every session.
+pub trait Observer: Send + Sync + std::fmt::Debug {
+    /// A frame was queued for a client.
+    fn frame_sent(&self, frame: &ServerFrame);
+    /// A connection's start ended so.
+    fn handshake(&self, outcome: HandshakeOutcome);
+}
+
 /// Limits and timeouts for sessions (spec §9).
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -46,6 +71,8 @@ pub struct SessionConfig {
     /// the connection's input (spec §9), so that a client that reads is
     /// slowed down, never dropped.
     pub max_output: usize,
+    /// Who counts what sessions do, if anyone.
+    pub observer: Option<std::sync::Arc<dyn Observer>>,
 }
 
 /// Output a connection may have waiting beyond [`SessionConfig::max_output`]
@@ -62,6 +89,7 @@ impl Default for SessionConfig {
             idle_timeout: Duration::from_secs(90),
             linger: Duration::from_secs(5),
             max_output: 1 << 20,
+            observer: None,
         }
     }
 }
@@ -191,6 +219,7 @@ impl Session {
                     Err(_) => inner.state = State::Closed,
                 },
                 Err(refusal) => {
+                    inner.observe(HandshakeOutcome::BadPreamble);
                     inner.out.extend_from_slice(&refusal.to_bytes());
                     inner.state = State::Closing { since: now };
                     return;
@@ -204,6 +233,9 @@ impl Session {
         if result.is_err() {
             // spec §3: a record over the cap, or a fatal Noise failure:
             // the stream cannot be trusted; close without detail.
+            if matches!(inner.state, State::ExpectClientHello(_) | State::ExpectClientAuth(_)) {
+                inner.observe(HandshakeOutcome::Failed);
+            }
             inner.state = State::Closed;
         }
         inner.release_idle_buffers();
@@ -217,6 +249,7 @@ impl Session {
             State::ExpectPreamble { .. } | State::ExpectClientHello(_) | State::ExpectClientAuth(_) => {
                 if now >= inner.started + inner.config.handshake_timeout {
                     // spec §9: silent close.
+                    inner.observe(HandshakeOutcome::TimedOut);
                     inner.state = State::Closed;
                 }
             }
@@ -435,27 +468,34 @@ impl Inner {
         match std::mem::replace(&mut self.state, State::Closed) {
             State::ExpectClientHello(h) => {
                 // spec §4: a failed handshake closes without a word.
-                if let Ok(next) = h.handle(body, &mut self.out) {
-                    self.state = State::ExpectClientAuth(Box::new(next));
+                match h.handle(body, &mut self.out) {
+                    Ok(next) => self.state = State::ExpectClientAuth(Box::new(next)),
+                    Err(_) => self.observe(HandshakeOutcome::Failed),
                 }
             }
-            State::ExpectClientAuth(a) => {
-                if let Ok((transport, remote)) = a.handle(body, now) {
+            State::ExpectClientAuth(a) => match a.handle(body, now) {
+                Ok((transport, remote)) => {
                     self.last_rx = now;
                     match identify(&remote) {
                         Identity::Device(d) => {
+                            self.observe(HandshakeOutcome::Authenticated);
                             self.state = State::Authenticated(Box::new(transport), d);
                             self.events.push_back(Event::Authenticated(d));
                         }
-                        Identity::Unregistered => self.state = State::Unregistered(Box::new(transport)),
+                        Identity::Unregistered => {
+                            self.observe(HandshakeOutcome::Unregistered);
+                            self.state = State::Unregistered(Box::new(transport));
+                        }
                         Identity::Revoked => {
+                            self.observe(HandshakeOutcome::Revoked);
                             self.state = State::Unregistered(Box::new(transport));
                             self.close(ErrorCode::REVOKED, "this device was revoked", now);
                         }
-                        Identity::Refused => {}
+                        Identity::Refused => self.observe(HandshakeOutcome::Failed),
                     }
                 }
-            }
+                Err(_) => self.observe(HandshakeOutcome::Failed),
+            },
             // spec §4.3: a record that fails to open leaves the state Closed.
             State::Unregistered(mut t) => {
                 if let Ok(opened) = t.open(body, &mut self.plain) {
@@ -566,7 +606,16 @@ impl Inner {
             log::error!("server frame {} does not fit in a record", frame.kind());
             return false;
         }
+        if let Some(o) = &self.config.observer {
+            o.frame_sent(frame);
+        }
         true
+    }
+
+    fn observe(&self, outcome: HandshakeOutcome) {
+        if let Some(o) = &self.config.observer {
+            o.handshake(outcome);
+        }
     }
 
     fn pending(&self) -> usize {

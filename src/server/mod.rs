@@ -15,7 +15,10 @@
 
 pub mod admin;
 pub mod core;
+pub mod doctor;
+pub mod health;
 pub mod limits;
+pub mod metrics;
 #[cfg(test)]
 mod sim;
 pub mod sweeper;
@@ -113,6 +116,8 @@ pub struct ServerConfig {
     pub retention: RetentionConfig,
     /// The configuration file, re-read on SIGHUP (for `store.min_free`).
     pub config_file: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (`[metrics] listen`), if at all.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ServerConfig {
@@ -130,6 +135,7 @@ impl ServerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             retention: RetentionConfig::default(),
             config_file: None,
+            metrics_listen: None,
         }
     }
 }
@@ -144,6 +150,8 @@ pub struct Mailbox {
     effects: Mutex<Vec<Effect>>,
     waker: Waker,
     stop: AtomicBool,
+    /// Turns of the loop: the watchdog's sign that it is not stuck.
+    beats: std::sync::atomic::AtomicU64,
 }
 
 impl Mailbox {
@@ -206,6 +214,18 @@ impl Loops {
             m.stop();
         }
     }
+
+    /// Each loop's turns so far.
+    pub fn beats(&self) -> Vec<u64> {
+        self.mailboxes.iter().map(|m| m.beats.load(Ordering::Relaxed)).collect()
+    }
+
+    /// Wakes every loop for a turn (the watchdog's probe).
+    pub fn wake_all(&self) {
+        for m in self.mailboxes.iter() {
+            m.wake();
+        }
+    }
 }
 
 /// A connection's socket and where it comes from.
@@ -239,6 +259,7 @@ pub struct Worker {
     lingering: VecDeque<(TcpStream, Instant)>,
     /// Shutting down: new connections are refused.
     stopping: bool,
+    metrics: Arc<metrics::Metrics>,
 }
 
 /// A running daemon.
@@ -255,6 +276,9 @@ pub struct Server {
     /// The store thread and flusher, running from [`Server::bind`] on so
     /// that operator commands are served at once.
     store_threads: Option<StoreThreads>,
+    health: Arc<health::Health>,
+    /// The metrics endpoint, if configured.
+    metrics_endpoint: Option<metrics::Endpoint>,
 }
 
 impl Drop for Server {
@@ -302,6 +326,7 @@ impl Server {
                 effects: Mutex::new(Vec::new()),
                 waker,
                 stop: AtomicBool::new(false),
+                beats: std::sync::atomic::AtomicU64::new(0),
             }));
             polls.push(poll);
         }
@@ -310,6 +335,13 @@ impl Server {
         };
         let ip_limits = Arc::new(IpLimits::new(config.per_ip));
         let open = Arc::new(AtomicUsize::new(0));
+        let metrics = metrics::Metrics::new();
+        {
+            let m = metrics.clone();
+            store.flusher().on_flush_time(move |d| m.flushed(d));
+        }
+        let mut session_config = config.session.clone();
+        session_config.observer = Some(metrics.clone());
         let mut workers = Vec::with_capacity(n);
         for (i, poll) in polls.into_iter().enumerate() {
             let listener = std_listener.try_clone().map_err(io_err("sharing the listener"))?;
@@ -331,7 +363,7 @@ impl Server {
                     i as u16,
                     shared.clone(),
                     server_key.clone(),
-                    config.session.clone(),
+                    session_config.clone(),
                     sink,
                 ),
                 limits: ip_limits.clone(),
@@ -344,10 +376,22 @@ impl Server {
                 max_connections: config.max_connections as usize,
                 lingering: VecDeque::new(),
                 stopping: false,
+                metrics: metrics.clone(),
             });
         }
+        let health = health::Health::new(store.clone(), shared.clone(), loops.clone(), open, metrics.clone());
         let store_threads = store.start().map_err(io_err("starting the store thread"))?;
-        let admin = admin::AdminServer::start(store.clone(), shared.clone(), loops.clone())
+        let metrics_endpoint = match config.metrics_listen {
+            Some(addr) => {
+                let h = health.clone();
+                Some(
+                    metrics::Endpoint::start(addr, metrics, move || h.gauges())
+                        .map_err(io_err("binding the metrics address"))?,
+                )
+            }
+            None => None,
+        };
+        let admin = admin::AdminServer::start(store.clone(), shared.clone(), loops.clone(), health.clone())
             .map_err(io_err("starting the admin socket"))?;
         Ok(Server {
             store,
@@ -358,6 +402,8 @@ impl Server {
             admin: Some(admin),
             retention: config.retention,
             store_threads: Some(store_threads),
+            health,
+            metrics_endpoint,
         })
     }
 
@@ -376,6 +422,16 @@ impl Server {
         self.loops.clone()
     }
 
+    /// The daemon's health (what `tidingsd status` shows).
+    pub fn health(&self) -> &Arc<health::Health> {
+        &self.health
+    }
+
+    /// Where metrics are served, if they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_endpoint.as_ref().map(metrics::Endpoint::addr)
+    }
+
     /// Runs until SIGTERM/SIGINT (if `handle_signals`) or
     /// [`Loops::stop`]: starts the flusher and the loops, then shuts down
     /// cleanly.
@@ -391,6 +447,7 @@ impl Server {
             self.retention,
         )
         .map_err(io_err("starting the sweeper"))?;
+        let watchdog = health::Watchdog::start(self.health.clone()).map_err(io_err("starting the watchdog"))?;
         if handle_signals {
             use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
             let mut signals = signal_hook_mio::v1_0::Signals::new([SIGTERM, SIGINT, SIGHUP])
@@ -426,6 +483,8 @@ impl Server {
             }
         }
         drop(admin);
+        watchdog.stop();
+        self.metrics_endpoint.take();
         sweeper.stop();
         if let Some(t) = self.store_threads.take() {
             self.store.stop(t);
@@ -443,6 +502,7 @@ impl Worker {
         let mut events = Events::with_capacity(1024);
         let mut stopping: Option<Instant> = None;
         loop {
+            self.mailbox.beats.fetch_add(1, Ordering::Relaxed);
             let timeout = self
                 .core
                 .next_timeout()
@@ -608,6 +668,7 @@ impl Worker {
                     };
                     if let Some(why) = refusal {
                         log::debug!("refused a connection from {}: {why:?}", peer.ip());
+                        self.metrics.limited(why);
                         self.refuse(stream, why, now.mono);
                         continue;
                     }
@@ -661,7 +722,10 @@ impl Worker {
                     self.core.hang_up(serial);
                     return;
                 }
-                Ok(n) => self.core.input(serial, &self.read_buf[..n], now),
+                Ok(n) => {
+                    self.metrics.read(n);
+                    self.core.input(serial, &self.read_buf[..n], now)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => {
@@ -682,6 +746,7 @@ impl Worker {
             }
             match conn.io.stream.write(out) {
                 Ok(n) => {
+                    self.metrics.wrote(n);
                     self.core.wrote(serial, n, now);
                     if let Some(conn) = self.core.conn_mut(serial)
                         && conn.io.paused

@@ -38,6 +38,7 @@ mod flusher;
 mod keys;
 mod live;
 mod migrate;
+mod stats;
 
 use std::collections::HashMap;
 use std::fs;
@@ -68,10 +69,46 @@ use crate::wire::{DeviceId, DeviceInfo};
 
 /// The data directory format this build writes.
 pub const FORMAT_VERSION: u32 = 3;
-const FORMAT_FILE: &str = "FORMAT";
-const FORMAT_MAGIC: &str = "tidings-data";
+pub(crate) const FORMAT_FILE: &str = "FORMAT";
+pub(crate) const FORMAT_MAGIC: &str = "tidings-data";
 /// `meta` key of the sequence ceiling.
 pub(crate) const SEQ_CEILING: &str = "seq_ceiling";
+
+/// What is at a data directory's path, before anything opens it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataDir {
+    /// Nothing.
+    Missing,
+    /// An empty directory.
+    Empty,
+    /// A tidings data directory (a `FORMAT` file, or a database of the
+    /// format before format files).
+    Data,
+    /// Something else: a file, or a directory with other things in it.
+    Foreign,
+    /// It cannot be looked at.
+    Unreadable(String),
+}
+
+impl DataDir {
+    /// Looks at `dir` without changing anything.
+    pub fn check(dir: &Path) -> DataDir {
+        match fs::read_dir(dir) {
+            Ok(mut entries) => {
+                if dir.join(FORMAT_FILE).is_file() || dir.join("db").join("conf").is_file() {
+                    DataDir::Data
+                } else if entries.next().is_none() {
+                    DataDir::Empty
+                } else {
+                    DataDir::Foreign
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => DataDir::Missing,
+            Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => DataDir::Foreign,
+            Err(e) => DataDir::Unreadable(e.to_string()),
+        }
+    }
+}
 
 /// A storage failure. Expected outcomes (name taken, duplicate message) are
 /// not errors; they come back as inner results or enum variants.
