@@ -402,3 +402,28 @@ fn a_backup_under_load_restores_everything_accepted_before_it() {
         }
     }
 }
+
+/// `tidings server-address HOST:PORT` moves a profile to its server's new
+/// address; the pinned key stays.
+#[test]
+fn a_profile_follows_its_server_to_a_new_address() {
+    use common::cli::{stdout, tidings};
+    let daemon = Daemon::start();
+    let alice = daemon.user("alice");
+    let _bob = daemon.user("bob");
+    let key_before = std::fs::read_to_string(alice.join("profile.json")).unwrap();
+    let bad = tidings(&alice, &["server-address", "nowhere"]);
+    assert!(!bad.status.success());
+    stdout(&tidings(&alice, &["server-address", "chat.example.org:7000"]));
+    let moved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(alice.join("profile.json")).unwrap()).unwrap();
+    assert_eq!(moved["server"], "chat.example.org:7000");
+    // Back where the server is.
+    let moved = tidings(&alice, &["server-address", &daemon.addr().to_string()]);
+    assert!(String::from_utf8_lossy(&moved.stderr).contains("the pinned server key stays"));
+    stdout(&tidings(&alice, &["send", "bob", "found"]));
+    let after: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(alice.join("profile.json")).unwrap()).unwrap();
+    let before: serde_json::Value = serde_json::from_str(&key_before).unwrap();
+    assert_eq!(after["server_key"], before["server_key"]);
+}
