@@ -117,8 +117,13 @@ fn status_json_has_the_fields_and_says_healthy() {
     // Something queued for an offline device shows, with its age.
     let invite = daemon.invite(2);
     let mut alice = RawClient::register(daemon.addr(), &invite, "alice").unwrap().client;
-    RawClient::register(daemon.addr(), &invite, "bob").unwrap().client.hang_up();
-    let answer = alice.request(&send_to_bob(MsgId([1; 16])), Duration::from_secs(10)).unwrap();
+    RawClient::register(daemon.addr(), &invite, "bob")
+        .unwrap()
+        .client
+        .hang_up();
+    let answer = alice
+        .request(&send_to_bob(MsgId([1; 16])), Duration::from_secs(10))
+        .unwrap();
     assert!(matches!(answer, ServerFrame::Accepted { .. }), "{answer:?}");
     let out = daemon.operator_output(&["status", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -169,7 +174,9 @@ fn a_metrics_scrape_moves_after_a_send() {
     let invite = daemon.invite(2);
     let mut alice = RawClient::register(daemon.addr(), &invite, "alice").unwrap().client;
     let mut bob = RawClient::register(daemon.addr(), &invite, "bob").unwrap().client;
-    let answer = alice.request(&send_to_bob(MsgId([7; 16])), Duration::from_secs(10)).unwrap();
+    let answer = alice
+        .request(&send_to_bob(MsgId([7; 16])), Duration::from_secs(10))
+        .unwrap();
     assert!(matches!(answer, ServerFrame::Accepted { .. }));
     loop {
         if let (_, ServerFrame::Deliver(d)) = bob.expect_frame(Duration::from_secs(10)).unwrap() {
@@ -178,16 +185,28 @@ fn a_metrics_scrape_moves_after_a_send() {
         }
     }
     let unknown = alice
-        .request(&ClientFrame::ListDevices { user: "nobody".into() }, Duration::from_secs(10))
+        .request(
+            &ClientFrame::ListDevices { user: "nobody".into() },
+            Duration::from_secs(10),
+        )
         .unwrap();
-    assert!(matches!(unknown, ServerFrame::Error { code: ErrorCode::UNKNOWN_USER, .. }));
+    assert!(matches!(
+        unknown,
+        ServerFrame::Error {
+            code: ErrorCode::UNKNOWN_USER,
+            ..
+        }
+    ));
     let after = scrape(&addr);
     for name in ["tidings_messages_accepted_total", "tidings_messages_delivered_total"] {
         assert_eq!(metric(&after, name) - metric(&before, name), 1.0, "{name}");
     }
     assert!(metric(&after, "tidings_bytes_in_total") > metric(&before, "tidings_bytes_in_total"));
     assert!(metric(&after, "tidings_bytes_out_total") > metric(&before, "tidings_bytes_out_total"));
-    assert_eq!(metric(&after, "tidings_requests_refused_total{code=\"UNKNOWN_USER\"}"), 1.0);
+    assert_eq!(
+        metric(&after, "tidings_requests_refused_total{code=\"UNKNOWN_USER\"}"),
+        1.0
+    );
     assert!(metric(&after, "tidings_handshakes_total{outcome=\"unregistered\"}") >= 2.0);
     assert_eq!(metric(&after, "tidings_connections"), 2.0);
     assert!(metric(&after, "tidings_flush_seconds_count") >= 1.0);
@@ -204,11 +223,7 @@ fn ready_watchdog_and_status_reach_the_notify_socket() {
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
     let notify = sock_path.to_str().unwrap().to_string();
-    let _daemon = Daemon::start_in_with_env(
-        root,
-        &[],
-        &[("NOTIFY_SOCKET", &notify), ("WATCHDOG_USEC", "400000")],
-    );
+    let _daemon = Daemon::start_in_with_env(root, &[], &[("NOTIFY_SOCKET", &notify), ("WATCHDOG_USEC", "400000")]);
     let (mut ready, mut watchdog, mut status) = (false, 0, false);
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut buf = [0u8; 4096];
@@ -254,7 +269,10 @@ fn invites_expire_by_default_and_are_listed_and_revoked() {
     assert_eq!(list.len(), 2, "{list:?}");
     let mine = list.iter().find(|l| l.starts_with(&id)).expect("listed by id");
     assert!(mine.contains("1 use left") && mine.contains("expires "), "{mine}");
-    assert!(list.iter().any(|l| l.contains("3 uses left\tnever expires")), "{list:?}");
+    assert!(
+        list.iter().any(|l| l.contains("3 uses left\tnever expires")),
+        "{list:?}"
+    );
     assert_eq!(
         daemon.operator(&["invite", "--revoke", &id]),
         vec![format!("revoked invite {id}")]
@@ -287,8 +305,19 @@ fn a_deleted_user_is_cut_off_and_its_name_reserved() {
     }
     assert_eq!(code, Some(ErrorCode::REVOKED));
     // Nobody sends to it, and nobody new takes the name.
-    let answer = alice.request(&send_to_bob(MsgId([3; 16])), Duration::from_secs(10)).unwrap();
-    assert!(matches!(answer, ServerFrame::Error { code: ErrorCode::UNKNOWN_USER, .. }), "{answer:?}");
+    let answer = alice
+        .request(&send_to_bob(MsgId([3; 16])), Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        matches!(
+            answer,
+            ServerFrame::Error {
+                code: ErrorCode::UNKNOWN_USER,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
     match RawClient::register(daemon.addr(), &invite, "bob") {
         Err(common::raw::ClientError::Unexpected(ServerFrame::Error { code, .. })) => {
             assert_eq!(code, ErrorCode::NAME_TAKEN)
@@ -348,7 +377,11 @@ fn a_backup_under_load_restores_everything_accepted_before_it() {
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, Ordering::SeqCst);
     let (accepted_before, sent) = sender.join().unwrap();
-    assert!(accepted_before.len() >= 10, "only {} accepted before", accepted_before.len());
+    assert!(
+        accepted_before.len() >= 10,
+        "only {} accepted before",
+        accepted_before.len()
+    );
     assert!((sent as usize) > accepted_before.len(), "no load during the backup");
 
     // Restore into a new directory (not into a non-empty one).
@@ -377,9 +410,16 @@ fn a_backup_under_load_restores_everything_accepted_before_it() {
         }
     }
     let missing: Vec<_> = accepted_before.iter().filter(|id| !got.contains(id)).collect();
-    assert!(missing.is_empty(), "{} of {} missing", missing.len(), accepted_before.len());
+    assert!(
+        missing.is_empty(),
+        "{} of {} missing",
+        missing.len(),
+        accepted_before.len()
+    );
     // New entries continue far past anything the old server numbered.
-    let mut a2 = RawClient::register(restored.addr(), &restored.invite(1), "carol").unwrap().client;
+    let mut a2 = RawClient::register(restored.addr(), &restored.invite(1), "carol")
+        .unwrap()
+        .client;
     let answer = a2
         .request(
             &ClientFrame::Send(wire::Send {

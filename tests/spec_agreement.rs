@@ -85,5 +85,8 @@ fn a_reading_client_that_pipelines_50000_pings_is_never_dropped() {
         }
     }
     writer.join().unwrap().unwrap();
-    assert_eq!(c.request(&ClientFrame::Ping, Duration::from_secs(5)).unwrap(), ServerFrame::Pong);
+    assert_eq!(
+        c.request(&ClientFrame::Ping, Duration::from_secs(5)).unwrap(),
+        ServerFrame::Pong
+    );
 }

@@ -33,8 +33,8 @@ use tidings::server::sweeper::RetentionConfig;
 use tidings::store::Quotas;
 use tidings::wire::{
     self, CLIENT_FRAME_KINDS, ClientFrame, DeviceId, DeviceKeys, ErrorCode, Flow, IdentityKeys, PREAMBLE, PublishKeys,
-    RecordDecoder, RecordError, Refusal, RefusalNotice, SERVER_FRAME_KINDS, ServerFrame, Signature, SignedKey, decode_client,
-    decode_server, encode_client, encode_server,
+    RecordDecoder, RecordError, Refusal, RefusalNotice, SERVER_FRAME_KINDS, ServerFrame, Signature, SignedKey,
+    decode_client, decode_server, encode_client, encode_server,
 };
 
 fn spec_dir() -> PathBuf {

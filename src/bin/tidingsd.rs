@@ -157,7 +157,13 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => serve(config),
         Some(Cmd::Status { json }) => return status(&config.data_dir, json),
-        Some(Cmd::Doctor) => return if doctor::run(&config) { ExitCode::SUCCESS } else { ExitCode::FAILURE },
+        Some(Cmd::Doctor) => {
+            return if doctor::run(&config) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
         Some(Cmd::Backup { file }) => backup(&config.data_dir, &file),
         Some(Cmd::Restore { file }) => restore(&file, &config.data_dir),
         Some(Cmd::DeleteUser { yes: false, user }) => Err(format!(
@@ -176,9 +182,7 @@ fn main() -> ExitCode {
 
 fn to_command(cmd: Cmd, public_addr: Option<String>) -> Command {
     match cmd {
-        Cmd::Invite {
-            revoke: Some(id), ..
-        } => Command::RevokeInvite { id },
+        Cmd::Invite { revoke: Some(id), .. } => Command::RevokeInvite { id },
         Cmd::Invite { uses, expires, .. } => Command::Invite {
             uses,
             expires: expires.0,
@@ -344,7 +348,10 @@ fn status(data_dir: &Path, json: bool) -> ExitCode {
         Ok(()) => match admin::request_within(data_dir, &Command::Status, STATUS_WAIT) {
             Ok(Some(lines)) => Ok(lines),
             Ok(None) => Err("tidingsd is not running (no admin socket answers)".to_string()),
-            Err(e) => Err(format!("the daemon did not answer within {} s: {e}", STATUS_WAIT.as_secs())),
+            Err(e) => Err(format!(
+                "the daemon did not answer within {} s: {e}",
+                STATUS_WAIT.as_secs()
+            )),
         },
     };
     let fields: Vec<(String, String)> = match &answer {
@@ -387,7 +394,11 @@ fn status(data_dir: &Path, json: bool) -> ExitCode {
             if healthy { "healthy" } else { "UNHEALTHY" }
         );
         println!("up {} s, pid {}", n("uptime_s"), n("pid"));
-        println!("connections {}, devices online {}", n("connections"), n("online_devices"));
+        println!(
+            "connections {}, devices online {}",
+            n("connections"),
+            n("online_devices")
+        );
         println!(
             "queued {} entries ({} bytes), oldest undelivered {} s",
             n("queued_messages"),

@@ -174,7 +174,10 @@ pub fn status_lines(s: &Snapshot) -> Vec<String> {
         format!("online_devices\t{}", s.online_devices),
         format!("queued_messages\t{}", s.queued_messages),
         format!("queued_bytes\t{}", s.queued_bytes),
-        format!("oldest_undelivered_s\t{}", opt(s.oldest_undelivered_s.map(|v| v.to_string()))),
+        format!(
+            "oldest_undelivered_s\t{}",
+            opt(s.oldest_undelivered_s.map(|v| v.to_string()))
+        ),
         format!("disk_used_bytes\t{}", s.disk_used_bytes),
         format!("disk_free_bytes\t{}", s.disk_free_bytes),
         format!("min_free_bytes\t{}", s.min_free_bytes),
@@ -290,7 +293,9 @@ pub fn execute(store: &Store, running: Option<Running<'_>>, cmd: &Command, now_m
                 .ok_or_else(|| format!("{id:?} is not an invite id (16 hex digits, as `tidingsd invites` shows)"))?;
             match store.call(Op::RevokeInvite { id: bytes }) {
                 Outcome::InviteRevoked(true) => Ok(vec![format!("revoked invite {id}")]),
-                Outcome::InviteRevoked(false) => Err(format!("no invite {id} (used up, expired and swept, or never made)")),
+                Outcome::InviteRevoked(false) => {
+                    Err(format!("no invite {id} (used up, expired and swept, or never made)"))
+                }
                 _ => Err(failed()),
             }
         }
@@ -435,12 +440,10 @@ impl AdminServer {
                 }
                 let (store, shared, loops, done) = (store.clone(), shared.clone(), loops.clone(), busy.clone());
                 let health = health.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("admin-command".into())
-                    .spawn(move || {
-                        serve(stream, &store, &shared, &loops, &health);
-                        done.fetch_sub(1, Ordering::SeqCst);
-                    });
+                let spawned = std::thread::Builder::new().name("admin-command".into()).spawn(move || {
+                    serve(stream, &store, &shared, &loops, &health);
+                    done.fetch_sub(1, Ordering::SeqCst);
+                });
                 if let Err(e) = spawned {
                     busy.fetch_sub(1, Ordering::SeqCst);
                     log::warn!("admin socket: cannot start a thread: {e}");
@@ -623,7 +626,9 @@ mod tests {
             },
             Command::Users,
             Command::Invites,
-            Command::RevokeInvite { id: "0011223344556677".into() },
+            Command::RevokeInvite {
+                id: "0011223344556677".into(),
+            },
             Command::DeleteUser { user: "bob".into() },
             Command::Status,
             Command::Backup,

@@ -139,7 +139,11 @@ fn data_dir(dir: &Path, daemon: Option<u32>) -> Verdict {
             format!(
                 "{shown} belongs to uid {}, not to the {} (uid {})",
                 meta.uid(),
-                if daemon.is_some() { "daemon's user" } else { "user running doctor" },
+                if daemon.is_some() {
+                    "daemon's user"
+                } else {
+                    "user running doctor"
+                },
                 owner.unwrap_or(0)
             ),
             format!("chown -R tidings:tidings {shown} (the user the daemon runs as)"),
@@ -171,7 +175,11 @@ fn free_space(dir: &Path, floor: u64) -> Verdict {
             "free space on that filesystem (or lower store.min_free and send SIGHUP)".into(),
         ),
         Ok(free) if free < floor.saturating_mul(4) => Verdict::Warn(
-            format!("{} MiB free, less than four times the floor of {} MiB", free >> 20, floor >> 20),
+            format!(
+                "{} MiB free, less than four times the floor of {} MiB",
+                free >> 20,
+                floor >> 20
+            ),
             "free space before new messages are refused".into(),
         ),
         Ok(free) => Verdict::Ok(format!("{} MiB free (floor {} MiB)", free >> 20, floor >> 20)),
@@ -205,8 +213,12 @@ fn fd_limit(pid: Option<u32>, config: &ServerConfig) -> Verdict {
     let want = u64::from(config.max_connections) + SPARE;
     if limit < u64::from(config.per_ip.connections).min(u64::from(config.max_connections)) + SPARE {
         Verdict::Fail(
-            format!("{whose} file-descriptor limit is {limit}: fewer than one address's connections (limits.connections_per_ip = {})", config.per_ip.connections),
-            "raise it: LimitNOFILE=262144 in the unit (as contrib/tidingsd.service has), or ulimit -n before starting".into(),
+            format!(
+                "{whose} file-descriptor limit is {limit}: fewer than one address's connections (limits.connections_per_ip = {})",
+                config.per_ip.connections
+            ),
+            "raise it: LimitNOFILE=262144 in the unit (as contrib/tidingsd.service has), or ulimit -n before starting"
+                .into(),
         )
     } else if limit < want {
         Verdict::Warn(
@@ -217,7 +229,10 @@ fn fd_limit(pid: Option<u32>, config: &ServerConfig) -> Verdict {
             "raise it (LimitNOFILE= in the unit, ulimit -n), or lower limits.max_connections to fit".into(),
         )
     } else {
-        Verdict::Ok(format!("{whose} file-descriptor limit {limit} covers limits.max_connections ({})", config.max_connections))
+        Verdict::Ok(format!(
+            "{whose} file-descriptor limit {limit} covers limits.max_connections ({})",
+            config.max_connections
+        ))
     }
 }
 
@@ -283,7 +298,9 @@ fn public_addr(config: &ServerConfig) -> Verdict {
             }
             if addrs.iter().all(|a| a.ip().is_loopback()) && config.listen.ip().is_unspecified() {
                 return Verdict::Warn(
-                    format!("{from} {addr} resolves only to this machine's loopback: other machines cannot use invites"),
+                    format!(
+                        "{from} {addr} resolves only to this machine's loopback: other machines cannot use invites"
+                    ),
                     "set public_addr to a name or address other machines reach".into(),
                 );
             }
@@ -309,7 +326,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("FORMAT"), "tidings-data 3\n").unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        assert!(matches!(data_dir(dir.path(), None), Verdict::Fail(w, f) if w.contains("755") && f.contains("chmod 700")));
+        assert!(
+            matches!(data_dir(dir.path(), None), Verdict::Fail(w, f) if w.contains("755") && f.contains("chmod 700"))
+        );
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         assert!(matches!(data_dir(dir.path(), None), Verdict::Ok(_)));
     }

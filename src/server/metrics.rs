@@ -204,7 +204,11 @@ impl Metrics {
         for (i, c) in counts.iter().enumerate() {
             seen += c;
             if seen >= want {
-                return Some(if i == FLUSH_BUCKETS { f64::INFINITY } else { bound * 1000.0 });
+                return Some(if i == FLUSH_BUCKETS {
+                    f64::INFINITY
+                } else {
+                    bound * 1000.0
+                });
             }
             bound *= 2.0;
         }
@@ -283,7 +287,9 @@ impl Endpoint {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
         if !addr.ip().is_loopback() {
-            log::warn!("metrics are served on {addr}, which is not a loopback address: anyone who reaches it can read them");
+            log::warn!(
+                "metrics are served on {addr}, which is not a loopback address: anyone who reaches it can read them"
+            );
         }
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -346,7 +352,11 @@ fn serve(stream: TcpStream, metrics: &Metrics, gauges: &dyn Fn() -> Gauges) {
             metrics.encode(gauges()),
         )
     } else {
-        ("404 Not Found", "text/plain; charset=utf-8", "not found; try /metrics\n".into())
+        (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "not found; try /metrics\n".into(),
+        )
     };
     let mut stream = stream;
     let _ = write!(

@@ -552,7 +552,13 @@ fn a_request_before_close_in_one_read_is_still_the_devices() {
     let mut bytes = p.client.frame(4, &send_frame(), p.now);
     bytes.extend(p.client.frame(0, &ClientFrame::Close, p.now));
     p.input(&bytes);
-    assert_eq!(p.session.poll_event(), Some(Event::Frame { req: 4, frame: send_frame() }));
+    assert_eq!(
+        p.session.poll_event(),
+        Some(Event::Frame {
+            req: 4,
+            frame: send_frame()
+        })
+    );
     assert_eq!(p.session.device(), Some(ALICE));
     assert_eq!(p.session.remote_static(), Some(&p.client.key.public));
     assert_eq!(p.session.room(), 0, "nothing more is delivered");

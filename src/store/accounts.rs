@@ -57,6 +57,9 @@ pub struct DeviceRecord {
     pub revoked_ms: Option<u64>,
 }
 
+/// An invite as `tidingsd invites` lists it: id, uses left, expiry.
+pub type InviteInfo = ([u8; 8], u32, Option<u64>);
+
 /// Tree of deleted accounts whose names are reserved: name → (id, when).
 const DELETED_USERS: &str = "deleted_users";
 /// Prefix of the name a freed account's record is kept under: not a valid
@@ -850,7 +853,7 @@ impl Accounts {
     ///
     /// # Errors
     /// On a database failure or a corrupt record.
-    pub fn invites(&self) -> Result<Vec<([u8; 8], u32, Option<u64>)>, StoreError> {
+    pub fn invites(&self) -> Result<Vec<InviteInfo>, StoreError> {
         let mut out = Vec::new();
         for item in self.invites.iter() {
             let (id, value) = item?;

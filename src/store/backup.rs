@@ -129,7 +129,13 @@ fn put_bytes(w: &mut impl Write, b: &[u8]) -> io::Result<()> {
 ///
 /// # Errors
 /// A database failure, or a failure writing `out` or reading a file.
-pub fn write(db: &sled::Db, dir: &Path, now_ms: u64, out: impl Write, progress: &dyn Fn()) -> Result<Written, BackupError> {
+pub fn write(
+    db: &sled::Db,
+    dir: &Path,
+    now_ms: u64,
+    out: impl Write,
+    progress: &dyn Fn(),
+) -> Result<Written, BackupError> {
     let mut w = Hashing {
         inner: BufWriter::with_capacity(256 << 10, out),
         hash: Context::new(&SHA256),
@@ -332,7 +338,11 @@ pub fn verify(file: &Path) -> Result<(u32, u64), BackupError> {
 /// One piece of a backup, as [`walk`] reads it.
 enum Section<'a> {
     /// A record of a tree.
-    Record { tree: Vec<u8>, key: Vec<u8>, value: Vec<u8> },
+    Record {
+        tree: Vec<u8>,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
     /// A tree's records are all read.
     TreeEnd,
     /// A file starts; its contents follow as [`Section::Data`].
@@ -396,7 +406,9 @@ fn safe_path(name: &[u8]) -> Result<PathBuf, BackupError> {
         && path.components().all(|c| matches!(c, Component::Normal(_)))
         && FILE_DIRS.iter().any(|d| path.starts_with(d));
     if !ok {
-        return Err(BackupError::Format(format!("a file outside the data directory: {text:?}")));
+        return Err(BackupError::Format(format!(
+            "a file outside the data directory: {text:?}"
+        )));
     }
     Ok(path)
 }
@@ -430,10 +442,7 @@ pub fn restore(file: &Path, dir: &Path) -> Result<Restored, BackupError> {
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
     }
-    let db = sled::Config::new()
-        .path(dir.join("db"))
-        .flush_every_ms(None)
-        .open()?;
+    let db = sled::Config::new().path(dir.join("db")).flush_every_ms(None).open()?;
     let f = File::open(file)?;
     let mut r = Reader {
         inner: BufReader::with_capacity(256 << 10, f),
@@ -466,7 +475,8 @@ pub fn restore(file: &Path, dir: &Path) -> Result<Restored, BackupError> {
                 if tree.as_slice() == b"meta" && key.as_slice() == SEQ_CEILING.as_bytes() {
                     stored_ceiling = be_u64(&value);
                 }
-                if tree.as_slice() == b"queues" && key.first() == Some(&disk::QUEUE) && key.len() == disk::QUEUE_KEY_LEN {
+                if tree.as_slice() == b"queues" && key.first() == Some(&disk::QUEUE) && key.len() == disk::QUEUE_KEY_LEN
+                {
                     max_seq = max_seq.max(be_u64(&key[disk::QUEUE_KEY_LEN - 8..]).unwrap_or(0));
                 }
                 batch_tree = Some(tree);

@@ -56,7 +56,8 @@ pub use accounts::{
     RegisterError, TokenRecord, UserRecord,
 };
 pub use api::{
-    Appended, BackupSink, Completion, Entry, NewMessage, Op, Outcome, QueuedMessage, Quota, Read, Refused, Sink, StoreApi, Waiter,
+    Appended, BackupSink, Completion, Entry, NewMessage, Op, Outcome, QueuedMessage, Quota, Read, Refused, Sink,
+    StoreApi, Waiter,
 };
 pub use flusher::{Epoch, Flusher};
 pub use keys::{MAX_ONE_TIME_KEYS, PublishError};

@@ -17,7 +17,9 @@ impl Store {
         let mut oldest: Option<u64> = None;
         let mut from = vec![QUEUE];
         loop {
-            let Some(item) = q.range(from.clone()..).next() else { break };
+            let Some(item) = q.range(from.clone()..).next() else {
+                break;
+            };
             let (k, v) = item?;
             if k.first() != Some(&QUEUE) {
                 break;

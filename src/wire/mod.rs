@@ -128,7 +128,8 @@ impl RefusalNotice {
     /// How many bytes the refusal starting with `head` takes, once its
     /// reason byte (byte 8) is there: 10 for reasons 1 and 2, else 12.
     pub fn len_for(head: &[u8]) -> Option<usize> {
-        head.get(8).map(|&r| if r >= 3 { BUSY_REFUSAL_LEN } else { REFUSAL_LEN })
+        head.get(8)
+            .map(|&r| if r >= 3 { BUSY_REFUSAL_LEN } else { REFUSAL_LEN })
     }
 
     /// Parses a whole refusal; `None` if the bytes are not one or are

@@ -313,7 +313,9 @@ fn busy_refusal_is_recognised_even_split() {
                 retry_after: Some(3)
             }))]
         );
-        let ConnEvent::Closed(closed) = &events[0] else { unreachable!() };
+        let ConnEvent::Closed(closed) = &events[0] else {
+            unreachable!()
+        };
         let e = crate::client::Error::Closed(closed.clone());
         assert!(e.is_transient(), "a busy server is worth trying again");
         assert!(!e.to_string().contains("key"), "{e}");
