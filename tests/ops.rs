@@ -467,3 +467,23 @@ fn a_profile_follows_its_server_to_a_new_address() {
     let before: serde_json::Value = serde_json::from_str(&key_before).unwrap();
     assert_eq!(after["server_key"], before["server_key"]);
 }
+
+/// `tidingsd doctor` on a running daemon: every check has a line, the
+/// daemon and its data directory are fine.
+#[test]
+fn doctor_checks_a_running_daemon() {
+    let daemon = Daemon::start();
+    let out = daemon.operator_output(&["doctor"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    for want in [
+        "ok    the daemon runs and is healthy",
+        "a data directory, owner and mode 700 are right",
+        "MiB free (floor 128 MiB)",
+        "file-descriptor limit",
+        "clock",
+        "resolves",
+    ] {
+        assert!(text.contains(want), "{want:?} not in\n{text}");
+    }
+}

@@ -27,7 +27,7 @@ use crate::store::Store;
 const TICK: Duration = Duration::from_secs(1);
 /// Ticks a component may go without a turn, though woken, before it counts
 /// as stalled.
-const STALL_TICKS: u32 = 3;
+const STALL_TICKS: u32 = 5;
 /// How often the `STATUS=` line is sent.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 
