@@ -13,7 +13,7 @@
 //! (that is `tidingsd doctor`).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -187,8 +187,6 @@ pub fn dir_size(dir: &Path) -> u64 {
 pub struct Watchdog {
     stop: Arc<(Mutex<bool>, Condvar)>,
     thread: Option<JoinHandle<()>>,
-    /// Set once the thread ended.
-    done: Arc<AtomicBool>,
 }
 
 impl Watchdog {
@@ -201,8 +199,6 @@ impl Watchdog {
     pub fn start(health: Arc<Health>) -> std::io::Result<Watchdog> {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let flag = stop.clone();
-        let done = Arc::new(AtomicBool::new(false));
-        let finished = done.clone();
         let interval = sd_notify::watchdog_enabled().map(|d| (d / 2).max(Duration::from_millis(100)));
         let thread = std::thread::Builder::new().name("watchdog".into()).spawn(move || {
             let mut last_loops = health.loops.beats();
@@ -224,7 +220,6 @@ impl Watchdog {
                         .wait_timeout_while(guard, tick, |s| !*s)
                         .unwrap_or_else(|e| e.into_inner());
                     if *guard {
-                        finished.store(true, Ordering::SeqCst);
                         return;
                     }
                 }
@@ -275,7 +270,6 @@ impl Watchdog {
         Ok(Watchdog {
             stop,
             thread: Some(thread),
-            done,
         })
     }
 
@@ -291,12 +285,39 @@ impl Watchdog {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = self.done.load(Ordering::SeqCst);
     }
 }
 
 impl Drop for Watchdog {
     fn drop(&mut self) {
         self.halt();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A loop that does not turn, though woken, is reported stalled and
+    /// makes the daemon unhealthy; the store thread, which turns, is not.
+    #[test]
+    fn a_loop_that_never_turns_is_stalled() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::server::ServerConfig::new(dir.path().join("data"));
+        config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        config.store.min_free = 0;
+        // Bound but not run: the loop never turns; the store thread does.
+        let server = crate::server::Server::bind(&config).unwrap();
+        let health = server.health().clone();
+        assert!(health.snapshot().healthy);
+        let watchdog = Watchdog::start(health.clone()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while health.stalled().is_none() {
+            assert!(Instant::now() < deadline, "never reported stalled");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(health.stalled().as_deref(), Some("event loop 0"));
+        assert!(!health.snapshot().healthy);
+        watchdog.stop();
     }
 }
