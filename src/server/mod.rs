@@ -784,3 +784,31 @@ impl Worker {
         }
     }
 }
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+
+    /// The retry-after the daemon sends is the one the spec's vectors show
+    /// (spec §2).
+    #[test]
+    fn busy_refusals_are_the_vectors() {
+        for (why, file) in [
+            (WireRefusal::AddressConnections, "refusal-address-connections.hex"),
+            (WireRefusal::AddressRate, "refusal-address-rate.hex"),
+            (WireRefusal::ServerFull, "refusal-server-full.hex"),
+            (WireRefusal::ShuttingDown, "refusal-shutting-down.hex"),
+        ] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("protocol-spec/vectors")
+                .join(file);
+            let text = std::fs::read_to_string(path).unwrap();
+            let hex: String = text
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .flat_map(|l| l.chars().filter(|c| !c.is_whitespace()))
+                .collect();
+            assert_eq!(hex::decode(hex).unwrap(), why.busy_bytes(retry_after(why)), "{file}");
+        }
+    }
+}
