@@ -487,3 +487,31 @@ fn doctor_checks_a_running_daemon() {
         assert!(text.contains(want), "{want:?} not in\n{text}");
     }
 }
+
+/// A backup of a stopped daemon's directory works too; a damaged backup
+/// is refused before anything is written.
+#[test]
+fn a_stopped_daemon_is_backed_up_and_a_damaged_backup_refused() {
+    let mut daemon = Daemon::start();
+    let invite = daemon.invite(1);
+    RawClient::register(daemon.addr(), &invite, "alice").unwrap().client.hang_up();
+    daemon.stop();
+    let file = daemon.dir().join("stopped.tidings");
+    daemon.operator(&["backup", file.to_str().unwrap()]);
+    let root = tempfile::tempdir().unwrap();
+    let out = tidingsd(&["restore", file.to_str().unwrap()], &root.path().join("data"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let restored = Daemon::start_in_with_env(root, &[], &[]);
+    assert_eq!(restored.operator(&["users"]), vec!["alice\t1 device"]);
+
+    let mut bytes = std::fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    let damaged = daemon.dir().join("damaged.tidings");
+    std::fs::write(&damaged, bytes).unwrap();
+    let target = daemon.dir().join("from-damaged");
+    let out = tidingsd(&["restore", damaged.to_str().unwrap()], &target);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("damaged"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!target.exists(), "a damaged backup wrote something");
+}
