@@ -494,7 +494,10 @@ fn doctor_checks_a_running_daemon() {
 fn a_stopped_daemon_is_backed_up_and_a_damaged_backup_refused() {
     let mut daemon = Daemon::start();
     let invite = daemon.invite(1);
-    RawClient::register(daemon.addr(), &invite, "alice").unwrap().client.hang_up();
+    RawClient::register(daemon.addr(), &invite, "alice")
+        .unwrap()
+        .client
+        .hang_up();
     daemon.stop();
     let file = daemon.dir().join("stopped.tidings");
     daemon.operator(&["backup", file.to_str().unwrap()]);
@@ -512,6 +515,10 @@ fn a_stopped_daemon_is_backed_up_and_a_damaged_backup_refused() {
     let target = daemon.dir().join("from-damaged");
     let out = tidingsd(&["restore", damaged.to_str().unwrap()], &target);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("damaged"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("damaged"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!target.exists(), "a damaged backup wrote something");
 }

@@ -406,7 +406,7 @@ fn status(data_dir: &Path, json: bool) -> ExitCode {
             n("oldest_undelivered_s")
         );
         println!(
-            "disk: data {} , free {}, floor {}",
+            "disk: data {}, free {}, floor {}",
             mib("disk_used_bytes"),
             mib("disk_free_bytes"),
             mib("min_free_bytes")
