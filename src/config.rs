@@ -129,6 +129,9 @@ pub struct Limits {
     pub delivery_window: Option<u64>,
     /// Key claims per device per minute.
     pub key_claims_per_minute: Option<u32>,
+    /// Ephemeral sends (typing) and presence requests per device per
+    /// minute.
+    pub ephemeral_per_minute: Option<u32>,
     /// sled's page cache.
     #[serde(default, deserialize_with = "size")]
     pub cache: Option<u64>,
@@ -224,6 +227,9 @@ impl FileConfig {
         if config.limits.max_connections == Some(0) {
             return Err("limits.max_connections: must be at least 1".into());
         }
+        if config.limits.ephemeral_per_minute == Some(0) {
+            return Err("limits.ephemeral_per_minute: must be at least 1".into());
+        }
         // spec §9: the server pings a silent connection before it closes
         // it; an idle timeout at or below ping_after would close
         // connections that answer every ping.
@@ -272,6 +278,9 @@ impl FileConfig {
         }
         if let Some(v) = l.key_claims_per_minute {
             c.hub.claims_per_minute = v;
+        }
+        if let Some(v) = l.ephemeral_per_minute {
+            c.hub.ephemeral_per_minute = v;
         }
         if let Some(v) = l.cache {
             c.store.cache_capacity = v;
@@ -338,6 +347,7 @@ mod tests {
             max_output = "2MiB"
             delivery_window = 128
             key_claims_per_minute = 10
+            ephemeral_per_minute = 20
             cache = 33554432
             connections_per_ip = 10
             handshakes_per_second_per_ip = 5
@@ -368,6 +378,7 @@ mod tests {
         assert_eq!(s.session.max_output, 2 << 20);
         assert_eq!(s.hub.window, 128);
         assert_eq!(s.hub.link_ttl, Duration::from_secs(900));
+        assert_eq!(s.hub.ephemeral_per_minute, 20);
         assert_eq!(s.store.cache_capacity, 32 << 20);
         assert_eq!(s.per_ip.connections, 10);
         assert_eq!(s.per_ip.handshakes_per_second, 5);

@@ -18,10 +18,23 @@
 //! with an empty plaintext and then calling `rekey_outgoing`; a receiver
 //! that opens an empty record calls `rekey_incoming`. Frames are never
 //! empty, so the marker is unambiguous, and the receiver needs no clock.
+//!
+//! Memory: every connection keeps its transport for as long as it is open,
+//! so the transport is kept small. snow's ring resolver keeps each
+//! direction's ChaCha20-Poly1305 key as a boxed `ring::aead::LessSafeKey`,
+//! sized for ring's largest cipher (544 bytes); [`Resolver`] gives snow a
+//! cipher that keeps only the 32-byte key and builds ring's key for each
+//! record, which costs a copy of 32 bytes. Hashing, randomness and X25519
+//! are snow's own (ring's where it has them). The bytes on the wire are
+//! the same: `benches/noise.rs` and the tests below check it against snow's
+//! stock resolver and the handshake vector.
 
 use std::time::{Duration, Instant};
 
-use snow::params::NoiseParams;
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, Tag, UnboundKey};
+use snow::params::{CipherChoice, DHChoice, HashChoice, NoiseParams};
+use snow::resolvers::{CryptoResolver, DefaultResolver, RingResolver};
+use snow::types::{Cipher, Dh, Hash, Random};
 use thiserror::Error;
 use zeroize::Zeroizing;
 
@@ -59,6 +72,100 @@ fn params() -> NoiseParams {
     NOISE_PARAMS.parse().expect("the fixed Noise parameter string parses")
 }
 
+/// A snow builder with [`Resolver`].
+fn builder() -> snow::Builder<'static> {
+    snow::Builder::with_resolver(params(), Box::new(Resolver))
+}
+
+/// snow's primitives, with [`ChaChaPoly`] for the cipher.
+struct Resolver;
+
+impl CryptoResolver for Resolver {
+    fn resolve_rng(&self) -> Option<Box<dyn Random>> {
+        RingResolver.resolve_rng()
+    }
+
+    fn resolve_dh(&self, choice: &DHChoice) -> Option<Box<dyn Dh>> {
+        DefaultResolver.resolve_dh(choice)
+    }
+
+    fn resolve_hash(&self, choice: &HashChoice) -> Option<Box<dyn Hash>> {
+        RingResolver.resolve_hash(choice)
+    }
+
+    fn resolve_cipher(&self, choice: &CipherChoice) -> Option<Box<dyn Cipher>> {
+        match choice {
+            CipherChoice::ChaChaPoly => Some(Box::new(ChaChaPoly::default())),
+            _ => None,
+        }
+    }
+}
+
+/// ChaCha20-Poly1305 as Noise uses it (Noise §12.3: the nonce is 32 zero
+/// bits then the 64-bit counter, little-endian), keeping only the key.
+#[derive(Default)]
+struct ChaChaPoly {
+    key: Zeroizing<[u8; KEY_LEN]>,
+}
+
+impl ChaChaPoly {
+    fn ring_key(&self) -> Option<LessSafeKey> {
+        UnboundKey::new(&CHACHA20_POLY1305, &self.key[..])
+            .ok()
+            .map(LessSafeKey::new)
+    }
+}
+
+fn nonce(n: u64) -> Nonce {
+    let mut bytes = [0u8; 12];
+    bytes[4..].copy_from_slice(&n.to_le_bytes());
+    Nonce::assume_unique_for_key(bytes)
+}
+
+impl Cipher for ChaChaPoly {
+    fn name(&self) -> &'static str {
+        "ChaChaPoly"
+    }
+
+    fn set(&mut self, key: &[u8; KEY_LEN]) {
+        self.key.copy_from_slice(key);
+    }
+
+    /// Returns the ciphertext's length, or 0 (which every caller treats as
+    /// a failure) if `out` is too short; snow's trait has no error here.
+    fn encrypt(&self, n: u64, ad: &[u8], plaintext: &[u8], out: &mut [u8]) -> usize {
+        let len = plaintext.len();
+        let Some(key) = self.ring_key() else { return 0 };
+        if out.len() < len + TAG_LEN {
+            return 0;
+        }
+        let (body, rest) = out.split_at_mut(len);
+        body.copy_from_slice(plaintext);
+        match key.seal_in_place_separate_tag(nonce(n), Aad::from(ad), body) {
+            Ok(tag) => {
+                rest[..TAG_LEN].copy_from_slice(tag.as_ref());
+                len + TAG_LEN
+            }
+            Err(_) => 0,
+        }
+    }
+
+    /// Decrypts into `out`, which needs room for the plaintext only (snow's
+    /// ring cipher copies the record to the heap when `out` is shorter than
+    /// the ciphertext).
+    fn decrypt(&self, n: u64, ad: &[u8], ciphertext: &[u8], out: &mut [u8]) -> Result<usize, snow::Error> {
+        let len = ciphertext.len().checked_sub(TAG_LEN).ok_or(snow::Error::Decrypt)?;
+        let body = out.get_mut(..len).ok_or(snow::Error::Decrypt)?;
+        let (sealed, tag) = ciphertext.split_at(len);
+        let tag = Tag::try_from(tag).map_err(|_| snow::Error::Decrypt)?;
+        let key = self.ring_key().ok_or(snow::Error::Decrypt)?;
+        body.copy_from_slice(sealed);
+        key.open_in_place_separate_tag(nonce(n), Aad::from(ad), tag, body, 0..)
+            .map(|plain| plain.len())
+            .map_err(|_| snow::Error::Decrypt)
+    }
+}
+
 /// A static Curve25519 key pair. The private half is zeroed on drop.
 #[derive(Clone)]
 pub struct Keypair {
@@ -79,9 +186,7 @@ impl Keypair {
     /// # Errors
     /// If the randomness source fails.
     pub fn generate() -> Result<Keypair, NoiseError> {
-        let kp = snow::Builder::new(params())
-            .generate_keypair()
-            .map_err(|_| NoiseError::Handshake)?;
+        let kp = builder().generate_keypair().map_err(|_| NoiseError::Handshake)?;
         let private = Zeroizing::new(kp.private);
         Keypair::from_private(&private).ok_or(NoiseError::Handshake)
     }
@@ -103,9 +208,8 @@ impl Keypair {
 
 fn x25519_public(private: &[u8; KEY_LEN]) -> PublicKey {
     // snow's own Curve25519 implementation derives the public half.
-    use snow::resolvers::{CryptoResolver, DefaultResolver};
     let mut dh = DefaultResolver
-        .resolve_dh(&snow::params::DHChoice::Curve25519)
+        .resolve_dh(&DHChoice::Curve25519)
         .expect("curve25519 is supported");
     dh.set(private);
     let mut public = [0u8; KEY_LEN];
@@ -136,7 +240,7 @@ fn open_handshake(hs: &mut snow::HandshakeState, body: &[u8]) -> Result<(), Nois
 /// # Errors
 /// [`NoiseError::Handshake`] if `server` is not a valid key.
 pub fn client_start(local: &Keypair, server: &PublicKey, out: &mut Vec<u8>) -> Result<ExpectServerHello, NoiseError> {
-    let mut hs = snow::Builder::new(params())
+    let mut hs = builder()
         .local_private_key(local.private())
         .and_then(|b| b.remote_public_key(server))
         .and_then(|b| b.prologue(&PREAMBLE))
@@ -176,7 +280,7 @@ impl ExpectClientHello {
     /// # Errors
     /// Only if snow rejects the parameters, which are fixed.
     pub fn new(server: &Keypair) -> Result<ExpectClientHello, NoiseError> {
-        let hs = snow::Builder::new(params())
+        let hs = builder()
             .local_private_key(server.private())
             .and_then(|b| b.prologue(&PREAMBLE))
             .and_then(|b| b.build_responder())
@@ -208,12 +312,9 @@ impl ExpectClientAuth {
     /// [`NoiseError::Handshake`], without detail.
     pub fn handle(mut self, body: &[u8], now: Instant) -> Result<(Transport, PublicKey), NoiseError> {
         open_handshake(&mut self.hs, body)?;
-        let remote: PublicKey = self
-            .hs
-            .get_remote_static()
-            .and_then(|k| k.try_into().ok())
-            .ok_or(NoiseError::Handshake)?;
-        Ok((Transport::new(self.hs, now)?, remote))
+        let transport = Transport::new(self.hs, now)?;
+        let remote = *transport.remote_static().ok_or(NoiseError::Handshake)?;
+        Ok((transport, remote))
     }
 }
 
@@ -231,27 +332,24 @@ pub struct Transport {
     ts: snow::TransportState,
     sent_since_rekey: u64,
     rekeyed_at: Instant,
-    remote: PublicKey,
 }
 
 impl Transport {
     fn new(hs: snow::HandshakeState, now: Instant) -> Result<Transport, NoiseError> {
-        let remote = hs
-            .get_remote_static()
-            .and_then(|k| k.try_into().ok())
-            .ok_or(NoiseError::Handshake)?;
         let ts = hs.into_transport_mode().map_err(|_| NoiseError::Handshake)?;
-        Ok(Transport {
+        let transport = Transport {
             ts,
             sent_since_rekey: 0,
             rekeyed_at: now,
-            remote,
-        })
+        };
+        transport.remote_static().ok_or(NoiseError::Handshake)?;
+        Ok(transport)
     }
 
-    /// The peer's static key.
-    pub fn remote_static(&self) -> &PublicKey {
-        &self.remote
+    /// The peer's static key: always there once the handshake is done
+    /// (snow keeps it; a transport is only made after checking it).
+    pub fn remote_static(&self) -> Option<&PublicKey> {
+        self.ts.get_remote_static().and_then(|k| k.try_into().ok())
     }
 
     fn seal_raw(&mut self, plain: &[u8], out: &mut Vec<u8>) -> Result<(), NoiseError> {
@@ -349,8 +447,159 @@ mod tests {
         assert_eq!(m3[0].len(), 64);
         let (st, remote) = auth.handle(&m3[0], now).unwrap();
         assert_eq!(remote, client.public);
-        assert_eq!(ct.remote_static(), &server.public);
+        assert_eq!(ct.remote_static(), Some(&server.public));
         (ct, st, client)
+    }
+
+    /// The spec's handshake vector, as name → bytes.
+    fn vector() -> std::collections::HashMap<String, Vec<u8>> {
+        include_str!("../protocol-spec/vectors/handshake.txt")
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| {
+                let (k, v) = l.split_once('=').unwrap();
+                (k.trim().to_string(), hex::decode(v.trim()).unwrap())
+            })
+            .collect()
+    }
+
+    fn with_header(body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        wire::write_record(body, &mut out);
+        out
+    }
+
+    /// The key-only cipher reproduces the spec's vector byte for byte:
+    /// handshake, transport records in both directions, a rekey.
+    #[test]
+    fn key_only_cipher_matches_the_handshake_vector() {
+        let v = vector();
+        let mut client = builder()
+            .local_private_key(&v["client_static_private"])
+            .and_then(|b| b.remote_public_key(&v["server_static_public"]))
+            .and_then(|b| b.prologue(&PREAMBLE))
+            .unwrap()
+            .fixed_ephemeral_key_for_testing_only(&v["client_ephemeral_private"])
+            .build_initiator()
+            .unwrap();
+        let mut server = builder()
+            .local_private_key(&v["server_static_private"])
+            .and_then(|b| b.prologue(&PREAMBLE))
+            .unwrap()
+            .fixed_ephemeral_key_for_testing_only(&v["server_ephemeral_private"])
+            .build_responder()
+            .unwrap();
+        let (mut buf, mut payload) = ([0u8; 256], [0u8; 256]);
+        for (name, from_client) in [("message1", true), ("message2", false), ("message3", true)] {
+            let (from, to) = if from_client {
+                (&mut client, &mut server)
+            } else {
+                (&mut server, &mut client)
+            };
+            let n = from.write_message(&[], &mut buf).unwrap();
+            assert_eq!(with_header(&buf[..n]), v[name], "{name}");
+            assert_eq!(to.read_message(&buf[..n], &mut payload).unwrap(), 0, "{name}");
+        }
+        assert_eq!(client.get_handshake_hash(), &v["handshake_hash"][..]);
+        let now = Instant::now();
+        let mut client = Transport::new(client, now).unwrap();
+        let mut server = Transport::new(server, now).unwrap();
+        let mut plain = Vec::new();
+        let mut check = |from: &mut Transport, to: &mut Transport, frame: &[u8], name: &str| {
+            let mut out = Vec::new();
+            from.seal_raw(frame, &mut out).unwrap();
+            assert_eq!(out, v[name], "{name}");
+            let opened = to.open(&out[RECORD_HEADER_LEN..], &mut plain).unwrap();
+            assert_eq!(opened == Opened::Rekeyed, frame.is_empty(), "{name}");
+            assert_eq!(plain, frame, "{name}");
+        };
+        check(&mut client, &mut server, &[0x01, 0x00], "c2s_ping");
+        check(&mut server, &mut client, &[0x01, 0x00], "s2c_pong");
+        check(&mut client, &mut server, &[], "c2s_rekey");
+        client.ts.rekey_outgoing();
+        check(&mut client, &mut server, &[0x02, 0x00], "c2s_ping_after_rekey");
+    }
+
+    /// Our transport against snow's stock resolver (ring's boxed keys) on
+    /// the other end, both ways round, across rekeys and record sizes.
+    #[test]
+    fn key_only_cipher_talks_to_snows_stock_cipher() {
+        let server_key = Keypair::generate().unwrap();
+        let client_key = Keypair::generate().unwrap();
+        let now = Instant::now();
+        let mut c2s = Vec::new();
+        let hello = client_start(&client_key, &server_key.public, &mut c2s).unwrap();
+        let mut stock = snow::Builder::new(params())
+            .local_private_key(server_key.private())
+            .and_then(|b| b.prologue(&PREAMBLE))
+            .and_then(|b| b.build_responder())
+            .unwrap();
+        let (mut buf, mut payload) = (vec![0u8; 70_000], vec![0u8; 70_000]);
+        stock.read_message(&records(&c2s[8..])[0], &mut payload).unwrap();
+        let n = stock.write_message(&[], &mut buf).unwrap();
+        let mut c2s = Vec::new();
+        let mut ours = hello.handle(&buf[..n], now, &mut c2s).unwrap();
+        stock.read_message(&records(&c2s)[0], &mut payload).unwrap();
+        let mut stock = stock.into_transport_mode().unwrap();
+
+        let mut plain = Vec::new();
+        let mut t = now;
+        for (i, len) in [1, 2, 15, 16, 17, 200, 250, 4096, MAX_FRAME_LEN]
+            .into_iter()
+            .enumerate()
+        {
+            let frame: Vec<u8> = (0..len).map(|b| (b * 7 + i) as u8).collect();
+            // Ours to stock; every third frame an hour later, so a rekey
+            // marker goes first.
+            if i % 3 == 2 {
+                t += REKEY_AFTER;
+            }
+            let mut out = Vec::new();
+            ours.seal(&frame, t, &mut out).unwrap();
+            for r in records(&out) {
+                let n = stock.read_message(&r, &mut payload).unwrap();
+                if n == 0 {
+                    stock.rekey_incoming();
+                } else {
+                    assert_eq!(&payload[..n], &frame[..]);
+                }
+            }
+            // Stock to ours, with a marker of its own now and then.
+            if i % 4 == 3 {
+                let n = stock.write_message(&[], &mut buf).unwrap();
+                stock.rekey_outgoing();
+                assert_eq!(ours.open(&buf[..n], &mut plain), Ok(Opened::Rekeyed));
+            }
+            let n = stock.write_message(&frame, &mut buf).unwrap();
+            assert_eq!(ours.open(&buf[..n], &mut plain), Ok(Opened::Frame));
+            assert_eq!(plain, frame);
+        }
+    }
+
+    #[test]
+    fn key_only_cipher_refuses_bad_records_without_panicking() {
+        let now = Instant::now();
+        let (mut c, mut s, _) = pair(now);
+        let mut wire = Vec::new();
+        c.seal(b"hello", now, &mut wire).unwrap();
+        let body = &records(&wire)[0];
+        let mut plain = Vec::new();
+        // Too short for a tag, a cut tag, a flipped tag bit.
+        assert_eq!(s.open(&body[..TAG_LEN - 1], &mut plain), Err(NoiseError::Decrypt));
+        let mut bad = body.clone();
+        *bad.last_mut().unwrap() ^= 0x80;
+        assert_eq!(s.open(&bad, &mut plain), Err(NoiseError::Decrypt));
+        // The cipher itself, with buffers too short.
+        let cipher = ChaChaPoly::default();
+        assert_eq!(cipher.encrypt(0, &[], b"abc", &mut [0u8; 18]), 0);
+        let mut sealed = [0u8; 19];
+        assert_eq!(cipher.encrypt(0, &[], b"abc", &mut sealed), 19);
+        assert!(cipher.decrypt(0, &[], &sealed, &mut [0u8; 2]).is_err());
+        assert!(cipher.decrypt(0, &[], &sealed[..15], &mut [0u8; 32]).is_err());
+        let mut out = [0u8; 3];
+        assert_eq!(cipher.decrypt(0, &[], &sealed, &mut out).unwrap(), 3);
+        assert_eq!(&out, b"abc");
+        assert!(cipher.decrypt(1, &[], &sealed, &mut out).is_err());
     }
 
     #[test]

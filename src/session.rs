@@ -19,8 +19,21 @@
 //! and unknown frames; everything else goes to the hub as
 //! [`Event::Frame`]. What it does not do: decide who a key belongs to
 //! (the caller's `identify` does), or anything about accounts and queues.
+//!
+//! Memory (DESIGN, guarantee 7): a session holds a buffer only while it
+//! has something in it. Output is freed once written, the event queue
+//! once polled empty, the record decoder's buffer once its record is
+//! whole; the plaintext of the record being handled and the encoding of a
+//! frame use buffers of the thread that drives the session, since both
+//! are done with before a call returns. The Noise transport keeps its
+//! keys and counters and nothing else (see [`crate::noise`]). An idle
+//! authenticated session is therefore its own struct, a boxed transport
+//! and two 32-byte keys.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::thread::LocalKey;
 use std::time::{Duration, Instant};
 
 use crate::ids::DeviceKey;
@@ -145,36 +158,57 @@ pub enum Phase {
 /// decoder so both can be borrowed at once.
 struct Inner {
     state: State,
+    /// Bytes to write; no allocation while empty.
     out: Vec<u8>,
     /// Bytes of `out` already written.
     out_pos: usize,
-    /// Plaintext of the record being handled, and frame encoding.
-    plain: Vec<u8>,
-    scratch: Vec<u8>,
+    /// No allocation while empty.
     events: VecDeque<Event>,
-    started: Instant,
-    last_rx: Instant,
+    /// When the connection was accepted, during the handshake; when the
+    /// last whole record arrived, after it.
+    since: Instant,
     ping_sent: bool,
     /// Who the peer was when it sent `Close`: the frames it sent before
     /// are still handled as that key and device (spec §5.2 `Close`:
-    /// requests in progress complete).
-    leaving: Option<(PublicKey, Option<DeviceKey>)>,
-    config: SessionConfig,
+    /// requests in progress complete). Boxed: nothing while unused.
+    leaving: Option<Box<(PublicKey, Option<DeviceKey>)>>,
+    config: Arc<SessionConfig>,
 }
 
 /// A server connection's protocol state.
 pub struct Session {
     decoder: RecordDecoder,
     inner: Inner,
-    server_key: std::sync::Arc<Keypair>,
+    server_key: Arc<Keypair>,
 }
 
-/// Buffers above this capacity are freed once empty rather than kept.
+/// Thread buffers above this capacity are freed after use rather than kept.
 const KEEP_CAPACITY: usize = 16 * 1024;
 
+thread_local! {
+    /// The plaintext of the record being handled.
+    static PLAIN: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+    /// A frame being encoded, or re-encoded for the canonical check.
+    static ENCODED: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// Lends this thread's `buffer` (empty) for the length of `f`. A nested
+/// loan of the same buffer gets a fresh one: slower, never wrong.
+fn with_buffer<R>(buffer: &'static LocalKey<Cell<Vec<u8>>>, f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    let mut buf = buffer.take();
+    buf.clear();
+    let result = f(&mut buf);
+    if buf.capacity() <= KEEP_CAPACITY {
+        buffer.set(buf);
+    }
+    result
+}
+
 impl Session {
-    /// A session for a connection accepted at `now`.
-    pub fn new(server_key: std::sync::Arc<Keypair>, config: SessionConfig, now: Instant) -> Session {
+    /// A session for a connection accepted at `now`. Sessions of one
+    /// server share their configuration (pass an `Arc`), or each gets a
+    /// copy.
+    pub fn new(server_key: Arc<Keypair>, config: impl Into<Arc<SessionConfig>>, now: Instant) -> Session {
         Session {
             decoder: RecordDecoder::new(),
             inner: Inner {
@@ -184,14 +218,11 @@ impl Session {
                 },
                 out: Vec::new(),
                 out_pos: 0,
-                plain: Vec::new(),
-                scratch: Vec::new(),
                 events: VecDeque::new(),
-                started: now,
-                last_rx: now,
+                since: now,
                 ping_sent: false,
                 leaving: None,
-                config,
+                config: config.into(),
             },
             server_key,
         }
@@ -238,7 +269,6 @@ impl Session {
             }
             inner.state = State::Closed;
         }
-        inner.release_idle_buffers();
     }
 
     /// Handles the passing of time. Call when [`Session::poll_timeout`] is
@@ -247,14 +277,14 @@ impl Session {
         let inner = &mut self.inner;
         match inner.state {
             State::ExpectPreamble { .. } | State::ExpectClientHello(_) | State::ExpectClientAuth(_) => {
-                if now >= inner.started + inner.config.handshake_timeout {
+                if now >= inner.since + inner.config.handshake_timeout {
                     // spec §9: silent close.
                     inner.observe(HandshakeOutcome::TimedOut);
                     inner.state = State::Closed;
                 }
             }
             State::Unregistered(_) | State::Authenticated(..) => {
-                if now >= inner.last_rx + inner.config.idle_timeout {
+                if now >= inner.since + inner.config.idle_timeout {
                     // Input is not read while the output is over the cap:
                     // silence then means the peer does not read (spec §9).
                     if inner.pending() > inner.config.max_output {
@@ -262,7 +292,7 @@ impl Session {
                     } else {
                         inner.close(ErrorCode::IDLE_TIMEOUT, "idle timeout", now);
                     }
-                } else if !inner.ping_sent && now >= inner.last_rx + inner.config.ping_after {
+                } else if !inner.ping_sent && now >= inner.since + inner.config.ping_after {
                     inner.ping_sent = true;
                     inner.send(0, &ServerFrame::Ping, now);
                 }
@@ -281,12 +311,12 @@ impl Session {
         let i = &self.inner;
         match i.state {
             State::ExpectPreamble { .. } | State::ExpectClientHello(_) | State::ExpectClientAuth(_) => {
-                Some(i.started + i.config.handshake_timeout)
+                Some(i.since + i.config.handshake_timeout)
             }
             State::Unregistered(_) | State::Authenticated(..) => Some(if i.ping_sent {
-                i.last_rx + i.config.idle_timeout
+                i.since + i.config.idle_timeout
             } else {
-                i.last_rx + i.config.ping_after
+                i.since + i.config.ping_after
             }),
             State::Closing { since } => Some(since + i.config.linger),
             State::Closed => None,
@@ -295,7 +325,11 @@ impl Session {
 
     /// The next event for the hub.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.inner.events.pop_front()
+        let event = self.inner.events.pop_front();
+        if event.is_none() && self.inner.events.capacity() > 0 {
+            self.inner.events = VecDeque::new();
+        }
+        event
     }
 
     /// Sends a frame, if the connection is in a transport state. Returns
@@ -338,14 +372,14 @@ impl Session {
         &self.inner.out[self.inner.out_pos..]
     }
 
-    /// Reports that `n` bytes of [`Session::transmit`] were written.
+    /// Reports that `n` bytes of [`Session::transmit`] were written. Once
+    /// everything is written the output buffer is freed.
     pub fn advance(&mut self, n: usize) {
         let i = &mut self.inner;
         i.out_pos = (i.out_pos + n).min(i.out.len());
         if i.out_pos == i.out.len() {
-            i.out.clear();
+            i.out = Vec::new();
             i.out_pos = 0;
-            i.release_idle_buffers();
         }
     }
 
@@ -405,7 +439,7 @@ impl Session {
     pub fn device(&self) -> Option<DeviceKey> {
         match self.inner.state {
             State::Authenticated(_, d) => Some(d),
-            State::Closing { .. } => self.inner.leaving.and_then(|(_, d)| d),
+            State::Closing { .. } => self.inner.leaving.as_deref().and_then(|(_, d)| *d),
             _ => None,
         }
     }
@@ -414,8 +448,8 @@ impl Session {
     /// (and after the client's `Close`, for the frames it sent before it).
     pub fn remote_static(&self) -> Option<&PublicKey> {
         match &self.inner.state {
-            State::Unregistered(t) | State::Authenticated(t, _) => Some(t.remote_static()),
-            State::Closing { .. } => self.inner.leaving.as_ref().map(|(k, _)| k),
+            State::Unregistered(t) | State::Authenticated(t, _) => t.remote_static(),
+            State::Closing { .. } => self.inner.leaving.as_deref().map(|(k, _)| k),
             _ => None,
         }
     }
@@ -424,8 +458,7 @@ impl Session {
     pub fn buffer_capacity(&self) -> usize {
         self.decoder.capacity()
             + self.inner.out.capacity()
-            + self.inner.plain.capacity()
-            + self.inner.scratch.capacity()
+            + self.inner.events.capacity() * std::mem::size_of::<Event>()
     }
 }
 
@@ -475,7 +508,7 @@ impl Inner {
             }
             State::ExpectClientAuth(a) => match a.handle(body, now) {
                 Ok((transport, remote)) => {
-                    self.last_rx = now;
+                    self.since = now;
                     match identify(&remote) {
                         Identity::Device(d) => {
                             self.observe(HandshakeOutcome::Authenticated);
@@ -497,24 +530,24 @@ impl Inner {
                 Err(_) => self.observe(HandshakeOutcome::Failed),
             },
             // spec §4.3: a record that fails to open leaves the state Closed.
-            State::Unregistered(mut t) => {
-                if let Ok(opened) = t.open(body, &mut self.plain) {
+            State::Unregistered(mut t) => with_buffer(&PLAIN, |plain| {
+                if let Ok(opened) = t.open(body, plain) {
                     self.active(now);
                     self.state = State::Unregistered(t);
                     if opened == Opened::Frame {
-                        self.on_frame(now);
+                        self.on_frame(plain, now);
                     }
                 }
-            }
-            State::Authenticated(mut t, d) => {
-                if let Ok(opened) = t.open(body, &mut self.plain) {
+            }),
+            State::Authenticated(mut t, d) => with_buffer(&PLAIN, |plain| {
+                if let Ok(opened) = t.open(body, plain) {
                     self.active(now);
                     self.state = State::Authenticated(t, d);
                     if opened == Opened::Frame {
-                        self.on_frame(now);
+                        self.on_frame(plain, now);
                     }
                 }
-            }
+            }),
             other => self.state = other,
         }
         Ok(self.next())
@@ -524,13 +557,13 @@ impl Inner {
     /// that do not complete a record do not count, so a peer trickling
     /// bytes cannot hold a connection open.
     fn active(&mut self, now: Instant) {
-        self.last_rx = now;
+        self.since = now;
         self.ping_sent = false;
     }
 
-    /// Handles the frame in `self.plain` (spec §8).
-    fn on_frame(&mut self, now: Instant) {
-        let (req, frame) = match wire::decode_client(&self.plain, &mut self.scratch) {
+    /// Handles the frame in `plain` (spec §8).
+    fn on_frame(&mut self, plain: &[u8], now: Instant) {
+        let (req, frame) = match with_buffer(&ENCODED, |scratch| wire::decode_client(plain, scratch)) {
             Ok(f) => f,
             Err(e) => {
                 // spec §5.1, vector server-03-error-unsupported: the text
@@ -559,8 +592,10 @@ impl Inner {
                     State::Authenticated(_, d) => Some(d),
                     _ => None,
                 };
-                if let State::Unregistered(t) | State::Authenticated(t, _) = &self.state {
-                    self.leaving = Some((*t.remote_static(), device));
+                if let State::Unregistered(t) | State::Authenticated(t, _) = &self.state
+                    && let Some(key) = t.remote_static()
+                {
+                    self.leaving = Some(Box::new((*key, device)));
                 }
                 self.state = State::Closing { since: now };
             }
@@ -590,19 +625,24 @@ impl Inner {
             // spec §9: its input was not read since the output reached the
             // cap, and the output still grew: the peer does not read. It
             // gets `Close` (which it may never read) and is dropped.
-            self.scratch.clear();
             let close = ServerFrame::Close {
                 code: ErrorCode::SLOW_CONSUMER,
                 text: "not reading".into(),
             };
-            wire::encode_server(0, &close, &mut self.scratch);
-            let _ = transport.seal(&self.scratch, now, &mut self.out);
+            let out = &mut self.out;
+            let _ = with_buffer(&ENCODED, |encoded| {
+                wire::encode_server(0, &close, encoded);
+                transport.seal(encoded, now, out)
+            });
             self.state = State::Closing { since: now };
             return false;
         }
-        self.scratch.clear();
-        wire::encode_server(req, frame, &mut self.scratch);
-        if transport.seal(&self.scratch, now, &mut self.out).is_err() {
+        let out = &mut self.out;
+        let sealed = with_buffer(&ENCODED, |encoded| {
+            wire::encode_server(req, frame, encoded);
+            transport.seal(encoded, now, out)
+        });
+        if sealed.is_err() {
             log::error!("server frame {} does not fit in a record", frame.kind());
             return false;
         }
@@ -631,19 +671,6 @@ impl Inner {
         self.send(0, &ServerFrame::Close { code, text }, now);
         if !matches!(self.state, State::Closed) {
             self.state = State::Closing { since: now };
-        }
-    }
-
-    fn release_idle_buffers(&mut self) {
-        if self.plain.capacity() > KEEP_CAPACITY {
-            self.plain = Vec::new();
-        }
-        if self.scratch.capacity() > KEEP_CAPACITY {
-            self.scratch = Vec::new();
-        }
-        if self.out_pos == self.out.len() && self.out.capacity() > KEEP_CAPACITY {
-            self.out = Vec::new();
-            self.out_pos = 0;
         }
     }
 }

@@ -579,6 +579,8 @@ fn readme_states_the_limits() {
         ("HANDSHAKE_RECORD_CAP", wire::HANDSHAKE_RECORD_CAP),
         ("MAX_TEXT_LEN", wire::MAX_TEXT_LEN),
         ("MAX_RECEIPT_IDS", wire::MAX_RECEIPT_IDS),
+        ("MAX_EPHEMERAL_LEN", wire::MAX_EPHEMERAL_LEN),
+        ("MAX_WATCHED", wire::MAX_WATCHED),
     ];
     for (name, value) in limits {
         let stated = format!("`wire::{name}` = {value}");
@@ -609,6 +611,7 @@ fn readme_states_the_limits() {
         format!("`HubConfig::link_ttl` = {} s", hub.link_ttl.as_secs()),
         format!("`HubConfig::claims_per_minute` = {}", hub.claims_per_minute),
         format!("`HubConfig::low_keys` = {}", hub.low_keys),
+        format!("`HubConfig::ephemeral_per_minute` = {}", hub.ephemeral_per_minute),
         format!("`HubConfig::window` = {}", hub.window),
         format!("`Quotas::queue_messages` = {}", quotas.queue_messages),
         format!("`Quotas::queue_bytes` = {}", quotas.queue_bytes),

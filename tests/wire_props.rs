@@ -17,11 +17,11 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
 use tidings::wire::{
-    Body, CLIENT_FRAME_KINDS, ClientFrame, Deliver, DeviceAddr, DeviceId, DeviceInfo, DeviceKeys, ErrorCode,
-    ExpiredNotice, Flow, FrameError, GapNotice, IdentityKeys, Lost, MAX_FRAME_LEN, MAX_NAME_LEN, MAX_RECEIPT_IDS,
-    MAX_RECORD_LEN, MsgId, PublishKeys, RECORD_HEADER_LEN, Receipt, ReceiptDeliver, ReceiptKind, RecordDecoder,
-    RecordError, SERVER_FRAME_KINDS, Send, ServerFrame, Signature, SignedKey, Token, decode_client, decode_server,
-    encode_client, encode_server, write_record,
+    Body, CLIENT_FRAME_KINDS, ClientFrame, Deliver, DeviceAddr, DeviceId, DeviceInfo, DeviceKeys, Ephemeral,
+    EphemeralDeliver, ErrorCode, ExpiredNotice, Flow, FrameError, GapNotice, IdentityKeys, Lost, MAX_FRAME_LEN,
+    MAX_NAME_LEN, MAX_RECEIPT_IDS, MAX_RECORD_LEN, MsgId, PublishKeys, RECORD_HEADER_LEN, Receipt, ReceiptDeliver,
+    ReceiptKind, RecordDecoder, RecordError, SERVER_FRAME_KINDS, Seen, Send, ServerFrame, Signature, SignedKey, Token,
+    decode_client, decode_server, encode_client, encode_server, write_record,
 };
 
 // ---------------------------------------------------------------------------
@@ -196,6 +196,14 @@ fn expired_notice() -> impl Strategy<Value = ExpiredNotice> {
     (int_u64(), device_addr(), msg_ids()).prop_map(|(seq, device, ids)| ExpiredNotice { seq, device, ids })
 }
 
+fn seen() -> impl Strategy<Value = Seen> {
+    prop_oneof![
+        Just(Seen::Hidden),
+        vec(device_id(), 0..9).prop_map(|devices| Seen::Online { devices }),
+        int_u64().prop_map(|last_seen_ms| Seen::Away { last_seen_ms }),
+    ]
+}
+
 fn client_frame() -> impl Strategy<Value = ClientFrame> {
     prop_oneof![
         Just(ClientFrame::Ping),
@@ -214,6 +222,9 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
         text().prop_map(|user| ClientFrame::ClaimKeys { user }),
         receipt().prop_map(ClientFrame::Receipt),
         msg_id().prop_map(|id| ClientFrame::Retract { id }),
+        (text(), vec(body(), 0..9)).prop_map(|(to, bodies)| ClientFrame::Ephemeral(Ephemeral { to, bodies })),
+        any::<bool>().prop_map(|everyone| ClientFrame::SetLastSeen { everyone }),
+        vec(text(), 0..12).prop_map(|users| ClientFrame::WatchPresence { users }),
     ]
 }
 
@@ -247,6 +258,12 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
         receipt_deliver().prop_map(ServerFrame::Receipt),
         gap_notice().prop_map(ServerFrame::Gap),
         expired_notice().prop_map(ServerFrame::Expired),
+        (device_addr(), text(), blob()).prop_map(|(from, to, body)| ServerFrame::Ephemeral(EphemeralDeliver {
+            from,
+            to,
+            body
+        })),
+        (text(), seen()).prop_map(|(user, seen)| ServerFrame::Presence(tidings::wire::Presence { user, seen })),
     ]
 }
 
@@ -270,6 +287,9 @@ fn client_tag(f: &ClientFrame) -> u32 {
         ClientFrame::ClaimKeys { .. } => 12,
         ClientFrame::Receipt(_) => 13,
         ClientFrame::Retract { .. } => 14,
+        ClientFrame::Ephemeral(_) => 15,
+        ClientFrame::SetLastSeen { .. } => 16,
+        ClientFrame::WatchPresence { .. } => 17,
     }
 }
 
@@ -294,6 +314,8 @@ fn server_tag(f: &ServerFrame) -> u32 {
         ServerFrame::Receipt(_) => 15,
         ServerFrame::Gap(_) => 16,
         ServerFrame::Expired(_) => 17,
+        ServerFrame::Ephemeral(_) => 18,
+        ServerFrame::Presence(_) => 19,
     }
 }
 

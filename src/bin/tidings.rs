@@ -4,7 +4,7 @@
 //! a command fails (exit status 1). With `--json`, one JSON object a line.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -12,10 +12,12 @@ use std::io::IsTerminal;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
+use tidings::client::secret::PassphraseError;
 use tidings::client::{
-    self, Direction, Event, Message, Notice, Outcome, ReceiptNews, Receipts, Report, Request, Status, Update,
+    self, Direction, Event, Message, Notice, Outcome, ReceiptNews, Receipts, Report, Request, Status, Unlock, Update,
 };
 use tidings::wire::{DeviceAddr, Lost, MsgId};
+use zeroize::Zeroizing;
 
 #[derive(Parser)]
 #[command(name = "tidings", version, about = "The tidings messaging client")]
@@ -47,10 +49,16 @@ enum Cmd {
         code: String,
     },
     /// Send a message; prints its id once the server has accepted it.
+    ///
+    /// A text is at most 3,500 bytes of UTF-8 (about 3,500 letters of
+    /// English, fewer in scripts that take more bytes a letter). If the
+    /// server cannot be reached within about 3 seconds, the message is kept
+    /// as pending: its id is printed, "pending" is said on stderr, the exit
+    /// status is 75, and it goes with the next `listen`, `sync` or `chat`.
     Send {
         /// The recipient.
         user: String,
-        /// The text.
+        /// The text (not empty; at most 3,500 bytes).
         text: String,
         /// Reply to (and quote) this message of the conversation.
         #[arg(long, value_name = "ID")]
@@ -67,13 +75,24 @@ enum Cmd {
     Edit {
         /// The message's id.
         id: String,
-        /// The new text.
+        /// The new text (not empty; at most 3,500 bytes).
         text: String,
     },
     /// Delete one of your messages for everyone, within 2 days of sending it.
     Delete {
         /// The message's id.
         id: String,
+    },
+    /// React to a message with one emoji (replacing your earlier reaction), or take it back.
+    React {
+        /// The message's id.
+        id: String,
+        /// One emoji (one character as shown, at most 32 bytes).
+        #[arg(required_unless_present = "remove", conflicts_with = "remove")]
+        emoji: Option<String>,
+        /// Take your reaction back.
+        #[arg(long)]
+        remove: bool,
     },
     /// Mark the conversation with a user read (sends read receipts unless they are off).
     Read {
@@ -94,7 +113,10 @@ enum Cmd {
     Sync,
     /// Stay connected and print messages as they arrive.
     Listen,
-    /// Print the local conversation with a user.
+    /// The terminal messenger: your chats, the open conversation, ticks
+    /// that change as you watch (`?` or F1 shows every key).
+    Chat,
+    /// Print the local conversation with a user (an error if there is none).
     History {
         /// The other party.
         user: String,
@@ -127,6 +149,18 @@ enum Setting {
         /// on or off.
         state: OnOff,
     },
+    /// Who sees when you are online or were last seen: everyone (the
+    /// default) or nobody; who hides theirs sees no one's.
+    LastSeen {
+        /// everyone or nobody.
+        who: Audience,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Audience {
+    Everyone,
+    Nobody,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -162,6 +196,8 @@ fn message_json(m: &Message) -> serde_json::Value {
         "edited": m.edited(),
         "deleted": m.deleted,
         "undecryptable": m.undecryptable,
+        "repeats": m.repeats,
+        "reactions": m.reactions,
     })
 }
 
@@ -183,6 +219,24 @@ impl Out {
             Event::Notice(n) => self.notice(n),
             Event::Receipt(r) => self.receipt(r),
             Event::Update(u) => self.update(u),
+            Event::Reaction(r) => {
+                if self.json {
+                    self.value(json!({
+                        "type": "reaction",
+                        "id": r.id.to_string(),
+                        "from": r.from,
+                        "by": r.by,
+                        "emoji": r.emoji,
+                        "ts": r.ts_ms,
+                    }));
+                } else {
+                    let what = match &r.emoji {
+                        Some(e) => format!("reacted {e} to"),
+                        None => "took back their reaction to".to_owned(),
+                    };
+                    self.line(&format!("{} {} {what} {} ({})", time(r.ts_ms), r.by, r.id, r.from));
+                }
+            }
             Event::Gap(lost) => self.gap(lost),
             Event::Expired { device, ids } => self.expired(device, ids),
             Event::Settings { read_receipts } => {
@@ -195,7 +249,20 @@ impl Out {
                     );
                 }
             }
-            Event::Connected | Event::Disconnected(_) | Event::Drained => {}
+            Event::LastSeen { everyone } => {
+                let who = if *everyone { "everyone" } else { "nobody" };
+                if self.json {
+                    self.value(json!({"type": "settings", "last_seen": who}));
+                } else {
+                    eprintln!("last seen shown to {who}, as set on another of your devices");
+                }
+            }
+            Event::Typing { from, active } => {
+                if self.json {
+                    self.value(json!({"type": "typing", "from": from, "active": active}));
+                }
+            }
+            Event::Presence { .. } | Event::Connected | Event::Disconnected(_) | Event::Drained => {}
         }
     }
 
@@ -368,6 +435,11 @@ impl Out {
         }
         if m.deleted {
             text.push_str("[deleted]");
+        } else if m.undecryptable && m.repeats > 0 {
+            text.push_str(&format!(
+                "[{} undecryptable messages from this device; asked it for a new session]",
+                u64::from(m.repeats) + 1
+            ));
         } else if m.undecryptable {
             text.push_str("[undecryptable message; asked the sender's device for a new session]");
         } else {
@@ -375,6 +447,10 @@ impl Out {
         }
         if m.edited() && !m.deleted {
             text.push_str(" (edited)");
+        }
+        if !m.reactions.is_empty() {
+            let r: Vec<String> = m.reactions.iter().map(|(u, e)| format!("{u} {e}")).collect();
+            text.push_str(&format!(" [reactions: {}]", r.join(", ")));
         }
         format!(
             "{} {}/{} -> {}{}: {}",
@@ -468,7 +544,7 @@ fn main() -> ExitCode {
         color: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
     };
     match run(cli.command, &dir, &out) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("tidings: {e}");
             ExitCode::FAILURE
@@ -477,7 +553,7 @@ fn main() -> ExitCode {
 }
 
 /// `tidings server-address HOST:PORT`: a profile's server moved.
-fn server_address(dir: &std::path::Path, address: &str, out: &Out) -> Result<(), client::Error> {
+fn server_address(dir: &Path, unlock: &mut Unlock<'_>, address: &str, out: &Out) -> Result<(), client::Error> {
     let valid = address.rsplit_once(':').is_some_and(|(host, port)| {
         !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) && !host.contains(char::is_whitespace)
     });
@@ -486,7 +562,7 @@ fn server_address(dir: &std::path::Path, address: &str, out: &Out) -> Result<(),
             "{address:?} is not HOST:PORT (for example chat.example.org:7420 or [2001:db8::7]:7420)"
         )));
     }
-    let mut profile = client::Profile::open(dir, std::time::Duration::from_secs(5))?;
+    let mut profile = unlock.open(dir, std::time::Duration::from_secs(5))?;
     let mut reg = profile.registered()?.clone();
     let old = std::mem::replace(&mut reg.server, address.to_string());
     let key = hex::encode(reg.server_key);
@@ -500,10 +576,65 @@ fn server_address(dir: &std::path::Path, address: &str, out: &Out) -> Result<(),
     Ok(())
 }
 
-fn run(cmd: Cmd, dir: &std::path::Path, out: &Out) -> Result<(), client::Error> {
+/// The exit status of a message left pending: EX_TEMPFAIL (sysexits.h),
+/// "try again later"; here the client itself tries again.
+const EX_TEMPFAIL: u8 = 75;
+
+/// Asks on the terminal for the passphrase of the profile in `dir`.
+fn ask_passphrase(dir: &Path, why: PassphraseError) -> Option<Zeroizing<String>> {
+    if why == PassphraseError::Wrong {
+        eprintln!("tidings: wrong passphrase");
+    }
+    let prompt = format!("passphrase of profile {}: ", dir.display());
+    rpassword::prompt_password(prompt).ok().map(Zeroizing::new)
+}
+
+/// Asks on the terminal for a new profile's passphrase (twice); empty is
+/// none.
+fn ask_new_passphrase() -> Result<Option<Zeroizing<String>>, client::Error> {
+    loop {
+        let first = Zeroizing::new(rpassword::prompt_password(
+            "passphrase to protect this device's keys (empty for none): ",
+        )?);
+        if first.is_empty() {
+            return Ok(None);
+        }
+        let again = Zeroizing::new(rpassword::prompt_password("the same passphrase again: ")?);
+        if *again == *first {
+            return Ok(Some(first));
+        }
+        eprintln!("tidings: the two passphrases differ; once more");
+    }
+}
+
+fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<ExitCode, client::Error> {
+    let terminal = std::io::stdin().is_terminal();
+    let mut asker = |why| ask_passphrase(dir, why);
+    let mut unlock = Unlock::from_env();
+    if terminal && unlock.passphrase.is_none() {
+        unlock.ask = Some(&mut asker);
+    }
+    let new_profile = matches!(cmd, Cmd::Register { .. } | Cmd::Link { .. })
+        && !dir.join(client::profile::REGISTRATION_FILE).exists()
+        && client::ipc::delegate_target(dir).is_none();
+    if new_profile {
+        if terminal && unlock.passphrase.is_none() {
+            unlock.passphrase = ask_new_passphrase()?;
+        }
+        if unlock.passphrase.is_none() {
+            eprintln!(
+                "warning: no passphrase: this device's keys are stored unencrypted, and whoever copies the \
+                 profile can act as this device and read what comes to it (set TIDINGS_PASSPHRASE, or answer \
+                 the prompt on a terminal, to protect them)"
+            );
+        }
+    }
     let request = match cmd {
-        Cmd::Listen => return listen(dir, out),
-        Cmd::ServerAddress { address } => return server_address(dir, &address, out),
+        Cmd::Listen => return listen(dir, &mut unlock, out).map(|()| ExitCode::SUCCESS),
+        Cmd::Chat => return tidings::chat::run(dir, &mut unlock).map(|()| ExitCode::SUCCESS),
+        Cmd::ServerAddress { address } => {
+            return server_address(dir, &mut unlock, &address, out).map(|()| ExitCode::SUCCESS);
+        }
         Cmd::Register { invite, name } => Request::Register { code: invite, name },
         Cmd::Link { code } => Request::Link { code },
         Cmd::LinkCode => Request::LinkCode,
@@ -515,10 +646,18 @@ fn run(cmd: Cmd, dir: &std::path::Path, out: &Out) -> Result<(), client::Error> 
         Cmd::Forward { id, user } => Request::Forward { id, to: user },
         Cmd::Edit { id, text } => Request::Edit { id, text },
         Cmd::Delete { id } => Request::Delete { id },
+        Cmd::React { id, emoji, .. } => Request::React { id, emoji },
         Cmd::Read { user } => Request::Read { user },
         Cmd::Info { id } => Request::Info { id },
         Cmd::Settings { setting } => Request::Settings {
-            read_receipts: setting.map(|Setting::ReadReceipts { state }| matches!(state, OnOff::On)),
+            read_receipts: match setting {
+                Some(Setting::ReadReceipts { state }) => Some(matches!(state, OnOff::On)),
+                _ => None,
+            },
+            last_seen: match setting {
+                Some(Setting::LastSeen { who }) => Some(matches!(who, Audience::Everyone)),
+                _ => None,
+            },
         },
         Cmd::Sync => Request::Sync,
         Cmd::History { user } => Request::History { user },
@@ -526,7 +665,7 @@ fn run(cmd: Cmd, dir: &std::path::Path, out: &Out) -> Result<(), client::Error> 
         Cmd::Revoke { device } => Request::Revoke { device },
         Cmd::Verify { user } => Request::Verify { user },
     };
-    let outcome = client::run(dir, request, &mut |e| out.event(e))?;
+    let outcome = client::run_with(dir, request, &mut unlock, &mut |e| out.event(e))?;
     match outcome {
         Outcome::Registered(r) => {
             eprintln!("registered: {} device {} on {}", r.user, r.device, r.server);
@@ -550,6 +689,24 @@ fn run(cmd: Cmd, dir: &std::path::Path, out: &Out) -> Result<(), client::Error> 
         Outcome::Sent(m) => {
             if out.json {
                 out.value(json!({"type": "sent", "id": m.id.to_string(), "to": m.to, "ts": m.ts_ms}));
+            } else {
+                out.line(&m.id.to_string());
+            }
+        }
+        Outcome::Pending(m) => {
+            eprintln!("pending: it goes when the server is back");
+            if out.json {
+                out.value(json!({"type": "pending", "id": m.id.to_string()}));
+            } else {
+                out.line(&m.id.to_string());
+            }
+            return Ok(ExitCode::from(EX_TEMPFAIL));
+        }
+        Outcome::Reacted(m) => {
+            if out.json {
+                let mut v = message_json(&m);
+                v["type"] = json!("reacted");
+                out.value(v);
             } else {
                 out.line(&m.id.to_string());
             }
@@ -579,14 +736,20 @@ fn run(cmd: Cmd, dir: &std::path::Path, out: &Out) -> Result<(), client::Error> 
                 out.info(m, r);
             }
         }
-        Outcome::Settings { read_receipts } => {
-            let state = if read_receipts { "on" } else { "off" };
+        Outcome::Settings {
+            read_receipts,
+            last_seen,
+        } => {
             if out.json {
-                out.value(json!({"type": "settings", "read_receipts": read_receipts}));
+                let who = if last_seen { "everyone" } else { "nobody" };
+                out.value(json!({"type": "settings", "read_receipts": read_receipts, "last_seen": who}));
             } else {
-                out.line(&format!("read-receipts {state}"));
+                out.line(&format!("read-receipts {}", if read_receipts { "on" } else { "off" }));
+                out.line(&format!("last-seen {}", if last_seen { "everyone" } else { "nobody" }));
             }
         }
+        // The chat screen's requests.
+        Outcome::Typing { .. } | Outcome::Watching { .. } => {}
         Outcome::Synced { count } => eprintln!("{count} new message{}", if count == 1 { "" } else { "s" }),
         Outcome::Messages(messages) => {
             for m in &messages {
@@ -641,12 +804,12 @@ fn run(cmd: Cmd, dir: &std::path::Path, out: &Out) -> Result<(), client::Error> 
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
-fn listen(dir: &std::path::Path, out: &Out) -> Result<(), client::Error> {
+fn listen(dir: &Path, unlock: &mut Unlock<'_>, out: &Out) -> Result<(), client::Error> {
     let started = SystemTime::now();
-    client::listen(dir, &mut |event| {
+    client::listen_with(dir, unlock, &mut |event| {
         match event {
             Event::Connected => eprintln!("connected; listening (Ctrl-C to stop)"),
             Event::Drained => log::info!("up to date after {:?}", started.elapsed().unwrap_or_default()),

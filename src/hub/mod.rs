@@ -21,9 +21,13 @@
 //! - a `Send` whose bodies do not match the current devices is refused as
 //!   a whole, with the missing and extra devices.
 //!
+//! Ephemeral sends and presence (spec §5.6) never reach the store but for
+//! the presence setting: see [`ephemeral`].
+//!
 //! What it does not do: sockets, byte formats, the disk, or reading the
 //! clock (the driver passes [`Now`]).
 
+mod ephemeral;
 mod refusal;
 #[cfg(test)]
 mod tests;
@@ -58,6 +62,9 @@ pub struct HubConfig {
     pub claims_per_minute: u32,
     /// Below this many one-time keys a device is told to publish more.
     pub low_keys: u32,
+    /// Ephemeral sends, presence settings and watches a device may make
+    /// per minute (and in a burst) (spec §5.6).
+    pub ephemeral_per_minute: u32,
 }
 
 impl Default for HubConfig {
@@ -67,6 +74,7 @@ impl Default for HubConfig {
             link_ttl: Duration::from_secs(600),
             claims_per_minute: 30,
             low_keys: 10,
+            ephemeral_per_minute: 60,
         }
     }
 }
@@ -98,6 +106,8 @@ pub struct Shared {
     store: Arc<dyn StoreApi>,
     online: Mutex<HashMap<DeviceKey, ConnId>>,
     claims: Mutex<HashMap<DeviceKey, Bucket>>,
+    ephemeral: Mutex<HashMap<DeviceKey, Bucket>>,
+    watches: Mutex<ephemeral::Watches>,
     config: HubConfig,
 }
 
@@ -108,6 +118,8 @@ impl Shared {
             store,
             online: Mutex::new(HashMap::new()),
             claims: Mutex::new(HashMap::new()),
+            ephemeral: Mutex::new(HashMap::new()),
+            watches: Mutex::new(ephemeral::Watches::default()),
             config,
         })
     }
@@ -136,30 +148,49 @@ impl Shared {
         self.online().len()
     }
 
+    /// Who watches whose presence. Taken before `online` when both are.
+    fn watches(&self) -> std::sync::MutexGuard<'_, ephemeral::Watches> {
+        self.watches.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many connections watch someone's presence.
+    pub fn watching_count(&self) -> usize {
+        self.watches().watchers()
+    }
+
     /// Takes one key claim from a device's allowance.
     fn may_claim(&self, d: DeviceKey, now: Instant) -> bool {
-        let capacity = self.config.claims_per_minute;
-        let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
-        if claims.len() > 100_000 {
-            // Forget full buckets rather than grow without bound.
-            let per_sec = f64::from(capacity) / 60.0;
-            claims.retain(|_, b| {
-                b.tokens + now.saturating_duration_since(b.last).as_secs_f64() * per_sec < f64::from(capacity)
-            });
-        }
-        claims
-            .entry(d)
-            .or_insert(Bucket {
-                tokens: f64::from(capacity),
-                last: now,
-            })
-            .take(capacity, now)
+        take(&self.claims, self.config.claims_per_minute, d, now)
+    }
+
+    /// Takes one ephemeral request from a device's allowance.
+    fn may_ephemeral(&self, d: DeviceKey, now: Instant) -> bool {
+        take(&self.ephemeral, self.config.ephemeral_per_minute, d, now)
     }
 
     /// Who a static key belongs to.
     pub fn identify(&self, key: &PublicKey) -> Identity {
         self.store.identify(key)
     }
+}
+
+/// Takes one token from `d`'s bucket in `buckets` (`capacity` a minute).
+fn take(buckets: &Mutex<HashMap<DeviceKey, Bucket>>, capacity: u32, d: DeviceKey, now: Instant) -> bool {
+    let mut buckets = buckets.lock().unwrap_or_else(|e| e.into_inner());
+    if buckets.len() > 100_000 {
+        // Forget full buckets rather than grow without bound.
+        let per_sec = f64::from(capacity) / 60.0;
+        buckets.retain(|_, b| {
+            b.tokens + now.saturating_duration_since(b.last).as_secs_f64() * per_sec < f64::from(capacity)
+        });
+    }
+    buckets
+        .entry(d)
+        .or_insert(Bucket {
+            tokens: f64::from(capacity),
+            last: now,
+        })
+        .take(capacity, now)
 }
 
 /// Something for the driver to do on a connection.
@@ -245,6 +276,7 @@ enum Waiting {
     Claim { conn: ConnId, req: u32, user: String },
     Receipt { conn: ConnId, req: u32 },
     Retract { conn: ConnId, req: u32 },
+    LastSeen { conn: ConnId, req: u32, user: UserId },
     Backlog { serial: u64 },
 }
 
@@ -267,6 +299,9 @@ pub struct Hub {
     entries: Vec<(u64, Entry)>,
     devices: Vec<DeviceId>,
     completions: Vec<Completion>,
+    /// The wall clock as of the latest call that brought the time (for
+    /// what happens in calls that bring none: a connection closing).
+    clock_ms: u64,
 }
 
 impl Hub {
@@ -284,6 +319,7 @@ impl Hub {
             entries: Vec::new(),
             devices: Vec::new(),
             completions: Vec::new(),
+            clock_ms: 0,
         }
     }
 
@@ -347,6 +383,7 @@ impl Hub {
     /// Takes the store's outcomes for this loop and turns them into
     /// effects. The driver calls it every turn.
     pub fn poll_store(&mut self, now: Now) {
+        self.clock_ms = now.unix_ms;
         let mut done = std::mem::take(&mut self.completions);
         self.sink.take(&mut done);
         for c in done.drain(..) {
@@ -424,6 +461,10 @@ impl Hub {
                 log::debug!("a retraction removed {n} queued copies");
                 self.send(conn, req, ServerFrame::Done);
             }
+            (Waiting::LastSeen { conn, req, user }, Outcome::LastSeenSet) => {
+                self.send(conn, req, ServerFrame::Done);
+                self.last_seen_set(user);
+            }
             (
                 Waiting::Backlog { serial },
                 Outcome::Backlog {
@@ -481,6 +522,7 @@ impl Hub {
 
     /// Handles one session event.
     pub fn handle(&mut self, conn: ConnId, view: ConnView<'_>, event: Event, now: Now) {
+        self.clock_ms = now.unix_ms;
         match event {
             Event::Authenticated(device) => self.authenticated(conn, view, device, now),
             Event::Frame { req, frame } => {
@@ -537,6 +579,7 @@ impl Hub {
             self.send(conn, 0, ServerFrame::KeyCount { one_time: n });
         }
         log::debug!("{device} online on {conn:?}");
+        self.came_online(device);
         self.cursors.insert(
             conn.serial,
             Cursor {
@@ -556,12 +599,15 @@ impl Hub {
     /// The connection is gone: forget it in the directory (unless the
     /// device already reconnected elsewhere).
     pub fn closed(&mut self, conn: ConnId) {
+        let mut gone = None;
         if let Some(c) = self.cursors.remove(&conn.serial) {
             let mut online = self.shared.online();
             if online.get(&c.device) == Some(&conn) {
                 online.remove(&c.device);
+                gone = Some(c.device);
             }
         }
+        self.went_offline(conn, gone);
     }
 
     /// The frame that delivers a queue entry.
@@ -617,7 +663,7 @@ impl Hub {
     /// Sends queued entries on `conn` while the window and `room` (output
     /// bytes the connection may still take) allow.
     pub fn pump(&mut self, conn: ConnId, mut room: usize, now: Now) {
-        let _ = now;
+        self.clock_ms = now.unix_ms;
         let window = self.shared.config.window;
         let Some(mut c) = self.cursors.remove(&conn.serial) else {
             return;
@@ -815,6 +861,9 @@ impl Hub {
                 store.submit(Op::Claim { devices: targets }, Some(w));
             }
             ClientFrame::Receipt(receipt) => self.receipt(conn, view, req, receipt, now),
+            ClientFrame::Ephemeral(e) => self.ephemeral(conn, view, req, e, now),
+            ClientFrame::SetLastSeen { everyone } => self.set_last_seen(conn, view, req, everyone, now),
+            ClientFrame::WatchPresence { users } => self.watch(conn, view, req, users, now),
             ClientFrame::Retract { id } => {
                 let Some(me) = view.device else { return };
                 let mut devices = Vec::new();
@@ -1028,7 +1077,8 @@ impl Waiting {
             | Waiting::Publish { conn, req }
             | Waiting::Claim { conn, req, .. }
             | Waiting::Receipt { conn, req }
-            | Waiting::Retract { conn, req } => Some((conn, req)),
+            | Waiting::Retract { conn, req }
+            | Waiting::LastSeen { conn, req, .. } => Some((conn, req)),
             Waiting::Backlog { .. } => None,
         }
     }

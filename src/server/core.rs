@@ -48,10 +48,12 @@ impl<T> Conn<T> {
 pub struct Core<T> {
     worker: u16,
     hub: Hub,
-    conns: HashMap<u64, Conn<T>>,
+    /// Boxed, so that the table's empty slots (up to half of them after
+    /// it grows) cost a pointer each rather than a connection's size.
+    conns: HashMap<u64, Box<Conn<T>>>,
     next_serial: u64,
     server_key: Arc<Keypair>,
-    session_config: SessionConfig,
+    session_config: Arc<SessionConfig>,
     timers: BinaryHeap<Reverse<(Instant, u64)>>,
     dirty: Vec<u64>,
     dead: Vec<(ConnId, T)>,
@@ -78,7 +80,7 @@ impl<T> Core<T> {
             conns: HashMap::new(),
             next_serial: 1,
             server_key,
-            session_config,
+            session_config: Arc::new(session_config),
             timers: BinaryHeap::new(),
             dirty: Vec::new(),
             dead: Vec::new(),
@@ -110,7 +112,7 @@ impl<T> Core<T> {
 
     /// A connection, by serial.
     pub fn conn_mut(&mut self, serial: u64) -> Option<&mut Conn<T>> {
-        self.conns.get_mut(&serial)
+        self.conns.get_mut(&serial).map(|c| &mut **c)
     }
 
     /// The device delivering on connection `serial`, if authenticated.
@@ -137,14 +139,14 @@ impl<T> Core<T> {
         let session = Session::new(self.server_key.clone(), self.session_config.clone(), now.mono);
         self.conns.insert(
             serial,
-            Conn {
+            Box::new(Conn {
                 io,
                 session,
                 scheduled: None,
                 is_dirty: false,
                 stalled: false,
                 wake_pending: false,
-            },
+            }),
         );
         self.after(serial);
         serial
@@ -257,7 +259,7 @@ impl<T> Core<T> {
     #[allow(clippy::too_many_arguments)]
     fn apply_to(
         hub: &mut Hub,
-        conns: &mut HashMap<u64, Conn<T>>,
+        conns: &mut HashMap<u64, Box<Conn<T>>>,
         remote: &mut Vec<Effect>,
         remote_woken: &mut std::collections::HashSet<ConnId>,
         wakes: &mut Vec<u64>,

@@ -213,8 +213,8 @@ pub enum Op {
         /// Now.
         now_ms: u64,
     },
-    /// Record when a device authenticated (no answer; written with the
-    /// next batch, not flushed for its own sake).
+    /// Record when a device authenticated or went offline (no answer;
+    /// written with the next batch, not flushed for its own sake).
     Touch {
         /// Which.
         device: DeviceKey,
@@ -278,6 +278,13 @@ pub enum Op {
         max_keys: usize,
         /// Now.
         now_ms: u64,
+    },
+    /// Who may see a user's presence (spec §5.6, `SetLastSeen`).
+    SetLastSeen {
+        /// Whose.
+        user: UserId,
+        /// Everyone (`true`) or nobody.
+        everyone: bool,
     },
     /// Answer once everything submitted before is durable.
     Sync,
@@ -365,6 +372,8 @@ pub enum Outcome {
     },
     /// For [`Op::Sweep`].
     Swept(Swept, Vec<u8>),
+    /// For [`Op::SetLastSeen`], once durable.
+    LastSeenSet,
     /// For [`Op::Sync`].
     Synced,
     /// For [`Op::RevokeInvite`]: whether there was such an invite.
@@ -398,6 +407,8 @@ pub trait StoreApi: Send + Sync {
     fn is_current(&self, d: DeviceKey) -> bool;
     /// How many one-time keys a device holds, if it published an identity.
     fn one_time_keys(&self, d: DeviceKey) -> Option<u32>;
+    /// Whether a user shows its presence to nobody (spec §5.6).
+    fn hides_presence(&self, user: UserId) -> bool;
 
     /// Appends a message to the queues of its copies (in memory; written
     /// by the store thread unless acknowledged first). `waiter` hears

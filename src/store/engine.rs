@@ -617,6 +617,11 @@ impl Engine {
                 turn.dirty = true;
                 (Outcome::Swept(swept, cursor), true)
             }
+            Op::SetLastSeen { user, everyone } => {
+                turn.dirty = true;
+                accounts.set_last_seen(user, everyone)?;
+                (Outcome::LastSeenSet, true)
+            }
             Op::Sync => {
                 turn.dirty = true;
                 (Outcome::Synced, true)

@@ -795,6 +795,10 @@ impl StoreApi for Store {
         self.accounts.one_time_keys(d)
     }
 
+    fn hides_presence(&self, user: UserId) -> bool {
+        self.accounts.hides_presence(user)
+    }
+
     fn append(&self, m: NewMessage, waiter: &Waiter) -> Appended {
         let now = m.mono;
         let (r, urgent) = {

@@ -34,6 +34,10 @@ struct Inner {
     ops: Vec<(Op, Option<Waiter>)>,
     full: bool,
     invites: Vec<Token>,
+    /// Users who hide their presence.
+    hidden: std::collections::BTreeSet<UserId>,
+    /// When each device was last seen (`Op::Touch`).
+    seen: BTreeMap<DeviceKey, u64>,
 }
 
 /// The test store.
@@ -130,6 +134,11 @@ impl TestStore {
         seq
     }
 
+    /// How many operations wait for [`TestStore::run`].
+    pub fn ops_waiting(&self) -> usize {
+        self.lock().ops.len()
+    }
+
     /// Runs every operation submitted so far, as if durable at once.
     pub fn run(&self) {
         let ops = std::mem::take(&mut self.lock().ops);
@@ -158,7 +167,18 @@ impl TestStore {
                     device: DeviceId(1),
                 }))
             }
-            Op::Touch { .. } => return None,
+            Op::Touch { device, now_ms } => {
+                i.seen.insert(device, now_ms);
+                return None;
+            }
+            Op::SetLastSeen { user, everyone } => {
+                if everyone {
+                    i.hidden.remove(&user);
+                } else {
+                    i.hidden.insert(user);
+                }
+                Outcome::LastSeenSet
+            }
             Op::Revoke { device, .. } => match i.devices.get_mut(&device) {
                 Some((_, revoked)) if !*revoked => {
                     *revoked = true;
@@ -248,11 +268,12 @@ impl StoreApi for TestStore {
     fn device_infos(&self, user: UserId) -> Vec<DeviceInfo> {
         let mut out = Vec::new();
         self.current_devices(user, &mut out);
+        let i = self.lock();
         out.into_iter()
             .map(|device| DeviceInfo {
                 device,
                 created_ms: 0,
-                last_seen_ms: 0,
+                last_seen_ms: i.seen.get(&DeviceKey { user, device }).copied().unwrap_or(0),
             })
             .collect()
     }
@@ -263,6 +284,10 @@ impl StoreApi for TestStore {
 
     fn one_time_keys(&self, _d: DeviceKey) -> Option<u32> {
         None
+    }
+
+    fn hides_presence(&self, user: UserId) -> bool {
+        self.lock().hidden.contains(&user)
     }
 
     fn append(&self, m: NewMessage, waiter: &Waiter) -> Appended {

@@ -616,6 +616,39 @@ fn format_2_directories_are_migrated_and_reruns_change_nothing() {
 // ---- accounts ----
 
 #[test]
+fn the_presence_setting_and_last_seen_times_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Rig::open(dir.path());
+    let invite = r.s.accounts().create_invite(2, None).unwrap();
+    let alice = r.s.accounts().register(&invite, "alice", &[1; 32], 0).unwrap().unwrap();
+    let bob = r.s.accounts().register(&invite, "bob", &[2; 32], 0).unwrap().unwrap();
+    assert!(!r.s.hides_presence(alice.user), "no one hides by default");
+    let o = r.call(Op::SetLastSeen {
+        user: alice.user,
+        everyone: false,
+    });
+    assert_eq!(o, Outcome::LastSeenSet);
+    r.s.submit(
+        Op::Touch {
+            device: bob,
+            now_ms: 77,
+        },
+        None,
+    );
+    r.step(true);
+    let mut r = r.reopen();
+    assert!(r.s.hides_presence(alice.user));
+    assert!(!r.s.hides_presence(bob.user));
+    assert_eq!(r.s.device_infos(bob.user)[0].last_seen_ms, 77);
+    r.call(Op::SetLastSeen {
+        user: alice.user,
+        everyone: true,
+    });
+    let r = r.reopen();
+    assert!(!r.s.hides_presence(alice.user));
+}
+
+#[test]
 fn register_link_revoke() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());

@@ -218,7 +218,8 @@ pub struct DeviceInfo {
     pub device: DeviceId,
     /// When it registered or was linked (ms since the epoch).
     pub created_ms: u64,
-    /// When it last authenticated (ms since the epoch).
+    /// When it was last online (ms since the epoch): when it last
+    /// authenticated, or went offline after that.
     pub last_seen_ms: u64,
 }
 
@@ -394,6 +395,59 @@ pub struct ExpiredNotice {
     pub ids: Vec<MsgId>,
 }
 
+/// An ephemeral send (spec §5.6): one body for each device of `to` the
+/// sender wants it to reach; the server passes each to its device if that
+/// device is online at that moment, and otherwise drops it. Never stored,
+/// never queued, never acknowledged.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Ephemeral {
+    /// The recipient user (the sender's own user: its other devices).
+    pub to: String,
+    /// At most one body per device, each at most
+    /// [`super::MAX_EPHEMERAL_LEN`] bytes.
+    pub bodies: Vec<Body>,
+}
+
+/// An ephemeral body handed to a device (spec §5.6). Not a queue entry: it
+/// has no sequence number and is not acknowledged.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct EphemeralDeliver {
+    /// The sending device.
+    pub from: DeviceAddr,
+    /// The user it was sent to (this device's user).
+    pub to: String,
+    /// The body for this device.
+    pub body: Bytes,
+}
+
+/// What a watcher may know of a user's presence (spec §5.6).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Seen {
+    /// Nothing: the user hides its presence, or the watcher's user hides
+    /// its own (who hides theirs sees no one's).
+    Hidden,
+    /// Online now, on these devices (ascending).
+    Online {
+        /// The devices online.
+        devices: Vec<DeviceId>,
+    },
+    /// Not online; last online at this time (ms since the epoch; 0 if the
+    /// server does not know).
+    Away {
+        /// When the user's last device went offline.
+        last_seen_ms: u64,
+    },
+}
+
+/// One user's presence, as a watcher may know it (spec §5.6).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Presence {
+    /// Whose.
+    pub user: String,
+    /// What the watcher may know.
+    pub seen: Seen,
+}
+
 /// Frames a client sends (spec §5.2). Append-only: never reorder.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum ClientFrame {
@@ -453,10 +507,26 @@ pub enum ClientFrame {
         /// The message.
         id: MsgId,
     },
+    /// Pass bodies to those devices of a user that are online now (spec
+    /// §5.6); answered `Done` at once, whether any was online or not.
+    Ephemeral(Ephemeral),
+    /// Who may see this user's presence: everyone (`true`) or nobody
+    /// (spec §5.6); answered `Done` once durable.
+    SetLastSeen {
+        /// Everyone, or nobody.
+        everyone: bool,
+    },
+    /// Watch these users' presence (replacing what this connection
+    /// watched); answered `Done`, then a `Presence` for each now and at
+    /// each change (spec §5.6).
+    WatchPresence {
+        /// At most [`super::MAX_WATCHED`] user names.
+        users: Vec<String>,
+    },
 }
 
 /// Number of [`ClientFrame`] variants this build knows.
-pub const CLIENT_FRAME_KINDS: u32 = 15;
+pub const CLIENT_FRAME_KINDS: u32 = 18;
 
 /// Frames the server sends (spec §5.3). Append-only: never reorder.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -548,10 +618,14 @@ pub enum ServerFrame {
     Gap(GapNotice),
     /// Messages this user sent expired undelivered in a device's queue.
     Expired(ExpiredNotice),
+    /// An ephemeral body (spec §5.6), never queued or acknowledged.
+    Ephemeral(EphemeralDeliver),
+    /// A watched user's presence, now or after a change (spec §5.6).
+    Presence(Presence),
 }
 
 /// Number of [`ServerFrame`] variants this build knows.
-pub const SERVER_FRAME_KINDS: u32 = 18;
+pub const SERVER_FRAME_KINDS: u32 = 20;
 
 impl ClientFrame {
     /// The frame kind's name, for logs (never the content).
@@ -572,6 +646,9 @@ impl ClientFrame {
             ClientFrame::ClaimKeys { .. } => "ClaimKeys",
             ClientFrame::Receipt(_) => "Receipt",
             ClientFrame::Retract { .. } => "Retract",
+            ClientFrame::Ephemeral(_) => "Ephemeral",
+            ClientFrame::SetLastSeen { .. } => "SetLastSeen",
+            ClientFrame::WatchPresence { .. } => "WatchPresence",
         }
     }
 }
@@ -598,6 +675,8 @@ impl ServerFrame {
             ServerFrame::Receipt(_) => "Receipt",
             ServerFrame::Gap(_) => "Gap",
             ServerFrame::Expired(_) => "Expired",
+            ServerFrame::Ephemeral(_) => "Ephemeral",
+            ServerFrame::Presence(_) => "Presence",
         }
     }
 
@@ -733,18 +812,14 @@ mod tests {
     #[test]
     fn variant_counts_match() {
         let mut out = Vec::new();
-        encode_client(0, &ClientFrame::Retract { id: MsgId([0; 16]) }, &mut out);
+        encode_client(0, &ClientFrame::WatchPresence { users: vec![] }, &mut out);
         assert_eq!(out[1] as u32, CLIENT_FRAME_KINDS - 1);
         out.clear();
-        let notice = ExpiredNotice {
-            seq: 0,
-            device: DeviceAddr {
-                user: String::new(),
-                device: DeviceId(1),
-            },
-            ids: vec![],
+        let presence = Presence {
+            user: String::new(),
+            seen: Seen::Hidden,
         };
-        encode_server(0, &ServerFrame::Expired(notice), &mut out);
+        encode_server(0, &ServerFrame::Presence(presence), &mut out);
         assert_eq!(out[1] as u32, SERVER_FRAME_KINDS - 1);
     }
 

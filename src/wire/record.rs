@@ -6,7 +6,7 @@
 //! input slice, and only the tail of a record split across reads is copied
 //! into its buffer, which is allocated to that record's declared size (after
 //! the cap check) and released once the record is complete. A connected but
-//! quiet peer therefore costs no buffer at all.
+//! quiet peer therefore costs no buffer at all, whatever it sent before.
 
 use thiserror::Error;
 
@@ -42,9 +42,6 @@ pub struct RecordDecoder {
     /// Header and body bytes of one incomplete record; empty otherwise.
     partial: Vec<u8>,
 }
-
-/// Buffers above this capacity are freed rather than kept for reuse.
-const KEEP_CAPACITY: usize = 512;
 
 impl RecordDecoder {
     /// A decoder holding nothing.
@@ -102,11 +99,7 @@ impl RecordDecoder {
                 return Ok(true);
             }
             let flow = on_record(&self.partial[RECORD_HEADER_LEN..]);
-            if self.partial.capacity() > KEEP_CAPACITY {
-                self.partial = Vec::new();
-            } else {
-                self.partial.clear();
-            }
+            self.partial = Vec::new();
             match flow? {
                 Flow::Continue(next) => cap = next,
                 Flow::Stop => return Ok(false),
@@ -175,7 +168,7 @@ mod tests {
         }
         assert_eq!(got, vec![b"hello".to_vec(), vec![], vec![9; 300]]);
         assert_eq!(dec.buffered(), 0);
-        assert!(dec.capacity() <= KEEP_CAPACITY);
+        assert_eq!(dec.capacity(), 0);
     }
 
     #[test]
