@@ -98,6 +98,8 @@ pub struct QuotaSettings {
     /// Most bytes the database may take on disk.
     #[serde(default, deserialize_with = "size")]
     pub disk_budget: Option<u64>,
+    /// Most message copies waiting on disk in all queues together.
+    pub total_messages: Option<u64>,
 }
 
 /// `[timeouts]`.
@@ -300,6 +302,9 @@ impl FileConfig {
         }
         if let Some(v) = q.disk_budget {
             c.store.quotas.disk_budget = v;
+        }
+        if let Some(v) = q.total_messages {
+            c.store.quotas.total_messages = v;
         }
         let st = &self.store;
         if let Some(v) = st.write_delay {

@@ -616,6 +616,7 @@ fn readme_states_the_limits() {
         format!("`Quotas::queue_messages` = {}", quotas.queue_messages),
         format!("`Quotas::queue_bytes` = {}", quotas.queue_bytes),
         format!("`Quotas::disk_budget` = {}", quotas.disk_budget),
+        format!("`Quotas::total_messages` = {}", quotas.total_messages),
         format!("`StoreConfig::write_delay` = {} ms", store.write_delay.as_millis()),
         format!("`StoreConfig::write_memory` = {}", store.write_memory),
         format!("`StoreConfig::min_free` = {}", store.min_free),

@@ -416,7 +416,10 @@ pub trait StoreApi: Send + Sync {
     fn append(&self, m: NewMessage, waiter: &Waiter) -> Appended;
     /// A retry of message `id` from `sender` that the store still knows:
     /// [`Appended::Waiting`] (then `waiter` hears [`Outcome::Settled`]) or
-    /// [`Appended::Duplicate`]; `None` if it does not know it.
+    /// [`Appended::Duplicate`]; `None` if it does not know it, or knows it
+    /// only in part (a message spilled before a restart: which devices
+    /// miss a copy shows only against the retry's copies, in
+    /// [`StoreApi::append`]).
     fn recall(&self, sender: DeviceKey, id: MsgId, waiter: &Waiter) -> Option<Appended>;
     /// Appends up to `max` entries of `d`'s queue with sequence ≥ `from`
     /// to `out`, in order, from memory.
