@@ -128,7 +128,12 @@ fn status_json_has_the_fields_and_says_healthy() {
     let out = daemon.operator_output(&["status", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["queued_messages"], 1);
-    assert!(v["oldest_undelivered_s"].is_u64());
+    assert!(v["queued_bytes"].as_u64().unwrap() > 0);
+    assert!(v["oldest_undelivered_s"].is_u64(), "the copy in the spill log: {v}");
+    // The copy is in the spill log, and disk use counts it.
+    let spilled = spill_bytes(daemon.data_dir());
+    assert!(spilled > 0, "nothing in the spill log");
+    assert!(v["disk_used_bytes"].as_u64().unwrap() > spilled);
     assert!(v["connections"].as_u64().unwrap() >= 1);
     assert_eq!(v["online_devices"], 1);
 
@@ -328,9 +333,19 @@ fn a_deleted_user_is_cut_off_and_its_name_reserved() {
     assert!(users.iter().any(|l| l.starts_with("bob\tdeleted")), "{users:?}");
 }
 
+/// Bytes of the spill log's segment files in `data_dir`.
+fn spill_bytes(data_dir: &Path) -> u64 {
+    std::fs::read_dir(data_dir.join("spill"))
+        .map(|rd| rd.flatten().map(|e| e.metadata().map_or(0, |m| m.len())).sum())
+        .unwrap_or(0)
+}
+
 /// A backup taken while messages are being sent, restored into a new
 /// directory: a daemon started on it delivers every message accepted
-/// before the backup began, and its queues continue past the old numbers.
+/// before the backup began (their copies wait in the spill log: the
+/// recipient is offline, so they are written at once), none that was
+/// delivered and acknowledged before it, and its queues continue past
+/// the old numbers.
 #[test]
 fn a_backup_under_load_restores_everything_accepted_before_it() {
     let daemon = Daemon::start();
@@ -339,6 +354,31 @@ fn a_backup_under_load_restores_everything_accepted_before_it() {
     let bob = RawClient::register(daemon.addr(), &invite, "bob").unwrap().client;
     let bob_key = bob.key().clone();
     bob.hang_up();
+
+    // Twenty messages spilled for the offline bob, then delivered to him
+    // and acknowledged: their copies are gone, and must stay gone after
+    // the restore (the backup carries the spill log's marks).
+    let mut acked = std::collections::HashSet::new();
+    for n in 0..20u8 {
+        let id = MsgId([0xa0 ^ n; 16]);
+        let answer = alice.request(&send_to_bob(id), Duration::from_secs(10)).unwrap();
+        assert!(matches!(answer, ServerFrame::Accepted { .. }), "{answer:?}");
+        acked.insert(id);
+    }
+    assert!(spill_bytes(daemon.data_dir()) > 0, "nothing in the spill log");
+    let mut b = RawClient::connect(daemon.addr(), &daemon.server_key(), bob_key.clone()).unwrap();
+    let mut seen = 0;
+    while seen < acked.len() {
+        if let (_, ServerFrame::Deliver(d)) = b.expect_frame(Duration::from_secs(20)).unwrap() {
+            assert!(acked.contains(&d.id));
+            seen += 1;
+            b.send(&ClientFrame::Ack { up_to: d.seq }).unwrap();
+        }
+    }
+    // The acks are in before the answer to a later request.
+    let pong = b.request(&ClientFrame::Ping, Duration::from_secs(10)).unwrap();
+    assert!(matches!(pong, ServerFrame::Pong), "{pong:?}");
+    b.hang_up();
 
     // Alice sends in a loop, keeping 32 in flight, and notes each
     // acceptance.
@@ -391,7 +431,10 @@ fn a_backup_under_load_restores_everything_accepted_before_it() {
     assert!(!out.status.success(), "restored over a live data directory");
     let out = tidingsd(&["restore", file.to_str().unwrap()], &target);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("one-time keys dropped"));
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(said.contains("one-time keys dropped"), "{said}");
+    assert!(!said.contains(" 0 files"), "the spill log was not restored: {said}");
+    assert!(spill_bytes(&target) > 0, "no spill segment restored");
     let restored = Daemon::start_in_with_env(root, &[], &[]);
     assert_eq!(restored.server_key(), daemon.server_key(), "the same server");
 
@@ -402,6 +445,7 @@ fn a_backup_under_load_restores_everything_accepted_before_it() {
         match b.expect_frame(Duration::from_secs(20)).unwrap() {
             (_, ServerFrame::Deliver(d)) => {
                 first_seq.get_or_insert(d.seq);
+                assert!(!acked.contains(&d.id), "an acknowledged message came back");
                 got.insert(d.id);
                 b.send(&ClientFrame::Ack { up_to: d.seq }).unwrap();
             }

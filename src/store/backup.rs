@@ -8,8 +8,12 @@
 //! on meanwhile (their copies wait in memory, their operations queue up).
 //!
 //! The format (integers big-endian) carries every tree of the database and
-//! the files of the data directory's [`FILE_DIRS`], so that data kept
-//! outside sled (spilled message bodies) travels with it:
+//! every file under the data directory's [`FILE_DIRS`], so that what is
+//! kept outside sled travels with it: the spill log's segments (every
+//! message copy waiting on disk: sled holds only their marks and
+//! removals, so the two are copied at the same moment or not at all), and
+//! `blobs/` when there is one (a directory the store adds to
+//! [`FILE_DIRS`] is backed up and restored with no other change here).
 //!
 //! ```text
 //! "TIDINGS-BACKUP\n"  magic, 15 bytes
@@ -49,9 +53,12 @@ use super::{FORMAT_VERSION, SEQ_CEILING, be_u64, disk, keys};
 pub const MAGIC: &[u8; 15] = b"TIDINGS-BACKUP\n";
 /// The container version this build writes and reads.
 const CONTAINER: u32 = 1;
-/// Directories of the data directory whose files a backup carries (the
-/// database itself travels as trees).
-pub const FILE_DIRS: &[&str] = &["spill"];
+/// Directories of the data directory whose files a backup carries, every
+/// file under them, if they exist (the database itself travels as
+/// trees): the spill log, and stored attachments. Their files must be
+/// written by the store thread only (or be complete before the store
+/// thread knows them), so that a backup taken on it sees whole files.
+pub const FILE_DIRS: &[&str] = &["spill", "blobs"];
 /// How far a restore moves the sequence ceiling past the backup's: more
 /// numbers than a server gives out in months (at 100,000 a second, 127
 /// days), so that a server restored from an old backup never reuses a
@@ -463,6 +470,7 @@ pub fn restore(file: &Path, dir: &Path) -> Result<Restored, BackupError> {
     let mut max_seq = 0u64;
     let mut stored_ceiling = None;
     let mut sink: Option<BufWriter<File>> = None;
+    let mut segments: Vec<PathBuf> = Vec::new();
     let result = walk(&mut r, &mut |section| {
         match section {
             Section::Record { tree, key, value } => {
@@ -495,6 +503,9 @@ pub fn restore(file: &Path, dir: &Path) -> Result<Restored, BackupError> {
                 }
                 finish_file(sink.replace(BufWriter::new(File::create(&target)?)))?;
                 restored.files += 1;
+                if path.starts_with("spill") && path.extension().is_some_and(|e| e == "log") {
+                    segments.push(target);
+                }
             }
             Section::Data(bytes) => {
                 if let Some(w) = sink.as_mut() {
@@ -506,6 +517,17 @@ pub fn restore(file: &Path, dir: &Path) -> Result<Restored, BackupError> {
     });
     result?;
     finish_file(sink.take())?;
+    // The copies in the spill log have sequence numbers too.
+    for seg in &segments {
+        let top = super::spill::max_seq_in(seg).map_err(|e| BackupError::Format(format!("{}: {e}", seg.display())))?;
+        max_seq = max_seq.max(top);
+    }
+    for sub in FILE_DIRS {
+        let d = dir.join(sub);
+        if d.is_dir() {
+            File::open(&d)?.sync_all()?;
+        }
+    }
     // spec §10: past any number the old server gave out, and far past.
     let base = stored_ceiling.unwrap_or(1).max(max_seq + 1);
     restored.ceiling = base.saturating_add(RESTORE_JUMP);

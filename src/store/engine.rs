@@ -604,8 +604,14 @@ impl Engine {
                 (Outcome::UserDeleted(self.delete_user(user, now_ms, turn)?), true)
             }
             Op::Backup { out } => {
-                // On this thread, so nothing changes while it copies; what
-                // it copies is flushed first.
+                // On this thread, the one writer of sled and of the spill
+                // log, so nothing changes while it copies (no segment is
+                // appended to or deleted). Every mark that moved is
+                // written first (else the restored server would deliver
+                // acknowledged copies again), then sled and the segments
+                // are flushed and synced together.
+                turn.marks_now = true;
+                self.write_marks(Instant::now(), turn)?;
                 let r = match out.take() {
                     None => Err("the backup was taken already".to_string()),
                     Some(_) if !self.flusher.flush_now() => Err("a flush failed".to_string()),

@@ -1,14 +1,16 @@
 //! Figures about the queues for operators (`tidingsd status`, systemd's
-//! `STATUS=` line), read from the database on the caller's thread.
+//! `STATUS=` line), read on the caller's thread.
 
-use super::disk::{self, DiskEntry, QUEUE, dev, dev_prefix, message_key, parse_dev};
-use super::{Store, StoreError};
+use super::disk::{self, QUEUE, dev_prefix, parse_dev};
+use super::{Store, StoreError, spill};
 
 impl Store {
     /// When the oldest entry still waiting in any queue on disk was
     /// accepted (ms since the Unix epoch), or `None` if the queues on
-    /// disk are empty. Copies waiting in memory for their ack are younger
-    /// than the write delay and not looked at. One read per queue.
+    /// disk are empty: the first receipt or notice of each queue in sled,
+    /// and the first copy of each queue in the spill log (one read each,
+    /// outside the spill log's lock). Copies waiting in memory for their
+    /// ack are younger than the write delay and not looked at.
     ///
     /// # Errors
     /// On a database failure or a corrupt record.
@@ -25,25 +27,18 @@ impl Store {
                 break;
             }
             let d = parse_dev(&k).ok_or(StoreError::Corrupt("queues/key"))?;
-            let time = match disk::decode_disk(&v)? {
-                DiskEntry::Message {
-                    from_user,
-                    from_device,
-                    id,
-                    ..
-                } => q
-                    .get(message_key(dev(from_user, from_device), id))?
-                    .map(|r| disk::decode_record(&r))
-                    .transpose()?
-                    .map(|r| r.time_ms),
-                other => other.into_entry(None).map(|e| e.time_ms()),
-            };
-            if let Some(t) = time {
+            // Format 4 keeps no message copies here (a migrated
+            // directory's are in the spill log).
+            if let Some(t) = disk::decode_disk(&v)?.into_entry(None).map(|e| e.time_ms()) {
                 oldest = Some(oldest.map_or(t, |o| o.min(t)));
             }
             // The first entry of a queue is its oldest: on to the next.
             from = dev_prefix(QUEUE, d).to_vec();
             from.extend_from_slice(&[0xff; 9]);
+        }
+        let (dir, fronts) = self.spill.lock().unwrap_or_else(|e| e.into_inner()).fronts();
+        if let Some(t) = spill::oldest_at(&dir, fronts) {
+            oldest = Some(oldest.map_or(t, |o| o.min(t)));
         }
         Ok(oldest)
     }
