@@ -443,6 +443,17 @@ fn backup(data_dir: &Path, file: &Path) -> Result<(), String> {
             Some(_) => {}
             None => {
                 drop(w);
+                // Opening the store migrates an older format in place: a
+                // backup taken before an upgrade must not change it.
+                if let Some(found) = tidings::store::data_format(data_dir).map_err(|e| e.to_string())?
+                    && found < tidings::store::FORMAT_VERSION
+                {
+                    return Err(format!(
+                        "{} holds data format {found}, older than this build's {}; back it up with the tidingsd that wrote it (a backup never migrates), or start this one on it first (it migrates)",
+                        data_dir.display(),
+                        tidings::store::FORMAT_VERSION
+                    ));
+                }
                 let (store, threads) = open_stopped(data_dir)?;
                 let r = admin::backup_to(&store, out.try_clone().map_err(|e| e.to_string())?);
                 store.stop(threads);

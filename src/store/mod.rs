@@ -318,6 +318,15 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
+/// The data format of the directory `dir` (its `FORMAT` file), or `None`
+/// if it has none: for operator commands that must not migrate it.
+///
+/// # Errors
+/// An unreadable or foreign `FORMAT` file, or one newer than this build.
+pub fn data_format(dir: &Path) -> Result<Option<u32>, StoreError> {
+    read_format(dir)
+}
+
 /// Reads the format file: the directory's format version, or `None` for a
 /// new directory.
 fn read_format(dir: &Path) -> Result<Option<u32>, StoreError> {
