@@ -566,3 +566,28 @@ fn a_stopped_daemon_is_backed_up_and_a_damaged_backup_refused() {
     );
     assert!(!target.exists(), "a damaged backup wrote something");
 }
+
+/// A backup of a stopped directory in an older data format is refused
+/// with what to do, and the directory is left as it was (opening the
+/// store would migrate it, and the operator backs up before an upgrade
+/// precisely to keep the old format).
+#[test]
+fn a_stopped_directory_in_an_older_format_is_refused_and_left_alone() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("data");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("FORMAT"), "tidings-data 3\n").unwrap();
+    let file = root.path().join("old.tidings");
+    let out = tidingsd(&["backup", file.to_str().unwrap()], &dir);
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("data format 3, older than this build's"), "{said}");
+    assert_eq!(std::fs::read_to_string(dir.join("FORMAT")).unwrap(), "tidings-data 3\n");
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("FORMAT")], "something was written");
+    assert!(!file.exists());
+}
