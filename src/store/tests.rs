@@ -3032,7 +3032,7 @@ fn a_deleted_user_leaves_nothing_in_the_spill_log() {
     }) else {
         panic!("no invite")
     };
-    let mut register = |r: &mut Rig, name: &str, key: u8| {
+    let register = |r: &mut Rig, name: &str, key: u8| {
         let Outcome::Registered(Ok(d)) = r.call(Op::Register {
             invite: invite.clone(),
             name: name.into(),
