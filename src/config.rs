@@ -44,6 +44,17 @@ pub struct FileConfig {
     /// The store path.
     #[serde(default)]
     pub store: StoreSettings,
+    /// Prometheus metrics.
+    #[serde(default)]
+    pub metrics: MetricsSettings,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Where to serve `/metrics` (off when absent), e.g. `127.0.0.1:9420`.
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[store]`.
@@ -149,6 +160,8 @@ pub struct Limits {
     pub connections_per_ip: Option<u32>,
     /// New connections (handshakes) per second allowed from one address.
     pub handshakes_per_second_per_ip: Option<u32>,
+    /// Open connections allowed in all.
+    pub max_connections: Option<u32>,
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -232,6 +245,9 @@ impl FileConfig {
         if config.limits.key_claims_per_minute == Some(0) {
             return Err("limits.key_claims_per_minute: must be at least 1".into());
         }
+        if config.limits.max_connections == Some(0) {
+            return Err("limits.max_connections: must be at least 1".into());
+        }
         if config.limits.ephemeral_per_minute == Some(0) {
             return Err("limits.ephemeral_per_minute: must be at least 1".into());
         }
@@ -247,6 +263,17 @@ impl FileConfig {
             if v == Some(0) {
                 return Err(format!("limits.{key}: must be at least 1"));
             }
+        }
+        // spec §9: the server pings a silent connection before it closes
+        // it; an idle timeout at or below ping_after would close
+        // connections that answer every ping.
+        let session = config.to_server_config().session;
+        if session.idle_timeout <= session.ping_after {
+            return Err(format!(
+                "timeouts.idle ({}) must be longer than timeouts.ping_after ({})",
+                humantime::format_duration(session.idle_timeout),
+                humantime::format_duration(session.ping_after)
+            ));
         }
         Ok(config)
     }
@@ -352,6 +379,10 @@ impl FileConfig {
         if let Some(v) = l.handshakes_per_second_per_ip {
             c.per_ip.handshakes_per_second = v;
         }
+        if let Some(v) = l.max_connections {
+            c.max_connections = v;
+        }
+        c.metrics_listen = self.metrics.listen;
         c
     }
 }
@@ -388,6 +419,7 @@ mod tests {
             cache = 33554432
             connections_per_ip = 10
             handshakes_per_second_per_ip = 5
+            max_connections = 500
             [retention]
             period = "7d"
             sweep_every = "10s"
@@ -399,6 +431,8 @@ mod tests {
             write_delay = "20ms"
             write_memory = "4MiB"
             min_free = "1GiB"
+            [metrics]
+            listen = "127.0.0.1:9420"
             "#,
         )
         .unwrap();
@@ -419,6 +453,7 @@ mod tests {
         assert_eq!(s.store.cache_capacity, 32 << 20);
         assert_eq!(s.per_ip.connections, 10);
         assert_eq!(s.per_ip.handshakes_per_second, 5);
+        assert_eq!(s.max_connections, 500);
         assert_eq!(s.retention.period, Duration::from_secs(7 * 86400));
         assert_eq!(s.retention.sweep_every, Duration::from_secs(10));
         assert_eq!(s.store.quotas.queue_messages, 1000);
@@ -428,6 +463,7 @@ mod tests {
         assert_eq!(s.store.write_delay, Duration::from_millis(20));
         assert_eq!(s.store.write_memory, 4 << 20);
         assert_eq!(s.store.min_free, 1 << 30);
+        assert_eq!(s.metrics_listen, Some("127.0.0.1:9420".parse().unwrap()));
     }
 
     #[test]
@@ -447,6 +483,10 @@ mod tests {
             ("listen = \"nowhere\"", "listen"),
             ("[timeouts]\nidle = \"0s\"", "idle"),
             ("[limits]\nsend_burst = 0", "send_burst"),
+            ("[timeouts]\nidle = \"20s\"", "timeouts.idle"),
+            ("[timeouts]\nping_after = \"2m\"", "timeouts.ping_after"),
+            ("[timeouts]\nidle = \"30s\"\nping_after = \"30s\"", "longer than"),
+            ("[limits]\nmax_connections = 0", "max_connections"),
         ] {
             let e = FileConfig::parse(text).unwrap_err();
             assert!(e.contains(needle), "{text}: {e}");
