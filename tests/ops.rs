@@ -348,7 +348,9 @@ fn spill_bytes(data_dir: &Path) -> u64 {
 /// the old numbers.
 #[test]
 fn a_backup_under_load_restores_everything_accepted_before_it() {
-    let daemon = Daemon::start();
+    // The sender keeps 32 in flight as fast as the daemon answers: past
+    // the per-device send rate, raised here.
+    let daemon = Daemon::start_with_config("[limits]\nsends_per_minute = 100000000\nsend_burst = 1000000\n");
     let invite = daemon.invite(2);
     let mut alice = RawClient::register(daemon.addr(), &invite, "alice").unwrap().client;
     let bob = RawClient::register(daemon.addr(), &invite, "bob").unwrap().client;
