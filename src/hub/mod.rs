@@ -24,11 +24,13 @@
 //! What it does not do: sockets, byte formats, the disk, or reading the
 //! clock (the driver passes [`Now`]).
 
+mod blobs;
 mod refusal;
 #[cfg(test)]
 mod tests;
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,6 +60,11 @@ pub struct HubConfig {
     pub claims_per_minute: u32,
     /// Below this many one-time keys a device is told to publish more.
     pub low_keys: u32,
+    /// Most blob requests in flight per connection (spec §5.6).
+    pub blob_window: u32,
+    /// Most bytes of blob chunks and reads in flight, all connections
+    /// together.
+    pub blob_memory: u64,
 }
 
 impl Default for HubConfig {
@@ -67,6 +74,8 @@ impl Default for HubConfig {
             link_ttl: Duration::from_secs(600),
             claims_per_minute: 30,
             low_keys: 10,
+            blob_window: 8,
+            blob_memory: 64 << 20,
         }
     }
 }
@@ -98,6 +107,8 @@ pub struct Shared {
     store: Arc<dyn StoreApi>,
     online: Mutex<HashMap<DeviceKey, ConnId>>,
     claims: Mutex<HashMap<DeviceKey, Bucket>>,
+    /// Bytes of blob chunks and reads in flight.
+    blob_memory: AtomicU64,
     config: HubConfig,
 }
 
@@ -108,6 +119,7 @@ impl Shared {
             store,
             online: Mutex::new(HashMap::new()),
             claims: Mutex::new(HashMap::new()),
+            blob_memory: AtomicU64::new(0),
             config,
         })
     }
@@ -246,6 +258,8 @@ enum Waiting {
     Receipt { conn: ConnId, req: u32 },
     Retract { conn: ConnId, req: u32 },
     Backlog { serial: u64 },
+    /// A blob operation holding `held` bytes of transfer memory.
+    Blob { conn: ConnId, req: u32, held: u64 },
 }
 
 /// Entries read from memory per step of a pump.
@@ -267,6 +281,8 @@ pub struct Hub {
     entries: Vec<(u64, Entry)>,
     devices: Vec<DeviceId>,
     completions: Vec<Completion>,
+    /// Blob requests in flight, per connection.
+    blob_flight: HashMap<u64, u32>,
 }
 
 impl Hub {
@@ -284,6 +300,7 @@ impl Hub {
             entries: Vec::new(),
             devices: Vec::new(),
             completions: Vec::new(),
+            blob_flight: HashMap::new(),
         }
     }
 
@@ -360,6 +377,13 @@ impl Hub {
     fn completed(&mut self, w: Waiting, outcome: Outcome, now: Now) {
         let _ = now;
         match (w, outcome) {
+            (Waiting::Blob { conn, req, held }, outcome) => {
+                let outcome = match outcome {
+                    Outcome::Blob(o) => o,
+                    _ => crate::store::BlobOutcome::Failed,
+                };
+                self.blob_completed(conn, req, held, outcome);
+            }
             (Waiting::Send { conn, req, id }, Outcome::Settled { time_ms }) => {
                 self.send(conn, req, ServerFrame::Accepted { id, time_ms });
             }
@@ -849,6 +873,13 @@ impl Hub {
                     self.pump(conn, view.room, now);
                 }
             }
+            f @ (ClientFrame::UploadStart(_)
+            | ClientFrame::UploadChunk(_)
+            | ClientFrame::UploadFinish { .. }
+            | ClientFrame::Download(_)
+            | ClientFrame::BlobFetched { .. }
+            | ClientFrame::BlobGrant(_)
+            | ClientFrame::BlobDelete { .. }) => self.blob_frame(conn, view, req, f, now),
             // The session answers these itself.
             ClientFrame::Ping | ClientFrame::Pong | ClientFrame::Close => {}
         }
@@ -1028,7 +1059,8 @@ impl Waiting {
             | Waiting::Publish { conn, req }
             | Waiting::Claim { conn, req, .. }
             | Waiting::Receipt { conn, req }
-            | Waiting::Retract { conn, req } => Some((conn, req)),
+            | Waiting::Retract { conn, req }
+            | Waiting::Blob { conn, req, .. } => Some((conn, req)),
             Waiting::Backlog { .. } => None,
         }
     }
@@ -1043,6 +1075,7 @@ fn frame_size(frame: &ServerFrame) -> usize {
             ServerFrame::Receipt(r) => r.ids.len() * 16,
             ServerFrame::Expired(e) => e.ids.len() * 16,
             ServerFrame::Gap(g) => g.lost.len() * 64,
+            ServerFrame::BlobData(d) => d.data.len(),
             _ => 0,
         }
 }

@@ -422,3 +422,5 @@ fn key_claims_are_rate_limited_per_device() {
     let got = r.frame(1, dev(1, 1), 4, ClientFrame::ClaimKeys { user: "bob".into() });
     assert!(frames_to(&got, 1).is_empty());
 }
+
+mod blobs;

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::MAX_FRAME_LEN;
+use super::blob::{BlobData, BlobGrant, BlobId, Download, UploadChunk, UploadStart, UploadStatus};
 
 /// A message id: 16 random bytes chosen by the sending device; a retry
 /// reuses it (spec §5.1).
@@ -156,6 +157,17 @@ error_codes! {
     /// The server's disk is below its free-space floor: nothing that adds
     /// data is accepted until space returns (spec §10, *Storage full*).
     STORAGE_FULL = 22,
+    /// A blob is larger than the server takes (spec §5.6).
+    BLOB_TOO_LARGE = 23,
+    /// The user's blobs would take more than the user's budget (spec
+    /// §5.6).
+    BLOB_BUDGET = 24,
+    /// No such blob: never uploaded, not finished, expired or deleted, or
+    /// the caller's user may not download it (spec §5.6).
+    UNKNOWN_BLOB = 25,
+    /// The uploaded bytes do not hash to the blob's id; the upload was
+    /// dropped (spec §5.6).
+    BLOB_MISMATCH = 26,
 }
 
 impl fmt::Debug for ErrorCode {
@@ -453,10 +465,37 @@ pub enum ClientFrame {
         /// The message.
         id: MsgId,
     },
+    /// Start an upload, or ask how far it got (spec §5.6); answered
+    /// `UploadStatus`.
+    UploadStart(UploadStart),
+    /// Bytes of an upload at an offset; answered `UploadStatus`.
+    UploadChunk(UploadChunk),
+    /// Finish an upload: the server checks the id and makes the blob
+    /// durable; answered `UploadStatus`.
+    UploadFinish {
+        /// Which upload.
+        id: BlobId,
+    },
+    /// A range of a blob; answered `BlobData`.
+    Download(Download),
+    /// This device has stored the whole blob (so the server may delete it
+    /// once every device it was for has); answered `Done`.
+    BlobFetched {
+        /// Which blob.
+        id: BlobId,
+    },
+    /// Let more users download a blob (forwarding); answered `Done`.
+    BlobGrant(BlobGrant),
+    /// This user no longer needs the blob (its message was deleted for
+    /// everyone); answered `Done`.
+    BlobDelete {
+        /// Which blob.
+        id: BlobId,
+    },
 }
 
 /// Number of [`ClientFrame`] variants this build knows.
-pub const CLIENT_FRAME_KINDS: u32 = 15;
+pub const CLIENT_FRAME_KINDS: u32 = 22;
 
 /// Frames the server sends (spec §5.3). Append-only: never reorder.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -548,10 +587,15 @@ pub enum ServerFrame {
     Gap(GapNotice),
     /// Messages this user sent expired undelivered in a device's queue.
     Expired(ExpiredNotice),
+    /// How far an upload is: the answer to `UploadStart`, `UploadChunk`
+    /// and `UploadFinish`.
+    UploadStatus(UploadStatus),
+    /// A range of a blob: the answer to `Download`.
+    BlobData(BlobData),
 }
 
 /// Number of [`ServerFrame`] variants this build knows.
-pub const SERVER_FRAME_KINDS: u32 = 18;
+pub const SERVER_FRAME_KINDS: u32 = 20;
 
 impl ClientFrame {
     /// The frame kind's name, for logs (never the content).
@@ -572,6 +616,13 @@ impl ClientFrame {
             ClientFrame::ClaimKeys { .. } => "ClaimKeys",
             ClientFrame::Receipt(_) => "Receipt",
             ClientFrame::Retract { .. } => "Retract",
+            ClientFrame::UploadStart(_) => "UploadStart",
+            ClientFrame::UploadChunk(_) => "UploadChunk",
+            ClientFrame::UploadFinish { .. } => "UploadFinish",
+            ClientFrame::Download(_) => "Download",
+            ClientFrame::BlobFetched { .. } => "BlobFetched",
+            ClientFrame::BlobGrant(_) => "BlobGrant",
+            ClientFrame::BlobDelete { .. } => "BlobDelete",
         }
     }
 }
@@ -598,6 +649,8 @@ impl ServerFrame {
             ServerFrame::Receipt(_) => "Receipt",
             ServerFrame::Gap(_) => "Gap",
             ServerFrame::Expired(_) => "Expired",
+            ServerFrame::UploadStatus(_) => "UploadStatus",
+            ServerFrame::BlobData(_) => "BlobData",
         }
     }
 
@@ -733,18 +786,15 @@ mod tests {
     #[test]
     fn variant_counts_match() {
         let mut out = Vec::new();
-        encode_client(0, &ClientFrame::Retract { id: MsgId([0; 16]) }, &mut out);
+        encode_client(0, &ClientFrame::BlobDelete { id: BlobId([0; 32]) }, &mut out);
         assert_eq!(out[1] as u32, CLIENT_FRAME_KINDS - 1);
         out.clear();
-        let notice = ExpiredNotice {
-            seq: 0,
-            device: DeviceAddr {
-                user: String::new(),
-                device: DeviceId(1),
-            },
-            ids: vec![],
+        let data = BlobData {
+            id: BlobId([0; 32]),
+            offset: 0,
+            data: Bytes::new(),
         };
-        encode_server(0, &ServerFrame::Expired(notice), &mut out);
+        encode_server(0, &ServerFrame::BlobData(data), &mut out);
         assert_eq!(out[1] as u32, SERVER_FRAME_KINDS - 1);
     }
 
