@@ -422,7 +422,10 @@ fn with_read_receipts_off_no_read_receipt_leaves_and_none_is_shown() {
     );
     let events = sync(&bob2);
     assert!(events.contains(&Event::Settings { read_receipts: false }), "{events:?}");
-    assert_eq!(stdout(&tidings(&bob2, &["settings"])).trim(), "read-receipts off");
+    assert_eq!(
+        stdout(&tidings(&bob2, &["settings"])).trim(),
+        "read-receipts off\nauto-download 1048576"
+    );
     let m = open(&alice).send("bob", "did you read this?").unwrap();
     sync(&bob);
     assert_eq!(stdout(&tidings(&bob, &["read", "alice"])).trim(), "2");

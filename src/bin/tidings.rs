@@ -3,14 +3,16 @@
 //! value a script wants last; diagnostics to stderr; nothing on stdout when
 //! a command fails (exit status 1). With `--json`, one JSON object a line.
 
+use std::cell::RefCell;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use std::io::IsTerminal;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tidings::client::{
     self, Direction, Event, Message, Notice, Outcome, ReceiptNews, Receipts, Report, Request, Status, Update,
@@ -46,15 +48,31 @@ enum Cmd {
         /// The link code (tidings://...).
         code: String,
     },
-    /// Send a message; prints its id once the server has accepted it.
+    /// Send a message, or a file (--file); prints its id once the server has accepted it.
     Send {
         /// The recipient.
         user: String,
-        /// The text.
-        text: String,
+        /// The text (not with --file: use --caption).
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        text: Option<String>,
         /// Reply to (and quote) this message of the conversation.
-        #[arg(long, value_name = "ID")]
+        #[arg(long, value_name = "ID", conflicts_with = "file")]
         reply_to: Option<String>,
+        /// Send this file (encrypted on this device, then uploaded).
+        #[arg(long, value_name = "PATH")]
+        file: Option<PathBuf>,
+        /// A text shown with the file.
+        #[arg(long, value_name = "TEXT", requires = "file")]
+        caption: Option<String>,
+    },
+    /// Download the file of a message; prints where it was saved.
+    Download {
+        /// The message's id.
+        id: String,
+        /// Where to save it (a file, or a folder to put it in); default:
+        /// the profile's downloads folder, under the sender's name for it.
+        #[arg(long, value_name = "PATH")]
+        output: Option<PathBuf>,
     },
     /// Forward a message (from any conversation) to a user; prints the new message's id.
     Forward {
@@ -121,6 +139,12 @@ enum Setting {
         /// on or off.
         state: OnOff,
     },
+    /// Files up to this size download by themselves when they arrive on
+    /// this device (such as 1MiB, the default; 0 turns it off).
+    AutoDownload {
+        /// A size: 4096, 500KiB, 2MiB...
+        size: String,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -134,6 +158,27 @@ struct Out {
     json: bool,
     /// Colour for read ticks (stdout is a terminal).
     color: bool,
+    /// Progress bars for big transfers (stderr is a terminal).
+    bars: bool,
+    bar: RefCell<Option<ProgressBar>>,
+}
+
+/// Transfers from this size on get a progress bar.
+const BAR_FROM: u64 = 1 << 20;
+
+/// A message's file as JSON, or null.
+fn attachment_json(m: &Message) -> serde_json::Value {
+    match &m.attachment {
+        Some(a) if !m.deleted => json!({
+            "name": a.file.name,
+            "size": a.file.size,
+            "media_type": a.file.media_type,
+            "sha256": hex::encode(a.file.sha256),
+            "path": a.path,
+            "expired": a.expired,
+        }),
+        _ => serde_json::Value::Null,
+    }
 }
 
 /// A message as JSON: the fields of every message line.
@@ -156,6 +201,7 @@ fn message_json(m: &Message) -> serde_json::Value {
         "edited": m.edited(),
         "deleted": m.deleted,
         "undecryptable": m.undecryptable,
+        "attachment": attachment_json(m),
     })
 }
 
@@ -189,7 +235,39 @@ impl Out {
                     );
                 }
             }
+            Event::Downloaded { id, path } => self.downloaded(&id.to_string(), path),
+            Event::Progress { done, total } => self.progress(*done, *total),
             Event::Connected | Event::Disconnected(_) | Event::Drained => {}
+        }
+    }
+
+    fn downloaded(&self, id: &str, path: &str) {
+        if self.json {
+            self.value(json!({"type": "download", "id": id, "path": path}));
+        } else {
+            self.line(path);
+        }
+    }
+
+    /// A progress bar on stderr for a big transfer, when it is a terminal.
+    fn progress(&self, done: u64, total: u64) {
+        if !self.bars || total < BAR_FROM {
+            return;
+        }
+        let mut bar = self.bar.borrow_mut();
+        let b = bar.get_or_insert_with(|| {
+            let b = ProgressBar::new(total);
+            if let Ok(style) =
+                ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+            {
+                b.set_style(style);
+            }
+            b
+        });
+        b.set_position(done);
+        if done >= total {
+            b.finish_and_clear();
+            *bar = None;
         }
     }
 
@@ -362,6 +440,13 @@ impl Out {
         }
         if m.deleted {
             text.push_str("[deleted]");
+        } else if let Some(a) = &m.attachment {
+            let expired = if a.expired { ", expired on the server" } else { "" };
+            text.push_str(&format!("[file {} {}{expired}]", one_line(&a.file.name), a.file.size));
+            if !m.text.is_empty() {
+                text.push(' ');
+                text.push_str(&one_line(&m.text));
+            }
         } else if m.undecryptable {
             text.push_str("[undecryptable message; asked the sender's device for a new session]");
         } else {
@@ -460,6 +545,8 @@ fn main() -> ExitCode {
     let out = Out {
         json: cli.json,
         color: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+        bars: std::io::stderr().is_terminal(),
+        bar: RefCell::new(None),
     };
     match run(cli.command, &dir, &out) {
         Ok(()) => ExitCode::SUCCESS,
@@ -470,24 +557,70 @@ fn main() -> ExitCode {
     }
 }
 
+/// A path made absolute against the current folder (a running `listen`
+/// may do the work, elsewhere).
+fn absolute(path: &Path) -> Result<String, client::Error> {
+    let p = std::path::absolute(path)
+        .map_err(|e| client::Error::Usage(format!("{}: {e}", path.display())))?;
+    Ok(p.to_string_lossy().into_owned())
+}
+
 fn run(cmd: Cmd, dir: &std::path::Path, out: &Out) -> Result<(), client::Error> {
+    // Which setting a `settings` command named, to print just that.
+    let mut shown = None;
     let request = match cmd {
         Cmd::Listen => return listen(dir, out),
         Cmd::Register { invite, name } => Request::Register { code: invite, name },
         Cmd::Link { code } => Request::Link { code },
         Cmd::LinkCode => Request::LinkCode,
-        Cmd::Send { user, text, reply_to } => Request::Send {
+        Cmd::Send {
+            user,
+            file: Some(file),
+            caption,
+            ..
+        } => Request::SendFile {
             to: user,
-            text,
+            path: absolute(&file)?,
+            caption: caption.unwrap_or_default(),
+        },
+        Cmd::Send {
+            user, text, reply_to, ..
+        } => Request::Send {
+            to: user,
+            text: text.unwrap_or_default(),
             reply_to,
+        },
+        Cmd::Download { id, output } => Request::Download {
+            id,
+            output: output.as_deref().map(absolute).transpose()?,
         },
         Cmd::Forward { id, user } => Request::Forward { id, to: user },
         Cmd::Edit { id, text } => Request::Edit { id, text },
         Cmd::Delete { id } => Request::Delete { id },
         Cmd::Read { user } => Request::Read { user },
         Cmd::Info { id } => Request::Info { id },
-        Cmd::Settings { setting } => Request::Settings {
-            read_receipts: setting.map(|Setting::ReadReceipts { state }| matches!(state, OnOff::On)),
+        Cmd::Settings { setting } => match setting {
+            None => Request::Settings {
+                read_receipts: None,
+                auto_download: None,
+            },
+            Some(Setting::ReadReceipts { state }) => {
+                shown = Some("read-receipts");
+                Request::Settings {
+                    read_receipts: Some(matches!(state, OnOff::On)),
+                    auto_download: None,
+                }
+            }
+            Some(Setting::AutoDownload { size }) => {
+                shown = Some("auto-download");
+                let bytes = tidings::config::parse_size(&size).ok_or_else(|| {
+                    client::Error::Usage(format!("not a size: {size:?} (write e.g. 0, 500KiB, 1MiB)"))
+                })?;
+                Request::Settings {
+                    read_receipts: None,
+                    auto_download: Some(bytes),
+                }
+            }
         },
         Cmd::Sync => Request::Sync,
         Cmd::History { user } => Request::History { user },
@@ -548,14 +681,23 @@ fn run(cmd: Cmd, dir: &std::path::Path, out: &Out) -> Result<(), client::Error> 
                 out.info(m, r);
             }
         }
-        Outcome::Settings { read_receipts } => {
+        Outcome::Settings {
+            read_receipts,
+            auto_download,
+        } => {
             let state = if read_receipts { "on" } else { "off" };
             if out.json {
-                out.value(json!({"type": "settings", "read_receipts": read_receipts}));
+                out.value(json!({"type": "settings", "read_receipts": read_receipts, "auto_download": auto_download}));
             } else {
-                out.line(&format!("read-receipts {state}"));
+                if shown != Some("auto-download") {
+                    out.line(&format!("read-receipts {state}"));
+                }
+                if shown != Some("read-receipts") {
+                    out.line(&format!("auto-download {auto_download}"));
+                }
             }
         }
+        Outcome::Downloaded { id, path } => out.downloaded(&id, &path),
         Outcome::Synced { count } => eprintln!("{count} new message{}", if count == 1 { "" } else { "s" }),
         Outcome::Messages(messages) => {
             for m in &messages {

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use super::attachment::FileRef;
 use crate::wire::{MAX_BODY_LEN, MsgId};
 
 /// What a message says. Append-only: a variant's position is its tag on
@@ -75,6 +76,17 @@ pub enum Content {
         peer: String,
         /// The messages, at most [`crate::wire::MAX_RECEIPT_IDS`].
         ids: Vec<MsgId>,
+    },
+    /// A file (photo, voice note, document): its blob's id and key, and
+    /// what it is (spec §14.8), with a caption; `forwards` as for
+    /// [`Content::Forward`] (0: its sender's own).
+    File {
+        /// The file.
+        file: FileRef,
+        /// A text shown with it (may be empty).
+        caption: String,
+        /// How many times it has been forwarded, this time included.
+        forwards: u32,
     },
 }
 
@@ -277,8 +289,9 @@ mod tests {
             to in "[a-z0-9_.]{3,32}",
             ts_ms: u64,
             text in ".{0,300}",
-            kind in 0u8..8,
+            kind in 0u8..9,
             other: [u8; 16],
+            other_blob: [u8; 32],
             n: u32,
             flag: bool,
             ids in proptest::collection::vec(any::<[u8; 16]>(), 0..40),
@@ -295,7 +308,20 @@ mod tests {
                 4 => Content::Edit { target: MsgId(other), text },
                 5 => Content::Delete { target: MsgId(other) },
                 6 => Content::Settings { read_receipts: flag },
-                _ => Content::Read { peer: to.clone(), ids: ids.into_iter().map(MsgId).collect() },
+                7 => Content::Read { peer: to.clone(), ids: ids.into_iter().map(MsgId).collect() },
+                _ => Content::File {
+                    file: crate::client::attachment::FileRef {
+                        blob: crate::wire::BlobId(other_blob),
+                        key: crate::client::attachment::FileKey(other_blob),
+                        size: u64::from(n),
+                        sha256: other_blob,
+                        media_type: "image/png".into(),
+                        name: quote_of(&text),
+                        thumbnail: flag.then(|| Bytes::from(vec![7u8; 100])),
+                    },
+                    caption: text,
+                    forwards: n % 7,
+                },
             };
             let p = Payload {
                 id: MsgId(id),

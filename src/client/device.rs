@@ -35,7 +35,9 @@
 //!
 //! What it does not do: the Olm work itself ([`super::e2e`]), the body
 //! format ([`super::content`]), or hold the profile lock (the [`Profile`]
-//! does).
+//! does). Files (upload, download, forward) are in [`files`].
+
+pub mod files;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -102,6 +104,20 @@ pub enum Event {
     Settings {
         /// Whether read receipts are on now.
         read_receipts: bool,
+    },
+    /// The file of a message was downloaded (by itself, or asked for).
+    Downloaded {
+        /// The message.
+        id: MsgId,
+        /// Where the file is.
+        path: String,
+    },
+    /// A file transfer moved on: bytes done of a total.
+    Progress {
+        /// Done.
+        done: u64,
+        /// Of.
+        total: u64,
     },
 }
 
@@ -552,6 +568,21 @@ impl Client {
                         events.extend(news.into_iter().map(Event::Receipt));
                     }
                     false
+                }
+                Content::File {
+                    file,
+                    caption,
+                    forwards,
+                } => {
+                    msg.text = caption;
+                    msg.forwards = forwards;
+                    msg.attachment = Some(super::attachment::Attachment {
+                        file,
+                        path: None,
+                        expired: false,
+                        uploaded: false,
+                    });
+                    true
                 }
             },
             Err(why) => {
@@ -1101,6 +1132,9 @@ impl Client {
         if src.undecryptable {
             return Err(Error::Usage(format!("message {id} could not be decrypted")));
         }
+        if src.attachment.is_some() {
+            return self.forward_file(src, to);
+        }
         self.send_message(Message {
             id: self.new_id()?,
             to: to.to_owned(),
@@ -1112,6 +1146,9 @@ impl Client {
 
     /// The content that says what `m` says.
     fn content_of(m: &Message) -> Content {
+        if let Some(c) = files::file_content(m) {
+            return c;
+        }
         match (m.reply_to, &m.quote) {
             (Some(reply_to), Some(q)) => Content::Reply {
                 text: m.text.clone(),
@@ -1132,7 +1169,9 @@ impl Client {
     /// Sends the message `msg` says (its id, recipient, text, and what it
     /// replies to or how often it was forwarded); see
     /// [`Client::send_with_id`].
-    fn send_message(&mut self, mut msg: Message) -> Result<Message, Error> {
+    fn send_message(&mut self, msg: Message) -> Result<Message, Error> {
+        // A file goes up before its message.
+        let mut msg = self.upload_for(msg, &mut |_, _| {})?;
         let me = self.profile.registered()?.clone();
         if !wire::valid_user_name(&msg.to) {
             return Err(Error::Usage(format!("invalid user name {:?}", msg.to)));
@@ -1278,6 +1317,7 @@ impl Client {
         if let Err(e) = self.retract(id) {
             log::warn!("deleted, but the server could not remove the copies still queued: {e}");
         }
+        self.release_file(&m);
         self.profile
             .history()
             .get(&by.user, &id)?
@@ -1704,9 +1744,16 @@ impl Client {
         self.disconnect();
         let mut count = 0;
         let mut failures = 0;
-        let mut report = |ev: Event, count: &mut usize| {
-            match ev {
-                Event::Message(_) => *count += 1,
+        // Messages with a file, to download by themselves afterwards.
+        let mut files = Vec::new();
+        let mut report = |ev: Event, count: &mut usize, files: &mut Vec<Message>| {
+            match &ev {
+                Event::Message(m) => {
+                    *count += 1;
+                    if m.attachment.is_some() {
+                        files.push(m.clone());
+                    }
+                }
                 Event::Drained | Event::Connected | Event::Disconnected(_) => return,
                 _ => {}
             }
@@ -1718,7 +1765,7 @@ impl Client {
                 while !done {
                     while let Some(ev) = self.events.pop_front() {
                         done = done || ev == Event::Drained;
-                        report(ev, &mut count);
+                        report(ev, &mut count, &mut files);
                     }
                     if !done {
                         self.pump(Instant::now() + ANSWER_TIMEOUT)?;
@@ -1740,7 +1787,12 @@ impl Client {
         self.housekeeping();
         // What arrived meanwhile is stored and acked; report it too.
         while let Some(ev) = self.events.pop_front() {
-            report(ev, &mut count);
+            report(ev, &mut count, &mut files);
+        }
+        for m in std::mem::take(&mut files) {
+            if let Some(ev) = self.auto_fetch(&m) {
+                report(ev, &mut count, &mut files);
+            }
         }
         Ok(count)
     }
@@ -1832,6 +1884,11 @@ impl Client {
                 if !on_event(&ev) {
                     return Ok(false);
                 }
+                if let Event::Message(m) = &ev
+                    && let Some(done) = self.auto_fetch(m)
+                {
+                    self.events.push_front(done);
+                }
             }
             if let Some(job) = self.jobs.pop_front() {
                 self.run_job(job);
@@ -1914,12 +1971,37 @@ impl Client {
                 user,
             }),
             Request::Info { id } => Ok(Outcome::Info(self.info(parse_id(&id)?)?)),
-            Request::Settings { read_receipts } => {
+            Request::Settings {
+                read_receipts,
+                auto_download,
+            } => {
                 if let Some(on) = read_receipts {
                     self.set_read_receipts(on)?;
                 }
+                if let Some(bytes) = auto_download {
+                    self.set_auto_download(bytes)?;
+                }
                 Ok(Outcome::Settings {
                     read_receipts: self.profile.history().read_receipts()?.0,
+                    auto_download: self.auto_download()?,
+                })
+            }
+            Request::SendFile { to, path, caption } => {
+                let mut progress = |done, total| on_event(&Event::Progress { done, total });
+                Ok(Outcome::Sent(self.send_file(
+                    &to,
+                    std::path::Path::new(&path),
+                    &caption,
+                    &mut progress,
+                )?))
+            }
+            Request::Download { id, output } => {
+                let id = parse_id(&id)?;
+                let mut progress = |done, total| on_event(&Event::Progress { done, total });
+                let path = self.download(id, output.as_deref().map(std::path::Path::new), &mut progress)?;
+                Ok(Outcome::Downloaded {
+                    id: id.to_string(),
+                    path: path.to_string_lossy().into_owned(),
                 })
             }
             Request::Sync => {

@@ -92,6 +92,26 @@ pub enum Request {
     Settings {
         /// Turn read receipts on or off; `None` shows the setting.
         read_receipts: Option<bool>,
+        /// Files up to this size download by themselves (0: none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        auto_download: Option<u64>,
+    },
+    /// Send a file.
+    SendFile {
+        /// The recipient.
+        to: String,
+        /// The file (an absolute path: a listener runs elsewhere).
+        path: String,
+        /// A text shown with it.
+        caption: String,
+    },
+    /// Download the file of a message.
+    Download {
+        /// The message's id.
+        id: String,
+        /// Where to (absolute), or the profile's downloads folder.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output: Option<String>,
     },
     /// Take everything queued.
     Sync,
@@ -145,6 +165,16 @@ pub enum Outcome {
     Settings {
         /// Whether read receipts are on.
         read_receipts: bool,
+        /// Files up to this size download by themselves.
+        #[serde(default)]
+        auto_download: u64,
+    },
+    /// A file was downloaded.
+    Downloaded {
+        /// The message.
+        id: String,
+        /// Where the file is.
+        path: String,
     },
     /// A sync finished; the messages were reported as they came.
     Synced {

@@ -5,6 +5,8 @@
 //!   daemon;
 //! - [`content`]: what a message says (the plaintext) and the body's
 //!   envelope around the Olm message;
+//! - [`attachment`]: files: their chunked encryption, the reference a
+//!   message carries, safe names;
 //! - [`e2e`]: the device's Olm account and sessions, what it knows of
 //!   other devices' identities, and safety numbers;
 //! - [`conn`]: one connection's protocol state, sans-I/O;
@@ -24,6 +26,7 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
+pub mod attachment;
 pub mod conn;
 pub mod content;
 pub mod device;
@@ -122,6 +125,13 @@ pub enum Error {
         /// Which.
         device: crate::wire::DeviceId,
     },
+    /// The server no longer has a file (expired, or deleted by its
+    /// sender); nothing was saved.
+    #[error("the file has expired on the server (or its sender deleted it); nothing was saved")]
+    FileExpired,
+    /// A file does not decrypt or check; nothing was saved.
+    #[error("{0}; nothing was saved")]
+    FileDamaged(attachment::Damaged),
     /// The server holds other end-to-end keys for this device than the
     /// profile has.
     #[error(
@@ -175,6 +185,12 @@ pub fn describe(code: ErrorCode) -> &'static str {
         ErrorCode::BAD_REQUEST => "inconsistent request",
         ErrorCode::MALFORMED => "the server could not read the request",
         ErrorCode::UNSUPPORTED => "the server does not know this request",
+        ErrorCode::BLOB_TOO_LARGE => "the file is larger than the server takes",
+        ErrorCode::BLOB_BUDGET => {
+            "your files on the server take all the room you have there; try again once they have been fetched or expired"
+        }
+        ErrorCode::UNKNOWN_BLOB => "the server does not have that file (expired, deleted, or not for you)",
+        ErrorCode::BLOB_MISMATCH => "the uploaded file did not match its id; send it again",
         _ => "error",
     }
 }

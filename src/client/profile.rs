@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::Error;
+use super::attachment::Attachment;
 use super::e2e::{Crypto, Writes};
 use super::status::Receipts;
 use crate::noise::{KEY_LEN, Keypair, PublicKey};
@@ -379,6 +380,9 @@ pub struct Message {
     /// Deleted for everyone: `text` is empty, and so is any earlier
     /// version.
     pub deleted: bool,
+    /// The file it carries (`text` is then its caption), and what this
+    /// device knows of it.
+    pub attachment: Option<Attachment>,
 }
 
 /// What a reply quotes.
@@ -409,6 +413,7 @@ impl Default for Message {
             forwards: 0,
             edited_ms: None,
             deleted: false,
+            attachment: None,
         }
     }
 }
@@ -467,16 +472,36 @@ struct MessageV2 {
     undecryptable: bool,
 }
 
+/// A message as stored before attachments.
+#[derive(Serialize, Deserialize)]
+struct MessageV3 {
+    id: MsgId,
+    from: String,
+    from_device: DeviceId,
+    to: String,
+    text: String,
+    ts_ms: u64,
+    direction: Direction,
+    status: Status,
+    undecryptable: bool,
+    reply_to: Option<MsgId>,
+    quote: Option<Quote>,
+    forwards: u32,
+    edited_ms: Option<u64>,
+    deleted: bool,
+}
+
 /// Stored form; the tag is the version.
 #[derive(Serialize, Deserialize)]
 enum Stored {
     V1(MessageV1),
     V2(MessageV2),
-    V3(Message),
+    V3(MessageV3),
+    V4(Message),
 }
 
 fn encode(m: &Message) -> Result<Vec<u8>, Error> {
-    postcard::to_stdvec(&Stored::V3(m.clone())).map_err(|e| Error::Damaged(e.to_string()))
+    postcard::to_stdvec(&Stored::V4(m.clone())).map_err(|e| Error::Damaged(e.to_string()))
 }
 
 /// The local history: messages by (sender, id) for dedup and state, and
@@ -913,7 +938,24 @@ impl History {
 
 pub(super) fn decode(bytes: &[u8]) -> Result<Message, Error> {
     match postcard::from_bytes::<Stored>(bytes) {
-        Ok(Stored::V3(m)) => Ok(m),
+        Ok(Stored::V4(m)) => Ok(m),
+        Ok(Stored::V3(m)) => Ok(Message {
+            id: m.id,
+            from: m.from,
+            from_device: m.from_device,
+            to: m.to,
+            text: m.text,
+            ts_ms: m.ts_ms,
+            direction: m.direction,
+            status: m.status,
+            undecryptable: m.undecryptable,
+            reply_to: m.reply_to,
+            quote: m.quote,
+            forwards: m.forwards,
+            edited_ms: m.edited_ms,
+            deleted: m.deleted,
+            attachment: None,
+        }),
         Ok(Stored::V2(m)) => Ok(Message {
             id: m.id,
             from: m.from,
@@ -1109,8 +1151,41 @@ mod tests {
         });
         rich.forwards = 2;
         rich.edited_ms = Some(9);
+        let v3 = MessageV3 {
+            id: rich.id,
+            from: rich.from.clone(),
+            from_device: rich.from_device,
+            to: rich.to.clone(),
+            text: rich.text.clone(),
+            ts_ms: rich.ts_ms,
+            direction: rich.direction,
+            status: rich.status,
+            undecryptable: false,
+            reply_to: rich.reply_to,
+            quote: rich.quote.clone(),
+            forwards: rich.forwards,
+            edited_ms: rich.edited_ms,
+            deleted: false,
+        };
+        let bytes = postcard::to_stdvec(&Stored::V3(v3)).unwrap();
+        assert_eq!(bytes[0], 2, "V3 is tag 2");
+        assert_eq!(decode(&bytes).unwrap(), rich);
+        rich.attachment = Some(crate::client::attachment::Attachment {
+            file: crate::client::attachment::FileRef {
+                blob: crate::wire::BlobId([5; 32]),
+                key: crate::client::attachment::FileKey([6; 32]),
+                size: 10,
+                sha256: [7; 32],
+                media_type: "text/plain".into(),
+                name: "a.txt".into(),
+                thumbnail: None,
+            },
+            path: Some("/tmp/a.txt".into()),
+            expired: false,
+            uploaded: true,
+        });
         let new = encode(&rich).unwrap();
-        assert_eq!(new[0], 2, "V3 is tag 2");
+        assert_eq!(new[0], 3, "V4 is tag 3");
         assert_eq!(decode(&new).unwrap(), rich);
     }
 
