@@ -486,7 +486,14 @@ impl Client {
         let Some(a) = m.attachment.clone() else {
             return Err(Error::Usage(format!("message {id} has no file")));
         };
-        if a.expired {
+        // Here already (downloaded before, or sent from here), unchanged.
+        let local = a.path.as_deref().map(Path::new).filter(|p| {
+            attachment::scan(p).is_ok_and(|(size, sha)| size == a.file.size && sha == a.file.sha256)
+        });
+        if let (Some(local), None) = (local, output) {
+            return Ok(local.to_path_buf());
+        }
+        if a.expired && local.is_none() {
             return Err(Error::FileExpired);
         }
         let name = attachment::safe_name(&a.file.name);
@@ -513,7 +520,12 @@ impl Client {
             dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
             hex::encode(&self.new_id()?.0[..4])
         ));
-        let result = self.fetch(&a.file, &tmp, progress).and_then(|()| {
+        let got = match local {
+            Some(local) => copy_checked(local, &tmp, &a.file),
+            None => self.fetch(&a.file, &tmp, progress),
+        };
+        let fetched = local.is_none();
+        let result = got.and_then(|()| {
             // Never over a file that appeared meanwhile.
             let dest = if dest.exists() { free_name(&parent, &name) } else { dest };
             fs::rename(&tmp, &dest)?;
@@ -531,10 +543,13 @@ impl Client {
             }
         };
         let full = dest.canonicalize().unwrap_or(dest);
+        if !fetched {
+            return Ok(full);
+        }
         self.set_path(&m, &full)?;
         // The server may let the blob go once every device has it.
-        let fetched = ClientFrame::BlobFetched { id: a.file.blob };
-        if let Err(e) = self.call(&fetched, "the server to note the download") {
+        let done = ClientFrame::BlobFetched { id: a.file.blob };
+        if let Err(e) = self.call(&done, "the server to note the download") {
             log::debug!("could not tell the server the file was fetched: {e}");
         }
         Ok(full)
@@ -676,6 +691,18 @@ impl Client {
                 None
             }
         }
+    }
+}
+
+/// Copies the local copy `from` of `file` to a new file at `to`, checked
+/// and synced.
+fn copy_checked(from: &Path, to: &Path, file: &FileRef) -> Result<(), Error> {
+    let mut out = OpenOptions::new().write(true).create_new(true).mode(0o600).open(to)?;
+    std::io::copy(&mut File::open(from)?, &mut out)?;
+    out.sync_all()?;
+    match attachment::scan(to)? {
+        (size, sha) if size == file.size && sha == file.sha256 => Ok(()),
+        _ => Err(Error::FileDamaged(Damaged::Checksum)),
     }
 }
 
