@@ -17,7 +17,7 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
 use tidings::wire::{
-    Body, CLIENT_FRAME_KINDS, ClientFrame, Deliver, DeviceAddr, DeviceId, DeviceInfo, DeviceKeys, ErrorCode,
+    BlobData, BlobGrant, BlobId, Body, Download, UploadChunk, UploadStart, UploadStatus, CLIENT_FRAME_KINDS, ClientFrame, Deliver, DeviceAddr, DeviceId, DeviceInfo, DeviceKeys, ErrorCode,
     ExpiredNotice, Flow, FrameError, GapNotice, IdentityKeys, Lost, MAX_FRAME_LEN, MAX_NAME_LEN, MAX_RECEIPT_IDS,
     MAX_RECORD_LEN, MsgId, PublishKeys, RECORD_HEADER_LEN, Receipt, ReceiptDeliver, ReceiptKind, RecordDecoder,
     RecordError, SERVER_FRAME_KINDS, Send, ServerFrame, Signature, SignedKey, Token, decode_client, decode_server,
@@ -196,8 +196,35 @@ fn expired_notice() -> impl Strategy<Value = ExpiredNotice> {
     (int_u64(), device_addr(), msg_ids()).prop_map(|(seq, device, ids)| ExpiredNotice { seq, device, ids })
 }
 
+fn blob_id() -> impl Strategy<Value = BlobId> {
+    any::<[u8; 32]>().prop_map(BlobId)
+}
+
+fn names() -> impl Strategy<Value = Vec<String>> {
+    vec(text(), 0..5)
+}
+
+/// The blob frames (spec §5.6).
+fn blob_client_frame() -> impl Strategy<Value = ClientFrame> {
+    prop_oneof![
+        (blob_id(), int_u64(), names()).prop_map(|(id, size, to)| ClientFrame::UploadStart(UploadStart { id, size, to })),
+        (blob_id(), int_u64(), blob())
+            .prop_map(|(id, offset, data)| ClientFrame::UploadChunk(UploadChunk { id, offset, data })),
+        blob_id().prop_map(|id| ClientFrame::UploadFinish { id }),
+        (blob_id(), int_u64(), int_u32()).prop_map(|(id, offset, len)| ClientFrame::Download(Download {
+            id,
+            offset,
+            len
+        })),
+        blob_id().prop_map(|id| ClientFrame::BlobFetched { id }),
+        (blob_id(), names()).prop_map(|(id, to)| ClientFrame::BlobGrant(BlobGrant { id, to })),
+        blob_id().prop_map(|id| ClientFrame::BlobDelete { id }),
+    ]
+}
+
 fn client_frame() -> impl Strategy<Value = ClientFrame> {
     prop_oneof![
+        blob_client_frame(),
         Just(ClientFrame::Ping),
         Just(ClientFrame::Pong),
         Just(ClientFrame::Close),
@@ -247,6 +274,18 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
         receipt_deliver().prop_map(ServerFrame::Receipt),
         gap_notice().prop_map(ServerFrame::Gap),
         expired_notice().prop_map(ServerFrame::Expired),
+        (blob_id(), int_u64(), any::<bool>()).prop_map(|(id, received, complete)| ServerFrame::UploadStatus(
+            UploadStatus {
+                id,
+                received,
+                complete
+            }
+        )),
+        (blob_id(), int_u64(), blob()).prop_map(|(id, offset, data)| ServerFrame::BlobData(BlobData {
+            id,
+            offset,
+            data
+        })),
     ]
 }
 
@@ -270,6 +309,13 @@ fn client_tag(f: &ClientFrame) -> u32 {
         ClientFrame::ClaimKeys { .. } => 12,
         ClientFrame::Receipt(_) => 13,
         ClientFrame::Retract { .. } => 14,
+        ClientFrame::UploadStart(_) => 15,
+        ClientFrame::UploadChunk(_) => 16,
+        ClientFrame::UploadFinish { .. } => 17,
+        ClientFrame::Download(_) => 18,
+        ClientFrame::BlobFetched { .. } => 19,
+        ClientFrame::BlobGrant(_) => 20,
+        ClientFrame::BlobDelete { .. } => 21,
     }
 }
 
@@ -294,6 +340,8 @@ fn server_tag(f: &ServerFrame) -> u32 {
         ServerFrame::Receipt(_) => 15,
         ServerFrame::Gap(_) => 16,
         ServerFrame::Expired(_) => 17,
+        ServerFrame::UploadStatus(_) => 18,
+        ServerFrame::BlobData(_) => 19,
     }
 }
 
