@@ -491,7 +491,8 @@ fn the_size_limit_and_the_budget_refuse_with_their_codes() {
     let d = Daemon::start_with_config("[blobs]\nmax_size = \"1MiB\"\nuser_budget = \"3MiB\"\n");
     let alice = d.user("alice");
     d.user("bob");
-    let big = write_file(&d, "big.bin", &file_bytes(1 << 20, 1, b""));
+    // 1 MiB of file fits (sealed, a little more); a byte more does not.
+    let big = write_file(&d, "big.bin", &file_bytes((1 << 20) + 1, 1, b""));
     let out = tidings(&alice, &["send", "bob", "--file", big.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

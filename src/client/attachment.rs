@@ -34,14 +34,13 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use zeroize::Zeroize;
 
-use crate::wire::{BlobId, MAX_BLOB_DATA};
+pub use crate::wire::{PLAIN_CHUNK, sealed_len};
+use crate::wire::{BlobId, CHUNK_TAG_LEN, MAX_BLOB_DATA};
 
 /// Bytes of a sealed chunk: one frame's worth of blob.
 pub const SEALED_CHUNK: usize = MAX_BLOB_DATA;
 /// The tag each chunk gains.
-pub const TAG_LEN: usize = 16;
-/// Plaintext bytes per chunk.
-pub const PLAIN_CHUNK: usize = SEALED_CHUNK - TAG_LEN;
+pub const TAG_LEN: usize = CHUNK_TAG_LEN;
 /// The largest thumbnail a message carries (spec §14.8).
 pub const MAX_THUMBNAIL: usize = 2048;
 /// The longest file name a message carries, in bytes.
@@ -115,11 +114,6 @@ impl FileRef {
 /// one empty chunk).
 pub fn chunk_count(size: u64) -> u64 {
     size.div_ceil(PLAIN_CHUNK as u64).max(1)
-}
-
-/// The length of the blob of a file of `size` bytes.
-pub fn sealed_len(size: u64) -> u64 {
-    size + chunk_count(size) * TAG_LEN as u64
 }
 
 /// Why a chunk or a file does not open.

@@ -11,6 +11,20 @@ use std::fmt;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+/// Bytes a sealed chunk of a file adds to its plaintext: the
+/// ChaCha20-Poly1305 tag (spec §14.8).
+pub const CHUNK_TAG_LEN: usize = 16;
+/// Plaintext bytes per sealed chunk (spec §14.8): a sealed chunk is
+/// [`super::MAX_BLOB_DATA`] bytes, one frame's worth.
+pub const PLAIN_CHUNK: usize = super::MAX_BLOB_DATA - CHUNK_TAG_LEN;
+
+/// The length of the blob that holds a file of `size` bytes sealed as
+/// spec §14.8 says: a tag per chunk, and an empty file is one chunk.
+pub fn sealed_len(size: u64) -> u64 {
+    let chunks = size.div_ceil(PLAIN_CHUNK as u64).max(1);
+    size.saturating_add(chunks * CHUNK_TAG_LEN as u64)
+}
+
 /// A blob's id: the SHA-256 of its bytes (the ciphertext), 32 bytes on
 /// the wire. The server checks it when the upload finishes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -178,7 +178,7 @@ fn bad_blob_requests_are_refused_with_their_codes() {
     let names: Vec<&str> = many.iter().map(String::as_str).collect();
     assert_eq!(error(&r.ask(1, 3, start(id, 10, &names))), Some(ErrorCode::BAD_REQUEST));
     assert_eq!(
-        error(&r.ask(1, 4, start(id, 100_001, &["bob"]))),
+        error(&r.ask(1, 4, start(id, crate::wire::sealed_len(100_000) + 1, &["bob"]))),
         Some(ErrorCode::BLOB_TOO_LARGE)
     );
     assert!(matches!(r.ask(1, 5, start(id, 90_000, &["bob"])), ServerFrame::UploadStatus(_)));

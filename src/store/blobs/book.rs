@@ -436,8 +436,9 @@ impl<F: Files, E: Env> Blobs<F, E> {
         if size == 0 {
             return Ok(Err(BlobRefused::Empty));
         }
-        if size > self.config.max_size {
-            return Ok(Err(BlobRefused::TooLarge { max: self.config.max_size }));
+        let max = crate::wire::sealed_len(self.config.max_size);
+        if size > max {
+            return Ok(Err(BlobRefused::TooLarge { max }));
         }
         if self.env.storage_full() {
             return Ok(Err(BlobRefused::StorageFull));

@@ -53,7 +53,8 @@ pub const SHARDS: u32 = 256;
 /// Blob settings (the config file's `[blobs]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlobConfig {
-    /// The largest blob taken (spec §6).
+    /// The largest file taken (spec §6): blobs up to the length of a file
+    /// this big sealed as spec §14.8 says ([`crate::wire::sealed_len`]).
     pub max_size: u64,
     /// Most bytes one user's blobs may take, uploads under way included,
     /// each counted with [`BLOB_OVERHEAD`] (spec §6).
@@ -207,7 +208,7 @@ pub enum BlobOutcome {
 pub enum BlobRefused {
     /// Over the largest blob taken.
     TooLarge {
-        /// The limit.
+        /// The longest blob taken.
         max: u64,
     },
     /// Over the user's budget.

@@ -258,8 +258,9 @@ fn limits_and_budgets_refuse_with_their_reasons() {
     let mut b = open(MemFiles::default(), &env, config);
     let id = |n: u8| BlobId([n; 32]);
     assert_eq!(
-        b.handle(start(id(1), 1001, ALICE, &[BOB])),
-        refused(BlobRefused::TooLarge { max: 1000 })
+        b.handle(start(id(1), 1017, ALICE, &[BOB])),
+        refused(BlobRefused::TooLarge { max: 1016 }),
+        "a file of 1000 bytes, sealed, is 1016"
     );
     assert_eq!(b.handle(start(id(1), 0, ALICE, &[BOB])), refused(BlobRefused::Empty));
     for n in 1..=3 {
