@@ -155,7 +155,9 @@ fn blob_files(d: &Daemon) -> Vec<(String, String, u64)> {
         return out;
     };
     for shard in shards.flatten() {
-        let Ok(files) = std::fs::read_dir(shard.path()) else { continue };
+        let Ok(files) = std::fs::read_dir(shard.path()) else {
+            continue;
+        };
         for f in files.flatten() {
             let name = f.file_name().to_string_lossy().into_owned();
             if let Some((id, ext)) = name.split_once('.') {
@@ -226,7 +228,14 @@ fn a_file_reaches_every_device_byte_identical_and_the_server_never_sees_it() {
     let path = write_file(&d, "holiday.jpg", &data);
     let sent = json(
         &alice,
-        &["send", "bob", "--file", path.to_str().unwrap(), "--caption", "the beach"],
+        &[
+            "send",
+            "bob",
+            "--file",
+            path.to_str().unwrap(),
+            "--caption",
+            "the beach",
+        ],
     );
     assert_eq!(sent[0]["type"], "sent");
     let id = sent[0]["id"].as_str().unwrap().to_owned();
@@ -370,7 +379,9 @@ fn a_damaged_blob_or_a_wrong_key_fails_cleanly_and_saves_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("chunk 1 of the file does not decrypt"), "{err}");
     assert!(err.contains("nothing was saved"), "{err}");
-    let left: Vec<_> = std::fs::read_dir(&downloads).map(|r| r.flatten().collect()).unwrap_or_default();
+    let left: Vec<_> = std::fs::read_dir(&downloads)
+        .map(|r| r.flatten().collect())
+        .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
     std::fs::write(&file, &good).unwrap();
     // A message that names the blob with another key (a sender that lies,
@@ -394,7 +405,9 @@ fn a_damaged_blob_or_a_wrong_key_fails_cleanly_and_saves_nothing() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("chunk 0 of the file does not decrypt"), "{err}");
-    let left: Vec<_> = std::fs::read_dir(&downloads).map(|r| r.flatten().collect()).unwrap_or_default();
+    let left: Vec<_> = std::fs::read_dir(&downloads)
+        .map(|r| r.flatten().collect())
+        .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
     // With the right key and the blob whole, it downloads.
     let lines = json(&bob, &["download", &id]);
@@ -444,7 +457,10 @@ fn forwarding_shares_the_blob_and_deleting_releases_it() {
     drop(raw);
     // Alice deletes the private one for everyone: its blob goes at once.
     let sent = history(&alice, "bob");
-    let private_msg = sent.iter().find(|m| m.text.is_empty() && m.attachment.as_ref().is_some_and(|a| a.file.name == "private.txt")).unwrap();
+    let private_msg = sent
+        .iter()
+        .find(|m| m.text.is_empty() && m.attachment.as_ref().is_some_and(|a| a.file.name == "private.txt"))
+        .unwrap();
     stdout(&tidings(&alice, &["delete", &private_msg.id.to_string()]));
     assert!(!blob_files(&d).iter().any(|(id, _, _)| *id == private));
     // Bob and carol deleting nothing of theirs changes nothing: the shared
@@ -534,7 +550,12 @@ fn an_expired_file_is_refused_and_shown_as_expired() {
     assert_eq!(lines[0]["attachment"]["expired"], true);
     // The server's answer was the code for it.
     let mut raw = RawClient::connect(d.addr(), &d.server_key(), device_key(&bob)).unwrap();
-    let blob = open(&bob).history("alice").unwrap()[0].attachment.as_ref().unwrap().file.blob;
+    let blob = open(&bob).history("alice").unwrap()[0]
+        .attachment
+        .as_ref()
+        .unwrap()
+        .file
+        .blob;
     let ask = ClientFrame::Download(Download {
         id: blob,
         offset: 0,

@@ -129,7 +129,10 @@ fn the_file_examples_are_what_the_client_writes() {
                 blob: BlobId(id.as_ref().try_into().unwrap()),
                 key,
                 size: 5,
-                sha256: ring::digest::digest(&ring::digest::SHA256, b"hello").as_ref().try_into().unwrap(),
+                sha256: ring::digest::digest(&ring::digest::SHA256, b"hello")
+                    .as_ref()
+                    .try_into()
+                    .unwrap(),
                 media_type: "text/plain".into(),
                 name: "hello.txt".into(),
                 thumbnail: None,

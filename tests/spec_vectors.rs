@@ -610,7 +610,10 @@ fn readme_states_the_limits() {
         format!("`BlobConfig::max_size` = {}", store.blobs.max_size),
         format!("`BlobConfig::user_budget` = {}", store.blobs.user_budget),
         format!("`BlobConfig::upload_ttl` = {} s", store.blobs.upload_ttl.as_secs()),
-        format!("`store::blobs::BLOB_OVERHEAD` = {}", tidings::store::blobs::BLOB_OVERHEAD),
+        format!(
+            "`store::blobs::BLOB_OVERHEAD` = {}",
+            tidings::store::blobs::BLOB_OVERHEAD
+        ),
         format!(
             "`store::blobs::MAX_UPLOADS_PER_USER` = {}",
             tidings::store::blobs::MAX_UPLOADS_PER_USER

@@ -17,11 +17,11 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
 use tidings::wire::{
-    BlobData, BlobGrant, BlobId, Body, Download, UploadChunk, UploadStart, UploadStatus, CLIENT_FRAME_KINDS, ClientFrame, Deliver, DeviceAddr, DeviceId, DeviceInfo, DeviceKeys, ErrorCode,
-    ExpiredNotice, Flow, FrameError, GapNotice, IdentityKeys, Lost, MAX_FRAME_LEN, MAX_NAME_LEN, MAX_RECEIPT_IDS,
-    MAX_RECORD_LEN, MsgId, PublishKeys, RECORD_HEADER_LEN, Receipt, ReceiptDeliver, ReceiptKind, RecordDecoder,
-    RecordError, SERVER_FRAME_KINDS, Send, ServerFrame, Signature, SignedKey, Token, decode_client, decode_server,
-    encode_client, encode_server, write_record,
+    BlobData, BlobGrant, BlobId, Body, CLIENT_FRAME_KINDS, ClientFrame, Deliver, DeviceAddr, DeviceId, DeviceInfo,
+    DeviceKeys, Download, ErrorCode, ExpiredNotice, Flow, FrameError, GapNotice, IdentityKeys, Lost, MAX_FRAME_LEN,
+    MAX_NAME_LEN, MAX_RECEIPT_IDS, MAX_RECORD_LEN, MsgId, PublishKeys, RECORD_HEADER_LEN, Receipt, ReceiptDeliver,
+    ReceiptKind, RecordDecoder, RecordError, SERVER_FRAME_KINDS, Send, ServerFrame, Signature, SignedKey, Token,
+    UploadChunk, UploadStart, UploadStatus, decode_client, decode_server, encode_client, encode_server, write_record,
 };
 
 // ---------------------------------------------------------------------------
@@ -207,9 +207,16 @@ fn names() -> impl Strategy<Value = Vec<String>> {
 /// The blob frames (spec §5.6).
 fn blob_client_frame() -> impl Strategy<Value = ClientFrame> {
     prop_oneof![
-        (blob_id(), int_u64(), names()).prop_map(|(id, size, to)| ClientFrame::UploadStart(UploadStart { id, size, to })),
-        (blob_id(), int_u64(), blob())
-            .prop_map(|(id, offset, data)| ClientFrame::UploadChunk(UploadChunk { id, offset, data })),
+        (blob_id(), int_u64(), names()).prop_map(|(id, size, to)| ClientFrame::UploadStart(UploadStart {
+            id,
+            size,
+            to
+        })),
+        (blob_id(), int_u64(), blob()).prop_map(|(id, offset, data)| ClientFrame::UploadChunk(UploadChunk {
+            id,
+            offset,
+            data
+        })),
         blob_id().prop_map(|id| ClientFrame::UploadFinish { id }),
         (blob_id(), int_u64(), int_u32()).prop_map(|(id, offset, len)| ClientFrame::Download(Download {
             id,
@@ -274,13 +281,8 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
         receipt_deliver().prop_map(ServerFrame::Receipt),
         gap_notice().prop_map(ServerFrame::Gap),
         expired_notice().prop_map(ServerFrame::Expired),
-        (blob_id(), int_u64(), any::<bool>()).prop_map(|(id, received, complete)| ServerFrame::UploadStatus(
-            UploadStatus {
-                id,
-                received,
-                complete
-            }
-        )),
+        (blob_id(), int_u64(), any::<bool>())
+            .prop_map(|(id, received, complete)| ServerFrame::UploadStatus(UploadStatus { id, received, complete })),
         (blob_id(), int_u64(), blob()).prop_map(|(id, offset, data)| ServerFrame::BlobData(BlobData {
             id,
             offset,

@@ -257,9 +257,7 @@ impl Out {
         let mut bar = self.bar.borrow_mut();
         let b = bar.get_or_insert_with(|| {
             let b = ProgressBar::new(total);
-            if let Ok(style) =
-                ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}")
-            {
+            if let Ok(style) = ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}") {
                 b.set_style(style);
             }
             b
@@ -560,8 +558,7 @@ fn main() -> ExitCode {
 /// A path made absolute against the current folder (a running `listen`
 /// may do the work, elsewhere).
 fn absolute(path: &Path) -> Result<String, client::Error> {
-    let p = std::path::absolute(path)
-        .map_err(|e| client::Error::Usage(format!("{}: {e}", path.display())))?;
+    let p = std::path::absolute(path).map_err(|e| client::Error::Usage(format!("{}: {e}", path.display())))?;
     Ok(p.to_string_lossy().into_owned())
 }
 

@@ -34,8 +34,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use zeroize::Zeroize;
 
-pub use crate::wire::{PLAIN_CHUNK, sealed_len};
 use crate::wire::{BlobId, CHUNK_TAG_LEN, MAX_BLOB_DATA};
+pub use crate::wire::{PLAIN_CHUNK, sealed_len};
 
 /// Bytes of a sealed chunk: one frame's worth of blob.
 pub const SEALED_CHUNK: usize = MAX_BLOB_DATA;
@@ -297,6 +297,32 @@ impl Sealer {
     }
 }
 
+/// A file's length, its SHA-256 and the id of its blob sealed with `key`,
+/// from one read through it.
+///
+/// # Errors
+/// Read errors.
+pub fn scan_and_seal(path: &Path, key: &FileKey) -> io::Result<(u64, [u8; 32], BlobId)> {
+    let mut f = File::open(path)?;
+    let size = f.metadata()?.len();
+    let cipher = ChunkCipher::new(key, size);
+    let (mut plain, mut sealed) = (Context::new(&SHA256), Context::new(&SHA256));
+    let mut buf = Vec::with_capacity(SEALED_CHUNK);
+    let mut read = 0u64;
+    for i in 0..cipher.chunks() {
+        let n = read_chunk(&mut f, &mut buf)?;
+        read += n as u64;
+        plain.update(&buf);
+        cipher.seal(i, &mut buf);
+        sealed.update(&buf);
+    }
+    // Nothing more, and nothing less, than its length said.
+    if read != size || read_chunk(&mut f, &mut buf)? != 0 {
+        return Err(io::Error::other("the file changed while it was being read"));
+    }
+    Ok((size, digest(plain), BlobId(digest(sealed))))
+}
+
 /// The blob id of the file at `path` sealed with `key`: seals it through
 /// once and hashes what comes out.
 ///
@@ -383,7 +409,10 @@ pub struct Attachment {
 /// A media type for a file name, from its extension (what a receiver is
 /// told; it never decides how the file is opened here).
 pub fn media_type_of(name: &str) -> &'static str {
-    let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
+    let ext = name
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
     match ext.as_str() {
         "jpg" | "jpeg" => "image/jpeg",
         "png" => "image/png",
@@ -416,7 +445,10 @@ pub fn safe_name(name: &str) -> String {
         .chars()
         .map(|c| if c.is_control() || c == ':' { '_' } else { c })
         .collect();
-    let trimmed = out.trim_start_matches(['.', ' ']).trim_end_matches([' ', '.']).to_string();
+    let trimmed = out
+        .trim_start_matches(['.', ' '])
+        .trim_end_matches([' ', '.'])
+        .to_string();
     out = trimmed;
     if out.is_empty() {
         out = "file".into();
@@ -513,10 +545,7 @@ mod tests {
         assert!(chunks[..2].iter().all(|c| c.len() == SEALED_CHUNK));
         assert_eq!(open_all(&f, &chunks).unwrap(), data);
         // Another key.
-        assert_eq!(
-            open_all(&file_ref(&key(2), &data), &chunks),
-            Err(Damaged::Chunk(0))
-        );
+        assert_eq!(open_all(&file_ref(&key(2), &data), &chunks), Err(Damaged::Chunk(0)));
         // A flipped bit.
         let mut bad = chunks.clone();
         bad[1][7] ^= 1;
@@ -563,6 +592,7 @@ mod tests {
         let k = key(4);
         let id = blob_id(&path, &k, size).unwrap();
         assert_eq!(blob_id(&path, &k, size).unwrap(), id);
+        assert_eq!(scan_and_seal(&path, &k).unwrap(), (size, sha, id));
         let mut s = Sealer::open(&path, &k, size).unwrap();
         let mut all = Vec::new();
         let mut buf = Vec::new();

@@ -248,18 +248,55 @@ struct Cursor {
 /// What to do with an outcome when it comes.
 #[derive(Debug)]
 enum Waiting {
-    Send { conn: ConnId, req: u32, id: wire::MsgId },
-    Register { conn: ConnId, req: u32, name: String },
-    Link { conn: ConnId, req: u32 },
-    LinkCode { conn: ConnId, req: u32 },
-    Revoke { conn: ConnId, req: u32, target: DeviceKey },
-    Publish { conn: ConnId, req: u32 },
-    Claim { conn: ConnId, req: u32, user: String },
-    Receipt { conn: ConnId, req: u32 },
-    Retract { conn: ConnId, req: u32 },
-    Backlog { serial: u64 },
+    Send {
+        conn: ConnId,
+        req: u32,
+        id: wire::MsgId,
+    },
+    Register {
+        conn: ConnId,
+        req: u32,
+        name: String,
+    },
+    Link {
+        conn: ConnId,
+        req: u32,
+    },
+    LinkCode {
+        conn: ConnId,
+        req: u32,
+    },
+    Revoke {
+        conn: ConnId,
+        req: u32,
+        target: DeviceKey,
+    },
+    Publish {
+        conn: ConnId,
+        req: u32,
+    },
+    Claim {
+        conn: ConnId,
+        req: u32,
+        user: String,
+    },
+    Receipt {
+        conn: ConnId,
+        req: u32,
+    },
+    Retract {
+        conn: ConnId,
+        req: u32,
+    },
+    Backlog {
+        serial: u64,
+    },
     /// A blob operation holding `held` bytes of transfer memory.
-    Blob { conn: ConnId, req: u32, held: u64 },
+    Blob {
+        conn: ConnId,
+        req: u32,
+        held: u64,
+    },
 }
 
 /// Entries read from memory per step of a pump.

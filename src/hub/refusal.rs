@@ -163,7 +163,10 @@ impl Refusal {
             BlobEmpty => (ErrorCode::BAD_REQUEST, "a blob is at least one byte"),
             BlobChunkSize => (ErrorCode::BAD_REQUEST, "a chunk or range is 1 to 61440 bytes"),
             BlobUsers => (ErrorCode::BAD_REQUEST, "name 1 to 256 users"),
-            BlobWindow => (ErrorCode::RATE_LIMITED, "too many file requests in flight on this connection"),
+            BlobWindow => (
+                ErrorCode::RATE_LIMITED,
+                "too many file requests in flight on this connection",
+            ),
             BlobMemory => (
                 ErrorCode::RATE_LIMITED,
                 "the server is busy with other transfers; try again shortly",

@@ -38,8 +38,7 @@ use crate::client::conn::Closed;
 use crate::client::content::{Content, Payload};
 use crate::client::profile::{Batch, Direction, Message, Status};
 use crate::wire::{
-    self, BlobGrant, ClientFrame, Download, ErrorCode, MsgId, ServerFrame, UploadChunk, UploadStart,
-    UploadStatus,
+    self, BlobGrant, ClientFrame, Download, ErrorCode, MsgId, ServerFrame, UploadChunk, UploadStart, UploadStatus,
 };
 
 /// Chunk or range requests in flight per transfer (the server allows 8
@@ -103,7 +102,13 @@ impl Client {
     /// (`BLOB_TOO_LARGE`, `BLOB_BUDGET`, `QUOTA_EXCEEDED`...), after which
     /// the message is removed from the history; connection failures past
     /// the retry time, after which it stays pending.
-    pub fn send_file(&mut self, to: &str, path: &Path, caption: &str, progress: Progress<'_>) -> Result<Message, Error> {
+    pub fn send_file(
+        &mut self,
+        to: &str,
+        path: &Path,
+        caption: &str,
+        progress: Progress<'_>,
+    ) -> Result<Message, Error> {
         let me = self.profile.registered()?.clone();
         if !wire::valid_user_name(to) {
             return Err(Error::Usage(format!("invalid user name {to:?}")));
@@ -113,7 +118,10 @@ impl Client {
         if !fs::metadata(&full).map_err(unreadable)?.is_file() {
             return Err(Error::Usage(format!("{} is not a file", path.display())));
         }
-        let (size, sha256) = attachment::scan(&full).map_err(unreadable)?;
+        // One read: the file's checksum, and its blob under a fresh key
+        // (used unless an earlier attempt to send it is resumed).
+        let key = FileKey::generate().map_err(|e| Error::Damaged(e.to_string()))?;
+        let (size, sha256, blob) = attachment::scan_and_seal(&full, &key).map_err(unreadable)?;
         let source = full.to_string_lossy().into_owned();
         let resumed = self.profile.history().pending()?.into_iter().find(|m| {
             m.from == me.user
@@ -129,8 +137,6 @@ impl Client {
                 m
             }
             None => {
-                let key = FileKey::generate().map_err(|e| Error::Damaged(e.to_string()))?;
-                let blob = attachment::blob_id(&full, &key, size).map_err(unreadable)?;
                 let name = full
                     .file_name()
                     .map(|n| attachment::shorten(&n.to_string_lossy(), MAX_NAME))
@@ -385,7 +391,8 @@ impl Client {
                 text: String::new(),
             })
         } else {
-            self.connect().and_then(|()| self.call(&grant, "the server to share the file"))
+            self.connect()
+                .and_then(|()| self.call(&grant, "the server to share the file"))
         };
         match granted {
             Ok(ServerFrame::Done) => {}
@@ -445,9 +452,12 @@ impl Client {
     /// `BlobDelete`). Failures are logged.
     pub(super) fn release_file(&mut self, m: &Message) {
         let Some(a) = &m.attachment else { return };
-        let r = self
-            .connect()
-            .and_then(|()| self.call(&ClientFrame::BlobDelete { id: a.file.blob }, "the server to drop the file"));
+        let r = self.connect().and_then(|()| {
+            self.call(
+                &ClientFrame::BlobDelete { id: a.file.blob },
+                "the server to drop the file",
+            )
+        });
         if let Err(e) = r {
             log::warn!("deleted, but the server could not drop the file: {e}");
         }
@@ -487,9 +497,11 @@ impl Client {
             return Err(Error::Usage(format!("message {id} has no file")));
         };
         // Here already (downloaded before, or sent from here), unchanged.
-        let local = a.path.as_deref().map(Path::new).filter(|p| {
-            attachment::scan(p).is_ok_and(|(size, sha)| size == a.file.size && sha == a.file.sha256)
-        });
+        let local = a
+            .path
+            .as_deref()
+            .map(Path::new)
+            .filter(|p| attachment::scan(p).is_ok_and(|(size, sha)| size == a.file.size && sha == a.file.sha256));
         if let (Some(local), None) = (local, output) {
             return Ok(local.to_path_buf());
         }
@@ -517,7 +529,9 @@ impl Client {
         };
         let tmp = parent.join(format!(
             ".{}.{}.part",
-            dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            dest.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             hex::encode(&self.new_id()?.0[..4])
         ));
         let got = match local {

@@ -36,7 +36,12 @@ fn rig(config: BlobConfig) -> Rig {
 }
 
 fn id_of(data: &[u8]) -> BlobId {
-    BlobId(ring::digest::digest(&ring::digest::SHA256, data).as_ref().try_into().unwrap())
+    BlobId(
+        ring::digest::digest(&ring::digest::SHA256, data)
+            .as_ref()
+            .try_into()
+            .unwrap(),
+    )
 }
 
 fn start(id: BlobId, size: u64, to: &[&str]) -> ClientFrame {
@@ -155,12 +160,18 @@ fn an_upload_is_downloaded_by_its_readers_only() {
         assert!(f.is_empty());
     }
     r.settle();
-    assert!(r.store.with_blob_files(|f| f.blobs.contains_key(&id)), "alice's device 2 has not");
+    assert!(
+        r.store.with_blob_files(|f| f.blobs.contains_key(&id)),
+        "alice's device 2 has not"
+    );
     r.online(4, dev(1, 2));
     r.frame(4, dev(1, 2), 1, ClientFrame::BlobFetched { id });
     r.settle();
     assert!(!r.store.with_blob_files(|f| f.blobs.contains_key(&id)));
-    assert_eq!(error(&r.ask(2, 12, download(id, 0, 100))), Some(ErrorCode::UNKNOWN_BLOB));
+    assert_eq!(
+        error(&r.ask(2, 12, download(id, 0, 100))),
+        Some(ErrorCode::UNKNOWN_BLOB)
+    );
     assert_eq!(r.hub.shared().blob_memory(), 0);
 }
 
@@ -172,8 +183,14 @@ fn bad_blob_requests_are_refused_with_their_codes() {
         ..BlobConfig::default()
     });
     let id = BlobId([5; 32]);
-    assert_eq!(error(&r.ask(1, 1, start(id, 10, &["nobody"]))), Some(ErrorCode::UNKNOWN_USER));
-    assert_eq!(error(&r.ask(1, 2, start(id, 0, &["bob"]))), Some(ErrorCode::BAD_REQUEST));
+    assert_eq!(
+        error(&r.ask(1, 1, start(id, 10, &["nobody"]))),
+        Some(ErrorCode::UNKNOWN_USER)
+    );
+    assert_eq!(
+        error(&r.ask(1, 2, start(id, 0, &["bob"]))),
+        Some(ErrorCode::BAD_REQUEST)
+    );
     let many: Vec<String> = (0..=MAX_BLOB_USERS).map(|_| "bob".to_string()).collect();
     let names: Vec<&str> = many.iter().map(String::as_str).collect();
     assert_eq!(error(&r.ask(1, 3, start(id, 10, &names))), Some(ErrorCode::BAD_REQUEST));
@@ -181,7 +198,10 @@ fn bad_blob_requests_are_refused_with_their_codes() {
         error(&r.ask(1, 4, start(id, crate::wire::sealed_len(100_000) + 1, &["bob"]))),
         Some(ErrorCode::BLOB_TOO_LARGE)
     );
-    assert!(matches!(r.ask(1, 5, start(id, 90_000, &["bob"])), ServerFrame::UploadStatus(_)));
+    assert!(matches!(
+        r.ask(1, 5, start(id, 90_000, &["bob"])),
+        ServerFrame::UploadStatus(_)
+    ));
     assert_eq!(
         error(&r.ask(1, 6, start(BlobId([6; 32]), 90_000, &["bob"]))),
         Some(ErrorCode::BLOB_BUDGET)
@@ -236,7 +256,12 @@ fn requests_in_flight_are_bounded_per_connection() {
     let window = HubConfig::default().blob_window as usize;
     let mut refused = 0;
     for i in 0..window + 2 {
-        let got = r.frame(1, dev(1, 1), 10 + i as u32, chunk(id, (i * 1000) as u64, &data[i * 1000..(i + 1) * 1000]));
+        let got = r.frame(
+            1,
+            dev(1, 1),
+            10 + i as u32,
+            chunk(id, (i * 1000) as u64, &data[i * 1000..(i + 1) * 1000]),
+        );
         for (_, f) in frames_to(&got, 1) {
             assert_eq!(error(&f), Some(ErrorCode::RATE_LIMITED));
             refused += 1;
@@ -252,6 +277,10 @@ fn requests_in_flight_are_bounded_per_connection() {
     assert_eq!(statuses, window);
     assert_eq!(r.hub.shared().blob_memory(), 0);
     // The window is open again.
-    let got = r.ask(1, 50, chunk(id, (window * 1000) as u64, &data[window * 1000..(window + 1) * 1000]));
+    let got = r.ask(
+        1,
+        50,
+        chunk(id, (window * 1000) as u64, &data[window * 1000..(window + 1) * 1000]),
+    );
     assert!(matches!(got, ServerFrame::UploadStatus(s) if s.received == ((window + 1) * 1000) as u64));
 }

@@ -228,7 +228,9 @@ impl<F: Files, E: Env> Blobs<F, E> {
         let mut counted = 0u64;
         for shard in 0..SHARDS {
             for id in files.ids(shard)? {
-                let Some((bytes, kind)) = files.meta(&id)? else { continue };
+                let Some((bytes, kind)) = files.meta(&id)? else {
+                    continue;
+                };
                 let Some(meta) = Meta::decode(&bytes) else {
                     log::warn!("blob {id}: unreadable record; removed");
                     files.remove(&id)?;
@@ -723,7 +725,9 @@ impl<F: Files, E: Env> Blobs<F, E> {
                 if self.uploads.contains_key(&id) {
                     continue;
                 }
-                let Some((bytes, kind)) = self.files.meta(&id)? else { continue };
+                let Some((bytes, kind)) = self.files.meta(&id)? else {
+                    continue;
+                };
                 let Some(meta) = Meta::decode(&bytes) else { continue };
                 let retention_from = if meta.stored_ms == 0 {
                     meta.started_ms

@@ -98,7 +98,9 @@ impl Files for Dir {
             let entry = entry?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            let Some((stem, ext)) = name.split_once('.') else { continue };
+            let Some((stem, ext)) = name.split_once('.') else {
+                continue;
+            };
             let Some(id) = BlobId::from_hex(stem) else { continue };
             match ext {
                 META => ids.push(id),
@@ -160,7 +162,11 @@ impl Files for Dir {
         // Not synced: a crash loses at most what the finish would have
         // found missing or wrong (the hash check), and the client resumes
         // from what is there.
-        let f = OpenOptions::new().write(true).create(true).truncate(false).open(self.path(id, PART))?;
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(self.path(id, PART))?;
         f.write_all_at(data, offset)
     }
 

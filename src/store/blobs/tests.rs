@@ -38,7 +38,12 @@ fn bytes_of(n: usize, seed: u8) -> Vec<u8> {
 }
 
 fn id_of(data: &[u8]) -> BlobId {
-    BlobId(ring::digest::digest(&ring::digest::SHA256, data).as_ref().try_into().unwrap())
+    BlobId(
+        ring::digest::digest(&ring::digest::SHA256, data)
+            .as_ref()
+            .try_into()
+            .unwrap(),
+    )
 }
 
 fn env() -> Arc<TestEnv> {
@@ -138,7 +143,11 @@ fn an_upload_is_read_by_its_readers_and_goes_once_all_fetched_it() {
         assert_eq!(r, refused(BlobRefused::Unknown));
     }
     assert_eq!(b.handle(finish(id, ALICE)), status(id, size, true));
-    assert_eq!(b.handle(finish(id, ALICE)), status(id, size, true), "finishing again is harmless");
+    assert_eq!(
+        b.handle(finish(id, ALICE)),
+        status(id, size, true),
+        "finishing again is harmless"
+    );
     assert!(b.files().blobs.contains_key(&id) && b.files().parts.is_empty());
     assert_eq!(read_all(&mut b, id, BOB, data.len()), data);
     // A stranger learns nothing: the same answer as for no blob at all.
@@ -219,7 +228,10 @@ fn an_upload_resumes_after_a_restart_and_is_checked_then() {
         data: Bytes::from_static(b"x"),
     };
     assert_eq!(b.handle(skip), refused(BlobRefused::Offset { received: 100_000 }));
-    assert_eq!(b.handle(finish(id, ALICE)), refused(BlobRefused::Incomplete { received: 100_000 }));
+    assert_eq!(
+        b.handle(finish(id, ALICE)),
+        refused(BlobRefused::Incomplete { received: 100_000 })
+    );
     send(&mut b, id, &data, 90_000, 50_000);
     assert_eq!(b.handle(finish(id, ALICE)), status(id, size, true));
     assert_eq!(read_all(&mut b, id, BOB, data.len()), data);
@@ -267,7 +279,10 @@ fn limits_and_budgets_refuse_with_their_reasons() {
         assert_eq!(b.handle(start(id(n), 800, ALICE, &[BOB])), status(id(n), 0, false));
     }
     // Alice's budget is used up; bob's is not.
-    assert_eq!(b.handle(start(id(4), 800, ALICE2, &[BOB])), refused(BlobRefused::Budget));
+    assert_eq!(
+        b.handle(start(id(4), 800, ALICE2, &[BOB])),
+        refused(BlobRefused::Budget)
+    );
     assert_eq!(b.handle(start(id(4), 800, BOB, &[ALICE])), status(id(4), 0, false));
     // Someone else's upload is not yours to add to or finish.
     let theirs = BlobOp::Chunk {
@@ -288,15 +303,28 @@ fn limits_and_budgets_refuse_with_their_reasons() {
     };
     assert_eq!(b.handle(long), refused(BlobRefused::PastEnd { size: 800 }));
     // Giving an upload up gives its budget back.
-    assert_eq!(b.handle(BlobOp::Delete { device: ALICE, id: id(3) }), BlobOutcome::Done);
+    assert_eq!(
+        b.handle(BlobOp::Delete {
+            device: ALICE,
+            id: id(3)
+        }),
+        BlobOutcome::Done
+    );
     assert_eq!(b.handle(start(id(5), 800, ALICE, &[BOB])), status(id(5), 0, false));
     // The disk budget, shared with the queues.
-    env.budget.store(env.used.load(Ordering::SeqCst) + 500, Ordering::SeqCst);
-    assert_eq!(b.handle(start(id(6), 600, CAROL, &[BOB])), refused(BlobRefused::DiskBudget));
+    env.budget
+        .store(env.used.load(Ordering::SeqCst) + 500, Ordering::SeqCst);
+    assert_eq!(
+        b.handle(start(id(6), 600, CAROL, &[BOB])),
+        refused(BlobRefused::DiskBudget)
+    );
     env.budget.store(1 << 30, Ordering::SeqCst);
     // Below the free-space floor nothing new is taken, but reads go on.
     env.full.store(true, Ordering::SeqCst);
-    assert_eq!(b.handle(start(id(6), 600, CAROL, &[BOB])), refused(BlobRefused::StorageFull));
+    assert_eq!(
+        b.handle(start(id(6), 600, CAROL, &[BOB])),
+        refused(BlobRefused::StorageFull)
+    );
     let chunk = BlobOp::Chunk {
         device: ALICE,
         id: id(1),
@@ -374,7 +402,12 @@ fn the_sweep_removes_expired_blobs_stale_uploads_and_blobs_nobody_can_fetch() {
     for seed in 0..3u8 {
         let data = bytes_of(100 + seed as usize, seed);
         let id = id_of(&data);
-        b.handle(start(id, data.len() as u64, ALICE, &[if seed == 2 { CAROL } else { BOB }]));
+        b.handle(start(
+            id,
+            data.len() as u64,
+            ALICE,
+            &[if seed == 2 { CAROL } else { BOB }],
+        ));
         send(&mut b, id, &data, 0, 1000);
         b.handle(BlobOp::Finish {
             device: ALICE,
@@ -452,15 +485,15 @@ fn blobs_in_a_directory_survive_a_restart_and_leftovers_are_cleaned() {
         status(pid, 3000, false)
     );
     send(&mut b, pid, &partial, 3000, 1000);
-    assert_eq!(
-        b.handle(finish(pid, ALICE)),
-        status(pid, partial.len() as u64, true)
-    );
+    assert_eq!(b.handle(finish(pid, ALICE)), status(pid, partial.len() as u64, true));
     assert_eq!(read_all(&mut b, pid, BOB, partial.len()), partial);
     assert_eq!(b.handle(BlobOp::Fetched { device: BOB, id }), BlobOutcome::Done);
     assert!(!shard.join(format!("{id}.blob")).exists());
     assert!(!shard.join(format!("{id}.meta")).exists());
     // Only the other blob is counted now.
     let counted = env.used.load(Ordering::SeqCst);
-    assert!(counted > partial.len() as u64 && counted < partial.len() as u64 + 200, "{counted}");
+    assert!(
+        counted > partial.len() as u64 && counted < partial.len() as u64 + 200,
+        "{counted}"
+    );
 }
