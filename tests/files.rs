@@ -30,7 +30,6 @@ use tidings::wire::{BlobId, ClientFrame, Download, ErrorCode, ServerFrame};
 /// bytes a second (when set), so that an upload takes long enough to be
 /// cut off in the middle.
 struct Proxy {
-    addr: String,
     seen: Arc<Mutex<Vec<u8>>>,
 }
 
@@ -43,7 +42,6 @@ impl Proxy {
 
     fn start(listener: TcpListener, upstream: String, record: bool, rate: Option<u64>) -> Proxy {
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let addr = listener.local_addr().unwrap().to_string();
         let s = seen.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
@@ -87,7 +85,7 @@ impl Proxy {
                 }
             }
         });
-        Proxy { addr, seen }
+        Proxy { seen }
     }
 }
 

@@ -268,7 +268,7 @@ impl Sealer {
     /// If the file cannot seek, or `offset` is not a chunk boundary.
     pub fn skip_to(&mut self, offset: u64) -> io::Result<()> {
         use std::io::{Seek, SeekFrom};
-        if offset % SEALED_CHUNK as u64 != 0 && offset != sealed_len(self.size) {
+        if !offset.is_multiple_of(SEALED_CHUNK as u64) && offset != sealed_len(self.size) {
             return Err(io::Error::other("the server holds part of a chunk"));
         }
         self.next = offset.div_ceil(SEALED_CHUNK as u64);
@@ -600,7 +600,7 @@ mod tests {
             all.extend_from_slice(&buf);
         }
         assert_eq!(all.len() as u64, sealed_len(size));
-        assert_eq!(&ring::digest::digest(&SHA256, &all).as_ref()[..], &id.0[..]);
+        assert_eq!(ring::digest::digest(&SHA256, &all).as_ref(), &id.0[..]);
         // Resuming from the second chunk gives the rest of the same bytes.
         let mut s = Sealer::open(&path, &k, size).unwrap();
         s.skip_to(SEALED_CHUNK as u64).unwrap();

@@ -576,12 +576,12 @@ impl Client {
                 } => {
                     msg.text = caption;
                     msg.forwards = forwards;
-                    msg.attachment = Some(super::attachment::Attachment {
+                    msg.attachment = Some(Box::new(super::attachment::Attachment {
                         file,
                         path: None,
                         expired: false,
                         uploaded: false,
-                    });
+                    }));
                     true
                 }
             },

@@ -382,7 +382,7 @@ pub struct Message {
     pub deleted: bool,
     /// The file it carries (`text` is then its caption), and what this
     /// device knows of it.
-    pub attachment: Option<Attachment>,
+    pub attachment: Option<Box<Attachment>>,
 }
 
 /// What a reply quotes.
@@ -1170,7 +1170,7 @@ mod tests {
         let bytes = postcard::to_stdvec(&Stored::V3(v3)).unwrap();
         assert_eq!(bytes[0], 2, "V3 is tag 2");
         assert_eq!(decode(&bytes).unwrap(), rich);
-        rich.attachment = Some(crate::client::attachment::Attachment {
+        rich.attachment = Some(Box::new(crate::client::attachment::Attachment {
             file: crate::client::attachment::FileRef {
                 blob: crate::wire::BlobId([5; 32]),
                 key: crate::client::attachment::FileKey([6; 32]),
@@ -1183,7 +1183,7 @@ mod tests {
             path: Some("/tmp/a.txt".into()),
             expired: false,
             uploaded: true,
-        });
+        }));
         let new = encode(&rich).unwrap();
         assert_eq!(new[0], 3, "V4 is tag 3");
         assert_eq!(decode(&new).unwrap(), rich);

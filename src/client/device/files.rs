@@ -160,12 +160,12 @@ impl Client {
                     ts_ms: now_ms(),
                     direction: Direction::Out,
                     status: Status::Pending,
-                    attachment: Some(Attachment {
+                    attachment: Some(Box::new(Attachment {
                         file,
                         path: Some(source),
                         expired: false,
                         uploaded: false,
-                    }),
+                    })),
                     ..Message::default()
                 };
                 // A caption too long fails here, before anything is kept.
@@ -423,12 +423,12 @@ impl Client {
             text: src.text,
             forwards: src.forwards.saturating_add(1),
             direction: Direction::Out,
-            attachment: Some(Attachment {
+            attachment: Some(Box::new(Attachment {
                 file: a.file,
                 path: a.path,
                 expired: false,
                 uploaded: true,
-            }),
+            })),
             ..Message::default()
         })
     }

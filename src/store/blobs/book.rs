@@ -132,7 +132,7 @@ impl Meta {
 
     fn decode(bytes: &[u8]) -> Option<Meta> {
         match postcard::take_from_bytes::<StoredMeta>(bytes) {
-            Ok((StoredMeta::V1(m), rest)) if rest.is_empty() => Some(m),
+            Ok((StoredMeta::V1(m), [])) => Some(m),
             _ => None,
         }
     }

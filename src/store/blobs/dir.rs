@@ -105,11 +105,7 @@ impl Files for Dir {
             match ext {
                 META => ids.push(id),
                 TMP => leftovers.push(entry.path()),
-                PART | BLOB => {
-                    if !self.path(&id, META).exists() {
-                        leftovers.push(entry.path());
-                    }
-                }
+                PART | BLOB if !self.path(&id, META).exists() => leftovers.push(entry.path()),
                 _ => {}
             }
         }
