@@ -53,6 +53,8 @@ pub struct TestEnv {
     pub budget: AtomicU64,
     /// Below the floor.
     pub full: AtomicBool,
+    /// Free bytes above the floor (`u64::MAX` at first).
+    pub above_floor: AtomicU64,
     /// Revoked devices.
     pub revoked: Mutex<HashSet<DeviceKey>>,
 }
@@ -74,6 +76,10 @@ impl Env for Arc<TestEnv> {
 
     fn storage_full(&self) -> bool {
         self.full.load(Ordering::SeqCst)
+    }
+
+    fn above_floor(&self) -> u64 {
+        self.above_floor.load(Ordering::SeqCst)
     }
 
     fn is_current(&self, d: DeviceKey) -> bool {
@@ -104,6 +110,7 @@ impl TestStore {
     pub fn with_blobs(config: BlobConfig) -> TestStore {
         let env = Arc::new(TestEnv::default());
         env.budget.store(1 << 30, Ordering::SeqCst);
+        env.above_floor.store(u64::MAX, Ordering::SeqCst);
         let blobs = Blobs::open(MemFiles::default(), env.clone(), config).expect("memory does not fail");
         TestStore {
             inner: Mutex::new(Inner::default()),

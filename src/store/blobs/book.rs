@@ -94,6 +94,9 @@ pub(crate) trait Env {
     fn adjust(&self, delta: i64);
     /// Whether the data directory is below its free-space floor.
     fn storage_full(&self) -> bool;
+    /// Free bytes of the data directory's filesystem above the floor, as
+    /// last measured.
+    fn above_floor(&self) -> u64;
     /// Whether a device exists and is not revoked.
     fn is_current(&self, d: DeviceKey) -> bool;
 }
@@ -145,14 +148,18 @@ impl Meta {
         self.access.binary_search(&user.0).is_ok()
     }
 
-    /// Adds users who may read it and devices it is for.
+    /// Adds users who may read it, and the devices it is for of the users
+    /// new to it (the devices of a user who could read it already were
+    /// counted then, and may have fetched it since).
     fn widen(&mut self, access: &[UserId], expect: &[DeviceKey]) {
+        let mut added = Vec::new();
         for u in access {
             if let Err(i) = self.access.binary_search(&u.0) {
                 self.access.insert(i, u.0);
+                added.push(*u);
             }
         }
-        for d in expect {
+        for d in expect.iter().filter(|d| added.contains(&d.user)) {
             let d = (d.user.0, d.device.0);
             if !self.waiting.contains(&d) {
                 self.waiting.push(d);
@@ -373,7 +380,14 @@ impl<F: Files, E: Env> Blobs<F, E> {
             return Ok(());
         };
         let bytes = c.meta.encode();
-        self.files.save_meta(id, &bytes)?;
+        if let Err(e) = self.files.save_meta(id, &bytes) {
+            // What is on disk is what holds: read it again next time.
+            self.cache.retain(|c| c.id != *id);
+            return Err(e);
+        }
+        let Some(c) = self.cache.iter_mut().find(|c| c.id == *id) else {
+            return Ok(());
+        };
         let delta = bytes.len() as i64 - c.meta_len as i64;
         c.meta_len = bytes.len() as u64;
         self.counted = self.counted.saturating_add_signed(delta);
@@ -442,7 +456,10 @@ impl<F: Files, E: Env> Blobs<F, E> {
         if size > max {
             return Ok(Err(BlobRefused::TooLarge { max }));
         }
-        if self.env.storage_full() {
+        // The free-space floor counts what the uploads under way will
+        // still write, this one included.
+        let to_come: u64 = self.uploads.values().map(|u| u.meta.size - u.received).sum();
+        if self.env.storage_full() || to_come.saturating_add(size) > self.env.above_floor() {
             return Ok(Err(BlobRefused::StorageFull));
         }
         let usage = self.usage.get(&device.user).copied().unwrap_or_default();
@@ -457,11 +474,14 @@ impl<F: Files, E: Env> Blobs<F, E> {
             size,
             started_ms: now_ms,
             stored_ms: 0,
-            access: vec![device.user.0],
+            access: Vec::new(),
             owners: vec![device.user.0],
             waiting: Vec::new(),
         };
         meta.widen(access, expect);
+        if let Err(i) = meta.access.binary_search(&device.user.0) {
+            meta.access.insert(i, device.user.0);
+        }
         let bytes = meta.encode();
         let charge = size + bytes.len() as u64;
         if !self.env.reserve(charge) {

@@ -278,6 +278,11 @@ impl Env for StoreEnv {
         self.status.full.load(Ordering::Relaxed)
     }
 
+    fn above_floor(&self) -> u64 {
+        let free = self.status.free.load(Ordering::Relaxed);
+        free.saturating_sub(self.status.min_free.load(Ordering::Relaxed))
+    }
+
     fn is_current(&self, d: DeviceKey) -> bool {
         self.accounts.is_current(d)
     }

@@ -49,6 +49,7 @@ fn id_of(data: &[u8]) -> BlobId {
 fn env() -> Arc<TestEnv> {
     let env = Arc::new(TestEnv::default());
     env.budget.store(1 << 30, Ordering::SeqCst);
+    env.above_floor.store(u64::MAX, Ordering::SeqCst);
     env
 }
 
@@ -334,6 +335,13 @@ fn limits_and_budgets_refuse_with_their_reasons() {
     assert_eq!(b.handle(chunk.clone()), refused(BlobRefused::StorageFull));
     env.full.store(false, Ordering::SeqCst);
     assert_eq!(b.handle(chunk), status(id(1), 1, false));
+    // Above the floor, but not by as much as the uploads under way and a
+    // new one will write.
+    let to_come = 799 + 3 * 800;
+    env.above_floor.store(to_come + 599, Ordering::SeqCst);
+    assert_eq!(b.handle(start(id(7), 600, CAROL, &[BOB])), refused(BlobRefused::StorageFull));
+    env.above_floor.store(to_come + 600, Ordering::SeqCst);
+    assert_eq!(b.handle(start(id(7), 600, CAROL, &[BOB])), status(id(7), 0, false));
 }
 
 #[test]
