@@ -9,13 +9,16 @@
 //!   settles them), and one store-thread turn, which finds nothing to
 //!   write. Nothing touches the disk.
 //! - `spilled`: the recipient is offline. Timed: N appends, one turn that
-//!   writes the N copies with their message records in one batch, the
-//!   group flush (sled's flush and an `fdatasync` of its file) and the
-//!   turn that settles them; then, as when the device comes back, delivery
-//!   (from memory, or from disk through the store thread for what the
-//!   cache no longer holds), the ack, and the turn that deletes the N
-//!   records (made durable by the next flush). The store lives under `target/tmp`, on
-//!   the real disk, so the flush pays a real sync.
+//!   appends the N copies to the spill log's current segment, the group
+//!   flush (an `fdatasync` of that segment, then sled's flush and an
+//!   `fdatasync` of its file) and the turn that settles them; then, as
+//!   when the device comes back, delivery (from memory, or from the spill
+//!   log through the store thread for what the cache no longer holds), the
+//!   ack, and the turn that moves the device's mark past the N copies
+//!   (the mark is written at most once a second, and a segment file is
+//!   deleted once every copy in it is gone, both made durable by a later
+//!   flush). The store lives under `target/tmp`, on the real disk, so the
+//!   flush pays a real sync.
 //!
 //! The turns run on the bench's thread with `Store::step`, as the
 //! simulation runs them; the daemon runs the same code on its store
@@ -164,6 +167,7 @@ fn store_path(c: &mut Criterion) {
                 }
                 let took = start.elapsed();
                 assert_eq!(rig.store.queued_bytes(), 0, "an acked copy was written");
+                assert_eq!(rig.store.spill_bytes(), 0, "an acked copy was spilled");
                 took
             })
         });
@@ -182,6 +186,12 @@ fn store_path(c: &mut Criterion) {
                     rig.turn(false);
                     total += start.elapsed();
                 }
+                // What was delivered left the spill log: what is counted
+                // is the device's mark, and the spill log keeps at most
+                // the segment being appended to and one not yet deleted.
+                assert_eq!(rig.store.queue_usage(rig.recipient), (0, 0));
+                assert!(rig.store.queued_bytes() <= 17, "{}", rig.store.queued_bytes());
+                assert!(rig.store.spill_bytes() <= 2 * (4 << 20), "{}", rig.store.spill_bytes());
                 total
             })
         });

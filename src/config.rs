@@ -108,6 +108,8 @@ pub struct QuotaSettings {
     /// Most bytes the database may take on disk.
     #[serde(default, deserialize_with = "size")]
     pub disk_budget: Option<u64>,
+    /// Most message copies waiting on disk in all queues together.
+    pub total_messages: Option<u64>,
 }
 
 /// `[timeouts]`.
@@ -139,6 +141,9 @@ pub struct Limits {
     pub delivery_window: Option<u64>,
     /// Key claims per device per minute.
     pub key_claims_per_minute: Option<u32>,
+    /// Ephemeral sends (typing) and presence requests per device per
+    /// minute.
+    pub ephemeral_per_minute: Option<u32>,
     /// sled's page cache.
     #[serde(default, deserialize_with = "size")]
     pub cache: Option<u64>,
@@ -229,6 +234,9 @@ impl FileConfig {
         if config.limits.key_claims_per_minute == Some(0) {
             return Err("limits.key_claims_per_minute: must be at least 1".into());
         }
+        if config.limits.ephemeral_per_minute == Some(0) {
+            return Err("limits.ephemeral_per_minute: must be at least 1".into());
+        }
         Ok(config)
     }
 
@@ -267,6 +275,9 @@ impl FileConfig {
         if let Some(v) = l.key_claims_per_minute {
             c.hub.claims_per_minute = v;
         }
+        if let Some(v) = l.ephemeral_per_minute {
+            c.hub.ephemeral_per_minute = v;
+        }
         if let Some(v) = l.cache {
             c.store.cache_capacity = v;
         }
@@ -285,6 +296,9 @@ impl FileConfig {
         }
         if let Some(v) = q.disk_budget {
             c.store.quotas.disk_budget = v;
+        }
+        if let Some(v) = q.total_messages {
+            c.store.quotas.total_messages = v;
         }
         let st = &self.store;
         if let Some(v) = st.write_delay {
@@ -341,6 +355,7 @@ mod tests {
             max_output = "2MiB"
             delivery_window = 128
             key_claims_per_minute = 10
+            ephemeral_per_minute = 20
             cache = 33554432
             connections_per_ip = 10
             handshakes_per_second_per_ip = 5
@@ -373,6 +388,7 @@ mod tests {
         assert_eq!(s.session.max_output, 2 << 20);
         assert_eq!(s.hub.window, 128);
         assert_eq!(s.hub.link_ttl, Duration::from_secs(900));
+        assert_eq!(s.hub.ephemeral_per_minute, 20);
         assert_eq!(s.store.cache_capacity, 32 << 20);
         assert_eq!(s.per_ip.connections, 10);
         assert_eq!(s.per_ip.handshakes_per_second, 5);

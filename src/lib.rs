@@ -12,6 +12,7 @@
 //!   group-commit flusher; retention and quotas;
 //! - [`server`]: the mio event loops around a sans-I/O core, the admin
 //!   socket, the retention sweeper, per-address limits;
+//! - [`chat`]: `tidings chat`, the terminal messenger;
 //! - [`client`]: the device side: connection core, end-to-end encryption
 //!   (vodozemac), profile and history, message states;
 //! - [`code`], [`config`], [`keys`], [`ids`]: invite codes as text, the
@@ -20,6 +21,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod chat;
 pub mod client;
 pub mod code;
 pub mod config;

@@ -511,10 +511,66 @@ fn cli_failures_print_nothing_on_stdout() {
         &["register", &d.invite(1).to_string(), "alice"],
         &["link", "tidings://nope"],
         &["revoke", "7"],
+        &["history", "nobody"],
+        &["history", "Not A Name"],
+        &["send", "alice", ""],
+        &["send", "alice", &"x".repeat(3501)],
     ] {
         let out = tidings(&alice, args);
         assert!(!out.status.success(), "{args:?}");
         assert!(out.stdout.is_empty(), "{args:?}");
         assert!(!out.stderr.is_empty(), "{args:?}");
     }
+}
+
+#[test]
+fn send_with_the_daemon_stopped_is_pending_and_goes_with_sync() {
+    let mut d = Daemon::start();
+    let alice = d.user("alice");
+    let bob = d.user("bob");
+    stdout(&tidings(&alice, &["send", "bob", "before"]));
+    d.kill9();
+    let started = Instant::now();
+    let out = tidings(&alice, &["send", "bob", "while it was down"]);
+    let took = started.elapsed();
+    // The client gives up on the server after 2.5 s by its own clock (see
+    // the unit test of `send`, on a virtual clock); what a real process
+    // took, on a shared machine, is printed rather than asserted closely.
+    eprintln!("send with the daemon stopped answered in {took:?}");
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    assert_eq!(out.status.code(), Some(75), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pending: it goes when the server is back"));
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(id.len(), 32, "{id:?}");
+    let out = tidings(&alice, &["send", "bob", "and this", "--json"]);
+    assert_eq!(out.status.code(), Some(75));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["type"], "pending");
+    let id2 = v["id"].as_str().unwrap().to_owned();
+    let statuses = |out: &std::process::Output| -> Vec<(String, String)> {
+        stdout(out)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .map(|v| {
+                (
+                    v["id"].as_str().unwrap().to_owned(),
+                    v["status"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let hist = statuses(&tidings(&alice, &["history", "bob", "--json"]));
+    assert_eq!(
+        hist[1..],
+        [(id.clone(), "pending".into()), (id2.clone(), "pending".into())]
+    );
+    let plain = stdout(&tidings(&alice, &["history", "bob"]));
+    assert!(plain.lines().nth(1).unwrap().contains("[pending]"), "{plain}");
+    d.restart();
+    stdout(&tidings(&alice, &["sync"]));
+    let hist = statuses(&tidings(&alice, &["history", "bob", "--json"]));
+    assert!(hist.iter().all(|(_, s)| s != "pending"), "{hist:?}");
+    let got = sync_messages(&bob);
+    assert_eq!(texts(&got), ["before", "while it was down", "and this"]);
+    assert_eq!(got[1].id.to_string(), id, "the same id throughout");
 }

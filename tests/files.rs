@@ -1,4 +1,4 @@
-//! Files against the real `tidingsd` and `tidings` binaries (spec §5.6,
+//! Files against the real `tidingsd` and `tidings` binaries (spec §5.7,
 //! §14.8): a file reaches every device byte for byte and neither the
 //! server's disk nor the wire holds its plaintext; uploads cut off by a
 //! killed client or a killed daemon resume with the same blob and no half

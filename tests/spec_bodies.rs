@@ -97,6 +97,26 @@ fn the_status_update_examples_are_what_the_client_writes() {
                 ids: vec![target],
             },
         ),
+        (
+            "Reaction example",
+            "alice",
+            Content::Reaction {
+                target,
+                target_from: "alice".into(),
+                emoji: Some("👍".into()),
+            },
+        ),
+        (
+            "Reaction removal example",
+            "alice",
+            Content::Reaction {
+                target,
+                target_from: "alice".into(),
+                emoji: None,
+            },
+        ),
+        ("Typing example", "alice", Content::Typing { active: true }),
+        ("LastSeen example", "bob", Content::LastSeen { everyone: false }),
     ];
     for (title, to, content) in cases {
         let p = Payload {

@@ -18,12 +18,15 @@
 //!   acks race the deadline, so some copies are never written and some
 //!   spill;
 //! - a retry of a message the store knows (same run) waits for it or is
-//!   answered with its first time; a retry after a reopen of a message
-//!   with a copy still on disk is dropped when its first copy would be
-//!   written and answered with the first time; one of a message never
-//!   written is queued anew;
+//!   answered with its first time; after a reopen, a message with a copy
+//!   still in the spill log is restored: a retry of it queues copies only
+//!   for the devices whose copy is not queued (delivered, or lost
+//!   unwritten with the crash), with the first time (`Queued` with that
+//!   time, or `Duplicate` when no device misses a copy); one of a message
+//!   with no copy left is queued anew;
 //! - a retracted message's copies go (the answer says how many) and a
-//!   resend is answered `Duplicate`, across reopens too;
+//!   resend is answered `Duplicate`, across reopens too, also when an
+//!   acknowledged copy of it comes back after a crash;
 //! - a send that would take a queue past its entry or byte quota is
 //!   refused as a whole, naming the first such queue, and leaves nothing
 //!   behind; acknowledged records count until the store thread deleted
@@ -35,16 +38,19 @@
 //! - delivery as the hub does it (`read`, then `Op::ReadBacklog` through
 //!   the store thread when the entries are on disk only) and `read_queue`
 //!   return exactly the model's entries; `queue_usage` agrees;
-//! - after a crash, what was acknowledged but not yet deleted comes back
-//!   (at-least-once), what was never written is gone, nothing settled is
-//!   lost; after a clean stop nothing is lost;
+//! - after a crash, what was acknowledged before the store thread's turn
+//!   comes back (at-least-once); spilled copies acknowledged since the
+//!   device's mark was last written (at most once a second) may come back:
+//!   the model accepts either, and checks that those that do are the
+//!   newest acknowledged (everything past the mark, nothing below); what
+//!   was never written is gone; nothing settled is lost; after a clean
+//!   stop nothing is lost;
 //! - sequence numbers never go backwards and are never given out twice,
 //!   across reopens too, even those of copies never written.
 //!
-//! Not modelled: the retention sweep, the disk budget (both in the unit
-//! tests of `store`), which records exist on disk (the unit tests read
-//! sled; here a retry after a reopen of a message whose copies are all
-//! gone may or may not be recognised, and the model learns which).
+//! Not modelled: the retention sweep, revocation, the disk budget (all in
+//! the unit tests of `store`), which records exist on disk (the unit tests
+//! read sled and the spill log's index).
 //!
 //! `PROPTEST_CASES` sets the number of cases (default 64 here).
 
@@ -73,6 +79,7 @@ const QUOTAS: Quotas = Quotas {
     queue_messages: 8,
     queue_bytes: 1500,
     disk_budget: u64::MAX,
+    total_messages: 1_000_000,
 };
 
 fn config() -> StoreConfig {
@@ -116,19 +123,26 @@ fn varint(mut n: u64) -> u64 {
     len
 }
 
-/// The bytes an entry takes stored (key and value), which quotas count:
-/// a 17-byte key; a copy of a message holds its sender, id and body, a
-/// receipt itself.
+/// The bytes an entry takes stored, which quotas count: a copy of a
+/// message is charged the record it would be alone in the spill log
+/// (8-byte header; the record's tag; sender, id, addressee, time; one
+/// copy: device and sequence in 16 fixed bytes, body); a receipt a `q`
+/// record (17-byte key) holding itself.
 fn size(e: &Entry) -> u64 {
-    17 + match e {
+    match e {
         Entry::Message(m) => {
-            1 + varint(m.from_user.into())
+            8 + 1
+                + 1
+                + 16
+                + varint(m.from_user.into())
                 + varint(m.from_device.into())
                 + 16
+                + varint(m.to_user.into())
+                + varint(m.time_ms)
                 + varint(m.body.len() as u64)
                 + m.body.len() as u64
         }
-        Entry::Receipt(r) => 1 + postcard::to_stdvec(r).expect("encode a receipt").len() as u64,
+        Entry::Receipt(r) => 17 + 1 + postcard::to_stdvec(r).expect("encode a receipt").len() as u64,
         other => panic!("not modelled: {other:?}"),
     }
 }
@@ -229,22 +243,11 @@ struct Slot {
 #[derive(Debug)]
 struct Msg {
     time_ms: u64,
-    to: u32,
     /// The devices it was sent to.
     targets: Vec<DeviceKey>,
-    copies: Vec<(DeviceKey, u64)>,
+    copies: Copies,
     tokens: Vec<u64>,
-    /// Its first copy went to the store thread (which then wrote its
-    /// record, or found an earlier one and dropped it as a retry).
-    taken: bool,
     settled: bool,
-}
-
-/// Whether a retraction record exists.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Tomb {
-    Sure(u64),
-    Maybe(u64),
 }
 
 /// What the store should hold.
@@ -254,14 +257,21 @@ struct Model {
     /// Acknowledged while on disk: counted, and on disk, until the store
     /// thread's next turn deletes them.
     pending: BTreeMap<DeviceKey, BTreeMap<u64, Slot>>,
+    /// Spilled copies acknowledged and gone from the index, whose device's
+    /// mark may not be written yet (at most once a second): after a crash
+    /// they may come back, the newest first.
+    maybe: BTreeMap<DeviceKey, BTreeMap<u64, Slot>>,
     /// The last sequence number given out per queue, as the store says.
     last: BTreeMap<DeviceKey, u64>,
     /// The highest ever given out per queue.
     given: BTreeMap<DeviceKey, u64>,
     msgs: HashMap<MsgKey, Msg>,
-    /// Message records written: when, to whom, and where the copies were.
-    records: HashMap<MsgKey, (u64, u32, Copies)>,
-    tombs: HashMap<(UserId, MsgId), Tomb>,
+    /// Messages restored at the last open (a copy of them was in the spill
+    /// log) and not retried since: their time, and the devices whose copy
+    /// was queued.
+    restored: HashMap<MsgKey, (u64, Vec<DeviceKey>)>,
+    /// Retraction records: the original time.
+    tombs: HashMap<(UserId, MsgId), u64>,
     /// (target, receipt sender, kind, addressee) → the seq of the receipt
     /// entry later ones fold into.
     folds: BTreeMap<(DeviceKey, DeviceKey, u8, u32), u64>,
@@ -271,14 +281,6 @@ struct Model {
     /// Messages the sender was told are safe (`Accepted`), with the
     /// devices they were sent to, across reopens.
     accepted: Vec<(MsgKey, Vec<DeviceKey>)>,
-}
-
-/// Whether an earlier acceptance's record is on disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Rec {
-    Absent,
-    Sure(u64),
-    Maybe(u64),
 }
 
 impl Model {
@@ -296,22 +298,6 @@ impl Model {
             .get(&d)
             .map(|q| q.range(from..).map(|(s, e)| (*s, e.entry.clone())).collect())
             .unwrap_or_default()
-    }
-
-    fn present(&self, d: DeviceKey, seq: u64) -> bool {
-        [&self.queues, &self.pending]
-            .iter()
-            .any(|m| m.get(&d).is_some_and(|q| q.contains_key(&seq)))
-    }
-
-    fn record(&self, key: MsgKey) -> Rec {
-        match self.records.get(&key) {
-            None => Rec::Absent,
-            // A record stays while any of its copies is on disk (or may
-            // still be written); once none is, it may be gone.
-            Some((t, _, copies)) if copies.iter().any(|(d, s)| self.present(*d, *s)) => Rec::Sure(*t),
-            Some((t, _, _)) => Rec::Maybe(*t),
-        }
     }
 
     fn push(&mut self, d: DeviceKey, entry: Entry, state: State, msg: Option<MsgKey>) -> u64 {
@@ -503,7 +489,7 @@ impl Harness {
     ) -> Result<(), TestCaseError> {
         let key = (sender, id);
         let now_ms = self.now_ms();
-        let entries: Vec<(DeviceKey, Entry, bool)> = copies
+        let mut entries: Vec<(DeviceKey, Entry, bool)> = copies
             .iter()
             .map(|(d, b, online)| {
                 let m = QueuedMessage {
@@ -529,28 +515,41 @@ impl Harness {
             },
             &w,
         );
-        // A retraction answers first; whether one exists may be unknown.
-        let tomb = (sender.user, id);
-        match self.model.tombs.get(&tomb).copied() {
-            Some(Tomb::Sure(t)) => {
+        // A retraction answers first.
+        if let Some(&t) = self.model.tombs.get(&(sender.user, id)) {
+            prop_assert_eq!(
+                got,
+                Appended::Duplicate { time_ms: t },
+                "step {}: a retracted message",
+                step
+            );
+            return Ok(());
+        }
+        let mut time_ms = now_ms;
+        if let Some((t, queued)) = self.model.restored.get(&key).cloned() {
+            // A retry of a message restored at open: the devices whose copy
+            // was queued then have it (or acknowledged it since); the
+            // others get one, with the first time.
+            let targets: Vec<DeviceKey> = entries.iter().map(|(d, _, _)| *d).collect();
+            entries.retain(|(d, _, _)| !queued.contains(d));
+            if entries.is_empty() {
                 prop_assert_eq!(
                     got,
                     Appended::Duplicate { time_ms: t },
-                    "step {}: a retracted message",
+                    "step {}: a retry of a restored message every device has",
                     step
                 );
+                // Accepted: each of its devices has a copy.
+                self.model.accepted.push((key, targets));
                 return Ok(());
             }
-            Some(Tomb::Maybe(t)) if got == (Appended::Duplicate { time_ms: t }) => {
-                self.model.tombs.insert(tomb, Tomb::Sure(t));
-                return Ok(());
+            time_ms = t;
+            for (_, e, _) in &mut entries {
+                if let Entry::Message(m) = e {
+                    m.time_ms = t;
+                }
             }
-            Some(Tomb::Maybe(_)) => {
-                self.model.tombs.remove(&tomb);
-            }
-            None => {}
-        }
-        if let Some(m) = self.model.msgs.get_mut(&key) {
+        } else if let Some(m) = self.model.msgs.get_mut(&key) {
             if m.settled {
                 prop_assert_eq!(
                     got,
@@ -581,13 +580,7 @@ impl Harness {
             );
             return Ok(());
         }
-        prop_assert_eq!(
-            got,
-            Appended::Queued { time_ms: now_ms },
-            "step {}: send {:?}",
-            step,
-            key
-        );
+        prop_assert_eq!(got, Appended::Queued { time_ms }, "step {}: send {:?}", step, key);
         let mut copies = Vec::new();
         let targets: Vec<DeviceKey> = entries.iter().map(|(d, _, _)| *d).collect();
         for (d, e, online) in entries {
@@ -599,15 +592,14 @@ impl Harness {
         self.model.msgs.insert(
             key,
             Msg {
-                time_ms: now_ms,
-                to,
+                time_ms,
                 targets,
                 copies,
                 tokens: vec![w.token],
-                taken: false,
                 settled: false,
             },
         );
+        self.model.restored.remove(&key);
         Ok(())
     }
 
@@ -629,8 +621,8 @@ impl Harness {
     }
 
     /// One store-thread turn at now, with `op` submitted before it; the
-    /// model does the same: deletes, takes what is due (recognising
-    /// retries), runs the op, and on a flush makes the written durable.
+    /// model does the same: deletes what was acknowledged, takes what is
+    /// due, runs the op, and on a flush makes the written durable.
     fn step(
         &mut self,
         flush: bool,
@@ -638,41 +630,26 @@ impl Harness {
         op: Option<(StoreOp, ModelOp)>,
     ) -> Result<Option<Outcome>, TestCaseError> {
         let now_ms = self.ms;
-        let mut taken: Vec<MsgKey> = Vec::new();
         for q in self.model.queues.values_mut() {
             for slot in q.values_mut() {
                 if let State::Unwritten { due_ms } = slot.state
                     && (due_ms <= now_ms || write_all)
                 {
                     slot.state = State::Writing;
-                    if let Some(k) = slot.msg
-                        && !taken.contains(&k)
-                        && !self.model.msgs[&k].taken
-                    {
-                        taken.push(k);
-                    }
                 }
             }
         }
-        // Whether each taken message finds an earlier acceptance's record
-        // (judged before any of this turn's writes and deletes), and which
-        // of its copies go then: those for a device whose first copy is
-        // still on disk.
-        let found: Vec<(MsgKey, Rec, Copies, Copies)> = taken
-            .iter()
-            .map(|k| {
-                let rec = self.model.record(*k);
-                let first = self.model.records.get(k).map(|r| r.2.clone()).unwrap_or_default();
-                // Kept: for a device the first was for, whose first copy is
-                // gone.
-                let (keep, drop) = self.model.msgs[k].copies.iter().partition(|(d, _)| {
-                    first.iter().any(|(fd, _)| fd == d)
-                        && !first.iter().any(|(fd, fs)| fd == d && self.model.present(*d, *fs))
-                });
-                (*k, rec, drop, keep)
-            })
-            .collect();
-        self.model.pending.clear();
+        // What was acknowledged on disk goes: receipts and notices from
+        // sled for good; copies from the spill log's index, their device's
+        // mark moving (written now or within a second, so they may come
+        // back after a crash).
+        for (d, pending) in std::mem::take(&mut self.model.pending) {
+            for (seq, slot) in pending {
+                if slot.msg.is_some() {
+                    self.model.maybe.entry(d).or_default().insert(seq, slot);
+                }
+            }
+        }
         let token = match &op {
             Some((store_op, _)) => {
                 let w = self.waiter();
@@ -689,64 +666,6 @@ impl Harness {
             "a store turn failed"
         );
         self.drain();
-        for (key, rec, drop, keep) in found {
-            let first_token = self.model.msgs[&key].tokens[0];
-            let retry_of = match rec {
-                Rec::Absent => None,
-                Rec::Sure(t) => Some(t),
-                // Whether the record was still there shows in the answer
-                // (all copies dropped) or in the time a kept copy now has.
-                Rec::Maybe(t) => {
-                    let found = match keep.first() {
-                        None => self
-                            .heard
-                            .get(&first_token)
-                            .is_some_and(|h| h.contains(&Outcome::Settled { time_ms: t })),
-                        Some((d, seq)) => {
-                            let mut out = Vec::new();
-                            let r = self.store().read(*d, *seq, 1, &mut out);
-                            prop_assert!(matches!(r, Read::Memory { .. }), "a kept copy is in memory");
-                            matches!(out.first(), Some((s, Entry::Message(m))) if s == seq && m.time_ms == t)
-                        }
-                    };
-                    found.then_some(t)
-                }
-            };
-            let m = self.model.msgs.get_mut(&key).expect("taken");
-            m.taken = true;
-            match retry_of {
-                Some(t) => {
-                    // The message as first accepted: a retry adds no
-                    // recipient.
-                    let (_, to, first) = &self.model.records[&key];
-                    let to = *to;
-                    m.targets.retain(|d| first.iter().any(|(fd, _)| fd == d));
-                    m.time_ms = t;
-                    m.to = to;
-                    for (d, s) in &drop {
-                        if let Some(q) = self.model.queues.get_mut(d) {
-                            q.remove(s);
-                        }
-                    }
-                    for (d, s) in &keep {
-                        if let Some(Slot {
-                            entry: Entry::Message(e),
-                            ..
-                        }) = self.model.queues.get_mut(d).and_then(|q| q.get_mut(s))
-                        {
-                            e.time_ms = t;
-                            e.to_user = to;
-                        }
-                    }
-                    if let Some(r) = self.model.records.get_mut(&key) {
-                        r.2.extend(keep);
-                    }
-                }
-                None => {
-                    self.model.records.insert(key, (m.time_ms, m.to, m.copies.clone()));
-                }
-            }
-        }
         let outcome = match op {
             Some((_, model_op)) => {
                 let want = self.apply(model_op);
@@ -848,30 +767,48 @@ impl Harness {
             }
             ModelOp::Retract { senders, id } => {
                 let user = senders[0].user;
-                let mut removed = 0;
-                let mut known: Option<Tomb> = None;
+                // The store knows the message if memory does (accepted in
+                // this run, or restored at open) or by a copy in the spill
+                // log (found by its tag, whichever device of the user sent
+                // it); then it keeps a retraction record.
+                let mut known: Option<u64> = None;
                 for s in &senders {
                     let key = (*s, id);
-                    let live = m.msgs.get(&key).map(|msg| Tomb::Sure(msg.time_ms));
-                    let rec = match m.record(key) {
-                        Rec::Absent => None,
-                        Rec::Sure(t) => Some(Tomb::Sure(t)),
-                        Rec::Maybe(t) => Some(Tomb::Maybe(t)),
-                    };
-                    known = known.or(live).or(rec);
-                    m.records.remove(&key);
-                    m.retracted.insert(key);
-                    for q in m.queues.values_mut() {
-                        let gone: Vec<u64> = q
-                            .iter()
-                            .filter(|(_, slot)| slot.msg == Some(key))
-                            .map(|(s, _)| *s)
-                            .collect();
-                        for s in gone {
-                            q.remove(&s);
-                            removed += 1;
-                        }
+                    known = known
+                        .or(m.msgs.get(&key).map(|msg| msg.time_ms))
+                        .or(m.restored.get(&key).map(|r| r.0));
+                }
+                for slot in m.queues.values().flat_map(|q| q.values()) {
+                    if let (Some(k), Entry::Message(e)) = (slot.msg, &slot.entry)
+                        && k.0.user == user
+                        && k.1 == id
+                        && !matches!(slot.state, State::Unwritten { .. })
+                    {
+                        known = known.or(Some(e.time_ms));
                     }
+                }
+                let mut removed = 0;
+                for q in m.queues.values_mut() {
+                    let gone: Vec<u64> = q
+                        .iter()
+                        .filter(|(_, slot)| {
+                            slot.msg.is_some_and(|k| {
+                                k.1 == id
+                                    && (senders.contains(&k.0)
+                                        || (k.0.user == user && !matches!(slot.state, State::Unwritten { .. })))
+                            })
+                        })
+                        .map(|(s, _)| *s)
+                        .collect();
+                    for s in gone {
+                        if let Some(slot) = q.remove(&s) {
+                            m.retracted.extend(slot.msg);
+                        }
+                        removed += 1;
+                    }
+                }
+                for s in &senders {
+                    m.retracted.insert((*s, id));
                 }
                 if let Some(t) = known {
                     m.tombs.insert((user, id), t);
@@ -884,8 +821,7 @@ impl Harness {
 
     /// Delivery as the hub does it, from `from` on.
     fn deliver(&mut self, d: DeviceKey, mut from: u64) -> Result<(), TestCaseError> {
-        // Whatever is due goes first (a retry found then is dropped before
-        // anything of it is read).
+        // Whatever is due goes first.
         self.step(false, false, None)?;
         let start = from;
         let mut out = Vec::new();
@@ -935,7 +871,10 @@ impl Harness {
 
     /// Stops and opens the directory again: after a clean stop (every
     /// copy written, flushed) or a crash (what was written is on disk,
-    /// what waited in memory is lost).
+    /// what waited in memory is lost). Copies acknowledged since their
+    /// device's mark was last written may come back; the model learns
+    /// which did, and checks they are the newest of those. Messages with a
+    /// copy queued are restored.
     fn reopen(&mut self, clean: bool) -> Result<(), TestCaseError> {
         if clean {
             self.step(true, true, None)?;
@@ -959,6 +898,35 @@ impl Harness {
             q.retain(|_, slot| !matches!(slot.state, State::Unwritten { .. }));
             for slot in q.values_mut() {
                 slot.state = State::Durable;
+            }
+        }
+        for (d, maybe) in std::mem::take(&mut self.model.maybe) {
+            let mut got = Vec::new();
+            self.store().read_queue(d, 0, usize::MAX, &mut got).expect("read_queue");
+            let back: Vec<u64> = maybe
+                .keys()
+                .copied()
+                .filter(|s| got.iter().any(|(g, _)| g == s))
+                .collect();
+            // Everything past the mark as last written: the newest.
+            if let Some(first) = back.first() {
+                let newest: Vec<u64> = maybe.range(first..).map(|(s, _)| *s).collect();
+                prop_assert_eq!(&back, &newest, "{}: acknowledged copies came back, not the newest", d);
+            }
+            let q = self.model.queues.entry(d).or_default();
+            for s in back {
+                let mut slot = maybe[&s].clone();
+                slot.state = State::Durable;
+                q.insert(s, slot);
+            }
+        }
+        let m = &mut self.model;
+        m.restored.clear();
+        for (d, q) in &m.queues {
+            for slot in q.values() {
+                if let (Some(k), Entry::Message(e)) = (slot.msg, &slot.entry) {
+                    m.restored.entry(k).or_insert((e.time_ms, Vec::new())).1.push(*d);
+                }
             }
         }
         for i in 0..QUEUES {
@@ -1166,9 +1134,9 @@ fn acks_race_the_write_deadline() {
     run(ops).unwrap();
 }
 
-/// A retry after a crash of a message that spilled is recognised and
-/// answered with the first time; one of a message never written (lost
-/// with the crash) is queued anew.
+/// A retry after a crash of a message that spilled is recognised (its
+/// copy is queued: `Duplicate` with the first time); one of a message
+/// never written (lost with the crash) is queued anew.
 #[test]
 fn retries_after_a_crash() {
     let ops = vec![
@@ -1184,11 +1152,10 @@ fn retries_after_a_crash() {
     run(ops).unwrap();
 }
 
-/// A message for two devices: one copy spilled (with the message's
-/// record), the other waited in memory and was lost in a crash, so the
-/// sender was never answered and sends it again. The retry must reach the
-/// device whose copy was lost (a duplicate for the other is fine: clients
-/// drop it by id).
+/// A message for two devices: one copy spilled, the other waited in
+/// memory and was lost in a crash, so the sender was never answered and
+/// sends it again. The retry reaches the device whose copy was lost, with
+/// the first time, and not the other (its copy is queued).
 #[test]
 fn a_retry_after_a_crash_reaches_the_device_whose_copy_was_lost() {
     let ops = vec![
@@ -1212,6 +1179,50 @@ fn a_retry_after_a_crash_reaches_the_device_whose_copy_was_lost() {
         },
         step(0, true),
         Op::Deliver { device: 5, from: 0 },
+    ];
+    run(ops).unwrap();
+}
+
+/// Copies acknowledged since the device's mark was last written come back
+/// after a crash; one of a retracted message does too, and the message is
+/// restored with it, but a retry of it is still answered as retracted and
+/// reaches none of the devices the retraction took it from.
+#[test]
+fn a_retracted_message_stays_retracted_when_an_acknowledged_copy_comes_back() {
+    let ops = vec![
+        send(0, 1, 4, false),
+        step(0, true),
+        Op::Ack { device: 4, up_to: 0 },
+        step(0, true),
+        Op::Send {
+            sender: 0,
+            id: 2,
+            to: 2,
+            targets: (1 << 4) | (1 << 5),
+            online: 0,
+            body_len: 3,
+        },
+        step(0, true),
+        Op::Ack { device: 4, up_to: 0 },
+        step(10, true),
+        Op::Retract {
+            sender: 0,
+            also: 0,
+            id: 2,
+        },
+        Op::Reopen { clean: false },
+        Op::Deliver { device: 4, from: 0 },
+        Op::Send {
+            sender: 0,
+            id: 2,
+            to: 2,
+            targets: (1 << 4) | (1 << 5),
+            online: 0,
+            body_len: 3,
+        },
+        step(0, true),
+        Op::Deliver { device: 5, from: 0 },
+        Op::Check,
     ];
     run(ops).unwrap();
 }

@@ -18,10 +18,11 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
 use tidings::wire::{
     BlobData, BlobGrant, BlobId, Body, CLIENT_FRAME_KINDS, ClientFrame, Deliver, DeviceAddr, DeviceId, DeviceInfo,
-    DeviceKeys, Download, ErrorCode, ExpiredNotice, Flow, FrameError, GapNotice, IdentityKeys, Lost, MAX_FRAME_LEN,
-    MAX_NAME_LEN, MAX_RECEIPT_IDS, MAX_RECORD_LEN, MsgId, PublishKeys, RECORD_HEADER_LEN, Receipt, ReceiptDeliver,
-    ReceiptKind, RecordDecoder, RecordError, SERVER_FRAME_KINDS, Send, ServerFrame, Signature, SignedKey, Token,
-    UploadChunk, UploadStart, UploadStatus, decode_client, decode_server, encode_client, encode_server, write_record,
+    DeviceKeys, Download, Ephemeral, EphemeralDeliver, ErrorCode, ExpiredNotice, Flow, FrameError, GapNotice,
+    IdentityKeys, Lost, MAX_FRAME_LEN, MAX_NAME_LEN, MAX_RECEIPT_IDS, MAX_RECORD_LEN, MsgId, PublishKeys,
+    RECORD_HEADER_LEN, Receipt, ReceiptDeliver, ReceiptKind, RecordDecoder, RecordError, SERVER_FRAME_KINDS, Seen, Send,
+    ServerFrame, Signature, SignedKey, Token, UploadChunk, UploadStart, UploadStatus, decode_client, decode_server,
+    encode_client, encode_server, write_record,
 };
 
 // ---------------------------------------------------------------------------
@@ -204,7 +205,7 @@ fn names() -> impl Strategy<Value = Vec<String>> {
     vec(text(), 0..5)
 }
 
-/// The blob frames (spec §5.6).
+/// The blob frames (spec §5.7).
 fn blob_client_frame() -> impl Strategy<Value = ClientFrame> {
     prop_oneof![
         (blob_id(), int_u64(), names()).prop_map(|(id, size, to)| ClientFrame::UploadStart(UploadStart {
@@ -229,6 +230,14 @@ fn blob_client_frame() -> impl Strategy<Value = ClientFrame> {
     ]
 }
 
+fn seen() -> impl Strategy<Value = Seen> {
+    prop_oneof![
+        Just(Seen::Hidden),
+        vec(device_id(), 0..9).prop_map(|devices| Seen::Online { devices }),
+        int_u64().prop_map(|last_seen_ms| Seen::Away { last_seen_ms }),
+    ]
+}
+
 fn client_frame() -> impl Strategy<Value = ClientFrame> {
     prop_oneof![
         blob_client_frame(),
@@ -248,6 +257,9 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
         text().prop_map(|user| ClientFrame::ClaimKeys { user }),
         receipt().prop_map(ClientFrame::Receipt),
         msg_id().prop_map(|id| ClientFrame::Retract { id }),
+        (text(), vec(body(), 0..9)).prop_map(|(to, bodies)| ClientFrame::Ephemeral(Ephemeral { to, bodies })),
+        any::<bool>().prop_map(|everyone| ClientFrame::SetLastSeen { everyone }),
+        vec(text(), 0..12).prop_map(|users| ClientFrame::WatchPresence { users }),
     ]
 }
 
@@ -281,6 +293,12 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
         receipt_deliver().prop_map(ServerFrame::Receipt),
         gap_notice().prop_map(ServerFrame::Gap),
         expired_notice().prop_map(ServerFrame::Expired),
+        (device_addr(), text(), blob()).prop_map(|(from, to, body)| ServerFrame::Ephemeral(EphemeralDeliver {
+            from,
+            to,
+            body
+        })),
+        (text(), seen()).prop_map(|(user, seen)| ServerFrame::Presence(tidings::wire::Presence { user, seen })),
         (blob_id(), int_u64(), any::<bool>())
             .prop_map(|(id, received, complete)| ServerFrame::UploadStatus(UploadStatus { id, received, complete })),
         (blob_id(), int_u64(), blob()).prop_map(|(id, offset, data)| ServerFrame::BlobData(BlobData {
@@ -311,13 +329,16 @@ fn client_tag(f: &ClientFrame) -> u32 {
         ClientFrame::ClaimKeys { .. } => 12,
         ClientFrame::Receipt(_) => 13,
         ClientFrame::Retract { .. } => 14,
-        ClientFrame::UploadStart(_) => 15,
-        ClientFrame::UploadChunk(_) => 16,
-        ClientFrame::UploadFinish { .. } => 17,
-        ClientFrame::Download(_) => 18,
-        ClientFrame::BlobFetched { .. } => 19,
-        ClientFrame::BlobGrant(_) => 20,
-        ClientFrame::BlobDelete { .. } => 21,
+        ClientFrame::Ephemeral(_) => 15,
+        ClientFrame::SetLastSeen { .. } => 16,
+        ClientFrame::WatchPresence { .. } => 17,
+        ClientFrame::UploadStart(_) => 18,
+        ClientFrame::UploadChunk(_) => 19,
+        ClientFrame::UploadFinish { .. } => 20,
+        ClientFrame::Download(_) => 21,
+        ClientFrame::BlobFetched { .. } => 22,
+        ClientFrame::BlobGrant(_) => 23,
+        ClientFrame::BlobDelete { .. } => 24,
     }
 }
 
@@ -342,8 +363,11 @@ fn server_tag(f: &ServerFrame) -> u32 {
         ServerFrame::Receipt(_) => 15,
         ServerFrame::Gap(_) => 16,
         ServerFrame::Expired(_) => 17,
-        ServerFrame::UploadStatus(_) => 18,
-        ServerFrame::BlobData(_) => 19,
+        ServerFrame::Ephemeral(_) => 18,
+        ServerFrame::Presence(_) => 19,
+        ServerFrame::Reserved20 => 20,
+        ServerFrame::UploadStatus(_) => 21,
+        ServerFrame::BlobData(_) => 22,
     }
 }
 
@@ -384,12 +408,28 @@ fn strategies_cover_every_frame_kind() {
     let (client, server) = (client_frame(), server_frame());
     let mut client_seen = [false; CLIENT_FRAME_KINDS as usize];
     let mut server_seen = [false; SERVER_FRAME_KINDS as usize];
+    // Reserved tags are never sent (and refused when read).
+    for t in tidings::wire::RESERVED_SERVER_KINDS {
+        server_seen[*t as usize] = true;
+    }
     for _ in 0..2000 {
         client_seen[client_tag(&client.new_tree(&mut runner).unwrap().current()) as usize] = true;
         server_seen[server_tag(&server.new_tree(&mut runner).unwrap().current()) as usize] = true;
     }
     assert!(client_seen.iter().all(|s| *s), "{client_seen:?}");
     assert!(server_seen.iter().all(|s| *s), "{server_seen:?}");
+}
+
+#[test]
+fn reserved_server_tags_are_refused() {
+    for t in tidings::wire::RESERVED_SERVER_KINDS {
+        let mut bytes = varint(7);
+        bytes.extend(varint((*t).into()));
+        assert_eq!(
+            decode_server(&bytes, &mut Vec::new()),
+            Err(FrameError::Unsupported { req: 7, tag: *t })
+        );
+    }
 }
 
 proptest! {

@@ -14,10 +14,12 @@ use std::io::IsTerminal;
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
+use tidings::client::secret::PassphraseError;
 use tidings::client::{
-    self, Direction, Event, Message, Notice, Outcome, ReceiptNews, Receipts, Report, Request, Status, Update,
+    self, Direction, Event, Message, Notice, Outcome, ReceiptNews, Receipts, Report, Request, Status, Unlock, Update,
 };
 use tidings::wire::{DeviceAddr, Lost, MsgId};
+use zeroize::Zeroizing;
 
 #[derive(Parser)]
 #[command(name = "tidings", version, about = "The tidings messaging client")]
@@ -49,10 +51,17 @@ enum Cmd {
         code: String,
     },
     /// Send a message, or a file (--file); prints its id once the server has accepted it.
+    ///
+    /// A text is at most 3,500 bytes of UTF-8 (about 3,500 letters of
+    /// English, fewer in scripts that take more bytes a letter). If the
+    /// server cannot be reached within about 3 seconds, the message is kept
+    /// as pending: its id is printed, "pending" is said on stderr, the exit
+    /// status is 75, and it goes with the next `listen`, `sync` or `chat`.
     Send {
         /// The recipient.
         user: String,
-        /// The text (not with --file: use --caption).
+        /// The text (not empty; at most 3,500 bytes; not with --file: use
+        /// --caption).
         #[arg(required_unless_present = "file", conflicts_with = "file")]
         text: Option<String>,
         /// Reply to (and quote) this message of the conversation.
@@ -85,13 +94,24 @@ enum Cmd {
     Edit {
         /// The message's id.
         id: String,
-        /// The new text.
+        /// The new text (not empty; at most 3,500 bytes).
         text: String,
     },
     /// Delete one of your messages for everyone, within 2 days of sending it.
     Delete {
         /// The message's id.
         id: String,
+    },
+    /// React to a message with one emoji (replacing your earlier reaction), or take it back.
+    React {
+        /// The message's id.
+        id: String,
+        /// One emoji (one character as shown, at most 32 bytes).
+        #[arg(required_unless_present = "remove", conflicts_with = "remove")]
+        emoji: Option<String>,
+        /// Take your reaction back.
+        #[arg(long)]
+        remove: bool,
     },
     /// Mark the conversation with a user read (sends read receipts unless they are off).
     Read {
@@ -112,7 +132,10 @@ enum Cmd {
     Sync,
     /// Stay connected and print messages as they arrive.
     Listen,
-    /// Print the local conversation with a user.
+    /// The terminal messenger: your chats, the open conversation, ticks
+    /// that change as you watch (`?` or F1 shows every key).
+    Chat,
+    /// Print the local conversation with a user (an error if there is none).
     History {
         /// The other party.
         user: String,
@@ -145,6 +168,18 @@ enum Setting {
         /// A size: 4096, 500KiB, 2MiB...
         size: String,
     },
+    /// Who sees when you are online or were last seen: everyone (the
+    /// default) or nobody; who hides theirs sees no one's.
+    LastSeen {
+        /// everyone or nobody.
+        who: Audience,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Audience {
+    Everyone,
+    Nobody,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -201,6 +236,8 @@ fn message_json(m: &Message) -> serde_json::Value {
         "edited": m.edited(),
         "deleted": m.deleted,
         "undecryptable": m.undecryptable,
+        "repeats": m.repeats,
+        "reactions": m.reactions,
         "attachment": attachment_json(m),
     })
 }
@@ -223,6 +260,24 @@ impl Out {
             Event::Notice(n) => self.notice(n),
             Event::Receipt(r) => self.receipt(r),
             Event::Update(u) => self.update(u),
+            Event::Reaction(r) => {
+                if self.json {
+                    self.value(json!({
+                        "type": "reaction",
+                        "id": r.id.to_string(),
+                        "from": r.from,
+                        "by": r.by,
+                        "emoji": r.emoji,
+                        "ts": r.ts_ms,
+                    }));
+                } else {
+                    let what = match &r.emoji {
+                        Some(e) => format!("reacted {e} to"),
+                        None => "took back their reaction to".to_owned(),
+                    };
+                    self.line(&format!("{} {} {what} {} ({})", time(r.ts_ms), r.by, r.id, r.from));
+                }
+            }
             Event::Gap(lost) => self.gap(lost),
             Event::Expired { device, ids } => self.expired(device, ids),
             Event::Settings { read_receipts } => {
@@ -237,7 +292,20 @@ impl Out {
             }
             Event::Downloaded { id, path } => self.downloaded(&id.to_string(), path),
             Event::Progress { done, total } => self.progress(*done, *total),
-            Event::Connected | Event::Disconnected(_) | Event::Drained => {}
+            Event::LastSeen { everyone } => {
+                let who = if *everyone { "everyone" } else { "nobody" };
+                if self.json {
+                    self.value(json!({"type": "settings", "last_seen": who}));
+                } else {
+                    eprintln!("last seen shown to {who}, as set on another of your devices");
+                }
+            }
+            Event::Typing { from, active } => {
+                if self.json {
+                    self.value(json!({"type": "typing", "from": from, "active": active}));
+                }
+            }
+            Event::Presence { .. } | Event::Connected | Event::Disconnected(_) | Event::Drained => {}
         }
     }
 
@@ -438,6 +506,11 @@ impl Out {
         }
         if m.deleted {
             text.push_str("[deleted]");
+        } else if m.undecryptable && m.repeats > 0 {
+            text.push_str(&format!(
+                "[{} undecryptable messages from this device; asked it for a new session]",
+                u64::from(m.repeats) + 1
+            ));
         } else if let Some(a) = &m.attachment {
             let expired = if a.expired { ", expired on the server" } else { "" };
             text.push_str(&format!("[file {} {}{expired}]", one_line(&a.file.name), a.file.size));
@@ -452,6 +525,10 @@ impl Out {
         }
         if m.edited() && !m.deleted {
             text.push_str(" (edited)");
+        }
+        if !m.reactions.is_empty() {
+            let r: Vec<String> = m.reactions.iter().map(|(u, e)| format!("{u} {e}")).collect();
+            text.push_str(&format!(" [reactions: {}]", r.join(", ")));
         }
         format!(
             "{} {}/{} -> {}{}: {}",
@@ -547,7 +624,7 @@ fn main() -> ExitCode {
         bar: RefCell::new(None),
     };
     match run(cli.command, &dir, &out) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("tidings: {e}");
             ExitCode::FAILURE
@@ -562,11 +639,62 @@ fn absolute(path: &Path) -> Result<String, client::Error> {
     Ok(p.to_string_lossy().into_owned())
 }
 
-fn run(cmd: Cmd, dir: &std::path::Path, out: &Out) -> Result<(), client::Error> {
-    // Which setting a `settings` command named, to print just that.
-    let mut shown = None;
+/// The exit status of a message left pending: EX_TEMPFAIL (sysexits.h),
+/// "try again later"; here the client itself tries again.
+const EX_TEMPFAIL: u8 = 75;
+
+/// Asks on the terminal for the passphrase of the profile in `dir`.
+fn ask_passphrase(dir: &Path, why: PassphraseError) -> Option<Zeroizing<String>> {
+    if why == PassphraseError::Wrong {
+        eprintln!("tidings: wrong passphrase");
+    }
+    let prompt = format!("passphrase of profile {}: ", dir.display());
+    rpassword::prompt_password(prompt).ok().map(Zeroizing::new)
+}
+
+/// Asks on the terminal for a new profile's passphrase (twice); empty is
+/// none.
+fn ask_new_passphrase() -> Result<Option<Zeroizing<String>>, client::Error> {
+    loop {
+        let first = Zeroizing::new(rpassword::prompt_password(
+            "passphrase to protect this device's keys (empty for none): ",
+        )?);
+        if first.is_empty() {
+            return Ok(None);
+        }
+        let again = Zeroizing::new(rpassword::prompt_password("the same passphrase again: ")?);
+        if *again == *first {
+            return Ok(Some(first));
+        }
+        eprintln!("tidings: the two passphrases differ; once more");
+    }
+}
+
+fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<ExitCode, client::Error> {
+    let terminal = std::io::stdin().is_terminal();
+    let mut asker = |why| ask_passphrase(dir, why);
+    let mut unlock = Unlock::from_env();
+    if terminal && unlock.passphrase.is_none() {
+        unlock.ask = Some(&mut asker);
+    }
+    let new_profile = matches!(cmd, Cmd::Register { .. } | Cmd::Link { .. })
+        && !dir.join(client::profile::REGISTRATION_FILE).exists()
+        && client::ipc::delegate_target(dir).is_none();
+    if new_profile {
+        if terminal && unlock.passphrase.is_none() {
+            unlock.passphrase = ask_new_passphrase()?;
+        }
+        if unlock.passphrase.is_none() {
+            eprintln!(
+                "warning: no passphrase: this device's keys are stored unencrypted, and whoever copies the \
+                 profile can act as this device and read what comes to it (set TIDINGS_PASSPHRASE, or answer \
+                 the prompt on a terminal, to protect them)"
+            );
+        }
+    }
     let request = match cmd {
-        Cmd::Listen => return listen(dir, out),
+        Cmd::Listen => return listen(dir, &mut unlock, out).map(|()| ExitCode::SUCCESS),
+        Cmd::Chat => return tidings::chat::run(dir, &mut unlock).map(|()| ExitCode::SUCCESS),
         Cmd::Register { invite, name } => Request::Register { code: invite, name },
         Cmd::Link { code } => Request::Link { code },
         Cmd::LinkCode => Request::LinkCode,
@@ -594,30 +722,24 @@ fn run(cmd: Cmd, dir: &std::path::Path, out: &Out) -> Result<(), client::Error> 
         Cmd::Forward { id, user } => Request::Forward { id, to: user },
         Cmd::Edit { id, text } => Request::Edit { id, text },
         Cmd::Delete { id } => Request::Delete { id },
+        Cmd::React { id, emoji, .. } => Request::React { id, emoji },
         Cmd::Read { user } => Request::Read { user },
         Cmd::Info { id } => Request::Info { id },
-        Cmd::Settings { setting } => match setting {
-            None => Request::Settings {
-                read_receipts: None,
-                auto_download: None,
+        Cmd::Settings { setting } => Request::Settings {
+            read_receipts: match setting {
+                Some(Setting::ReadReceipts { state }) => Some(matches!(state, OnOff::On)),
+                _ => None,
             },
-            Some(Setting::ReadReceipts { state }) => {
-                shown = Some("read-receipts");
-                Request::Settings {
-                    read_receipts: Some(matches!(state, OnOff::On)),
-                    auto_download: None,
-                }
-            }
-            Some(Setting::AutoDownload { size }) => {
-                shown = Some("auto-download");
-                let bytes = tidings::config::parse_size(&size).ok_or_else(|| {
+            last_seen: match setting {
+                Some(Setting::LastSeen { who }) => Some(matches!(who, Audience::Everyone)),
+                _ => None,
+            },
+            auto_download: match setting {
+                Some(Setting::AutoDownload { size }) => Some(tidings::config::parse_size(&size).ok_or_else(|| {
                     client::Error::Usage(format!("not a size: {size:?} (write e.g. 0, 500KiB, 1MiB)"))
-                })?;
-                Request::Settings {
-                    read_receipts: None,
-                    auto_download: Some(bytes),
-                }
-            }
+                })?),
+                _ => None,
+            },
         },
         Cmd::Sync => Request::Sync,
         Cmd::History { user } => Request::History { user },
@@ -625,7 +747,7 @@ fn run(cmd: Cmd, dir: &std::path::Path, out: &Out) -> Result<(), client::Error> 
         Cmd::Revoke { device } => Request::Revoke { device },
         Cmd::Verify { user } => Request::Verify { user },
     };
-    let outcome = client::run(dir, request, &mut |e| out.event(e))?;
+    let outcome = client::run_with(dir, request, &mut unlock, &mut |e| out.event(e))?;
     match outcome {
         Outcome::Registered(r) => {
             eprintln!("registered: {} device {} on {}", r.user, r.device, r.server);
@@ -649,6 +771,24 @@ fn run(cmd: Cmd, dir: &std::path::Path, out: &Out) -> Result<(), client::Error> 
         Outcome::Sent(m) => {
             if out.json {
                 out.value(json!({"type": "sent", "id": m.id.to_string(), "to": m.to, "ts": m.ts_ms}));
+            } else {
+                out.line(&m.id.to_string());
+            }
+        }
+        Outcome::Pending(m) => {
+            eprintln!("pending: it goes when the server is back");
+            if out.json {
+                out.value(json!({"type": "pending", "id": m.id.to_string()}));
+            } else {
+                out.line(&m.id.to_string());
+            }
+            return Ok(ExitCode::from(EX_TEMPFAIL));
+        }
+        Outcome::Reacted(m) => {
+            if out.json {
+                let mut v = message_json(&m);
+                v["type"] = json!("reacted");
+                out.value(v);
             } else {
                 out.line(&m.id.to_string());
             }
@@ -680,21 +820,21 @@ fn run(cmd: Cmd, dir: &std::path::Path, out: &Out) -> Result<(), client::Error> 
         }
         Outcome::Settings {
             read_receipts,
+            last_seen,
             auto_download,
         } => {
-            let state = if read_receipts { "on" } else { "off" };
             if out.json {
-                out.value(json!({"type": "settings", "read_receipts": read_receipts, "auto_download": auto_download}));
+                let who = if last_seen { "everyone" } else { "nobody" };
+                out.value(json!({"type": "settings", "read_receipts": read_receipts, "last_seen": who, "auto_download": auto_download}));
             } else {
-                if shown != Some("auto-download") {
-                    out.line(&format!("read-receipts {state}"));
-                }
-                if shown != Some("read-receipts") {
-                    out.line(&format!("auto-download {auto_download}"));
-                }
+                out.line(&format!("read-receipts {}", if read_receipts { "on" } else { "off" }));
+                out.line(&format!("last-seen {}", if last_seen { "everyone" } else { "nobody" }));
+                out.line(&format!("auto-download {auto_download}"));
             }
         }
         Outcome::Downloaded { id, path } => out.downloaded(&id, &path),
+        // The chat screen's requests.
+        Outcome::Typing { .. } | Outcome::Watching { .. } => {}
         Outcome::Synced { count } => eprintln!("{count} new message{}", if count == 1 { "" } else { "s" }),
         Outcome::Messages(messages) => {
             for m in &messages {
@@ -749,12 +889,12 @@ fn run(cmd: Cmd, dir: &std::path::Path, out: &Out) -> Result<(), client::Error> 
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
-fn listen(dir: &std::path::Path, out: &Out) -> Result<(), client::Error> {
+fn listen(dir: &Path, unlock: &mut Unlock<'_>, out: &Out) -> Result<(), client::Error> {
     let started = SystemTime::now();
-    client::listen(dir, &mut |event| {
+    client::listen_with(dir, unlock, &mut |event| {
         match event {
             Event::Connected => eprintln!("connected; listening (Ctrl-C to stop)"),
             Event::Drained => log::info!("up to date after {:?}", started.elapsed().unwrap_or_default()),

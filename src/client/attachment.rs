@@ -18,7 +18,7 @@
 //! the same key again gives the same bytes, which is how an upload resumes
 //! after a crash with the same id.
 //!
-//! What it does not do: the network (see [`super::device`]'s transfers),
+//! What it does not do: the network (see [`super::files`]),
 //! or the history.
 
 use std::fmt;

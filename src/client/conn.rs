@@ -24,8 +24,9 @@ use std::time::{Duration, Instant};
 
 use crate::noise::{self, ExpectServerHello, Keypair, NoiseError, Opened, PublicKey, Transport};
 use crate::wire::{
-    self, ClientFrame, Deliver, ErrorCode, ExpiredNotice, Flow, FrameError, GapNotice, HANDSHAKE_RECORD_CAP,
-    MAX_RECORD_LEN, REFUSAL_LEN, ReceiptDeliver, RecordDecoder, RecordError, Refusal, ServerFrame,
+    self, ClientFrame, Deliver, EphemeralDeliver, ErrorCode, ExpiredNotice, Flow, FrameError, GapNotice,
+    HANDSHAKE_RECORD_CAP, MAX_RECORD_LEN, Presence, REFUSAL_LEN, ReceiptDeliver, RecordDecoder, RecordError, Refusal,
+    ServerFrame,
 };
 
 /// Timeouts of a client connection.
@@ -102,6 +103,10 @@ pub enum ConnEvent {
     /// A queued expiry notice: messages of this user expired undelivered
     /// in a device's queue (spec §10); acknowledged like a message.
     Expired(ExpiredNotice),
+    /// An ephemeral body (spec §5.6): not a queue entry, not acknowledged.
+    Ephemeral(EphemeralDeliver),
+    /// A watched user's presence (spec §5.6).
+    Presence(Presence),
     /// Everything queued at authentication has been delivered.
     QueueDrained,
     /// The server says this device's stock of one-time keys is low (spec
@@ -418,6 +423,8 @@ impl Split<'_> {
             ServerFrame::Receipt(r) if req == 0 => self.events.push_back(ConnEvent::Receipt(r)),
             ServerFrame::Gap(g) if req == 0 => self.events.push_back(ConnEvent::Gap(g)),
             ServerFrame::Expired(e) if req == 0 => self.events.push_back(ConnEvent::Expired(e)),
+            ServerFrame::Ephemeral(e) if req == 0 => self.events.push_back(ConnEvent::Ephemeral(e)),
+            ServerFrame::Presence(p) if req == 0 => self.events.push_back(ConnEvent::Presence(p)),
             ServerFrame::QueueDrained if req == 0 => self.events.push_back(ConnEvent::QueueDrained),
             ServerFrame::KeyCount { one_time } if req == 0 => self.events.push_back(ConnEvent::KeyCount(one_time)),
             ServerFrame::Pong if req == 0 => {}

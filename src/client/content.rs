@@ -77,6 +77,34 @@ pub enum Content {
         /// The messages, at most [`crate::wire::MAX_RECEIPT_IDS`].
         ids: Vec<MsgId>,
     },
+    /// The sender's user reacts to a message of the conversation (its
+    /// own or the other user's) with one emoji, replacing its earlier
+    /// reaction to it, or takes its reaction back (`emoji: None`); the
+    /// latest by `ts_ms` wins.
+    Reaction {
+        /// The message reacted to.
+        target: MsgId,
+        /// That message's sender (messages are known by sender and id).
+        target_from: String,
+        /// One grapheme cluster of at most [`MAX_EMOJI_LEN`] bytes (see
+        /// [`valid_emoji`]); `None` removes the reaction.
+        emoji: Option<String>,
+    },
+    /// Only ever in an ephemeral body (spec §5.6): the sender's user is
+    /// writing in its conversation with `to` (`active`), or stopped. A
+    /// recipient shows it for [`TYPING_SHOWN`] unless another comes, and
+    /// never stores it.
+    Typing {
+        /// Writing now (`true`), or stopped.
+        active: bool,
+    },
+    /// To the sender's own other devices: who may see the user's presence,
+    /// everyone or nobody (the latest by `ts_ms` wins). The device where it
+    /// changed told the server (`SetLastSeen`), which enforces it.
+    LastSeen {
+        /// Everyone (`true`) or nobody.
+        everyone: bool,
+    },
     /// A file (photo, voice note, document): its blob's id and key, and
     /// what it is (spec §14.8), with a caption; `forwards` as for
     /// [`Content::Forward`] (0: its sender's own).
@@ -88,6 +116,25 @@ pub enum Content {
         /// How many times it has been forwarded, this time included.
         forwards: u32,
     },
+}
+
+/// How long a typing indicator shows unless another comes.
+pub const TYPING_SHOWN: std::time::Duration = std::time::Duration::from_secs(6);
+/// How often, at most, a client says again that its user is typing.
+pub const TYPING_EVERY: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The most bytes a reaction's emoji may have.
+pub const MAX_EMOJI_LEN: usize = 32;
+
+/// Whether `emoji` may be a reaction: one grapheme cluster (an emoji with
+/// its modifiers and joiners is one), at most [`MAX_EMOJI_LEN`] bytes, not
+/// a control character or white space.
+pub fn valid_emoji(emoji: &str) -> bool {
+    use unicode_segmentation::UnicodeSegmentation;
+    !emoji.is_empty()
+        && emoji.len() <= MAX_EMOJI_LEN
+        && emoji.graphemes(true).count() == 1
+        && !emoji.chars().any(|c| c.is_control() || c.is_whitespace())
 }
 
 /// What a reply carries of the message it quotes.
@@ -195,6 +242,14 @@ pub enum BodyError {
         /// [`MAX_BODY_LEN`].
         max: usize,
     },
+    /// The text is longer than a message may carry.
+    #[error("message too long: {len} bytes, at most {max}")]
+    TextTooLong {
+        /// Its length in bytes (UTF-8).
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The bytes are not an envelope or payload this build understands.
     #[error("unreadable message body")]
     Unreadable,
@@ -289,7 +344,7 @@ mod tests {
             to in "[a-z0-9_.]{3,32}",
             ts_ms: u64,
             text in ".{0,300}",
-            kind in 0u8..9,
+            kind in 0u8..12,
             other: [u8; 16],
             other_blob: [u8; 32],
             n: u32,
@@ -309,6 +364,13 @@ mod tests {
                 5 => Content::Delete { target: MsgId(other) },
                 6 => Content::Settings { read_receipts: flag },
                 7 => Content::Read { peer: to.clone(), ids: ids.into_iter().map(MsgId).collect() },
+                8 => Content::Reaction {
+                    target: MsgId(other),
+                    target_from: to.clone(),
+                    emoji: flag.then(|| "👍🏽".to_owned()),
+                },
+                9 => Content::Typing { active: flag },
+                10 => Content::LastSeen { everyone: flag },
                 _ => Content::File {
                     file: crate::client::attachment::FileRef {
                         blob: crate::wire::BlobId(other_blob),
@@ -390,6 +452,19 @@ mod tests {
     }
 
     #[test]
+    fn an_emoji_is_one_grapheme_cluster_of_at_most_32_bytes() {
+        for ok in ["👍", "❤️", "👍🏽", "👨‍👩‍👧‍👦", "🇫🇷", "a", "é"] {
+            assert!(valid_emoji(ok), "{ok}");
+        }
+        for bad in ["", "👍👍", "ab", " ", "\n", "\u{7}", "👍 "] {
+            assert!(!valid_emoji(bad), "{bad:?}");
+        }
+        // One cluster, but too long: a base and 40 combining marks.
+        let long = format!("a{}", "\u{301}".repeat(40));
+        assert!(!valid_emoji(&long));
+    }
+
+    #[test]
     fn envelope_round_trip_and_bytes() {
         let e = Envelope {
             kind: OlmKind::Normal,
@@ -410,7 +485,7 @@ mod tests {
         assert_eq!(Payload::decode(&bytes), Err(BodyError::Unreadable));
         let mut future = text("hi").encode().unwrap();
         let n = future.len();
-        future[n - 3] = 9; // an unknown content kind
+        future[n - 3] = 11; // an unknown content kind
         assert_eq!(Payload::decode(&future), Err(BodyError::Unreadable));
         assert_eq!(Payload::decode(&[1]), Err(BodyError::Unreadable));
         assert_eq!(Envelope::decode(&[1, 0, 0]), Err(BodyError::Unreadable));

@@ -2,20 +2,22 @@
 //! sessions with other devices, what it knows of other devices'
 //! identities, and the device lists it encrypts for.
 //!
-//! Everything lives in one sled tree (`e2e`) of the profile's database, so
-//! that one transaction can store a received message together with the
-//! session state that decrypted it (see [`super::profile::History::commit`]).
+//! Everything lives in the end-to-end records of the profile's database
+//! ([`E2eStore`]), so that one transaction can store a received message
+//! together with the session state that decrypted it (see
+//! [`super::history::History::commit`]).
 //! Changes are not written at once: they collect in [`Crypto::take_writes`]
 //! and the caller commits them, then flushes, before anything leaves that
 //! depends on them (a `Send` made with an advanced ratchet, an `Ack`).
 //!
 //! Secrets at rest: the account and the sessions are stored as vodozemac
 //! pickles, encrypted (AES-256-CBC and HMAC-SHA-256, vodozemac's pickle
-//! format) with a 32-byte key derived by Argon2id from the passphrase in
-//! `TIDINGS_PASSPHRASE`, with a random salt kept in the `meta` record. A
-//! profile made without a passphrase uses an all-zero key, which protects
-//! nothing, and says so on stderr; setting a passphrase later re-encrypts
-//! the keys with it. The history itself is not encrypted here.
+//! format) with a 32-byte key derived by Argon2id from the profile's
+//! passphrase (see [`super::secret`]), with a random salt kept in the
+//! `meta` record. A profile made without a passphrase uses an all-zero key,
+//! which protects nothing (the command line says so once, when the profile
+//! is made); setting a passphrase later re-encrypts the keys with it. The
+//! history itself is not encrypted here.
 //!
 //! Trust: keys claimed from the server are used only if the device's
 //! Ed25519 identity signed its Curve25519 identity and the one-time key
@@ -25,13 +27,14 @@
 //! [`safety_number`], to rule out a key-swapping server).
 //!
 //! What it does not do: talk to the server or decide when to (that is
-//! [`super::device`]).
+//! [`super::client`] and the operations), or know how its records are
+//! stored.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
-use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use vodozemac::Curve25519PublicKey;
 use vodozemac::olm::{Account, AccountPickle, OlmMessage, Session, SessionConfig, SessionPickle};
@@ -39,6 +42,8 @@ use zeroize::Zeroizing;
 
 use super::Error;
 use super::content::{Envelope, OlmKind};
+use super::history::{E2eStore, Writes};
+use super::secret::{Kdf, Passphrase, PassphraseError};
 use crate::keys;
 use crate::wire::{DeviceAddr, DeviceId, DeviceKeys, IdentityKeys, PublishKeys, Signature, SignedKey};
 
@@ -54,12 +59,12 @@ pub const FALLBACK_ROTATE_MS: u64 = 7 * 24 * 3600 * 1000;
 pub const MAX_SESSIONS_PER_DEVICE: usize = 4;
 /// At most one session reset is sent to a device in this time.
 pub const RESET_INTERVAL_MS: u64 = 60_000;
-
-/// Argon2id parameters: the crate's defaults (19 MiB, 2 passes, 1 lane),
-/// OWASP's recommendation for Argon2id.
-const ARGON2_M_KIB: u32 = 19 * 1024;
-const ARGON2_T: u32 = 2;
-const ARGON2_P: u32 = 1;
+/// Most ephemeral bodies (typing) written to a device between two messages
+/// written to it. Each is a message key of the sending chain that the
+/// receiving session skips (it decrypts ephemerals on a copy, see
+/// [`Crypto::decrypt_ephemeral`]); vodozemac skips at most 2,000 in one
+/// chain, so this leaves room for a few session switches.
+pub const EPHEMERAL_RUN: u32 = 500;
 
 /// Something the user should hear about a contact's devices.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,14 +171,6 @@ pub struct Known {
     pub ed25519: Option<[u8; 32]>,
 }
 
-#[derive(Clone, Copy, Serialize, Deserialize)]
-struct Kdf {
-    salt: [u8; 16],
-    m_kib: u32,
-    t: u32,
-    p: u32,
-}
-
 /// The `meta` record; the tag is the version.
 #[derive(Serialize, Deserialize)]
 enum StoredMeta {
@@ -199,9 +196,6 @@ struct Live {
     peer: [u8; 32],
     session: Session,
 }
-
-/// Pending record writes (`None` deletes), by key in the `e2e` tree.
-pub type Writes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
 const META: &[u8] = b"meta";
 const ACCOUNT: &[u8] = b"account";
@@ -235,31 +229,20 @@ fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, Erro
     postcard::from_bytes(bytes).map_err(|_| damaged(what))
 }
 
-fn derive_key(passphrase: &str, kdf: &Kdf) -> Result<Zeroizing<[u8; 32]>, Error> {
-    use argon2::{Algorithm, Argon2, Params, Version};
-    let params = Params::new(kdf.m_kib, kdf.t, kdf.p, Some(32)).map_err(|_| damaged("key derivation parameters"))?;
-    let mut key = Zeroizing::new([0u8; 32]);
-    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
-        .hash_password_into(passphrase.as_bytes(), &kdf.salt, &mut key[..])
-        .map_err(|_| damaged("key derivation"))?;
-    Ok(key)
-}
-
 fn to_signature(s: vodozemac::Ed25519Signature) -> Signature {
     Signature(s.to_bytes())
 }
 
 /// The device's Olm state.
 pub struct Crypto {
-    tree: sled::Tree,
+    tree: E2eStore,
     key: Zeroizing<[u8; 32]>,
     kdf: Option<Kdf>,
-    passphrase: Option<Zeroizing<String>>,
+    passphrase: Option<Arc<Passphrase>>,
     fallback_ms: u64,
     account: Option<Account>,
     sessions: HashMap<DeviceAddr, Vec<Live>>,
     writes: Writes,
-    rng: SystemRandom,
 }
 
 impl fmt::Debug for Crypto {
@@ -282,17 +265,16 @@ impl Crypto {
     /// # Errors
     /// [`Error::Passphrase`] if the stored keys need a passphrase and none
     /// or the wrong one is given; store errors; damage.
-    pub fn open(tree: sled::Tree, passphrase: Option<&str>) -> Result<Crypto, Error> {
+    pub fn open(tree: E2eStore, passphrase: Option<Arc<Passphrase>>) -> Result<Crypto, Error> {
         let mut c = Crypto {
             tree,
             key: Zeroizing::new([0u8; 32]),
             kdf: None,
-            passphrase: passphrase.map(|p| Zeroizing::new(p.to_owned())),
+            passphrase: passphrase.clone(),
             fallback_ms: 0,
             account: None,
             sessions: HashMap::new(),
             writes: Writes::new(),
-            rng: SystemRandom::new(),
         };
         let Some(meta) = c.tree.get(META)? else {
             return Ok(c);
@@ -301,30 +283,25 @@ impl Crypto {
         c.fallback_ms = fallback_ms;
         c.kdf = kdf;
         if let Some(kdf) = &kdf {
-            let Some(p) = passphrase else {
-                return Err(Error::Passphrase(
-                    "this profile's keys are encrypted: set TIDINGS_PASSPHRASE to its passphrase",
-                ));
+            let Some(p) = &passphrase else {
+                return Err(Error::Passphrase(PassphraseError::Needed));
             };
-            c.key = derive_key(p, kdf)?;
+            c.key = p.key(kdf)?;
         }
         if let Some(pickle) = c.tree.get(ACCOUNT)? {
             let text = std::str::from_utf8(&pickle).map_err(|_| damaged("account"))?;
             let account = match AccountPickle::from_encrypted(text, &c.key) {
                 Ok(p) => Account::from_pickle(p),
                 Err(_) if c.kdf.is_some() => {
-                    return Err(Error::Passphrase(
-                        "wrong passphrase (TIDINGS_PASSPHRASE) for this profile's keys",
-                    ));
+                    return Err(Error::Passphrase(PassphraseError::Wrong));
                 }
                 Err(_) => return Err(damaged("account")),
             };
             c.account = Some(account);
-            if c.kdf.is_none() {
-                match passphrase {
-                    Some(p) => c.encrypt_with(p)?,
-                    None => warn_plain(),
-                }
+            if c.kdf.is_none()
+                && let Some(p) = &passphrase
+            {
+                c.encrypt_with(p)?;
             }
         }
         Ok(c)
@@ -332,12 +309,11 @@ impl Crypto {
 
     /// Re-encrypts a plain profile's secrets with a passphrase, at once
     /// and durably.
-    fn encrypt_with(&mut self, passphrase: &str) -> Result<(), Error> {
-        let kdf = self.new_kdf()?;
-        let key = derive_key(passphrase, &kdf)?;
-        let mut batch = sled::Batch::default();
-        for item in self.tree.scan_prefix(b"s\0") {
-            let (k, v) = item?;
+    fn encrypt_with(&mut self, passphrase: &Passphrase) -> Result<(), Error> {
+        let kdf = passphrase.kdf()?;
+        let key = passphrase.key(&kdf)?;
+        let mut batch = Writes::new();
+        for (k, v) in self.tree.scan_prefix(b"s\0")? {
             let StoredSessions::V1(list) = decode(&v, "sessions")?;
             let mut out = Vec::with_capacity(list.len());
             for s in list {
@@ -347,31 +323,18 @@ impl Crypto {
                     pickle: pickle.encrypt(&key),
                 });
             }
-            batch.insert(k, encode(&StoredSessions::V1(out)));
+            batch.insert(k, Some(encode(&StoredSessions::V1(out))));
         }
         self.key = key;
         self.kdf = Some(kdf);
         if let Some(a) = &self.account {
-            batch.insert(ACCOUNT, a.pickle().encrypt(&self.key).into_bytes());
+            batch.insert(ACCOUNT.to_vec(), Some(a.pickle().encrypt(&self.key).into_bytes()));
         }
-        batch.insert(META, self.meta());
-        self.tree.apply_batch(batch)?;
+        batch.insert(META.to_vec(), Some(self.meta()));
+        self.tree.apply(batch)?;
         self.tree.flush()?;
         log::warn!("this profile's end-to-end keys are now encrypted with the passphrase (TIDINGS_PASSPHRASE)");
         Ok(())
-    }
-
-    fn new_kdf(&self) -> Result<Kdf, Error> {
-        let mut salt = [0u8; 16];
-        self.rng
-            .fill(&mut salt)
-            .map_err(|_| Error::Damaged("no randomness for a salt".into()))?;
-        Ok(Kdf {
-            salt,
-            m_kib: ARGON2_M_KIB,
-            t: ARGON2_T,
-            p: ARGON2_P,
-        })
     }
 
     fn meta(&self) -> Vec<u8> {
@@ -401,11 +364,9 @@ impl Crypto {
             return Ok(false);
         }
         if let Some(p) = self.passphrase.clone() {
-            let kdf = self.new_kdf()?;
-            self.key = derive_key(&p, &kdf)?;
+            let kdf = p.kdf()?;
+            self.key = p.key(&kdf)?;
             self.kdf = Some(kdf);
-        } else {
-            warn_plain();
         }
         self.account = Some(Account::new());
         self.write_account();
@@ -606,7 +567,7 @@ impl Crypto {
     pub fn forget_device(&mut self, addr: &DeviceAddr) -> Result<(), Error> {
         // Empty, not absent: the stored ones are gone once the writes are.
         self.sessions.insert(addr.clone(), Vec::new());
-        for tag in [b's', b'i', b'r'] {
+        for tag in [b's', b'i', b'r', b'e'] {
             self.writes.insert(device_key(tag, addr), None);
         }
         if let Some(mut list) = self.devices(&addr.user)? {
@@ -744,6 +705,54 @@ impl Crypto {
     /// # Errors
     /// [`Error::NoSession`]; store errors.
     pub fn encrypt(&mut self, addr: &DeviceAddr, plaintext: &[u8], notices: &mut Vec<Notice>) -> Result<Bytes, Error> {
+        // A message: the receiving session catches up past the ephemerals
+        // written since the last one.
+        if self.ephemeral_run(addr)? > 0 {
+            self.writes.insert(device_key(b'e', addr), None);
+        }
+        self.seal(addr, plaintext, notices)
+    }
+
+    /// Ephemeral bodies written to `addr` since the last message.
+    fn ephemeral_run(&self, addr: &DeviceAddr) -> Result<u32, Error> {
+        let key = device_key(b'e', addr);
+        let v = match self.writes.get(&key) {
+            Some(w) => w.clone(),
+            None => self.tree.get(&key)?,
+        };
+        v.map_or(Ok(0), |v| decode(&v, "ephemeral count"))
+    }
+
+    /// Encrypts an ephemeral body (spec §5.6) for `addr` with its most
+    /// recently used session, if there is one and fewer than
+    /// [`EPHEMERAL_RUN`] ephemerals went to it since the last message;
+    /// `None` otherwise (never a new session: no keys are claimed for an
+    /// ephemeral). The advanced session is in [`Crypto::take_writes`]:
+    /// commit and flush before the body leaves, as for a message, so that
+    /// a message key is never used twice.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn encrypt_ephemeral(&mut self, addr: &DeviceAddr, plaintext: &[u8]) -> Result<Option<Bytes>, Error> {
+        if !self.has_session(addr)? {
+            return Ok(None);
+        }
+        let run = self.ephemeral_run(addr)?;
+        if run >= EPHEMERAL_RUN {
+            log::debug!(
+                "no more ephemerals to {}/{} until a message goes",
+                addr.user,
+                addr.device
+            );
+            return Ok(None);
+        }
+        let mut notices = Vec::new();
+        let body = self.seal(addr, plaintext, &mut notices)?;
+        self.writes.insert(device_key(b'e', addr), Some(encode(&(run + 1))));
+        Ok(Some(body))
+    }
+
+    fn seal(&mut self, addr: &DeviceAddr, plaintext: &[u8], notices: &mut Vec<Notice>) -> Result<Bytes, Error> {
         let list = self.load_sessions(addr)?;
         let live = list.first_mut().ok_or_else(|| Error::NoSession(addr.clone()))?;
         let peer = live.peer;
@@ -829,6 +838,44 @@ impl Crypto {
         Ok(Ok(created.plaintext))
     }
 
+    /// Decrypts an ephemeral body from `addr` (spec §5.6) on a copy of the
+    /// session it names or of each session with the device, and throws the
+    /// copy away: the sessions never change for an ephemeral. So one that
+    /// arrives before messages written earlier (it does not wait in the
+    /// queue) cannot push their keys out of the session's store of skipped
+    /// keys (vodozemac keeps 40 a chain), and one that is lost changes
+    /// nothing; each is only a skipped key when the next message comes
+    /// (see [`EPHEMERAL_RUN`]). Never makes a session (no one-time key is
+    /// used up), and only a session bound to the identity known for the
+    /// device opens it. `None` if nothing opens it.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn decrypt_ephemeral(&mut self, addr: &DeviceAddr, body: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        let Ok(env) = Envelope::decode(body) else {
+            return Ok(None);
+        };
+        let Ok(msg) = OlmMessage::from_parts(env.kind.to_olm(), &env.ciphertext) else {
+            return Ok(None);
+        };
+        let Some(known) = self.known(addr)? else {
+            return Ok(None);
+        };
+        let list = self.load_sessions(addr)?;
+        for live in list.iter().filter(|l| l.peer == known.curve25519) {
+            if let OlmMessage::PreKey(pre) = &msg
+                && pre.session_id() != live.session.session_id()
+            {
+                continue;
+            }
+            let mut copy = Session::from_pickle(live.session.pickle());
+            if let Ok(plaintext) = copy.decrypt(&msg) {
+                return Ok(Some(plaintext));
+            }
+        }
+        Ok(None)
+    }
+
     /// Checks the identity a session is bound to against the one known for
     /// the device; learns it if there is none.
     fn check_peer(&mut self, addr: &DeviceAddr, peer: [u8; 32], notices: &mut Vec<Notice>) -> Result<(), Error> {
@@ -849,7 +896,7 @@ impl Crypto {
         let key = device_key(b'r', addr);
         let last = match self.writes.get(&key) {
             Some(w) => w.clone(),
-            None => self.tree.get(&key)?.map(|v| v.to_vec()),
+            None => self.tree.get(&key)?,
         };
         let last: u64 = match last {
             Some(v) => decode(&v, "reset time")?,
@@ -873,20 +920,8 @@ impl Crypto {
     /// # Errors
     /// Store errors.
     pub fn persist(&mut self) -> Result<(), Error> {
-        let mut batch = sled::Batch::default();
-        for (k, v) in self.take_writes() {
-            match v {
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
-            }
-        }
-        self.tree.apply_batch(batch)?;
-        Ok(())
-    }
-
-    /// The `e2e` tree (for transactions with the history).
-    pub fn tree(&self) -> &sled::Tree {
-        &self.tree
+        let writes = self.take_writes();
+        self.tree.apply(writes)
     }
 
     /// The Ed25519 identity key of this device.
@@ -903,12 +938,6 @@ impl Crypto {
     pub fn set_known_for_test(&mut self, addr: &DeviceAddr, known: Known) {
         self.set_known(addr, known);
     }
-}
-
-fn warn_plain() {
-    log::warn!(
-        "this profile's end-to-end keys are stored unencrypted; set TIDINGS_PASSPHRASE to encrypt them with a passphrase"
-    );
 }
 
 /// The safety number of two users: for each, a 30-digit fingerprint of

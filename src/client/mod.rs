@@ -1,24 +1,36 @@
 //! The device side: connect, handshake, register, send, receive, local
 //! profile and history.
 //!
+//! Data and pure logic:
 //! - invite and link codes as text are [`crate::code`], shared with the
 //!   daemon;
 //! - [`content`]: what a message says (the plaintext) and the body's
 //!   envelope around the Olm message;
 //! - [`attachment`]: files: their chunked encryption, the reference a
 //!   message carries, safe names;
-//! - [`e2e`]: the device's Olm account and sessions, what it knows of
-//!   other devices' identities, and safety numbers;
-//! - [`conn`]: one connection's protocol state, sans-I/O;
-//! - [`link`]: the thin blocking socket driver around it;
-//! - [`profile`]: the profile directory (key, registration, history) and
-//!   its one-writer lock;
-//! - [`status`]: message states and how receipts move them (pure);
+//! - [`message`]: a message as shown, and its states;
+//! - [`status`]: how receipts move those states (pure);
+//! - [`request`]: the work a command asks for, and what it produced;
+//! - [`backoff`]: the one retry schedule.
+//!
+//! State on disk:
+//! - [`profile`]: the profile directory (key, registration) and its
+//!   one-writer lock;
+//! - [`history`]: the history database, the only module that knows `sled`;
 //! - [`updates`]: what messages, edits, deletes, receipts and notices do
 //!   to the history;
-//! - [`device`]: the operations (register, link, send with retry, sync,
-//!   listen);
-//! - [`local`]: the Unix socket through which a second command hands its
+//! - [`e2e`]: the device's Olm account and sessions, what it knows of
+//!   other devices' identities, and safety numbers;
+//! - [`secret`]: the passphrase, and the sealed device key.
+//!
+//! The network:
+//! - [`conn`]: one connection's protocol state, sans-I/O;
+//! - [`driver`]: what owns time and sockets ([`socket`] is the product's);
+//! - [`core`]: the [`Client`]: its state and connection plumbing, with the
+//!   operations in [`receive`], [`send`], [`keys`], [`receipts`], [`edit`],
+//!   [`verify`], [`account`], [`ephemeral`] (typing and presence) and
+//!   [`files`] (upload, download, forward);
+//! - [`ipc`]: the Unix socket through which a second command hands its
 //!   work to a running `listen`, and [`run`], which a command calls.
 
 use std::io;
@@ -26,25 +38,46 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
+pub mod account;
 pub mod attachment;
+pub mod backoff;
 pub mod conn;
 pub mod content;
-pub mod device;
+pub mod core;
+pub mod driver;
 pub mod e2e;
-pub mod link;
-pub mod local;
+pub mod edit;
+pub mod ephemeral;
+pub mod files;
+pub mod history;
+pub mod ipc;
+pub mod keys;
+pub mod message;
 pub mod profile;
+pub mod receipts;
+pub mod receive;
+pub mod request;
+pub mod secret;
+pub mod send;
+pub mod socket;
 pub mod status;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod updates;
+pub mod verify;
 
 pub use crate::code::{Code, CodeError};
 pub use content::{BodyError, Content};
-pub use device::{Client, Event};
+pub use core::{Client, Event};
 pub use e2e::Notice;
-pub use local::{Outcome, Request, listen, run};
-pub use profile::{Direction, Message, Profile, Quote, Registration, Status};
+pub use history::{Conversation, History, StoreError};
+pub use ipc::{listen, listen_with, run, run_with};
+pub use message::{Direction, Message, Quote, Status};
+pub use profile::{Profile, Registration, Unlock};
+pub use request::{Outcome, Request};
 pub use status::{DeviceReport, DeviceState, Receipts, Report};
-pub use updates::{ReceiptNews, Update, UpdateKind};
+pub use updates::{Reaction, ReceiptNews, Update, UpdateKind};
+pub use verify::SafetyNumber;
 
 use crate::wire::ErrorCode;
 
@@ -58,7 +91,7 @@ pub enum Error {
     Io(#[from] io::Error),
     /// The local history database failed.
     #[error("local history: {0}")]
-    Store(#[from] sled::Error),
+    Store(StoreError),
     /// A code that does not parse.
     #[error("{0}")]
     Code(#[from] CodeError),
@@ -110,7 +143,7 @@ pub enum Error {
     Remote(String),
     /// The profile's keys need a passphrase, or not this one.
     #[error("{0}")]
-    Passphrase(&'static str),
+    Passphrase(#[from] secret::PassphraseError),
     /// The profile has no end-to-end keys yet.
     #[error("this device has no end-to-end keys yet")]
     NoAccount,

@@ -20,7 +20,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::profile::{Direction, Status};
+use super::message::{Direction, Status};
 use crate::wire::DeviceId;
 
 /// What a device reported about a message.

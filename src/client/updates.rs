@@ -28,12 +28,13 @@
 //!   messages from its `to` read.
 //!
 //! What it does not do: talk to the server, or decide whether the user may
-//! edit or delete (that is [`super::device`], before it sends).
+//! edit or delete (that is [`super::edit`], before it sends).
 
 use serde::{Deserialize, Serialize};
 
 use super::Error;
-use super::profile::{Batch, Direction, History, Message, Status, T, conv_prefix, decode, msg_key};
+use super::history::{Batch, History, T, conv_prefix, decode, msg_key};
+use super::message::{Direction, Message, Status};
 use super::status::{Receipts, Report};
 use crate::wire::{DeviceAddr, DeviceId, ExpiredNotice, MsgId, ReceiptDeliver, ReceiptKind};
 
@@ -123,6 +124,34 @@ pub struct ReceiptNews {
     pub ts_ms: u64,
 }
 
+/// A reaction as it took effect here.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reaction {
+    /// The message's id.
+    pub id: MsgId,
+    /// The message's sender.
+    pub from: String,
+    /// Who reacted.
+    pub by: String,
+    /// The emoji, or `None` when the reaction was taken back.
+    pub emoji: Option<String>,
+    /// When (the reacting device's clock).
+    pub ts_ms: u64,
+}
+
+/// The reactions to one message as stored: per user, the latest emoji (or
+/// its removal) and when it was made.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredReactions {
+    /// user → (emoji or removed, sender's clock).
+    pub by: std::collections::BTreeMap<String, (Option<String>, u64)>,
+}
+
+/// The reaction records kept per message: at most this many users (a
+/// conversation has two; the cap only bounds what a misbehaving device
+/// can store).
+pub const MAX_REACTING_USERS: usize = 16;
+
 /// A receipt waiting to be sent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutboxEntry {
@@ -143,6 +172,7 @@ fn outbox_key(kind: ReceiptKind, peer: &str, id: &MsgId) -> Vec<u8> {
 }
 
 const READ_RECEIPTS: &[u8] = b"read_receipts";
+const LAST_SEEN: &[u8] = b"last_seen";
 
 fn damaged(what: &str, e: postcard::Error) -> Error {
     Error::Damaged(format!("{what}: {e}"))
@@ -182,6 +212,35 @@ impl History {
             }
         }
         Ok(was != on)
+    }
+
+    /// Whether everyone may see this user's presence (default: yes) or
+    /// nobody, and when that was set (ms, the setting device's clock; 0:
+    /// never).
+    ///
+    /// # Errors
+    /// Store errors; a damaged record.
+    pub fn last_seen(&self) -> Result<(bool, u64), Error> {
+        match self.meta.get(LAST_SEEN)? {
+            Some(v) => postcard::from_bytes(&v).map_err(|e| damaged("settings", e)),
+            None => Ok((true, 0)),
+        }
+    }
+
+    /// Sets who may see this user's presence as of `ts_ms`, unless a later
+    /// setting is stored (the latest wins across devices). Returns whether
+    /// it changed.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub(super) fn set_last_seen(&self, batch: &mut Batch, everyone: bool, ts_ms: u64) -> Result<bool, Error> {
+        let (was, at) = self.last_seen()?;
+        if ts_ms < at || (ts_ms == at && was == everyone) {
+            return Ok(false);
+        }
+        let v = postcard::to_stdvec(&(everyone, ts_ms)).map_err(|e| damaged("settings", e))?;
+        batch.put(T::Meta, LAST_SEEN.to_vec(), v);
+        Ok(was != everyone)
     }
 
     fn receipts_in(&self, batch: &Batch, key: &[u8]) -> Result<Receipts, Error> {
@@ -240,6 +299,21 @@ impl History {
         {
             q.text = None;
         }
+        if m.undecryptable
+            && let Some(mut last) = self.last_in_conversation(batch, m.peer(me))?
+            && last.undecryptable
+            && !last.deleted
+            && last.from == m.from
+            && last.from_device == m.from_device
+        {
+            // More garbage from the same device, right after: one notice
+            // with a count. (A redelivery of one of these, after a crash
+            // before its ack, counts again: the count is at least what
+            // came.)
+            last.repeats = last.repeats.saturating_add(1);
+            self.put_msg(batch, me, &last)?;
+            return Ok(None);
+        }
         self.put_msg(batch, me, &m)?;
         if m.direction == Direction::In && !m.undecryptable {
             batch.put(
@@ -249,7 +323,106 @@ impl History {
             );
         }
         m.status = self.status_in(batch, &m)?;
+        m.reactions = self.reactions_shown(batch, &m)?;
         Ok(Some(m))
+    }
+
+    fn reactions_in(&self, batch: &Batch, key: &[u8]) -> Result<StoredReactions, Error> {
+        match self.read(batch, T::React, key)? {
+            Some(v) => postcard::from_bytes(&v).map_err(|e| damaged("reactions", e)),
+            None => Ok(StoredReactions::default()),
+        }
+    }
+
+    /// The reactions shown on `m`: the latest of each party of its
+    /// conversation that was not taken back (anyone else's are ignored).
+    pub(super) fn reactions_of(&self, m: &Message) -> Result<std::collections::BTreeMap<String, String>, Error> {
+        self.reactions_shown(&Batch::default(), m)
+    }
+
+    fn reactions_shown(&self, batch: &Batch, m: &Message) -> Result<std::collections::BTreeMap<String, String>, Error> {
+        let stored = self.reactions_in(batch, &msg_key(&m.from, &m.id))?;
+        Ok(stored
+            .by
+            .into_iter()
+            .filter(|(user, _)| *user == m.from || *user == m.to)
+            .filter_map(|(user, (emoji, _))| emoji.map(|e| (user, e)))
+            .collect())
+    }
+
+    /// Applies a reaction by `by` (the end-to-end sender's user) in its
+    /// conversation with `to`, to the message `(target_from, target)`,
+    /// made at `ts_ms` (the sender's clock). It counts only from a party
+    /// of that message's conversation, and only if it is the latest from
+    /// that user. Returns the change, or `None` if it was ignored or
+    /// changed nothing.
+    ///
+    /// # Errors
+    /// Store errors.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn react(
+        &self,
+        batch: &mut Batch,
+        by: &str,
+        to: &str,
+        target: MsgId,
+        target_from: &str,
+        emoji: Option<&str>,
+        ts_ms: u64,
+    ) -> Result<Option<Reaction>, Error> {
+        if target_from != by && target_from != to {
+            log::debug!("ignoring a reaction by {by} to a message of {target_from}, outside their conversation");
+            return Ok(None);
+        }
+        if emoji.is_some_and(|e| !super::content::valid_emoji(e)) {
+            log::info!("ignoring a reaction by {by} that is not one emoji");
+            return Ok(None);
+        }
+        let key = msg_key(target_from, &target);
+        if let Some(m) = self.read_msg(batch, target_from, &target)? {
+            let parties = [m.from.as_str(), m.to.as_str()];
+            if !parties.contains(&by) || !parties.contains(&to) || m.deleted {
+                return Ok(None);
+            }
+        }
+        let mut stored = self.reactions_in(batch, &key)?;
+        if let Some((old, at)) = stored.by.get(by) {
+            if *at > ts_ms || (*at == ts_ms && old.as_deref() == emoji) {
+                return Ok(None);
+            }
+        } else if stored.by.len() >= MAX_REACTING_USERS {
+            return Ok(None);
+        }
+        let before = stored.by.get(by).and_then(|(e, _)| e.clone());
+        stored.by.insert(by.to_owned(), (emoji.map(str::to_owned), ts_ms));
+        let v = postcard::to_stdvec(&stored).map_err(|e| damaged("reactions", e))?;
+        batch.put(T::React, key, v);
+        if before.as_deref() == emoji {
+            return Ok(None);
+        }
+        Ok(Some(Reaction {
+            id: target,
+            from: target_from.to_owned(),
+            by: by.to_owned(),
+            emoji: emoji.map(str::to_owned),
+            ts_ms,
+        }))
+    }
+
+    /// The newest message of the conversation with `peer` (as stored), as
+    /// it will be once `batch` is applied; `None` if the batch adds to the
+    /// conversation (then it is not the newest any more) or it is empty.
+    fn last_in_conversation(&self, batch: &Batch, peer: &str) -> Result<Option<Message>, Error> {
+        if batch.touches(T::Conv) {
+            return Ok(None);
+        }
+        match self.conv.scan_prefix(conv_prefix(peer)).next_back() {
+            Some(entry) => {
+                let (_, key) = entry?;
+                self.read(batch, T::Msgs, &key)?.map(|v| decode(&v)).transpose()
+            }
+            None => Ok(None),
+        }
     }
 
     /// Records that the delivery `(from, id)` was handled without a
@@ -390,6 +563,9 @@ impl History {
             }
         };
         self.put_msg(batch, me, &m)?;
+        if self.read(batch, T::React, &key)?.is_some() {
+            batch.remove(T::React, key.clone());
+        }
         if self.read(batch, T::Pending, &key)?.is_some() {
             batch.remove(T::Pending, key);
         }
@@ -613,7 +789,8 @@ impl History {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::profile::Quote;
+    use crate::client::history::Writes;
+    use crate::client::message::Quote;
 
     const T0: u64 = 1_800_000_000_000;
 
@@ -643,7 +820,7 @@ mod tests {
     fn with<R>(h: &History, f: impl FnOnce(&History, &mut Batch) -> R) -> R {
         let mut b = Batch::default();
         let r = f(h, &mut b);
-        h.apply(b, None).unwrap();
+        h.apply(b, Writes::new()).unwrap();
         r
     }
 
@@ -849,5 +1026,70 @@ mod tests {
         let keys: Vec<Vec<u8>> = h.outbox().unwrap().into_iter().map(|e| e.key).collect();
         h.outbox_done(&keys).unwrap();
         assert!(h.outbox().unwrap().is_empty());
+    }
+
+    #[test]
+    fn undecryptable_messages_in_a_row_from_one_device_are_one_notice_with_a_count() {
+        let tmp = tempfile::tempdir().unwrap();
+        let h = History::open(tmp.path()).unwrap();
+        let garbage = |id: u8, device: u32| Message {
+            undecryptable: true,
+            from_device: DeviceId(device),
+            ..text(id, "alice", "bob", "", "bob")
+        };
+        assert!(receive(&h, garbage(20, 1)).is_some(), "the first is shown");
+        for id in 21..30 {
+            assert!(receive(&h, garbage(id, 1)).is_none(), "the rest count");
+        }
+        let conv = h.conversation("alice").unwrap();
+        assert_eq!(conv.len(), 1);
+        assert_eq!((conv[0].id, conv[0].repeats), (MsgId([20; 16]), 9));
+        // Another device's garbage, or anything in between, starts anew.
+        assert!(receive(&h, garbage(30, 2)).is_some());
+        assert!(receive(&h, text(31, "alice", "bob", "real", "bob")).is_some());
+        assert!(receive(&h, garbage(32, 1)).is_some());
+        assert!(receive(&h, garbage(33, 1)).is_none());
+        let counts: Vec<(bool, u32)> = h
+            .conversation("alice")
+            .unwrap()
+            .iter()
+            .map(|m| (m.undecryptable, m.repeats))
+            .collect();
+        assert_eq!(counts, [(true, 9), (true, 0), (false, 0), (true, 1)]);
+        // No receipts for garbage.
+        assert_eq!(h.outbox().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_latest_reaction_of_each_user_wins_in_any_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let h = History::open(tmp.path()).unwrap();
+        let m = text(40, "alice", "bob", "x", "bob");
+        receive(&h, m.clone());
+        let react = |h: &History, by: &str, to: &str, e: Option<&str>, ts: u64| {
+            with(h, |h, b| h.react(b, by, to, m.id, "alice", e, ts).unwrap())
+        };
+        assert!(react(&h, "alice", "bob", Some("👍"), 10).is_some());
+        assert!(react(&h, "alice", "bob", Some("😂"), 5).is_none(), "older");
+        assert!(react(&h, "alice", "bob", Some("👍"), 10).is_none(), "again");
+        assert!(react(&h, "bob", "alice", Some("❤️"), 7).is_some());
+        let r = &h.get("alice", &m.id).unwrap().unwrap().reactions;
+        assert_eq!((r["alice"].as_str(), r["bob"].as_str()), ("👍", "❤️"));
+        assert!(react(&h, "bob", "alice", None, 8).is_some());
+        assert!(
+            react(&h, "bob", "alice", Some("❤️"), 7).is_none(),
+            "the removal is newer"
+        );
+        assert_eq!(h.get("alice", &m.id).unwrap().unwrap().reactions.len(), 1);
+        // From outside the conversation, or not an emoji: ignored.
+        assert!(react(&h, "carol", "bob", Some("👍"), 20).is_none());
+        assert!(react(&h, "alice", "bob", Some("no"), 30).is_none());
+        // A reaction before its message counts once it arrives.
+        let later = text(41, "alice", "bob", "y", "bob");
+        with(&h, |h, b| {
+            h.react(b, "bob", "alice", later.id, "alice", Some("🎉"), 1).unwrap()
+        });
+        let shown = receive(&h, later).unwrap();
+        assert_eq!(shown.reactions["bob"], "🎉");
     }
 }

@@ -1,4 +1,4 @@
-//! The blob frames (spec §5.6): what the hub checks before a blob
+//! The blob frames (spec §5.7): what the hub checks before a blob
 //! operation goes to the blob thread, and the answer each outcome makes.
 //!
 //! The hub checks what the frame and the account directory show: lengths,
@@ -12,7 +12,7 @@
 //! blob requests in flight, and all connections together hold at most
 //! [`HubConfig::blob_memory`] bytes of chunks and reads in flight; past
 //! either a request is answered `RATE_LIMITED` at once. A client that
-//! keeps its window (spec §5.6) never sees that, and a range it reads is
+//! keeps its window (spec §5.7) never sees that, and a range it reads is
 //! at most one frame, so a big download takes turns with everything else
 //! on its loop.
 

@@ -21,10 +21,14 @@
 //! - a `Send` whose bodies do not match the current devices is refused as
 //!   a whole, with the missing and extra devices.
 //!
+//! Ephemeral sends and presence (spec §5.6) never reach the store but for
+//! the presence setting: see [`ephemeral`].
+//!
 //! What it does not do: sockets, byte formats, the disk, or reading the
 //! clock (the driver passes [`Now`]).
 
 mod blobs;
+mod ephemeral;
 mod refusal;
 #[cfg(test)]
 mod tests;
@@ -60,11 +64,14 @@ pub struct HubConfig {
     pub claims_per_minute: u32,
     /// Below this many one-time keys a device is told to publish more.
     pub low_keys: u32,
-    /// Most blob requests in flight per connection (spec §5.6).
+    /// Most blob requests in flight per connection (spec §5.7).
     pub blob_window: u32,
     /// Most bytes of blob chunks and reads in flight, all connections
     /// together.
     pub blob_memory: u64,
+    /// Ephemeral sends, presence settings and watches a device may make
+    /// per minute (and in a burst) (spec §5.6).
+    pub ephemeral_per_minute: u32,
 }
 
 impl Default for HubConfig {
@@ -76,6 +83,7 @@ impl Default for HubConfig {
             low_keys: 10,
             blob_window: 8,
             blob_memory: 64 << 20,
+            ephemeral_per_minute: 60,
         }
     }
 }
@@ -109,6 +117,8 @@ pub struct Shared {
     claims: Mutex<HashMap<DeviceKey, Bucket>>,
     /// Bytes of blob chunks and reads in flight.
     blob_memory: AtomicU64,
+    ephemeral: Mutex<HashMap<DeviceKey, Bucket>>,
+    watches: Mutex<ephemeral::Watches>,
     config: HubConfig,
 }
 
@@ -120,6 +130,8 @@ impl Shared {
             online: Mutex::new(HashMap::new()),
             claims: Mutex::new(HashMap::new()),
             blob_memory: AtomicU64::new(0),
+            ephemeral: Mutex::new(HashMap::new()),
+            watches: Mutex::new(ephemeral::Watches::default()),
             config,
         })
     }
@@ -148,30 +160,49 @@ impl Shared {
         self.online().len()
     }
 
+    /// Who watches whose presence. Taken before `online` when both are.
+    fn watches(&self) -> std::sync::MutexGuard<'_, ephemeral::Watches> {
+        self.watches.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many connections watch someone's presence.
+    pub fn watching_count(&self) -> usize {
+        self.watches().watchers()
+    }
+
     /// Takes one key claim from a device's allowance.
     fn may_claim(&self, d: DeviceKey, now: Instant) -> bool {
-        let capacity = self.config.claims_per_minute;
-        let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
-        if claims.len() > 100_000 {
-            // Forget full buckets rather than grow without bound.
-            let per_sec = f64::from(capacity) / 60.0;
-            claims.retain(|_, b| {
-                b.tokens + now.saturating_duration_since(b.last).as_secs_f64() * per_sec < f64::from(capacity)
-            });
-        }
-        claims
-            .entry(d)
-            .or_insert(Bucket {
-                tokens: f64::from(capacity),
-                last: now,
-            })
-            .take(capacity, now)
+        take(&self.claims, self.config.claims_per_minute, d, now)
+    }
+
+    /// Takes one ephemeral request from a device's allowance.
+    fn may_ephemeral(&self, d: DeviceKey, now: Instant) -> bool {
+        take(&self.ephemeral, self.config.ephemeral_per_minute, d, now)
     }
 
     /// Who a static key belongs to.
     pub fn identify(&self, key: &PublicKey) -> Identity {
         self.store.identify(key)
     }
+}
+
+/// Takes one token from `d`'s bucket in `buckets` (`capacity` a minute).
+fn take(buckets: &Mutex<HashMap<DeviceKey, Bucket>>, capacity: u32, d: DeviceKey, now: Instant) -> bool {
+    let mut buckets = buckets.lock().unwrap_or_else(|e| e.into_inner());
+    if buckets.len() > 100_000 {
+        // Forget full buckets rather than grow without bound.
+        let per_sec = f64::from(capacity) / 60.0;
+        buckets.retain(|_, b| {
+            b.tokens + now.saturating_duration_since(b.last).as_secs_f64() * per_sec < f64::from(capacity)
+        });
+    }
+    buckets
+        .entry(d)
+        .or_insert(Bucket {
+            tokens: f64::from(capacity),
+            last: now,
+        })
+        .take(capacity, now)
 }
 
 /// Something for the driver to do on a connection.
@@ -248,55 +279,19 @@ struct Cursor {
 /// What to do with an outcome when it comes.
 #[derive(Debug)]
 enum Waiting {
-    Send {
-        conn: ConnId,
-        req: u32,
-        id: wire::MsgId,
-    },
-    Register {
-        conn: ConnId,
-        req: u32,
-        name: String,
-    },
-    Link {
-        conn: ConnId,
-        req: u32,
-    },
-    LinkCode {
-        conn: ConnId,
-        req: u32,
-    },
-    Revoke {
-        conn: ConnId,
-        req: u32,
-        target: DeviceKey,
-    },
-    Publish {
-        conn: ConnId,
-        req: u32,
-    },
-    Claim {
-        conn: ConnId,
-        req: u32,
-        user: String,
-    },
-    Receipt {
-        conn: ConnId,
-        req: u32,
-    },
-    Retract {
-        conn: ConnId,
-        req: u32,
-    },
-    Backlog {
-        serial: u64,
-    },
+    Send { conn: ConnId, req: u32, id: wire::MsgId },
+    Register { conn: ConnId, req: u32, name: String },
+    Link { conn: ConnId, req: u32 },
+    LinkCode { conn: ConnId, req: u32 },
+    Revoke { conn: ConnId, req: u32, target: DeviceKey },
+    Publish { conn: ConnId, req: u32 },
+    Claim { conn: ConnId, req: u32, user: String },
+    Receipt { conn: ConnId, req: u32 },
+    Retract { conn: ConnId, req: u32 },
+    LastSeen { conn: ConnId, req: u32, user: UserId },
     /// A blob operation holding `held` bytes of transfer memory.
-    Blob {
-        conn: ConnId,
-        req: u32,
-        held: u64,
-    },
+    Blob { conn: ConnId, req: u32, held: u64 },
+    Backlog { serial: u64 },
 }
 
 /// Entries read from memory per step of a pump.
@@ -320,6 +315,9 @@ pub struct Hub {
     completions: Vec<Completion>,
     /// Blob requests in flight, per connection.
     blob_flight: HashMap<u64, u32>,
+    /// The wall clock as of the latest call that brought the time (for
+    /// what happens in calls that bring none: a connection closing).
+    clock_ms: u64,
 }
 
 impl Hub {
@@ -338,6 +336,7 @@ impl Hub {
             devices: Vec::new(),
             completions: Vec::new(),
             blob_flight: HashMap::new(),
+            clock_ms: 0,
         }
     }
 
@@ -401,6 +400,7 @@ impl Hub {
     /// Takes the store's outcomes for this loop and turns them into
     /// effects. The driver calls it every turn.
     pub fn poll_store(&mut self, now: Now) {
+        self.clock_ms = now.unix_ms;
         let mut done = std::mem::take(&mut self.completions);
         self.sink.take(&mut done);
         for c in done.drain(..) {
@@ -485,6 +485,10 @@ impl Hub {
                 log::debug!("a retraction removed {n} queued copies");
                 self.send(conn, req, ServerFrame::Done);
             }
+            (Waiting::LastSeen { conn, req, user }, Outcome::LastSeenSet) => {
+                self.send(conn, req, ServerFrame::Done);
+                self.last_seen_set(user);
+            }
             (
                 Waiting::Backlog { serial },
                 Outcome::Backlog {
@@ -542,6 +546,7 @@ impl Hub {
 
     /// Handles one session event.
     pub fn handle(&mut self, conn: ConnId, view: ConnView<'_>, event: Event, now: Now) {
+        self.clock_ms = now.unix_ms;
         match event {
             Event::Authenticated(device) => self.authenticated(conn, view, device, now),
             Event::Frame { req, frame } => {
@@ -598,6 +603,7 @@ impl Hub {
             self.send(conn, 0, ServerFrame::KeyCount { one_time: n });
         }
         log::debug!("{device} online on {conn:?}");
+        self.came_online(device);
         self.cursors.insert(
             conn.serial,
             Cursor {
@@ -617,12 +623,15 @@ impl Hub {
     /// The connection is gone: forget it in the directory (unless the
     /// device already reconnected elsewhere).
     pub fn closed(&mut self, conn: ConnId) {
+        let mut gone = None;
         if let Some(c) = self.cursors.remove(&conn.serial) {
             let mut online = self.shared.online();
             if online.get(&c.device) == Some(&conn) {
                 online.remove(&c.device);
+                gone = Some(c.device);
             }
         }
+        self.went_offline(conn, gone);
     }
 
     /// The frame that delivers a queue entry.
@@ -678,7 +687,7 @@ impl Hub {
     /// Sends queued entries on `conn` while the window and `room` (output
     /// bytes the connection may still take) allow.
     pub fn pump(&mut self, conn: ConnId, mut room: usize, now: Now) {
-        let _ = now;
+        self.clock_ms = now.unix_ms;
         let window = self.shared.config.window;
         let Some(mut c) = self.cursors.remove(&conn.serial) else {
             return;
@@ -876,6 +885,9 @@ impl Hub {
                 store.submit(Op::Claim { devices: targets }, Some(w));
             }
             ClientFrame::Receipt(receipt) => self.receipt(conn, view, req, receipt, now),
+            ClientFrame::Ephemeral(e) => self.ephemeral(conn, view, req, e, now),
+            ClientFrame::SetLastSeen { everyone } => self.set_last_seen(conn, view, req, everyone, now),
+            ClientFrame::WatchPresence { users } => self.watch(conn, view, req, users, now),
             ClientFrame::Retract { id } => {
                 let Some(me) = view.device else { return };
                 let mut devices = Vec::new();
@@ -1097,6 +1109,7 @@ impl Waiting {
             | Waiting::Claim { conn, req, .. }
             | Waiting::Receipt { conn, req }
             | Waiting::Retract { conn, req }
+            | Waiting::LastSeen { conn, req, .. }
             | Waiting::Blob { conn, req, .. } => Some((conn, req)),
             Waiting::Backlog { .. } => None,
         }

@@ -60,6 +60,13 @@ pub enum Refusal {
     TooManyKeys,
     /// Key claims over the device's rate.
     ClaimRate,
+    /// Ephemeral sends, presence settings and watches over the device's
+    /// rate (spec §5.6).
+    EphemeralRate,
+    /// An ephemeral body over its limit.
+    EphemeralTooLarge,
+    /// A `WatchPresence` naming too many users.
+    TooManyWatched,
     /// The store failed; the request may be retried.
     Internal,
     /// Close: the device connected again elsewhere.
@@ -137,6 +144,12 @@ impl Refusal {
             IdentityChanged => (ErrorCode::NOT_ALLOWED, "this device already has a different identity"),
             TooManyKeys => (ErrorCode::BAD_REQUEST, "too many one-time keys"),
             ClaimRate => (ErrorCode::RATE_LIMITED, "too many key claims; try again in a minute"),
+            EphemeralRate => (
+                ErrorCode::RATE_LIMITED,
+                "too many typing indicators or presence requests; slow down",
+            ),
+            EphemeralTooLarge => (ErrorCode::BODY_TOO_LARGE, "an ephemeral body is at most 1024 bytes"),
+            TooManyWatched => (ErrorCode::BAD_REQUEST, "watch the presence of at most 256 users"),
             Internal => (ErrorCode::INTERNAL, "server storage failure"),
             ConnectedElsewhere => (ErrorCode::CONNECTED_ELSEWHERE, "this device connected elsewhere"),
             Revoked => (ErrorCode::REVOKED, "this device was revoked"),
@@ -287,6 +300,9 @@ mod tests {
             IdentityChanged,
             TooManyKeys,
             ClaimRate,
+            EphemeralRate,
+            EphemeralTooLarge,
+            TooManyWatched,
             Internal,
             ConnectedElsewhere,
             Revoked,

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use super::*;
 use crate::noise::Keypair;
 use crate::store::testing::TestStore;
-use crate::wire::{Body, ErrorCode, MsgId, Receipt, Send};
+use crate::wire::{Body, ErrorCode, MsgId, Receipt, Seen, Send};
 
 /// One hub over a test store, and the connections a test opened on it.
 struct Rig {
@@ -421,6 +421,265 @@ fn key_claims_are_rate_limited_per_device() {
     r.now.mono += Duration::from_secs(30);
     let got = r.frame(1, dev(1, 1), 4, ClientFrame::ClaimKeys { user: "bob".into() });
     assert!(frames_to(&got, 1).is_empty());
+}
+
+// ---- ephemeral sends and presence (spec §5.6) ----
+
+impl Rig {
+    /// Connection `serial` closes at the rig's time; returns what follows.
+    fn close(&mut self, serial: u64) -> Vec<Effect> {
+        self.effects();
+        self.hub.closed(conn(serial));
+        self.effects()
+    }
+}
+
+fn ephemeral(to: &str, bodies: &[u32], len: usize) -> ClientFrame {
+    ClientFrame::Ephemeral(crate::wire::Ephemeral {
+        to: to.into(),
+        bodies: bodies
+            .iter()
+            .map(|d| Body {
+                device: DeviceId(*d),
+                data: Bytes::from(vec![*d as u8; len]),
+            })
+            .collect(),
+    })
+}
+
+fn watch(users: &[&str]) -> ClientFrame {
+    ClientFrame::WatchPresence {
+        users: users.iter().map(|u| u.to_string()).collect(),
+    }
+}
+
+fn presence(user: &str, seen: Seen) -> ServerFrame {
+    ServerFrame::Presence(crate::wire::Presence {
+        user: user.into(),
+        seen,
+    })
+}
+
+fn online(devices: &[u32]) -> Seen {
+    Seen::Online {
+        devices: devices.iter().map(|d| DeviceId(*d)).collect(),
+    }
+}
+
+/// alice (devices 1 and 2) and bob (devices 1 and 2) and carol (device
+/// 1); alice's device 1 online on connection 1, bob's device 1 on 2.
+fn three_users() -> Rig {
+    let mut r = Rig::new(HubConfig::default());
+    let keys: Vec<PublicKey> = (0..5).map(|_| r.key()).collect();
+    r.store.add_user("alice", &keys[0..2]);
+    r.store.add_user("bob", &keys[2..4]);
+    r.store.add_user("carol", &keys[4..5]);
+    r.online(1, dev(1, 1));
+    r.online(2, dev(2, 1));
+    // Their `Touch`es.
+    r.store.run();
+    r
+}
+
+#[test]
+fn an_ephemeral_reaches_the_online_devices_at_once_and_never_the_store() {
+    let mut r = three_users();
+    let got = r.frame(1, dev(1, 1), 7, ephemeral("bob", &[1, 2], 40));
+    // Done at once, without the store; bob's device 1 (online) gets its
+    // body, his device 2 (offline) nothing, and nothing waits for it.
+    assert_eq!(frames_to(&got, 1), vec![(7, ServerFrame::Done)]);
+    match &frames_to(&got, 2)[..] {
+        [(0, ServerFrame::Ephemeral(e))] => {
+            assert_eq!(
+                e.from,
+                DeviceAddr {
+                    user: "alice".into(),
+                    device: DeviceId(1)
+                }
+            );
+            assert_eq!((e.to.as_str(), &e.body[..]), ("bob", &[1u8; 40][..]));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(r.store.ops_waiting(), 0, "no store operation");
+    assert!(r.store.queue(dev(2, 2)).is_empty(), "not queued for the offline device");
+    assert!(!r.hub.has_pending());
+    // Bob's device 2 comes online: nothing of it waits there.
+    let got = r.online(3, dev(2, 2));
+    assert!(
+        !frames_to(&got, 3)
+            .iter()
+            .any(|(_, f)| matches!(f, ServerFrame::Ephemeral(_)))
+    );
+    // To one's own other devices, likewise.
+    let got = r.frame(1, dev(1, 1), 8, ephemeral("alice", &[2], 10));
+    assert_eq!(frames_to(&got, 1), vec![(8, ServerFrame::Done)]);
+}
+
+#[test]
+fn every_bad_ephemeral_gets_its_code_from_the_one_map() {
+    let mut r = three_users();
+    let cases = [
+        (ephemeral("nobody", &[1], 10), Refusal::UnknownUser),
+        (
+            ephemeral("bob", &[1], crate::wire::MAX_EPHEMERAL_LEN + 1),
+            Refusal::EphemeralTooLarge,
+        ),
+        (
+            ephemeral("bob", &(1..=9).collect::<Vec<_>>(), 1),
+            Refusal::TooManyBodies,
+        ),
+        (ephemeral("bob", &[1, 1], 1), Refusal::TwoBodies),
+        (ephemeral("alice", &[1], 1), Refusal::BodyForSender),
+    ];
+    for (i, (frame, why)) in cases.into_iter().enumerate() {
+        let req = i as u32 + 10;
+        let got = r.frame(1, dev(1, 1), req, frame);
+        assert_eq!(frames_to(&got, 1), vec![(req, why.frame())], "{why:?}");
+        assert!(frames_to(&got, 2).is_empty(), "{why:?}: nothing reached bob");
+    }
+    let (code, _) = Refusal::EphemeralTooLarge.describe();
+    assert_eq!(code, ErrorCode::BODY_TOO_LARGE);
+}
+
+#[test]
+fn ephemeral_requests_are_rate_limited_per_device() {
+    let mut r = Rig::new(HubConfig {
+        ephemeral_per_minute: 3,
+        ..HubConfig::default()
+    });
+    let keys: Vec<PublicKey> = (0..3).map(|_| r.key()).collect();
+    r.store.add_user("alice", &keys[0..2]);
+    r.store.add_user("bob", &keys[2..3]);
+    r.online(1, dev(1, 1));
+    r.online(2, dev(2, 1));
+    r.online(3, dev(1, 2));
+    // Typing and watching draw on one allowance.
+    r.frame(1, dev(1, 1), 1, ephemeral("bob", &[1], 10));
+    r.frame(1, dev(1, 1), 2, watch(&["bob"]));
+    r.frame(1, dev(1, 1), 3, ephemeral("bob", &[1], 10));
+    let got = r.frame(1, dev(1, 1), 4, ephemeral("bob", &[1], 10));
+    assert_eq!(frames_to(&got, 1), vec![(4, Refusal::EphemeralRate.frame())]);
+    assert!(frames_to(&got, 2).is_empty());
+    assert_eq!(Refusal::EphemeralRate.code(), ErrorCode::RATE_LIMITED);
+    // Another device of the same user has its own.
+    let got = r.frame(3, dev(1, 2), 1, ephemeral("bob", &[1], 10));
+    assert_eq!(frames_to(&got, 3), vec![(1, ServerFrame::Done)]);
+    // One more every 20 s.
+    r.now.mono += Duration::from_secs(20);
+    let got = r.frame(1, dev(1, 1), 5, ephemeral("bob", &[1], 10));
+    assert_eq!(frames_to(&got, 1), vec![(5, ServerFrame::Done)]);
+}
+
+#[test]
+fn a_watcher_is_told_presence_now_and_at_each_change() {
+    let mut r = three_users();
+    let t0 = r.now.unix_ms;
+    let got = r.frame(1, dev(1, 1), 3, watch(&["bob", "carol", "nobody", "bob"]));
+    // Done, then each user once; names of no user are passed over.
+    assert_eq!(
+        frames_to(&got, 1),
+        vec![
+            (3, ServerFrame::Done),
+            (0, presence("bob", online(&[1]))),
+            (0, presence("carol", Seen::Away { last_seen_ms: 0 })),
+        ]
+    );
+    // Bob's second device: the online list changes.
+    let got = r.online(3, dev(2, 2));
+    assert_eq!(frames_to(&got, 1), vec![(0, presence("bob", online(&[1, 2])))]);
+    // One of them goes: still online.
+    r.now.unix_ms = t0 + 60_000;
+    let got = r.close(3);
+    assert_eq!(frames_to(&got, 1), vec![(0, presence("bob", online(&[1])))]);
+    // The last one goes: last seen now, and the device's time is stored.
+    r.now.unix_ms = t0 + 120_000;
+    let got = r.close(2);
+    let away = Seen::Away {
+        last_seen_ms: t0 + 120_000,
+    };
+    assert_eq!(frames_to(&got, 1), vec![(0, presence("bob", away.clone()))]);
+    r.store.run();
+    let stored = r.store.device_infos(UserId(2));
+    assert_eq!(stored[0].last_seen_ms, t0 + 120_000);
+    // Watching again says the same; a watch replaces the earlier one.
+    let got = r.frame(1, dev(1, 1), 4, watch(&["bob"]));
+    assert_eq!(
+        frames_to(&got, 1),
+        vec![(4, ServerFrame::Done), (0, presence("bob", away))]
+    );
+    let got = r.online(5, dev(3, 1));
+    assert!(frames_to(&got, 1).is_empty(), "carol is not watched any more");
+    // Too many names are refused; closing forgets the watches.
+    let many: Vec<String> = (0..=crate::wire::MAX_WATCHED).map(|i| format!("user{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let got = r.frame(1, dev(1, 1), 5, watch(&many));
+    assert_eq!(frames_to(&got, 1), vec![(5, Refusal::TooManyWatched.frame())]);
+    assert_eq!(r.hub.shared().watching_count(), 1);
+    r.close(1);
+    assert_eq!(r.hub.shared().watching_count(), 0);
+}
+
+#[test]
+fn who_hides_their_presence_shows_hidden_and_sees_no_one() {
+    let mut r = three_users();
+    r.frame(1, dev(1, 1), 1, watch(&["bob"]));
+    r.frame(2, dev(2, 1), 1, watch(&["alice", "carol"]));
+    // Bob hides: answered once durable; then alice sees him hidden, and
+    // he sees no one.
+    let got = r.frame(2, dev(2, 1), 2, ClientFrame::SetLastSeen { everyone: false });
+    assert!(frames_to(&got, 2).is_empty(), "not before the store says so");
+    let got = r.settle();
+    assert_eq!(
+        frames_to(&got, 2),
+        vec![
+            (2, ServerFrame::Done),
+            (0, presence("alice", Seen::Hidden)),
+            (0, presence("carol", Seen::Hidden)),
+        ]
+    );
+    assert_eq!(frames_to(&got, 1), vec![(0, presence("bob", Seen::Hidden))]);
+    // Bob's comings and goings now leave no trace in alice's frames.
+    let got = r.online(3, dev(2, 2));
+    assert!(frames_to(&got, 1).is_empty(), "{got:?}");
+    let got = r.close(3);
+    assert!(frames_to(&got, 1).is_empty(), "{got:?}");
+    // A new watch of bob says hidden too.
+    let got = r.online(4, dev(1, 2));
+    assert!(frames_to(&got, 2).is_empty(), "bob sees nothing of alice");
+    let got = r.frame(4, dev(1, 2), 1, watch(&["bob"]));
+    assert_eq!(frames_to(&got, 4)[1], (0, presence("bob", Seen::Hidden)));
+    // Bob shows it again: everyone is told, and he sees them again.
+    r.frame(2, dev(2, 1), 3, ClientFrame::SetLastSeen { everyone: true });
+    let got = r.settle();
+    assert_eq!(
+        frames_to(&got, 2),
+        vec![
+            (3, ServerFrame::Done),
+            (0, presence("alice", online(&[1, 2]))),
+            (0, presence("carol", Seen::Away { last_seen_ms: 0 })),
+        ]
+    );
+    assert_eq!(frames_to(&got, 1), vec![(0, presence("bob", online(&[1])))]);
+    assert_eq!(frames_to(&got, 4), vec![(0, presence("bob", online(&[1])))]);
+}
+
+#[test]
+fn no_ephemeral_reaches_a_revoked_device_still_closing() {
+    let mut r = three_users();
+    r.online(3, dev(1, 2));
+    r.frame(1, dev(1, 1), 1, ClientFrame::RevokeDevice { device: DeviceId(2) });
+    let got = r.settle();
+    assert!(got.contains(&Effect::Close {
+        conn: conn(3),
+        why: Refusal::Revoked
+    }));
+    // Its connection has not closed yet; bob types to both of alice's.
+    let got = r.frame(2, dev(2, 1), 2, ephemeral("alice", &[1, 2], 10));
+    assert_eq!(frames_to(&got, 2), vec![(2, ServerFrame::Done)]);
+    assert_eq!(frames_to(&got, 1).len(), 1);
+    assert!(frames_to(&got, 3).is_empty(), "{got:?}");
 }
 
 mod blobs;

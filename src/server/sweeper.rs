@@ -4,7 +4,7 @@
 //! the loops of online devices that got a notice. Each pass also removes
 //! expired link codes and invites
 //! ([`crate::store::Accounts::sweep_codes`]), so that they cannot pile up,
-//! and then walks the blobs a shard at a time (spec §5.6): blobs past the
+//! and then walks the blobs a shard at a time (spec §5.7): blobs past the
 //! retention period, uploads left unfinished, and blobs no device can
 //! fetch any more go.
 

@@ -100,7 +100,9 @@ fn an_online_copy_not_acked_in_time_is_written_then_accepted() {
     assert_eq!(accepted(&w.inbox(alice)), vec![MsgId([1; 16])]);
     ack(&mut w, bob, 1);
     w.advance(Duration::from_millis(10));
-    assert_eq!(w.store.queued_bytes(), 0);
+    // Gone; what stays is bob's mark in the spill log (one small record).
+    assert_eq!(w.store.queue_totals(), (0, 0));
+    assert!(w.store.queued_bytes() <= 32, "{}", w.store.queued_bytes());
 }
 
 /// A copy for an offline device is written at once; `Accepted` waits for
@@ -474,6 +476,72 @@ fn two_loops_deliver_across() {
     let bob_again = w.reconnect(bob, 0);
     assert!(w.is_dead(bob));
     assert!(!w.is_dead(bob_again));
+}
+
+/// Typing and presence through the real sessions and store, across two
+/// loops (spec §5.6): an ephemeral body reaches the online device on the
+/// other loop at once and is never queued; a watcher on one loop hears a
+/// device on the other come and go.
+#[test]
+fn ephemerals_and_presence_cross_loops_and_nothing_is_queued() {
+    let mut w = World::new(2);
+    let alice = w.register(0, "alice");
+    let bob = w.register(1, "bob");
+    let _ = w.inbox(bob);
+    let _ = w.inbox(alice);
+    let typing = |bodies| {
+        ClientFrame::Ephemeral(crate::wire::Ephemeral {
+            to: "bob".into(),
+            bodies,
+        })
+    };
+    let req = w.request(alice, &typing(vec![body(1, b"typing")]));
+    w.run();
+    assert_eq!(w.inbox(alice), vec![(req, ServerFrame::Done)]);
+    match &w.inbox(bob)[..] {
+        [(0, ServerFrame::Ephemeral(e))] => {
+            assert_eq!((e.from.user.as_str(), e.to.as_str()), ("alice", "bob"));
+            assert_eq!(&e.body[..], b"typing");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Alice watches bob; bob goes away: nothing waits for him.
+    let req = w.request(
+        alice,
+        &ClientFrame::WatchPresence {
+            users: vec!["bob".into()],
+        },
+    );
+    w.run();
+    let got = w.inbox(alice);
+    assert_eq!(got[0], (req, ServerFrame::Done));
+    assert!(
+        matches!(&got[1], (0, ServerFrame::Presence(p)) if p.seen == crate::wire::Seen::Online { devices: vec![crate::wire::DeviceId(1)] }),
+        "{got:?}"
+    );
+    w.request(bob, &ClientFrame::Close);
+    w.run();
+    let got = w.inbox(alice);
+    assert!(
+        matches!(&got[..], [(0, ServerFrame::Presence(p))] if matches!(p.seen, crate::wire::Seen::Away { last_seen_ms } if last_seen_ms > 0)),
+        "{got:?}"
+    );
+    let req = w.request(alice, &typing(vec![body(1, b"again")]));
+    w.run();
+    assert_eq!(w.inbox(alice), vec![(req, ServerFrame::Done)]);
+    let bob = w.reconnect(bob, 1);
+    let got = w.inbox(bob);
+    assert!(
+        !got.iter()
+            .any(|(_, f)| matches!(f, ServerFrame::Ephemeral(_) | ServerFrame::Deliver(_))),
+        "{got:?}"
+    );
+    let got = w.inbox(alice);
+    assert!(
+        matches!(&got[..], [(0, ServerFrame::Presence(p))] if matches!(p.seen, crate::wire::Seen::Online { .. })),
+        "{got:?}"
+    );
+    let _ = bob;
 }
 
 mod keys {

@@ -51,7 +51,8 @@ pub struct DeviceRecord {
     pub key: PublicKey,
     /// When it registered or was linked.
     pub created_ms: u64,
-    /// When it last authenticated.
+    /// When it was last online: when it last authenticated, or went
+    /// offline after that.
     pub last_seen_ms: u64,
     /// When it was revoked, if it was.
     pub revoked_ms: Option<u64>,
@@ -206,6 +207,8 @@ struct Index {
     by_key: HashMap<PublicKey, DeviceKey>,
     /// One-time keys held, for each device that published an identity.
     one_time: HashMap<DeviceKey, u32>,
+    /// Users who show their presence to nobody (spec §5.6, `SetLastSeen`).
+    hidden: std::collections::HashSet<UserId>,
 }
 
 /// Accounts and codes, with an in-memory index.
@@ -216,6 +219,10 @@ pub struct Accounts {
     keys: sled::Tree,
     invites: sled::Tree,
     links: sled::Tree,
+    /// Users who hide their presence: user id (4 bytes BE) → empty. A tree
+    /// of its own, so that no older record changes format; a database
+    /// without it has no one hiding.
+    hidden: sled::Tree,
     token_key: hmac::Key,
     index: RwLock<Index>,
     rng: SystemRandom,
@@ -308,6 +315,12 @@ impl Accounts {
                 expires_ms: record.expires_ms,
             });
         }
+        let hidden = db.open_tree("hidden_presence")?;
+        for item in hidden.iter() {
+            let (key, _) = item?;
+            let user = be_u32(&key).ok_or(StoreError::Corrupt("hidden_presence"))?;
+            index.hidden.insert(UserId(user));
+        }
         Ok(Accounts {
             meta,
             users,
@@ -315,6 +328,7 @@ impl Accounts {
             keys: db.open_tree("keys")?,
             invites: db.open_tree("invites")?,
             links,
+            hidden,
             token_key: hmac::Key::new(hmac::HMAC_SHA256, &token_key),
             index: RwLock::new(index),
             rng,
@@ -355,6 +369,29 @@ impl Accounts {
             Some(n) => index.one_time.insert(d, n),
             None => index.one_time.remove(&d),
         };
+    }
+
+    /// Whether a user shows its presence to nobody (spec §5.6).
+    pub fn hides_presence(&self, user: UserId) -> bool {
+        self.read().hidden.contains(&user)
+    }
+
+    /// Records who may see a user's presence: everyone, or nobody (spec
+    /// §5.6, `SetLastSeen`). Flushed with the batch it runs in.
+    ///
+    /// # Errors
+    /// On a database failure.
+    pub fn set_last_seen(&self, user: UserId, everyone: bool) -> Result<(), StoreError> {
+        let mut index = self.write();
+        let key = user.0.to_be_bytes();
+        if everyone {
+            self.hidden.remove(key)?;
+            index.hidden.remove(&user);
+        } else {
+            self.hidden.insert(key, &[][..])?;
+            index.hidden.insert(user);
+        }
+        Ok(())
     }
 
     /// A user's id by name.
@@ -804,8 +841,8 @@ impl Accounts {
         Ok(true)
     }
 
-    /// Records that a device authenticated. Not flushed on its own: losing
-    /// it in a crash only makes "last seen" older.
+    /// Records that a device authenticated or went offline. Not flushed on
+    /// its own: losing it in a crash only makes "last seen" older.
     ///
     /// # Errors
     /// On a database failure.

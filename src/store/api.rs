@@ -216,8 +216,8 @@ pub enum Op {
         /// Now.
         now_ms: u64,
     },
-    /// Record when a device authenticated (no answer; written with the
-    /// next batch, not flushed for its own sake).
+    /// Record when a device authenticated or went offline (no answer;
+    /// written with the next batch, not flushed for its own sake).
     Touch {
         /// Which.
         device: DeviceKey,
@@ -282,6 +282,13 @@ pub enum Op {
         /// Now.
         now_ms: u64,
     },
+    /// Who may see a user's presence (spec §5.6, `SetLastSeen`).
+    SetLastSeen {
+        /// Whose.
+        user: UserId,
+        /// Everyone (`true`) or nobody.
+        everyone: bool,
+    },
     /// Answer once everything submitted before is durable.
     Sync,
 }
@@ -327,6 +334,8 @@ pub enum Outcome {
     },
     /// For [`Op::Sweep`].
     Swept(Swept, Vec<u8>),
+    /// For [`Op::SetLastSeen`], once durable.
+    LastSeenSet,
     /// For [`Op::Sync`].
     Synced,
     /// The store failed (the request may be retried).
@@ -355,6 +364,8 @@ pub trait StoreApi: Send + Sync {
     fn is_current(&self, d: DeviceKey) -> bool;
     /// How many one-time keys a device holds, if it published an identity.
     fn one_time_keys(&self, d: DeviceKey) -> Option<u32>;
+    /// Whether a user shows its presence to nobody (spec §5.6).
+    fn hides_presence(&self, user: UserId) -> bool;
 
     /// Appends a message to the queues of its copies (in memory; written
     /// by the store thread unless acknowledged first). `waiter` hears
@@ -362,7 +373,10 @@ pub trait StoreApi: Send + Sync {
     fn append(&self, m: NewMessage, waiter: &Waiter) -> Appended;
     /// A retry of message `id` from `sender` that the store still knows:
     /// [`Appended::Waiting`] (then `waiter` hears [`Outcome::Settled`]) or
-    /// [`Appended::Duplicate`]; `None` if it does not know it.
+    /// [`Appended::Duplicate`]; `None` if it does not know it, or knows it
+    /// only in part (a message spilled before a restart: which devices
+    /// miss a copy shows only against the retry's copies, in
+    /// [`StoreApi::append`]).
     fn recall(&self, sender: DeviceKey, id: MsgId, waiter: &Waiter) -> Option<Appended>;
     /// Appends up to `max` entries of `d`'s queue with sequence ≥ `from`
     /// to `out`, in order, from memory.
@@ -377,7 +391,7 @@ pub trait StoreApi: Send + Sync {
 
     /// Runs an operation on the store thread; `waiter` hears its outcome.
     fn submit(&self, op: Op, waiter: Option<Waiter>);
-    /// Runs a blob operation on the blob thread (spec §5.6); `waiter`
+    /// Runs a blob operation on the blob thread (spec §5.7); `waiter`
     /// hears its outcome as [`Outcome::Blob`].
     fn blob(&self, op: BlobOp, waiter: Waiter);
 }

@@ -2,21 +2,22 @@
 //! they become when delivered.
 //!
 //! Keys (integers big-endian, so that keys sort numerically):
-//! - `q` ‖ user ‖ device ‖ seq → [`DiskEntry`]: one queued copy, receipt
-//!   or notice;
-//! - `m` ‖ sender user ‖ sender device ‖ message id → [`MsgRecord`]: what
-//!   every copy of a spilled message shares (who it is addressed to, when
-//!   it was accepted, where each copy was queued), stored once per
-//!   message; it is also the record that recognises a retry after a
-//!   restart and finds the copies to retract;
+//! - `q` ‖ user ‖ device ‖ seq → [`DiskEntry`]: one queued receipt or
+//!   notice (message copies are in the spill log, [`super::spill`]; format
+//!   3 kept them here, with their bodies);
+//! - `w` ‖ user ‖ device → u64: the device's mark in the spill log (every
+//!   copy up to it is gone);
+//! - `x` ‖ user ‖ device ‖ seq → nothing: a retracted copy in the spill
+//!   log;
+//! - (format 3 only, removed by the migration to 4) `m` ‖ sender user ‖
+//!   sender device ‖ message id → [`MsgRecord`];
 //! - `t` ‖ user ‖ message id → acceptance time: a retracted message, so
 //!   that resending it cannot bring it back (spec §5.5);
 //! - `r` ‖ user ‖ device ‖ fold key → seq of the entry later receipts or
 //!   notices of the same kind fold into.
 //!
-//! A message's header is not repeated in its copies: a `q` record names
-//! its message by sender and id and holds only the body made for its
-//! device.
+//! The retention sweep and the fold index work on these records; the
+//! spill log has its own index (see there).
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -142,19 +143,13 @@ impl Entry {
         }
     }
 
-    /// Bytes it takes stored: key and value (what quotas count).
+    /// Bytes it takes stored (what quotas count): a message copy's record
+    /// in the spill log, or a `q` record's key and value.
     pub(crate) fn stored_len(&self) -> u64 {
-        let value = match self {
-            Entry::Message(m) => {
-                1 + varint_len(u64::from(m.from_user))
-                    + varint_len(u64::from(m.from_device))
-                    + 16
-                    + varint_len(m.body.len() as u64)
-                    + m.body.len()
-            }
-            other => encode(&other.to_disk()).len(),
-        };
-        (QUEUE_KEY_LEN + value) as u64
+        match self {
+            Entry::Message(m) => super::spill::copy_len(m),
+            other => (QUEUE_KEY_LEN + encode(&other.to_disk()).len()) as u64,
+        }
     }
 }
 
@@ -182,7 +177,8 @@ pub(crate) enum DiskEntry {
     Expired(QueuedExpired),
 }
 
-/// What every copy of a spilled message shares.
+/// What every copy of a message shared, in format 3 (read by the
+/// migration to format 4 only).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct MsgRecord {
     /// The user it was addressed to.
@@ -221,6 +217,11 @@ impl DiskEntry {
     }
 }
 
+/// Bytes a `sled` record takes as counted: key and value.
+pub(crate) fn record_len(key: &[u8], value: &[u8]) -> u64 {
+    (key.len() + value.len()) as u64
+}
+
 /// What one retention sweep turn did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Swept {
@@ -238,6 +239,8 @@ pub(crate) const QUEUE: u8 = b'q';
 pub(crate) const MESSAGE: u8 = b'm';
 pub(crate) const TOMBSTONE: u8 = b't';
 pub(crate) const FOLD: u8 = b'r';
+pub(crate) const MARK: u8 = b'w';
+pub(crate) const REMOVED: u8 = b'x';
 /// Format 2's queue meta records (`n` ‖ user ‖ device).
 pub(crate) const OLD_NEXT: u8 = b'n';
 /// Format 2's dedup records (`d` ‖ user ‖ device ‖ id).
@@ -306,6 +309,16 @@ pub(crate) fn message_key(sender: DeviceKey, id: MsgId) -> [u8; MESSAGE_KEY_LEN]
     k
 }
 
+pub(crate) fn mark_key(d: DeviceKey) -> [u8; 9] {
+    dev_prefix(MARK, d)
+}
+
+pub(crate) fn removed_key(d: DeviceKey, seq: u64) -> [u8; QUEUE_KEY_LEN] {
+    let mut k = queue_key(d, seq);
+    k[0] = REMOVED;
+    k
+}
+
 pub(crate) fn tombstone_key(user: UserId, id: MsgId) -> [u8; TOMBSTONE_KEY_LEN] {
     let mut k = [0u8; TOMBSTONE_KEY_LEN];
     k[0] = TOMBSTONE;
@@ -318,13 +331,6 @@ pub(crate) fn parse_tombstone(k: &[u8]) -> Option<(UserId, MsgId)> {
     let user = u32::from_be_bytes(k.get(1..5)?.try_into().ok()?);
     let id: [u8; 16] = k.get(5..21)?.try_into().ok()?;
     Some((UserId(user), MsgId(id)))
-}
-
-/// The sender and id in an `m` key.
-pub(crate) fn parse_message_key(k: &[u8]) -> Option<(DeviceKey, MsgId)> {
-    let sender = parse_dev(k)?;
-    let id: [u8; 16] = k.get(9..25)?.try_into().ok()?;
-    Some((sender, MsgId(id)))
 }
 
 pub(crate) fn fold_key(target: DeviceKey, f: FoldKey) -> [u8; FOLD_KEY_LEN] {
@@ -426,21 +432,6 @@ pub(crate) fn merge(old: &Entry, new: &Entry) -> Option<Entry> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_stored_length_of_a_message_is_its_encoding() {
-        for len in [0usize, 1, 127, 128, 4096] {
-            let e = Entry::Message(QueuedMessage {
-                id: MsgId([9; 16]),
-                from_user: 300,
-                from_device: 2,
-                to_user: 7,
-                time_ms: 1_795_000_000_123,
-                body: Bytes::from(vec![1; len]),
-            });
-            assert_eq!(e.stored_len(), (QUEUE_KEY_LEN + encode(&e.to_disk()).len()) as u64);
-        }
-    }
 
     #[test]
     fn varint_lengths() {

@@ -21,14 +21,16 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::accounts::Accounts;
-use super::api::{Entry, Op, Outcome, QueuedExpired, QueuedGap, QueuedReceipt, Quota, Refused, Swept, Waiter};
+use super::api::{
+    Entry, Op, Outcome, QueuedExpired, QueuedGap, QueuedMessage, QueuedReceipt, Quota, Refused, Swept, Waiter,
+};
 use super::disk::{
-    self, DiskEntry, FOLD, FOLD_KEY_LEN, FoldKey, LostRecord, MAX_GAP_SENDERS, MESSAGE, MsgRecord, QUEUE, TOMBSTONE,
-    dev, dev_prefix, fold_key, message_key, parse_dev, parse_message_key, parse_tombstone, queue_key, queue_seq,
-    tombstone_key,
+    self, FOLD, FOLD_KEY_LEN, FoldKey, LostRecord, MAX_GAP_SENDERS, QUEUE, TOMBSTONE, dev_prefix, fold_key, mark_key,
+    parse_dev, parse_tombstone, queue_key, queue_seq, removed_key, tombstone_key,
 };
 use super::flusher::{Epoch, Flusher};
-use super::live::{Live, MsgKey, Removed, Write};
+use super::live::{Live, Removed, Write};
+use super::spill::{self, Spill};
 use super::{Status, StoreError, Throttle, be_u64, keys};
 use crate::ids::{DeviceKey, UserId};
 use crate::wire::{MAX_RECEIPT_IDS, MsgId};
@@ -117,6 +119,8 @@ struct Release {
     written: Vec<(DeviceKey, u64)>,
     answers: Vec<(Waiter, Outcome)>,
     ceiling: Option<u64>,
+    /// Spill segments no record refers to any more once this is durable.
+    segments: Vec<u32>,
 }
 
 /// The trees the engine writes.
@@ -129,6 +133,7 @@ pub(crate) struct Trees {
 /// The store thread's state.
 pub(crate) struct Engine {
     trees: Trees,
+    spill: Arc<Mutex<Spill>>,
     accounts: Arc<Accounts>,
     live: Arc<Live>,
     flusher: Flusher,
@@ -141,10 +146,9 @@ pub(crate) struct Engine {
     removes: Vec<(DeviceKey, u64)>,
     space_checked: Option<Instant>,
     failures: Throttle,
-    /// Messages whose last copy on disk went while another copy could
-    /// still be written: their record is looked at again once they
-    /// settle.
-    later: HashSet<MsgKey>,
+    /// Stopping: the last turn writes every mark that moved (a clean stop
+    /// delivers nothing acknowledged again).
+    closing: bool,
 }
 
 /// One turn's bookkeeping.
@@ -153,11 +157,16 @@ struct Turn {
     release: Release,
     /// Something was written that needs a flush.
     dirty: bool,
+    /// Every mark that moved is written this turn (a segment went free, a
+    /// queue was dropped or expired).
+    marks_now: bool,
 }
 
 impl Engine {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         trees: Trees,
+        spill: Arc<Mutex<Spill>>,
         accounts: Arc<Accounts>,
         live: Arc<Live>,
         flusher: Flusher,
@@ -166,6 +175,7 @@ impl Engine {
     ) -> Engine {
         Engine {
             trees,
+            spill,
             accounts,
             live,
             flusher,
@@ -178,7 +188,7 @@ impl Engine {
             removes: Vec::new(),
             space_checked: None,
             failures: Throttle::new(Duration::from_secs(60)),
-            later: HashSet::new(),
+            closing: false,
         }
     }
 
@@ -188,6 +198,7 @@ impl Engine {
         loop {
             let started = Instant::now();
             let (ops, stop) = self.inbox.take();
+            self.closing = stop;
             if let Err(e) = self.turn_with(ops, started, unix_ms()) {
                 self.fail(&e);
                 return;
@@ -200,7 +211,11 @@ impl Engine {
                 }
                 return;
             }
-            let (ready, next) = self.live.lock().due(Instant::now());
+            let (ready, mut next) = self.live.lock().due(Instant::now());
+            if lock(&self.spill).marks_pending() {
+                let soon = Instant::now() + Duration::from_secs(1);
+                next = Some(next.map_or(soon, |n| n.min(soon)));
+            }
             let until = if ready {
                 Some(started + TICK)
             } else {
@@ -231,7 +246,10 @@ impl Engine {
 
     fn turn_with(&mut self, ops: Vec<(Op, Option<Waiter>)>, now: Instant, now_ms: u64) -> Result<(), StoreError> {
         self.check_space(now);
-        let mut turn = Turn::default();
+        let mut turn = Turn {
+            marks_now: self.closing,
+            ..Turn::default()
+        };
         {
             let mut live = self.live.lock();
             live.take(now, &mut self.writes, &mut self.deletes, &mut self.removes);
@@ -239,7 +257,6 @@ impl Engine {
         if !self.writes.is_empty() || !self.deletes.is_empty() || !self.removes.is_empty() {
             self.write_batch(&mut turn)?;
         }
-        self.forget_later(&mut turn)?;
         for (op, waiter) in ops {
             match self.op(op, now_ms, &mut turn) {
                 Ok(None) => {}
@@ -262,9 +279,21 @@ impl Engine {
                 }
             }
         }
+        self.compact(&mut turn)?;
+        self.write_marks(now, &mut turn)?;
+        let (spilled, adjust) = {
+            let spill = lock(&self.spill);
+            (spill.count() as u64, spill.held() as i64 - spill.charged() as i64)
+        };
+        {
+            let mut live = self.live.lock();
+            live.spilled = spilled;
+            live.spill_adjust = adjust;
+        }
         self.raise_ceiling(&mut turn)?;
         let r = turn.release;
-        if turn.dirty || !r.written.is_empty() || !r.answers.is_empty() || r.ceiling.is_some() {
+        if turn.dirty || !r.written.is_empty() || !r.answers.is_empty() || r.ceiling.is_some() || !r.segments.is_empty()
+        {
             let epoch = self.flusher.note_write();
             self.awaiting.push_back((epoch, r));
         }
@@ -292,6 +321,14 @@ impl Engine {
                     self.ceiling_pending = false;
                 }
                 live.durable(&r.written);
+            }
+            if !r.segments.is_empty() {
+                let mut spill = lock(&self.spill);
+                for seg in r.segments {
+                    if let Err(e) = spill.remove_segment(seg) {
+                        log::warn!("could not delete a spill segment nothing refers to: {e}");
+                    }
+                }
             }
             for (w, outcome) in r.answers {
                 w.complete(outcome);
@@ -326,185 +363,117 @@ impl Engine {
         Ok(())
     }
 
-    /// Writes what the queues have due: acknowledged records go, copies
-    /// past their deadline are written with their message's record.
+    /// Writes what the queues have due: acknowledged copies and entries
+    /// go (their device's mark moves), copies past their deadline are
+    /// appended to the spill log.
     fn write_batch(&mut self, turn: &mut Turn) -> Result<(), StoreError> {
-        let q = &self.trees.queues;
+        let q = self.trees.queues.clone();
         let mut batch = sled::Batch::default();
-        let mut gone: HashSet<(DeviceKey, u64)> = HashSet::new();
         let mut deleted: HashMap<DeviceKey, (u64, u64)> = HashMap::new();
-        let mut candidates: HashSet<MsgKey> = HashSet::new();
-        for (d, up_to) in self.deletes.drain(..) {
-            for item in q.range(queue_key(d, 0)..=queue_key(d, up_to)) {
-                let (k, v) = item?;
-                let seq = queue_seq(&k)?;
-                if gone.insert((d, seq)) {
-                    note_message(&v, &mut candidates);
+        {
+            let mut spill = lock(&self.spill);
+            for (d, up_to) in std::mem::take(&mut self.deletes) {
+                let c = deleted.entry(d).or_default();
+                // Receipts and notices, in sled.
+                for item in q.range(queue_key(d, 0)..=queue_key(d, up_to)) {
+                    let (k, v) = item?;
                     batch.remove(k.clone());
-                    let e = deleted.entry(d).or_default();
-                    e.0 += 1;
-                    e.1 += (k.len() + v.len()) as u64;
+                    c.0 += 1;
+                    c.1 += disk::record_len(&k, &v);
                 }
+                // Copies, in the spill log: the device's mark moves (the
+                // removals it covers go when it is written).
+                let (n, bytes) = spill.ack(d, up_to);
+                c.0 += n;
+                c.1 += bytes;
             }
-        }
-        for (d, seq) in self.removes.drain(..) {
-            let k = queue_key(d, seq);
-            if let Some(v) = q.get(k)?
-                && gone.insert((d, seq))
-            {
-                note_message(&v, &mut candidates);
-                batch.remove(&k[..]);
-                let e = deleted.entry(d).or_default();
-                e.0 += 1;
-                e.1 += (k.len() + v.len()) as u64;
-            }
-        }
-        // Retries found: the message, its first header, the copies to drop.
-        let mut retries: Vec<Retry> = Vec::new();
-        let mut skip: HashSet<(DeviceKey, u64)> = HashSet::new();
-        let mut records: i64 = 0;
-        for w in &self.writes {
-            if let Some((key, rec)) = &w.record {
-                let mk = message_key(key.0, key.1);
-                let old = q.get(mk)?;
-                if let Some(first) = old.as_deref().and_then(|v| disk::decode_record(v).ok()) {
-                    // A retry of a message accepted before a restart: it
-                    // can only deliver that message again, to its devices.
-                    // One whose first copy is still queued has it, and one
-                    // the first was not for is not a recipient: their
-                    // copies of the retry go. The others get theirs: their
-                    // first copy was delivered, or was lost unwritten with
-                    // the restart (the sender was never answered then); a
-                    // duplicate is dropped by the client, a loss is not.
-                    let mut drop = Vec::new();
-                    let mut keep = Vec::new();
-                    for &(u, dv, seq) in &rec.copies {
-                        let mut recipient = false;
-                        let mut queued = false;
-                        for &(fu, fd, fs) in &first.copies {
-                            if (fu, fd) == (u, dv) {
-                                recipient = true;
-                                if q.contains_key(queue_key(dev(u, dv), fs))? {
-                                    queued = true;
-                                    break;
-                                }
-                            }
+            // Copies of one message staged together go in one record.
+            let writes = std::mem::take(&mut self.writes);
+            let mut copies: Vec<(DeviceKey, u64, &QueuedMessage)> = Vec::new();
+            for w in &writes {
+                match &w.entry {
+                    Entry::Message(m) => {
+                        if copies.first().is_some_and(|(_, _, f)| {
+                            (f.from_user, f.from_device, f.id) != (m.from_user, m.from_device, m.id)
+                        }) {
+                            spill.append_message(&copies)?;
+                            copies.clear();
                         }
-                        if recipient && !queued {
-                            keep.push((u, dv, seq));
-                        } else {
-                            drop.push((dev(u, dv), seq));
-                        }
+                        copies.push((w.device, w.seq, m));
                     }
-                    let header = (first.to_user, first.time_ms);
-                    if !keep.is_empty() {
-                        // The copies written join the first record: they
-                        // are read with its header, and it goes with the
-                        // last of them.
-                        let old_len = old.as_deref().map_or(0, <[u8]>::len);
-                        let mut merged = first;
-                        merged.copies.extend(keep);
-                        let value = disk::encode(&merged);
-                        records += value.len() as i64 - old_len as i64;
-                        batch.insert(&mk[..], value);
-                    }
-                    skip.extend(drop.iter().copied());
-                    retries.push((*key, header, drop));
-                    continue;
+                    e => batch.insert(&queue_key(w.device, w.seq)[..], disk::encode(&e.to_disk())),
                 }
-                // (A record that does not decode is replaced.)
-                let old_len = old.map_or(0, |v| mk.len() + v.len()) as i64;
-                let value = disk::encode(rec);
-                records += (mk.len() + value.len()) as i64 - old_len;
-                batch.insert(&mk[..], value);
+                turn.release.written.push((w.device, w.seq));
             }
-        }
-        let mut skipped: HashMap<MsgKey, Vec<(DeviceKey, u64, u64)>> = HashMap::new();
-        for w in self.writes.drain(..) {
-            if let Entry::Message(m) = &w.entry
-                && skip.contains(&(w.device, w.seq))
-            {
-                skipped
-                    .entry((m.from(), m.id))
-                    .or_default()
-                    .push((w.device, w.seq, w.entry.stored_len()));
-                continue;
+            spill.append_message(&copies)?;
+            // The copies are synced before sled's next flush.
+            for f in spill.take_unsynced()? {
+                self.flusher.sync_first(f);
             }
-            batch.insert(&queue_key(w.device, w.seq)[..], disk::encode(&w.entry.to_disk()));
-            turn.release.written.push((w.device, w.seq));
+            let freed = spill.take_freed();
+            if !freed.is_empty() {
+                turn.marks_now = true;
+                turn.release.segments.extend(freed);
+            }
         }
         q.apply_batch(batch)?;
         turn.dirty = true;
-        // Messages whose last record went may lose their shared record.
-        let (_, forgotten) = self.forget(candidates)?;
         let mut live = self.live.lock();
         for (d, (n, bytes)) in deleted {
             live.deleted(d, n, bytes);
         }
-        live.disk_delta(records - forgotten);
-        for (key, header, drop) in retries {
-            live.drop_retry(key, header, &drop, skipped.get(&key).map_or(&[], Vec::as_slice));
-        }
         Ok(())
     }
 
-    /// Deletes the shared record of each message of `keys` that has no
-    /// copy left on disk and can write none any more. A message that still
-    /// may (a copy waits in memory) keeps it, and is looked at again once
-    /// it settled ([`Engine::forget_later`]). Returns how many records went
-    /// and their bytes (the caller counts them).
-    fn forget(&mut self, keys: impl IntoIterator<Item = MsgKey>) -> Result<(usize, i64), StoreError> {
-        let q = &self.trees.queues;
-        let mut batch = sled::Batch::default();
-        let (mut n, mut bytes) = (0, 0i64);
-        {
-            let live = self.live.lock();
-            for key in keys {
-                if live.unsettled(key) {
-                    self.later.insert(key);
-                    continue;
-                }
-                let mk = message_key(key.0, key.1);
-                let Some(v) = q.get(mk)? else { continue };
-                let rec = disk::decode_record(&v)?;
-                let mut any = false;
-                for &(u, dv, seq) in &rec.copies {
-                    if q.contains_key(queue_key(dev(u, dv), seq))? {
-                        any = true;
-                        break;
-                    }
-                }
-                if !any {
-                    batch.remove(&mk[..]);
-                    n += 1;
-                    bytes += (mk.len() + v.len()) as i64;
-                }
-            }
-        }
-        if n > 0 {
-            q.apply_batch(batch)?;
-        }
-        Ok((n, bytes))
-    }
-
-    /// Looks again at the records [`Engine::forget`] kept for messages
-    /// that were not settled then.
-    fn forget_later(&mut self, turn: &mut Turn) -> Result<(), StoreError> {
-        if self.later.is_empty() {
+    /// Moves the few copies left in a mostly delivered segment of the
+    /// spill log (at most 1 MiB a turn), so that disk use follows what is
+    /// undelivered.
+    fn compact(&mut self, turn: &mut Turn) -> Result<(), StoreError> {
+        let mut spill = lock(&self.spill);
+        if !spill.compact(1 << 20)? {
             return Ok(());
         }
-        let ready: Vec<MsgKey> = {
-            let live = self.live.lock();
-            self.later.iter().filter(|k| !live.unsettled(**k)).copied().collect()
+        for f in spill.take_unsynced()? {
+            self.flusher.sync_first(f);
+        }
+        turn.release.segments.extend(spill.take_freed());
+        turn.dirty = true;
+        Ok(())
+    }
+
+    /// Writes the marks that moved: each at most once a second while its
+    /// acks keep coming, all of them when `turn.marks_now` (then a segment
+    /// deleted after this turn's flush cannot come back). The removal
+    /// records a mark covers go in the same batch as the mark, never
+    /// before it: a removal deleted while the mark that covers its copy is
+    /// not durable would let a crash bring the retracted copy back.
+    fn write_marks(&mut self, now: Instant, turn: &mut Turn) -> Result<(), StoreError> {
+        let (due, freed) = {
+            let mut spill = lock(&self.spill);
+            (spill.marks_due(now, turn.marks_now), spill.take_freed())
         };
-        for k in &ready {
-            self.later.remove(k);
+        turn.release.segments.extend(freed);
+        if due.is_empty() {
+            return Ok(());
         }
-        let (n, bytes) = self.forget(ready)?;
-        if n > 0 {
-            self.live.lock().disk_delta(-bytes);
-            turn.dirty = true;
+        let q = &self.trees.queues;
+        let mut batch = sled::Batch::default();
+        let mut added: i64 = 0;
+        for (d, mark) in due {
+            let k = mark_key(d);
+            if !q.contains_key(k)? {
+                added += (k.len() + 8) as i64;
+            }
+            batch.insert(&k[..], &mark.to_be_bytes()[..]);
+            for item in q.range(removed_key(d, 0)..=removed_key(d, mark)) {
+                let (k, v) = item?;
+                batch.remove(k.clone());
+                added -= disk::record_len(&k, &v) as i64;
+            }
         }
+        q.apply_batch(batch)?;
+        turn.dirty = true;
+        self.live.lock().disk_delta(added);
         Ok(())
     }
 
@@ -542,7 +511,7 @@ impl Engine {
             }
             Op::Revoke { device, now_ms } => {
                 turn.dirty = true;
-                (Outcome::Revoked(self.revoke(device, now_ms)?), true)
+                (Outcome::Revoked(self.revoke(device, now_ms, turn)?), true)
             }
             Op::Touch { device, now_ms } => {
                 turn.dirty = true;
@@ -601,7 +570,7 @@ impl Engine {
             }
             Op::Retract { user, senders, id, .. } => {
                 turn.dirty = true;
-                (Outcome::Retracted(self.retract(user, &senders, id)?), true)
+                (Outcome::Retracted(self.retract(user, &senders, id, turn)?), true)
             }
             Op::ReadBacklog { device, from, max } => (self.read_backlog(device, from, max)?, false),
             Op::Sweep {
@@ -613,6 +582,11 @@ impl Engine {
                 let swept = self.sweep(&mut cursor, cutoff_ms, max_keys, now_ms, turn)?;
                 turn.dirty = true;
                 (Outcome::Swept(swept, cursor), true)
+            }
+            Op::SetLastSeen { user, everyone } => {
+                turn.dirty = true;
+                accounts.set_last_seen(user, everyone)?;
+                (Outcome::LastSeenSet, true)
             }
             Op::Sync => {
                 turn.dirty = true;
@@ -636,7 +610,7 @@ impl Engine {
         let quotas = self.live.config.quotas;
         {
             let live = self.live.lock();
-            if (live.disk_bytes + live.unwritten()).saturating_add(len * targets.len() as u64) > quotas.disk_budget {
+            if (live.disk_used() + live.unwritten()).saturating_add(len * targets.len() as u64) > quotas.disk_budget {
                 return Ok(Err(Refused::Quota(Quota::Disk)));
             }
         }
@@ -686,7 +660,7 @@ impl Engine {
             let on_disk = self.live.lock().remove(target, seq) != Removed::Memory;
             if on_disk && let Some(v) = q.get(queue_key(target, seq))? {
                 batch.remove(&queue_key(target, seq)[..]);
-                removed = Some((QUEUE_KEY_BYTES + v.len()) as u64);
+                removed = Some(disk::record_len(&queue_key(target, seq), &v));
             }
             entry = merged;
         }
@@ -711,51 +685,61 @@ impl Engine {
     /// Removes the still-queued copies of message `id` of `user` (sent by
     /// any of `senders`), and remembers the retraction if the message is
     /// known, so that a retry is answered without queueing it again.
-    fn retract(&mut self, user: UserId, senders: &[DeviceKey], id: MsgId) -> Result<usize, StoreError> {
-        let q = &self.trees.queues;
+    fn retract(
+        &mut self,
+        user: UserId,
+        senders: &[DeviceKey],
+        id: MsgId,
+        turn: &mut Turn,
+    ) -> Result<usize, StoreError> {
+        let q = self.trees.queues.clone();
         let mut batch = sled::Batch::default();
-        let mut gone: HashSet<(DeviceKey, u64)> = HashSet::new();
+        let mut done: HashSet<(DeviceKey, u64)> = HashSet::new();
         let mut deleted: HashMap<DeviceKey, (u64, u64)> = HashMap::new();
         let mut records: i64 = 0;
         let mut known: Option<u64> = None;
         let mut n = 0;
+        // Copies known in memory: the message is recent.
+        let mut copies = Vec::new();
         for &s in senders {
             let key = (s, id);
-            let (mut copies, time) = {
-                let live = self.live.lock();
-                (live.copies_of(key), live.time_of(key))
-            };
-            known = known.or(time);
-            let mk = message_key(s, id);
-            if let Some(v) = q.get(mk)? {
-                let rec = disk::decode_record(&v)?;
-                known = known.or(Some(rec.time_ms));
-                copies.extend(rec.copies.iter().map(|&(u, d, seq)| (dev(u, d), seq)));
-                batch.remove(&mk[..]);
-                records -= (mk.len() + v.len()) as i64;
+            let live = self.live.lock();
+            copies.extend(live.copies_of(key));
+            known = known.or(live.time_of(key));
+        }
+        // Copies in the spill log: found by their tag, checked by their
+        // record.
+        for r in lock(&self.spill).find(spill::tag(user, id))? {
+            if r.id == id && r.from_user == user.0 {
+                known = known.or(Some(r.time_ms));
+                copies.push((r.device(), r.seq()));
             }
+        }
+        {
+            let mut spill = lock(&self.spill);
             for (d, seq) in copies {
-                if !gone.insert((d, seq)) {
+                if !done.insert((d, seq)) {
                     continue;
                 }
-                let removed = self.live.lock().remove(d, seq);
-                if removed == Removed::Memory {
+                if self.live.lock().remove(d, seq) == Removed::Memory {
+                    // Never written.
                     n += 1;
                     continue;
                 }
-                let k = queue_key(d, seq);
-                let Some(v) = q.get(k)? else { continue };
-                // Only this message's copy: the number is never reused, but
-                // check anyway.
-                if matches!(disk::decode_disk(&v)?, DiskEntry::Message { from_user, from_device, id: i, .. }
-                    if dev(from_user, from_device) == s && i == id)
-                {
-                    batch.remove(&k[..]);
-                    let e = deleted.entry(d).or_default();
-                    e.0 += 1;
-                    e.1 += (k.len() + v.len()) as u64;
+                if let Some(bytes) = spill.remove(d, seq) {
+                    let k = removed_key(d, seq);
+                    batch.insert(&k[..], &[][..]);
+                    records += k.len() as i64;
+                    let c = deleted.entry(d).or_default();
+                    c.0 += 1;
+                    c.1 += bytes;
                     n += 1;
                 }
+            }
+            let freed = spill.take_freed();
+            if !freed.is_empty() {
+                turn.marks_now = true;
+                turn.release.segments.extend(freed);
             }
         }
         if let Some(time_ms) = known {
@@ -767,6 +751,7 @@ impl Engine {
             batch.insert(&tk[..], &value[..]);
         }
         q.apply_batch(batch)?;
+        turn.dirty = true;
         let mut live = self.live.lock();
         for (d, (count, bytes)) in deleted {
             live.deleted(d, count, bytes);
@@ -782,7 +767,7 @@ impl Engine {
     fn read_backlog(&self, d: DeviceKey, from: u64, max: usize) -> Result<Outcome, StoreError> {
         let hi = self.live.lock().disk_hi(d);
         let mut entries = Vec::new();
-        let covered = read_disk(&self.trees.queues, d, from, hi, max, &mut entries)?;
+        let covered = read_disk(&self.trees.queues, &self.spill, d, from, hi, max, &mut entries)?;
         Ok(Outcome::Backlog {
             device: d,
             from,
@@ -793,41 +778,50 @@ impl Engine {
 
     /// Revokes a device: refused from now on; its queue, fold records and
     /// keys go.
-    fn revoke(&mut self, d: DeviceKey, now_ms: u64) -> Result<bool, StoreError> {
+    fn revoke(&mut self, d: DeviceKey, now_ms: u64, turn: &mut Turn) -> Result<bool, StoreError> {
         if !self.accounts.revoke(d, now_ms)? {
             return Ok(false);
         }
-        self.delete_queue(d)?;
+        self.delete_queue(d, turn)?;
         keys::delete_keys(&self.trees.e2e, d)?;
         self.accounts.set_one_time_keys(d, None);
         Ok(true)
     }
 
     /// Deletes a device's whole queue and its fold records.
-    pub(crate) fn delete_queue(&mut self, d: DeviceKey) -> Result<(), StoreError> {
-        let q = &self.trees.queues;
+    fn delete_queue(&mut self, d: DeviceKey, turn: &mut Turn) -> Result<(), StoreError> {
+        let q = self.trees.queues.clone();
         self.live.lock().clear(d);
         let mut batch = sled::Batch::default();
         let (mut n, mut bytes, mut other) = (0u64, 0u64, 0i64);
-        let mut candidates = HashSet::new();
         for item in q.scan_prefix(dev_prefix(QUEUE, d)) {
             let (k, v) = item?;
-            note_message(&v, &mut candidates);
+            bytes += disk::record_len(&k, &v);
             batch.remove(k.clone());
             n += 1;
-            bytes += (k.len() + v.len()) as u64;
         }
         for item in q.scan_prefix(dev_prefix(FOLD, d)) {
             let (k, v) = item?;
             batch.remove(k.clone());
-            other -= (k.len() + v.len()) as i64;
+            other -= disk::record_len(&k, &v) as i64;
         }
+        {
+            // The mark moves past every number the queue gave out, so
+            // that it covers each of its removals (which go with it).
+            let given = self.live.lock().last_seq(d);
+            let mut spill = lock(&self.spill);
+            let (sn, sb) = spill.clear(d, given);
+            n += sn;
+            bytes += sb;
+            turn.release.segments.extend(spill.take_freed());
+        }
+        // Its mark, written this turn, keeps its copies from coming back.
+        turn.marks_now = true;
         q.apply_batch(batch)?;
-        // Messages whose last copy was in this queue.
-        let (_, forgotten) = self.forget(candidates)?;
+        turn.dirty = true;
         let mut live = self.live.lock();
         live.deleted(d, n, bytes);
-        live.disk_delta(other - forgotten);
+        live.disk_delta(other);
         Ok(())
     }
 
@@ -848,19 +842,59 @@ impl Engine {
     ) -> Result<Swept, StoreError> {
         let q = self.trees.queues.clone();
         let mut swept = Swept::default();
+        let mut batch = sled::Batch::default();
+        let mut deleted: HashMap<DeviceKey, (u64, u64)> = HashMap::new();
+        let mut other: i64 = 0;
+        let mut gaps: std::collections::BTreeMap<DeviceKey, Vec<LostRecord>> = Default::default();
+        let mut undelivered: std::collections::BTreeMap<(UserId, DeviceKey), Vec<MsgId>> = Default::default();
         if cursor.is_empty() {
-            // Once a pass: expired invites and link codes.
+            // Once a pass: expired invites and link codes, and the copies
+            // in the spill log accepted before the cutoff (the front of
+            // each queue: a queue is in acceptance order).
             let (invites, links) = self.accounts.sweep_codes(now_ms)?;
             if invites + links > 0 {
                 log::debug!("removed {invites} expired invites and {links} expired link codes");
                 turn.dirty = true;
             }
+            let mut spill = lock(&self.spill);
+            for d in spill.devices() {
+                let old = spill.front_while(d, |r| r.time_ms < cutoff_ms)?;
+                if old.is_empty() {
+                    continue;
+                }
+                // The mark moves past the expired copies, but never past
+                // a copy in memory not written yet (it would be written
+                // below the mark, and lost at the next open): those above
+                // go one by one, with a removal record.
+                let cap = self.live.lock().lowest_unwritten(d).unwrap_or(u64::MAX);
+                let mut last = None;
+                let c = deleted.entry(d).or_default();
+                for r in &old {
+                    self.live.lock().remove(d, r.seq());
+                    note_lost(&mut gaps, &mut undelivered, d, r.sender(), r.id, r.time_ms);
+                    swept.expired += 1;
+                    if r.seq() < cap {
+                        last = Some(r.seq());
+                    } else if let Some(bytes) = spill.remove(d, r.seq()) {
+                        let k = removed_key(d, r.seq());
+                        batch.insert(&k[..], &[][..]);
+                        other += k.len() as i64;
+                        c.0 += 1;
+                        c.1 += bytes;
+                    }
+                }
+                if let Some(last) = last {
+                    let (n, bytes) = spill.ack(d, last);
+                    c.0 += n;
+                    c.1 += bytes;
+                }
+                turn.marks_now = true;
+            }
+            turn.release.segments.extend(spill.take_freed());
         }
         let mut expired: Vec<(DeviceKey, u64)> = Vec::new();
-        let mut records: Vec<Vec<u8>> = Vec::new();
         let mut tombstones: Vec<Vec<u8>> = Vec::new();
         let mut stale_folds: Vec<(Vec<u8>, DeviceKey, u64)> = Vec::new();
-        let mut times: HashMap<MsgKey, u64> = HashMap::new();
         let mut scanned = 0;
         let mut from = cursor.clone();
         'scan: while scanned < max_keys {
@@ -872,29 +906,7 @@ impl Engine {
                 let skip_to = match k.first() {
                     Some(&QUEUE) => {
                         let d = parse_dev(&k).ok_or(StoreError::Corrupt("queues/key"))?;
-                        let time = match disk::decode_disk(&v)? {
-                            DiskEntry::Message {
-                                from_user,
-                                from_device,
-                                id,
-                                ..
-                            } => {
-                                let key = (dev(from_user, from_device), id);
-                                match times.get(&key) {
-                                    Some(t) => *t,
-                                    None => {
-                                        let t = q
-                                            .get(message_key(key.0, key.1))?
-                                            .map(|v| disk::decode_record(&v))
-                                            .transpose()?
-                                            .map_or(0, |r| r.time_ms);
-                                        times.insert(key, t);
-                                        t
-                                    }
-                                }
-                            }
-                            other => other.into_entry(None).map_or(0, |e| e.time_ms()),
-                        };
+                        let time = disk::decode_disk(&v)?.into_entry(None).map_or(0, |e| e.time_ms());
                         if time < cutoff_ms {
                             expired.push((d, queue_seq(&k)?));
                             None
@@ -905,23 +917,6 @@ impl Engine {
                             next.extend_from_slice(&[0xff; 9]);
                             Some(next)
                         }
-                    }
-                    Some(&MESSAGE) => {
-                        let rec = disk::decode_record(&v)?;
-                        let key = parse_message_key(&k).ok_or(StoreError::Corrupt("queues/message"))?;
-                        if !self.live.lock().unsettled(key) {
-                            let mut any = false;
-                            for &(u, d, seq) in &rec.copies {
-                                if q.contains_key(queue_key(dev(u, d), seq))? {
-                                    any = true;
-                                    break;
-                                }
-                            }
-                            if !any {
-                                records.push(k.to_vec());
-                            }
-                        }
-                        None
                     }
                     Some(&TOMBSTONE) => {
                         if be_u64(&v).is_some_and(|t| t < cutoff_ms) {
@@ -960,70 +955,21 @@ impl Engine {
             }
         }
         *cursor = from;
-        if expired.is_empty() && records.is_empty() && tombstones.is_empty() && stale_folds.is_empty() {
-            return Ok(swept);
-        }
-        let mut batch = sled::Batch::default();
-        let mut deleted: HashMap<DeviceKey, (u64, u64)> = HashMap::new();
-        let mut other: i64 = 0;
-        let mut gaps: std::collections::BTreeMap<DeviceKey, Vec<LostRecord>> = Default::default();
-        let mut undelivered: std::collections::BTreeMap<(UserId, DeviceKey), Vec<MsgId>> = Default::default();
-        let mut expired_messages: HashSet<MsgKey> = HashSet::new();
+        // Receipts and notices (in sled) that expired: without a notice.
         for (d, seq) in expired {
             let k = queue_key(d, seq);
             let Some(v) = q.get(k)? else { continue };
-            let e = disk::decode_disk(&v)?;
-            let message = match &e {
-                DiskEntry::Message {
-                    from_user,
-                    from_device,
-                    id,
-                    ..
-                } => Some((dev(*from_user, *from_device), *id)),
-                _ => None,
-            };
             self.live.lock().remove(d, seq);
             batch.remove(&k[..]);
             let c = deleted.entry(d).or_default();
             c.0 += 1;
-            c.1 += (k.len() + v.len()) as u64;
-            if let Some((sender, id)) = message {
-                expired_messages.insert((sender, id));
-                swept.expired += 1;
-                let time = times.get(&(sender, id)).copied().unwrap_or(0);
-                let lost = gaps.entry(d).or_default();
-                match lost
-                    .iter_mut()
-                    .find(|l| l.from_user == sender.user.0 && l.from_device == sender.device.0)
-                {
-                    Some(l) => {
-                        l.count += 1;
-                        l.first_ms = l.first_ms.min(time);
-                        l.last_ms = l.last_ms.max(time);
-                    }
-                    None => lost.push(LostRecord {
-                        from_user: sender.user.0,
-                        from_device: sender.device.0,
-                        count: 1,
-                        first_ms: time,
-                        last_ms: time,
-                    }),
-                }
-                undelivered.entry((sender.user, d)).or_default().push(id);
-            }
-        }
-        for k in records {
-            if let Some(v) = q.get(&k)? {
-                batch.remove(k.clone());
-                other -= (k.len() + v.len()) as i64;
-                swept.forgotten += 1;
-            }
+            c.1 += disk::record_len(&k, &v);
         }
         let mut live_forget = Vec::new();
         for k in tombstones {
             if let Some(v) = q.get(&k)? {
                 batch.remove(k.clone());
-                other -= (k.len() + v.len()) as i64;
+                other -= disk::record_len(&k, &v) as i64;
                 live_forget.extend(parse_tombstone(&k));
                 swept.forgotten += 1;
             }
@@ -1039,10 +985,6 @@ impl Engine {
         }
         q.apply_batch(batch)?;
         turn.dirty = true;
-        // The records of messages whose last copy expired go with it.
-        let (n, bytes) = self.forget(expired_messages)?;
-        swept.forgotten += n;
-        other -= bytes;
         {
             let mut live = self.live.lock();
             for (d, (n, bytes)) in deleted {
@@ -1091,83 +1033,76 @@ impl Engine {
     }
 }
 
+/// Counts an expired message for the gap notice of the device that lost
+/// it and the expiry notice of its sender.
+fn note_lost(
+    gaps: &mut std::collections::BTreeMap<DeviceKey, Vec<LostRecord>>,
+    undelivered: &mut std::collections::BTreeMap<(UserId, DeviceKey), Vec<MsgId>>,
+    d: DeviceKey,
+    sender: DeviceKey,
+    id: MsgId,
+    time: u64,
+) {
+    let lost = gaps.entry(d).or_default();
+    match lost
+        .iter_mut()
+        .find(|l| l.from_user == sender.user.0 && l.from_device == sender.device.0)
+    {
+        Some(l) => {
+            l.count += 1;
+            l.first_ms = l.first_ms.min(time);
+            l.last_ms = l.last_ms.max(time);
+        }
+        None => lost.push(LostRecord {
+            from_user: sender.user.0,
+            from_device: sender.device.0,
+            count: 1,
+            first_ms: time,
+            last_ms: time,
+        }),
+    }
+    undelivered.entry((sender.user, d)).or_default().push(id);
+}
+
 /// Reads up to `max` entries of `d`'s queue with sequence in `from..=hi`
-/// from disk, joining each message copy with its message's record, into
-/// `out`. Returns the highest sequence the read covered.
+/// from disk: receipts and notices from sled, copies from the spill log,
+/// in order, into `out`. Returns the highest sequence the read covered.
 pub(crate) fn read_disk(
     q: &sled::Tree,
+    spill: &Mutex<Spill>,
     d: DeviceKey,
     from: u64,
     hi: u64,
     max: usize,
     out: &mut Vec<(u64, Entry)>,
 ) -> Result<u64, StoreError> {
-    let mut headers: HashMap<MsgKey, Option<(u32, u64)>> = HashMap::new();
-    let mut covered = hi;
-    if from > hi {
+    if from > hi || max == 0 {
         return Ok(hi);
     }
-    let mut n = 0;
-    for item in q.range(queue_key(d, from)..=queue_key(d, hi)) {
-        if n == max {
-            break;
-        }
+    let mut got: Vec<(u64, Entry)> = Vec::new();
+    for item in q.range(queue_key(d, from)..=queue_key(d, hi)).take(max) {
         let (k, v) = item?;
         let seq = queue_seq(&k)?;
-        let e = disk::decode_disk(&v)?;
-        let header = match &e {
-            DiskEntry::Message {
-                from_user,
-                from_device,
-                id,
-                ..
-            } => {
-                let key = (dev(*from_user, *from_device), *id);
-                match headers.get(&key) {
-                    Some(h) => *h,
-                    None => {
-                        let h = q
-                            .get(message_key(key.0, key.1))?
-                            .map(|v| disk::decode_record(&v))
-                            .transpose()?
-                            .map(|r| (r.to_user, r.time_ms));
-                        headers.insert(key, h);
-                        h
-                    }
-                }
-            }
-            _ => None,
-        };
-        n += 1;
-        match e.into_entry(header) {
-            Some(entry) => out.push((seq, entry)),
-            None => log::warn!("{d}: queued copy {seq} has no message record; skipped"),
-        }
-        if n == max {
-            covered = seq;
+        match disk::decode_disk(&v)?.into_entry(None) {
+            Some(e) => got.push((seq, e)),
+            None => log::warn!("{d}: queued entry {seq} cannot be read; skipped"),
         }
     }
+    lock(spill).read(d, from, hi, max, &mut got)?;
+    got.sort_by_key(|(s, _)| *s);
+    let mut covered = hi;
+    if got.len() > max {
+        got.truncate(max);
+    }
+    if got.len() == max {
+        covered = got.last().map_or(hi, |(s, _)| *s);
+    }
+    out.append(&mut got);
     Ok(covered)
 }
 
-/// A retry found by its first record: the message, the first header
-/// (addressee, acceptance time), and the copies of the retry that go.
-type Retry = (MsgKey, (u32, u64), Vec<(DeviceKey, u64)>);
-
-/// Bytes of a `q` key.
-const QUEUE_KEY_BYTES: usize = disk::QUEUE_KEY_LEN;
-
-/// Notes the message a deleted copy belonged to.
-fn note_message(v: &[u8], out: &mut HashSet<MsgKey>) {
-    if let Ok(DiskEntry::Message {
-        from_user,
-        from_device,
-        id,
-        ..
-    }) = disk::decode_disk(v)
-    {
-        out.insert((dev(from_user, from_device), id));
-    }
+fn lock(spill: &Mutex<Spill>) -> std::sync::MutexGuard<'_, Spill> {
+    spill.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Whether a storage error means the database can no longer be trusted
@@ -1184,12 +1119,4 @@ fn unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// The `MsgRecord` of a message as loaded, for the migration and tests.
-#[allow(dead_code)]
-pub(crate) fn record_of(q: &sled::Tree, key: MsgKey) -> Result<Option<MsgRecord>, StoreError> {
-    q.get(message_key(key.0, key.1))?
-        .map(|v| disk::decode_record(&v))
-        .transpose()
 }

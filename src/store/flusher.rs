@@ -11,7 +11,10 @@
 //! If a flush fails, `durable` never moves again and [`Flusher::failed`]
 //! turns true: the daemon must stop rather than acknowledge anything.
 //!
-//! A flush is sled's `flush` and then `fdatasync` of sled's data file. On
+//! A flush syncs the spill log's segments written since the last flush
+//! (and the spill directory when a segment was created) first, so that a
+//! `q` record on disk always finds its body; then sled's `flush` and an
+//! `fdatasync` of sled's data file. On
 //! Linux sled's flush ends in `sync_file_range`, which writes the pages
 //! but neither flushes the drive's volatile write cache nor commits the
 //! file's new size and block allocation (sled issue #1452): enough for a
@@ -50,6 +53,8 @@ struct Inner {
     flushes: AtomicU64,
     state: Mutex<State>,
     cond: Condvar,
+    /// Spill segments (and directories) to sync before the next flush.
+    first: Mutex<Vec<File>>,
 }
 
 /// The group-commit flusher. Cheap to clone.
@@ -72,6 +77,7 @@ impl Flusher {
                 flushes: AtomicU64::new(0),
                 state: Mutex::new(State::default()),
                 cond: Condvar::new(),
+                first: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -90,6 +96,12 @@ impl Flusher {
             self.inner.cond.notify_one();
         }
         Epoch(e)
+    }
+
+    /// Syncs `file` before sled's next flush (a spill segment just
+    /// written to, or a directory that got a new entry).
+    pub fn sync_first(&self, file: File) {
+        self.inner.first.lock().unwrap_or_else(|e| e.into_inner()).push(file);
     }
 
     /// The epoch a write made now would get (without asking for a flush).
@@ -138,6 +150,13 @@ impl Flusher {
     /// # Errors
     /// If sled's flush or the `fdatasync` fails.
     pub(super) fn sync(&self) -> Result<(), StoreError> {
+        let first = std::mem::take(&mut *self.inner.first.lock().unwrap_or_else(|e| e.into_inner()));
+        for f in first {
+            f.sync_all().map_err(|source| StoreError::Io {
+                path: self.inner.path.clone(),
+                source,
+            })?;
+        }
         self.inner.db.flush()?;
         self.inner.file.sync_data().map_err(|source| StoreError::Io {
             path: self.inner.path.clone(),

@@ -17,9 +17,11 @@
 //! unwritten or writing, or became durable; then its waiters hear
 //! [`Outcome::Settled`] and the sender may be told `Accepted` (spec §10).
 //! Settled messages are remembered for a while (`recent`) so that a retry
-//! is answered without queueing it again; retries after that are caught
-//! when a copy spills (the store thread finds the message's record) or
-//! dropped by the receiving client by id.
+//! is answered without queueing it again; retries after that are dropped
+//! by the receiving client by id. After a restart, the newest messages
+//! with a copy in the spill log are **restored**: a retry of one queues
+//! copies only for the devices whose copy is not still queued, with the
+//! original time; a retraction record answers before that.
 //!
 //! Sequence numbers come from each queue's `next`, below a `ceiling`
 //! that the store thread keeps durable ahead of them, so that numbers
@@ -36,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use super::Quotas;
 use super::api::{Appended, Entry, NewMessage, Outcome, QueuedMessage, Quota, Read, Refused, Waiter};
-use super::disk::{MESSAGE_KEY_LEN, MsgRecord, varint_len};
+use super::spill::Restored;
 use crate::ids::{DeviceKey, UserId};
 use crate::wire::MsgId;
 
@@ -118,13 +120,13 @@ impl Queue {
 }
 
 struct MsgState {
-    to: UserId,
     time_ms: u64,
     copies: Vec<(DeviceKey, u64)>,
     unsafe_copies: usize,
     waiters: Vec<Waiter>,
-    /// Its record is written (or in the batch being written).
-    recorded: bool,
+    /// Known from the spill log at open (a retry after a restart): the
+    /// copies are those still queued then.
+    restored: bool,
 }
 
 /// A copy the store thread writes.
@@ -133,8 +135,6 @@ pub(crate) struct Write {
     pub device: DeviceKey,
     pub seq: u64,
     pub entry: Entry,
-    /// The message's shared record, with its first copy written.
-    pub record: Option<(MsgKey, MsgRecord)>,
 }
 
 /// What the store thread found on disk for a queue at open.
@@ -161,8 +161,11 @@ pub(crate) struct Inner {
     msgs: HashMap<MsgKey, MsgState>,
     settled: VecDeque<MsgKey>,
     tombstones: HashMap<(UserId, MsgId), u64>,
-    /// Unwritten copies by deadline: those due at once (offline devices)
-    /// in front, then those waiting for an ack in the order they came.
+    /// Unwritten copies due at once (for devices offline), in the order
+    /// they came.
+    due_now: VecDeque<(DeviceKey, u64)>,
+    /// Unwritten copies waiting for an ack, by deadline (the order they
+    /// came).
     staged: VecDeque<(Instant, DeviceKey, u64)>,
     unwritten: u64,
     cached: u64,
@@ -173,6 +176,13 @@ pub(crate) struct Inner {
     removes: Vec<(DeviceKey, u64)>,
     /// Bytes of every record on disk (kept exact by the store thread).
     pub disk_bytes: u64,
+    /// Copies in the spill log (set by the store thread each turn).
+    pub spilled: u64,
+    /// The spill log's records less its copies' charges (copies written
+    /// together share a record; a record stays whole while any of its
+    /// copies waits): `disk_bytes` counts charges, the disk budget records.
+    /// Set by the store thread each turn.
+    pub spill_adjust: i64,
     /// Sequences below this may be handed out.
     pub ceiling: u64,
     /// The first sequence of a queue seen for the first time.
@@ -204,6 +214,7 @@ impl Live {
         disk_bytes: u64,
         base: u64,
         ceiling: u64,
+        restored: Vec<Restored>,
     ) -> Live {
         let mut queues = HashMap::with_capacity(loaded.len());
         let mut max_next = base;
@@ -216,12 +227,29 @@ impl Live {
             max_next = max_next.max(q.next);
             queues.insert(d, q);
         }
+        let mut msgs = HashMap::with_capacity(restored.len());
+        let mut settled = VecDeque::with_capacity(restored.len());
+        for r in restored {
+            let key = (r.sender, r.id);
+            settled.push_back(key);
+            msgs.insert(
+                key,
+                MsgState {
+                    time_ms: r.time_ms,
+                    copies: r.copies,
+                    unsafe_copies: 0,
+                    waiters: Vec::new(),
+                    restored: true,
+                },
+            );
+        }
         Live {
             inner: Mutex::new(Inner {
                 queues,
-                msgs: HashMap::new(),
-                settled: VecDeque::new(),
+                msgs,
+                settled,
                 tombstones,
+                due_now: VecDeque::new(),
                 staged: VecDeque::new(),
                 unwritten: 0,
                 cached: 0,
@@ -229,6 +257,8 @@ impl Live {
                 deletes: HashMap::new(),
                 removes: Vec::new(),
                 disk_bytes,
+                spilled: 0,
+                spill_adjust: 0,
                 ceiling,
                 base,
                 max_next,
@@ -269,6 +299,13 @@ impl Drop for Guard<'_> {
     }
 }
 
+impl Inner {
+    /// Bytes of every record on disk, exactly: what the disk budget counts.
+    pub fn disk_used(&self) -> u64 {
+        self.disk_bytes.saturating_add_signed(self.spill_adjust)
+    }
+}
+
 impl std::ops::Deref for Guard<'_> {
     type Target = Inner;
     fn deref(&self) -> &Inner {
@@ -280,11 +317,6 @@ impl std::ops::DerefMut for Guard<'_> {
     fn deref_mut(&mut self) -> &mut Inner {
         &mut self.inner
     }
-}
-
-/// Bytes a message's shared record takes (an upper bound, for the budget).
-fn record_len(copies: usize) -> u64 {
-    (MESSAGE_KEY_LEN + 5 + 10 + varint_len(copies as u64) + copies * 20) as u64
 }
 
 impl Guard<'_> {
@@ -327,6 +359,11 @@ impl Guard<'_> {
             return Some(Appended::Duplicate { time_ms });
         }
         let state = self.inner.msgs.get_mut(&(sender, id))?;
+        if state.restored {
+            // Known only in part: which devices miss a copy shows against
+            // the retry's copies, in `append`.
+            return None;
+        }
         if state.unsafe_copies > 0 {
             state.waiters.push(waiter.clone());
             return Some(Appended::Waiting);
@@ -336,9 +373,32 @@ impl Guard<'_> {
 
     /// Appends a message (see [`super::api::StoreApi::append`]); `full`:
     /// the disk is below its floor, so only retries are answered.
-    pub fn append(&mut self, m: NewMessage, now: Instant, waiter: &Waiter, full: bool) -> Appended {
+    pub fn append(&mut self, mut m: NewMessage, now: Instant, waiter: &Waiter, full: bool) -> Appended {
         let key = (m.sender, m.id);
-        if let Some(known) = self.recall(m.sender, m.id, waiter) {
+        // A retraction answers first (spec §5.5), also for a message
+        // restored at open: a copy of it may come back after a crash (it
+        // was acknowledged, its device's mark not yet written).
+        if let Some(&time_ms) = self.inner.tombstones.get(&(m.sender.user, m.id)) {
+            return Appended::Duplicate { time_ms };
+        }
+        if let Some(r) = self.inner.msgs.get(&key).filter(|r| r.restored) {
+            // A retry of a message spilled before a restart: a device
+            // whose copy is still queued has it; the others get the retry
+            // (their copy was delivered, or lost unwritten with the
+            // restart; a duplicate is dropped by the client, a loss is
+            // not), with the original time. Below the floor such a retry
+            // is refused like a new message: answering it `Accepted`
+            // would tell the sender a copy is safe that may be lost. The
+            // message stays restored until its retry is queued (a refused
+            // one is recognised again later); the state made below
+            // replaces it.
+            let queued: Vec<DeviceKey> = r.copies.iter().map(|(d, _)| *d).collect();
+            m.copies.retain(|(d, _, _)| !queued.contains(d));
+            m.now_ms = r.time_ms;
+            if m.copies.is_empty() {
+                return Appended::Duplicate { time_ms: r.time_ms };
+            }
+        } else if let Some(known) = self.recall(m.sender, m.id, waiter) {
             return known;
         }
         if full {
@@ -365,9 +425,11 @@ impl Guard<'_> {
             return Appended::Duplicate { time_ms: m.now_ms };
         }
         // Quotas refuse rather than drop (spec §10, *Quotas*).
-        let total: u64 = entries.iter().map(|(_, _, s, _)| s).sum::<u64>() + record_len(entries.len());
-        let held = self.inner.disk_bytes + self.inner.unwritten;
-        if held.saturating_add(total) > quotas.disk_budget {
+        let total: u64 = entries.iter().map(|(_, _, s, _)| s).sum::<u64>();
+        let held = self.inner.disk_used() + self.inner.unwritten;
+        if held.saturating_add(total) > quotas.disk_budget
+            || self.inner.spilled + entries.len() as u64 > quotas.total_messages
+        {
             return Appended::Refused(Refused::Quota(Quota::Disk));
         }
         let ceiling = self.inner.ceiling;
@@ -396,12 +458,14 @@ impl Guard<'_> {
             self.inner.max_next = self.inner.max_next.max(next);
             self.inner.unwritten += size;
             // `staged` is in deadline order, which the store thread relies
-            // on (it stops at the first copy not yet due): a copy due now
-            // goes in front of those waiting for an ack.
+            // on (it stops at the first copy not yet due); copies due now
+            // are written first, in the order they came (so that a torn
+            // tail loses the newest, and a device's copies are appended in
+            // sequence order).
             if online {
                 self.inner.staged.push_back((deadline, d, seq));
             } else {
-                self.inner.staged.push_front((deadline, d, seq));
+                self.inner.due_now.push_back((d, seq));
                 self.inner.urgent = true;
             }
             copies.push((d, seq));
@@ -412,12 +476,11 @@ impl Guard<'_> {
         self.inner.msgs.insert(
             key,
             MsgState {
-                to: m.to,
                 time_ms: m.now_ms,
                 unsafe_copies: copies.len(),
                 copies,
                 waiters: vec![waiter.clone()],
-                recorded: false,
+                restored: false,
             },
         );
         Appended::Queued { time_ms: m.now_ms }
@@ -519,12 +582,18 @@ impl Guard<'_> {
     pub fn due(&self, now: Instant) -> (bool, Option<Instant>) {
         let i = &self.inner;
         let ready = i.urgent
+            || !i.due_now.is_empty()
             || (i.write_all && !i.staged.is_empty())
             || !i.deletes.is_empty()
             || !i.removes.is_empty()
             || i.unwritten > self.config.write_memory
             || i.staged.front().is_some_and(|(t, _, _)| *t <= now);
-        (ready, i.staged.front().map(|(t, _, _)| *t))
+        let next = if i.due_now.is_empty() {
+            i.staged.front().map(|(t, _, _)| *t)
+        } else {
+            Some(now)
+        };
+        (ready, next)
     }
 
     /// Takes what is due: copies to write (their state becomes writing),
@@ -540,105 +609,38 @@ impl Guard<'_> {
         deletes.extend(self.inner.deletes.drain());
         removes.append(&mut self.inner.removes);
         let limit = self.config.write_memory;
+        let due_now = std::mem::take(&mut self.inner.due_now);
+        for (d, seq) in due_now {
+            Self::stage_write(&mut self.inner, d, seq, writes);
+        }
         while let Some(&(deadline, d, seq)) = self.inner.staged.front() {
             if deadline > now && self.inner.unwritten <= limit && !self.inner.write_all {
                 break;
             }
             self.inner.staged.pop_front();
-            let inner = &mut *self.inner;
-            let Some(q) = inner.queues.get_mut(&d) else { continue };
-            let Some(i) = q.find(seq) else { continue };
-            let slot = &mut q.mem[i];
-            if slot.state != State::Unwritten {
-                continue;
-            }
-            slot.state = State::Writing;
-            q.on_disk += 1;
-            inner.unwritten -= slot.size;
-            // Counted as on disk from now: the batch is being written.
-            inner.disk_bytes += slot.size;
-            let record = slot.msg_key().and_then(|key| {
-                let m = inner.msgs.get_mut(&key)?;
-                if m.recorded {
-                    return None;
-                }
-                m.recorded = true;
-                Some((
-                    key,
-                    MsgRecord {
-                        to_user: m.to.0,
-                        time_ms: m.time_ms,
-                        copies: m.copies.iter().map(|(d, s)| (d.user.0, d.device.0, *s)).collect(),
-                    },
-                ))
-            });
-            writes.push(Write {
-                device: d,
-                seq,
-                entry: slot.entry.clone(),
-                record,
-            });
+            Self::stage_write(&mut self.inner, d, seq, writes);
         }
     }
 
-    /// A message being written turned out to be a retry of one accepted
-    /// before a restart (its record was on disk, with this `header`:
-    /// addressee and acceptance time): drop its copies `drop`, and settle
-    /// it with the original time once the others are safe too; those take
-    /// the original header, as they have when read from disk. `skipped` are
-    /// the copies (device, sequence, bytes) that were taken into the batch
-    /// and not written.
-    pub fn drop_retry(
-        &mut self,
-        key: MsgKey,
-        header: (u32, u64),
-        drop: &[(DeviceKey, u64)],
-        skipped: &[(DeviceKey, u64, u64)],
-    ) {
-        let (to_user, time_ms) = header;
-        let copies = match self.inner.msgs.get_mut(&key) {
-            Some(m) => {
-                m.to = UserId(to_user);
-                m.time_ms = time_ms;
-                m.copies.clone()
-            }
-            None => return,
-        };
-        for (d, seq) in copies {
-            let inner = &mut *self.inner;
-            let Some(q) = inner.queues.get_mut(&d) else { continue };
-            if !drop.contains(&(d, seq)) {
-                if let Some(i) = q.find(seq)
-                    && let Entry::Message(m) = &mut q.mem[i].entry
-                {
-                    m.to_user = to_user;
-                    m.time_ms = time_ms;
-                }
-                continue;
-            }
-            let Some(s) = q.find(seq).and_then(|i| q.mem.remove(i)) else {
-                // Acknowledged while the batch was being made: counted as
-                // on disk (its delete will find nothing), never written.
-                if let Some(&(_, _, size)) = skipped.iter().find(|(sd, ss, _)| (*sd, *ss) == (d, seq)) {
-                    q.count -= 1;
-                    q.bytes -= size;
-                    q.on_disk -= 1;
-                    inner.disk_bytes -= size;
-                }
-                continue;
-            };
-            q.count -= 1;
-            q.bytes -= s.size;
-            match s.state {
-                State::Unwritten => inner.unwritten -= s.size,
-                State::Writing => {
-                    q.on_disk -= 1;
-                    inner.disk_bytes -= s.size;
-                }
-                State::Durable => {}
-            }
-            self.safe(key);
+    /// Copy `seq` of `d` goes in this batch, if it still waits to be
+    /// written.
+    fn stage_write(inner: &mut Inner, d: DeviceKey, seq: u64, writes: &mut Vec<Write>) {
+        let Some(q) = inner.queues.get_mut(&d) else { return };
+        let Some(i) = q.find(seq) else { return };
+        let slot = &mut q.mem[i];
+        if slot.state != State::Unwritten {
+            return;
         }
+        slot.state = State::Writing;
+        q.on_disk += 1;
+        inner.unwritten -= slot.size;
+        // Counted as on disk from now: the batch is being written.
+        inner.disk_bytes += slot.size;
+        writes.push(Write {
+            device: d,
+            seq,
+            entry: slot.entry.clone(),
+        });
     }
 
     /// Copies written in a batch that is now durable.
@@ -779,18 +781,19 @@ impl Guard<'_> {
         removed
     }
 
-    /// Whether a message may still write copies (some copy is neither
-    /// acknowledged nor durable).
-    pub fn unsettled(&self, key: MsgKey) -> bool {
-        self.inner.msgs.get(&key).is_some_and(|m| m.unsafe_copies > 0)
-    }
-
     /// When a message known in memory was accepted.
     pub fn time_of(&self, key: MsgKey) -> Option<u64> {
         self.inner.msgs.get(&key).map(|m| m.time_ms)
     }
 
     /// No entry of `d`'s queue at or below this is in memory.
+    /// The lowest sequence of `d`'s queue not yet handed to the store
+    /// thread for writing: a mark must stay below it.
+    pub fn lowest_unwritten(&self, d: DeviceKey) -> Option<u64> {
+        let q = self.inner.queues.get(&d)?;
+        q.mem.iter().find(|s| s.state == State::Unwritten).map(|s| s.seq)
+    }
+
     pub fn disk_hi(&self, d: DeviceKey) -> u64 {
         self.inner.queues.get(&d).map_or(0, |q| q.disk_hi)
     }

@@ -147,3 +147,66 @@ fn messages_2_to_3(queues: &sled::Tree, meta: &sled::Tree) -> Result<(), StoreEr
     log::info!("migrated {n} queued copies of {} messages to format 3", records.len());
     Ok(())
 }
+
+/// Moves format 3's message copies (`q` records with the body inline, and
+/// their `m` records for the header) to the spill log.
+pub(crate) fn copies_3_to_4(
+    queues: &sled::Tree,
+    spill: &mut super::spill::Spill,
+    flusher: &super::Flusher,
+) -> Result<(), StoreError> {
+    let mut batch = sled::Batch::default();
+    let mut n = 0;
+    for item in queues.scan_prefix([QUEUE]) {
+        let (k, v) = item?;
+        let DiskEntry::Message {
+            from_user,
+            from_device,
+            id,
+            body,
+        } = disk::decode_disk(&v)?
+        else {
+            continue;
+        };
+        let d = parse_dev(&k).ok_or(StoreError::Corrupt("queues/key"))?;
+        let seq = queue_seq(&k)?;
+        let sender = super::disk::dev(from_user, from_device);
+        let header = queues
+            .get(message_key(sender, id))?
+            .map(|r| disk::decode_record(&r))
+            .transpose()?;
+        let Some(r) = header else {
+            log::warn!("{d}: a queued copy {seq} had no message record; dropped in the migration");
+            batch.remove(k);
+            continue;
+        };
+        spill.append(
+            d,
+            seq,
+            &QueuedMessage {
+                id,
+                from_user,
+                from_device,
+                to_user: r.to_user,
+                time_ms: r.time_ms,
+                body,
+            },
+        )?;
+        batch.remove(k);
+        n += 1;
+    }
+    for item in queues.scan_prefix([super::disk::MESSAGE]) {
+        batch.remove(item?.0);
+    }
+    batch.remove(MIGRATED_3);
+    for f in spill.take_unsynced()? {
+        f.sync_all().map_err(|source| StoreError::Io {
+            path: std::path::PathBuf::from("spill"),
+            source,
+        })?;
+    }
+    queues.apply_batch(batch)?;
+    flusher.sync()?;
+    log::info!("migrated {n} queued copies to the spill log (format 4)");
+    Ok(())
+}

@@ -27,7 +27,8 @@
 //! Layout: `meta` (server key, public address, token key, `next_user`,
 //! sequence ceiling), `users`, `devices`, `keys`, `invites`, `link_codes`
 //! (see [`accounts`]), `queues` (see [`disk`]), `e2e` (the key directory,
-//! see `keys.rs`); beside the database, `blobs/` (see [`blobs`]).
+//! see `keys.rs`), `spill/`, the segment files of spilled bodies (see
+//! `spill.rs`); and `blobs/`, the files people send (see [`blobs`]).
 
 mod accounts;
 pub mod api;
@@ -38,6 +39,7 @@ mod flusher;
 mod keys;
 mod live;
 mod migrate;
+mod spill;
 
 use std::collections::HashMap;
 use std::fs;
@@ -69,7 +71,7 @@ use crate::noise::{Keypair, PublicKey};
 use crate::wire::{DeviceId, DeviceInfo};
 
 /// The data directory format this build writes.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 const FORMAT_FILE: &str = "FORMAT";
 const FORMAT_MAGIC: &str = "tidings-data";
 /// `meta` key of the sequence ceiling.
@@ -126,6 +128,10 @@ pub struct Quotas {
     pub queue_messages: u64,
     /// Most bytes in one device's queue.
     pub queue_bytes: u64,
+    /// Most message copies waiting on disk in all queues together: each
+    /// costs 24 bytes of memory in the spill log's index, so this bounds
+    /// that memory.
+    pub total_messages: u64,
     /// Most bytes all queue records together may take (counted exactly,
     /// as stored; sled's files take more).
     pub disk_budget: u64,
@@ -136,6 +142,7 @@ impl Default for Quotas {
         Quotas {
             queue_messages: 100_000,
             queue_bytes: 256 << 20,
+            total_messages: 1_000_000,
             disk_budget: 4 << 30,
         }
     }
@@ -157,7 +164,7 @@ pub struct StoreConfig {
     /// Below this much free space on the data directory's filesystem,
     /// requests that add data are refused (spec §10, *Storage full*).
     pub min_free: u64,
-    /// Blobs (spec §5.6).
+    /// Blobs (spec §5.7).
     pub blobs: BlobConfig,
 }
 
@@ -303,6 +310,9 @@ fn write_format(dir: &Path) -> Result<(), StoreError> {
 
 /// The durable state, shared by the loops; see the module docs.
 pub struct Store {
+    /// Spilled bodies (the store thread writes; [`Store::read_queue`]
+    /// reads).
+    spill: Arc<Mutex<spill::Spill>>,
     db: sled::Db,
     meta: sled::Tree,
     queues: sled::Tree,
@@ -356,11 +366,11 @@ impl Store {
             None if existed => 0,
             None => FORMAT_VERSION,
         };
-        if format < FORMAT_VERSION {
-            migrate::migrate(&db, format, FORMAT_VERSION)?;
-        }
-        if format != FORMAT_VERSION || !dir.join(FORMAT_FILE).exists() {
-            write_format(dir)?;
+        // The steps within sled; the last one (3 → 4: message copies to
+        // the spill log) below, once the spill log is open. FORMAT says 4
+        // only when all are done.
+        if format < 3 {
+            migrate::migrate(&db, format, 3)?;
         }
         // sled's data file, for the flusher's fdatasync; and the directory
         // entries sled and the format file created, made durable once.
@@ -389,11 +399,45 @@ impl Store {
         for (d, n) in keys::load_counts(&e2e)? {
             accounts.set_one_time_keys(d, Some(n));
         }
+        // The spill log, indexed again: every copy no mark or removal
+        // covers.
+        let mut marks = HashMap::new();
+        let mut removed = std::collections::HashSet::new();
+        for item in queues.scan_prefix([disk::MARK]) {
+            let (k, v) = item?;
+            let d = disk::parse_dev(&k).ok_or(StoreError::Corrupt("queues/mark"))?;
+            marks.insert(d, be_u64(&v).ok_or(StoreError::Corrupt("queues/mark"))?);
+        }
+        for item in queues.scan_prefix([disk::REMOVED]) {
+            let (k, _) = item?;
+            let d = disk::parse_dev(&k).ok_or(StoreError::Corrupt("queues/removed"))?;
+            removed.insert((d, disk::queue_seq(&k)?));
+        }
+        let spill_dir = dir.join("spill");
+        if format < 4 {
+            // The copies the migration appends are indexed by the open
+            // below, with the rest (a rerun's duplicates are dropped there,
+            // with their segment).
+            let (mut spill, _, _) = spill::Spill::open(&spill_dir, marks.clone(), &removed, 0)?;
+            migrate::copies_3_to_4(&queues, &mut spill, &flusher)?;
+        }
+        let (spill, found, restored) = spill::Spill::open(&spill_dir, marks, &removed, RECENT_MESSAGES)?;
+        if format != FORMAT_VERSION || !dir.join(FORMAT_FILE).exists() {
+            write_format(dir)?;
+        }
         // Every queue's bookkeeping, recounted; every record's bytes.
         let mut loaded: HashMap<DeviceKey, Loaded> = HashMap::new();
         let mut tombstones = HashMap::new();
         let mut disk_bytes = 0u64;
         let mut max_seq = 0u64;
+        for (d, f) in &found {
+            let l = loaded.entry(*d).or_default();
+            l.count += f.count;
+            l.bytes += f.bytes;
+            l.max_seq = l.max_seq.max(f.max_seq);
+            max_seq = max_seq.max(f.max_seq);
+            disk_bytes += f.bytes;
+        }
         for item in queues.iter() {
             let (k, v) = item?;
             let len = (k.len() + v.len()) as u64;
@@ -414,7 +458,7 @@ impl Store {
                     }
                     disk_bytes += len;
                 }
-                Some(&disk::MESSAGE) | Some(&disk::FOLD) => disk_bytes += len,
+                Some(&disk::FOLD) | Some(&disk::MARK) | Some(&disk::REMOVED) => disk_bytes += len,
                 _ => {}
             }
         }
@@ -439,7 +483,13 @@ impl Store {
             disk_bytes,
             base,
             ceiling,
+            restored,
         ));
+        {
+            let mut l = live.lock();
+            l.spilled = spill.count() as u64;
+            l.spill_adjust = spill.held() as i64 - spill.charged() as i64;
+        }
         let inbox = Arc::new(Inbox::default());
         let status = Arc::new(Status {
             full: AtomicBool::new(false),
@@ -450,6 +500,8 @@ impl Store {
             on_failure: Mutex::new(Vec::new()),
         });
         status.measure_space();
+        let spill = Arc::new(Mutex::new(spill));
+        sync_dir(dir)?;
         let blobs = BlobStore::open(dir, config.blobs, live.clone(), status.clone(), accounts.clone())?;
         let engine = Engine::new(
             Trees {
@@ -457,6 +509,7 @@ impl Store {
                 queues: queues.clone(),
                 e2e,
             },
+            spill.clone(),
             accounts.clone(),
             live.clone(),
             flusher.clone(),
@@ -466,6 +519,7 @@ impl Store {
         let kick = inbox.clone();
         flusher.on_flush(move || kick.kick());
         Ok(Store {
+            spill,
             db,
             meta,
             queues,
@@ -661,7 +715,7 @@ impl Store {
     /// Bytes of every queue record and every blob kept: what the disk
     /// budget counts (exact; sled's files take more).
     pub fn queued_bytes(&self) -> u64 {
-        self.live.lock().disk_bytes
+        self.live.lock().disk_used()
     }
 
     /// Entries and bytes one queue holds.
@@ -706,7 +760,7 @@ impl Store {
         // Records acknowledged but not yet deleted by the store thread are
         // gone already.
         let disk_from = from.max(acked.map_or(0, |a| a.saturating_add(1)));
-        let covered = engine::read_disk(&self.queues, d, disk_from, hi, max, out)?;
+        let covered = engine::read_disk(&self.queues, &self.spill, d, disk_from, hi, max, out)?;
         let got = out.len() - start;
         if got < max {
             let from = from.max(covered.saturating_add(1));
@@ -718,6 +772,11 @@ impl Store {
     /// The highest sequence given out in `d`'s queue (0: none).
     pub fn last_seq(&self, d: DeviceKey) -> u64 {
         self.live.lock().last_seq(d)
+    }
+
+    /// Bytes the spill log's segment files take (for operators).
+    pub fn spill_bytes(&self) -> u64 {
+        self.spill.lock().unwrap_or_else(|e| e.into_inner()).bytes()
     }
 
     /// Bytes sled's files take on disk (for operators).
@@ -760,6 +819,10 @@ impl StoreApi for Store {
 
     fn one_time_keys(&self, d: DeviceKey) -> Option<u32> {
         self.accounts.one_time_keys(d)
+    }
+
+    fn hides_presence(&self, user: UserId) -> bool {
+        self.accounts.hides_presence(user)
     }
 
     fn append(&self, m: NewMessage, waiter: &Waiter) -> Appended {

@@ -41,6 +41,10 @@ struct Inner {
     blob_ops: Vec<(BlobOp, Waiter)>,
     full: bool,
     invites: Vec<Token>,
+    /// Users who hide their presence.
+    hidden: std::collections::BTreeSet<UserId>,
+    /// When each device was last seen (`Op::Touch`).
+    seen: BTreeMap<DeviceKey, u64>,
 }
 
 /// What the blob rules see of the test store: a disk budget, the floor,
@@ -211,6 +215,11 @@ impl TestStore {
         seq
     }
 
+    /// How many operations wait for [`TestStore::run`].
+    pub fn ops_waiting(&self) -> usize {
+        self.lock().ops.len()
+    }
+
     /// Runs every operation submitted so far, as if durable at once.
     pub fn run(&self) {
         let ops = std::mem::take(&mut self.lock().ops);
@@ -250,7 +259,18 @@ impl TestStore {
                     device: DeviceId(1),
                 }))
             }
-            Op::Touch { .. } => return None,
+            Op::Touch { device, now_ms } => {
+                i.seen.insert(device, now_ms);
+                return None;
+            }
+            Op::SetLastSeen { user, everyone } => {
+                if everyone {
+                    i.hidden.remove(&user);
+                } else {
+                    i.hidden.insert(user);
+                }
+                Outcome::LastSeenSet
+            }
             Op::Revoke { device, .. } => match i.devices.get_mut(&device) {
                 Some((_, revoked)) if !*revoked => {
                     *revoked = true;
@@ -340,11 +360,12 @@ impl StoreApi for TestStore {
     fn device_infos(&self, user: UserId) -> Vec<DeviceInfo> {
         let mut out = Vec::new();
         self.current_devices(user, &mut out);
+        let i = self.lock();
         out.into_iter()
             .map(|device| DeviceInfo {
                 device,
                 created_ms: 0,
-                last_seen_ms: 0,
+                last_seen_ms: i.seen.get(&DeviceKey { user, device }).copied().unwrap_or(0),
             })
             .collect()
     }
@@ -355,6 +376,10 @@ impl StoreApi for TestStore {
 
     fn one_time_keys(&self, _d: DeviceKey) -> Option<u32> {
         None
+    }
+
+    fn hides_presence(&self, user: UserId) -> bool {
+        self.lock().hidden.contains(&user)
     }
 
     fn append(&self, m: NewMessage, waiter: &Waiter) -> Appended {

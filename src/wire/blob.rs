@@ -1,4 +1,4 @@
-//! The types of the blob frames (spec §5.6): attachments travel as
+//! The types of the blob frames (spec §5.7): attachments travel as
 //! ciphertext blobs that a device uploads in chunks and that the devices
 //! it names download in ranges, beside the messages that carry their keys.
 //!
@@ -54,7 +54,7 @@ impl fmt::Debug for BlobId {
     }
 }
 
-/// Starts an upload, or asks how far one got (spec §5.6, `UploadStart`).
+/// Starts an upload, or asks how far one got (spec §5.7, `UploadStart`).
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct UploadStart {
     /// The SHA-256 of the whole blob.
@@ -66,7 +66,7 @@ pub struct UploadStart {
     pub to: Vec<String>,
 }
 
-/// Bytes of an upload at an offset (spec §5.6, `UploadChunk`).
+/// Bytes of an upload at an offset (spec §5.7, `UploadChunk`).
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct UploadChunk {
     /// Which upload.
@@ -77,7 +77,7 @@ pub struct UploadChunk {
     pub data: Bytes,
 }
 
-/// Asks for a range of a blob (spec §5.6, `Download`).
+/// Asks for a range of a blob (spec §5.7, `Download`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct Download {
     /// Which blob.
@@ -88,7 +88,7 @@ pub struct Download {
     pub len: u32,
 }
 
-/// Lets more users download a blob (spec §5.6, `BlobGrant`): what a
+/// Lets more users download a blob (spec §5.7, `BlobGrant`): what a
 /// device does when it forwards the message that carries it.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct BlobGrant {
@@ -98,7 +98,7 @@ pub struct BlobGrant {
     pub to: Vec<String>,
 }
 
-/// How far an upload is (spec §5.6, server `UploadStatus`).
+/// How far an upload is (spec §5.7, server `UploadStatus`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct UploadStatus {
     /// Which blob.
@@ -109,7 +109,7 @@ pub struct UploadStatus {
     pub complete: bool,
 }
 
-/// A range of a blob (spec §5.6, server `BlobData`).
+/// A range of a blob (spec §5.7, server `BlobData`).
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct BlobData {
     /// Which blob.

@@ -157,17 +157,18 @@ error_codes! {
     /// The server's disk is below its free-space floor: nothing that adds
     /// data is accepted until space returns (spec §10, *Storage full*).
     STORAGE_FULL = 22,
-    /// A blob is larger than the server takes (spec §5.6).
-    BLOB_TOO_LARGE = 23,
+    // 23 is `SLOW_DOWN` of another branch (abuse).
+    /// A blob is larger than the server takes (spec §5.7).
+    BLOB_TOO_LARGE = 24,
     /// The user's blobs would take more than the user's budget (spec
-    /// §5.6).
-    BLOB_BUDGET = 24,
+    /// §5.7).
+    BLOB_BUDGET = 25,
     /// No such blob: never uploaded, not finished, expired or deleted, or
-    /// the caller's user may not download it (spec §5.6).
-    UNKNOWN_BLOB = 25,
+    /// the caller's user may not download it (spec §5.7).
+    UNKNOWN_BLOB = 26,
     /// The uploaded bytes do not hash to the blob's id; the upload was
-    /// dropped (spec §5.6).
-    BLOB_MISMATCH = 26,
+    /// dropped (spec §5.7).
+    BLOB_MISMATCH = 27,
 }
 
 impl fmt::Debug for ErrorCode {
@@ -230,7 +231,8 @@ pub struct DeviceInfo {
     pub device: DeviceId,
     /// When it registered or was linked (ms since the epoch).
     pub created_ms: u64,
-    /// When it last authenticated (ms since the epoch).
+    /// When it was last online (ms since the epoch): when it last
+    /// authenticated, or went offline after that.
     pub last_seen_ms: u64,
 }
 
@@ -406,6 +408,59 @@ pub struct ExpiredNotice {
     pub ids: Vec<MsgId>,
 }
 
+/// An ephemeral send (spec §5.6): one body for each device of `to` the
+/// sender wants it to reach; the server passes each to its device if that
+/// device is online at that moment, and otherwise drops it. Never stored,
+/// never queued, never acknowledged.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Ephemeral {
+    /// The recipient user (the sender's own user: its other devices).
+    pub to: String,
+    /// At most one body per device, each at most
+    /// [`super::MAX_EPHEMERAL_LEN`] bytes.
+    pub bodies: Vec<Body>,
+}
+
+/// An ephemeral body handed to a device (spec §5.6). Not a queue entry: it
+/// has no sequence number and is not acknowledged.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct EphemeralDeliver {
+    /// The sending device.
+    pub from: DeviceAddr,
+    /// The user it was sent to (this device's user).
+    pub to: String,
+    /// The body for this device.
+    pub body: Bytes,
+}
+
+/// What a watcher may know of a user's presence (spec §5.6).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Seen {
+    /// Nothing: the user hides its presence, or the watcher's user hides
+    /// its own (who hides theirs sees no one's).
+    Hidden,
+    /// Online now, on these devices (ascending).
+    Online {
+        /// The devices online.
+        devices: Vec<DeviceId>,
+    },
+    /// Not online; last online at this time (ms since the epoch; 0 if the
+    /// server does not know).
+    Away {
+        /// When the user's last device went offline.
+        last_seen_ms: u64,
+    },
+}
+
+/// One user's presence, as a watcher may know it (spec §5.6).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Presence {
+    /// Whose.
+    pub user: String,
+    /// What the watcher may know.
+    pub seen: Seen,
+}
+
 /// Frames a client sends (spec §5.2). Append-only: never reorder.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum ClientFrame {
@@ -465,7 +520,23 @@ pub enum ClientFrame {
         /// The message.
         id: MsgId,
     },
-    /// Start an upload, or ask how far it got (spec §5.6); answered
+    /// Pass bodies to those devices of a user that are online now (spec
+    /// §5.6); answered `Done` at once, whether any was online or not.
+    Ephemeral(Ephemeral),
+    /// Who may see this user's presence: everyone (`true`) or nobody
+    /// (spec §5.6); answered `Done` once durable.
+    SetLastSeen {
+        /// Everyone, or nobody.
+        everyone: bool,
+    },
+    /// Watch these users' presence (replacing what this connection
+    /// watched); answered `Done`, then a `Presence` for each now and at
+    /// each change (spec §5.6).
+    WatchPresence {
+        /// At most [`super::MAX_WATCHED`] user names.
+        users: Vec<String>,
+    },
+    /// Start an upload, or ask how far it got (spec §5.7); answered
     /// `UploadStatus`.
     UploadStart(UploadStart),
     /// Bytes of an upload at an offset; answered `UploadStatus`.
@@ -495,7 +566,7 @@ pub enum ClientFrame {
 }
 
 /// Number of [`ClientFrame`] variants this build knows.
-pub const CLIENT_FRAME_KINDS: u32 = 22;
+pub const CLIENT_FRAME_KINDS: u32 = 25;
 
 /// Frames the server sends (spec §5.3). Append-only: never reorder.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -587,6 +658,14 @@ pub enum ServerFrame {
     Gap(GapNotice),
     /// Messages this user sent expired undelivered in a device's queue.
     Expired(ExpiredNotice),
+    /// An ephemeral body (spec §5.6), never queued or acknowledged.
+    Ephemeral(EphemeralDeliver),
+    /// A watched user's presence, now or after a change (spec §5.6).
+    Presence(Presence),
+    /// Reserved: tag 20 is `RetryAfter` of another branch (abuse). Never
+    /// sent; decoding refuses it as unsupported.
+    #[doc(hidden)]
+    Reserved20,
     /// How far an upload is: the answer to `UploadStart`, `UploadChunk`
     /// and `UploadFinish`.
     UploadStatus(UploadStatus),
@@ -595,7 +674,10 @@ pub enum ServerFrame {
 }
 
 /// Number of [`ServerFrame`] variants this build knows.
-pub const SERVER_FRAME_KINDS: u32 = 20;
+pub const SERVER_FRAME_KINDS: u32 = 23;
+/// Server frame tags held for another branch's frames: never sent, and
+/// refused as unsupported when read.
+pub const RESERVED_SERVER_KINDS: &[u32] = &[20];
 
 impl ClientFrame {
     /// The frame kind's name, for logs (never the content).
@@ -616,6 +698,9 @@ impl ClientFrame {
             ClientFrame::ClaimKeys { .. } => "ClaimKeys",
             ClientFrame::Receipt(_) => "Receipt",
             ClientFrame::Retract { .. } => "Retract",
+            ClientFrame::Ephemeral(_) => "Ephemeral",
+            ClientFrame::SetLastSeen { .. } => "SetLastSeen",
+            ClientFrame::WatchPresence { .. } => "WatchPresence",
             ClientFrame::UploadStart(_) => "UploadStart",
             ClientFrame::UploadChunk(_) => "UploadChunk",
             ClientFrame::UploadFinish { .. } => "UploadFinish",
@@ -649,6 +734,9 @@ impl ServerFrame {
             ServerFrame::Receipt(_) => "Receipt",
             ServerFrame::Gap(_) => "Gap",
             ServerFrame::Expired(_) => "Expired",
+            ServerFrame::Ephemeral(_) => "Ephemeral",
+            ServerFrame::Presence(_) => "Presence",
+            ServerFrame::Reserved20 => "Reserved20",
             ServerFrame::UploadStatus(_) => "UploadStatus",
             ServerFrame::BlobData(_) => "BlobData",
         }
@@ -740,6 +828,7 @@ pub fn encode_server(req: u32, frame: &ServerFrame, out: &mut Vec<u8>) {
 fn decode<F: Serialize + for<'de> Deserialize<'de>>(
     bytes: &[u8],
     kinds: u32,
+    reserved: &[u32],
     scratch: &mut Vec<u8>,
 ) -> Result<(u32, F), FrameError> {
     if bytes.len() > MAX_FRAME_LEN {
@@ -747,7 +836,7 @@ fn decode<F: Serialize + for<'de> Deserialize<'de>>(
     }
     let (req, rest) = postcard::take_from_bytes::<u32>(bytes).map_err(|_| FrameError::Malformed { req: None })?;
     let (tag, _) = postcard::take_from_bytes::<u32>(rest).map_err(|_| FrameError::Malformed { req: Some(req) })?;
-    if tag >= kinds {
+    if tag >= kinds || reserved.contains(&tag) {
         return Err(FrameError::Unsupported { req, tag });
     }
     let (frame, rest) = postcard::take_from_bytes::<F>(rest).map_err(|_| FrameError::Malformed { req: Some(req) })?;
@@ -768,7 +857,7 @@ fn decode<F: Serialize + for<'de> Deserialize<'de>>(
 /// # Errors
 /// See [`FrameError`].
 pub fn decode_client(bytes: &[u8], scratch: &mut Vec<u8>) -> Result<(u32, ClientFrame), FrameError> {
-    decode(bytes, CLIENT_FRAME_KINDS, scratch)
+    decode(bytes, CLIENT_FRAME_KINDS, &[], scratch)
 }
 
 /// Decodes a server envelope. `scratch` is reused for the canonical check.
@@ -776,7 +865,7 @@ pub fn decode_client(bytes: &[u8], scratch: &mut Vec<u8>) -> Result<(u32, Client
 /// # Errors
 /// See [`FrameError`].
 pub fn decode_server(bytes: &[u8], scratch: &mut Vec<u8>) -> Result<(u32, ServerFrame), FrameError> {
-    decode(bytes, SERVER_FRAME_KINDS, scratch)
+    decode(bytes, SERVER_FRAME_KINDS, RESERVED_SERVER_KINDS, scratch)
 }
 
 #[cfg(test)]

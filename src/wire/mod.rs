@@ -113,10 +113,15 @@ pub const MAX_BODIES: usize = 2 * MAX_DEVICES_PER_USER - 1;
 pub const MAX_BODY_LEN: usize = 4096;
 /// Most message ids in one receipt (spec §6).
 pub const MAX_RECEIPT_IDS: usize = 1024;
+/// Largest body of an ephemeral send (spec §6): a typing indicator is a
+/// few hundred bytes once encrypted.
+pub const MAX_EPHEMERAL_LEN: usize = 1024;
+/// Most users one connection watches the presence of (spec §6).
+pub const MAX_WATCHED: usize = 256;
 /// Longest error or close text the server sends (spec §6).
 pub const MAX_TEXT_LEN: usize = 256;
 /// Most bytes of a blob in one `UploadChunk` or `BlobData`, and the most
-/// one `Download` asks for (spec §5.6, §6): 60 KiB, so that a chunk and
+/// one `Download` asks for (spec §5.7, §6): 60 KiB, so that a chunk and
 /// its frame fit one record.
 pub const MAX_BLOB_DATA: usize = 61_440;
 /// Most user names in an `UploadStart` or a `BlobGrant` (spec §6).

@@ -22,8 +22,9 @@ pub enum Ev {
     /// A send was accepted: durable in the recipient's queue (tidings), or
     /// `PUBACK` (MQTT).
     Accepted(u32),
-    /// A send was refused.
-    Refused(u32, String),
+    /// A send was refused: its request id, the error code (tidings), and
+    /// why, for people.
+    Refused(u32, Option<ErrorCode>, String),
     /// A message for this device (already acknowledged by the link).
     Delivered(Bytes),
     /// Something that must stop the run (a used-up invite, say).
@@ -192,9 +193,9 @@ impl TidingsLink {
                 ConnEvent::Answer { req, frame } => match frame {
                     ServerFrame::Accepted { .. } => out.push(Ev::Accepted(req)),
                     ServerFrame::Error { code, text } => {
-                        out.push(Ev::Refused(req, format!("{text} ({})", code.name())))
+                        out.push(Ev::Refused(req, Some(code), format!("{text} ({})", code.name())))
                     }
-                    other => out.push(Ev::Refused(req, format!("answered with {}", other.kind()))),
+                    other => out.push(Ev::Refused(req, None, format!("answered with {}", other.kind()))),
                 },
                 ConnEvent::Deliver(d) => {
                     ack = ack.max(Some(d.seq));
@@ -205,8 +206,9 @@ impl TidingsLink {
                 ConnEvent::Receipt(r) => ack = ack.max(Some(r.seq)),
                 ConnEvent::Gap(g) => ack = ack.max(Some(g.seq)),
                 ConnEvent::Expired(e) => ack = ack.max(Some(e.seq)),
-                // Devices here publish no end-to-end keys.
-                ConnEvent::KeyCount(_) => {}
+                // Devices here publish no end-to-end keys, and neither
+                // type nor watch presence.
+                ConnEvent::KeyCount(_) | ConnEvent::Ephemeral(_) | ConnEvent::Presence(_) => {}
                 ConnEvent::QueueDrained => {
                     if !self.live {
                         self.live = true;

@@ -4,7 +4,11 @@
 //! invite with many uses, and saving their keys so that later runs reuse
 //! them), lets devices 2i send to 2i+1 for the first P pairs while the rest
 //! stay connected and idle, and reports delivered messages per second,
-//! send-to-delivery latency percentiles and the daemon's resident memory.
+//! send-to-delivery latency percentiles, the daemon's CPU time per
+//! delivered message (user + system from `/proc/PID/stat` across the
+//! measured window) and its resident memory. With `--mqtt` it measures an
+//! MQTT broker the same way; with `--late-receivers` half the receivers
+//! connect only after the traffic, so that the daemon's queues fill.
 //!
 //! Every device is the library's sans-I/O [`Conn`], driven by `mio` in a
 //! few threads (non-blocking sockets, no thread per connection). Bodies are
@@ -31,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use tidings::client::conn::{Conn, ConnConfig};
 use tidings::code::Code;
 use tidings::noise::{Keypair, PublicKey};
-use tidings::wire::{self, MsgId};
+use tidings::wire::{self, ErrorCode, MsgId};
 
 mod link;
 
@@ -41,7 +45,9 @@ const AFTER_HELP: &str = "\
 Bodies are raw bytes (--size of them; the first 16 carry a run nonce and the send time): \
 the daemon relays ciphertext it cannot read, so it does not care that these are not Olm \
 messages. Latency is measured from the moment a Send is written to the moment its Deliver \
-is read, on one clock (the load generator's).
+is read, on one clock (the load generator's). The daemon's CPU time (user + system, all its \
+threads, from /proc/PID/stat) over the measured window, divided by the messages delivered in \
+it, is the CPU time per message: on a shared machine it moves far less than the rates.
 
 The daemon limits new connections per source address (limits.handshakes_per_second_per_ip, \
 default 32) and open connections per address (limits.connections_per_ip, default 256). \
@@ -81,8 +87,18 @@ struct Args {
     #[arg(long)]
     devices_file: Option<PathBuf>,
     /// Sending pairs (device 2i sends to 2i+1); the other devices stay idle.
+    /// 0 only connects the devices (for the daemon's memory per idle
+    /// connection; give --duration 0s --warmup 0s).
     #[arg(long, default_value_t = 10)]
     pairs: usize,
+    /// Half the receivers (those of pairs 0, 2, 4, ...) stay offline while
+    /// the others send, so that their messages wait in the daemon's queues
+    /// (the spill path), and connect once the traffic ends; the run then
+    /// waits up to --drain-timeout for their backlog. A send refused because
+    /// such a queue is full (QUOTA_EXCEEDED) is counted, not an error, and
+    /// its sender pauses for a second.
+    #[arg(long, conflicts_with = "mqtt")]
+    late_receivers: bool,
     /// Messages per second in total; 0 sends as fast as the window allows.
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
@@ -239,6 +255,121 @@ fn find_listener(port: u16) -> Option<u32> {
     None
 }
 
+// ---------------------------------------------------------------------------
+// CPU time.
+
+/// The unit of the times in `/proc/PID/stat` and `/proc/stat` (`USER_HZ`,
+/// `getconf CLK_TCK`): 100 a second on every architecture Rust builds Linux
+/// programs for (alpha's 1024 is the exception).
+const USER_HZ: f64 = 100.0;
+
+/// User and system CPU time of a process, all its threads together (those
+/// that exited included), in ticks, from `/proc/PID/stat` (`self` for this
+/// one).
+fn proc_cpu_ticks(pid: &str) -> Option<(u64, u64)> {
+    parse_proc_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// utime and stime from the text of a `/proc/PID/stat`.
+fn parse_proc_stat(stat: &str) -> Option<(u64, u64)> {
+    // The command name, in parentheses, may hold spaces and parentheses:
+    // fields count from after the last ')'. utime and stime are fields 14
+    // and 15 (proc(5)); field 3 is the first after the name.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace().skip(14 - 3);
+    let user = f.next()?.parse().ok()?;
+    let system = f.next()?.parse().ok()?;
+    Some((user, system))
+}
+
+/// The whole machine's CPU time, all cores together, in ticks, from the
+/// `cpu` line of `/proc/stat`.
+#[derive(Clone, Copy)]
+struct MachineTicks {
+    total: u64,
+    /// Idle and waiting for I/O.
+    idle: u64,
+    /// Taken by the hypervisor for other guests.
+    steal: u64,
+}
+
+fn machine_ticks() -> Option<MachineTicks> {
+    parse_machine_stat(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+/// The `cpu` line from the text of `/proc/stat`.
+fn parse_machine_stat(stat: &str) -> Option<MachineTicks> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    // user nice system idle iowait irq softirq steal (guest time is already
+    // counted in user).
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    if v.len() < 8 {
+        return None;
+    }
+    Some(MachineTicks {
+        total: v.iter().sum(),
+        idle: v[3] + v[4],
+        steal: v[7],
+    })
+}
+
+/// CPU counters at one instant.
+#[derive(Clone, Copy)]
+struct CpuSample {
+    daemon: Option<(u64, u64)>,
+    generator: Option<(u64, u64)>,
+    machine: Option<MachineTicks>,
+}
+
+impl CpuSample {
+    fn take(pid: Option<u32>) -> CpuSample {
+        CpuSample {
+            daemon: pid.and_then(|p| proc_cpu_ticks(&p.to_string())),
+            generator: proc_cpu_ticks("self"),
+            machine: machine_ticks(),
+        }
+    }
+}
+
+/// CPU time spent between two samples: the measured window.
+#[derive(Clone, Copy)]
+struct CpuWindow {
+    /// The daemon's user and system time, in seconds.
+    daemon: Option<(f64, f64)>,
+    /// This process's user plus system time, in seconds.
+    generator: Option<f64>,
+    /// Of all the machine's cores: the busy share, and the share stolen by
+    /// the hypervisor.
+    machine: Option<(f64, f64)>,
+}
+
+impl CpuWindow {
+    fn between(a: &CpuSample, b: &CpuSample) -> CpuWindow {
+        let secs = |t: u64| t as f64 / USER_HZ;
+        CpuWindow {
+            daemon: a
+                .daemon
+                .zip(b.daemon)
+                .map(|((u0, s0), (u1, s1))| (secs(u1.saturating_sub(u0)), secs(s1.saturating_sub(s0)))),
+            generator: a
+                .generator
+                .zip(b.generator)
+                .map(|((u0, s0), (u1, s1))| secs((u1 + s1).saturating_sub(u0 + s0))),
+            machine: a.machine.zip(b.machine).and_then(|(m0, m1)| {
+                let total = m1.total.checked_sub(m0.total).filter(|&t| t > 0)? as f64;
+                let idle = m1.idle.saturating_sub(m0.idle) as f64;
+                let steal = m1.steal.saturating_sub(m0.steal) as f64;
+                Some(((total - idle) / total, steal / total))
+            }),
+        }
+    }
+}
+
 /// The soft limit on open files of this process.
 fn open_files_limit() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/self/limits").ok()?;
@@ -271,7 +402,11 @@ struct Shared {
     sent: AtomicU64,
     accepted: AtomicU64,
     delivered: AtomicU64,
+    /// Sends refused because a late receiver's queue was full.
+    full: AtomicU64,
     lost: AtomicUsize,
+    /// Receivers that connect only once the traffic ends.
+    late: usize,
     schedule: OnceLock<Schedule>,
     stop: AtomicBool,
     fatal: Mutex<Option<String>>,
@@ -298,6 +433,10 @@ struct Tally {
     sent_window: u64,
     accepted_window: u64,
     delivered_window: u64,
+    /// Delivered to late receivers (not in the latency or the rate).
+    delivered_late: u64,
+    /// Sends refused because a late receiver's queue was full.
+    full: u64,
     stale: u64,
     errors: BTreeMap<String, u64>,
 }
@@ -311,6 +450,8 @@ impl Tally {
             sent_window: 0,
             accepted_window: 0,
             delivered_window: 0,
+            delivered_late: 0,
+            full: 0,
             stale: 0,
             errors: BTreeMap::new(),
         }
@@ -322,6 +463,8 @@ impl Tally {
         self.sent_window += other.sent_window;
         self.accepted_window += other.accepted_window;
         self.delivered_window += other.delivered_window;
+        self.delivered_late += other.delivered_late;
+        self.full += other.full;
         self.stale += other.stale;
         for (k, v) in other.errors {
             *self.errors.entry(k).or_default() += v;
@@ -351,6 +494,12 @@ struct Dev {
     register: Option<wire::Token>,
     /// For a sender: its receiver's user name.
     to: Option<String>,
+    /// A receiver that connects only once the traffic ends.
+    late: bool,
+    /// A sender whose receiver is late.
+    to_late: bool,
+    /// Sender: no sends before this (its receiver's queue was full).
+    paused_until: Option<Instant>,
     stream: Option<TcpStream>,
     link: Option<Link>,
     /// The TCP connect completed.
@@ -387,6 +536,8 @@ struct Worker {
     senders: Vec<usize>,
     /// Devices waiting to connect, with the earliest time to try.
     queue: VecDeque<(usize, Instant)>,
+    /// Late receivers, queued to connect once the traffic ends.
+    late: Vec<usize>,
     connecting: usize,
     /// Connect tokens (a bucket refilled at `connect_rate`).
     tokens: f64,
@@ -404,6 +555,7 @@ struct Worker {
     sent: u64,
     accepted: u64,
     delivered: u64,
+    full: u64,
     msg_counter: u64,
 }
 
@@ -436,6 +588,11 @@ impl Worker {
                     Some(_) => {}
                 }
             } else {
+                if !self.late.is_empty() && self.shared.schedule.get().is_some_and(|s| now >= s.end) {
+                    for i in std::mem::take(&mut self.late) {
+                        self.queue.push_back((i, now));
+                    }
+                }
                 self.start_connects(now);
                 self.send_due(now);
                 if now >= last_timers + Duration::from_millis(500) {
@@ -495,6 +652,9 @@ impl Worker {
         if self.delivered > 0 {
             s.delivered
                 .fetch_add(std::mem::take(&mut self.delivered), Ordering::Relaxed);
+        }
+        if self.full > 0 {
+            s.full.fetch_add(std::mem::take(&mut self.full), Ordering::Relaxed);
         }
     }
 
@@ -716,12 +876,23 @@ impl Worker {
                     }
                 }
                 Ev::Accepted(req) => self.accepted(i, req, now, schedule),
-                Ev::Refused(req, why) => {
+                Ev::Refused(req, code, why) => {
                     if self.devs[i].inflight.remove(&req).is_some() {
-                        self.error(format!("send refused: {why}"));
+                        if code == Some(ErrorCode::QUOTA_EXCEEDED) && self.devs[i].to_late {
+                            // A backlog that reached its quota: what a
+                            // real client would see; it waits a little.
+                            self.tally.full += 1;
+                            self.full += 1;
+                            self.devs[i].paused_until = Some(now + Duration::from_secs(1));
+                        } else {
+                            self.error(format!("send refused: {why}"));
+                        }
                     }
                 }
-                Ev::Delivered(body) => self.delivered(&body, now, schedule),
+                Ev::Delivered(body) => {
+                    let late = self.devs[i].late;
+                    self.delivered(&body, now, schedule, late)
+                }
                 Ev::Fatal(why) => self.shared.fail(format!("device {}: {why}", self.devs[i].user)),
                 Ev::Closed { why, dropped, fatal } => {
                     self.closed(i, why, dropped, fatal, now);
@@ -771,13 +942,17 @@ impl Worker {
         }
     }
 
-    fn delivered(&mut self, body: &[u8], now: Instant, schedule: Option<Schedule>) {
+    fn delivered(&mut self, body: &[u8], now: Instant, schedule: Option<Schedule>, late: bool) {
         if body.len() < 16 || body[..8] != self.shared.run {
             // Left in a queue by an earlier run.
             self.tally.stale += 1;
             return;
         }
         self.delivered += 1;
+        if late {
+            self.tally.delivered_late += 1;
+            return;
+        }
         let mut ts = [0u8; 8];
         ts.copy_from_slice(&body[8..16]);
         let sent_at = self.shared.base + Duration::from_nanos(u64::from_le_bytes(ts));
@@ -804,6 +979,12 @@ impl Worker {
             let i = self.senders[k];
             if self.devs[i].state != DevState::Live {
                 continue;
+            }
+            if let Some(t) = self.devs[i].paused_until {
+                if now < t {
+                    continue;
+                }
+                self.devs[i].paused_until = None;
             }
             let due = if self.rate > 0.0 {
                 (elapsed * self.rate) as u64 + 1
@@ -887,6 +1068,9 @@ fn run(args: &Args) -> Result<ExitCode, String> {
     if args.window == 0 {
         return Err("--window must be at least 1".into());
     }
+    if args.late_receivers && args.pairs == 0 {
+        return Err("--late-receivers needs at least one pair".into());
+    }
     let threads = args.threads.clamp(1, 64);
     if let Some(limit) = open_files_limit()
         && (args.devices as u64) + 64 > limit
@@ -944,7 +1128,9 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         sent: AtomicU64::new(0),
         accepted: AtomicU64::new(0),
         delivered: AtomicU64::new(0),
+        full: AtomicU64::new(0),
         lost: AtomicUsize::new(0),
+        late: if args.late_receivers { args.pairs.div_ceil(2) } else { 0 },
         schedule: OnceLock::new(),
         stop: AtomicBool::new(false),
         fatal: Mutex::new(None),
@@ -972,6 +1158,9 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         } else {
             None
         };
+        // Pair k is device 2k sending to 2k+1; the even pairs' receivers
+        // are the late ones.
+        let late_pair = args.late_receivers && i < args.pairs * 2 && (i / 2) % 2 == 0;
         per_thread[i % threads].push(Dev {
             index: i,
             user,
@@ -982,6 +1171,9 @@ fn run(args: &Args) -> Result<ExitCode, String> {
                 None
             },
             to,
+            late: late_pair && i % 2 == 1,
+            to_late: late_pair && i % 2 == 0,
+            paused_until: None,
             stream: None,
             link: None,
             tcp_up: false,
@@ -995,7 +1187,8 @@ fn run(args: &Args) -> Result<ExitCode, String> {
     let mut handles = Vec::new();
     for (t, devs) in per_thread.into_iter().enumerate() {
         let poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
-        let queue = (0..devs.len()).map(|i| (i, start)).collect();
+        let queue = (0..devs.len()).filter(|&i| !devs[i].late).map(|i| (i, start)).collect();
+        let late = (0..devs.len()).filter(|&i| devs[i].late).collect();
         let senders = (0..devs.len()).filter(|&i| devs[i].to.is_some()).collect();
         let worker = Worker {
             shared: shared.clone(),
@@ -1005,6 +1198,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
             devs,
             senders,
             queue,
+            late,
             connecting: 0,
             tokens: 1.0,
             last_refill: start,
@@ -1019,6 +1213,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
             sent: 0,
             accepted: 0,
             delivered: 0,
+            full: 0,
             msg_counter: 0,
         };
         handles.push(
@@ -1165,20 +1360,31 @@ struct Phases {
     rss_connected: Option<u64>,
     rss_end: Option<u64>,
     measured: Duration,
+    /// CPU time spent in the measured window.
+    cpu: CpuWindow,
     drained: bool,
+}
+
+/// Sleeps until `t` (at once if it has passed).
+fn sleep_until(t: Instant) {
+    let now = Instant::now();
+    if t > now {
+        std::thread::sleep(t - now);
+    }
 }
 
 fn drive(args: &Args, shared: &Shared, pid: Option<u32>, start: Instant) -> Result<Phases, String> {
     let tick = Duration::from_millis(20);
     let mut last_print = Instant::now();
-    // Connect everyone.
+    // Connect everyone but the late receivers.
+    let early = args.devices - shared.late;
     loop {
         if let Some(f) = shared.fatal() {
             return Err(f);
         }
         let up = shared.connected.load(Ordering::Relaxed);
         let failed = shared.failed.load(Ordering::Relaxed);
-        if up + failed >= args.devices {
+        if up + failed >= early {
             if failed > 0 {
                 let refused = shared.refused.load(Ordering::Relaxed);
                 return Err(format!(
@@ -1192,23 +1398,28 @@ fn drive(args: &Args, shared: &Shared, pid: Option<u32>, start: Instant) -> Resu
         }
         if !args.json && last_print.elapsed() >= Duration::from_secs(2) {
             last_print = Instant::now();
-            eprintln!("  connected {up} of {}", args.devices);
+            eprintln!("  connected {up} of {early}");
         }
         std::thread::sleep(tick);
     }
     let connect_time = start.elapsed();
     if !args.json {
         eprintln!(
-            "  all {} connected in {:.1} s; idle for {}",
-            args.devices,
+            "  all {early} connected in {:.1} s{}; idle for {}",
             connect_time.as_secs_f64(),
+            if shared.late > 0 {
+                format!(" ({} late receivers wait)", shared.late)
+            } else {
+                String::new()
+            },
             humantime::format_duration(args.settle)
         );
     }
     std::thread::sleep(args.settle);
     let rss_connected = pid.and_then(rss_kib);
 
-    // Traffic.
+    // Traffic. The CPU counters are read as close to the window's edges as
+    // the scheduler allows.
     let now = Instant::now();
     let schedule = Schedule {
         start: now,
@@ -1216,12 +1427,25 @@ fn drive(args: &Args, shared: &Shared, pid: Option<u32>, start: Instant) -> Resu
         end: now + args.warmup + args.duration,
     };
     let _ = shared.schedule.set(schedule);
+    let mut cpu_start: Option<CpuSample> = None;
     let mut last = (Instant::now(), 0u64);
-    while Instant::now() < schedule.end {
+    loop {
         if let Some(f) = shared.fatal() {
             return Err(f);
         }
-        std::thread::sleep(tick);
+        let now = Instant::now();
+        if cpu_start.is_none() && now >= schedule.measure {
+            cpu_start = Some(CpuSample::take(pid));
+        }
+        if now >= schedule.end {
+            break;
+        }
+        let next = if cpu_start.is_none() {
+            schedule.measure
+        } else {
+            schedule.end
+        };
+        sleep_until(next.min(now + tick));
         if !args.json && last.0.elapsed() >= Duration::from_secs(1) {
             let d = shared.delivered.load(Ordering::Relaxed);
             let rate = (d - last.1) as f64 / last.0.elapsed().as_secs_f64();
@@ -1229,25 +1453,56 @@ fn drive(args: &Args, shared: &Shared, pid: Option<u32>, start: Instant) -> Resu
             last = (Instant::now(), d);
         }
     }
+    let cpu_end = CpuSample::take(pid);
+    let cpu = CpuWindow::between(&cpu_start.unwrap_or(cpu_end), &cpu_end);
     let measured = schedule.end - schedule.measure;
-    // Let what was sent arrive.
+    if !args.json {
+        let sent = shared.sent.load(Ordering::Relaxed);
+        let delivered = shared.delivered.load(Ordering::Relaxed);
+        eprintln!(
+            "  traffic done; waiting for {} of {sent} messages{}",
+            sent.saturating_sub(delivered),
+            if shared.late > 0 {
+                " (the late receivers connect now)"
+            } else {
+                ""
+            }
+        );
+    }
+    // Let what was sent arrive (the late receivers connect now). A send
+    // refused because its queue was full will never arrive.
     let deadline = Instant::now() + args.drain_timeout;
+    let mut last_print = Instant::now();
     let drained = loop {
         let sent = shared.sent.load(Ordering::Relaxed);
-        if shared.delivered.load(Ordering::Relaxed) >= sent && shared.accepted.load(Ordering::Relaxed) >= sent {
+        let full = shared.full.load(Ordering::Relaxed);
+        let delivered = shared.delivered.load(Ordering::Relaxed);
+        if delivered + full >= sent && shared.accepted.load(Ordering::Relaxed) + full >= sent {
             break true;
         }
-        if Instant::now() >= deadline || shared.lost.load(Ordering::Relaxed) > 0 {
+        if Instant::now() >= deadline
+            || shared.lost.load(Ordering::Relaxed) > 0
+            || shared.failed.load(Ordering::Relaxed) > 0
+            || shared.fatal().is_some()
+        {
             break false;
+        }
+        if !args.json && last_print.elapsed() >= Duration::from_secs(2) {
+            last_print = Instant::now();
+            eprintln!("  waiting for {} messages", (sent - full).saturating_sub(delivered));
         }
         std::thread::sleep(tick);
     };
+    if let Some(f) = shared.fatal() {
+        return Err(f);
+    }
     let rss_end = pid.and_then(rss_kib);
     Ok(Phases {
         connect_time,
         rss_connected,
         rss_end,
         measured,
+        cpu,
         drained,
     })
 }
@@ -1275,15 +1530,23 @@ fn report(args: &Args, shared: &Shared, tally: &Tally, p: &Phases, rss_before: O
     let accepted = shared.accepted.load(Ordering::Relaxed);
     let delivered = shared.delivered.load(Ordering::Relaxed);
     let lost = shared.lost.load(Ordering::Relaxed);
+    let full = shared.full.load(Ordering::Relaxed);
     let secs = p.measured.as_secs_f64();
-    let per_sec = tally.delivered_window as f64 / secs;
-    let accepted_per_sec = tally.accepted_window as f64 / secs;
+    let per_second = |n: u64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
+    let per_sec = per_second(tally.delivered_window);
+    let accepted_per_sec = per_second(tally.accepted_window);
+    // CPU time per message delivered in the window, in microseconds.
+    let per_msg = |cpu_s: f64| (tally.delivered_window > 0).then(|| cpu_s * 1e6 / tally.delivered_window as f64);
+    let daemon_cpu = p.cpu.daemon.map(|(u, s)| u + s);
+    let cpu_us_per_msg = daemon_cpu.and_then(per_msg);
+    let generator_us_per_msg = p.cpu.generator.and_then(per_msg);
+    let round1 = |v: f64| (v * 10.0).round() / 10.0;
     let per_device = match (rss_before, p.rss_connected) {
         (Some(b), Some(c)) => Some((c.saturating_sub(b) * 1024) as f64 / args.devices as f64),
         _ => None,
     };
     let errors: u64 = tally.errors.values().sum();
-    let ok = delivered > 0 && lost == 0 && errors == 0;
+    let ok = (delivered > 0 || args.pairs == 0) && lost == 0 && errors == 0;
     let json = serde_json::json!({
         "devices": args.devices,
         "pairs": args.pairs,
@@ -1302,6 +1565,19 @@ fn report(args: &Args, shared: &Shared, tally: &Tally, p: &Phases, rss_before: O
         "delivered_in_window": tally.delivered_window,
         "msgs_per_sec": per_sec.round(),
         "accepted_per_sec": accepted_per_sec.round(),
+        "cpu_us_per_msg": cpu_us_per_msg.map(round1),
+        "cpu": {
+            "daemon_user_s": p.cpu.daemon.map(|d| d.0),
+            "daemon_system_s": p.cpu.daemon.map(|d| d.1),
+            "generator_s": p.cpu.generator,
+            "generator_us_per_msg": generator_us_per_msg.map(round1),
+            "machine_busy": p.cpu.machine.map(|m| (m.0 * 1000.0).round() / 1000.0),
+            "machine_steal": p.cpu.machine.map(|m| (m.1 * 1000.0).round() / 1000.0),
+            "cores": std::thread::available_parallelism().map(|n| n.get()).ok(),
+        },
+        "late_receivers": shared.late,
+        "delivered_late": tally.delivered_late,
+        "refused_queue_full": full,
         "latency_us": percentiles(&tally.latency),
         "accept_latency_us": percentiles(&tally.accept),
         "drained": p.drained,
@@ -1335,6 +1611,33 @@ fn report(args: &Args, shared: &Shared, tally: &Tally, p: &Phases, rss_before: O
         text,
         "throughput   {per_sec:.0} msg/s delivered, {accepted_per_sec:.0} msg/s accepted (run totals: sent {sent}, accepted {accepted}, delivered {delivered})"
     );
+    if let Some((user, system)) = p.cpu.daemon {
+        let _ = writeln!(
+            text,
+            "daemon CPU   {} per delivered message (user {user:.2} s + system {system:.2} s in the window, {} deliveries)",
+            cpu_us_per_msg.map_or("?".to_string(), |c| format!("{c:.1} µs")),
+            tally.delivered_window
+        );
+    }
+    let _ = writeln!(
+        text,
+        "other CPU    generator {}; machine {} busy, {} stolen by the hypervisor ({} cores)",
+        generator_us_per_msg.map_or("?".to_string(), |c| format!("{c:.1} µs per message")),
+        p.cpu
+            .machine
+            .map_or("?".to_string(), |m| format!("{:.0}%", m.0 * 100.0)),
+        p.cpu
+            .machine
+            .map_or("?".to_string(), |m| format!("{:.1}%", m.1 * 100.0)),
+        std::thread::available_parallelism().map_or("?".to_string(), |n| n.to_string())
+    );
+    if shared.late > 0 {
+        let _ = writeln!(
+            text,
+            "late         {} receivers connected after the traffic and read {} messages; {full} sends refused with a full queue",
+            shared.late, tally.delivered_late
+        );
+    }
     for (what, h) in [("send→deliver", &tally.latency), ("send→accepted", &tally.accept)] {
         if h.is_empty() {
             let _ = writeln!(text, "latency      {what}: no samples");
@@ -1379,4 +1682,26 @@ fn report(args: &Args, shared: &Shared, tally: &Tally, p: &Phases, rss_before: O
         let _ = writeln!(text, "error        {n} × {e}");
     }
     Report { json, text, ok }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_times_from_proc() {
+        // A command name with a space and parentheses; utime 1234, stime 56.
+        let stat = "4242 (tidings (x) d) S 1 4242 4242 0 -1 4194560 900 0 0 0 1234 56 0 0 20 0 3 0 100 0 0";
+        assert_eq!(parse_proc_stat(stat), Some((1234, 56)));
+        assert_eq!(parse_proc_stat("4242 (short) S 1"), None);
+        let machine = "cpu  100 5 50 800 20 1 2 30 0 0\ncpu0 50 2 25 400 10 1 1 15 0 0\n";
+        let m = parse_machine_stat(machine).unwrap();
+        assert_eq!((m.total, m.idle, m.steal), (1008, 820, 30));
+        // Ours, live.
+        assert!(proc_cpu_ticks("self").is_some());
+        let a = CpuSample::take(None);
+        let w = CpuWindow::between(&a, &a);
+        assert_eq!(w.daemon, None);
+        assert_eq!(w.generator, Some(0.0));
+    }
 }

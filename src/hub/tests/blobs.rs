@@ -1,4 +1,4 @@
-//! The blob frames (spec §5.6) against the test store's blob rules: an
+//! The blob frames (spec §5.7) against the test store's blob rules: an
 //! upload, its checks and its refusals, downloads and who may make them,
 //! grants, and the bounds on requests in flight.
 

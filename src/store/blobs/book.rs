@@ -8,7 +8,7 @@
 //! tests) and every number it counts against the rest of the store through
 //! [`Env`]. It reads no clock: times come with the operations.
 //!
-//! What it guarantees (spec §5.6):
+//! What it guarantees (spec §5.7):
 //! - a blob is served only once it is complete: every byte received, their
 //!   SHA-256 equal to its id, and durable; a half-finished upload is never
 //!   read from;
@@ -587,7 +587,7 @@ impl<F: Files, E: Env> Blobs<F, E> {
             return Ok(Err(BlobRefused::Unknown));
         };
         if digest.as_ref() != id.0 {
-            // spec §5.6: the upload is dropped; the client starts again.
+            // spec §5.7: the upload is dropped; the client starts again.
             log::info!("upload {id}: the bytes do not hash to the id; dropped");
             self.remove(&id, &u.meta, u.meta_len, true)?;
             return Ok(Err(BlobRefused::Mismatch));
@@ -654,7 +654,7 @@ impl<F: Files, E: Env> Blobs<F, E> {
         };
         c.meta.waiting.retain(|d| env.is_current(dev(*d)));
         if c.meta.waiting.is_empty() {
-            // Every device it was for has it (spec §5.6).
+            // Every device it was for has it (spec §5.7).
             let (meta, meta_len) = (c.meta.clone(), c.meta_len);
             log::debug!("blob {id}: fetched by every device it was for; removed");
             self.remove(&id, &meta, meta_len, false)?;

@@ -1,5 +1,5 @@
 //! Blobs: the ciphertext of attachments, uploaded in chunks and
-//! downloaded in ranges (spec §5.6), kept as files under the data
+//! downloaded in ranges (spec §5.7), kept as files under the data
 //! directory's `blobs/` (see [`dir`] for the layout).
 //!
 //! One **blob thread** owns them, fed the way the store thread is: the
@@ -77,7 +77,7 @@ impl Default for BlobConfig {
 /// alone shows (lengths, names); the blob thread checks the rest.
 #[derive(Debug, Clone)]
 pub enum BlobOp {
-    /// Start an upload, or say how far it got (spec §5.6, `UploadStart`).
+    /// Start an upload, or say how far it got (spec §5.7, `UploadStart`).
     Start {
         /// The uploading device.
         device: DeviceKey,
@@ -263,7 +263,7 @@ impl Env for StoreEnv {
         // the same room twice.
         let budget = self.live.config.quotas.disk_budget;
         let mut live = self.live.lock();
-        if (live.disk_bytes + live.unwritten()).saturating_add(bytes) > budget {
+        if (live.disk_used() + live.unwritten()).saturating_add(bytes) > budget {
             return false;
         }
         live.disk_delta(bytes as i64);

@@ -37,6 +37,7 @@ fn config() -> LiveConfig {
             queue_messages: 6,
             queue_bytes: 700,
             disk_budget: 4000,
+            total_messages: 1_000_000,
         },
         write_delay: DELAY,
         write_memory: 1000,
@@ -62,6 +63,74 @@ struct Msg {
     settled: bool,
 }
 
+/// What the store found at open, for [`Fake::opened`].
+struct Opened {
+    loaded: HashMap<DeviceKey, Loaded>,
+    tombstones: HashMap<(UserId, MsgId), u64>,
+    base: u64,
+    ceiling: u64,
+    restored: Vec<Restored>,
+    /// The records on disk: (device, seq) → bytes.
+    disk: BTreeMap<(DeviceKey, u64), u64>,
+    /// Their entries.
+    model: BTreeMap<(DeviceKey, u64), Entry>,
+}
+
+impl Default for Opened {
+    fn default() -> Opened {
+        Opened {
+            loaded: HashMap::new(),
+            tombstones: HashMap::new(),
+            base: 1,
+            ceiling: 1 << 20,
+            restored: Vec::new(),
+            disk: BTreeMap::new(),
+            model: BTreeMap::new(),
+        }
+    }
+}
+
+/// A message in the spill log at open: its sender, id, time and copies
+/// (device, sequence, body length).
+type Spilled<'a> = (DeviceKey, u8, u64, &'a [(DeviceKey, u64, usize)]);
+
+impl Opened {
+    /// As open finds a spill log holding `spilled`, oldest message first.
+    /// Every message is restored.
+    fn spilled(spilled: &[Spilled<'_>]) -> Opened {
+        let mut o = Opened::default();
+        for &(sender, id, time_ms, copies) in spilled {
+            let mut r = Restored {
+                sender,
+                id: MsgId([id; 16]),
+                time_ms,
+                copies: Vec::new(),
+            };
+            for &(d, seq, len) in copies {
+                let e = Entry::Message(QueuedMessage {
+                    id: r.id,
+                    from_user: sender.user.0,
+                    from_device: sender.device.0,
+                    to_user: 9,
+                    time_ms,
+                    body: bytes::Bytes::from(vec![id; len]),
+                });
+                let size = e.stored_len();
+                let l = o.loaded.entry(d).or_default();
+                l.count += 1;
+                l.bytes += size;
+                l.max_seq = l.max_seq.max(seq);
+                o.base = o.base.max(seq + 1);
+                o.disk.insert((d, seq), size);
+                o.model.insert((d, seq), e);
+                r.copies.push((d, seq));
+            }
+            o.restored.push(r);
+        }
+        o
+    }
+}
+
 /// `Live` with a fake store thread and a model of every queue.
 struct Fake {
     live: Live,
@@ -81,8 +150,11 @@ struct Fake {
     /// Messages as `Live` should remember them (settled ones for a while).
     known: HashSet<MsgKey>,
     settled_order: VecDeque<MsgKey>,
-    /// Messages whose record the store thread was given.
-    recorded: HashSet<MsgKey>,
+    /// Messages restored at open (spilled before a restart), not yet
+    /// retried: their time and the devices whose copy was still queued.
+    restored: HashMap<MsgKey, (u64, Vec<DeviceKey>)>,
+    /// Retracted messages `Live` knows.
+    tombs: HashMap<(UserId, MsgId), u64>,
     sink: Arc<Sink>,
     token: u64,
     heard: HashMap<u64, Vec<Outcome>>,
@@ -94,19 +166,67 @@ impl Fake {
     }
 
     fn loaded(config: LiveConfig, loaded: HashMap<DeviceKey, Loaded>, base: u64, ceiling: u64) -> Fake {
+        Fake::opened(
+            config,
+            Opened {
+                loaded,
+                base,
+                ceiling,
+                ..Opened::default()
+            },
+        )
+    }
+
+    /// `Live` as the store makes it at open: queues with copies on disk,
+    /// the messages of those copies restored, retraction records.
+    fn opened(config: LiveConfig, o: Opened) -> Fake {
+        let disk_bytes = o.disk.values().sum();
+        let tombs = o.tombstones.clone();
+        let mut given = HashMap::new();
+        for (d, l) in &o.loaded {
+            given.insert(*d, l.max_seq.max(o.base - 1));
+        }
+        let mut msgs = HashMap::new();
+        let mut known = HashSet::new();
+        let mut settled_order = VecDeque::new();
+        let mut restored = HashMap::new();
+        for r in &o.restored {
+            let key = (r.sender, r.id);
+            msgs.insert(
+                key,
+                Msg {
+                    time_ms: r.time_ms,
+                    copies: r.copies.clone(),
+                    tokens: Vec::new(),
+                    settled: true,
+                },
+            );
+            known.insert(key);
+            settled_order.push_back(key);
+            restored.insert(key, (r.time_ms, r.copies.iter().map(|(d, _)| *d).collect()));
+        }
         Fake {
-            live: Live::new(config, loaded, HashMap::new(), 0, base, ceiling),
+            live: Live::new(
+                config,
+                o.loaded,
+                o.tombstones,
+                disk_bytes,
+                o.base,
+                o.ceiling,
+                o.restored,
+            ),
             t0: Instant::now(),
             ms: 0,
-            disk: BTreeMap::new(),
+            durable: o.disk.keys().copied().collect(),
+            disk: o.disk,
             batch: Vec::new(),
-            durable: HashSet::new(),
-            model: BTreeMap::new(),
-            given: HashMap::new(),
-            msgs: HashMap::new(),
-            known: HashSet::new(),
-            settled_order: VecDeque::new(),
-            recorded: HashSet::new(),
+            model: o.model,
+            given,
+            msgs,
+            known,
+            settled_order,
+            restored,
+            tombs,
             sink: Sink::new(|| {}),
             token: 0,
             heard: HashMap::new(),
@@ -135,8 +255,12 @@ impl Fake {
 
     /// Appends, predicting the answer from the model, and checks it.
     fn append(&mut self, sender: DeviceKey, id: u8, copies: &[(DeviceKey, usize, bool)]) -> Appended {
+        self.append_as(sender, id, copies, false)
+    }
+
+    /// The same, below the free-space floor if `full`.
+    fn append_as(&mut self, sender: DeviceKey, id: u8, copies: &[(DeviceKey, usize, bool)], full: bool) -> Appended {
         let key = (sender, MsgId([id; 16]));
-        let now_ms = self.ms;
         let m = NewMessage {
             sender,
             id: key.1,
@@ -145,21 +269,12 @@ impl Fake {
                 .iter()
                 .map(|(d, len, online)| (*d, bytes::Bytes::from(vec![id; *len]), *online))
                 .collect(),
-            now_ms,
+            now_ms: self.ms,
             mono: self.now(),
         };
-        let entries: Vec<(DeviceKey, Entry)> = copies
-            .iter()
-            .map(|(d, _, _)| {
-                (
-                    *d,
-                    crate::store::api::message_entry(&m, m.copies.iter().find(|c| c.0 == *d).unwrap().1.clone()),
-                )
-            })
-            .collect();
         let w = self.waiter();
-        let want = self.predict(key, &entries, now_ms);
-        let got = self.live.lock().append(m, self.now(), &w, false);
+        let (want, queued) = self.predict(key, &m, full);
+        let got = self.live.lock().append(m, self.now(), &w, full);
         assert_eq!(got, want, "append of {key:?}");
         match got {
             Appended::Queued { time_ms } => {
@@ -168,7 +283,7 @@ impl Fake {
                     tokens: vec![w.token],
                     ..Msg::default()
                 };
-                for (d, e) in entries {
+                for (d, e) in queued {
                     let seq = self.live.lock().last_seq(d);
                     let before = self.given.insert(d, seq);
                     assert!(before.is_none_or(|b| b < seq), "{d}: {seq} given out after {before:?}");
@@ -177,6 +292,7 @@ impl Fake {
                 }
                 self.msgs.insert(key, msg);
                 self.known.insert(key);
+                self.restored.remove(&key);
             }
             Appended::Waiting => self.msgs.get_mut(&key).unwrap().tokens.push(w.token),
             _ => {}
@@ -184,33 +300,67 @@ impl Fake {
         got
     }
 
-    fn predict(&self, key: MsgKey, entries: &[(DeviceKey, Entry)], now_ms: u64) -> Appended {
-        if self.known.contains(&key) {
+    /// What `Live` should answer to `m`, and the entries it should queue:
+    /// a retraction answers first; a retry of a message restored at open
+    /// queues copies only for the devices whose copy was not still queued,
+    /// with the original time; a retry of a message known in this run waits
+    /// for it or is a duplicate; anything else is new.
+    fn predict(&self, key: MsgKey, m: &NewMessage, full: bool) -> (Appended, Vec<(DeviceKey, Entry)>) {
+        if let Some(&time_ms) = self.tombs.get(&(key.0.user, key.1)) {
+            return (Appended::Duplicate { time_ms }, Vec::new());
+        }
+        let mut copies: Vec<(DeviceKey, bytes::Bytes)> = m.copies.iter().map(|(d, b, _)| (*d, b.clone())).collect();
+        let mut time_ms = m.now_ms;
+        if let Some((t, queued)) = self.restored.get(&key) {
+            copies.retain(|(d, _)| !queued.contains(d));
+            time_ms = *t;
+            if copies.is_empty() {
+                return (Appended::Duplicate { time_ms }, Vec::new());
+            }
+        } else if self.known.contains(&key) {
             let m = &self.msgs[&key];
-            return if m.settled {
+            let answer = if m.settled {
                 Appended::Duplicate { time_ms: m.time_ms }
             } else {
                 Appended::Waiting
             };
+            return (answer, Vec::new());
         }
-        if entries.is_empty() {
-            return Appended::Duplicate { time_ms: now_ms };
+        if full {
+            return (Appended::Refused(Refused::StorageFull), Vec::new());
         }
+        if copies.is_empty() {
+            return (Appended::Duplicate { time_ms }, Vec::new());
+        }
+        let entries: Vec<(DeviceKey, Entry)> = copies
+            .into_iter()
+            .map(|(d, body)| {
+                let e = Entry::Message(QueuedMessage {
+                    id: key.1,
+                    from_user: key.0.user.0,
+                    from_device: key.0.device.0,
+                    to_user: m.to.0,
+                    time_ms,
+                    body,
+                });
+                (d, e)
+            })
+            .collect();
         let live = self.live.lock();
         let quotas = live.config.quotas;
-        let total: u64 = entries.iter().map(|(_, e)| e.stored_len()).sum::<u64>() + record_len(entries.len());
+        let total: u64 = entries.iter().map(|(_, e)| e.stored_len()).sum::<u64>();
         if live.disk_bytes + live.unwritten() + total > quotas.disk_budget {
-            return Appended::Refused(Refused::Quota(Quota::Disk));
+            return (Appended::Refused(Refused::Quota(Quota::Disk)), Vec::new());
         }
-        for (d, e) in entries {
+        for (d, e) in &entries {
             let (count, bytes) = live.usage(*d);
             let next = live.last_seq(*d) + 1;
             if count + 1 > quotas.queue_messages || bytes + e.stored_len() > quotas.queue_bytes || next >= live.ceiling
             {
-                return Appended::Refused(Refused::Quota(Quota::Queue(*d)));
+                return (Appended::Refused(Refused::Quota(Quota::Queue(*d))), Vec::new());
             }
         }
-        Appended::Queued { time_ms: now_ms }
+        (Appended::Queued { time_ms }, entries)
     }
 
     fn ack(&mut self, d: DeviceKey, up_to: u64) {
@@ -244,14 +394,6 @@ impl Fake {
             );
             assert!(self.disk.insert((w.device, w.seq), w.entry.stored_len()).is_none());
             self.batch.push((w.device, w.seq));
-            if let Some((key, rec)) = w.record {
-                // One record per message, with its first copy written.
-                assert!(self.recorded.insert(key), "{key:?} recorded twice");
-                let m = &self.msgs[&key];
-                assert_eq!(rec.time_ms, m.time_ms);
-                let copies: Vec<_> = m.copies.iter().map(|(d, s)| (d.user.0, d.device.0, *s)).collect();
-                assert_eq!(rec.copies, copies);
-            }
         }
     }
 
@@ -738,7 +880,7 @@ fn quotas_refuse_as_a_whole() {
         f.append(a, 10, &[(c, 700, false)]),
         Appended::Refused(Refused::Quota(Quota::Queue(c)))
     );
-    // The disk budget counts unwritten copies and the message record.
+    // The disk budget counts unwritten copies.
     let mut i = 20;
     while matches!(
         f.append(a, i, &[(dev(4, i as u32), 600, true)]),
@@ -788,68 +930,177 @@ fn the_ceiling_bounds_the_numbers_given_out() {
     assert_eq!(f.live.lock().last_seq(b), 10);
 }
 
-/// The engine takes a retry's copies into a batch, then finds the
-/// original's record on disk and drops them. The device may acknowledge a
-/// copy in between (the loops do not wait for the store thread): the copy
-/// was never written, so nothing of it may stay counted.
-#[test]
-fn a_retry_dropped_after_its_copy_was_acked_leaves_nothing_counted() {
-    let mut f = Fake::new(roomy());
+// ---- retries of messages restored at open ----
+
+/// A message spilled before a restart, to b and c, both copies still
+/// queued at open.
+fn restored_to_b_and_c() -> (Fake, DeviceKey, DeviceKey, DeviceKey) {
     let (a, b, c) = (dev(1, 1), dev(2, 1), dev(3, 1));
-    f.append(a, 1, &[(b, 10, false), (c, 10, true)]);
-    let key = (a, MsgId([1; 16]));
-    let (mut writes, mut deletes, mut removes) = (Vec::new(), Vec::new(), Vec::new());
-    f.live.lock().take(f.now(), &mut writes, &mut deletes, &mut removes);
-    assert_eq!(writes.len(), 1);
-    let w = &writes[0];
-    assert!(w.record.is_some());
-    // b acks its copy while the engine looks for the record.
-    f.live.lock().ack(b, 1);
-    // The record is on disk: a retry. The batch skips the copy.
-    let skipped = [(w.device, w.seq, w.entry.stored_len())];
-    f.live.lock().drop_retry(key, (9, 77), &[(b, 1), (c, 1)], &skipped);
-    f.model.remove(&(b, 1));
-    f.model.remove(&(c, 1));
-    f.msgs.get_mut(&key).unwrap().time_ms = 77;
-    f.msgs.get_mut(&key).unwrap().copies.clear();
-    f.check();
-    // The next turn's delete finds nothing to delete.
-    f.turn();
-    f.check();
-    assert_eq!(f.live.lock().usage(b), (0, 0));
-    assert_eq!(f.live.lock().usage(c), (0, 0));
-    assert_eq!(f.live.lock().disk_bytes, 0);
-    assert_eq!(f.heard[&1], vec![Outcome::Settled { time_ms: 77 }]);
-    assert_eq!(f.live.lock().time_of(key), Some(77));
+    let f = Fake::opened(roomy(), Opened::spilled(&[(a, 1, 77, &[(b, 1, 10), (c, 1, 10)])]));
+    (f, a, b, c)
 }
 
+/// Every device whose copy is still queued has the message: a retry is a
+/// duplicate, answered with the original time, and queues nothing.
 #[test]
-fn a_dropped_retry_settles_with_the_original_time() {
-    let mut f = Fake::new(roomy());
-    let (a, b, c) = (dev(1, 1), dev(2, 1), dev(3, 1));
-    f.append(a, 1, &[(b, 10, false), (c, 10, true)]);
-    let key = (a, MsgId([1; 16]));
-    let (mut writes, mut deletes, mut removes) = (Vec::new(), Vec::new(), Vec::new());
-    f.live.lock().take(f.now(), &mut writes, &mut deletes, &mut removes);
-    let skipped: Vec<_> = writes.iter().map(|w| (w.device, w.seq, w.entry.stored_len())).collect();
-    f.live.lock().drop_retry(key, (9, 77), &[(b, 1), (c, 1)], &skipped);
-    f.model.clear();
-    {
-        let m = f.msgs.get_mut(&key).unwrap();
-        m.time_ms = 77;
-        m.copies.clear();
-    }
+fn a_retry_of_a_restored_message_whose_copies_are_all_queued_is_a_duplicate() {
+    let (mut f, a, b, c) = restored_to_b_and_c();
     f.check();
-    assert_eq!(f.heard[&1], vec![Outcome::Settled { time_ms: 77 }]);
-    // Staged copies of it are skipped later.
-    f.ms += 100;
+    f.ms = 5000;
+    assert_eq!(
+        f.append(a, 1, &[(b, 10, false), (c, 10, true)]),
+        Appended::Duplicate { time_ms: 77 }
+    );
+    assert_eq!(f.append(a, 1, &[(c, 10, true)]), Appended::Duplicate { time_ms: 77 });
+    assert_eq!(f.live.lock().last_seq(b), 1, "nothing queued");
+    assert_eq!(f.live.lock().unwritten(), 0);
+    // Still so once a device acknowledged its copy (it has it).
+    f.ack(b, 1);
     f.turn();
     f.check();
-    assert!(f.disk.is_empty());
+    assert_eq!(
+        f.append(a, 1, &[(b, 10, false), (c, 10, true)]),
+        Appended::Duplicate { time_ms: 77 }
+    );
+    f.check();
+}
+
+/// A device whose copy is not queued at open (delivered, or lost
+/// unwritten with the restart: the store cannot tell) gets the retry's
+/// copy, with the original time; so does a device the first send did not
+/// name. The retry is answered `Queued` with the original time and
+/// settles with it; from then on it is known as any message is.
+#[test]
+fn a_retry_of_a_restored_message_queues_only_the_missing_copies() {
+    let (a, b, c, d) = (dev(1, 1), dev(2, 1), dev(3, 1), dev(4, 1));
+    let mut f = Fake::opened(roomy(), Opened::spilled(&[(a, 1, 77, &[(b, 1, 10)])]));
+    f.ms = 5000;
+    assert_eq!(
+        f.append(a, 1, &[(b, 10, false), (c, 10, false), (d, 10, true)]),
+        Appended::Queued { time_ms: 77 }
+    );
+    f.check();
+    assert_eq!(f.live.lock().last_seq(b), 1, "b has its copy");
     let mut out = Vec::new();
     assert_eq!(f.live.lock().read(c, 0, 10, &mut out), Read::Memory { more: false });
-    assert!(out.is_empty());
-    assert_eq!(f.append(a, 1, &[(b, 10, false)]), Appended::Duplicate { time_ms: 77 });
+    match &out[..] {
+        [(2, Entry::Message(m))] => assert_eq!((m.time_ms, m.body.len()), (77, 10)),
+        other => panic!("{other:?}"),
+    }
+    // In flight: a retry waits for it.
+    assert_eq!(f.append(a, 1, &[(c, 10, false)]), Appended::Waiting);
+    f.turn();
+    f.flush();
+    f.check();
+    assert!(!f.heard.contains_key(&1), "d's copy waits for its ack");
+    f.ack(d, u64::MAX);
+    f.check();
+    assert_eq!(f.heard[&1], vec![Outcome::Settled { time_ms: 77 }]);
+    assert_eq!(f.heard[&2], vec![Outcome::Settled { time_ms: 77 }]);
+    assert_eq!(
+        f.append(a, 1, &[(b, 10, false), (c, 10, false), (d, 10, true)]),
+        Appended::Duplicate { time_ms: 77 }
+    );
+    f.check();
+}
+
+/// The hub asks `recall` when a retry's devices do not match the user's
+/// (a device was linked or revoked meanwhile), to answer a known retry
+/// `Accepted` before comparing them. A restored message is known only in
+/// part: which of its devices miss a copy shows only against the retry's
+/// copies. So `recall` does not answer for it, the hub answers `Mismatch`,
+/// and the client's corrected retry reaches the devices that miss it
+/// through `append`. Answering `Duplicate` would tell the sender that a
+/// copy lost unwritten with the restart is safe.
+#[test]
+fn recall_does_not_answer_for_a_restored_message() {
+    let (a, b, c) = (dev(1, 1), dev(2, 1), dev(3, 1));
+    let mut f = Fake::opened(roomy(), Opened::spilled(&[(a, 1, 77, &[(b, 1, 10)])]));
+    let w = f.waiter();
+    assert_eq!(f.live.lock().recall(a, MsgId([1; 16]), &w), None);
+    assert_eq!(
+        f.append(a, 1, &[(b, 10, false), (c, 10, false)]),
+        Appended::Queued { time_ms: 77 }
+    );
+    // Once queued it is known as any message is.
+    let w = f.waiter();
+    assert_eq!(f.live.lock().recall(a, MsgId([1; 16]), &w), Some(Appended::Waiting));
+    f.msgs.get_mut(&(a, MsgId([1; 16]))).unwrap().tokens.push(w.token);
+    f.check();
+}
+
+/// Below the free-space floor a retry of a restored message that would
+/// queue a copy is refused, not answered `Accepted`: the device's copy
+/// may have been lost unwritten with the restart, and the sender must not
+/// be told it is safe (DESIGN, guarantee 1). One with nothing to queue is
+/// a duplicate as before.
+#[test]
+fn below_the_floor_a_retry_of_a_restored_message_with_a_missing_copy_is_refused() {
+    let (a, b, c) = (dev(1, 1), dev(2, 1), dev(3, 1));
+    let mut f = Fake::opened(roomy(), Opened::spilled(&[(a, 1, 77, &[(b, 1, 10)])]));
+    assert_eq!(
+        f.append_as(a, 1, &[(b, 10, false), (c, 10, false)], true),
+        Appended::Refused(Refused::StorageFull)
+    );
+    assert_eq!(
+        f.append_as(a, 1, &[(b, 10, false)], true),
+        Appended::Duplicate { time_ms: 77 }
+    );
+    f.check();
+    // Space back: the retry reaches c.
+    assert_eq!(
+        f.append(a, 1, &[(b, 10, false), (c, 10, false)]),
+        Appended::Queued { time_ms: 77 }
+    );
+    f.check();
+}
+
+/// A retry of a restored message refused by a quota leaves it restored:
+/// a later retry still reaches only the devices that miss it, with the
+/// original time.
+#[test]
+fn a_refused_retry_of_a_restored_message_is_recognised_later() {
+    let (a, e, b, c) = (dev(1, 1), dev(1, 2), dev(2, 1), dev(3, 1));
+    let mut f = Fake::opened(config(), Opened::spilled(&[(a, 1, 77, &[(b, 1, 10)])]));
+    // c's queue is full (six entries).
+    for i in 0..6 {
+        assert!(matches!(f.append(e, i, &[(c, 10, false)]), Appended::Queued { .. }));
+    }
+    f.ms = 5000;
+    assert_eq!(
+        f.append(a, 1, &[(b, 10, false), (c, 10, false)]),
+        Appended::Refused(Refused::Quota(Quota::Queue(c)))
+    );
+    f.check();
+    f.turn();
+    f.flush();
+    f.ack(c, u64::MAX);
+    f.turn();
+    f.check();
+    assert_eq!(
+        f.append(a, 1, &[(b, 10, false), (c, 10, false)]),
+        Appended::Queued { time_ms: 77 }
+    );
+    assert_eq!(f.live.lock().last_seq(b), 1, "b has its copy");
+    f.check();
+}
+
+/// A retraction answers first (spec §5.5): a message retracted before the
+/// restart whose copy came back at open (an acknowledged copy whose mark
+/// was not yet written) is not brought back to the other devices by a
+/// retry.
+#[test]
+fn a_retry_of_a_restored_message_that_was_retracted_is_a_duplicate() {
+    let (a, b, c) = (dev(1, 1), dev(2, 1), dev(3, 1));
+    let mut o = Opened::spilled(&[(a, 1, 77, &[(b, 1, 10)])]);
+    o.tombstones.insert((UserId(1), MsgId([1; 16])), 77);
+    let mut f = Fake::opened(roomy(), o);
+    assert_eq!(
+        f.append(a, 1, &[(b, 10, false), (c, 10, false)]),
+        Appended::Duplicate { time_ms: 77 }
+    );
+    assert_eq!(f.live.lock().usage(c), (0, 0), "nothing queued for c");
+    f.check();
 }
 
 // ---- any sequence ----
@@ -912,7 +1163,17 @@ fn run(ops: Vec<Op>) {
         recent: 1 << 20,
         ..config()
     };
-    let mut f = Fake::loaded(config, HashMap::new(), 1, 30);
+    // Messages spilled before a restart, restored at open: appends of the
+    // same ids (sender 0's 0 and 1, sender 1's 2) are retries of them.
+    let (s0, s1) = (dev(1, 1), dev(1, 2));
+    let mut o = Opened::spilled(&[
+        (s0, 0, 0, &[(device(0), 1, 20), (device(1), 1, 20)]),
+        (s0, 1, 0, &[(device(0), 2, 20)]),
+        (s1, 2, 0, &[(device(2), 1, 20), (device(3), 1, 20)]),
+    ]);
+    o.ceiling = 30;
+    let mut f = Fake::opened(config, o);
+    f.check();
     for op in ops {
         match op {
             Op::Append {

@@ -1,4 +1,5 @@
-//! One process per profile: a running `listen` serves a Unix socket
+//! The profile's IPC socket. One process per profile: a running `listen`
+//! (or `chat`) serves a Unix socket
 //! (`sock` in the profile, mode 0600, in a 0700 directory) through which a
 //! second command hands over its work and gets the outcome; without a
 //! listener, a command opens the profile itself, waiting while another
@@ -15,15 +16,12 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Sender};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use super::Error;
-use super::device::{Client, Event};
-use super::e2e::Notice;
-use super::link::Input;
-use super::profile::{Message, Profile, Registration, SOCKET_FILE};
-use super::status::Receipts;
-use crate::wire::{DeviceId, DeviceInfo};
+use super::backoff::Backoff;
+use super::core::{Client, Event};
+use super::driver::Input;
+use super::profile::{SOCKET_FILE, Unlock};
+use super::request::{Job, Outcome, Reply, Request};
 
 /// Longest request line accepted on the socket.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -31,197 +29,6 @@ const MAX_REQUEST: u64 = 64 * 1024;
 pub const PROFILE_WAIT: Duration = Duration::from_secs(30);
 /// How long a command waits for the listener to do its work.
 pub const DELEGATE_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Work a command asks for.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Request {
-    /// Create an account with an invite code.
-    Register {
-        /// The invite code text.
-        code: String,
-        /// The user name.
-        name: String,
-    },
-    /// Join an account with a link code.
-    Link {
-        /// The link code text.
-        code: String,
-    },
-    /// Ask for a link code.
-    LinkCode,
-    /// Send a text.
-    Send {
-        /// The recipient.
-        to: String,
-        /// The text.
-        text: String,
-        /// The id of the message it replies to.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        reply_to: Option<String>,
-    },
-    /// Forward a message.
-    Forward {
-        /// The message's id.
-        id: String,
-        /// The recipient.
-        to: String,
-    },
-    /// Edit one of this user's messages.
-    Edit {
-        /// The message's id.
-        id: String,
-        /// The new text.
-        text: String,
-    },
-    /// Delete one of this user's messages for everyone.
-    Delete {
-        /// The message's id.
-        id: String,
-    },
-    /// Mark the conversation with a user read.
-    Read {
-        /// The other party.
-        user: String,
-    },
-    /// What became of a message, per device.
-    Info {
-        /// The message's id.
-        id: String,
-    },
-    /// Show or change settings.
-    Settings {
-        /// Turn read receipts on or off; `None` shows the setting.
-        read_receipts: Option<bool>,
-        /// Files up to this size download by themselves (0: none).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        auto_download: Option<u64>,
-    },
-    /// Send a file.
-    SendFile {
-        /// The recipient.
-        to: String,
-        /// The file (an absolute path: a listener runs elsewhere).
-        path: String,
-        /// A text shown with it.
-        caption: String,
-    },
-    /// Download the file of a message.
-    Download {
-        /// The message's id.
-        id: String,
-        /// Where to (absolute), or the profile's downloads folder.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        output: Option<String>,
-    },
-    /// Take everything queued.
-    Sync,
-    /// The local conversation with a user.
-    History {
-        /// The other party.
-        user: String,
-    },
-    /// This account's devices.
-    Devices,
-    /// Revoke one of this account's devices.
-    Revoke {
-        /// Its number.
-        device: u32,
-    },
-    /// The safety number with a user.
-    Verify {
-        /// The other party.
-        user: String,
-    },
-}
-
-/// What a request produced.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Outcome {
-    /// Registered or linked.
-    Registered(Registration),
-    /// A link code.
-    LinkCode {
-        /// The code text.
-        code: String,
-        /// When it expires (ms since the epoch).
-        expires_ms: u64,
-    },
-    /// A message the server accepted.
-    Sent(Message),
-    /// A message after its edit.
-    Edited(Message),
-    /// A message after its deletion.
-    Deleted(Message),
-    /// A conversation was marked read.
-    Read {
-        /// The other party.
-        user: String,
-        /// How many messages were unread.
-        count: usize,
-    },
-    /// The messages with an id, each with what the devices reported.
-    Info(Vec<(Message, Receipts)>),
-    /// The settings.
-    Settings {
-        /// Whether read receipts are on.
-        read_receipts: bool,
-        /// Files up to this size download by themselves.
-        #[serde(default)]
-        auto_download: u64,
-    },
-    /// A file was downloaded.
-    Downloaded {
-        /// The message.
-        id: String,
-        /// Where the file is.
-        path: String,
-    },
-    /// A sync finished; the messages were reported as they came.
-    Synced {
-        /// How many were new.
-        count: usize,
-    },
-    /// A conversation.
-    Messages(Vec<Message>),
-    /// This account's devices.
-    Devices {
-        /// Which one is this device.
-        this: DeviceId,
-        /// All of them.
-        devices: Vec<DeviceInfo>,
-    },
-    /// A device was revoked.
-    Revoked {
-        /// Its number.
-        device: u32,
-    },
-    /// A safety number.
-    SafetyNumber {
-        /// The other party.
-        user: String,
-        /// Sixty digits in groups of five.
-        number: String,
-        /// The identity keys it covers: user, device, Ed25519 key (hex).
-        devices: Vec<(String, u32, String)>,
-    },
-}
-
-/// A listener's answer to a request handed over.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Reply {
-    /// Notices raised while doing it.
-    pub notices: Vec<Notice>,
-    /// The result.
-    pub outcome: Outcome,
-}
-
-/// A request from another command, with where to send the answer.
-pub struct Job {
-    /// The work.
-    pub request: Request,
-    /// Where the outcome goes.
-    pub reply: Sender<Result<Reply, String>>,
-}
 
 /// Runs `request` on the profile in `dir`: through its running `listen` if
 /// there is one, else on the profile itself (waiting up to
@@ -234,7 +41,21 @@ pub struct Job {
 /// The request's failure, [`Error::ProfileBusy`], or [`Error::Remote`]
 /// with the listener's message.
 pub fn run(dir: &Path, request: Request, on_event: &mut dyn FnMut(&Event)) -> Result<Outcome, Error> {
-    let deadline = Instant::now() + PROFILE_WAIT;
+    run_with(dir, request, &mut Unlock::from_env(), on_event)
+}
+
+/// [`run`], opening the profile (if no listener has it) with `unlock`.
+///
+/// # Errors
+/// See [`run`].
+pub fn run_with(
+    dir: &Path,
+    request: Request,
+    unlock: &mut Unlock<'_>,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<Outcome, Error> {
+    let mut backoff =
+        Backoff::new(Duration::from_millis(100), Duration::from_millis(100)).giving_up_after(PROFILE_WAIT);
     let mut told = false;
     loop {
         if let Some(reply) = delegate(dir, &request)? {
@@ -244,7 +65,7 @@ pub fn run(dir: &Path, request: Request, on_event: &mut dyn FnMut(&Event)) -> Re
             }
             return Ok(reply.outcome);
         }
-        match Profile::open(dir, Duration::ZERO) {
+        match unlock.open(dir, Duration::ZERO) {
             Ok(profile) => {
                 let receive = matches!(request, Request::Sync);
                 let mut client = Client::new(profile, receive);
@@ -252,16 +73,27 @@ pub fn run(dir: &Path, request: Request, on_event: &mut dyn FnMut(&Event)) -> Re
                 client.disconnect();
                 return outcome;
             }
-            Err(Error::ProfileBusy(_)) if Instant::now() < deadline => {
+            Err(Error::ProfileBusy(p)) => {
+                let now = Instant::now();
+                let Some(at) = backoff.next(now) else {
+                    return Err(Error::ProfileBusy(p));
+                };
                 if !told {
                     log::warn!("profile {} is busy with another command; waiting", dir.display());
                     told = true;
                 }
-                std::thread::sleep(Duration::from_millis(100));
+                std::thread::sleep(at - now);
             }
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Whether a `listen` or `chat` holds the profile in `dir` (its socket
+/// answers).
+pub fn delegate_target(dir: &Path) -> Option<PathBuf> {
+    let path = dir.join(SOCKET_FILE);
+    UnixStream::connect(&path).ok().map(|_| path)
 }
 
 /// Hands `request` to the `listen` running on the profile in `dir`;
@@ -306,28 +138,54 @@ impl Drop for SocketGuard {
 /// A listener already running, [`Error::ProfileBusy`], or what ends
 /// [`Client::listen`].
 pub fn listen(dir: &Path, on_event: &mut dyn FnMut(&Event) -> bool) -> Result<(), Error> {
+    listen_with(dir, &mut Unlock::from_env(), on_event)
+}
+
+/// [`listen`], opening the profile with `unlock`.
+///
+/// # Errors
+/// See [`listen`].
+pub fn listen_with(dir: &Path, unlock: &mut Unlock<'_>, on_event: &mut dyn FnMut(&Event) -> bool) -> Result<(), Error> {
+    let (mut client, _served) = serve_profile(dir, unlock)?;
+    let result = client.listen(on_event);
+    client.disconnect();
+    result
+}
+
+/// The socket of a profile's one writer, served while this lives (the
+/// socket file is removed when it is dropped).
+pub struct Served {
+    _guard: SocketGuard,
+}
+
+/// Opens the profile in `dir` as its one writer (`listen`, `chat`): a
+/// receiving client, and the socket through which other commands hand it
+/// their work (as [`Input::Local`] jobs to the client's driver).
+///
+/// # Errors
+/// Another writer running, [`Error::ProfileBusy`], an unregistered
+/// profile, I/O failures.
+pub fn serve_profile(dir: &Path, unlock: &mut Unlock<'_>) -> Result<(Client, Served), Error> {
     if UnixStream::connect(dir.join(SOCKET_FILE)).is_ok() {
         return Err(Error::Usage(format!(
-            "`tidings listen` is already running on profile {}",
+            "`tidings listen` or `tidings chat` is already running on profile {}",
             dir.display()
         )));
     }
-    let profile = Profile::open(dir, PROFILE_WAIT)?;
+    let profile = unlock.open(dir, PROFILE_WAIT)?;
     profile.registered()?;
-    let mut client = Client::new(profile, true);
+    let client = Client::new(profile, true);
     // Holding the profile lock, any socket file is a crashed listener's.
     let path = client.profile().socket_path();
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
-    let _guard = SocketGuard(path.clone());
+    let guard = SocketGuard(path.clone());
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     let tx = client.input_sender();
     std::thread::Builder::new()
         .name("tidings-local".into())
         .spawn(move || accept_loop(listener, tx))?;
-    let result = client.listen(on_event);
-    client.disconnect();
-    result
+    Ok((client, Served { _guard: guard }))
 }
 
 fn accept_loop(listener: UnixListener, tx: Sender<Input>) {
@@ -374,6 +232,7 @@ fn serve_one(stream: UnixStream, tx: &Sender<Input>) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::profile::Profile;
     use super::*;
 
     #[test]
@@ -389,9 +248,28 @@ mod tests {
             drop(held);
         });
         let started = Instant::now();
-        let outcome = run(&dir, Request::History { user: "bob".into() }, &mut |_| {}).unwrap();
+        let outcome = run(
+            &dir,
+            Request::Settings {
+                read_receipts: None,
+                last_seen: None,
+                auto_download: None,
+            },
+            &mut |_| {},
+        )
+        .unwrap();
         assert!(started.elapsed() >= Duration::from_millis(250));
-        assert_eq!(outcome, Outcome::Messages(vec![]));
+        assert_eq!(
+            outcome,
+            Outcome::Settings {
+                read_receipts: true,
+                last_seen: true,
+                auto_download: crate::client::files::AUTO_DOWNLOAD,
+            }
+        );
+        // A conversation that never was is a clear error.
+        let e = run(&dir, Request::History { user: "bob".into() }, &mut |_| {}).unwrap_err();
+        assert!(e.to_string().contains("no conversation with bob"), "{e}");
         holder.join().unwrap();
         // Not registered: a clear error, not a hang.
         let e = run(&dir, Request::LinkCode, &mut |_| {}).unwrap_err();
@@ -400,6 +278,8 @@ mod tests {
 
     #[test]
     fn requests_and_replies_are_json_lines() {
+        use super::super::e2e::Notice;
+        use crate::wire::DeviceId;
         let r = Request::Send {
             to: "bob".into(),
             text: "hi".into(),

@@ -2,7 +2,7 @@
 //! the message that carries its key), downloading one (ranges, opened and
 //! checked chunk by chunk into a temporary file that becomes the file only
 //! once all of it is checked), forwarding, releasing, and downloading by
-//! themselves the small ones that arrive (spec §5.6, §14.8).
+//! themselves the small ones that arrive (spec §5.7, §14.8).
 //!
 //! Guarantees:
 //! - a file's message is in the history (pending, with its key) before
@@ -17,38 +17,44 @@
 //!   the whole matched its checksum: a damaged blob or a wrong key leaves
 //!   no file behind;
 //! - a dropped connection during a transfer is retried, resuming where it
-//!   stopped, for up to [`SEND_RETRY_FOR`].
+//!   stopped, under [`TRANSFER_BACKOFF`];
+//! - nothing here reads the clock or sleeps: the driver does (through
+//!   [`Client::retrying`]).
 //!
 //! What it does not do: thumbnails (a message may carry one; this client
-//! does not make them), or show files in `chat`.
+//! does not make them).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::{ANSWER_TIMEOUT, Client, Event, SEND_RETRY_FOR, now_ms};
-use crate::client::Error;
-use crate::client::attachment::{
-    self, Attachment, Damaged, FileKey, FileRef, MAX_NAME, Opener, SEALED_CHUNK, Sealer, sealed_len,
-};
-use crate::client::conn::Closed;
-use crate::client::content::{Content, Payload};
-use crate::client::profile::{Batch, Direction, Message, Status};
+use super::Error;
+use super::attachment::{self, Attachment, Damaged, FileKey, FileRef, MAX_NAME, Opener, SEALED_CHUNK, Sealer, sealed_len};
+use super::backoff::Backoff;
+use super::conn::Closed;
+use super::content::{Content, Payload};
+use super::core::{ANSWER_TIMEOUT, Client, Event};
+use super::history::{Batch, Writes};
+use super::message::{Direction, Message, Status};
 use crate::wire::{
     self, BlobGrant, ClientFrame, Download, ErrorCode, MsgId, ServerFrame, UploadChunk, UploadStart, UploadStatus,
 };
 
 /// Chunk or range requests in flight per transfer (the server allows 8
-/// per connection, spec §5.6).
+/// per connection, spec §5.7).
 pub const WINDOW: usize = 8;
 /// What files up to this size do by default when they arrive: download
 /// by themselves (`tidings settings auto-download`).
 pub const AUTO_DOWNLOAD: u64 = 1 << 20;
 /// The folder of a profile where downloads go.
 pub const DOWNLOADS_DIR: &str = "downloads";
+/// How a transfer resumes over dropped connections: from 200 ms,
+/// doubling up to 5 s, for at most a minute after the first failure.
+pub const TRANSFER_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(200), Duration::from_secs(5)).giving_up_after(Duration::from_secs(60));
 /// The history's setting of the auto-download size.
 const AUTO_DOWNLOAD_KEY: &[u8] = b"auto_download";
 
@@ -157,7 +163,7 @@ impl Client {
                     from_device: wire::DeviceId(me.device),
                     to: to.to_owned(),
                     text: caption.to_owned(),
-                    ts_ms: now_ms(),
+                    ts_ms: self.unix_ms(),
                     direction: Direction::Out,
                     status: Status::Pending,
                     attachment: Some(Box::new(Attachment {
@@ -178,9 +184,7 @@ impl Client {
                 .encode()?;
                 // Kept (pending, with its key) before a byte goes up.
                 let h = self.profile.history();
-                let mut batch = Batch::default();
-                h.put_msg(&mut batch, &me.user, &msg)?;
-                h.apply(batch, None)?;
+                h.commit(&me.user, Some(&msg), (&me.user, &msg.id), Writes::new())?;
                 h.flush()?;
                 msg
             }
@@ -230,7 +234,7 @@ impl Client {
             stored.status = Status::Pending;
             let mut batch = Batch::default();
             h.put_msg(&mut batch, &me, &stored)?;
-            h.apply(batch, None)?;
+            h.apply(batch, Writes::new())?;
             h.flush()?;
         }
         Ok(msg)
@@ -240,20 +244,9 @@ impl Client {
     /// this user's): resumes where the server stands, retries over
     /// dropped connections.
     fn upload(&mut self, file: &FileRef, path: &Path, to: &str, progress: Progress<'_>) -> Result<(), Error> {
-        let deadline = Instant::now() + SEND_RETRY_FOR;
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            match self.try_upload(file, path, to, progress) {
-                Ok(()) => return Ok(()),
-                Err(e) if e.is_transient() && Instant::now() + backoff < deadline => {
-                    log::info!("upload of {}: {e}; resuming in {backoff:?}", file.blob);
-                    self.link = None;
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let mut backoff = TRANSFER_BACKOFF;
+        let what = format!("upload of {}", file.blob);
+        self.retrying(&mut backoff, &what, |c| c.try_upload(file, path, to, progress))
     }
 
     fn try_upload(&mut self, file: &FileRef, path: &Path, to: &str, progress: Progress<'_>) -> Result<(), Error> {
@@ -329,27 +322,24 @@ impl Client {
         Ok(())
     }
 
+    /// Queues a request on the connection (written by the next flush).
     fn request(&mut self, frame: &ClientFrame) -> Result<u32, Error> {
-        let link = self.link.as_mut().ok_or(Error::Closed(Closed::EndOfStream))?;
-        link.conn
-            .request(frame, Instant::now())
-            .map_err(|_| Error::Closed(Closed::EndOfStream))
+        let now = self.now();
+        let conn = self.conn.as_mut().ok_or(Error::Closed(Closed::EndOfStream))?;
+        conn.request(frame, now).map_err(|_| Error::Closed(Closed::EndOfStream))
     }
 
+    /// Writes what is queued; an error if the connection is gone.
     fn flush_link(&mut self) -> Result<(), Error> {
-        let Some(link) = self.link.as_mut() else {
+        if self.conn.is_none() {
             return Err(Error::Closed(Closed::EndOfStream));
-        };
-        if let Err(e) = link.flush() {
-            self.link = None;
-            return Err(e);
         }
-        Ok(())
+        self.flush()
     }
 
     /// Waits for the answer to one of `reqs`.
     fn next_answer<T>(&mut self, reqs: &HashMap<u32, T>) -> Result<(u32, ServerFrame), Error> {
-        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        let deadline = self.now() + ANSWER_TIMEOUT;
         loop {
             let done = reqs.keys().find(|r| self.answers.contains_key(r)).copied();
             if let Some(req) = done
@@ -357,8 +347,8 @@ impl Client {
             {
                 return Ok((req, answer));
             }
-            if Instant::now() >= deadline {
-                self.link = None;
+            if self.now() >= deadline {
+                self.drop_conn();
                 return Err(Error::Timeout("the server to answer a file request"));
             }
             self.pump(deadline)?;
@@ -442,13 +432,13 @@ impl Client {
         let h = self.profile.history();
         let mut batch = Batch::default();
         h.put_msg(&mut batch, &me, &m)?;
-        h.apply(batch, None)?;
+        h.apply(batch, Writes::new())?;
         h.flush()?;
         Ok(m)
     }
 
     /// After a delete for everyone of this user's file message `m`: tells
-    /// the server this user no longer needs its blob (spec §5.6,
+    /// the server this user no longer needs its blob (spec §5.7,
     /// `BlobDelete`). Failures are logged.
     pub(super) fn release_file(&mut self, m: &Message) {
         let Some(a) = &m.attachment else { return };
@@ -575,20 +565,11 @@ impl Client {
         let mut opener = Opener::new(file);
         let total = sealed_len(file.size);
         let mut next = 0u64;
-        let deadline = Instant::now() + SEND_RETRY_FOR;
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            match self.try_fetch(file, &mut opener, &mut out, &mut next, total, progress) {
-                Ok(()) => break,
-                Err(e) if e.is_transient() && Instant::now() + backoff < deadline => {
-                    log::info!("download of {}: {e}; resuming in {backoff:?}", file.blob);
-                    self.link = None;
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let mut backoff = TRANSFER_BACKOFF;
+        let what = format!("download of {}", file.blob);
+        self.retrying(&mut backoff, &what, |c| {
+            c.try_fetch(file, &mut opener, &mut out, &mut next, total, progress)
+        })?;
         opener.finish().map_err(Error::FileDamaged)?;
         out.sync_all()?;
         Ok(())
@@ -670,7 +651,7 @@ impl Client {
         };
         let mut batch = Batch::default();
         h.put_msg(&mut batch, &me, &stored)?;
-        h.apply(batch, None)?;
+        h.apply(batch, Writes::new())?;
         h.flush()
     }
 
