@@ -20,9 +20,9 @@ use tidings::wire::{
     BlobData, BlobGrant, BlobId, Body, CLIENT_FRAME_KINDS, ClientFrame, Deliver, DeviceAddr, DeviceId, DeviceInfo,
     DeviceKeys, Download, Ephemeral, EphemeralDeliver, ErrorCode, ExpiredNotice, Flow, FrameError, GapNotice,
     IdentityKeys, Lost, MAX_FRAME_LEN, MAX_NAME_LEN, MAX_RECEIPT_IDS, MAX_RECORD_LEN, MsgId, PublishKeys,
-    RECORD_HEADER_LEN, Receipt, ReceiptDeliver, ReceiptKind, RecordDecoder, RecordError, SERVER_FRAME_KINDS, Seen, Send,
-    ServerFrame, Signature, SignedKey, Token, UploadChunk, UploadStart, UploadStatus, decode_client, decode_server,
-    encode_client, encode_server, write_record,
+    RECORD_HEADER_LEN, Receipt, ReceiptDeliver, ReceiptKind, RecordDecoder, RecordError, SERVER_FRAME_KINDS, Seen,
+    Send, ServerFrame, Signature, SignedKey, Token, UploadChunk, UploadStart, UploadStatus, decode_client,
+    decode_server, encode_client, encode_server, write_record,
 };
 
 // ---------------------------------------------------------------------------

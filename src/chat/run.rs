@@ -74,6 +74,10 @@ fn request_of(action: &Action) -> Option<Request> {
         },
         Action::Read(user) => Request::Read { user: user.clone() },
         Action::Info(id) => Request::Info { id: id.to_string() },
+        Action::Download(id) => Request::Download {
+            id: id.to_string(),
+            output: None,
+        },
         Action::Typing { to, active } => Request::Typing {
             to: to.clone(),
             active: *active,
@@ -250,6 +254,7 @@ impl Screen {
                                     self.app.notice = Some("pending: it goes when the server is back".into());
                                 }
                                 Outcome::Info(found) => self.app.modal = Some(Modal::Info(info_lines(&found))),
+                                Outcome::Downloaded { path, .. } => self.app.notice = Some(format!("saved: {path}")),
                                 _ => {
                                     if !matches!(action, Action::Read(_)) {
                                         self.app.notice = None;

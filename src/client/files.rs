@@ -32,7 +32,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::Error;
-use super::attachment::{self, Attachment, Damaged, FileKey, FileRef, MAX_NAME, Opener, SEALED_CHUNK, Sealer, sealed_len};
+use super::attachment::{
+    self, Attachment, Damaged, FileKey, FileRef, MAX_NAME, Opener, SEALED_CHUNK, Sealer, sealed_len,
+};
 use super::backoff::Backoff;
 use super::conn::Closed;
 use super::content::{Content, Payload};

@@ -279,19 +279,60 @@ struct Cursor {
 /// What to do with an outcome when it comes.
 #[derive(Debug)]
 enum Waiting {
-    Send { conn: ConnId, req: u32, id: wire::MsgId },
-    Register { conn: ConnId, req: u32, name: String },
-    Link { conn: ConnId, req: u32 },
-    LinkCode { conn: ConnId, req: u32 },
-    Revoke { conn: ConnId, req: u32, target: DeviceKey },
-    Publish { conn: ConnId, req: u32 },
-    Claim { conn: ConnId, req: u32, user: String },
-    Receipt { conn: ConnId, req: u32 },
-    Retract { conn: ConnId, req: u32 },
-    LastSeen { conn: ConnId, req: u32, user: UserId },
+    Send {
+        conn: ConnId,
+        req: u32,
+        id: wire::MsgId,
+    },
+    Register {
+        conn: ConnId,
+        req: u32,
+        name: String,
+    },
+    Link {
+        conn: ConnId,
+        req: u32,
+    },
+    LinkCode {
+        conn: ConnId,
+        req: u32,
+    },
+    Revoke {
+        conn: ConnId,
+        req: u32,
+        target: DeviceKey,
+    },
+    Publish {
+        conn: ConnId,
+        req: u32,
+    },
+    Claim {
+        conn: ConnId,
+        req: u32,
+        user: String,
+    },
+    Receipt {
+        conn: ConnId,
+        req: u32,
+    },
+    Retract {
+        conn: ConnId,
+        req: u32,
+    },
+    LastSeen {
+        conn: ConnId,
+        req: u32,
+        user: UserId,
+    },
     /// A blob operation holding `held` bytes of transfer memory.
-    Blob { conn: ConnId, req: u32, held: u64 },
-    Backlog { serial: u64 },
+    Blob {
+        conn: ConnId,
+        req: u32,
+        held: u64,
+    },
+    Backlog {
+        serial: u64,
+    },
 }
 
 /// Entries read from memory per step of a pump.

@@ -339,7 +339,10 @@ fn limits_and_budgets_refuse_with_their_reasons() {
     // new one will write.
     let to_come = 799 + 3 * 800;
     env.above_floor.store(to_come + 599, Ordering::SeqCst);
-    assert_eq!(b.handle(start(id(7), 600, CAROL, &[BOB])), refused(BlobRefused::StorageFull));
+    assert_eq!(
+        b.handle(start(id(7), 600, CAROL, &[BOB])),
+        refused(BlobRefused::StorageFull)
+    );
     env.above_floor.store(to_come + 600, Ordering::SeqCst);
     assert_eq!(b.handle(start(id(7), 600, CAROL, &[BOB])), status(id(7), 0, false));
 }
