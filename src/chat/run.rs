@@ -32,7 +32,9 @@ use crate::client::ipc;
 use crate::client::request::{Job, Outcome, Reply, Request};
 use crate::client::{Error, Event, History, Unlock};
 
-/// What the client thread says.
+/// What the client thread says (one a time through a channel: the size
+/// of an event does not matter here).
+#[allow(clippy::large_enum_variant)]
 enum FromClient {
     Event(Event),
     Done(Result<(), String>),

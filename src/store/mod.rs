@@ -227,6 +227,9 @@ pub(crate) struct Status {
     pub failed: AtomicBool,
     min_free: AtomicU64,
     free: AtomicU64,
+    /// Bytes the uploads under way will still write: room below which
+    /// free space already counts as taken (spec §10, *Storage full*).
+    to_come: AtomicU64,
     dir: PathBuf,
     on_failure: Mutex<Vec<Callback>>,
 }
@@ -242,6 +245,25 @@ impl Status {
             }
         };
         self.free.store(free, Ordering::Relaxed);
+        self.judge();
+    }
+
+    /// What the uploads under way will still write changed; `full` is
+    /// judged again at once against the last measure.
+    pub fn set_to_come(&self, bytes: u64) {
+        if self.to_come.swap(bytes, Ordering::Relaxed) != bytes {
+            self.judge();
+        }
+    }
+
+    /// Sets `full`: below the floor once what uploads under way will
+    /// still write is taken from the free space, so that messages (the
+    /// spill log) and files share the room above the floor.
+    fn judge(&self) {
+        let free = self
+            .free
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.to_come.load(Ordering::Relaxed));
         let floor = self.min_free.load(Ordering::Relaxed);
         let full = free < floor;
         if self.full.swap(full, Ordering::SeqCst) != full {
@@ -496,6 +518,7 @@ impl Store {
             failed: AtomicBool::new(false),
             min_free: AtomicU64::new(config.min_free),
             free: AtomicU64::new(u64::MAX),
+            to_come: AtomicU64::new(0),
             dir: dir.to_path_buf(),
             on_failure: Mutex::new(Vec::new()),
         });

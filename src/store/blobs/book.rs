@@ -97,6 +97,10 @@ pub(crate) trait Env {
     /// Free bytes of the data directory's filesystem above the floor, as
     /// last measured.
     fn above_floor(&self) -> u64;
+    /// What the uploads under way will still write (so that the
+    /// free-space floor keeps that room from messages too); called after
+    /// every operation that may change it.
+    fn set_to_come(&self, _bytes: u64) {}
     /// Whether a device exists and is not revoked.
     fn is_current(&self, d: DeviceKey) -> bool;
 }
@@ -330,6 +334,7 @@ impl<F: Files, E: Env> Blobs<F, E> {
                 now_ms,
             } => self.sweep(shard, cutoff_ms, now_ms),
         };
+        self.env.set_to_come(self.to_come());
         match r {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(refused)) => BlobOutcome::Refused(refused),
@@ -338,6 +343,14 @@ impl<F: Files, E: Env> Blobs<F, E> {
                 BlobOutcome::Failed
             }
         }
+    }
+
+    /// Bytes the uploads under way will still write.
+    pub fn to_come(&self) -> u64 {
+        self.uploads
+            .values()
+            .map(|u| u.meta.size.saturating_sub(u.received))
+            .sum()
     }
 
     fn status(id: BlobId, received: u64, complete: bool) -> Answer {
@@ -458,7 +471,7 @@ impl<F: Files, E: Env> Blobs<F, E> {
         }
         // The free-space floor counts what the uploads under way will
         // still write, this one included.
-        let to_come: u64 = self.uploads.values().map(|u| u.meta.size - u.received).sum();
+        let to_come = self.to_come();
         if self.env.storage_full() || to_come.saturating_add(size) > self.env.above_floor() {
             return Ok(Err(BlobRefused::StorageFull));
         }
