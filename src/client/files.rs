@@ -108,8 +108,8 @@ impl Client {
     /// [`Error::Usage`] for a bad name, a path that is not a readable
     /// file, or a caption too long; the server's refusal
     /// (`BLOB_TOO_LARGE`, `BLOB_BUDGET`, `QUOTA_EXCEEDED`...), after which
-    /// the message is removed from the history; connection failures past
-    /// the retry time, after which it stays pending.
+    /// the message is removed from the history. If the server stays away
+    /// past [`TRANSFER_BACKOFF`], the message is returned pending.
     pub fn send_file(
         &mut self,
         to: &str,
@@ -205,7 +205,19 @@ impl Client {
                 h.flush()?;
             }
         }
-        result
+        match result {
+            // The server stayed away: the message is pending (with its
+            // key, and what went up of its file), and goes, its upload
+            // resumed, with the next `listen`, `sync` or `chat`.
+            Err(e) if e.is_transient() => {
+                log::info!("message {id} is pending: {e}");
+                match self.profile.history().get(&me.user, &id)? {
+                    Some(m) => Ok(m),
+                    None => Err(e),
+                }
+            }
+            other => other,
+        }
     }
 
     /// Uploads the file of a pending message of this device that is not
