@@ -305,7 +305,7 @@ impl Out {
                     self.value(json!({"type": "typing", "from": from, "active": active}));
                 }
             }
-            Event::Presence { .. } | Event::Connected | Event::Disconnected(_) | Event::Drained => {}
+            Event::Presence { .. } | Event::Served | Event::Connected | Event::Disconnected(_) | Event::Drained => {}
         }
     }
 

@@ -121,6 +121,10 @@ pub enum Event {
         /// Where the file is.
         path: String,
     },
+    /// `listen` carried out work handed over by another command (or the
+    /// chat screen): the history may have changed (a message sent from
+    /// the command line, say), so whoever shows it reads it again.
+    Served,
     /// A file transfer moved on: bytes done of a total.
     Progress {
         /// Done.

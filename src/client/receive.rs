@@ -391,7 +391,12 @@ impl Client {
             let until = backoff.next(self.now()).unwrap_or_else(|| self.now());
             while let Some(input) = self.driver.wait(until) {
                 match input {
-                    Input::Local(job) => self.run_job(job),
+                    Input::Local(job) => {
+                        self.run_job(job);
+                        if !on_event(&Event::Served) {
+                            return Ok(());
+                        }
+                    }
                     Input::Stop => return Ok(()),
                     _ => {}
                 }
@@ -424,6 +429,8 @@ impl Client {
             }
             if let Some(job) = self.jobs.pop_front() {
                 self.run_job(job);
+                // Whoever shows the history reads it again.
+                self.events.push_back(Event::Served);
                 continue;
             }
             if self.keys_low.is_some() || !self.resets.is_empty() {
