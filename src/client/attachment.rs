@@ -108,6 +108,19 @@ impl FileRef {
     pub fn sealed_len(&self) -> u64 {
         sealed_len(self.size)
     }
+
+    /// What a receiver keeps of a reference from a peer (spec §14.8): a
+    /// thumbnail over [`MAX_THUMBNAIL`] bytes is dropped, a name or media
+    /// type over its limit is cut at a character boundary. The file
+    /// itself is checked when it is downloaded.
+    pub fn received(mut self) -> FileRef {
+        if self.thumbnail.as_ref().is_some_and(|t| t.len() > MAX_THUMBNAIL) {
+            self.thumbnail = None;
+        }
+        self.name = shorten(&self.name, MAX_NAME);
+        self.media_type = shorten(&self.media_type, MAX_MEDIA_TYPE);
+        self
+    }
 }
 
 /// How many chunks a file of `size` bytes is sealed in (an empty file is
@@ -480,6 +493,30 @@ pub fn shorten(name: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_received_reference_keeps_to_the_limits() {
+        let r = FileRef {
+            blob: BlobId([1; 32]),
+            key: FileKey([2; 32]),
+            size: 3,
+            sha256: [3; 32],
+            media_type: "image/".to_owned() + &"x".repeat(300),
+            name: "é".repeat(400),
+            thumbnail: Some(Bytes::from(vec![0u8; MAX_THUMBNAIL + 1])),
+        };
+        let got = r.clone().received();
+        assert_eq!(got.thumbnail, None);
+        assert!(got.name.len() <= MAX_NAME && got.name.starts_with('é'));
+        assert!(got.media_type.len() <= MAX_MEDIA_TYPE);
+        let small = FileRef {
+            thumbnail: Some(Bytes::from(vec![0u8; MAX_THUMBNAIL])),
+            name: "a.jpg".into(),
+            media_type: "image/jpeg".into(),
+            ..r
+        };
+        assert_eq!(small.clone().received(), small);
+    }
 
     fn key(b: u8) -> FileKey {
         FileKey([b; 32])

@@ -211,7 +211,7 @@ impl Client {
                     msg.text = caption;
                     msg.forwards = forwards;
                     msg.attachment = Some(Box::new(super::attachment::Attachment {
-                        file,
+                        file: file.received(),
                         path: None,
                         expired: false,
                         uploaded: false,
