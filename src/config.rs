@@ -47,6 +47,9 @@ pub struct FileConfig {
     /// Attachments (blobs).
     #[serde(default)]
     pub blobs: BlobSettings,
+    /// Prometheus metrics.
+    #[serde(default)]
+    pub metrics: MetricsSettings,
 }
 
 /// `[blobs]`.
@@ -65,6 +68,14 @@ pub struct BlobSettings {
     /// Most bytes of blob chunks and reads in flight in the daemon.
     #[serde(default, deserialize_with = "size")]
     pub transfer_memory: Option<u64>,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Where to serve `/metrics` (off when absent), e.g. `127.0.0.1:9420`.
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[store]`.
@@ -151,6 +162,8 @@ pub struct Limits {
     pub connections_per_ip: Option<u32>,
     /// New connections (handshakes) per second allowed from one address.
     pub handshakes_per_second_per_ip: Option<u32>,
+    /// Open connections allowed in all.
+    pub max_connections: Option<u32>,
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -234,8 +247,22 @@ impl FileConfig {
         if config.limits.key_claims_per_minute == Some(0) {
             return Err("limits.key_claims_per_minute: must be at least 1".into());
         }
+        if config.limits.max_connections == Some(0) {
+            return Err("limits.max_connections: must be at least 1".into());
+        }
         if config.limits.ephemeral_per_minute == Some(0) {
             return Err("limits.ephemeral_per_minute: must be at least 1".into());
+        }
+        // spec §9: the server pings a silent connection before it closes
+        // it; an idle timeout at or below ping_after would close
+        // connections that answer every ping.
+        let session = config.to_server_config().session;
+        if session.idle_timeout <= session.ping_after {
+            return Err(format!(
+                "timeouts.idle ({}) must be longer than timeouts.ping_after ({})",
+                humantime::format_duration(session.idle_timeout),
+                humantime::format_duration(session.ping_after)
+            ));
         }
         Ok(config)
     }
@@ -329,6 +356,10 @@ impl FileConfig {
         if let Some(v) = b.transfer_memory {
             c.hub.blob_memory = v;
         }
+        if let Some(v) = l.max_connections {
+            c.max_connections = v;
+        }
+        c.metrics_listen = self.metrics.listen;
         c
     }
 }
@@ -359,6 +390,7 @@ mod tests {
             cache = 33554432
             connections_per_ip = 10
             handshakes_per_second_per_ip = 5
+            max_connections = 500
             [retention]
             period = "7d"
             sweep_every = "10s"
@@ -375,6 +407,8 @@ mod tests {
             user_budget = "100MiB"
             upload_ttl = "2h"
             transfer_memory = "8MiB"
+            [metrics]
+            listen = "127.0.0.1:9420"
             "#,
         )
         .unwrap();
@@ -392,6 +426,7 @@ mod tests {
         assert_eq!(s.store.cache_capacity, 32 << 20);
         assert_eq!(s.per_ip.connections, 10);
         assert_eq!(s.per_ip.handshakes_per_second, 5);
+        assert_eq!(s.max_connections, 500);
         assert_eq!(s.retention.period, Duration::from_secs(7 * 86400));
         assert_eq!(s.retention.sweep_every, Duration::from_secs(10));
         assert_eq!(s.store.quotas.queue_messages, 1000);
@@ -404,6 +439,7 @@ mod tests {
         assert_eq!(s.store.blobs.user_budget, 100 << 20);
         assert_eq!(s.store.blobs.upload_ttl, Duration::from_secs(7200));
         assert_eq!(s.hub.blob_memory, 8 << 20);
+        assert_eq!(s.metrics_listen, Some("127.0.0.1:9420".parse().unwrap()));
     }
 
     #[test]
@@ -422,6 +458,10 @@ mod tests {
             ("workers = 0", "workers"),
             ("listen = \"nowhere\"", "listen"),
             ("[timeouts]\nidle = \"0s\"", "idle"),
+            ("[timeouts]\nidle = \"20s\"", "timeouts.idle"),
+            ("[timeouts]\nping_after = \"2m\"", "timeouts.ping_after"),
+            ("[timeouts]\nidle = \"30s\"\nping_after = \"30s\"", "longer than"),
+            ("[limits]\nmax_connections = 0", "max_connections"),
         ] {
             let e = FileConfig::parse(text).unwrap_err();
             assert!(e.contains(needle), "{text}: {e}");

@@ -32,6 +32,7 @@
 
 mod accounts;
 pub mod api;
+pub mod backup;
 pub mod blobs;
 mod disk;
 mod engine;
@@ -40,6 +41,7 @@ mod keys;
 mod live;
 mod migrate;
 mod spill;
+mod stats;
 
 use std::collections::HashMap;
 use std::fs;
@@ -57,7 +59,8 @@ pub use accounts::{
     RegisterError, TokenRecord, UserRecord,
 };
 pub use api::{
-    Appended, Completion, Entry, NewMessage, Op, Outcome, QueuedMessage, Quota, Read, Refused, Sink, StoreApi, Waiter,
+    Appended, BackupSink, Completion, Entry, NewMessage, Op, Outcome, QueuedMessage, Quota, Read, Refused, Sink,
+    StoreApi, Waiter,
 };
 pub use blobs::{BlobConfig, BlobOp, BlobOutcome, BlobRefused};
 pub use flusher::{Epoch, Flusher};
@@ -72,10 +75,46 @@ use crate::wire::{DeviceId, DeviceInfo};
 
 /// The data directory format this build writes.
 pub const FORMAT_VERSION: u32 = 4;
-const FORMAT_FILE: &str = "FORMAT";
-const FORMAT_MAGIC: &str = "tidings-data";
+pub(crate) const FORMAT_FILE: &str = "FORMAT";
+pub(crate) const FORMAT_MAGIC: &str = "tidings-data";
 /// `meta` key of the sequence ceiling.
 pub(crate) const SEQ_CEILING: &str = "seq_ceiling";
+
+/// What is at a data directory's path, before anything opens it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataDir {
+    /// Nothing.
+    Missing,
+    /// An empty directory.
+    Empty,
+    /// A tidings data directory (a `FORMAT` file, or a database of the
+    /// format before format files).
+    Data,
+    /// Something else: a file, or a directory with other things in it.
+    Foreign,
+    /// It cannot be looked at.
+    Unreadable(String),
+}
+
+impl DataDir {
+    /// Looks at `dir` without changing anything.
+    pub fn check(dir: &Path) -> DataDir {
+        match fs::read_dir(dir) {
+            Ok(mut entries) => {
+                if dir.join(FORMAT_FILE).is_file() || dir.join("db").join("conf").is_file() {
+                    DataDir::Data
+                } else if entries.next().is_none() {
+                    DataDir::Empty
+                } else {
+                    DataDir::Foreign
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => DataDir::Missing,
+            Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => DataDir::Foreign,
+            Err(e) => DataDir::Unreadable(e.to_string()),
+        }
+    }
+}
 
 /// A storage failure. Expected outcomes (name taken, duplicate message) are
 /// not errors; they come back as inner results or enum variants.
@@ -230,11 +269,23 @@ pub(crate) struct Status {
     /// Bytes the uploads under way will still write: room below which
     /// free space already counts as taken (spec §10, *Storage full*).
     to_come: AtomicU64,
-    dir: PathBuf,
+    /// Held by the blob thread while an operation changes `blobs/`, and
+    /// by a backup while it copies the files beside the database, so that
+    /// a backup never sees a blob half renamed or half removed.
+    pub files: Mutex<()>,
+    pub dir: PathBuf,
     on_failure: Mutex<Vec<Callback>>,
+    /// Turns of the store thread (and progress of a long operation): the
+    /// watchdog's sign that it is not stuck.
+    beats: AtomicU64,
 }
 
 impl Status {
+    /// The store thread made progress.
+    pub fn beat(&self) {
+        self.beats.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Measures free space and updates `full`.
     pub fn measure_space(&self) {
         let free = match fs2::available_space(&self.dir) {
@@ -297,6 +348,15 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// The data format of the directory `dir` (its `FORMAT` file), or `None`
+/// if it has none: for operator commands that must not migrate it.
+///
+/// # Errors
+/// An unreadable or foreign `FORMAT` file, or one newer than this build.
+pub fn data_format(dir: &Path) -> Result<Option<u32>, StoreError> {
+    read_format(dir)
 }
 
 /// Reads the format file: the directory's format version, or `None` for a
@@ -519,8 +579,10 @@ impl Store {
             min_free: AtomicU64::new(config.min_free),
             free: AtomicU64::new(u64::MAX),
             to_come: AtomicU64::new(0),
+            files: Mutex::new(()),
             dir: dir.to_path_buf(),
             on_failure: Mutex::new(Vec::new()),
+            beats: AtomicU64::new(0),
         });
         status.measure_space();
         let spill = Arc::new(Mutex::new(spill));
@@ -528,6 +590,7 @@ impl Store {
         let blobs = BlobStore::open(dir, config.blobs, live.clone(), status.clone(), accounts.clone())?;
         let engine = Engine::new(
             Trees {
+                db: db.clone(),
                 meta: meta.clone(),
                 queues: queues.clone(),
                 e2e,
@@ -795,6 +858,16 @@ impl Store {
     /// The highest sequence given out in `d`'s queue (0: none).
     pub fn last_seq(&self, d: DeviceKey) -> u64 {
         self.live.lock().last_seq(d)
+    }
+
+    /// Turns the store thread has made (see the watchdog).
+    pub fn store_beats(&self) -> u64 {
+        self.status.beats.load(Ordering::Relaxed)
+    }
+
+    /// Wakes the store thread for a turn (the watchdog's probe).
+    pub fn poke(&self) {
+        self.inbox.kick();
     }
 
     /// Bytes the spill log's segment files take (for operators).

@@ -315,6 +315,9 @@ impl Inbox {
 pub(crate) struct BlobStore {
     inbox: Arc<Inbox>,
     blobs: Mutex<Option<Blobs<Dir, StoreEnv>>>,
+    /// Its `files` lock is held for each operation (a backup holds it
+    /// while it copies `blobs/`).
+    status: Arc<Status>,
 }
 
 impl BlobStore {
@@ -354,6 +357,7 @@ impl BlobStore {
         Ok(BlobStore {
             inbox: Arc::new(Inbox::default()),
             blobs: Mutex::new(Some(blobs)),
+            status,
         })
     }
 
@@ -376,6 +380,7 @@ impl BlobStore {
             .take()
             .ok_or_else(|| std::io::Error::other("the blob thread runs already"))?;
         let inbox = self.inbox.clone();
+        let status = self.status.clone();
         std::thread::Builder::new().name("blobs".into()).spawn(move || {
             loop {
                 let ops = {
@@ -389,7 +394,10 @@ impl BlobStore {
                     std::mem::take(&mut st.ops)
                 };
                 for (op, waiter) in ops {
-                    let outcome = blobs.handle(op);
+                    let outcome = {
+                        let _files = status.files.lock().unwrap_or_else(|e| e.into_inner());
+                        blobs.handle(op)
+                    };
                     if let Some(w) = waiter {
                         w.complete(Outcome::Blob(outcome));
                     }
@@ -405,7 +413,10 @@ impl BlobStore {
         let mut guard = self.blobs.lock().unwrap_or_else(|e| e.into_inner());
         let Some(blobs) = guard.as_mut() else { return };
         for (op, waiter) in ops {
-            let outcome = blobs.handle(op);
+            let outcome = {
+                let _files = self.status.files.lock().unwrap_or_else(|e| e.into_inner());
+                blobs.handle(op)
+            };
             if let Some(w) = waiter {
                 w.complete(Outcome::Blob(outcome));
             }
