@@ -44,9 +44,30 @@ pub struct FileConfig {
     /// The store path.
     #[serde(default)]
     pub store: StoreSettings,
+    /// Attachments (blobs).
+    #[serde(default)]
+    pub blobs: BlobSettings,
     /// Prometheus metrics.
     #[serde(default)]
     pub metrics: MetricsSettings,
+}
+
+/// `[blobs]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlobSettings {
+    /// The largest blob taken.
+    #[serde(default, deserialize_with = "size")]
+    pub max_size: Option<u64>,
+    /// Most bytes one user's blobs may take.
+    #[serde(default, deserialize_with = "size")]
+    pub user_budget: Option<u64>,
+    /// How long an upload may stay unfinished.
+    #[serde(default, deserialize_with = "duration")]
+    pub upload_ttl: Option<Duration>,
+    /// Most bytes of blob chunks and reads in flight in the daemon.
+    #[serde(default, deserialize_with = "size")]
+    pub transfer_memory: Option<u64>,
 }
 
 /// `[metrics]`.
@@ -379,6 +400,19 @@ impl FileConfig {
         if let Some(v) = l.handshakes_per_second_per_ip {
             c.per_ip.handshakes_per_second = v;
         }
+        let b = &self.blobs;
+        if let Some(v) = b.max_size {
+            c.store.blobs.max_size = v;
+        }
+        if let Some(v) = b.user_budget {
+            c.store.blobs.user_budget = v;
+        }
+        if let Some(v) = b.upload_ttl {
+            c.store.blobs.upload_ttl = v;
+        }
+        if let Some(v) = b.transfer_memory {
+            c.hub.blob_memory = v;
+        }
         if let Some(v) = l.max_connections {
             c.max_connections = v;
         }
@@ -431,6 +465,11 @@ mod tests {
             write_delay = "20ms"
             write_memory = "4MiB"
             min_free = "1GiB"
+            [blobs]
+            max_size = "16MiB"
+            user_budget = "100MiB"
+            upload_ttl = "2h"
+            transfer_memory = "8MiB"
             [metrics]
             listen = "127.0.0.1:9420"
             "#,
@@ -463,6 +502,10 @@ mod tests {
         assert_eq!(s.store.write_delay, Duration::from_millis(20));
         assert_eq!(s.store.write_memory, 4 << 20);
         assert_eq!(s.store.min_free, 1 << 30);
+        assert_eq!(s.store.blobs.max_size, 16 << 20);
+        assert_eq!(s.store.blobs.user_budget, 100 << 20);
+        assert_eq!(s.store.blobs.upload_ttl, Duration::from_secs(7200));
+        assert_eq!(s.hub.blob_memory, 8 << 20);
         assert_eq!(s.metrics_listen, Some("127.0.0.1:9420".parse().unwrap()));
     }
 

@@ -200,3 +200,59 @@ fn alice_chats_in_a_terminal_with_bob_on_the_command_line_then_typing_in_his_own
     assert!(!alice.join("sock").exists(), "the socket is removed");
     assert!(tidings(&alice, &["history", "bob"]).status.success());
 }
+
+#[test]
+fn files_show_in_chat_and_s_saves_one() {
+    let d = Daemon::start();
+    let alice = d.user("alice");
+    let bob = d.user("bob");
+    stdout(&tidings(&bob, &["send", "alice", "hello"]));
+    let t = Tmux::start(&chat_command(&alice));
+    t.wait_for("the status line", false, |s| s.contains("connected as alice"));
+    t.keys(&["Enter"]);
+    t.wait_for("the chat with bob", false, |s| s.contains("Message to bob"));
+    // Above the auto-download size (1 MiB): shown, not fetched.
+    let dir = tempfile::tempdir().unwrap();
+    let big: Vec<u8> = (0..2 * 1024 * 1024u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let path = dir.path().join("big.bin");
+    std::fs::write(&path, &big).unwrap();
+    stdout(&tidings(
+        &bob,
+        &[
+            "send",
+            "alice",
+            "--file",
+            path.to_str().unwrap(),
+            "--caption",
+            "the data",
+        ],
+    ));
+    t.wait_for("the file line", false, |s| {
+        s.contains("[file big.bin 2097152] (s: save)") && s.contains("the data")
+    });
+    // Select it (the last message) and save it.
+    t.keys(&["Up", "s"]);
+    t.wait_for("saved", false, |s| s.contains("[file big.bin 2097152] saved:"));
+    let saved = alice.join("downloads").join("big.bin");
+    assert_eq!(std::fs::read(&saved).unwrap(), big);
+    // A small file saves itself; one sent from the command line while the
+    // chat holds the profile goes through it.
+    let small = dir.path().join("note.txt");
+    std::fs::write(&small, b"a small note").unwrap();
+    stdout(&tidings(&bob, &["send", "alice", "--file", small.to_str().unwrap()]));
+    t.wait_for("the small file saved", false, |s| {
+        s.contains("[file note.txt 12] saved:")
+    });
+    let mine = dir.path().join("reply.txt");
+    std::fs::write(&mine, b"got it").unwrap();
+    stdout(&tidings(&alice, &["send", "bob", "--file", mine.to_str().unwrap()]));
+    t.wait_for("alice's own file", false, |s| s.contains("[file reply.txt 6] saved:"));
+    let got = stdout(&tidings(&bob, &["sync"]));
+    assert!(got.contains("[file reply.txt 6]"), "{got}");
+    t.keys(&["C-c"]);
+    let deadline = Instant::now() + WAIT;
+    while t.alive() {
+        assert!(Instant::now() < deadline, "chat did not quit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -41,7 +41,7 @@ fn presence_follows_the_setting_and_typing_reaches_the_listener() {
     open(&alice).send("bob", "hi").unwrap();
     sync(&bob);
     let out = stdout(&tidings(&bob, &["settings", "last-seen", "nobody"]));
-    assert_eq!(out.trim(), "read-receipts on\nlast-seen nobody");
+    assert_eq!(out.trim(), "read-receipts on\nlast-seen nobody\nauto-download 1048576");
 
     // Alice listens, watching bob.
     let (tx, rx) = mpsc::channel();

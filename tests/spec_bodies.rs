@@ -129,3 +129,38 @@ fn the_status_update_examples_are_what_the_client_writes() {
         assert_eq!(Payload::decode(&example(title)), Ok(p), "{title}");
     }
 }
+
+#[test]
+fn the_file_examples_are_what_the_client_writes() {
+    use tidings::client::attachment::{ChunkCipher, FileKey, FileRef};
+    use tidings::wire::BlobId;
+    let key = FileKey([0x42; 32]);
+    let mut chunk = b"hello".to_vec();
+    ChunkCipher::new(&key, 5).seal(0, &mut chunk);
+    assert_eq!(hex::encode(&chunk), hex::encode(example("Sealed chunk example")));
+    let id = ring::digest::digest(&ring::digest::SHA256, &chunk);
+    assert_eq!(hex::encode(id.as_ref()), hex::encode(example("Blob id example")));
+    let p = Payload {
+        id: MsgId([0xab; 16]),
+        to: "bob".into(),
+        ts_ms: 1,
+        content: Content::File {
+            file: FileRef {
+                blob: BlobId(id.as_ref().try_into().unwrap()),
+                key,
+                size: 5,
+                sha256: ring::digest::digest(&ring::digest::SHA256, b"hello")
+                    .as_ref()
+                    .try_into()
+                    .unwrap(),
+                media_type: "text/plain".into(),
+                name: "hello.txt".into(),
+                thumbnail: None,
+            },
+            caption: "hi".into(),
+            forwards: 0,
+        },
+    };
+    assert_eq!(hex::encode(p.encode().unwrap()), hex::encode(example("File example")));
+    assert_eq!(Payload::decode(&example("File example")), Ok(p));
+}

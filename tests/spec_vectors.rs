@@ -581,6 +581,8 @@ fn readme_states_the_limits() {
         ("MAX_RECEIPT_IDS", wire::MAX_RECEIPT_IDS),
         ("MAX_EPHEMERAL_LEN", wire::MAX_EPHEMERAL_LEN),
         ("MAX_WATCHED", wire::MAX_WATCHED),
+        ("MAX_BLOB_DATA", wire::MAX_BLOB_DATA),
+        ("MAX_BLOB_USERS", wire::MAX_BLOB_USERS),
     ];
     for (name, value) in limits {
         let stated = format!("`wire::{name}` = {value}");
@@ -626,6 +628,19 @@ fn readme_states_the_limits() {
             retention.period.as_secs() / 86_400
         ),
         format!("`RetentionConfig::sweep_every` = {} s", retention.sweep_every.as_secs()),
+        format!("`BlobConfig::max_size` = {}", store.blobs.max_size),
+        format!("`BlobConfig::user_budget` = {}", store.blobs.user_budget),
+        format!("`BlobConfig::upload_ttl` = {} s", store.blobs.upload_ttl.as_secs()),
+        format!(
+            "`store::blobs::BLOB_OVERHEAD` = {}",
+            tidings::store::blobs::BLOB_OVERHEAD
+        ),
+        format!(
+            "`store::blobs::MAX_UPLOADS_PER_USER` = {}",
+            tidings::store::blobs::MAX_UPLOADS_PER_USER
+        ),
+        format!("`HubConfig::blob_window` = {}", hub.blob_window),
+        format!("`HubConfig::blob_memory` = {}", hub.blob_memory),
     ] {
         assert!(
             rows.iter().any(|r| r.iter().any(|c| c.contains(&stated))),

@@ -418,13 +418,13 @@ fn with_read_receipts_off_no_read_receipt_leaves_and_none_is_shown() {
     // Off on one device of bob's: his other device learns it.
     assert_eq!(
         stdout(&tidings(&bob, &["settings", "read-receipts", "off"])).trim(),
-        "read-receipts off\nlast-seen everyone"
+        "read-receipts off\nlast-seen everyone\nauto-download 1048576"
     );
     let events = sync(&bob2);
     assert!(events.contains(&Event::Settings { read_receipts: false }), "{events:?}");
     assert_eq!(
         stdout(&tidings(&bob2, &["settings"])).trim(),
-        "read-receipts off\nlast-seen everyone"
+        "read-receipts off\nlast-seen everyone\nauto-download 1048576"
     );
     let m = open(&alice).send("bob", "did you read this?").unwrap();
     sync(&bob);

@@ -17,11 +17,12 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
 use tidings::wire::{
-    Body, CLIENT_FRAME_KINDS, ClientFrame, Deliver, DeviceAddr, DeviceId, DeviceInfo, DeviceKeys, Ephemeral,
-    EphemeralDeliver, ErrorCode, ExpiredNotice, Flow, FrameError, GapNotice, IdentityKeys, Lost, MAX_FRAME_LEN,
-    MAX_NAME_LEN, MAX_RECEIPT_IDS, MAX_RECORD_LEN, MsgId, PublishKeys, RECORD_HEADER_LEN, Receipt, ReceiptDeliver,
-    ReceiptKind, RecordDecoder, RecordError, SERVER_FRAME_KINDS, Seen, Send, ServerFrame, Signature, SignedKey, Token,
-    decode_client, decode_server, encode_client, encode_server, write_record,
+    BlobData, BlobGrant, BlobId, Body, CLIENT_FRAME_KINDS, ClientFrame, Deliver, DeviceAddr, DeviceId, DeviceInfo,
+    DeviceKeys, Download, Ephemeral, EphemeralDeliver, ErrorCode, ExpiredNotice, Flow, FrameError, GapNotice,
+    IdentityKeys, Lost, MAX_FRAME_LEN, MAX_NAME_LEN, MAX_RECEIPT_IDS, MAX_RECORD_LEN, MsgId, PublishKeys,
+    RECORD_HEADER_LEN, Receipt, ReceiptDeliver, ReceiptKind, RecordDecoder, RecordError, SERVER_FRAME_KINDS, Seen,
+    Send, ServerFrame, Signature, SignedKey, Token, UploadChunk, UploadStart, UploadStatus, decode_client,
+    decode_server, encode_client, encode_server, write_record,
 };
 
 // ---------------------------------------------------------------------------
@@ -196,6 +197,39 @@ fn expired_notice() -> impl Strategy<Value = ExpiredNotice> {
     (int_u64(), device_addr(), msg_ids()).prop_map(|(seq, device, ids)| ExpiredNotice { seq, device, ids })
 }
 
+fn blob_id() -> impl Strategy<Value = BlobId> {
+    any::<[u8; 32]>().prop_map(BlobId)
+}
+
+fn names() -> impl Strategy<Value = Vec<String>> {
+    vec(text(), 0..5)
+}
+
+/// The blob frames (spec §5.7).
+fn blob_client_frame() -> impl Strategy<Value = ClientFrame> {
+    prop_oneof![
+        (blob_id(), int_u64(), names()).prop_map(|(id, size, to)| ClientFrame::UploadStart(UploadStart {
+            id,
+            size,
+            to
+        })),
+        (blob_id(), int_u64(), blob()).prop_map(|(id, offset, data)| ClientFrame::UploadChunk(UploadChunk {
+            id,
+            offset,
+            data
+        })),
+        blob_id().prop_map(|id| ClientFrame::UploadFinish { id }),
+        (blob_id(), int_u64(), int_u32()).prop_map(|(id, offset, len)| ClientFrame::Download(Download {
+            id,
+            offset,
+            len
+        })),
+        blob_id().prop_map(|id| ClientFrame::BlobFetched { id }),
+        (blob_id(), names()).prop_map(|(id, to)| ClientFrame::BlobGrant(BlobGrant { id, to })),
+        blob_id().prop_map(|id| ClientFrame::BlobDelete { id }),
+    ]
+}
+
 fn seen() -> impl Strategy<Value = Seen> {
     prop_oneof![
         Just(Seen::Hidden),
@@ -206,6 +240,7 @@ fn seen() -> impl Strategy<Value = Seen> {
 
 fn client_frame() -> impl Strategy<Value = ClientFrame> {
     prop_oneof![
+        blob_client_frame(),
         Just(ClientFrame::Ping),
         Just(ClientFrame::Pong),
         Just(ClientFrame::Close),
@@ -265,6 +300,13 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
         })),
         (text(), seen()).prop_map(|(user, seen)| ServerFrame::Presence(tidings::wire::Presence { user, seen })),
         int_u64().prop_map(|after_ms| ServerFrame::RetryAfter { after_ms }),
+        (blob_id(), int_u64(), any::<bool>())
+            .prop_map(|(id, received, complete)| ServerFrame::UploadStatus(UploadStatus { id, received, complete })),
+        (blob_id(), int_u64(), blob()).prop_map(|(id, offset, data)| ServerFrame::BlobData(BlobData {
+            id,
+            offset,
+            data
+        })),
     ]
 }
 
@@ -291,6 +333,13 @@ fn client_tag(f: &ClientFrame) -> u32 {
         ClientFrame::Ephemeral(_) => 15,
         ClientFrame::SetLastSeen { .. } => 16,
         ClientFrame::WatchPresence { .. } => 17,
+        ClientFrame::UploadStart(_) => 18,
+        ClientFrame::UploadChunk(_) => 19,
+        ClientFrame::UploadFinish { .. } => 20,
+        ClientFrame::Download(_) => 21,
+        ClientFrame::BlobFetched { .. } => 22,
+        ClientFrame::BlobGrant(_) => 23,
+        ClientFrame::BlobDelete { .. } => 24,
     }
 }
 
@@ -318,6 +367,8 @@ fn server_tag(f: &ServerFrame) -> u32 {
         ServerFrame::Ephemeral(_) => 18,
         ServerFrame::Presence(_) => 19,
         ServerFrame::RetryAfter { .. } => 20,
+        ServerFrame::UploadStatus(_) => 21,
+        ServerFrame::BlobData(_) => 22,
     }
 }
 

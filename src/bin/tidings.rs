@@ -3,6 +3,7 @@
 //! value a script wants last; diagnostics to stderr; nothing on stdout when
 //! a command fails (exit status 1). With `--json`, one JSON object a line.
 
+use std::cell::RefCell;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -11,6 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use std::io::IsTerminal;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tidings::client::secret::PassphraseError;
 use tidings::client::{
@@ -48,7 +50,7 @@ enum Cmd {
         /// The link code (tidings://...).
         code: String,
     },
-    /// Send a message; prints its id once the server has accepted it.
+    /// Send a message, or a file (--file); prints its id once the server has accepted it.
     ///
     /// A text is at most 3,500 bytes of UTF-8 (about 3,500 letters of
     /// English, fewer in scripts that take more bytes a letter). If the
@@ -58,11 +60,28 @@ enum Cmd {
     Send {
         /// The recipient.
         user: String,
-        /// The text (not empty; at most 3,500 bytes).
-        text: String,
+        /// The text (not empty; at most 3,500 bytes; not with --file: use
+        /// --caption).
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        text: Option<String>,
         /// Reply to (and quote) this message of the conversation.
-        #[arg(long, value_name = "ID")]
+        #[arg(long, value_name = "ID", conflicts_with = "file")]
         reply_to: Option<String>,
+        /// Send this file (encrypted on this device, then uploaded).
+        #[arg(long, value_name = "PATH")]
+        file: Option<PathBuf>,
+        /// A text shown with the file.
+        #[arg(long, value_name = "TEXT", requires = "file")]
+        caption: Option<String>,
+    },
+    /// Download the file of a message; prints where it was saved.
+    Download {
+        /// The message's id.
+        id: String,
+        /// Where to save it (a file, or a folder to put it in); default:
+        /// the profile's downloads folder, under the sender's name for it.
+        #[arg(long, value_name = "PATH")]
+        output: Option<PathBuf>,
     },
     /// Forward a message (from any conversation) to a user; prints the new message's id.
     Forward {
@@ -149,6 +168,12 @@ enum Setting {
         /// on or off.
         state: OnOff,
     },
+    /// Files up to this size download by themselves when they arrive on
+    /// this device (such as 1MiB, the default; 0 turns it off).
+    AutoDownload {
+        /// A size: 4096, 500KiB, 2MiB...
+        size: String,
+    },
     /// Who sees when you are online or were last seen: everyone (the
     /// default) or nobody; who hides theirs sees no one's.
     LastSeen {
@@ -174,6 +199,27 @@ struct Out {
     json: bool,
     /// Colour for read ticks (stdout is a terminal).
     color: bool,
+    /// Progress bars for big transfers (stderr is a terminal).
+    bars: bool,
+    bar: RefCell<Option<ProgressBar>>,
+}
+
+/// Transfers from this size on get a progress bar.
+const BAR_FROM: u64 = 1 << 20;
+
+/// A message's file as JSON, or null.
+fn attachment_json(m: &Message) -> serde_json::Value {
+    match &m.attachment {
+        Some(a) if !m.deleted => json!({
+            "name": a.file.name,
+            "size": a.file.size,
+            "media_type": a.file.media_type,
+            "sha256": hex::encode(a.file.sha256),
+            "path": a.path,
+            "expired": a.expired,
+        }),
+        _ => serde_json::Value::Null,
+    }
 }
 
 /// A message as JSON: the fields of every message line.
@@ -198,6 +244,7 @@ fn message_json(m: &Message) -> serde_json::Value {
         "undecryptable": m.undecryptable,
         "repeats": m.repeats,
         "reactions": m.reactions,
+        "attachment": attachment_json(m),
     })
 }
 
@@ -249,6 +296,8 @@ impl Out {
                     );
                 }
             }
+            Event::Downloaded { id, path } => self.downloaded(&id.to_string(), path),
+            Event::Progress { done, total } => self.progress(*done, *total),
             Event::LastSeen { everyone } => {
                 let who = if *everyone { "everyone" } else { "nobody" };
                 if self.json {
@@ -262,7 +311,35 @@ impl Out {
                     self.value(json!({"type": "typing", "from": from, "active": active}));
                 }
             }
-            Event::Presence { .. } | Event::Connected | Event::Disconnected(_) | Event::Drained => {}
+            Event::Presence { .. } | Event::Served | Event::Connected | Event::Disconnected(_) | Event::Drained => {}
+        }
+    }
+
+    fn downloaded(&self, id: &str, path: &str) {
+        if self.json {
+            self.value(json!({"type": "download", "id": id, "path": path}));
+        } else {
+            self.line(path);
+        }
+    }
+
+    /// A progress bar on stderr for a big transfer, when it is a terminal.
+    fn progress(&self, done: u64, total: u64) {
+        if !self.bars || total < BAR_FROM {
+            return;
+        }
+        let mut bar = self.bar.borrow_mut();
+        let b = bar.get_or_insert_with(|| {
+            let b = ProgressBar::new(total);
+            if let Ok(style) = ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}") {
+                b.set_style(style);
+            }
+            b
+        });
+        b.set_position(done);
+        if done >= total {
+            b.finish_and_clear();
+            *bar = None;
         }
     }
 
@@ -440,6 +517,13 @@ impl Out {
                 "[{} undecryptable messages from this device; asked it for a new session]",
                 u64::from(m.repeats) + 1
             ));
+        } else if let Some(a) = &m.attachment {
+            let expired = if a.expired { ", expired on the server" } else { "" };
+            text.push_str(&format!("[file {} {}{expired}]", one_line(&a.file.name), a.file.size));
+            if !m.text.is_empty() {
+                text.push(' ');
+                text.push_str(&one_line(&m.text));
+            }
         } else if m.undecryptable {
             text.push_str("[undecryptable message; asked the sender's device for a new session]");
         } else {
@@ -542,6 +626,8 @@ fn main() -> ExitCode {
     let out = Out {
         json: cli.json,
         color: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+        bars: std::io::stderr().is_terminal(),
+        bar: RefCell::new(None),
     };
     match run(cli.command, &dir, &out) {
         Ok(code) => code,
@@ -550,6 +636,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A path made absolute against the current folder (a running `listen`
+/// may do the work, elsewhere).
+fn absolute(path: &Path) -> Result<String, client::Error> {
+    let p = std::path::absolute(path).map_err(|e| client::Error::Usage(format!("{}: {e}", path.display())))?;
+    Ok(p.to_string_lossy().into_owned())
 }
 
 /// `tidings server-address HOST:PORT`: a profile's server moved.
@@ -638,10 +731,26 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<ExitCode, client::Error> {
         Cmd::Register { invite, name } => Request::Register { code: invite, name },
         Cmd::Link { code } => Request::Link { code },
         Cmd::LinkCode => Request::LinkCode,
-        Cmd::Send { user, text, reply_to } => Request::Send {
+        Cmd::Send {
+            user,
+            file: Some(file),
+            caption,
+            ..
+        } => Request::SendFile {
             to: user,
-            text,
+            path: absolute(&file)?,
+            caption: caption.unwrap_or_default(),
+        },
+        Cmd::Send {
+            user, text, reply_to, ..
+        } => Request::Send {
+            to: user,
+            text: text.unwrap_or_default(),
             reply_to,
+        },
+        Cmd::Download { id, output } => Request::Download {
+            id,
+            output: output.as_deref().map(absolute).transpose()?,
         },
         Cmd::Forward { id, user } => Request::Forward { id, to: user },
         Cmd::Edit { id, text } => Request::Edit { id, text },
@@ -656,6 +765,12 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<ExitCode, client::Error> {
             },
             last_seen: match setting {
                 Some(Setting::LastSeen { who }) => Some(matches!(who, Audience::Everyone)),
+                _ => None,
+            },
+            auto_download: match setting {
+                Some(Setting::AutoDownload { size }) => Some(tidings::config::parse_size(&size).ok_or_else(|| {
+                    client::Error::Usage(format!("not a size: {size:?} (write e.g. 0, 500KiB, 1MiB)"))
+                })?),
                 _ => None,
             },
         },
@@ -739,15 +854,18 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<ExitCode, client::Error> {
         Outcome::Settings {
             read_receipts,
             last_seen,
+            auto_download,
         } => {
             if out.json {
                 let who = if last_seen { "everyone" } else { "nobody" };
-                out.value(json!({"type": "settings", "read_receipts": read_receipts, "last_seen": who}));
+                out.value(json!({"type": "settings", "read_receipts": read_receipts, "last_seen": who, "auto_download": auto_download}));
             } else {
                 out.line(&format!("read-receipts {}", if read_receipts { "on" } else { "off" }));
                 out.line(&format!("last-seen {}", if last_seen { "everyone" } else { "nobody" }));
+                out.line(&format!("auto-download {auto_download}"));
             }
         }
+        Outcome::Downloaded { id, path } => out.downloaded(&id, &path),
         // The chat screen's requests.
         Outcome::Typing { .. } | Outcome::Watching { .. } => {}
         Outcome::Synced { count } => eprintln!("{count} new message{}", if count == 1 { "" } else { "s" }),

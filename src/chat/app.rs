@@ -109,6 +109,9 @@ pub enum Action {
     Read(String),
     /// Show what became of a message.
     Info(MsgId),
+    /// Save the file of a message (to the profile's downloads folder,
+    /// unless it is on this device already).
+    Download(MsgId),
     /// The user is writing to this user (`active`), or cleared what it
     /// wrote (the runner sends at most one every few seconds).
     Typing {
@@ -449,6 +452,10 @@ impl App {
                 self.cursor = None;
             }
             Key::Char('i') => out.push(Action::Info(m.id)),
+            Key::Char('s') if usable && m.attachment.as_ref().is_some_and(|a| !a.expired) => {
+                out.push(Action::Download(m.id));
+                self.notice = Some("saving the file…".into());
+            }
             _ => {}
         }
     }
@@ -542,6 +549,7 @@ pub const HELP: &[(&str, &str)] = &[
     ("a / +", "react (1-6 quick picks, or type an emoji)"),
     ("-", "take your reaction back"),
     ("i", "what became of the selected message"),
+    ("s", "save the selected message's file (downloads folder)"),
     ("Esc", "cancel; back to the compose line or the list"),
     ("? / F1", "this help"),
     ("q / Ctrl-C", "quit"),

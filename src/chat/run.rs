@@ -32,7 +32,9 @@ use crate::client::ipc;
 use crate::client::request::{Job, Outcome, Reply, Request};
 use crate::client::{Error, Event, History, Unlock};
 
-/// What the client thread says.
+/// What the client thread says (one a time through a channel: the size
+/// of an event does not matter here).
+#[allow(clippy::large_enum_variant)]
 enum FromClient {
     Event(Event),
     Done(Result<(), String>),
@@ -74,6 +76,10 @@ fn request_of(action: &Action) -> Option<Request> {
         },
         Action::Read(user) => Request::Read { user: user.clone() },
         Action::Info(id) => Request::Info { id: id.to_string() },
+        Action::Download(id) => Request::Download {
+            id: id.to_string(),
+            output: None,
+        },
         Action::Typing { to, active } => Request::Typing {
             to: to.clone(),
             active: *active,
@@ -250,6 +256,7 @@ impl Screen {
                                     self.app.notice = Some("pending: it goes when the server is back".into());
                                 }
                                 Outcome::Info(found) => self.app.modal = Some(Modal::Info(info_lines(&found))),
+                                Outcome::Downloaded { path, .. } => self.app.notice = Some(format!("saved: {path}")),
                                 _ => {
                                     if !matches!(action, Action::Read(_)) {
                                         self.app.notice = None;

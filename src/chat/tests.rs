@@ -253,3 +253,71 @@ fn the_other_side_typing_shows_in_the_header_and_the_list_and_runs_out() {
     assert!(text.contains("┌ bob ──"), "{text}");
     assert!(!text.contains(" bob · "), "{text}");
 }
+
+fn file_msg(n: u8, from: &str, name: &str, caption: &str) -> Message {
+    use crate::client::attachment::{Attachment, FileKey, FileRef};
+    let mut m = msg(n, from, caption, Status::Received);
+    m.attachment = Some(Box::new(Attachment {
+        file: FileRef {
+            blob: crate::wire::BlobId([n; 32]),
+            key: FileKey([n; 32]),
+            size: 5_242_880,
+            sha256: [n; 32],
+            media_type: "image/jpeg".into(),
+            name: name.into(),
+            thumbnail: None,
+        },
+        path: None,
+        expired: false,
+        uploaded: false,
+    }));
+    m
+}
+
+#[test]
+fn files_show_as_a_line_and_s_saves_the_selected_one() {
+    use super::app::Action;
+    let mut app = App::new("alice");
+    app.link = Link::Connected;
+    let mut saved = file_msg(2, "bob", "beach.jpg", "");
+    if let Some(a) = saved.attachment.as_mut() {
+        a.path = Some("/home/alice/downloads/beach.jpg".into());
+    }
+    let mut expired = file_msg(3, "bob", "old.pdf", "");
+    if let Some(a) = expired.attachment.as_mut() {
+        a.expired = true;
+    }
+    let messages = vec![
+        file_msg(1, "bob", "photo.jpg", "look at this"),
+        saved,
+        expired,
+        msg(4, "bob", "plain text", Status::Received),
+    ];
+    app.set_conversations(vec![Conversation {
+        peer: "bob".into(),
+        last: messages[0].clone(),
+        unread: 0,
+    }]);
+    app.key(Key::Enter);
+    app.set_messages(messages);
+    let (text, _) = screen(&app, 100, 30);
+    for want in [
+        "[file photo.jpg 5242880] (s: save)",
+        "look at this",
+        "[file beach.jpg 5242880] saved: /home/alice/downloads/beach.jpg",
+        "[file old.pdf 5242880] expired on the server",
+        " [file photo.jpg] loo",
+    ] {
+        assert!(text.contains(want), "{want:?} missing:\n{text}");
+    }
+    // Select the last message, go up to each file: `s` saves only one
+    // the server still has.
+    app.focus = Focus::Compose;
+    app.key(Key::Up);
+    assert!(app.key(Key::Char('s')).is_empty(), "a text has no file");
+    app.key(Key::Up);
+    assert!(app.key(Key::Char('s')).is_empty(), "expired");
+    app.key(Key::Up);
+    app.key(Key::Up);
+    assert_eq!(app.key(Key::Char('s')), vec![Action::Download(MsgId([1; 16]))]);
+}

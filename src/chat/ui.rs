@@ -64,9 +64,28 @@ fn preview(m: &Message) -> String {
         "(deleted)".into()
     } else if m.undecryptable {
         "(undecryptable)".into()
+    } else if let Some(a) = &m.attachment {
+        let mut p = format!("[file {}]", one_line(&a.file.name));
+        if !m.text.is_empty() {
+            p.push(' ');
+            p.push_str(&one_line(&m.text));
+        }
+        p
     } else {
         one_line(&m.text)
     }
+}
+
+/// The line of a message's file: `[file NAME SIZE]` (SIZE in bytes, as
+/// `history` shows it), and where it is saved, or that it can be saved
+/// with `s`, or that it expired on the server.
+pub fn file_line(a: &crate::client::attachment::Attachment) -> String {
+    let state = match (&a.path, a.expired) {
+        (Some(p), _) => format!(" saved: {}", one_line(p)),
+        (None, true) => " expired on the server".to_owned(),
+        (None, false) => " (s: save)".to_owned(),
+    };
+    format!("  [file {} {}]{state}", one_line(&a.file.name), a.file.size)
 }
 
 /// Draws the whole screen.
@@ -217,8 +236,13 @@ fn message_lines(app: &App, m: &Message, selected: bool) -> Vec<Line<'static>> {
         };
         lines.push(Line::styled(text, Style::default().fg(Color::Red)));
     } else {
-        for l in m.text.split('\n') {
-            lines.push(Line::from(format!("  {}", one_line(l))));
+        if let Some(a) = &m.attachment {
+            lines.push(Line::styled(file_line(a), Style::default().fg(Color::Green)));
+        }
+        if m.attachment.is_none() || !m.text.is_empty() {
+            for l in m.text.split('\n') {
+                lines.push(Line::from(format!("  {}", one_line(l))));
+            }
         }
     }
     if !m.reactions.is_empty() {

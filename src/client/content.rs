@@ -15,6 +15,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use super::attachment::FileRef;
 use crate::wire::{MAX_BODY_LEN, MsgId};
 
 /// What a message says. Append-only: a variant's position is its tag on
@@ -103,6 +104,17 @@ pub enum Content {
     LastSeen {
         /// Everyone (`true`) or nobody.
         everyone: bool,
+    },
+    /// A file (photo, voice note, document): its blob's id and key, and
+    /// what it is (spec §14.8), with a caption; `forwards` as for
+    /// [`Content::Forward`] (0: its sender's own).
+    File {
+        /// The file.
+        file: FileRef,
+        /// A text shown with it (may be empty).
+        caption: String,
+        /// How many times it has been forwarded, this time included.
+        forwards: u32,
     },
 }
 
@@ -332,8 +344,9 @@ mod tests {
             to in "[a-z0-9_.]{3,32}",
             ts_ms: u64,
             text in ".{0,300}",
-            kind in 0u8..11,
+            kind in 0u8..12,
             other: [u8; 16],
+            other_blob: [u8; 32],
             n: u32,
             flag: bool,
             ids in proptest::collection::vec(any::<[u8; 16]>(), 0..40),
@@ -357,7 +370,20 @@ mod tests {
                     emoji: flag.then(|| "👍🏽".to_owned()),
                 },
                 9 => Content::Typing { active: flag },
-                _ => Content::LastSeen { everyone: flag },
+                10 => Content::LastSeen { everyone: flag },
+                _ => Content::File {
+                    file: crate::client::attachment::FileRef {
+                        blob: crate::wire::BlobId(other_blob),
+                        key: crate::client::attachment::FileKey(other_blob),
+                        size: u64::from(n),
+                        sha256: other_blob,
+                        media_type: "image/png".into(),
+                        name: quote_of(&text),
+                        thumbnail: flag.then(|| Bytes::from(vec![7u8; 100])),
+                    },
+                    caption: text,
+                    forwards: n % 7,
+                },
             };
             let p = Payload {
                 id: MsgId(id),

@@ -119,6 +119,24 @@ pub enum Event {
         /// Online, away since, or hidden.
         seen: wire::Seen,
     },
+    /// The file of a message was downloaded (by itself, or asked for).
+    Downloaded {
+        /// The message.
+        id: MsgId,
+        /// Where the file is.
+        path: String,
+    },
+    /// `listen` carried out work handed over by another command (or the
+    /// chat screen): the history may have changed (a message sent from
+    /// the command line, say), so whoever shows it reads it again.
+    Served,
+    /// A file transfer moved on: bytes done of a total.
+    Progress {
+        /// Done.
+        done: u64,
+        /// Of.
+        total: u64,
+    },
 }
 
 /// A queue entry (spec §10), in the order the connection got them.
@@ -702,6 +720,7 @@ impl Client {
             Request::Settings {
                 read_receipts,
                 last_seen,
+                auto_download,
             } => {
                 if let Some(on) = read_receipts {
                     self.set_read_receipts(on)?;
@@ -709,10 +728,32 @@ impl Client {
                 if let Some(everyone) = last_seen {
                     self.set_last_seen(everyone)?;
                 }
+                if let Some(bytes) = auto_download {
+                    self.set_auto_download(bytes)?;
+                }
                 let h = self.profile.history();
                 Ok(Outcome::Settings {
                     read_receipts: h.read_receipts()?.0,
                     last_seen: h.last_seen()?.0,
+                    auto_download: self.auto_download()?,
+                })
+            }
+            Request::SendFile { to, path, caption } => {
+                let mut progress = |done, total| on_event(&Event::Progress { done, total });
+                Ok(sent(self.send_file(
+                    &to,
+                    std::path::Path::new(&path),
+                    &caption,
+                    &mut progress,
+                )?))
+            }
+            Request::Download { id, output } => {
+                let id = parse_id(&id)?;
+                let mut progress = |done, total| on_event(&Event::Progress { done, total });
+                let path = self.download(id, output.as_deref().map(std::path::Path::new), &mut progress)?;
+                Ok(Outcome::Downloaded {
+                    id: id.to_string(),
+                    path: path.to_string_lossy().into_owned(),
                 })
             }
             Request::Typing { to, active } => Ok(Outcome::Typing {

@@ -159,6 +159,7 @@ impl Client {
         if let Err(e) = self.retract(id) {
             log::warn!("deleted, but the server could not remove the copies still queued: {e}");
         }
+        self.release_file(&m);
         self.profile
             .history()
             .get(&by.user, &id)?

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::Error;
+use super::attachment::Attachment;
 use super::message::{Direction, Message, Quote, Status};
 use super::status::Receipts;
 use crate::wire::{DeviceId, MsgId};
@@ -199,6 +200,27 @@ struct MessageV4 {
     deleted: bool,
 }
 
+/// A message as stored since files: [`MessageV4`] and its attachment.
+#[derive(Serialize, Deserialize)]
+struct MessageV5 {
+    id: MsgId,
+    from: String,
+    from_device: DeviceId,
+    to: String,
+    text: String,
+    ts_ms: u64,
+    direction: Direction,
+    status: Status,
+    undecryptable: bool,
+    repeats: u32,
+    reply_to: Option<MsgId>,
+    quote: Option<Quote>,
+    forwards: u32,
+    edited_ms: Option<u64>,
+    deleted: bool,
+    attachment: Option<Box<Attachment>>,
+}
+
 /// Stored form of a message; the tag is the version. Append-only: a new
 /// version is a new variant, and every older one still decodes (records
 /// are rewritten in the newest form only when they change).
@@ -208,10 +230,11 @@ enum Stored {
     V2(MessageV2),
     V3(MessageV3),
     V4(MessageV4),
+    V5(MessageV5),
 }
 
 fn encode(m: &Message) -> Result<Vec<u8>, Error> {
-    let v = MessageV4 {
+    let v = MessageV5 {
         id: m.id,
         from: m.from.clone(),
         from_device: m.from_device,
@@ -227,8 +250,9 @@ fn encode(m: &Message) -> Result<Vec<u8>, Error> {
         forwards: m.forwards,
         edited_ms: m.edited_ms,
         deleted: m.deleted,
+        attachment: m.attachment.clone(),
     };
-    postcard::to_stdvec(&Stored::V4(v)).map_err(|e| Error::Damaged(e.to_string()))
+    postcard::to_stdvec(&Stored::V5(v)).map_err(|e| Error::Damaged(e.to_string()))
 }
 
 /// One conversation, as a list of chats shows it.
@@ -723,6 +747,25 @@ impl History {
 
 pub(super) fn decode(bytes: &[u8]) -> Result<Message, Error> {
     match postcard::from_bytes::<Stored>(bytes) {
+        Ok(Stored::V5(m)) => Ok(Message {
+            id: m.id,
+            from: m.from,
+            from_device: m.from_device,
+            to: m.to,
+            text: m.text,
+            ts_ms: m.ts_ms,
+            direction: m.direction,
+            status: m.status,
+            undecryptable: m.undecryptable,
+            repeats: m.repeats,
+            reply_to: m.reply_to,
+            quote: m.quote,
+            forwards: m.forwards,
+            edited_ms: m.edited_ms,
+            deleted: m.deleted,
+            attachment: m.attachment,
+            ..Message::default()
+        }),
         Ok(Stored::V4(m)) => Ok(Message {
             id: m.id,
             from: m.from,
@@ -928,9 +971,44 @@ mod tests {
         garbage.undecryptable = true;
         garbage.text.clear();
         garbage.repeats = 41;
-        let new = encode(&garbage).unwrap();
-        assert_eq!(new[0], 3, "V4 is tag 3");
-        assert_eq!(decode(&new).unwrap(), garbage);
+        let v4 = MessageV4 {
+            id: garbage.id,
+            from: garbage.from.clone(),
+            from_device: garbage.from_device,
+            to: garbage.to.clone(),
+            text: String::new(),
+            ts_ms: garbage.ts_ms,
+            direction: garbage.direction,
+            status: garbage.status,
+            undecryptable: true,
+            repeats: 41,
+            reply_to: garbage.reply_to,
+            quote: garbage.quote.clone(),
+            forwards: garbage.forwards,
+            edited_ms: garbage.edited_ms,
+            deleted: garbage.deleted,
+        };
+        let bytes = postcard::to_stdvec(&Stored::V4(v4)).unwrap();
+        assert_eq!(bytes[0], 3, "V4 is tag 3");
+        assert_eq!(decode(&bytes).unwrap(), garbage);
+        let mut file = rich.clone();
+        file.attachment = Some(Box::new(crate::client::attachment::Attachment {
+            file: crate::client::attachment::FileRef {
+                blob: crate::wire::BlobId([5; 32]),
+                key: crate::client::attachment::FileKey([6; 32]),
+                size: 10,
+                sha256: [7; 32],
+                media_type: "text/plain".into(),
+                name: "a.txt".into(),
+                thumbnail: None,
+            },
+            path: Some("/home/a/a.txt".into()),
+            expired: false,
+            uploaded: true,
+        }));
+        let new = encode(&file).unwrap();
+        assert_eq!(new[0], 4, "V5 is tag 4");
+        assert_eq!(decode(&new).unwrap(), file);
     }
 
     #[test]

@@ -253,6 +253,7 @@ mod tests {
             Request::Settings {
                 read_receipts: None,
                 last_seen: None,
+                auto_download: None,
             },
             &mut |_| {},
         )
@@ -262,7 +263,8 @@ mod tests {
             outcome,
             Outcome::Settings {
                 read_receipts: true,
-                last_seen: true
+                last_seen: true,
+                auto_download: crate::client::files::AUTO_DOWNLOAD,
             }
         );
         // A conversation that never was is a clear error.

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::attachment::Attachment;
 use crate::wire::{DeviceId, MsgId};
 
 /// Which way a message went, seen from this account.
@@ -104,6 +105,10 @@ pub struct Message {
     /// history; stored apart from the message).
     #[serde(default)]
     pub reactions: BTreeMap<String, String>,
+    /// The file it carries (`text` is then its caption), and what this
+    /// device knows of it.
+    #[serde(default)]
+    pub attachment: Option<Box<Attachment>>,
 }
 
 /// What a reply quotes.
@@ -136,6 +141,7 @@ impl Default for Message {
             edited_ms: None,
             deleted: false,
             reactions: BTreeMap::new(),
+            attachment: None,
         }
     }
 }

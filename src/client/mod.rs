@@ -6,6 +6,8 @@
 //!   daemon;
 //! - [`content`]: what a message says (the plaintext) and the body's
 //!   envelope around the Olm message;
+//! - [`attachment`]: files: their chunked encryption, the reference a
+//!   message carries, safe names;
 //! - [`message`]: a message as shown, and its states;
 //! - [`status`]: how receipts move those states (pure);
 //! - [`request`]: the work a command asks for, and what it produced;
@@ -26,7 +28,8 @@
 //! - [`driver`]: what owns time and sockets ([`socket`] is the product's);
 //! - [`core`]: the [`Client`]: its state and connection plumbing, with the
 //!   operations in [`receive`], [`send`], [`keys`], [`receipts`], [`edit`],
-//!   [`verify`], [`account`] and [`ephemeral`] (typing and presence);
+//!   [`verify`], [`account`], [`ephemeral`] (typing and presence) and
+//!   [`files`] (upload, download, forward);
 //! - [`ipc`]: the Unix socket through which a second command hands its
 //!   work to a running `listen`, and [`run`], which a command calls.
 
@@ -36,6 +39,7 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 pub mod account;
+pub mod attachment;
 pub mod backoff;
 pub mod conn;
 pub mod content;
@@ -44,6 +48,7 @@ pub mod driver;
 pub mod e2e;
 pub mod edit;
 pub mod ephemeral;
+pub mod files;
 pub mod history;
 pub mod ipc;
 pub mod keys;
@@ -153,6 +158,13 @@ pub enum Error {
         /// Which.
         device: crate::wire::DeviceId,
     },
+    /// The server no longer has a file (expired, or deleted by its
+    /// sender); nothing was saved.
+    #[error("the file has expired on the server (or its sender deleted it); nothing was saved")]
+    FileExpired,
+    /// A file does not decrypt or check; nothing was saved.
+    #[error("{0}; nothing was saved")]
+    FileDamaged(attachment::Damaged),
     /// The server holds other end-to-end keys for this device than the
     /// profile has.
     #[error(
@@ -219,6 +231,12 @@ pub fn describe(code: ErrorCode) -> &'static str {
         ErrorCode::BAD_REQUEST => "inconsistent request",
         ErrorCode::MALFORMED => "the server could not read the request",
         ErrorCode::UNSUPPORTED => "the server does not know this request",
+        ErrorCode::BLOB_TOO_LARGE => "the file is larger than the server takes",
+        ErrorCode::BLOB_BUDGET => {
+            "your files on the server take all the room you have there; try again once they have been fetched or expired"
+        }
+        ErrorCode::UNKNOWN_BLOB => "the server does not have that file (expired, deleted, or not for you)",
+        ErrorCode::BLOB_MISMATCH => "the uploaded file did not match its id; send it again",
         _ => "error",
     }
 }

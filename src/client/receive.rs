@@ -203,6 +203,21 @@ impl Client {
                     }
                     false
                 }
+                Content::File {
+                    file,
+                    caption,
+                    forwards,
+                } => {
+                    msg.text = caption;
+                    msg.forwards = forwards;
+                    msg.attachment = Some(Box::new(super::attachment::Attachment {
+                        file: file.received(),
+                        path: None,
+                        expired: false,
+                        uploaded: false,
+                    }));
+                    true
+                }
             },
             Err(why) => {
                 msg.undecryptable = true;
@@ -268,9 +283,16 @@ impl Client {
         // A fresh connection, so that QueueDrained refers to now.
         self.disconnect();
         let mut count = 0;
-        let mut report = |ev: Event, count: &mut usize| {
-            match ev {
-                Event::Message(_) => *count += 1,
+        // Messages with a file, to download by themselves afterwards.
+        let mut files = Vec::new();
+        let mut report = |ev: Event, count: &mut usize, files: &mut Vec<Message>| {
+            match &ev {
+                Event::Message(m) => {
+                    *count += 1;
+                    if m.attachment.is_some() {
+                        files.push(m.clone());
+                    }
+                }
                 Event::Drained | Event::Connected | Event::Disconnected(_) => return,
                 _ => {}
             }
@@ -283,7 +305,7 @@ impl Client {
             while !done {
                 while let Some(ev) = c.events.pop_front() {
                     done = done || ev == Event::Drained;
-                    report(ev, &mut count);
+                    report(ev, &mut count, &mut files);
                 }
                 if !done {
                     let deadline = c.now() + ANSWER_TIMEOUT;
@@ -299,7 +321,12 @@ impl Client {
         }
         // What arrived meanwhile is stored and acked; report it too.
         while let Some(ev) = self.events.pop_front() {
-            report(ev, &mut count);
+            report(ev, &mut count, &mut files);
+        }
+        for m in std::mem::take(&mut files) {
+            if let Some(ev) = self.auto_fetch(&m) {
+                report(ev, &mut count, &mut files);
+            }
         }
         Ok(count)
     }
@@ -364,7 +391,12 @@ impl Client {
             let until = backoff.next(self.now()).unwrap_or_else(|| self.now());
             while let Some(input) = self.driver.wait(until) {
                 match input {
-                    Input::Local(job) => self.run_job(job),
+                    Input::Local(job) => {
+                        self.run_job(job);
+                        if !on_event(&Event::Served) {
+                            return Ok(());
+                        }
+                    }
                     Input::Stop => return Ok(()),
                     _ => {}
                 }
@@ -389,9 +421,16 @@ impl Client {
                 if !on_event(&ev) {
                     return Ok(false);
                 }
+                if let Event::Message(m) = &ev
+                    && let Some(done) = self.auto_fetch(m)
+                {
+                    self.events.push_front(done);
+                }
             }
             if let Some(job) = self.jobs.pop_front() {
                 self.run_job(job);
+                // Whoever shows the history reads it again.
+                self.events.push_back(Event::Served);
                 continue;
             }
             if self.keys_low.is_some() || !self.resets.is_empty() {
@@ -548,6 +587,7 @@ mod tests {
         let request = Request::Settings {
             read_receipts: None,
             last_seen: None,
+            auto_download: None,
         };
         bob.input_sender()
             .send(Input::Local(Job {
@@ -578,7 +618,8 @@ mod tests {
             reply.outcome,
             Outcome::Settings {
                 read_receipts: true,
-                last_seen: true
+                last_seen: true,
+                auto_download: crate::client::files::AUTO_DOWNLOAD,
             }
         );
     }

@@ -86,6 +86,27 @@ pub enum Request {
         /// `None` leaves it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         last_seen: Option<bool>,
+        /// Files up to this size download by themselves (0: none), on
+        /// this device; `None` leaves it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        auto_download: Option<u64>,
+    },
+    /// Send a file.
+    SendFile {
+        /// The recipient.
+        to: String,
+        /// The file (an absolute path: a listener runs elsewhere).
+        path: String,
+        /// A text shown with it.
+        caption: String,
+    },
+    /// Download the file of a message.
+    Download {
+        /// The message's id.
+        id: String,
+        /// Where to (absolute), or the profile's downloads folder.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output: Option<String>,
     },
     /// Say that this user is typing to a user, or stopped (spec §5.6):
     /// best effort, only while connected.
@@ -160,6 +181,16 @@ pub enum Outcome {
         /// Whether everyone may see this user's presence.
         #[serde(default = "yes")]
         last_seen: bool,
+        /// Files up to this size download by themselves.
+        #[serde(default)]
+        auto_download: u64,
+    },
+    /// A file was downloaded.
+    Downloaded {
+        /// The message.
+        id: String,
+        /// Where the file is.
+        path: String,
     },
     /// A typing indicator went to some device (or to none: no device
     /// online, not connected, or none may get one now).

@@ -170,6 +170,9 @@ impl Client {
         if src.undecryptable {
             return Err(Error::Usage(format!("message {id} could not be decrypted")));
         }
+        if src.attachment.is_some() {
+            return self.forward_file(src, to);
+        }
         self.send_message(Message {
             id: self.new_id()?,
             to: to.to_owned(),
@@ -180,7 +183,10 @@ impl Client {
     }
 
     /// The content that says what `m` says.
-    fn content_of(m: &Message) -> Content {
+    pub(super) fn content_of(m: &Message) -> Content {
+        if let Some(c) = super::files::file_content(m) {
+            return c;
+        }
         match (m.reply_to, &m.quote) {
             (Some(reply_to), Some(q)) => Content::Reply {
                 text: m.text.clone(),
@@ -201,12 +207,23 @@ impl Client {
     /// Sends the message `msg` says (its id, recipient, text, and what it
     /// replies to or how often it was forwarded); see
     /// [`Client::send_with_id`].
-    pub(super) fn send_message(&mut self, mut msg: Message) -> Result<Message, Error> {
+    pub(super) fn send_message(&mut self, msg: Message) -> Result<Message, Error> {
+        // A file goes up before its message.
+        let mut msg = self.upload_for(msg, &mut |_, _| {})?;
         let me = self.profile.registered()?.clone();
         if !wire::valid_user_name(&msg.to) {
             return Err(Error::Usage(format!("invalid user name {:?}", msg.to)));
         }
-        check_text(&msg.text)?;
+        if msg.attachment.is_none() {
+            check_text(&msg.text)?;
+        } else if msg.text.len() > MAX_TEXT_LEN {
+            // A caption may be empty.
+            return Err(BodyError::TextTooLong {
+                len: msg.text.len(),
+                max: MAX_TEXT_LEN,
+            }
+            .into());
+        }
         let (id, to) = (msg.id, msg.to.clone());
         let payload = Payload {
             id,

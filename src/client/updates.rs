@@ -540,6 +540,8 @@ impl History {
                 m.edited_ms = None;
                 m.undecryptable = false;
                 m.deleted = true;
+                // Its file's key goes too: the file is not to be fetched.
+                m.attachment = None;
                 m
             }
             None => {

@@ -27,6 +27,7 @@
 //! What it does not do: sockets, byte formats, the disk, or reading the
 //! clock (the driver passes [`Now`]).
 
+mod blobs;
 mod ephemeral;
 mod rate;
 mod refusal;
@@ -34,6 +35,7 @@ mod refusal;
 mod tests;
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -64,6 +66,11 @@ pub struct HubConfig {
     pub claims_per_minute: u32,
     /// Below this many one-time keys a device is told to publish more.
     pub low_keys: u32,
+    /// Most blob requests in flight per connection (spec §5.7).
+    pub blob_window: u32,
+    /// Most bytes of blob chunks and reads in flight, all connections
+    /// together.
+    pub blob_memory: u64,
     /// Ephemeral sends, presence settings and watches a device may make
     /// per minute (and in a burst) (spec §5.6).
     pub ephemeral_per_minute: u32,
@@ -84,6 +91,8 @@ impl Default for HubConfig {
             link_ttl: Duration::from_secs(600),
             claims_per_minute: 30,
             low_keys: 10,
+            blob_window: 8,
+            blob_memory: 64 << 20,
             ephemeral_per_minute: 60,
             send_rate: Rate {
                 per_minute: 300,
@@ -111,6 +120,8 @@ pub struct Shared {
     writes: Buckets,
     /// Per target device: its one-time keys handed out.
     handouts: Buckets,
+    /// Bytes of blob chunks and reads in flight.
+    blob_memory: AtomicU64,
     watches: Mutex<ephemeral::Watches>,
     config: HubConfig,
 }
@@ -126,6 +137,7 @@ impl Shared {
             sends: Buckets::new(config.send_rate),
             writes: Buckets::new(config.write_rate),
             handouts: Buckets::new(config.key_handouts),
+            blob_memory: AtomicU64::new(0),
             watches: Mutex::new(ephemeral::Watches::default()),
             config,
         })
@@ -264,17 +276,60 @@ struct Cursor {
 /// What to do with an outcome when it comes.
 #[derive(Debug)]
 enum Waiting {
-    Send { conn: ConnId, req: u32, id: wire::MsgId },
-    Register { conn: ConnId, req: u32, name: String },
-    Link { conn: ConnId, req: u32 },
-    LinkCode { conn: ConnId, req: u32 },
-    Revoke { conn: ConnId, req: u32, target: DeviceKey },
-    Publish { conn: ConnId, req: u32 },
-    Claim { conn: ConnId, req: u32, user: String },
-    Receipt { conn: ConnId, req: u32 },
-    Retract { conn: ConnId, req: u32 },
-    LastSeen { conn: ConnId, req: u32, user: UserId },
-    Backlog { serial: u64 },
+    Send {
+        conn: ConnId,
+        req: u32,
+        id: wire::MsgId,
+    },
+    Register {
+        conn: ConnId,
+        req: u32,
+        name: String,
+    },
+    Link {
+        conn: ConnId,
+        req: u32,
+    },
+    LinkCode {
+        conn: ConnId,
+        req: u32,
+    },
+    Revoke {
+        conn: ConnId,
+        req: u32,
+        target: DeviceKey,
+    },
+    Publish {
+        conn: ConnId,
+        req: u32,
+    },
+    Claim {
+        conn: ConnId,
+        req: u32,
+        user: String,
+    },
+    Receipt {
+        conn: ConnId,
+        req: u32,
+    },
+    Retract {
+        conn: ConnId,
+        req: u32,
+    },
+    LastSeen {
+        conn: ConnId,
+        req: u32,
+        user: UserId,
+    },
+    /// A blob operation holding `held` bytes of transfer memory.
+    Blob {
+        conn: ConnId,
+        req: u32,
+        held: u64,
+    },
+    Backlog {
+        serial: u64,
+    },
 }
 
 /// Entries read from memory per step of a pump.
@@ -296,6 +351,8 @@ pub struct Hub {
     entries: Vec<(u64, Entry)>,
     devices: Vec<DeviceId>,
     completions: Vec<Completion>,
+    /// Blob requests in flight, per connection.
+    blob_flight: HashMap<u64, u32>,
     /// The wall clock as of the latest call that brought the time (for
     /// what happens in calls that bring none: a connection closing).
     clock_ms: u64,
@@ -316,6 +373,7 @@ impl Hub {
             entries: Vec::new(),
             devices: Vec::new(),
             completions: Vec::new(),
+            blob_flight: HashMap::new(),
             clock_ms: 0,
         }
     }
@@ -402,6 +460,13 @@ impl Hub {
     fn completed(&mut self, w: Waiting, outcome: Outcome, now: Now) {
         let _ = now;
         match (w, outcome) {
+            (Waiting::Blob { conn, req, held }, outcome) => {
+                let outcome = match outcome {
+                    Outcome::Blob(o) => o,
+                    _ => crate::store::BlobOutcome::Failed,
+                };
+                self.blob_completed(conn, req, held, outcome);
+            }
             (Waiting::Send { conn, req, id }, Outcome::Settled { time_ms }) => {
                 self.send(conn, req, ServerFrame::Accepted { id, time_ms });
             }
@@ -925,6 +990,13 @@ impl Hub {
                     self.pump(conn, view.room, now);
                 }
             }
+            f @ (ClientFrame::UploadStart(_)
+            | ClientFrame::UploadChunk(_)
+            | ClientFrame::UploadFinish { .. }
+            | ClientFrame::Download(_)
+            | ClientFrame::BlobFetched { .. }
+            | ClientFrame::BlobGrant(_)
+            | ClientFrame::BlobDelete { .. }) => self.blob_frame(conn, view, req, f, now),
             // The session answers these itself.
             ClientFrame::Ping | ClientFrame::Pong | ClientFrame::Close => {}
         }
@@ -1112,7 +1184,8 @@ impl Waiting {
             | Waiting::Claim { conn, req, .. }
             | Waiting::Receipt { conn, req }
             | Waiting::Retract { conn, req }
-            | Waiting::LastSeen { conn, req, .. } => Some((conn, req)),
+            | Waiting::LastSeen { conn, req, .. }
+            | Waiting::Blob { conn, req, .. } => Some((conn, req)),
             Waiting::Backlog { .. } => None,
         }
     }
@@ -1127,6 +1200,7 @@ fn frame_size(frame: &ServerFrame) -> usize {
             ServerFrame::Receipt(r) => r.ids.len() * 16,
             ServerFrame::Expired(e) => e.ids.len() * 16,
             ServerFrame::Gap(g) => g.lost.len() * 64,
+            ServerFrame::BlobData(d) => d.data.len(),
             _ => 0,
         }
 }

@@ -2,7 +2,7 @@
 //! wire code and its words (spec §7), as rustls maps its errors to alerts
 //! in one `TryFrom`.
 
-use crate::store::{LinkError, PublishError, Quota, Refused, RegisterError};
+use crate::store::{BlobRefused, LinkError, PublishError, Quota, Refused, RegisterError};
 use crate::wire::{ErrorCode, ServerFrame};
 
 /// Why a request is refused, or a connection closed.
@@ -83,6 +83,36 @@ pub enum Refusal {
     Revoked,
     /// Close: the server is shutting down.
     ShuttingDown,
+    /// A blob over the largest the server takes.
+    BlobTooLarge,
+    /// The user's blobs at their budget.
+    BlobBudget,
+    /// The user has the most uploads under way.
+    BlobUploads,
+    /// No such blob, or not one the caller's user may read.
+    UnknownBlob,
+    /// The uploaded bytes do not hash to the blob's id.
+    BlobMismatch,
+    /// A chunk that does not start where the upload stands.
+    BlobOffset,
+    /// A chunk or range past the blob's end.
+    BlobPastEnd,
+    /// A finish before every byte came.
+    BlobIncomplete,
+    /// An upload started again with another size.
+    BlobSizeMismatch,
+    /// Another user holds a blob with this id.
+    BlobTaken,
+    /// A blob of 0 bytes.
+    BlobEmpty,
+    /// A chunk or range of 0 bytes or over the limit.
+    BlobChunkSize,
+    /// No users, or too many, in an `UploadStart` or `BlobGrant`.
+    BlobUsers,
+    /// Too many blob requests in flight on the connection.
+    BlobWindow,
+    /// Too many bytes of transfers in flight in the whole server.
+    BlobMemory,
 }
 
 impl Refusal {
@@ -148,6 +178,36 @@ impl Refusal {
             ConnectedElsewhere => (ErrorCode::CONNECTED_ELSEWHERE, "this device connected elsewhere"),
             Revoked => (ErrorCode::REVOKED, "this device was revoked"),
             ShuttingDown => (ErrorCode::SHUTTING_DOWN, "the server is shutting down"),
+            BlobTooLarge => (ErrorCode::BLOB_TOO_LARGE, "the file is larger than this server takes"),
+            BlobBudget => (
+                ErrorCode::BLOB_BUDGET,
+                "your files on the server are at your budget; try again once they are fetched or expire",
+            ),
+            BlobUploads => (ErrorCode::RATE_LIMITED, "too many uploads under way; finish one first"),
+            UnknownBlob => (
+                ErrorCode::UNKNOWN_BLOB,
+                "no such file on the server: never finished, expired, deleted, or not for you",
+            ),
+            BlobMismatch => (
+                ErrorCode::BLOB_MISMATCH,
+                "the uploaded bytes do not hash to the file's id; the upload was dropped",
+            ),
+            BlobOffset => (ErrorCode::BAD_REQUEST, "a chunk starts where the upload stands"),
+            BlobPastEnd => (ErrorCode::BAD_REQUEST, "past the end of the file"),
+            BlobIncomplete => (ErrorCode::BAD_REQUEST, "not every byte of the file was uploaded"),
+            BlobSizeMismatch => (ErrorCode::BAD_REQUEST, "this upload was started with another size"),
+            BlobTaken => (ErrorCode::BAD_REQUEST, "another user holds a file with this id"),
+            BlobEmpty => (ErrorCode::BAD_REQUEST, "a blob is at least one byte"),
+            BlobChunkSize => (ErrorCode::BAD_REQUEST, "a chunk or range is 1 to 61440 bytes"),
+            BlobUsers => (ErrorCode::BAD_REQUEST, "name 1 to 256 users"),
+            BlobWindow => (
+                ErrorCode::RATE_LIMITED,
+                "too many file requests in flight on this connection",
+            ),
+            BlobMemory => (
+                ErrorCode::RATE_LIMITED,
+                "the server is busy with other transfers; try again shortly",
+            ),
         }
     }
 
@@ -196,6 +256,26 @@ impl From<PublishError> for Refusal {
             PublishError::NoIdentity => Refusal::IdentityFirst,
             PublishError::TooMany => Refusal::TooManyKeys,
             PublishError::BadSignature => Refusal::BadSignature,
+        }
+    }
+}
+
+impl From<BlobRefused> for Refusal {
+    fn from(r: BlobRefused) -> Refusal {
+        match r {
+            BlobRefused::TooLarge { .. } => Refusal::BlobTooLarge,
+            BlobRefused::Budget => Refusal::BlobBudget,
+            BlobRefused::Uploads => Refusal::BlobUploads,
+            BlobRefused::DiskBudget => Refusal::DiskBudget,
+            BlobRefused::StorageFull => Refusal::StorageFull,
+            BlobRefused::Unknown => Refusal::UnknownBlob,
+            BlobRefused::Mismatch => Refusal::BlobMismatch,
+            BlobRefused::Offset { .. } => Refusal::BlobOffset,
+            BlobRefused::PastEnd { .. } => Refusal::BlobPastEnd,
+            BlobRefused::Incomplete { .. } => Refusal::BlobIncomplete,
+            BlobRefused::SizeMismatch { .. } => Refusal::BlobSizeMismatch,
+            BlobRefused::Taken => Refusal::BlobTaken,
+            BlobRefused::Empty => Refusal::BlobEmpty,
         }
     }
 }
@@ -257,6 +337,21 @@ mod tests {
             ConnectedElsewhere,
             Revoked,
             ShuttingDown,
+            BlobTooLarge,
+            BlobBudget,
+            BlobUploads,
+            UnknownBlob,
+            BlobMismatch,
+            BlobOffset,
+            BlobPastEnd,
+            BlobIncomplete,
+            BlobSizeMismatch,
+            BlobTaken,
+            BlobEmpty,
+            BlobChunkSize,
+            BlobUsers,
+            BlobWindow,
+            BlobMemory,
         ];
         for r in all {
             let (code, text) = r.describe();

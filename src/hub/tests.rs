@@ -801,3 +801,5 @@ fn one_time_keys_go_at_their_rate_whoever_claims() {
     r.settle();
     assert_eq!(r.store.one_time_keys(dev(1, 1)), Some(2));
 }
+
+mod blobs;

@@ -3,7 +3,10 @@
 //! is older than the retention period with notices to both sides, and waking
 //! the loops of online devices that got a notice. Each pass also removes
 //! expired link codes and invites
-//! ([`crate::store::Accounts::sweep_codes`]), so that they cannot pile up.
+//! ([`crate::store::Accounts::sweep_codes`]), so that they cannot pile up,
+//! and then walks the blobs a shard at a time (spec §5.7): blobs past the
+//! retention period, uploads left unfinished, and blobs no device can
+//! fetch any more go.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -12,7 +15,7 @@ use std::time::Duration;
 
 use super::Loops;
 use crate::hub::{Effect, Now, Shared};
-use crate::store::{Op, Outcome, Store};
+use crate::store::{BlobOp, BlobOutcome, Op, Outcome, Store};
 
 /// Retention settings.
 #[derive(Debug, Clone, Copy)]
@@ -133,5 +136,37 @@ pub fn sweep_once(store: &Store, shared: &Shared, loops: &Loops, config: &Retent
     }
     if forgotten > 0 {
         log::debug!("retention: forgot {forgotten} message and retraction records");
+    }
+    sweep_blobs(store, config, stopped);
+}
+
+/// One pass over the blobs, a shard a turn (the blob thread serves
+/// transfers between turns).
+pub fn sweep_blobs(store: &Store, config: &RetentionConfig, stopped: &AtomicBool) {
+    let mut shard = Some(0);
+    let mut removed = 0;
+    while let Some(s) = shard {
+        if stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        let now = Now::read();
+        let cutoff_ms = now.unix_ms.saturating_sub(config.period.as_millis() as u64);
+        match store.call_blob(BlobOp::Sweep {
+            shard: s,
+            cutoff_ms,
+            now_ms: now.unix_ms,
+        }) {
+            BlobOutcome::Swept { next, removed: n } => {
+                shard = next;
+                removed += n;
+            }
+            _ => {
+                log::error!("blob sweep failed");
+                return;
+            }
+        }
+    }
+    if removed > 0 {
+        log::info!("retention: removed {removed} blobs and unfinished uploads");
     }
 }

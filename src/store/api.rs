@@ -10,7 +10,9 @@
 //!   acknowledged before the store thread would write it is never written.
 //! - **Operations** ([`Op`], through [`StoreApi::submit`]) run on the store
 //!   thread, which owns the database: registrations, keys, receipts,
-//!   retraction, reading a backlog from disk. Each answers later with a
+//!   retraction, reading a backlog from disk. Blob operations
+//!   ([`BlobOp`], through [`StoreApi::blob`]) run the same way on the blob
+//!   thread, which owns the blob files. Each answers later with a
 //!   [`Completion`] pushed to the caller's [`Sink`] (which wakes its loop),
 //!   once what it changed is durable.
 //!
@@ -27,6 +29,7 @@ use crate::noise::PublicKey;
 use crate::wire::{DeviceId, DeviceInfo, DeviceKeys, MsgId, PublishKeys, ReceiptKind, Token};
 
 pub use super::accounts::{LinkError, LinkRequestError, RegisterError};
+pub use super::blobs::{BlobOp, BlobOutcome, BlobRefused};
 pub use super::disk::{Entry, LostRecord, QueuedExpired, QueuedGap, QueuedMessage, QueuedReceipt, Swept};
 pub use super::keys::PublishError;
 
@@ -398,6 +401,8 @@ pub enum Outcome {
     BackedUp(Result<super::backup::Written, String>),
     /// The store failed (the request may be retried).
     Failed,
+    /// For a [`BlobOp`] ([`StoreApi::blob`]).
+    Blob(BlobOutcome),
 }
 
 /// The store as the hub sees it. The daemon's [`super::Store`] implements
@@ -447,6 +452,9 @@ pub trait StoreApi: Send + Sync {
 
     /// Runs an operation on the store thread; `waiter` hears its outcome.
     fn submit(&self, op: Op, waiter: Option<Waiter>);
+    /// Runs a blob operation on the blob thread (spec §5.7); `waiter`
+    /// hears its outcome as [`Outcome::Blob`].
+    fn blob(&self, op: BlobOp, waiter: Waiter);
 }
 
 /// A message's copies as [`Entry`] values, for tests and the model.

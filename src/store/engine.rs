@@ -626,6 +626,9 @@ impl Engine {
                     Some(_) if !self.flusher.flush_now() => Err("a flush failed".to_string()),
                     Some(w) => {
                         let status = self.status.clone();
+                        // The blob thread waits meanwhile (it writes
+                        // `blobs/`, which the backup copies).
+                        let _files = self.status.files.lock().unwrap_or_else(|e| e.into_inner());
                         super::backup::write(&self.trees.db, &self.status.dir, _now_ms, w, &|| status.beat())
                             .map_err(|e| e.to_string())
                     }

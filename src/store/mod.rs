@@ -27,12 +27,13 @@
 //! Layout: `meta` (server key, public address, token key, `next_user`,
 //! sequence ceiling), `users`, `devices`, `keys`, `invites`, `link_codes`
 //! (see [`accounts`]), `queues` (see [`disk`]), `e2e` (the key directory,
-//! see `keys.rs`), and `spill/`, the segment files of spilled bodies (see
-//! `spill.rs`).
+//! see `keys.rs`), `spill/`, the segment files of spilled bodies (see
+//! `spill.rs`); and `blobs/`, the files people send (see [`blobs`]).
 
 mod accounts;
 pub mod api;
 pub mod backup;
+pub mod blobs;
 mod disk;
 mod engine;
 mod flusher;
@@ -62,9 +63,11 @@ pub use api::{
     Appended, BackupSink, Completion, Entry, NewMessage, Op, Outcome, QueuedMessage, Quota, Read, Refused, Sink,
     StoreApi, Waiter,
 };
+pub use blobs::{BlobConfig, BlobOp, BlobOutcome, BlobRefused};
 pub use flusher::{Epoch, Flusher};
 pub use keys::{MAX_ONE_TIME_KEYS, PublishError};
 
+use self::blobs::BlobStore;
 use self::engine::{CEILING_STEP, Engine, Inbox, Trees};
 use self::live::{Live, LiveConfig, Loaded};
 use crate::ids::{DeviceKey, Identity, UserId};
@@ -235,6 +238,8 @@ pub struct StoreConfig {
     /// Below this much free space on the data directory's filesystem,
     /// requests that add data are refused (spec §10, *Storage full*).
     pub min_free: u64,
+    /// Blobs (spec §5.7).
+    pub blobs: BlobConfig,
 }
 
 impl Default for StoreConfig {
@@ -245,6 +250,7 @@ impl Default for StoreConfig {
             write_delay: Duration::from_millis(50),
             write_memory: 16 << 20,
             min_free: 128 << 20,
+            blobs: BlobConfig::default(),
         }
     }
 }
@@ -295,6 +301,13 @@ pub(crate) struct Status {
     pub failed: AtomicBool,
     min_free: AtomicU64,
     free: AtomicU64,
+    /// Bytes the uploads under way will still write: room below which
+    /// free space already counts as taken (spec §10, *Storage full*).
+    to_come: AtomicU64,
+    /// Held by the blob thread while an operation changes `blobs/`, and
+    /// by a backup while it copies the files beside the database, so that
+    /// a backup never sees a blob half renamed or half removed.
+    pub files: Mutex<()>,
     pub dir: PathBuf,
     on_failure: Mutex<Vec<Callback>>,
     /// Turns of the store thread (and progress of a long operation): the
@@ -318,6 +331,25 @@ impl Status {
             }
         };
         self.free.store(free, Ordering::Relaxed);
+        self.judge();
+    }
+
+    /// What the uploads under way will still write changed; `full` is
+    /// judged again at once against the last measure.
+    pub fn set_to_come(&self, bytes: u64) {
+        if self.to_come.swap(bytes, Ordering::Relaxed) != bytes {
+            self.judge();
+        }
+    }
+
+    /// Sets `full`: below the floor once what uploads under way will
+    /// still write is taken from the free space, so that messages (the
+    /// spill log) and files share the room above the floor.
+    fn judge(&self) {
+        let free = self
+            .free
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.to_come.load(Ordering::Relaxed));
         let floor = self.min_free.load(Ordering::Relaxed);
         let full = free < floor;
         if self.full.swap(full, Ordering::SeqCst) != full {
@@ -408,6 +440,8 @@ pub struct Store {
     flusher: Flusher,
     /// Until [`Store::start`] moves it to its thread.
     engine: Mutex<Option<Engine>>,
+    /// The blob thread's inbox (and its state until it starts).
+    blobs: BlobStore,
     server_key: Keypair,
     public_addr: RwLock<Option<String>>,
     dir: PathBuf,
@@ -417,6 +451,7 @@ pub struct Store {
 pub struct StoreThreads {
     engine: JoinHandle<()>,
     flusher: JoinHandle<()>,
+    blobs: JoinHandle<()>,
 }
 
 impl Store {
@@ -583,6 +618,8 @@ impl Store {
             failed: AtomicBool::new(false),
             min_free: AtomicU64::new(config.min_free),
             free: AtomicU64::new(u64::MAX),
+            to_come: AtomicU64::new(0),
+            files: Mutex::new(()),
             dir: dir.to_path_buf(),
             on_failure: Mutex::new(Vec::new()),
             beats: AtomicU64::new(0),
@@ -590,6 +627,7 @@ impl Store {
         status.measure_space();
         let spill = Arc::new(Mutex::new(spill));
         sync_dir(dir)?;
+        let blobs = BlobStore::open(dir, config.blobs, live.clone(), status.clone(), accounts.clone())?;
         let engine = Engine::new(
             Trees {
                 db: db.clone(),
@@ -617,6 +655,7 @@ impl Store {
             status,
             flusher,
             engine: Mutex::new(Some(engine)),
+            blobs,
             server_key,
             public_addr: RwLock::new(public_addr),
             dir: dir.to_path_buf(),
@@ -638,12 +677,16 @@ impl Store {
         let engine = std::thread::Builder::new()
             .name("store".into())
             .spawn(move || engine.run())?;
-        Ok(StoreThreads { engine, flusher })
+        let blobs = self.blobs.start()?;
+        Ok(StoreThreads { engine, flusher, blobs })
     }
 
-    /// Stops the store thread after it wrote and flushed everything
-    /// submitted, then the flusher.
+    /// Stops the blob thread after what was submitted to it, then the
+    /// store thread after it wrote and flushed everything submitted, then
+    /// the flusher.
     pub fn stop(&self, threads: StoreThreads) {
+        self.blobs.stop();
+        let _ = threads.blobs.join();
         self.inbox.stop();
         let _ = threads.engine.join();
         self.flusher.stop();
@@ -655,6 +698,7 @@ impl Store {
     /// turn that releases it (for simulations, which start no threads).
     /// Returns false on a failure.
     pub fn step(&self, now: Instant, now_ms: u64, flush: bool) -> bool {
+        self.blobs.step();
         let mut guard = self.engine.lock().unwrap_or_else(|e| e.into_inner());
         let Some(engine) = guard.as_mut() else { return false };
         if engine.turn(now, now_ms).is_err() {
@@ -672,19 +716,29 @@ impl Store {
     /// Runs `op` and waits for its outcome (for operator commands and
     /// tests; never on an event loop). The store thread must run.
     pub fn call(&self, op: Op) -> Outcome {
+        self.call_with(|waiter| self.submit(op, Some(waiter)))
+    }
+
+    /// Runs a blob operation and waits for its outcome (for the sweeper,
+    /// operator commands and tests; never on an event loop).
+    pub fn call_blob(&self, op: BlobOp) -> BlobOutcome {
+        match self.call_with(|waiter| self.blobs.submit(op, Some(waiter))) {
+            Outcome::Blob(o) => o,
+            _ => BlobOutcome::Failed,
+        }
+    }
+
+    fn call_with(&self, submit: impl FnOnce(Waiter)) -> Outcome {
         let bell = Arc::new((Mutex::new(false), Condvar::new()));
         let ring = bell.clone();
         let sink = Sink::new(move || {
             *ring.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
             ring.1.notify_all();
         });
-        self.submit(
-            op,
-            Some(Waiter {
-                sink: sink.clone(),
-                token: 0,
-            }),
-        );
+        submit(Waiter {
+            sink: sink.clone(),
+            token: 0,
+        });
         let mut got = Vec::new();
         loop {
             sink.take(&mut got);
@@ -784,8 +838,8 @@ impl Store {
         self.status.free.load(Ordering::Relaxed)
     }
 
-    /// Bytes of every queue record kept: what the disk budget counts
-    /// (exact; sled's files take more).
+    /// Bytes of every queue record and every blob kept: what the disk
+    /// budget counts (exact; sled's files take more).
     pub fn queued_bytes(&self) -> u64 {
         self.live.lock().disk_used()
     }
@@ -963,6 +1017,10 @@ impl StoreApi for Store {
 
     fn submit(&self, op: Op, waiter: Option<Waiter>) {
         self.inbox.push(op, waiter);
+    }
+
+    fn blob(&self, op: BlobOp, waiter: Waiter) {
+        self.blobs.submit(op, Some(waiter));
     }
 }
 

@@ -2,14 +2,20 @@
 //! in memory, nothing on a thread. Operations wait in a list until the test
 //! calls [`TestStore::run`]; copies are safe once acknowledged or once the
 //! test calls [`TestStore::flush`] (which stands for the store thread
-//! writing and flushing them).
+//! writing and flushing them). Blob operations run on the blob rules
+//! over files in memory ([`super::blobs::mem`]), also at
+//! [`TestStore::run`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::api::{
-    Appended, Entry, NewMessage, Op, Outcome, QueuedMessage, QueuedReceipt, Read, Refused, StoreApi, Waiter,
+    Appended, BlobOp, Entry, NewMessage, Op, Outcome, QueuedMessage, QueuedReceipt, Read, Refused, StoreApi, Waiter,
 };
+use super::blobs::BlobConfig;
+use super::blobs::book::{Blobs, Env};
+use super::blobs::mem::MemFiles;
 use crate::ids::{DeviceKey, Identity, UserId};
 use crate::noise::PublicKey;
 use crate::wire::{DeviceId, DeviceInfo, MsgId, Token};
@@ -32,6 +38,7 @@ struct Inner {
     next: BTreeMap<DeviceKey, u64>,
     msgs: HashMap<(DeviceKey, MsgId), Msg>,
     ops: Vec<(Op, Option<Waiter>)>,
+    blob_ops: Vec<(BlobOp, Waiter)>,
     full: bool,
     invites: Vec<Token>,
     /// Users who hide their presence.
@@ -43,16 +50,90 @@ struct Inner {
     one_time: BTreeMap<DeviceKey, u32>,
 }
 
-/// The test store.
+/// What the blob rules see of the test store: a disk budget, the floor,
+/// revoked devices (copied in before each run).
 #[derive(Default)]
+pub struct TestEnv {
+    /// Bytes counted.
+    pub used: AtomicU64,
+    /// The budget.
+    pub budget: AtomicU64,
+    /// Below the floor.
+    pub full: AtomicBool,
+    /// Free bytes above the floor (`u64::MAX` at first).
+    pub above_floor: AtomicU64,
+    /// Revoked devices.
+    pub revoked: Mutex<HashSet<DeviceKey>>,
+}
+
+impl Env for Arc<TestEnv> {
+    fn reserve(&self, bytes: u64) -> bool {
+        let used = self.used.load(Ordering::SeqCst);
+        if used.saturating_add(bytes) > self.budget.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.used.fetch_add(bytes, Ordering::SeqCst);
+        true
+    }
+
+    fn adjust(&self, delta: i64) {
+        let used = self.used.load(Ordering::SeqCst);
+        self.used.store(used.saturating_add_signed(delta), Ordering::SeqCst);
+    }
+
+    fn storage_full(&self) -> bool {
+        self.full.load(Ordering::SeqCst)
+    }
+
+    fn above_floor(&self) -> u64 {
+        self.above_floor.load(Ordering::SeqCst)
+    }
+
+    fn is_current(&self, d: DeviceKey) -> bool {
+        !self.revoked.lock().unwrap_or_else(|e| e.into_inner()).contains(&d)
+    }
+}
+
+/// The test store.
 pub struct TestStore {
     inner: Mutex<Inner>,
+    blobs: Mutex<Blobs<MemFiles, Arc<TestEnv>>>,
+    env: Arc<TestEnv>,
+}
+
+impl Default for TestStore {
+    fn default() -> Self {
+        TestStore::with_blobs(BlobConfig::default())
+    }
 }
 
 impl TestStore {
     /// An empty store.
     pub fn new() -> Arc<TestStore> {
         Arc::new(TestStore::default())
+    }
+
+    /// An empty store with these blob settings and a disk budget of 1 GiB.
+    pub fn with_blobs(config: BlobConfig) -> TestStore {
+        let env = Arc::new(TestEnv::default());
+        env.budget.store(1 << 30, Ordering::SeqCst);
+        env.above_floor.store(u64::MAX, Ordering::SeqCst);
+        let blobs = Blobs::open(MemFiles::default(), env.clone(), config).expect("memory does not fail");
+        TestStore {
+            inner: Mutex::new(Inner::default()),
+            blobs: Mutex::new(blobs),
+            env,
+        }
+    }
+
+    /// The blob rules' view of the store (budget, floor).
+    pub fn blob_env(&self) -> &Arc<TestEnv> {
+        &self.env
+    }
+
+    /// The blob files, to look at or damage.
+    pub(crate) fn with_blob_files<R>(&self, f: impl FnOnce(&mut MemFiles) -> R) -> R {
+        f(self.blobs.lock().unwrap_or_else(|e| e.into_inner()).files())
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -155,6 +236,17 @@ impl TestStore {
             if let (Some(w), Some(o)) = (w, outcome) {
                 w.complete(o);
             }
+        }
+        let (blob_ops, full, revoked) = {
+            let mut i = self.lock();
+            let revoked: HashSet<DeviceKey> = i.devices.iter().filter(|(_, (_, r))| *r).map(|(d, _)| *d).collect();
+            (std::mem::take(&mut i.blob_ops), i.full, revoked)
+        };
+        self.env.full.store(full, Ordering::SeqCst);
+        *self.env.revoked.lock().unwrap_or_else(|e| e.into_inner()) = revoked;
+        let mut blobs = self.blobs.lock().unwrap_or_else(|e| e.into_inner());
+        for (op, w) in blob_ops {
+            w.complete(Outcome::Blob(blobs.handle(op)));
         }
     }
 
@@ -399,5 +491,9 @@ impl StoreApi for TestStore {
 
     fn submit(&self, op: Op, waiter: Option<Waiter>) {
         self.lock().ops.push((op, waiter));
+    }
+
+    fn blob(&self, op: BlobOp, waiter: Waiter) {
+        self.lock().blob_ops.push((op, waiter));
     }
 }

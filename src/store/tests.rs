@@ -130,7 +130,7 @@ fn counted_bytes(s: &Store) -> u64 {
         .flat_map(|tag| records(s, tag))
         .map(|(k, v)| disk::record_len(&k, &v))
         .sum();
-    sled + s.spill.lock().unwrap_or_else(|e| e.into_inner()).held_on_disk()
+    sled + s.spill.lock().unwrap_or_else(|e| e.into_inner()).held_on_disk() + s.blobs.counted()
 }
 
 /// `disk_bytes` (what the budget counts) is exactly what sled and the
@@ -2733,6 +2733,174 @@ fn retention_expires_with_notices_on_both_sides() {
     assert_eq!(r.queue(bob), q);
 }
 
+/// Runs a blob operation on the caller's thread; its answer.
+fn blob_call(r: &mut Rig, op: super::blobs::BlobOp) -> super::blobs::BlobOutcome {
+    let w = r.waiter();
+    r.s.blobs.submit(op, Some(w.clone()));
+    r.s.blobs.step();
+    match r.outcomes(w.token).pop() {
+        Some(Outcome::Blob(o)) => o,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn spilled_messages_and_blobs_share_the_disk_budget() {
+    use super::blobs::{BlobOp, BlobOutcome, BlobRefused};
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dev(1, 1), dev(2, 1));
+    let budget = 200_000;
+    let config = StoreConfig {
+        quotas: Quotas {
+            disk_budget: budget,
+            ..Quotas::default()
+        },
+        ..Default::default()
+    };
+    let mut r = Rig::with(dir.path(), config.clone());
+    let body = [7u8; 4000];
+    for i in 0..20u8 {
+        assert!(matches!(
+            r.send(a, id(i), UserId(2), &[(b, &body, false)]).1,
+            Appended::Queued { .. }
+        ));
+    }
+    r.step(true);
+    let spilled_bytes = r.s.queued_bytes();
+    assert!(spilled_bytes > 80_000, "{spilled_bytes}");
+    assert!(!spilled(&r.s).is_empty(), "the copies are in the spill log");
+    let start = |blob: u8, size: u64, now_ms: u64| BlobOp::Start {
+        device: a,
+        id: crate::wire::BlobId([blob; 32]),
+        size,
+        access: vec![UserId(2)],
+        expect: vec![b],
+        now_ms,
+    };
+    // A blob that fits the budget alone but not beside the spilled
+    // messages is refused.
+    let now_ms = r.now_ms();
+    let too_big = budget - spilled_bytes + 1;
+    assert_eq!(
+        blob_call(&mut r, start(1, too_big, now_ms)),
+        BlobOutcome::Refused(BlobRefused::DiskBudget)
+    );
+    // One that fits beside them is taken, and counted in full from its
+    // start (ciphertext and record).
+    let size = budget - spilled_bytes - 20_000;
+    assert!(matches!(
+        blob_call(&mut r, start(2, size, now_ms)),
+        BlobOutcome::Status(_)
+    ));
+    let with_blob = r.s.queued_bytes();
+    assert!(with_blob > spilled_bytes + size, "{with_blob}");
+    check_bytes(&r.s);
+    // Now the messages find the room taken: five more do not fit.
+    let refused = (100..105u8)
+        .filter(|i| {
+            r.send(a, id(*i), UserId(2), &[(b, &body, false)]).1 == Appended::Refused(Refused::Quota(Quota::Disk))
+        })
+        .count();
+    assert!(refused > 0, "the blob's room was taken by messages");
+    r.step(true);
+    check_bytes(&r.s);
+    // Letting go of the blob gives its room back to messages.
+    assert_eq!(
+        blob_call(
+            &mut r,
+            BlobOp::Delete {
+                device: a,
+                id: crate::wire::BlobId([2; 32])
+            }
+        ),
+        BlobOutcome::Done
+    );
+    assert!(r.s.queued_bytes() < spilled_bytes + 5 * 4100);
+    assert!(matches!(
+        r.send(a, id(200), UserId(2), &[(b, &body, false)]).1,
+        Appended::Queued { .. }
+    ));
+    r.step(true);
+    check_bytes(&r.s);
+    // An upload under way is counted again on open, beside the spill log.
+    let now_ms = r.now_ms();
+    assert!(matches!(
+        blob_call(&mut r, start(3, 10_000, now_ms)),
+        BlobOutcome::Status(_)
+    ));
+    let before = r.s.queued_bytes();
+    let r = r.reopen();
+    assert_eq!(r.s.queued_bytes(), before);
+    check_bytes(&r.s);
+}
+
+#[test]
+fn the_room_an_upload_will_write_is_kept_from_messages_above_the_floor() {
+    use super::blobs::{BlobConfig, BlobOp, BlobOutcome};
+    const GIB: u64 = 1 << 30;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dev(1, 1), dev(2, 1));
+    let config = StoreConfig {
+        blobs: BlobConfig {
+            max_size: 4 * GIB,
+            user_budget: 8 * GIB,
+            ..BlobConfig::default()
+        },
+        quotas: Quotas {
+            disk_budget: 16 * GIB,
+            ..Quotas::default()
+        },
+        ..Default::default()
+    };
+    let mut r = Rig::with(dir.path(), config);
+    r.s.set_min_free(0);
+    let free = r.s.free_space();
+    if free < 6 * GIB {
+        eprintln!("skipped: {} MiB free, 6 GiB needed for the margins", free >> 20);
+        return;
+    }
+    // 4 GiB above the floor; an upload of 3 GiB (nothing written yet:
+    // the room is only promised) is taken.
+    r.s.set_min_free(free - 4 * GIB);
+    let size = 3 * GIB;
+    let now_ms = r.now_ms();
+    let op = BlobOp::Start {
+        device: a,
+        id: crate::wire::BlobId([9; 32]),
+        size,
+        access: vec![UserId(2)],
+        expect: vec![b],
+        now_ms,
+    };
+    assert!(matches!(blob_call(&mut r, op), BlobOutcome::Status(_)));
+    let body = [1u8; 100];
+    assert!(matches!(
+        r.send(a, id(1), UserId(2), &[(b, &body, false)]).1,
+        Appended::Queued { .. }
+    ));
+    // The disk fills (the floor rises by 2 GiB, the same to the store):
+    // 2 GiB above the floor, all of it promised to the upload, so
+    // messages are refused although the disk itself is above the floor.
+    r.s.set_min_free(free - 2 * GIB);
+    assert!(r.s.free_space() > r.s.min_free());
+    assert!(r.s.storage_full());
+    assert_eq!(
+        r.send(a, id(2), UserId(2), &[(b, &body, false)]).1,
+        Appended::Refused(Refused::StorageFull)
+    );
+    // The upload is abandoned: the room is free for messages again.
+    let op = BlobOp::Delete {
+        device: a,
+        id: crate::wire::BlobId([9; 32]),
+    };
+    assert_eq!(blob_call(&mut r, op), BlobOutcome::Done);
+    assert!(!r.s.storage_full());
+    assert!(matches!(
+        r.send(a, id(2), UserId(2), &[(b, &body, false)]).1,
+        Appended::Queued { .. }
+    ));
+}
+
 #[test]
 fn the_budget_counts_queued_bytes_exactly_and_receipts_too() {
     let dir = tempfile::tempdir().unwrap();
@@ -3277,9 +3445,54 @@ fn a_backup_restores_the_spill_log_with_its_marks_and_the_blobs() {
     // never acknowledged to its sender, and a backup need not have it.
     r.send(a, id(11), UserId(3), &[(c, b"online", true)]);
     assert!(!segments(&r.s).is_empty());
-    let blob = dir.path().join("blobs").join("ab");
-    std::fs::create_dir_all(&blob).unwrap();
-    std::fs::write(blob.join("abcdef"), b"an attachment").unwrap();
+    // A finished blob for bob, and an upload under way.
+    use super::blobs::{BlobOp, BlobOutcome};
+    let data = bytes::Bytes::from_static(b"an attachment");
+    let blob_id = crate::wire::BlobId(
+        ring::digest::digest(&ring::digest::SHA256, &data)
+            .as_ref()
+            .try_into()
+            .unwrap(),
+    );
+    let now_ms = r.now_ms();
+    let start = |id, size| BlobOp::Start {
+        device: a,
+        id,
+        size,
+        access: vec![UserId(2)],
+        expect: vec![b],
+        now_ms,
+    };
+    assert!(matches!(
+        blob_call(&mut r, start(blob_id, data.len() as u64)),
+        BlobOutcome::Status(_)
+    ));
+    let chunk = BlobOp::Chunk {
+        device: a,
+        id: blob_id,
+        offset: 0,
+        data: data.clone(),
+    };
+    assert!(matches!(blob_call(&mut r, chunk), BlobOutcome::Status(_)));
+    let finish = BlobOp::Finish {
+        device: a,
+        id: blob_id,
+        now_ms,
+    };
+    assert!(matches!(
+        blob_call(&mut r, finish),
+        BlobOutcome::Status(crate::wire::UploadStatus { complete: true, .. })
+    ));
+    let half = crate::wire::BlobId([0xab; 32]);
+    assert!(matches!(blob_call(&mut r, start(half, 1000)), BlobOutcome::Status(_)));
+    let blob_files = |root: &Path| {
+        let mut n = 0;
+        for shard in std::fs::read_dir(root.join("blobs")).unwrap() {
+            n += std::fs::read_dir(shard.unwrap().path()).unwrap().count();
+        }
+        n
+    };
+    let blob_count = blob_files(dir.path());
 
     let out = tempfile::tempdir().unwrap();
     let file = out.path().join("backup");
@@ -3290,7 +3503,11 @@ fn a_backup_restores_the_spill_log_with_its_marks_and_the_blobs() {
         other => panic!("{other:?}"),
     };
     assert_eq!(mark(&r.s, b), Some(7), "the backup wrote the mark first");
-    assert_eq!(written.files, segments(&r.s).len() + 1, "every segment and the blob");
+    assert_eq!(
+        written.files,
+        segments(&r.s).len() + blob_count,
+        "every segment and every blob file"
+    );
     assert_eq!(written.bytes, std::fs::metadata(&file).unwrap().len());
     let before = r.queue(b);
     assert_eq!(before.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![8, 9, 10]);
@@ -3301,11 +3518,22 @@ fn a_backup_restores_the_spill_log_with_its_marks_and_the_blobs() {
     assert_eq!(restored.format, FORMAT_VERSION);
     assert_eq!(restored.files, written.files);
     assert!(restored.ceiling > last_before + backup::RESTORE_JUMP);
-    assert_eq!(
-        std::fs::read(target.join("blobs").join("ab").join("abcdef")).unwrap(),
-        b"an attachment"
-    );
     let mut r2 = Rig::open(&target);
+    // The blob reads back whole for bob; the upload resumes where it was.
+    let read = BlobOp::Read {
+        device: b,
+        id: blob_id,
+        offset: 0,
+        len: 100,
+    };
+    match blob_call(&mut r2, read) {
+        BlobOutcome::Data(d) => assert_eq!(d.data, data),
+        other => panic!("{other:?}"),
+    }
+    match blob_call(&mut r2, start(half, 1000)) {
+        BlobOutcome::Status(s) => assert_eq!((s.received, s.complete), (0, false)),
+        other => panic!("{other:?}"),
+    }
     assert_eq!(r2.deliver(b, 0), before, "the spilled copies, and only those");
     assert_eq!(r2.s.queue_usage(b), r.s.queue_usage(b));
     check_totals(&r2.s);

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::MAX_FRAME_LEN;
+use super::blob::{BlobData, BlobGrant, BlobId, Download, UploadChunk, UploadStart, UploadStatus};
 
 /// A message id: 16 random bytes chosen by the sending device; a retry
 /// reuses it (spec §5.1).
@@ -159,6 +160,17 @@ error_codes! {
     /// This device sends faster than its rate: nothing was stored; try
     /// again after the `RetryAfter` that came just before (spec §6).
     SLOW_DOWN = 23,
+    /// A blob is larger than the server takes (spec §5.7).
+    BLOB_TOO_LARGE = 24,
+    /// The user's blobs would take more than the user's budget (spec
+    /// §5.7).
+    BLOB_BUDGET = 25,
+    /// No such blob: never uploaded, not finished, expired or deleted, or
+    /// the caller's user may not download it (spec §5.7).
+    UNKNOWN_BLOB = 26,
+    /// The uploaded bytes do not hash to the blob's id; the upload was
+    /// dropped (spec §5.7).
+    BLOB_MISMATCH = 27,
 }
 
 impl fmt::Debug for ErrorCode {
@@ -526,10 +538,37 @@ pub enum ClientFrame {
         /// At most [`super::MAX_WATCHED`] user names.
         users: Vec<String>,
     },
+    /// Start an upload, or ask how far it got (spec §5.7); answered
+    /// `UploadStatus`.
+    UploadStart(UploadStart),
+    /// Bytes of an upload at an offset; answered `UploadStatus`.
+    UploadChunk(UploadChunk),
+    /// Finish an upload: the server checks the id and makes the blob
+    /// durable; answered `UploadStatus`.
+    UploadFinish {
+        /// Which upload.
+        id: BlobId,
+    },
+    /// A range of a blob; answered `BlobData`.
+    Download(Download),
+    /// This device has stored the whole blob (so the server may delete it
+    /// once every device it was for has); answered `Done`.
+    BlobFetched {
+        /// Which blob.
+        id: BlobId,
+    },
+    /// Let more users download a blob (forwarding); answered `Done`.
+    BlobGrant(BlobGrant),
+    /// This user no longer needs the blob (its message was deleted for
+    /// everyone); answered `Done`.
+    BlobDelete {
+        /// Which blob.
+        id: BlobId,
+    },
 }
 
 /// Number of [`ClientFrame`] variants this build knows.
-pub const CLIENT_FRAME_KINDS: u32 = 18;
+pub const CLIENT_FRAME_KINDS: u32 = 25;
 
 /// Frames the server sends (spec §5.3). Append-only: never reorder.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -632,10 +671,15 @@ pub enum ServerFrame {
         /// Milliseconds from now.
         after_ms: u64,
     },
+    /// How far an upload is: the answer to `UploadStart`, `UploadChunk`
+    /// and `UploadFinish`.
+    UploadStatus(UploadStatus),
+    /// A range of a blob: the answer to `Download`.
+    BlobData(BlobData),
 }
 
 /// Number of [`ServerFrame`] variants this build knows.
-pub const SERVER_FRAME_KINDS: u32 = 21;
+pub const SERVER_FRAME_KINDS: u32 = 23;
 
 impl ClientFrame {
     /// The frame kind's name, for logs (never the content).
@@ -659,6 +703,13 @@ impl ClientFrame {
             ClientFrame::Ephemeral(_) => "Ephemeral",
             ClientFrame::SetLastSeen { .. } => "SetLastSeen",
             ClientFrame::WatchPresence { .. } => "WatchPresence",
+            ClientFrame::UploadStart(_) => "UploadStart",
+            ClientFrame::UploadChunk(_) => "UploadChunk",
+            ClientFrame::UploadFinish { .. } => "UploadFinish",
+            ClientFrame::Download(_) => "Download",
+            ClientFrame::BlobFetched { .. } => "BlobFetched",
+            ClientFrame::BlobGrant(_) => "BlobGrant",
+            ClientFrame::BlobDelete { .. } => "BlobDelete",
         }
     }
 }
@@ -688,6 +739,8 @@ impl ServerFrame {
             ServerFrame::Ephemeral(_) => "Ephemeral",
             ServerFrame::Presence(_) => "Presence",
             ServerFrame::RetryAfter { .. } => "RetryAfter",
+            ServerFrame::UploadStatus(_) => "UploadStatus",
+            ServerFrame::BlobData(_) => "BlobData",
         }
     }
 
@@ -823,10 +876,15 @@ mod tests {
     #[test]
     fn variant_counts_match() {
         let mut out = Vec::new();
-        encode_client(0, &ClientFrame::WatchPresence { users: vec![] }, &mut out);
+        encode_client(0, &ClientFrame::BlobDelete { id: BlobId([0; 32]) }, &mut out);
         assert_eq!(out[1] as u32, CLIENT_FRAME_KINDS - 1);
         out.clear();
-        encode_server(0, &ServerFrame::RetryAfter { after_ms: 0 }, &mut out);
+        let data = BlobData {
+            id: BlobId([0; 32]),
+            offset: 0,
+            data: Bytes::new(),
+        };
+        encode_server(0, &ServerFrame::BlobData(data), &mut out);
         assert_eq!(out[1] as u32, SERVER_FRAME_KINDS - 1);
     }
 

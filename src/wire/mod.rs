@@ -17,9 +17,11 @@
 //! The normative description of every byte is `protocol-spec/README.md`;
 //! section numbers in comments (`spec §n`) refer to it.
 
+mod blob;
 mod frames;
 mod record;
 
+pub use blob::*;
 pub use frames::*;
 pub use record::*;
 
@@ -197,6 +199,12 @@ pub const MAX_EPHEMERAL_LEN: usize = 1024;
 pub const MAX_WATCHED: usize = 256;
 /// Longest error or close text the server sends (spec §6).
 pub const MAX_TEXT_LEN: usize = 256;
+/// Most bytes of a blob in one `UploadChunk` or `BlobData`, and the most
+/// one `Download` asks for (spec §5.7, §6): 60 KiB, so that a chunk and
+/// its frame fit one record.
+pub const MAX_BLOB_DATA: usize = 61_440;
+/// Most user names in an `UploadStart` or a `BlobGrant` (spec §6).
+pub const MAX_BLOB_USERS: usize = 256;
 
 /// Whether `name` is a valid user name: `[a-z0-9_.]{3,32}` (spec §6).
 pub fn valid_user_name(name: &str) -> bool {
@@ -264,6 +272,36 @@ mod tests {
         });
         let mut out = Vec::new();
         encode_client(u32::MAX, &frame, &mut out);
+        assert!(out.len() <= MAX_FRAME_LEN, "{} > {}", out.len(), MAX_FRAME_LEN);
+    }
+
+    #[test]
+    fn a_full_blob_chunk_fits_in_one_record() {
+        let data = bytes::Bytes::from(vec![0xAB; MAX_BLOB_DATA]);
+        let mut out = Vec::new();
+        let chunk = ClientFrame::UploadChunk(UploadChunk {
+            id: BlobId([7; 32]),
+            offset: u64::MAX,
+            data: data.clone(),
+        });
+        encode_client(u32::MAX, &chunk, &mut out);
+        assert!(out.len() <= MAX_FRAME_LEN, "{} > {}", out.len(), MAX_FRAME_LEN);
+        out.clear();
+        let answer = ServerFrame::BlobData(BlobData {
+            id: BlobId([7; 32]),
+            offset: u64::MAX,
+            data,
+        });
+        encode_server(u32::MAX, &answer, &mut out);
+        assert!(out.len() <= MAX_FRAME_LEN, "{} > {}", out.len(), MAX_FRAME_LEN);
+        let names = vec!["z".repeat(MAX_NAME_LEN); MAX_BLOB_USERS];
+        out.clear();
+        let start = ClientFrame::UploadStart(UploadStart {
+            id: BlobId([7; 32]),
+            size: u64::MAX,
+            to: names,
+        });
+        encode_client(u32::MAX, &start, &mut out);
         assert!(out.len() <= MAX_FRAME_LEN, "{} > {}", out.len(), MAX_FRAME_LEN);
     }
 }
