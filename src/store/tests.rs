@@ -2798,7 +2798,12 @@ fn spilled_messages_and_blobs_share_the_disk_budget() {
     // Now the messages find the room taken: five more do not fit.
     let refused = (100..105u8)
         .filter(|i| {
-            r.send(a, id(*i), UserId(2), &[(b, &body, false)]).1 == Appended::Refused(Refused::Quota(Quota::Disk))
+            // The budget, or the sender's share of the room the blob
+            // leaves (spec §10, *Fair shares*).
+            matches!(
+                r.send(a, id(*i), UserId(2), &[(b, &body, false)]).1,
+                Appended::Refused(Refused::Quota(Quota::Disk | Quota::User))
+            )
         })
         .count();
     assert!(refused > 0, "the blob's room was taken by messages");
