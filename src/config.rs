@@ -44,6 +44,21 @@ pub struct FileConfig {
     /// The store path.
     #[serde(default)]
     pub store: StoreSettings,
+    /// Groups.
+    #[serde(default)]
+    pub groups: GroupSettings,
+}
+
+/// `[groups]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSettings {
+    /// Most members of one group (default 256, at most 1024).
+    pub max_members: Option<usize>,
+    /// Most groups one user is in (default 100, at most 1000).
+    pub max_per_user: Option<usize>,
+    /// Membership changes a device may make per minute.
+    pub changes_per_minute: Option<u32>,
 }
 
 /// `[store]`.
@@ -216,6 +231,26 @@ impl FileConfig {
         if config.limits.ephemeral_per_minute == Some(0) {
             return Err("limits.ephemeral_per_minute: must be at least 1".into());
         }
+        let g = &config.groups;
+        if g.max_members
+            .is_some_and(|n| !(2..=crate::wire::MAX_GROUP_MEMBERS).contains(&n))
+        {
+            return Err(format!(
+                "groups.max_members: must be from 2 to {}",
+                crate::wire::MAX_GROUP_MEMBERS
+            ));
+        }
+        if g.max_per_user
+            .is_some_and(|n| !(1..=crate::wire::MAX_GROUPS_PER_USER).contains(&n))
+        {
+            return Err(format!(
+                "groups.max_per_user: must be from 1 to {}",
+                crate::wire::MAX_GROUPS_PER_USER
+            ));
+        }
+        if g.changes_per_minute == Some(0) {
+            return Err("groups.changes_per_minute: must be at least 1".into());
+        }
         Ok(config)
     }
 
@@ -292,6 +327,16 @@ impl FileConfig {
         if let Some(v) = l.connections_per_ip {
             c.per_ip.connections = v;
         }
+        let g = &self.groups;
+        if let Some(v) = g.max_members {
+            c.hub.group_members = v;
+        }
+        if let Some(v) = g.max_per_user {
+            c.hub.groups_per_user = v;
+        }
+        if let Some(v) = g.changes_per_minute {
+            c.hub.group_changes_per_minute = v;
+        }
         if let Some(v) = l.handshakes_per_second_per_ip {
             c.per_ip.handshakes_per_second = v;
         }
@@ -336,6 +381,10 @@ mod tests {
             write_delay = "20ms"
             write_memory = "4MiB"
             min_free = "1GiB"
+            [groups]
+            max_members = 1024
+            max_per_user = 20
+            changes_per_minute = 30
             "#,
         )
         .unwrap();
@@ -361,6 +410,14 @@ mod tests {
         assert_eq!(s.store.write_delay, Duration::from_millis(20));
         assert_eq!(s.store.write_memory, 4 << 20);
         assert_eq!(s.store.min_free, 1 << 30);
+        assert_eq!(
+            (
+                s.hub.group_members,
+                s.hub.groups_per_user,
+                s.hub.group_changes_per_minute
+            ),
+            (1024, 20, 30)
+        );
     }
 
     #[test]
@@ -379,6 +436,8 @@ mod tests {
             ("workers = 0", "workers"),
             ("listen = \"nowhere\"", "listen"),
             ("[timeouts]\nidle = \"0s\"", "idle"),
+            ("[groups]\nmax_members = 2000", "max_members"),
+            ("[groups]\nmax_per_user = 0", "max_per_user"),
         ] {
             let e = FileConfig::parse(text).unwrap_err();
             assert!(e.contains(needle), "{text}: {e}");

@@ -17,6 +17,10 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
 use tidings::wire::{
+    BlockNotice, ChangeKind, GroupChange, GroupDeliver, GroupId, GroupInfo, GroupKeys, GroupNotice, GroupReceipt,
+    GroupReceiptDeliver, GroupSend, GroupVersion, KeyBody, Member,
+};
+use tidings::wire::{
     Body, CLIENT_FRAME_KINDS, ClientFrame, Deliver, DeviceAddr, DeviceId, DeviceInfo, DeviceKeys, Ephemeral,
     EphemeralDeliver, ErrorCode, ExpiredNotice, Flow, FrameError, GapNotice, IdentityKeys, Lost, MAX_FRAME_LEN,
     MAX_NAME_LEN, MAX_RECEIPT_IDS, MAX_RECORD_LEN, MsgId, PublishKeys, RECORD_HEADER_LEN, Receipt, ReceiptDeliver,
@@ -204,7 +208,144 @@ fn seen() -> impl Strategy<Value = Seen> {
     ]
 }
 
+fn group_id() -> impl Strategy<Value = GroupId> {
+    any::<[u8; 16]>().prop_map(GroupId)
+}
+
+fn group_info() -> impl Strategy<Value = GroupInfo> {
+    let member = (text(), any::<bool>(), vec(device_id(), 0..9)).prop_map(|(user, admin, devices)| Member {
+        user,
+        admin,
+        devices,
+    });
+    (group_id(), int_u64(), vec(member, 0..12)).prop_map(|(group, version, members)| GroupInfo {
+        group,
+        version,
+        members,
+    })
+}
+
+fn change_kind() -> impl Strategy<Value = ChangeKind> {
+    prop::sample::select(vec![
+        ChangeKind::Created,
+        ChangeKind::Added,
+        ChangeKind::Removed,
+        ChangeKind::Left,
+        ChangeKind::Promoted,
+    ])
+}
+
+fn group_client_frame() -> impl Strategy<Value = ClientFrame> {
+    prop_oneof![
+        (group_id(), vec(text(), 0..9)).prop_map(|(group, members)| ClientFrame::CreateGroup { group, members }),
+        (group_id(), vec(text(), 0..9)).prop_map(|(group, users)| ClientFrame::AddMembers { group, users }),
+        (group_id(), vec(text(), 0..9)).prop_map(|(group, users)| ClientFrame::RemoveMembers { group, users }),
+        group_id().prop_map(|group| ClientFrame::LeaveGroup { group }),
+        (group_id(), text()).prop_map(|(group, user)| ClientFrame::MakeAdmin { group, user }),
+        group_id().prop_map(|group| ClientFrame::GetGroup { group }),
+        Just(ClientFrame::ListGroups),
+        (msg_id(), group_id(), int_u64(), any::<[u8; 8]>(), blob()).prop_map(|(id, group, version, devices, body)| {
+            ClientFrame::GroupSend(GroupSend {
+                id,
+                group,
+                version,
+                devices,
+                body,
+            })
+        }),
+        (
+            msg_id(),
+            group_id(),
+            vec(
+                (text(), device_id(), blob()).prop_map(|(user, device, data)| KeyBody { user, device, data }),
+                0..9
+            )
+        )
+            .prop_map(|(id, group, bodies)| ClientFrame::GroupKeys(GroupKeys { id, group, bodies })),
+        (group_id(), text(), receipt_kind(), msg_ids())
+            .prop_map(|(group, to, kind, ids)| ClientFrame::GroupReceipt(GroupReceipt { group, to, kind, ids })),
+        (text(), any::<bool>()).prop_map(|(user, blocked)| ClientFrame::Block { user, blocked }),
+        Just(ClientFrame::ListBlocked),
+    ]
+}
+
+fn group_server_frame() -> impl Strategy<Value = ServerFrame> {
+    let change =
+        (text(), change_kind(), vec(text(), 0..5)).prop_map(|(by, kind, users)| GroupChange { by, kind, users });
+    prop_oneof![
+        group_info().prop_map(ServerFrame::Group),
+        vec(
+            (group_id(), int_u64()).prop_map(|(group, version)| GroupVersion { group, version }),
+            0..9
+        )
+        .prop_map(|groups| ServerFrame::Groups { groups }),
+        (msg_id(), group_info()).prop_map(|(id, group)| ServerFrame::GroupMismatch { id, group }),
+        (int_u64(), msg_id(), device_addr(), group_id(), int_u64(), blob()).prop_map(
+            |(seq, id, from, group, time_ms, body)| ServerFrame::GroupDeliver(GroupDeliver {
+                seq,
+                id,
+                from,
+                group,
+                time_ms,
+                body
+            })
+        ),
+        (int_u64(), group_id(), int_u64(), vec(change, 0..4), int_u64()).prop_map(
+            |(seq, group, version, changes, time_ms)| ServerFrame::GroupNotice(GroupNotice {
+                seq,
+                group,
+                version,
+                changes,
+                time_ms
+            })
+        ),
+        (
+            int_u64(),
+            group_id(),
+            device_addr(),
+            text(),
+            receipt_kind(),
+            msg_ids(),
+            int_u64()
+        )
+            .prop_map(|(seq, group, from, to, kind, ids, time_ms)| ServerFrame::GroupReceipt(
+                GroupReceiptDeliver {
+                    seq,
+                    group,
+                    from,
+                    to,
+                    kind,
+                    ids,
+                    time_ms
+                }
+            )),
+        vec(text(), 0..9).prop_map(|users| ServerFrame::Blocked { users }),
+        (int_u64(), text(), any::<bool>(), int_u64()).prop_map(|(seq, user, blocked, time_ms)| {
+            ServerFrame::BlockNotice(BlockNotice {
+                seq,
+                user,
+                blocked,
+                time_ms,
+            })
+        }),
+    ]
+}
+
 fn client_frame() -> impl Strategy<Value = ClientFrame> {
+    prop_oneof![
+        12 => group_client_frame(),
+        18 => base_client_frame(),
+    ]
+}
+
+fn server_frame() -> impl Strategy<Value = ServerFrame> {
+    prop_oneof![
+        8 => group_server_frame(),
+        20 => base_server_frame(),
+    ]
+}
+
+fn base_client_frame() -> impl Strategy<Value = ClientFrame> {
     prop_oneof![
         Just(ClientFrame::Ping),
         Just(ClientFrame::Pong),
@@ -228,7 +369,7 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
     ]
 }
 
-fn server_frame() -> impl Strategy<Value = ServerFrame> {
+fn base_server_frame() -> impl Strategy<Value = ServerFrame> {
     prop_oneof![
         Just(ServerFrame::Pong),
         Just(ServerFrame::Ping),
@@ -290,6 +431,18 @@ fn client_tag(f: &ClientFrame) -> u32 {
         ClientFrame::Ephemeral(_) => 15,
         ClientFrame::SetLastSeen { .. } => 16,
         ClientFrame::WatchPresence { .. } => 17,
+        ClientFrame::CreateGroup { .. } => 18,
+        ClientFrame::AddMembers { .. } => 19,
+        ClientFrame::RemoveMembers { .. } => 20,
+        ClientFrame::LeaveGroup { .. } => 21,
+        ClientFrame::MakeAdmin { .. } => 22,
+        ClientFrame::GetGroup { .. } => 23,
+        ClientFrame::ListGroups => 24,
+        ClientFrame::GroupSend(_) => 25,
+        ClientFrame::GroupKeys(_) => 26,
+        ClientFrame::GroupReceipt(_) => 27,
+        ClientFrame::Block { .. } => 28,
+        ClientFrame::ListBlocked => 29,
     }
 }
 
@@ -316,6 +469,14 @@ fn server_tag(f: &ServerFrame) -> u32 {
         ServerFrame::Expired(_) => 17,
         ServerFrame::Ephemeral(_) => 18,
         ServerFrame::Presence(_) => 19,
+        ServerFrame::Group(_) => 20,
+        ServerFrame::Groups { .. } => 21,
+        ServerFrame::GroupMismatch { .. } => 22,
+        ServerFrame::GroupDeliver(_) => 23,
+        ServerFrame::GroupNotice(_) => 24,
+        ServerFrame::GroupReceipt(_) => 25,
+        ServerFrame::Blocked { .. } => 26,
+        ServerFrame::BlockNotice(_) => 27,
     }
 }
 

@@ -28,6 +28,7 @@
 //! clock (the driver passes [`Now`]).
 
 mod ephemeral;
+mod group;
 mod refusal;
 #[cfg(test)]
 mod tests;
@@ -47,8 +48,9 @@ use crate::store::{
     Appended, Completion, Entry, LinkRequestError, NewMessage, Op, Outcome, Read, Sink, StoreApi, Waiter,
 };
 use crate::wire::{
-    self, ClientFrame, Deliver, DeviceAddr, DeviceId, ExpiredNotice, GapNotice, Lost, MAX_BODIES, MAX_BODY_LEN,
-    MAX_RECEIPT_IDS, ReceiptDeliver, ReceiptKind, ServerFrame,
+    self, BlockNotice, ClientFrame, Deliver, DeviceAddr, DeviceId, ExpiredNotice, GapNotice, GroupChange, GroupDeliver,
+    GroupId, GroupNotice, GroupReceiptDeliver, Lost, MAX_BODIES, MAX_BODY_LEN, MAX_RECEIPT_IDS, ReceiptDeliver,
+    ReceiptKind, ServerFrame,
 };
 
 /// Hub settings.
@@ -65,6 +67,15 @@ pub struct HubConfig {
     /// Ephemeral sends, presence settings and watches a device may make
     /// per minute (and in a burst) (spec §5.6).
     pub ephemeral_per_minute: u32,
+    /// Most members of one group (spec §6; at most
+    /// [`wire::MAX_GROUP_MEMBERS`]).
+    pub group_members: usize,
+    /// Most groups one user is in (spec §6; at most
+    /// [`wire::MAX_GROUPS_PER_USER`]).
+    pub groups_per_user: usize,
+    /// Group membership changes a device may make per minute (and in a
+    /// burst) (spec §5.7).
+    pub group_changes_per_minute: u32,
 }
 
 impl Default for HubConfig {
@@ -75,6 +86,9 @@ impl Default for HubConfig {
             claims_per_minute: 30,
             low_keys: 10,
             ephemeral_per_minute: 60,
+            group_members: 256,
+            groups_per_user: 100,
+            group_changes_per_minute: 60,
         }
     }
 }
@@ -107,6 +121,7 @@ pub struct Shared {
     online: Mutex<HashMap<DeviceKey, ConnId>>,
     claims: Mutex<HashMap<DeviceKey, Bucket>>,
     ephemeral: Mutex<HashMap<DeviceKey, Bucket>>,
+    group_changes: Mutex<HashMap<DeviceKey, Bucket>>,
     watches: Mutex<ephemeral::Watches>,
     config: HubConfig,
 }
@@ -119,6 +134,7 @@ impl Shared {
             online: Mutex::new(HashMap::new()),
             claims: Mutex::new(HashMap::new()),
             ephemeral: Mutex::new(HashMap::new()),
+            group_changes: Mutex::new(HashMap::new()),
             watches: Mutex::new(ephemeral::Watches::default()),
             config,
         })
@@ -166,6 +182,11 @@ impl Shared {
     /// Takes one ephemeral request from a device's allowance.
     fn may_ephemeral(&self, d: DeviceKey, now: Instant) -> bool {
         take(&self.ephemeral, self.config.ephemeral_per_minute, d, now)
+    }
+
+    /// Takes one group membership change from a device's allowance.
+    fn may_change_group(&self, d: DeviceKey, now: Instant) -> bool {
+        take(&self.group_changes, self.config.group_changes_per_minute, d, now)
     }
 
     /// Who a static key belongs to.
@@ -267,17 +288,65 @@ struct Cursor {
 /// What to do with an outcome when it comes.
 #[derive(Debug)]
 enum Waiting {
-    Send { conn: ConnId, req: u32, id: wire::MsgId },
-    Register { conn: ConnId, req: u32, name: String },
-    Link { conn: ConnId, req: u32 },
-    LinkCode { conn: ConnId, req: u32 },
-    Revoke { conn: ConnId, req: u32, target: DeviceKey },
-    Publish { conn: ConnId, req: u32 },
-    Claim { conn: ConnId, req: u32, user: String },
-    Receipt { conn: ConnId, req: u32 },
-    Retract { conn: ConnId, req: u32 },
-    LastSeen { conn: ConnId, req: u32, user: UserId },
-    Backlog { serial: u64 },
+    Send {
+        conn: ConnId,
+        req: u32,
+        id: wire::MsgId,
+    },
+    Register {
+        conn: ConnId,
+        req: u32,
+        name: String,
+    },
+    Link {
+        conn: ConnId,
+        req: u32,
+    },
+    LinkCode {
+        conn: ConnId,
+        req: u32,
+    },
+    Revoke {
+        conn: ConnId,
+        req: u32,
+        target: DeviceKey,
+    },
+    Publish {
+        conn: ConnId,
+        req: u32,
+    },
+    Claim {
+        conn: ConnId,
+        req: u32,
+        user: String,
+    },
+    Receipt {
+        conn: ConnId,
+        req: u32,
+    },
+    Retract {
+        conn: ConnId,
+        req: u32,
+    },
+    LastSeen {
+        conn: ConnId,
+        req: u32,
+        user: UserId,
+    },
+    Backlog {
+        serial: u64,
+    },
+    Group {
+        conn: ConnId,
+        req: u32,
+        leave: bool,
+    },
+    Block {
+        conn: ConnId,
+        req: u32,
+    },
+    /// Wake the online devices an operation notified.
+    Wake,
 }
 
 /// Entries read from memory per step of a pump.
@@ -489,6 +558,11 @@ impl Hub {
                     self.effects.push(Effect::Wake(conn));
                 }
             }
+            (w @ (Waiting::Group { .. } | Waiting::Block { .. } | Waiting::Wake), outcome)
+                if outcome != Outcome::Failed =>
+            {
+                self.group_completed(w, outcome)
+            }
             (w, Outcome::Failed) => {
                 if let Some((conn, req)) = w.answer_to() {
                     self.refuse(conn, req, Refusal::Internal);
@@ -656,6 +730,47 @@ impl Hub {
                 seq,
                 device: addr(e.device_user, e.device)?,
                 ids: e.ids,
+            }),
+            Entry::Group(g) => ServerFrame::GroupDeliver(GroupDeliver {
+                seq,
+                id: g.id,
+                from: addr(g.from_user, g.from_device)?,
+                group: GroupId(g.group),
+                time_ms: g.time_ms,
+                body: g.body,
+            }),
+            Entry::GroupNotice(n) => ServerFrame::GroupNotice(GroupNotice {
+                seq,
+                group: GroupId(n.group),
+                version: n.version,
+                // A user gone since is left out of what is said.
+                changes: n
+                    .changes
+                    .into_iter()
+                    .filter_map(|c| {
+                        Some(GroupChange {
+                            by: name(c.by)?,
+                            kind: c.kind,
+                            users: c.users.into_iter().filter_map(name).collect(),
+                        })
+                    })
+                    .collect(),
+                time_ms: n.time_ms,
+            }),
+            Entry::GroupReceipt(r) => ServerFrame::GroupReceipt(GroupReceiptDeliver {
+                seq,
+                group: GroupId(r.group),
+                from: addr(r.from_user, r.from_device)?,
+                to: name(r.to_user)?,
+                kind: ReceiptKind(r.kind),
+                ids: r.ids,
+                time_ms: r.time_ms,
+            }),
+            Entry::Block(b) => ServerFrame::BlockNotice(BlockNotice {
+                seq,
+                user: name(b.user)?,
+                blocked: b.blocked,
+                time_ms: b.time_ms,
             }),
         })
     }
@@ -900,6 +1015,9 @@ impl Hub {
             }
             // The session answers these itself.
             ClientFrame::Ping | ClientFrame::Pong | ClientFrame::Close => {}
+            f if group::is_group_frame(&f) => self.group_frame(conn, view, req, f, now),
+            // Every kind is handled above.
+            _ => {}
         }
     }
 
@@ -916,10 +1034,16 @@ impl Hub {
             return self.refuse(conn, req, Refusal::StorageFull);
         }
         // spec §5.5: to every device of the messages' sender, and to the
-        // reporting user's other devices.
+        // reporting user's other devices; not to a sender who blocks the
+        // reporter (spec §5.7, *Blocking*).
         let mut devices = std::mem::take(&mut self.devices);
         let mut targets = Vec::new();
-        for user in [to, me.user] {
+        let users: &[UserId] = if store.blocks(to, me.user) {
+            &[me.user]
+        } else {
+            &[to, me.user]
+        };
+        for &user in users {
             devices.clear();
             store.current_devices(user, &mut devices);
             targets.extend(
@@ -1034,6 +1158,21 @@ impl Hub {
                 },
             );
         }
+        if store.blocks(to, me.user) {
+            // spec §5.7, *Blocking*: the blocker's devices get nothing, and
+            // the sender is not told; its own devices keep their copies.
+            copies.retain(|c| c.0.user == me.user);
+            if copies.is_empty() {
+                return self.send(
+                    conn,
+                    req,
+                    ServerFrame::Accepted {
+                        id: send.id,
+                        time_ms: now.unix_ms,
+                    },
+                );
+            }
+        }
         {
             let online = self.shared.online();
             for c in &mut copies {
@@ -1078,8 +1217,10 @@ impl Waiting {
             | Waiting::Claim { conn, req, .. }
             | Waiting::Receipt { conn, req }
             | Waiting::Retract { conn, req }
-            | Waiting::LastSeen { conn, req, .. } => Some((conn, req)),
-            Waiting::Backlog { .. } => None,
+            | Waiting::LastSeen { conn, req, .. }
+            | Waiting::Group { conn, req, .. }
+            | Waiting::Block { conn, req } => Some((conn, req)),
+            Waiting::Backlog { .. } | Waiting::Wake => None,
         }
     }
 }
@@ -1090,7 +1231,10 @@ fn frame_size(frame: &ServerFrame) -> usize {
     OVERHEAD
         + match frame {
             ServerFrame::Deliver(d) => d.body.len(),
+            ServerFrame::GroupDeliver(d) => d.body.len(),
+            ServerFrame::GroupNotice(n) => n.changes.iter().map(|c| 40 + c.users.len() * 33).sum(),
             ServerFrame::Receipt(r) => r.ids.len() * 16,
+            ServerFrame::GroupReceipt(r) => r.ids.len() * 16,
             ServerFrame::Expired(e) => e.ids.len() * 16,
             ServerFrame::Gap(g) => g.lost.len() * 64,
             _ => 0,

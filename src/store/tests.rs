@@ -420,7 +420,7 @@ fn server_key_is_kept() {
         fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
         format!("tidings-data {FORMAT_VERSION}\n")
     );
-    assert_eq!(FORMAT_VERSION, 4);
+    assert_eq!(FORMAT_VERSION, 5);
 }
 
 /// A new data directory is written in the current format, not taken for
@@ -445,15 +445,29 @@ fn newer_format_is_refused_and_older_migrated() {
     drop(open(dir.path()));
     assert_eq!(
         fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
-        "tidings-data 4\n"
+        format!("tidings-data {FORMAT_VERSION}\n")
     );
     // A directory with a database and no FORMAT file is format 0.
     fs::remove_file(dir.path().join("FORMAT")).unwrap();
     drop(open(dir.path()));
     assert_eq!(
         fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
-        "tidings-data 4\n"
+        format!("tidings-data {FORMAT_VERSION}\n")
     );
+}
+
+/// Format 4 becomes 5 by its number alone: the new trees start empty.
+#[test]
+fn format_4_directories_open_as_format_5() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    fs::write(dir.path().join("FORMAT"), "tidings-data 4\n").unwrap();
+    let s = open(dir.path());
+    assert_eq!(
+        fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
+        "tidings-data 5\n"
+    );
+    assert!(s.groups().read().groups_of(crate::ids::UserId(1)).is_empty());
 }
 
 #[test]
@@ -507,7 +521,10 @@ fn write_format_1(dir: &Path) {
 /// again.
 fn check_migrated_message(dir: &Path) {
     let mut r = Rig::open(dir);
-    assert_eq!(fs::read_to_string(dir.join("FORMAT")).unwrap(), "tidings-data 4\n");
+    assert_eq!(
+        fs::read_to_string(dir.join("FORMAT")).unwrap(),
+        format!("tidings-data {FORMAT_VERSION}\n")
+    );
     let (a, b) = (dev(1, 1), dev(2, 1));
     let q = r.queue(b);
     assert_eq!(q.len(), 1, "{q:?}");
@@ -620,7 +637,7 @@ fn format_2_directories_are_migrated_and_reruns_change_nothing() {
     let check = |s: &Store| {
         assert_eq!(
             fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
-            "tidings-data 4\n"
+            format!("tidings-data {FORMAT_VERSION}\n")
         );
         let mut out = Vec::new();
         s.read_queue(b2, 0, 10, &mut out).unwrap();
@@ -717,7 +734,7 @@ fn format_3_copies_move_to_the_spill_log_and_a_rerun_indexes_each_once() {
     let check = |r: &mut Rig| {
         assert_eq!(
             fs::read_to_string(r.s.dir().join("FORMAT")).unwrap(),
-            "tidings-data 4\n"
+            format!("tidings-data {FORMAT_VERSION}\n")
         );
         assert_eq!(spilled_at(&r.s), vec![(b1, 4), (b2, 9)]);
         assert!(records(&r.s, disk::MESSAGE).is_empty());

@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::MAX_FRAME_LEN;
+use super::groups::{
+    BlockNotice, GroupDeliver, GroupId, GroupInfo, GroupKeys, GroupNotice, GroupReceipt, GroupReceiptDeliver,
+    GroupSend, GroupVersion,
+};
 
 /// A message id: 16 random bytes chosen by the sending device; a retry
 /// reuses it (spec §5.1).
@@ -156,6 +160,20 @@ error_codes! {
     /// The server's disk is below its free-space floor: nothing that adds
     /// data is accepted until space returns (spec §10, *Storage full*).
     STORAGE_FULL = 22,
+    /// No such group, or the caller (or a user named) is not a member: a
+    /// non-member cannot tell the two apart (spec §5.7).
+    NOT_A_MEMBER = 23,
+    /// Only an admin of the group may do that.
+    NOT_ADMIN = 24,
+    /// The group has the most members the server allows.
+    GROUP_FULL = 25,
+    /// The caller, or a user to be added, is in the most groups the
+    /// server allows.
+    TOO_MANY_GROUPS = 26,
+    /// A group with that id exists already.
+    GROUP_EXISTS = 27,
+    /// The caller blocks the most users allowed.
+    TOO_MANY_BLOCKED = 28,
 }
 
 impl fmt::Debug for ErrorCode {
@@ -523,10 +541,71 @@ pub enum ClientFrame {
         /// At most [`super::MAX_WATCHED`] user names.
         users: Vec<String>,
     },
+    /// Create a group with this id, the caller its first admin, and these
+    /// other members (spec §5.7); answered `Group` once durable.
+    CreateGroup {
+        /// Chosen by the creator (16 random bytes).
+        group: GroupId,
+        /// The other members, at most [`super::MAX_GROUP_CHANGE`].
+        members: Vec<String>,
+    },
+    /// Add members (admins only); answered `Group` once durable.
+    AddMembers {
+        /// The group.
+        group: GroupId,
+        /// At most [`super::MAX_GROUP_CHANGE`] users.
+        users: Vec<String>,
+    },
+    /// Remove members (admins only); answered `Group` once durable.
+    RemoveMembers {
+        /// The group.
+        group: GroupId,
+        /// At most [`super::MAX_GROUP_CHANGE`] users.
+        users: Vec<String>,
+    },
+    /// Leave a group; answered `Done` once durable.
+    LeaveGroup {
+        /// The group.
+        group: GroupId,
+    },
+    /// Make a member an admin (admins only); answered `Group` once
+    /// durable.
+    MakeAdmin {
+        /// The group.
+        group: GroupId,
+        /// The member.
+        user: String,
+    },
+    /// Read a group's membership (members only); answered `Group`.
+    GetGroup {
+        /// The group.
+        group: GroupId,
+    },
+    /// List the groups the caller is in; answered `Groups`.
+    ListGroups,
+    /// Send one ciphertext to every member device of a group; answered
+    /// `Accepted`, or `GroupMismatch` if the membership or its devices
+    /// changed.
+    GroupSend(GroupSend),
+    /// Direct messages to member devices of a group, one body each;
+    /// answered `Accepted`.
+    GroupKeys(GroupKeys),
+    /// A receipt for messages of one sender in a group; answered `Done`
+    /// once durable.
+    GroupReceipt(GroupReceipt),
+    /// Block (or unblock) a user; answered `Done` once durable.
+    Block {
+        /// Whom.
+        user: String,
+        /// Block (`true`) or unblock.
+        blocked: bool,
+    },
+    /// List the users the caller blocks; answered `Blocked`.
+    ListBlocked,
 }
 
 /// Number of [`ClientFrame`] variants this build knows.
-pub const CLIENT_FRAME_KINDS: u32 = 18;
+pub const CLIENT_FRAME_KINDS: u32 = 30;
 
 /// Frames the server sends (spec §5.3). Append-only: never reorder.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -622,10 +701,38 @@ pub enum ServerFrame {
     Ephemeral(EphemeralDeliver),
     /// A watched user's presence, now or after a change (spec §5.6).
     Presence(Presence),
+    /// A group's membership (spec §5.7).
+    Group(GroupInfo),
+    /// The groups the caller is in.
+    Groups {
+        /// Each with its membership version, by id.
+        groups: Vec<GroupVersion>,
+    },
+    /// A `GroupSend` named an older membership version, or other member
+    /// devices than there are; nothing was stored.
+    GroupMismatch {
+        /// Which message.
+        id: MsgId,
+        /// The membership now.
+        group: GroupInfo,
+    },
+    /// A queued group message.
+    GroupDeliver(GroupDeliver),
+    /// A queued notice of a membership change.
+    GroupNotice(GroupNotice),
+    /// A queued group receipt.
+    GroupReceipt(GroupReceiptDeliver),
+    /// The users the caller blocks, by name.
+    Blocked {
+        /// Their names.
+        users: Vec<String>,
+    },
+    /// A queued notice that this user blocked or unblocked someone.
+    BlockNotice(BlockNotice),
 }
 
 /// Number of [`ServerFrame`] variants this build knows.
-pub const SERVER_FRAME_KINDS: u32 = 20;
+pub const SERVER_FRAME_KINDS: u32 = 28;
 
 impl ClientFrame {
     /// The frame kind's name, for logs (never the content).
@@ -649,6 +756,18 @@ impl ClientFrame {
             ClientFrame::Ephemeral(_) => "Ephemeral",
             ClientFrame::SetLastSeen { .. } => "SetLastSeen",
             ClientFrame::WatchPresence { .. } => "WatchPresence",
+            ClientFrame::CreateGroup { .. } => "CreateGroup",
+            ClientFrame::AddMembers { .. } => "AddMembers",
+            ClientFrame::RemoveMembers { .. } => "RemoveMembers",
+            ClientFrame::LeaveGroup { .. } => "LeaveGroup",
+            ClientFrame::MakeAdmin { .. } => "MakeAdmin",
+            ClientFrame::GetGroup { .. } => "GetGroup",
+            ClientFrame::ListGroups => "ListGroups",
+            ClientFrame::GroupSend(_) => "GroupSend",
+            ClientFrame::GroupKeys(_) => "GroupKeys",
+            ClientFrame::GroupReceipt(_) => "GroupReceipt",
+            ClientFrame::Block { .. } => "Block",
+            ClientFrame::ListBlocked => "ListBlocked",
         }
     }
 }
@@ -677,6 +796,14 @@ impl ServerFrame {
             ServerFrame::Expired(_) => "Expired",
             ServerFrame::Ephemeral(_) => "Ephemeral",
             ServerFrame::Presence(_) => "Presence",
+            ServerFrame::Group(_) => "Group",
+            ServerFrame::Groups { .. } => "Groups",
+            ServerFrame::GroupMismatch { .. } => "GroupMismatch",
+            ServerFrame::GroupDeliver(_) => "GroupDeliver",
+            ServerFrame::GroupNotice(_) => "GroupNotice",
+            ServerFrame::GroupReceipt(_) => "GroupReceipt",
+            ServerFrame::Blocked { .. } => "Blocked",
+            ServerFrame::BlockNotice(_) => "BlockNotice",
         }
     }
 
@@ -812,14 +939,16 @@ mod tests {
     #[test]
     fn variant_counts_match() {
         let mut out = Vec::new();
-        encode_client(0, &ClientFrame::WatchPresence { users: vec![] }, &mut out);
+        encode_client(0, &ClientFrame::ListBlocked, &mut out);
         assert_eq!(out[1] as u32, CLIENT_FRAME_KINDS - 1);
         out.clear();
-        let presence = Presence {
+        let notice = BlockNotice {
+            seq: 0,
             user: String::new(),
-            seen: Seen::Hidden,
+            blocked: true,
+            time_ms: 0,
         };
-        encode_server(0, &ServerFrame::Presence(presence), &mut out);
+        encode_server(0, &ServerFrame::BlockNotice(notice), &mut out);
         assert_eq!(out[1] as u32, SERVER_FRAME_KINDS - 1);
     }
 
