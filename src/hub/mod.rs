@@ -519,7 +519,7 @@ impl Hub {
                 }
                 self.send(conn, req, ServerFrame::Keys { user, devices });
             }
-            (Waiting::Receipt { conn, req }, Outcome::Receipt(r)) => match r {
+            (Waiting::Receipt { conn, req }, Outcome::Receipt(r) | Outcome::GroupReceipt(r)) => match r {
                 Ok(targets) => {
                     self.send(conn, req, ServerFrame::Done);
                     self.wake_online(targets);
