@@ -265,9 +265,15 @@ impl Screen {
     }
 }
 
-fn info_lines(found: &[(crate::client::Message, crate::client::Receipts)]) -> Vec<String> {
+fn info_lines(
+    found: &[(
+        crate::client::Message,
+        crate::client::Receipts,
+        Vec<crate::client::MemberState>,
+    )],
+) -> Vec<String> {
     let mut out = Vec::new();
-    for (m, r) in found {
+    for (m, r, _) in found {
         out.push(format!("{} from {} to {}: {}", m.id, m.from, m.to, m.status.as_str()));
         out.push(format!("sent {}", ui::clock(m.ts_ms)));
         for d in &r.devices {

@@ -112,6 +112,9 @@ pub enum ConnEvent {
     /// The server says this device's stock of one-time keys is low (spec
     /// §5.4: sent unasked at authentication and when claims drain it).
     KeyCount(u32),
+    /// A queued group message, group notice, group receipt or block
+    /// notice (spec §5.7); acknowledged like a message.
+    Queued(ServerFrame),
     /// The connection is over; no more events follow.
     Closed(Closed),
 }
@@ -427,6 +430,14 @@ impl Split<'_> {
             ServerFrame::Presence(p) if req == 0 => self.events.push_back(ConnEvent::Presence(p)),
             ServerFrame::QueueDrained if req == 0 => self.events.push_back(ConnEvent::QueueDrained),
             ServerFrame::KeyCount { one_time } if req == 0 => self.events.push_back(ConnEvent::KeyCount(one_time)),
+            f @ (ServerFrame::GroupDeliver(_)
+            | ServerFrame::GroupNotice(_)
+            | ServerFrame::GroupReceipt(_)
+            | ServerFrame::BlockNotice(_))
+                if req == 0 =>
+            {
+                self.events.push_back(ConnEvent::Queued(f))
+            }
             ServerFrame::Pong if req == 0 => {}
             frame if req != 0 => self.events.push_back(ConnEvent::Answer { req, frame }),
             other => log::debug!("ignoring unsolicited {}", other.kind()),

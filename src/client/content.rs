@@ -15,7 +15,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::wire::{MAX_BODY_LEN, MsgId};
+use crate::wire::{GroupId, MAX_BODY_LEN, MsgId};
 
 /// What a message says. Append-only: a variant's position is its tag on
 /// the wire, so new kinds (replies, forwards, edits, deletes, receipts)
@@ -104,6 +104,66 @@ pub enum Content {
         /// Everyone (`true`) or nobody.
         everyone: bool,
     },
+    /// Over Olm, to one device of a group's member: the sender device's
+    /// Megolm session for the group, from its current message on (spec
+    /// §14.8). Not shown.
+    GroupKey {
+        /// The group.
+        group: GroupId,
+        /// vodozemac's `SessionKey` bytes (version, index, ratchet,
+        /// signing key, signature).
+        session_key: Bytes,
+    },
+    /// A group's title: over Megolm to the group when an admin renames
+    /// it, over Olm to a device that joins it (spec §14.8). Not shown as a
+    /// message.
+    GroupTitle {
+        /// The group.
+        group: GroupId,
+        /// At most [`MAX_TITLE_LEN`] bytes.
+        title: String,
+    },
+}
+
+/// The longest group title, in bytes of UTF-8.
+pub const MAX_TITLE_LEN: usize = 100;
+
+/// A group message's body (spec §14.8): the sender device's Megolm
+/// session it was made with (its Ed25519 key, which is its id) and the
+/// Megolm message.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct GroupEnvelope {
+    /// The session id: the session's public signing key.
+    pub session: [u8; 32],
+    /// vodozemac's `MegolmMessage::to_bytes`.
+    pub ciphertext: Bytes,
+}
+
+#[derive(Serialize, Deserialize)]
+enum VersionedGroupEnvelope {
+    V1 { session: [u8; 32], ciphertext: Bytes },
+}
+
+impl GroupEnvelope {
+    /// The body bytes.
+    pub fn encode(&self) -> Bytes {
+        let v = VersionedGroupEnvelope::V1 {
+            session: self.session,
+            ciphertext: self.ciphertext.clone(),
+        };
+        Bytes::from(postcard::to_stdvec(&v).expect("an envelope always encodes"))
+    }
+
+    /// Reads body bytes.
+    ///
+    /// # Errors
+    /// [`BodyError::Unreadable`] for an unknown version, trailing bytes or
+    /// damage.
+    pub fn decode(body: &[u8]) -> Result<GroupEnvelope, BodyError> {
+        match take_all::<VersionedGroupEnvelope>(body)? {
+            VersionedGroupEnvelope::V1 { session, ciphertext } => Ok(GroupEnvelope { session, ciphertext }),
+        }
+    }
 }
 
 /// How long a typing indicator shows unless another comes.
@@ -332,7 +392,7 @@ mod tests {
             to in "[a-z0-9_.]{3,32}",
             ts_ms: u64,
             text in ".{0,300}",
-            kind in 0u8..11,
+            kind in 0u8..13,
             other: [u8; 16],
             n: u32,
             flag: bool,
@@ -357,7 +417,9 @@ mod tests {
                     emoji: flag.then(|| "👍🏽".to_owned()),
                 },
                 9 => Content::Typing { active: flag },
-                _ => Content::LastSeen { everyone: flag },
+                10 => Content::LastSeen { everyone: flag },
+                11 => Content::GroupKey { group: GroupId(other), session_key: Bytes::from(ids.concat()) },
+                _ => Content::GroupTitle { group: GroupId(other), title: text },
             };
             let p = Payload {
                 id: MsgId(id),
@@ -459,7 +521,7 @@ mod tests {
         assert_eq!(Payload::decode(&bytes), Err(BodyError::Unreadable));
         let mut future = text("hi").encode().unwrap();
         let n = future.len();
-        future[n - 3] = 11; // an unknown content kind
+        future[n - 3] = 13; // an unknown content kind
         assert_eq!(Payload::decode(&future), Err(BodyError::Unreadable));
         assert_eq!(Payload::decode(&[1]), Err(BodyError::Unreadable));
         assert_eq!(Envelope::decode(&[1, 0, 0]), Err(BodyError::Unreadable));

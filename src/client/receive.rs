@@ -73,6 +73,7 @@ impl Client {
                 });
                 Ok(())
             }
+            Entry::Group(f) => self.store_group_entry(f),
         }
     }
 
@@ -201,6 +202,14 @@ impl Client {
                         let news = history.read_elsewhere(&mut batch, &d.from, &peer, &ids, d.time_ms)?;
                         events.extend(news.into_iter().map(Event::Receipt));
                     }
+                    false
+                }
+                Content::GroupKey { group, session_key } => {
+                    crypto.add_inbound(group, &d.from, &session_key)?;
+                    false
+                }
+                Content::GroupTitle { group, title } => {
+                    events.extend(history.take_title(&mut batch, group, &d.from, title, p.ts_ms)?);
                     false
                 }
             },

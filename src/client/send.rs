@@ -180,7 +180,7 @@ impl Client {
     }
 
     /// The content that says what `m` says.
-    fn content_of(m: &Message) -> Content {
+    pub(super) fn content_of(m: &Message) -> Content {
         match (m.reply_to, &m.quote) {
             (Some(reply_to), Some(q)) => Content::Reply {
                 text: m.text.clone(),
@@ -202,10 +202,14 @@ impl Client {
     /// replies to or how often it was forwarded); see
     /// [`Client::send_with_id`].
     pub(super) fn send_message(&mut self, mut msg: Message) -> Result<Message, Error> {
+        if msg.to.starts_with('#') {
+            return self.send_group_message(msg);
+        }
         let me = self.profile.registered()?.clone();
         if !wire::valid_user_name(&msg.to) {
             return Err(Error::Usage(format!("invalid user name {:?}", msg.to)));
         }
+        self.check_not_blocked(&msg.to)?;
         check_text(&msg.text)?;
         let (id, to) = (msg.id, msg.to.clone());
         let payload = Payload {
@@ -290,6 +294,9 @@ impl Client {
     /// # Errors
     /// See [`Client::send_with_id`].
     pub fn send_content(&mut self, to: &str, content: Content, ts_ms: u64) -> Result<u64, Error> {
+        if let Some(g) = super::group::parse_group(to) {
+            return self.send_group_content(g, content, ts_ms);
+        }
         if !wire::valid_user_name(to) {
             return Err(Error::Usage(format!("invalid user name {to:?}")));
         }

@@ -206,6 +206,14 @@ impl TidingsLink {
                 ConnEvent::Receipt(r) => ack = ack.max(Some(r.seq)),
                 ConnEvent::Gap(g) => ack = ack.max(Some(g.seq)),
                 ConnEvent::Expired(e) => ack = ack.max(Some(e.seq)),
+                ConnEvent::Queued(ServerFrame::GroupDeliver(d)) => {
+                    ack = ack.max(Some(d.seq));
+                    out.push(Ev::Delivered(d.body));
+                }
+                ConnEvent::Queued(ServerFrame::GroupNotice(n)) => ack = ack.max(Some(n.seq)),
+                ConnEvent::Queued(ServerFrame::GroupReceipt(r)) => ack = ack.max(Some(r.seq)),
+                ConnEvent::Queued(ServerFrame::BlockNotice(b)) => ack = ack.max(Some(b.seq)),
+                ConnEvent::Queued(_) => {}
                 // Devices here publish no end-to-end keys, and neither
                 // type nor watch presence.
                 ConnEvent::KeyCount(_) | ConnEvent::Ephemeral(_) | ConnEvent::Presence(_) => {}
