@@ -380,7 +380,11 @@ impl Out {
                 if self.json {
                     self.value(json!({"type": "group_title", "group": group.to_string(), "title": title, "by": by}));
                 } else {
-                    self.line(&format!("{}: {by} named the group \"{}\"", group.tag(), one_line(title)));
+                    self.line(&format!(
+                        "{}: {by} named the group \"{}\"",
+                        group.tag(),
+                        one_line(title)
+                    ));
                 }
             }
             Event::Blocked { user, blocked } => {
@@ -599,7 +603,11 @@ impl Out {
         if self.json {
             self.value(group_json(g));
         } else {
-            let title = if g.title.is_empty() { "(no title yet)".to_owned() } else { one_line(&g.title) };
+            let title = if g.title.is_empty() {
+                "(no title yet)".to_owned()
+            } else {
+                one_line(&g.title)
+            };
             self.line(&format!("{} {title}", g.id.tag()));
             for m in &g.members {
                 self.line(&format!("  {}{}", m.user, if m.admin { " (admin)" } else { "" }));
@@ -888,7 +896,11 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<ExitCode, client::Error> {
         }
         Outcome::Group(g) => {
             if creating && !out.json {
-                eprintln!("created group \"{}\" with {} members", one_line(&g.title), g.members.len());
+                eprintln!(
+                    "created group \"{}\" with {} members",
+                    one_line(&g.title),
+                    g.members.len()
+                );
                 out.line(&g.id.tag());
             } else {
                 out.group(&g);
@@ -899,7 +911,11 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<ExitCode, client::Error> {
                 if out.json {
                     out.value(group_json(g));
                 } else {
-                    let title = if g.title.is_empty() { "(no title yet)".to_owned() } else { one_line(&g.title) };
+                    let title = if g.title.is_empty() {
+                        "(no title yet)".to_owned()
+                    } else {
+                        one_line(&g.title)
+                    };
                     out.line(&format!("{} {title} ({} members)", g.id.tag(), g.members.len()));
                 }
             }

@@ -733,17 +733,13 @@ impl Client {
             }
             Request::GroupCreate { title, users } => Ok(Outcome::Group(self.group_create(&title, &users)?)),
             Request::GroupAdd { group, users } => Ok(Outcome::Group(self.group_add(group_arg(&group)?, &users)?)),
-            Request::GroupRemove { group, users } => {
-                Ok(Outcome::Group(self.group_remove(group_arg(&group)?, &users)?))
-            }
+            Request::GroupRemove { group, users } => Ok(Outcome::Group(self.group_remove(group_arg(&group)?, &users)?)),
             Request::GroupLeave { group } => {
                 self.group_leave(group_arg(&group)?)?;
                 Ok(Outcome::Left { group })
             }
             Request::GroupAdmin { group, user } => Ok(Outcome::Group(self.group_admin(group_arg(&group)?, &user)?)),
-            Request::GroupRename { group, title } => {
-                Ok(Outcome::Group(self.group_rename(group_arg(&group)?, &title)?))
-            }
+            Request::GroupRename { group, title } => Ok(Outcome::Group(self.group_rename(group_arg(&group)?, &title)?)),
             Request::GroupInfo { group } => Ok(Outcome::Group(self.group_info(group_arg(&group)?)?)),
             Request::GroupList => Ok(Outcome::Groups(self.group_list()?)),
             Request::Block { user, blocked } => {

@@ -264,7 +264,13 @@ impl History {
         };
         Ok(self
             .group(g)?
-            .map(|l| l.members.into_iter().map(|mm| mm.user).filter(|u| *u != m.from).collect())
+            .map(|l| {
+                l.members
+                    .into_iter()
+                    .map(|mm| mm.user)
+                    .filter(|u| *u != m.from)
+                    .collect()
+            })
             .unwrap_or_default())
     }
 
@@ -407,7 +413,9 @@ impl History {
         let tag = r.group.tag();
         let mut news = Vec::new();
         for id in &r.ids {
-            let Some(m) = self.read_msg(batch, me, id)? else { continue };
+            let Some(m) = self.read_msg(batch, me, id)? else {
+                continue;
+            };
             if m.to != tag {
                 // Not a message to this group: not the reporter's business.
                 continue;
@@ -799,7 +807,9 @@ impl Client {
         // The server's device lists are the ones to encrypt for.
         let users: BTreeSet<&str> = targets.iter().map(|(u, _)| u.as_str()).collect();
         for user in &users {
-            let Some(m) = l.members.iter().find(|m| m.user == *user) else { continue };
+            let Some(m) = l.members.iter().find(|m| m.user == *user) else {
+                continue;
+            };
             let devices: Vec<DeviceId> = m
                 .devices
                 .iter()
@@ -1130,9 +1140,7 @@ impl Client {
                 self.fresh.extend(news.into_iter().map(Event::Receipt));
                 Ok(())
             }
-            ServerFrame::BlockNotice(BlockNotice {
-                seq, user, blocked, ..
-            }) => {
+            ServerFrame::BlockNotice(BlockNotice { seq, user, blocked, .. }) => {
                 self.note(seq);
                 let h = self.profile.history();
                 let mut batch = Batch::default();

@@ -153,9 +153,7 @@ pub(super) fn reencrypt(tree: &E2eStore, old: &[u8; 32], new: &[u8; 32], batch: 
     for (k, v) in tree.scan_prefix(INBOUND)? {
         let StoredInbound::V1 { pickle } = postcard::from_bytes(&v).map_err(|_| damaged("inbound"))?;
         let p = InboundGroupSessionPickle::from_encrypted(&pickle, old).map_err(|_| damaged("inbound"))?;
-        let v = StoredInbound::V1 {
-            pickle: p.encrypt(new),
-        };
+        let v = StoredInbound::V1 { pickle: p.encrypt(new) };
         batch.insert(k, Some(postcard::to_stdvec(&v).map_err(|_| damaged("inbound"))?));
     }
     Ok(())
@@ -309,8 +307,10 @@ impl Crypto {
             let old = list.remove(0);
             self.writes.insert(inbound_key(group, from, &old), None);
         }
-        self.writes
-            .insert(lk, Some(postcard::to_stdvec(&list).map_err(|_| damaged("inbound list"))?));
+        self.writes.insert(
+            lk,
+            Some(postcard::to_stdvec(&list).map_err(|_| damaged("inbound list"))?),
+        );
         Ok(true)
     }
 
@@ -376,7 +376,10 @@ mod tests {
         assert!(bob.add_inbound(G, &addr("alice", 1), &key).unwrap());
         assert!(!bob.add_inbound(G, &addr("alice", 1), &key).unwrap(), "once");
         let m = alice.group_encrypt(G, b"hello").unwrap();
-        assert_eq!(bob.group_decrypt(G, &addr("alice", 1), &m).unwrap(), Ok(b"hello".to_vec()));
+        assert_eq!(
+            bob.group_decrypt(G, &addr("alice", 1), &m).unwrap(),
+            Ok(b"hello".to_vec())
+        );
         // What came before the key was exported stays closed.
         assert_eq!(
             bob.group_decrypt(G, &addr("alice", 1), &early).unwrap(),
