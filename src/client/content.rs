@@ -104,6 +104,10 @@ pub enum Content {
         /// Everyone (`true`) or nobody.
         everyone: bool,
     },
+    /// Kind 11 is kept for attachments (spec §14.3); this build never
+    /// makes it and reads it as unreadable.
+    #[doc(hidden)]
+    Reserved11,
     /// Over Olm, to one device of a group's member: the sender device's
     /// Megolm session for the group, from its current message on (spec
     /// §14.8). Not shown.
@@ -345,6 +349,10 @@ impl Payload {
     /// trailing bytes or damage.
     pub fn decode(bytes: &[u8]) -> Result<Payload, BodyError> {
         match take_all::<VersionedPayload>(bytes)? {
+            VersionedPayload::V1 {
+                content: Content::Reserved11,
+                ..
+            } => Err(BodyError::Unreadable),
             VersionedPayload::V1 { id, to, ts_ms, content } => Ok(Payload { id, to, ts_ms, content }),
         }
     }
@@ -392,7 +400,7 @@ mod tests {
             to in "[a-z0-9_.]{3,32}",
             ts_ms: u64,
             text in ".{0,300}",
-            kind in 0u8..13,
+            kind in 0u8..14,
             other: [u8; 16],
             n: u32,
             flag: bool,
@@ -418,7 +426,7 @@ mod tests {
                 },
                 9 => Content::Typing { active: flag },
                 10 => Content::LastSeen { everyone: flag },
-                11 => Content::GroupKey { group: GroupId(other), session_key: Bytes::from(ids.concat()) },
+                11 | 12 => Content::GroupKey { group: GroupId(other), session_key: Bytes::from(ids.concat()) },
                 _ => Content::GroupTitle { group: GroupId(other), title: text },
             };
             let p = Payload {
@@ -521,7 +529,9 @@ mod tests {
         assert_eq!(Payload::decode(&bytes), Err(BodyError::Unreadable));
         let mut future = text("hi").encode().unwrap();
         let n = future.len();
-        future[n - 3] = 13; // an unknown content kind
+        future[n - 3] = 14; // an unknown content kind
+        assert_eq!(Payload::decode(&future), Err(BodyError::Unreadable));
+        future[n - 3] = 11; // kept for attachments
         assert_eq!(Payload::decode(&future), Err(BodyError::Unreadable));
         assert_eq!(Payload::decode(&[1]), Err(BodyError::Unreadable));
         assert_eq!(Envelope::decode(&[1, 0, 0]), Err(BodyError::Unreadable));

@@ -175,6 +175,7 @@ impl Client {
                     }
                     false
                 }
+                Content::Reserved11 => false, // never decoded (spec §14.3)
                 Content::Typing { .. } => {
                     // Only ever ephemeral (spec §5.6): not from a queue.
                     log::debug!("a typing indicator came as a message from {}; ignored", d.from.user);

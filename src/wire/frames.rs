@@ -162,18 +162,18 @@ error_codes! {
     STORAGE_FULL = 22,
     /// No such group, or the caller (or a user named) is not a member: a
     /// non-member cannot tell the two apart (spec §5.7).
-    NOT_A_MEMBER = 23,
+    NOT_A_MEMBER = 28,
     /// Only an admin of the group may do that.
-    NOT_ADMIN = 24,
+    NOT_ADMIN = 29,
     /// The group has the most members the server allows.
-    GROUP_FULL = 25,
+    GROUP_FULL = 30,
     /// The caller, or a user to be added, is in the most groups the
     /// server allows.
-    TOO_MANY_GROUPS = 26,
+    TOO_MANY_GROUPS = 31,
     /// A group with that id exists already.
-    GROUP_EXISTS = 27,
+    GROUP_EXISTS = 32,
     /// The caller blocks the most users allowed.
-    TOO_MANY_BLOCKED = 28,
+    TOO_MANY_BLOCKED = 33,
 }
 
 impl fmt::Debug for ErrorCode {
@@ -541,6 +541,34 @@ pub enum ClientFrame {
         /// At most [`super::MAX_WATCHED`] user names.
         users: Vec<String>,
     },
+    /// Reserved for attachments (spec §5.2): never sent; refused as
+    /// `UNSUPPORTED`.
+    #[doc(hidden)]
+    Reserved18,
+    /// Reserved for attachments (spec §5.2): never sent; refused as
+    /// `UNSUPPORTED`.
+    #[doc(hidden)]
+    Reserved19,
+    /// Reserved for attachments (spec §5.2): never sent; refused as
+    /// `UNSUPPORTED`.
+    #[doc(hidden)]
+    Reserved20,
+    /// Reserved for attachments (spec §5.2): never sent; refused as
+    /// `UNSUPPORTED`.
+    #[doc(hidden)]
+    Reserved21,
+    /// Reserved for attachments (spec §5.2): never sent; refused as
+    /// `UNSUPPORTED`.
+    #[doc(hidden)]
+    Reserved22,
+    /// Reserved for attachments (spec §5.2): never sent; refused as
+    /// `UNSUPPORTED`.
+    #[doc(hidden)]
+    Reserved23,
+    /// Reserved for attachments (spec §5.2): never sent; refused as
+    /// `UNSUPPORTED`.
+    #[doc(hidden)]
+    Reserved24,
     /// Create a group with this id, the caller its first admin, and these
     /// other members (spec §5.7); answered `Group` once durable.
     CreateGroup {
@@ -605,7 +633,7 @@ pub enum ClientFrame {
 }
 
 /// Number of [`ClientFrame`] variants this build knows.
-pub const CLIENT_FRAME_KINDS: u32 = 30;
+pub const CLIENT_FRAME_KINDS: u32 = 37;
 
 /// Frames the server sends (spec §5.3). Append-only: never reorder.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -701,6 +729,18 @@ pub enum ServerFrame {
     Ephemeral(EphemeralDeliver),
     /// A watched user's presence, now or after a change (spec §5.6).
     Presence(Presence),
+    /// Reserved for the send rate (spec §5.3): never sent; refused as
+    /// `UNSUPPORTED`.
+    #[doc(hidden)]
+    Reserved20,
+    /// Reserved for attachments (spec §5.3): never sent; refused as
+    /// `UNSUPPORTED`.
+    #[doc(hidden)]
+    Reserved21,
+    /// Reserved for attachments (spec §5.3): never sent; refused as
+    /// `UNSUPPORTED`.
+    #[doc(hidden)]
+    Reserved22,
     /// A group's membership (spec §5.7).
     Group(GroupInfo),
     /// The groups the caller is in.
@@ -732,7 +772,7 @@ pub enum ServerFrame {
 }
 
 /// Number of [`ServerFrame`] variants this build knows.
-pub const SERVER_FRAME_KINDS: u32 = 28;
+pub const SERVER_FRAME_KINDS: u32 = 31;
 
 impl ClientFrame {
     /// The frame kind's name, for logs (never the content).
@@ -756,6 +796,13 @@ impl ClientFrame {
             ClientFrame::Ephemeral(_) => "Ephemeral",
             ClientFrame::SetLastSeen { .. } => "SetLastSeen",
             ClientFrame::WatchPresence { .. } => "WatchPresence",
+            ClientFrame::Reserved18 => "Reserved",
+            ClientFrame::Reserved19 => "Reserved",
+            ClientFrame::Reserved20 => "Reserved",
+            ClientFrame::Reserved21 => "Reserved",
+            ClientFrame::Reserved22 => "Reserved",
+            ClientFrame::Reserved23 => "Reserved",
+            ClientFrame::Reserved24 => "Reserved",
             ClientFrame::CreateGroup { .. } => "CreateGroup",
             ClientFrame::AddMembers { .. } => "AddMembers",
             ClientFrame::RemoveMembers { .. } => "RemoveMembers",
@@ -796,6 +843,9 @@ impl ServerFrame {
             ServerFrame::Expired(_) => "Expired",
             ServerFrame::Ephemeral(_) => "Ephemeral",
             ServerFrame::Presence(_) => "Presence",
+            ServerFrame::Reserved20 => "Reserved",
+            ServerFrame::Reserved21 => "Reserved",
+            ServerFrame::Reserved22 => "Reserved",
             ServerFrame::Group(_) => "Group",
             ServerFrame::Groups { .. } => "Groups",
             ServerFrame::GroupMismatch { .. } => "GroupMismatch",
@@ -890,9 +940,17 @@ pub fn encode_server(req: u32, frame: &ServerFrame, out: &mut Vec<u8>) {
     encode(req, frame, out)
 }
 
+/// Client tags kept for frames another part of the protocol adds
+/// (attachments); this build refuses them as unsupported.
+const CLIENT_RESERVED: std::ops::Range<u32> = 18..25;
+/// Server tags kept for frames another part of the protocol adds (send
+/// rate, attachments); this build never sends them.
+const SERVER_RESERVED: std::ops::Range<u32> = 20..23;
+
 fn decode<F: Serialize + for<'de> Deserialize<'de>>(
     bytes: &[u8],
     kinds: u32,
+    reserved: std::ops::Range<u32>,
     scratch: &mut Vec<u8>,
 ) -> Result<(u32, F), FrameError> {
     if bytes.len() > MAX_FRAME_LEN {
@@ -900,7 +958,7 @@ fn decode<F: Serialize + for<'de> Deserialize<'de>>(
     }
     let (req, rest) = postcard::take_from_bytes::<u32>(bytes).map_err(|_| FrameError::Malformed { req: None })?;
     let (tag, _) = postcard::take_from_bytes::<u32>(rest).map_err(|_| FrameError::Malformed { req: Some(req) })?;
-    if tag >= kinds {
+    if tag >= kinds || reserved.contains(&tag) {
         return Err(FrameError::Unsupported { req, tag });
     }
     let (frame, rest) = postcard::take_from_bytes::<F>(rest).map_err(|_| FrameError::Malformed { req: Some(req) })?;
@@ -921,7 +979,7 @@ fn decode<F: Serialize + for<'de> Deserialize<'de>>(
 /// # Errors
 /// See [`FrameError`].
 pub fn decode_client(bytes: &[u8], scratch: &mut Vec<u8>) -> Result<(u32, ClientFrame), FrameError> {
-    decode(bytes, CLIENT_FRAME_KINDS, scratch)
+    decode(bytes, CLIENT_FRAME_KINDS, CLIENT_RESERVED, scratch)
 }
 
 /// Decodes a server envelope. `scratch` is reused for the canonical check.
@@ -929,7 +987,7 @@ pub fn decode_client(bytes: &[u8], scratch: &mut Vec<u8>) -> Result<(u32, Client
 /// # Errors
 /// See [`FrameError`].
 pub fn decode_server(bytes: &[u8], scratch: &mut Vec<u8>) -> Result<(u32, ServerFrame), FrameError> {
-    decode(bytes, SERVER_FRAME_KINDS, scratch)
+    decode(bytes, SERVER_FRAME_KINDS, SERVER_RESERVED, scratch)
 }
 
 #[cfg(test)]
@@ -950,6 +1008,19 @@ mod tests {
         };
         encode_server(0, &ServerFrame::BlockNotice(notice), &mut out);
         assert_eq!(out[1] as u32, SERVER_FRAME_KINDS - 1);
+    }
+
+    #[test]
+    fn reserved_tags_are_unsupported() {
+        let mut scratch = Vec::new();
+        for tag in CLIENT_RESERVED {
+            let e = decode_client(&[0x07, tag as u8], &mut scratch).unwrap_err();
+            assert_eq!(e, FrameError::Unsupported { req: 7, tag });
+        }
+        for tag in SERVER_RESERVED {
+            let e = decode_server(&[0x07, tag as u8], &mut scratch).unwrap_err();
+            assert_eq!(e, FrameError::Unsupported { req: 7, tag });
+        }
     }
 
     #[test]
