@@ -941,11 +941,11 @@ pub fn encode_server(req: u32, frame: &ServerFrame, out: &mut Vec<u8>) {
 }
 
 /// Client tags kept for frames another part of the protocol adds
-/// (attachments); this build refuses them as unsupported.
-const CLIENT_RESERVED: std::ops::Range<u32> = 18..25;
+/// (attachments); this build refuses them as unsupported (spec §5.2).
+pub const CLIENT_RESERVED: std::ops::Range<u32> = 18..25;
 /// Server tags kept for frames another part of the protocol adds (send
-/// rate, attachments); this build never sends them.
-const SERVER_RESERVED: std::ops::Range<u32> = 20..23;
+/// rate, attachments); this build never sends them (spec §5.3).
+pub const SERVER_RESERVED: std::ops::Range<u32> = 20..23;
 
 fn decode<F: Serialize + for<'de> Deserialize<'de>>(
     bytes: &[u8],
