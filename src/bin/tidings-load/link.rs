@@ -27,6 +27,8 @@ pub enum Ev {
     Refused(u32, Option<ErrorCode>, String),
     /// A message for this device (already acknowledged by the link).
     Delivered(Bytes),
+    /// A group's membership: the answer to `CreateGroup` or `GetGroup`.
+    Group(u32, wire::GroupInfo),
     /// Something that must stop the run (a used-up invite, say).
     Fatal(String),
     /// The connection ended.
@@ -134,6 +136,14 @@ impl Link {
             Link::Mqtt(l) => l.publish(to, &body),
         }
     }
+
+    /// Sends a request (tidings only); returns its request id.
+    pub fn request(&mut self, frame: &ClientFrame, now: Instant) -> Option<u32> {
+        match self {
+            Link::Tidings(l) => l.conn.request(frame, now).ok(),
+            Link::Mqtt(_) => None,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -192,6 +202,7 @@ impl TidingsLink {
                 } => {}
                 ConnEvent::Answer { req, frame } => match frame {
                     ServerFrame::Accepted { .. } => out.push(Ev::Accepted(req)),
+                    ServerFrame::Group(info) => out.push(Ev::Group(req, info)),
                     ServerFrame::Error { code, text } => {
                         out.push(Ev::Refused(req, Some(code), format!("{text} ({})", code.name())))
                     }
