@@ -225,6 +225,32 @@ fn four_users_one_with_two_devices_share_a_group_end_to_end() {
 }
 
 #[test]
+fn a_device_linked_later_learns_the_title_and_reads_only_what_comes_after() {
+    let d = Daemon::start();
+    let alice = d.user("alice");
+    let _bob = d.user("bob");
+    let g = open(&alice).group_create("Club", &["bob".into()]).unwrap();
+    let tag = g.id.tag();
+    open(&alice).send(&tag, "before").unwrap();
+    let tablet = d.link(&alice, "alice-tablet");
+    // alice's first device finds the new device when it next sends (the
+    // server's device digest), shares its session and the title with it.
+    open(&alice).send(&tag, "after").unwrap();
+    let events = sync(&tablet);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::GroupTitle { title, .. } if title == "Club")),
+        "{events:?}"
+    );
+    let local = open(&tablet).profile().history().group(g.id).unwrap().unwrap();
+    assert_eq!(local.title, "Club");
+    let h = group_history(&tablet, g.id);
+    assert_eq!(texts(&h), ["after"], "{h:?}");
+    assert!(h.iter().all(|m| !m.undecryptable));
+}
+
+#[test]
 fn a_blocked_user_is_told_accepted_and_reaches_the_blocker_only_in_groups() {
     let d = Daemon::start();
     let alice = d.user("alice");

@@ -575,7 +575,7 @@ impl Client {
             group: l.id,
             title: l.title.clone(),
         };
-        match self.send_in_group(l, targets, &content) {
+        match self.send_in_group(l, targets, &content, Some(l.title_ms)) {
             Ok(_) => Ok(()),
             Err(e) if e.is_transient() => {
                 log::warn!("the title of {} waits for the next message: {e}", l.id.tag());
@@ -801,6 +801,7 @@ impl Client {
         l: &LocalGroup,
         targets: &[(String, DeviceId)],
         content: &Content,
+        ts_ms: Option<u64>,
     ) -> Result<Vec<(String, DeviceId)>, Error> {
         let me = self.this_device()?;
         let mut notices = Vec::new();
@@ -825,7 +826,7 @@ impl Client {
         let mut batch_devices: Vec<(String, DeviceId)> = Vec::new();
         let mut size = 64;
         let mut id = self.new_id()?;
-        let ts_ms = self.unix_ms();
+        let ts_ms = ts_ms.unwrap_or_else(|| self.unix_ms());
         for (i, (user, device)) in targets.iter().enumerate() {
             let addr = DeviceAddr {
                 user: user.clone(),
@@ -943,12 +944,17 @@ impl Client {
                 // The new session is durable before its key leaves.
                 let (h, crypto) = self.profile.parts();
                 h.apply(Batch::default(), crypto.take_writes())?;
-                let reached = self.send_in_group(&l, &lacking, &content)?;
+                let reached = self.send_in_group(&l, &lacking, &content, None)?;
                 let crypto = self.profile.crypto_mut();
                 crypto.mark_shared(g, &reached)?;
                 let (h, crypto) = self.profile.parts();
                 h.apply(Batch::default(), crypto.take_writes())?;
                 h.flush()?;
+                // This user's own devices that lack the session include any
+                // linked since: they get the title too, end to end (with
+                // the time it was set, so a newer one still wins).
+                let own: Vec<(String, DeviceId)> = lacking.iter().filter(|(u, _)| *u == me.user).cloned().collect();
+                self.send_title(&l, &own)?;
             }
             let body = self.profile.crypto_mut().group_encrypt(g, plaintext)?;
             if body.len() > MAX_BODY_LEN {
