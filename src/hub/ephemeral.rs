@@ -324,7 +324,14 @@ impl Hub {
             }
         }
         if let Some(d) = device {
-            self.store().submit(Op::Touch { device: d, now_ms }, None);
+            self.store().submit(
+                Op::Touch {
+                    device: d,
+                    now_ms,
+                    persist: true,
+                },
+                None,
+            );
             self.presence_changed(d.user);
         }
     }

@@ -643,6 +643,7 @@ impl Hub {
             Op::Touch {
                 device,
                 now_ms: now.unix_ms,
+                persist: false,
             },
             None,
         );

@@ -259,13 +259,17 @@ pub enum Op {
         /// Now.
         now_ms: u64,
     },
-    /// Record when a device authenticated or went offline (no answer;
-    /// written with the next batch, not flushed for its own sake).
+    /// Record when a device authenticated or went offline (no answer).
+    /// Kept in memory; written with the next batch (not flushed for its
+    /// own sake) when `persist`, that is when the device goes offline, and
+    /// at a clean stop for the others.
     Touch {
         /// Which.
         device: DeviceKey,
         /// Now.
         now_ms: u64,
+        /// Write it (the device went offline) rather than only keep it.
+        persist: bool,
     },
     /// Store published keys (signatures already checked).
     Publish {

@@ -210,8 +210,13 @@ impl Engine {
                 return;
             }
             if stop {
-                // Everything submitted is written; make it durable and
-                // answer it, then go.
+                // Everything submitted is written, and when the devices
+                // online were last seen (now); make it durable and answer
+                // it, then go.
+                if let Err(e) = self.accounts.persist_seen(unix_ms()) {
+                    self.fail(&e);
+                    return;
+                }
                 if self.flusher.flush_now() {
                     self.release();
                 }
@@ -532,9 +537,14 @@ impl Engine {
                 turn.dirty = true;
                 (Outcome::Revoked(self.revoke(device, now_ms, turn)?), true)
             }
-            Op::Touch { device, now_ms } => {
-                turn.dirty = true;
-                accounts.touch(device, now_ms)?;
+            Op::Touch {
+                device,
+                now_ms,
+                persist,
+            } => {
+                if accounts.touch(device, now_ms, persist)? {
+                    turn.dirty = true;
+                }
                 return Ok(None);
             }
             Op::Publish { device, keys } => {

@@ -180,7 +180,7 @@ impl TestStore {
                     device: DeviceId(1),
                 }))
             }
-            Op::Touch { device, now_ms } => {
+            Op::Touch { device, now_ms, .. } => {
                 i.seen.insert(device, now_ms);
                 return None;
             }

@@ -796,6 +796,7 @@ fn the_presence_setting_and_last_seen_times_survive_a_restart() {
         Op::Touch {
             device: bob,
             now_ms: 77,
+            persist: true,
         },
         None,
     );
@@ -810,6 +811,55 @@ fn the_presence_setting_and_last_seen_times_survive_a_restart() {
     });
     let r = r.reopen();
     assert!(!r.s.hides_presence(alice.user));
+}
+
+/// A device's last-seen time on authenticating is kept in memory only
+/// (a write per connection cost sled a page version per device); it is
+/// written when the device goes offline, and at a clean stop for the
+/// devices still online. A crash loses only that: "last seen" is then
+/// older.
+#[test]
+fn last_seen_on_connect_is_written_at_a_clean_stop_not_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = {
+        let mut r = Rig::open(dir.path());
+        let invite = r.s.accounts().create_invite(2, None).unwrap();
+        let alice = r.s.accounts().register(&invite, "alice", &[1; 32], 5).unwrap().unwrap();
+        let bob = r.s.accounts().register(&invite, "bob", &[2; 32], 5).unwrap().unwrap();
+        for (device, now_ms, persist) in [(alice, 70, false), (bob, 80, false), (bob, 90, true)] {
+            r.s.submit(
+                Op::Touch {
+                    device,
+                    now_ms,
+                    persist,
+                },
+                None,
+            );
+        }
+        r.step(true);
+        assert_eq!(r.s.device_infos(alice.user)[0].last_seen_ms, 70, "in memory at once");
+        // A crash: alice's connect time was never written.
+        let r = r.reopen();
+        assert_eq!(r.s.device_infos(alice.user)[0].last_seen_ms, 5);
+        assert_eq!(r.s.device_infos(bob.user)[0].last_seen_ms, 90);
+        (alice, bob)
+    };
+    // Running, then stopped cleanly while alice is online.
+    let s = open(dir.path());
+    let threads = s.start().unwrap();
+    s.submit(
+        Op::Touch {
+            device: alice,
+            now_ms: 100,
+            persist: false,
+        },
+        None,
+    );
+    s.stop(threads);
+    drop(s);
+    let s = open(dir.path());
+    assert!(s.device_infos(alice.user)[0].last_seen_ms > 100, "the time it stopped");
+    assert_eq!(s.device_infos(bob.user)[0].last_seen_ms, 90);
 }
 
 #[test]
