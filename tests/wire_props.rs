@@ -532,11 +532,11 @@ fn strategies_cover_every_frame_kind() {
         server_seen[server_tag(&server.new_tree(&mut runner).unwrap().current()) as usize] = true;
     }
     // Tags kept for attachments and the send rate are never made.
-    for t in 18..25 {
-        client_seen[t] = !client_seen[t];
+    for seen in &mut client_seen[18..25] {
+        *seen = !*seen;
     }
-    for t in 20..23 {
-        server_seen[t] = !server_seen[t];
+    for seen in &mut server_seen[20..23] {
+        *seen = !*seen;
     }
     assert!(client_seen.iter().all(|s| *s), "{client_seen:?}");
     assert!(server_seen.iter().all(|s| *s), "{server_seen:?}");

@@ -733,10 +733,9 @@ impl Spill {
         let ats: Vec<[u8; 16]> = copies
             .iter()
             .filter(|(d, seq, _)| {
-                !self
-                    .queues
+                self.queues
                     .get(d)
-                    .is_some_and(|q| q.binary_search_by_key(seq, |x| x.seq).is_ok())
+                    .is_none_or(|q| q.binary_search_by_key(seq, |x| x.seq).is_err())
             })
             .map(|(d, seq, _)| at(*d, *seq))
             .collect();

@@ -3191,7 +3191,7 @@ fn group_sends_are_checked_and_retracted_like_messages() {
     assert_eq!(r.s.append_group(m, &|_| true, &w), GroupAppended::Mismatch);
     assert!(spilled_at(&r.s).is_empty() && r.s.memory_held().0 == 0);
     let (tok, _) = r.group_send(dev(1, 1), id(3), g, b"now", true);
-    assert_eq!(r.s.memory_held().0 > 0, true, "waits for acks in memory");
+    assert!(r.s.memory_held().0 > 0, "waits for acks in memory");
     r.past_deadline();
     r.step(true);
     assert!(r.settled(tok).is_some());
