@@ -47,6 +47,9 @@ pub struct FileConfig {
     /// Groups.
     #[serde(default)]
     pub groups: GroupSettings,
+    /// Prometheus metrics.
+    #[serde(default)]
+    pub metrics: MetricsSettings,
 }
 
 /// `[groups]`.
@@ -59,6 +62,14 @@ pub struct GroupSettings {
     pub max_per_user: Option<usize>,
     /// Membership changes a device may make per minute.
     pub changes_per_minute: Option<u32>,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Where to serve `/metrics` (off when absent), e.g. `127.0.0.1:9420`.
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[store]`.
@@ -145,6 +156,8 @@ pub struct Limits {
     pub connections_per_ip: Option<u32>,
     /// New connections (handshakes) per second allowed from one address.
     pub handshakes_per_second_per_ip: Option<u32>,
+    /// Open connections allowed in all.
+    pub max_connections: Option<u32>,
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -228,6 +241,9 @@ impl FileConfig {
         if config.limits.key_claims_per_minute == Some(0) {
             return Err("limits.key_claims_per_minute: must be at least 1".into());
         }
+        if config.limits.max_connections == Some(0) {
+            return Err("limits.max_connections: must be at least 1".into());
+        }
         if config.limits.ephemeral_per_minute == Some(0) {
             return Err("limits.ephemeral_per_minute: must be at least 1".into());
         }
@@ -250,6 +266,17 @@ impl FileConfig {
         }
         if g.changes_per_minute == Some(0) {
             return Err("groups.changes_per_minute: must be at least 1".into());
+        }
+        // spec §9: the server pings a silent connection before it closes
+        // it; an idle timeout at or below ping_after would close
+        // connections that answer every ping.
+        let session = config.to_server_config().session;
+        if session.idle_timeout <= session.ping_after {
+            return Err(format!(
+                "timeouts.idle ({}) must be longer than timeouts.ping_after ({})",
+                humantime::format_duration(session.idle_timeout),
+                humantime::format_duration(session.ping_after)
+            ));
         }
         Ok(config)
     }
@@ -340,6 +367,10 @@ impl FileConfig {
         if let Some(v) = l.handshakes_per_second_per_ip {
             c.per_ip.handshakes_per_second = v;
         }
+        if let Some(v) = l.max_connections {
+            c.max_connections = v;
+        }
+        c.metrics_listen = self.metrics.listen;
         c
     }
 }
@@ -370,6 +401,7 @@ mod tests {
             cache = 33554432
             connections_per_ip = 10
             handshakes_per_second_per_ip = 5
+            max_connections = 500
             [retention]
             period = "7d"
             sweep_every = "10s"
@@ -385,6 +417,8 @@ mod tests {
             max_members = 1024
             max_per_user = 20
             changes_per_minute = 30
+            [metrics]
+            listen = "127.0.0.1:9420"
             "#,
         )
         .unwrap();
@@ -402,6 +436,7 @@ mod tests {
         assert_eq!(s.store.cache_capacity, 32 << 20);
         assert_eq!(s.per_ip.connections, 10);
         assert_eq!(s.per_ip.handshakes_per_second, 5);
+        assert_eq!(s.max_connections, 500);
         assert_eq!(s.retention.period, Duration::from_secs(7 * 86400));
         assert_eq!(s.retention.sweep_every, Duration::from_secs(10));
         assert_eq!(s.store.quotas.queue_messages, 1000);
@@ -418,6 +453,7 @@ mod tests {
             ),
             (1024, 20, 30)
         );
+        assert_eq!(s.metrics_listen, Some("127.0.0.1:9420".parse().unwrap()));
     }
 
     #[test]
@@ -438,6 +474,10 @@ mod tests {
             ("[timeouts]\nidle = \"0s\"", "idle"),
             ("[groups]\nmax_members = 2000", "max_members"),
             ("[groups]\nmax_per_user = 0", "max_per_user"),
+            ("[timeouts]\nidle = \"20s\"", "timeouts.idle"),
+            ("[timeouts]\nping_after = \"2m\"", "timeouts.ping_after"),
+            ("[timeouts]\nidle = \"30s\"\nping_after = \"30s\"", "longer than"),
+            ("[limits]\nmax_connections = 0", "max_connections"),
         ] {
             let e = FileConfig::parse(text).unwrap_err();
             assert!(e.contains(needle), "{text}: {e}");

@@ -44,6 +44,31 @@ use crate::wire::{
     RecordDecoder, RecordError, ServerFrame,
 };
 
+/// How a connection's start ended, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeOutcome {
+    /// A current device's key.
+    Authenticated,
+    /// A key no device has (it may register).
+    Unregistered,
+    /// A revoked device's key (told so).
+    Revoked,
+    /// The handshake failed (a wrong server key among the reasons).
+    Failed,
+    /// It did not finish in time.
+    TimedOut,
+    /// The preamble was refused.
+    BadPreamble,
+}
+
+/// Watches what sessions do (metrics); shared by every session.
+pub trait Observer: Send + Sync + std::fmt::Debug {
+    /// A frame was queued for a client.
+    fn frame_sent(&self, frame: &ServerFrame);
+    /// A connection's start ended so.
+    fn handshake(&self, outcome: HandshakeOutcome);
+}
+
 /// Limits and timeouts for sessions (spec §9).
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -55,10 +80,19 @@ pub struct SessionConfig {
     pub idle_timeout: Duration,
     /// How long a closing session may take to flush its last bytes.
     pub linger: Duration,
-    /// Most bytes waiting to be written before the peer counts as not
-    /// reading (then the connection is dropped).
+    /// Most bytes waiting to be written: past it the server stops reading
+    /// the connection's input (spec §9), so that a client that reads is
+    /// slowed down, never dropped.
     pub max_output: usize,
+    /// Who counts what sessions do, if anyone.
+    pub observer: Option<std::sync::Arc<dyn Observer>>,
 }
+
+/// Output a connection may have waiting beyond [`SessionConfig::max_output`]
+/// (answers to requests read before the input paused) before the peer
+/// counts as not reading at all: then it gets `Close SLOW_CONSUMER` and is
+/// dropped (spec §9).
+pub const OUTPUT_SLACK: usize = 1 << 20;
 
 impl Default for SessionConfig {
     fn default() -> Self {
@@ -68,6 +102,7 @@ impl Default for SessionConfig {
             idle_timeout: Duration::from_secs(90),
             linger: Duration::from_secs(5),
             max_output: 1 << 20,
+            observer: None,
         }
     }
 }
@@ -133,6 +168,10 @@ struct Inner {
     /// last whole record arrived, after it.
     since: Instant,
     ping_sent: bool,
+    /// Who the peer was when it sent `Close`: the frames it sent before
+    /// are still handled as that key and device (spec §5.2 `Close`:
+    /// requests in progress complete). Boxed: nothing while unused.
+    leaving: Option<Box<(PublicKey, Option<DeviceKey>)>>,
     config: Arc<SessionConfig>,
 }
 
@@ -182,6 +221,7 @@ impl Session {
                 events: VecDeque::new(),
                 since: now,
                 ping_sent: false,
+                leaving: None,
                 config: config.into(),
             },
             server_key,
@@ -210,6 +250,7 @@ impl Session {
                     Err(_) => inner.state = State::Closed,
                 },
                 Err(refusal) => {
+                    inner.observe(HandshakeOutcome::BadPreamble);
                     inner.out.extend_from_slice(&refusal.to_bytes());
                     inner.state = State::Closing { since: now };
                     return;
@@ -223,6 +264,9 @@ impl Session {
         if result.is_err() {
             // spec §3: a record over the cap, or a fatal Noise failure:
             // the stream cannot be trusted; close without detail.
+            if matches!(inner.state, State::ExpectClientHello(_) | State::ExpectClientAuth(_)) {
+                inner.observe(HandshakeOutcome::Failed);
+            }
             inner.state = State::Closed;
         }
     }
@@ -235,12 +279,19 @@ impl Session {
             State::ExpectPreamble { .. } | State::ExpectClientHello(_) | State::ExpectClientAuth(_) => {
                 if now >= inner.since + inner.config.handshake_timeout {
                     // spec §9: silent close.
+                    inner.observe(HandshakeOutcome::TimedOut);
                     inner.state = State::Closed;
                 }
             }
             State::Unregistered(_) | State::Authenticated(..) => {
                 if now >= inner.since + inner.config.idle_timeout {
-                    inner.close(ErrorCode::IDLE_TIMEOUT, "idle timeout", now);
+                    // Input is not read while the output is over the cap:
+                    // silence then means the peer does not read (spec §9).
+                    if inner.pending() > inner.config.max_output {
+                        inner.close(ErrorCode::SLOW_CONSUMER, "not reading", now);
+                    } else {
+                        inner.close(ErrorCode::IDLE_TIMEOUT, "idle timeout", now);
+                    }
                 } else if !inner.ping_sent && now >= inner.since + inner.config.ping_after {
                     inner.ping_sent = true;
                     inner.send(0, &ServerFrame::Ping, now);
@@ -283,7 +334,8 @@ impl Session {
 
     /// Sends a frame, if the connection is in a transport state. Returns
     /// whether it was queued. A peer that lets more than
-    /// [`SessionConfig::max_output`] bytes pile up is dropped.
+    /// [`SessionConfig::max_output`] and [`OUTPUT_SLACK`] bytes pile up
+    /// gets `Close SLOW_CONSUMER` and is dropped.
     pub fn send(&mut self, req: u32, frame: &ServerFrame, now: Instant) -> bool {
         self.inner.send(req, frame, now)
     }
@@ -333,7 +385,15 @@ impl Session {
 
     /// Number of bytes waiting to be written.
     pub fn pending_output(&self) -> usize {
-        self.inner.out.len() - self.inner.out_pos
+        self.inner.pending()
+    }
+
+    /// Whether the driver should read the connection's input: not while
+    /// more than [`SessionConfig::max_output`] bytes wait to be written
+    /// (spec §9); the driver reads again once [`Session::advance`] brought
+    /// the output back under it.
+    pub fn wants_input(&self) -> bool {
+        self.inner.pending() <= self.inner.config.max_output
     }
 
     /// Whether the hub may queue more deliveries without piling up output:
@@ -345,7 +405,7 @@ impl Session {
     /// Output bytes deliveries may still add before they pause (a quarter
     /// of the output cap, less what is waiting); 0 unless authenticated.
     pub fn room(&self) -> usize {
-        if self.device().is_none() {
+        if !matches!(self.inner.state, State::Authenticated(..)) {
             return 0;
         }
         (self.inner.config.max_output / 4).saturating_sub(self.pending_output())
@@ -374,18 +434,22 @@ impl Session {
         }
     }
 
-    /// The device this connection is, once authenticated.
+    /// The device this connection is, once authenticated (and after the
+    /// client's `Close`, for the frames it sent before it).
     pub fn device(&self) -> Option<DeviceKey> {
         match self.inner.state {
             State::Authenticated(_, d) => Some(d),
+            State::Closing { .. } => self.inner.leaving.as_deref().and_then(|(_, d)| *d),
             _ => None,
         }
     }
 
-    /// The client's static key, once the handshake is done and until close.
+    /// The client's static key, once the handshake is done and until close
+    /// (and after the client's `Close`, for the frames it sent before it).
     pub fn remote_static(&self) -> Option<&PublicKey> {
         match &self.inner.state {
             State::Unregistered(t) | State::Authenticated(t, _) => t.remote_static(),
+            State::Closing { .. } => self.inner.leaving.as_deref().map(|(k, _)| k),
             _ => None,
         }
     }
@@ -437,27 +501,34 @@ impl Inner {
         match std::mem::replace(&mut self.state, State::Closed) {
             State::ExpectClientHello(h) => {
                 // spec §4: a failed handshake closes without a word.
-                if let Ok(next) = h.handle(body, &mut self.out) {
-                    self.state = State::ExpectClientAuth(Box::new(next));
+                match h.handle(body, &mut self.out) {
+                    Ok(next) => self.state = State::ExpectClientAuth(Box::new(next)),
+                    Err(_) => self.observe(HandshakeOutcome::Failed),
                 }
             }
-            State::ExpectClientAuth(a) => {
-                if let Ok((transport, remote)) = a.handle(body, now) {
+            State::ExpectClientAuth(a) => match a.handle(body, now) {
+                Ok((transport, remote)) => {
                     self.since = now;
                     match identify(&remote) {
                         Identity::Device(d) => {
+                            self.observe(HandshakeOutcome::Authenticated);
                             self.state = State::Authenticated(Box::new(transport), d);
                             self.events.push_back(Event::Authenticated(d));
                         }
-                        Identity::Unregistered => self.state = State::Unregistered(Box::new(transport)),
+                        Identity::Unregistered => {
+                            self.observe(HandshakeOutcome::Unregistered);
+                            self.state = State::Unregistered(Box::new(transport));
+                        }
                         Identity::Revoked => {
+                            self.observe(HandshakeOutcome::Revoked);
                             self.state = State::Unregistered(Box::new(transport));
                             self.close(ErrorCode::REVOKED, "this device was revoked", now);
                         }
-                        Identity::Refused => {}
+                        Identity::Refused => self.observe(HandshakeOutcome::Failed),
                     }
                 }
-            }
+                Err(_) => self.observe(HandshakeOutcome::Failed),
+            },
             // spec §4.3: a record that fails to open leaves the state Closed.
             State::Unregistered(mut t) => with_buffer(&PLAIN, |plain| {
                 if let Ok(opened) = t.open(body, plain) {
@@ -495,12 +566,14 @@ impl Inner {
         let (req, frame) = match with_buffer(&ENCODED, |scratch| wire::decode_client(plain, scratch)) {
             Ok(f) => f,
             Err(e) => {
+                // spec §5.1, vector server-03-error-unsupported: the text
+                // names the tag.
                 let text = match e {
-                    FrameError::Unsupported { .. } => "unsupported frame kind",
-                    FrameError::NonCanonical { .. } => "non-canonical encoding",
-                    _ => "malformed frame",
+                    FrameError::Unsupported { tag, .. } => format!("unsupported frame kind {tag}"),
+                    FrameError::NonCanonical { .. } => "non-canonical encoding".into(),
+                    _ => "malformed frame".into(),
                 };
-                self.send(e.req(), &ServerFrame::error(e.code(), text), now);
+                self.send(e.req(), &ServerFrame::error(e.code(), &text), now);
                 return;
             }
         };
@@ -510,7 +583,22 @@ impl Inner {
                 self.send(req, &ServerFrame::Pong, now);
             }
             ClientFrame::Pong => {}
-            ClientFrame::Close => self.state = State::Closing { since: now },
+            ClientFrame::Close => {
+                // spec §5.2 `Close`: requests in progress complete, among
+                // them those that came in the same read before it, which
+                // the hub handles after this; it needs to know who sent
+                // them.
+                let device = match self.state {
+                    State::Authenticated(_, d) => Some(d),
+                    _ => None,
+                };
+                if let State::Unregistered(t) | State::Authenticated(t, _) = &self.state
+                    && let Some(key) = t.remote_static()
+                {
+                    self.leaving = Some(Box::new((*key, device)));
+                }
+                self.state = State::Closing { since: now };
+            }
             ClientFrame::Register { .. } | ClientFrame::RedeemLink { .. } if registered => {
                 self.send(
                     req,
@@ -533,9 +621,20 @@ impl Inner {
             State::Unregistered(t) | State::Authenticated(t, _) => t,
             _ => return false,
         };
-        if self.out.len() - self.out_pos > self.config.max_output {
-            // spec §9: a peer that does not read is dropped.
-            self.state = State::Closed;
+        if self.out.len() - self.out_pos > self.config.max_output.saturating_add(OUTPUT_SLACK) {
+            // spec §9: its input was not read since the output reached the
+            // cap, and the output still grew: the peer does not read. It
+            // gets `Close` (which it may never read) and is dropped.
+            let close = ServerFrame::Close {
+                code: ErrorCode::SLOW_CONSUMER,
+                text: "not reading".into(),
+            };
+            let out = &mut self.out;
+            let _ = with_buffer(&ENCODED, |encoded| {
+                wire::encode_server(0, &close, encoded);
+                transport.seal(encoded, now, out)
+            });
+            self.state = State::Closing { since: now };
             return false;
         }
         let out = &mut self.out;
@@ -547,7 +646,20 @@ impl Inner {
             log::error!("server frame {} does not fit in a record", frame.kind());
             return false;
         }
+        if let Some(o) = &self.config.observer {
+            o.frame_sent(frame);
+        }
         true
+    }
+
+    fn observe(&self, outcome: HandshakeOutcome) {
+        if let Some(o) = &self.config.observer {
+            o.handshake(outcome);
+        }
+    }
+
+    fn pending(&self) -> usize {
+        self.out.len() - self.out_pos
     }
 
     fn close(&mut self, code: ErrorCode, text: &str, now: Instant) {

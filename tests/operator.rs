@@ -64,7 +64,14 @@ fn revoke_through_the_admin_socket_cuts_the_device_off_at_once() {
 fn commands_work_without_a_running_daemon() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    // No daemon has ever run here, and no address is recorded.
+    // Issue 12: no command makes a data directory where none is.
+    let out = tidingsd(&["invite", "--public-addr", "chat.example.org:7420"], &data);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such data directory"));
+    assert!(!data.exists());
+    // A data directory whose daemon is stopped and never recorded an
+    // address (as a daemon's first start makes it, less the address).
+    drop(tidings::store::Store::open(&data, &Default::default()).unwrap());
     let out = tidingsd(&["invite"], &data);
     assert!(!out.status.success());
     assert!(out.stdout.is_empty());

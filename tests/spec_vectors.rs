@@ -33,8 +33,8 @@ use tidings::server::sweeper::RetentionConfig;
 use tidings::store::Quotas;
 use tidings::wire::{
     self, CLIENT_FRAME_KINDS, ClientFrame, DeviceId, DeviceKeys, ErrorCode, Flow, IdentityKeys, PREAMBLE, PublishKeys,
-    RecordDecoder, RecordError, Refusal, SERVER_FRAME_KINDS, ServerFrame, Signature, SignedKey, decode_client,
-    decode_server, encode_client, encode_server,
+    RecordDecoder, RecordError, Refusal, RefusalNotice, SERVER_FRAME_KINDS, ServerFrame, Signature, SignedKey,
+    decode_client, decode_server, encode_client, encode_server,
 };
 
 fn spec_dir() -> PathBuf {
@@ -201,21 +201,38 @@ fn preamble_and_refusals() {
         let Some(reason) = name.strip_prefix("refusal-").and_then(|n| n.strip_suffix(".hex")) else {
             continue;
         };
-        let refusal = match reason {
-            "bad-magic" => Refusal::BadMagic,
-            "unsupported-version" => Refusal::UnsupportedVersion,
-            other => panic!("unknown refusal vector {other}"),
-        };
         let (_, bytes) = parse_vector(text);
-        assert_eq!(bytes, refusal.to_bytes(), "{name}");
-        assert_eq!(
-            Refusal::parse(&bytes),
-            Some((refusal, wire::PROTOCOL_VERSION)),
-            "{name}"
-        );
+        let busy = |r: Refusal| {
+            let n = RefusalNotice::parse(&bytes).unwrap_or_else(|| panic!("{name}: not a refusal"));
+            assert_eq!(n.known(), Some(r), "{name}");
+            assert_eq!(n.version, wire::PROTOCOL_VERSION, "{name}");
+            let retry = n.retry_after.unwrap_or_else(|| panic!("{name}: no retry-after"));
+            assert_eq!(bytes, r.busy_bytes(retry), "{name}");
+            assert_eq!(RefusalNotice::len_for(&bytes), Some(wire::BUSY_REFUSAL_LEN), "{name}");
+        };
+        match reason {
+            "bad-magic" | "unsupported-version" => {
+                let refusal = if reason == "bad-magic" {
+                    Refusal::BadMagic
+                } else {
+                    Refusal::UnsupportedVersion
+                };
+                assert_eq!(bytes, refusal.to_bytes(), "{name}");
+                assert_eq!(
+                    Refusal::parse(&bytes),
+                    Some((refusal, wire::PROTOCOL_VERSION)),
+                    "{name}"
+                );
+            }
+            "address-connections" => busy(Refusal::AddressConnections),
+            "address-rate" => busy(Refusal::AddressRate),
+            "server-full" => busy(Refusal::ServerFull),
+            "shutting-down" => busy(Refusal::ShuttingDown),
+            other => panic!("unknown refusal vector {other}"),
+        }
         refusals += 1;
     }
-    assert_eq!(refusals, 2);
+    assert_eq!(refusals, 6);
 }
 
 #[test]

@@ -154,6 +154,12 @@ enum Cmd {
     },
     /// List the users you block.
     Blocked,
+    /// Change the address of this profile's server (it moved); the pinned
+    /// server key stays, so only the same server is accepted there.
+    ServerAddress {
+        /// The new host:port.
+        address: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -723,6 +729,30 @@ fn main() -> ExitCode {
     }
 }
 
+/// `tidings server-address HOST:PORT`: a profile's server moved.
+fn server_address(dir: &Path, unlock: &mut Unlock<'_>, address: &str, out: &Out) -> Result<(), client::Error> {
+    let valid = address.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) && !host.contains(char::is_whitespace)
+    });
+    if !valid {
+        return Err(client::Error::Usage(format!(
+            "{address:?} is not HOST:PORT (for example chat.example.org:7420 or [2001:db8::7]:7420)"
+        )));
+    }
+    let mut profile = unlock.open(dir, std::time::Duration::from_secs(5))?;
+    let mut reg = profile.registered()?.clone();
+    let old = std::mem::replace(&mut reg.server, address.to_string());
+    let key = hex::encode(reg.server_key);
+    profile.save_registration(reg)?;
+    eprintln!("server address was {old}, now {address}; the pinned server key stays {key}");
+    if out.json {
+        out.value(json!({"type": "server_address", "old": old, "new": address, "server_key": key}));
+    } else {
+        out.line(address);
+    }
+    Ok(())
+}
+
 /// The exit status of a message left pending: EX_TEMPFAIL (sysexits.h),
 /// "try again later"; here the client itself tries again.
 const EX_TEMPFAIL: u8 = 75;
@@ -779,6 +809,9 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<ExitCode, client::Error> {
     let request = match cmd {
         Cmd::Listen => return listen(dir, &mut unlock, out).map(|()| ExitCode::SUCCESS),
         Cmd::Chat => return tidings::chat::run(dir, &mut unlock).map(|()| ExitCode::SUCCESS),
+        Cmd::ServerAddress { address } => {
+            return server_address(dir, &mut unlock, &address, out).map(|()| ExitCode::SUCCESS);
+        }
         Cmd::Register { invite, name } => Request::Register { code: invite, name },
         Cmd::Link { code } => Request::Link { code },
         Cmd::LinkCode => Request::LinkCode,

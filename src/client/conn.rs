@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use crate::noise::{self, ExpectServerHello, Keypair, NoiseError, Opened, PublicKey, Transport};
 use crate::wire::{
     self, ClientFrame, Deliver, EphemeralDeliver, ErrorCode, ExpiredNotice, Flow, FrameError, GapNotice,
-    HANDSHAKE_RECORD_CAP, MAX_RECORD_LEN, Presence, REFUSAL_LEN, ReceiptDeliver, RecordDecoder, RecordError, Refusal,
-    ServerFrame,
+    HANDSHAKE_RECORD_CAP, MAX_RECORD_LEN, Presence, REFUSAL_LEN, ReceiptDeliver, RecordDecoder, RecordError,
+    RefusalNotice, ServerFrame,
 };
 
 /// Timeouts of a client connection.
@@ -55,9 +55,10 @@ impl Default for ConnConfig {
 /// Why a connection ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Closed {
-    /// The server refused the preamble (spec §2): the reason and the
-    /// highest version it speaks.
-    Refused(Refusal, u8),
+    /// The server refused the connection in the clear (spec §2): a bad
+    /// preamble, or (reasons 3 and up) it is busy and says when to come
+    /// back.
+    Refused(RefusalNotice),
     /// The handshake failed: usually not the server the code named, or the
     /// server closed without a word (for example a revoked key on an older
     /// server).
@@ -202,16 +203,26 @@ impl Conn {
         self.last_rx = now;
         self.ping_sent = false;
         if let State::ExpectServerHello(_) = self.state {
-            // spec §2: a refusal is 10 clear bytes starting with the magic;
-            // a handshake record starts with a length far below 'T' << 8.
+            // spec §2: a refusal is 10 or 12 clear bytes starting with the
+            // magic; a handshake record starts with a length far below
+            // 'T' << 8.
             if !self.sniff.is_empty() || (self.decoder.buffered() == 0 && data[0] == wire::MAGIC[0]) {
-                let take = (REFUSAL_LEN - self.sniff.len()).min(data.len());
-                self.sniff.extend_from_slice(&data[..take]);
-                if self.sniff.len() < REFUSAL_LEN {
+                let mut data = data;
+                while !data.is_empty() {
+                    let want = RefusalNotice::len_for(&self.sniff).unwrap_or(REFUSAL_LEN);
+                    if self.sniff.len() >= want {
+                        break;
+                    }
+                    let take = (want - self.sniff.len()).min(data.len());
+                    self.sniff.extend_from_slice(&data[..take]);
+                    data = &data[take..];
+                }
+                let want = RefusalNotice::len_for(&self.sniff).unwrap_or(REFUSAL_LEN);
+                if self.sniff.len() < want {
                     return;
                 }
-                let closed = match Refusal::parse(&self.sniff) {
-                    Some((reason, version)) => Closed::Refused(reason, version),
+                let closed = match RefusalNotice::parse(&self.sniff) {
+                    Some(n) => Closed::Refused(n),
                     None => Closed::Handshake,
                 };
                 self.finish(closed);
@@ -238,7 +249,19 @@ impl Conn {
     /// Handles the end of the stream from the server.
     pub fn handle_eof(&mut self) {
         let closed = match self.state {
-            State::ExpectServerHello(_) => Closed::Handshake,
+            // A busy refusal cut short still says the server was busy.
+            State::ExpectServerHello(_) => match RefusalNotice::parse(&self.sniff) {
+                Some(n) => Closed::Refused(n),
+                None if self.sniff.len() >= REFUSAL_LEN => match self.sniff.get(8) {
+                    Some(&r) if r >= 3 && self.sniff[..7] == wire::MAGIC => Closed::Refused(RefusalNotice {
+                        reason: r,
+                        version: self.sniff[9],
+                        retry_after: None,
+                    }),
+                    _ => Closed::Handshake,
+                },
+                None => Closed::Handshake,
+            },
             _ => Closed::EndOfStream,
         };
         self.finish(closed);

@@ -52,6 +52,11 @@ use crate::code::Code;
 use crate::noise::PublicKey;
 use crate::wire::{self, ClientFrame, DeviceAddr, DeviceId, MsgId, ServerFrame};
 
+/// How a connection refused as busy (spec §2) is tried again: at least
+/// the server's retry-after, growing, for up to two minutes.
+const BUSY_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(500), Duration::from_secs(8)).giving_up_after(Duration::from_secs(120));
+
 /// How long a request may wait for its answer.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -382,6 +387,41 @@ impl Client {
     }
 
     pub(super) fn connect_to(&mut self, addr: &str, server_key: &PublicKey, within: Duration) -> Result<(), Error> {
+        // spec §2: a busy server refuses in the clear and says when to
+        // come back. It is there and will take us: wait as told (longer
+        // each time, with some randomness so that many clients do not
+        // come back at once), whatever `within` says, and try again.
+        let mut backoff = BUSY_BACKOFF;
+        loop {
+            match self.connect_once(addr, server_key, within) {
+                Err(Error::Closed(Closed::Refused(n))) if n.is_busy() => {
+                    let now = self.now();
+                    let Some(next) = backoff.next(now) else {
+                        return Err(Error::Closed(Closed::Refused(n)));
+                    };
+                    let asked = Duration::from_secs(n.retry_after.map_or(1, u64::from).max(1));
+                    let at = next.max(now + asked) + self.jitter(asked);
+                    log::warn!(
+                        "{}; trying again in {:.1} s",
+                        Error::Closed(Closed::Refused(n)),
+                        at.saturating_duration_since(now).as_secs_f64()
+                    );
+                    self.drop_conn();
+                    self.pause(at);
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Up to `max` more, at random.
+    fn jitter(&self, max: Duration) -> Duration {
+        let mut b = [0u8; 4];
+        let _ = self.rng.fill(&mut b);
+        max.mul_f64(f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX))
+    }
+
+    fn connect_once(&mut self, addr: &str, server_key: &PublicKey, within: Duration) -> Result<(), Error> {
         if self.is_connected() {
             return Ok(());
         }

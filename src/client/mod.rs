@@ -177,7 +177,8 @@ impl Error {
                     *code,
                     ErrorCode::IDLE_TIMEOUT | ErrorCode::SHUTTING_DOWN | ErrorCode::SLOW_CONSUMER
                 ),
-                C::Refused(..) | C::Handshake | C::Local => false,
+                C::Refused(n) => n.is_busy(),
+                C::Handshake | C::Local => false,
             },
             Error::Server { code, .. } => matches!(*code, ErrorCode::RATE_LIMITED | ErrorCode::INTERNAL),
             _ => false,
@@ -217,13 +218,35 @@ impl std::fmt::Display for conn::Closed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         use conn::Closed as C;
         match self {
-            C::Refused(wire_reason, version) => write!(
-                f,
-                "the server refused the connection ({wire_reason:?}; it speaks protocol version {version}, this client {})",
-                crate::wire::PROTOCOL_VERSION
-            ),
+            C::Refused(n) => {
+                use crate::wire::Refusal as R;
+                let why = match n.known() {
+                    Some(R::BadMagic) => "it does not take this protocol",
+                    Some(R::UnsupportedVersion) => "it does not speak this client's protocol version",
+                    Some(R::AddressConnections) => "too many connections are open from this address",
+                    Some(R::AddressRate) => "too many new connections came from this address in the last second",
+                    Some(R::ServerFull) => "it has as many connections as it takes",
+                    Some(R::ShuttingDown) => "it is shutting down",
+                    None => "a reason this client does not know",
+                };
+                write!(f, "the server refused the connection: {why}")?;
+                match n.retry_after {
+                    Some(s) if n.is_busy() => write!(f, "; try again in {s} s"),
+                    _ if n.is_busy() => f.write_str("; try again later"),
+                    _ => write!(
+                        f,
+                        " (it speaks protocol version {}, this client {})",
+                        n.version,
+                        crate::wire::PROTOCOL_VERSION
+                    ),
+                }
+            }
+            // spec §4.2: a server that cannot decrypt message 1 (another
+            // key) closes without a word; a busy one says so (§2), so this
+            // is the pinned key, or something in between that drops
+            // connections.
             C::Handshake => f.write_str(
-                "the handshake failed: the server's key is not the one this profile pinned, or it dropped the connection",
+                "the handshake failed: the server's key is not the one this profile pinned (or something between here and the server dropped the connection)",
             ),
             C::ByServer { code, .. } if *code == ErrorCode::REVOKED => f.write_str(
                 "this device was revoked (by another device of the account or by the server's operator), so the server no longer accepts it; to use the account here again, link a new profile with a code from a current device",

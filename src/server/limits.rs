@@ -1,8 +1,10 @@
 //! Limits before authentication (spec §9): per source address, a cap on
 //! open connections and a token bucket on new connections (each of which
 //! costs a handshake: two Curve25519 operations and more). A refused
-//! connection is closed at once, before a byte is read, so one address
-//! cannot take the daemon's memory or CPU from everyone else.
+//! connection gets a refusal in the clear (spec §2: the reason and a
+//! retry-after) before a byte is read, and is closed, so one address
+//! cannot take the daemon's memory or CPU from everyone else, and its
+//! client knows to wait rather than suspect the server's key.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

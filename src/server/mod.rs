@@ -15,17 +15,21 @@
 
 pub mod admin;
 pub mod core;
+pub mod doctor;
+pub mod health;
 pub mod limits;
+pub mod metrics;
 #[cfg(test)]
 mod sim;
 pub mod sweeper;
 #[cfg(test)]
 mod tests;
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,12 +43,29 @@ use self::sweeper::{RetentionConfig, Sweeper};
 use crate::hub::{Effect, HubConfig, Now, Refusal, Shared};
 use crate::session::SessionConfig;
 use crate::store::{Sink, Store, StoreApi, StoreConfig, StoreError, StoreThreads};
+use crate::wire::Refusal as WireRefusal;
 
 const LISTENER: Token = Token(usize::MAX);
 const WAKER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
 /// Bytes read per `read` call, into the loop's one read buffer.
 const READ_CHUNK: usize = 64 * 1024;
+/// Refused connections kept open per loop, reading and discarding what the
+/// client sent, so that closing them does not reset the connection before
+/// the client read the refusal; past it they are closed at once.
+const MAX_LINGERING: usize = 256;
+/// How long a refused connection lingers at most.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Seconds a refused client is told to wait (spec §2), per reason.
+fn retry_after(why: WireRefusal) -> u16 {
+    match why {
+        WireRefusal::AddressRate => 1,
+        WireRefusal::AddressConnections | WireRefusal::ShuttingDown => 5,
+        WireRefusal::ServerFull => 10,
+        WireRefusal::BadMagic | WireRefusal::UnsupportedVersion => 0,
+    }
+}
 
 /// A daemon failure.
 #[derive(Debug, Error)]
@@ -89,10 +110,14 @@ pub struct ServerConfig {
     pub store: StoreConfig,
     /// Limits per source address, before authentication.
     pub per_ip: IpLimitConfig,
+    /// Most open connections in all (`limits.max_connections`).
+    pub max_connections: u32,
     /// Retention.
     pub retention: RetentionConfig,
     /// The configuration file, re-read on SIGHUP (for `store.min_free`).
     pub config_file: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (`[metrics] listen`), if at all.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ServerConfig {
@@ -107,20 +132,26 @@ impl ServerConfig {
             hub: HubConfig::default(),
             store: StoreConfig::default(),
             per_ip: IpLimitConfig::default(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             retention: RetentionConfig::default(),
             config_file: None,
+            metrics_listen: None,
         }
     }
 }
 
 /// The port the daemon listens on by default.
 pub const DEFAULT_PORT: u16 = 7420;
+/// Most open connections in all, by default (`limits.max_connections`).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 100_000;
 
 /// Work handed to a loop from other threads.
 pub struct Mailbox {
     effects: Mutex<Vec<Effect>>,
     waker: Waker,
     stop: AtomicBool,
+    /// Turns of the loop: the watchdog's sign that it is not stuck.
+    beats: std::sync::atomic::AtomicU64,
 }
 
 impl Mailbox {
@@ -183,12 +214,27 @@ impl Loops {
             m.stop();
         }
     }
+
+    /// Each loop's turns so far.
+    pub fn beats(&self) -> Vec<u64> {
+        self.mailboxes.iter().map(|m| m.beats.load(Ordering::Relaxed)).collect()
+    }
+
+    /// Wakes every loop for a turn (the watchdog's probe).
+    pub fn wake_all(&self) {
+        for m in self.mailboxes.iter() {
+            m.wake();
+        }
+    }
 }
 
 /// A connection's socket and where it comes from.
 pub struct Socket {
     stream: TcpStream,
     ip: IpAddr,
+    /// Input left unread while the output is over the cap (spec §9); read
+    /// again once the output drains.
+    paused: bool,
 }
 
 /// One event loop.
@@ -206,6 +252,14 @@ pub struct Worker {
     closed: bool,
     /// Re-read on SIGHUP.
     config_file: Option<PathBuf>,
+    /// Open connections of every loop (`limits.max_connections`).
+    open: Arc<AtomicUsize>,
+    max_connections: usize,
+    /// Refused connections being drained before they close.
+    lingering: VecDeque<(TcpStream, Instant)>,
+    /// Shutting down: new connections are refused.
+    stopping: bool,
+    metrics: Arc<metrics::Metrics>,
 }
 
 /// A running daemon.
@@ -222,6 +276,9 @@ pub struct Server {
     /// The store thread and flusher, running from [`Server::bind`] on so
     /// that operator commands are served at once.
     store_threads: Option<StoreThreads>,
+    health: Arc<health::Health>,
+    /// The metrics endpoint, if configured.
+    metrics_endpoint: Option<metrics::Endpoint>,
 }
 
 impl Drop for Server {
@@ -269,6 +326,7 @@ impl Server {
                 effects: Mutex::new(Vec::new()),
                 waker,
                 stop: AtomicBool::new(false),
+                beats: std::sync::atomic::AtomicU64::new(0),
             }));
             polls.push(poll);
         }
@@ -276,6 +334,14 @@ impl Server {
             mailboxes: Arc::new(mailboxes),
         };
         let ip_limits = Arc::new(IpLimits::new(config.per_ip));
+        let open = Arc::new(AtomicUsize::new(0));
+        let metrics = metrics::Metrics::new();
+        {
+            let m = metrics.clone();
+            store.flusher().on_flush_time(move |d| m.flushed(d));
+        }
+        let mut session_config = config.session.clone();
+        session_config.observer = Some(metrics.clone());
         let mut workers = Vec::with_capacity(n);
         for (i, poll) in polls.into_iter().enumerate() {
             let listener = std_listener.try_clone().map_err(io_err("sharing the listener"))?;
@@ -297,7 +363,7 @@ impl Server {
                     i as u16,
                     shared.clone(),
                     server_key.clone(),
-                    config.session.clone(),
+                    session_config.clone(),
                     sink,
                 ),
                 limits: ip_limits.clone(),
@@ -306,10 +372,26 @@ impl Server {
                 signals: None,
                 closed: false,
                 config_file: config.config_file.clone(),
+                open: open.clone(),
+                max_connections: config.max_connections as usize,
+                lingering: VecDeque::new(),
+                stopping: false,
+                metrics: metrics.clone(),
             });
         }
+        let health = health::Health::new(store.clone(), shared.clone(), loops.clone(), open, metrics.clone());
         let store_threads = store.start().map_err(io_err("starting the store thread"))?;
-        let admin = admin::AdminServer::start(store.clone(), shared.clone(), loops.clone())
+        let metrics_endpoint = match config.metrics_listen {
+            Some(addr) => {
+                let h = health.clone();
+                Some(
+                    metrics::Endpoint::start(addr, metrics, move || h.gauges())
+                        .map_err(io_err("binding the metrics address"))?,
+                )
+            }
+            None => None,
+        };
+        let admin = admin::AdminServer::start(store.clone(), shared.clone(), loops.clone(), health.clone())
             .map_err(io_err("starting the admin socket"))?;
         Ok(Server {
             store,
@@ -320,6 +402,8 @@ impl Server {
             admin: Some(admin),
             retention: config.retention,
             store_threads: Some(store_threads),
+            health,
+            metrics_endpoint,
         })
     }
 
@@ -338,6 +422,16 @@ impl Server {
         self.loops.clone()
     }
 
+    /// The daemon's health (what `tidingsd status` shows).
+    pub fn health(&self) -> &Arc<health::Health> {
+        &self.health
+    }
+
+    /// Where metrics are served, if they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_endpoint.as_ref().map(metrics::Endpoint::addr)
+    }
+
     /// Runs until SIGTERM/SIGINT (if `handle_signals`) or
     /// [`Loops::stop`]: starts the flusher and the loops, then shuts down
     /// cleanly.
@@ -353,6 +447,7 @@ impl Server {
             self.retention,
         )
         .map_err(io_err("starting the sweeper"))?;
+        let watchdog = health::Watchdog::start(self.health.clone()).map_err(io_err("starting the watchdog"))?;
         if handle_signals {
             use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
             let mut signals = signal_hook_mio::v1_0::Signals::new([SIGTERM, SIGINT, SIGHUP])
@@ -388,6 +483,8 @@ impl Server {
             }
         }
         drop(admin);
+        watchdog.stop();
+        self.metrics_endpoint.take();
         sweeper.stop();
         if let Some(t) = self.store_threads.take() {
             self.store.stop(t);
@@ -405,14 +502,15 @@ impl Worker {
         let mut events = Events::with_capacity(1024);
         let mut stopping: Option<Instant> = None;
         loop {
+            self.mailbox.beats.fetch_add(1, Ordering::Relaxed);
             let timeout = self
                 .core
                 .next_timeout()
                 .map(|t| t.saturating_duration_since(Instant::now()));
-            let timeout = match (timeout, stopping) {
-                (Some(t), Some(_)) => Some(t.min(Duration::from_millis(50))),
-                (None, Some(_)) => Some(Duration::from_millis(50)),
-                (t, None) => t,
+            let timeout = match (timeout, stopping.is_some() || !self.lingering.is_empty()) {
+                (Some(t), true) => Some(t.min(Duration::from_millis(50))),
+                (None, true) => Some(Duration::from_millis(50)),
+                (t, false) => t,
             };
             if let Err(e) = self.poll.poll(&mut events, timeout)
                 && e.kind() != io::ErrorKind::Interrupted
@@ -469,6 +567,7 @@ impl Worker {
             }
             self.flush_output(now);
             self.loops.post_all(self.core.take_remote());
+            self.drain_lingering(now.mono);
             if let Some(since) = stopping {
                 // Answers that wait for the store go out before the
                 // connections close (the store thread writes every copy
@@ -507,29 +606,82 @@ impl Worker {
         }
     }
 
-    /// Stops accepting, and asks the store to write every copy still in
-    /// memory now, so that what waits for it is answered before the
-    /// connections close.
+    /// Refuses new connections from now on (spec §2, `SHUTTING_DOWN`),
+    /// and asks the store to write every copy still in memory now, so that
+    /// what waits for it is answered before the connections close.
     fn begin_shutdown(&mut self, _now: Now) {
-        if let Some(mut l) = self.listener.take() {
-            let _ = self.poll.registry().deregister(&mut l);
-        }
+        self.stopping = true;
         self.store.write_all();
     }
 
+    /// Refuses a connection in the clear (spec §2): the refusal, then
+    /// our side closed; what the client sent is read and dropped for a
+    /// moment so that the close does not reset the connection before the
+    /// client read the refusal.
+    fn refuse(&mut self, mut stream: TcpStream, why: WireRefusal, now: Instant) {
+        // A fresh socket's send buffer always takes 12 bytes.
+        let _ = stream.write(&why.busy_bytes(retry_after(why)));
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        if self.lingering.len() >= MAX_LINGERING {
+            self.lingering.pop_front();
+        }
+        self.lingering.push_back((stream, now + LINGER));
+    }
+
+    /// Reads and drops what refused clients sent; closes each at its end
+    /// of stream or deadline.
+    fn drain_lingering(&mut self, now: Instant) {
+        let mut buf = [0u8; 1024];
+        self.lingering.retain_mut(|(stream, deadline)| {
+            if now >= *deadline {
+                return false;
+            }
+            loop {
+                match stream.read(&mut buf) {
+                    Ok(0) => return false,
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => return false,
+                }
+            }
+        });
+    }
+
     fn accept(&mut self, now: Now) {
-        let Some(listener) = self.listener.as_ref() else { return };
         loop {
+            let Some(listener) = self.listener.as_ref() else { return };
             match listener.accept() {
                 Ok((stream, peer)) => {
-                    // spec §9: per-address limits, before a byte is read.
-                    if let Err(why) = self.limits.admit(peer.ip(), now.mono) {
+                    // spec §2, §9: the server's and the per-address limits,
+                    // before a byte is read; refused in the clear.
+                    let refusal = if self.stopping {
+                        Some(WireRefusal::ShuttingDown)
+                    } else if self.open.load(Ordering::Relaxed) >= self.max_connections {
+                        Some(WireRefusal::ServerFull)
+                    } else {
+                        match self.limits.admit(peer.ip(), now.mono) {
+                            Ok(()) => None,
+                            Err(limits::Refused::Connections) => Some(WireRefusal::AddressConnections),
+                            Err(limits::Refused::Rate) => Some(WireRefusal::AddressRate),
+                        }
+                    };
+                    if let Some(why) = refusal {
                         log::debug!("refused a connection from {}: {why:?}", peer.ip());
-                        drop(stream);
+                        self.metrics.limited(why);
+                        self.refuse(stream, why, now.mono);
                         continue;
                     }
+                    self.open.fetch_add(1, Ordering::Relaxed);
                     let _ = stream.set_nodelay(true);
-                    let serial = self.core.accept(Socket { stream, ip: peer.ip() }, now);
+                    let serial = self.core.accept(
+                        Socket {
+                            stream,
+                            ip: peer.ip(),
+                            paused: false,
+                        },
+                        now,
+                    );
                     let Some(conn) = self.core.conn_mut(serial) else {
                         continue;
                     };
@@ -554,16 +706,26 @@ impl Worker {
         }
     }
 
-    /// Reads until `WouldBlock` (readiness is edge-triggered).
+    /// Reads until `WouldBlock` (readiness is edge-triggered), or until
+    /// the connection's output is over the cap: then its input waits
+    /// (spec §9) until [`Worker::write`] drained the output.
     fn read(&mut self, serial: u64, now: Now) {
         loop {
             let Some(conn) = self.core.conn_mut(serial) else { return };
+            if !conn.session.wants_input() {
+                conn.io.paused = true;
+                return;
+            }
+            conn.io.paused = false;
             match conn.io.stream.read(&mut self.read_buf) {
                 Ok(0) => {
                     self.core.hang_up(serial);
                     return;
                 }
-                Ok(n) => self.core.input(serial, &self.read_buf[..n], now),
+                Ok(n) => {
+                    self.metrics.read(n);
+                    self.core.input(serial, &self.read_buf[..n], now)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => {
@@ -583,7 +745,17 @@ impl Worker {
                 return;
             }
             match conn.io.stream.write(out) {
-                Ok(n) => self.core.wrote(serial, n, now),
+                Ok(n) => {
+                    self.metrics.wrote(n);
+                    self.core.wrote(serial, n, now);
+                    if let Some(conn) = self.core.conn_mut(serial)
+                        && conn.io.paused
+                        && conn.session.wants_input()
+                    {
+                        // Readiness was consumed while paused: read now.
+                        self.read(serial, now);
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => {
@@ -608,6 +780,35 @@ impl Worker {
         for (_, mut socket) in self.core.take_dead() {
             let _ = self.poll.registry().deregister(&mut socket.stream);
             self.limits.release(socket.ip);
+            self.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+
+    /// The retry-after the daemon sends is the one the spec's vectors show
+    /// (spec §2).
+    #[test]
+    fn busy_refusals_are_the_vectors() {
+        for (why, file) in [
+            (WireRefusal::AddressConnections, "refusal-address-connections.hex"),
+            (WireRefusal::AddressRate, "refusal-address-rate.hex"),
+            (WireRefusal::ServerFull, "refusal-server-full.hex"),
+            (WireRefusal::ShuttingDown, "refusal-shutting-down.hex"),
+        ] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("protocol-spec/vectors")
+                .join(file);
+            let text = std::fs::read_to_string(path).unwrap();
+            let hex: String = text
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .flat_map(|l| l.chars().filter(|c| !c.is_whitespace()))
+                .collect();
+            assert_eq!(hex::decode(hex).unwrap(), why.busy_bytes(retry_after(why)), "{file}");
         }
     }
 }

@@ -457,8 +457,11 @@ fn client_close_ends_the_session() {
     assert!(p.session.is_closed());
 }
 
+/// spec §9: past the cap the driver stops reading the input; a peer whose
+/// output still grows past the slack gets `Close SLOW_CONSUMER` (queued
+/// behind what it did not read) and is dropped after the linger.
 #[test]
-fn peer_that_does_not_read_is_dropped() {
+fn peer_that_does_not_read_gets_close_then_is_dropped() {
     let mut p = Pair::new(Identity::Device(ALICE));
     p.handshake();
     let big = ServerFrame::Error {
@@ -469,8 +472,96 @@ fn peer_that_does_not_read_is_dropped() {
     while p.session.send(0, &big, p.now) {
         sent += 1;
         assert!(sent < 100);
+        if sent == 18 {
+            assert!(!p.session.wants_input(), "input waits past the 1 MiB cap");
+        }
     }
-    assert!(sent >= 16);
+    assert!(sent >= 34, "{sent}");
+    assert_eq!(p.session.phase(), Phase::Closing);
+    assert!(!p.session.is_closed(), "the Close waits to be written");
+    let out = p.output();
+    let frames = p.client.read(&out);
+    assert!(matches!(
+        frames.last(),
+        Some((
+            0,
+            ServerFrame::Close {
+                code: ErrorCode::SLOW_CONSUMER,
+                ..
+            }
+        ))
+    ));
+    assert!(p.session.is_closed());
+}
+
+/// spec §9: a client that reads is never dropped: its input waits while
+/// the output is over the cap, and is read again once it drained.
+#[test]
+fn output_over_the_cap_pauses_input_only() {
+    let mut p = Pair::new(Identity::Device(ALICE));
+    p.handshake();
+    let big = ServerFrame::Error {
+        code: ErrorCode::INTERNAL,
+        text: "x".repeat(60_000),
+    };
+    while p.session.wants_input() {
+        assert!(p.session.send(0, &big, p.now));
+    }
+    assert_eq!(p.session.phase(), Phase::Authenticated);
+    let out = p.output();
+    assert_eq!(p.client.read(&out).len(), 18);
+    assert!(p.session.wants_input());
+    assert_eq!(p.request(9, &ClientFrame::Ping), vec![(9, ServerFrame::Pong)]);
+}
+
+/// spec §9: a peer whose input waited (output over the cap) and that read
+/// nothing until the idle timeout is told it does not read.
+#[test]
+fn silence_with_the_output_over_the_cap_is_a_slow_consumer() {
+    let mut p = Pair::new(Identity::Device(ALICE));
+    p.handshake();
+    let big = ServerFrame::Error {
+        code: ErrorCode::INTERNAL,
+        text: "x".repeat(60_000),
+    };
+    while p.session.wants_input() {
+        assert!(p.session.send(0, &big, p.now));
+    }
+    p.now += SessionConfig::default().idle_timeout;
+    p.session.handle_timeout(p.now);
+    let out = p.output();
+    assert!(matches!(
+        p.client.read(&out).last(),
+        Some((
+            0,
+            ServerFrame::Close {
+                code: ErrorCode::SLOW_CONSUMER,
+                ..
+            }
+        ))
+    ));
+}
+
+/// spec §5.2 `Close`: a request in the same read as the `Close` behind it
+/// still reaches the hub as the device that sent it.
+#[test]
+fn a_request_before_close_in_one_read_is_still_the_devices() {
+    let mut p = Pair::new(Identity::Device(ALICE));
+    p.handshake();
+    assert_eq!(p.session.poll_event(), Some(Event::Authenticated(ALICE)));
+    let mut bytes = p.client.frame(4, &send_frame(), p.now);
+    bytes.extend(p.client.frame(0, &ClientFrame::Close, p.now));
+    p.input(&bytes);
+    assert_eq!(
+        p.session.poll_event(),
+        Some(Event::Frame {
+            req: 4,
+            frame: send_frame()
+        })
+    );
+    assert_eq!(p.session.device(), Some(ALICE));
+    assert_eq!(p.session.remote_static(), Some(&p.client.key.public));
+    assert_eq!(p.session.room(), 0, "nothing more is delivered");
     assert!(p.session.is_closed());
 }
 
@@ -552,4 +643,37 @@ fn closing_again_does_not_extend_the_linger() {
         .close(ErrorCode::SHUTTING_DOWN, "bye", t0 + Duration::from_secs(4));
     p.session.handle_timeout(t0 + Duration::from_secs(5));
     assert!(p.session.is_closed());
+}
+
+/// Vector `server-03-error-unsupported` is what the session answers to
+/// vector `invalid-client-unknown-tag`, byte for byte (spec §5.1, §5.3).
+#[test]
+fn the_unsupported_vector_is_the_sessions_answer() {
+    let vector = |name: &str| {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("protocol-spec/vectors")
+            .join(name);
+        let text = std::fs::read_to_string(path).unwrap();
+        let hex: String = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .flat_map(|l| l.chars().filter(|c| !c.is_whitespace()))
+            .collect();
+        hex::decode(hex).unwrap()
+    };
+    let mut p = Pair::new(Identity::Device(ALICE));
+    p.handshake();
+    let _ = p.session.poll_event();
+    let bytes = p.client.raw(&vector("invalid-client-unknown-tag.hex"), p.now);
+    p.input(&bytes);
+    let out = p.output();
+    let records = records(&mut p.client.decoder, &out);
+    assert_eq!(records.len(), 1);
+    p.client
+        .transport
+        .as_mut()
+        .unwrap()
+        .open(&records[0], &mut p.client.plain)
+        .unwrap();
+    assert_eq!(p.client.plain, vector("server-03-error-unsupported.hex"));
 }

@@ -58,6 +58,15 @@ pub struct DeviceRecord {
     pub revoked_ms: Option<u64>,
 }
 
+/// An invite as `tidingsd invites` lists it: id, uses left, expiry.
+pub type InviteInfo = ([u8; 8], u32, Option<u64>);
+
+/// Tree of deleted accounts whose names are reserved: name → (id, when).
+const DELETED_USERS: &str = "deleted_users";
+/// Prefix of the name a freed account's record is kept under: not a valid
+/// user name, so nobody can register or look it up.
+const FREED: &str = "#freed.";
+
 /// Most link codes a user may have outstanding (asked for, not yet used,
 /// not expired); one more is refused (spec §6).
 pub const MAX_LINK_CODES: usize = 3;
@@ -202,6 +211,9 @@ impl Allowance {
 #[derive(Default)]
 struct Index {
     by_name: HashMap<Arc<str>, UserId>,
+    /// Names of deleted accounts, reserved until the retention period
+    /// passed: the account and when it was deleted.
+    reserved: HashMap<Arc<str>, (UserId, u64)>,
     users: HashMap<UserId, CachedUser>,
     /// Every device's static key, revoked ones too.
     by_key: HashMap<PublicKey, DeviceKey>,
@@ -217,6 +229,7 @@ struct Index {
 pub struct Accounts {
     meta: sled::Tree,
     users: sled::Tree,
+    deleted: sled::Tree,
     devices: sled::Tree,
     keys: sled::Tree,
     invites: sled::Tree,
@@ -274,8 +287,21 @@ impl Accounts {
             let name: Arc<str> = std::str::from_utf8(&name)
                 .map_err(|_| StoreError::Corrupt("users"))?
                 .into();
-            index.by_name.insert(name.clone(), UserId(record.id));
+            // A freed account's record, kept under a name nobody can
+            // register, so that its devices' keys stay known as revoked.
+            if !name.starts_with(FREED) {
+                index.by_name.insert(name.clone(), UserId(record.id));
+            }
             index.users.insert(UserId(record.id), CachedUser::new(name, record));
+        }
+        let deleted = db.open_tree(DELETED_USERS)?;
+        for item in deleted.iter() {
+            let (name, value) = item?;
+            let (id, when): (u32, u64) = decode(&value, DELETED_USERS)?;
+            let name = std::str::from_utf8(&name).map_err(|_| StoreError::Corrupt(DELETED_USERS))?;
+            if let Some((name, _)) = index.by_name.remove_entry(name) {
+                index.reserved.insert(name, (UserId(id), when));
+            }
         }
         for item in devices.iter() {
             let (key, value) = item?;
@@ -326,6 +352,7 @@ impl Accounts {
         Ok(Accounts {
             meta,
             users,
+            deleted,
             devices,
             keys: db.open_tree("keys")?,
             invites: db.open_tree("invites")?,
@@ -450,12 +477,14 @@ impl Accounts {
             .collect()
     }
 
-    /// Every user: name, id, current device count; by name.
+    /// Every user: name, id, current device count; by name. Deleted
+    /// accounts are not among them (see [`Accounts::reserved_names`]).
     pub fn users(&self) -> Vec<(Arc<str>, UserId, usize)> {
         let index = self.read();
         let mut all: Vec<_> = index
             .users
             .iter()
+            .filter(|(_, u)| index.by_name.contains_key(&u.name))
             .map(|(id, u)| {
                 (
                     u.name.clone(),
@@ -668,7 +697,7 @@ impl Accounts {
             return Ok(Err(RegisterError::InvalidName));
         }
         let mut index = self.write();
-        if index.by_name.contains_key(name) {
+        if index.by_name.contains_key(name) || index.reserved.contains_key(name) {
             // Check the invite first so that a bad invite cannot probe names.
             let t = &self.invites;
             let valid = match t.get(invite.id)? {
@@ -689,11 +718,26 @@ impl Accounts {
         };
         let user_record = (&self.meta, &self.users, &self.devices, &self.keys, &self.invites).transaction(
             |(meta, users, devices, keys, invites)| {
+                // spec §5.2 `Register`: a refused registration never uses
+                // up its invite, so the key is checked before the use is
+                // taken (and after the invite, so the order of the errors
+                // stays the spec's).
+                if keys.get(key)?.is_some() {
+                    let valid = match invites.get(invite.id)? {
+                        Some(b) => match decode(&b, "invites") {
+                            Ok(r) => self.verify(invite, &r, now_ms),
+                            Err(e) => return abort(e),
+                        },
+                        None => false,
+                    };
+                    return Ok(Err(if valid {
+                        RegisterError::KeyInUse
+                    } else {
+                        RegisterError::InvalidInvite
+                    }));
+                }
                 if self.take_use(invites, invite, now_ms)?.is_none() {
                     return Ok(Err(RegisterError::InvalidInvite));
-                }
-                if keys.get(key)?.is_some() {
-                    return Ok(Err(RegisterError::KeyInUse));
                 }
                 let id = match meta.get("next_user")? {
                     Some(b) => be_u32(&b).unwrap_or(1),
@@ -843,6 +887,92 @@ impl Accounts {
         Ok(true)
     }
 
+    /// Every invite stored: its id, uses left, and expiry (`None`:
+    /// never), expired ones not yet swept included; by id.
+    ///
+    /// # Errors
+    /// On a database failure or a corrupt record.
+    pub fn invites(&self) -> Result<Vec<InviteInfo>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.invites.iter() {
+            let (id, value) = item?;
+            let record: TokenRecord = decode(&value, "invites")?;
+            let id: [u8; 8] = id.as_ref().try_into().map_err(|_| StoreError::Corrupt("invites"))?;
+            out.push((id, record.uses_left, record.expires_ms));
+        }
+        Ok(out)
+    }
+
+    /// Deletes an invite; false if there is no such invite. The caller
+    /// flushes.
+    ///
+    /// # Errors
+    /// On a database failure.
+    pub fn revoke_invite(&self, id: [u8; 8]) -> Result<bool, StoreError> {
+        Ok(self.invites.remove(id)?.is_some())
+    }
+
+    /// Marks account `user` deleted at `now_ms` (its devices must be
+    /// revoked already): its name no longer finds it (`UNKNOWN_USER`),
+    /// and nobody can register the name until [`Accounts::free_names`]
+    /// frees it after the retention period, so nobody new gets messages
+    /// meant for the old owner. Returns false if there is no such user.
+    ///
+    /// # Errors
+    /// On a database failure.
+    pub fn delete_user(&self, user: UserId, now_ms: u64) -> Result<bool, StoreError> {
+        let mut index = self.write();
+        let Some(name) = index.users.get(&user).map(|u| u.name.clone()) else {
+            return Ok(false);
+        };
+        if index.by_name.get(&name) != Some(&user) {
+            return Ok(false);
+        }
+        self.deleted.insert(name.as_bytes(), encode(&(user.0, now_ms)))?;
+        index.by_name.remove(&name);
+        index.reserved.insert(name, (user, now_ms));
+        Ok(true)
+    }
+
+    /// Deleted accounts whose names are still reserved: name, when deleted.
+    pub fn reserved_names(&self) -> Vec<(Arc<str>, u64)> {
+        let mut all: Vec<_> = self.read().reserved.iter().map(|(n, (_, t))| (n.clone(), *t)).collect();
+        all.sort();
+        all
+    }
+
+    /// Frees the names of accounts deleted before `cutoff_ms` (the
+    /// retention sweeper calls it): each account's record moves to a name
+    /// nobody can register, its devices' keys stay known as revoked, and
+    /// the name can be registered again. Returns how many were freed.
+    ///
+    /// # Errors
+    /// On a database failure.
+    pub fn free_names(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
+        let mut index = self.write();
+        let due: Vec<(Arc<str>, UserId)> = index
+            .reserved
+            .iter()
+            .filter(|(_, (_, t))| *t < cutoff_ms)
+            .map(|(n, (id, _))| (n.clone(), *id))
+            .collect();
+        for (name, id) in &due {
+            let freed: Arc<str> = format!("{FREED}{}", id.0).into();
+            (&self.users, &self.deleted).transaction(|(users, deleted)| {
+                if let Some(v) = users.remove(name.as_bytes())? {
+                    users.insert(freed.as_bytes(), v)?;
+                }
+                deleted.remove(name.as_bytes())?;
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })?;
+            index.reserved.remove(name);
+            if let Some(u) = index.users.get_mut(id) {
+                u.name = freed;
+            }
+        }
+        Ok(due.len())
+    }
+
     /// Records that a device authenticated or went offline. Not flushed on
     /// its own: losing it in a crash only makes "last seen" older.
     ///
@@ -886,3 +1016,6 @@ impl Accounts {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

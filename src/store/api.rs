@@ -399,6 +399,47 @@ pub enum Op {
     },
     /// Answer once everything submitted before is durable.
     Sync,
+    /// Delete an invite (operator).
+    RevokeInvite {
+        /// Its id.
+        id: [u8; 8],
+    },
+    /// Delete an account (operator): every device revoked (queues and keys
+    /// go), the name reserved for the retention period.
+    DeleteUser {
+        /// Whose.
+        user: UserId,
+        /// Now.
+        now_ms: u64,
+    },
+    /// Write a backup of the data directory (operator), with nothing
+    /// changing meanwhile (see `store::backup`).
+    Backup {
+        /// Where it goes.
+        out: BackupSink,
+    },
+}
+
+/// Where [`Op::Backup`] writes: taken once by the store thread.
+#[derive(Clone)]
+pub struct BackupSink(Arc<Mutex<Option<Box<dyn std::io::Write + Send>>>>);
+
+impl BackupSink {
+    /// A sink writing to `w`.
+    pub fn new(w: impl std::io::Write + Send + 'static) -> BackupSink {
+        BackupSink(Arc::new(Mutex::new(Some(Box::new(w)))))
+    }
+
+    /// The writer, the first time.
+    pub fn take(&self) -> Option<Box<dyn std::io::Write + Send>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+impl std::fmt::Debug for BackupSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BackupSink")
+    }
 }
 
 /// What an operation did.
@@ -456,6 +497,13 @@ pub enum Outcome {
     Notified(Vec<DeviceKey>),
     /// For [`Op::Sync`].
     Synced,
+    /// For [`Op::RevokeInvite`]: whether there was such an invite.
+    InviteRevoked(bool),
+    /// For [`Op::DeleteUser`]: the devices revoked, or `None` if there is
+    /// no such account.
+    UserDeleted(Option<Vec<DeviceKey>>),
+    /// For [`Op::Backup`]: what was written, or why not.
+    BackedUp(Result<super::backup::Written, String>),
     /// The store failed (the request may be retried).
     Failed,
 }

@@ -128,6 +128,8 @@ struct Release {
 
 /// The trees the engine writes.
 pub(crate) struct Trees {
+    /// The database (for backups).
+    pub db: sled::Db,
     pub meta: sled::Tree,
     pub queues: sled::Tree,
     pub e2e: sled::Tree,
@@ -203,6 +205,7 @@ impl Engine {
     pub(crate) fn run(mut self) {
         loop {
             let started = Instant::now();
+            self.status.beat();
             let (ops, stop) = self.inbox.take();
             self.closing = stop;
             if let Err(e) = self.turn_with(ops, started, unix_ms()) {
@@ -715,6 +718,34 @@ impl Engine {
                 turn.dirty = true;
                 (Outcome::Synced, true)
             }
+            Op::RevokeInvite { id } => {
+                turn.dirty = true;
+                (Outcome::InviteRevoked(accounts.revoke_invite(id)?), true)
+            }
+            Op::DeleteUser { user, now_ms } => {
+                turn.dirty = true;
+                (Outcome::UserDeleted(self.delete_user(user, now_ms, turn)?), true)
+            }
+            Op::Backup { out } => {
+                // On this thread, the one writer of sled and of the spill
+                // log, so nothing changes while it copies (no segment is
+                // appended to or deleted). Every mark that moved is
+                // written first (else the restored server would deliver
+                // acknowledged copies again), then sled and the segments
+                // are flushed and synced together.
+                turn.marks_now = true;
+                self.write_marks(Instant::now(), turn)?;
+                let r = match out.take() {
+                    None => Err("the backup was taken already".to_string()),
+                    Some(_) if !self.flusher.flush_now() => Err("a flush failed".to_string()),
+                    Some(w) => {
+                        let status = self.status.clone();
+                        super::backup::write(&self.trees.db, &self.status.dir, _now_ms, w, &|| status.beat())
+                            .map_err(|e| e.to_string())
+                    }
+                };
+                (Outcome::BackedUp(r), false)
+            }
         }))
     }
 
@@ -983,6 +1014,32 @@ impl Engine {
         Ok(true)
     }
 
+    /// Deletes an account: revokes every current device (its queue, keys
+    /// and link codes go), then reserves its name (see
+    /// `Accounts::delete_user`). `None` if there is no such account.
+    fn delete_user(
+        &mut self,
+        user: UserId,
+        now_ms: u64,
+        turn: &mut Turn,
+    ) -> Result<Option<Vec<DeviceKey>>, StoreError> {
+        let mut devices = Vec::new();
+        if !self.accounts.current_devices(user, &mut devices) {
+            return Ok(None);
+        }
+        let mut revoked = Vec::new();
+        for device in devices {
+            let d = DeviceKey { user, device };
+            if self.revoke(d, now_ms, turn)? {
+                revoked.push(d);
+            }
+        }
+        if !self.accounts.delete_user(user, now_ms)? {
+            return Ok(None);
+        }
+        Ok(Some(revoked))
+    }
+
     /// Deletes a device's whole queue and its fold records.
     fn delete_queue(&mut self, d: DeviceKey, turn: &mut Turn) -> Result<(), StoreError> {
         let q = self.trees.queues.clone();
@@ -1086,6 +1143,12 @@ impl Engine {
                 turn.marks_now = true;
             }
             turn.release.segments.extend(spill.take_freed());
+            // Names of accounts deleted a retention period ago are free.
+            let freed = self.accounts.free_names(cutoff_ms)?;
+            if freed > 0 {
+                log::info!("{freed} deleted accounts' names are free again");
+                turn.dirty = true;
+            }
         }
         let mut expired: Vec<(DeviceKey, u64)> = Vec::new();
         let mut tombstones: Vec<Vec<u8>> = Vec::new();

@@ -34,12 +34,15 @@ use super::StoreError;
 pub struct Epoch(pub u64);
 
 type Waker = Box<dyn Fn() + Send + Sync>;
+type Timer = Box<dyn Fn(std::time::Duration) + Send + Sync>;
 
 #[derive(Default)]
 struct State {
     dirty: bool,
     stop: bool,
     wakers: Vec<Waker>,
+    /// Told how long each flush took (metrics).
+    timers: Vec<Timer>,
 }
 
 struct Inner {
@@ -130,6 +133,11 @@ impl Flusher {
         self.lock().wakers.push(Box::new(waker));
     }
 
+    /// Registers a callback told how long each successful flush took.
+    pub fn on_flush_time(&self, timer: impl Fn(std::time::Duration) + Send + Sync + 'static) {
+        self.lock().timers.push(Box::new(timer));
+    }
+
     /// Flushes once on the caller's thread, making every write tagged so
     /// far durable. Returns whether that worked.
     ///
@@ -166,8 +174,13 @@ impl Flusher {
 
     fn flush_once(&self) -> bool {
         let e = self.inner.write_epoch.fetch_add(1, Ordering::SeqCst);
+        let started = std::time::Instant::now();
         let ok = match self.sync() {
             Ok(_) => {
+                let took = started.elapsed();
+                for t in &self.lock().timers {
+                    t(took);
+                }
                 self.inner.durable.fetch_max(e, Ordering::SeqCst);
                 self.inner.flushes.fetch_add(1, Ordering::SeqCst);
                 true

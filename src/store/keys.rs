@@ -34,6 +34,12 @@ fn prefix(tag: u8, d: DeviceKey) -> [u8; 9] {
     k
 }
 
+/// Whether a key of the `e2e` tree is a one-time key's (for restores,
+/// which drop them: spec §5.4).
+pub(crate) fn is_one_time(k: &[u8]) -> bool {
+    k.first() == Some(&b'o')
+}
+
 fn one_time_key(d: DeviceKey, key: &[u8; 32]) -> [u8; 41] {
     let mut k = [0u8; 41];
     k[..9].copy_from_slice(&prefix(b'o', d));

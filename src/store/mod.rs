@@ -32,6 +32,7 @@
 
 mod accounts;
 pub mod api;
+pub mod backup;
 mod disk;
 mod engine;
 mod flusher;
@@ -40,6 +41,7 @@ mod keys;
 mod live;
 mod migrate;
 mod spill;
+mod stats;
 
 use std::collections::HashMap;
 use std::fs;
@@ -57,8 +59,8 @@ pub use accounts::{
     RegisterError, TokenRecord, UserRecord,
 };
 pub use api::{
-    Appended, Completion, Entry, GroupAppended, GroupChangeOp, GroupLimits, GroupRefused, GroupView, NewGroupMessage,
-    NewMessage, Op, Outcome, QueuedMessage, Quota, Read, Refused, Sink, StoreApi, Waiter,
+    Appended, BackupSink, Completion, Entry, GroupAppended, GroupChangeOp, GroupLimits, GroupRefused, GroupView,
+    NewGroupMessage, NewMessage, Op, Outcome, QueuedMessage, Quota, Read, Refused, Sink, StoreApi, Waiter,
 };
 pub use flusher::{Epoch, Flusher};
 pub use groups::Groups;
@@ -74,10 +76,46 @@ use crate::wire::{DeviceId, DeviceInfo, GroupId};
 /// blocks (trees of their own) and new kinds of queue entries and spill
 /// records, which a build of format 4 would not read.
 pub const FORMAT_VERSION: u32 = 5;
-const FORMAT_FILE: &str = "FORMAT";
-const FORMAT_MAGIC: &str = "tidings-data";
+pub(crate) const FORMAT_FILE: &str = "FORMAT";
+pub(crate) const FORMAT_MAGIC: &str = "tidings-data";
 /// `meta` key of the sequence ceiling.
 pub(crate) const SEQ_CEILING: &str = "seq_ceiling";
+
+/// What is at a data directory's path, before anything opens it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataDir {
+    /// Nothing.
+    Missing,
+    /// An empty directory.
+    Empty,
+    /// A tidings data directory (a `FORMAT` file, or a database of the
+    /// format before format files).
+    Data,
+    /// Something else: a file, or a directory with other things in it.
+    Foreign,
+    /// It cannot be looked at.
+    Unreadable(String),
+}
+
+impl DataDir {
+    /// Looks at `dir` without changing anything.
+    pub fn check(dir: &Path) -> DataDir {
+        match fs::read_dir(dir) {
+            Ok(mut entries) => {
+                if dir.join(FORMAT_FILE).is_file() || dir.join("db").join("conf").is_file() {
+                    DataDir::Data
+                } else if entries.next().is_none() {
+                    DataDir::Empty
+                } else {
+                    DataDir::Foreign
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => DataDir::Missing,
+            Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => DataDir::Foreign,
+            Err(e) => DataDir::Unreadable(e.to_string()),
+        }
+    }
+}
 
 /// A storage failure. Expected outcomes (name taken, duplicate message) are
 /// not errors; they come back as inner results or enum variants.
@@ -226,11 +264,19 @@ pub(crate) struct Status {
     pub failed: AtomicBool,
     min_free: AtomicU64,
     free: AtomicU64,
-    dir: PathBuf,
+    pub dir: PathBuf,
     on_failure: Mutex<Vec<Callback>>,
+    /// Turns of the store thread (and progress of a long operation): the
+    /// watchdog's sign that it is not stuck.
+    beats: AtomicU64,
 }
 
 impl Status {
+    /// The store thread made progress.
+    pub fn beat(&self) {
+        self.beats.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Measures free space and updates `full`.
     pub fn measure_space(&self) {
         let free = match fs2::available_space(&self.dir) {
@@ -274,6 +320,15 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// The data format of the directory `dir` (its `FORMAT` file), or `None`
+/// if it has none: for operator commands that must not migrate it.
+///
+/// # Errors
+/// An unreadable or foreign `FORMAT` file, or one newer than this build.
+pub fn data_format(dir: &Path) -> Result<Option<u32>, StoreError> {
+    read_format(dir)
 }
 
 /// Reads the format file: the directory's format version, or `None` for a
@@ -496,12 +551,14 @@ impl Store {
             free: AtomicU64::new(u64::MAX),
             dir: dir.to_path_buf(),
             on_failure: Mutex::new(Vec::new()),
+            beats: AtomicU64::new(0),
         });
         status.measure_space();
         let spill = Arc::new(Mutex::new(spill));
         sync_dir(dir)?;
         let engine = Engine::new(
             Trees {
+                db: db.clone(),
                 meta: meta.clone(),
                 queues: queues.clone(),
                 e2e,
@@ -760,6 +817,16 @@ impl Store {
     /// The highest sequence given out in `d`'s queue (0: none).
     pub fn last_seq(&self, d: DeviceKey) -> u64 {
         self.live.lock().last_seq(d)
+    }
+
+    /// Turns the store thread has made (see the watchdog).
+    pub fn store_beats(&self) -> u64 {
+        self.status.beats.load(Ordering::Relaxed)
+    }
+
+    /// Wakes the store thread for a turn (the watchdog's probe).
+    pub fn poke(&self) {
+        self.inbox.kick();
     }
 
     /// Bytes the spill log's segment files take (for operators).

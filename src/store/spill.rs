@@ -501,6 +501,58 @@ fn scan(path: &Path, mut each: impl FnMut(Loc, u64, Record)) -> Result<u64, Stor
     Ok(data.len() as u64)
 }
 
+/// The highest sequence number of any copy in the segment file at `path`
+/// (a restore moves every queue past it), 0 for none.
+///
+/// # Errors
+/// If the file cannot be read or its name is not a segment's.
+pub(crate) fn max_seq_in(path: &Path) -> Result<u64, StoreError> {
+    let mut max = 0;
+    scan(path, |_, _, r| {
+        for at in r.ats() {
+            max = max.max(parse_at(&at).1);
+        }
+    })?;
+    Ok(max)
+}
+
+/// When the oldest of the records at `locs` in the log in `dir` was
+/// accepted (for operators: read on their thread, without the log's
+/// lock). A record whose segment is gone meanwhile (delivered) or that
+/// does not check is passed over.
+pub(crate) fn oldest_at(dir: &Path, mut locs: Vec<Loc>) -> Option<u64> {
+    locs.sort_unstable_by_key(|l| (l.segment, l.offset));
+    locs.dedup();
+    let mut oldest: Option<u64> = None;
+    let mut file: Option<(u32, File)> = None;
+    for loc in locs {
+        if file.as_ref().is_none_or(|(s, _)| *s != loc.segment) {
+            file = File::open(segment_path(dir, loc.segment))
+                .ok()
+                .map(|f| (loc.segment, f));
+        }
+        let Some((_, f)) = &file else { continue };
+        let mut header = [0u8; HEADER as usize];
+        if f.read_exact_at(&mut header, u64::from(loc.offset)).is_err() {
+            continue;
+        }
+        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+        let crc = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+        if len > MAX_RECORD {
+            continue;
+        }
+        let mut payload = vec![0u8; len as usize];
+        if f.read_exact_at(&mut payload, u64::from(loc.offset) + HEADER).is_err() || crc32(&payload) != crc {
+            continue;
+        }
+        if let Ok(r) = decode(&payload) {
+            let time_ms = r.header().0;
+            oldest = Some(oldest.map_or(time_ms, |o| o.min(time_ms)));
+        }
+    }
+    oldest
+}
+
 /// Puts `i` in its place in sequence order (copies are usually appended
 /// in order, but a batch may write a device's copies out of order).
 /// False if that sequence is indexed already.
@@ -1201,6 +1253,13 @@ impl Spill {
             out.push(r);
         }
         Ok(out)
+    }
+
+    /// Where the first copy of every queue is (its oldest: a queue is in
+    /// acceptance order), for [`oldest_at`] to read outside the lock.
+    pub fn fronts(&self) -> (PathBuf, Vec<Loc>) {
+        let locs = self.queues.values().filter_map(|q| q.front().map(|i| i.loc)).collect();
+        (self.dir.clone(), locs)
     }
 
     /// Devices with copies in the log.

@@ -3340,3 +3340,132 @@ fn revoking_a_users_last_device_takes_it_out_of_every_group() {
     let r = r.reopen();
     assert_eq!(r.s.group(g).unwrap().version, 3);
 }
+
+/// A backup taken on the store thread carries sled and the spill log from
+/// one moment: restored, the copies waiting in the spill log come back
+/// with their numbers and bodies, the copies acknowledged before it stay
+/// gone (the backup writes the marks that had not been written yet), new
+/// numbers start past every old one, and the files under `blobs/` travel
+/// with it.
+#[test]
+fn a_backup_restores_the_spill_log_with_its_marks_and_the_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Rig::open(dir.path());
+    let (a, b, c) = (dev(1, 1), dev(2, 1), dev(3, 1));
+    for i in 1..=10u8 {
+        r.send(a, id(i), UserId(2), &[(b, &[i; 100], false)]);
+    }
+    r.step(true);
+    r.s.ack(b, 3);
+    r.step(true);
+    assert_eq!(mark(&r.s, b), Some(3));
+    r.advance(Duration::from_millis(100));
+    r.s.ack(b, 7);
+    r.step(true);
+    assert_eq!(mark(&r.s, b), Some(3), "the mark waits its second");
+    // A copy for an online device waits for its ack in memory: it was
+    // never acknowledged to its sender, and a backup need not have it.
+    r.send(a, id(11), UserId(3), &[(c, b"online", true)]);
+    assert!(!segments(&r.s).is_empty());
+    let blob = dir.path().join("blobs").join("ab");
+    std::fs::create_dir_all(&blob).unwrap();
+    std::fs::write(blob.join("abcdef"), b"an attachment").unwrap();
+
+    let out = tempfile::tempdir().unwrap();
+    let file = out.path().join("backup");
+    let written = match r.call(Op::Backup {
+        out: BackupSink::new(std::fs::File::create(&file).unwrap()),
+    }) {
+        Outcome::BackedUp(Ok(w)) => w,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(mark(&r.s, b), Some(7), "the backup wrote the mark first");
+    assert_eq!(written.files, segments(&r.s).len() + 1, "every segment and the blob");
+    assert_eq!(written.bytes, std::fs::metadata(&file).unwrap().len());
+    let before = r.queue(b);
+    assert_eq!(before.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![8, 9, 10]);
+    let last_before = r.s.last_seq(b);
+
+    let target = out.path().join("restored");
+    let restored = backup::restore(&file, &target).unwrap();
+    assert_eq!(restored.format, FORMAT_VERSION);
+    assert_eq!(restored.files, written.files);
+    assert!(restored.ceiling > last_before + backup::RESTORE_JUMP);
+    assert_eq!(
+        std::fs::read(target.join("blobs").join("ab").join("abcdef")).unwrap(),
+        b"an attachment"
+    );
+    let mut r2 = Rig::open(&target);
+    assert_eq!(r2.deliver(b, 0), before, "the spilled copies, and only those");
+    assert_eq!(r2.s.queue_usage(b), r.s.queue_usage(b));
+    check_totals(&r2.s);
+    // New numbers start past everything the old server could have given.
+    r2.send(a, id(12), UserId(2), &[(b, b"after", false)]);
+    r2.step(true);
+    assert!(r2.s.last_seq(b) > last_before + backup::RESTORE_JUMP);
+}
+
+/// Deleting an account purges the spill log's copies of every one of its
+/// devices: nothing comes back after a reopen, nothing stays counted, and
+/// the segments that held only them go.
+#[test]
+fn a_deleted_user_leaves_nothing_in_the_spill_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Rig::open(dir.path());
+    let Outcome::Token(invite, None) = r.call(Op::Invite {
+        uses: 2,
+        expires_ms: None,
+    }) else {
+        panic!("no invite")
+    };
+    let register = |r: &mut Rig, name: &str, key: u8| {
+        let Outcome::Registered(Ok(d)) = r.call(Op::Register {
+            invite: invite.clone(),
+            name: name.into(),
+            key: [key; 32],
+            now_ms: 0,
+        }) else {
+            panic!("{name}")
+        };
+        d
+    };
+    let alice = register(&mut r, "alice", 1);
+    let bob = register(&mut r, "bob", 2);
+    let Outcome::LinkCode(Ok((code, _))) = r.call(Op::RequestLink {
+        device: bob,
+        now_ms: 0,
+        ttl: Duration::from_secs(60),
+    }) else {
+        panic!("no link code")
+    };
+    let Outcome::Linked(Ok(phone)) = r.call(Op::RedeemLink {
+        code,
+        key: [3; 32],
+        now_ms: 1,
+    }) else {
+        panic!("not linked")
+    };
+    for i in 1..=5u8 {
+        r.send(
+            alice,
+            id(i),
+            bob.user,
+            &[(bob, &[i; 50], false), (phone, &[i; 60], false)],
+        );
+    }
+    r.step(true);
+    assert_eq!(spilled(&r.s).len(), 10);
+    let now_ms = r.now_ms();
+    match r.call(Op::DeleteUser { user: bob.user, now_ms }) {
+        Outcome::UserDeleted(Some(revoked)) => assert_eq!(revoked.len(), 2),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(spilled(&r.s), vec![]);
+    assert_eq!(r.s.queue_totals(), (0, 0));
+    r.past_deadline();
+    r.step(true);
+    let r = r.reopen();
+    assert_eq!((r.queue(bob), r.queue(phone)), (vec![], vec![]));
+    assert_eq!(spilled(&r.s), vec![]);
+    assert_eq!(r.s.spill_bytes(), 0, "the segments that held only them");
+}

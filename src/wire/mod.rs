@@ -35,9 +35,11 @@ pub const PREAMBLE: [u8; 8] = [b'T', b'I', b'D', b'I', b'N', b'G', b'S', PROTOCO
 /// Length of the preamble and of the refusal.
 pub const PREAMBLE_LEN: usize = 8;
 
-/// Why the server refused a preamble (spec §2). Sent in clear, since no keys
-/// exist yet: the refusal is `MAGIC`, a zero byte, the reason, and the
-/// highest version the server speaks.
+/// Why the server refused a connection in the clear (spec §2). Sent
+/// before any key exists: the refusal is `MAGIC`, a zero byte, the reason,
+/// the highest version the server speaks and, for the reasons from 3 on
+/// (the connection was fine, the server is busy), how many seconds to
+/// wait before connecting again, as a big-endian `u16`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Refusal {
@@ -45,13 +47,60 @@ pub enum Refusal {
     BadMagic = 1,
     /// The version byte names a version this server does not speak.
     UnsupportedVersion = 2,
+    /// Too many open connections from this address.
+    AddressConnections = 3,
+    /// Too many new connections a second from this address.
+    AddressRate = 4,
+    /// The server has as many connections as it takes.
+    ServerFull = 5,
+    /// The server is shutting down.
+    ShuttingDown = 6,
 }
 
-/// Length of a refusal message.
+/// Length of a refusal of reason 1 or 2.
 pub const REFUSAL_LEN: usize = 10;
+/// Length of a refusal of reason 3 and up: with the retry-after.
+pub const BUSY_REFUSAL_LEN: usize = 12;
+
+/// A refusal as a client reads it (spec §2), reasons it does not know
+/// included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefusalNotice {
+    /// The reason byte: a [`Refusal`], or a later one.
+    pub reason: u8,
+    /// The highest protocol version the server speaks.
+    pub version: u8,
+    /// Seconds to wait before connecting again (reasons 3 and up).
+    pub retry_after: Option<u16>,
+}
+
+impl RefusalNotice {
+    /// The reason, if this build knows it.
+    pub fn known(&self) -> Option<Refusal> {
+        Refusal::from_byte(self.reason)
+    }
+
+    /// Whether connecting again later may succeed (the server was busy,
+    /// not unable to speak with this client): every reason from 3 on.
+    pub fn is_busy(&self) -> bool {
+        self.reason >= 3
+    }
+}
 
 impl Refusal {
-    /// The 10 bytes the server writes before closing.
+    fn from_byte(b: u8) -> Option<Refusal> {
+        Some(match b {
+            1 => Refusal::BadMagic,
+            2 => Refusal::UnsupportedVersion,
+            3 => Refusal::AddressConnections,
+            4 => Refusal::AddressRate,
+            5 => Refusal::ServerFull,
+            6 => Refusal::ShuttingDown,
+            _ => return None,
+        })
+    }
+
+    /// The 10 bytes the server writes before closing, for reasons 1 and 2.
     pub fn to_bytes(self) -> [u8; REFUSAL_LEN] {
         let mut out = [0u8; REFUSAL_LEN];
         out[..7].copy_from_slice(&MAGIC);
@@ -61,17 +110,47 @@ impl Refusal {
         out
     }
 
-    /// Parses a refusal; `None` if the bytes are not one.
+    /// The 12 bytes of a refusal from reason 3 on: the 10 of
+    /// [`Refusal::to_bytes`], then `retry_after` seconds, big-endian.
+    pub fn busy_bytes(self, retry_after: u16) -> [u8; BUSY_REFUSAL_LEN] {
+        let mut out = [0u8; BUSY_REFUSAL_LEN];
+        out[..REFUSAL_LEN].copy_from_slice(&self.to_bytes());
+        out[REFUSAL_LEN..].copy_from_slice(&retry_after.to_be_bytes());
+        out
+    }
+
+    /// Parses a refusal of reason 1 or 2; `None` if the bytes are not one.
     pub fn parse(bytes: &[u8]) -> Option<(Refusal, u8)> {
-        if bytes.len() < REFUSAL_LEN || bytes[..7] != MAGIC || bytes[7] != 0 {
+        let n = RefusalNotice::parse(bytes)?;
+        Some((n.known()?, n.version))
+    }
+}
+
+impl RefusalNotice {
+    /// How many bytes the refusal starting with `head` takes, once its
+    /// reason byte (byte 8) is there: 10 for reasons 1 and 2, else 12.
+    pub fn len_for(head: &[u8]) -> Option<usize> {
+        head.get(8)
+            .map(|&r| if r >= 3 { BUSY_REFUSAL_LEN } else { REFUSAL_LEN })
+    }
+
+    /// Parses a whole refusal; `None` if the bytes are not one or are
+    /// short.
+    pub fn parse(bytes: &[u8]) -> Option<RefusalNotice> {
+        if bytes.len() < REFUSAL_LEN || bytes[..7] != MAGIC || bytes[7] != 0 || bytes[8] == 0 {
             return None;
         }
-        let reason = match bytes[8] {
-            1 => Refusal::BadMagic,
-            2 => Refusal::UnsupportedVersion,
-            _ => return None,
+        let retry_after = if bytes[8] >= 3 {
+            let b = bytes.get(REFUSAL_LEN..BUSY_REFUSAL_LEN)?;
+            Some(u16::from_be_bytes([b[0], b[1]]))
+        } else {
+            None
         };
-        Some((reason, bytes[9]))
+        Some(RefusalNotice {
+            reason: bytes[8],
+            version: bytes[9],
+            retry_after,
+        })
     }
 }
 
@@ -157,6 +236,23 @@ mod tests {
         let r = Refusal::UnsupportedVersion.to_bytes();
         assert_eq!(hex::encode(r), "544944494e4753000201");
         assert_eq!(Refusal::parse(&r), Some((Refusal::UnsupportedVersion, 1)));
+        let busy = Refusal::AddressRate.busy_bytes(2);
+        assert_eq!(hex::encode(busy), "544944494e47530004010002");
+        assert_eq!(RefusalNotice::len_for(&busy[..9]), Some(BUSY_REFUSAL_LEN));
+        assert_eq!(
+            RefusalNotice::parse(&busy),
+            Some(RefusalNotice {
+                reason: 4,
+                version: 1,
+                retry_after: Some(2)
+            })
+        );
+        assert_eq!(RefusalNotice::parse(&busy[..11]), None);
+        // A later reason is still a refusal, with its retry-after.
+        let mut later = busy;
+        later[8] = 9;
+        let n = RefusalNotice::parse(&later).unwrap();
+        assert!(n.is_busy() && n.known().is_none() && n.retry_after == Some(2));
     }
 
     #[test]

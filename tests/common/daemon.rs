@@ -44,6 +44,8 @@ pub struct Daemon {
     stdout: Option<Receiver<String>>,
     /// Extra flags, kept for restarts.
     args: Vec<String>,
+    /// Extra environment, kept for restarts.
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -68,7 +70,17 @@ impl Daemon {
         Daemon::start_in(root, &["--config", &config])
     }
 
+    /// Starts a daemon in `root` (whose `data/` may hold a data directory
+    /// already, such as a restored one), with extra flags and environment.
+    pub fn start_in_with_env(root: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_env(root, args, env)
+    }
+
     fn start_in(root: tempfile::TempDir, args: &[&str]) -> Daemon {
+        Daemon::start_env(root, args, &[])
+    }
+
+    fn start_env(root: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let dir = root.path().to_path_buf();
         let data_dir = dir.join("data");
         let mut d = Daemon {
@@ -80,6 +92,7 @@ impl Daemon {
             server_key: [0; 32],
             stdout: None,
             args: args.iter().map(|a| a.to_string()).collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         d.spawn_listening(d.addr).unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
         d
@@ -145,6 +158,7 @@ impl Daemon {
             .arg("--listen")
             .arg(listen.to_string())
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env(
                 "RUST_LOG",
                 std::env::var("TIDINGS_TEST_LOG").unwrap_or_else(|_| "info,sled=warn".into()),
@@ -230,6 +244,19 @@ impl Daemon {
             .lines()
             .map(str::to_string)
             .collect()
+    }
+
+    /// Runs `tidingsd ARGS --data-dir DIR` and returns its output, whatever
+    /// its exit status.
+    pub fn operator_output(&self, args: &[&str]) -> std::process::Output {
+        Command::new(TIDINGSD)
+            .args(args)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run tidingsd")
     }
 
     /// Makes an invite for `uses` accounts (`tidingsd invite`).

@@ -184,6 +184,18 @@ impl RawClient {
             .expect("a client frame fits in a record");
     }
 
+    /// Takes what [`RawClient::queue`] sealed, to be written elsewhere
+    /// (on [`RawClient::writer`], from another thread).
+    pub fn take_queued(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// A second handle on the socket, for writing from another thread
+    /// while this one reads.
+    pub fn writer(&self) -> TcpStream {
+        self.stream.try_clone().expect("clone the socket")
+    }
+
     /// Writes what [`RawClient::queue`] sealed.
     ///
     /// # Errors

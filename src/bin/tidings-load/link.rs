@@ -235,11 +235,13 @@ impl TidingsLink {
                     }
                 }
                 ConnEvent::Closed(closed) => {
-                    // The daemon drops a connection over its per-address
-                    // limits before the handshake completes.
-                    let dropped = !self.live && matches!(closed, Closed::Handshake | Closed::EndOfStream);
+                    // The daemon refuses a connection over its limits
+                    // before the handshake (spec §2).
+                    let dropped = !self.live
+                        && (matches!(closed, Closed::Handshake | Closed::EndOfStream)
+                            || matches!(&closed, Closed::Refused(n) if n.is_busy()));
                     let fatal = matches!(&closed, Closed::ByServer { code, .. } if *code != ErrorCode::SHUTTING_DOWN)
-                        || matches!(closed, Closed::Refused(..));
+                        || matches!(closed, Closed::Refused(n) if !n.is_busy());
                     let why = if closed == Closed::Local {
                         "closed".to_string()
                     } else {

@@ -1233,6 +1233,20 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         invite,
     } = setup;
     let to_register = devices.iter().filter(|d| d.2).count();
+    // A late receiver connects only after the traffic: registered then,
+    // every send to it before would be refused as an unknown user.
+    if args.late_receivers {
+        let late_new = (0..args.pairs.min(args.devices / 2))
+            .filter(|k| k % 2 == 0)
+            .filter(|k| devices.get(2 * k + 1).is_some_and(|d| d.2))
+            .count();
+        if late_new > 0 {
+            return Err(format!(
+                "{late_new} late receivers are not registered yet: register every device first, \
+                 with a run without --late-receivers (for example --pairs 0 --duration 0s --warmup 0s)"
+            ));
+        }
+    }
     let addr = addr_text
         .to_socket_addrs()
         .map_err(|e| format!("{addr_text}: {e}"))?

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::*;
 use crate::ids::{DeviceKey, UserId};
 use crate::session::{Event, Identity, Phase, Session, SessionConfig};
-use crate::wire::{DeviceAddr, DeviceId, MsgId, PREAMBLE, Token};
+use crate::wire::{DeviceAddr, DeviceId, MsgId, PREAMBLE, Refusal, Token};
 
 const ALICE: DeviceKey = DeviceKey {
     user: UserId(1),
@@ -285,8 +285,40 @@ fn refusal_is_recognised_even_split() {
         }
         assert_eq!(
             p.events(),
-            vec![ConnEvent::Closed(Closed::Refused(Refusal::UnsupportedVersion, 1))]
+            vec![ConnEvent::Closed(Closed::Refused(RefusalNotice {
+                reason: Refusal::UnsupportedVersion as u8,
+                version: 1,
+                retry_after: None
+            }))]
         );
+    }
+}
+
+/// spec §2: a busy refusal carries a retry-after, however it is split.
+#[test]
+fn busy_refusal_is_recognised_even_split() {
+    for split in [1, 5, 11, 12] {
+        let mut p = Pair::new(Identity::Device(ALICE));
+        p.conn.advance(p.conn.transmit().len());
+        let refusal = Refusal::AddressRate.busy_bytes(3);
+        for chunk in refusal.chunks(split) {
+            p.conn.handle_input(chunk, p.now);
+        }
+        let events = p.events();
+        assert_eq!(
+            events,
+            vec![ConnEvent::Closed(Closed::Refused(RefusalNotice {
+                reason: 4,
+                version: 1,
+                retry_after: Some(3)
+            }))]
+        );
+        let ConnEvent::Closed(closed) = &events[0] else {
+            unreachable!()
+        };
+        let e = crate::client::Error::Closed(closed.clone());
+        assert!(e.is_transient(), "a busy server is worth trying again");
+        assert!(!e.to_string().contains("key"), "{e}");
     }
 }
 
