@@ -47,6 +47,9 @@ pub struct FileConfig {
     /// Attachments (blobs).
     #[serde(default)]
     pub blobs: BlobSettings,
+    /// Groups.
+    #[serde(default)]
+    pub groups: GroupSettings,
     /// Prometheus metrics.
     #[serde(default)]
     pub metrics: MetricsSettings,
@@ -68,6 +71,18 @@ pub struct BlobSettings {
     /// Most bytes of blob chunks and reads in flight in the daemon.
     #[serde(default, deserialize_with = "size")]
     pub transfer_memory: Option<u64>,
+}
+
+/// `[groups]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSettings {
+    /// Most members of one group (default 256, at most 1024).
+    pub max_members: Option<usize>,
+    /// Most groups one user is in (default 100, at most 1000).
+    pub max_per_user: Option<usize>,
+    /// Membership changes a device may make per minute.
+    pub changes_per_minute: Option<u32>,
 }
 
 /// `[metrics]`.
@@ -272,6 +287,26 @@ impl FileConfig {
         if config.limits.ephemeral_per_minute == Some(0) {
             return Err("limits.ephemeral_per_minute: must be at least 1".into());
         }
+        let g = &config.groups;
+        if g.max_members
+            .is_some_and(|n| !(2..=crate::wire::MAX_GROUP_MEMBERS).contains(&n))
+        {
+            return Err(format!(
+                "groups.max_members: must be from 2 to {}",
+                crate::wire::MAX_GROUP_MEMBERS
+            ));
+        }
+        if g.max_per_user
+            .is_some_and(|n| !(1..=crate::wire::MAX_GROUPS_PER_USER).contains(&n))
+        {
+            return Err(format!(
+                "groups.max_per_user: must be from 1 to {}",
+                crate::wire::MAX_GROUPS_PER_USER
+            ));
+        }
+        if g.changes_per_minute == Some(0) {
+            return Err("groups.changes_per_minute: must be at least 1".into());
+        }
         let l = &config.limits;
         for (key, v) in [
             ("sends_per_minute", l.sends_per_minute),
@@ -397,6 +432,16 @@ impl FileConfig {
         if let Some(v) = l.connections_per_ip {
             c.per_ip.connections = v;
         }
+        let g = &self.groups;
+        if let Some(v) = g.max_members {
+            c.hub.group_members = v;
+        }
+        if let Some(v) = g.max_per_user {
+            c.hub.groups_per_user = v;
+        }
+        if let Some(v) = g.changes_per_minute {
+            c.hub.group_changes_per_minute = v;
+        }
         if let Some(v) = l.handshakes_per_second_per_ip {
             c.per_ip.handshakes_per_second = v;
         }
@@ -470,6 +515,10 @@ mod tests {
             user_budget = "100MiB"
             upload_ttl = "2h"
             transfer_memory = "8MiB"
+            [groups]
+            max_members = 1024
+            max_per_user = 20
+            changes_per_minute = 30
             [metrics]
             listen = "127.0.0.1:9420"
             "#,
@@ -506,6 +555,14 @@ mod tests {
         assert_eq!(s.store.blobs.user_budget, 100 << 20);
         assert_eq!(s.store.blobs.upload_ttl, Duration::from_secs(7200));
         assert_eq!(s.hub.blob_memory, 8 << 20);
+        assert_eq!(
+            (
+                s.hub.group_members,
+                s.hub.groups_per_user,
+                s.hub.group_changes_per_minute
+            ),
+            (1024, 20, 30)
+        );
         assert_eq!(s.metrics_listen, Some("127.0.0.1:9420".parse().unwrap()));
     }
 
@@ -526,6 +583,8 @@ mod tests {
             ("listen = \"nowhere\"", "listen"),
             ("[timeouts]\nidle = \"0s\"", "idle"),
             ("[limits]\nsend_burst = 0", "send_burst"),
+            ("[groups]\nmax_members = 2000", "max_members"),
+            ("[groups]\nmax_per_user = 0", "max_per_user"),
             ("[timeouts]\nidle = \"20s\"", "timeouts.idle"),
             ("[timeouts]\nping_after = \"2m\"", "timeouts.ping_after"),
             ("[timeouts]\nidle = \"30s\"\nping_after = \"30s\"", "longer than"),

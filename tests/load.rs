@@ -1,6 +1,7 @@
 //! The load generator against the real daemon: it registers its devices
 //! through an invite, delivers messages, saves the devices, and a second
-//! run reuses them without an invite. No timing is asserted.
+//! run reuses them without an invite; in group mode every accepted group
+//! send reaches every other member's device. No timing is asserted.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -112,4 +113,25 @@ fn registers_sends_and_reuses_its_devices() {
     assert_eq!(saved["devices"].as_array().unwrap().len(), 20);
     let second = run_load(&["--devices", "20", "--devices-file", file, "--rate", "500"]);
     assert!(second["delivered"].as_u64().unwrap() > 0, "{second}");
+
+    // Group mode: two groups of 5, each send fanned out to 4 devices; the
+    // second run finds the groups the first made.
+    for _ in 0..2 {
+        let g = run_load(&[
+            "--devices",
+            "20",
+            "--devices-file",
+            file,
+            "--group-size",
+            "5",
+            "--groups",
+            "2",
+        ]);
+        let accepted = g["accepted"].as_u64().unwrap();
+        assert!(accepted > 0, "{g}");
+        assert_eq!(g["fanout"], 4, "{g}");
+        assert_eq!(g["drained"], true, "{g}");
+        assert_eq!(g["delivered"].as_u64().unwrap(), accepted * 4, "{g}");
+        assert_eq!(g["errors"], serde_json::json!({}), "{g}");
+    }
 }

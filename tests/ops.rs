@@ -324,7 +324,10 @@ fn a_deleted_user_is_cut_off_and_its_name_reserved() {
         "{answer:?}"
     );
     match RawClient::register(daemon.addr(), &invite, "bob") {
-        Err(common::raw::ClientError::Unexpected(ServerFrame::Error { code, .. })) => {
+        Err(common::raw::ClientError::Unexpected(frame)) if matches!(*frame, ServerFrame::Error { .. }) => {
+            let ServerFrame::Error { code, .. } = *frame else {
+                unreachable!()
+            };
             assert_eq!(code, ErrorCode::NAME_TAKEN)
         }
         other => panic!("registered a reserved name: {:?}", other.map(|r| r.device)),

@@ -3,8 +3,8 @@
 
 use bytes::Bytes;
 use tidings::client::Content;
-use tidings::client::content::{Envelope, OlmKind, Payload};
-use tidings::wire::MsgId;
+use tidings::client::content::{Envelope, GroupEnvelope, OlmKind, Payload};
+use tidings::wire::{GroupId, MsgId};
 
 fn readme() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/protocol-spec/README.md")).unwrap()
@@ -27,6 +27,26 @@ fn example(title: &str) -> Vec<u8> {
         }
     }
     hex::decode(hex).unwrap()
+}
+
+/// The group of the spec's examples (§5.8, §14.9).
+const GROUP: GroupId = GroupId([
+    0x3b, 0x8e, 0x0c, 0x5a, 0x91, 0xd2, 0x47, 0xf6, 0xa0, 0xc3, 0xe2, 0x1b, 0x7d, 0x5f, 0x98, 0x64,
+]);
+
+#[test]
+fn the_group_envelope_example_is_what_the_client_writes() {
+    let mut session = [0u8; 32];
+    for (i, b) in session.iter_mut().enumerate() {
+        *b = 0x40 + i as u8;
+    }
+    let e = GroupEnvelope {
+        session,
+        ciphertext: Bytes::from_static(&[9, 8, 7]),
+    };
+    assert_eq!(hex::encode(e.encode()), hex::encode(example("GroupEnvelope example")));
+    assert_eq!(GroupEnvelope::decode(&example("GroupEnvelope example")), Ok(e));
+    assert_eq!(GROUP.tag(), "#3b8e0c5a91d247f6a0c3e21b7d5f9864");
 }
 
 #[test]
@@ -117,6 +137,22 @@ fn the_status_update_examples_are_what_the_client_writes() {
         ),
         ("Typing example", "alice", Content::Typing { active: true }),
         ("LastSeen example", "bob", Content::LastSeen { everyone: false }),
+        (
+            "GroupKey example",
+            "bob",
+            Content::GroupKey {
+                group: GROUP,
+                session_key: Bytes::from_static(&[2, 0, 0, 0, 0]),
+            },
+        ),
+        (
+            "GroupTitle example",
+            "#3b8e0c5a91d247f6a0c3e21b7d5f9864",
+            Content::GroupTitle {
+                group: GROUP,
+                title: "Family".into(),
+            },
+        ),
     ];
     for (title, to, content) in cases {
         let p = Payload {

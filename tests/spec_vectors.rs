@@ -583,6 +583,11 @@ fn readme_states_the_limits() {
         ("MAX_WATCHED", wire::MAX_WATCHED),
         ("MAX_BLOB_DATA", wire::MAX_BLOB_DATA),
         ("MAX_BLOB_USERS", wire::MAX_BLOB_USERS),
+        ("MAX_GROUP_MEMBERS", wire::MAX_GROUP_MEMBERS),
+        ("MAX_GROUPS_PER_USER", wire::MAX_GROUPS_PER_USER),
+        ("MAX_GROUP_CHANGE", wire::MAX_GROUP_CHANGE),
+        ("MAX_KEY_BODIES", wire::MAX_KEY_BODIES),
+        ("MAX_BLOCKED", wire::MAX_BLOCKED),
     ];
     for (name, value) in limits {
         let stated = format!("`wire::{name}` = {value}");
@@ -615,6 +620,12 @@ fn readme_states_the_limits() {
         format!("`HubConfig::low_keys` = {}", hub.low_keys),
         format!("`HubConfig::ephemeral_per_minute` = {}", hub.ephemeral_per_minute),
         format!("`HubConfig::window` = {}", hub.window),
+        format!("`HubConfig::group_members` = {}", hub.group_members),
+        format!("`HubConfig::groups_per_user` = {}", hub.groups_per_user),
+        format!(
+            "`HubConfig::group_changes_per_minute` = {}",
+            hub.group_changes_per_minute
+        ),
         format!("`Quotas::queue_messages` = {}", quotas.queue_messages),
         format!("`Quotas::queue_bytes` = {}", quotas.queue_bytes),
         format!("`Quotas::disk_budget` = {}", quotas.disk_budget),

@@ -97,7 +97,7 @@ fn a_message_goes_sent_then_delivered_then_read_on_every_device() {
     drop(listener);
     sync(&alice2);
     assert_eq!(one(&alice2, "bob", id).status, Status::Read);
-    let (m, r) = open(&alice2).info(id).unwrap().remove(0);
+    let (m, r, _) = open(&alice2).info(id).unwrap().remove(0);
     assert_eq!(m.status, Status::Read);
     assert_eq!(
         r.devices.iter().map(|d| d.state()).collect::<Vec<_>>(),

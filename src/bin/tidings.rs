@@ -16,9 +16,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tidings::client::secret::PassphraseError;
 use tidings::client::{
-    self, Direction, Event, Message, Notice, Outcome, ReceiptNews, Receipts, Report, Request, Status, Unlock, Update,
+    self, Direction, Event, LocalGroup, MemberState, Message, Notice, Outcome, ReceiptNews, Receipts, Report, Request,
+    Status, Unlock, Update,
 };
-use tidings::wire::{DeviceAddr, Lost, MsgId};
+use tidings::wire::{ChangeKind, DeviceAddr, Lost, MsgId};
 use zeroize::Zeroizing;
 
 #[derive(Parser)]
@@ -50,7 +51,7 @@ enum Cmd {
         /// The link code (tidings://...).
         code: String,
     },
-    /// Send a message, or a file (--file); prints its id once the server has accepted it.
+    /// Send a message to a user or a group ('#<id>'), or a file (--file); prints its id once the server has accepted it.
     ///
     /// A text is at most 3,500 bytes of UTF-8 (about 3,500 letters of
     /// English, fewer in scripts that take more bytes a letter). If the
@@ -58,7 +59,7 @@ enum Cmd {
     /// as pending: its id is printed, "pending" is said on stderr, the exit
     /// status is 75, and it goes with the next `listen`, `sync` or `chat`.
     Send {
-        /// The recipient.
+        /// The recipient: a user, or a group as '#<id>'.
         user: String,
         /// The text (not empty; at most 3,500 bytes; not with --file: use
         /// --caption).
@@ -87,7 +88,7 @@ enum Cmd {
     Forward {
         /// The message's id.
         id: String,
-        /// The recipient.
+        /// The recipient: a user, or a group as '#<id>'.
         user: String,
     },
     /// Change the text of one of your messages, within 15 minutes of sending it.
@@ -115,7 +116,7 @@ enum Cmd {
     },
     /// Mark the conversation with a user read (sends read receipts unless they are off).
     Read {
-        /// The other party.
+        /// The other party, or a group as '#<id>'.
         user: String,
     },
     /// Show a message and what became of it on each device.
@@ -137,7 +138,7 @@ enum Cmd {
     Chat,
     /// Print the local conversation with a user (an error if there is none).
     History {
-        /// The other party.
+        /// The other party, or a group as '#<id>'.
         user: String,
     },
     /// List this account's devices.
@@ -153,12 +154,84 @@ enum Cmd {
         /// The other party.
         user: String,
     },
+    /// Groups: create, change, leave, list; a group is written '#' and its
+    /// 32-digit id (quote it in a shell).
+    Group {
+        #[command(subcommand)]
+        cmd: GroupCmd,
+    },
+    /// Block a user: their messages, receipts and typing no longer reach
+    /// you (they are not told); messages in groups you share still do.
+    Block {
+        /// Whom.
+        user: String,
+    },
+    /// Unblock a user.
+    Unblock {
+        /// Whom.
+        user: String,
+    },
+    /// List the users you block.
+    Blocked,
     /// Change the address of this profile's server (it moved); the pinned
     /// server key stays, so only the same server is accepted there.
     ServerAddress {
         /// The new host:port.
         address: String,
     },
+}
+
+#[derive(Subcommand)]
+enum GroupCmd {
+    /// Create a group (you are its first admin); prints its id as '#<id>'.
+    Create {
+        /// Its title (end to end: the server never sees it).
+        title: String,
+        /// The other members.
+        users: Vec<String>,
+    },
+    /// Add members (admins only); they get the title, and no earlier message.
+    Add {
+        /// The group: '#<id>'.
+        group: String,
+        /// Whom.
+        #[arg(required = true)]
+        users: Vec<String>,
+    },
+    /// Remove members (admins only); they can read nothing sent after.
+    Remove {
+        /// The group: '#<id>'.
+        group: String,
+        /// Whom.
+        #[arg(required = true)]
+        users: Vec<String>,
+    },
+    /// Leave a group (when its last admin leaves, its longest-standing member becomes admin).
+    Leave {
+        /// The group: '#<id>'.
+        group: String,
+    },
+    /// Make a member an admin (admins only).
+    Admin {
+        /// The group: '#<id>'.
+        group: String,
+        /// The member.
+        user: String,
+    },
+    /// Give a group a new title (admins only).
+    Rename {
+        /// The group: '#<id>'.
+        group: String,
+        /// The new title.
+        title: String,
+    },
+    /// Print a group's title and members.
+    Info {
+        /// The group: '#<id>'.
+        group: String,
+    },
+    /// List your groups.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -222,6 +295,22 @@ fn attachment_json(m: &Message) -> serde_json::Value {
     }
 }
 
+/// A group as JSON: one object per group.
+fn group_json(g: &LocalGroup) -> serde_json::Value {
+    let members: Vec<serde_json::Value> = g
+        .members
+        .iter()
+        .map(|m| json!({"user": m.user, "admin": m.admin}))
+        .collect();
+    json!({
+        "type": "group",
+        "id": g.id.to_string(),
+        "title": g.title,
+        "version": g.version,
+        "members": members,
+    })
+}
+
 /// A message as JSON: the fields of every message line.
 fn message_json(m: &Message) -> serde_json::Value {
     json!({
@@ -230,6 +319,7 @@ fn message_json(m: &Message) -> serde_json::Value {
         "from": m.from,
         "from_device": m.from_device.0,
         "to": m.to,
+        "group": m.group().map(|g| g.to_string()),
         "text": if m.deleted { serde_json::Value::Null } else { json!(m.text) },
         "ts": m.ts_ms,
         "direction": m.direction.as_str(),
@@ -309,6 +399,57 @@ impl Out {
             Event::Typing { from, active } => {
                 if self.json {
                     self.value(json!({"type": "typing", "from": from, "active": active}));
+                }
+            }
+            Event::Group(n) => {
+                if self.json {
+                    let changes: Vec<serde_json::Value> = n
+                        .changes
+                        .iter()
+                        .map(|c| json!({"by": c.by, "kind": change_kind(c.kind), "users": c.users}))
+                        .collect();
+                    self.value(json!({
+                        "type": "group_change",
+                        "group": n.group.to_string(),
+                        "version": n.version,
+                        "changes": changes,
+                        "ts": n.ts_ms,
+                    }));
+                } else if n.changes.is_empty() {
+                    self.line(&format!("{} {}: the members changed", time(n.ts_ms), n.group.tag()));
+                }
+                for c in &n.changes {
+                    if !self.json {
+                        self.line(&format!(
+                            "{} {}: {} {} {}",
+                            time(n.ts_ms),
+                            n.group.tag(),
+                            c.by,
+                            change_kind(c.kind),
+                            c.users.join(", ")
+                        ));
+                    }
+                }
+            }
+            Event::GroupTitle { group, title, by } => {
+                if self.json {
+                    self.value(json!({"type": "group_title", "group": group.to_string(), "title": title, "by": by}));
+                } else {
+                    self.line(&format!(
+                        "{}: {by} named the group \"{}\"",
+                        group.tag(),
+                        one_line(title)
+                    ));
+                }
+            }
+            Event::Blocked { user, blocked } => {
+                if self.json {
+                    self.value(json!({"type": "block", "user": user, "blocked": blocked}));
+                } else {
+                    eprintln!(
+                        "{} {user} on another of your devices",
+                        if *blocked { "blocked" } else { "unblocked" }
+                    );
                 }
             }
             Event::Presence { .. } | Event::Served | Event::Connected | Event::Disconnected(_) | Event::Drained => {}
@@ -547,12 +688,35 @@ impl Out {
         )
     }
 
+    /// A group: a line for it, then one per member (or a JSON object).
+    fn group(&self, g: &LocalGroup) {
+        if self.json {
+            self.value(group_json(g));
+        } else {
+            let title = if g.title.is_empty() {
+                "(no title yet)".to_owned()
+            } else {
+                one_line(&g.title)
+            };
+            self.line(&format!("{} {title}", g.id.tag()));
+            for m in &g.members {
+                self.line(&format!("  {}{}", m.user, if m.admin { " (admin)" } else { "" }));
+            }
+        }
+    }
+
     /// A message and what each device reported about it.
-    fn info(&self, m: &Message, r: &Receipts) {
+    fn info(&self, m: &Message, r: &Receipts, members: &[MemberState]) {
         let stamp = |t: Option<u64>| t.map(time);
         if self.json {
             let mut v = message_json(m);
             v["type"] = json!("info");
+            if m.group().is_some() {
+                v["members"] = members
+                    .iter()
+                    .map(|s| json!({"user": s.user, "status": s.status}))
+                    .collect();
+            }
             v["devices"] = r
                 .devices
                 .iter()
@@ -593,7 +757,20 @@ impl Out {
             if let Some(t) = stamp(r.read_here_ms) {
                 self.line(&format!("  read by you {t}"));
             }
+            for s in members {
+                self.line(&format!("  {}: {}", s.user, s.status));
+            }
         }
+    }
+}
+
+fn change_kind(k: ChangeKind) -> &'static str {
+    match k {
+        ChangeKind::Created => "created",
+        ChangeKind::Added => "added",
+        ChangeKind::Removed => "removed",
+        ChangeKind::Left => "left",
+        ChangeKind::Promoted => "made admin",
     }
 }
 
@@ -779,7 +956,21 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<ExitCode, client::Error> {
         Cmd::Devices => Request::Devices,
         Cmd::Revoke { device } => Request::Revoke { device },
         Cmd::Verify { user } => Request::Verify { user },
+        Cmd::Group { cmd } => match cmd {
+            GroupCmd::Create { title, users } => Request::GroupCreate { title, users },
+            GroupCmd::Add { group, users } => Request::GroupAdd { group, users },
+            GroupCmd::Remove { group, users } => Request::GroupRemove { group, users },
+            GroupCmd::Leave { group } => Request::GroupLeave { group },
+            GroupCmd::Admin { group, user } => Request::GroupAdmin { group, user },
+            GroupCmd::Rename { group, title } => Request::GroupRename { group, title },
+            GroupCmd::Info { group } => Request::GroupInfo { group },
+            GroupCmd::List => Request::GroupList,
+        },
+        Cmd::Block { user } => Request::Block { user, blocked: true },
+        Cmd::Unblock { user } => Request::Block { user, blocked: false },
+        Cmd::Blocked => Request::Blocked,
     };
+    let creating = matches!(request, Request::GroupCreate { .. });
     let outcome = client::run_with(dir, request, &mut unlock, &mut |e| out.event(e))?;
     match outcome {
         Outcome::Registered(r) => {
@@ -847,8 +1038,57 @@ fn run(cmd: Cmd, dir: &Path, out: &Out) -> Result<ExitCode, client::Error> {
             }
         }
         Outcome::Info(found) => {
-            for (m, r) in &found {
-                out.info(m, r);
+            for (m, r, members) in &found {
+                out.info(m, r, members);
+            }
+        }
+        Outcome::Group(g) => {
+            if creating && !out.json {
+                eprintln!(
+                    "created group \"{}\" with {} members",
+                    one_line(&g.title),
+                    g.members.len()
+                );
+                out.line(&g.id.tag());
+            } else {
+                out.group(&g);
+            }
+        }
+        Outcome::Groups(groups) => {
+            for g in &groups {
+                if out.json {
+                    out.value(group_json(g));
+                } else {
+                    let title = if g.title.is_empty() {
+                        "(no title yet)".to_owned()
+                    } else {
+                        one_line(&g.title)
+                    };
+                    out.line(&format!("{} {title} ({} members)", g.id.tag(), g.members.len()));
+                }
+            }
+        }
+        Outcome::Left { group } => {
+            if out.json {
+                out.value(json!({"type": "left", "group": group.trim_start_matches('#')}));
+            } else {
+                out.line(&format!("left {group}"));
+            }
+        }
+        Outcome::BlockChanged { user, blocked } => {
+            if out.json {
+                out.value(json!({"type": "block", "user": user, "blocked": blocked}));
+            } else {
+                out.line(&format!("{} {user}", if blocked { "blocked" } else { "unblocked" }));
+            }
+        }
+        Outcome::BlockList(users) => {
+            for u in &users {
+                if out.json {
+                    out.value(json!({"type": "blocked", "user": u}));
+                } else {
+                    out.line(u);
+                }
             }
         }
         Outcome::Settings {

@@ -480,10 +480,12 @@ impl App {
             Modal::NewChat(mut name) => match key {
                 Key::Enter => {
                     let name = name.trim().to_owned();
-                    if crate::wire::valid_user_name(&name) {
+                    if crate::wire::valid_user_name(&name) || crate::wire::GroupId::parse_tag(&name).is_some() {
                         self.open_chat(name, out);
                     } else if !name.is_empty() {
-                        self.notice = Some(format!("{name:?} is not a user name (3 to 32 of a-z, 0-9, _ and .)"));
+                        self.notice = Some(format!(
+                            "{name:?} is not a user name (3 to 32 of a-z, 0-9, _ and .) or a group (# and its 32-digit id)"
+                        ));
                     }
                 }
                 Key::Esc => {}
@@ -495,7 +497,7 @@ impl App {
             Modal::Forward(id, mut name) => match key {
                 Key::Enter => {
                     let to = name.trim().to_owned();
-                    if crate::wire::valid_user_name(&to) {
+                    if crate::wire::valid_user_name(&to) || crate::wire::GroupId::parse_tag(&to).is_some() {
                         out.push(Action::Forward { id, to });
                     }
                 }

@@ -164,12 +164,14 @@ impl Screen {
     /// Asks the client to watch the presence of the users shown: the open
     /// chat's and the list's (when that changed).
     fn watch(&mut self) {
-        let mut users: Vec<String> = self.app.open.iter().cloned().collect();
+        // A group (`#id`) has no presence of its own.
+        let person = |p: &String| crate::wire::valid_user_name(p);
+        let mut users: Vec<String> = self.app.open.iter().filter(|p| person(p)).cloned().collect();
         for c in &self.app.conversations {
             if users.len() >= crate::wire::MAX_WATCHED {
                 break;
             }
-            if !users.contains(&c.peer) {
+            if person(&c.peer) && !users.contains(&c.peer) {
                 users.push(c.peer.clone());
             }
         }
@@ -272,11 +274,21 @@ impl Screen {
     }
 }
 
-fn info_lines(found: &[(crate::client::Message, crate::client::Receipts)]) -> Vec<String> {
+fn info_lines(
+    found: &[(
+        crate::client::Message,
+        crate::client::Receipts,
+        Vec<crate::client::MemberState>,
+    )],
+) -> Vec<String> {
     let mut out = Vec::new();
-    for (m, r) in found {
+    for (m, r, members) in found {
         out.push(format!("{} from {} to {}: {}", m.id, m.from, m.to, m.status.as_str()));
         out.push(format!("sent {}", ui::clock(m.ts_ms)));
+        // A group message: each other member's state first (spec §14.9).
+        for s in members {
+            out.push(format!("  {}: {}", s.user, s.status));
+        }
         for d in &r.devices {
             let mut parts = Vec::new();
             if let Some(t) = d.delivered_ms {

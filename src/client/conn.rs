@@ -116,6 +116,9 @@ pub enum ConnEvent {
     /// How long to wait before trying again a request refused for a rate:
     /// it comes right before that refusal (spec §5.3, `RetryAfter`).
     RetryAfter(std::time::Duration),
+    /// A queued group message, group notice, group receipt or block
+    /// notice (spec §5.8); acknowledged like a message.
+    Queued(ServerFrame),
     /// The connection is over; no more events follow.
     Closed(Closed),
 }
@@ -456,6 +459,14 @@ impl Split<'_> {
             ServerFrame::RetryAfter { after_ms } if req == 0 => self
                 .events
                 .push_back(ConnEvent::RetryAfter(std::time::Duration::from_millis(after_ms))),
+            f @ (ServerFrame::GroupDeliver(_)
+            | ServerFrame::GroupNotice(_)
+            | ServerFrame::GroupReceipt(_)
+            | ServerFrame::BlockNotice(_))
+                if req == 0 =>
+            {
+                self.events.push_back(ConnEvent::Queued(f))
+            }
             ServerFrame::Pong if req == 0 => {}
             frame if req != 0 => self.events.push_back(ConnEvent::Answer { req, frame }),
             other => log::debug!("ignoring unsolicited {}", other.kind()),

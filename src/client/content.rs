@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::attachment::FileRef;
-use crate::wire::{MAX_BODY_LEN, MsgId};
+use crate::wire::{GroupId, MAX_BODY_LEN, MsgId};
 
 /// What a message says. Append-only: a variant's position is its tag on
 /// the wire, so new kinds (replies, forwards, edits, deletes, receipts)
@@ -116,6 +116,66 @@ pub enum Content {
         /// How many times it has been forwarded, this time included.
         forwards: u32,
     },
+    /// Over Olm, to one device of a group's member: the sender device's
+    /// Megolm session for the group, from its current message on (spec
+    /// §14.9). Not shown.
+    GroupKey {
+        /// The group.
+        group: GroupId,
+        /// vodozemac's `SessionKey` bytes (version, index, ratchet,
+        /// signing key, signature).
+        session_key: Bytes,
+    },
+    /// A group's title: over Megolm to the group when an admin renames
+    /// it, over Olm to a device that joins it (spec §14.9). Not shown as a
+    /// message.
+    GroupTitle {
+        /// The group.
+        group: GroupId,
+        /// At most [`MAX_TITLE_LEN`] bytes.
+        title: String,
+    },
+}
+
+/// The longest group title, in bytes of UTF-8.
+pub const MAX_TITLE_LEN: usize = 100;
+
+/// A group message's body (spec §14.9): the sender device's Megolm
+/// session it was made with (its Ed25519 key, which is its id) and the
+/// Megolm message.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct GroupEnvelope {
+    /// The session id: the session's public signing key.
+    pub session: [u8; 32],
+    /// vodozemac's `MegolmMessage::to_bytes`.
+    pub ciphertext: Bytes,
+}
+
+#[derive(Serialize, Deserialize)]
+enum VersionedGroupEnvelope {
+    V1 { session: [u8; 32], ciphertext: Bytes },
+}
+
+impl GroupEnvelope {
+    /// The body bytes.
+    pub fn encode(&self) -> Bytes {
+        let v = VersionedGroupEnvelope::V1 {
+            session: self.session,
+            ciphertext: self.ciphertext.clone(),
+        };
+        Bytes::from(postcard::to_stdvec(&v).expect("an envelope always encodes"))
+    }
+
+    /// Reads body bytes.
+    ///
+    /// # Errors
+    /// [`BodyError::Unreadable`] for an unknown version, trailing bytes or
+    /// damage.
+    pub fn decode(body: &[u8]) -> Result<GroupEnvelope, BodyError> {
+        match take_all::<VersionedGroupEnvelope>(body)? {
+            VersionedGroupEnvelope::V1 { session, ciphertext } => Ok(GroupEnvelope { session, ciphertext }),
+        }
+    }
 }
 
 /// How long a typing indicator shows unless another comes.
@@ -344,7 +404,7 @@ mod tests {
             to in "[a-z0-9_.]{3,32}",
             ts_ms: u64,
             text in ".{0,300}",
-            kind in 0u8..12,
+            kind in 0u8..14,
             other: [u8; 16],
             other_blob: [u8; 32],
             n: u32,
@@ -371,7 +431,7 @@ mod tests {
                 },
                 9 => Content::Typing { active: flag },
                 10 => Content::LastSeen { everyone: flag },
-                _ => Content::File {
+                11 => Content::File {
                     file: crate::client::attachment::FileRef {
                         blob: crate::wire::BlobId(other_blob),
                         key: crate::client::attachment::FileKey(other_blob),
@@ -384,6 +444,8 @@ mod tests {
                     caption: text,
                     forwards: n % 7,
                 },
+                12 => Content::GroupKey { group: GroupId(other), session_key: Bytes::from(ids.concat()) },
+                _ => Content::GroupTitle { group: GroupId(other), title: text },
             };
             let p = Payload {
                 id: MsgId(id),
@@ -485,7 +547,9 @@ mod tests {
         assert_eq!(Payload::decode(&bytes), Err(BodyError::Unreadable));
         let mut future = text("hi").encode().unwrap();
         let n = future.len();
-        future[n - 3] = 11; // an unknown content kind
+        future[n - 3] = 14; // an unknown content kind
+        assert_eq!(Payload::decode(&future), Err(BodyError::Unreadable));
+        future[n - 3] = 11; // kept for attachments
         assert_eq!(Payload::decode(&future), Err(BodyError::Unreadable));
         assert_eq!(Payload::decode(&[1]), Err(BodyError::Unreadable));
         assert_eq!(Envelope::decode(&[1, 0, 0]), Err(BodyError::Unreadable));

@@ -137,6 +137,24 @@ pub enum Event {
         /// Of.
         total: u64,
     },
+    /// A group's membership changed (spec §5.8).
+    Group(super::group::GroupNews),
+    /// A group got a title (end to end).
+    GroupTitle {
+        /// The group.
+        group: wire::GroupId,
+        /// Its title.
+        title: String,
+        /// Who set it.
+        by: String,
+    },
+    /// This user blocked or unblocked someone on another device.
+    Blocked {
+        /// Whom.
+        user: String,
+        /// Blocked now, or unblocked.
+        blocked: bool,
+    },
 }
 
 /// A queue entry (spec §10), in the order the connection got them.
@@ -145,6 +163,8 @@ pub(super) enum Entry {
     Receipt(wire::ReceiptDeliver),
     Gap(wire::GapNotice),
     Expired(wire::ExpiredNotice),
+    /// A group message, group notice, group receipt or block notice.
+    Group(ServerFrame),
 }
 
 /// Receipts sent on this connection and not answered yet.
@@ -214,6 +234,15 @@ fn sent(m: Message) -> Outcome {
     } else {
         Outcome::Sent(m)
     }
+}
+
+/// A group from the command line: `#` and 32 lowercase hex digits.
+pub(super) fn group_arg(text: &str) -> Result<wire::GroupId, Error> {
+    super::group::parse_group(text).ok_or_else(|| {
+        Error::Usage(format!(
+            "{text:?} is not a group: write # and its 32-digit id, as `tidings group create` printed it (quote it in a shell: '#...')"
+        ))
+    })
 }
 
 /// A message id from the command line.
@@ -535,6 +564,7 @@ impl Client {
                 ConnEvent::Receipt(r) => entries.push(Entry::Receipt(r)),
                 ConnEvent::Gap(g) => entries.push(Entry::Gap(g)),
                 ConnEvent::Expired(e) => entries.push(Entry::Expired(e)),
+                ConnEvent::Queued(f) => entries.push(Entry::Group(f)),
                 // Not queue entries: nothing to store or ack.
                 ConnEvent::Ephemeral(e) => ephemerals.push(e),
                 ConnEvent::Presence(p) => {
@@ -776,14 +806,17 @@ impl Client {
                 }
             }
             Request::History { user } => {
-                if !wire::valid_user_name(&user) {
+                if !wire::valid_user_name(&user) && super::group::parse_group(&user).is_none() {
                     return Err(Error::Usage(format!("invalid user name {user:?}")));
                 }
                 let messages = self.history(&user)?;
                 if messages.is_empty() {
-                    return Err(Error::Usage(format!(
-                        "no conversation with {user} on this device (send them a message first)"
-                    )));
+                    let what = if user.starts_with('#') {
+                        format!("no messages in group {user} on this device")
+                    } else {
+                        format!("no conversation with {user} on this device (send them a message first)")
+                    };
+                    return Err(Error::Usage(what));
                 }
                 Ok(Outcome::Messages(messages))
             }
@@ -795,6 +828,22 @@ impl Client {
                 self.revoke(DeviceId(device))?;
                 Ok(Outcome::Revoked { device })
             }
+            Request::GroupCreate { title, users } => Ok(Outcome::Group(self.group_create(&title, &users)?)),
+            Request::GroupAdd { group, users } => Ok(Outcome::Group(self.group_add(group_arg(&group)?, &users)?)),
+            Request::GroupRemove { group, users } => Ok(Outcome::Group(self.group_remove(group_arg(&group)?, &users)?)),
+            Request::GroupLeave { group } => {
+                self.group_leave(group_arg(&group)?)?;
+                Ok(Outcome::Left { group })
+            }
+            Request::GroupAdmin { group, user } => Ok(Outcome::Group(self.group_admin(group_arg(&group)?, &user)?)),
+            Request::GroupRename { group, title } => Ok(Outcome::Group(self.group_rename(group_arg(&group)?, &title)?)),
+            Request::GroupInfo { group } => Ok(Outcome::Group(self.group_info(group_arg(&group)?)?)),
+            Request::GroupList => Ok(Outcome::Groups(self.group_list()?)),
+            Request::Block { user, blocked } => {
+                self.set_blocked(&user, blocked)?;
+                Ok(Outcome::BlockChanged { user, blocked })
+            }
+            Request::Blocked => Ok(Outcome::BlockList(self.blocked()?)),
             Request::Verify { user } => {
                 let n = self.verify(&user)?;
                 Ok(Outcome::SafetyNumber {

@@ -235,14 +235,14 @@ fn to_signature(s: vodozemac::Ed25519Signature) -> Signature {
 
 /// The device's Olm state.
 pub struct Crypto {
-    tree: E2eStore,
-    key: Zeroizing<[u8; 32]>,
+    pub(super) tree: E2eStore,
+    pub(super) key: Zeroizing<[u8; 32]>,
     kdf: Option<Kdf>,
     passphrase: Option<Arc<Passphrase>>,
     fallback_ms: u64,
     account: Option<Account>,
     sessions: HashMap<DeviceAddr, Vec<Live>>,
-    writes: Writes,
+    pub(super) writes: Writes,
 }
 
 impl fmt::Debug for Crypto {
@@ -325,6 +325,7 @@ impl Crypto {
             }
             batch.insert(k, Some(encode(&StoredSessions::V1(out))));
         }
+        super::megolm::reencrypt(&self.tree, &self.key, &key, &mut batch)?;
         self.key = key;
         self.kdf = Some(kdf);
         if let Some(a) = &self.account {

@@ -62,6 +62,9 @@ impl Client {
                 "message {id} has not reached the server yet; react once it is sent"
             )));
         }
+        if m.group().is_some() {
+            return Err(Error::Usage("reactions in groups are not supported yet".into()));
+        }
         let peer = m.peer(&me).to_owned();
         let now = self.unix_ms();
         let content = Content::Reaction {

@@ -624,7 +624,11 @@ impl History {
             Direction::Out => m.to.clone(),
             Direction::In => m.from.clone(),
         };
-        m.status = receipts.status(m.status, m.direction, &peer);
+        m.status = if m.to.starts_with('#') && m.direction == Direction::Out {
+            self.group_status(&m, &receipts)?
+        } else {
+            receipts.status(m.status, m.direction, &peer)
+        };
         m.reactions = self.reactions_of(&m)?;
         if let (Some(id), Some(q)) = (m.reply_to, m.quote.as_mut())
             && let Some(v) = self.msgs.get(msg_key(&q.from, &id))?

@@ -167,9 +167,18 @@ impl Message {
     }
 
     /// The other party of the conversation this message belongs to, seen
-    /// from `me`.
+    /// from `me`: for a group message, the group (`#` and its id).
     pub fn peer<'a>(&'a self, me: &str) -> &'a str {
-        if self.from == me { &self.to } else { &self.from }
+        if self.from == me || self.to.starts_with('#') {
+            &self.to
+        } else {
+            &self.from
+        }
+    }
+
+    /// The group it was sent to, if it is a group message.
+    pub fn group(&self) -> Option<crate::wire::GroupId> {
+        crate::wire::GroupId::parse_tag(&self.to)
     }
 }
 

@@ -55,11 +55,20 @@ impl Client {
         let Some(conn) = self.conn.as_mut() else { return Ok(()) };
         for ((kind, peer), items) in groups {
             for chunk in items.chunks(wire::MAX_RECEIPT_IDS) {
-                let frame = ClientFrame::Receipt(wire::Receipt {
-                    to: peer.clone(),
-                    kind: ReceiptKind(kind),
-                    ids: chunk.iter().map(|(_, id)| *id).collect(),
-                });
+                let ids = chunk.iter().map(|(_, id)| *id).collect();
+                let frame = match super::group::parse_receipt_peer(&peer) {
+                    Some((group, from)) => ClientFrame::GroupReceipt(wire::GroupReceipt {
+                        group,
+                        to: from.to_owned(),
+                        kind: ReceiptKind(kind),
+                        ids,
+                    }),
+                    None => ClientFrame::Receipt(wire::Receipt {
+                        to: peer.clone(),
+                        kind: ReceiptKind(kind),
+                        ids,
+                    }),
+                };
                 let Ok(req) = conn.request(&frame, now) else {
                     self.outbox.dirty = true;
                     return Ok(());
@@ -134,6 +143,9 @@ impl Client {
     /// [`Error::Usage`] for a bad name; connection failures (the messages
     /// stay read here, and the receipts wait for the next connection).
     pub fn read(&mut self, peer: &str) -> Result<usize, Error> {
+        if let Some(g) = super::group::parse_group(peer) {
+            return self.read_group(g);
+        }
         if !wire::valid_user_name(peer) {
             return Err(Error::Usage(format!("invalid user name {peer:?}")));
         }
@@ -187,7 +199,7 @@ impl Client {
     ///
     /// # Errors
     /// [`Error::Usage`] if there is none; store errors.
-    pub fn info(&self, id: MsgId) -> Result<Vec<(Message, Receipts)>, Error> {
+    pub fn info(&self, id: MsgId) -> Result<Vec<(Message, Receipts, Vec<super::group::MemberState>)>, Error> {
         let h = self.profile.history();
         let found = h.find(&id)?;
         if found.is_empty() {
@@ -197,7 +209,8 @@ impl Client {
             .into_iter()
             .map(|m| {
                 let r = h.receipts(&m.from, &m.id)?;
-                Ok((m, r))
+                let members = h.member_states(&m, &r)?;
+                Ok((m, r, members))
             })
             .collect()
     }
@@ -286,7 +299,7 @@ mod tests {
         World::sync(&mut alice);
         let info = alice.info(m.id).unwrap();
         assert_eq!(info.len(), 1);
-        let (_, r) = &info[0];
+        let (_, r, _) = &info[0];
         assert_eq!(r.devices.len(), 1);
         assert!(r.devices[0].delivered_ms.is_some() && r.devices[0].read_ms.is_none());
         assert!(matches!(alice.info(MsgId([9; 16])), Err(Error::Usage(_))));

@@ -73,6 +73,7 @@ impl Client {
                 });
                 Ok(())
             }
+            Entry::Group(f) => self.store_group_entry(f),
         }
     }
 
@@ -217,6 +218,14 @@ impl Client {
                         uploaded: false,
                     }));
                     true
+                }
+                Content::GroupKey { group, session_key } => {
+                    crypto.add_inbound(group, &d.from, &session_key)?;
+                    false
+                }
+                Content::GroupTitle { group, title } => {
+                    events.extend(history.take_title(&mut batch, group, &d.from, title, p.ts_ms)?);
+                    false
                 }
             },
             Err(why) => {

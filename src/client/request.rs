@@ -10,6 +10,7 @@ use std::sync::mpsc::Sender;
 use serde::{Deserialize, Serialize};
 
 use super::e2e::Notice;
+use super::group::{LocalGroup, MemberState};
 use super::message::Message;
 use super::profile::Registration;
 use super::status::Receipts;
@@ -140,6 +141,62 @@ pub enum Request {
         /// The other party.
         user: String,
     },
+    /// Create a group.
+    GroupCreate {
+        /// Its title.
+        title: String,
+        /// The other members.
+        users: Vec<String>,
+    },
+    /// Add members to a group.
+    GroupAdd {
+        /// `#` and the group's id.
+        group: String,
+        /// Whom.
+        users: Vec<String>,
+    },
+    /// Remove members from a group.
+    GroupRemove {
+        /// `#` and the group's id.
+        group: String,
+        /// Whom.
+        users: Vec<String>,
+    },
+    /// Leave a group.
+    GroupLeave {
+        /// `#` and the group's id.
+        group: String,
+    },
+    /// Make a member an admin.
+    GroupAdmin {
+        /// `#` and the group's id.
+        group: String,
+        /// Whom.
+        user: String,
+    },
+    /// Rename a group.
+    GroupRename {
+        /// `#` and the group's id.
+        group: String,
+        /// The new title.
+        title: String,
+    },
+    /// A group's members and title.
+    GroupInfo {
+        /// `#` and the group's id.
+        group: String,
+    },
+    /// The groups this user is in.
+    GroupList,
+    /// Block or unblock a user.
+    Block {
+        /// Whom.
+        user: String,
+        /// Block (`true`) or unblock.
+        blocked: bool,
+    },
+    /// The users this user blocks.
+    Blocked,
 }
 
 /// What a request produced.
@@ -172,8 +229,9 @@ pub enum Outcome {
         /// How many messages were unread.
         count: usize,
     },
-    /// The messages with an id, each with what the devices reported.
-    Info(Vec<(Message, Receipts)>),
+    /// The messages with an id, each with what the devices reported (and
+    /// for a group message this user sent, each other member's state).
+    Info(Vec<(Message, Receipts, Vec<MemberState>)>),
     /// The settings.
     Settings {
         /// Whether read receipts are on.
@@ -222,6 +280,24 @@ pub enum Outcome {
         /// Its number.
         device: u32,
     },
+    /// A group, after a change or as read.
+    Group(LocalGroup),
+    /// The groups this user is in.
+    Groups(Vec<LocalGroup>),
+    /// This user left a group.
+    Left {
+        /// `#` and the group's id.
+        group: String,
+    },
+    /// A user was blocked or unblocked.
+    BlockChanged {
+        /// Whom.
+        user: String,
+        /// Blocked now, or unblocked.
+        blocked: bool,
+    },
+    /// The users this user blocks.
+    BlockList(Vec<String>),
     /// A safety number.
     SafetyNumber {
         /// The other party.

@@ -208,12 +208,16 @@ impl Client {
     /// replies to or how often it was forwarded); see
     /// [`Client::send_with_id`].
     pub(super) fn send_message(&mut self, msg: Message) -> Result<Message, Error> {
+        if msg.to.starts_with('#') {
+            return self.send_group_message(msg);
+        }
         // A file goes up before its message.
         let mut msg = self.upload_for(msg, &mut |_, _| {})?;
         let me = self.profile.registered()?.clone();
         if !wire::valid_user_name(&msg.to) {
             return Err(Error::Usage(format!("invalid user name {:?}", msg.to)));
         }
+        self.check_not_blocked(&msg.to)?;
         if msg.attachment.is_none() {
             check_text(&msg.text)?;
         } else if msg.text.len() > MAX_TEXT_LEN {
@@ -307,6 +311,9 @@ impl Client {
     /// # Errors
     /// See [`Client::send_with_id`].
     pub fn send_content(&mut self, to: &str, content: Content, ts_ms: u64) -> Result<u64, Error> {
+        if let Some(g) = super::group::parse_group(to) {
+            return self.send_group_content(g, content, ts_ms);
+        }
         if !wire::valid_user_name(to) {
             return Err(Error::Usage(format!("invalid user name {to:?}")));
         }

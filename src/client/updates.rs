@@ -165,7 +165,7 @@ pub struct OutboxEntry {
     pub id: MsgId,
 }
 
-fn outbox_key(kind: ReceiptKind, peer: &str, id: &MsgId) -> Vec<u8> {
+pub(super) fn outbox_key(kind: ReceiptKind, peer: &str, id: &MsgId) -> Vec<u8> {
     let mut k = vec![kind.0];
     k.extend_from_slice(&msg_key(peer, id));
     k
@@ -259,6 +259,9 @@ impl History {
     /// The status `m` (as stored) shows once `batch` is applied.
     fn status_in(&self, batch: &Batch, m: &Message) -> Result<Status, Error> {
         let r = self.receipts_in(batch, &msg_key(&m.from, &m.id))?;
+        if m.to.starts_with('#') && m.direction == Direction::Out {
+            return self.group_status(m, &r);
+        }
         let peer = match m.direction {
             Direction::Out => &m.to,
             Direction::In => &m.from,
@@ -318,7 +321,7 @@ impl History {
         if m.direction == Direction::In && !m.undecryptable {
             batch.put(
                 T::Outbox,
-                outbox_key(ReceiptKind::DELIVERED, &m.from, &m.id),
+                outbox_key(ReceiptKind::DELIVERED, &super::group::receipt_peer(&m), &m.id),
                 Vec::new(),
             );
         }
@@ -619,11 +622,13 @@ impl History {
             }
             self.put_receipts(batch, key.clone(), &r)?;
             // Read elsewhere: no need to say so from here too.
-            let ok = outbox_key(ReceiptKind::READ, peer, id);
+            let m = self.read_msg(batch, peer, id)?;
+            let receipt_peer = m.as_ref().map_or_else(|| peer.to_owned(), super::group::receipt_peer);
+            let ok = outbox_key(ReceiptKind::READ, &receipt_peer, id);
             if self.read(batch, T::Outbox, &ok)?.is_some() {
                 batch.remove(T::Outbox, ok);
             }
-            if let Some(m) = self.read_msg(batch, peer, id)? {
+            if let Some(m) = m {
                 news.push(ReceiptNews {
                     id: *id,
                     from: m.from.clone(),

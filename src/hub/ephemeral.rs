@@ -74,7 +74,7 @@ impl Hub {
     /// What `watcher`'s user may know of `target`'s presence now.
     fn seen(&self, watches: &Watches, watcher: UserId, target: UserId) -> Seen {
         let store = self.store();
-        if store.hides_presence(target) || store.hides_presence(watcher) {
+        if store.hides_presence(target) || store.hides_presence(watcher) || store.blocks(target, watcher) {
             return Seen::Hidden;
         }
         let mut devices: Vec<DeviceId> = Vec::new();
@@ -108,6 +108,10 @@ impl Hub {
         let Some(to) = store.user_id(&e.to) else {
             return self.refuse(conn, req, Refusal::UnknownUser);
         };
+        if store.blocks(to, me.user) {
+            // spec §5.8, *Blocking*: nothing reaches the blocker.
+            return self.send(conn, req, ServerFrame::Done);
+        }
         if e.bodies.len() > MAX_DEVICES_PER_USER {
             return self.refuse(conn, req, Refusal::TooManyBodies);
         }

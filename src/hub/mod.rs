@@ -29,6 +29,7 @@
 
 mod blobs;
 mod ephemeral;
+mod group;
 mod rate;
 mod refusal;
 #[cfg(test)]
@@ -51,8 +52,9 @@ use crate::store::{
     Appended, Completion, Entry, LinkRequestError, NewMessage, Op, Outcome, Read, Sink, StoreApi, Waiter,
 };
 use crate::wire::{
-    self, ClientFrame, Deliver, DeviceAddr, DeviceId, ExpiredNotice, GapNotice, Lost, MAX_BODIES, MAX_BODY_LEN,
-    MAX_RECEIPT_IDS, ReceiptDeliver, ReceiptKind, ServerFrame,
+    self, BlockNotice, ClientFrame, Deliver, DeviceAddr, DeviceId, ExpiredNotice, GapNotice, GroupChange, GroupDeliver,
+    GroupId, GroupNotice, GroupReceiptDeliver, Lost, MAX_BODIES, MAX_BODY_LEN, MAX_RECEIPT_IDS, ReceiptDeliver,
+    ReceiptKind, ServerFrame,
 };
 
 /// Hub settings.
@@ -82,6 +84,15 @@ pub struct HubConfig {
     /// One-time keys of one device handed out to claimers, whoever they
     /// are (spec §5.4): past it, claimers get its fallback key.
     pub key_handouts: Rate,
+    /// Most members of one group (spec §6; at most
+    /// [`wire::MAX_GROUP_MEMBERS`]).
+    pub group_members: usize,
+    /// Most groups one user is in (spec §6; at most
+    /// [`wire::MAX_GROUPS_PER_USER`]).
+    pub groups_per_user: usize,
+    /// Group membership changes a device may make per minute (and in a
+    /// burst) (spec §5.8).
+    pub group_changes_per_minute: u32,
 }
 
 impl Default for HubConfig {
@@ -106,6 +117,9 @@ impl Default for HubConfig {
                 per_minute: 1,
                 burst: 10,
             },
+            group_members: 256,
+            groups_per_user: 100,
+            group_changes_per_minute: 60,
         }
     }
 }
@@ -122,6 +136,7 @@ pub struct Shared {
     handouts: Buckets,
     /// Bytes of blob chunks and reads in flight.
     blob_memory: AtomicU64,
+    group_changes: Buckets,
     watches: Mutex<ephemeral::Watches>,
     config: HubConfig,
 }
@@ -138,6 +153,7 @@ impl Shared {
             writes: Buckets::new(config.write_rate),
             handouts: Buckets::new(config.key_handouts),
             blob_memory: AtomicU64::new(0),
+            group_changes: Buckets::new(Rate::per_minute(config.group_changes_per_minute)),
             watches: Mutex::new(ephemeral::Watches::default()),
             config,
         })
@@ -190,10 +206,22 @@ impl Shared {
     /// How many devices have a rate bucket kept, of each kind (for the
     /// memory they take: about 40 bytes each).
     pub fn buckets_kept(&self) -> usize {
-        [&self.claims, &self.ephemeral, &self.sends, &self.writes, &self.handouts]
-            .iter()
-            .map(|b| b.len())
-            .sum()
+        [
+            &self.claims,
+            &self.ephemeral,
+            &self.sends,
+            &self.writes,
+            &self.handouts,
+            &self.group_changes,
+        ]
+        .iter()
+        .map(|b| b.len())
+        .sum()
+    }
+
+    /// Takes one group membership change from a device's allowance.
+    fn may_change_group(&self, d: DeviceKey, now: Instant) -> bool {
+        self.group_changes.take(d, now).is_ok()
     }
 
     /// Who a static key belongs to.
@@ -330,6 +358,17 @@ enum Waiting {
     Backlog {
         serial: u64,
     },
+    Group {
+        conn: ConnId,
+        req: u32,
+        leave: bool,
+    },
+    Block {
+        conn: ConnId,
+        req: u32,
+    },
+    /// Wake the online devices an operation notified.
+    Wake,
 }
 
 /// Entries read from memory per step of a pump.
@@ -520,7 +559,7 @@ impl Hub {
                 }
                 self.send(conn, req, ServerFrame::Keys { user, devices });
             }
-            (Waiting::Receipt { conn, req }, Outcome::Receipt(r)) => match r {
+            (Waiting::Receipt { conn, req }, Outcome::Receipt(r) | Outcome::GroupReceipt(r)) => match r {
                 Ok(targets) => {
                     self.send(conn, req, ServerFrame::Done);
                     self.wake_online(targets);
@@ -558,6 +597,11 @@ impl Hub {
                 if self.woken.insert(conn) {
                     self.effects.push(Effect::Wake(conn));
                 }
+            }
+            (w @ (Waiting::Group { .. } | Waiting::Block { .. } | Waiting::Wake), outcome)
+                if outcome != Outcome::Failed =>
+            {
+                self.group_completed(w, outcome)
             }
             (w, Outcome::Failed) => {
                 if let Some((conn, req)) = w.answer_to() {
@@ -727,6 +771,47 @@ impl Hub {
                 seq,
                 device: addr(e.device_user, e.device)?,
                 ids: e.ids,
+            }),
+            Entry::Group(g) => ServerFrame::GroupDeliver(GroupDeliver {
+                seq,
+                id: g.id,
+                from: addr(g.from_user, g.from_device)?,
+                group: GroupId(g.group),
+                time_ms: g.time_ms,
+                body: g.body,
+            }),
+            Entry::GroupNotice(n) => ServerFrame::GroupNotice(GroupNotice {
+                seq,
+                group: GroupId(n.group),
+                version: n.version,
+                // A user gone since is left out of what is said.
+                changes: n
+                    .changes
+                    .into_iter()
+                    .filter_map(|c| {
+                        Some(GroupChange {
+                            by: name(c.by)?,
+                            kind: c.kind,
+                            users: c.users.into_iter().filter_map(name).collect(),
+                        })
+                    })
+                    .collect(),
+                time_ms: n.time_ms,
+            }),
+            Entry::GroupReceipt(r) => ServerFrame::GroupReceipt(GroupReceiptDeliver {
+                seq,
+                group: GroupId(r.group),
+                from: addr(r.from_user, r.from_device)?,
+                to: name(r.to_user)?,
+                kind: ReceiptKind(r.kind),
+                ids: r.ids,
+                time_ms: r.time_ms,
+            }),
+            Entry::Block(b) => ServerFrame::BlockNotice(BlockNotice {
+                seq,
+                user: name(b.user)?,
+                blocked: b.blocked,
+                time_ms: b.time_ms,
             }),
         })
     }
@@ -999,6 +1084,9 @@ impl Hub {
             | ClientFrame::BlobDelete { .. }) => self.blob_frame(conn, view, req, f, now),
             // The session answers these itself.
             ClientFrame::Ping | ClientFrame::Pong | ClientFrame::Close => {}
+            f if group::is_group_frame(&f) => self.group_frame(conn, view, req, f, now),
+            // Every kind is handled above.
+            _ => {}
         }
     }
 
@@ -1018,10 +1106,16 @@ impl Hub {
             return self.refuse(conn, req, Refusal::StorageFull);
         }
         // spec §5.5: to every device of the messages' sender, and to the
-        // reporting user's other devices.
+        // reporting user's other devices; not to a sender who blocks the
+        // reporter (spec §5.8, *Blocking*).
         let mut devices = std::mem::take(&mut self.devices);
         let mut targets = Vec::new();
-        for user in [to, me.user] {
+        let users: &[UserId] = if store.blocks(to, me.user) {
+            &[me.user]
+        } else {
+            &[to, me.user]
+        };
+        for &user in users {
             devices.clear();
             store.current_devices(user, &mut devices);
             targets.extend(
@@ -1140,6 +1234,21 @@ impl Hub {
                 },
             );
         }
+        if store.blocks(to, me.user) {
+            // spec §5.8, *Blocking*: the blocker's devices get nothing, and
+            // the sender is not told; its own devices keep their copies.
+            copies.retain(|c| c.0.user == me.user);
+            if copies.is_empty() {
+                return self.send(
+                    conn,
+                    req,
+                    ServerFrame::Accepted {
+                        id: send.id,
+                        time_ms: now.unix_ms,
+                    },
+                );
+            }
+        }
         {
             let online = self.shared.online();
             for c in &mut copies {
@@ -1185,8 +1294,10 @@ impl Waiting {
             | Waiting::Receipt { conn, req }
             | Waiting::Retract { conn, req }
             | Waiting::LastSeen { conn, req, .. }
-            | Waiting::Blob { conn, req, .. } => Some((conn, req)),
-            Waiting::Backlog { .. } => None,
+            | Waiting::Blob { conn, req, .. }
+            | Waiting::Group { conn, req, .. }
+            | Waiting::Block { conn, req } => Some((conn, req)),
+            Waiting::Backlog { .. } | Waiting::Wake => None,
         }
     }
 }
@@ -1197,7 +1308,10 @@ fn frame_size(frame: &ServerFrame) -> usize {
     OVERHEAD
         + match frame {
             ServerFrame::Deliver(d) => d.body.len(),
+            ServerFrame::GroupDeliver(d) => d.body.len(),
+            ServerFrame::GroupNotice(n) => n.changes.iter().map(|c| 40 + c.users.len() * 33).sum(),
             ServerFrame::Receipt(r) => r.ids.len() * 16,
+            ServerFrame::GroupReceipt(r) => r.ids.len() * 16,
             ServerFrame::Expired(e) => e.ids.len() * 16,
             ServerFrame::Gap(g) => g.lost.len() * 64,
             ServerFrame::BlobData(d) => d.data.len(),

@@ -77,6 +77,25 @@ pub enum Refusal {
     TooManyWatched,
     /// The store failed; the request may be retried.
     Internal,
+    /// Not a member of the group (or no such group), or a user named is
+    /// not (spec §5.8).
+    NotAMember,
+    /// Only admins may change the membership.
+    NotAdmin,
+    /// The group has the most members allowed.
+    GroupFull,
+    /// The caller or a user to be added is in the most groups allowed.
+    TooManyGroups,
+    /// A group with that id exists.
+    GroupExists,
+    /// The caller blocks the most users allowed.
+    TooManyBlocked,
+    /// A group change naming more users than one frame may.
+    TooManyUsers,
+    /// Blocking oneself.
+    BlockSelf,
+    /// Group changes over the device's rate.
+    GroupRate,
     /// Close: the device connected again elsewhere.
     ConnectedElsewhere,
     /// Close: the device was revoked.
@@ -175,6 +194,21 @@ impl Refusal {
             EphemeralTooLarge => (ErrorCode::BODY_TOO_LARGE, "an ephemeral body is at most 1024 bytes"),
             TooManyWatched => (ErrorCode::BAD_REQUEST, "watch the presence of at most 256 users"),
             Internal => (ErrorCode::INTERNAL, "server storage failure"),
+            NotAMember => (ErrorCode::NOT_A_MEMBER, "no such group, or not a member of it"),
+            NotAdmin => (ErrorCode::NOT_ADMIN, "only an admin of the group may do that"),
+            GroupFull => (
+                ErrorCode::GROUP_FULL,
+                "the group has the most members this server allows",
+            ),
+            TooManyGroups => (
+                ErrorCode::TOO_MANY_GROUPS,
+                "you, or a user to be added, are in the most groups this server allows",
+            ),
+            GroupExists => (ErrorCode::GROUP_EXISTS, "a group with that id exists"),
+            TooManyBlocked => (ErrorCode::TOO_MANY_BLOCKED, "you block the most users allowed (1000)"),
+            TooManyUsers => (ErrorCode::BAD_REQUEST, "a group change names at most 256 users"),
+            BlockSelf => (ErrorCode::BAD_REQUEST, "you cannot block yourself"),
+            GroupRate => (ErrorCode::RATE_LIMITED, "too many group changes; try again in a minute"),
             ConnectedElsewhere => (ErrorCode::CONNECTED_ELSEWHERE, "this device connected elsewhere"),
             Revoked => (ErrorCode::REVOKED, "this device was revoked"),
             ShuttingDown => (ErrorCode::SHUTTING_DOWN, "the server is shutting down"),
@@ -334,6 +368,15 @@ mod tests {
             EphemeralTooLarge,
             TooManyWatched,
             Internal,
+            NotAMember,
+            NotAdmin,
+            GroupFull,
+            TooManyGroups,
+            GroupExists,
+            TooManyBlocked,
+            TooManyUsers,
+            BlockSelf,
+            GroupRate,
             ConnectedElsewhere,
             Revoked,
             ShuttingDown,

@@ -803,3 +803,564 @@ fn one_time_keys_go_at_their_rate_whoever_claims() {
 }
 
 mod blobs;
+
+// ---- groups and blocking (spec §5.8) ----
+
+const G: crate::wire::GroupId = crate::wire::GroupId([0x6e; 16]);
+
+fn names(users: &[&str]) -> Vec<String> {
+    users.iter().map(|u| u.to_string()).collect()
+}
+
+/// The digest of a group's member devices, as a client computes it.
+fn digest(info: &crate::wire::GroupInfo) -> [u8; 8] {
+    crate::keys::devices_digest(
+        info.members
+            .iter()
+            .map(|m| (m.user.as_str(), m.devices.iter().copied())),
+    )
+}
+
+fn group_send(id: u8, info: &crate::wire::GroupInfo) -> ClientFrame {
+    ClientFrame::GroupSend(crate::wire::GroupSend {
+        id: MsgId([id; 16]),
+        group: info.group,
+        version: info.version,
+        devices: digest(info),
+        body: Bytes::from(vec![id; 40]),
+    })
+}
+
+/// The group info in an answer.
+fn info_in(frames: &[(u32, ServerFrame)], req: u32) -> crate::wire::GroupInfo {
+    frames
+        .iter()
+        .find_map(|(r, f)| match f {
+            ServerFrame::Group(i) if *r == req => Some(i.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no Group answer to {req}: {frames:?}"))
+}
+
+/// alice, bob and carol (three_users) and dave (user 4, device 1, online
+/// on connection 4); alice made group G with bob and carol.
+fn a_group() -> (Rig, crate::wire::GroupInfo) {
+    let mut r = three_users();
+    let d = r.key();
+    r.store.add_user("dave", &[d]);
+    r.online(4, dev(4, 1));
+    r.store.run();
+    let create = ClientFrame::CreateGroup {
+        group: G,
+        members: names(&["bob", "carol"]),
+    };
+    assert!(
+        frames_to(&r.frame(1, dev(1, 1), 1, create), 1).is_empty(),
+        "once durable"
+    );
+    let got = r.settle();
+    let info = info_in(&frames_to(&got, 1), 1);
+    (r, info)
+}
+
+#[test]
+fn a_group_message_is_one_body_for_every_member_device_but_the_senders() {
+    let (mut r, info) = a_group();
+    assert_eq!(info.version, 1);
+    let members: Vec<(&str, bool, usize)> = info
+        .members
+        .iter()
+        .map(|m| (m.user.as_str(), m.admin, m.devices.len()))
+        .collect();
+    assert_eq!(members, [("alice", true, 2), ("bob", false, 2), ("carol", false, 1)]);
+    // Every member device was told, in its queue, the sender's other one
+    // included.
+    for d in [dev(1, 1), dev(1, 2), dev(2, 1), dev(2, 2), dev(3, 1)] {
+        assert!(
+            r.store
+                .queue(d)
+                .iter()
+                .any(|(_, e)| matches!(e, Entry::GroupNotice(n) if n.version == 1)),
+            "{d}"
+        );
+    }
+    assert!(r.store.queue(dev(4, 1)).is_empty(), "dave is not a member");
+    let got = r.frame(1, dev(1, 1), 2, group_send(7, &info));
+    let to_bob = frames_to(&got, 2);
+    let body = match &to_bob[..] {
+        [(0, ServerFrame::GroupDeliver(d))] => {
+            assert_eq!((d.group, d.id, d.from.user.as_str()), (G, MsgId([7; 16]), "alice"));
+            d.body.clone()
+        }
+        other => panic!("{other:?}"),
+    };
+    // One body, the same for all: alice's other device, bob's, carol's.
+    for d in [dev(1, 2), dev(2, 2), dev(3, 1)] {
+        let q = r.store.queue(d);
+        assert!(
+            q.iter()
+                .any(|(_, e)| matches!(e, Entry::Group(g) if g.body == body && g.fanout == 4)),
+            "{d}: {q:?}"
+        );
+    }
+    assert!(
+        !r.store
+            .queue(dev(1, 1))
+            .iter()
+            .any(|(_, e)| matches!(e, Entry::Group(_)))
+    );
+    assert!(r.store.queue(dev(4, 1)).is_empty());
+    r.store.flush();
+    let got = r.effects();
+    assert!(
+        matches!(&frames_to(&got, 1)[..], [(2, ServerFrame::Accepted { .. })]),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn a_send_for_an_older_version_or_other_devices_is_a_mismatch_that_says_what_is() {
+    let (mut r, info) = a_group();
+    r.frame(
+        1,
+        dev(1, 1),
+        2,
+        ClientFrame::AddMembers {
+            group: G,
+            users: names(&["dave"]),
+        },
+    );
+    let got = r.settle();
+    let now = info_in(&frames_to(&got, 1), 2);
+    assert_eq!(now.version, 2);
+    let got = r.frame(1, dev(1, 1), 3, group_send(8, &info));
+    match &frames_to(&got, 1)[..] {
+        [(3, ServerFrame::GroupMismatch { id, group })] => {
+            assert_eq!((*id, group), (MsgId([8; 16]), &now));
+        }
+        other => panic!("{other:?}"),
+    }
+    // The right version with a stale device list: a mismatch too.
+    let mut stale = now.clone();
+    stale.members[1].devices.pop();
+    let got = r.frame(1, dev(1, 1), 4, group_send(8, &stale));
+    assert!(matches!(
+        &frames_to(&got, 1)[..],
+        [(4, ServerFrame::GroupMismatch { .. })]
+    ));
+    assert!(
+        !r.store
+            .queue(dev(2, 1))
+            .iter()
+            .any(|(_, e)| matches!(e, Entry::Group(_)))
+    );
+    // As the server says: sent.
+    let got = r.frame(1, dev(1, 1), 5, group_send(8, &now));
+    assert!(
+        frames_to(&got, 4)
+            .iter()
+            .any(|(_, f)| matches!(f, ServerFrame::GroupDeliver(_)))
+    );
+}
+
+#[test]
+fn a_non_member_cannot_read_send_share_or_receipt_and_cannot_tell_whether_a_group_exists() {
+    let (mut r, info) = a_group();
+    let other = crate::wire::GroupId([1; 16]);
+    for g in [G, other] {
+        let mut i = info.clone();
+        i.group = g;
+        let frames = [
+            ClientFrame::GetGroup { group: g },
+            group_send(9, &i),
+            ClientFrame::GroupKeys(crate::wire::GroupKeys {
+                id: MsgId([9; 16]),
+                group: g,
+                bodies: vec![],
+            }),
+            ClientFrame::GroupReceipt(crate::wire::GroupReceipt {
+                group: g,
+                to: "alice".into(),
+                kind: ReceiptKind::READ,
+                ids: vec![MsgId([1; 16])],
+            }),
+            ClientFrame::LeaveGroup { group: g },
+            ClientFrame::AddMembers {
+                group: g,
+                users: names(&["dave"]),
+            },
+        ];
+        for (n, f) in frames.into_iter().enumerate() {
+            let req = 10 + n as u32;
+            let mut got = frames_to(&r.frame(4, dev(4, 1), req, f), 4);
+            got.extend(frames_to(&r.settle(), 4));
+            assert_eq!(got, vec![(req, Refusal::NotAMember.frame())], "{g:?} {n}");
+        }
+    }
+    assert!(
+        r.store
+            .queue(dev(2, 1))
+            .iter()
+            .all(|(_, e)| !matches!(e, Entry::Group(_)))
+    );
+    // Its list is empty.
+    let got = r.frame(4, dev(4, 1), 30, ClientFrame::ListGroups);
+    assert_eq!(frames_to(&got, 4), vec![(30, ServerFrame::Groups { groups: vec![] })]);
+    let got = r.frame(2, dev(2, 1), 31, ClientFrame::ListGroups);
+    assert_eq!(
+        frames_to(&got, 2),
+        vec![(
+            31,
+            ServerFrame::Groups {
+                groups: vec![crate::wire::GroupVersion { group: G, version: 1 }]
+            }
+        )]
+    );
+}
+
+#[test]
+fn only_admins_change_a_group_and_each_limit_has_its_code() {
+    let mut r = Rig::new(HubConfig {
+        group_members: 3,
+        groups_per_user: 1,
+        ..HubConfig::default()
+    });
+    let keys: Vec<PublicKey> = (0..4).map(|_| r.key()).collect();
+    for (n, u) in ["alice", "bob", "carol", "dave"].iter().enumerate() {
+        r.store.add_user(u, &keys[n..n + 1]);
+        r.online(n as u64 + 1, dev(n as u32 + 1, 1));
+    }
+    r.store.run();
+    let ask = |r: &mut Rig, who: u32, req: u32, f: ClientFrame| {
+        let mut got = frames_to(&r.frame(u64::from(who), dev(who, 1), req, f), u64::from(who));
+        got.extend(frames_to(&r.settle(), u64::from(who)));
+        got.into_iter().find(|(q, _)| *q == req).map(|(_, f)| f)
+    };
+    let create = |g: u8, members: &[&str]| ClientFrame::CreateGroup {
+        group: crate::wire::GroupId([g; 16]),
+        members: names(members),
+    };
+    assert!(matches!(
+        ask(&mut r, 1, 1, create(1, &["bob"])),
+        Some(ServerFrame::Group(_))
+    ));
+    let cases = [
+        (2, create(1, &[]), Refusal::GroupExists),
+        (1, create(2, &[]), Refusal::TooManyGroups),
+        (3, create(3, &["bob"]), Refusal::TooManyGroups),
+        (
+            2,
+            ClientFrame::AddMembers {
+                group: crate::wire::GroupId([1; 16]),
+                users: names(&["carol"]),
+            },
+            Refusal::NotAdmin,
+        ),
+        (
+            1,
+            ClientFrame::AddMembers {
+                group: crate::wire::GroupId([1; 16]),
+                users: names(&["carol", "dave"]),
+            },
+            Refusal::GroupFull,
+        ),
+        (
+            1,
+            ClientFrame::AddMembers {
+                group: crate::wire::GroupId([1; 16]),
+                users: names(&["nobody"]),
+            },
+            Refusal::UnknownUser,
+        ),
+        (
+            1,
+            ClientFrame::RemoveMembers {
+                group: crate::wire::GroupId([1; 16]),
+                users: (0..300).map(|n| format!("u{n}")).collect(),
+            },
+            Refusal::TooManyUsers,
+        ),
+        (
+            2,
+            ClientFrame::MakeAdmin {
+                group: crate::wire::GroupId([1; 16]),
+                user: "bob".into(),
+            },
+            Refusal::NotAdmin,
+        ),
+    ];
+    for (n, (who, f, why)) in cases.into_iter().enumerate() {
+        assert_eq!(ask(&mut r, who, 100 + n as u32, f), Some(why.frame()), "{why:?}");
+    }
+    // The creator is admin; it promotes bob, then leaves: bob runs it.
+    let g = crate::wire::GroupId([1; 16]);
+    let info = |f: Option<ServerFrame>| match f {
+        Some(ServerFrame::Group(i)) => i,
+        other => panic!("{other:?}"),
+    };
+    let i = info(ask(
+        &mut r,
+        1,
+        200,
+        ClientFrame::MakeAdmin {
+            group: g,
+            user: "bob".into(),
+        },
+    ));
+    assert!(i.members.iter().all(|m| m.admin));
+    assert_eq!(
+        ask(&mut r, 1, 201, ClientFrame::LeaveGroup { group: g }),
+        Some(ServerFrame::Done)
+    );
+    let i = info(ask(
+        &mut r,
+        2,
+        202,
+        ClientFrame::AddMembers {
+            group: g,
+            users: names(&["carol"]),
+        },
+    ));
+    assert_eq!(i.version, 4);
+    let m: Vec<(&str, bool)> = i.members.iter().map(|m| (m.user.as_str(), m.admin)).collect();
+    assert_eq!(m, [("bob", true), ("carol", false)]);
+}
+
+#[test]
+fn when_the_last_admin_leaves_the_longest_standing_member_runs_the_group() {
+    let (mut r, _) = a_group();
+    r.frame(1, dev(1, 1), 2, ClientFrame::LeaveGroup { group: G });
+    let got = r.settle();
+    assert!(frames_to(&got, 1).contains(&(2, ServerFrame::Done)));
+    let got = r.frame(2, dev(2, 1), 3, ClientFrame::GetGroup { group: G });
+    let i = info_in(&frames_to(&got, 2), 3);
+    let m: Vec<(&str, bool)> = i.members.iter().map(|m| (m.user.as_str(), m.admin)).collect();
+    assert_eq!(m, [("bob", true), ("carol", false)]);
+    // Bob's device heard it as one notice: alice left, bob promoted.
+    let notices: Vec<crate::wire::GroupNotice> = frames_to(&got, 2)
+        .into_iter()
+        .chain(frames_to(&r.effects(), 2))
+        .filter_map(|(_, f)| match f {
+            ServerFrame::GroupNotice(n) => Some(n),
+            _ => None,
+        })
+        .collect();
+    let last = r.store.queue(dev(2, 2));
+    assert!(
+        last.iter()
+            .any(|(_, e)| matches!(e, Entry::GroupNotice(n) if n.version == 2)),
+        "{notices:?}"
+    );
+}
+
+#[test]
+fn a_removed_member_is_told_and_gets_nothing_after() {
+    let (mut r, _) = a_group();
+    r.frame(
+        1,
+        dev(1, 1),
+        2,
+        ClientFrame::RemoveMembers {
+            group: G,
+            users: names(&["carol"]),
+        },
+    );
+    let got = r.settle();
+    let now = info_in(&frames_to(&got, 1), 2);
+    let notices = |r: &Rig| -> Vec<u64> {
+        r.store
+            .queue(dev(3, 1))
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Entry::GroupNotice(n) => Some(n.version),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(notices(&r), [1, 2], "carol heard of her removal");
+    r.frame(1, dev(1, 1), 3, group_send(5, &now));
+    assert!(
+        r.store
+            .queue(dev(3, 1))
+            .iter()
+            .all(|(_, e)| !matches!(e, Entry::Group(_)))
+    );
+    let got = r.frame(3, dev(3, 1), 4, ClientFrame::GetGroup { group: G });
+    assert_eq!(frames_to(&got, 3), vec![(4, Refusal::NotAMember.frame())]);
+}
+
+#[test]
+fn key_shares_go_to_member_devices_as_direct_messages_each_to_its_own_user() {
+    let (mut r, _) = a_group();
+    let body = |user: &str, device: u32| crate::wire::KeyBody {
+        user: user.into(),
+        device: DeviceId(device),
+        data: Bytes::from(format!("{user}/{device}")),
+    };
+    let keys = |bodies| {
+        ClientFrame::GroupKeys(crate::wire::GroupKeys {
+            id: MsgId([3; 16]),
+            group: G,
+            bodies,
+        })
+    };
+    let got = r.frame(
+        1,
+        dev(1, 1),
+        2,
+        keys(vec![body("bob", 1), body("carol", 1), body("alice", 2), body("bob", 9)]),
+    );
+    match &frames_to(&got, 2)[..] {
+        [(0, ServerFrame::Deliver(d))] => assert_eq!((d.to.as_str(), &d.body[..]), ("bob", &b"bob/1"[..])),
+        other => panic!("{other:?}"),
+    }
+    let q = r.store.queue(dev(3, 1));
+    assert!(
+        q.iter()
+            .any(|(_, e)| matches!(e, Entry::Message(m) if m.to_user == 3 && &m.body[..] == b"carol/1"))
+    );
+    let q = r.store.queue(dev(1, 2));
+    assert!(q.iter().any(|(_, e)| matches!(e, Entry::Message(m) if m.to_user == 1)));
+    // A non-member among the addressees, or the sender itself: refused.
+    let got = r.frame(1, dev(1, 1), 3, keys(vec![body("dave", 1)]));
+    assert_eq!(frames_to(&got, 1), vec![(3, Refusal::NotAMember.frame())]);
+    let got = r.frame(1, dev(1, 1), 4, keys(vec![body("alice", 1)]));
+    assert_eq!(frames_to(&got, 1), vec![(4, Refusal::BodyForSender.frame())]);
+}
+
+#[test]
+fn a_group_receipt_reaches_the_senders_devices_and_the_readers_other_devices() {
+    let (mut r, _) = a_group();
+    let receipt = ClientFrame::GroupReceipt(crate::wire::GroupReceipt {
+        group: G,
+        to: "alice".into(),
+        kind: ReceiptKind::READ,
+        ids: vec![MsgId([5; 16])],
+    });
+    r.frame(2, dev(2, 1), 2, receipt);
+    let got = r.settle();
+    assert_eq!(frames_to(&got, 2), vec![(2, ServerFrame::Done)]);
+    match &frames_to(&got, 1)[..] {
+        [(0, ServerFrame::GroupReceipt(g))] => {
+            assert_eq!((g.group, g.from.user.as_str(), g.to.as_str()), (G, "bob", "alice"));
+        }
+        other => panic!("{other:?}"),
+    }
+    for d in [dev(1, 2), dev(2, 2)] {
+        assert!(
+            r.store
+                .queue(d)
+                .iter()
+                .any(|(_, e)| matches!(e, Entry::GroupReceipt(_))),
+            "{d}"
+        );
+    }
+    assert!(
+        !r.store
+            .queue(dev(3, 1))
+            .iter()
+            .any(|(_, e)| matches!(e, Entry::GroupReceipt(_)))
+    );
+}
+
+#[test]
+fn a_block_stops_direct_messages_receipts_and_typing_silently_but_not_group_messages() {
+    let (mut r, info) = a_group();
+    r.frame(
+        2,
+        dev(2, 1),
+        2,
+        ClientFrame::Block {
+            user: "alice".into(),
+            blocked: true,
+        },
+    );
+    let got = r.settle();
+    assert_eq!(frames_to(&got, 2), vec![(2, ServerFrame::Done)]);
+    // Bob's other device hears of it.
+    assert!(
+        r.store
+            .queue(dev(2, 2))
+            .iter()
+            .any(|(_, e)| matches!(e, Entry::Block(b) if b.user == 1 && b.blocked))
+    );
+    let got = r.frame(2, dev(2, 1), 3, ClientFrame::ListBlocked);
+    assert_eq!(
+        frames_to(&got, 2),
+        vec![(
+            3,
+            ServerFrame::Blocked {
+                users: names(&["alice"])
+            }
+        )]
+    );
+    let before = r.store.queue(dev(2, 1)).len();
+    // Alice's message is accepted, her other device has it, bob's do not.
+    let got = r.frame(1, dev(1, 1), 4, send(1, "bob", &[1, 2], &[2]));
+    assert!(frames_to(&got, 2).is_empty());
+    r.store.flush();
+    let got = r.effects();
+    assert!(
+        matches!(&frames_to(&got, 1)[..], [(4, ServerFrame::Accepted { .. })]),
+        "{got:?}"
+    );
+    assert_eq!(r.store.queue(dev(2, 1)).len(), before);
+    assert!(
+        r.store
+            .queue(dev(1, 2))
+            .iter()
+            .any(|(_, e)| matches!(e, Entry::Message(m) if m.id == MsgId([1; 16])))
+    );
+    // A receipt and typing: done, and nothing for bob.
+    r.frame(
+        1,
+        dev(1, 1),
+        5,
+        ClientFrame::Receipt(Receipt {
+            to: "bob".into(),
+            kind: ReceiptKind::READ,
+            ids: vec![MsgId([2; 16])],
+        }),
+    );
+    let got = r.settle();
+    assert_eq!(frames_to(&got, 1), vec![(5, ServerFrame::Done)]);
+    assert!(frames_to(&got, 2).is_empty());
+    let got = r.frame(1, dev(1, 1), 6, ephemeral("bob", &[1], 10));
+    assert_eq!(frames_to(&got, 1), vec![(6, ServerFrame::Done)]);
+    assert!(frames_to(&got, 2).is_empty());
+    // In the group they share, alice's messages still reach bob.
+    let got = r.frame(1, dev(1, 1), 7, group_send(3, &info));
+    assert!(
+        frames_to(&got, 2)
+            .iter()
+            .any(|(_, f)| matches!(f, ServerFrame::GroupDeliver(_)))
+    );
+    // Unblocked: direct messages arrive again.
+    r.frame(
+        2,
+        dev(2, 1),
+        8,
+        ClientFrame::Block {
+            user: "alice".into(),
+            blocked: false,
+        },
+    );
+    r.settle();
+    let got = r.frame(1, dev(1, 1), 9, send(4, "bob", &[1, 2], &[2]));
+    assert!(
+        frames_to(&got, 2)
+            .iter()
+            .any(|(_, f)| matches!(f, ServerFrame::Deliver(_)))
+    );
+    // Blocking oneself or nobody: refused.
+    let got = r.frame(
+        2,
+        dev(2, 1),
+        10,
+        ClientFrame::Block {
+            user: "bob".into(),
+            blocked: true,
+        },
+    );
+    assert_eq!(frames_to(&got, 2), vec![(10, Refusal::BlockSelf.frame())]);
+}

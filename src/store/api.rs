@@ -26,11 +26,15 @@ use bytes::Bytes;
 
 use crate::ids::{DeviceKey, Identity, UserId};
 use crate::noise::PublicKey;
-use crate::wire::{DeviceId, DeviceInfo, DeviceKeys, MsgId, PublishKeys, ReceiptKind, Token};
+use crate::wire::{DeviceId, DeviceInfo, DeviceKeys, GroupId, MsgId, PublishKeys, ReceiptKind, Token};
 
 pub use super::accounts::{LinkError, LinkRequestError, RegisterError};
 pub use super::blobs::{BlobOp, BlobOutcome, BlobRefused};
-pub use super::disk::{Entry, LostRecord, QueuedExpired, QueuedGap, QueuedMessage, QueuedReceipt, Swept};
+pub use super::disk::{
+    Entry, LostRecord, QueuedBlock, QueuedExpired, QueuedGap, QueuedGroupMessage, QueuedGroupNotice,
+    QueuedGroupReceipt, QueuedMessage, QueuedReceipt, Swept,
+};
+pub use super::groups::{AppliedChange, GroupChangeOp, GroupLimits, GroupRefused, GroupView};
 pub use super::keys::PublishError;
 
 /// Where completions for one event loop go: a list it drains each turn,
@@ -175,6 +179,48 @@ pub struct NewMessage {
     pub mono: std::time::Instant,
 }
 
+/// One message to a group: one body for every member device but the
+/// sender's (spec §5.8).
+#[derive(Debug, Clone)]
+pub struct NewGroupMessage {
+    /// Sending device.
+    pub sender: DeviceKey,
+    /// The sender's message id.
+    pub id: MsgId,
+    /// The group.
+    pub group: GroupId,
+    /// The membership version it was encrypted for.
+    pub version: u64,
+    /// The digest of the member devices it was encrypted for.
+    pub devices: [u8; 8],
+    /// The ciphertext.
+    pub body: Bytes,
+    /// Acceptance time.
+    pub now_ms: u64,
+    /// Now, for the copies' deadlines.
+    pub mono: std::time::Instant,
+}
+
+/// What [`StoreApi::append_group`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupAppended {
+    /// Queued (or known), as for a message to a user; `online` are the
+    /// devices whose copy waits for them online (to wake), `skipped` those
+    /// whose queue was full (to send a gap notice).
+    Appended {
+        /// What the append did.
+        appended: Appended,
+        /// Devices to wake.
+        online: Vec<DeviceKey>,
+        /// Devices that got no copy.
+        skipped: Vec<DeviceKey>,
+    },
+    /// No such group, or the sender is not a member.
+    NotMember,
+    /// The membership version or the devices differ from the send's.
+    Mismatch,
+}
+
 /// An operation for the store thread.
 #[derive(Debug, Clone)]
 pub enum Op {
@@ -302,6 +348,67 @@ pub enum Op {
         /// Everyone (`true`) or nobody.
         everyone: bool,
     },
+    /// Change a group's membership (spec §5.8); every member device (and
+    /// those of members taken out) gets a notice.
+    Group {
+        /// Who asks.
+        by: UserId,
+        /// Which group.
+        group: GroupId,
+        /// What.
+        change: GroupChangeOp,
+        /// The limits it is checked against.
+        limits: GroupLimits,
+        /// Now.
+        now_ms: u64,
+    },
+    /// Queue a group receipt, folded (spec §5.8).
+    GroupReceipt {
+        /// Reporting device.
+        from: DeviceKey,
+        /// The group.
+        group: GroupId,
+        /// The user whose messages it is about.
+        to: UserId,
+        /// Its kind.
+        kind: ReceiptKind,
+        /// The messages.
+        ids: Vec<MsgId>,
+        /// Devices to queue it for.
+        targets: Vec<DeviceKey>,
+        /// Now.
+        now_ms: u64,
+    },
+    /// Block or unblock a user (spec §5.8, *Blocking*); the blocker's
+    /// other devices get a notice.
+    Block {
+        /// The device that asks.
+        by: DeviceKey,
+        /// Whom.
+        user: UserId,
+        /// Block (`true`) or unblock.
+        blocked: bool,
+        /// Now.
+        now_ms: u64,
+    },
+    /// A message from `sender` accepted at `time_ms` got no copy in these
+    /// devices' full queues: each gets a gap notice (spec §10, *Quotas*).
+    Skipped {
+        /// The sending device.
+        sender: DeviceKey,
+        /// When the message was accepted.
+        time_ms: u64,
+        /// The devices.
+        devices: Vec<DeviceKey>,
+    },
+    /// Take a user out of every group (its last device went): what
+    /// `tidingsd delete-user` calls too.
+    LeaveAllGroups {
+        /// Whom.
+        user: UserId,
+        /// Now.
+        now_ms: u64,
+    },
     /// Answer once everything submitted before is durable.
     Sync,
     /// Delete an invite (operator).
@@ -390,6 +497,16 @@ pub enum Outcome {
     Swept(Swept, Vec<u8>),
     /// For [`Op::SetLastSeen`], once durable.
     LastSeenSet,
+    /// For [`Op::Group`]: the group after the change (no members: it was
+    /// deleted) and the devices told, or why not.
+    Group(Result<(GroupView, Vec<DeviceKey>), GroupRefused>),
+    /// For [`Op::GroupReceipt`]: queued for these devices, or refused.
+    GroupReceipt(Result<Vec<DeviceKey>, Refused>),
+    /// For [`Op::Block`]: the devices told, or why not.
+    Blocked(Result<Vec<DeviceKey>, GroupRefused>),
+    /// For [`Op::Skipped`] and [`Op::LeaveAllGroups`]: the devices that
+    /// got a notice.
+    Notified(Vec<DeviceKey>),
     /// For [`Op::Sync`].
     Synced,
     /// For [`Op::RevokeInvite`]: whether there was such an invite.
@@ -427,6 +544,14 @@ pub trait StoreApi: Send + Sync {
     fn one_time_keys(&self, d: DeviceKey) -> Option<u32>;
     /// Whether a user shows its presence to nobody (spec §5.6).
     fn hides_presence(&self, user: UserId) -> bool;
+    /// A group's membership (spec §5.8).
+    fn group(&self, id: GroupId) -> Option<GroupView>;
+    /// The groups a user is in, with their versions, by id.
+    fn groups_of(&self, user: UserId) -> Vec<(GroupId, u64)>;
+    /// Whether `blocker` blocks `blocked` (spec §5.8, *Blocking*).
+    fn blocks(&self, blocker: UserId, blocked: UserId) -> bool;
+    /// Whom `blocker` blocks.
+    fn blocked_by(&self, blocker: UserId) -> Vec<UserId>;
 
     /// Appends a message to the queues of its copies (in memory; written
     /// by the store thread unless acknowledged first). `waiter` hears
@@ -439,6 +564,18 @@ pub trait StoreApi: Send + Sync {
     /// miss a copy shows only against the retry's copies, in
     /// [`StoreApi::append`]).
     fn recall(&self, sender: DeviceKey, id: MsgId, waiter: &Waiter) -> Option<Appended>;
+    /// Appends a message to a group to the queue of every current device
+    /// of every member but the sending device, if the sender is a member
+    /// and the version and device digest are the group's now (checked and
+    /// appended under the membership's read lock, so that no change
+    /// falls between). `online` says which devices are online. The waiter
+    /// hears [`Outcome::Settled`] as for [`StoreApi::append`].
+    fn append_group(&self, m: NewGroupMessage, online: &dyn Fn(DeviceKey) -> bool, waiter: &Waiter) -> GroupAppended;
+    /// Appends key shares (spec §5.8, `GroupKeys`): direct messages with a
+    /// body each, every copy addressed to its own device's user (`m.to`
+    /// is not used); quotas as for a group message. Returns the answer and
+    /// the devices skipped.
+    fn append_shares(&self, m: NewMessage, waiter: &Waiter) -> (Appended, Vec<DeviceKey>);
     /// Appends up to `max` entries of `d`'s queue with sequence ≥ `from`
     /// to `out`, in order, from memory.
     fn read(&self, d: DeviceKey, from: u64, max: usize, out: &mut Vec<(u64, Entry)>) -> Read;

@@ -252,7 +252,7 @@ impl<R: Read> Reader<R> {
     fn exact(&mut self, buf: &mut [u8]) -> Result<(), BackupError> {
         self.inner.read_exact(buf).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
-                BackupError::Format("the backup is cut short".into())
+                BackupError::Format("the backup is cut short or damaged (a length in it does not fit)".into())
             } else {
                 BackupError::Io(e)
             }

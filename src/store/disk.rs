@@ -23,6 +23,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::StoreError;
+use super::groups::AppliedChange;
 use crate::ids::{DeviceKey, UserId};
 use crate::wire::{DeviceId, MAX_RECEIPT_IDS, MsgId};
 
@@ -104,6 +105,80 @@ pub struct QueuedExpired {
     pub time_ms: u64,
 }
 
+/// One copy of a group message for one device, as delivered. Copies of
+/// one message share `body` (one allocation in memory, one record in the
+/// spill log).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedGroupMessage {
+    /// The sender's message id.
+    pub id: MsgId,
+    /// The sending user.
+    pub from_user: u32,
+    /// The sending device.
+    pub from_device: u32,
+    /// The group.
+    pub group: [u8; 16],
+    /// When the server accepted it.
+    pub time_ms: u64,
+    /// How many devices it went to: each copy is charged its share
+    /// ([`super::spill::group_charge`]).
+    pub fanout: u32,
+    /// The ciphertext, the same for every member device.
+    pub body: Bytes,
+}
+
+impl QueuedGroupMessage {
+    /// The sending device.
+    pub fn from(&self) -> DeviceKey {
+        dev(self.from_user, self.from_device)
+    }
+}
+
+/// A group membership change (or several, folded), for one device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedGroupNotice {
+    /// The group.
+    pub group: [u8; 16],
+    /// The version after the changes.
+    pub version: u64,
+    /// The changes, oldest first (empty: folded past its bounds; the
+    /// device reads the membership).
+    pub changes: Vec<AppliedChange>,
+    /// When the (latest) change was applied.
+    pub time_ms: u64,
+}
+
+/// Group receipts from one device, of one kind, about one sender's
+/// messages in one group, folded together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedGroupReceipt {
+    /// The group.
+    pub group: [u8; 16],
+    /// The user of the device that sent the receipt.
+    pub from_user: u32,
+    /// That device.
+    pub from_device: u32,
+    /// The user who sent the messages.
+    pub to_user: u32,
+    /// Delivered, read...
+    pub kind: u8,
+    /// The messages.
+    pub ids: Vec<MsgId>,
+    /// When the latest folded receipt was accepted.
+    pub time_ms: u64,
+}
+
+/// This user blocked or unblocked someone (for its other devices).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedBlock {
+    /// Who.
+    pub user: u32,
+    /// Blocked now, or unblocked.
+    pub blocked: bool,
+    /// When.
+    pub time_ms: u64,
+}
+
 /// One queue entry as delivered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
@@ -115,6 +190,14 @@ pub enum Entry {
     Gap(QueuedGap),
     /// An expiry notice.
     Expired(QueuedExpired),
+    /// A group message.
+    Group(QueuedGroupMessage),
+    /// A group membership notice.
+    GroupNotice(QueuedGroupNotice),
+    /// Folded group receipts.
+    GroupReceipt(QueuedGroupReceipt),
+    /// A block or unblock.
+    Block(QueuedBlock),
 }
 
 impl Entry {
@@ -125,6 +208,19 @@ impl Entry {
             Entry::Receipt(r) => r.time_ms,
             Entry::Gap(g) => g.time_ms,
             Entry::Expired(e) => e.time_ms,
+            Entry::Group(g) => g.time_ms,
+            Entry::GroupNotice(n) => n.time_ms,
+            Entry::GroupReceipt(r) => r.time_ms,
+            Entry::Block(b) => b.time_ms,
+        }
+    }
+
+    /// The message it is a copy of, by sending device and id.
+    pub(crate) fn msg_key(&self) -> Option<(DeviceKey, MsgId)> {
+        match self {
+            Entry::Message(m) => Some((m.from(), m.id)),
+            Entry::Group(g) => Some((g.from(), g.id)),
+            _ => None,
         }
     }
 
@@ -134,7 +230,11 @@ impl Entry {
         match self {
             Entry::Message(m) => Some(UserId(m.from_user)),
             Entry::Receipt(r) => Some(UserId(r.from_user)),
-            Entry::Gap(_) | Entry::Expired(_) => None,
+            Entry::Group(g) => Some(UserId(g.from_user)),
+            Entry::GroupReceipt(r) => Some(UserId(r.from_user)),
+            // The server's own notices (a block notice goes only to the
+            // blocker's own devices, at most one a blocked user).
+            Entry::Gap(_) | Entry::Expired(_) | Entry::GroupNotice(_) | Entry::Block(_) => None,
         }
     }
 
@@ -150,6 +250,10 @@ impl Entry {
             Entry::Receipt(r) => DiskEntry::Receipt(r.clone()),
             Entry::Gap(g) => DiskEntry::Gap(g.clone()),
             Entry::Expired(e) => DiskEntry::Expired(e.clone()),
+            Entry::Group(g) => DiskEntry::Group(g.clone()),
+            Entry::GroupNotice(n) => DiskEntry::GroupNotice(n.clone()),
+            Entry::GroupReceipt(r) => DiskEntry::GroupReceipt(r.clone()),
+            Entry::Block(b) => DiskEntry::Block(b.clone()),
         }
     }
 
@@ -158,6 +262,7 @@ impl Entry {
     pub(crate) fn stored_len(&self) -> u64 {
         match self {
             Entry::Message(m) => super::spill::copy_len(m),
+            Entry::Group(g) => super::spill::group_charge(g),
             other => (QUEUE_KEY_LEN + encode(&other.to_disk()).len()) as u64,
         }
     }
@@ -185,6 +290,15 @@ pub(crate) enum DiskEntry {
     Gap(QueuedGap),
     /// An expiry notice.
     Expired(QueuedExpired),
+    /// A group message's copy (format 5; never written here: copies live
+    /// in the spill log).
+    Group(QueuedGroupMessage),
+    /// A group membership notice (format 5).
+    GroupNotice(QueuedGroupNotice),
+    /// Folded group receipts (format 5).
+    GroupReceipt(QueuedGroupReceipt),
+    /// A block or unblock (format 5).
+    Block(QueuedBlock),
 }
 
 /// What every copy of a message shared, in format 3 (read by the
@@ -223,6 +337,10 @@ impl DiskEntry {
             DiskEntry::Receipt(r) => Entry::Receipt(r),
             DiskEntry::Gap(g) => Entry::Gap(g),
             DiskEntry::Expired(e) => Entry::Expired(e),
+            DiskEntry::Group(g) => Entry::Group(g),
+            DiskEntry::GroupNotice(n) => Entry::GroupNotice(n),
+            DiskEntry::GroupReceipt(r) => Entry::GroupReceipt(r),
+            DiskEntry::Block(b) => Entry::Block(b),
         })
     }
 }
@@ -275,12 +393,18 @@ pub(crate) const MAX_GAP_SENDERS: usize = 256;
 
 /// What later entries fold into: receipts per (reader device, kind,
 /// addressee, i.e. conversation), one gap notice per queue, expiry notices
-/// per device that lost them.
+/// per device that lost them; group notices per group, group receipts per
+/// (reader device, kind, group and sender), block notices per user
+/// blocked. The group ones key on a part or a hash of the group id: two
+/// groups that share it only fold less (the merge compares the whole id).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) enum FoldKey {
     Receipt(DeviceKey, u8, UserId),
     Gap,
     Expired(DeviceKey),
+    GroupNotice([u8; 16]),
+    GroupReceipt(DeviceKey, u8, [u8; 16], UserId),
+    Block(UserId),
 }
 
 pub(crate) fn dev(user: u32, device: u32) -> DeviceKey {
@@ -356,6 +480,20 @@ pub(crate) fn fold_key(target: DeviceKey, f: FoldKey) -> [u8; FOLD_KEY_LEN] {
         FoldKey::Receipt(d, kind, to) => (1, d, kind, to.0),
         FoldKey::Gap => (2, dev(0, 0), 0, 0),
         FoldKey::Expired(d) => (3, d, 0, 0),
+        FoldKey::GroupNotice(g) => {
+            k[9] = 4;
+            k[10..23].copy_from_slice(&g[..13]);
+            return k;
+        }
+        FoldKey::GroupReceipt(d, kind, g, to) => {
+            let mut h: u32 = 0x811c_9dc5;
+            for b in g.iter().chain(to.0.to_be_bytes().iter()) {
+                h ^= u32::from(*b);
+                h = h.wrapping_mul(0x0100_0193);
+            }
+            (5, d, kind, h)
+        }
+        FoldKey::Block(u) => (6, dev(0, 0), 0, u.0),
     };
     k[9] = tag;
     k[10..14].copy_from_slice(&from.user.0.to_be_bytes());
@@ -441,9 +579,44 @@ pub(crate) fn merge(old: &Entry, new: &Entry) -> Option<Entry> {
                 time_ms: b.time_ms,
             }))
         }
+        (Entry::GroupNotice(a), Entry::GroupNotice(b)) if a.group == b.group => {
+            // Past its bounds a notice keeps only that something changed.
+            let mut changes = a.changes.clone();
+            changes.extend(b.changes.iter().cloned());
+            let users: usize = changes.iter().map(|c| c.users.len()).sum();
+            if a.changes.is_empty() || changes.len() > MAX_NOTICE_CHANGES || users > MAX_NOTICE_USERS {
+                changes.clear();
+            }
+            Some(Entry::GroupNotice(QueuedGroupNotice {
+                group: a.group,
+                version: a.version.max(b.version),
+                changes,
+                time_ms: b.time_ms,
+            }))
+        }
+        (Entry::GroupReceipt(a), Entry::GroupReceipt(b))
+            if (a.group, a.from_user, a.from_device, a.to_user, a.kind)
+                == (b.group, b.from_user, b.from_device, b.to_user, b.kind) =>
+        {
+            merge_ids(&a.ids, &b.ids).map(|ids| {
+                Entry::GroupReceipt(QueuedGroupReceipt {
+                    ids,
+                    time_ms: b.time_ms,
+                    ..a.clone()
+                })
+            })
+        }
+        (Entry::Block(a), Entry::Block(b)) if a.user == b.user => Some(Entry::Block(b.clone())),
         _ => None,
     }
 }
+
+/// Most changes one group notice carries; past it (or
+/// [`MAX_NOTICE_USERS`]) folded notices say only that the membership
+/// changed.
+pub(crate) const MAX_NOTICE_CHANGES: usize = 32;
+/// Most users one group notice names in all its changes.
+pub(crate) const MAX_NOTICE_USERS: usize = crate::wire::MAX_GROUP_CHANGE;
 
 #[cfg(test)]
 mod tests {

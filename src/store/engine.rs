@@ -22,19 +22,22 @@ use std::time::{Duration, Instant};
 
 use super::accounts::Accounts;
 use super::api::{
-    Entry, Op, Outcome, QueuedExpired, QueuedGap, QueuedMessage, QueuedReceipt, Quota, Refused, Swept, Waiter,
+    Entry, GroupChangeOp, GroupLimits, GroupRefused, GroupView, Op, Outcome, QueuedBlock, QueuedExpired, QueuedGap,
+    QueuedGroupMessage, QueuedGroupNotice, QueuedGroupReceipt, QueuedMessage, QueuedReceipt, Quota, Refused, Swept,
+    Waiter,
 };
 use super::disk::{
     self, FOLD, FOLD_KEY_LEN, FoldKey, LostRecord, MAX_GAP_SENDERS, QUEUE, TOMBSTONE, dev_prefix, fold_key, mark_key,
     parse_dev, parse_tombstone, queue_key, queue_seq, removed_key, tombstone_key,
 };
 use super::flusher::{Epoch, Flusher};
+use super::groups::Groups;
 use super::live::{Live, Removed, Write};
 use super::shares::{Gone, Use};
 use super::spill::Spill;
 use super::{Status, StoreError, Throttle, be_u64, keys};
 use crate::ids::{DeviceKey, UserId};
-use crate::wire::{MAX_RECEIPT_IDS, MsgId};
+use crate::wire::{GroupId, MAX_RECEIPT_IDS, MsgId};
 
 /// How far the durable sequence ceiling runs ahead of the numbers handed
 /// out.
@@ -138,6 +141,7 @@ pub(crate) struct Engine {
     trees: Trees,
     spill: Arc<Mutex<Spill>>,
     accounts: Arc<Accounts>,
+    groups: Arc<Groups>,
     live: Arc<Live>,
     flusher: Flusher,
     inbox: Arc<Inbox>,
@@ -171,6 +175,7 @@ impl Engine {
         trees: Trees,
         spill: Arc<Mutex<Spill>>,
         accounts: Arc<Accounts>,
+        groups: Arc<Groups>,
         live: Arc<Live>,
         flusher: Flusher,
         inbox: Arc<Inbox>,
@@ -180,6 +185,7 @@ impl Engine {
             trees,
             spill,
             accounts,
+            groups,
             live,
             flusher,
             inbox,
@@ -393,25 +399,38 @@ impl Engine {
                 // removals it covers go when it is written).
                 c.merge(spill.ack(d, up_to));
             }
-            // Copies of one message staged together go in one record.
+            // Copies of one message staged together go in one record (key
+            // shares: one per addressee; a group message: one for all).
             let writes = std::mem::take(&mut self.writes);
             let mut copies: Vec<(DeviceKey, u64, &QueuedMessage)> = Vec::new();
+            let mut group: Vec<(DeviceKey, u64, &QueuedGroupMessage)> = Vec::new();
             for w in &writes {
                 match &w.entry {
                     Entry::Message(m) => {
                         if copies.first().is_some_and(|(_, _, f)| {
-                            (f.from_user, f.from_device, f.id) != (m.from_user, m.from_device, m.id)
+                            (f.from_user, f.from_device, f.id, f.to_user)
+                                != (m.from_user, m.from_device, m.id, m.to_user)
                         }) {
                             spill.append_message(&copies)?;
                             copies.clear();
                         }
                         copies.push((w.device, w.seq, m));
                     }
+                    Entry::Group(g) => {
+                        if group.first().is_some_and(|(_, _, f)| {
+                            (f.from_user, f.from_device, f.id) != (g.from_user, g.from_device, g.id)
+                        }) {
+                            spill.append_group(&group)?;
+                            group.clear();
+                        }
+                        group.push((w.device, w.seq, g));
+                    }
                     e => batch.insert(&queue_key(w.device, w.seq)[..], disk::encode(&e.to_disk())),
                 }
                 turn.release.written.push((w.device, w.seq));
             }
             spill.append_message(&copies)?;
+            spill.append_group(&group)?;
             // The copies are synced before sled's next flush.
             for f in spill.take_unsynced()? {
                 self.flusher.sync_first(f);
@@ -600,6 +619,100 @@ impl Engine {
                 accounts.set_last_seen(user, everyone)?;
                 (Outcome::LastSeenSet, true)
             }
+            Op::Group {
+                by,
+                group,
+                change,
+                limits,
+                now_ms,
+            } => {
+                turn.dirty = true;
+                let adds = matches!(change, GroupChangeOp::Create { .. } | GroupChangeOp::Add { .. });
+                if adds && self.status.full.load(Ordering::Relaxed) {
+                    return Ok(Some((Outcome::Group(Err(GroupRefused::StorageFull)), false)));
+                }
+                let r = self.group_change(by, group, change, limits, now_ms, turn)?;
+                (Outcome::Group(r), true)
+            }
+            Op::GroupReceipt {
+                from,
+                group,
+                to,
+                kind,
+                ids,
+                targets,
+                now_ms,
+            } => {
+                let entry = Entry::GroupReceipt(QueuedGroupReceipt {
+                    group: group.0,
+                    from_user: from.user.0,
+                    from_device: from.device.0,
+                    to_user: to.0,
+                    kind: kind.0,
+                    ids,
+                    time_ms: now_ms,
+                });
+                let fold = FoldKey::GroupReceipt(from, kind.0, group.0, to);
+                let r = self.receipt(fold, entry, targets, turn)?;
+                (Outcome::GroupReceipt(r), true)
+            }
+            Op::Block {
+                by,
+                user,
+                blocked,
+                now_ms,
+            } => {
+                turn.dirty = true;
+                let r = match self.groups.block(by.user, user, blocked)? {
+                    Err(e) => Err(e),
+                    Ok(false) => Ok(Vec::new()),
+                    Ok(true) => {
+                        // spec §5.8: the blocker's other devices hear of it.
+                        let mut devices = Vec::new();
+                        accounts.current_devices(by.user, &mut devices);
+                        let notice = Entry::Block(QueuedBlock {
+                            user: user.0,
+                            blocked,
+                            time_ms: now_ms,
+                        });
+                        let mut told = Vec::new();
+                        for device in devices {
+                            let d = DeviceKey { user: by.user, device };
+                            if d != by {
+                                self.fold(d, FoldKey::Block(user), notice.clone(), turn)?;
+                                told.push(d);
+                            }
+                        }
+                        Ok(told)
+                    }
+                };
+                (Outcome::Blocked(r), true)
+            }
+            Op::Skipped {
+                sender,
+                time_ms,
+                devices,
+            } => {
+                let lost = LostRecord {
+                    from_user: sender.user.0,
+                    from_device: sender.device.0,
+                    count: 1,
+                    first_ms: time_ms,
+                    last_ms: time_ms,
+                };
+                for d in &devices {
+                    let notice = Entry::Gap(QueuedGap {
+                        lost: vec![lost.clone()],
+                        time_ms: _now_ms,
+                    });
+                    self.fold(*d, FoldKey::Gap, notice, turn)?;
+                }
+                (Outcome::Notified(devices), true)
+            }
+            Op::LeaveAllGroups { user, now_ms } => {
+                turn.dirty = true;
+                (Outcome::Notified(self.leave_all_groups(user, now_ms, turn)?), true)
+            }
             Op::Sync => {
                 turn.dirty = true;
                 (Outcome::Synced, true)
@@ -636,6 +749,72 @@ impl Engine {
                 (Outcome::BackedUp(r), false)
             }
         }))
+    }
+
+    /// Applies a membership change and queues its notice for every current
+    /// device of every member and of every user it took out, folded per
+    /// group, all under the membership's write lock (see `groups`).
+    /// Returns the group after it and the devices told.
+    fn group_change(
+        &mut self,
+        by: UserId,
+        group: GroupId,
+        change: GroupChangeOp,
+        limits: GroupLimits,
+        now_ms: u64,
+        turn: &mut Turn,
+    ) -> Result<Result<(GroupView, Vec<DeviceKey>), GroupRefused>, StoreError> {
+        let groups = self.groups.clone();
+        let mut index = groups.write();
+        let applied = match groups.apply(&mut index, by, group, change, limits, now_ms)? {
+            Ok(a) => a,
+            Err(e) => return Ok(Err(e)),
+        };
+        let mut told = Vec::new();
+        if !applied.changes.is_empty() {
+            let notice = Entry::GroupNotice(QueuedGroupNotice {
+                group: group.0,
+                version: applied.view.version,
+                changes: applied.changes,
+                time_ms: now_ms,
+            });
+            let users = applied
+                .view
+                .members
+                .iter()
+                .map(|(u, _)| *u)
+                .chain(applied.gone.iter().copied());
+            let mut devices = Vec::new();
+            for user in users {
+                devices.clear();
+                self.accounts.current_devices(user, &mut devices);
+                for device in &devices {
+                    let d = DeviceKey { user, device: *device };
+                    self.fold(d, FoldKey::GroupNotice(group.0), notice.clone(), turn)?;
+                    told.push(d);
+                }
+            }
+        }
+        drop(index);
+        Ok(Ok((applied.view, told)))
+    }
+
+    /// Takes `user` out of every group it is in (its last device went, or
+    /// the operator deletes it), with notices. Returns the devices told.
+    fn leave_all_groups(&mut self, user: UserId, now_ms: u64, turn: &mut Turn) -> Result<Vec<DeviceKey>, StoreError> {
+        let mut told = Vec::new();
+        let of = self.groups.read().groups_of(user);
+        for (group, _) in of {
+            if let Ok((_, t)) =
+                self.group_change(user, group, GroupChangeOp::Leave, GroupLimits::default(), now_ms, turn)?
+            {
+                told.extend(t);
+            }
+        }
+        if !told.is_empty() {
+            log::info!("{} left every group it was in: its last device went", user.0);
+        }
+        Ok(told)
     }
 
     /// Queues a receipt or notice for `targets`, folded (spec §5.5).
@@ -847,6 +1026,12 @@ impl Engine {
         self.delete_queue(d, turn)?;
         keys::delete_keys(&self.trees.e2e, d)?;
         self.accounts.set_one_time_keys(d, None);
+        // spec §5.8: a user whose last device goes leaves every group.
+        let mut left = Vec::new();
+        self.accounts.current_devices(d.user, &mut left);
+        if left.is_empty() {
+            self.leave_all_groups(d.user, now_ms, turn)?;
+        }
         Ok(true)
     }
 

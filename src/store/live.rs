@@ -83,10 +83,7 @@ struct Slot {
 
 impl Slot {
     fn msg_key(&self) -> Option<MsgKey> {
-        match &self.entry {
-            Entry::Message(m) => Some((m.from(), m.id)),
-            _ => None,
-        }
+        self.entry.msg_key()
     }
 
     fn sender(&self) -> Option<UserId> {
@@ -211,6 +208,16 @@ pub(crate) struct Inner {
 /// record, as stored (its key and the 8-byte time).
 fn tombstone_use() -> Use {
     Use::one((super::disk::TOMBSTONE_KEY_LEN + 8) as u64)
+}
+
+/// Sets the acceptance time of a copy (a retry after a restart keeps the
+/// original's).
+fn set_time(e: &mut Entry, time_ms: u64) {
+    match e {
+        Entry::Message(m) => m.time_ms = time_ms,
+        Entry::Group(g) => g.time_ms = time_ms,
+        _ => {}
+    }
 }
 
 /// The in-memory queues, shared by the loops and the store thread.
@@ -394,17 +401,25 @@ impl Guard<'_> {
         Some(Appended::Duplicate { time_ms: state.time_ms })
     }
 
-    /// Appends a message (see [`super::api::StoreApi::append`]); `full`:
-    /// the disk is below its floor, so only retries are answered.
-    pub fn append(&mut self, mut m: NewMessage, now: Instant, waiter: &Waiter, full: bool) -> Appended {
-        let key = (m.sender, m.id);
+    /// What the store knows of message `id` from `sender` before a new
+    /// append of it: `Err` with the answer when it is a retry of one known
+    /// (or retracted); `Ok(Some((time, queued)))` when it was restored at
+    /// open, with its time and the devices whose copy is still queued
+    /// (only the others get the retry's copies); `Ok(None)` when it is
+    /// new.
+    fn known(
+        &mut self,
+        sender: DeviceKey,
+        id: MsgId,
+        waiter: &Waiter,
+    ) -> Result<Option<(u64, Vec<DeviceKey>)>, Appended> {
         // A retraction answers first (spec §5.5), also for a message
         // restored at open: a copy of it may come back after a crash (it
         // was acknowledged, its device's mark not yet written).
-        if let Some(&time_ms) = self.inner.tombstones.get(&(m.sender.user, m.id)) {
-            return Appended::Duplicate { time_ms };
+        if let Some(&time_ms) = self.inner.tombstones.get(&(sender.user, id)) {
+            return Err(Appended::Duplicate { time_ms });
         }
-        if let Some(r) = self.inner.msgs.get(&key).filter(|r| r.restored) {
+        if let Some(r) = self.inner.msgs.get(&(sender, id)).filter(|r| r.restored) {
             // A retry of a message spilled before a restart: a device
             // whose copy is still queued has it; the others get the retry
             // (their copy was delivered, or lost unwritten with the
@@ -415,14 +430,28 @@ impl Guard<'_> {
             // message stays restored until its retry is queued (a refused
             // one is recognised again later); the state made below
             // replaces it.
-            let queued: Vec<DeviceKey> = r.copies.iter().map(|(d, _)| *d).collect();
-            m.copies.retain(|(d, _, _)| !queued.contains(d));
-            m.now_ms = r.time_ms;
-            if m.copies.is_empty() {
-                return Appended::Duplicate { time_ms: r.time_ms };
+            return Ok(Some((r.time_ms, r.copies.iter().map(|(d, _)| *d).collect())));
+        }
+        match self.recall(sender, id, waiter) {
+            Some(known) => Err(known),
+            None => Ok(None),
+        }
+    }
+
+    /// Appends a message (see [`super::api::StoreApi::append`]); `full`:
+    /// the disk is below its floor, so only retries are answered.
+    pub fn append(&mut self, mut m: NewMessage, now: Instant, waiter: &Waiter, full: bool) -> Appended {
+        let key = (m.sender, m.id);
+        match self.known(m.sender, m.id, waiter) {
+            Err(answer) => return answer,
+            Ok(Some((time_ms, queued))) => {
+                m.copies.retain(|(d, _, _)| !queued.contains(d));
+                m.now_ms = time_ms;
+                if m.copies.is_empty() {
+                    return Appended::Duplicate { time_ms };
+                }
             }
-        } else if let Some(known) = self.recall(m.sender, m.id, waiter) {
-            return known;
+            Ok(None) => {}
         }
         if full {
             return Appended::Refused(Refused::StorageFull);
@@ -477,11 +506,120 @@ impl Guard<'_> {
         if let Some(q) = self.user_share(sender, add) {
             return Appended::Refused(Refused::Quota(q));
         }
+        self.queue_copies(key, m.now_ms, entries, now, waiter);
+        Appended::Queued { time_ms: m.now_ms }
+    }
+
+    /// Appends the copies of a message to a group or of key shares (see
+    /// [`super::api::StoreApi::append_group`]): `copies` are (device,
+    /// entry, online). The disk budget and the total refuse the whole; a
+    /// device whose queue is full gets no copy and is returned in
+    /// `skipped` (it is told with a gap notice: one member that does not
+    /// collect its messages cannot stop a group).
+    pub fn append_fanout(
+        &mut self,
+        key: MsgKey,
+        time_ms: u64,
+        mut copies: Vec<(DeviceKey, Entry, bool)>,
+        now: Instant,
+        waiter: &Waiter,
+        full: bool,
+    ) -> (Appended, Vec<DeviceKey>) {
+        let mut time_ms = time_ms;
+        match self.known(key.0, key.1, waiter) {
+            Err(answer) => return (answer, Vec::new()),
+            Ok(Some((original, queued))) => {
+                copies.retain(|(d, _, _)| !queued.contains(d));
+                time_ms = original;
+                for (_, e, _) in &mut copies {
+                    set_time(e, original);
+                }
+                if copies.is_empty() {
+                    return (Appended::Duplicate { time_ms }, Vec::new());
+                }
+            }
+            Ok(None) => {}
+        }
+        if full {
+            return (Appended::Refused(Refused::StorageFull), Vec::new());
+        }
+        let quotas = self.config.quotas;
+        let entries: Vec<(DeviceKey, Entry, u64, bool)> = copies
+            .into_iter()
+            .map(|(d, e, online)| {
+                let size = e.stored_len();
+                (d, e, size, online)
+            })
+            .collect();
+        let total: u64 = entries.iter().map(|(_, _, s, _)| s).sum::<u64>();
+        let held = self.inner.disk_used() + self.inner.unwritten;
+        if held.saturating_add(total) > quotas.disk_budget
+            || self.inner.spilled + entries.len() as u64 > quotas.total_messages
+        {
+            return (Appended::Refused(Refused::Quota(Quota::Disk)), Vec::new());
+        }
+        let ceiling = self.inner.ceiling;
+        let sender = key.0.user;
+        let mut skipped = Vec::new();
+        let mut kept = Vec::with_capacity(entries.len());
+        for (d, e, size, online) in entries {
+            let q = self.queue(d);
+            if q.next >= ceiling {
+                return (Appended::Refused(Refused::Quota(Quota::Queue(d))), Vec::new());
+            }
+            // A queue that is full, or full for this sender (spec §10,
+            // *Fair shares*), gets no copy and hears of it.
+            if q.count + 1 > quotas.queue_messages
+                || q.bytes + size > quotas.queue_bytes
+                || self.queue_share(d, sender, size).is_some()
+            {
+                skipped.push(d);
+            } else {
+                kept.push((d, e, size, online));
+            }
+        }
+        // The sender's share of the storage refuses the whole.
+        let add = Use {
+            count: kept.len() as u64,
+            bytes: kept.iter().map(|(_, _, s, _)| s).sum::<u64>(),
+        };
+        if let Some(q) = self.user_share(sender, add) {
+            return (Appended::Refused(Refused::Quota(q)), Vec::new());
+        }
+        if kept.is_empty() {
+            // Nothing to keep safe; the skipped hear of it.
+            self.inner.msgs.insert(
+                key,
+                MsgState {
+                    time_ms,
+                    copies: Vec::new(),
+                    unsafe_copies: 0,
+                    waiters: Vec::new(),
+                    restored: false,
+                },
+            );
+            self.settled(key);
+            return (Appended::Duplicate { time_ms }, skipped);
+        }
+        self.queue_copies(key, time_ms, kept, now, waiter);
+        (Appended::Queued { time_ms }, skipped)
+    }
+
+    /// Queues copies that passed their quotas, and remembers the message
+    /// until every copy is safe.
+    fn queue_copies(
+        &mut self,
+        key: MsgKey,
+        time_ms: u64,
+        entries: Vec<(DeviceKey, Entry, u64, bool)>,
+        now: Instant,
+        waiter: &Waiter,
+    ) {
         let mut copies = Vec::with_capacity(entries.len());
         let delay = self.config.write_delay;
         for (d, entry, size, online) in entries {
             let deadline = if online { now + delay } else { now };
-            self.inner.shares.add(d, Some(sender), size);
+            self.inner.shares.add(d, entry.sender(), size);
             let q = self.queue(d);
             let seq = q.next;
             q.next += 1;
@@ -515,14 +653,13 @@ impl Guard<'_> {
         self.inner.msgs.insert(
             key,
             MsgState {
-                time_ms: m.now_ms,
+                time_ms,
                 unsafe_copies: copies.len(),
                 copies,
                 waiters: vec![waiter.clone()],
                 restored: false,
             },
         );
-        Appended::Queued { time_ms: m.now_ms }
     }
 
     /// The share `user` would go over holding `add` more in all queues,

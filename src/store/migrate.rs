@@ -9,6 +9,11 @@
 //!   hold only their bodies; dedup records (`d`) and queue meta records
 //!   (`n`) are gone: queue counts are recounted at open and sequence
 //!   numbers are bounded by a durable ceiling in `meta`.
+//! - 3 → 4: message copies moved to the spill log (`copies_3_to_4`).
+//! - 4 → 5: groups and blocks (trees `groups` and `blocks`, new kinds of
+//!   queue entries and spill records); nothing is rewritten: the version
+//!   only keeps a build of format 4, which would not read the new kinds,
+//!   from opening the directory.
 
 use std::collections::HashMap;
 

@@ -37,6 +37,7 @@ pub mod blobs;
 mod disk;
 mod engine;
 mod flusher;
+mod groups;
 mod keys;
 mod live;
 mod migrate;
@@ -60,11 +61,12 @@ pub use accounts::{
     RegisterError, TokenRecord, UserRecord,
 };
 pub use api::{
-    Appended, BackupSink, Completion, Entry, NewMessage, Op, Outcome, QueuedMessage, Quota, Read, Refused, Sink,
-    StoreApi, Waiter,
+    Appended, BackupSink, Completion, Entry, GroupAppended, GroupChangeOp, GroupLimits, GroupRefused, GroupView,
+    NewGroupMessage, NewMessage, Op, Outcome, QueuedMessage, Quota, Read, Refused, Sink, StoreApi, Waiter,
 };
 pub use blobs::{BlobConfig, BlobOp, BlobOutcome, BlobRefused};
 pub use flusher::{Epoch, Flusher};
+pub use groups::Groups;
 pub use keys::{MAX_ONE_TIME_KEYS, PublishError};
 
 use self::blobs::BlobStore;
@@ -72,10 +74,12 @@ use self::engine::{CEILING_STEP, Engine, Inbox, Trees};
 use self::live::{Live, LiveConfig, Loaded};
 use crate::ids::{DeviceKey, Identity, UserId};
 use crate::noise::{Keypair, PublicKey};
-use crate::wire::{DeviceId, DeviceInfo};
+use crate::wire::{DeviceId, DeviceInfo, GroupId};
 
-/// The data directory format this build writes.
-pub const FORMAT_VERSION: u32 = 4;
+/// The data directory format this build writes. Format 5 added groups and
+/// blocks (trees of their own) and new kinds of queue entries and spill
+/// records, which a build of format 4 would not read.
+pub const FORMAT_VERSION: u32 = 5;
 pub(crate) const FORMAT_FILE: &str = "FORMAT";
 pub(crate) const FORMAT_MAGIC: &str = "tidings-data";
 /// `meta` key of the sequence ceiling.
@@ -434,6 +438,7 @@ pub struct Store {
     meta: sled::Tree,
     queues: sled::Tree,
     accounts: Arc<Accounts>,
+    groups: Arc<Groups>,
     live: Arc<Live>,
     inbox: Arc<Inbox>,
     status: Arc<Status>,
@@ -511,6 +516,7 @@ impl Store {
             None => None,
         };
         let accounts = Arc::new(Accounts::load(&db)?);
+        let groups = Arc::new(Groups::load(&db)?);
         let queues = db.open_tree("queues")?;
         let e2e = db.open_tree("e2e")?;
         for (d, n) in keys::load_counts(&e2e)? {
@@ -637,6 +643,7 @@ impl Store {
             },
             spill.clone(),
             accounts.clone(),
+            groups.clone(),
             live.clone(),
             flusher.clone(),
             inbox.clone(),
@@ -650,6 +657,7 @@ impl Store {
             meta,
             queues,
             accounts,
+            groups,
             live,
             inbox,
             status,
@@ -786,6 +794,11 @@ impl Store {
     /// Accounts, devices, invites and link codes (reads).
     pub fn accounts(&self) -> &Accounts {
         &self.accounts
+    }
+
+    /// Groups and blocks (reads).
+    pub fn groups(&self) -> &Groups {
+        &self.groups
     }
 
     /// The group-commit flusher.
@@ -973,6 +986,129 @@ impl StoreApi for Store {
 
     fn hides_presence(&self, user: UserId) -> bool {
         self.accounts.hides_presence(user)
+    }
+
+    fn group(&self, id: GroupId) -> Option<GroupView> {
+        self.groups.read().view(id)
+    }
+
+    fn groups_of(&self, user: UserId) -> Vec<(GroupId, u64)> {
+        self.groups.read().groups_of(user)
+    }
+
+    fn blocks(&self, blocker: UserId, blocked: UserId) -> bool {
+        self.groups.read().blocks(blocker, blocked)
+    }
+
+    fn blocked_by(&self, blocker: UserId) -> Vec<UserId> {
+        self.groups.read().blocked_by(blocker)
+    }
+
+    fn append_group(&self, m: NewGroupMessage, online: &dyn Fn(DeviceKey) -> bool, waiter: &Waiter) -> GroupAppended {
+        // Lock order: the membership, then the live queues (see
+        // `groups`): no change falls between the check and the append.
+        let index = self.groups.read();
+        let Some(g) = index.view(m.group).filter(|g| g.is_member(m.sender.user)) else {
+            return GroupAppended::NotMember;
+        };
+        // A retry of a message accepted already is answered so, whatever
+        // changed since (spec §10).
+        if let Some(appended) = self.live.lock().recall(m.sender, m.id, waiter) {
+            return GroupAppended::Appended {
+                appended,
+                online: Vec::new(),
+                skipped: Vec::new(),
+            };
+        }
+        let mut devices: Vec<(UserId, Vec<DeviceId>)> = Vec::with_capacity(g.members.len());
+        let mut names: Vec<Arc<str>> = Vec::with_capacity(g.members.len());
+        for (u, _) in &g.members {
+            let mut ds = Vec::new();
+            self.accounts.current_devices(*u, &mut ds);
+            names.push(self.accounts.user_name(*u).unwrap_or_else(|| Arc::from("")));
+            devices.push((*u, ds));
+        }
+        let digest = crate::keys::devices_digest(
+            names
+                .iter()
+                .zip(&devices)
+                .map(|(n, (_, ds))| (&**n, ds.iter().copied())),
+        );
+        if g.version != m.version || digest != m.devices {
+            return GroupAppended::Mismatch;
+        }
+        let mut targets = Vec::new();
+        let mut awake = Vec::new();
+        for (user, ds) in &devices {
+            for device in ds {
+                let d = DeviceKey {
+                    user: *user,
+                    device: *device,
+                };
+                if d == m.sender {
+                    continue;
+                }
+                let on = online(d);
+                if on {
+                    awake.push(d);
+                }
+                targets.push((d, on));
+            }
+        }
+        let entry = Entry::Group(api::QueuedGroupMessage {
+            id: m.id,
+            from_user: m.sender.user.0,
+            from_device: m.sender.device.0,
+            group: m.group.0,
+            time_ms: m.now_ms,
+            fanout: targets.len().max(1) as u32,
+            body: m.body,
+        });
+        let copies: Vec<(DeviceKey, Entry, bool)> = targets.into_iter().map(|(d, on)| (d, entry.clone(), on)).collect();
+        let full = self.status.full.load(Ordering::Relaxed);
+        let (appended, skipped, urgent) = {
+            let mut live = self.live.lock();
+            let (a, skipped) = live.append_fanout((m.sender, m.id), m.now_ms, copies, m.mono, waiter, full);
+            (a, skipped, live.urgent)
+        };
+        drop(index);
+        if urgent {
+            self.inbox.kick();
+        }
+        awake.retain(|d| !skipped.contains(d));
+        GroupAppended::Appended {
+            appended,
+            online: awake,
+            skipped,
+        }
+    }
+
+    fn append_shares(&self, m: NewMessage, waiter: &Waiter) -> (Appended, Vec<DeviceKey>) {
+        let copies = m
+            .copies
+            .into_iter()
+            .map(|(d, body, online)| {
+                let e = Entry::Message(QueuedMessage {
+                    id: m.id,
+                    from_user: m.sender.user.0,
+                    from_device: m.sender.device.0,
+                    to_user: d.user.0,
+                    time_ms: m.now_ms,
+                    body,
+                });
+                (d, e, online)
+            })
+            .collect();
+        let full = self.status.full.load(Ordering::Relaxed);
+        let (r, urgent) = {
+            let mut live = self.live.lock();
+            let r = live.append_fanout((m.sender, m.id), m.now_ms, copies, m.mono, waiter, full);
+            (r, live.urgent)
+        };
+        if urgent {
+            self.inbox.kick();
+        }
+        r
     }
 
     fn append(&self, m: NewMessage, waiter: &Waiter) -> Appended {

@@ -50,6 +50,7 @@ use serde::{Deserialize, Serialize};
 
 use super::StoreError;
 use super::api::{Entry, QueuedMessage};
+use super::disk::QueuedGroupMessage;
 use super::disk::{dev, varint_len};
 use super::shares::{Gone, Shares};
 use crate::ids::{DeviceKey, UserId};
@@ -64,6 +65,8 @@ const MAX_RECORD: u32 = 1 << 20;
 /// A batch's copies of one message go in records of at most this many
 /// bytes of ciphertext (a copy's body is at most 4 KiB).
 const RECORD_BODIES: usize = 64 << 10;
+/// Most copies in one group record (16 bytes each).
+const GROUP_RECORD_COPIES: usize = 16_384;
 /// How often a device's mark is written while its acks keep coming (a
 /// crash loses at most this much of them: those copies are delivered
 /// again, and clients drop duplicates).
@@ -82,6 +85,86 @@ pub(crate) struct Loc {
 pub(crate) enum Record {
     /// Copies of one message, each with its own ciphertext.
     Message(MessageRecord),
+    /// Copies of one group message: one ciphertext for all (format 5).
+    Group(GroupRecord),
+}
+
+/// What the copies of one group message share, the body included, once,
+/// and where each copy is queued.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct GroupRecord {
+    /// Sending user.
+    pub from_user: u32,
+    /// Sending device.
+    pub from_device: u32,
+    /// Message id.
+    pub id: MsgId,
+    /// The group.
+    pub group: [u8; 16],
+    /// When it was accepted.
+    pub time_ms: u64,
+    /// How many devices the message went to (its copies' charges are
+    /// shares of it, [`group_charge`]).
+    pub fanout: u32,
+    /// The ciphertext, the same for every copy.
+    pub body: Bytes,
+    /// Where each copy is queued (as [`Part::at`]).
+    pub copies: Vec<[u8; 16]>,
+}
+
+impl Record {
+    /// Where each copy is queued.
+    fn ats(&self) -> Vec<[u8; 16]> {
+        match self {
+            Record::Message(r) => r.copies.iter().map(|p| p.at).collect(),
+            Record::Group(g) => g.copies.clone(),
+        }
+    }
+
+    /// The charge of copy `i`.
+    fn charge_of(&self, i: usize) -> u64 {
+        match self {
+            Record::Message(r) => r.copies.get(i).map_or(0, |p| part_charge(r, p)),
+            Record::Group(g) => group_charge_of(g.from_user, g.from_device, g.time_ms, g.fanout, g.body.len()),
+        }
+    }
+
+    /// (time, sender, id).
+    fn header(&self) -> (u64, DeviceKey, MsgId) {
+        match self {
+            Record::Message(r) => (r.time_ms, dev(r.from_user, r.from_device), r.id),
+            Record::Group(g) => (g.time_ms, dev(g.from_user, g.from_device), g.id),
+        }
+    }
+
+    /// Keeps the copies `keep` says.
+    fn retain(&mut self, mut keep: impl FnMut(&[u8; 16]) -> bool) {
+        match self {
+            Record::Message(r) => r.copies.retain(|p| keep(&p.at)),
+            Record::Group(g) => g.copies.retain(|a| keep(a)),
+        }
+    }
+
+    /// The copy queued at `at`.
+    fn copy(&self, at: &[u8; 16]) -> Option<CopyRecord> {
+        match self {
+            Record::Message(r) => r.copies.iter().find(|p| p.at == *at).map(|p| CopyRecord::of(r, p)),
+            Record::Group(g) => g.copies.iter().find(|a| *a == at).map(|a| {
+                let (device, seq) = parse_at(a);
+                CopyRecord {
+                    device,
+                    seq,
+                    from_user: g.from_user,
+                    from_device: g.from_device,
+                    id: g.id,
+                    to_user: 0,
+                    group: Some((g.group, g.fanout)),
+                    time_ms: g.time_ms,
+                    body: g.body.clone(),
+                }
+            }),
+        }
+    }
 }
 
 /// What the copies of one message share, once, and the copies.
@@ -139,8 +222,10 @@ pub(crate) struct CopyRecord {
     pub from_device: u32,
     /// Message id.
     pub id: MsgId,
-    /// The user it was addressed to.
+    /// The user it was addressed to (0 for a group message).
     pub to_user: u32,
+    /// For a group message: the group, and how many devices it went to.
+    pub group: Option<([u8; 16], u32)>,
     /// When it was accepted.
     pub time_ms: u64,
     /// The ciphertext for this device.
@@ -157,6 +242,7 @@ impl CopyRecord {
             from_device: r.from_device,
             id: r.id,
             to_user: r.to_user,
+            group: None,
             time_ms: r.time_ms,
             body: part.body.clone(),
         }
@@ -175,6 +261,17 @@ impl CopyRecord {
     }
 
     pub fn into_entry(self) -> Entry {
+        if let Some((group, fanout)) = self.group {
+            return Entry::Group(QueuedGroupMessage {
+                id: self.id,
+                from_user: self.from_user,
+                from_device: self.from_device,
+                group,
+                time_ms: self.time_ms,
+                fanout,
+                body: self.body,
+            });
+        }
         Entry::Message(QueuedMessage {
             id: self.id,
             from_user: self.from_user,
@@ -209,6 +306,31 @@ fn charge(from_user: u32, from_device: u32, to_user: u32, time_ms: u64, body: us
 
 fn part_charge(r: &MessageRecord, part: &Part) -> u64 {
     charge(r.from_user, r.from_device, r.to_user, r.time_ms, part.body.len())
+}
+
+/// The charge of a group message's copy: its share of a record holding
+/// the message with one copy (header included), rounded up. The copies of
+/// a message written together take about one record in all, so the queues'
+/// counts (their charges) and the disk budget (records) stay close; the
+/// disk budget counts records exactly ([`Spill::held`]).
+pub(crate) fn group_charge(g: &QueuedGroupMessage) -> u64 {
+    group_charge_of(g.from_user, g.from_device, g.time_ms, g.fanout, g.body.len())
+}
+
+fn group_charge_of(from_user: u32, from_device: u32, time_ms: u64, fanout: u32, body: usize) -> u64 {
+    let alone = (1
+        + varint_len(u64::from(from_user))
+        + varint_len(u64::from(from_device))
+        + 16
+        + 16
+        + varint_len(time_ms)
+        + varint_len(u64::from(fanout))
+        + varint_len(body as u64)
+        + body
+        + 1
+        + 16) as u64
+        + HEADER;
+    alone.div_ceil(u64::from(fanout.max(1)))
 }
 
 /// The tag of a message in the index: a hash of its id, to find a user's
@@ -356,21 +478,18 @@ pub(crate) fn crc32(bytes: &[u8]) -> u32 {
     !c
 }
 
-fn decode(payload: &[u8]) -> Result<MessageRecord, StoreError> {
-    match postcard::from_bytes(payload) {
-        Ok(Record::Message(r)) => Ok(r),
-        Err(_) => Err(StoreError::Corrupt("spill/record")),
-    }
+fn decode(payload: &[u8]) -> Result<Record, StoreError> {
+    postcard::from_bytes(payload).map_err(|_| StoreError::Corrupt("spill/record"))
 }
 
-fn encode(r: MessageRecord) -> Result<Vec<u8>, StoreError> {
-    postcard::to_stdvec(&Record::Message(r)).map_err(|_| StoreError::Corrupt("spill/encode"))
+fn encode(r: &Record) -> Result<Vec<u8>, StoreError> {
+    postcard::to_stdvec(r).map_err(|_| StoreError::Corrupt("spill/encode"))
 }
 
 /// Reads every record of a segment file in order, until its end or the
 /// first record that does not check: `each` gets its place, its bytes
 /// (header included) and the record.
-fn scan(path: &Path, mut each: impl FnMut(Loc, u64, MessageRecord)) -> Result<u64, StoreError> {
+fn scan(path: &Path, mut each: impl FnMut(Loc, u64, Record)) -> Result<u64, StoreError> {
     let data = fs::read(path).map_err(io_err(path))?;
     let segment = segment_id(path).ok_or(StoreError::Corrupt("spill/name"))?;
     let mut at = 0usize;
@@ -406,8 +525,8 @@ fn scan(path: &Path, mut each: impl FnMut(Loc, u64, MessageRecord)) -> Result<u6
 pub(crate) fn max_seq_in(path: &Path) -> Result<u64, StoreError> {
     let mut max = 0;
     scan(path, |_, _, r| {
-        for p in &r.copies {
-            max = max.max(parse_at(&p.at).1);
+        for at in r.ats() {
+            max = max.max(parse_at(&at).1);
         }
     })?;
     Ok(max)
@@ -443,7 +562,8 @@ pub(crate) fn oldest_at(dir: &Path, mut locs: Vec<Loc>) -> Option<u64> {
             continue;
         }
         if let Ok(r) = decode(&payload) {
-            oldest = Some(oldest.map_or(r.time_ms, |o| o.min(r.time_ms)));
+            let time_ms = r.header().0;
+            oldest = Some(oldest.map_or(time_ms, |o| o.min(time_ms)));
         }
     }
     oldest
@@ -541,14 +661,15 @@ impl Spill {
             let size = scan(&path, |loc, bytes, r| {
                 let mut left = 0u32;
                 let mut alone = 0;
-                for part in &r.copies {
-                    let (d, seq) = parse_at(&part.at);
+                let (time_ms, sender, msg_id) = r.header();
+                for (i, at) in r.ats().iter().enumerate() {
+                    let (d, seq) = parse_at(at);
                     let mark = s.marks.get(&d).map_or(0, |m| m.acked);
                     if seq <= mark || removed.contains(&(d, seq)) {
                         continue;
                     }
                     // Never more (a body is at most 4 KiB): see MAX_CHARGE.
-                    let c = part_charge(&r, part).min(MAX_CHARGE);
+                    let c = r.charge_of(i).min(MAX_CHARGE);
                     // A record written twice (a migration rerun) is one copy.
                     if !insert_sorted(
                         s.queues.entry(d).or_default(),
@@ -556,8 +677,8 @@ impl Spill {
                             seq,
                             loc,
                             charge: c as u16,
-                            tag: tag(r.id),
-                            from: r.from_user,
+                            tag: tag(msg_id),
+                            from: sender.user.0,
                         },
                     ) {
                         continue;
@@ -570,7 +691,7 @@ impl Spill {
                     f.count += 1;
                     f.bytes += c;
                     f.max_seq = f.max_seq.max(seq);
-                    let key = (r.time_ms, dev(r.from_user, r.from_device), r.id);
+                    let key = (time_ms, sender, msg_id);
                     // Another copy of a message kept so far joins it, also
                     // when that message is the oldest kept.
                     if newest.contains_key(&key)
@@ -661,29 +782,67 @@ impl Spill {
                     time_ms: first.time_ms,
                     copies: std::mem::take(&mut parts),
                 };
-                self.append_record(record)?;
+                self.append_record(Record::Message(record))?;
                 size = 0;
             }
         }
         Ok(())
     }
 
-    /// Writes `r` and indexes its copies (none of them indexed yet).
-    fn append_record(&mut self, r: MessageRecord) -> Result<Loc, StoreError> {
-        let charges: Vec<(DeviceKey, u64, u64)> = r
-            .copies
+    /// Appends copies of one group message (the same sender and id: the
+    /// first copy's header and body count for all) in one record, or as
+    /// few as fit, and indexes them. A copy whose sequence is indexed
+    /// already is left out.
+    ///
+    /// # Errors
+    /// On a filesystem failure.
+    pub fn append_group(&mut self, copies: &[(DeviceKey, u64, &QueuedGroupMessage)]) -> Result<(), StoreError> {
+        let Some(&(_, _, first)) = copies.first() else {
+            return Ok(());
+        };
+        let ats: Vec<[u8; 16]> = copies
             .iter()
-            .map(|p| {
-                let (d, seq) = parse_at(&p.at);
-                (d, seq, part_charge(&r, p))
+            .filter(|(d, seq, _)| {
+                self.queues
+                    .get(d)
+                    .is_none_or(|q| q.binary_search_by_key(seq, |x| x.seq).is_err())
+            })
+            .map(|(d, seq, _)| at(*d, *seq))
+            .collect();
+        // 16 bytes a copy: a record of 1 MiB holds 60,000 of them.
+        for chunk in ats.chunks(GROUP_RECORD_COPIES) {
+            self.append_record(Record::Group(GroupRecord {
+                from_user: first.from_user,
+                from_device: first.from_device,
+                id: first.id,
+                group: first.group,
+                time_ms: first.time_ms,
+                fanout: first.fanout,
+                body: first.body.clone(),
+                copies: chunk.to_vec(),
+            }))?;
+        }
+        Ok(())
+    }
+
+    /// Writes `r` and indexes its copies (none of them indexed yet).
+    fn append_record(&mut self, r: Record) -> Result<Loc, StoreError> {
+        let charges: Vec<(DeviceKey, u64, u64)> = r
+            .ats()
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let (d, seq) = parse_at(a);
+                (d, seq, r.charge_of(i))
             })
             .collect();
         if charges.iter().any(|&(_, _, c)| c > MAX_CHARGE) {
             return Err(StoreError::Corrupt("spill/a copy over the largest body"));
         }
-        let t = tag(r.id);
-        let from = r.from_user;
-        let payload = encode(r)?;
+        let (_, sender, msg_id) = r.header();
+        let t = tag(msg_id);
+        let from = sender.user.0;
+        let payload = encode(&r)?;
         let (loc, bytes) = self.append_payload(&payload)?;
         let mut left = 0u32;
         for &(d, seq, c) in &charges {
@@ -799,10 +958,10 @@ impl Spill {
                 offset,
             };
             let (bytes, mut r) = self.read_record(old)?;
-            r.copies.retain(|p| keep.contains(&parse_at(&p.at)));
+            r.retain(|a| keep.contains(&parse_at(a)));
             // Unindex them from the old record, then append anew.
-            for p in &r.copies {
-                let (d, seq) = parse_at(&p.at);
+            for a in r.ats() {
+                let (d, seq) = parse_at(&a);
                 self.unindex(d, seq);
             }
             self.forget_record(old, bytes);
@@ -1021,7 +1180,7 @@ impl Spill {
     }
 
     /// The record at `loc`, and its bytes (header included).
-    fn read_record(&mut self, loc: Loc) -> Result<(u64, MessageRecord), StoreError> {
+    fn read_record(&mut self, loc: Loc) -> Result<(u64, Record), StoreError> {
         let path = segment_path(&self.dir, loc.segment);
         let file = match self.readers.entry(loc.segment) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -1047,11 +1206,7 @@ impl Spill {
     /// Copy `seq` of `d` from the record at `loc`.
     fn read_copy(&mut self, d: DeviceKey, seq: u64, loc: Loc) -> Result<CopyRecord, StoreError> {
         let (_, r) = self.read_record(loc)?;
-        let want = at(d, seq);
-        r.copies
-            .iter()
-            .find(|p| p.at == want)
-            .map(|p| CopyRecord::of(&r, p))
+        r.copy(&at(d, seq))
             .ok_or(StoreError::Corrupt("spill/copy missing from its record"))
     }
 
@@ -1212,8 +1367,8 @@ impl Spill {
         let mut held = 0;
         for id in self.segments() {
             scan(&segment_path(&self.dir, id), |loc, bytes, r| {
-                if r.copies.iter().any(|p| {
-                    let (d, seq) = parse_at(&p.at);
+                if r.ats().iter().any(|a| {
+                    let (d, seq) = parse_at(a);
                     indexed.contains(&(d, seq, loc))
                 }) {
                     held += bytes;
@@ -1273,7 +1428,7 @@ mod tests {
                     body: m.body.clone(),
                 }],
             };
-            assert_eq!(copy_len(&m), encode(r).unwrap().len() as u64 + HEADER);
+            assert_eq!(copy_len(&m), encode(&Record::Message(r)).unwrap().len() as u64 + HEADER);
         }
     }
 

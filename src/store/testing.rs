@@ -11,14 +11,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::api::{
-    Appended, BlobOp, Entry, NewMessage, Op, Outcome, QueuedMessage, QueuedReceipt, Read, Refused, StoreApi, Waiter,
+    Appended, BlobOp, Entry, GroupAppended, GroupView, NewGroupMessage, NewMessage, Op, Outcome, QueuedBlock,
+    QueuedGroupMessage, QueuedGroupNotice, QueuedGroupReceipt, QueuedMessage, QueuedReceipt, Read, Refused, StoreApi,
+    Waiter,
 };
 use super::blobs::BlobConfig;
 use super::blobs::book::{Blobs, Env};
 use super::blobs::mem::MemFiles;
+use super::groups::Index as Groups;
 use crate::ids::{DeviceKey, Identity, UserId};
 use crate::noise::PublicKey;
-use crate::wire::{DeviceId, DeviceInfo, MsgId, Token};
+use crate::wire::{DeviceId, DeviceInfo, GroupId, MsgId, Token};
 
 #[derive(Default)]
 struct Msg {
@@ -48,6 +51,8 @@ struct Inner {
     /// One-time keys each device holds (its keys are zeros: the hub does
     /// not look at them).
     one_time: BTreeMap<DeviceKey, u32>,
+    /// Groups and blocks.
+    groups: Groups,
 }
 
 /// What the blob rules see of the test store: a disk budget, the floor,
@@ -215,6 +220,14 @@ impl TestStore {
         }
     }
 
+    fn current(i: &Inner, user: UserId) -> Vec<DeviceId> {
+        i.devices
+            .iter()
+            .filter(|(d, (_, revoked))| d.user == user && !revoked)
+            .map(|(d, _)| d.device)
+            .collect()
+    }
+
     fn push(i: &mut Inner, d: DeviceKey, e: Entry, safe: bool) -> u64 {
         let next = i.next.entry(d).or_insert(1);
         let seq = *next;
@@ -352,6 +365,88 @@ impl TestStore {
                 }
                 Outcome::Claimed(keys, counts)
             }
+            Op::Group {
+                by,
+                group,
+                change,
+                limits,
+                now_ms,
+            } => {
+                let a = match i.groups.apply(by, group, change, limits, now_ms) {
+                    Ok(a) => a,
+                    Err(e) => return Some(Outcome::Group(Err(e))),
+                };
+                let mut told = Vec::new();
+                if !a.changes.is_empty() {
+                    let notice = Entry::GroupNotice(QueuedGroupNotice {
+                        group: group.0,
+                        version: a.view.version,
+                        changes: a.changes.clone(),
+                        time_ms: now_ms,
+                    });
+                    let users: Vec<UserId> = a.view.members.iter().map(|(u, _)| *u).chain(a.gone.clone()).collect();
+                    for u in users {
+                        for device in Self::current(&i, u) {
+                            let d = DeviceKey { user: u, device };
+                            Self::push(&mut i, d, notice.clone(), true);
+                            told.push(d);
+                        }
+                    }
+                }
+                Outcome::Group(Ok((a.view, told)))
+            }
+            Op::GroupReceipt {
+                from,
+                group,
+                to,
+                kind,
+                ids,
+                targets,
+                now_ms,
+            } => {
+                if i.full {
+                    return Some(Outcome::GroupReceipt(Err(Refused::StorageFull)));
+                }
+                let e = Entry::GroupReceipt(QueuedGroupReceipt {
+                    group: group.0,
+                    from_user: from.user.0,
+                    from_device: from.device.0,
+                    to_user: to.0,
+                    kind: kind.0,
+                    ids,
+                    time_ms: now_ms,
+                });
+                for t in &targets {
+                    Self::push(&mut i, *t, e.clone(), true);
+                }
+                Outcome::GroupReceipt(Ok(targets))
+            }
+            Op::Block {
+                by,
+                user,
+                blocked,
+                now_ms,
+            } => match i.groups.block(by.user, user, blocked) {
+                Err(e) => Outcome::Blocked(Err(e)),
+                Ok(false) => Outcome::Blocked(Ok(Vec::new())),
+                Ok(true) => {
+                    let mut told = Vec::new();
+                    for device in Self::current(&i, by.user) {
+                        let d = DeviceKey { user: by.user, device };
+                        if d != by {
+                            let e = Entry::Block(QueuedBlock {
+                                user: user.0,
+                                blocked,
+                                time_ms: now_ms,
+                            });
+                            Self::push(&mut i, d, e, true);
+                            told.push(d);
+                        }
+                    }
+                    Outcome::Blocked(Ok(told))
+                }
+            },
+            Op::Skipped { devices, .. } => Outcome::Notified(devices),
             Op::Sync => Outcome::Synced,
             _ => Outcome::Failed,
         })
@@ -415,6 +510,113 @@ impl StoreApi for TestStore {
 
     fn hides_presence(&self, user: UserId) -> bool {
         self.lock().hidden.contains(&user)
+    }
+
+    fn group(&self, id: GroupId) -> Option<GroupView> {
+        self.lock().groups.view(id)
+    }
+
+    fn groups_of(&self, user: UserId) -> Vec<(GroupId, u64)> {
+        self.lock().groups.groups_of(user)
+    }
+
+    fn blocks(&self, blocker: UserId, blocked: UserId) -> bool {
+        self.lock().groups.blocks(blocker, blocked)
+    }
+
+    fn blocked_by(&self, blocker: UserId) -> Vec<UserId> {
+        self.lock().groups.blocked_by(blocker)
+    }
+
+    fn append_group(&self, m: NewGroupMessage, online: &dyn Fn(DeviceKey) -> bool, waiter: &Waiter) -> GroupAppended {
+        let Some(g) = self.group(m.group).filter(|g| g.is_member(m.sender.user)) else {
+            return GroupAppended::NotMember;
+        };
+        if let Some(appended) = self.recall(m.sender, m.id, waiter) {
+            return GroupAppended::Appended {
+                appended,
+                online: Vec::new(),
+                skipped: Vec::new(),
+            };
+        }
+        let mut i = self.lock();
+        let members: Vec<(Arc<str>, Vec<DeviceId>, UserId)> = g
+            .members
+            .iter()
+            .map(|(u, _)| (i.users[u].clone(), Self::current(&i, *u), *u))
+            .collect();
+        let digest = crate::keys::devices_digest(members.iter().map(|(n, ds, _)| (&**n, ds.iter().copied())));
+        if digest != m.devices || g.version != m.version {
+            return GroupAppended::Mismatch;
+        }
+        if i.full {
+            return GroupAppended::Appended {
+                appended: Appended::Refused(Refused::StorageFull),
+                online: Vec::new(),
+                skipped: Vec::new(),
+            };
+        }
+        let targets: Vec<DeviceKey> = members
+            .iter()
+            .flat_map(|(_, ds, u)| ds.iter().map(|d| DeviceKey { user: *u, device: *d }))
+            .filter(|d| *d != m.sender)
+            .collect();
+        let e = Entry::Group(QueuedGroupMessage {
+            id: m.id,
+            from_user: m.sender.user.0,
+            from_device: m.sender.device.0,
+            group: m.group.0,
+            time_ms: m.now_ms,
+            fanout: targets.len() as u32,
+            body: m.body,
+        });
+        let mut copies = Vec::new();
+        for d in &targets {
+            copies.push((*d, Self::push(&mut i, *d, e.clone(), false)));
+        }
+        i.msgs.insert(
+            (m.sender, m.id),
+            Msg {
+                time_ms: m.now_ms,
+                copies,
+                waiters: vec![waiter.clone()],
+                settled: false,
+            },
+        );
+        GroupAppended::Appended {
+            appended: Appended::Queued { time_ms: m.now_ms },
+            online: targets.into_iter().filter(|d| online(*d)).collect(),
+            skipped: Vec::new(),
+        }
+    }
+
+    fn append_shares(&self, m: NewMessage, waiter: &Waiter) -> (Appended, Vec<DeviceKey>) {
+        if let Some(a) = self.recall(m.sender, m.id, waiter) {
+            return (a, Vec::new());
+        }
+        let mut i = self.lock();
+        let mut copies = Vec::new();
+        for (d, body, _) in m.copies {
+            let e = Entry::Message(QueuedMessage {
+                id: m.id,
+                from_user: m.sender.user.0,
+                from_device: m.sender.device.0,
+                to_user: d.user.0,
+                time_ms: m.now_ms,
+                body,
+            });
+            copies.push((d, Self::push(&mut i, d, e, false)));
+        }
+        i.msgs.insert(
+            (m.sender, m.id),
+            Msg {
+                time_ms: m.now_ms,
+                copies,
+                waiters: vec![waiter.clone()],
+                settled: false,
+            },
+        );
+        (Appended::Queued { time_ms: m.now_ms }, Vec::new())
     }
 
     fn append(&self, m: NewMessage, waiter: &Waiter) -> Appended {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::api::Swept;
+use super::api::{QueuedGroupMessage, QueuedGroupNotice, Swept};
 use super::*;
 use crate::ids::{DeviceKey, Identity, UserId};
 use crate::wire::{DeviceId, MAX_DEVICES_PER_USER, MsgId, ReceiptKind};
@@ -461,7 +461,7 @@ fn server_key_is_kept() {
         fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
         format!("tidings-data {FORMAT_VERSION}\n")
     );
-    assert_eq!(FORMAT_VERSION, 4);
+    assert_eq!(FORMAT_VERSION, 5);
 }
 
 /// A new data directory is written in the current format, not taken for
@@ -486,15 +486,29 @@ fn newer_format_is_refused_and_older_migrated() {
     drop(open(dir.path()));
     assert_eq!(
         fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
-        "tidings-data 4\n"
+        format!("tidings-data {FORMAT_VERSION}\n")
     );
     // A directory with a database and no FORMAT file is format 0.
     fs::remove_file(dir.path().join("FORMAT")).unwrap();
     drop(open(dir.path()));
     assert_eq!(
         fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
-        "tidings-data 4\n"
+        format!("tidings-data {FORMAT_VERSION}\n")
     );
+}
+
+/// Format 4 becomes 5 by its number alone: the new trees start empty.
+#[test]
+fn format_4_directories_open_as_format_5() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    fs::write(dir.path().join("FORMAT"), "tidings-data 4\n").unwrap();
+    let s = open(dir.path());
+    assert_eq!(
+        fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
+        "tidings-data 5\n"
+    );
+    assert!(s.groups().read().groups_of(crate::ids::UserId(1)).is_empty());
 }
 
 #[test]
@@ -548,7 +562,10 @@ fn write_format_1(dir: &Path) {
 /// again.
 fn check_migrated_message(dir: &Path) {
     let mut r = Rig::open(dir);
-    assert_eq!(fs::read_to_string(dir.join("FORMAT")).unwrap(), "tidings-data 4\n");
+    assert_eq!(
+        fs::read_to_string(dir.join("FORMAT")).unwrap(),
+        format!("tidings-data {FORMAT_VERSION}\n")
+    );
     let (a, b) = (dev(1, 1), dev(2, 1));
     let q = r.queue(b);
     assert_eq!(q.len(), 1, "{q:?}");
@@ -661,7 +678,7 @@ fn format_2_directories_are_migrated_and_reruns_change_nothing() {
     let check = |s: &Store| {
         assert_eq!(
             fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
-            "tidings-data 4\n"
+            format!("tidings-data {FORMAT_VERSION}\n")
         );
         let mut out = Vec::new();
         s.read_queue(b2, 0, 10, &mut out).unwrap();
@@ -758,7 +775,7 @@ fn format_3_copies_move_to_the_spill_log_and_a_rerun_indexes_each_once() {
     let check = |r: &mut Rig| {
         assert_eq!(
             fs::read_to_string(r.s.dir().join("FORMAT")).unwrap(),
-            "tidings-data 4\n"
+            format!("tidings-data {FORMAT_VERSION}\n")
         );
         assert_eq!(spilled_at(&r.s), vec![(b1, 4), (b2, 9)]);
         assert!(records(&r.s, disk::MESSAGE).is_empty());
@@ -3422,6 +3439,325 @@ fn retraction_records_count_in_the_user_share() {
         r.send(a, id(9), UserId(2), &[(b, b"x", false)]).1,
         Appended::Queued { .. }
     ));
+}
+
+// ---- groups (spec §5.8) ----
+
+/// alice (1/1, 1/2), bob (2/1, 2/2), carol (3/1) registered; group `g`
+/// made by alice with bob and carol.
+fn group_rig(dir: &Path, config: StoreConfig) -> (Rig, crate::wire::GroupId) {
+    let mut r = Rig::with(dir, config);
+    let a = r.s.accounts();
+    let invite = a.create_invite(3, None).unwrap();
+    let alice = a.register(&invite, "alice", &[1; 32], 0).unwrap().unwrap();
+    let bob = a.register(&invite, "bob", &[2; 32], 0).unwrap().unwrap();
+    a.register(&invite, "carol", &[3; 32], 0).unwrap().unwrap();
+    a.redeem_link(&link_code(a, alice, 1000), &[4; 32], 0).unwrap().unwrap();
+    a.redeem_link(&link_code(a, bob, 1000), &[5; 32], 0).unwrap().unwrap();
+    let g = crate::wire::GroupId([0x33; 16]);
+    let now_ms = r.now_ms();
+    let Outcome::Group(Ok((view, told))) = r.call(Op::Group {
+        by: UserId(1),
+        group: g,
+        change: GroupChangeOp::Create {
+            members: vec![UserId(2), UserId(3)],
+        },
+        limits: GroupLimits::default(),
+        now_ms,
+    }) else {
+        panic!("not created")
+    };
+    assert_eq!(view.version, 1);
+    assert_eq!(told.len(), 5);
+    (r, g)
+}
+
+impl Rig {
+    /// The digest of `g`'s member devices now, as a client computes it.
+    fn digest(&self, g: crate::wire::GroupId) -> [u8; 8] {
+        let view = self.s.group(g).unwrap();
+        let members: Vec<(String, Vec<DeviceId>)> = view
+            .members
+            .iter()
+            .map(|(u, _)| {
+                let mut ds = Vec::new();
+                self.s.accounts().current_devices(*u, &mut ds);
+                (self.s.accounts().user_name(*u).unwrap().to_string(), ds)
+            })
+            .collect();
+        crate::keys::devices_digest(members.iter().map(|(n, ds)| (n.as_str(), ds.iter().copied())))
+    }
+
+    fn group_send(
+        &mut self,
+        sender: DeviceKey,
+        id: MsgId,
+        g: crate::wire::GroupId,
+        body: &[u8],
+        online: bool,
+    ) -> (u64, GroupAppended) {
+        let w = self.waiter();
+        let m = NewGroupMessage {
+            sender,
+            id,
+            group: g,
+            version: self.s.group(g).map_or(0, |v| v.version),
+            devices: self.digest(g),
+            body: Bytes::copy_from_slice(body),
+            now_ms: self.now_ms(),
+            mono: self.now(),
+        };
+        (w.token, self.s.append_group(m, &|_| online, &w))
+    }
+}
+
+/// A group message's copies for every member device but the sender's are
+/// written as one record with the body once: the disk budget counts that
+/// record, each queue its share; after a reopen every copy is read back as
+/// the group message it was, and a retry of it is recognised.
+#[test]
+fn a_group_message_is_stored_once_for_all_its_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut r, g) = group_rig(dir.path(), StoreConfig::default());
+    let before = r.s.queued_bytes();
+    let body = vec![0xab; 3000];
+    let (tok, a) = r.group_send(dev(1, 1), id(1), g, &body, false);
+    assert!(
+        matches!(a, GroupAppended::Appended { appended: Appended::Queued { .. }, ref skipped, .. } if skipped.is_empty()),
+        "{a:?}"
+    );
+    r.step(true);
+    assert!(r.settled(tok).is_some(), "every copy durable");
+    let targets = [dev(1, 2), dev(2, 1), dev(2, 2), dev(3, 1)];
+    assert_eq!(spilled_at(&r.s).len(), 4);
+    // The body is on disk once: the record is about one body long.
+    let grown = r.s.queued_bytes() - before;
+    assert!(grown < 3300, "{grown} bytes for four copies of a 3000-byte body");
+    check_totals(&r.s);
+    let mut r = r.reopen();
+    for d in targets {
+        let q = r.deliver(d, 0);
+        let groups: Vec<&QueuedGroupMessage> = q
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Entry::Group(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            matches!(&groups[..], [m] if m.body == body && m.group == g.0 && m.id == id(1) && m.fanout == 4),
+            "{d}: {q:?}"
+        );
+    }
+    assert!(
+        r.deliver(dev(1, 1), 0)
+            .iter()
+            .all(|(_, e)| !matches!(e, Entry::Group(_)))
+    );
+    // A retry after the restart is a duplicate: every copy is still queued.
+    let (_, a) = r.group_send(dev(1, 1), id(1), g, &body, false);
+    assert!(
+        matches!(
+            a,
+            GroupAppended::Appended {
+                appended: Appended::Duplicate { .. },
+                ..
+            }
+        ),
+        "{a:?}"
+    );
+    // Acked everywhere: the record goes.
+    for d in targets {
+        let last = r.s.last_seq(d);
+        r.s.ack(d, last);
+    }
+    r.step(true);
+    assert!(spilled_at(&r.s).is_empty());
+    check_totals(&r.s);
+}
+
+/// A non-member cannot send; a stale version or device list is refused
+/// before anything is queued; a retraction removes every queued copy.
+#[test]
+fn group_sends_are_checked_and_retracted_like_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut r, g) = group_rig(dir.path(), StoreConfig::default());
+    let a = r.s.accounts();
+    let invite = a.create_invite(1, None).unwrap();
+    let dave = a.register(&invite, "dave", &[6; 32], 0).unwrap().unwrap();
+    assert_eq!(r.group_send(dave, id(1), g, b"x", false).1, GroupAppended::NotMember);
+    // Stale: the version names the group before dave joins.
+    let w = r.waiter();
+    let digest = r.digest(g);
+    let now_ms = r.now_ms();
+    r.call(Op::Group {
+        by: UserId(1),
+        group: g,
+        change: GroupChangeOp::Add { users: vec![dave.user] },
+        limits: GroupLimits::default(),
+        now_ms,
+    });
+    let m = NewGroupMessage {
+        sender: dev(1, 1),
+        id: id(2),
+        group: g,
+        version: 1,
+        devices: digest,
+        body: Bytes::from_static(b"stale"),
+        now_ms,
+        mono: r.now(),
+    };
+    assert_eq!(r.s.append_group(m, &|_| true, &w), GroupAppended::Mismatch);
+    assert!(spilled_at(&r.s).is_empty() && r.s.memory_held().0 == 0);
+    let (tok, _) = r.group_send(dev(1, 1), id(3), g, b"now", true);
+    assert!(r.s.memory_held().0 > 0, "waits for acks in memory");
+    r.past_deadline();
+    r.step(true);
+    assert!(r.settled(tok).is_some());
+    let now_ms = r.now_ms();
+    let Outcome::Retracted(n) = r.call(Op::Retract {
+        user: UserId(1),
+        senders: vec![dev(1, 1), dev(1, 2)],
+        id: id(3),
+        now_ms,
+    }) else {
+        panic!()
+    };
+    assert_eq!(n, 5);
+    assert!(spilled_at(&r.s).is_empty());
+    assert!(r.queue(dave).iter().all(|(_, e)| !matches!(e, Entry::Group(_))));
+    check_totals(&r.s);
+}
+
+/// One member whose queue is full does not stop a group: its device gets
+/// no copy and a gap notice instead; the others get theirs.
+#[test]
+fn a_full_queue_is_skipped_with_a_gap_notice_not_the_whole_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        quotas: Quotas {
+            queue_messages: 4,
+            ..Quotas::default()
+        },
+        ..StoreConfig::default()
+    };
+    let (mut r, g) = group_rig(dir.path(), config);
+    // carol's queue: the creation notice, a message from bob and two group
+    // messages fill it; the others hold three entries.
+    r.send(dev(2, 1), id(7), UserId(3), &[(dev(3, 1), b"hi", false)]);
+    for n in 1..=2 {
+        r.group_send(dev(1, 1), id(n), g, b"m", false);
+    }
+    r.step(true);
+    let (_, a) = r.group_send(dev(1, 1), id(9), g, b"m", false);
+    let GroupAppended::Appended { appended, skipped, .. } = a else {
+        panic!("{a:?}")
+    };
+    assert!(matches!(appended, Appended::Queued { .. }));
+    assert_eq!(skipped, vec![dev(3, 1)]);
+    assert!(
+        r.queue(dev(2, 1))
+            .iter()
+            .any(|(_, e)| matches!(e, Entry::Group(m) if m.id == id(9)))
+    );
+    let now_ms = r.now_ms();
+    let Outcome::Notified(told) = r.call(Op::Skipped {
+        sender: dev(1, 1),
+        time_ms: now_ms,
+        devices: skipped.clone(),
+    }) else {
+        panic!()
+    };
+    assert_eq!(told, skipped);
+    let q = r.queue(dev(3, 1));
+    assert!(
+        matches!(q.last(), Some((_, Entry::Gap(gap))) if gap.lost[0].count == 1),
+        "{q:?}"
+    );
+}
+
+/// Group notices fold while they wait: one per device and group, however
+/// many changes.
+#[test]
+fn group_notices_fold_while_they_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut r, g) = group_rig(dir.path(), StoreConfig::default());
+    let a = r.s.accounts();
+    let invite = a.create_invite(1, None).unwrap();
+    let dave = a.register(&invite, "dave", &[6; 32], 0).unwrap().unwrap();
+    for n in 0..40 {
+        let change = if n % 2 == 0 {
+            GroupChangeOp::Add { users: vec![dave.user] }
+        } else {
+            GroupChangeOp::Remove { users: vec![dave.user] }
+        };
+        let now_ms = r.now_ms();
+        r.call(Op::Group {
+            by: UserId(1),
+            group: g,
+            change,
+            limits: GroupLimits::default(),
+            now_ms,
+        });
+    }
+    let notices: Vec<QueuedGroupNotice> = r
+        .queue(dev(3, 1))
+        .into_iter()
+        .filter_map(|(_, e)| match e {
+            Entry::GroupNotice(n) => Some(n),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert_eq!(notices[0].version, 41);
+    assert!(notices[0].changes.is_empty(), "past its bounds it only says: changed");
+    // Dave, out at the end, heard of it too, once.
+    let dave_notices = r
+        .queue(dave)
+        .iter()
+        .filter(|(_, e)| matches!(e, Entry::GroupNotice(_)))
+        .count();
+    assert_eq!(dave_notices, 1);
+    check_totals(&r.s);
+}
+
+/// A user whose last device is revoked leaves every group.
+#[test]
+fn revoking_a_users_last_device_takes_it_out_of_every_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut r, g) = group_rig(dir.path(), StoreConfig::default());
+    let now_ms = r.now_ms();
+    assert_eq!(
+        r.call(Op::Revoke {
+            device: dev(3, 1),
+            now_ms
+        }),
+        Outcome::Revoked(true)
+    );
+    let view = r.s.group(g).unwrap();
+    assert!(!view.is_member(UserId(3)));
+    assert_eq!(view.version, 2);
+    // Bob's device 1 goes, device 2 stays: bob stays.
+    assert_eq!(
+        r.call(Op::Revoke {
+            device: dev(2, 1),
+            now_ms
+        }),
+        Outcome::Revoked(true)
+    );
+    assert!(r.s.group(g).unwrap().is_member(UserId(2)));
+    // The operator's path for a user deleted outright.
+    let Outcome::Notified(told) = r.call(Op::LeaveAllGroups {
+        user: UserId(2),
+        now_ms,
+    }) else {
+        panic!()
+    };
+    assert!(told.contains(&dev(1, 1)) && told.contains(&dev(2, 2)));
+    assert_eq!(r.s.group(g).unwrap().members, vec![(UserId(1), true)]);
+    // It all survives a reopen.
+    let r = r.reopen();
+    assert_eq!(r.s.group(g).unwrap().version, 3);
 }
 
 /// A backup taken on the store thread carries sled and the spill log from

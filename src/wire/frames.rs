@@ -18,6 +18,10 @@ use thiserror::Error;
 
 use super::MAX_FRAME_LEN;
 use super::blob::{BlobData, BlobGrant, BlobId, Download, UploadChunk, UploadStart, UploadStatus};
+use super::groups::{
+    BlockNotice, GroupDeliver, GroupId, GroupInfo, GroupKeys, GroupNotice, GroupReceipt, GroupReceiptDeliver,
+    GroupSend, GroupVersion,
+};
 
 /// A message id: 16 random bytes chosen by the sending device; a retry
 /// reuses it (spec §5.1).
@@ -171,6 +175,20 @@ error_codes! {
     /// The uploaded bytes do not hash to the blob's id; the upload was
     /// dropped (spec §5.7).
     BLOB_MISMATCH = 27,
+    /// No such group, or the caller (or a user named) is not a member: a
+    /// non-member cannot tell the two apart (spec §5.8).
+    NOT_A_MEMBER = 28,
+    /// Only an admin of the group may do that.
+    NOT_ADMIN = 29,
+    /// The group has the most members the server allows.
+    GROUP_FULL = 30,
+    /// The caller, or a user to be added, is in the most groups the
+    /// server allows.
+    TOO_MANY_GROUPS = 31,
+    /// A group with that id exists already.
+    GROUP_EXISTS = 32,
+    /// The caller blocks the most users allowed.
+    TOO_MANY_BLOCKED = 33,
 }
 
 impl fmt::Debug for ErrorCode {
@@ -565,10 +583,71 @@ pub enum ClientFrame {
         /// Which blob.
         id: BlobId,
     },
+    /// Create a group with this id, the caller its first admin, and these
+    /// other members (spec §5.8); answered `Group` once durable.
+    CreateGroup {
+        /// Chosen by the creator (16 random bytes).
+        group: GroupId,
+        /// The other members, at most [`super::MAX_GROUP_CHANGE`].
+        members: Vec<String>,
+    },
+    /// Add members (admins only); answered `Group` once durable.
+    AddMembers {
+        /// The group.
+        group: GroupId,
+        /// At most [`super::MAX_GROUP_CHANGE`] users.
+        users: Vec<String>,
+    },
+    /// Remove members (admins only); answered `Group` once durable.
+    RemoveMembers {
+        /// The group.
+        group: GroupId,
+        /// At most [`super::MAX_GROUP_CHANGE`] users.
+        users: Vec<String>,
+    },
+    /// Leave a group; answered `Done` once durable.
+    LeaveGroup {
+        /// The group.
+        group: GroupId,
+    },
+    /// Make a member an admin (admins only); answered `Group` once
+    /// durable.
+    MakeAdmin {
+        /// The group.
+        group: GroupId,
+        /// The member.
+        user: String,
+    },
+    /// Read a group's membership (members only); answered `Group`.
+    GetGroup {
+        /// The group.
+        group: GroupId,
+    },
+    /// List the groups the caller is in; answered `Groups`.
+    ListGroups,
+    /// Send one ciphertext to every member device of a group; answered
+    /// `Accepted`, or `GroupMismatch` if the membership or its devices
+    /// changed.
+    GroupSend(GroupSend),
+    /// Direct messages to member devices of a group, one body each;
+    /// answered `Accepted`.
+    GroupKeys(GroupKeys),
+    /// A receipt for messages of one sender in a group; answered `Done`
+    /// once durable.
+    GroupReceipt(GroupReceipt),
+    /// Block (or unblock) a user; answered `Done` once durable.
+    Block {
+        /// Whom.
+        user: String,
+        /// Block (`true`) or unblock.
+        blocked: bool,
+    },
+    /// List the users the caller blocks; answered `Blocked`.
+    ListBlocked,
 }
 
 /// Number of [`ClientFrame`] variants this build knows.
-pub const CLIENT_FRAME_KINDS: u32 = 25;
+pub const CLIENT_FRAME_KINDS: u32 = 37;
 
 /// Frames the server sends (spec §5.3). Append-only: never reorder.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -676,10 +755,38 @@ pub enum ServerFrame {
     UploadStatus(UploadStatus),
     /// A range of a blob: the answer to `Download`.
     BlobData(BlobData),
+    /// A group's membership (spec §5.8).
+    Group(GroupInfo),
+    /// The groups the caller is in.
+    Groups {
+        /// Each with its membership version, by id.
+        groups: Vec<GroupVersion>,
+    },
+    /// A `GroupSend` named an older membership version, or other member
+    /// devices than there are; nothing was stored.
+    GroupMismatch {
+        /// Which message.
+        id: MsgId,
+        /// The membership now.
+        group: GroupInfo,
+    },
+    /// A queued group message.
+    GroupDeliver(GroupDeliver),
+    /// A queued notice of a membership change.
+    GroupNotice(GroupNotice),
+    /// A queued group receipt.
+    GroupReceipt(GroupReceiptDeliver),
+    /// The users the caller blocks, by name.
+    Blocked {
+        /// Their names.
+        users: Vec<String>,
+    },
+    /// A queued notice that this user blocked or unblocked someone.
+    BlockNotice(BlockNotice),
 }
 
 /// Number of [`ServerFrame`] variants this build knows.
-pub const SERVER_FRAME_KINDS: u32 = 23;
+pub const SERVER_FRAME_KINDS: u32 = 31;
 
 impl ClientFrame {
     /// The frame kind's name, for logs (never the content).
@@ -710,6 +817,18 @@ impl ClientFrame {
             ClientFrame::BlobFetched { .. } => "BlobFetched",
             ClientFrame::BlobGrant(_) => "BlobGrant",
             ClientFrame::BlobDelete { .. } => "BlobDelete",
+            ClientFrame::CreateGroup { .. } => "CreateGroup",
+            ClientFrame::AddMembers { .. } => "AddMembers",
+            ClientFrame::RemoveMembers { .. } => "RemoveMembers",
+            ClientFrame::LeaveGroup { .. } => "LeaveGroup",
+            ClientFrame::MakeAdmin { .. } => "MakeAdmin",
+            ClientFrame::GetGroup { .. } => "GetGroup",
+            ClientFrame::ListGroups => "ListGroups",
+            ClientFrame::GroupSend(_) => "GroupSend",
+            ClientFrame::GroupKeys(_) => "GroupKeys",
+            ClientFrame::GroupReceipt(_) => "GroupReceipt",
+            ClientFrame::Block { .. } => "Block",
+            ClientFrame::ListBlocked => "ListBlocked",
         }
     }
 }
@@ -741,6 +860,14 @@ impl ServerFrame {
             ServerFrame::RetryAfter { .. } => "RetryAfter",
             ServerFrame::UploadStatus(_) => "UploadStatus",
             ServerFrame::BlobData(_) => "BlobData",
+            ServerFrame::Group(_) => "Group",
+            ServerFrame::Groups { .. } => "Groups",
+            ServerFrame::GroupMismatch { .. } => "GroupMismatch",
+            ServerFrame::GroupDeliver(_) => "GroupDeliver",
+            ServerFrame::GroupNotice(_) => "GroupNotice",
+            ServerFrame::GroupReceipt(_) => "GroupReceipt",
+            ServerFrame::Blocked { .. } => "Blocked",
+            ServerFrame::BlockNotice(_) => "BlockNotice",
         }
     }
 
@@ -876,15 +1003,16 @@ mod tests {
     #[test]
     fn variant_counts_match() {
         let mut out = Vec::new();
-        encode_client(0, &ClientFrame::BlobDelete { id: BlobId([0; 32]) }, &mut out);
+        encode_client(0, &ClientFrame::ListBlocked, &mut out);
         assert_eq!(out[1] as u32, CLIENT_FRAME_KINDS - 1);
         out.clear();
-        let data = BlobData {
-            id: BlobId([0; 32]),
-            offset: 0,
-            data: Bytes::new(),
+        let notice = BlockNotice {
+            seq: 0,
+            user: String::new(),
+            blocked: true,
+            time_ms: 0,
         };
-        encode_server(0, &ServerFrame::BlobData(data), &mut out);
+        encode_server(0, &ServerFrame::BlockNotice(notice), &mut out);
         assert_eq!(out[1] as u32, SERVER_FRAME_KINDS - 1);
     }
 

@@ -19,10 +19,12 @@
 
 mod blob;
 mod frames;
+mod groups;
 mod record;
 
 pub use blob::*;
 pub use frames::*;
+pub use groups::*;
 pub use record::*;
 
 /// The magic bytes a client sends first (spec §2).
@@ -205,6 +207,20 @@ pub const MAX_TEXT_LEN: usize = 256;
 pub const MAX_BLOB_DATA: usize = 61_440;
 /// Most user names in an `UploadStart` or a `BlobGrant` (spec §6).
 pub const MAX_BLOB_USERS: usize = 256;
+/// Most users one `CreateGroup`, `AddMembers` or `RemoveMembers` names
+/// (spec §6).
+pub const MAX_GROUP_CHANGE: usize = 256;
+/// Most members a server may let a group have (spec §6; the server's
+/// setting is at most this, 256 by default).
+pub const MAX_GROUP_MEMBERS: usize = 1024;
+/// Most groups a server may let a user be in (spec §6; the server's
+/// setting is at most this, 100 by default).
+pub const MAX_GROUPS_PER_USER: usize = 1000;
+/// Most bodies in one `GroupKeys` (spec §6); the frame limit usually
+/// binds first.
+pub const MAX_KEY_BODIES: usize = 512;
+/// Most users one user may block (spec §6).
+pub const MAX_BLOCKED: usize = 1000;
 
 /// Whether `name` is a valid user name: `[a-z0-9_.]{3,32}` (spec §6).
 pub fn valid_user_name(name: &str) -> bool {

@@ -26,7 +26,7 @@ pub enum ClientError {
     /// The expected answer did not come in time.
     Timeout,
     /// The server answered with something else.
-    Unexpected(ServerFrame),
+    Unexpected(Box<ServerFrame>),
 }
 
 impl From<io::Error> for ClientError {
@@ -140,7 +140,7 @@ impl RawClient {
         };
         match client.request(&frame, Duration::from_secs(10))? {
             ServerFrame::Registered { device, .. } => Ok(Registered { client, device }),
-            other => Err(ClientError::Unexpected(other)),
+            other => Err(ClientError::Unexpected(Box::new(other))),
         }
     }
 

@@ -27,6 +27,8 @@ pub enum Ev {
     Refused(u32, Option<ErrorCode>, String),
     /// A message for this device (already acknowledged by the link).
     Delivered(Bytes),
+    /// A group's membership: the answer to `CreateGroup` or `GetGroup`.
+    Group(u32, wire::GroupInfo),
     /// Something that must stop the run (a used-up invite, say).
     Fatal(String),
     /// The connection ended.
@@ -134,6 +136,14 @@ impl Link {
             Link::Mqtt(l) => l.publish(to, &body),
         }
     }
+
+    /// Sends a request (tidings only); returns its request id.
+    pub fn request(&mut self, frame: &ClientFrame, now: Instant) -> Option<u32> {
+        match self {
+            Link::Tidings(l) => l.conn.request(frame, now).ok(),
+            Link::Mqtt(_) => None,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -192,6 +202,7 @@ impl TidingsLink {
                 } => {}
                 ConnEvent::Answer { req, frame } => match frame {
                     ServerFrame::Accepted { .. } => out.push(Ev::Accepted(req)),
+                    ServerFrame::Group(info) => out.push(Ev::Group(req, info)),
                     ServerFrame::Error { code, text } => {
                         out.push(Ev::Refused(req, Some(code), format!("{text} ({})", code.name())))
                     }
@@ -206,6 +217,14 @@ impl TidingsLink {
                 ConnEvent::Receipt(r) => ack = ack.max(Some(r.seq)),
                 ConnEvent::Gap(g) => ack = ack.max(Some(g.seq)),
                 ConnEvent::Expired(e) => ack = ack.max(Some(e.seq)),
+                ConnEvent::Queued(ServerFrame::GroupDeliver(d)) => {
+                    ack = ack.max(Some(d.seq));
+                    out.push(Ev::Delivered(d.body));
+                }
+                ConnEvent::Queued(ServerFrame::GroupNotice(n)) => ack = ack.max(Some(n.seq)),
+                ConnEvent::Queued(ServerFrame::GroupReceipt(r)) => ack = ack.max(Some(r.seq)),
+                ConnEvent::Queued(ServerFrame::BlockNotice(b)) => ack = ack.max(Some(b.seq)),
+                ConnEvent::Queued(_) => {}
                 // Devices here publish no end-to-end keys, and neither
                 // type nor watch presence.
                 ConnEvent::KeyCount(_)

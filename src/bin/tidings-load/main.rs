@@ -6,7 +6,10 @@
 //! stay connected and idle, and reports delivered messages per second,
 //! send-to-delivery latency percentiles, the daemon's CPU time per
 //! delivered message (user + system from `/proc/PID/stat` across the
-//! measured window) and its resident memory. With `--mqtt` it measures an
+//! measured window) and its resident memory. With `--group-size N` the
+//! devices are dealt into groups of N instead, and the first member of
+//! each sending group sends to its group (one `GroupSend`, fanned out by
+//! the daemon to the N-1 others). With `--mqtt` it measures an
 //! MQTT broker the same way; with `--late-receivers` half the receivers
 //! connect only after the traffic, so that the daemon's queues fill.
 //!
@@ -135,6 +138,19 @@ struct Args {
     /// Longest wait, after the measurement, for outstanding messages.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// Group mode: deal the devices into groups of N members (one device
+    /// each, 2 to 1024; the daemon's groups.max_members must allow N), and
+    /// let the first member of each of the first --groups groups send to
+    /// its group: one GroupSend a message, which the daemon fans out to the
+    /// N-1 other member devices. Rates and latencies are then per member
+    /// device delivery; --pairs is not used. The groups are created in the
+    /// warm-up (their ids follow from the sender's name and N, so a later
+    /// run with the same devices file reuses them).
+    #[arg(long, conflicts_with_all = ["mqtt", "late_receivers"])]
+    group_size: Option<usize>,
+    /// Sending groups in group mode.
+    #[arg(long, default_value_t = 1)]
+    groups: usize,
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     json: bool,
@@ -407,6 +423,8 @@ struct Shared {
     lost: AtomicUsize,
     /// Receivers that connect only once the traffic ends.
     late: usize,
+    /// Deliveries one send makes: 1, or a group's other members.
+    fanout: u64,
     schedule: OnceLock<Schedule>,
     stop: AtomicBool,
     fatal: Mutex<Option<String>>,
@@ -494,6 +512,8 @@ struct Dev {
     register: Option<wire::Token>,
     /// For a sender: its receiver's user name.
     to: Option<String>,
+    /// For a group's sender (group mode): its group.
+    group: Option<GroupSender>,
     /// A receiver that connects only once the traffic ends.
     late: bool,
     /// A sender whose receiver is late.
@@ -512,6 +532,35 @@ struct Dev {
     inflight: HashMap<u32, Instant>,
     /// Sender: messages sent since traffic started.
     sent: u64,
+}
+
+/// A group a device sends to (group mode).
+struct GroupSender {
+    id: wire::GroupId,
+    /// The other members, by name.
+    members: Vec<String>,
+    state: GroupState,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum GroupState {
+    /// Not asked for yet.
+    New,
+    /// Waiting for the answer to this request (`CreateGroup` or `GetGroup`).
+    Asking(u32),
+    /// The membership version and device digest to send with.
+    Ready { version: u64, devices: [u8; 8] },
+}
+
+/// The group id a sender uses for groups of `size` (the same every run).
+fn group_id(sender: &str, size: usize) -> wire::GroupId {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"tidings-load group\0");
+    ctx.update(sender.as_bytes());
+    ctx.update(&(size as u64).to_le_bytes());
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&ctx.finish().as_ref()[..16]);
+    wire::GroupId(id)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -876,6 +925,37 @@ impl Worker {
                     }
                 }
                 Ev::Accepted(req) => self.accepted(i, req, now, schedule),
+                Ev::Group(req, info) => {
+                    if let Some(g) = self.devs[i].group.as_mut()
+                        && g.state == GroupState::Asking(req)
+                    {
+                        let devices = tidings::keys::devices_digest(
+                            info.members
+                                .iter()
+                                .map(|m| (m.user.as_str(), m.devices.iter().copied())),
+                        );
+                        g.state = GroupState::Ready {
+                            version: info.version,
+                            devices,
+                        };
+                    }
+                }
+                Ev::Refused(req, code, why)
+                    if self.devs[i].group.as_ref().map(|g| g.state) == Some(GroupState::Asking(req)) =>
+                {
+                    let dev = &mut self.devs[i];
+                    if code == Some(ErrorCode::GROUP_EXISTS)
+                        && let (Some(g), Some(link)) = (dev.group.as_mut(), dev.link.as_mut())
+                        && let Some(req) = link.request(&wire::ClientFrame::GetGroup { group: g.id }, now)
+                    {
+                        // An earlier run made it: read its membership.
+                        g.state = GroupState::Asking(req);
+                        self.dirty.push(i);
+                    } else {
+                        self.shared
+                            .fail(format!("device {} could not make its group: {why}", dev.user));
+                    }
+                }
                 Ev::Refused(req, code, why) => {
                     if self.devs[i].inflight.remove(&req).is_some() {
                         if code == Some(ErrorCode::QUOTA_EXCEEDED) && self.devs[i].to_late {
@@ -991,6 +1071,25 @@ impl Worker {
                 }
                 self.devs[i].paused_until = None;
             }
+            if let Some(g) = self.devs[i].group.as_mut() {
+                match g.state {
+                    GroupState::Ready { .. } => {}
+                    GroupState::Asking(_) => continue,
+                    GroupState::New => {
+                        let frame = wire::ClientFrame::CreateGroup {
+                            group: g.id,
+                            members: g.members.clone(),
+                        };
+                        if let Some(req) = self.devs[i].link.as_mut().and_then(|l| l.request(&frame, now))
+                            && let Some(g) = self.devs[i].group.as_mut()
+                        {
+                            g.state = GroupState::Asking(req);
+                            self.dirty.push(i);
+                        }
+                        continue;
+                    }
+                }
+            }
             let due = if self.rate > 0.0 {
                 (elapsed * self.rate) as u64 + 1
             } else {
@@ -1020,10 +1119,31 @@ impl Worker {
         id[8..12].copy_from_slice(&(self.devs[i].index as u32).to_le_bytes());
         id[12..].copy_from_slice(&(self.msg_counter as u32).to_le_bytes());
         let dev = &mut self.devs[i];
-        let (Some(to), Some(link)) = (dev.to.as_deref(), dev.link.as_mut()) else {
+        let Some(link) = dev.link.as_mut() else {
             return false;
         };
-        match link.send(to, MsgId(id), Bytes::from(body), now) {
+        let req = match (&dev.group, dev.to.as_deref()) {
+            (
+                Some(GroupSender {
+                    id: group,
+                    state: GroupState::Ready { version, devices },
+                    ..
+                }),
+                _,
+            ) => {
+                let frame = wire::ClientFrame::GroupSend(wire::GroupSend {
+                    id: MsgId(id),
+                    group: *group,
+                    version: *version,
+                    devices: *devices,
+                    body: Bytes::from(body),
+                });
+                link.request(&frame, now)
+            }
+            (None, Some(to)) => link.send(to, MsgId(id), Bytes::from(body), now),
+            _ => None,
+        };
+        match req {
             Some(req) => {
                 dev.inflight.insert(req, now);
                 dev.sent += 1;
@@ -1063,7 +1183,18 @@ fn run(args: &Args) -> Result<ExitCode, String> {
     if args.size < 16 || args.size > wire::MAX_BODY_LEN {
         return Err(format!("--size must be 16 to {}", wire::MAX_BODY_LEN));
     }
-    if args.pairs * 2 > args.devices {
+    if let Some(n) = args.group_size {
+        if !(2..=wire::MAX_GROUP_MEMBERS).contains(&n) {
+            return Err(format!("--group-size must be 2 to {}", wire::MAX_GROUP_MEMBERS));
+        }
+        if args.groups == 0 || args.groups * n > args.devices {
+            return Err(format!(
+                "--groups {} of --group-size {n} need at least {} devices (and at least one group)",
+                args.groups,
+                args.groups * n
+            ));
+        }
+    } else if args.pairs * 2 > args.devices {
         return Err(format!(
             "--pairs {} needs at least {} devices",
             args.pairs,
@@ -1150,6 +1281,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         full: AtomicU64::new(0),
         lost: AtomicUsize::new(0),
         late: if args.late_receivers { args.pairs.div_ceil(2) } else { 0 },
+        fanout: args.group_size.map_or(1, |n| n as u64 - 1),
         schedule: OnceLock::new(),
         stop: AtomicBool::new(false),
         fatal: Mutex::new(None),
@@ -1172,10 +1304,18 @@ fn run(args: &Args) -> Result<ExitCode, String> {
     let names: Vec<String> = devices.iter().map(|d| d.0.clone()).collect();
     let mut per_thread: Vec<Vec<Dev>> = (0..threads).map(|_| Vec::new()).collect();
     for (i, (user, key, new)) in devices.into_iter().enumerate() {
-        let to = if i % 2 == 0 && i < args.pairs * 2 {
-            Some(names[i + 1].clone())
-        } else {
-            None
+        let (to, group) = match args.group_size {
+            Some(n) if i % n == 0 && i < args.groups * n => {
+                let g = GroupSender {
+                    id: group_id(&user, n),
+                    members: names[i + 1..i + n].to_vec(),
+                    state: GroupState::New,
+                };
+                (None, Some(g))
+            }
+            Some(_) => (None, None),
+            None if i % 2 == 0 && i < args.pairs * 2 => (Some(names[i + 1].clone()), None),
+            None => (None, None),
         };
         // Pair k is device 2k sending to 2k+1; the even pairs' receivers
         // are the late ones.
@@ -1190,6 +1330,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
                 None
             },
             to,
+            group,
             late: late_pair && i % 2 == 1,
             to_late: late_pair && i % 2 == 0,
             paused_until: None,
@@ -1208,7 +1349,9 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         let poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
         let queue = (0..devs.len()).filter(|&i| !devs[i].late).map(|i| (i, start)).collect();
         let late = (0..devs.len()).filter(|&i| devs[i].late).collect();
-        let senders = (0..devs.len()).filter(|&i| devs[i].to.is_some()).collect();
+        let senders = (0..devs.len())
+            .filter(|&i| devs[i].to.is_some() || devs[i].group.is_some())
+            .collect();
         let worker = Worker {
             shared: shared.clone(),
             addr,
@@ -1222,7 +1365,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
             tokens: 1.0,
             last_refill: start,
             connect_rate: args.connect_rate / threads as f64,
-            rate: args.rate / args.pairs.max(1) as f64,
+            rate: args.rate / senders_count(args) as f64,
             window: args.window,
             size: args.size,
             buf: vec![0; 64 * 1024],
@@ -1285,6 +1428,14 @@ fn run(args: &Args) -> Result<ExitCode, String> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Devices that send: one per pair, or one per sending group.
+fn senders_count(args: &Args) -> usize {
+    match args.group_size {
+        Some(_) => args.groups.max(1),
+        None => args.pairs.max(1),
+    }
 }
 
 /// The daemon, and the devices to connect as.
@@ -1479,8 +1630,9 @@ fn drive(args: &Args, shared: &Shared, pid: Option<u32>, start: Instant) -> Resu
         let sent = shared.sent.load(Ordering::Relaxed);
         let delivered = shared.delivered.load(Ordering::Relaxed);
         eprintln!(
-            "  traffic done; waiting for {} of {sent} messages{}",
-            sent.saturating_sub(delivered),
+            "  traffic done; waiting for {} of {} deliveries{}",
+            (sent * shared.fanout).saturating_sub(delivered),
+            sent * shared.fanout,
             if shared.late > 0 {
                 " (the late receivers connect now)"
             } else {
@@ -1496,7 +1648,8 @@ fn drive(args: &Args, shared: &Shared, pid: Option<u32>, start: Instant) -> Resu
         let sent = shared.sent.load(Ordering::Relaxed);
         let full = shared.full.load(Ordering::Relaxed);
         let delivered = shared.delivered.load(Ordering::Relaxed);
-        if delivered + full >= sent && shared.accepted.load(Ordering::Relaxed) + full >= sent {
+        let f = shared.fanout;
+        if delivered + full * f >= sent * f && shared.accepted.load(Ordering::Relaxed) + full >= sent {
             break true;
         }
         if Instant::now() >= deadline
@@ -1508,7 +1661,10 @@ fn drive(args: &Args, shared: &Shared, pid: Option<u32>, start: Instant) -> Resu
         }
         if !args.json && last_print.elapsed() >= Duration::from_secs(2) {
             last_print = Instant::now();
-            eprintln!("  waiting for {} messages", (sent - full).saturating_sub(delivered));
+            eprintln!(
+                "  waiting for {} deliveries",
+                ((sent - full) * f).saturating_sub(delivered)
+            );
         }
         std::thread::sleep(tick);
     };
@@ -1568,7 +1724,10 @@ fn report(args: &Args, shared: &Shared, tally: &Tally, p: &Phases, rss_before: O
     let ok = (delivered > 0 || args.pairs == 0) && lost == 0 && errors == 0;
     let json = serde_json::json!({
         "devices": args.devices,
-        "pairs": args.pairs,
+        "pairs": if args.group_size.is_some() { 0 } else { args.pairs },
+        "group_size": args.group_size,
+        "groups": args.group_size.map(|_| args.groups),
+        "fanout": shared.fanout,
         "threads": threads,
         "rate": args.rate,
         "window": args.window,
@@ -1616,11 +1775,18 @@ fn report(args: &Args, shared: &Shared, tally: &Tally, p: &Phases, rss_before: O
     } else {
         "as fast as the window allows".into()
     };
+    let sending = match args.group_size {
+        Some(n) => format!(
+            "{} groups of {n} sending: one GroupSend a message, {} deliveries each",
+            args.groups,
+            n - 1
+        ),
+        None => format!("{} pairs sending", args.pairs),
+    };
     let _ = writeln!(
         text,
-        "{} devices ({} pairs sending), window {}, {}-byte bodies, {rate}; measured {:.1} s after {} warm-up",
+        "{} devices ({sending}), window {}, {}-byte bodies, {rate}; measured {:.1} s after {} warm-up",
         args.devices,
-        args.pairs,
         args.window,
         args.size,
         secs,
