@@ -3636,15 +3636,19 @@ fn a_full_queue_is_skipped_with_a_gap_notice_not_the_whole_group() {
     let dir = tempfile::tempdir().unwrap();
     let config = StoreConfig {
         quotas: Quotas {
-            queue_messages: 4,
+            queue_messages: 8,
             ..Quotas::default()
         },
         ..StoreConfig::default()
     };
     let (mut r, g) = group_rig(dir.path(), config);
-    // carol's queue: the creation notice, a message from bob and two group
-    // messages fill it; the others hold three entries.
-    r.send(dev(2, 1), id(7), UserId(3), &[(dev(3, 1), b"hi", false)]);
+    // carol's queue: the creation notice, three messages from bob and two
+    // group messages from alice fill it for alice (a sender holds at most
+    // half of the room the others leave: spec §10, *Fair shares*); the
+    // others hold three entries and have room.
+    for n in 5..=7 {
+        r.send(dev(2, 1), id(n), UserId(3), &[(dev(3, 1), b"hi", false)]);
+    }
     for n in 1..=2 {
         r.group_send(dev(1, 1), id(n), g, b"m", false);
     }
