@@ -80,7 +80,11 @@ impl Client {
     pub fn auto_download(&self) -> Result<u64, Error> {
         let h = self.profile.history();
         Ok(match h.meta.get(AUTO_DOWNLOAD_KEY)? {
-            Some(v) => crate::store::be_u64(&v).unwrap_or(AUTO_DOWNLOAD),
+            Some(v) => v
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(AUTO_DOWNLOAD),
             None => AUTO_DOWNLOAD,
         })
     }
