@@ -4,8 +4,8 @@
 //! killed client or a killed daemon resume with the same blob and no half
 //! blob is ever served; a damaged blob or a wrong key saves nothing;
 //! forwarding shares the blob, deleting releases it; small files download
-//! by themselves; and the size limit, the budget and expiry refuse with
-//! their codes.
+//! by themselves; a file to a group is for its members when it was sent;
+//! and the size limit, the budget and expiry refuse with their codes.
 
 mod common;
 
@@ -564,4 +564,72 @@ fn an_expired_file_is_refused_and_shown_as_expired() {
         ServerFrame::Error { code, .. } => assert_eq!(code, ErrorCode::UNKNOWN_BLOB),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn a_file_to_a_group_is_for_its_members_when_it_was_sent() {
+    let d = Daemon::start();
+    let alice = d.user("alice");
+    let bob = d.user("bob");
+    let carol = d.user("carol");
+    let dave = d.user("dave");
+    let tag = stdout(&tidings(&alice, &["group", "create", "Club", "bob", "carol"]))
+        .trim()
+        .to_owned();
+    // Bob fetches by hand; carol's is small enough to come by itself.
+    stdout(&tidings(&bob, &["settings", "auto-download", "0"]));
+    let data = file_bytes(150_000, 23, b"");
+    let path = write_file(&d, "minutes.pdf", &data);
+    let sent = json(
+        &alice,
+        &["send", &tag, "--file", path.to_str().unwrap(), "--caption", "read this"],
+    );
+    assert_eq!(sent[0]["type"], "sent", "{sent:?}");
+    let id = sent[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(blobs_with(&d, "blob").len(), 1);
+    let got = json(&carol, &["sync"]);
+    let msg = got.iter().find(|l| l["type"] == "message").unwrap();
+    assert_eq!(msg["to"], tag.as_str());
+    assert_eq!(msg["attachment"]["name"], "minutes.pdf");
+    assert_eq!(msg["attachment"]["size"], 150_000);
+    let dl = got.iter().find(|l| l["type"] == "download").unwrap();
+    assert_eq!(dl["id"], id.as_str());
+    assert_eq!(std::fs::read(dl["path"].as_str().unwrap()).unwrap(), data);
+    // Dave, added after the send, is not among its readers: the server
+    // does not know the blob for him (it is still there: bob lacks it).
+    stdout(&tidings(&alice, &["group", "add", &tag, "dave"]));
+    json(&dave, &["sync"]);
+    assert!(history(&dave, &tag).is_empty());
+    let blob = history(&alice, &tag)[0].attachment.as_ref().unwrap().file.blob;
+    assert_eq!(blobs_with(&d, "blob"), [blob.to_string()]);
+    let mut raw = RawClient::connect(d.addr(), &d.server_key(), device_key(&dave)).unwrap();
+    let ask = ClientFrame::Download(Download {
+        id: blob,
+        offset: 0,
+        len: 10,
+    });
+    match raw.request(&ask, WAIT).unwrap() {
+        ServerFrame::Error { code, .. } => assert_eq!(code, ErrorCode::UNKNOWN_BLOB),
+        other => panic!("{other:?}"),
+    }
+    drop(raw);
+    // Bob's, by hand: byte for byte, shown as a file in the group.
+    let got = json(&bob, &["sync"]);
+    assert!(got.iter().all(|l| l["type"] != "download"), "{got:?}");
+    assert_eq!(sync_and_download(&bob, &id), data);
+    let text = stdout(&tidings(&bob, &["history", &tag]));
+    assert!(text.contains("[file minutes.pdf 150000] read this"), "{text}");
+    // Bob forwards it to dave: that lets dave read it.
+    let fwd = stdout(&tidings(&bob, &["forward", &id, "dave"])).trim().to_owned();
+    assert_eq!(sync_and_download(&dave, &fwd), data);
+    // Every device it was for has it: the server let it go. A second one,
+    // deleted for everyone before anyone fetched it, goes at once.
+    wait_until("the blob to go", || blob_files(&d).is_empty());
+    let path = write_file(&d, "draft.txt", b"not for keeping");
+    let id2 = stdout(&tidings(&alice, &["send", &tag, "--file", path.to_str().unwrap()]))
+        .trim()
+        .to_owned();
+    assert_eq!(blobs_with(&d, "blob").len(), 1);
+    stdout(&tidings(&alice, &["delete", &id2]));
+    assert!(blob_files(&d).is_empty());
 }

@@ -39,6 +39,7 @@ use super::backoff::Backoff;
 use super::conn::Closed;
 use super::content::{Content, Payload};
 use super::core::{ANSWER_TIMEOUT, Client, Event};
+use super::group::{LocalGroup, parse_group};
 use super::history::{Batch, Writes};
 use super::message::{Direction, Message, Status};
 use crate::wire::{
@@ -106,11 +107,15 @@ impl Client {
     /// with `caption`; returns once the server accepted the message. The
     /// file is sealed with a fresh key and uploaded first; if an earlier
     /// attempt to send this same file to `to` was cut off, it resumes that
-    /// one (same message, same key, same blob).
+    /// one (same message, same key, same blob). `to` may be a group
+    /// (`#<id>`): the blob is then for its other members as this device
+    /// knows them when the upload starts, and the message goes to the
+    /// group.
     ///
     /// # Errors
     /// [`Error::Usage`] for a bad name, a path that is not a readable
-    /// file, or a caption too long; the server's refusal
+    /// file, a caption too long, a group this user is not in or one with
+    /// more than [`wire::MAX_BLOB_USERS`] other members; the server's refusal
     /// (`BLOB_TOO_LARGE`, `BLOB_BUDGET`, `QUOTA_EXCEEDED`...), after which
     /// the message is removed from the history. If the server stays away
     /// past [`TRANSFER_BACKOFF`], the message is returned pending.
@@ -122,8 +127,18 @@ impl Client {
         progress: Progress<'_>,
     ) -> Result<Message, Error> {
         let me = self.profile.registered()?.clone();
-        if !wire::valid_user_name(to) {
-            return Err(Error::Usage(format!("invalid user name {to:?}")));
+        match parse_group(to) {
+            // Refused early from what this device knows of the group; the
+            // readers are taken afresh when the upload starts.
+            Some(g) => {
+                if let Some(l) = self.profile.history().group(g)? {
+                    check_readers(&l, &me.user)?;
+                }
+            }
+            None if !wire::valid_user_name(to) => {
+                return Err(Error::Usage(format!("invalid user name {to:?}")));
+            }
+            None => {}
         }
         let unreadable = |e: std::io::Error| Error::Usage(format!("cannot read {}: {e}", path.display()));
         let full = path.canonicalize().map_err(unreadable)?;
@@ -258,9 +273,22 @@ impl Client {
         Ok(msg)
     }
 
-    /// Uploads `file`, sealed from `path`, readable by `to`'s user (and
-    /// this user's): resumes where the server stands, retries over
-    /// dropped connections.
+    /// The users besides this one who may fetch a file sent to `to`: that
+    /// user, or every other member of the group as this device knows it
+    /// now (a member added later is not among them, spec §5.8).
+    fn blob_readers(&mut self, to: &str) -> Result<Vec<String>, Error> {
+        let me = self.me()?;
+        let Some(g) = parse_group(to) else {
+            return Ok(if to == me { Vec::new() } else { vec![to.to_owned()] });
+        };
+        let l = self.group_to_send(g)?;
+        check_readers(&l, &me)?;
+        Ok(l.members.iter().map(|m| m.user.clone()).filter(|u| *u != me).collect())
+    }
+
+    /// Uploads `file`, sealed from `path`, readable by `to`'s user, or by
+    /// the members of the group `to` names (and this user): resumes where
+    /// the server stands, retries over dropped connections.
     fn upload(&mut self, file: &FileRef, path: &Path, to: &str, progress: Progress<'_>) -> Result<(), Error> {
         let mut backoff = TRANSFER_BACKOFF;
         let what = format!("upload of {}", file.blob);
@@ -269,12 +297,11 @@ impl Client {
 
     fn try_upload(&mut self, file: &FileRef, path: &Path, to: &str, progress: Progress<'_>) -> Result<(), Error> {
         self.connect()?;
-        let me = self.me()?;
         let total = sealed_len(file.size);
         let start = ClientFrame::UploadStart(UploadStart {
             id: file.blob,
             size: total,
-            to: if to == me { Vec::new() } else { vec![to.to_owned()] },
+            to: self.blob_readers(to)?,
         });
         let status = match self.call(&start, "the server to start the upload")? {
             ServerFrame::UploadStatus(s) if s.id == file.blob => s,
@@ -383,24 +410,30 @@ impl Client {
     /// [`Error::Usage`] if the file is gone from the server and not here;
     /// see [`Client::send_file`].
     pub(super) fn forward_file(&mut self, src: Message, to: &str) -> Result<Message, Error> {
-        if !wire::valid_user_name(to) {
+        if !wire::valid_user_name(to) && parse_group(to).is_none() {
             return Err(Error::Usage(format!("invalid user name {to:?}")));
         }
         let Some(a) = src.attachment.clone() else {
             return Err(Error::Unexpected("a file message without its file"));
         };
-        let grant = ClientFrame::BlobGrant(BlobGrant {
-            id: a.file.blob,
-            to: vec![to.to_owned()],
-        });
         let granted = if a.expired {
             Err(Error::Server {
                 code: ErrorCode::UNKNOWN_BLOB,
                 text: String::new(),
             })
         } else {
-            self.connect()
-                .and_then(|()| self.call(&grant, "the server to share the file"))
+            self.connect().and_then(|()| {
+                // To a group: its members now, as for a file sent to it.
+                let readers = self.blob_readers(to)?;
+                if readers.is_empty() {
+                    return Ok(ServerFrame::Done);
+                }
+                let grant = ClientFrame::BlobGrant(BlobGrant {
+                    id: a.file.blob,
+                    to: readers,
+                });
+                self.call(&grant, "the server to share the file")
+            })
         };
         match granted {
             Ok(ServerFrame::Done) => {}
@@ -707,6 +740,23 @@ impl Client {
     }
 }
 
+/// A file to group `l` is for its other members, at most
+/// [`wire::MAX_BLOB_USERS`] of them, and only from a member.
+fn check_readers(l: &LocalGroup, me: &str) -> Result<(), Error> {
+    if !l.member {
+        return Err(Error::Usage(format!("you are not a member of group {}", l.id.tag())));
+    }
+    let others = l.members.iter().filter(|m| m.user != me).count();
+    if others > wire::MAX_BLOB_USERS {
+        return Err(Error::Usage(format!(
+            "group {} has {others} other members; a file can be sent to at most {} (send it to fewer people)",
+            l.id.tag(),
+            wire::MAX_BLOB_USERS
+        )));
+    }
+    Ok(())
+}
+
 /// Copies the local copy `from` of `file` to a new file at `to`, checked
 /// and synced.
 fn copy_checked(from: &Path, to: &Path, file: &FileRef) -> Result<(), Error> {
@@ -743,4 +793,37 @@ pub(super) fn file_content(m: &Message) -> Option<Content> {
         caption: m.text.clone(),
         forwards: m.forwards,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{GroupId, Member};
+
+    fn group(users: usize, member: bool) -> LocalGroup {
+        LocalGroup {
+            id: GroupId([7; 16]),
+            title: String::new(),
+            title_ms: 0,
+            version: 1,
+            members: (0..users)
+                .map(|i| Member {
+                    user: if i == 0 { "me".into() } else { format!("u{i}") },
+                    admin: i == 0,
+                    devices: Vec::new(),
+                })
+                .collect(),
+            member,
+            stale: false,
+        }
+    }
+
+    #[test]
+    fn a_group_file_is_for_at_most_max_blob_users_others_and_only_from_a_member() {
+        assert!(check_readers(&group(wire::MAX_BLOB_USERS + 1, true), "me").is_ok());
+        let e = check_readers(&group(wire::MAX_BLOB_USERS + 2, true), "me").unwrap_err();
+        assert!(e.to_string().contains("at most 256"), "{e}");
+        let e = check_readers(&group(3, false), "me").unwrap_err();
+        assert!(e.to_string().contains("not a member"), "{e}");
+    }
 }

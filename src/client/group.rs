@@ -33,7 +33,7 @@ use super::core::{Client, Event};
 use super::e2e::DecryptError;
 use super::history::{Batch, History, T, Writes, msg_key};
 use super::message::{Direction, Message, Status};
-use super::send::{MISMATCH_BACKOFF, SEND_BACKOFF, SEND_PATIENCE, check_text};
+use super::send::{MAX_TEXT_LEN, MISMATCH_BACKOFF, SEND_BACKOFF, SEND_PATIENCE, check_text};
 use super::status::{DeviceState, Receipts, Report};
 use super::updates::ReceiptNews;
 use crate::wire::{
@@ -903,7 +903,7 @@ impl Client {
 
     /// The group record to send with: read afresh when a notice made it
     /// stale, or it was never read.
-    fn group_to_send(&mut self, g: GroupId) -> Result<LocalGroup, Error> {
+    pub(super) fn group_to_send(&mut self, g: GroupId) -> Result<LocalGroup, Error> {
         match self.profile.history().group(g)? {
             Some(l) if !l.member => Err(not_a_member(g)),
             Some(l) if !l.stale && l.version > 0 => Ok(l),
@@ -1010,15 +1010,22 @@ impl Client {
 
     /// Sends the message `msg` says to its group (`msg.to` is `#` and the
     /// group id), as [`Client::send_with_id`] does to a user.
-    pub(super) fn send_group_message(&mut self, mut msg: Message) -> Result<Message, Error> {
+    pub(super) fn send_group_message(&mut self, msg: Message) -> Result<Message, Error> {
         let me = self.profile.registered()?.clone();
         let g = parse_group(&msg.to).ok_or_else(|| Error::Usage(format!("{:?} is not a group", msg.to)))?;
-        if msg.attachment.is_some() {
-            // A group's blob would need every member's users as readers
-            // when it is sent (spec §5.7): not built yet.
-            return Err(Error::Usage("files cannot be sent to a group yet".into()));
+        // A file goes up before its message, readable by the members as
+        // this device knows them (spec §5.8).
+        let mut msg = self.upload_for(msg, &mut |_, _| {})?;
+        if msg.attachment.is_none() {
+            check_text(&msg.text)?;
+        } else if msg.text.len() > MAX_TEXT_LEN {
+            // A caption may be empty.
+            return Err(super::BodyError::TextTooLong {
+                len: msg.text.len(),
+                max: MAX_TEXT_LEN,
+            }
+            .into());
         }
-        check_text(&msg.text)?;
         let id = msg.id;
         let payload = Payload {
             id,
@@ -1300,6 +1307,21 @@ impl Client {
                 Content::Forward { text, forwards } => {
                     msg.text = text;
                     msg.forwards = forwards;
+                    true
+                }
+                Content::File {
+                    file,
+                    caption,
+                    forwards,
+                } => {
+                    msg.text = caption;
+                    msg.forwards = forwards;
+                    msg.attachment = Some(Box::new(super::attachment::Attachment {
+                        file: file.received(),
+                        path: None,
+                        expired: false,
+                        uploaded: false,
+                    }));
                     true
                 }
                 Content::Edit { target, text } => {
