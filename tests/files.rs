@@ -595,6 +595,15 @@ fn a_file_to_a_group_is_for_its_members_when_it_was_sent() {
     let dl = got.iter().find(|l| l["type"] == "download").unwrap();
     assert_eq!(dl["id"], id.as_str());
     assert_eq!(std::fs::read(dl["path"].as_str().unwrap()).unwrap(), data);
+    // A non-member cannot send one there, and nothing stays pending.
+    let out = tidings(&dave, &["send", &tag, "--file", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.to_lowercase().contains("not a member") || err.contains("NOT_A_MEMBER"),
+        "{err}"
+    );
+    assert!(history(&dave, &tag).is_empty());
     // Dave, added after the send, is not among its readers: the server
     // does not know the blob for him (it is still there: bob lacks it).
     stdout(&tidings(&alice, &["group", "add", &tag, "dave"]));

@@ -1015,7 +1015,22 @@ impl Client {
         let g = parse_group(&msg.to).ok_or_else(|| Error::Usage(format!("{:?} is not a group", msg.to)))?;
         // A file goes up before its message, readable by the members as
         // this device knows them (spec §5.8).
-        let mut msg = self.upload_for(msg, &mut |_, _| {})?;
+        let id = msg.id;
+        let mut msg = match self.upload_for(msg, &mut |_, _| {}) {
+            Ok(m) => m,
+            Err(e) => {
+                if !e.is_transient() && matches!(e, Error::Server { .. } | Error::Usage(_)) {
+                    // Refused for good (this user left, the group grew too
+                    // large): not left pending to fail again.
+                    let h = self.profile.history();
+                    if h.get(&me.user, &id)?.is_some_and(|m| m.status == Status::Pending) {
+                        h.remove(&me.user, &me.user, &id)?;
+                        h.flush()?;
+                    }
+                }
+                return Err(e);
+            }
+        };
         if msg.attachment.is_none() {
             check_text(&msg.text)?;
         } else if msg.text.len() > MAX_TEXT_LEN {
@@ -1026,7 +1041,6 @@ impl Client {
             }
             .into());
         }
-        let id = msg.id;
         let payload = Payload {
             id,
             to: msg.to.clone(),
