@@ -3534,7 +3534,11 @@ fn a_group_message_is_stored_once_for_all_its_copies() {
     let grown = r.s.queued_bytes() - before;
     assert!(grown < 3300, "{grown} bytes for four copies of a 3000-byte body");
     check_totals(&r.s);
+    // The copies count for their sender (spec §10, *Fair shares*), before
+    // and after a reopen.
+    check_shares(&r.s);
     let mut r = r.reopen();
+    check_shares(&r.s);
     for d in targets {
         let q = r.deliver(d, 0);
         let groups: Vec<&QueuedGroupMessage> = q
@@ -3574,6 +3578,41 @@ fn a_group_message_is_stored_once_for_all_its_copies() {
     r.step(true);
     assert!(spilled_at(&r.s).is_empty());
     check_totals(&r.s);
+    check_shares(&r.s);
+}
+
+/// A group message counts for its sender like a direct one (spec §10,
+/// *Fair shares*): past the sender's share of the storage the whole send
+/// is refused, and nothing is queued.
+#[test]
+fn a_group_send_past_the_senders_share_is_refused_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        quotas: Quotas {
+            user_messages: 3,
+            ..Quotas::default()
+        },
+        ..StoreConfig::default()
+    };
+    let (mut r, g) = group_rig(dir.path(), config);
+    let before: Vec<usize> = [dev(2, 1), dev(3, 1)].iter().map(|d| r.queue(*d).len()).collect();
+    // Four copies (alice's other device, bob's two, carol's) for a share
+    // of three.
+    let (_, a) = r.group_send(dev(1, 1), id(1), g, b"m", false);
+    assert!(
+        matches!(
+            a,
+            GroupAppended::Appended {
+                appended: Appended::Refused(Refused::Quota(Quota::User)),
+                ..
+            }
+        ),
+        "{a:?}"
+    );
+    r.step(true);
+    let after: Vec<usize> = [dev(2, 1), dev(3, 1)].iter().map(|d| r.queue(*d).len()).collect();
+    assert_eq!(before, after, "nothing queued");
+    check_shares(&r.s);
 }
 
 /// A non-member cannot send; a stale version or device list is refused
