@@ -419,6 +419,18 @@ pub struct Attachment {
     pub uploaded: bool,
 }
 
+impl Attachment {
+    /// A file a message brought in (direct or group): not downloaded yet.
+    pub fn received(file: FileRef) -> Box<Attachment> {
+        Box::new(Attachment {
+            file: file.received(),
+            path: None,
+            expired: false,
+            uploaded: false,
+        })
+    }
+}
+
 /// A media type for a file name, from its extension (what a receiver is
 /// told; it never decides how the file is opened here).
 pub fn media_type_of(name: &str) -> &'static str {

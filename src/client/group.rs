@@ -33,7 +33,7 @@ use super::core::{Client, Event};
 use super::e2e::DecryptError;
 use super::history::{Batch, History, T, Writes, msg_key};
 use super::message::{Direction, Message, Status};
-use super::send::{MAX_TEXT_LEN, MISMATCH_BACKOFF, SEND_BACKOFF, SEND_PATIENCE, check_text};
+use super::send::{MISMATCH_BACKOFF, SEND_BACKOFF, SEND_PATIENCE};
 use super::status::{DeviceState, Receipts, Report};
 use super::updates::ReceiptNews;
 use crate::wire::{
@@ -1031,32 +1031,7 @@ impl Client {
                 return Err(e);
             }
         };
-        if msg.attachment.is_none() {
-            check_text(&msg.text)?;
-        } else if msg.text.len() > MAX_TEXT_LEN {
-            // A caption may be empty.
-            return Err(super::BodyError::TextTooLong {
-                len: msg.text.len(),
-                max: MAX_TEXT_LEN,
-            }
-            .into());
-        }
-        let payload = Payload {
-            id,
-            to: msg.to.clone(),
-            ts_ms: self.unix_ms(),
-            content: Client::content_of(&msg),
-        };
-        let plaintext = payload.encode()?;
-        msg.from = me.user.clone();
-        msg.from_device = DeviceId(me.device);
-        msg.ts_ms = payload.ts_ms;
-        msg.direction = Direction::Out;
-        msg.status = Status::Pending;
-        msg.undecryptable = false;
-        let h = self.profile.history();
-        h.commit(&me.user, Some(&msg), (&me.user, &id), Default::default())?;
-        h.flush()?;
+        let plaintext = self.stage_outgoing(&me.user, me.device, &mut msg)?;
         let deadline = self.now() + SEND_PATIENCE;
         let mut backoff = SEND_BACKOFF.until(deadline);
         let sent = self.retrying(&mut backoff, &format!("send {id}"), |c| {
@@ -1330,12 +1305,7 @@ impl Client {
                 } => {
                     msg.text = caption;
                     msg.forwards = forwards;
-                    msg.attachment = Some(Box::new(super::attachment::Attachment {
-                        file: file.received(),
-                        path: None,
-                        expired: false,
-                        uploaded: false,
-                    }));
+                    msg.attachment = Some(super::attachment::Attachment::received(file));
                     true
                 }
                 Content::Edit { target, text } => {

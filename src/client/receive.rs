@@ -211,12 +211,7 @@ impl Client {
                 } => {
                     msg.text = caption;
                     msg.forwards = forwards;
-                    msg.attachment = Some(Box::new(super::attachment::Attachment {
-                        file: file.received(),
-                        path: None,
-                        expired: false,
-                        uploaded: false,
-                    }));
+                    msg.attachment = Some(super::attachment::Attachment::received(file));
                     true
                 }
                 Content::GroupKey { group, session_key } => {

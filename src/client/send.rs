@@ -204,6 +204,40 @@ impl Client {
         }
     }
 
+    /// Checks an outgoing message's text (a file's caption may be empty),
+    /// makes its payload, and keeps it in the history as pending before
+    /// anything else, so that whatever happens next it is not lost. For
+    /// direct and group messages alike. Returns the payload's bytes.
+    pub(super) fn stage_outgoing(&mut self, user: &str, device: u32, msg: &mut Message) -> Result<Vec<u8>, Error> {
+        if msg.attachment.is_none() {
+            check_text(&msg.text)?;
+        } else if msg.text.len() > MAX_TEXT_LEN {
+            return Err(BodyError::TextTooLong {
+                len: msg.text.len(),
+                max: MAX_TEXT_LEN,
+            }
+            .into());
+        }
+        let payload = Payload {
+            id: msg.id,
+            to: msg.to.clone(),
+            ts_ms: self.unix_ms(),
+            content: Self::content_of(msg),
+        };
+        // Fails early on a text too long, before anything is stored.
+        let plaintext = payload.encode()?;
+        msg.from = user.to_string();
+        msg.from_device = DeviceId(device);
+        msg.ts_ms = payload.ts_ms;
+        msg.direction = Direction::Out;
+        msg.status = Status::Pending;
+        msg.undecryptable = false;
+        let h = self.profile.history();
+        h.commit(user, Some(msg), (user, &msg.id), Default::default())?;
+        h.flush()?;
+        Ok(plaintext)
+    }
+
     /// Sends the message `msg` says (its id, recipient, text, and what it
     /// replies to or how often it was forwarded); see
     /// [`Client::send_with_id`].
@@ -218,36 +252,8 @@ impl Client {
             return Err(Error::Usage(format!("invalid user name {:?}", msg.to)));
         }
         self.check_not_blocked(&msg.to)?;
-        if msg.attachment.is_none() {
-            check_text(&msg.text)?;
-        } else if msg.text.len() > MAX_TEXT_LEN {
-            // A caption may be empty.
-            return Err(BodyError::TextTooLong {
-                len: msg.text.len(),
-                max: MAX_TEXT_LEN,
-            }
-            .into());
-        }
         let (id, to) = (msg.id, msg.to.clone());
-        let payload = Payload {
-            id,
-            to: to.clone(),
-            ts_ms: self.unix_ms(),
-            content: Self::content_of(&msg),
-        };
-        // Fails early on a text too long, before anything is stored.
-        let plaintext = payload.encode()?;
-        msg.from = me.user.clone();
-        msg.from_device = DeviceId(me.device);
-        msg.ts_ms = payload.ts_ms;
-        msg.direction = Direction::Out;
-        msg.status = Status::Pending;
-        msg.undecryptable = false;
-        // In the history (as pending) before anything else: whatever
-        // happens next, it is not lost.
-        let h = self.profile.history();
-        h.commit(&me.user, Some(&msg), (&me.user, &id), Default::default())?;
-        h.flush()?;
+        let plaintext = self.stage_outgoing(&me.user, me.device, &mut msg)?;
         let deadline = self.now() + SEND_PATIENCE;
         match self.send_payload(&to, id, &plaintext, Some(&msg), None, deadline) {
             Ok(time_ms) => {
